@@ -1,0 +1,124 @@
+"""Quantize, dequantize and fake-quantize NumPy arrays (docs/quantization.md, eq. 1-3).
+
+Matches ONNX QuantizeLinear / DequantizeLinear bit for bit: `x / scale` in float32, round half
+to even by default, add the zero point, saturate (eq. 2); `(q - zero_point) * scale` in float32
+(eq. 1).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from qdq.errors import DataError
+from qdq.qparams import QParams
+from qdq.scheme import PerBlock, PerChannel, Rounding
+
+
+def quantize(x: np.ndarray, qparams: QParams) -> np.ndarray:
+    """Integer codes of `x` (eq. 2), in the scheme's storage dtype.
+
+    ONNX's golden table: scale 2, zero point 128, uint8 -> `[0, 2, 3, 1000, -254, -1000]` gives
+    `[128, 129, 130, 255, 1, 0]` (3/2 = 1.5 rounds to even 2; 1000/2 + 128 saturates to 255).
+    """
+    codes = _round_and_shift(_as_float(x, "quantize"), qparams)
+    return codes.astype(qparams.scheme.storage_dtype)
+
+
+def dequantize(q: np.ndarray, qparams: QParams) -> np.ndarray:
+    """Reals of integer codes `q` (eq. 1), as float32."""
+    q = np.asarray(q)
+    if not _is_integer_dtype(q.dtype):
+        raise DataError(
+            f"dequantize expects integer codes, got dtype {q.dtype}; call quantize first"
+        )
+    scale, zero_point = _expanded(qparams, q.shape)
+    return (q.astype(np.float32) - zero_point.astype(np.float32)) * scale
+
+
+def fake_quantize(x: np.ndarray, qparams: QParams) -> np.ndarray:
+    """`dequantize(quantize(x))` in one float32 pass: what the integer model will see (eq. 3)."""
+    codes = _round_and_shift(_as_float(x, "fake_quantize"), qparams)
+    scale, zero_point = _expanded(qparams, codes.shape)
+    return (codes - zero_point.astype(np.float32)) * scale
+
+
+def round_to_int(v: np.ndarray, rounding: Rounding) -> np.ndarray:
+    """Round floats to integral floats under `rounding`, exactly (no `+0.5` float tricks)."""
+    if rounding is Rounding.HALF_EVEN:
+        return np.rint(v)
+    if rounding is Rounding.HALF_UP:
+        floor = np.floor(v)
+        return floor + (v - floor >= 0.5)
+    magnitude = np.abs(v)
+    floor = np.floor(magnitude)
+    return np.copysign(floor + (magnitude - floor >= 0.5), v)
+
+
+def _round_and_shift(x: np.ndarray, qparams: QParams) -> np.ndarray:
+    """`clamp(round(x / scale) + zero_point, qmin, qmax)` as float32 codes (eq. 2)."""
+    if np.isnan(x).any():
+        raise DataError(
+            f"cannot quantize NaN ({int(np.isnan(x).sum())} of {x.size} values); "
+            "fix or drop those inputs"
+        )
+    scale, zero_point = _expanded(qparams, x.shape)
+    codes = round_to_int(x / scale, qparams.scheme.rounding) + zero_point.astype(np.float32)
+    return np.clip(codes, qparams.scheme.qmin, qparams.scheme.qmax)
+
+
+def _as_float(x: np.ndarray, verb: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype.kind != "f" and x.dtype != ml_dtypes.bfloat16:
+        raise DataError(f"{verb} expects a float array, got dtype {x.dtype}; convert it first")
+    return x.astype(np.float32, copy=False)
+
+
+def _is_integer_dtype(dtype: np.dtype) -> bool:
+    try:
+        ml_dtypes.iinfo(dtype)
+    except ValueError:
+        return False
+    return True
+
+
+def _expanded(qparams: QParams, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point reshaped to broadcast against a tensor of `shape`."""
+    g = qparams.scheme.granularity
+    scale, zero_point = qparams.scale, qparams.zero_point
+    if isinstance(g, PerChannel | PerBlock):
+        axis = _normalize_axis(g.axis, len(shape))
+        if isinstance(g, PerChannel):
+            _check_shape(scale.shape, (shape[axis],), "per-channel")
+            view = [1] * len(shape)
+            view[axis] = shape[axis]
+            return scale.reshape(view), zero_point.reshape(view)
+        blocks = list(shape)
+        blocks[axis] = -(-shape[axis] // g.block_size)
+        _check_shape(scale.shape, tuple(blocks), "per-block")
+        n = shape[axis]
+        return (
+            _repeat_blocks(scale, g.block_size, axis, n),
+            _repeat_blocks(zero_point, g.block_size, axis, n),
+        )
+    _check_shape(scale.shape, (), "per-tensor")
+    return scale, zero_point
+
+
+def _repeat_blocks(a: np.ndarray, block_size: int, axis: int, length: int) -> np.ndarray:
+    """One value per element: each block's value repeated, the short last block cut."""
+    return np.take(np.repeat(a, block_size, axis=axis), np.arange(length), axis=axis)
+
+
+def _normalize_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise DataError(f"axis {axis} is out of range for a tensor of rank {ndim}")
+    return axis % ndim
+
+
+def _check_shape(got: tuple[int, ...], want: tuple[int, ...], kind: str) -> None:
+    if got != want:
+        raise DataError(
+            f"{kind} qparams have shape {got} but this tensor needs {want}; "
+            "compute them from a range of that tensor"
+        )

@@ -1,0 +1,213 @@
+"""A streaming histogram of bounded size, per tensor or per channel (docs/quantization.md, §10).
+
+Each channel's histogram covers `[-half * width, half * width]` with `2 * half` equal bins, so the
+magnitude histogram TensorRT's KL needs is an exact fold of the signed one, and asymmetric
+percentiles read the signed one directly. The first batch sets `width = absmax / bins`, for the
+finest resolution. A later batch beyond the range appends bins of the same width, as NVIDIA's
+reference does, up to `max_bins` per sign; past that, neighbouring bins merge in groups of a
+power of two. Both are exact (no mass smeared between bins), and memory never exceeds
+`channels * 2 * max_bins` counts however many batches arrive. Shards with unrelated grids merge by
+re-binning onto the coarser grid, uniform within each bin.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from qdq.errors import ObserverStateError
+from qdq.observers.base import check_finite, check_mergeable, checked_batch, no_data_error
+from qdq.qparams import Range
+
+CHUNK = 1 << 22  # elements binned at a time: bounds the index temporaries to 16 MiB
+
+
+class Histogram:
+    """Counts of a float tensor in `2 * half` bins of `width` around 0, one row per channel."""
+
+    def __init__(self, bins: int = 2048, axis: int | None = None, max_bins: int = 16384) -> None:
+        if bins < 128 or bins & (bins - 1):
+            raise ObserverStateError(
+                f"bins must be a power of two >= 128 (bins per sign), got {bins}; 2048 is typical"
+            )
+        if max_bins < bins:
+            raise ObserverStateError(f"max_bins ({max_bins}) must be >= bins ({bins})")
+        self.bins = bins
+        self.max_bins = max_bins
+        self.axis = axis
+        self.counts: np.ndarray | None = None  # (channels, 2 * half), float64
+        self.width: np.ndarray | None = None  # (channels,); 0 while only zeros were seen
+        self.lo: np.ndarray | None = None  # exact observed min per channel
+        self.hi: np.ndarray | None = None
+
+    @property
+    def seen(self) -> bool:
+        return self.counts is not None
+
+    @property
+    def half(self) -> int:
+        """Bins per sign."""
+        return self.counts.shape[1] // 2
+
+    @property
+    def amax(self) -> np.ndarray:
+        """Per channel, the magnitude the bins reach."""
+        return self.width * self.half
+
+    def update(self, batch: np.ndarray) -> None:
+        channels = None if self.counts is None else self.counts.shape[0]
+        rows = _as_rows(checked_batch(batch, self.axis, channels), self.axis)
+        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
+        check_finite(lo, hi, rows)
+        absmax = np.maximum(-lo, hi)
+        if self.counts is None:
+            self.counts = np.zeros((rows.shape[0], 2 * self.bins))
+            self.width, self.lo, self.hi = absmax / self.bins, lo, hi
+        else:
+            self.lo, self.hi = np.minimum(self.lo, lo), np.maximum(self.hi, hi)
+            self._cover(absmax)
+        self.counts += _bin_rows(rows, self.width, self.half)
+
+    def merge(self, other: Histogram) -> None:
+        if (other.bins, other.max_bins, other.axis) != (self.bins, self.max_bins, self.axis):
+            raise ObserverStateError(
+                f"cannot merge a histogram of bins={other.bins}, max_bins={other.max_bins}, "
+                f"axis={other.axis} into bins={self.bins}, max_bins={self.max_bins}, "
+                f"axis={self.axis}"
+            )
+        if other.counts is None:
+            return
+        if self.counts is None:
+            self.counts, self.width = other.counts.copy(), other.width.copy()
+            self.lo, self.hi = other.lo.copy(), other.hi.copy()
+            return
+        if other.counts.shape[0] != self.counts.shape[0]:
+            raise ObserverStateError(
+                f"cannot merge histograms of {other.counts.shape[0]} and {self.counts.shape[0]} "
+                "channels; merge shards of one tensor"
+            )
+        width = np.maximum(self.width, other.width)
+        reach = np.maximum(self.amax, other.amax)
+        needed = np.ceil(reach / np.where(width > 0, width, 1.0))
+        width = width * _coarsening(needed, self.max_bins)
+        half = int(min(max(needed.max(), self.bins), self.max_bins))
+        self.counts = _rebin(self.counts, self.width, width, half) + _rebin(
+            other.counts, other.width, width, half
+        )
+        self.width = width
+        self.lo, self.hi = np.minimum(self.lo, other.lo), np.maximum(self.hi, other.hi)
+
+    def magnitude(self) -> tuple[np.ndarray, np.ndarray]:
+        """Counts of |x| in `half` bins from 0, and each channel's bin width."""
+        half = self.half
+        return self.counts[:, half:] + self.counts[:, half - 1 :: -1], self.width
+
+    def _cover(self, absmax: np.ndarray) -> None:
+        """Extend (same width) or coarsen (exact merges) so every channel reaches `absmax`."""
+        self.width = np.where(self.width == 0, absmax / self.bins, self.width)  # zeros stay central
+        needed = np.ceil(absmax / np.where(self.width > 0, self.width, 1.0))
+        if needed.max() <= self.half:
+            return
+        grown = int(min(max(needed.max(), 2 * self.half), self.max_bins))
+        if grown > self.half:
+            pad = grown - self.half
+            self.counts = np.pad(self.counts, ((0, 0), (pad, pad)))
+        factor = _coarsening(needed, self.half)
+        for c in np.flatnonzero(factor > 1):
+            self.counts[c] = _fold(self.counts[c], int(factor[c]))
+        self.width = self.width * factor
+
+
+def _coarsening(needed: np.ndarray, limit: int) -> np.ndarray:
+    """Per channel, the power of two by which bins must widen so `needed` fits in `limit`."""
+    ratio = np.maximum(needed / limit, 1.0)
+    return np.exp2(np.ceil(np.log2(ratio)))
+
+
+def _as_rows(batch: np.ndarray, axis: int | None) -> np.ndarray:
+    """(channels, elements) view: one row per channel, or a single row per tensor."""
+    if axis is None:
+        return batch.reshape(1, -1)
+    return np.moveaxis(batch, axis, 0).reshape(batch.shape[axis], -1)
+
+
+def _bin_rows(rows: np.ndarray, width: np.ndarray, half: int) -> np.ndarray:
+    """Counts of each row in `2 * half` bins of `width` around 0 (vectorized bincount)."""
+    channels, n = rows.shape
+    size = 2 * half
+    per_unit = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
+    per_unit = per_unit.astype(np.float32)[:, None]
+    offsets = (np.arange(channels, dtype=np.int64) * size)[:, None]
+    counts = np.zeros(channels * size, dtype=np.int64)
+    for start in range(0, n, CHUNK):
+        part = rows[:, start : start + CHUNK]
+        index = (part * per_unit + np.float32(half)).astype(np.int32)  # >= 0: truncation floors
+        np.clip(index, 0, size - 1, out=index)  # x == amax belongs to the last bin
+        flat = (index + offsets).ravel() if channels > 1 else index.ravel()
+        counts += np.bincount(flat, minlength=channels * size)
+    return counts.reshape(channels, size).astype(np.float64)
+
+
+def _fold(signed: np.ndarray, factor: int) -> np.ndarray:
+    """Merge groups of `factor` neighbouring bins outward from 0: the width grows `factor` times."""
+    half = signed.size // 2
+    out = np.zeros_like(signed)
+    for side, sign in ((signed[half:], 1), (signed[half - 1 :: -1], -1)):  # both outward from 0
+        padded = np.pad(side, (0, -half % factor))
+        merged = padded.reshape(-1, factor).sum(axis=1)
+        if sign > 0:
+            out[half : half + merged.size] = merged
+        else:
+            out[half - merged.size : half] = merged[::-1]
+    return out
+
+
+def _rebin(counts: np.ndarray, width: np.ndarray, target: np.ndarray, half: int) -> np.ndarray:
+    """Rows moved onto `2 * half` bins of `target` width, mass uniform within each source bin."""
+    source_half = counts.shape[1] // 2
+    out = np.zeros((counts.shape[0], 2 * half))
+    for c in range(counts.shape[0]):
+        if width[c] == 0:  # only zeros seen: all of them sit in the bin that starts at 0
+            out[c, half] = counts[c].sum()
+            continue
+        edges = (np.arange(2 * source_half + 1) - source_half) * width[c]
+        cdf = np.concatenate([[0.0], np.cumsum(counts[c])])
+        new_edges = (np.arange(2 * half + 1) - half) * target[c]
+        out[c] = np.diff(np.interp(new_edges, edges, cdf))
+    return out
+
+
+class RangeRule(Protocol):
+    """Turns a histogram into a range: KL, Percentile or MSE."""
+
+    def __call__(self, hist: Histogram) -> Range: ...
+
+
+class HistogramObserver:
+    """A `Histogram` plus the rule that picks a clipping range from it.
+
+    >>> from qdq.observers.percentile import Percentile
+    >>> o = HistogramObserver(Percentile(99.0))
+    >>> o.update(np.linspace(-1, 1, 10001, dtype=np.float32))
+    >>> round(float(o.compute().hi), 2)  # 0.5 % of the mass cut from each tail
+    0.99
+    """
+
+    def __init__(self, rule: RangeRule, bins: int = 2048, axis: int | None = None) -> None:
+        self.rule = rule
+        self.axis = axis
+        self.histogram = Histogram(bins, axis)
+
+    def update(self, batch: np.ndarray) -> None:
+        self.histogram.update(batch)
+
+    def merge(self, other: HistogramObserver) -> None:
+        check_mergeable(self, other, ("rule", "axis"))
+        self.histogram.merge(other.histogram)
+
+    def compute(self) -> Range:
+        if not self.histogram.seen:
+            raise no_data_error(self)
+        rng = self.rule(self.histogram)
+        return rng if self.axis is not None else Range(rng.lo[0], rng.hi[0])

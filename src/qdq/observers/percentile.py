@@ -1,0 +1,57 @@
+"""Percentile calibration: clip the rarest values (docs/quantization.md, §12)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qdq.errors import SchemeError
+from qdq.observers.histogram import Histogram
+from qdq.qparams import Range
+
+
+@dataclass(frozen=True)
+class Percentile:
+    """Range holding `percentile` % of the values.
+
+    Symmetric: the percentile of |x| gives `[-t, t]` (`[0, t]` for data >= 0), NVIDIA's way.
+    Asymmetric (default): `(100 - p) / 2` % is cut from each tail of the signed data.
+    ONNX Runtime's default is 99.999, NVIDIA's 99.99.
+    """
+
+    percentile: float = 99.999
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise SchemeError(
+                f"percentile must be in (50, 100], got {self.percentile}; "
+                "99.99 or 99.999 is typical"
+            )
+
+    def __call__(self, hist: Histogram) -> Range:
+        q = self.percentile / 100.0
+        if self.symmetric:
+            counts, width = hist.magnitude()
+            t = _quantile(counts, np.zeros_like(width), width, q)
+            t = np.minimum(t, np.maximum(-hist.lo, hist.hi))
+            return Range(np.where(hist.lo < 0, -t, 0.0), t)
+        lo = _quantile(hist.counts, -hist.amax, hist.width, (1.0 - q) / 2)
+        hi = _quantile(hist.counts, -hist.amax, hist.width, 1.0 - (1.0 - q) / 2)
+        return Range(np.clip(lo, hist.lo, hist.hi), np.clip(hi, hist.lo, hist.hi))
+
+
+def _quantile(
+    counts: np.ndarray, first_edge: np.ndarray, width: np.ndarray, q: float
+) -> np.ndarray:
+    """Per row, the value below which a fraction `q` of the mass lies, linear within a bin."""
+    out = np.empty(counts.shape[0])
+    for c, row in enumerate(counts):
+        cdf = np.cumsum(row)
+        target = q * cdf[-1]
+        j = min(int(np.searchsorted(cdf, target, side="left")), row.size - 1)
+        before = cdf[j - 1] if j else 0.0
+        inside = (target - before) / row[j] if row[j] > 0 else 1.0
+        out[c] = first_edge[c] + (j + inside) * width[c]
+    return out

@@ -1,0 +1,98 @@
+"""From a real range and a scheme to a scale and zero point (docs/quantization.md, §2-§6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qdq.errors import RangeError, SchemeError
+from qdq.scheme import QScheme
+
+# torch.ao's floor for a degenerate (constant or all-zero) range: a valid grid, never 0 or NaN.
+MIN_SCALE = float(np.finfo(np.float32).eps)
+
+
+@dataclass(frozen=True, eq=False)
+class Range:
+    """Real interval `[lo, hi]`, a scalar for per-tensor or an array for per-channel/per-block.
+
+    >>> Range(-1.0, 3.0).hi
+    array(3.)
+    """
+
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def __post_init__(self) -> None:
+        lo = np.asarray(self.lo, dtype=np.float64)
+        hi = np.asarray(self.hi, dtype=np.float64)
+        if lo.shape != hi.shape:
+            raise RangeError(
+                f"lo has shape {lo.shape} but hi has shape {hi.shape}; give equal shapes"
+            )
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            raise RangeError(
+                f"range [{lo}, {hi}] is not finite; remove NaN/Inf from the calibration data"
+            )
+        if (lo > hi).any():
+            raise RangeError(f"range has lo > hi ({lo} > {hi}); swap them")
+        object.__setattr__(self, "lo", lo)
+        object.__setattr__(self, "hi", hi)
+
+
+@dataclass(frozen=True, eq=False)
+class QParams:
+    """Scale (float32, > 0) and zero point (the scheme's storage dtype) of equal shapes.
+
+    >>> p = QParams(0.5, 10, QScheme(signed=False))
+    >>> p.scale, p.zero_point
+    (array(0.5, dtype=float32), array(10, dtype=uint8))
+    """
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    scheme: QScheme
+
+    def __post_init__(self) -> None:
+        scale = np.asarray(self.scale, dtype=np.float32)
+        zp = np.asarray(self.zero_point)
+        if not np.issubdtype(zp.dtype, np.integer) and not np.array_equal(zp, np.round(zp)):
+            raise SchemeError(f"zero_point must hold integers, got {zp}")
+        if scale.shape != zp.shape:
+            raise SchemeError(f"scale shape {scale.shape} != zero_point shape {zp.shape}")
+        if not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise SchemeError(f"scale must be finite and > 0, got {scale}")
+        s = self.scheme
+        if ((zp < s.qmin) | (zp > s.qmax)).any():
+            raise SchemeError(f"zero_point {zp} is outside the scheme's codes [{s.qmin}, {s.qmax}]")
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "zero_point", zp.astype(s.storage_dtype))
+
+
+def choose_qparams(rng: Range, scheme: QScheme) -> QParams:
+    """Scale and zero point covering `rng` on `scheme`'s grid, with 0.0 exact (eq. 5-9).
+
+    Worked example, uint8 asymmetric over [-1, 3]: scale = 4 / 255 = 0.015686,
+    zero_point = 0 - round(-1 / 0.015686) = 64 (eq. 6).
+
+    >>> p = choose_qparams(Range(-1.0, 3.0), QScheme(signed=False))
+    >>> float(p.scale), int(p.zero_point)
+    (0.01568627543747425, 64)
+    """
+    lo = np.minimum(rng.lo, 0.0)  # eq. 5: widen to include 0 so zero padding stays exact
+    hi = np.maximum(rng.hi, 0.0)
+    qmin, qmax = scheme.qmin, scheme.qmax
+    if scheme.symmetric:
+        scale = np.maximum(-lo, hi) / ((qmax - qmin) / 2)  # eq. 7
+    else:
+        scale = (hi - lo) / (qmax - qmin)  # eq. 6
+    scale = np.maximum(scale, MIN_SCALE)  # eq. 8: degenerate ranges still give a grid
+    if scheme.power_of_two_scale:
+        scale = np.exp2(np.ceil(np.log2(scale)))  # eq. 9: round up so the range stays covered
+    scale = scale.astype(np.float32)
+    if scheme.symmetric:
+        zero_point = np.full(scale.shape, 0 if scheme.signed else (qmin + qmax + 1) // 2)
+    else:
+        zero_point = np.clip(qmin - np.rint(lo / scale), qmin, qmax)
+    return QParams(scale, zero_point.astype(np.int64), scheme)

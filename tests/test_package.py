@@ -1,0 +1,20 @@
+"""The package surface: what `import qdq` costs and exposes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import qdq
+
+
+def test_import_does_not_pull_in_torch():
+    # torch is an optional extra; a plain import must not need it (nor pay for it).
+    code = "import sys, qdq; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_public_names_resolve():
+    for name in qdq.__all__:
+        assert getattr(qdq, name) is not None, name
