@@ -21,3 +21,7 @@ class DataError(QdqError, ValueError):
 
 class ObserverStateError(QdqError, RuntimeError):
     """An observer used out of order (a range asked for before any data, mismatched merge)."""
+
+
+class ModelError(QdqError, ValueError):
+    """A model file that is missing, unreadable, unsafe or uses what qdq cannot handle."""

@@ -1,0 +1,251 @@
+"""Calibration and evaluation data: .npz, .npy, a folder of .npy samples, or a folder of images.
+
+Everything is checked against the model's inputs before any work, and samples are read lazily,
+batch by batch, so a large set never sits in memory at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from qdq.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, NumPy dtype, and shape with None for symbolic dimensions."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name!r} {self.dtype}[{dims}]"
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not initializers)."""
+    constants = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in constants:
+            continue
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        specs.append(InputSpec(value.name, dtype, dims))
+    return specs
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How image files become an input tensor: resized to (height, width), scaled by
+    `value_scale` (1/255 maps 8-bit pixels to [0, 1]), normalized by `mean` and `std` per channel,
+    in RGB or BGR order, laid out NCHW or NHWC."""
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    value_scale: float = 1 / 255
+    layout: str = "NCHW"
+    channel_order: str = "RGB"
+
+
+class Samples:
+    """Validated samples from `source` for `inputs`, served in batches of `batch_size`."""
+
+    def __init__(
+        self,
+        source: str | Path,
+        inputs: Sequence[InputSpec],
+        max_samples: int | None = None,
+        images: ImageOptions | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.source = Path(source)
+        self.inputs = list(inputs)
+        self.images = images or ImageOptions()
+        self._readers = self._open()
+        counts = {name: reader.count for name, reader in self._readers.items()}
+        if len(set(counts.values())) > 1:
+            raise DataError(f"{self.source}: inputs hold different sample counts {counts}")
+        total = next(iter(counts.values()))
+        if total == 0:
+            raise DataError(f"{self.source} holds no samples; calibration needs at least one")
+        order = np.random.default_rng(seed).permutation(total) if seed is not None else None
+        self.count = min(total, max_samples) if max_samples else total
+        self.order = np.arange(self.count) if order is None else np.sort(order[: self.count])
+        self._check_first_sample()
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of up to `batch_size` samples, in order, each checked for NaN and Inf."""
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        for start in range(0, self.count, batch_size):
+            picked = self.order[start : start + batch_size]
+            feed = {name: r.read(picked) for name, r in self._readers.items()}
+            for spec in self.inputs:
+                feed[spec.name] = _checked(feed[spec.name], spec, self.source, start)
+            yield feed
+
+    def _open(self) -> dict[str, _Reader]:
+        if not self.source.exists():
+            raise DataError(f"{self.source} does not exist; give an .npz, .npy or a folder")
+        if self.source.is_dir():
+            files = sorted(p for p in self.source.iterdir() if p.is_file())
+            arrays = [p for p in files if p.suffix == ".npy"]
+            pictures = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            if arrays:
+                return {self._only_input().name: _NpyFolder(arrays)}
+            if pictures:
+                spec = self._only_input()
+                return {spec.name: _ImageFolder(pictures, spec, self.images)}
+            raise DataError(f"{self.source} holds no .npy or image files")
+        if self.source.suffix == ".npz":
+            return self._open_npz()
+        if self.source.suffix == ".npy":
+            return {self._only_input().name: _Array(_load_npy(self.source))}
+        raise DataError(f"{self.source}: expected an .npz, .npy or a folder of .npy or images")
+
+    def _open_npz(self) -> dict[str, _Reader]:
+        try:
+            archive = np.load(self.source, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise DataError(f"{self.source} is not a readable .npz ({error})") from None
+        keys = list(archive.files)
+        if len(self.inputs) == 1 and len(keys) == 1:
+            return {self.inputs[0].name: _Array(archive[keys[0]])}
+        expected = [s.name for s in self.inputs]
+        missing = [name for name in expected if name not in keys]
+        if missing:
+            raise DataError(
+                f"{self.source} has arrays {keys} but the model's inputs are {expected}; "
+                f"add {missing} (one array per input, samples on the leading axis)"
+            )
+        return {name: _Array(archive[name]) for name in expected}
+
+    def _only_input(self) -> InputSpec:
+        if len(self.inputs) != 1:
+            names = [s.name for s in self.inputs]
+            raise DataError(
+                f"{self.source}: this form of data feeds one input, but the model has {names}; "
+                "use an .npz with one array per input"
+            )
+        return self.inputs[0]
+
+    def _check_first_sample(self) -> None:
+        for spec in self.inputs:
+            reader = self._readers[spec.name]
+            _checked(reader.read(self.order[:1]), spec, self.source, 0)
+
+
+def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np.ndarray:
+    """`batch` in the input's dtype, after shape, dtype and finiteness checks."""
+    want = spec.shape[1:]
+    got = batch.shape[1:]
+    if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+        raise DataError(
+            f"{source}: input {spec.describe()} needs samples of shape "
+            f"({', '.join('?' if d is None else str(d) for d in want)}), got {got} "
+            "(samples are stacked on the leading axis in place of the batch axis)"
+        )
+    if batch.dtype != spec.dtype:
+        same_kind = batch.dtype.kind == spec.dtype.kind or (
+            batch.dtype.kind in "iu" and spec.dtype.kind in "iu"
+        )
+        if not same_kind:
+            raise DataError(
+                f"{source}: input {spec.describe()} expects {spec.dtype}, got {batch.dtype}; "
+                f"convert the data (e.g. .astype('{spec.dtype}'))"
+            )
+        batch = batch.astype(spec.dtype)
+    if batch.dtype.kind == "f" and not np.isfinite(batch).all():
+        bad = int((~np.isfinite(batch)).sum())
+        raise DataError(
+            f"{source}: input {spec.name!r}, batch from sample {start} holds {bad} "
+            "NaN or Inf values; fix or drop those samples"
+        )
+    return np.ascontiguousarray(batch)
+
+
+class _Reader(Protocol):
+    count: int
+
+    def read(self, picked: np.ndarray) -> np.ndarray: ...
+
+
+class _Array:
+    def __init__(self, array: np.ndarray) -> None:
+        if array.ndim == 0:
+            raise DataError("a data array is a scalar; stack samples on the leading axis")
+        self.array, self.count = array, len(array)
+
+    def read(self, picked: np.ndarray) -> np.ndarray:
+        return np.asarray(self.array[picked])
+
+
+class _NpyFolder:
+    """One sample per file, with or without a leading batch axis of 1."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files, self.count = files, len(files)
+
+    def read(self, picked: np.ndarray) -> np.ndarray:
+        samples = []
+        for path in (self.files[i] for i in picked):
+            sample = _load_npy(path)
+            samples.append(sample[0] if sample.ndim and sample.shape[0] == 1 else sample)
+        shapes = {s.shape for s in samples}
+        if len(shapes) > 1:
+            raise DataError(f"samples in {self.files[0].parent} have different shapes {shapes}")
+        return np.stack(samples)
+
+
+class _ImageFolder:
+    def __init__(self, files: list[Path], spec: InputSpec, options: ImageOptions) -> None:
+        self.files, self.count, self.options = files, len(files), options
+        self.size = options.size or _image_size(spec, options.layout)
+
+    def read(self, picked: np.ndarray) -> np.ndarray:
+        return np.stack([self._load(self.files[i]) for i in picked])
+
+    def _load(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        o = self.options
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB").resize((self.size[1], self.size[0]))
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{path} is not a readable image ({error})") from None
+        pixels = np.asarray(rgb, dtype=np.float32) * o.value_scale
+        if o.channel_order == "BGR":
+            pixels = pixels[..., ::-1]
+        pixels = (pixels - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
+        return pixels.transpose(2, 0, 1) if o.layout == "NCHW" else pixels
+
+
+def _image_size(spec: InputSpec, layout: str) -> tuple[int, int]:
+    dims = spec.shape[2:4] if layout == "NCHW" else spec.shape[1:3]
+    if len(spec.shape) != 4 or None in dims:
+        raise DataError(
+            f"input {spec.describe()} has no fixed image size; pass --image-size HEIGHT WIDTH"
+        )
+    return int(dims[0]), int(dims[1])
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path} is not a readable .npy ({error})") from None

@@ -1,0 +1,132 @@
+"""Loading untrusted ONNX files, preparing them for quantization, saving atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, version_converter
+
+from qdq.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 10  # QuantizeLinear / DequantizeLinear appear in opset 10
+PER_AXIS_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) needs opset 13
+TWO_GB = 2**31 - 1
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Parse an ONNX file, refusing anything unreadable, empty or reaching outside its folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path} does not exist; give the path of an .onnx model")
+    if not path.is_file():
+        raise ModelError(f"{path} is not a file; give the path of an .onnx model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as error:
+        raise ModelError(f"{path} is not a readable ONNX model ({error})") from None
+    if model.ir_version == 0 or not model.graph.node:
+        raise ModelError(f"{path} holds no ONNX graph; is it an .onnx model file?")
+    _load_external_data(model, path.resolve().parent, path)
+    opset = default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ModelError(
+            f"{path} uses opset {opset}; qdq supports opsets {MIN_OPSET}..{newest}. "
+            "Re-export the model with a supported opset"
+        )
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        first = str(error).strip().splitlines()[0]
+        raise ModelError(f"{path} is not a valid ONNX model: {first}") from None
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> None:
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not target.is_relative_to(folder):
+            raise ModelError(
+                f"{path}: tensor {tensor.name!r} points at external data {location!r} outside the "
+                "model's folder; refused, as model files are untrusted. Keep weights beside the model"
+            )
+        if not target.is_file():
+            raise ModelError(
+                f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing"
+            )
+    external_data_helper.load_external_data_for_model(model, str(folder))
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model at opset >= 13 (per-axis DequantizeLinear), or unchanged if conversion fails."""
+    if default_opset(model) >= PER_AXIS_OPSET:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, PER_AXIS_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as error:  # the converter raises bare RuntimeErrors and others
+        log.warning("could not upgrade opset %d to 13 (%s)", default_opset(model), error)
+        return model
+    return upgraded
+
+
+def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's basic (ONNX-standard) rewrites: BatchNorm folded into Conv, constants
+    folded, no-ops removed; then shape inference. Temporary files stay in a private folder."""
+    with tempfile.TemporaryDirectory(prefix="qdq-") as tmp:
+        source, target = Path(tmp) / "in.onnx", Path(tmp) / "optimized.onnx"
+        _save(model, source)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(target)
+        try:
+            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # ORT raises its own exception types
+            raise ModelError(f"ONNX Runtime cannot load the model: {error}") from None
+        optimized = onnx.load(str(target))
+    return onnx.shape_inference.infer_shapes(optimized)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Write `model` to `path` atomically: to a temporary name in the same folder, then rename.
+
+    Models over 2 GB go to `path` plus a `<name>.data` file beside it, both moved into place.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ModelError(f"output folder {path.parent} does not exist; create it first")
+    with tempfile.TemporaryDirectory(prefix=".qdq-", dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        _save(model, staged)
+        data = staged.with_name(staged.name + ".data")
+        if data.exists():
+            os.replace(data, path.with_name(data.name))
+        os.replace(staged, path)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    if model.ByteSize() < TWO_GB:
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+        )

@@ -1,0 +1,279 @@
+"""Decide, as plain data, what gets quantized and with which qparams (before any rewriting).
+
+Two stages. `static_decisions` needs only the graph: which ops have an int8 rule, which are
+excluded, which have weights we can quantize. `build_plan` then uses the calibrated ranges:
+tensors that hold masks stay float, Concats whose inputs differ too much stay float, and the
+shape ops inherit their input's qparams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from qdq.graph.capture import unfit_reason
+from qdq.graph.config import QuantConfig
+from qdq.graph.rules import FLOAT_BY_DESIGN, RULES, OpRule, weight_axis
+from qdq.graph.structure import GraphIndex
+from qdq.qparams import QParams, Range, choose_qparams
+
+# A shared Concat scale must leave every input at least this share of the codes (32 of 256).
+CONCAT_MIN_SHARE = 1 / 8
+
+
+@dataclass
+class Decision:
+    """Whether one node runs in int8, and why (or why not)."""
+
+    node: str
+    op_type: str
+    quantized: bool
+    reason: str
+
+
+@dataclass
+class Plan:
+    """Everything the rewrite needs: activation qparams per tensor, qparams of constant inputs
+    and int32 bias scales per (node, input index), and the decision for every node."""
+
+    activations: dict[str, QParams] = field(default_factory=dict)
+    constants: dict[tuple[str, int], QParams] = field(default_factory=dict)
+    biases: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    absorbed: dict[str, str] = field(default_factory=dict)  # activation node -> producer
+
+    def quantized_nodes(self) -> list[str]:
+        return [name for name, d in self.decisions.items() if d.quantized]
+
+
+def rule_inputs(node: onnx.NodeProto, rule: OpRule) -> list[int]:
+    """Indices of the inputs a rule quantizes (all of them for Concat)."""
+    indices = range(len(node.input)) if rule.kind == "shared" else rule.inputs
+    return [i for i in indices if i < len(node.input) and node.input[i]]
+
+
+def static_decisions(index: GraphIndex, config: QuantConfig) -> dict[str, Decision]:
+    """Per node: quantizable as far as the graph alone can tell, or why not."""
+    excluded = set(config.exclude)
+    decisions = {}
+    for node in index.nodes:
+        decisions[node.name] = _static(node, index, excluded)
+    return decisions
+
+
+def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Decision:
+    def floating(reason: str) -> Decision:
+        return Decision(node.name, node.op_type, False, reason)
+
+    if node.name in excluded or node.op_type in excluded:
+        return floating("excluded by --exclude")
+    if node.domain not in ("", "ai.onnx"):
+        return floating(f"custom-domain op {node.domain}.{node.op_type} has no int8 rule")
+    rule = RULES.get(node.op_type)
+    if rule is None:
+        return floating(FLOAT_BY_DESIGN.get(node.op_type, f"no int8 rule for {node.op_type}"))
+    for i in rule_inputs(node, rule):
+        name = node.input[i]
+        if not index.is_float(name):
+            return floating(f"input {name!r} is not float32")
+        if index.is_constant(name) and (reason := unfit_reason(index.constant(name))):
+            return floating(f"constant input {name!r} {reason}")
+    if rule.weight is not None and not index.is_constant(node.input[rule.weight]):
+        return floating(f"weight {node.input[rule.weight]!r} is not a constant")
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (
+            attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
+            return floating("Gemm with transA, alpha or beta has no int8 kernel")
+    if rule.kind == "compute":
+        return Decision(node.name, node.op_type, True, "int8 kernel")
+    return Decision(node.name, node.op_type, True, "pending: follows its input")
+
+
+def calibration_targets(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
+    """Non-constant float tensors that a quantized node reads or writes: the ones to observe."""
+    targets: dict[str, None] = {}
+    for node in index.nodes:
+        if not decisions[node.name].quantized:
+            continue
+        rule = RULES[node.op_type]
+        names = [node.input[i] for i in rule_inputs(node, rule)] + [node.output[0]]
+        if rule.kind in ("inherit", "activation"):
+            names = [node.input[0], *[o for o in node.output if o]]
+        for name in names:
+            if name and not index.is_constant(name) and index.is_float(name):
+                targets[name] = None
+    return list(targets)
+
+
+def build_plan(
+    index: GraphIndex,
+    decisions: dict[str, Decision],
+    ranges: dict[str, Range],
+    unfit: dict[str, str],
+    config: QuantConfig,
+    per_channel: bool,
+) -> Plan:
+    """Final decisions and qparams from the static decisions and the calibrated ranges."""
+    plan = Plan(decisions={k: Decision(**vars(v)) for k, v in decisions.items()})
+    scheme = config.activation_scheme
+    inherited: dict[str, str] = {}
+    shared: dict[str, str] = {}
+    wanted: dict[str, None] = {}  # tensors that get a Q/DQ pair, in graph order
+    for node in index.nodes:
+        decision = plan.decisions[node.name]
+        if not decision.quantized:
+            continue
+        rule = RULES[node.op_type]
+        activations = [
+            node.input[i] for i in rule_inputs(node, rule) if not index.is_constant(node.input[i])
+        ]
+        if rule.kind in ("inherit", "activation"):
+            _follow(node, index, plan, config, wanted, inherited)
+            continue
+        missing = [t for t in [*activations, node.output[0]] if t not in ranges]
+        if missing:
+            why = unfit.get(missing[0], "was not calibrated")
+            _to_float(decision, f"tensor {missing[0]!r} {why}")
+            continue
+        if rule.kind == "shared" and not _concat_fits(node, activations, ranges, decision):
+            continue
+        for t in [*activations, node.output[0]]:
+            wanted[t] = None
+        if rule.kind == "shared":
+            for t in activations:
+                shared[t] = node.output[0]
+    for t in wanted:
+        source = t
+        while source in inherited:
+            source = inherited[source]
+        if source in plan.activations:
+            plan.activations[t] = plan.activations[source]
+        elif source in ranges:
+            plan.activations[t] = choose_qparams(ranges[source], scheme)
+    for t, output in shared.items():
+        if t not in inherited and output in plan.activations:
+            plan.activations[t] = plan.activations[output]
+    _plan_constants(index, plan, config, per_channel)
+    return plan
+
+
+def _to_float(decision: Decision, reason: str) -> None:
+    decision.quantized = False
+    decision.reason = reason
+
+
+def _follow(
+    node: onnx.NodeProto,
+    index: GraphIndex,
+    plan: Plan,
+    config: QuantConfig,
+    wanted: dict[str, None],
+    inherited: dict[str, str],
+) -> None:
+    """Shape ops and Relu/Clip: int8 passes through when their input is quantized."""
+    decision = plan.decisions[node.name]
+    source = node.input[0]
+    if source not in wanted:
+        _to_float(decision, f"its input {source!r} is not quantized")
+        return
+    producer = index.producer.get(source)
+    if (
+        node.op_type in ("Relu", "Clip")
+        and not config.symmetric_activations
+        and _clamps_at_zero(node, index)
+        and producer is not None
+        and plan.decisions[producer.name].quantized
+        and RULES[producer.op_type].kind == "compute"
+        and len(index.consumers[source]) == 1
+        and source not in index.graph_outputs
+    ):
+        # The grid's lowest code is real 0, so the Q after the activation clamps exactly as it
+        # does; ONNX Runtime then drops the activation and fuses producer and Q (docs/ptq.md).
+        del wanted[source]
+        wanted[node.output[0]] = None
+        plan.absorbed[node.name] = producer.name
+        decision.reason = f"absorbed into {producer.name}'s output range"
+        return
+    for out in node.output:
+        if out and index.is_float(out):
+            wanted[out] = None
+            inherited[out] = source
+    decision.reason = "int8 passes through (input's qparams)"
+
+
+def _clamps_at_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    if node.op_type == "Relu":
+        return True
+    low = node.input[1] if len(node.input) > 1 else ""
+    if low and index.is_constant(low):
+        return float(index.constant(low)) == 0.0
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return attrs.get("min") == 0.0
+
+
+def _concat_fits(
+    node: onnx.NodeProto, inputs: list[str], ranges: dict[str, Range], decision: Decision
+) -> bool:
+    """A shared scale is fine unless it would leave some input with a handful of levels."""
+    out = ranges[node.output[0]]
+    span = float(np.maximum(out.hi, 0) - np.minimum(out.lo, 0))
+    for name in inputs:
+        r = ranges[name]
+        share = float(np.maximum(r.hi, 0) - np.minimum(r.lo, 0)) / span if span else 1.0
+        if share < CONCAT_MIN_SHARE:
+            levels = max(1, round(share * 255))
+            _to_float(
+                decision,
+                f"inputs' ranges differ too much: one scale would leave {name!r} "
+                f"about {levels} levels",
+            )
+            return False
+    return True
+
+
+def _plan_constants(index: GraphIndex, plan: Plan, config: QuantConfig, per_channel: bool) -> None:
+    """Weights per channel, biases int32 with scale s_x * s_w, other constants per tensor."""
+    for node in index.nodes:
+        if not plan.decisions[node.name].quantized:
+            continue
+        rule = RULES[node.op_type]
+        if rule.kind != "compute":
+            continue
+        weight = rule.weight
+        if node.op_type == "MatMul" and index.is_constant(node.input[1]):
+            weight = 1
+        indices = rule_inputs(node, rule)
+        if weight is not None and weight not in indices:
+            indices.append(weight)
+        for i in indices:
+            name = node.input[i]
+            if not index.is_constant(name):
+                continue
+            values = index.constant(name)
+            if i == weight:
+                axis = weight_axis(node, values.ndim) if per_channel and values.ndim > 1 else None
+                plan.constants[node.name, i] = _weight_qparams(values, axis, config)
+            else:
+                rng = Range(values.min(), values.max())
+                plan.constants[node.name, i] = choose_qparams(rng, config.activation_scheme)
+        if weight is not None and rule.bias is not None and len(node.input) > rule.bias:
+            bias = node.input[rule.bias]
+            if bias and index.is_constant(bias) and index.constant(bias).ndim == 1:
+                x_scale = plan.activations[node.input[0]].scale.astype(np.float64)
+                w_scale = plan.constants[node.name, weight].scale
+                plan.biases[node.name, rule.bias] = (x_scale * w_scale).astype(np.float32)
+
+
+def _weight_qparams(values: np.ndarray, axis: int | None, config: QuantConfig) -> QParams:
+    scheme = config.weight_scheme(axis)
+    if axis is None:
+        return choose_qparams(Range(values.min(), values.max()), scheme)
+    axes = tuple(d for d in range(values.ndim) if d != axis)
+    return choose_qparams(Range(values.min(axis=axes), values.max(axis=axes)), scheme)

@@ -1,0 +1,168 @@
+"""Rewrite a float graph into QDQ form from a `Plan`.
+
+Each planned activation gets one QuantizeLinear -> DequantizeLinear pair right after its producer,
+read by all its consumers; weights become integer initializers behind a DequantizeLinear (so the
+file shrinks about 4x); biases become int32 with scale s_x * s_w. ONNX Runtime then fuses
+DQ -> op -> Q into its int8 kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qdq.affine import quantize
+from qdq.graph.plan import Plan
+from qdq.graph.structure import GraphIndex
+from qdq.qparams import QParams
+from qdq.scheme import PerChannel
+
+INT32 = np.iinfo(np.int32)
+METADATA_KEY = "qdq.quantized_tensors"  # {float tensor name: name of its dequantized copy}
+
+
+def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """A new model with Q/DQ pairs, integer weights and int32 biases as `plan` says."""
+    index = GraphIndex(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    del graph.node[:]
+    initializers = {t.name: t for t in model.graph.initializer}
+    used_float: set[str] = set()
+    renamed: dict[str, str] = {}  # consumers read this name instead
+    copies: dict[str, str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+
+    def add_pair(tensor: str, qparams: QParams) -> None:
+        if tensor in index.graph_outputs:  # keep the output's name on the dequantized copy
+            source, target = f"{tensor}_prequant", tensor
+        else:
+            source, target = tensor, f"{tensor}_dq"
+            renamed[tensor] = target
+        copies[tensor] = target
+        new_inits.extend(_qparam_tensors(tensor, qparams))
+        new_nodes.extend(_pair(tensor, source, target, qparams))
+
+    for name in index.graph_inputs:
+        if name in plan.activations:
+            add_pair(name, plan.activations[name])
+    for node in index.nodes:
+        node = _copy(node)
+        for i, name in enumerate(node.input):
+            key = (node.name, i)
+            if key in plan.constants:
+                node.input[i] = _dequantized_constant(name, key, plan.constants[key],
+                                                      index, new_nodes, new_inits)  # fmt: skip
+            elif key in plan.biases:
+                node.input[i] = _dequantized_bias(name, key, plan.biases[key],
+                                                  index, new_nodes, new_inits)  # fmt: skip
+            else:
+                node.input[i] = renamed.get(name, name)
+                if name in initializers:
+                    used_float.add(name)
+        quantized = [name for name in node.output if name in plan.activations]
+        for i, name in enumerate(node.output):
+            if name in quantized and name in index.graph_outputs:
+                node.output[i] = f"{name}_prequant"
+        new_nodes.append(node)
+        for name in quantized:
+            add_pair(name, plan.activations[name])
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(t for n, t in initializers.items() if n in used_float)
+    graph.initializer.extend(new_inits)
+    helper.set_model_props(out, {**_props(model), METADATA_KEY: json.dumps(copies)})
+    return out
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _props(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _axis(qparams: QParams) -> dict[str, int]:
+    g = qparams.scheme.granularity
+    return {"axis": g.axis} if isinstance(g, PerChannel) else {}
+
+
+def _qparam_tensors(name: str, qparams: QParams) -> list[onnx.TensorProto]:
+    return [
+        numpy_helper.from_array(qparams.scale, f"{name}_scale"),
+        numpy_helper.from_array(qparams.zero_point, f"{name}_zero_point"),
+    ]
+
+
+def _pair(
+    tensor: str, source: str, target: str, qparams: QParams
+) -> tuple[onnx.NodeProto, onnx.NodeProto]:
+    inputs = [f"{tensor}_scale", f"{tensor}_zero_point"]
+    q = helper.make_node(
+        "QuantizeLinear", [source, *inputs], [f"{tensor}_quantized"], name=f"{tensor}_Q"
+    )
+    dq = helper.make_node(
+        "DequantizeLinear", [f"{tensor}_quantized", *inputs], [target], name=f"{tensor}_DQ"
+    )
+    return q, dq
+
+
+def _dequantized_constant(
+    name: str,
+    key: tuple[str, int],
+    qparams: QParams,
+    index: GraphIndex,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+) -> str:
+    """Integer initializer + DequantizeLinear in place of a float constant; returns the new name."""
+    stem = f"{name}_{key[0]}_{key[1]}"
+    codes = quantize(index.constant(name), qparams)
+    inits.append(numpy_helper.from_array(codes, f"{stem}_quantized"))
+    inits.extend(_qparam_tensors(stem, qparams))
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{stem}_quantized", f"{stem}_scale", f"{stem}_zero_point"],
+            [f"{stem}_dq"],
+            name=f"{stem}_DQ",
+            **_axis(qparams),
+        )
+    )
+    return f"{stem}_dq"
+
+
+def _dequantized_bias(
+    name: str,
+    key: tuple[str, int],
+    scale: np.ndarray,
+    index: GraphIndex,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+) -> str:
+    """int32 bias with scale s_x * s_w, zero point 0 (docs/quantization.md, §8)."""
+    stem = f"{name}_{key[0]}_{key[1]}"
+    bias = index.constant(name).astype(np.float64)
+    codes = np.clip(np.rint(bias / scale), INT32.min, INT32.max).astype(np.int32)
+    inits.append(numpy_helper.from_array(codes, f"{stem}_quantized"))
+    inits.append(numpy_helper.from_array(scale, f"{stem}_scale"))
+    inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{stem}_zero_point"))
+    axis = {"axis": 0} if scale.ndim else {}
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{stem}_quantized", f"{stem}_scale", f"{stem}_zero_point"],
+            [f"{stem}_dq"],
+            name=f"{stem}_DQ",
+            **axis,
+        )
+    )
+    return f"{stem}_dq"

@@ -1,0 +1,83 @@
+"""What quantizing each op means, as data: one rule per ONNX op type.
+
+`kind` says how the op's output gets its qparams:
+- "compute": int8 kernels exist (QLinearConv, QLinearMatMul, QLinearAdd, ...): its float inputs
+  and its output are quantized, the output with its own calibrated range;
+- "shared": Concat: inputs and output share the output's qparams, so int8 is copied, not rescaled;
+- "inherit": MaxPool, Resize and the shape ops only move or pick values: the output reuses the
+  input's qparams exactly, so int8 flows through them;
+- "activation": Relu / Clip: absorbed into the producer's range when the grid's lowest code is
+  real 0 (asymmetric), else inherit.
+
+Ops with no rule stay in float. Deliberately float: Softmax and LayerNormalization (they need float
+precision and ONNX Runtime's CPU has no QDQ kernel for them), Sigmoid, HardSigmoid and HardSwish
+(cheap elementwise ops; a Q/DQ pair around each would cost more than it saves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """How one op type is quantized: which inputs, which one is a weight and along which axis."""
+
+    kind: str
+    inputs: tuple[int, ...] = (0,)  # inputs quantized as activations (or constants, per tensor)
+    weight: int | None = None  # the constant weight input, quantized per channel
+    bias: int | None = None  # the bias input, int32 with scale s_x * s_w
+
+
+def _conv_axis(node: onnx.NodeProto) -> int:
+    return 1 if node.op_type == "ConvTranspose" else 0
+
+
+def _gemm_axis(node: onnx.NodeProto) -> int:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return 0 if attrs.get("transB", 0) else 1
+
+
+def weight_axis(node: onnx.NodeProto, rank: int) -> int:
+    """The output-channel axis of a node's weight: 0 for Conv, 1 for ConvTranspose, N for Gemm
+    and MatMul."""
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return _conv_axis(node)
+    if node.op_type == "Gemm":
+        return _gemm_axis(node)
+    return rank - 1  # MatMul: B is (..., K, N)
+
+
+RULES: dict[str, OpRule] = {
+    "Conv": OpRule("compute", weight=1, bias=2),
+    "ConvTranspose": OpRule("compute", weight=1, bias=2),
+    "Gemm": OpRule("compute", weight=1, bias=2),
+    "MatMul": OpRule("compute", inputs=(0, 1)),
+    "Add": OpRule("compute", inputs=(0, 1)),
+    "Mul": OpRule("compute", inputs=(0, 1)),
+    "AveragePool": OpRule("compute"),
+    "GlobalAveragePool": OpRule("compute"),
+    "Concat": OpRule("shared", inputs=()),  # every input, however many
+    "MaxPool": OpRule("inherit"),
+    "Resize": OpRule("inherit"),
+    "Reshape": OpRule("inherit"),
+    "Transpose": OpRule("inherit"),
+    "Flatten": OpRule("inherit"),
+    "Squeeze": OpRule("inherit"),
+    "Unsqueeze": OpRule("inherit"),
+    "Slice": OpRule("inherit"),
+    "Split": OpRule("inherit"),
+    "Relu": OpRule("activation"),
+    "Clip": OpRule("activation"),
+}
+
+FLOAT_BY_DESIGN = {
+    "Softmax": "needs float precision; ONNX Runtime has no CPU QDQ kernel for it",
+    "LayerNormalization": "needs float precision; ONNX Runtime has no CPU QDQ kernel for it",
+    "Sigmoid": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
+    "HardSigmoid": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
+    "HardSwish": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
+}

@@ -1,0 +1,61 @@
+"""Read-only index of an ONNX graph: producers, consumers, constants, float tensors."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+class GraphIndex:
+    """Who produces and who consumes each tensor, which tensors are constant, which are float."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.model = model
+        self.nodes = list(graph.node)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {v.name for v in graph.input if v.name not in self.initializers}
+        self.graph_outputs = {v.name for v in graph.output}
+        self.elem_type: dict[str, int] = {}
+        for value in (*graph.input, *graph.value_info, *graph.output):
+            self.elem_type[value.name] = value.type.tensor_type.elem_type
+        for tensor in graph.initializer:
+            self.elem_type[tensor.name] = tensor.data_type
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers
+
+    def is_float(self, name: str) -> bool:
+        return self.elem_type.get(name) == onnx.TensorProto.FLOAT
+
+    def constant(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers[name])
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant nodes become initializers, so that weights are found in one place."""
+    graph = model.graph
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model

@@ -1,0 +1,144 @@
+"""quantize_model: load -> validate data -> prepare -> calibrate -> plan -> rewrite -> verify -> save."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from qdq.errors import DataError, ModelError
+from qdq.graph.capture import calibrate
+from qdq.graph.config import QuantConfig
+from qdq.graph.data import ImageOptions, Samples, model_inputs
+from qdq.graph.model import (
+    PER_AXIS_OPSET,
+    default_opset,
+    load_model,
+    optimize,
+    save_model,
+    upgrade_opset,
+)
+from qdq.graph.plan import Decision, Plan, build_plan, calibration_targets, static_decisions
+from qdq.graph.qdq_pass import insert_qdq
+from qdq.graph.structure import GraphIndex, constants_to_initializers
+from qdq.observers import make_observer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeReport:
+    """What a quantization run did: per node decisions and the headline numbers."""
+
+    decisions: list[Decision]
+    samples: int
+    calibration_seconds: float
+    float_bytes: int
+    quantized_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[Decision]:
+        return [d for d in self.decisions if d.quantized]
+
+    @property
+    def kept_float(self) -> list[Decision]:
+        return [d for d in self.decisions if not d.quantized]
+
+
+def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto, bool, list[str]]:
+    """Opset upgraded where per-channel weights need it, ORT's basic rewrites (BatchNorm
+    folding), Constant nodes as initializers, every node named. Returns whether per-channel
+    weights are possible, and notes for the user."""
+    notes = []
+    if per_channel and default_opset(model) < PER_AXIS_OPSET:
+        model = upgrade_opset(model)
+        if default_opset(model) < PER_AXIS_OPSET:
+            per_channel = False
+            notes.append(
+                f"opset {default_opset(model)} could not be upgraded to 13, so weights are "
+                "quantized per tensor (per-axis DequantizeLinear needs opset 13)"
+            )
+    model = constants_to_initializers(optimize(model))
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    return model, per_channel, notes
+
+
+def plan_model(
+    model: onnx.ModelProto, samples: Samples, config: QuantConfig, per_channel: bool, progress: bool
+) -> tuple[Plan, float]:
+    """Calibrate the prepared model on `samples` and decide everything; returns the plan and
+    the calibration time in seconds."""
+    index = GraphIndex(model)
+    decisions = static_decisions(index, config)
+    targets = calibration_targets(index, decisions)
+    start = time.perf_counter()
+    observers, unfit = calibrate(
+        model, samples, lambda _: make_observer(config.method), targets, config.batch_size, progress
+    )
+    ranges = {name: o.compute() for name, o in observers.items()}
+    seconds = time.perf_counter() - start
+    return build_plan(index, decisions, ranges, unfit, config, per_channel), seconds
+
+
+def quantize_model(
+    model_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    calibration: str | os.PathLike[str],
+    config: QuantConfig | None = None,
+    images: ImageOptions | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+) -> QuantizeReport:
+    """Quantize an FP32 ONNX model into a QDQ model that ONNX Runtime runs with int8 kernels.
+
+    Validates everything (model, data against the model's inputs, output path) before any
+    work; writes nothing unless the quantized model loads in ONNX Runtime.
+    """
+    config = config or QuantConfig()
+    source, target = Path(model_path), Path(output_path)
+    _check_output(source, target)
+    model = load_model(source)
+    samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
+    prepared, per_channel, notes = prepare(model, config.per_channel)
+    plan, seconds = plan_model(prepared, samples, config, per_channel, progress)
+    quantized = insert_qdq(prepared, plan)
+    _check_loads(quantized)
+    save_model(quantized, target)
+    return QuantizeReport(
+        decisions=list(plan.decisions.values()),
+        samples=samples.count,
+        calibration_seconds=seconds,
+        float_bytes=source.stat().st_size,
+        quantized_bytes=target.stat().st_size,
+        notes=notes,
+    )
+
+
+def _check_output(source: Path, target: Path) -> None:
+    if target.resolve() == source.resolve() or (
+        target.exists() and source.exists() and os.path.samefile(source, target)
+    ):
+        raise ModelError(f"output {target} is the input model; choose another output path")
+    if not target.parent.is_dir():
+        raise DataError(f"output folder {target.parent} does not exist; create it first")
+
+
+def _check_loads(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model)
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own types
+        raise ModelError(
+            f"internal error: the quantized model does not load ({error}); nothing was written. "
+            "Please report it with the model, and use --exclude on the node it names meanwhile"
+        ) from None
