@@ -1,28 +1,184 @@
-"""The `qdq` command as a user runs it."""
+"""The `qdq` command as a user runs it: one clear line and exit code 2 on bad input, with
+nothing written and the input untouched."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-from qdq import METHODS
-from qdq.cli import main
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import models
+
+DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
 
-def test_demo_reports_every_method_at_two_widths(capsys):
-    assert main(["demo"]) == 0
-    out = capsys.readouterr().out
-    for method in METHODS:
-        assert out.count(f"\n{method} ") == 2, method
-
-
-def test_missing_data_is_one_line_on_stderr_and_exit_code_2(tmp_path):
-    missing = tmp_path / "nope.npz"
-    done = subprocess.run(
-        [sys.executable, "-m", "qdq.cli", "demo", "--data", str(missing)],
-        capture_output=True,
-        text=True,
+def qdq(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qdq.cli", *map(str, args)], capture_output=True, text=True
     )
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    shutil.copy(DIGITS / "cnn.onnx", tmp_path / "cnn.onnx")
+    shutil.copy(DIGITS / "calib.npz", tmp_path / "calib.npz")
+    return tmp_path
+
+
+def test_quantize_then_compare_reports_accuracy_size_and_latency(workspace):
+    out = workspace / "int8.onnx"
+    done = qdq("quantize", workspace / "cnn.onnx", "-o", out, "--calib", workspace / "calib.npz")
+    assert done.returncode == 0, done.stderr
+    assert "10 of 10 nodes quantized" in done.stdout
+    done = qdq(
+        "compare",
+        workspace / "cnn.onnx",
+        out,
+        "--data",
+        DIGITS / "test.npz",
+        "--json",
+        "--latency-runs",
+        "3",
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["accuracy"]["quantized"] >= result["accuracy"]["float"] - 0.005
+    assert result["outputs"]["logits"]["sqnr_db"] > 25
+    assert result["outputs"]["logits"]["top1_agreement"] > 0.99
+    assert result["size_bytes"]["quantized"] < result["size_bytes"]["float"]
+    assert set(result["latency_ms"]) == {"float", "quantized"}
+    assert len(result["layers"]) >= 5
+
+
+def test_inspect_lists_every_node():
+    done = qdq("inspect", DIGITS / "mobilenet.onnx")
+    assert done.returncode == 0, done.stderr
+    assert "17 of 17 nodes quantizable" in done.stdout
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _bad_inputs(w: Path) -> dict[str, tuple[list, str]]:
+    """name -> (extra arguments with the model first, expected words in the error)."""
+    good = np.load(w / "calib.npz")["input"]
+    (w / "garbage.onnx").write_bytes(np.random.default_rng(0).bytes(2000))
+    (w / "notes.onnx").write_text("this is not a model\n" * 20)
+    old = models.conv_net()
+    old.opset_import[0].version = 7
+    onnx.save(old, str(w / "opset7.onnx"))
+    nan = good.copy()
+    nan[3, 0, 2, 2] = np.nan
+    return {
+        "missing model": ([w / "nope.onnx"], "does not exist"),
+        "corrupt model": ([w / "garbage.onnx"], "ONNX"),
+        "not a model": ([w / "notes.onnx"], "ONNX"),
+        "unsupported opset": ([w / "opset7.onnx"], "opset 7"),
+        "missing data": ([w / "cnn.onnx", "--calib", w / "none.npz"], "does not exist"),
+        "wrong names": (
+            [w / "cnn.onnx", "--calib", _write_npz(w / "n.npz", image=good, other=good)],
+            "'input'",
+        ),
+        "wrong shape": (
+            [w / "cnn.onnx", "--calib", _write_npz(w / "s.npz", input=good[:, :, :4])],
+            "shape",
+        ),
+        "wrong dtype": (
+            [w / "cnn.onnx", "--calib", _write_npz(w / "d.npz", input=good.astype(np.int64))],
+            "float32",
+        ),
+        "nan": ([w / "cnn.onnx", "--calib", _write_npz(w / "nan.npz", input=nan)], "NaN"),
+        "no samples": (
+            [w / "cnn.onnx", "--calib", _write_npz(w / "e.npz", input=good[:0])],
+            "no samples",
+        ),
+        "output is input": ([w / "cnn.onnx", "--same"], "is the input"),
+        "no output folder": ([w / "cnn.onnx", "--to", w / "missing" / "q.onnx"], "does not exist"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing model",
+        "corrupt model",
+        "not a model",
+        "unsupported opset",
+        "missing data",
+        "wrong names",
+        "wrong shape",
+        "wrong dtype",
+        "nan",
+        "no samples",
+        "output is input",
+        "no output folder",
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(workspace, case):
+    args, words = _bad_inputs(workspace)[case]
+    model = args[0]
+    rest = [a for a in args[1:] if a not in ("--same", "--to")]
+    out = workspace / "out.onnx"
+    if "--same" in args:
+        out = model
+    if "--to" in args:
+        out = args[args.index("--to") + 1]
+        rest = []
+    calib = [] if "--calib" in rest else ["--calib", workspace / "calib.npz"]
+    before = {p: digest(p) for p in workspace.iterdir() if p.is_file()}
+    done = qdq("quantize", model, "-o", out, *calib, *rest)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("qdq: error: ")
+    assert words in done.stderr
+    after = {p: digest(p) for p in workspace.iterdir() if p.is_file()}
+    assert after == before  # nothing written, the input untouched
+    assert not any(p.name.startswith(".qdq-") for p in workspace.iterdir())
+
+
+def _with_external_data(folder: Path, location: str) -> Path:
+    model = models.conv_net()
+    weight = next(t for t in model.graph.initializer if t.name == "w2")
+    array = numpy_helper.to_array(weight)
+    (folder / "w2.bin").write_bytes(array.tobytes())
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    path = folder / "ext.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_external_data_inside_the_folder_is_read(tmp_path):
+    model = _with_external_data(tmp_path, "w2.bin")
+    np.save(tmp_path / "x.npy", np.ones((4, 3, 8, 8), np.float32))
+    done = qdq("quantize", model, "-o", tmp_path / "q.onnx", "--calib", tmp_path / "x.npy")
+    assert done.returncode == 0, done.stderr
+
+
+def test_external_data_escaping_the_folder_is_refused(tmp_path):
+    inner = tmp_path / "models"
+    inner.mkdir()
+    model = _with_external_data(inner, "../w2.bin")
+    shutil.move(inner / "w2.bin", tmp_path / "w2.bin")
+    np.save(tmp_path / "x.npy", np.ones((4, 3, 8, 8), np.float32))
+    done = qdq("quantize", model, "-o", tmp_path / "q.onnx", "--calib", tmp_path / "x.npy")
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0
-    assert "does not exist" in done.stderr
+    assert "outside the model's folder" in done.stderr
+    assert not (tmp_path / "q.onnx").exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -58,9 +59,9 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 60) 
 
 def main() -> None:
     torch.manual_seed(0)
-    with np.load(HERE / "digits.npz") as d:
-        images = d["images"].astype(np.float32)[:, None] / 16.0
-        labels = d["target"].astype(np.int64)
+    digits = load_digits()
+    images = digits.images.astype(np.float32)[:, None] / 16.0
+    labels = digits.target.astype(np.int64)
     order = np.random.default_rng(0).permutation(len(images))
     test, fit = order[:TEST_SIZE], order[TEST_SIZE:]
     np.savez_compressed(HERE / "calib.npz", input=images[fit[:CALIB_SIZE]])
@@ -69,7 +70,7 @@ def main() -> None:
     for name, build in (("cnn", cnn), ("mobilenet", mobilenet)):
         model = train(build(), x, y)
         with torch.no_grad():
-            accuracy = (model(torch.from_numpy(images[test])).argmax(1).numpy() == labels[test])
+            accuracy = model(torch.from_numpy(images[test])).argmax(1).numpy() == labels[test]
         print(f"{name}: test accuracy {accuracy.mean():.4f}")
         torch.onnx.export(
             model, (x[:1],), HERE / f"{name}.onnx", input_names=["input"],

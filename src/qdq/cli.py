@@ -8,25 +8,159 @@ import sys
 from collections.abc import Sequence
 
 from qdq.errors import QdqError
+from qdq.graph.config import ACTIVATION_DTYPES, PRESETS, preset_config
+from qdq.graph.data import ImageOptions
+from qdq.observers import METHODS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qdq", description="Quantize networks to integers.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="calibrate every observer on real digit images")
-    demo.add_argument("--data", help="an .npz with an 'images' array (default: bundled digits)")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
-        if args.command == "demo":
-            from qdq.demo import run_demo
-
-            print(run_demo(args.data))
+        print(args.run(args))
     except (QdqError, OSError) as error:
         print(f"qdq: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qdq", description="Quantize networks to integers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    q = commands.add_parser("quantize", help="FP32 ONNX model -> INT8 model, calibrated on data")
+    q.add_argument("model", help="the FP32 .onnx model (never modified)")
+    q.add_argument("-o", "--output", required=True, help="where to write the quantized model")
+    q.add_argument("--calib", required=True, help=".npz, .npy, or a folder of .npy or images")
+    q.add_argument("--preset", choices=list(PRESETS), default="default")
+    q.add_argument("--method", choices=METHODS, help="activation range estimator")
+    granularity = q.add_mutually_exclusive_group()
+    granularity.add_argument(
+        "--per-channel",
+        dest="per_channel",
+        action="store_true",
+        default=None,
+        help="one weight scale per output channel (default)",
+    )
+    granularity.add_argument(
+        "--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor"
+    )
+    q.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
+    q.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES)
+    q.add_argument(
+        "--format",
+        choices=("qdq", "qoperator"),
+        default="qdq",
+        help="qdq: Q/DQ pairs ONNX Runtime fuses; qoperator: QLinear* ops",
+    )
+    q.add_argument(
+        "--exclude",
+        nargs="+",
+        default=(),
+        metavar="NODE_OR_OP",
+        help="node names or op types to keep in float",
+    )
+    q.add_argument("--batch-size", type=int)
+    q.add_argument("--max-samples", type=int)
+    q.add_argument("--seed", type=int, help="pick --max-samples at random with this seed")
+    _image_flags(q)
+    q.set_defaults(run=_quantize)
+
+    c = commands.add_parser("compare", help="error of a quantized model against its FP32 model")
+    c.add_argument("float_model")
+    c.add_argument("quantized_model")
+    c.add_argument(
+        "--data", required=True, help="same forms as --calib; an .npz 'label' array adds accuracy"
+    )
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("--max-samples", type=int)
+    c.add_argument("--latency-runs", type=int, default=30, help="0 skips timing")
+    c.set_defaults(run=_compare)
+
+    i = commands.add_parser("inspect", help="which nodes would be quantized, and why not")
+    i.add_argument("model")
+    i.add_argument("--exclude", nargs="+", default=(), metavar="NODE_OR_OP")
+    i.set_defaults(run=_inspect)
+
+    return parser
+
+
+def _image_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("image folders")
+    group.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"))
+    group.add_argument("--mean", type=float, nargs="+", default=[0.0])
+    group.add_argument("--std", type=float, nargs="+", default=[1.0])
+    group.add_argument(
+        "--value-scale",
+        type=float,
+        default=1 / 255,
+        help="pixel multiplier before mean/std (default 1/255)",
+    )
+    group.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW")
+    group.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
+
+
+def _quantize(args: argparse.Namespace) -> str:
+    from qdq.pipeline import quantize_model
+
+    config = preset_config(
+        args.preset,
+        method=args.method,
+        per_channel=args.per_channel,
+        weight_bits=args.weight_bits,
+        activation_dtype=args.activation_dtype,
+        exclude=tuple(args.exclude) or None,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+    )
+    images = ImageOptions(
+        size=tuple(args.image_size) if args.image_size else None,
+        mean=tuple(args.mean),
+        std=tuple(args.std),
+        value_scale=args.value_scale,
+        layout=args.layout,
+        channel_order=args.channel_order,
+    )
+    report = quantize_model(
+        args.model,
+        args.output,
+        args.calib,
+        config,
+        images,
+        args.seed,
+        progress=sys.stderr.isatty(),
+        output_format=args.format,
+    )
+    return report.summary(args.output)
+
+
+def _compare(args: argparse.Namespace) -> str:
+    from qdq.report.compare import compare_models
+
+    result = compare_models(
+        args.float_model,
+        args.quantized_model,
+        args.data,
+        max_samples=args.max_samples,
+        latency_runs=args.latency_runs,
+    )
+    return result.to_json() if args.json else result.to_text()
+
+
+def _inspect(args: argparse.Namespace) -> str:
+    from qdq.graph.config import QuantConfig
+    from qdq.pipeline import inspect_model
+
+    decisions = inspect_model(args.model, QuantConfig(exclude=tuple(args.exclude)))
+    width = max(len(d.node) for d in decisions)
+    lines = [f"{'node':<{width}}  {'op':<20} decision"]
+    for d in decisions:
+        verdict = ("int8: " if d.quantized else "float: ") + d.reason
+        lines.append(f"{d.node:<{width}}  {d.op_type:<20} {verdict}")
+    quantized = sum(d.quantized for d in decisions)
+    lines.append(f"{quantized} of {len(decisions)} nodes quantizable")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""quantize_model: load -> validate data -> prepare -> calibrate -> plan -> rewrite -> verify -> save."""
+"""quantize_model: load, check data, prepare, calibrate, plan, rewrite, verify, save."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from qdq.graph.model import (
     default_opset,
     load_model,
     optimize,
+    ort_rewrite,
     save_model,
     upgrade_opset,
 )
@@ -49,6 +50,17 @@ class QuantizeReport:
     @property
     def kept_float(self) -> list[Decision]:
         return [d for d in self.decisions if not d.quantized]
+
+    def summary(self, output: str | os.PathLike[str]) -> str:
+        lines = [
+            f"wrote {output}: {len(self.quantized)} of {len(self.decisions)} nodes quantized, "
+            f"{self.float_bytes / 1e3:.1f} kB -> {self.quantized_bytes / 1e3:.1f} kB "
+            f"({self.float_bytes / self.quantized_bytes:.2f}x smaller); calibrated on "
+            f"{self.samples} samples in {self.calibration_seconds:.2f} s"
+        ]
+        lines += [f"kept float: {d.node} ({d.op_type}): {d.reason}" for d in self.kept_float]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
 
 
 def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto, bool, list[str]]:
@@ -98,6 +110,7 @@ def quantize_model(
     images: ImageOptions | None = None,
     seed: int | None = None,
     progress: bool = False,
+    output_format: str = "qdq",
 ) -> QuantizeReport:
     """Quantize an FP32 ONNX model into a QDQ model that ONNX Runtime runs with int8 kernels.
 
@@ -112,6 +125,10 @@ def quantize_model(
     prepared, per_channel, notes = prepare(model, config.per_channel)
     plan, seconds = plan_model(prepared, samples, config, per_channel, progress)
     quantized = insert_qdq(prepared, plan)
+    if output_format == "qoperator":  # ONNX Runtime's own fusion of our QDQ groups
+        quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+    elif output_format != "qdq":
+        raise ModelError(f"unknown format {output_format!r}; choose qdq or qoperator")
     _check_loads(quantized)
     save_model(quantized, target)
     return QuantizeReport(
@@ -122,6 +139,19 @@ def quantize_model(
         quantized_bytes=target.stat().st_size,
         notes=notes,
     )
+
+
+def inspect_model(
+    model_path: str | os.PathLike[str], config: QuantConfig | None = None
+) -> list[Decision]:
+    """Per node of the prepared model: whether it would be quantized, and why not if not.
+
+    Decisions that need data (masks, Concat ranges, shape ops following their input) show as
+    pending here; `quantize_model`'s report gives the final ones.
+    """
+    config = config or QuantConfig()
+    prepared, _, _ = prepare(load_model(model_path), config.per_channel)
+    return list(static_decisions(GraphIndex(prepared), config).values())
 
 
 def _check_output(source: Path, target: Path) -> None:

@@ -52,8 +52,14 @@ def calibrate(
     observers = {name: make(name) for name in names}
     unfit: dict[str, str] = {}
     total = -(-samples.count // batch_size)
-    for feed in tqdm(samples.batches(batch_size), total=total, desc="calibrating",
-                     unit="batch", disable=not progress, leave=False):  # fmt: skip
+    for feed in tqdm(
+        samples.batches(batch_size),
+        total=total,
+        desc="calibrating",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    ):
         values = session.run(names, feed)
         for name, value in zip(names, values, strict=True):
             if name in unfit:

@@ -153,7 +153,9 @@ def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np
     """`batch` in the input's dtype, after shape, dtype and finiteness checks."""
     want = spec.shape[1:]
     got = batch.shape[1:]
-    if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+    if len(got) != len(want) or any(
+        w is not None and w != g for w, g in zip(want, got, strict=True)
+    ):
         raise DataError(
             f"{source}: input {spec.describe()} needs samples of shape "
             f"({', '.join('?' if d is None else str(d) for d in want)}), got {got} "

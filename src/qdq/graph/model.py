@@ -58,8 +58,9 @@ def _load_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> Non
         target = (folder / location).resolve()
         if not target.is_relative_to(folder):
             raise ModelError(
-                f"{path}: tensor {tensor.name!r} points at external data {location!r} outside the "
-                "model's folder; refused, as model files are untrusted. Keep weights beside the model"
+                f"{path}: tensor {tensor.name!r} points at external data {location!r} outside "
+                "the model's folder; refused, as model files are untrusted. "
+                "Keep weights beside the model"
             )
         if not target.is_file():
             raise ModelError(
@@ -87,19 +88,30 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime's basic (ONNX-standard) rewrites: BatchNorm folded into Conv, constants
-    folded, no-ops removed; then shape inference. Temporary files stay in a private folder."""
+    folded, no-ops removed; then shape inference."""
+    return onnx.shape_inference.infer_shapes(
+        ort_rewrite(model, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    )
+
+
+def ort_rewrite(model: onnx.ModelProto, level: ort.GraphOptimizationLevel) -> onnx.ModelProto:
+    """The graph ONNX Runtime's CPU provider makes of `model` at `level`, as an ONNX model.
+
+    At ORT_ENABLE_EXTENDED that fuses QDQ groups into QLinearConv, QLinearMatMul, QGemm,
+    QLinearAdd, ... Temporary files stay in a private folder, never beside the user's.
+    """
     with tempfile.TemporaryDirectory(prefix="qdq-") as tmp:
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "optimized.onnx"
         _save(model, source)
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.graph_optimization_level = level
         options.optimized_model_filepath = str(target)
+        options.log_severity_level = 3
         try:
             ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # ORT raises its own exception types
             raise ModelError(f"ONNX Runtime cannot load the model: {error}") from None
-        optimized = onnx.load(str(target))
-    return onnx.shape_inference.infer_shapes(optimized)
+        return onnx.load(str(target))
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:

@@ -56,11 +56,13 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         for i, name in enumerate(node.input):
             key = (node.name, i)
             if key in plan.constants:
-                node.input[i] = _dequantized_constant(name, key, plan.constants[key],
-                                                      index, new_nodes, new_inits)  # fmt: skip
+                node.input[i] = _dequantized_constant(
+                    name, key, plan.constants[key], index, new_nodes, new_inits
+                )
             elif key in plan.biases:
-                node.input[i] = _dequantized_bias(name, key, plan.biases[key],
-                                                  index, new_nodes, new_inits)  # fmt: skip
+                node.input[i] = _dequantized_bias(
+                    name, key, plan.biases[key], index, new_nodes, new_inits
+                )
             else:
                 node.input[i] = renamed.get(name, name)
                 if name in initializers:

@@ -1,0 +1,1 @@
+"""Measuring what quantization cost: output metrics, per-layer error, latency."""

@@ -1,0 +1,68 @@
+"""Streaming error metrics between a reference tensor and its approximation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ErrorStats:
+    """Sums that give SQNR, cosine similarity and max error over any number of batches.
+
+    SQNR = 10 log10(sum x^2 / sum (x - y)^2) dB; cosine = sum xy / sqrt(sum x^2 sum y^2).
+    """
+
+    signal: float = 0.0
+    noise: float = 0.0
+    dot: float = 0.0
+    other: float = 0.0
+    max_abs: float = 0.0
+    top1: int = 0
+    top5: int = 0
+    rows: int = 0
+    classes: bool = False
+
+    def update(self, reference: np.ndarray, approximation: np.ndarray) -> None:
+        x = reference.astype(np.float64).ravel()
+        y = approximation.astype(np.float64).ravel()
+        self.signal += float(x @ x)
+        self.noise += float((x - y) @ (x - y))
+        self.dot += float(x @ y)
+        self.other += float(y @ y)
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(x - y))) if x.size else 0.0)
+        if looks_like_scores(reference):
+            self.classes = True
+            self.rows += len(reference)
+            best = reference.argmax(axis=1)
+            self.top1 += int((best == approximation.argmax(axis=1)).sum())
+            top = np.argsort(-approximation, axis=1)[:, :5]
+            self.top5 += int((top == best[:, None]).any(axis=1).sum())
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0:
+            return float("inf")
+        return float(10 * np.log10(max(self.signal, 1e-300) / self.noise))
+
+    @property
+    def cosine(self) -> float:
+        denominator = np.sqrt(self.signal * self.other)
+        return float(self.dot / denominator) if denominator else 1.0
+
+    def as_dict(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {
+            "sqnr_db": self.sqnr_db,
+            "cosine": self.cosine,
+            "max_abs_error": self.max_abs,
+        }
+        if self.classes:
+            out["top1_agreement"] = self.top1 / self.rows
+            out["top5_agreement"] = self.top5 / self.rows
+        return out
+
+
+def looks_like_scores(output: np.ndarray) -> bool:
+    """A (batch, classes) float array with 2..100000 classes: logits or probabilities."""
+    return output.ndim == 2 and 2 <= output.shape[1] <= 100_000 and output.dtype.kind == "f"

@@ -1,0 +1,107 @@
+"""Small ONNX models built in code, each shaped like a way real models break quantization."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _value(name: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+
+def conv_net(opset: int = 17, middle: str | None = None) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv -> Relu -> [middle op] -> Conv -> GlobalAveragePool -> Flatten -> Gemm."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+    ]
+    last = "r1"
+    if middle:
+        nodes.append(helper.make_node(middle, ["r1"], ["m"], name="middle"))
+        last = "m"
+    nodes += [
+        helper.make_node("Conv", [last, "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc"),
+    ]
+    inits = [
+        _init("w1", RNG.standard_normal((8, 3, 3, 3)) * 0.3),
+        _init("b1", RNG.standard_normal(8) * 0.1),
+        _init("w2", RNG.standard_normal((16, 8, 3, 3)) * 0.2),
+        _init("b2", RNG.standard_normal(16) * 0.1),
+        _init("w3", RNG.standard_normal((5, 16))),
+        _init("b3", RNG.standard_normal(5) * 0.1),
+    ]
+    return _model(nodes, [_value("x", ["N", 3, 8, 8])], [_value("y", ["N", 5])], inits, opset)
+
+
+def detector_head() -> onnx.ModelProto:
+    """Boxes in pixels (hundreds) and class probabilities in [0, 1] joined by one Concat."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "wb", "bb"], ["box_raw"], name="box_fc"),
+        helper.make_node("Mul", ["box_raw", "pixels"], ["boxes"], name="to_pixels"),
+        helper.make_node("Gemm", ["x", "wc", "bc"], ["logits"], name="cls_fc"),
+        helper.make_node("Sigmoid", ["logits"], ["probs"], name="sigmoid"),
+        helper.make_node("Concat", ["boxes", "probs"], ["y"], axis=1, name="head"),
+    ]
+    inits = [
+        _init("wb", RNG.standard_normal((16, 4))),
+        _init("bb", np.zeros(4)),
+        _init("pixels", np.array(320.0)),
+        _init("wc", RNG.standard_normal((16, 6))),
+        _init("bc", np.zeros(6)),
+    ]
+    return _model(nodes, [_value("x", ["N", 16])], [_value("y", ["N", 10])], inits)
+
+
+def masked_attention() -> onnx.ModelProto:
+    """scores = q k^T + mask, where the mask is built at run time from a 0/1 input times
+    -3.4e38 (as exporters do), then Softmax and a weighted sum."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk"),
+        helper.make_node("Sub", ["one", "keep"], ["masked"], name="invert"),
+        helper.make_node("Mul", ["masked", "lowest"], ["bias"], name="to_lowest"),
+        helper.make_node("Unsqueeze", ["bias", "axis1"], ["bias3"], name="unsqueeze"),
+        helper.make_node("Add", ["scores", "bias3"], ["biased"], name="add_mask"),
+        helper.make_node("Softmax", ["biased"], ["attn"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["attn", "x"], ["y"], name="mix"),
+    ]
+    inits = [
+        _init("wq", RNG.standard_normal((8, 8)) * 0.5),
+        _init("wk", RNG.standard_normal((8, 8)) * 0.5),
+        _init("one", np.array(1.0)),
+        _init("lowest", np.array(np.finfo(np.float32).min)),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    inputs = [_value("x", ["N", 6, 8]), _value("keep", ["N", 6])]
+    return _model(nodes, inputs, [_value("y", ["N", 6, 8])], inits)
+
+
+def conv_transpose_net() -> onnx.ModelProto:
+    """x[N,4,4,4] -> ConvTranspose (weight [Cin, Cout, k, k]: channels on axis 1) -> Relu."""
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w", "b"], ["t"], strides=[2, 2], name="up"),
+        helper.make_node("Relu", ["t"], ["y"], name="relu"),
+    ]
+    inits = [_init("w", RNG.standard_normal((4, 6, 2, 2))), _init("b", RNG.standard_normal(6))]
+    return _model(nodes, [_value("x", ["N", 4, 4, 4])], [_value("y", ["N", 6, 8, 8])], inits)

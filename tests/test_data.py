@@ -1,0 +1,107 @@
+"""Calibration data in every accepted form gives the same samples, checked against the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qdq.errors import DataError
+from qdq.graph.data import ImageOptions, InputSpec, Samples
+
+SPEC = [InputSpec("x", np.dtype(np.float32), (None, 3, 4, 5))]
+X = np.random.default_rng(0).standard_normal((10, 3, 4, 5)).astype(np.float32)
+
+
+def collect(samples: Samples, batch_size: int = 4) -> np.ndarray:
+    return np.concatenate([feed["x"] for feed in samples.batches(batch_size)])
+
+
+def test_npz_npy_and_npy_folders_give_the_same_samples(tmp_path):
+    np.savez(tmp_path / "a.npz", anything=X)
+    np.save(tmp_path / "a.npy", X)
+    plain, batched = tmp_path / "plain", tmp_path / "batched"
+    plain.mkdir()
+    batched.mkdir()
+    for i, sample in enumerate(X):
+        np.save(plain / f"{i:03d}.npy", sample)
+        np.save(batched / f"{i:03d}.npy", sample[None])
+    for source in ("a.npz", "a.npy", "plain", "batched"):
+        assert np.array_equal(collect(Samples(tmp_path / source, SPEC)), X), source
+
+
+def test_batches_are_bounded_and_max_samples_and_seed_pick_a_subset(tmp_path):
+    np.save(tmp_path / "a.npy", X)
+    sizes = [len(f["x"]) for f in Samples(tmp_path / "a.npy", SPEC).batches(4)]
+    assert sizes == [4, 4, 2]
+    first = collect(Samples(tmp_path / "a.npy", SPEC, max_samples=3))
+    assert np.array_equal(first, X[:3])
+    picked = collect(Samples(tmp_path / "a.npy", SPEC, max_samples=3, seed=1))
+    again = collect(Samples(tmp_path / "a.npy", SPEC, max_samples=3, seed=1))
+    assert np.array_equal(picked, again)
+    assert not np.array_equal(picked, first)
+
+
+def test_image_folders_are_resized_scaled_and_normalized(tmp_path):
+    pixels = np.zeros((8, 10, 3), np.uint8)
+    pixels[..., 0] = 255  # pure red
+    Image.fromarray(pixels).save(tmp_path / "red.png")
+    spec = [InputSpec("x", np.dtype(np.float32), (None, 3, 4, 5))]
+    options = ImageOptions(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    x = collect(Samples(tmp_path, spec, images=options))
+    assert x.shape == (1, 3, 4, 5)
+    assert np.allclose(x[0, 0], 1.0)  # (1 - 0.5) / 0.5
+    assert np.allclose(x[0, 1:], -1.0)
+    bgr = collect(Samples(tmp_path, spec, images=ImageOptions(channel_order="BGR")))
+    assert np.allclose(bgr[0, 2], 1.0)
+    nhwc = [InputSpec("x", np.dtype(np.float32), (None, 4, 5, 3))]
+    assert collect(Samples(tmp_path, nhwc, images=ImageOptions(layout="NHWC"))).shape == (
+        1, 4, 5, 3,
+    )  # fmt: skip
+
+
+def test_inputs_without_a_fixed_image_size_ask_for_one(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    spec = [InputSpec("x", np.dtype(np.float32), (None, 3, None, None))]
+    with pytest.raises(DataError, match="--image-size"):
+        Samples(tmp_path, spec)
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda p: np.save(p / "d.npy", X[:, :2]), "shape"),
+        (lambda p: np.save(p / "d.npy", X.astype(np.int32)), "float32"),
+        (lambda p: np.save(p / "d.npy", X[:0]), "no samples"),
+        (lambda p: (p / "d.txt").write_text("1 2 3"), "expected an .npz"),
+    ],
+)
+def test_bad_data_is_refused_before_any_work(tmp_path, make, words):
+    make(tmp_path)
+    source = next(tmp_path.iterdir())
+    with pytest.raises(DataError, match=words):
+        Samples(source, SPEC)
+
+
+def test_multi_input_models_need_one_npz_array_per_input(tmp_path):
+    specs = [*SPEC, InputSpec("mask", np.dtype(np.float32), (None, 4))]
+    np.save(tmp_path / "a.npy", X)
+    with pytest.raises(DataError, match="one array per input"):
+        Samples(tmp_path / "a.npy", specs)
+    np.savez(tmp_path / "b.npz", x=X, mask=np.ones((9, 4), np.float32))
+    with pytest.raises(DataError, match="different sample counts"):
+        Samples(tmp_path / "b.npz", specs)
+
+
+def test_folders_are_read_lazily(tmp_path, monkeypatch):
+    for i, sample in enumerate(X):
+        np.save(tmp_path / f"{i:03d}.npy", sample)
+    opened: list[Path] = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda path, **kw: opened.append(path) or real_load(path, **kw))
+    batches = Samples(tmp_path, SPEC).batches(2)
+    opened.clear()
+    next(batches)
+    assert len(opened) == 2  # one batch read, not the whole folder

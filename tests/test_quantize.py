@@ -1,0 +1,203 @@
+"""quantize_model on the bundled digits models and on graphs shaped like real failures."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import models
+from qdq.graph.config import PRESETS, QuantConfig
+from qdq.graph.model import ort_rewrite
+from qdq.pipeline import inspect_model, quantize_model
+
+DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
+FUSED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+
+
+def run(path: Path | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def accuracy(path: Path) -> float:
+    with np.load(DIGITS / "test.npz") as test:
+        logits = run(path, {"input": test["input"]})[0]
+        return float((logits.argmax(axis=1) == test["label"]).mean())
+
+
+def op_counts(model: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def save(model: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path:
+    path = folder / name
+    onnx.save(model, str(path))
+    return path
+
+
+def sqnr_db(x: np.ndarray, y: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(x.astype(np.float64) ** 2) / np.sum((x - y) ** 2.0)))
+
+
+@pytest.mark.parametrize(("name", "budget"), [("cnn", 0.5), ("mobilenet", 1.0)])
+def test_digits_accuracy_stays_within_budget(tmp_path, name, budget):
+    out = tmp_path / f"{name}_int8.onnx"
+    report = quantize_model(DIGITS / f"{name}.onnx", out, DIGITS / "calib.npz")
+    assert not report.kept_float
+    assert accuracy(out) >= accuracy(DIGITS / f"{name}.onnx") - budget / 100
+    assert out.stat().st_size < (DIGITS / f"{name}.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("name", ["cnn", "mobilenet"])
+def test_every_conv_becomes_an_int8_kernel_in_onnx_runtime(tmp_path, name):
+    out = tmp_path / "q.onnx"
+    quantize_model(DIGITS / f"{name}.onnx", out, DIGITS / "calib.npz")
+    convs = op_counts(onnx.load(str(DIGITS / f"{name}.onnx")))["Conv"]
+    fused = op_counts(ort_rewrite(onnx.load(str(out)), FUSED))
+    assert fused["QLinearConv"] == convs
+    assert fused["Conv"] == 0
+    assert fused["QGemm"] == 1  # the classifier runs in int8 too
+    assert fused["QuantizeLinear"] == 1  # int8 flows from the input to the output
+    assert fused["DequantizeLinear"] == 1
+
+
+def test_weights_are_stored_as_integers(tmp_path):
+    out = tmp_path / "q.onnx"
+    quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz")
+    model = onnx.load(str(out))
+    types = {t.data_type for t in model.graph.initializer if len(t.dims) >= 2}
+    assert types == {onnx.TensorProto.INT8}
+    biases = [
+        t for t in model.graph.initializer if t.name.endswith("_quantized") and len(t.dims) == 1
+    ]
+    assert {t.data_type for t in biases} >= {onnx.TensorProto.INT32}
+
+
+def test_qoperator_format_is_made_of_integer_ops(tmp_path):
+    out = tmp_path / "q.onnx"
+    quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", output_format="qoperator")
+    counts = op_counts(onnx.load(str(out)))
+    assert counts["QLinearConv"] == 3
+    assert not counts["Conv"]
+    assert accuracy(out) >= accuracy(DIGITS / "cnn.onnx") - 0.005
+
+
+def test_tensorrt_preset_is_symmetric_int8_with_narrow_per_channel_weights(tmp_path):
+    out = tmp_path / "q.onnx"
+    quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", PRESETS["tensorrt"])
+    model = onnx.load(str(out))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        codes = inits.get(node.input[0])
+        zero_point = inits[node.input[2]]
+        assert not zero_point.any(), node.name
+        if codes is not None and codes.ndim >= 2:  # a weight
+            assert codes.dtype == np.int8
+            assert codes.min() >= -127
+            assert {a.name: a.i for a in node.attribute}.get("axis", 1) == 0
+        elif codes is None:
+            assert zero_point.dtype == np.int8  # activations
+
+
+def test_conv_transpose_weights_are_per_channel_on_axis_1(tmp_path):
+    source = save(models.conv_transpose_net(), tmp_path)
+    data = tmp_path / "x.npy"
+    x = np.random.default_rng(1).standard_normal((32, 4, 4, 4)).astype(np.float32)
+    np.save(data, x)
+    out = tmp_path / "q.onnx"
+    quantize_model(source, out, data)
+    model = onnx.load(str(out))
+    weight_dq = next(n for n in model.graph.node if n.name.startswith("w_"))
+    assert {a.name: a.i for a in weight_dq.attribute}["axis"] == 1
+    assert sqnr_db(run(source, {"x": x})[0], run(out, {"x": x})[0]) > 30
+
+
+def test_a_concat_of_very_different_ranges_stays_float(tmp_path):
+    source = save(models.detector_head(), tmp_path)
+    x = np.random.default_rng(2).standard_normal((64, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "q.onnx"
+    report = quantize_model(source, out, tmp_path / "x.npy")
+    head = next(d for d in report.decisions if d.node == "head")
+    assert not head.quantized
+    assert "levels" in head.reason
+    want, got = run(source, {"x": x})[0], run(out, {"x": x})[0]
+    probs_error = np.abs(want[:, 4:] - got[:, 4:]).max()
+    assert probs_error < 0.05  # one scale over the boxes' +-4000 pixels would be ~30 per level
+    assert np.abs(want[:, :4] - got[:, :4]).max() < 0.02 * np.abs(want[:, :4]).max()
+
+
+def test_masks_and_sentinels_are_never_quantized(tmp_path):
+    source = save(models.masked_attention(), tmp_path)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((32, 6, 8)).astype(np.float32)
+    keep = (rng.random((32, 6)) > 0.3).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, keep=keep)
+    out = tmp_path / "q.onnx"
+    report = quantize_model(source, out, tmp_path / "data.npz")
+    add = next(d for d in report.decisions if d.node == "add_mask")
+    assert not add.quantized
+    assert "mask" in add.reason
+    want, got = run(source, {"x": x, "keep": keep})[0], run(out, {"x": x, "keep": keep})[0]
+    assert np.isfinite(got).all()
+    assert sqnr_db(want, got) > 20
+
+
+def test_an_op_without_int8_rule_stays_float_and_the_model_still_works(tmp_path):
+    source = save(models.conv_net(middle="Tanh"), tmp_path)
+    x = np.random.default_rng(4).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "q.onnx"
+    report = quantize_model(source, out, tmp_path / "x.npy")
+    tanh = next(d for d in report.decisions if d.node == "middle")
+    assert not tanh.quantized
+    assert "no int8 rule for Tanh" in tanh.reason
+    assert sqnr_db(run(source, {"x": x})[0], run(out, {"x": x})[0]) > 25
+
+
+def test_models_older_than_opset_13_are_upgraded_for_per_channel_weights(tmp_path):
+    source = save(models.conv_net(opset=11), tmp_path)
+    x = np.random.default_rng(5).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "q.onnx"
+    quantize_model(source, out, tmp_path / "x.npy")
+    quantized = onnx.load(str(out))
+    opset = next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset >= 13
+    assert any(a.name == "axis" for n in quantized.graph.node for a in n.attribute)
+    assert sqnr_db(run(source, {"x": x})[0], run(out, {"x": x})[0]) > 25
+
+
+def test_exclude_keeps_named_nodes_and_op_types_in_float(tmp_path):
+    out = tmp_path / "q.onnx"
+    config = QuantConfig(exclude=("/12/Gemm", "GlobalAveragePool"))
+    report = quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", config)
+    kept = {d.node for d in report.kept_float}
+    assert {"/12/Gemm", "/10/GlobalAveragePool"} <= kept
+    fused = op_counts(ort_rewrite(onnx.load(str(out)), FUSED))
+    assert fused["Gemm"] == 1
+
+
+def test_inspect_says_why_each_float_node_stays_float(tmp_path):
+    source = save(models.conv_net(middle="Tanh"), tmp_path)
+    decisions = {d.node: d for d in inspect_model(source)}
+    assert decisions["conv1"].quantized
+    assert not decisions["middle"].quantized
+    assert "Tanh" in decisions["middle"].reason
+
+
+def test_metadata_maps_float_tensors_to_their_quantized_copies(tmp_path):
+    out = tmp_path / "q.onnx"
+    quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz")
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    copies = json.loads(props["qdq.quantized_tensors"])
+    assert copies["input"] == "input_dq"
+    assert copies["logits"] == "logits"
