@@ -53,20 +53,20 @@ def conv_net(opset: int = 17, middle: str | None = None) -> onnx.ModelProto:
 
 
 def detector_head() -> onnx.ModelProto:
-    """Boxes in pixels (hundreds) and class probabilities in [0, 1] joined by one Concat."""
+    """Boxes in pixels (thousands) and class scores clipped to [0, 1], joined by one Concat."""
     nodes = [
-        helper.make_node("Gemm", ["x", "wb", "bb"], ["box_raw"], name="box_fc"),
-        helper.make_node("Mul", ["box_raw", "pixels"], ["boxes"], name="to_pixels"),
+        helper.make_node("Gemm", ["x", "wb", "bb"], ["boxes"], name="box_fc"),
         helper.make_node("Gemm", ["x", "wc", "bc"], ["logits"], name="cls_fc"),
-        helper.make_node("Sigmoid", ["logits"], ["probs"], name="sigmoid"),
+        helper.make_node("Clip", ["logits", "zero", "one"], ["probs"], name="clip"),
         helper.make_node("Concat", ["boxes", "probs"], ["y"], axis=1, name="head"),
     ]
     inits = [
-        _init("wb", RNG.standard_normal((16, 4))),
+        _init("wb", RNG.standard_normal((16, 4)) * 320),
         _init("bb", np.zeros(4)),
-        _init("pixels", np.array(320.0)),
-        _init("wc", RNG.standard_normal((16, 6))),
-        _init("bc", np.zeros(6)),
+        _init("wc", RNG.standard_normal((16, 6)) * 0.2),
+        _init("bc", np.full(6, 0.5)),
+        _init("zero", np.array(0.0)),
+        _init("one", np.array(1.0)),
     ]
     return _model(nodes, [_value("x", ["N", 16])], [_value("y", ["N", 10])], inits)
 

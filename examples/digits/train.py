@@ -1,8 +1,8 @@
 """Train the bundled digits models and write them with their data (needs the `torch` extra).
 
 Run once from the repository root: python examples/digits/train.py
-Writes cnn.onnx, mobilenet.onnx (depthwise-separable), calib.npz (256 training images) and
-test.npz (the 540 held-out images with labels). Deterministic for a given torch build.
+Writes cnn.onnx, mobilenet.onnx (depthwise-separable), transformer.onnx, calib.npz (256 training
+images) and test.npz (the 540 held-out images with labels). Deterministic for a given torch build.
 """
 
 from __future__ import annotations
@@ -44,6 +44,24 @@ def mobilenet() -> nn.Module:
     )  # fmt: skip
 
 
+class Transformer(nn.Module):
+    """Each image row is a token: 8 tokens of 8 pixels, two GELU encoder layers, mean pooling."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.position = nn.Parameter(torch.randn(8, width) * 0.1)
+        layer = nn.TransformerEncoderLayer(
+            width, 4, 2 * width, dropout=0.0, activation="gelu", batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.reshape(-1, 8, 8)) + self.position
+        return self.head(self.encoder(tokens).mean(dim=1))
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 60) -> nn.Module:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
@@ -67,7 +85,7 @@ def main() -> None:
     np.savez_compressed(HERE / "calib.npz", input=images[fit[:CALIB_SIZE]])
     np.savez_compressed(HERE / "test.npz", input=images[test], label=labels[test])
     x, y = torch.from_numpy(images[fit]), torch.from_numpy(labels[fit])
-    for name, build in (("cnn", cnn), ("mobilenet", mobilenet)):
+    for name, build in (("cnn", cnn), ("mobilenet", mobilenet), ("transformer", Transformer)):
         model = train(build(), x, y)
         with torch.no_grad():
             accuracy = model(torch.from_numpy(images[test])).argmax(1).numpy() == labels[test]

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from qdq.errors import DataError, ModelError
+from qdq.graph.bias_correction import correct_biases, correction_inputs
 from qdq.graph.capture import calibrate
 from qdq.graph.config import QuantConfig
 from qdq.graph.data import ImageOptions, Samples, model_inputs
@@ -94,12 +95,22 @@ def plan_model(
     decisions = static_decisions(index, config)
     targets = calibration_targets(index, decisions)
     start = time.perf_counter()
-    observers, unfit = calibrate(
-        model, samples, lambda _: make_observer(config.method), targets, config.batch_size, progress
+    quantizable = [name for name, d in decisions.items() if d.quantized]
+    means = correction_inputs(index, quantizable) if config.bias_correction else []
+    observers, unfit, averages = calibrate(
+        model,
+        samples,
+        lambda _: make_observer(config.method),
+        targets,
+        config.batch_size,
+        progress,
+        means,
     )
     ranges = {name: o.compute() for name, o in observers.items()}
-    seconds = time.perf_counter() - start
-    return build_plan(index, decisions, ranges, unfit, config, per_channel), seconds
+    plan = build_plan(index, decisions, ranges, unfit, config, per_channel)
+    if config.bias_correction:
+        correct_biases(index, plan, averages)
+    return plan, time.perf_counter() - start
 
 
 def quantize_model(

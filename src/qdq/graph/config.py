@@ -21,6 +21,7 @@ class QuantConfig:
     activation_dtype: str = "uint8"
     symmetric_activations: bool = False
     exclude: tuple[str, ...] = ()
+    bias_correction: bool = True  # fold -(W_q - W) E[x] into each bias (docs/ptq.md)
     batch_size: int = 16
     max_samples: int | None = None
 

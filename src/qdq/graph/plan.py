@@ -42,6 +42,7 @@ class Plan:
     activations: dict[str, QParams] = field(default_factory=dict)
     constants: dict[tuple[str, int], QParams] = field(default_factory=dict)
     biases: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    bias_values: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # corrected
     decisions: dict[str, Decision] = field(default_factory=dict)
     absorbed: dict[str, str] = field(default_factory=dict)  # activation node -> producer
 
@@ -91,9 +92,17 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
             or attrs.get("beta", 1.0) != 1.0
         ):
             return floating("Gemm with transA, alpha or beta has no int8 kernel")
+    if rule.kind in ("elementwise", "shared"):
+        constant = next((node.input[i] for i in rule_inputs(node, rule)
+                         if index.is_constant(node.input[i])), None)  # fmt: skip
+        if constant:
+            return floating(
+                f"constant operand {constant!r}: exact and cheap in float, where int8 would "
+                "add a rounding step"
+            )
     if rule.kind == "compute":
         return Decision(node.name, node.op_type, True, "int8 kernel")
-    return Decision(node.name, node.op_type, True, "pending: follows its input")
+    return Decision(node.name, node.op_type, True, "pending: int8 if int8 flows into it")
 
 
 def calibration_targets(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
@@ -142,6 +151,12 @@ def build_plan(
             why = unfit.get(missing[0], "was not calibrated")
             _to_float(decision, f"tensor {missing[0]!r} {why}")
             continue
+        if rule.kind in ("elementwise", "shared"):
+            cold = next((t for t in activations if t not in wanted), None)
+            if cold:
+                _to_float(decision, f"input {cold!r} comes from a float op: int8 here would "
+                          "only add a rounding step")  # fmt: skip
+                continue
         if rule.kind == "shared" and not _concat_fits(node, activations, ranges, decision):
             continue
         for t in [*activations, node.output[0]]:
@@ -190,7 +205,7 @@ def _follow(
         and _clamps_at_zero(node, index)
         and producer is not None
         and plan.decisions[producer.name].quantized
-        and RULES[producer.op_type].kind == "compute"
+        and RULES[producer.op_type].kind in ("compute", "elementwise")
         and len(index.consumers[source]) == 1
         and source not in index.graph_outputs
     ):

@@ -60,8 +60,11 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
                     name, key, plan.constants[key], index, new_nodes, new_inits
                 )
             elif key in plan.biases:
+                values = plan.bias_values.get(key)
+                if values is None:
+                    values = index.constant(name)
                 node.input[i] = _dequantized_bias(
-                    name, key, plan.biases[key], index, new_nodes, new_inits
+                    name, key, values, plan.biases[key], new_nodes, new_inits
                 )
             else:
                 node.input[i] = renamed.get(name, name)
@@ -145,14 +148,14 @@ def _dequantized_constant(
 def _dequantized_bias(
     name: str,
     key: tuple[str, int],
+    values: np.ndarray,
     scale: np.ndarray,
-    index: GraphIndex,
     nodes: list[onnx.NodeProto],
     inits: list[onnx.TensorProto],
 ) -> str:
     """int32 bias with scale s_x * s_w, zero point 0 (docs/quantization.md, §8)."""
     stem = f"{name}_{key[0]}_{key[1]}"
-    bias = index.constant(name).astype(np.float64)
+    bias = values.astype(np.float64)
     codes = np.clip(np.rint(bias / scale), INT32.min, INT32.max).astype(np.int32)
     inits.append(numpy_helper.from_array(codes, f"{stem}_quantized"))
     inits.append(numpy_helper.from_array(scale, f"{stem}_scale"))

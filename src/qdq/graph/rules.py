@@ -1,8 +1,11 @@
 """What quantizing each op means, as data: one rule per ONNX op type.
 
 `kind` says how the op's output gets its qparams:
-- "compute": int8 kernels exist (QLinearConv, QLinearMatMul, QLinearAdd, ...): its float inputs
-  and its output are quantized, the output with its own calibrated range;
+- "compute": int8 kernels exist (QLinearConv, QLinearMatMul, QGemm): its float inputs and its
+  output are quantized, the output with its own calibrated range;
+- "elementwise": Add, Mul and the average pools have int8 kernels too (QLinearAdd, ...), but
+  they are cheap, so they are quantized only where int8 already flows into every input: where an
+  input comes from a float op (or is a constant), quantizing them would only add a rounding step;
 - "shared": Concat: inputs and output share the output's qparams, so int8 is copied, not rescaled;
 - "inherit": MaxPool, Resize and the shape ops only move or pick values: the output reuses the
   input's qparams exactly, so int8 flows through them;
@@ -56,10 +59,10 @@ RULES: dict[str, OpRule] = {
     "ConvTranspose": OpRule("compute", weight=1, bias=2),
     "Gemm": OpRule("compute", weight=1, bias=2),
     "MatMul": OpRule("compute", inputs=(0, 1)),
-    "Add": OpRule("compute", inputs=(0, 1)),
-    "Mul": OpRule("compute", inputs=(0, 1)),
-    "AveragePool": OpRule("compute"),
-    "GlobalAveragePool": OpRule("compute"),
+    "Add": OpRule("elementwise", inputs=(0, 1)),
+    "Mul": OpRule("elementwise", inputs=(0, 1)),
+    "AveragePool": OpRule("elementwise"),
+    "GlobalAveragePool": OpRule("elementwise"),
     "Concat": OpRule("shared", inputs=()),  # every input, however many
     "MaxPool": OpRule("inherit"),
     "Resize": OpRule("inherit"),

@@ -141,11 +141,13 @@ def _bin_rows(rows: np.ndarray, width: np.ndarray, half: int) -> np.ndarray:
     offsets = (np.arange(channels, dtype=np.int64) * size)[:, None]
     counts = np.zeros(channels * size, dtype=np.int64)
     for start in range(0, n, CHUNK):
-        part = rows[:, start : start + CHUNK]
-        index = (part * per_unit + np.float32(half)).astype(np.int32)  # >= 0: truncation floors
-        np.clip(index, 0, size - 1, out=index)  # x == amax belongs to the last bin
-        flat = (index + offsets).ravel() if channels > 1 else index.ravel()
-        counts += np.bincount(flat, minlength=channels * size)
+        scaled = rows[:, start : start + CHUNK] * per_unit
+        scaled += np.float32(half)
+        index = scaled.astype(np.intp)  # >= 0, so truncation floors
+        np.minimum(index, size - 1, out=index)  # x == amax belongs to the last bin
+        if channels > 1:
+            index += offsets
+        counts += np.bincount(index.ravel(), minlength=channels * size)
     return counts.reshape(channels, size).astype(np.float64)
 
 

@@ -1,0 +1,288 @@
+"""qdq against ONNX Runtime's quantize_static on real models, side by side in one run.
+
+Run: python bench/ptq.py [--models cnn mobilenet ...] [--samples 256] [--rss] [--out bench/out]
+Needs the `bench` extra (RapidOCR's models, matplotlib). Prints a Markdown table and writes it,
+with a plot, under --out. No asserts: numbers for docs/ptq.md.
+
+For each model: task metric (digits accuracy, text-direction accuracy, CTC decode agreement),
+output SQNR against FP32, file size, INT8/FP32 latency in ONNX Runtime (1 thread, interleaved
+runs, median), quantization time and peak RSS (each quantization runs in a fresh process, capped
+at 12 GB); with --rss, time and peak RSS at 32, 128 and 512 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from datasets import Task, tasks
+
+ORT_CONFIGS = [
+    (method, per_channel)
+    for method in ("MinMax", "Entropy", "Percentile")
+    for per_channel in (False, True)
+]
+
+
+def run_model(path: Path, name: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate(
+        [session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
+
+
+def ctc_strings(scores: np.ndarray) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding: argmax per step, repeats merged, blanks (0) dropped."""
+    out = []
+    for best in scores.argmax(axis=-1):
+        merged = [int(c) for i, c in enumerate(best) if c and (i == 0 or c != best[i - 1])]
+        out.append(tuple(merged))
+    return out
+
+
+def quality(task: Task, reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
+    noise = np.sum((reference.astype(np.float64) - output) ** 2)
+    result = {"sqnr_db": float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / noise))}
+    if task.metric == "accuracy":
+        result["metric"] = float((output.argmax(axis=-1) == task.labels).mean())
+    else:  # agreement of decoded text with FP32's
+        pairs = zip(ctc_strings(reference), ctc_strings(output), strict=True)
+        result["metric"] = float(np.mean([a == b for a, b in pairs]))
+    return result
+
+
+def latency_ratio(fp32: Path, int8: Path, x: np.ndarray, runs: int = 40) -> tuple[float, float]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    sessions = [
+        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+        for p in (fp32, int8)
+    ]
+    name = sessions[0].get_inputs()[0].name
+    times: list[list[float]] = [[], []]
+    for s in sessions:
+        s.run(None, {name: x})
+    for _ in range(runs):
+        for i, s in enumerate(sessions):
+            start = time.perf_counter()
+            s.run(None, {name: x})
+            times[i].append(time.perf_counter() - start)
+    f, q = (float(np.median(t)) * 1e3 for t in times)
+    return f, q
+
+
+def quantize_qdq(task: Task, out: Path, samples: np.ndarray) -> None:
+    from qdq.pipeline import quantize_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "calib.npy"
+        np.save(data, samples)
+        quantize_model(task.model, out, data)
+
+
+def quantize_ort(
+    task: Task, out: Path, samples: np.ndarray, method: str, per_channel: bool
+) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(
+                [{task.input_name: samples[i : i + 16]} for i in range(0, len(samples), 16)]
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        try:  # ORT's recommended preprocessing; its symbolic shape inference fails on some models
+            quant_pre_process(str(task.model), str(pre))
+        except Exception:
+            quant_pre_process(str(task.model), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, method),
+        )
+
+
+TOOLS = ["qdq default"] + [f"ORT {m}{' per-ch' if pc else ''}" for m, pc in ORT_CONFIGS]
+MEMORY_CAP = 12 * 2**30  # a child over this fails with MemoryError instead of taking the machine
+
+
+def quantize_in_child(tool: str, task: Task, samples: int, out: Path) -> dict[str, object]:
+    """Quantize in a fresh process (so peak RSS is this run's alone); returns its numbers."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", tool, task.name, str(samples), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        error = (done.stderr.strip().splitlines() or ["killed"])[-1]
+        return {"error": error}
+    return json.loads(lines[-1])
+
+
+def child(tool: str, task_name: str, samples: int, out: Path) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+    task = next(t for t in tasks(samples) if t.name == task_name)
+    start = time.perf_counter()
+    if tool == "qdq default":
+        quantize_qdq(task, out, task.calib)
+    else:
+        method, per_channel = dict(zip(TOOLS[1:], ORT_CONFIGS, strict=True))[tool]
+        quantize_ort(task, out, task.calib, method, per_channel)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"quantize_s": seconds, "peak_rss_mb": peak_mb}))
+
+
+def compare(task: Task, samples: int, folder: Path) -> list[dict[str, object]]:
+    reference = run_model(task.model, task.input_name, task.evaluate)
+    x_latency = task.evaluate[: task.latency_batch]
+    fp32 = quality(task, reference, reference) | {"sqnr_db": float("inf")}
+    rows = [{"model": task.name, "tool": "FP32", **fp32, "kB": task.model.stat().st_size / 1e3}]
+    for tool in TOOLS:
+        out = folder / f"{task.name}_{tool.replace(' ', '_')}.onnx"
+        row: dict[str, object] = {"model": task.name, "tool": tool}
+        row |= quantize_in_child(tool, task, samples, out)
+        if "error" not in row:
+            try:
+                output = run_model(out, task.input_name, task.evaluate)
+                f_ms, q_ms = latency_ratio(task.model, out, x_latency)
+                row |= quality(task, reference, output) | {
+                    "kB": out.stat().st_size / 1e3,
+                    "latency_fp32_ms": f_ms,
+                    "latency_int8_ms": q_ms,
+                    "speedup": f_ms / q_ms,
+                }
+            except Exception as error:
+                row["error"] = str(error).splitlines()[0]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def rss_scaling(task_names: list[str], folder: Path) -> list[dict[str, object]]:
+    """Calibration time and peak RSS at 32, 128 and 512 samples, qdq and ORT's MinMax."""
+    rows = []
+    for name in task_names:
+        task = next(t for t in tasks(512) if t.name == name)
+        for tool in ("qdq default", "ORT MinMax per-ch"):
+            for samples in (32, 128, 512):
+                result = quantize_in_child(tool, task, samples, folder / "rss.onnx")
+                rows.append({"model": name, "tool": tool, "samples": samples, **result})
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def markdown(rows: list[dict[str, object]], rss: list[dict[str, object]]) -> str:
+    lines = [
+        "| model | tool | metric | SQNR dB | kB | INT8/FP32 latency | quantize s | peak MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['tool']} | fails: {r['error'][:90]} | | | | |")
+            continue
+        speed = f"{1 / r['speedup']:.2f} ({r['latency_int8_ms']:.2f} ms)" if "speedup" in r else ""
+        seconds = f"{r['quantize_s']:.1f}" if "quantize_s" in r else ""
+        memory = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else ""
+        lines.append(
+            f"| {r['model']} | {r['tool']} | {r['metric']:.4f} | {r['sqnr_db']:.2f} | "
+            f"{r['kB']:.0f} | {speed} | {seconds} | {memory} |"
+        )
+    if rss:
+        lines += [
+            "",
+            "| model | tool | samples | quantize s | peak RSS MB |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rss:
+            if "error" in r:
+                lines.append(
+                    f"| {r['model']} | {r['tool']} | {r['samples']} | fails: {r['error'][:60]} | |"
+                )
+            else:
+                lines.append(
+                    f"| {r['model']} | {r['tool']} | {r['samples']} | "
+                    f"{r['quantize_s']:.2f} | {r['peak_rss_mb']:.0f} |"
+                )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "sqnr_db" in r]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    tools = [t for t in dict.fromkeys(r["tool"] for r in rows) if t != "FP32"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(tools)
+    for i, tool in enumerate(tools):
+        values = [
+            next((r.get("sqnr_db", 0) for r in rows if r["model"] == m and r["tool"] == tool), 0)
+            for m in models
+        ]
+        ax.bar(np.arange(len(models)) + i * width, values, width, label=tool)
+    ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
+    ax.set_ylabel("output SQNR vs FP32 (dB)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--rss", action="store_true", help="also measure 32/128/512 samples")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        tool, name, samples, out = args.child
+        child(tool, name, int(samples), Path(out))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    chosen = [t for t in tasks(args.samples) if not args.models or t.name in args.models]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in chosen:
+            rows += compare(task, args.samples, Path(tmp))
+        rss = rss_scaling([t.name for t in chosen], Path(tmp)) if args.rss else []
+    table = markdown(rows, rss)
+    (args.out / "ptq.md").write_text(table + "\n")
+    (args.out / "ptq.json").write_text(json.dumps({"rows": rows, "rss": rss}, indent=1))
+    plot(rows, args.out / "ptq.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

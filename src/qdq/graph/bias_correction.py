@@ -1,0 +1,62 @@
+"""Empirical bias correction (Nagel et al. 2019, docs/ptq.md): rounding the weights moves each
+layer's expected output by `(W_q - W) E[x]`; subtracting that from the bias cancels it.
+
+`E[x]` is the mean input sample seen in calibration, kept whole (not per channel), so that zero
+padding, strides, groups and depthwise layers are handled by running the layer's own op on it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from qdq.affine import fake_quantize
+from qdq.graph.plan import Plan
+from qdq.graph.rules import RULES
+from qdq.graph.structure import GraphIndex
+
+CORRECTABLE = ("Conv", "ConvTranspose", "Gemm")
+
+
+def correction_inputs(index: GraphIndex, plan_nodes: list[str]) -> list[str]:
+    """The activation inputs whose mean sample bias correction needs."""
+    chosen = set(plan_nodes)
+    return [n.input[0] for n in index.nodes if n.name in chosen and n.op_type in CORRECTABLE]
+
+
+def correct_biases(index: GraphIndex, plan: Plan, means: dict[str, np.ndarray]) -> None:
+    """Store in `plan.bias_values` the corrected float bias of each quantized layer."""
+    for node in index.nodes:
+        rule = RULES.get(node.op_type)
+        key = (node.name, rule.bias) if rule and rule.bias is not None else None
+        if node.op_type not in CORRECTABLE or key not in plan.biases:
+            continue
+        mean = means.get(node.input[0])
+        if mean is None:
+            continue
+        weight = index.constant(node.input[rule.weight])
+        error = fake_quantize(weight, plan.constants[node.name, rule.weight]) - weight
+        shift = _expected_output(node, mean[None].astype(np.float32), error)
+        channel_means = shift.mean(axis=tuple(d for d in range(shift.ndim) if d != 1))
+        plan.bias_values[key] = index.constant(node.input[rule.bias]) - channel_means
+
+
+def _expected_output(node: onnx.NodeProto, mean: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """The node's own op applied to the mean input with the weight error as weight, no bias."""
+    single = helper.make_node(node.op_type, ["x", "w"], ["y"], **_attributes(node))
+    graph = helper.make_graph(
+        [single],
+        "bias_correction",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, mean.shape)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(error.astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": mean})[0].astype(np.float64)
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
