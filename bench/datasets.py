@@ -91,7 +91,7 @@ def text_lines(count: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarra
     """`count` RapidOCR-preprocessed text crops (3, 48, width) and their rotation (0 or 1)."""
     rng = np.random.default_rng(seed)
     font = ImageFont.load_default(size=int(rng.integers(26, 34)))
-    crops, turned = [], rng.integers(0, 2, count)
+    crops, turned = [np.zeros((0, 3, 48, width), np.float32)], rng.integers(0, 2, count)
     for flip in turned:
         words = " ".join(rng.choice(WORDS, int(rng.integers(1, 4))))
         ink = int(rng.integers(0, 90))
@@ -103,8 +103,8 @@ def text_lines(count: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarra
             image = image.rotate(180)
         pixels = np.asarray(image, np.float32)
         pixels = pixels + rng.normal(0, 6, pixels.shape)  # scanner noise
-        crops.append(_rapidocr_normalize(pixels.clip(0, 255), width))
-    return np.stack(crops), turned
+        crops.append(_rapidocr_normalize(pixels.clip(0, 255), width)[None])
+    return np.concatenate(crops), turned
 
 
 def _rapidocr_normalize(pixels: np.ndarray, width: int) -> np.ndarray:
@@ -119,6 +119,7 @@ def _rapidocr_normalize(pixels: np.ndarray, width: int) -> np.ndarray:
 
 
 def tasks(calib_samples: int) -> list[Task]:
+    """The benchmark tasks with `calib_samples` calibration samples each (0: models only)."""
     fit, test, labels = digits_split()
     out = [
         Task(
@@ -133,8 +134,9 @@ def tasks(calib_samples: int) -> list[Task]:
         )
         for name in ("cnn", "mobilenet", "transformer")
     ]
+    evaluate = 256 if calib_samples else 0
     cls_calib, _ = text_lines(calib_samples, 192, seed=1)
-    cls_eval, cls_labels = text_lines(256, 192, seed=2)
+    cls_eval, cls_labels = text_lines(evaluate, 192, seed=2)
     out.append(
         Task(
             "ppocr_cls",
@@ -148,7 +150,7 @@ def tasks(calib_samples: int) -> list[Task]:
         )
     )
     rec_calib, _ = text_lines(calib_samples, 320, seed=3)
-    rec_eval, _ = text_lines(128, 320, seed=4)
+    rec_eval, _ = text_lines(evaluate // 2, 320, seed=4)
     out.append(
         Task(
             "ppocr_rec",

@@ -80,18 +80,21 @@ def latency_ratio(fp32: Path, int8: Path, x: np.ndarray, runs: int = 40) -> tupl
     return f, q
 
 
-def quantize_qdq(task: Task, out: Path, samples: np.ndarray) -> None:
+def save_samples(samples: np.ndarray, folder: Path) -> Path:
+    """One .npy per sample, so that both tools can read them lazily (peak RSS stays theirs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, sample in enumerate(samples):
+        np.save(folder / f"{i:05d}.npy", sample)
+    return folder
+
+
+def quantize_qdq(task: Task, out: Path, data: Path) -> None:
     from qdq.pipeline import quantize_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "calib.npy"
-        np.save(data, samples)
-        quantize_model(task.model, out, data)
+    quantize_model(task.model, out, data)
 
 
-def quantize_ort(
-    task: Task, out: Path, samples: np.ndarray, method: str, per_channel: bool
-) -> None:
+def quantize_ort(task: Task, out: Path, data: Path, method: str, per_channel: bool) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -101,14 +104,19 @@ def quantize_ort(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    files = sorted(data.glob("*.npy"))
+
     class Reader(CalibrationDataReader):
+        """Reads 16 files per batch, as qdq does: neither tool holds the data set."""
+
         def __init__(self) -> None:
-            self.batches = iter(
-                [{task.input_name: samples[i : i + 16]} for i in range(0, len(samples), 16)]
-            )
+            self.batches = (files[i : i + 16] for i in range(0, len(files), 16))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            return {task.input_name: np.stack([np.load(f) for f in batch])}
 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
@@ -132,10 +140,10 @@ TOOLS = ["qdq default"] + [f"ORT {m}{' per-ch' if pc else ''}" for m, pc in ORT_
 MEMORY_CAP = 12 * 2**30  # a child over this fails with MemoryError instead of taking the machine
 
 
-def quantize_in_child(tool: str, task: Task, samples: int, out: Path) -> dict[str, object]:
+def quantize_in_child(tool: str, task: Task, data: Path, out: Path) -> dict[str, object]:
     """Quantize in a fresh process (so peak RSS is this run's alone); returns its numbers."""
     done = subprocess.run(
-        [sys.executable, __file__, "--child", tool, task.name, str(samples), str(out)],
+        [sys.executable, __file__, "--child", tool, task.name, str(data), str(out)],
         capture_output=True,
         text=True,
     )
@@ -146,15 +154,15 @@ def quantize_in_child(tool: str, task: Task, samples: int, out: Path) -> dict[st
     return json.loads(lines[-1])
 
 
-def child(tool: str, task_name: str, samples: int, out: Path) -> None:
+def child(tool: str, task_name: str, data: Path, out: Path) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
-    task = next(t for t in tasks(samples) if t.name == task_name)
+    task = next(t for t in tasks(0) if t.name == task_name)
     start = time.perf_counter()
     if tool == "qdq default":
-        quantize_qdq(task, out, task.calib)
+        quantize_qdq(task, out, data)
     else:
         method, per_channel = dict(zip(TOOLS[1:], ORT_CONFIGS, strict=True))[tool]
-        quantize_ort(task, out, task.calib, method, per_channel)
+        quantize_ort(task, out, data, method, per_channel)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"quantize_s": seconds, "peak_rss_mb": peak_mb}))
@@ -165,10 +173,11 @@ def compare(task: Task, samples: int, folder: Path) -> list[dict[str, object]]:
     x_latency = task.evaluate[: task.latency_batch]
     fp32 = quality(task, reference, reference) | {"sqnr_db": float("inf")}
     rows = [{"model": task.name, "tool": "FP32", **fp32, "kB": task.model.stat().st_size / 1e3}]
+    data = save_samples(task.calib[:samples], folder / f"{task.name}_calib")
     for tool in TOOLS:
         out = folder / f"{task.name}_{tool.replace(' ', '_')}.onnx"
         row: dict[str, object] = {"model": task.name, "tool": tool}
-        row |= quantize_in_child(tool, task, samples, out)
+        row |= quantize_in_child(tool, task, data, out)
         if "error" not in row:
             try:
                 output = run_model(out, task.input_name, task.evaluate)
@@ -191,9 +200,10 @@ def rss_scaling(task_names: list[str], folder: Path) -> list[dict[str, object]]:
     rows = []
     for name in task_names:
         task = next(t for t in tasks(512) if t.name == name)
-        for tool in ("qdq default", "ORT MinMax per-ch"):
-            for samples in (32, 128, 512):
-                result = quantize_in_child(tool, task, samples, folder / "rss.onnx")
+        for samples in (32, 128, 512):
+            data = save_samples(task.calib[:samples], folder / f"{name}_{samples}")
+            for tool in ("qdq default", "ORT MinMax per-ch"):
+                result = quantize_in_child(tool, task, data, folder / "rss.onnx")
                 rows.append({"model": name, "tool": tool, "samples": samples, **result})
                 print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
@@ -243,6 +253,8 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
     rows = [r for r in rows if "sqnr_db" in r]
     models = list(dict.fromkeys(r["model"] for r in rows))
     tools = [t for t in dict.fromkeys(r["tool"] for r in rows) if t != "FP32"]
+    if not tools:
+        return
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(tools)
     for i, tool in enumerate(tools):
@@ -267,8 +279,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        tool, name, samples, out = args.child
-        child(tool, name, int(samples), Path(out))
+        tool, name, data, out = args.child
+        child(tool, name, Path(data), Path(out))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = [t for t in tasks(args.samples) if not args.models or t.name in args.models]

@@ -32,6 +32,14 @@ def test_npz_npy_and_npy_folders_give_the_same_samples(tmp_path):
         assert np.array_equal(collect(Samples(tmp_path / source, SPEC)), X), source
 
 
+def test_npy_folders_tell_a_batch_axis_from_a_channel_axis_of_one(tmp_path):
+    spec = [InputSpec("x", np.dtype(np.float32), (None, 1, 8, 8))]  # one channel: (1, 8, 8)
+    images = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
+    for i, image in enumerate(images):
+        np.save(tmp_path / f"{i}.npy", image)
+    assert np.array_equal(collect(Samples(tmp_path, spec)), images)
+
+
 def test_batches_are_bounded_and_max_samples_and_seed_pick_a_subset(tmp_path):
     np.save(tmp_path / "a.npy", X)
     sizes = [len(f["x"]) for f in Samples(tmp_path / "a.npy", SPEC).batches(4)]

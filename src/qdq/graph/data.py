@@ -106,7 +106,8 @@ class Samples:
             arrays = [p for p in files if p.suffix == ".npy"]
             pictures = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
             if arrays:
-                return {self._only_input().name: _NpyFolder(arrays)}
+                spec = self._only_input()
+                return {spec.name: _NpyFolder(arrays, len(spec.shape))}
             if pictures:
                 spec = self._only_input()
                 return {spec.name: _ImageFolder(pictures, spec, self.images)}
@@ -197,16 +198,17 @@ class _Array:
 
 
 class _NpyFolder:
-    """One sample per file, with or without a leading batch axis of 1."""
+    """One sample per file, with or without a leading batch axis of 1 (told apart by rank)."""
 
-    def __init__(self, files: list[Path]) -> None:
-        self.files, self.count = files, len(files)
+    def __init__(self, files: list[Path], rank: int) -> None:
+        self.files, self.count, self.rank = files, len(files), rank
 
     def read(self, picked: np.ndarray) -> np.ndarray:
         samples = []
         for path in (self.files[i] for i in picked):
             sample = _load_npy(path)
-            samples.append(sample[0] if sample.ndim and sample.shape[0] == 1 else sample)
+            batched = sample.ndim == self.rank and sample.shape[0] == 1
+            samples.append(sample[0] if batched else sample)
         shapes = {s.shape for s in samples}
         if len(shapes) > 1:
             raise DataError(f"samples in {self.files[0].parent} have different shapes {shapes}")
