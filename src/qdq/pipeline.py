@@ -59,7 +59,13 @@ class QuantizeReport:
             f"({self.float_bytes / self.quantized_bytes:.2f}x smaller); calibrated on "
             f"{self.samples} samples in {self.calibration_seconds:.2f} s"
         ]
-        lines += [f"kept float: {d.node} ({d.op_type}): {d.reason}" for d in self.kept_float]
+        by_op: dict[str, list[Decision]] = {}
+        for d in self.kept_float:
+            by_op.setdefault(d.op_type, []).append(d)
+        for op_type, group in sorted(by_op.items(), key=lambda kv: -len(kv[1])):
+            first = group[0]
+            more = f" and {len(group) - 1} more" if len(group) > 1 else ""
+            lines.append(f"kept float: {op_type} {first.node}{more}: {first.reason}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

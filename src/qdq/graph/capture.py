@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # Values this large are masks or sentinels (-3.4e38 "minus infinity"), never signal to quantize.
 SENTINEL = 1e30
+# Captured tensors of one batch stay under this: PP-OCRv4's recognizer yields 139 MB of
+# activations per sample, so a fixed batch of 16 peaked at 5.7 GB.
+CAPTURE_BUDGET = 256 * 2**20
 
 
 def session_with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> ort.InferenceSession:
@@ -80,15 +83,9 @@ def calibrate(
     observers = {name: make(name) for name in names}
     averages = {name: SampleMean() for name in means}
     unfit: dict[str, str] = {}
-    total = -(-samples.count // batch_size)
-    for feed in tqdm(
-        samples.batches(batch_size),
-        total=total,
-        desc="calibrating",
-        unit="batch",
-        disable=not progress,
-        leave=False,
-    ):
+
+    def observe(feed: dict[str, np.ndarray]) -> int:
+        """Feed one batch's tensors to their observers; returns the bytes captured."""
         values = session.run(names, feed)
         for name, value in zip(names, values, strict=True):
             if name in unfit:
@@ -100,6 +97,15 @@ def calibrate(
             observers[name].update(value)
             if name in averages:
                 averages[name].update(value)
+        return sum(v.nbytes for v in values)
+
+    per_sample = observe(next(samples.batches(1)))  # one sample first, to size the batches
+    batch_size = max(1, min(batch_size, CAPTURE_BUDGET // max(per_sample, 1)))
+    batches = samples.batches(batch_size, first=1)
+    total = -(-(samples.count - 1) // batch_size)
+    for feed in tqdm(batches, total=total, desc="calibrating", unit="batch",
+                     disable=not progress, leave=False):  # fmt: skip
+        observe(feed)
     fit = {n: o for n, o in observers.items() if n not in unfit}
     found = {n: a.mean for n, a in averages.items() if a.mean is not None}
     return fit, unfit, found

@@ -87,11 +87,12 @@ class Samples:
         self.order = np.arange(self.count) if order is None else np.sort(order[: self.count])
         self._check_first_sample()
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds of up to `batch_size` samples, in order, each checked for NaN and Inf."""
+    def batches(self, batch_size: int, first: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of up to `batch_size` samples from sample `first` on, in order, each checked
+        for NaN and Inf."""
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
-        for start in range(0, self.count, batch_size):
+        for start in range(first, self.count, batch_size):
             picked = self.order[start : start + batch_size]
             feed = {name: r.read(picked) for name, r in self._readers.items()}
             for spec in self.inputs:

@@ -44,7 +44,6 @@ class Plan:
     biases: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     bias_values: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # corrected
     decisions: dict[str, Decision] = field(default_factory=dict)
-    absorbed: dict[str, str] = field(default_factory=dict)  # activation node -> producer
 
     def quantized_nodes(self) -> list[str]:
         return [name for name, d in self.decisions.items() if d.quantized]
@@ -93,8 +92,10 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
         ):
             return floating("Gemm with transA, alpha or beta has no int8 kernel")
     if rule.kind in ("elementwise", "shared"):
-        constant = next((node.input[i] for i in rule_inputs(node, rule)
-                         if index.is_constant(node.input[i])), None)  # fmt: skip
+        constant = next(
+            (node.input[i] for i in rule_inputs(node, rule) if index.is_constant(node.input[i])),
+            None,
+        )
         if constant:
             return floating(
                 f"constant operand {constant!r}: exact and cheap in float, where int8 would "
@@ -154,8 +155,11 @@ def build_plan(
         if rule.kind in ("elementwise", "shared"):
             cold = next((t for t in activations if t not in wanted), None)
             if cold:
-                _to_float(decision, f"input {cold!r} comes from a float op: int8 here would "
-                          "only add a rounding step")  # fmt: skip
+                _to_float(
+                    decision,
+                    f"input {cold!r} comes from a float op: int8 here would "
+                    "only add a rounding step",
+                )
                 continue
         if rule.kind == "shared" and not _concat_fits(node, activations, ranges, decision):
             continue
@@ -213,7 +217,6 @@ def _follow(
         # does; ONNX Runtime then drops the activation and fuses producer and Q (docs/ptq.md).
         del wanted[source]
         wanted[node.output[0]] = None
-        plan.absorbed[node.name] = producer.name
         decision.reason = f"absorbed into {producer.name}'s output range"
         return
     for out in node.output:

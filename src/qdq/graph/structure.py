@@ -14,7 +14,6 @@ class GraphIndex:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
-        self.model = model
         self.nodes = list(graph.node)
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
