@@ -164,8 +164,15 @@ def child(tool: str, task_name: str, data: Path, out: Path) -> None:
         method, per_channel = dict(zip(TOOLS[1:], ORT_CONFIGS, strict=True))[tool]
         quantize_ort(task, out, data, method, per_channel)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"quantize_s": seconds, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"quantize_s": seconds, "peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage: on Linux its ru_maxrss carries
+    the parent's peak across fork and exec, which hid every child's own number."""
+    status = Path("/proc/self/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def compare(task: Task, samples: int, folder: Path) -> list[dict[str, object]]:
