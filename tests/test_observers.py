@@ -227,6 +227,14 @@ def test_histogram_growth_past_max_bins_merges_bins_exactly():
     assert h.counts.shape == (1, 256)
 
 
+def test_histogram_survives_a_jump_of_many_orders_of_magnitude():
+    h = Histogram(bins=128, max_bins=1024)
+    h.update(np.array([-1e-3, 1e-3], np.float32))
+    h.update(np.array([1e20], np.float32))
+    assert h.counts.sum() == 3
+    assert h.amax[0] >= 1e20
+
+
 def test_histogram_memory_is_bounded_by_max_bins():
     h = Histogram(bins=128, max_bins=1024)
     for scale in (1.0, 1e3, 1e6, 1e9):

@@ -103,7 +103,7 @@ def plan_model(
     start = time.perf_counter()
     quantizable = [name for name, d in decisions.items() if d.quantized]
     means = correction_inputs(index, quantizable) if config.bias_correction else []
-    observers, unfit, averages = calibrate(
+    ranges, unfit, averages = calibrate(
         model,
         samples,
         lambda _: make_observer(config.method),
@@ -112,7 +112,6 @@ def plan_model(
         progress,
         means,
     )
-    ranges = {name: o.compute() for name, o in observers.items()}
     plan = build_plan(index, decisions, ranges, unfit, config, per_channel)
     if config.bias_correction:
         correct_biases(index, plan, averages)

@@ -14,8 +14,10 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
+from qdq.errors import DataError
 from qdq.graph.data import Samples
 from qdq.observers import Observer
+from qdq.qparams import Range
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,12 @@ def calibrate(
     batch_size: int,
     progress: bool = True,
     means: Iterable[str] = (),
-) -> tuple[dict[str, Observer], dict[str, str], dict[str, np.ndarray]]:
-    """Observers fed with every batch of `names`; tensors found unfit, with the reason; and the
-    mean sample of each tensor in `means` (for bias correction)."""
+) -> tuple[dict[str, Range], dict[str, str], dict[str, np.ndarray]]:
+    """The range of each tensor in `names` after every batch; the tensors found unfit for int8,
+    with the reason; and the mean sample of each tensor in `means` (for bias correction).
+
+    Unfit tensors are found without an extra pass over the data: an observer refuses NaN and
+    Inf, and a final range beyond SENTINEL marks a mask."""
     means = [m for m in means if m in names]
     session = session_with_outputs(model, names)
     observers = {name: make(name) for name in names}
@@ -90,11 +95,14 @@ def calibrate(
         for name, value in zip(names, values, strict=True):
             if name in unfit:
                 continue
-            reason = unfit_reason(value)
-            if reason:
-                unfit[name] = reason
+            if value.size == 0:
+                unfit[name] = "is empty"
                 continue
-            observers[name].update(value)
+            try:
+                observers[name].update(value)
+            except DataError:
+                unfit[name] = "holds NaN or Inf (a mask?)"
+                continue
             if name in averages:
                 averages[name].update(value)
         return sum(v.nbytes for v in values)
@@ -106,13 +114,22 @@ def calibrate(
     for feed in tqdm(batches, total=total, desc="calibrating", unit="batch",
                      disable=not progress, leave=False):  # fmt: skip
         observe(feed)
-    fit = {n: o for n, o in observers.items() if n not in unfit}
-    found = {n: a.mean for n, a in averages.items() if a.mean is not None}
-    return fit, unfit, found
+    ranges = {}
+    for name, observer in observers.items():
+        if name in unfit:
+            continue
+        rng = observer.compute()
+        magnitude = float(np.max(np.maximum(-rng.lo, rng.hi)))
+        if magnitude >= SENTINEL:
+            unfit[name] = f"holds sentinel values up to {magnitude:.3g} (a mask?)"
+        else:
+            ranges[name] = rng
+    found = {n: a.mean for n, a in averages.items() if a.mean is not None and n not in unfit}
+    return ranges, unfit, found
 
 
 def unfit_reason(value: np.ndarray) -> str | None:
-    """Why a tensor must stay in float (non-finite or sentinel values), or None."""
+    """Why a constant must stay in float (non-finite or sentinel values), or None."""
     if value.size == 0:
         return "is empty"
     lo, hi = float(np.min(value)), float(np.max(value))
