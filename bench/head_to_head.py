@@ -10,32 +10,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from datasets import tasks
-from ptq import quantize_ort, quantize_qdq, save_samples
-
-
-def medians(paths: list[Path], x: np.ndarray, runs: int) -> list[float]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    sessions = [
-        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths
-    ]
-    name = sessions[0].get_inputs()[0].name
-    times: list[list[float]] = [[] for _ in paths]
-    for s in sessions:
-        s.run(None, {name: x})
-    for _ in range(runs):
-        for i, s in enumerate(sessions):
-            start = time.perf_counter()
-            s.run(None, {name: x})
-            times[i].append(time.perf_counter() - start)
-    return [float(np.median(t)) * 1e3 for t in times]
+from ptq import medians, quantize_ort, quantize_qdq, save_samples
 
 
 def main() -> None:

@@ -61,14 +61,19 @@ def quality(task: Task, reference: np.ndarray, output: np.ndarray) -> dict[str, 
 
 
 def latency_ratio(fp32: Path, int8: Path, x: np.ndarray, runs: int = 40) -> tuple[float, float]:
+    f, q = medians([fp32, int8], x, runs)
+    return f, q
+
+
+def medians(paths: list[Path], x: np.ndarray, runs: int) -> list[float]:
+    """Median ms per run of each model, 1 thread, runs interleaved so drift hits all alike."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     sessions = [
-        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-        for p in (fp32, int8)
+        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths
     ]
     name = sessions[0].get_inputs()[0].name
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in paths]
     for s in sessions:
         s.run(None, {name: x})
     for _ in range(runs):
@@ -76,8 +81,7 @@ def latency_ratio(fp32: Path, int8: Path, x: np.ndarray, runs: int = 40) -> tupl
             start = time.perf_counter()
             s.run(None, {name: x})
             times[i].append(time.perf_counter() - start)
-    f, q = (float(np.median(t)) * 1e3 for t in times)
-    return f, q
+    return [float(np.median(t)) * 1e3 for t in times]
 
 
 def save_samples(samples: np.ndarray, folder: Path) -> Path:

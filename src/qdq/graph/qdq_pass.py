@@ -129,20 +129,16 @@ def _dequantized_constant(
     inits: list[onnx.TensorProto],
 ) -> str:
     """Integer initializer + DequantizeLinear in place of a float constant; returns the new name."""
-    stem = f"{name}_{key[0]}_{key[1]}"
     codes = quantize(index.constant(name), qparams)
-    inits.append(numpy_helper.from_array(codes, f"{stem}_quantized"))
-    inits.extend(_qparam_tensors(stem, qparams))
-    nodes.append(
-        helper.make_node(
-            "DequantizeLinear",
-            [f"{stem}_quantized", f"{stem}_scale", f"{stem}_zero_point"],
-            [f"{stem}_dq"],
-            name=f"{stem}_DQ",
-            **_axis(qparams),
-        )
+    return _behind_dq(
+        f"{name}_{key[0]}_{key[1]}",
+        codes,
+        qparams.scale,
+        qparams.zero_point,
+        _axis(qparams),
+        nodes,
+        inits,
     )
-    return f"{stem}_dq"
 
 
 def _dequantized_bias(
@@ -154,20 +150,28 @@ def _dequantized_bias(
     inits: list[onnx.TensorProto],
 ) -> str:
     """int32 bias with scale s_x * s_w, zero point 0 (docs/quantization.md, §8)."""
-    stem = f"{name}_{key[0]}_{key[1]}"
     bias = values.astype(np.float64)
     codes = np.clip(np.rint(bias / scale), INT32.min, INT32.max).astype(np.int32)
+    axis = {"axis": 0} if scale.ndim else {}
+    zero_point = np.zeros(scale.shape, np.int32)
+    return _behind_dq(f"{name}_{key[0]}_{key[1]}", codes, scale, zero_point, axis, nodes, inits)
+
+
+def _behind_dq(
+    stem: str,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    axis: dict[str, int],
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+) -> str:
+    """Store integer `codes` as initializers and append the DequantizeLinear that reads them."""
     inits.append(numpy_helper.from_array(codes, f"{stem}_quantized"))
     inits.append(numpy_helper.from_array(scale, f"{stem}_scale"))
-    inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{stem}_zero_point"))
-    axis = {"axis": 0} if scale.ndim else {}
+    inits.append(numpy_helper.from_array(zero_point, f"{stem}_zero_point"))
+    inputs = [f"{stem}_quantized", f"{stem}_scale", f"{stem}_zero_point"]
     nodes.append(
-        helper.make_node(
-            "DequantizeLinear",
-            [f"{stem}_quantized", f"{stem}_scale", f"{stem}_zero_point"],
-            [f"{stem}_dq"],
-            name=f"{stem}_DQ",
-            **axis,
-        )
+        helper.make_node("DequantizeLinear", inputs, [f"{stem}_dq"], name=f"{stem}_DQ", **axis)
     )
     return f"{stem}_dq"
