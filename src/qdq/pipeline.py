@@ -134,6 +134,8 @@ def quantize_model(
     work; writes nothing unless the quantized model loads in ONNX Runtime.
     """
     config = config or QuantConfig()
+    if output_format not in ("qdq", "qoperator"):
+        raise ModelError(f"unknown format {output_format!r}; choose qdq or qoperator")
     source, target = Path(model_path), Path(output_path)
     _check_output(source, target)
     model = load_model(source)
@@ -143,8 +145,6 @@ def quantize_model(
     quantized = insert_qdq(prepared, plan)
     if output_format == "qoperator":  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-    elif output_format != "qdq":
-        raise ModelError(f"unknown format {output_format!r}; choose qdq or qoperator")
     _check_loads(quantized)
     save_model(quantized, target)
     return QuantizeReport(
