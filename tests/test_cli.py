@@ -182,3 +182,42 @@ def test_external_data_escaping_the_folder_is_refused(tmp_path):
     assert done.returncode == 2
     assert "outside the model's folder" in done.stderr
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_run_writes_the_integer_engines_outputs(tmp_path):
+    out = tmp_path / "q.onnx"
+    assert (
+        qdq(
+            "quantize",
+            DIGITS / "cnn.onnx",
+            "-o",
+            out,
+            "--calib",
+            DIGITS / "calib.npz",
+            "--format",
+            "qoperator",
+        ).returncode
+        == 0
+    )
+    x = np.load(DIGITS / "test.npz")["input"][:16]
+    np.savez(tmp_path / "x.npz", input=x)
+    for engine in ("integer", "ort"):
+        done = qdq(
+            "run",
+            out,
+            "--inputs",
+            tmp_path / "x.npz",
+            "-o",
+            tmp_path / f"{engine}.npz",
+            "--engine",
+            engine,
+            "--requant",
+            "float",
+        )
+        assert done.returncode == 0, done.stderr
+    integer = np.load(tmp_path / "integer.npz")["logits"]
+    reference = np.load(tmp_path / "ort.npz")["logits"]
+    assert np.array_equal(integer.argmax(axis=1), reference.argmax(axis=1))
+    done = qdq("run", out, "--inputs", tmp_path / "nope.npz", "-o", tmp_path / "y.npz")
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr

@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--exclude", nargs="+", default=(), metavar="NODE_OR_OP")
     i.set_defaults(run=_inspect)
 
+    r = commands.add_parser("run", help="run a model on inputs, with the integer engine or ORT")
+    r.add_argument("model")
+    r.add_argument("--inputs", required=True, help=".npz with one array per model input")
+    r.add_argument("-o", "--output", required=True, help=".npz to write the outputs to")
+    r.add_argument("--engine", choices=("integer", "ort"), default="integer")
+    r.add_argument("--requant", choices=("fixed", "float"), default="fixed")
+    r.add_argument("--accumulator-bits", type=int, choices=(16, 32), default=32)
+    r.set_defaults(run=_run)
     return parser
 
 
@@ -161,6 +169,14 @@ def _inspect(args: argparse.Namespace) -> str:
     quantized = sum(d.quantized for d in decisions)
     lines.append(f"{quantized} of {len(decisions)} nodes quantizable")
     return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> str:
+    from qdq.engine.cli import run_command
+
+    return run_command(
+        args.model, args.inputs, args.output, args.engine, args.requant, args.accumulator_bits
+    )
 
 
 if __name__ == "__main__":

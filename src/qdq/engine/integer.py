@@ -1,0 +1,154 @@
+"""Exact integer arithmetic for the engine: convolution and matrix products of integer tensors,
+accumulator simulation, and the two requantizations (docs/quantization.md, §8).
+
+Products of int8 (or int16) operands are summed in floating point through BLAS, which is exact
+while every partial sum is an integer below the format's 2^24 (float32) or 2^53 (float64): the
+bound `K * max|a| * max|b|` picks float32 when it fits (K up to ~500 for uint8 x int8), else
+float64 (any real length). Orders of magnitude faster than NumPy's integer matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from qdq.errors import ModelError
+from qdq.fixedpoint import quantize_multiplier, requantize
+
+EXACT_LIMIT = 2.0**53
+
+
+def exact_dtype(a: np.ndarray, b: np.ndarray, length: int) -> type:
+    """float32 if no partial sum of `length` products of a and b can reach 2^24, else float64."""
+    largest = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0)) * length
+    if largest >= EXACT_LIMIT:
+        raise ModelError("an integer product exceeds 2^53; operands wider than 16 bits?")
+    return np.float32 if largest < 2.0**24 else np.float64
+
+
+def exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Integer matmul (broadcasting like numpy.matmul) as int64, exact through BLAS."""
+    dtype = exact_dtype(a, b, a.shape[-1])
+    return np.matmul(a.astype(dtype), b.astype(dtype)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Convolution attributes, resolved for a 2-D input (N, C, H, W)."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilations: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    group: int
+
+    @classmethod
+    def from_attributes(cls, attrs: dict, x_shape: tuple[int, ...], w_shape: tuple[int, ...]):
+        kernel = tuple(attrs.get("kernel_shape", w_shape[2:]))
+        strides = tuple(attrs.get("strides", (1, 1)))
+        dilations = tuple(attrs.get("dilations", (1, 1)))
+        pads = tuple(attrs.get("pads", (0, 0, 0, 0)))
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = _same_pads(x_shape[2:], kernel, strides, dilations, auto_pad == "SAME_UPPER")
+        elif auto_pad == "VALID":
+            pads = (0, 0, 0, 0)
+        return cls(
+            kernel,
+            strides,
+            dilations,
+            (pads[0], pads[1], pads[2], pads[3]),
+            int(attrs.get("group", 1)),
+        )
+
+
+def _same_pads(size, kernel, strides, dilations, upper: bool) -> tuple[int, int, int, int]:
+    begins, ends = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations, strict=True):
+        out = -(-n // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+        small, large = total // 2, total - total // 2
+        begins.append(small if upper else large)
+        ends.append(large if upper else small)
+    return begins[0], begins[1], ends[0], ends[1]
+
+
+def exact_conv(x: np.ndarray, w: np.ndarray, g: ConvGeometry) -> np.ndarray:
+    """2-D convolution of integer tensors (zero points already removed), int64 out.
+
+    x (N, C, H, W), w (M, C / group, kh, kw): padding adds real zeros, dilation and groups as
+    ONNX Conv defines them; the sum runs in float64 (exact, see the module docstring).
+    """
+    if x.ndim != 4:
+        raise ModelError(f"the integer engine convolves 2-D images (N, C, H, W), got {x.shape}")
+    n, c, _, _ = x.shape
+    m = w.shape[0]
+    top, left, bottom, right = g.pads
+    dtype = exact_dtype(x, w, int(np.prod(w.shape[1:])))
+    padded = np.pad(x.astype(dtype), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    (kh, kw), (dh, dw), (sh, sw) = g.kernel, g.dilations, g.strides
+    span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    windows = sliding_window_view(padded, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+    oh, ow = windows.shape[2:4]
+    cg, mg = c // g.group, m // g.group
+    weights = w.astype(dtype)
+    if cg == 1 and mg == 1:  # depthwise: a multiply-add per kernel tap, no matrix product
+        out = np.zeros((n, c, oh, ow), dtype)
+        for i in range(kh):
+            for j in range(kw):
+                out += windows[..., i, j] * weights[:, 0, i, j].reshape(1, c, 1, 1)
+        return out.astype(np.int64)
+    out = np.empty((n, m, oh, ow), dtype)
+    for group in range(g.group):  # im2col, then one BLAS product per group
+        patches = windows[:, group * cg : (group + 1) * cg]  # (N, Cg, OH, OW, kh, kw)
+        columns = patches.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, cg * kh * kw)
+        kernel = weights[group * mg : (group + 1) * mg].reshape(mg, cg * kh * kw)
+        product = (columns @ kernel.T).reshape(n, oh, ow, mg)
+        out[:, group * mg : (group + 1) * mg] = product.transpose(0, 3, 1, 2)
+    return out.astype(np.int64)
+
+
+@dataclass
+class Accumulator:
+    """How wide the hardware's accumulator is; counts the sums that did not fit."""
+
+    bits: int = 32
+    overflows: int = 0
+    total: int = 0
+
+    def clamp(self, acc: np.ndarray) -> np.ndarray:
+        """`acc` saturated to the accumulator's range (the final sum; order of summation is
+        not modelled), counting how many elements overflowed."""
+        lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        outside = int(((acc < lo) | (acc > hi)).sum())
+        self.overflows += outside
+        self.total += acc.size
+        return np.clip(acc, lo, hi) if outside else acc
+
+
+def requantize_output(
+    acc: np.ndarray,
+    multiplier: np.ndarray,
+    zero_point: np.ndarray,
+    dtype: np.dtype,
+    mode: str,
+) -> np.ndarray:
+    """int32 accumulator -> output codes of `dtype`.
+
+    "float": ONNX's QLinear* definition, `round_half_even(acc * M + z)` with M in the scales'
+    own precision; "fixed": gemmlowp's integer multiply by `(m0, shift)` (eq. 12-16).
+    """
+    info = np.iinfo(dtype)
+    if mode == "float":
+        real = acc.astype(np.float64) * multiplier + zero_point.astype(np.float64)
+        return np.clip(np.rint(real), info.min, info.max).astype(dtype)
+    if mode != "fixed":
+        raise ModelError(f"requant must be 'fixed' or 'float', got {mode!r}")
+    m0, shift = quantize_multiplier(np.asarray(multiplier, dtype=np.float64))
+    acc32 = np.clip(acc, -(1 << 31), (1 << 31) - 1)
+    return requantize(acc32, m0, shift, zero_point.astype(np.int64), info.min, info.max).astype(
+        dtype
+    )

@@ -1,0 +1,97 @@
+"""QuantizeLinear, DequantizeLinear and DynamicQuantizeLinear as ONNX defines them (opset 10-25):
+per tensor, per axis and blocked; int2 to int16 and the float8 / float4 types."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+from onnx import helper, numpy_helper
+
+FLOAT8 = {
+    np.dtype(ml_dtypes.float8_e4m3fn),
+    np.dtype(ml_dtypes.float8_e4m3fnuz),
+    np.dtype(ml_dtypes.float8_e5m2),
+    np.dtype(ml_dtypes.float8_e5m2fnuz),
+}
+FLOAT4 = {np.dtype(ml_dtypes.float4_e2m1fn)}
+
+
+def broadcast_param(param: np.ndarray, shape: tuple[int, ...], axis: int, block: int) -> np.ndarray:
+    """A scale or zero point shaped to broadcast against a tensor of `shape`."""
+    if param.ndim == 0 or (param.size == 1 and not block):
+        return param.reshape(())
+    axis = axis % len(shape)
+    if block:
+        repeated = np.repeat(param, block, axis=axis)
+        return np.take(repeated, np.arange(shape[axis]), axis=axis)
+    view = [1] * len(shape)
+    view[axis] = param.size
+    return param.reshape(view)
+
+
+def output_type(zero_point: np.ndarray | None, output_dtype: int) -> np.dtype:
+    if zero_point is not None:
+        return zero_point.dtype
+    if output_dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(output_dtype))
+    return np.dtype(np.uint8)
+
+
+def quantize_linear(
+    x: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None = None,
+    *,
+    axis: int = 1,
+    block_size: int = 0,
+    saturate: int = 1,
+    output_dtype: int = 0,
+) -> np.ndarray:
+    """y = saturate(round_half_even(x / scale) + zero_point) (eq. 2)."""
+    dtype = output_type(zero_point, output_dtype)
+    scaled = x / broadcast_param(scale, x.shape, axis, block_size)
+    if dtype in FLOAT8:
+        if saturate:
+            return numpy_helper.saturate_cast(scaled.astype(np.float32), dtype)
+        return scaled.astype(dtype)
+    if dtype in FLOAT4:
+        zp = 0 if zero_point is None else broadcast_param(zero_point, x.shape, axis, block_size)
+        return (scaled + np.asarray(zp, np.float32)).astype(dtype)
+    info = ml_dtypes.iinfo(dtype)
+    codes = np.rint(scaled.astype(np.float64))
+    if zero_point is not None:
+        codes += broadcast_param(zero_point.astype(np.float64), x.shape, axis, block_size)
+    return np.clip(codes, info.min, info.max).astype(dtype)
+
+
+def dequantize_linear(
+    x: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None = None,
+    *,
+    axis: int = 1,
+    block_size: int = 0,
+    output_dtype: int = 0,
+) -> np.ndarray:
+    """y = (x - zero_point) * scale (eq. 1), in the scale's float type."""
+    values = x.astype(np.float32)
+    if zero_point is not None and x.dtype not in FLOAT8:
+        zp = broadcast_param(zero_point.astype(np.float32), x.shape, axis, block_size)
+        values = values - zp
+    result = values * broadcast_param(scale.astype(np.float32), x.shape, axis, block_size)
+    dtype = helper.tensor_dtype_to_np_dtype(output_dtype) if output_dtype else scale.dtype
+    return result.astype(dtype)
+
+
+def dynamic_quantize_linear(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 codes, scale and zero point from the tensor's own range, 0 included (ONNX spec)."""
+    hi = np.float32(max(0.0, float(np.max(x))))
+    lo = np.float32(min(0.0, float(np.min(x))))
+    scale = np.float32(1.0 if hi == lo else hi - lo) / np.float32(255)
+    zero_point = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255))
+    codes = np.clip(np.rint(x / scale) + zero_point, 0, 255)
+    return (
+        codes.astype(np.uint8),
+        np.array(scale, dtype=x.dtype),
+        np.array(zero_point, dtype=np.uint8),
+    )

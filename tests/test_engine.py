@@ -1,0 +1,140 @@
+"""The integer engine: ONNX's conformance cases, parity with ONNX Runtime on whole models,
+fixed-point against float requantization, and the accumulator simulation."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+from onnx.backend.test.case.node import collect_testcases
+
+from qdq.engine import Engine, run
+from qdq.pipeline import quantize_model
+
+DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
+OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+}
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the collector's own float casts warn
+    CASES = [c for c in collect_testcases() if {n.op_type for n in c.model.graph.node} & OPS]
+
+
+def _array(value: np.ndarray | TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(value) if isinstance(value, TensorProto) else value
+
+
+def test_every_conformance_case_is_collected():
+    assert len(CASES) == 45
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_onnx_conformance_case_passes(case):
+    for inputs, outputs in case.data_sets:
+        feeds = {i.name: _array(x) for i, x in zip(case.model.graph.input, inputs, strict=True)}
+        got = run(case.model, feeds, requant="float")
+        for info, want in zip(case.model.graph.output, map(_array, outputs), strict=True):
+            assert got[info.name].dtype == want.dtype
+            np.testing.assert_array_equal(
+                got[info.name].astype(np.float64), want.astype(np.float64)
+            )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c.model.graph.node[0].op_type in ("QLinearConv", "QLinearMatMul")],
+    ids=lambda c: c.name,
+)
+def test_fixed_point_requantization_is_within_one_lsb_of_float(case):
+    inputs, _ = case.data_sets[0]
+    feeds = {i.name: _array(x) for i, x in zip(case.model.graph.input, inputs, strict=True)}
+    fixed = run(case.model, feeds, requant="fixed")
+    exact = run(case.model, feeds, requant="float")
+    for name in fixed:
+        diff = np.abs(fixed[name].astype(np.int64) - exact[name].astype(np.int64))
+        assert diff.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def digits_models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("engine")
+    models = {}
+    for name in ("cnn", "mobilenet"):
+        for fmt in ("qdq", "qoperator"):
+            out = folder / f"{name}_{fmt}.onnx"
+            quantize_model(DIGITS / f"{name}.onnx", out, DIGITS / "calib.npz", output_format=fmt)
+            models[f"{name}_{fmt}"] = out
+    return models
+
+
+def _output_lsb(model: onnx.ModelProto) -> float:
+    """The scale of the DequantizeLinear that produces the model's output: its 1 LSB."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    output = model.graph.output[0].name
+    dq = next(n for n in model.graph.node if n.output[0] == output)
+    return float(inits[dq.input[1]])
+
+
+@pytest.mark.parametrize(
+    "key", ["cnn_qdq", "cnn_qoperator", "mobilenet_qdq", "mobilenet_qoperator"]
+)
+def test_float_requant_matches_onnx_runtime_on_whole_models(digits_models, key):
+    path = digits_models[key]
+    x = np.load(DIGITS / "test.npz")["input"]
+    want = ort.InferenceSession(str(path)).run(None, {"input": x})[0]
+    engine = Engine(path, requant="float")
+    got = engine.run({"input": x})["logits"]
+    lsb = _output_lsb(onnx.load(str(path)))
+    steps = np.abs(got.astype(np.float64) - want) / lsb
+    assert np.mean(steps < 1e-3) >= 0.999  # identical on at least 99.9% of elements
+    assert steps.max() <= 1 + 1e-3  # and never more than 1 LSB apart
+    assert engine.float_nodes == []  # int8 from input to output
+
+
+@pytest.mark.parametrize("key", ["cnn_qoperator", "mobilenet_qoperator"])
+def test_fixed_point_model_keeps_the_predictions(digits_models, key):
+    path = digits_models[key]
+    x = np.load(DIGITS / "test.npz")["input"]
+    fixed = run(path, {"input": x}, requant="fixed")["logits"]
+    exact = run(path, {"input": x}, requant="float")["logits"]
+    lsb = _output_lsb(onnx.load(str(path)))
+    assert np.median(np.abs(fixed - exact) / lsb) == 0  # most outputs identical
+    assert np.mean(fixed.argmax(axis=1) == exact.argmax(axis=1)) >= 0.99
+
+
+def test_a_16_bit_accumulator_overflows_where_32_bits_do_not(digits_models):
+    x = np.load(DIGITS / "test.npz")["input"]
+    narrow = Engine(digits_models["cnn_qoperator"], accumulator_bits=16)
+    wide = Engine(digits_models["cnn_qoperator"], accumulator_bits=32)
+    narrow.run({"input": x})
+    wide.run({"input": x})
+    assert sum(o.overflows for o in narrow.overflows()) > 0
+    assert sum(o.overflows for o in wide.overflows()) == 0
+    assert {o.node for o in narrow.overflows()} == {o.node for o in wide.overflows()}
+
+
+def test_float_ops_are_listed_as_fallbacks(tmp_path):
+    out = tmp_path / "t.onnx"
+    quantize_model(DIGITS / "transformer.onnx", out, DIGITS / "calib.npz")
+    engine = Engine(out, requant="float")
+    engine.run({"input": np.load(DIGITS / "test.npz")["input"][:4]})
+    assert any("LayerNormalization" in n for n in engine.float_nodes)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="requant"):
+        Engine(DIGITS / "cnn.onnx", requant="exact")
+    with pytest.raises(ValueError, match="accumulator_bits"):
+        Engine(DIGITS / "cnn.onnx", accumulator_bits=24)
