@@ -111,6 +111,16 @@ def exact_conv(x: np.ndarray, w: np.ndarray, g: ConvGeometry) -> np.ndarray:
     return out.astype(np.int64)
 
 
+def exact_pool_sum(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
+    """Sum over each pooling window (zero padding), per channel: (N, C, OH, OW)."""
+    top, left, bottom, right = g.pads
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    (kh, kw), (dh, dw), (sh, sw) = g.kernel, g.dilations, g.strides
+    span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    windows = sliding_window_view(padded, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+    return windows.sum(axis=(4, 5))
+
+
 @dataclass
 class Accumulator:
     """How wide the hardware's accumulator is; counts the sums that did not fit."""

@@ -16,6 +16,7 @@ from qdq.engine.integer import (
     ConvGeometry,
     exact_conv,
     exact_matmul,
+    exact_pool_sum,
     requantize_output,
 )
 from qdq.engine.quantize_ops import dequantize_linear, dynamic_quantize_linear, quantize_linear
@@ -169,6 +170,21 @@ def qlinear_global_average_pool(ctx: Context, inputs: list, attrs: dict) -> list
     return [_requantize_real(mean, y_scale, y_zp, x.dtype)]
 
 
+def qlinear_average_pool(ctx: Context, inputs: list, attrs: dict) -> list:
+    """com.microsoft QLinearAveragePool (NCHW, 2-D): mean of real values per window, padded
+    positions counted only with count_include_pad, requantized to the output grid."""
+    x, x_scale, x_zp, y_scale, y_zp = _padded(inputs, 5)
+    if attrs.get("channels_last", 0) or attrs.get("ceil_mode", 0) or x.ndim != 4:
+        raise NotImplementedError("channels_last, ceil_mode and non-2-D pooling")
+    kh, kw = attrs["kernel_shape"]
+    geometry = ConvGeometry.from_attributes(attrs | {"group": 1}, x.shape, (1, 1, kh, kw))
+    real = _minus(x, x_zp).astype(np.float64) * x_scale.astype(np.float64)
+    ones = np.ones((1, 1, *x.shape[2:]))
+    total = exact_pool_sum(real, geometry)
+    count = exact_pool_sum(ones, geometry) if not attrs.get("count_include_pad", 0) else kh * kw
+    return [_requantize_real(total / count, y_scale, y_zp, x.dtype)]
+
+
 def qlinear_concat(ctx: Context, inputs: list, attrs: dict) -> list:
     y_scale, y_zp, *triples = inputs
     reals = [
@@ -218,6 +234,7 @@ KERNELS: dict[tuple[str, str], Kernel] = {
     (MS, "QLinearAdd"): _elementwise(np.add),
     (MS, "QLinearMul"): _elementwise(np.multiply),
     (MS, "QLinearGlobalAveragePool"): qlinear_global_average_pool,
+    (MS, "QLinearAveragePool"): qlinear_average_pool,
     (MS, "QLinearConcat"): qlinear_concat,
     (MS, "QLinearSigmoid"): _lookup(lambda x, a: 1 / (1 + np.exp(-x))),
     (MS, "QLinearLeakyRelu"): _lookup(lambda x, a: np.where(x >= 0, x, a.get("alpha", 0.01) * x)),
