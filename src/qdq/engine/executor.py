@@ -58,12 +58,13 @@ class Engine:
         self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.opsets = list(model.opset_import)
         self._sessions: dict[int, ort.InferenceSession] = {}
+        self._multipliers: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # M -> (m0, shift)
         self.float_nodes: list[str] = []
         self.last_context = Context(requant, accumulator_bits)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values: dict[str, np.ndarray | None] = {**self.constants, **feeds, "": None}
-        context = Context(self.requant, self.accumulator_bits)
+        context = Context(self.requant, self.accumulator_bits, multipliers=self._multipliers)
         float_nodes = []
         for position, node in enumerate(self.model.graph.node):
             inputs = [values[name] if name else None for name in node.input]

@@ -145,11 +145,13 @@ def requantize_output(
     zero_point: np.ndarray,
     dtype: np.dtype,
     mode: str,
+    fixed: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """int32 accumulator -> output codes of `dtype`.
 
     "float": ONNX's QLinear* definition, `round_half_even(acc * M + z)` with M in the scales'
-    own precision; "fixed": gemmlowp's integer multiply by `(m0, shift)` (eq. 12-16).
+    own precision; "fixed": gemmlowp's integer multiply by `(m0, shift)` (eq. 12-16), given
+    precomputed in `fixed` or derived from M.
     """
     info = np.iinfo(dtype)
     if mode == "float":
@@ -157,7 +159,7 @@ def requantize_output(
         return np.clip(np.rint(real), info.min, info.max).astype(dtype)
     if mode != "fixed":
         raise ModelError(f"requant must be 'fixed' or 'float', got {mode!r}")
-    m0, shift = quantize_multiplier(np.asarray(multiplier, dtype=np.float64))
+    m0, shift = fixed or quantize_multiplier(np.asarray(multiplier, dtype=np.float64))
     acc32 = np.clip(acc, -(1 << 31), (1 << 31) - 1)
     return requantize(acc32, m0, shift, zero_point.astype(np.int64), info.min, info.max).astype(
         dtype

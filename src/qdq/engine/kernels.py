@@ -20,6 +20,7 @@ from qdq.engine.integer import (
     requantize_output,
 )
 from qdq.engine.quantize_ops import dequantize_linear, dynamic_quantize_linear, quantize_linear
+from qdq.fixedpoint import quantize_multiplier
 
 MS = "com.microsoft"
 
@@ -31,7 +32,22 @@ class Context:
     requant: str = "fixed"
     accumulator_bits: int = 32
     accumulators: dict[str, Accumulator] = field(default_factory=dict)
+    multipliers: dict[bytes, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     node: str = ""
+
+    def requantize(
+        self, acc: np.ndarray, multiplier: np.ndarray, zero_point: np.ndarray, dtype: np.dtype
+    ) -> np.ndarray:
+        """Output codes from the accumulator; in fixed mode `(m0, shift)` is computed once per
+        distinct multiplier and kept (the engine passes the same dict to every run)."""
+        fixed = None
+        if self.requant == "fixed":
+            real = np.asarray(multiplier, dtype=np.float64)
+            key = real.tobytes() + str(real.shape).encode()
+            if key not in self.multipliers:
+                self.multipliers[key] = quantize_multiplier(real)
+            fixed = self.multipliers[key]
+        return requantize_output(acc, multiplier, zero_point, dtype, self.requant, fixed)
 
     def accumulate(self, acc: np.ndarray) -> np.ndarray:
         """The node's int accumulator through the simulated hardware accumulator."""
@@ -110,7 +126,7 @@ def qlinear_conv(ctx: Context, inputs: list, attrs: dict) -> list:
     if np.size(multiplier) > 1:
         multiplier = multiplier.reshape(1, -1, 1, 1)
     dtype = _out_dtype(y_zp, x.dtype)
-    return [requantize_output(acc, multiplier, _zp(y_zp, dtype), dtype, ctx.requant)]
+    return [ctx.requantize(acc, multiplier, _zp(y_zp, dtype), dtype)]
 
 
 def qlinear_matmul(ctx: Context, inputs: list, attrs: dict) -> list:
@@ -120,7 +136,7 @@ def qlinear_matmul(ctx: Context, inputs: list, attrs: dict) -> list:
     )
     multiplier = a_scale * b_scale / y_scale
     dtype = _out_dtype(y_zp, a.dtype)
-    return [requantize_output(acc, multiplier, _zp(y_zp, dtype), dtype, ctx.requant)]
+    return [ctx.requantize(acc, multiplier, _zp(y_zp, dtype), dtype)]
 
 
 def qgemm(ctx: Context, inputs: list, attrs: dict) -> list:
@@ -140,7 +156,7 @@ def qgemm(ctx: Context, inputs: list, attrs: dict) -> list:
     if y_scale is None:
         return [(acc.astype(np.float64) * scale).astype(np.float32)]
     dtype = _out_dtype(y_zp, a.dtype)
-    return [requantize_output(acc, scale / y_scale, _zp(y_zp, dtype), dtype, ctx.requant)]
+    return [ctx.requantize(acc, scale / y_scale, _zp(y_zp, dtype), dtype)]
 
 
 def _elementwise(op: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Kernel:
