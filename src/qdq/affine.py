@@ -12,7 +12,7 @@ import numpy as np
 
 from qdq.errors import DataError
 from qdq.qparams import QParams
-from qdq.scheme import PerBlock, PerChannel, Rounding
+from qdq.scheme import PerBlock, PerTensor, Rounding
 
 
 def quantize(x: np.ndarray, qparams: QParams) -> np.ndarray:
@@ -86,28 +86,34 @@ def _expanded(qparams: QParams, shape: tuple[int, ...]) -> tuple[np.ndarray, np.
     """Scale and zero point reshaped to broadcast against a tensor of `shape`."""
     g = qparams.scheme.granularity
     scale, zero_point = qparams.scale, qparams.zero_point
-    if isinstance(g, PerChannel | PerBlock):
-        axis = _normalize_axis(g.axis, len(shape))
-        if isinstance(g, PerChannel):
-            _check_shape(scale.shape, (shape[axis],), "per-channel")
-            view = [1] * len(shape)
-            view[axis] = shape[axis]
-            return scale.reshape(view), zero_point.reshape(view)
-        blocks = list(shape)
-        blocks[axis] = -(-shape[axis] // g.block_size)
-        _check_shape(scale.shape, tuple(blocks), "per-block")
-        n = shape[axis]
-        return (
-            _repeat_blocks(scale, g.block_size, axis, n),
-            _repeat_blocks(zero_point, g.block_size, axis, n),
-        )
-    _check_shape(scale.shape, (), "per-tensor")
-    return scale, zero_point
+    if isinstance(g, PerTensor):
+        _check_shape(scale.shape, (), "per-tensor")
+        return scale, zero_point
+    axis = _normalize_axis(g.axis, len(shape))
+    block = g.block_size if isinstance(g, PerBlock) else 0
+    want = list(shape)
+    want[axis] = -(-shape[axis] // block) if block else shape[axis]
+    _check_shape(scale.shape, tuple(want) if block else (shape[axis],), g.__class__.__name__)
+    return broadcast_qparam(scale, shape, axis, block), broadcast_qparam(
+        zero_point, shape, axis, block
+    )
 
 
-def _repeat_blocks(a: np.ndarray, block_size: int, axis: int, length: int) -> np.ndarray:
-    """One value per element: each block's value repeated, the short last block cut."""
-    return np.take(np.repeat(a, block_size, axis=axis), np.arange(length), axis=axis)
+def broadcast_qparam(
+    param: np.ndarray, shape: tuple[int, ...], axis: int, block: int
+) -> np.ndarray:
+    """A scale or zero point shaped to broadcast against a tensor of `shape`, as ONNX's
+    QuantizeLinear reads it: a scalar, one value per slice along `axis`, or (block > 0) one value
+    per `block` elements along `axis`, the short last block cut."""
+    if param.ndim == 0 or (param.size == 1 and not block):
+        return param.reshape(())
+    axis = axis % len(shape)
+    if block:
+        repeated = np.repeat(param, block, axis=axis)
+        return np.take(repeated, np.arange(shape[axis]), axis=axis)
+    view = [1] * len(shape)
+    view[axis] = param.size
+    return param.reshape(view)
 
 
 def _normalize_axis(axis: int, ndim: int) -> int:

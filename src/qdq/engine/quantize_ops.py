@@ -7,6 +7,8 @@ import ml_dtypes
 import numpy as np
 from onnx import helper, numpy_helper
 
+from qdq.affine import broadcast_qparam
+
 FLOAT8 = {
     np.dtype(ml_dtypes.float8_e4m3fn),
     np.dtype(ml_dtypes.float8_e4m3fnuz),
@@ -14,19 +16,6 @@ FLOAT8 = {
     np.dtype(ml_dtypes.float8_e5m2fnuz),
 }
 FLOAT4 = {np.dtype(ml_dtypes.float4_e2m1fn)}
-
-
-def broadcast_param(param: np.ndarray, shape: tuple[int, ...], axis: int, block: int) -> np.ndarray:
-    """A scale or zero point shaped to broadcast against a tensor of `shape`."""
-    if param.ndim == 0 or (param.size == 1 and not block):
-        return param.reshape(())
-    axis = axis % len(shape)
-    if block:
-        repeated = np.repeat(param, block, axis=axis)
-        return np.take(repeated, np.arange(shape[axis]), axis=axis)
-    view = [1] * len(shape)
-    view[axis] = param.size
-    return param.reshape(view)
 
 
 def output_type(zero_point: np.ndarray | None, output_dtype: int) -> np.dtype:
@@ -49,18 +38,18 @@ def quantize_linear(
 ) -> np.ndarray:
     """y = saturate(round_half_even(x / scale) + zero_point) (eq. 2)."""
     dtype = output_type(zero_point, output_dtype)
-    scaled = x / broadcast_param(scale, x.shape, axis, block_size)
+    scaled = x / broadcast_qparam(scale, x.shape, axis, block_size)
     if dtype in FLOAT8:
         if saturate:
             return numpy_helper.saturate_cast(scaled.astype(np.float32), dtype)
         return scaled.astype(dtype)
     if dtype in FLOAT4:
-        zp = 0 if zero_point is None else broadcast_param(zero_point, x.shape, axis, block_size)
+        zp = 0 if zero_point is None else broadcast_qparam(zero_point, x.shape, axis, block_size)
         return (scaled + np.asarray(zp, np.float32)).astype(dtype)
     info = ml_dtypes.iinfo(dtype)
     codes = np.rint(scaled.astype(np.float64))
     if zero_point is not None:
-        codes += broadcast_param(zero_point.astype(np.float64), x.shape, axis, block_size)
+        codes += broadcast_qparam(zero_point.astype(np.float64), x.shape, axis, block_size)
     return np.clip(codes, info.min, info.max).astype(dtype)
 
 
@@ -76,9 +65,9 @@ def dequantize_linear(
     """y = (x - zero_point) * scale (eq. 1), in the scale's float type."""
     values = x.astype(np.float32)
     if zero_point is not None and x.dtype not in FLOAT8:
-        zp = broadcast_param(zero_point.astype(np.float32), x.shape, axis, block_size)
+        zp = broadcast_qparam(zero_point.astype(np.float32), x.shape, axis, block_size)
         values = values - zp
-    result = values * broadcast_param(scale.astype(np.float32), x.shape, axis, block_size)
+    result = values * broadcast_qparam(scale.astype(np.float32), x.shape, axis, block_size)
     dtype = helper.tensor_dtype_to_np_dtype(output_dtype) if output_dtype else scale.dtype
     return result.astype(dtype)
 
