@@ -49,10 +49,12 @@ def saturating_rounding_doubling_high_mul(a: np.ndarray, b: np.ndarray) -> np.nd
     a = np.asarray(a, dtype=np.int64)
     b = np.asarray(b, dtype=np.int64)
     ab = a * b  # |ab| <= 2^62: exact in int64
-    nudge = np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
-    total = ab + nudge
-    high = np.where(total >= 0, total >> 31, -((-total) >> 31))  # divide, truncating toward 0
-    return np.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, high)
+    low = (1 << 31) - 1
+    total = ab + (1 << 30) - (ab < 0) * low  # nudge: 2^30, or 1 - 2^30 for negative products
+    high = (total + (total < 0) * low) >> 31  # divide by 2^31, truncating toward zero
+    if (b == INT32_MIN).any() if b.size < a.size else (a == INT32_MIN).any():
+        high = np.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, high)
+    return high
 
 
 def rounding_divide_by_pot(x: np.ndarray, exponent: np.ndarray) -> np.ndarray:
