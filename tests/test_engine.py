@@ -133,6 +133,11 @@ def test_float_ops_are_listed_as_fallbacks(tmp_path):
     assert any("LayerNormalization" in n for n in engine.float_nodes)
 
 
+def test_missing_feeds_name_the_inputs():
+    with pytest.raises(ValueError, match="'input'"):
+        run(DIGITS / "cnn.onnx", {"x": np.zeros((1, 1, 8, 8), np.float32)})
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="requant"):
         Engine(DIGITS / "cnn.onnx", requant="exact")

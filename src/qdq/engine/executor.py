@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from qdq.engine.kernels import INTEGER_ONLY, KERNELS, Context
-from qdq.errors import ModelError
+from qdq.errors import DataError, ModelError
 from qdq.graph.model import load_model, ort_rewrite
 
 
@@ -63,6 +63,10 @@ class Engine:
         self.last_context = Context(requant, accumulator_bits)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = [i.name for i in self.model.graph.input if i.name not in self.constants]
+        missing = [name for name in expected if name not in feeds]
+        if missing:
+            raise DataError(f"feeds lack inputs {missing}; the model expects {expected}")
         values: dict[str, np.ndarray | None] = {**self.constants, **feeds, "": None}
         context = Context(self.requant, self.accumulator_bits, multipliers=self._multipliers)
         float_nodes = []
