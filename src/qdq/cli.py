@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NODE_OR_OP",
         help="node names or op types to keep in float",
     )
+    q.add_argument(
+        "--equalize",
+        action="store_true",
+        default=None,
+        help="cross-layer equalization of conv chains (helps per-tensor weights)",
+    )
     q.add_argument("--batch-size", type=int)
     q.add_argument("--max-samples", type=int)
     q.add_argument("--seed", type=int, help="pick --max-samples at random with this seed")
@@ -119,6 +125,7 @@ def _quantize(args: argparse.Namespace) -> str:
         weight_bits=args.weight_bits,
         activation_dtype=args.activation_dtype,
         exclude=tuple(args.exclude) or None,
+        equalize=args.equalize,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
     )

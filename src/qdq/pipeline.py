@@ -16,6 +16,7 @@ from qdq.graph.bias_correction import correct_biases, correction_inputs
 from qdq.graph.capture import calibrate
 from qdq.graph.config import QuantConfig
 from qdq.graph.data import ImageOptions, Samples, model_inputs
+from qdq.graph.equalize import equalize
 from qdq.graph.model import (
     PER_AXIS_OPSET,
     default_opset,
@@ -141,6 +142,9 @@ def quantize_model(
     model = load_model(source)
     samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
     prepared, per_channel, notes = prepare(model, config.per_channel)
+    if config.equalize:
+        prepared, pairs = equalize(prepared)
+        notes.append(f"cross-layer equalization rescaled {pairs} conv pairs")
     plan, seconds = plan_model(prepared, samples, config, per_channel, progress)
     quantized = insert_qdq(prepared, plan)
     if output_format == "qoperator":  # ONNX Runtime's own fusion of our QDQ groups

@@ -22,6 +22,7 @@ class QuantConfig:
     symmetric_activations: bool = False
     exclude: tuple[str, ...] = ()
     bias_correction: bool = True  # fold -(W_q - W) E[x] into each bias (docs/ptq.md)
+    equalize: bool = False  # cross-layer equalization of conv chains before calibration
     batch_size: int = 16
     max_samples: int | None = None
 
