@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="cross-layer equalization of conv chains (helps per-tensor weights)",
     )
+    q.add_argument(
+        "--target-sqnr",
+        type=float,
+        metavar="DB",
+        help="keep the most harmful layers float until the output SQNR reaches DB",
+    )
     q.add_argument("--batch-size", type=int)
     q.add_argument("--max-samples", type=int)
     q.add_argument("--seed", type=int, help="pick --max-samples at random with this seed")
@@ -126,6 +132,7 @@ def _quantize(args: argparse.Namespace) -> str:
         activation_dtype=args.activation_dtype,
         exclude=tuple(args.exclude) or None,
         equalize=args.equalize,
+        target_sqnr=args.target_sqnr,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
     )

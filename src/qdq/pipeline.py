@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from qdq.errors import DataError, ModelError
 from qdq.graph.bias_correction import correct_biases, correction_inputs
+from qdq.graph.budget import meet_target
 from qdq.graph.capture import calibrate
 from qdq.graph.config import QuantConfig
 from qdq.graph.data import ImageOptions, Samples, model_inputs
@@ -32,6 +33,7 @@ from qdq.graph.structure import GraphIndex, constants_to_initializers
 from qdq.observers import make_observer
 
 log = logging.getLogger(__name__)
+BUDGET_SAMPLES = 128  # calibration samples that measure output SQNR for --target-sqnr
 
 
 @dataclass
@@ -113,10 +115,20 @@ def plan_model(
         progress,
         means,
     )
-    plan = build_plan(index, decisions, ranges, unfit, config, per_channel)
-    if config.bias_correction:
-        correct_biases(index, plan, averages)
-    return plan, time.perf_counter() - start
+
+    def replan(chosen: dict[str, Decision]) -> Plan:
+        plan = build_plan(index, chosen, ranges, unfit, config, per_channel)
+        if config.bias_correction:
+            correct_biases(index, plan, averages)
+        return plan
+
+    plan = replan(decisions)
+    seconds = time.perf_counter() - start
+    if config.target_sqnr is not None:
+        feeds = list(samples.batches(config.batch_size))[: -(-BUDGET_SAMPLES // config.batch_size)]
+        plan, budget = meet_target(model, decisions, replan, feeds, config.target_sqnr)
+        plan.budget = budget
+    return plan, seconds
 
 
 def quantize_model(
@@ -157,7 +169,7 @@ def quantize_model(
         calibration_seconds=seconds,
         float_bytes=source.stat().st_size,
         quantized_bytes=target.stat().st_size,
-        notes=notes,
+        notes=notes + _budget_notes(plan),
     )
 
 
@@ -172,6 +184,19 @@ def inspect_model(
     config = config or QuantConfig()
     prepared, _, _ = prepare(load_model(model_path), config.per_channel)
     return list(static_decisions(GraphIndex(prepared), config).values())
+
+
+def _budget_notes(plan: Plan) -> list[str]:
+    budget = plan.budget
+    if budget is None:
+        return []
+    met = "met" if budget.sqnr_after >= budget.target else "NOT met (every candidate is float)"
+    kept = ", ".join(budget.kept_float) or "none"
+    return [
+        f"--target-sqnr {budget.target:g} dB {met}: output SQNR {budget.sqnr_before:.2f} -> "
+        f"{budget.sqnr_after:.2f} dB on the first {BUDGET_SAMPLES} calibration samples; "
+        f"kept float: {kept}"
+    ]
 
 
 def _check_output(source: Path, target: Path) -> None:

@@ -9,6 +9,7 @@ shape ops inherit their input's qparams.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -19,6 +20,9 @@ from qdq.graph.config import QuantConfig
 from qdq.graph.rules import FLOAT_BY_DESIGN, RULES, OpRule, weight_axis
 from qdq.graph.structure import GraphIndex
 from qdq.qparams import QParams, Range, choose_qparams
+
+if TYPE_CHECKING:
+    from qdq.graph.budget import BudgetResult
 
 # A shared Concat scale must leave every input at least this share of the codes (32 of 256).
 CONCAT_MIN_SHARE = 1 / 8
@@ -43,6 +47,7 @@ class Plan:
     constants: dict[tuple[str, int], QParams] = field(default_factory=dict)
     biases: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     bias_values: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # corrected
+    budget: BudgetResult | None = None  # set when --target-sqnr was asked for
     decisions: dict[str, Decision] = field(default_factory=dict)
 
     def quantized_nodes(self) -> list[str]:

@@ -1,0 +1,88 @@
+"""An accuracy budget: keep the most harmful layers in float until the output SQNR against FP32
+reaches a target (`qdq quantize --target-sqnr DB`).
+
+Sensitivity of a layer = how much the output SQNR rises when that layer alone stays float.
+Layers are then returned to float most sensitive first, re-measuring the whole model after each,
+until the target is met: fewest layers for the budget, as users otherwise do by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qdq.graph.plan import Decision, Plan
+from qdq.graph.qdq_pass import insert_qdq
+from qdq.graph.rules import RULES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """What the budget kept in float, and the output SQNR before and after."""
+
+    kept_float: tuple[str, ...]
+    sqnr_before: float
+    sqnr_after: float
+    target: float
+
+
+def output_sqnr(model: onnx.ModelProto, feeds: list[dict], reference: list[list]) -> float:
+    """SQNR in dB of `model`'s outputs against `reference` over all `feeds`, all outputs pooled."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    signal = noise = 0.0
+    for feed, want in zip(feeds, reference, strict=True):
+        for got, ref in zip(session.run(None, feed), want, strict=True):
+            ref = ref.astype(np.float64)
+            signal += float(np.sum(ref**2))
+            noise += float(np.sum((got - ref) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
+
+
+def meet_target(
+    model: onnx.ModelProto,
+    decisions: dict[str, Decision],
+    replan: Callable[[dict[str, Decision]], Plan],
+    feeds: list[dict],
+    target: float,
+) -> tuple[Plan, BudgetResult]:
+    """The plan with the fewest layers kept float whose output SQNR reaches `target` (or every
+    candidate float, if even that does not); `replan` builds a plan from decisions."""
+    float_session = ort.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    reference = [float_session.run(None, feed) for feed in feeds]
+
+    def measure(kept: list[str]) -> tuple[Plan, float]:
+        trial = {k: Decision(**vars(v)) for k, v in decisions.items()}
+        for name in kept:
+            trial[name].quantized = False
+            trial[name].reason = "kept float to meet --target-sqnr"
+        plan = replan(trial)
+        return plan, output_sqnr(insert_qdq(model, plan), feeds, reference)
+
+    plan, before = measure([])
+    if before >= target:
+        return plan, BudgetResult((), before, before, target)
+    candidates = [
+        name
+        for name, d in plan.decisions.items()
+        if d.quantized and RULES[d.op_type].kind in ("compute", "elementwise", "shared")
+    ]
+    gains = {name: measure([name])[1] - before for name in candidates}
+    order = sorted(candidates, key=lambda name: -gains[name])
+    kept: list[str] = []
+    after = before
+    for name in order:
+        kept.append(name)
+        plan, after = measure(kept)
+        log.info("kept %s float: output SQNR %.2f dB", name, after)
+        if after >= target:
+            break
+    return plan, BudgetResult(tuple(kept), before, after, target)
