@@ -376,3 +376,13 @@ def test_merging_different_observers_is_refused():
 def test_bad_settings_are_refused_with_a_fix(build, message):
     with pytest.raises((SchemeError, ObserverStateError), match=message):
         build()
+
+
+def test_auto_picks_the_best_estimator_per_tensor():
+    rng = np.random.default_rng(4)
+    laplace = rng.laplace(size=200_000).astype(np.float32)
+    laplace[:2] = [150.0, -150.0]
+    uniform = rng.uniform(-1, 1, size=200_000).astype(np.float32)
+    for data in (laplace, uniform):
+        scores = {m: int8_sqnr(m, data) for m in ("minmax", "percentile", "kl", "mse")}
+        assert int8_sqnr("auto", data) >= max(scores.values()) - 0.2

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from qdq.errors import SchemeError
+from qdq.observers.auto import Auto
 from qdq.observers.base import Observer
 from qdq.observers.histogram import Histogram, HistogramObserver, RangeRule
 from qdq.observers.kl import KL
@@ -21,6 +22,7 @@ _FACTORIES: dict[str, Callable[[int, int | None], Observer]] = {
     "kl": lambda bits, axis: HistogramObserver(KL(bits), axis=axis),
     "percentile": lambda bits, axis: HistogramObserver(Percentile(), axis=axis),
     "mse": lambda bits, axis: HistogramObserver(MSE(bits), axis=axis),
+    "auto": lambda bits, axis: HistogramObserver(Auto(bits), axis=axis),
 }
 METHODS = tuple(_FACTORIES)
 
@@ -40,6 +42,7 @@ __all__ = [
     "KL",
     "METHODS",
     "MSE",
+    "Auto",
     "Histogram",
     "HistogramObserver",
     "MinMaxObserver",
