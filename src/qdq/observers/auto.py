@@ -20,6 +20,8 @@ from qdq.observers.percentile import Percentile
 from qdq.qparams import Range, choose_qparams
 from qdq.scheme import QScheme
 
+KL_STRIDE = 8  # one end bin in 8: KL is one candidate of four here, and its search dominates
+
 
 @dataclass(frozen=True)
 class Auto:
@@ -33,7 +35,7 @@ class Auto:
         candidates = {
             "minmax": Range(hist.lo, hist.hi),
             "percentile": Percentile()(hist),
-            "kl": KL(min(self.bits, 8))(hist),
+            "kl": KL(min(self.bits, 8), stride=KL_STRIDE)(hist),
             "mse": MSE(self.bits)(hist),
         }
         grid = QScheme(self.bits, signed=self.symmetric, symmetric=self.symmetric)

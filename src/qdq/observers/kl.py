@@ -27,8 +27,11 @@ class KL:
     quantization Q; `levels` is 2^(bits-1) for signed data and 2^bits for data >= 0."""
 
     bits: int = 8
+    stride: int = 1  # every `stride`-th end bin is a candidate (NVIDIA's reference has it too)
 
     def __post_init__(self) -> None:
+        if self.stride < 1:
+            raise SchemeError(f"KL stride must be >= 1, got {self.stride}")
         if not 2 <= self.bits <= 8:
             raise SchemeError(
                 f"KL calibration needs bits in 2..8 (the levels must be far fewer than the "
@@ -45,19 +48,19 @@ class KL:
             rows = np.flatnonzero(unsigned == flag)
             if rows.size:
                 levels = 1 << (self.bits - 1 + int(flag))
-                end_bin[rows] = kl_end_bins(counts[rows], levels)
+                end_bin[rows] = kl_end_bins(counts[rows], levels, self.stride)
         t = np.minimum(end_bin * width, np.maximum(-hist.lo, hist.hi))
         return Range(np.where(unsigned, 0.0, -t), t)
 
 
-def kl_end_bins(counts: np.ndarray, levels: int) -> np.ndarray:
+def kl_end_bins(counts: np.ndarray, levels: int, stride: int = 1) -> np.ndarray:
     """For each row of a magnitude histogram, the end bin `i*` (threshold = i* * width)."""
     occupied = np.flatnonzero(counts.any(axis=0))
     stop = int(occupied[-1]) + 1 if occupied.size else 1
     start = min(FIRST_CANDIDATE, stop)
     tail = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]  # tail[:, i] = mass in bins >= i
     tail = np.concatenate([tail, np.zeros((counts.shape[0], 1))], axis=1)
-    stride = -(-(stop + 1 - start) // MAX_CANDIDATES)  # 1 unless the histogram was extended
+    stride = max(stride, -(-(stop + 1 - start) // MAX_CANDIDATES))  # wider if bins appended
     candidates = np.arange(start, stop + 1, stride)
     divergences = np.array([_divergence(counts, tail, int(i), levels) for i in candidates])
     # eq. 20: the last argmin, as TensorRT takes it
