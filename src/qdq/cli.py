@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DB",
         help="keep the most harmful layers float until the output SQNR reaches DB",
     )
+    q.add_argument(
+        "--adaround",
+        action="store_true",
+        default=None,
+        help="learn up/down rounding of each weight (needs the torch extra)",
+    )
     q.add_argument("--batch-size", type=int)
     q.add_argument("--max-samples", type=int)
     q.add_argument("--seed", type=int, help="pick --max-samples at random with this seed")
@@ -133,6 +139,7 @@ def _quantize(args: argparse.Namespace) -> str:
         exclude=tuple(args.exclude) or None,
         equalize=args.equalize,
         target_sqnr=args.target_sqnr,
+        adaround=args.adaround,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
     )

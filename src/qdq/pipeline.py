@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -34,6 +35,7 @@ from qdq.observers import make_observer
 
 log = logging.getLogger(__name__)
 BUDGET_SAMPLES = 128  # calibration samples that measure output SQNR for --target-sqnr
+ADAROUND_SAMPLES = 32  # calibration samples whose layer inputs AdaRound learns from
 
 
 @dataclass
@@ -115,14 +117,24 @@ def plan_model(
         progress,
         means,
     )
+    learned: dict[tuple[str, int], np.ndarray] = {}
 
     def replan(chosen: dict[str, Decision]) -> Plan:
         plan = build_plan(index, chosen, ranges, unfit, config, per_channel)
+        plan.weight_codes = {k: v for k, v in learned.items() if k in plan.constants}
         if config.bias_correction:
             correct_biases(index, plan, averages)
         return plan
 
     plan = replan(decisions)
+    if config.adaround:
+        from qdq.qat.adaround import learn_rounding
+
+        feeds = list(samples.batches(config.batch_size))[
+            : -(-ADAROUND_SAMPLES // config.batch_size)
+        ]
+        learned.update(learn_rounding(model, index, plan, feeds))
+        plan = replan(decisions)
     seconds = time.perf_counter() - start
     if config.target_sqnr is not None:
         feeds = list(samples.batches(config.batch_size))[: -(-BUDGET_SAMPLES // config.batch_size)]

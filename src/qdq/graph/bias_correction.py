@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from qdq.affine import fake_quantize
+from qdq.affine import dequantize
 from qdq.graph.plan import Plan
 from qdq.graph.rules import RULES
 from qdq.graph.structure import GraphIndex
@@ -37,7 +37,8 @@ def correct_biases(index: GraphIndex, plan: Plan, means: dict[str, np.ndarray]) 
         if mean is None:
             continue
         weight = index.constant(node.input[rule.weight])
-        error = fake_quantize(weight, plan.constants[node.name, rule.weight]) - weight
+        qparams = plan.constants[node.name, rule.weight]
+        error = dequantize(plan.codes((node.name, rule.weight), weight), qparams) - weight
         shift = _expected_output(node, mean[None].astype(np.float32), error)
         channel_means = shift.mean(axis=tuple(d for d in range(shift.ndim) if d != 1))
         plan.bias_values[key] = index.constant(node.input[rule.bias]) - channel_means

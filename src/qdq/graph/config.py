@@ -24,6 +24,7 @@ class QuantConfig:
     bias_correction: bool = True  # fold -(W_q - W) E[x] into each bias (docs/ptq.md)
     equalize: bool = False  # cross-layer equalization of conv chains before calibration
     target_sqnr: float | None = None  # keep the most harmful layers float until this is met
+    adaround: bool = False  # learn each weight's rounding (needs the torch extra)
     batch_size: int = 16
     max_samples: int | None = None
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qdq.affine import quantize
 from qdq.graph.capture import unfit_reason
 from qdq.graph.config import QuantConfig
 from qdq.graph.rules import FLOAT_BY_DESIGN, RULES, OpRule, weight_axis
@@ -47,7 +48,14 @@ class Plan:
     constants: dict[tuple[str, int], QParams] = field(default_factory=dict)
     biases: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
     bias_values: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # corrected
+    weight_codes: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # AdaRound
     budget: BudgetResult | None = None  # set when --target-sqnr was asked for
+
+    def codes(self, key: tuple[str, int], values: np.ndarray) -> np.ndarray:
+        """Integer codes of a constant input: learned ones (AdaRound) or nearest rounding."""
+        learned = self.weight_codes.get(key)
+        return learned if learned is not None else quantize(values, self.constants[key])
+
     decisions: dict[str, Decision] = field(default_factory=dict)
 
     def quantized_nodes(self) -> list[str]:

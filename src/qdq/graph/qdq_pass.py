@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qdq.affine import quantize
 from qdq.graph.plan import Plan
 from qdq.graph.structure import GraphIndex
 from qdq.qparams import QParams
@@ -56,8 +55,9 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         for i, name in enumerate(node.input):
             key = (node.name, i)
             if key in plan.constants:
+                codes = plan.codes(key, index.constant(name))
                 node.input[i] = _dequantized_constant(
-                    name, key, plan.constants[key], index, new_nodes, new_inits
+                    name, key, plan.constants[key], codes, new_nodes, new_inits
                 )
             elif key in plan.biases:
                 values = plan.bias_values.get(key)
@@ -124,12 +124,11 @@ def _dequantized_constant(
     name: str,
     key: tuple[str, int],
     qparams: QParams,
-    index: GraphIndex,
+    codes: np.ndarray,
     nodes: list[onnx.NodeProto],
     inits: list[onnx.TensorProto],
 ) -> str:
     """Integer initializer + DequantizeLinear in place of a float constant; returns the new name."""
-    codes = quantize(index.constant(name), qparams)
     return _behind_dq(
         f"{name}_{key[0]}_{key[1]}",
         codes,
