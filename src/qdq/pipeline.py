@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -130,17 +131,20 @@ def plan_model(
     if config.adaround:
         from qdq.qat.adaround import learn_rounding
 
-        feeds = list(samples.batches(config.batch_size))[
-            : -(-ADAROUND_SAMPLES // config.batch_size)
-        ]
+        feeds = _leading_batches(samples, config.batch_size, ADAROUND_SAMPLES)
         learned.update(learn_rounding(model, index, plan, feeds))
         plan = replan(decisions)
     seconds = time.perf_counter() - start
     if config.target_sqnr is not None:
-        feeds = list(samples.batches(config.batch_size))[: -(-BUDGET_SAMPLES // config.batch_size)]
+        feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)
         plan, budget = meet_target(model, decisions, replan, feeds, config.target_sqnr)
         plan.budget = budget
     return plan, seconds
+
+
+def _leading_batches(samples: Samples, batch_size: int, count: int) -> list[dict]:
+    """The batches holding the first `count` samples (read lazily: no more than those)."""
+    return list(islice(samples.batches(batch_size), -(-count // batch_size)))
 
 
 def quantize_model(
