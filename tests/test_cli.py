@@ -221,3 +221,22 @@ def test_run_writes_the_integer_engines_outputs(tmp_path):
     done = qdq("run", out, "--inputs", tmp_path / "nope.npz", "-o", tmp_path / "y.npz")
     assert done.returncode == 2
     assert "does not exist" in done.stderr
+
+
+def test_data_free_needs_no_calibration_data(tmp_path):
+    out = tmp_path / "q.onnx"
+    done = qdq(
+        "quantize",
+        DIGITS / "mobilenet_bn.onnx",
+        "-o",
+        out,
+        "--data-free",
+        "--input-range",
+        "0",
+        "1",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "calibrated on 0 samples" in done.stdout
+    done = qdq("quantize", DIGITS / "cnn.onnx", "-o", tmp_path / "r.onnx")
+    assert done.returncode == 2
+    assert "--calib" in done.stderr

@@ -1,8 +1,9 @@
 """Train the bundled digits models and write them with their data (needs the `torch` extra).
 
 Run once from the repository root: python examples/digits/train.py
-Writes cnn.onnx, mobilenet.onnx (depthwise-separable), transformer.onnx, calib.npz (256 training
-images) and test.npz (the 540 held-out images with labels). Deterministic for a given torch build.
+Writes cnn.onnx, mobilenet.onnx (depthwise-separable; mobilenet_bn.onnx keeps its BatchNorm
+nodes), transformer.onnx, calib.npz (256 training images) and test.npz (the 540 held-out images
+with labels). Deterministic for a given torch build.
 """
 
 from __future__ import annotations
@@ -90,11 +91,18 @@ def main() -> None:
         with torch.no_grad():
             accuracy = model(torch.from_numpy(images[test])).argmax(1).numpy() == labels[test]
         print(f"{name}: test accuracy {accuracy.mean():.4f}")
-        torch.onnx.export(
-            model, (x[:1],), HERE / f"{name}.onnx", input_names=["input"],
-            output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-            opset_version=17, dynamo=False,
-        )  # fmt: skip
+        export(model, x[:1], HERE / f"{name}.onnx", torch.onnx.TrainingMode.EVAL)
+        if name == "mobilenet":  # BatchNorm kept as nodes, for data-free quantization
+            export(model, x[:1], HERE / "mobilenet_bn.onnx", torch.onnx.TrainingMode.PRESERVE)
+
+
+def export(model: nn.Module, example: torch.Tensor, path: Path, mode: object) -> None:
+    """ONNX opset 17 with a dynamic batch; EVAL folds BatchNorm into Conv, PRESERVE keeps it."""
+    torch.onnx.export(
+        model, (example,), path, input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=17, dynamo=False,
+        training=mode,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

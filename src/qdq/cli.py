@@ -32,7 +32,20 @@ def _parser() -> argparse.ArgumentParser:
     q = commands.add_parser("quantize", help="FP32 ONNX model -> INT8 model, calibrated on data")
     q.add_argument("model", help="the FP32 .onnx model (never modified)")
     q.add_argument("-o", "--output", required=True, help="where to write the quantized model")
-    q.add_argument("--calib", required=True, help=".npz, .npy, or a folder of .npy or images")
+    q.add_argument("--calib", help=".npz, .npy, or a folder of .npy or images")
+    q.add_argument(
+        "--data-free",
+        action="store_true",
+        default=None,
+        help="no calibration data: ranges from BatchNorm statistics (with CLE)",
+    )
+    q.add_argument(
+        "--input-range",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="the model input's range after preprocessing, for --data-free",
+    )
     q.add_argument("--preset", choices=list(PRESETS), default="default")
     q.add_argument("--method", choices=METHODS, help="activation range estimator")
     granularity = q.add_mutually_exclusive_group()
@@ -140,6 +153,8 @@ def _quantize(args: argparse.Namespace) -> str:
         equalize=args.equalize,
         target_sqnr=args.target_sqnr,
         adaround=args.adaround,
+        data_free=args.data_free,
+        input_range=tuple(args.input_range) if args.input_range else None,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
     )

@@ -19,6 +19,7 @@ from qdq.graph.budget import meet_target
 from qdq.graph.capture import calibrate
 from qdq.graph.config import QuantConfig
 from qdq.graph.data import ImageOptions, Samples, model_inputs
+from qdq.graph.datafree import Moments, batchnorm_moments, mean_samples, propagate
 from qdq.graph.equalize import equalize
 from qdq.graph.model import (
     PER_AXIS_OPSET,
@@ -142,6 +143,28 @@ def plan_model(
     return plan, seconds
 
 
+def plan_data_free(
+    model: onnx.ModelProto, config: QuantConfig, per_channel: bool, moments: dict[str, Moments]
+) -> Plan:
+    """The plan from BatchNorm statistics alone: ranges and expected inputs (for analytical
+    bias correction) propagated through the graph from `config.input_range`."""
+    index = GraphIndex(model)
+    decisions = static_decisions(index, config)
+    everything = propagate(index, moments, config.input_range)
+    ranges, unfit = {}, {}
+    for name in calibration_targets(index, decisions):
+        if name in everything:
+            ranges[name] = everything[name].range()
+        else:
+            unfit[name] = "has no statistics without data (no BatchNorm or input upstream)"
+    plan = build_plan(index, decisions, ranges, unfit, config, per_channel)
+    if config.bias_correction:
+        quantizable = [name for name, d in decisions.items() if d.quantized]
+        expected = mean_samples(index, everything, correction_inputs(index, quantizable))
+        correct_biases(index, plan, expected)
+    return plan
+
+
 def _leading_batches(samples: Samples, batch_size: int, count: int) -> list[dict]:
     """The batches holding the first `count` samples (read lazily: no more than those)."""
     return list(islice(samples.batches(batch_size), -(-count // batch_size)))
@@ -150,7 +173,7 @@ def _leading_batches(samples: Samples, batch_size: int, count: int) -> list[dict
 def quantize_model(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
-    calibration: str | os.PathLike[str],
+    calibration: str | os.PathLike[str] | None,
     config: QuantConfig | None = None,
     images: ImageOptions | None = None,
     seed: int | None = None,
@@ -165,15 +188,34 @@ def quantize_model(
     config = config or QuantConfig()
     if output_format not in ("qdq", "qoperator"):
         raise ModelError(f"unknown format {output_format!r}; choose qdq or qoperator")
+    if calibration is None and not config.data_free:
+        raise DataError("no calibration data: give --calib DATA, or --data-free")
+    if calibration is not None and config.data_free:
+        raise DataError("--data-free uses no calibration data; drop --calib, or --data-free")
     source, target = Path(model_path), Path(output_path)
     _check_output(source, target)
     model = load_model(source)
-    samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
+    if config.data_free:
+        moments = batchnorm_moments(model)
+        if not moments:
+            raise ModelError(
+                f"{source} has no BatchNormalization layers, whose statistics "
+                "--data-free needs; calibrate with --calib instead"
+            )
+    else:
+        samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
     prepared, per_channel, notes = prepare(model, config.per_channel)
-    if config.equalize:
-        prepared, pairs = equalize(prepared)
-        notes.append(f"cross-layer equalization rescaled {pairs} conv pairs")
-    plan, seconds = plan_model(prepared, samples, config, per_channel, progress)
+    if config.equalize or config.data_free:
+        prepared, divided = equalize(prepared)
+        notes.append(f"cross-layer equalization rescaled {len(divided)} conv pairs")
+    if config.data_free:
+        for name, factor in divided.items():
+            if name in moments:  # the channel values were divided, and so are their moments
+                m = moments[name]
+                moments[name] = Moments(m.mean / factor, m.std / factor, m.low, m.high)
+        plan, seconds = plan_data_free(prepared, config, per_channel, moments), 0.0
+    else:
+        plan, seconds = plan_model(prepared, samples, config, per_channel, progress)
     quantized = insert_qdq(prepared, plan)
     if output_format == "qoperator":  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
@@ -181,7 +223,7 @@ def quantize_model(
     save_model(quantized, target)
     return QuantizeReport(
         decisions=list(plan.decisions.values()),
-        samples=samples.count,
+        samples=0 if config.data_free else samples.count,
         calibration_seconds=seconds,
         float_bytes=source.stat().st_size,
         quantized_bytes=target.stat().st_size,

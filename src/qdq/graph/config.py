@@ -25,6 +25,8 @@ class QuantConfig:
     equalize: bool = False  # cross-layer equalization of conv chains before calibration
     target_sqnr: float | None = None  # keep the most harmful layers float until this is met
     adaround: bool = False  # learn each weight's rounding (needs the torch extra)
+    data_free: bool = False  # ranges from BatchNorm statistics, no calibration data
+    input_range: tuple[float, float] = (-1.0, 1.0)  # the model input's range, for data-free
     batch_size: int = 16
     max_samples: int | None = None
 
@@ -42,6 +44,13 @@ class QuantConfig:
             )
         if self.batch_size < 1:
             raise SchemeError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.data_free and (self.adaround or self.target_sqnr is not None):
+            raise SchemeError(
+                "--adaround and --target-sqnr need calibration data, "
+                "so they do not combine with --data-free"
+            )
+        if self.input_range[0] >= self.input_range[1]:
+            raise SchemeError(f"input range {self.input_range} must have LO < HI")
         if self.max_samples is not None and self.max_samples < 1:
             raise SchemeError(f"max samples must be >= 1, got {self.max_samples}")
 

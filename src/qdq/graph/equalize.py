@@ -26,16 +26,18 @@ MAX_ROUNDS = 50
 TOLERANCE = 1e-4  # stop when every scale is within 1e-4 of 1
 
 
-def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """`model` with its conv chains equalized in place of its weights; returns the number of
-    pairs equalized."""
+def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`model` with its conv chains equalized in place of its weights; returns, per equalized
+    conv output, the per-channel factor its values were divided by."""
     index = GraphIndex(model)
     pairs = _pairs(index)
     weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    divided: dict[str, np.ndarray] = {}
     for _ in range(MAX_ROUNDS):
         largest = 0.0
         for first, second in pairs:
             scale = _equalize_pair(first, second, weights)
+            divided[first.output[0]] = divided.get(first.output[0], 1.0) * scale
             largest = max(largest, float(np.max(np.abs(np.log(scale)))))
         if largest < TOLERANCE:
             break
@@ -46,7 +48,7 @@ def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name].astype(original.dtype),
                                                     tensor.name))  # fmt: skip
     log.info("equalized %d conv pairs", len(pairs))
-    return model, len(pairs)
+    return model, divided
 
 
 def _pairs(index: GraphIndex) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:

@@ -28,8 +28,15 @@ class GraphIndex:
         self.graph_inputs = {v.name for v in graph.input if v.name not in self.initializers}
         self.graph_outputs = {v.name for v in graph.output}
         self.elem_type: dict[str, int] = {}
+        self.shape: dict[str, tuple[int | None, ...]] = {}  # from shape inference, None = symbolic
         for value in (*graph.input, *graph.value_info, *graph.output):
-            self.elem_type[value.name] = value.type.tensor_type.elem_type
+            tensor = value.type.tensor_type
+            self.elem_type[value.name] = tensor.elem_type
+            if tensor.HasField("shape"):
+                dims = tensor.shape.dim
+                self.shape[value.name] = tuple(
+                    d.dim_value if d.HasField("dim_value") else None for d in dims
+                )
         for tensor in graph.initializer:
             self.elem_type[tensor.name] = tensor.data_type
 
