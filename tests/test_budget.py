@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnxruntime as ort
+
 from qdq.graph.config import QuantConfig
 from qdq.pipeline import quantize_model
 
@@ -19,7 +22,8 @@ def test_target_sqnr_keeps_the_fewest_harmful_layers_float(tmp_path):
     )
     kept = [d for d in report.kept_float if d.reason == "kept float to meet --target-sqnr"]
     assert 1 <= len(kept) < 4  # some layers, not all
-    assert "met" in report.notes[-1]
+    assert any(" met:" in note for note in report.notes)
+    assert any("cost of the float layers" in note for note in report.notes)
     assert digits_cnn_sqnr(plain) < 25
     assert digits_cnn_sqnr(budgeted) > 27  # measured on calibration data, holds on held-out data
 
@@ -33,3 +37,22 @@ def test_a_met_budget_changes_nothing(tmp_path):
     )
     assert not report.kept_float
     assert "kept float: none" in report.notes[-1]
+
+
+def test_a_user_metric_can_set_the_budget(tmp_path):
+    test = np.load(DIGITS / "test.npz")
+
+    def accuracy(session) -> float:
+        logits = session.run(None, {"input": test["input"]})[0]
+        return float((logits.argmax(axis=1) == test["label"]).mean())
+
+    out = tmp_path / "q.onnx"
+    report = quantize_model(
+        DIGITS / "cnn.onnx",
+        out,
+        DIGITS / "calib.npz",
+        QuantConfig(weight_bits=3, target_sqnr=0.99),
+        metric=accuracy,
+    )
+    assert any(" met:" in note for note in report.notes)
+    assert accuracy(ort.InferenceSession(str(out))) >= 0.99

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -15,7 +16,7 @@ import onnxruntime as ort
 
 from qdq.errors import DataError, ModelError
 from qdq.graph.bias_correction import correct_biases, correction_inputs
-from qdq.graph.budget import meet_target
+from qdq.graph.budget import meet_target, sqnr_score
 from qdq.graph.capture import calibrate
 from qdq.graph.config import QuantConfig
 from qdq.graph.data import ImageOptions, Samples, model_inputs
@@ -36,6 +37,9 @@ from qdq.graph.structure import GraphIndex, constants_to_initializers
 from qdq.observers import make_observer
 
 log = logging.getLogger(__name__)
+# A user's score of a quantized model, higher is better: given an ONNX Runtime session of the
+# candidate, e.g. its accuracy on a labelled validation set.
+Metric = Callable[[ort.InferenceSession], float]
 BUDGET_SAMPLES = 128  # calibration samples that measure output SQNR for --target-sqnr
 ADAROUND_SAMPLES = 32  # calibration samples whose layer inputs AdaRound learns from
 
@@ -100,10 +104,15 @@ def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto,
 
 
 def plan_model(
-    model: onnx.ModelProto, samples: Samples, config: QuantConfig, per_channel: bool, progress: bool
+    model: onnx.ModelProto,
+    samples: Samples,
+    config: QuantConfig,
+    per_channel: bool,
+    progress: bool,
+    metric: Metric | None = None,
 ) -> tuple[Plan, float]:
     """Calibrate the prepared model on `samples` and decide everything; returns the plan and
-    the calibration time in seconds."""
+    the calibration time in seconds. `metric` scores candidates for the accuracy budget."""
     index = GraphIndex(model)
     decisions = static_decisions(index, config)
     targets = calibration_targets(index, decisions)
@@ -138,7 +147,8 @@ def plan_model(
     seconds = time.perf_counter() - start
     if config.target_sqnr is not None:
         feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)
-        plan, budget = meet_target(model, decisions, replan, feeds, config.target_sqnr)
+        score = sqnr_score(model, feeds) if metric is None else _session_score(metric)
+        plan, budget = meet_target(model, decisions, replan, score, config.target_sqnr, feeds[0])
         plan.budget = budget
     return plan, seconds
 
@@ -165,6 +175,18 @@ def plan_data_free(
     return plan
 
 
+def _session_score(metric: Metric) -> Callable[[onnx.ModelProto], float]:
+    """A candidate model scored by the user's metric on its ONNX Runtime session."""
+
+    def score(candidate: onnx.ModelProto) -> float:
+        session = ort.InferenceSession(
+            candidate.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        return float(metric(session))
+
+    return score
+
+
 def _leading_batches(samples: Samples, batch_size: int, count: int) -> list[dict]:
     """The batches holding the first `count` samples (read lazily: no more than those)."""
     return list(islice(samples.batches(batch_size), -(-count // batch_size)))
@@ -179,6 +201,7 @@ def quantize_model(
     seed: int | None = None,
     progress: bool = False,
     output_format: str = "qdq",
+    metric: Metric | None = None,
 ) -> QuantizeReport:
     """Quantize an FP32 ONNX model into a QDQ model that ONNX Runtime runs with int8 kernels.
 
@@ -215,7 +238,7 @@ def quantize_model(
                 moments[name] = Moments(m.mean / factor, m.std / factor, m.low, m.high)
         plan, seconds = plan_data_free(prepared, config, per_channel, moments), 0.0
     else:
-        plan, seconds = plan_model(prepared, samples, config, per_channel, progress)
+        plan, seconds = plan_model(prepared, samples, config, per_channel, progress, metric)
     quantized = insert_qdq(prepared, plan)
     if output_format == "qoperator":  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
@@ -250,11 +273,18 @@ def _budget_notes(plan: Plan) -> list[str]:
         return []
     met = "met" if budget.sqnr_after >= budget.target else "NOT met (every candidate is float)"
     kept = ", ".join(budget.kept_float) or "none"
-    return [
-        f"--target-sqnr {budget.target:g} dB {met}: output SQNR {budget.sqnr_before:.2f} -> "
-        f"{budget.sqnr_after:.2f} dB on the first {BUDGET_SAMPLES} calibration samples; "
-        f"kept float: {kept}"
+    notes = [
+        f"target {budget.target:g} {met}: score {budget.sqnr_before:.2f} -> "
+        f"{budget.sqnr_after:.2f} (output SQNR in dB unless a metric was given) on the first "
+        f"{BUDGET_SAMPLES} calibration samples; kept float: {kept}"
     ]
+    if budget.latency_ms:
+        int8, budgeted = budget.latency_ms
+        notes.append(
+            f"cost of the float layers: {budgeted:.3f} ms vs {int8:.3f} ms all-int8 "
+            f"per batch ({budgeted / int8:.2f}x), 1 thread"
+        )
+    return notes
 
 
 def _check_output(source: Path, target: Path) -> None:

@@ -1,5 +1,6 @@
 """An accuracy budget: keep the most harmful layers in float until the output SQNR against FP32
-reaches a target (`qdq quantize --target-sqnr DB`).
+reaches a target (`qdq quantize --target-sqnr DB`), or until a user's own metric does (the
+`metric` argument of `quantize_model`).
 
 Sensitivity of a layer = how much the output SQNR rises when that layer alone stays float.
 Layers are then returned to float most sensitive first, re-measuring the whole model after each,
@@ -19,6 +20,7 @@ import onnxruntime as ort
 from qdq.graph.plan import Decision, Plan
 from qdq.graph.qdq_pass import insert_qdq
 from qdq.graph.rules import RULES
+from qdq.report.compare import median_latency_ms
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,10 @@ class BudgetResult:
     """What the budget kept in float, and the output SQNR before and after."""
 
     kept_float: tuple[str, ...]
-    sqnr_before: float
+    sqnr_before: float  # or the user metric's value
     sqnr_after: float
     target: float
+    latency_ms: tuple[float, float] | None = None  # all-int8 model, budgeted model
 
 
 def output_sqnr(model: onnx.ModelProto, feeds: list[dict], reference: list[list]) -> float:
@@ -45,19 +48,26 @@ def output_sqnr(model: onnx.ModelProto, feeds: list[dict], reference: list[list]
     return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
 
 
-def meet_target(
-    model: onnx.ModelProto,
-    decisions: dict[str, Decision],
-    replan: Callable[[dict[str, Decision]], Plan],
-    feeds: list[dict],
-    target: float,
-) -> tuple[Plan, BudgetResult]:
-    """The plan with the fewest layers kept float whose output SQNR reaches `target` (or every
-    candidate float, if even that does not); `replan` builds a plan from decisions."""
+def sqnr_score(model: onnx.ModelProto, feeds: list[dict]) -> Callable[[onnx.ModelProto], float]:
+    """Scores a candidate by its output SQNR against `model` on `feeds`."""
     float_session = ort.InferenceSession(
         model.SerializeToString(), providers=["CPUExecutionProvider"]
     )
     reference = [float_session.run(None, feed) for feed in feeds]
+    return lambda candidate: output_sqnr(candidate, feeds, reference)
+
+
+def meet_target(
+    model: onnx.ModelProto,
+    decisions: dict[str, Decision],
+    replan: Callable[[dict[str, Decision]], Plan],
+    score: Callable[[onnx.ModelProto], float],
+    target: float,
+    timing_feed: dict[str, np.ndarray],
+) -> tuple[Plan, BudgetResult]:
+    """The plan with the fewest layers kept float whose `score` (higher is better) reaches
+    `target` (or every candidate float, if even that does not); `replan` builds a plan from
+    decisions. The result carries the latency cost of the layers kept float."""
 
     def measure(kept: list[str]) -> tuple[Plan, float]:
         trial = {k: Decision(**vars(v)) for k, v in decisions.items()}
@@ -65,24 +75,25 @@ def meet_target(
             trial[name].quantized = False
             trial[name].reason = "kept float to meet --target-sqnr"
         plan = replan(trial)
-        return plan, output_sqnr(insert_qdq(model, plan), feeds, reference)
+        return plan, score(insert_qdq(model, plan))
 
-    plan, before = measure([])
+    full, before = measure([])
     if before >= target:
-        return plan, BudgetResult((), before, before, target)
+        return full, BudgetResult((), before, before, target)
     candidates = [
         name
-        for name, d in plan.decisions.items()
+        for name, d in full.decisions.items()
         if d.quantized and RULES[d.op_type].kind in ("compute", "elementwise", "shared")
     ]
     gains = {name: measure([name])[1] - before for name in candidates}
-    order = sorted(candidates, key=lambda name: -gains[name])
     kept: list[str] = []
-    after = before
-    for name in order:
+    plan, after = full, before
+    for name in sorted(candidates, key=lambda name: -gains[name]):
         kept.append(name)
         plan, after = measure(kept)
-        log.info("kept %s float: output SQNR %.2f dB", name, after)
+        log.info("kept %s float: score %.2f", name, after)
         if after >= target:
             break
-    return plan, BudgetResult(tuple(kept), before, after, target)
+    models = [insert_qdq(model, p).SerializeToString() for p in (full, plan)]
+    all_int8, budgeted = median_latency_ms(models, timing_feed, runs=20)
+    return plan, BudgetResult(tuple(kept), before, after, target, (all_int8, budgeted))

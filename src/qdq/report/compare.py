@@ -171,14 +171,20 @@ def latency_ratio(
     """Median single-threaded latency of each model in ms, runs interleaved."""
     if runs <= 0:
         return None
+    first, second = median_latency_ms([str(float_path), str(quantized_path)], feed, runs)
+    return first, second
+
+
+def median_latency_ms(models: list, feed: dict[str, np.ndarray], runs: int) -> list[float]:
+    """Median ms per run of each model (a path or serialized bytes), 1 thread, runs
+    interleaved so that drift on the machine hits all alike."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     sessions = [
-        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-        for p in (float_path, quantized_path)
+        ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]) for m in models
     ]
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in sessions]
     for session in sessions:  # warm up
         session.run(None, feed)
     for _ in range(runs):
@@ -186,4 +192,4 @@ def latency_ratio(
             start = time.perf_counter()
             session.run(None, feed)
             times[i].append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times[0])), float(np.median(times[1]))
+    return [float(np.median(t)) for t in times]
