@@ -10,6 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qdq.graph.config import QuantConfig
 from qdq.pipeline import quantize_model
 
+from conftest import DIGITS, digits_cnn_sqnr
+
 
 def padded_depthwise(rng: np.random.Generator) -> onnx.ModelProto:
     """x (all positive, like post-ReLU) -> depthwise 3x3 Conv with zero padding -> y."""
@@ -17,11 +19,12 @@ def padded_depthwise(rng: np.random.Generator) -> onnx.ModelProto:
     weight[:, :, 1, 1] += 3.0  # a few large weights set the per-tensor scale: coarse rounding
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=8, pads=[1, 1, 1, 1])
     graph = helper.make_graph(
-        [node], "dw",
+        [node],
+        "dw",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])],
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(8, "f"), "b")],
-    )  # fmt: skip
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -43,3 +46,17 @@ def test_bias_correction_removes_the_mean_shift_of_a_padded_depthwise_conv(tmp_p
         shift = (run(out, x) - run(source, x)).mean(axis=(0, 2, 3))
         shifts[correct] = np.abs(shift).mean()
     assert shifts[True] < shifts[False] / 4
+
+
+def test_sequential_correction_beats_the_per_layer_one_at_4_bits(tmp_path):
+    from qdq.pipeline import quantize_model as quantize
+
+    per_layer, sequential = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    quantize_model(DIGITS / "cnn.onnx", per_layer, DIGITS / "calib.npz", QuantConfig(weight_bits=4))
+    quantize(
+        DIGITS / "cnn.onnx",
+        sequential,
+        DIGITS / "calib.npz",
+        QuantConfig(weight_bits=4, sequential_bias_correction=True),
+    )
+    assert digits_cnn_sqnr(sequential) > digits_cnn_sqnr(per_layer) + 2.0  # measured 18.5 -> 21.8

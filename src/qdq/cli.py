@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="learn up/down rounding of each weight (needs the torch extra)",
     )
+    q.add_argument(
+        "--sequential-bias-correction",
+        action="store_true",
+        default=None,
+        help="correct biases layer by layer on the quantized network (slower)",
+    )
     q.add_argument("--batch-size", type=int)
     q.add_argument("--max-samples", type=int)
     q.add_argument("--seed", type=int, help="pick --max-samples at random with this seed")
@@ -153,6 +159,7 @@ def _quantize(args: argparse.Namespace) -> str:
         equalize=args.equalize,
         target_sqnr=args.target_sqnr,
         adaround=args.adaround,
+        sequential_bias_correction=args.sequential_bias_correction,
         data_free=args.data_free,
         input_range=tuple(args.input_range) if args.input_range else None,
         batch_size=args.batch_size,

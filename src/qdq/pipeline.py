@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from qdq.errors import DataError, ModelError
-from qdq.graph.bias_correction import correct_biases, correction_inputs
+from qdq.graph.bias_correction import correct_biases, correct_sequentially, correction_inputs
 from qdq.graph.budget import meet_target, sqnr_score
 from qdq.graph.capture import calibrate
 from qdq.graph.config import QuantConfig
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 Metric = Callable[[ort.InferenceSession], float]
 BUDGET_SAMPLES = 128  # calibration samples that measure output SQNR for --target-sqnr
 ADAROUND_SAMPLES = 32  # calibration samples whose layer inputs AdaRound learns from
+SEQUENTIAL_SAMPLES = 128  # calibration samples that measure each layer's mean output shift
 
 
 @dataclass
@@ -138,6 +139,11 @@ def plan_model(
         return plan
 
     plan = replan(decisions)
+    if config.sequential_bias_correction:
+        feeds = _leading_batches(samples, config.batch_size, SEQUENTIAL_SAMPLES)
+        correct_sequentially(model, index, plan, feeds)
+        replan = _with_biases(replan, dict(plan.bias_values))
+        plan = replan(decisions)
     if config.adaround:
         from qdq.qat.adaround import learn_rounding
 
@@ -173,6 +179,17 @@ def plan_data_free(
         expected = mean_samples(index, everything, correction_inputs(index, quantizable))
         correct_biases(index, plan, expected)
     return plan
+
+
+def _with_biases(replan: Callable[[dict], Plan], biases: dict) -> Callable[[dict], Plan]:
+    """`replan` whose plans keep the sequentially corrected biases."""
+
+    def with_biases(chosen: dict) -> Plan:
+        plan = replan(chosen)
+        plan.bias_values.update({k: v for k, v in biases.items() if k in plan.biases})
+        return plan
+
+    return with_biases
 
 
 def _session_score(metric: Metric) -> Callable[[onnx.ModelProto], float]:

@@ -61,3 +61,41 @@ def _expected_output(node: onnx.NodeProto, mean: np.ndarray, error: np.ndarray) 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, object]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def correct_sequentially(
+    model: onnx.ModelProto, index: GraphIndex, plan: Plan, feeds: list[dict[str, np.ndarray]]
+) -> None:
+    """Sequential empirical bias correction: layer by layer in graph order, set the bias so that
+    the quantized network's mean output per channel equals the float network's, measured with
+    every earlier layer already corrected. Catches the bias from upstream activation rounding
+    and clipping too; costs one pass of the calibration subset per layer."""
+    from qdq.graph.capture import session_with_outputs  # local: capture imports the planner
+    from qdq.graph.qdq_pass import insert_qdq
+
+    layers = []
+    for node in index.nodes:
+        rule = RULES.get(node.op_type)
+        if node.op_type in CORRECTABLE and (node.name, rule.bias) in plan.biases:
+            layers.append((node, (node.name, rule.bias)))
+    if not layers:
+        return
+    names = [node.output[0] for node, _ in layers]
+    reference = session_with_outputs(model, names)
+    float_means = _channel_means(reference, names, feeds)
+    for node, key in layers:
+        session = session_with_outputs(insert_qdq(model, plan), [node.output[0]])
+        shift = _channel_means(session, [node.output[0]], feeds)[node.output[0]]
+        current = plan.bias_values.get(key, index.constant(node.input[key[1]]))
+        plan.bias_values[key] = current - (shift - float_means[node.output[0]])
+
+
+def _channel_means(session, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict:
+    """Per-channel (axis 1) means of tensors `names` over all `feeds`."""
+    sums = dict.fromkeys(names, 0.0)
+    counts = dict.fromkeys(names, 0)  # values per channel differ by tensor (spatial size)
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed), strict=True):
+            sums[name] = sums[name] + value.sum(axis=tuple(d for d in range(value.ndim) if d != 1))
+            counts[name] += value.size // value.shape[1]
+    return {name: sums[name] / counts[name] for name in names}

@@ -22,6 +22,7 @@ class QuantConfig:
     symmetric_activations: bool = False
     exclude: tuple[str, ...] = ()
     bias_correction: bool = True  # fold -(W_q - W) E[x] into each bias (docs/ptq.md)
+    sequential_bias_correction: bool = False  # measured per layer on the quantized network
     equalize: bool = False  # cross-layer equalization of conv chains before calibration
     target_sqnr: float | None = None  # keep the most harmful layers float until this is met
     adaround: bool = False  # learn each weight's rounding (needs the torch extra)
