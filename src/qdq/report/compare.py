@@ -63,7 +63,7 @@ class Comparison:
         if self.latency_ms:
             f, q = self.latency_ms
             lines.append(
-                f"latency       FP32 {f:.3f} ms   INT8 {q:.3f} ms   ({f / q:.2f}x faster, "
+                f"latency       FP32 {f:.3f} ms   INT8 {q:.3f} ms   ({f / q:.2f}x speed-up, "
                 "1 thread, batch 1, median)"
             )
         for name, stats in self.outputs.items():
