@@ -58,9 +58,6 @@ class Plan:
 
     decisions: dict[str, Decision] = field(default_factory=dict)
 
-    def quantized_nodes(self) -> list[str]:
-        return [name for name, d in self.decisions.items() if d.quantized]
-
 
 def rule_inputs(node: onnx.NodeProto, rule: OpRule) -> list[int]:
     """Indices of the inputs a rule quantizes (all of them for Concat)."""
