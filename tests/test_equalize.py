@@ -1,4 +1,5 @@
-"""Cross-layer equalization: function unchanged, ranges equal, per-tensor INT8 rescued."""
+"""Cross-layer equalization and bias absorption: function unchanged, ranges equal, ReLU6 caps
+respected, per-tensor INT8 rescued."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from onnx import numpy_helper
 
 from qdq.graph.config import QuantConfig
-from qdq.graph.equalize import _pairs, equalize
+from qdq.graph.datafree import batchnorm_moments
+from qdq.graph.equalize import equalize, find_pairs
 from qdq.graph.structure import GraphIndex
 from qdq.pipeline import prepare, quantize_model
 
@@ -33,7 +35,8 @@ def skewed_depthwise_model(seed: int = 0) -> onnx.ModelProto:
     model.graph.initializer.extend(kept)
     rng = np.random.default_rng(seed)
     inits = {t.name: t for t in model.graph.initializer}
-    for first, second in _pairs(GraphIndex(model)):
+    for pair in find_pairs(GraphIndex(model)):
+        first, second = pair.first, pair.second
         w1, b1, w2 = (numpy_helper.to_array(inits[n]) for n in (*first.input[1:3], second.input[1]))
         c = 10 ** rng.uniform(-1.5, 1.5, w1.shape[0])
         into = c.reshape(-1, 1, 1, 1) if w2.shape[1] == 1 else c.reshape(1, -1, 1, 1)
@@ -56,13 +59,13 @@ def test_equalization_keeps_the_function_and_equalizes_ranges():
     model = skewed_depthwise_model()
     x = np.load(DIGITS / "calib.npz")["input"][:64]
     before = ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})[0]
-    equalized, divided = equalize(model)
+    equalized, result = equalize(model)
     after = ort.InferenceSession(equalized.SerializeToString()).run(None, {"input": x})[0]
-    assert len(divided) == 6
+    assert len(result.divided) == 6
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
     inits = {t.name: numpy_helper.to_array(t) for t in equalized.graph.initializer}
-    for first, second in _pairs(GraphIndex(equalized)):
-        w1, w2 = inits[first.input[1]], inits[second.input[1]]
+    for pair in find_pairs(GraphIndex(equalized)):
+        w1, w2 = inits[pair.first.input[1]], inits[pair.second.input[1]]
         r1 = np.abs(w1).reshape(len(w1), -1).max(axis=1)
         by_input = w2 if w2.shape[1] == 1 else np.swapaxes(w2, 0, 1)
         r2 = np.abs(by_input).reshape(len(by_input), -1).max(axis=1)
@@ -81,3 +84,64 @@ def test_cle_rescues_per_tensor_int8_of_a_depthwise_network(tmp_path, bias_corre
     quantize_model(source, rescued, DIGITS / "calib.npz", config)
     assert accuracy(plain) < 0.5  # collapses, as in the DFQ paper's MobileNetV2 per-layer INT8
     assert accuracy(rescued) >= float_accuracy - 0.01
+
+
+def _constant(name: str, inits: dict, constants: dict) -> onnx.TensorProto:
+    return inits[name] if name in inits else constants[name].attribute[0].t
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})[0]
+
+
+def test_equalization_across_relu6_stays_within_the_cap():
+    """Across Clip(0, 6), channels that may reach 6 keep their scale and the others move only
+    as far as keeps them under it: the function is unchanged on real data."""
+    original = onnx.load(str(DIGITS / "mobilenet_bn.onnx"))
+    moments = batchnorm_moments(original)
+    model, _, _ = prepare(original, per_channel=True)
+    x = np.load(DIGITS / "calib.npz")["input"][:128]
+    before = run(model, x)
+    equalized, result = equalize(model, moments)
+    assert result.capped_pairs == 6
+    assert any(np.ptp(np.log(f)) > 0.3 for f in result.divided.values())
+    np.testing.assert_allclose(run(equalized, x), before, rtol=1e-4, atol=1e-4)
+    assert sum(n.op_type == "Clip" for n in equalized.graph.node) == 7  # ReLU6 kept
+
+
+def test_without_statistics_relu6_pairs_are_left_alone():
+    model, _, _ = prepare(onnx.load(str(DIGITS / "mobilenet_bn.onnx")), per_channel=True)
+    _, result = equalize(model)
+    assert result.divided == {}
+    assert result.capped_pairs == 0
+
+
+def test_bias_absorption_shifts_relu_inputs_into_unpadded_convs():
+    """The depthwise model with ReLU for ReLU6 and every BatchNorm's beta raised by 4 gamma in
+    half its channels: absorption moves max(0, mean - 4 std) out of those channels into the
+    following 1x1 conv's bias, and the outputs stay (nearly) equal."""
+    original = onnx.load(str(DIGITS / "mobilenet_bn.onnx"))
+    inits = {t.name: t for t in original.graph.initializer}
+    constants = {n.output[0]: n for n in original.graph.node if n.op_type == "Constant"}
+    for node in original.graph.node:
+        if node.op_type == "Clip":
+            node.op_type = "Relu"
+            del node.input[1:]
+        if node.op_type == "BatchNormalization":
+            gamma, beta = (_constant(name, inits, constants) for name in node.input[1:3])
+            raised = numpy_helper.to_array(beta) + 4 * np.abs(numpy_helper.to_array(gamma))
+            raised[::2] = numpy_helper.to_array(beta)[::2]
+            beta.CopyFrom(numpy_helper.from_array(raised.astype(np.float32), beta.name))
+    moments = batchnorm_moments(original)
+    model, _, _ = prepare(original, per_channel=True)
+    x = np.load(DIGITS / "calib.npz")["input"][:128]
+    before = run(model, x)
+    absorbing, result = equalize(model, moments)
+    assert result.absorbed, "some channel has mean - 4 std > 0"
+    for name, shift in result.absorbed.items():
+        pair = next(p for p in find_pairs(GraphIndex(absorbing)) if p.first.output[0] == name)
+        assert not any(a.name == "pads" and any(a.ints) for a in pair.second.attribute)
+        assert np.all(shift >= 0)
+    after = run(absorbing, x)
+    error = np.sqrt(np.mean((after - before) ** 2)) / np.sqrt(np.mean(before**2))
+    assert error < 1e-2  # exact wherever x >= c: all but the tail beyond 4 std

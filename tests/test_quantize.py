@@ -67,6 +67,22 @@ def test_every_conv_becomes_an_int8_kernel_in_onnx_runtime(tmp_path, name):
     assert fused["DequantizeLinear"] == 1
 
 
+def test_transformer_residual_adds_run_in_int8(tmp_path):
+    """A linear layer's bias Add feeding the residual Add goes int8 (QLinearAdd), like the residual
+    Add itself: left float, ONNX Runtime fuses them with the LayerNorm into the slower
+    SkipLayerNormalization. The bias before GELU stays float (it fuses into BiasGelu)."""
+    out = tmp_path / "q.onnx"
+    quantize_model(DIGITS / "transformer.onnx", out, DIGITS / "calib.npz")
+    model = ort_rewrite(onnx.load(str(out)), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    fused = op_counts(model)
+    int8_adds = {n.name for n in model.graph.node if n.op_type == "QLinearAdd"}
+    for layer in ("/encoder/layers.0", "/encoder/layers.1"):
+        assert {f"{layer}/linear2/Add", f"{layer}/Add_2"} <= int8_adds
+    assert fused["SkipLayerNormalization"] == 0
+    assert fused["BiasGelu"] == 2
+    assert fused["QLinearMatMul"] + fused["QGemm"] == 14
+
+
 def test_weights_are_stored_as_integers(tmp_path):
     out = tmp_path / "q.onnx"
     quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz")
@@ -161,6 +177,29 @@ def test_an_op_without_int8_rule_stays_float_and_the_model_still_works(tmp_path)
     assert not tanh.quantized
     assert "no int8 rule for Tanh" in tanh.reason
     assert sqnr_db(run(source, {"x": x})[0], run(out, {"x": x})[0]) > 25
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_a_dead_channel_keeps_its_bias_in_onnx_runtimes_int8_kernel(tmp_path, per_channel):
+    """All-zero weights with a bias (EfficientNet-Lite0's stem has four such channels): the int32
+    bias code must not overflow, or the fused QLinearConv outputs garbage for that channel."""
+    model = models.conv_net()
+    inits = {t.name: t for t in model.graph.initializer}
+    w1 = onnx.numpy_helper.to_array(inits["w1"]).copy()
+    b1 = onnx.numpy_helper.to_array(inits["b1"]).copy()
+    w1[3], b1[3] = 0.0, 8.0
+    inits["w1"].CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
+    inits["b1"].CopyFrom(onnx.numpy_helper.from_array(b1, "b1"))
+    source = save(model, tmp_path)
+    x = np.random.default_rng(6).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "q.onnx"
+    quantize_model(source, out, tmp_path / "x.npy", QuantConfig(per_channel=per_channel))
+    quantized = onnx.load(str(out))
+    quantized.graph.output.append(onnx.helper.make_tensor_value_info("r1", 1, None))
+    session = ort.InferenceSession(quantized.SerializeToString())  # fused int8 kernels
+    relu = session.run(["r1"], {"x": x})[0]
+    np.testing.assert_allclose(relu[:, 3], 8.0, rtol=0.01)
 
 
 def test_models_older_than_opset_13_are_upgraded_for_per_channel_weights(tmp_path):

@@ -22,6 +22,7 @@ from qdq.graph.config import QuantConfig
 from qdq.graph.data import ImageOptions, Samples, model_inputs
 from qdq.graph.datafree import Moments, batchnorm_moments, mean_samples, propagate
 from qdq.graph.equalize import equalize
+from qdq.graph.fuse import fuse_hard_swish
 from qdq.graph.model import (
     PER_AXIS_OPSET,
     default_opset,
@@ -101,6 +102,9 @@ def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto,
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{i}"
         seen.add(node.name)
+    model, fused = fuse_hard_swish(model)
+    if fused:
+        notes.append(f"rewrote {fused} written-out HardSwish as x * HardSigmoid(x)")
     return model, per_channel, notes
 
 
@@ -235,24 +239,24 @@ def quantize_model(
     source, target = Path(model_path), Path(output_path)
     _check_output(source, target)
     model = load_model(source)
-    if config.data_free:
-        moments = batchnorm_moments(model)
-        if not moments:
-            raise ModelError(
-                f"{source} has no BatchNormalization layers, whose statistics "
-                "--data-free needs; calibrate with --calib instead"
-            )
-    else:
+    moments = batchnorm_moments(model)  # read before preparation folds the BatchNorms
+    if config.data_free and not moments:
+        raise ModelError(
+            f"{source} has no BatchNormalization layers, whose statistics "
+            "--data-free needs; calibrate with --calib instead"
+        )
+    if not config.data_free:
         samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
     prepared, per_channel, notes = prepare(model, config.per_channel)
     if config.equalize or config.data_free:
-        prepared, divided = equalize(prepared)
-        notes.append(f"cross-layer equalization rescaled {len(divided)} conv pairs")
+        prepared, equalized = equalize(prepared, moments)
+        moments = equalized.moments
+        notes.append(
+            f"cross-layer equalization rescaled {len(equalized.divided)} conv pairs "
+            f"({equalized.capped_pairs} across ReLU6, within its cap); bias absorption "
+            f"shifted {len(equalized.absorbed)}"
+        )
     if config.data_free:
-        for name, factor in divided.items():
-            if name in moments:  # the channel values were divided, and so are their moments
-                m = moments[name]
-                moments[name] = Moments(m.mean / factor, m.std / factor, m.low, m.high)
         plan, seconds = plan_data_free(prepared, config, per_channel, moments), 0.0
     else:
         plan, seconds = plan_model(prepared, samples, config, per_channel, progress, metric)

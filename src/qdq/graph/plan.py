@@ -106,7 +106,7 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
             (node.input[i] for i in rule_inputs(node, rule) if index.is_constant(node.input[i])),
             None,
         )
-        if constant:
+        if constant and not _is_matmul_bias(node, index):
             return floating(
                 f"constant operand {constant!r}: exact and cheap in float, where int8 would "
                 "add a rounding step"
@@ -114,6 +114,26 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
     if rule.kind == "compute":
         return Decision(node.name, node.op_type, True, "int8 kernel")
     return Decision(node.name, node.op_type, True, "pending: int8 if int8 flows into it")
+
+
+def _is_matmul_bias(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """An Add of a constant to a MatMul's only output: the bias of a linear layer (ONNX has no
+    MatMul with bias), int8 in ONNX Runtime's QLinearAdd so that int8 flows on into the residual
+    Add. Kept float, the residual Add and LayerNorm fuse into SkipLayerNormalization, slower on the
+    CPU than QLinearAdd + LayerNorm (docs/ptq.md)."""
+    if node.op_type != "Add":
+        return False
+    data = [name for name in node.input if not index.is_constant(name)]
+    producer = index.producer.get(data[0]) if len(data) == 1 else None
+    users = index.consumers.get(node.output[0], [])
+    return (
+        producer is not None
+        and producer.op_type == "MatMul"
+        and index.is_constant(producer.input[1])
+        and len(index.consumers[data[0]]) == 1
+        and len(users) == 1
+        and users[0].op_type == "Add"
+    )
 
 
 def calibration_targets(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
@@ -266,12 +286,22 @@ def _concat_fits(
     return True
 
 
+BIAS_CODE_LIMIT = 2**30  # int32 bias codes, with room for bias correction and the accumulator
+
+
 def _plan_constants(index: GraphIndex, plan: Plan, config: QuantConfig, per_channel: bool) -> None:
     """Weights per channel, biases int32 with scale s_x * s_w, other constants per tensor."""
     for node in index.nodes:
         if not plan.decisions[node.name].quantized:
             continue
         rule = RULES[node.op_type]
+        if rule.kind == "elementwise":  # a MatMul's bias: per tensor, as an activation
+            for i in rule_inputs(node, rule):
+                if index.is_constant(node.input[i]):
+                    values = index.constant(node.input[i])
+                    rng = Range(values.min(), values.max())
+                    plan.constants[node.name, i] = choose_qparams(rng, config.activation_scheme)
+            continue
         if rule.kind != "compute":
             continue
         weight = rule.weight
@@ -295,8 +325,26 @@ def _plan_constants(index: GraphIndex, plan: Plan, config: QuantConfig, per_chan
             bias = node.input[rule.bias]
             if bias and index.is_constant(bias) and index.constant(bias).ndim == 1:
                 x_scale = plan.activations[node.input[0]].scale.astype(np.float64)
-                w_scale = plan.constants[node.name, weight].scale
-                plan.biases[node.name, rule.bias] = (x_scale * w_scale).astype(np.float32)
+                fitted = _fit_bias(index.constant(bias), x_scale, plan.constants[node.name, weight])
+                plan.constants[node.name, weight] = fitted
+                plan.biases[node.name, rule.bias] = (x_scale * fitted.scale).astype(np.float32)
+
+
+def _fit_bias(bias: np.ndarray, x_scale: np.ndarray, weights: QParams) -> QParams:
+    """Weight qparams whose scales are raised where the bias would not fit its int32 codes.
+
+    A dead channel (all-zero weights, as EfficientNet-Lite0's stem has) gets the smallest scale,
+    so `bias / (s_x s_w)` overflows int32: ONNX Runtime's int8 kernel then outputs garbage for
+    that channel. Its weights are all zero, so any scale quantizes them exactly."""
+    needed = np.abs(bias.astype(np.float64)) / (x_scale * BIAS_CODE_LIMIT)
+    if weights.scale.ndim == 0:
+        needed = needed.max(initial=0.0)
+    scale = np.maximum(weights.scale.astype(np.float64), needed)
+    if np.array_equal(scale, weights.scale):
+        return weights
+    if weights.scheme.power_of_two_scale:
+        scale = 2.0 ** np.ceil(np.log2(scale))
+    return QParams(scale, weights.zero_point, weights.scheme)
 
 
 def _weight_qparams(values: np.ndarray, axis: int | None, config: QuantConfig) -> QParams:

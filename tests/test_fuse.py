@@ -1,0 +1,75 @@
+"""Written-out HardSwish becomes x * HardSigmoid(x): the same function in two ops, not four."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qdq.graph.fuse import fuse_hard_swish
+from qdq.pipeline import prepare
+
+
+def written_out(order: str) -> onnx.ModelProto:
+    """x -> Conv -> x * clip(x + 3, 0, 6) / 6 (as paddle2onnx writes it) -> Conv."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 2, 3, 3)) * 2).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((3, 4, 1, 1)).astype(np.float32), "w2"),
+        *(
+            numpy_helper.from_array(np.array(v, np.float32), n)
+            for n, v in (("three", 3.0), ("zero", 0.0), ("six", 6.0), ("sixth", 1 / 6))
+        ),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "three"], ["a"]),
+        helper.make_node("Clip", ["a", "zero", "six"], ["r"]),
+    ]
+    if order == "mul-div":
+        nodes += [
+            helper.make_node("Mul", ["c", "r"], ["m"]),
+            helper.make_node("Div", ["m", "six"], ["h"]),
+        ]
+    else:  # (clip * 1/6) * x
+        nodes += [
+            helper.make_node("Mul", ["sixth", "r"], ["m"]),
+            helper.make_node("Mul", ["m", "c"], ["h"]),
+        ]
+    nodes.append(helper.make_node("Conv", ["h", "w2"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "hardswish",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("order", ["mul-div", "scale-mul"])
+def test_written_out_hard_swish_becomes_two_ops_with_the_same_output(order):
+    model = written_out(order)
+    x = np.random.default_rng(1).standard_normal((8, 2, 6, 6)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    fused, count = fuse_hard_swish(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert count == 1
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops == ["Conv", "HardSigmoid", "Mul", "Conv"]
+    onnx.checker.check_model(fused)
+    after = ort.InferenceSession(fused.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tensor_used_elsewhere_is_not_fused_away():
+    model = written_out("mul-div")
+    model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    _, count = fuse_hard_swish(model)
+    assert count == 0
+
+
+def test_preparation_fuses_and_says_so():
+    _, _, notes = prepare(written_out("mul-div"), per_channel=True)
+    assert any("1 written-out HardSwish" in note for note in notes)
