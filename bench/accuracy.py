@@ -39,6 +39,8 @@ def main() -> None:
         "--models", nargs="+", default=["mobilenet", "ppocr_cls", "efficientnet_lite0"]
     )
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--bits", nargs="+", type=int, default=[8, 4])
     args = parser.parse_args()
     print("| model | weights | variant | SQNR dB | metric | seconds |")
     print("|---|---|---|---|---|---|")
@@ -49,9 +51,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data = save_samples(task.calib, Path(tmp) / "calib")
             for per_channel in (False, True):
-                for bits in (8, 4):
+                for bits in args.bits:
                     label = f"{bits}-bit {'per-channel' if per_channel else 'per-tensor'}"
-                    for name, options in VARIANTS.items():
+                    for name in args.variants:
+                        options = VARIANTS[name]
                         config = QuantConfig(per_channel=per_channel, weight_bits=bits, **options)
                         row = measure(task, reference, data, config, Path(tmp) / "q.onnx")
                         if row:

@@ -5,7 +5,8 @@
   output are quantized, the output with its own calibrated range;
 - "elementwise": Add, Mul and the average pools have int8 kernels too (QLinearAdd, ...), but
   they are cheap, so they are quantized only where int8 already flows into every input: where an
-  input comes from a float op (or is a constant), quantizing them would only add a rounding step;
+  input comes from a float op (or is a constant), quantizing them would only add a rounding step
+  (except a MatMul's bias feeding a residual Add: `plan._is_matmul_bias`);
 - "shared": Concat: inputs and output share the output's qparams, so int8 is copied, not rescaled;
 - "inherit": MaxPool, Resize and the shape ops only move or pick values: the output reuses the
   input's qparams exactly, so int8 flows through them;
