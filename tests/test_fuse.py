@@ -1,4 +1,5 @@
-"""Written-out HardSwish becomes x * HardSigmoid(x): the same function in two ops, not four."""
+"""Preparation rewrites: written-out HardSwish in two ops, not four; constant affine steps folded
+into the Conv before them. Same function, fewer float passes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq.graph.fuse import fuse_hard_swish
+from qdq.graph.fuse import fold_affine, fuse_hard_swish
 from qdq.pipeline import prepare
 
 
@@ -73,3 +74,64 @@ def test_a_tensor_used_elsewhere_is_not_fused_away():
 def test_preparation_fuses_and_says_so():
     _, _, notes = prepare(written_out("mul-div"), per_channel=True)
     assert any("1 written-out HardSwish" in note for note in notes)
+
+
+def conv_affine(scale: np.ndarray, shift: np.ndarray, bias: bool) -> onnx.ModelProto:
+    """x -> Conv -> Mul(scale) -> Add(shift) -> Relu, as PP-OCRv4's MobileOne blocks write it."""
+    rng = np.random.default_rng(2)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(scale.astype(np.float32), "scale"),
+        numpy_helper.from_array(shift.astype(np.float32), "shift"),
+    ]
+    conv_inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"))
+        conv_inputs.append("b")
+    nodes = [
+        helper.make_node("Conv", conv_inputs, ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Mul", ["scale", "c"], ["m"]),
+        helper.make_node("Add", ["m", "shift"], ["a"]),
+        helper.make_node("Relu", ["a"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize(
+    ("scale", "shift", "bias"),
+    [
+        (np.array([1.38]), np.array([0.59]), True),  # PP-OCRv4's scalar scale and shift
+        (np.array([-0.5, 2.0, 1.0, 3.0]).reshape(4, 1, 1), np.zeros((1, 4, 1, 1)) + 0.1, False),
+    ],
+)
+def test_constant_mul_and_add_after_a_conv_fold_into_it(scale, shift, bias):
+    model = conv_affine(scale, shift, bias)
+    x = np.random.default_rng(3).standard_normal((8, 2, 6, 6)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    folded, count = fold_affine(model)
+    assert count == 2
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu"]
+    assert {t.name for t in folded.graph.initializer}.isdisjoint({"scale", "shift", "w"})
+    onnx.checker.check_model(folded)
+    after = ort.InferenceSession(folded.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_spatially_varying_constant_is_not_folded():
+    model = conv_affine(np.ones((1, 4, 6, 6)), np.zeros(1), True)
+    folded, count = fold_affine(model)
+    assert count == 0
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Mul", "Add", "Relu"]
+
+
+def test_a_constant_along_the_last_axis_is_not_folded():
+    """(C,) broadcasts along the width of an (N, C, H, W) output, not along its channels."""
+    _, count = fold_affine(conv_affine(np.arange(1.0, 7.0), np.zeros(1), True))
+    assert count == 0

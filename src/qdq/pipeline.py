@@ -22,7 +22,7 @@ from qdq.graph.config import QuantConfig
 from qdq.graph.data import ImageOptions, Samples, model_inputs
 from qdq.graph.datafree import Moments, batchnorm_moments, mean_samples, propagate
 from qdq.graph.equalize import equalize
-from qdq.graph.fuse import fuse_hard_swish
+from qdq.graph.fuse import fold_affine, fuse_hard_swish
 from qdq.graph.model import (
     PER_AXIS_OPSET,
     default_opset,
@@ -105,6 +105,9 @@ def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto,
     model, fused = fuse_hard_swish(model)
     if fused:
         notes.append(f"rewrote {fused} written-out HardSwish as x * HardSigmoid(x)")
+    model, folded = fold_affine(model)
+    if folded:
+        notes.append(f"folded {folded} constant Mul/Add into the preceding Conv")
     return model, per_channel, notes
 
 

@@ -1,5 +1,10 @@
 """Graph rewrites that ONNX Runtime does not do but that quantized graphs need.
 
+A Conv followed by a constant Mul and/or Add (PP-OCRv4's MobileOne blocks put a learnable
+scalar scale and shift after every convolution) is one Conv with scaled weights and bias: folding
+them leaves the convolution's output to feed its activation directly, so the int8 kernel's output
+range is the activation's input range, not the affine step's.
+
 HardSwish written out as `x * clip(x + 3, 0, 6) / 6` (what paddle2onnx and older exporters emit,
 and what opsets below 14 must emit) is four float elementwise passes between int8 layers: four
 kernel launches and four trips through memory per activation. `x * HardSigmoid(x)` with
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from qdq.graph.structure import GraphIndex
 
@@ -44,6 +49,81 @@ def fuse_hard_swish(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     del model.graph.node[:]
     model.graph.node.extend(kept)
     return model, len(replaced)
+
+
+def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """`model` with constant per-channel Mul/Add after a Conv folded into its weights and bias;
+    returns how many Mul/Add nodes went."""
+    index = GraphIndex(model)
+    folded: set[int] = set()
+    renamed: dict[str, str] = {}  # a folded node's output -> the Conv output it now equals
+    for conv in index.nodes:
+        if conv.op_type != "Conv" or not index.is_constant(conv.input[1]):
+            continue
+        if len(conv.input) > 2 and conv.input[2] and not index.is_constant(conv.input[2]):
+            continue
+        w = index.constant(conv.input[1]).astype(np.float64)
+        bias = index.constant(conv.input[2]).astype(np.float64) if _has_bias(conv) else 0.0
+        steps, out = [], conv.output[0]
+        while (node := _only_user(index, out)) is not None and node.op_type in ("Mul", "Add"):
+            value = _channel_constant(node, out, index, w.ndim, w.shape[0])
+            if value is None:
+                break
+            if node.op_type == "Mul":
+                w, bias = w * value.reshape((-1,) + (1,) * (w.ndim - 1)), bias * value
+            else:
+                bias = bias + value
+            steps.append(node)
+            out = node.output[0]
+        if not steps:
+            continue
+        _set(model, conv, 1, w)
+        _set(model, conv, 2, np.broadcast_to(bias, (w.shape[0],)))
+        folded.update(id(n) for n in steps)
+        renamed[conv.output[0]] = out
+    if not folded:
+        return model, 0
+    kept = [n for n in index.nodes if id(n) not in folded]
+    for node in kept:
+        if node.op_type == "Conv" and node.output[0] in renamed:
+            node.output[0] = renamed[node.output[0]]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    used = {name for node in kept for name in node.input}
+    unused = [t for t in model.graph.initializer if t.name not in used]
+    for tensor in unused:
+        model.graph.initializer.remove(tensor)
+    return model, len(folded)
+
+
+def _has_bias(node: onnx.NodeProto) -> bool:
+    return len(node.input) > 2 and bool(node.input[2])
+
+
+def _channel_constant(
+    node: onnx.NodeProto, data: str, index: GraphIndex, weight_rank: int, channels: int
+) -> np.ndarray | None:
+    """The Mul/Add's other operand as one value per output channel, if it is a constant that
+    broadcasts that way against the (N, C, ...) output (a scalar, or 1 everywhere but C)."""
+    other = [name for name in node.input if name != data]
+    if len(other) != 1 or not index.is_constant(other[0]):
+        return None
+    value = index.constant(other[0]).astype(np.float64)
+    if value.ndim > weight_rank:
+        return None
+    shape = (1,) * (weight_rank - value.ndim) + value.shape  # right-aligned, as ONNX broadcasts
+    if shape[0] != 1 or shape[1] not in (1, channels) or any(d != 1 for d in shape[2:]):
+        return None
+    return np.broadcast_to(value.reshape(-1), (channels,)).copy()
+
+
+def _set(model: onnx.ModelProto, conv: onnx.NodeProto, i: int, value: np.ndarray) -> None:
+    """Give `conv` input i a new initializer holding `value` (others may share the old one)."""
+    name = f"{conv.name or conv.output[0]}_folded_{i}"
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+    while len(conv.input) <= i:
+        conv.input.append("")
+    conv.input[i] = name
 
 
 def _match(add: onnx.NodeProto, index: GraphIndex) -> tuple[str, list[onnx.NodeProto], str] | None:
