@@ -40,11 +40,16 @@ def written_out(order: str) -> onnx.ModelProto:
             helper.make_node("Mul", ["m", "c"], ["h"]),
         ]
     nodes.append(helper.make_node("Conv", ["h", "w2"], ["y"]))
+    return graph_model(nodes, inits, out_channels=3)
+
+
+def graph_model(nodes: list, inits: list, out_channels: int) -> onnx.ModelProto:
+    """x (N, 2, 6, 6) -> nodes -> y (N, out_channels, 6, 6), opset 13."""
     graph = helper.make_graph(
         nodes,
-        "hardswish",
+        "rewrites",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_channels, 6, 6])],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -94,14 +99,7 @@ def conv_affine(scale: np.ndarray, shift: np.ndarray, bias: bool) -> onnx.ModelP
         helper.make_node("Add", ["m", "shift"], ["a"]),
         helper.make_node("Relu", ["a"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "affine",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return graph_model(nodes, inits, out_channels=4)
 
 
 @pytest.mark.parametrize(
