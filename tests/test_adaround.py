@@ -10,20 +10,13 @@ from qdq.errors import SchemeError
 from qdq.graph.config import QuantConfig
 from qdq.pipeline import quantize_model
 
-from conftest import DIGITS, digits_cnn_sqnr
+from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn
 
 
-def test_adaround_raises_4_bit_digits_cnn_sqnr(tmp_path):
+def test_adaround_raises_4_bit_digits_cnn_sqnr(tmp_path, cnn_4bit_sqnr):
     pytest.importorskip("torch")
-    nearest, learned = tmp_path / "nearest.onnx", tmp_path / "learned.onnx"
-    quantize_model(DIGITS / "cnn.onnx", nearest, DIGITS / "calib.npz", QuantConfig(weight_bits=4))
-    quantize_model(
-        DIGITS / "cnn.onnx",
-        learned,
-        DIGITS / "calib.npz",
-        QuantConfig(weight_bits=4, adaround=True),
-    )
-    assert digits_cnn_sqnr(learned) > digits_cnn_sqnr(nearest) + 2.0  # measured: 18.5 -> 22.4 dB
+    learned, _ = quantize_cnn(tmp_path, weight_bits=4, adaround=True)
+    assert digits_cnn_sqnr(learned) > cnn_4bit_sqnr + 2.0  # measured: 18.5 -> 22.4 dB
 
 
 def test_adaround_without_torch_says_how_to_get_it(tmp_path, monkeypatch):

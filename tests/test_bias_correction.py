@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qdq.graph.config import QuantConfig
 from qdq.pipeline import quantize_model
 
-from conftest import DIGITS, digits_cnn_sqnr
+from conftest import digits_cnn_sqnr, quantize_cnn
 
 
 def padded_depthwise(rng: np.random.Generator) -> onnx.ModelProto:
@@ -48,15 +48,6 @@ def test_bias_correction_removes_the_mean_shift_of_a_padded_depthwise_conv(tmp_p
     assert shifts[True] < shifts[False] / 4
 
 
-def test_sequential_correction_beats_the_per_layer_one_at_4_bits(tmp_path):
-    from qdq.pipeline import quantize_model as quantize
-
-    per_layer, sequential = tmp_path / "a.onnx", tmp_path / "b.onnx"
-    quantize_model(DIGITS / "cnn.onnx", per_layer, DIGITS / "calib.npz", QuantConfig(weight_bits=4))
-    quantize(
-        DIGITS / "cnn.onnx",
-        sequential,
-        DIGITS / "calib.npz",
-        QuantConfig(weight_bits=4, sequential_bias_correction=True),
-    )
-    assert digits_cnn_sqnr(sequential) > digits_cnn_sqnr(per_layer) + 2.0  # measured 18.5 -> 21.8
+def test_sequential_correction_beats_the_per_layer_one_at_4_bits(tmp_path, cnn_4bit_sqnr):
+    sequential, _ = quantize_cnn(tmp_path, weight_bits=4, sequential_bias_correction=True)
+    assert digits_cnn_sqnr(sequential) > cnn_4bit_sqnr + 2.0  # measured 18.5 -> 21.8

@@ -8,23 +8,16 @@ import onnxruntime as ort
 from qdq.graph.config import QuantConfig
 from qdq.pipeline import quantize_model
 
-from conftest import DIGITS, digits_cnn_sqnr
+from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn
 
 
-def test_target_sqnr_keeps_the_fewest_harmful_layers_float(tmp_path):
-    plain, budgeted = tmp_path / "plain.onnx", tmp_path / "budget.onnx"
-    quantize_model(DIGITS / "cnn.onnx", plain, DIGITS / "calib.npz", QuantConfig(weight_bits=4))
-    report = quantize_model(
-        DIGITS / "cnn.onnx",
-        budgeted,
-        DIGITS / "calib.npz",
-        QuantConfig(weight_bits=4, target_sqnr=30.0),
-    )
+def test_target_sqnr_keeps_the_fewest_harmful_layers_float(tmp_path, cnn_4bit_sqnr):
+    budgeted, report = quantize_cnn(tmp_path, weight_bits=4, target_sqnr=30.0)
     kept = [d for d in report.kept_float if d.reason == "kept float to meet --target-sqnr"]
     assert 1 <= len(kept) < 4  # some layers, not all
     assert any(" met:" in note for note in report.notes)
     assert any("cost of the float layers" in note for note in report.notes)
-    assert digits_cnn_sqnr(plain) < 25
+    assert cnn_4bit_sqnr < 25
     assert digits_cnn_sqnr(budgeted) > 27  # measured on calibration data, holds on held-out data
 
 

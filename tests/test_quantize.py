@@ -14,7 +14,7 @@ import pytest
 import models
 from qdq.graph.config import PRESETS, QuantConfig
 from qdq.graph.model import ort_rewrite
-from qdq.pipeline import inspect_model, quantize_model
+from qdq.pipeline import QuantizeReport, inspect_model, quantize_model
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 FUSED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -33,6 +33,15 @@ def accuracy(path: Path) -> float:
 
 def op_counts(model: onnx.ModelProto) -> collections.Counter:
     return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def quantize_on(
+    source: Path, x: np.ndarray, folder: Path, config: QuantConfig | None = None
+) -> tuple[Path, QuantizeReport]:
+    """`source` quantized with `x` (saved as folder/x.npy) for calibration: (output, report)."""
+    np.save(folder / "x.npy", x)
+    out = folder / "q.onnx"
+    return out, quantize_model(source, out, folder / "x.npy", config)
 
 
 def save(model: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path:
@@ -125,11 +134,8 @@ def test_tensorrt_preset_is_symmetric_int8_with_narrow_per_channel_weights(tmp_p
 
 def test_conv_transpose_weights_are_per_channel_on_axis_1(tmp_path):
     source = save(models.conv_transpose_net(), tmp_path)
-    data = tmp_path / "x.npy"
     x = np.random.default_rng(1).standard_normal((32, 4, 4, 4)).astype(np.float32)
-    np.save(data, x)
-    out = tmp_path / "q.onnx"
-    quantize_model(source, out, data)
+    out, _ = quantize_on(source, x, tmp_path)
     model = onnx.load(str(out))
     weight_dq = next(n for n in model.graph.node if n.name.startswith("w_"))
     assert {a.name: a.i for a in weight_dq.attribute}["axis"] == 1
@@ -139,9 +145,7 @@ def test_conv_transpose_weights_are_per_channel_on_axis_1(tmp_path):
 def test_a_concat_of_very_different_ranges_stays_float(tmp_path):
     source = save(models.detector_head(), tmp_path)
     x = np.random.default_rng(2).standard_normal((64, 16)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "q.onnx"
-    report = quantize_model(source, out, tmp_path / "x.npy")
+    out, report = quantize_on(source, x, tmp_path)
     head = next(d for d in report.decisions if d.node == "head")
     assert not head.quantized
     assert "levels" in head.reason
@@ -170,9 +174,7 @@ def test_masks_and_sentinels_are_never_quantized(tmp_path):
 def test_an_op_without_int8_rule_stays_float_and_the_model_still_works(tmp_path):
     source = save(models.conv_net(middle="Tanh"), tmp_path)
     x = np.random.default_rng(4).standard_normal((32, 3, 8, 8)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "q.onnx"
-    report = quantize_model(source, out, tmp_path / "x.npy")
+    out, report = quantize_on(source, x, tmp_path)
     tanh = next(d for d in report.decisions if d.node == "middle")
     assert not tanh.quantized
     assert "no int8 rule for Tanh" in tanh.reason
@@ -192,9 +194,7 @@ def test_a_dead_channel_keeps_its_bias_in_onnx_runtimes_int8_kernel(tmp_path, pe
     inits["b1"].CopyFrom(onnx.numpy_helper.from_array(b1, "b1"))
     source = save(model, tmp_path)
     x = np.random.default_rng(6).standard_normal((16, 3, 8, 8)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "q.onnx"
-    quantize_model(source, out, tmp_path / "x.npy", QuantConfig(per_channel=per_channel))
+    out, _ = quantize_on(source, x, tmp_path, QuantConfig(per_channel=per_channel))
     quantized = onnx.load(str(out))
     quantized.graph.output.append(onnx.helper.make_tensor_value_info("r1", 1, None))
     session = ort.InferenceSession(quantized.SerializeToString())  # fused int8 kernels
@@ -205,9 +205,7 @@ def test_a_dead_channel_keeps_its_bias_in_onnx_runtimes_int8_kernel(tmp_path, pe
 def test_models_older_than_opset_13_are_upgraded_for_per_channel_weights(tmp_path):
     source = save(models.conv_net(opset=11), tmp_path)
     x = np.random.default_rng(5).standard_normal((16, 3, 8, 8)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "q.onnx"
-    quantize_model(source, out, tmp_path / "x.npy")
+    out, _ = quantize_on(source, x, tmp_path)
     quantized = onnx.load(str(out))
     opset = next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))
     assert opset >= 13

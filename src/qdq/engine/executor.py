@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from qdq.engine.kernels import INTEGER_ONLY, KERNELS, Context
 from qdq.errors import DataError, ModelError
 from qdq.graph.model import load_model, ort_rewrite
+from qdq.graph.structure import attributes
 
 
 @dataclass(frozen=True)
@@ -57,22 +58,23 @@ class Engine:
         self.accumulator_bits = accumulator_bits
         self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.opsets = list(model.opset_import)
+        self.inputs = [i.name for i in model.graph.input if i.name not in self.constants]
+        self._attributes = [attributes(node) for node in model.graph.node]  # parsed once
         self._sessions: dict[int, ort.InferenceSession] = {}
         self._multipliers: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # M -> (m0, shift)
         self.float_nodes: list[str] = []
         self.last_context = Context(requant, accumulator_bits)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = [i.name for i in self.model.graph.input if i.name not in self.constants]
-        missing = [name for name in expected if name not in feeds]
+        missing = [name for name in self.inputs if name not in feeds]
         if missing:
-            raise DataError(f"feeds lack inputs {missing}; the model expects {expected}")
+            raise DataError(f"feeds lack inputs {missing}; the model expects {self.inputs}")
         values: dict[str, np.ndarray | None] = {**self.constants, **feeds, "": None}
         context = Context(self.requant, self.accumulator_bits, multipliers=self._multipliers)
         float_nodes = []
-        for position, node in enumerate(self.model.graph.node):
+        nodes = zip(self.model.graph.node, self._attributes, strict=True)
+        for position, (node, attrs) in enumerate(nodes):
             inputs = [values[name] if name else None for name in node.input]
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
             context.node = node.name
             if node.op_type == "Constant":

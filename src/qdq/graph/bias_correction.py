@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from qdq.affine import dequantize
 from qdq.graph.plan import Plan
 from qdq.graph.rules import RULES
-from qdq.graph.structure import GraphIndex
+from qdq.graph.structure import GraphIndex, attributes
 
 CORRECTABLE = ("Conv", "ConvTranspose", "Gemm")
 
@@ -46,7 +46,7 @@ def correct_biases(index: GraphIndex, plan: Plan, means: dict[str, np.ndarray]) 
 
 def _expected_output(node: onnx.NodeProto, mean: np.ndarray, error: np.ndarray) -> np.ndarray:
     """The node's own op applied to the mean input with the weight error as weight, no bias."""
-    single = helper.make_node(node.op_type, ["x", "w"], ["y"], **_attributes(node))
+    single = helper.make_node(node.op_type, ["x", "w"], ["y"], **attributes(node))
     graph = helper.make_graph(
         [single],
         "bias_correction",
@@ -57,10 +57,6 @@ def _expected_output(node: onnx.NodeProto, mean: np.ndarray, error: np.ndarray) 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": mean})[0].astype(np.float64)
-
-
-def _attributes(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def correct_sequentially(

@@ -16,9 +16,9 @@ from math import erf, sqrt
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from qdq.graph.structure import GraphIndex
+from qdq.graph.structure import GraphIndex, attributes, clip_bounds
 from qdq.qparams import Range
 
 N_SIGMA = 6.0  # measured on the depthwise digits model: 3 -> 7.6 dB, 4 -> 11.3, 6 -> 22.7
@@ -115,10 +115,8 @@ def _relu(x: Moments) -> Moments:
 
 
 def _clip_max(node: onnx.NodeProto, index: GraphIndex) -> float:
-    if len(node.input) > 2 and node.input[2] and index.is_constant(node.input[2]):
-        return float(index.constant(node.input[2]))
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return float(attrs.get("max", np.inf))
+    high = clip_bounds(node, index)[1]
+    return np.inf if high is None else high
 
 
 def _linear(node: onnx.NodeProto, index: GraphIndex, x: Moments) -> Moments | None:
@@ -126,7 +124,7 @@ def _linear(node: onnx.NodeProto, index: GraphIndex, x: Moments) -> Moments | No
     w = index.constant(node.input[1]).astype(np.float64)
     bias = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
     if node.op_type == "Conv":
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = attributes(node)
         group = attrs.get("group", 1)
         m, cg = w.shape[:2]
         channels = (np.arange(m) // (m // group))[:, None] * cg + np.arange(cg)[None, :]
@@ -135,7 +133,7 @@ def _linear(node: onnx.NodeProto, index: GraphIndex, x: Moments) -> Moments | No
         mean = (w.sum(axis=(2, 3)) * mean_in).sum(axis=1)
         var = ((w**2).sum(axis=(2, 3)) * var_in).sum(axis=1)
     else:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = attributes(node)
         if node.op_type == "Gemm" and attrs.get("transB", 0):
             w = w.T
         if w.ndim != 2:

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from qdq.graph.datafree import N_SIGMA, Moments
-from qdq.graph.structure import GraphIndex
+from qdq.graph.structure import GraphIndex, attributes, clip_bounds
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +102,11 @@ def find_pairs(index: GraphIndex) -> list[Pair]:
         if not _is_equalizable_conv(node, index):
             continue
         out, activation, cap = node.output[0], None, np.inf
-        users = index.consumers.get(out, [])
-        if len(users) == 1 and out not in index.graph_outputs:
-            bounds = _activation_bounds(users[0], index)
-            if bounds is not None:
-                activation, cap = users[0].op_type, bounds
-                out = users[0].output[0]
-                users = index.consumers.get(out, [])
-        if len(users) != 1 or out in index.graph_outputs:
-            continue
-        second = users[0]
-        if not (_is_equalizable_conv(second, index) and second.input[0] == out):
+        second = index.sole_consumer(out)
+        if second is not None and (bounds := _activation_bounds(second, index)) is not None:
+            activation, cap, out = second.op_type, bounds, second.output[0]
+            second = index.sole_consumer(out)
+        if second is None or not (_is_equalizable_conv(second, index) and second.input[0] == out):
             continue
         constants = [*node.input[1:3], second.input[1]]
         if all(len(index.consumers[name]) == 1 for name in constants if name):
@@ -126,21 +120,14 @@ def _activation_bounds(node: onnx.NodeProto, index: GraphIndex) -> float | None:
         return np.inf
     if node.op_type != "Clip":
         return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    low, high = attrs.get("min"), attrs.get("max", np.inf)
-    for position, name in ((1, "min"), (2, "max")):
-        if len(node.input) > position and node.input[position]:
-            if not index.is_constant(node.input[position]):
-                return None
-            value = float(index.constant(node.input[position]))
-            low, high = (value, high) if name == "min" else (low, value)
-    return float(high) if low == 0 else None
+    low, high = clip_bounds(node, index)
+    return high if low == 0 and high is not None else None
 
 
 def _is_equalizable_conv(node: onnx.NodeProto, index: GraphIndex) -> bool:
     if node.op_type != "Conv" or len(node.input) < 2 or not index.is_constant(node.input[1]):
         return False
-    group = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+    group = attributes(node).get("group", 1)
     channels_in = index.constant(node.input[1]).shape[1]
     return group == 1 or channels_in == 1  # dense or depthwise
 
@@ -217,7 +204,7 @@ def _absorb(pairs: list[Pair], weights: dict, moments: dict[str, Moments]) -> di
 
 
 def _padded(node: onnx.NodeProto) -> bool:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = attributes(node)
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     return auto_pad not in ("NOTSET", "VALID") or any(attrs.get("pads", []))

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qdq.graph.structure import GraphIndex
+from qdq.graph.structure import GraphIndex, clip_bounds
 
 
 def fuse_hard_swish(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -65,7 +65,7 @@ def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         w = index.constant(conv.input[1]).astype(np.float64)
         bias = index.constant(conv.input[2]).astype(np.float64) if _has_bias(conv) else 0.0
         steps, out = [], conv.output[0]
-        while (node := _only_user(index, out)) is not None and node.op_type in ("Mul", "Add"):
+        while (node := index.sole_consumer(out)) is not None and node.op_type in ("Mul", "Add"):
             value = _channel_constant(node, out, index, w.ndim, w.shape[0])
             if value is None:
                 break
@@ -134,11 +134,11 @@ def _match(add: onnx.NodeProto, index: GraphIndex) -> tuple[str, list[onnx.NodeP
     three = next((i for i in add.input if index.is_constant(i)), None)
     if x is None or three is None or not _is(index, three, 3.0):
         return None
-    clip = _only_user(index, add.output[0])
+    clip = index.sole_consumer(add.output[0])
     if clip is None or clip.op_type != "Clip" or not _clip_is(clip, index, 0.0, 6.0):
         return None
-    first = _only_user(index, clip.output[0])
-    second = _only_user(index, first.output[0]) if first is not None else None
+    first = index.sole_consumer(clip.output[0])
+    second = index.sole_consumer(first.output[0]) if first is not None else None
     if first is None or second is None:
         return None
     # x * clip / 6, or clip / 6 * x (Div by 6 or Mul by 1/6 on either side of the product)
@@ -153,24 +153,14 @@ def _match(add: onnx.NodeProto, index: GraphIndex) -> tuple[str, list[onnx.NodeP
     return None
 
 
-def _only_user(index: GraphIndex, name: str) -> onnx.NodeProto | None:
-    users = index.consumers.get(name, [])
-    return users[0] if len(users) == 1 and name not in index.graph_outputs else None
-
-
 def _is(index: GraphIndex, name: str, value: float) -> bool:
     array = index.constant(name)
     return array.size == 1 and np.isclose(float(array.reshape(())), value, rtol=1e-6)
 
 
 def _clip_is(node: onnx.NodeProto, index: GraphIndex, low: float, high: float) -> bool:
-    bounds = [node.input[i] if len(node.input) > i else "" for i in (1, 2)]
-    if bounds[0] and bounds[1]:
-        return all(index.is_constant(b) for b in bounds) and (
-            _is(index, bounds[0], low) and _is(index, bounds[1], high)
-        )
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return attrs.get("min") == low and attrs.get("max") == high
+    bounds = clip_bounds(node, index)
+    return None not in bounds and bool(np.allclose(bounds, (low, high), rtol=1e-6))
 
 
 def _divides_by_six(node: onnx.NodeProto, index: GraphIndex) -> bool:

@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from qdq.affine import quantize
 from qdq.graph.capture import unfit_reason
 from qdq.graph.config import QuantConfig
 from qdq.graph.rules import FLOAT_BY_DESIGN, RULES, OpRule, weight_axis
-from qdq.graph.structure import GraphIndex
+from qdq.graph.structure import GraphIndex, attributes, clip_bounds
 from qdq.qparams import QParams, Range, choose_qparams
 
 if TYPE_CHECKING:
@@ -94,7 +93,7 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
     if rule.weight is not None and not index.is_constant(node.input[rule.weight]):
         return floating(f"weight {node.input[rule.weight]!r} is not a constant")
     if node.op_type == "Gemm":
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = attributes(node)
         if (
             attrs.get("transA", 0)
             or attrs.get("alpha", 1.0) != 1.0
@@ -240,8 +239,7 @@ def _follow(
         and producer is not None
         and plan.decisions[producer.name].quantized
         and RULES[producer.op_type].kind in ("compute", "elementwise")
-        and len(index.consumers[source]) == 1
-        and source not in index.graph_outputs
+        and index.sole_consumer(source) is not None
     ):
         # The grid's lowest code is real 0, so the Q after the activation clamps exactly as it
         # does; ONNX Runtime then drops the activation and fuses producer and Q (docs/ptq.md).
@@ -259,11 +257,7 @@ def _follow(
 def _clamps_at_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:
     if node.op_type == "Relu":
         return True
-    low = node.input[1] if len(node.input) > 1 else ""
-    if low and index.is_constant(low):
-        return float(index.constant(low)) == 0.0
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return attrs.get("min") == 0.0
+    return clip_bounds(node, index)[0] == 0.0
 
 
 def _concat_fits(

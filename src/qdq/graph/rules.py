@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
-from onnx import helper
+
+from qdq.graph.structure import attributes
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def _conv_axis(node: onnx.NodeProto) -> int:
 
 
 def _gemm_axis(node: onnx.NodeProto) -> int:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = attributes(node)
     return 0 if attrs.get("transB", 0) else 1
 
 

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 
 class GraphIndex:
@@ -48,6 +48,28 @@ class GraphIndex:
 
     def constant(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.initializers[name])
+
+    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
+        """The one node reading `name`, if exactly one does and it is not a graph output."""
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in self.graph_outputs else None
+
+
+def attributes(node: onnx.NodeProto) -> dict[str, object]:
+    """A node's attributes as plain Python values, by name."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
+    """(low, high) of a Clip, from its attributes (opset < 11) or constant inputs; a missing bound
+    is infinite, one given by a non-constant input is None."""
+    attrs = attributes(node)
+    bounds: list[float | None] = [float(attrs.get("min", -np.inf)), float(attrs.get("max", np.inf))]
+    for i in (0, 1):
+        name = node.input[i + 1] if len(node.input) > i + 1 else ""
+        if name:
+            bounds[i] = float(index.constant(name)) if index.is_constant(name) else None
+    return bounds[0], bounds[1]
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

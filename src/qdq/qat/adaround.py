@@ -19,7 +19,7 @@ from qdq.engine.integer import ConvGeometry
 from qdq.errors import SchemeError
 from qdq.graph.capture import session_with_outputs
 from qdq.graph.plan import Plan
-from qdq.graph.structure import GraphIndex
+from qdq.graph.structure import GraphIndex, attributes
 from qdq.scheme import PerChannel
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _learn_layer(torch, node, index: GraphIndex, plan: Plan, x: np.ndarray, iter
 def _layer_op(torch, node: onnx.NodeProto, index: GraphIndex, x_shape: tuple[int, ...]):
     """The layer's linear map (no bias) as a torch function of (input, weight)."""
     functional = torch.nn.functional
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = attributes(node)
     if node.op_type == "Gemm":
         if attrs.get("transB", 0):
             return lambda x, w: x @ w.T
