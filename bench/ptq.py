@@ -14,6 +14,7 @@ at 12 GB); with --rss, time and peak RSS at 32, 128 and 512 samples.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -127,10 +128,13 @@ def quantize_ort(task: Task, out: Path, data: Path, method: str, per_channel: bo
 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        try:  # ORT's recommended preprocessing; its symbolic shape inference fails on some models
-            quant_pre_process(str(task.model), str(pre))
-        except Exception:
-            quant_pre_process(str(task.model), str(pre), skip_symbolic_shape=True)
+        # ORT's recommended preprocessing. Its symbolic shape inference fails on some models and
+        # then leaves sym_shape_infer_temp.onnx in the working directory: keep that in tmp.
+        with contextlib.chdir(tmp):
+            try:
+                quant_pre_process(str(task.model), str(pre))
+            except Exception:
+                quant_pre_process(str(task.model), str(pre), skip_symbolic_shape=True)
         quantize_static(
             str(pre),
             str(out),
