@@ -184,6 +184,25 @@ def test_external_data_escaping_the_folder_is_refused(tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_model_over_two_gigabytes_is_refused_before_reading_it(tmp_path):
+    model = models.conv_net()
+    huge = onnx.TensorProto(name="huge", data_type=onnx.TensorProto.FLOAT, dims=[2**29 + 1])
+    huge.data_location = onnx.TensorProto.EXTERNAL
+    huge.external_data.add(key="location", value="huge.bin")
+    model.graph.initializer.append(huge)
+    with open(tmp_path / "huge.bin", "wb") as sparse:  # 2 GB of nothing on disk
+        sparse.truncate(4 * (2**29 + 1))
+    onnx.save(model, str(tmp_path / "big.onnx"))
+    np.save(tmp_path / "x.npy", np.ones((4, 3, 8, 8), np.float32))
+    done = qdq(
+        "quantize", tmp_path / "big.onnx", "-o", tmp_path / "q.onnx", "--calib", tmp_path / "x.npy"
+    )
+    assert done.returncode == 2
+    assert "2.0 GB" in done.stderr
+    assert "under 2 GB" in done.stderr
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_run_writes_the_integer_engines_outputs(tmp_path):
     out = tmp_path / "q.onnx"
     assert (

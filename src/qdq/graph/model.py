@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, version_converter
+from onnx import external_data_helper, helper, version_converter
 
 from qdq.errors import ModelError
 
@@ -66,9 +67,14 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def _load_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> None:
+    """Read external weights after checking that each file lies inside `folder` and that the
+    whole model stays under protobuf's 2 GB, which every graph pass here serializes through."""
+    size = model.ByteSize()
     for tensor in _tensors(model.graph):
         if not external_data_helper.uses_external_data(tensor):
             continue
+        item = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        size += item * math.prod(tensor.dims)
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (folder / location).resolve()
         if not target.is_relative_to(folder):
@@ -81,6 +87,12 @@ def _load_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> Non
             raise ModelError(
                 f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing"
             )
+    if size >= TWO_GB:
+        raise ModelError(
+            f"{path} holds {size / 2**30:.1f} GB of graph and weights; qdq quantizes models "
+            "under 2 GB (protobuf's limit on a model held in memory). For larger models use "
+            "weight-only quantization, e.g. onnxruntime's MatMulNBits quantizer"
+        )
     external_data_helper.load_external_data_for_model(model, str(folder))
 
 
