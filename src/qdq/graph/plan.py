@@ -105,7 +105,7 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
             (node.input[i] for i in rule_inputs(node, rule) if index.is_constant(node.input[i])),
             None,
         )
-        if constant and not _is_matmul_bias(node, index):
+        if constant:
             return floating(
                 f"constant operand {constant!r}: exact and cheap in float, where int8 would "
                 "add a rounding step"
@@ -113,26 +113,6 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
     if rule.kind == "compute":
         return Decision(node.name, node.op_type, True, "int8 kernel")
     return Decision(node.name, node.op_type, True, "pending: int8 if int8 flows into it")
-
-
-def _is_matmul_bias(node: onnx.NodeProto, index: GraphIndex) -> bool:
-    """An Add of a constant to a MatMul's only output: the bias of a linear layer (ONNX has no
-    MatMul with bias), int8 in ONNX Runtime's QLinearAdd so that int8 flows on into the residual
-    Add. Kept float, the residual Add and LayerNorm fuse into SkipLayerNormalization, slower on the
-    CPU than QLinearAdd + LayerNorm (docs/ptq.md)."""
-    if node.op_type != "Add":
-        return False
-    data = [name for name in node.input if not index.is_constant(name)]
-    producer = index.producer.get(data[0]) if len(data) == 1 else None
-    users = index.consumers.get(node.output[0], [])
-    return (
-        producer is not None
-        and producer.op_type == "MatMul"
-        and index.is_constant(producer.input[1])
-        and len(index.consumers[data[0]]) == 1
-        and len(users) == 1
-        and users[0].op_type == "Add"
-    )
 
 
 def calibration_targets(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
@@ -197,6 +177,7 @@ def build_plan(
         if rule.kind == "shared":
             for t in activations:
                 shared[t] = node.output[0]
+    _prune_unread(index, plan, wanted)
     for t in wanted:
         source = t
         while source in inherited:
@@ -210,6 +191,48 @@ def build_plan(
             plan.activations[t] = plan.activations[output]
     _plan_constants(index, plan, config, per_channel)
     return plan
+
+
+# Int8 kernels that ONNX Runtime also runs with a float output (MatMulIntegerToFloat, QGemm).
+FLOAT_OUTPUT_KERNELS = ("MatMul", "Gemm")
+
+
+def _prune_unread(index: GraphIndex, plan: Plan, wanted: dict[str, None]) -> None:
+    """Drop the Q/DQ of outputs that no consumer reads as int8, last node first.
+
+    Quantizing such an output only adds a rounding step, and it does harm: BERT's residual
+    stream carries a few channels 100x larger than the rest, and one int8 grid for the sum
+    that feeds a LayerNorm leaves those few with all its codes (all-MiniLM-L6-v2: 4.8 dB ->
+    see docs/ptq.md). A MatMul or Gemm keeps its int8 kernel with a float output; an Add, Mul,
+    pool or Concat goes float, and then its own inputs may lose their last int8 reader."""
+    for node in reversed(index.nodes):
+        decision = plan.decisions[node.name]
+        out = node.output[0]
+        if not decision.quantized or out not in wanted or _read_as_int8(out, index, plan, wanted):
+            continue
+        kind = RULES[node.op_type].kind
+        if node.op_type in FLOAT_OUTPUT_KERNELS:
+            del wanted[out]
+            decision.reason = "int8 kernel with a float output: nothing after it reads int8"
+        elif kind in ("elementwise", "shared"):
+            del wanted[out]
+            _to_float(
+                decision, "nothing after it reads int8: int8 here would only add a rounding step"
+            )
+
+
+def _read_as_int8(tensor: str, index: GraphIndex, plan: Plan, wanted: dict[str, None]) -> bool:
+    """Whether some quantized consumer reads `tensor` through its Q/DQ pair."""
+    for consumer in index.consumers.get(tensor, []):
+        if not plan.decisions[consumer.name].quantized:
+            continue
+        rule = RULES[consumer.op_type]
+        if rule.kind in ("inherit", "activation"):
+            if any(o in wanted for o in consumer.output):
+                return True
+        elif tensor in (consumer.input[i] for i in rule_inputs(consumer, rule)):
+            return True
+    return False
 
 
 def _to_float(decision: Decision, reason: str) -> None:

@@ -2,11 +2,11 @@
 
 `kind` says how the op's output gets its qparams:
 - "compute": int8 kernels exist (QLinearConv, QLinearMatMul, QGemm): its float inputs and its
-  output are quantized, the output with its own calibrated range;
+  output are quantized, the output with its own calibrated range (a MatMul or Gemm output that
+  nothing reads as int8 stays float: MatMulIntegerToFloat, QGemm with a float output);
 - "elementwise": Add, Mul and the average pools have int8 kernels too (QLinearAdd, ...), but
-  they are cheap, so they are quantized only where int8 already flows into every input: where an
-  input comes from a float op (or is a constant), quantizing them would only add a rounding step
-  (except a MatMul's bias feeding a residual Add: `plan._is_matmul_bias`);
+  they are cheap, so they are quantized only where int8 already flows into every input and
+  something reads their output as int8; elsewhere they would only add a rounding step;
 - "shared": Concat: inputs and output share the output's qparams, so int8 is copied, not rescaled;
 - "inherit": MaxPool, Resize and the shape ops only move or pick values: the output reuses the
   input's qparams exactly, so int8 flows through them;
