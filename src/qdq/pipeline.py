@@ -22,7 +22,7 @@ from qdq.graph.config import QuantConfig
 from qdq.graph.data import ImageOptions, Samples, model_inputs
 from qdq.graph.datafree import Moments, batchnorm_moments, mean_samples, propagate
 from qdq.graph.equalize import equalize
-from qdq.graph.fuse import fold_affine, fuse_hard_swish
+from qdq.graph.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
 from qdq.graph.model import (
     PER_AXIS_OPSET,
     default_opset,
@@ -263,7 +263,12 @@ def quantize_model(
         plan, seconds = plan_data_free(prepared, config, per_channel, moments), 0.0
     else:
         plan, seconds = plan_model(prepared, samples, config, per_channel, progress, metric)
-    quantized = insert_qdq(prepared, plan)
+    quantized, summed = sum_before_layer_norm(insert_qdq(prepared, plan))
+    if summed:
+        notes.append(
+            f"wrote {summed} float Adds before a LayerNorm as Sum, which ONNX Runtime runs "
+            "faster than its fused SkipLayerNormalization"
+        )
     if output_format == "qoperator":  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     _check_loads(quantized)

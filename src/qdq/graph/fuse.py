@@ -5,6 +5,9 @@ scalar scale and shift after every convolution, which ONNX Runtime's own Conv-Mu
 leave alone) is one Conv with scaled weights and bias: folded, the int8 kernel feeds the
 activation directly and two float passes go (the recognizer: 56 ops, 12.14 -> 11.71 ms).
 
+A float residual Add before a LayerNormalization becomes a two-input Sum, so that ONNX Runtime
+does not fuse the pair into its slow SkipLayerNormalization (see `sum_before_layer_norm`).
+
 HardSwish written out as `x * clip(x + 3, 0, 6) / 6` (what paddle2onnx and older exporters emit,
 and what opsets below 14 must emit) is four float elementwise passes between int8 layers: four
 kernel launches and four trips through memory per activation. `x * HardSigmoid(x)` with
@@ -94,6 +97,31 @@ def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     for tensor in unused:
         model.graph.initializer.remove(tensor)
     return model, len(folded)
+
+
+def sum_before_layer_norm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """`model` with each float Add of two tensors that feeds only LayerNormalizations written as
+    a two-input Sum (the same function); returns the count.
+
+    ONNX Runtime fuses Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel
+    (1.32) runs 5-8x slower than the two ops apart (docs/ptq.md). Float residual sums before
+    a LayerNorm are what a quantized transformer keeps, so the fusion would eat its gain.
+    """
+    index = GraphIndex(model)
+    count = 0
+    for node in index.nodes:
+        users = index.consumers.get(node.output[0], [])
+        if (
+            node.op_type == "Add"
+            and node.domain in ("", "ai.onnx")
+            and not any(index.is_constant(name) for name in node.input)
+            and users
+            and all(user.op_type == "LayerNormalization" for user in users)
+            and node.output[0] not in index.graph_outputs
+        ):
+            node.op_type = "Sum"
+            count += 1
+    return model, count
 
 
 def _has_bias(node: onnx.NodeProto) -> bool:

@@ -8,6 +8,7 @@ shape ops inherit their input's qparams.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -208,7 +209,9 @@ def _prune_unread(index: GraphIndex, plan: Plan, wanted: dict[str, None]) -> Non
     for node in reversed(index.nodes):
         decision = plan.decisions[node.name]
         out = node.output[0]
-        if not decision.quantized or out not in wanted or _read_as_int8(out, index, plan, wanted):
+        if not decision.quantized or out not in wanted:
+            continue
+        if any(reads_int8(c, out, plan, wanted) for c in index.consumers.get(out, [])):
             continue
         kind = RULES[node.op_type].kind
         if node.op_type in FLOAT_OUTPUT_KERNELS:
@@ -221,18 +224,17 @@ def _prune_unread(index: GraphIndex, plan: Plan, wanted: dict[str, None]) -> Non
             )
 
 
-def _read_as_int8(tensor: str, index: GraphIndex, plan: Plan, wanted: dict[str, None]) -> bool:
-    """Whether some quantized consumer reads `tensor` through its Q/DQ pair."""
-    for consumer in index.consumers.get(tensor, []):
-        if not plan.decisions[consumer.name].quantized:
-            continue
-        rule = RULES[consumer.op_type]
-        if rule.kind in ("inherit", "activation"):
-            if any(o in wanted for o in consumer.output):
-                return True
-        elif tensor in (consumer.input[i] for i in rule_inputs(consumer, rule)):
-            return True
-    return False
+def reads_int8(
+    consumer: onnx.NodeProto, tensor: str, plan: Plan, quantized: Container[str]
+) -> bool:
+    """Whether `consumer` reads `tensor` through its Q/DQ pair; `quantized` holds the tensors
+    that have one. Any other consumer reads the float tensor itself, which is exact."""
+    if not plan.decisions[consumer.name].quantized:
+        return False
+    rule = RULES[consumer.op_type]
+    if rule.kind in ("inherit", "activation"):
+        return any(o in quantized for o in consumer.output)
+    return tensor in (consumer.input[i] for i in rule_inputs(consumer, rule))
 
 
 def _to_float(decision: Decision, reason: str) -> None:

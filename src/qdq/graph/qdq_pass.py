@@ -1,8 +1,9 @@
 """Rewrite a float graph into QDQ form from a `Plan`.
 
-Each planned activation gets one QuantizeLinear -> DequantizeLinear pair right after its producer,
-read by all its consumers; weights become integer initializers behind a DequantizeLinear (so the
-file shrinks about 4x); biases become int32 with scale s_x * s_w. ONNX Runtime then fuses
+Each planned activation gets one QuantizeLinear -> DequantizeLinear pair right after its
+producer, read by the consumers that run in int8 (float consumers of a float op's output read
+the exact tensor); weights become integer initializers behind a DequantizeLinear (so the file
+shrinks about 4x); biases become int32 with scale s_x * s_w. ONNX Runtime then fuses
 DQ -> op -> Q into its int8 kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...).
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qdq.graph.plan import Plan
+from qdq.graph.plan import Plan, reads_int8
 from qdq.graph.structure import GraphIndex
 from qdq.qparams import QParams
 from qdq.scheme import PerChannel
@@ -32,7 +33,17 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     del graph.node[:]
     initializers = {t.name: t for t in model.graph.initializer}
     used_float: set[str] = set()
-    renamed: dict[str, str] = {}  # consumers read this name instead
+    renamed: dict[str, str] = {}  # int8 consumers read this name instead
+    prequant: dict[str, str] = {}  # a quantized graph output's float tensor, renamed
+    # Quantized tensors that a float op (or the caller) made. Their float consumers read them
+    # as they are; those of an int8 kernel's output read the DequantizeLinear, or ONNX Runtime
+    # could not fuse the kernel with its QuantizeLinear.
+    made_float = {
+        t
+        for t in plan.activations
+        if (producer := index.producer.get(t)) is None
+        or not plan.decisions[producer.name].quantized
+    }
     copies: dict[str, str] = {}
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
@@ -40,6 +51,7 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     def add_pair(tensor: str, qparams: QParams) -> None:
         if tensor in index.graph_outputs:  # keep the output's name on the dequantized copy
             source, target = f"{tensor}_prequant", tensor
+            prequant[tensor] = source
         else:
             source, target = tensor, f"{tensor}_dq"
             renamed[tensor] = target
@@ -66,6 +78,8 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
                 node.input[i] = _dequantized_bias(
                     name, key, values, plan.biases[key], new_nodes, new_inits
                 )
+            elif name in made_float and not reads_int8(node, name, plan, plan.activations):
+                node.input[i] = prequant.get(name, name)  # a float op reads the exact tensor
             else:
                 node.input[i] = renamed.get(name, name)
                 if name in initializers:
