@@ -105,3 +105,18 @@ def conv_transpose_net() -> onnx.ModelProto:
     ]
     inits = [_init("w", RNG.standard_normal((4, 6, 2, 2))), _init("b", RNG.standard_normal(6))]
     return _model(nodes, [_value("x", ["N", 4, 4, 4])], [_value("y", ["N", 6, 8, 8])], inits)
+
+
+def embedding(vocabulary: int = 2000, width: int = 32, spiky: bool = False) -> onnx.ModelProto:
+    """ids[N,8] (int64) -> Gather from a constant table -> MatMul -> y[N,8,4]: a text model's
+    first layer. `spiky`: a few table entries 50x the rest, which one int8 grid cannot serve."""
+    table = RNG.standard_normal((vocabulary, width)) * 0.05
+    if spiky:
+        table[:3, :3] = 10.0
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "w"], ["y"], name="proj"),
+    ]
+    inits = [_init("table", table), _init("w", RNG.standard_normal((width, 4)))]
+    ids = helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 8])
+    return _model(nodes, [ids], [_value("y", ["N", 8, 4])], inits)

@@ -250,3 +250,22 @@ def test_a_quantized_graph_output_keeps_its_name(tmp_path):
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["qdq.quantized_tensors"])["y"] == "y"
     assert next(n for n in model.graph.node if n.output[0] == "y").op_type == "DequantizeLinear"
+
+
+@pytest.mark.parametrize("spiky", [False, True])
+def test_an_embedding_table_is_stored_in_8_bits_and_gathered_in_8_bits(tmp_path, spiky):
+    source = save(models.embedding(spiky=spiky), tmp_path)
+    ids = np.random.default_rng(6).integers(0, 2000, (32, 8))
+    out, report = quantize_on(source, ids, tmp_path)
+    embed = next(d for d in report.decisions if d.node == "embed")
+    assert embed.quantized is not spiky
+    if spiky:  # the table stays float, with the reason
+        assert "dB" in embed.reason
+        return
+    assert out.stat().st_size < source.stat().st_size / 3
+    fused = ort_rewrite(onnx.load(str(out)), FUSED)
+    gather = next(n for n in fused.graph.node if n.op_type == "Gather")
+    table = next(t for t in fused.graph.initializer if t.name == gather.input[0])
+    assert table.data_type == onnx.TensorProto.UINT8  # rows picked from the 8-bit table go
+    assert "DequantizeLinear" not in op_counts(fused)  # into the int8 MatMul: nothing dequantized
+    assert sqnr_db(run(source, {"ids": ids})[0], run(out, {"ids": ids})[0]) > 30

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from qdq.affine import quantize
+from qdq.affine import dequantize, quantize
 from qdq.graph.capture import unfit_reason
 from qdq.graph.config import QuantConfig
 from qdq.graph.rules import FLOAT_BY_DESIGN, RULES, OpRule, weight_axis
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 # A shared Concat scale must leave every input at least this share of the codes (32 of 256).
 CONCAT_MIN_SHARE = 1 / 8
+# An embedding table goes 8-bit only if one grid keeps its median row this clean.
+# all-MiniLM-L6-v2: word embeddings 30.2 dB, token types 33.2, positions 20.3 (a few large
+# values); measured in docs/ptq.md.
+TABLE_MIN_SQNR_DB = 25.0
 
 
 @dataclass
@@ -124,8 +128,8 @@ def calibration_targets(index: GraphIndex, decisions: dict[str, Decision]) -> li
             continue
         rule = RULES[node.op_type]
         names = [node.input[i] for i in rule_inputs(node, rule)] + [node.output[0]]
-        if rule.kind in ("inherit", "activation"):
-            names = [node.input[0], *[o for o in node.output if o]]
+        if rule.kind in ("inherit", "activation"):  # a constant table's rows need no range
+            names = [] if index.is_constant(node.input[0]) else [node.input[0], *node.output]
         for name in names:
             if name and not index.is_constant(name) and index.is_float(name):
                 targets[name] = None
@@ -154,6 +158,9 @@ def build_plan(
         activations = [
             node.input[i] for i in rule_inputs(node, rule) if not index.is_constant(node.input[i])
         ]
+        if rule.kind == "inherit" and index.is_constant(node.input[0]):
+            _table(node, index, plan, config, wanted)
+            continue
         if rule.kind in ("inherit", "activation"):
             _follow(node, index, plan, config, wanted, inherited)
             continue
@@ -277,6 +284,44 @@ def _follow(
             wanted[out] = None
             inherited[out] = source
     decision.reason = "int8 passes through (input's qparams)"
+
+
+def _table(
+    node: onnx.NodeProto,
+    index: GraphIndex,
+    plan: Plan,
+    config: QuantConfig,
+    wanted: dict[str, None],
+) -> None:
+    """A Gather from a constant table (an embedding): the table is stored in 8 bits, one scale,
+    and the rows it picks keep those qparams, so ONNX Runtime gathers int8 rows and never
+    dequantizes the whole table. A table whose values one grid serves badly stays float."""
+    values = index.constant(node.input[0])
+    # The activations' grid (uint8 on x86), not the weights': ONNX Runtime turns int8 Q/DQ pairs
+    # between float ops into uint8 ones, and then the table's DQ and the rows' Q no longer
+    # match, so it would dequantize the whole table on every run.
+    qparams = choose_qparams(Range(values.min(), values.max()), config.activation_scheme)
+    sqnr = _row_sqnr(values, qparams, int(attributes(node).get("axis", 0)))
+    if sqnr < TABLE_MIN_SQNR_DB:
+        _to_float(
+            plan.decisions[node.name],
+            f"one int8 grid would keep table {node.input[0]!r} at {sqnr:.1f} dB "
+            f"(< {TABLE_MIN_SQNR_DB})",
+        )
+        return
+    plan.constants[node.name, 0] = qparams
+    plan.activations[node.output[0]] = qparams
+    wanted[node.output[0]] = None
+    plan.decisions[node.name].reason = f"int8 table ({sqnr:.1f} dB): rows gathered in int8"
+
+
+def _row_sqnr(table: np.ndarray, qparams: QParams, axis: int) -> float:
+    """SQNR in dB of the median slice that a Gather along `axis` picks: a few large entries
+    (which carry most of the table's power) must not hide that every other row loses."""
+    rows = np.moveaxis(table.astype(np.float64), axis, 0).reshape(table.shape[axis], -1)
+    error = dequantize(quantize(rows, qparams), qparams) - rows
+    power, noise = np.mean(rows**2, axis=1), np.mean(error**2, axis=1)
+    return float(np.median(10 * np.log10(np.maximum(power, 1e-30) / np.maximum(noise, 1e-30))))
 
 
 def _clamps_at_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:

@@ -8,8 +8,9 @@
   they are cheap, so they are quantized only where int8 already flows into every input and
   something reads their output as int8; elsewhere they would only add a rounding step;
 - "shared": Concat: inputs and output share the output's qparams, so int8 is copied, not rescaled;
-- "inherit": MaxPool, Resize and the shape ops only move or pick values: the output reuses the
-  input's qparams exactly, so int8 flows through them;
+- "inherit": MaxPool, Resize, Gather and the shape ops only move or pick values: the output
+  reuses the input's qparams exactly, so int8 flows through them (a Gather from a constant
+  table, an embedding, stores the table int8 and its rows reuse the table's qparams);
 - "activation": Relu / Clip: absorbed into the producer's range when the grid's lowest code is
   real 0 (asymmetric), else inherit.
 
@@ -74,6 +75,7 @@ RULES: dict[str, OpRule] = {
     "Squeeze": OpRule("inherit"),
     "Unsqueeze": OpRule("inherit"),
     "Slice": OpRule("inherit"),
+    "Gather": OpRule("inherit"),  # from a constant table: int8 table, rows keep its qparams
     "Split": OpRule("inherit"),
     "Relu": OpRule("activation"),
     "Clip": OpRule("activation"),
