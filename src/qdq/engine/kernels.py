@@ -139,6 +139,19 @@ def qlinear_matmul(ctx: Context, inputs: list, attrs: dict) -> list:
     return [ctx.requantize(acc, multiplier, _zp(y_zp, dtype), dtype)]
 
 
+def matmul_integer_to_float(ctx: Context, inputs: list, attrs: dict) -> list:
+    """com.microsoft MatMulIntegerToFloat: the int32 product of the codes, scaled to float (a
+    MatMul whose output nothing reads as int8), plus an optional float bias."""
+    a, b, a_scale, b_scale, a_zp, b_zp, bias = _padded(inputs, 7)
+    acc = ctx.accumulate(
+        exact_matmul(_minus(a, a_zp, axis=a.ndim - 2), _minus(b, b_zp, axis=b.ndim - 1))
+    )
+    out = acc.astype(np.float64) * (a_scale * b_scale).astype(np.float64)
+    if bias is not None:
+        out = out + bias
+    return [out.astype(np.float32)]
+
+
 def qgemm(ctx: Context, inputs: list, attrs: dict) -> list:
     """com.microsoft QGemm: alpha * A' B' + C with int32 C; quantized output when y_scale given."""
     a, a_scale, a_zp, b, b_scale, b_zp, c, y_scale, y_zp = _padded(inputs, 9)
@@ -247,6 +260,7 @@ KERNELS: dict[tuple[str, str], Kernel] = {
     ("", "QLinearMatMul"): qlinear_matmul,
     ("", "Identity"): identity,
     (MS, "QGemm"): qgemm,
+    (MS, "MatMulIntegerToFloat"): matmul_integer_to_float,
     (MS, "QLinearAdd"): _elementwise(np.add),
     (MS, "QLinearMul"): _elementwise(np.multiply),
     (MS, "QLinearGlobalAveragePool"): qlinear_global_average_pool,
