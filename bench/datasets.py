@@ -3,6 +3,7 @@
 - digits: scikit-learn's handwritten digits, split as examples/digits/train.py splits them;
 - text lines: words rendered with Pillow's bundled font, upright or turned 180 degrees, and
   preprocessed as RapidOCR preprocesses crops for its models (the labels are the rotation);
+- text pages: lines of those words scattered on tinted paper, for the text detector;
 - photos: random crops of scikit-image's bundled photographs, preprocessed for ImageNet models;
 - sentences: the docstrings of Python's own standard library, split into sentences and
   tokenized for BERT;
@@ -88,8 +89,9 @@ class Task:
     evaluate: np.ndarray
     labels: np.ndarray | None
     latency_batch: int
-    # "accuracy", "ctc" (decoded text agreement), "top1" (agreement with FP32's class) or
-    # "neighbour" (each sentence's nearest other sentence, by cosine, the same as FP32's)
+    # "accuracy", "ctc" (decoded text agreement), "top1" (agreement with FP32's class),
+    # "iou" (text mask, probability > 0.3, against FP32's) or "neighbour" (each sentence's
+    # nearest other sentence, by cosine, the same as FP32's)
     metric: str
 
 
@@ -138,6 +140,24 @@ def _rapidocr_normalize(pixels: np.ndarray, width: int) -> np.ndarray:
     chw = np.asarray(image, np.float32).transpose(2, 0, 1) / 255.0
     out = np.zeros((3, height, width), np.float32)
     out[:, :, :resized_w] = (chw - 0.5) / 0.5
+    return out
+
+
+def text_pages(count: int, size: int, seed: int) -> np.ndarray:
+    """`count` pages (3, size, size) of 3-8 scattered text lines in random sizes and inks on
+    tinted paper, with scanner noise, normalized as RapidOCR normalizes detector input."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((count, 3, size, size), np.float32)
+    for i in range(count):
+        image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(170, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(3, 9))):
+            font = ImageFont.load_default(size=int(rng.integers(14, 40)))
+            words = " ".join(rng.choice(WORDS, int(rng.integers(1, 4))))
+            where = (int(rng.integers(0, size - 60)), int(rng.integers(0, size - 30)))
+            draw.text(where, words, fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
+        pixels = np.asarray(image, np.float32) + rng.normal(0, 6, (size, size, 3))
+        out[i] = ((pixels.clip(0, 255) / 255 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
     return out
 
 
@@ -289,6 +309,18 @@ def tasks(calib_samples: int) -> list[Task]:
             cls_labels,
             1,
             "accuracy",
+        )
+    )
+    out.append(
+        Task(
+            "ppocr_det",
+            rapidocr_model("ch_PP-OCRv4_det_infer.onnx"),
+            "x",
+            text_pages(calib_samples, 320, seed=8),
+            text_pages(evaluate // 4, 320, seed=9),
+            None,
+            1,
+            "iou",
         )
     )
     rec_calib, _ = text_lines(calib_samples, 320, seed=3)

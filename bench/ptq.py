@@ -5,8 +5,9 @@ Needs the `bench` extra (RapidOCR's models, matplotlib). Prints a Markdown table
 with a plot, under --out. No asserts: numbers for docs/ptq.md.
 
 For each model: task metric (digits accuracy, text-direction accuracy, CTC decode agreement,
-top-1 agreement with FP32 for EfficientNet-Lite0 on unlabelled photographs, nearest-neighbour
-agreement with FP32 for MiniLM's sentence embeddings),
+top-1 agreement with FP32 for EfficientNet-Lite0 on unlabelled photographs, text-mask IoU
+with FP32 for the PP-OCRv4 detector, nearest-neighbour agreement with FP32 for MiniLM's
+sentence embeddings),
 output SQNR against FP32, file size, INT8/FP32 latency in ONNX Runtime (1 thread, interleaved
 runs, median), quantization time and peak RSS (each quantization runs in a fresh process, capped
 at 12 GB); with --rss, time and peak RSS at 32, 128 and 512 samples.
@@ -67,6 +68,9 @@ def quality(task: Task, reference: np.ndarray, output: np.ndarray) -> dict[str, 
         result["metric"] = float((output.argmax(axis=-1) == task.labels).mean())
     elif task.metric == "top1":  # agreement with FP32's top class
         result["metric"] = float((output.argmax(axis=-1) == reference.argmax(axis=-1)).mean())
+    elif task.metric == "iou":  # the text mask a detector's threshold would cut
+        mask, got = reference > 0.3, output > 0.3
+        result["metric"] = float((mask & got).sum() / max((mask | got).sum(), 1))
     elif task.metric == "neighbour":  # semantic search: each sentence's nearest other sentence
         result["metric"] = float((nearest(output) == nearest(reference)).mean())
     else:  # agreement of decoded text with FP32's

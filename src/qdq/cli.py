@@ -81,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         help="cross-layer equalization of conv chains (helps per-tensor weights)",
     )
     q.add_argument(
+        "--no-smoothing",
+        dest="smoothing",
+        action="store_false",
+        default=None,
+        help="leave MatMul inputs' outlier channels in place (no SmoothQuant)",
+    )
+    q.add_argument(
         "--target-sqnr",
         type=float,
         metavar="DB",
@@ -157,6 +164,7 @@ def _quantize(args: argparse.Namespace) -> str:
         activation_dtype=args.activation_dtype,
         exclude=tuple(args.exclude) or None,
         equalize=args.equalize,
+        smoothing=args.smoothing,
         target_sqnr=args.target_sqnr,
         adaround=args.adaround,
         sequential_bias_correction=args.sequential_bias_correction,

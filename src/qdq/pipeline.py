@@ -34,6 +34,7 @@ from qdq.graph.model import (
 )
 from qdq.graph.plan import Decision, Plan, build_plan, calibration_targets, static_decisions
 from qdq.graph.qdq_pass import insert_qdq
+from qdq.graph.smooth import smooth
 from qdq.graph.structure import GraphIndex, constants_to_initializers
 from qdq.observers import make_observer
 
@@ -262,7 +263,19 @@ def quantize_model(
     if config.data_free:
         plan, seconds = plan_data_free(prepared, config, per_channel, moments), 0.0
     else:
+        start = time.perf_counter()
+        smoothed: dict[str, float] = {}
+        if config.smoothing:
+            prepared, smoothed = smooth(prepared, samples, config)
+        smoothing_seconds = time.perf_counter() - start
+        if smoothed:
+            exponents = ", ".join(f"{a:g}" for a in smoothed.values())
+            notes.append(
+                f"moved the outlier channels of {len(smoothed)} MatMul inputs into their "
+                f"weights (SmoothQuant, exponent per layer: {exponents})"
+            )
         plan, seconds = plan_model(prepared, samples, config, per_channel, progress, metric)
+        seconds += smoothing_seconds
     quantized, summed = sum_before_layer_norm(insert_qdq(prepared, plan))
     if summed:
         notes.append(

@@ -83,6 +83,8 @@ def calibrate(
 
     Unfit tensors are found without an extra pass over the data: an observer refuses NaN and
     Inf, and a final range beyond SENTINEL marks a mask."""
+    if not names:  # nothing to observe (ONNX Runtime would return every output instead)
+        return {}, {}, {}
     means = [m for m in means if m in names]
     session = session_with_outputs(model, names)
     observers = {name: make(name) for name in names}

@@ -24,6 +24,7 @@ class QuantConfig:
     bias_correction: bool = True  # fold -(W_q - W) E[x] into each bias (docs/ptq.md)
     sequential_bias_correction: bool = False  # measured per layer on the quantized network
     equalize: bool = False  # cross-layer equalization of conv chains before calibration
+    smoothing: bool = True  # move MatMul inputs' outlier channels into the weights (SmoothQuant)
     target_sqnr: float | None = None  # keep the most harmful layers float until this is met
     adaround: bool = False  # learn each weight's rounding (needs the torch extra)
     data_free: bool = False  # ranges from BatchNorm statistics, no calibration data

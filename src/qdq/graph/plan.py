@@ -381,7 +381,7 @@ def _plan_constants(index: GraphIndex, plan: Plan, config: QuantConfig, per_chan
             values = index.constant(name)
             if i == weight:
                 axis = weight_axis(node, values.ndim) if per_channel and values.ndim > 1 else None
-                plan.constants[node.name, i] = _weight_qparams(values, axis, config)
+                plan.constants[node.name, i] = weight_qparams(values, axis, config)
             else:
                 rng = Range(values.min(), values.max())
                 plan.constants[node.name, i] = choose_qparams(rng, config.activation_scheme)
@@ -411,7 +411,8 @@ def _fit_bias(bias: np.ndarray, x_scale: np.ndarray, weights: QParams) -> QParam
     return QParams(scale, weights.zero_point, weights.scheme)
 
 
-def _weight_qparams(values: np.ndarray, axis: int | None, config: QuantConfig) -> QParams:
+def weight_qparams(values: np.ndarray, axis: int | None, config: QuantConfig) -> QParams:
+    """The weight grid of `values`: one scale per slice along `axis`, or one for all (None)."""
     scheme = config.weight_scheme(axis)
     if axis is None:
         return choose_qparams(Range(values.min(), values.max()), scheme)
