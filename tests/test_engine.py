@@ -195,3 +195,22 @@ def test_qlinear_average_pool_matches_onnx_runtime(count_include_pad):
     got = run(model, {"x": x})["y"]
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     assert np.mean(got == want) >= 0.95  # ORT rounds in float32; ties differ by 1 LSB
+
+
+def test_a_float_fallback_node_may_read_one_tensor_twice():
+    """ONNX Runtime's optimizer merges equal constants, so a Slice's axes and steps can be one
+    tensor (all-MiniLM-L6-v2's QOperator model has such a Slice)."""
+    from onnx import helper
+
+    one = numpy_helper.from_array(np.array([1], np.int64), "one")
+    bounds = [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("s", 2), ("e", 6))]
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x", "s", "e", "one", "one"], ["y"], name="slice")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [one, *bounds],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.arange(24, dtype=np.float32).reshape(3, 8)
+    np.testing.assert_array_equal(run(model, {"x": x})["y"], x[:, 2:6])

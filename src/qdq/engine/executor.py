@@ -101,7 +101,8 @@ class Engine:
 
     def _fallback(self, position: int, node: onnx.NodeProto, inputs: list) -> list[np.ndarray]:
         """Run one node through ONNX Runtime (cached per node)."""
-        present = [(name, x) for name, x in zip(node.input, inputs, strict=True) if name]
+        # by name: one tensor may feed several inputs (a Slice whose axes and steps are one [1])
+        present = {name: x for name, x in zip(node.input, inputs, strict=True) if name}
         session = self._sessions.get(position)
         if session is None:
             graph = helper.make_graph(
@@ -109,7 +110,7 @@ class Engine:
                 "one",
                 [
                     helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), None)
-                    for n, x in present
+                    for n, x in present.items()
                 ],
                 [onnx.ValueInfoProto(name=o) for o in node.output if o],
             )
@@ -123,8 +124,7 @@ class Engine:
                 one.SerializeToString(), options, providers=["CPUExecutionProvider"]
             )
             self._sessions[position] = session
-        feed = {n: x for n, x in present}
-        return session.run([o for o in node.output if o], feed)
+        return session.run([o for o in node.output if o], present)
 
 
 def _has_qdq_groups(model: onnx.ModelProto) -> bool:
