@@ -82,6 +82,8 @@ def smooth(
     chosen: dict[str, float] = {}
     muls: list[onnx.NodeProto] = []
     for site in sites:
+        if not np.isfinite(maxima[site.tensor]).all():  # a mask or sentinel: left to the plan
+            continue
         weights = [index.constant(r.input[1]).astype(np.float32) for r in site.readers]
         best = _best_scale(rows[site.tensor], maxima[site.tensor], weights, config)
         if best is None:
