@@ -210,9 +210,9 @@ def _prune_unread(index: GraphIndex, plan: Plan, wanted: dict[str, None]) -> Non
 
     Quantizing such an output only adds a rounding step, and it does harm: BERT's residual
     stream carries a few channels 100x larger than the rest, and one int8 grid for the sum
-    that feeds a LayerNorm leaves those few with all its codes (all-MiniLM-L6-v2: 4.8 dB ->
-    see docs/ptq.md). A MatMul or Gemm keeps its int8 kernel with a float output; an Add, Mul,
-    pool or Concat goes float, and then its own inputs may lose their last int8 reader."""
+    that feeds a LayerNorm spends its codes on those few (all-MiniLM-L6-v2 went from 4.8 to
+    16.8 dB, docs/ptq.md). A MatMul or Gemm keeps its int8 kernel with a float output; an Add,
+    Mul, pool or Concat goes float, and then its own inputs may lose their last int8 reader."""
     for node in reversed(index.nodes):
         decision = plan.decisions[node.name]
         out = node.output[0]
@@ -294,7 +294,7 @@ def _table(
     wanted: dict[str, None],
 ) -> None:
     """A Gather from a constant table (an embedding): the table is stored in 8 bits, one scale,
-    and the rows it picks keep those qparams, so ONNX Runtime gathers int8 rows and never
+    and the rows it picks keep those qparams, so ONNX Runtime gathers 8-bit rows and never
     dequantizes the whole table. A table whose values one grid serves badly stays float."""
     values = index.constant(node.input[0])
     # The activations' grid (uint8 on x86), not the weights': ONNX Runtime turns int8 Q/DQ pairs
@@ -305,14 +305,14 @@ def _table(
     if sqnr < TABLE_MIN_SQNR_DB:
         _to_float(
             plan.decisions[node.name],
-            f"one int8 grid would keep table {node.input[0]!r} at {sqnr:.1f} dB "
+            f"one 8-bit grid would keep table {node.input[0]!r} at {sqnr:.1f} dB "
             f"(< {TABLE_MIN_SQNR_DB})",
         )
         return
     plan.constants[node.name, 0] = qparams
     plan.activations[node.output[0]] = qparams
     wanted[node.output[0]] = None
-    plan.decisions[node.name].reason = f"int8 table ({sqnr:.1f} dB): rows gathered in int8"
+    plan.decisions[node.name].reason = f"8-bit table ({sqnr:.1f} dB): rows gathered in 8 bits"
 
 
 def _row_sqnr(table: np.ndarray, qparams: QParams, axis: int) -> float:
