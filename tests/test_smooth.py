@@ -86,4 +86,6 @@ def test_smoothing_rescues_the_channels_an_outlier_crowds_out(tmp_path):
         report = quantize_model(source, out, tmp_path / "x.npy", QuantConfig(smoothing=smoothing))
         sqnr[smoothing] = sqnr_db(run(str(source), x), run(str(out), x))
     assert any("SmoothQuant" in note for note in report.notes)
+    fc2 = next(d for d in report.decisions if d.node == "fc2")
+    assert fc2.quantized, fc2.reason  # the MatMul after the inserted Mul still runs in int8
     assert sqnr[True] > sqnr[False] + 6
