@@ -263,17 +263,7 @@ def quantize_model(
     if config.data_free:
         plan, seconds = plan_data_free(prepared, config, per_channel, moments), 0.0
     else:
-        start = time.perf_counter()
-        smoothed: dict[str, float] = {}
-        if config.smoothing:
-            prepared, smoothed = smooth(prepared, samples, config)
-        smoothing_seconds = time.perf_counter() - start
-        if smoothed:
-            exponents = ", ".join(f"{a:g}" for a in smoothed.values())
-            notes.append(
-                f"moved the outlier channels of {len(smoothed)} MatMul inputs into their "
-                f"weights (SmoothQuant, exponent per layer: {exponents})"
-            )
+        prepared, smoothing_seconds = _smoothed(prepared, samples, config, notes)
         plan, seconds = plan_model(prepared, samples, config, per_channel, progress, metric)
         seconds += smoothing_seconds
     quantized, summed = sum_before_layer_norm(insert_qdq(prepared, plan))
@@ -327,6 +317,24 @@ def _budget_notes(plan: Plan) -> list[str]:
             f"per batch ({budgeted / int8:.2f}x), 1 thread"
         )
     return notes
+
+
+def _smoothed(
+    model: onnx.ModelProto, samples: Samples, config: QuantConfig, notes: list[str]
+) -> tuple[onnx.ModelProto, float]:
+    """SmoothQuant where it lowers a layer's error (unless turned off); returns the model and
+    the seconds it took, and says in `notes` what moved."""
+    start = time.perf_counter()
+    smoothed: dict[str, float] = {}
+    if config.smoothing:
+        model, smoothed = smooth(model, samples, config)
+    if smoothed:
+        exponents = ", ".join(f"{a:g}" for a in smoothed.values())
+        notes.append(
+            f"moved the outlier channels of {len(smoothed)} MatMul inputs into their weights "
+            f"(SmoothQuant, exponent per layer: {exponents})"
+        )
+    return model, time.perf_counter() - start
 
 
 def _check_output(source: Path, target: Path) -> None:
