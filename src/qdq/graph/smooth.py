@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qdq.affine import fake_quantize
-from qdq.graph.capture import session_with_outputs
+from qdq.graph.capture import CAPTURE_BUDGET, session_with_outputs
 from qdq.graph.config import QuantConfig
 from qdq.graph.data import Samples
 from qdq.graph.plan import Decision, static_decisions, weight_qparams
@@ -129,24 +129,30 @@ def _may_carry_int8(
 def _statistics(
     model: onnx.ModelProto, sites: list[Site], samples: Samples, batch_size: int
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per site: each channel's largest |x| over the leading samples, and up to ROWS rows."""
+    """Per site: each channel's largest |x| over the leading samples, and up to ROWS rows (copied
+    out, so no batch outlives its turn; batches sized like calibration's)."""
     names = [site.tensor for site in sites]
     session = session_with_outputs(model, names)
     count = min(samples.count, SAMPLES)
     maxima: dict[str, np.ndarray] = {}
     kept: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    seen = 0
-    for feed in samples.batches(batch_size):
-        if seen >= count:
-            break
+
+    def take(feed: dict[str, np.ndarray]) -> int:
+        """Fold one batch in; returns the bytes it captured."""
         batch = len(next(iter(feed.values())))
-        seen += batch
-        for name, value in zip(names, session.run(names, feed), strict=True):
+        values = session.run(names, feed)
+        for name, value in zip(names, values, strict=True):
             flat = value.reshape(-1, value.shape[-1])
             peak = np.abs(flat).max(axis=0)
             maxima[name] = np.maximum(maxima.get(name, peak), peak)
             stride = max(1, math.ceil(flat.shape[0] / batch * count / ROWS))
-            kept[name].append(flat[::stride])
+            kept[name].append(flat[::stride].copy())
+        return sum(v.nbytes for v in values)
+
+    per_sample = take(next(samples.batches(1)))
+    batch_size = max(1, min(batch_size, CAPTURE_BUDGET // max(per_sample, 1)))
+    for first in range(1, count, batch_size):
+        take(next(samples.batches(min(batch_size, count - first), first=first)))
     rows = {name: np.concatenate(kept[name])[:ROWS] for name in names}
     return maxima, rows
 
