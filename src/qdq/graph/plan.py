@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from qdq.affine import dequantize, quantize
+from qdq.affine import quantize
 from qdq.graph.capture import unfit_reason
 from qdq.graph.config import QuantConfig
-from qdq.graph.rules import FLOAT_BY_DESIGN, RULES, OpRule, weight_axis
+from qdq.graph.constants import TABLE_MIN_SQNR_DB, plan_constants, table_qparams
+from qdq.graph.rules import FLOAT_BY_DESIGN, RULES, rule_inputs
 from qdq.graph.structure import GraphIndex, attributes, clip_bounds
 from qdq.qparams import QParams, Range, choose_qparams
 
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
 
 # A shared Concat scale must leave every input at least this share of the codes (32 of 256).
 CONCAT_MIN_SHARE = 1 / 8
-# An embedding table goes 8-bit only if one grid keeps its median row this clean.
-# all-MiniLM-L6-v2: word embeddings 30.2 dB, token types 33.2, positions 20.3 (a few large
-# values); measured in docs/ptq.md.
-TABLE_MIN_SQNR_DB = 25.0
 
 
 @dataclass
@@ -61,12 +58,6 @@ class Plan:
         return learned if learned is not None else quantize(values, self.constants[key])
 
     decisions: dict[str, Decision] = field(default_factory=dict)
-
-
-def rule_inputs(node: onnx.NodeProto, rule: OpRule) -> list[int]:
-    """Indices of the inputs a rule quantizes (all of them for Concat)."""
-    indices = range(len(node.input)) if rule.kind == "shared" else rule.inputs
-    return [i for i in indices if i < len(node.input) and node.input[i]]
 
 
 def static_decisions(index: GraphIndex, config: QuantConfig) -> dict[str, Decision]:
@@ -197,7 +188,7 @@ def build_plan(
     for t, output in shared.items():
         if t not in inherited and output in plan.activations:
             plan.activations[t] = plan.activations[output]
-    _plan_constants(index, plan, config, per_channel)
+    plan_constants(index, plan, config, per_channel)
     return plan
 
 
@@ -297,11 +288,7 @@ def _table(
     and the rows it picks keep those qparams, so ONNX Runtime gathers 8-bit rows and never
     dequantizes the whole table. A table whose values one grid serves badly stays float."""
     values = index.constant(node.input[0])
-    # The activations' grid (uint8 on x86), not the weights': ONNX Runtime turns int8 Q/DQ pairs
-    # between float ops into uint8 ones, and then the table's DQ and the rows' Q no longer
-    # match, so it would dequantize the whole table on every run.
-    qparams = choose_qparams(Range(values.min(), values.max()), config.activation_scheme)
-    sqnr = _row_sqnr(values, qparams, int(attributes(node).get("axis", 0)))
+    qparams, sqnr = table_qparams(values, int(attributes(node).get("axis", 0)), config)
     if sqnr < TABLE_MIN_SQNR_DB:
         _to_float(
             plan.decisions[node.name],
@@ -313,15 +300,6 @@ def _table(
     plan.activations[node.output[0]] = qparams
     wanted[node.output[0]] = None
     plan.decisions[node.name].reason = f"8-bit table ({sqnr:.1f} dB): rows gathered in 8 bits"
-
-
-def _row_sqnr(table: np.ndarray, qparams: QParams, axis: int) -> float:
-    """SQNR in dB of the median slice that a Gather along `axis` picks: a few large entries
-    (which carry most of the table's power) must not hide that every other row loses."""
-    rows = np.moveaxis(table.astype(np.float64), axis, 0).reshape(table.shape[axis], -1)
-    error = dequantize(quantize(rows, qparams), qparams) - rows
-    power, noise = np.mean(rows**2, axis=1), np.mean(error**2, axis=1)
-    return float(np.median(10 * np.log10(np.maximum(power, 1e-30) / np.maximum(noise, 1e-30))))
 
 
 def _clamps_at_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:
@@ -348,73 +326,3 @@ def _concat_fits(
             )
             return False
     return True
-
-
-BIAS_CODE_LIMIT = 2**30  # int32 bias codes, with room for bias correction and the accumulator
-
-
-def _plan_constants(index: GraphIndex, plan: Plan, config: QuantConfig, per_channel: bool) -> None:
-    """Weights per channel, biases int32 with scale s_x * s_w, other constants per tensor."""
-    for node in index.nodes:
-        if not plan.decisions[node.name].quantized:
-            continue
-        rule = RULES[node.op_type]
-        if rule.kind == "elementwise":  # a MatMul's bias: per tensor, as an activation
-            for i in rule_inputs(node, rule):
-                if index.is_constant(node.input[i]):
-                    values = index.constant(node.input[i])
-                    rng = Range(values.min(), values.max())
-                    plan.constants[node.name, i] = choose_qparams(rng, config.activation_scheme)
-            continue
-        if rule.kind != "compute":
-            continue
-        weight = rule.weight
-        if node.op_type == "MatMul" and index.is_constant(node.input[1]):
-            weight = 1
-        indices = rule_inputs(node, rule)
-        if weight is not None and weight not in indices:
-            indices.append(weight)
-        for i in indices:
-            name = node.input[i]
-            if not index.is_constant(name):
-                continue
-            values = index.constant(name)
-            if i == weight:
-                axis = weight_axis(node, values.ndim) if per_channel and values.ndim > 1 else None
-                plan.constants[node.name, i] = weight_qparams(values, axis, config)
-            else:
-                rng = Range(values.min(), values.max())
-                plan.constants[node.name, i] = choose_qparams(rng, config.activation_scheme)
-        if weight is not None and rule.bias is not None and len(node.input) > rule.bias:
-            bias = node.input[rule.bias]
-            if bias and index.is_constant(bias) and index.constant(bias).ndim == 1:
-                x_scale = plan.activations[node.input[0]].scale.astype(np.float64)
-                fitted = _fit_bias(index.constant(bias), x_scale, plan.constants[node.name, weight])
-                plan.constants[node.name, weight] = fitted
-                plan.biases[node.name, rule.bias] = (x_scale * fitted.scale).astype(np.float32)
-
-
-def _fit_bias(bias: np.ndarray, x_scale: np.ndarray, weights: QParams) -> QParams:
-    """Weight qparams whose scales are raised where the bias would not fit its int32 codes.
-
-    A dead channel (all-zero weights, as EfficientNet-Lite0's stem has) gets the smallest scale,
-    so `bias / (s_x s_w)` overflows int32: ONNX Runtime's int8 kernel then outputs garbage for
-    that channel. Its weights are all zero, so any scale quantizes them exactly."""
-    needed = np.abs(bias.astype(np.float64)) / (x_scale * BIAS_CODE_LIMIT)
-    if weights.scale.ndim == 0:
-        needed = needed.max(initial=0.0)
-    scale = np.maximum(weights.scale.astype(np.float64), needed)
-    if np.array_equal(scale, weights.scale):
-        return weights
-    if weights.scheme.power_of_two_scale:
-        scale = 2.0 ** np.ceil(np.log2(scale))
-    return QParams(scale, weights.zero_point, weights.scheme)
-
-
-def weight_qparams(values: np.ndarray, axis: int | None, config: QuantConfig) -> QParams:
-    """The weight grid of `values`: one scale per slice along `axis`, or one for all (None)."""
-    scheme = config.weight_scheme(axis)
-    if axis is None:
-        return choose_qparams(Range(values.min(), values.max()), scheme)
-    axes = tuple(d for d in range(values.ndim) if d != axis)
-    return choose_qparams(Range(values.min(axis=axes), values.max(axis=axes)), scheme)

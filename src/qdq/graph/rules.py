@@ -88,3 +88,9 @@ FLOAT_BY_DESIGN = {
     "HardSigmoid": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
     "HardSwish": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
 }
+
+
+def rule_inputs(node: onnx.NodeProto, rule: OpRule) -> list[int]:
+    """Indices of the inputs a rule quantizes (all of them for Concat)."""
+    indices = range(len(node.input)) if rule.kind == "shared" else rule.inputs
+    return [i for i in indices if i < len(node.input) and node.input[i]]

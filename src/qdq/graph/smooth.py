@@ -26,8 +26,9 @@ from onnx import helper, numpy_helper
 from qdq.affine import fake_quantize
 from qdq.graph.capture import CAPTURE_BUDGET, session_with_outputs
 from qdq.graph.config import QuantConfig
+from qdq.graph.constants import weight_qparams
 from qdq.graph.data import Samples
-from qdq.graph.plan import Decision, static_decisions, weight_qparams
+from qdq.graph.plan import Decision, static_decisions
 from qdq.graph.rules import RULES
 from qdq.graph.structure import GraphIndex
 from qdq.qparams import Range, choose_qparams

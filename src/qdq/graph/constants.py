@@ -1,0 +1,101 @@
+"""The integer grids of a plan's constant inputs: weights per channel, int32 biases that fit
+their codes, and embedding tables in 8 bits."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from qdq.affine import fake_quantize
+from qdq.graph.config import QuantConfig
+from qdq.graph.rules import RULES, rule_inputs, weight_axis
+from qdq.graph.structure import GraphIndex
+from qdq.qparams import QParams, Range, choose_qparams
+
+if TYPE_CHECKING:
+    from qdq.graph.plan import Plan
+
+# An embedding table goes 8-bit only if one grid keeps its median row this clean.
+# all-MiniLM-L6-v2: word embeddings 30.2 dB, token types 33.2, positions 20.3 (a few large
+# values); measured in docs/ptq.md.
+TABLE_MIN_SQNR_DB = 25.0
+BIAS_CODE_LIMIT = 2**30  # int32 bias codes, with room for bias correction and the accumulator
+
+
+def plan_constants(index: GraphIndex, plan: Plan, config: QuantConfig, per_channel: bool) -> None:
+    """Weights per channel, biases int32 with scale s_x * s_w, other constants per tensor."""
+    for node in index.nodes:
+        if not plan.decisions[node.name].quantized:
+            continue
+        rule = RULES[node.op_type]
+        if rule.kind != "compute":  # elementwise ops with a constant operand stay float
+            continue
+        weight = rule.weight
+        if node.op_type == "MatMul" and index.is_constant(node.input[1]):
+            weight = 1
+        indices = rule_inputs(node, rule)
+        if weight is not None and weight not in indices:
+            indices.append(weight)
+        for i in indices:
+            name = node.input[i]
+            if not index.is_constant(name):
+                continue
+            values = index.constant(name)
+            if i == weight:
+                axis = weight_axis(node, values.ndim) if per_channel and values.ndim > 1 else None
+                plan.constants[node.name, i] = weight_qparams(values, axis, config)
+            else:
+                rng = Range(values.min(), values.max())
+                plan.constants[node.name, i] = choose_qparams(rng, config.activation_scheme)
+        if weight is not None and rule.bias is not None and len(node.input) > rule.bias:
+            bias = node.input[rule.bias]
+            if bias and index.is_constant(bias) and index.constant(bias).ndim == 1:
+                x_scale = plan.activations[node.input[0]].scale.astype(np.float64)
+                fitted = _fit_bias(index.constant(bias), x_scale, plan.constants[node.name, weight])
+                plan.constants[node.name, weight] = fitted
+                plan.biases[node.name, rule.bias] = (x_scale * fitted.scale).astype(np.float32)
+
+
+def _fit_bias(bias: np.ndarray, x_scale: np.ndarray, weights: QParams) -> QParams:
+    """Weight qparams whose scales are raised where the bias would not fit its int32 codes.
+
+    A dead channel (all-zero weights, as EfficientNet-Lite0's stem has) gets the smallest scale,
+    so `bias / (s_x s_w)` overflows int32: ONNX Runtime's int8 kernel then outputs garbage for
+    that channel. Its weights are all zero, so any scale quantizes them exactly."""
+    needed = np.abs(bias.astype(np.float64)) / (x_scale * BIAS_CODE_LIMIT)
+    if weights.scale.ndim == 0:
+        needed = needed.max(initial=0.0)
+    scale = np.maximum(weights.scale.astype(np.float64), needed)
+    if np.array_equal(scale, weights.scale):
+        return weights
+    if weights.scheme.power_of_two_scale:
+        scale = 2.0 ** np.ceil(np.log2(scale))
+    return QParams(scale, weights.zero_point, weights.scheme)
+
+
+def weight_qparams(values: np.ndarray, axis: int | None, config: QuantConfig) -> QParams:
+    """The weight grid of `values`: one scale per slice along `axis`, or one for all (None)."""
+    scheme = config.weight_scheme(axis)
+    if axis is None:
+        return choose_qparams(Range(values.min(), values.max()), scheme)
+    axes = tuple(d for d in range(values.ndim) if d != axis)
+    return choose_qparams(Range(values.min(axis=axes), values.max(axis=axes)), scheme)
+
+
+def table_qparams(table: np.ndarray, axis: int, config: QuantConfig) -> tuple[QParams, float]:
+    """The grid of an embedding table that a Gather reads along `axis`, and the SQNR (dB) it
+    keeps in the median slice. The activations' grid (uint8 on x86), not the weights': ONNX
+    Runtime turns int8 Q/DQ pairs between float ops into uint8 ones, and then the table's DQ
+    and the rows' Q no longer match, so it would dequantize the whole table on every run."""
+    qparams = choose_qparams(Range(table.min(), table.max()), config.activation_scheme)
+    return qparams, _row_sqnr(table, qparams, axis)
+
+
+def _row_sqnr(table: np.ndarray, qparams: QParams, axis: int) -> float:
+    """SQNR in dB of the median slice that a Gather along `axis` picks: a few large entries
+    (which carry most of the table's power) must not hide that every other row loses."""
+    rows = np.moveaxis(table, axis, 0).reshape(table.shape[axis], -1).astype(np.float64)
+    error = fake_quantize(rows, qparams) - rows
+    power, noise = np.mean(rows**2, axis=1), np.mean(error**2, axis=1)
+    return float(np.median(10 * np.log10(np.maximum(power, 1e-30) / np.maximum(noise, 1e-30))))
