@@ -107,12 +107,25 @@ def conv_integer(ctx: Context, inputs: list, attrs: dict) -> list:
     return [ctx.accumulate(acc).astype(np.int32)]
 
 
+def _product(
+    ctx: Context,
+    a: np.ndarray,
+    a_zero_point: np.ndarray | None,
+    b: np.ndarray,
+    b_zero_point: np.ndarray | None,
+) -> np.ndarray:
+    """The accumulated integer product of two code tensors less their zero points (a's per
+    row, b's per column)."""
+    return ctx.accumulate(
+        exact_matmul(
+            _minus(a, a_zero_point, axis=a.ndim - 2), _minus(b, b_zero_point, axis=b.ndim - 1)
+        )
+    )
+
+
 def matmul_integer(ctx: Context, inputs: list, attrs: dict) -> list:
     a, b, a_zero_point, b_zero_point = _padded(inputs, 4)
-    acc = exact_matmul(
-        _minus(a, a_zero_point, axis=a.ndim - 2), _minus(b, b_zero_point, axis=b.ndim - 1)
-    )
-    return [ctx.accumulate(acc).astype(np.int32)]
+    return [_product(ctx, a, a_zero_point, b, b_zero_point).astype(np.int32)]
 
 
 def qlinear_conv(ctx: Context, inputs: list, attrs: dict) -> list:
@@ -131,9 +144,7 @@ def qlinear_conv(ctx: Context, inputs: list, attrs: dict) -> list:
 
 def qlinear_matmul(ctx: Context, inputs: list, attrs: dict) -> list:
     a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp = inputs[:8]
-    acc = ctx.accumulate(
-        exact_matmul(_minus(a, a_zp, axis=a.ndim - 2), _minus(b, b_zp, axis=b.ndim - 1))
-    )
+    acc = _product(ctx, a, a_zp, b, b_zp)
     multiplier = a_scale * b_scale / y_scale
     dtype = _out_dtype(y_zp, a.dtype)
     return [ctx.requantize(acc, multiplier, _zp(y_zp, dtype), dtype)]
@@ -143,10 +154,9 @@ def matmul_integer_to_float(ctx: Context, inputs: list, attrs: dict) -> list:
     """com.microsoft MatMulIntegerToFloat: the int32 product of the codes, scaled to float (a
     MatMul whose output nothing reads as int8), plus an optional float bias."""
     a, b, a_scale, b_scale, a_zp, b_zp, bias = _padded(inputs, 7)
-    acc = ctx.accumulate(
-        exact_matmul(_minus(a, a_zp, axis=a.ndim - 2), _minus(b, b_zp, axis=b.ndim - 1))
+    out = _product(ctx, a, a_zp, b, b_zp).astype(np.float64) * (a_scale * b_scale).astype(
+        np.float64
     )
-    out = acc.astype(np.float64) * (a_scale * b_scale).astype(np.float64)
     if bias is not None:
         out = out + bias
     return [out.astype(np.float32)]
