@@ -28,6 +28,12 @@ SENTINEL = 1e30
 CAPTURE_BUDGET = 256 * 2**20
 
 
+def budgeted(batch_size: int, per_sample: int) -> int:
+    """The batch size, lowered so that one batch captures at most CAPTURE_BUDGET bytes when
+    each sample captures `per_sample`."""
+    return max(1, min(batch_size, CAPTURE_BUDGET // max(per_sample, 1)))
+
+
 def session_with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> ort.InferenceSession:
     """A CPU session whose outputs are the model's own followed by `names`."""
     extended = onnx.ModelProto()
@@ -110,7 +116,7 @@ def calibrate(
         return sum(v.nbytes for v in values)
 
     per_sample = observe(next(samples.batches(1)))  # one sample first, to size the batches
-    batch_size = max(1, min(batch_size, CAPTURE_BUDGET // max(per_sample, 1)))
+    batch_size = budgeted(batch_size, per_sample)
     batches = samples.batches(batch_size, first=1)
     total = -(-(samples.count - 1) // batch_size)
     for feed in tqdm(batches, total=total, desc="calibrating", unit="batch",

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qdq.affine import fake_quantize
-from qdq.graph.capture import CAPTURE_BUDGET, session_with_outputs
+from qdq.graph.capture import budgeted, session_with_outputs
 from qdq.graph.config import QuantConfig
 from qdq.graph.constants import weight_qparams
 from qdq.graph.data import Samples
@@ -151,7 +151,7 @@ def _statistics(
         return sum(v.nbytes for v in values)
 
     per_sample = take(next(samples.batches(1)))
-    batch_size = max(1, min(batch_size, CAPTURE_BUDGET // max(per_sample, 1)))
+    batch_size = budgeted(batch_size, per_sample)
     for first in range(1, count, batch_size):
         take(next(samples.batches(min(batch_size, count - first), first=first)))
     rows = {name: np.concatenate(kept[name])[:ROWS] for name in names}
