@@ -53,12 +53,14 @@ def conv_net(opset: int = 17, middle: str | None = None) -> onnx.ModelProto:
 
 
 def detector_head() -> onnx.ModelProto:
-    """Boxes in pixels (thousands) and class scores clipped to [0, 1], joined by one Concat."""
+    """Boxes in pixels (thousands) and class scores clipped to [0, 1], joined by one Concat that
+    a shape op reads (heads reshape before decoding; a Flatten keeps the test's (N, 10))."""
     nodes = [
         helper.make_node("Gemm", ["x", "wb", "bb"], ["boxes"], name="box_fc"),
         helper.make_node("Gemm", ["x", "wc", "bc"], ["logits"], name="cls_fc"),
         helper.make_node("Clip", ["logits", "zero", "one"], ["probs"], name="clip"),
-        helper.make_node("Concat", ["boxes", "probs"], ["y"], axis=1, name="head"),
+        helper.make_node("Concat", ["boxes", "probs"], ["joined"], axis=1, name="head"),
+        helper.make_node("Flatten", ["joined"], ["y"], axis=1, name="flatten"),
     ]
     inits = [
         _init("wb", RNG.standard_normal((16, 4)) * 320),

@@ -14,7 +14,9 @@ import pytest
 import models
 from qdq.graph.config import PRESETS, QuantConfig
 from qdq.graph.model import ort_rewrite
-from qdq.pipeline import QuantizeReport, inspect_model, quantize_model
+from qdq.graph.plan import calibration_targets, static_decisions
+from qdq.graph.structure import GraphIndex
+from qdq.pipeline import QuantizeReport, inspect_model, prepare, quantize_model
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 FUSED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -90,6 +92,19 @@ def test_transformer_residual_stream_stays_float(tmp_path):
     assert fused["MatMulIntegerToFloat"] > 0
     assert fused["QLinearMatMul"] + fused["QGemm"] + fused["MatMulIntegerToFloat"] == 14
     assert fused["MatMul"] == fused["Gemm"] == 0  # every matrix product runs in int8
+
+
+def test_calibration_observes_only_tensors_that_get_a_grid():
+    """Not a Conv output its Relu absorbs (it takes the Relu's range, and observing it would stop
+    ONNX Runtime fusing Conv and Relu in the calibration session), not the output of a Gemm that
+    nothing reads as int8 (its kernel writes float)."""
+    index = GraphIndex(prepare(models.conv_net(), per_channel=True)[0])
+    config = QuantConfig()
+    targets = calibration_targets(index, static_decisions(index, config), config)
+    assert "r1" in targets
+    assert "c1" not in targets
+    assert "f" in targets
+    assert "y" not in targets
 
 
 def test_weights_are_stored_as_integers(tmp_path):

@@ -124,7 +124,7 @@ def plan_model(
     the calibration time in seconds. `metric` scores candidates for the accuracy budget."""
     index = GraphIndex(model)
     decisions = static_decisions(index, config)
-    targets = calibration_targets(index, decisions)
+    targets = calibration_targets(index, decisions, config)
     start = time.perf_counter()
     quantizable = [name for name, d in decisions.items() if d.quantized]
     means = correction_inputs(index, quantizable) if config.bias_correction else []
@@ -176,7 +176,7 @@ def plan_data_free(
     decisions = static_decisions(index, config)
     everything = propagate(index, moments, config.input_range)
     ranges, unfit = {}, {}
-    for name in calibration_targets(index, decisions):
+    for name in calibration_targets(index, decisions, config):
         if name in everything:
             ranges[name] = everything[name].range()
         else:
