@@ -47,10 +47,11 @@ def session_with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> ort.In
             present.add(name)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # All, layout passes included: since outputs that a Relu/Clip absorbs are no longer
-    # observed (Conv+Clip fuse again), the NCHWc layout wins on every benchmark model (PP-OCRv4
-    # recognizer 18.1 -> 16.7 s, EfficientNet-Lite0 11.3 -> 9.8 s at 256 samples, docs/ptq.md).
+    # All optimizations (the NCHWc layout calibrates EfficientNet-Lite0 in 13 s, not 19), but
+    # no memory patterns: with them, memory grew over the first few dozen batches (text-direction
+    # classifier 218 -> 266 MB from 32 to 512 samples); without, 215 -> 216 (docs/ptq.md).
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_mem_pattern = False
     return ort.InferenceSession(
         extended.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
