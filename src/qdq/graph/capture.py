@@ -126,7 +126,7 @@ def calibrate(
                 unfit[name] = reason
         return sum(v.nbytes for v in values.values())
 
-    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         per_sample = observe(next(samples.batches(1)))  # one sample first, to size the batches
         batch_size = budgeted(batch_size, per_sample)
         batches = samples.batches(batch_size, first=1)

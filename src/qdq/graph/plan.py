@@ -118,7 +118,7 @@ def calibration_targets(
 
     Left out: outputs that a Relu/Clip will absorb (they take the activation's range, and
     observing them would stop ONNX Runtime fusing Conv and Relu/Clip in the calibration session:
-    EfficientNet-Lite0 95 -> 62 tensors), and outputs that no node can read as int8 (their Q/DQ
+    33 of EfficientNet-Lite0's 95 tensors), and outputs that no node can read as int8 (their Q/DQ
     would be pruned: a transformer's MatMul outputs that only float bias Adds read)."""
     skipped = {**absorbed(index, decisions, config), **dict.fromkeys(unread(index, decisions))}
     targets: dict[str, None] = {}
@@ -142,10 +142,10 @@ def unread(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
     as the graph alone tells: `_prune_unread` would drop their Q/DQ, so they need no range."""
     found = []
     for node in index.nodes:
-        kind = RULES[node.op_type].kind if node.op_type in RULES else None
-        if not decisions[node.name].quantized or not (
-            node.op_type in FLOAT_OUTPUT_KERNELS or kind in ("elementwise", "shared")
-        ):
+        if not decisions[node.name].quantized:
+            continue
+        kind = RULES[node.op_type].kind
+        if node.op_type not in FLOAT_OUTPUT_KERNELS and kind not in ("elementwise", "shared"):
             continue
         out = node.output[0]
         if not any(decisions[c.name].quantized for c in index.consumers.get(out, [])):
@@ -200,11 +200,12 @@ def build_plan(
 ) -> Plan:
     """Final decisions and qparams from the static decisions and the calibrated ranges."""
     plan = Plan(decisions={k: Decision(**vars(v)) for k, v in decisions.items()})
+    ranges, unfit = dict(ranges), dict(unfit)
     for out, activation in absorbed(index, decisions, config).items():
         if out not in ranges and activation in ranges:
-            ranges = {**ranges, out: ranges[activation]}
+            ranges[out] = ranges[activation]
         elif out not in unfit and activation in unfit:
-            unfit = {**unfit, out: unfit[activation]}
+            unfit[out] = unfit[activation]
     skipped = set(unread(index, decisions))
     scheme = config.activation_scheme
     inherited: dict[str, str] = {}
