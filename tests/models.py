@@ -73,6 +73,18 @@ def detector_head() -> onnx.ModelProto:
     return _model(nodes, [_value("x", ["N", 16])], [_value("y", ["N", 10])], inits)
 
 
+def classifier_head() -> onnx.ModelProto:
+    """x[N,16] -> Gemm -> Flatten -> Softmax: logits pass a shape op on their way to a float op,
+    as in PP-OCR's text-direction classifier (whose Softmax-11 became Flatten/Softmax/Reshape)."""
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["logits"], name="fc"),
+        helper.make_node("Flatten", ["logits"], ["flat"], axis=1, name="flatten"),
+        helper.make_node("Softmax", ["flat"], ["y"], axis=1, name="softmax"),
+    ]
+    inits = [_init("w", RNG.standard_normal((16, 4)) * 0.5), _init("b", np.zeros(4))]
+    return _model(nodes, [_value("x", ["N", 16])], [_value("y", ["N", 4])], inits)
+
+
 def masked_attention() -> onnx.ModelProto:
     """scores = q k^T + mask, where the mask is built at run time from a 0/1 input times
     -3.4e38 (as exporters do), then Softmax and a weighted sum."""

@@ -94,6 +94,21 @@ def test_transformer_residual_stream_stays_float(tmp_path):
     assert fused["MatMul"] == fused["Gemm"] == 0  # every matrix product runs in int8
 
 
+def test_logits_stay_float_when_only_a_shape_op_reads_them_on_the_way_to_a_float_op(tmp_path):
+    """The Flatten before the Softmax reads nothing in int8 that anything after it needs, so it
+    goes float and the Gemm writes float logits: quantized for the Flatten's sake, they were
+    rounded to 8 bits."""
+    source = save(models.classifier_head(), tmp_path)
+    x = np.random.default_rng(5).standard_normal((64, 16)).astype(np.float32)
+    out, report = quantize_on(source, x, tmp_path)
+    flatten = next(d for d in report.decisions if d.node == "flatten")
+    assert not flatten.quantized
+    assert "nothing after it reads int8" in flatten.reason
+    quantizers = [n for n in onnx.load(str(out)).graph.node if n.op_type == "QuantizeLinear"]
+    assert not [n for n in quantizers if "logits" in n.input]
+    assert sqnr_db(run(source, {"x": x})[0], run(out, {"x": x})[0]) > 35
+
+
 def test_calibration_observes_only_tensors_that_get_a_grid():
     """Not a Conv output its Relu absorbs (it takes the Relu's range, and observing it would stop
     ONNX Runtime fusing Conv and Relu in the calibration session), not the output of a Gemm that

@@ -281,20 +281,25 @@ def _prune_unread(index: GraphIndex, plan: Plan, wanted: dict[str, None]) -> Non
     stream carries a few channels 100x larger than the rest, and one int8 grid for the sum
     that feeds a LayerNorm spends its codes on those few (all-MiniLM-L6-v2 went from 4.8 to
     16.8 dB, docs/ptq.md). A MatMul or Gemm keeps its int8 kernel with a float output; an Add,
-    Mul, pool or Concat goes float, and then its own inputs may lose their last int8 reader."""
+    Mul, pool, Concat or shape op goes float, and then its own inputs may lose their last int8
+    reader (the text-direction classifier's logits pass a Flatten on their way to the Softmax:
+    quantized for the Flatten's sake, they had been rounded to 8 bits)."""
     for node in reversed(index.nodes):
         decision = plan.decisions[node.name]
-        out = node.output[0]
-        if not decision.quantized or out not in wanted:
+        outs = [o for o in node.output if o in wanted]
+        if not decision.quantized or node.output[0] not in wanted:
             continue
-        if any(reads_int8(c, out, plan, wanted) for c in index.consumers.get(out, [])):
+        if any(reads_int8(c, o, plan, wanted) for o in outs for c in index.consumers.get(o, [])):
             continue
         kind = RULES[node.op_type].kind
         if node.op_type in FLOAT_OUTPUT_KERNELS:
-            del wanted[out]
+            del wanted[node.output[0]]
             decision.reason = FLOAT_OUTPUT
-        elif kind in ("elementwise", "shared"):
-            del wanted[out]
+        elif kind in ("elementwise", "shared") or (
+            kind == "inherit" and not index.is_constant(node.input[0])  # tables stay 8-bit
+        ):
+            for o in outs:
+                del wanted[o]
             _to_float(decision, NOTHING_READS_INT8)
 
 
