@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from datasets import Task, digits_split, tasks, text_lines
-from ptq import ORT_CONFIGS, quantize_ort, quantize_qdq, run_model, save_samples
+from ptq import ORT_CONFIGS, TOOLS, quantize_ort, quantize_qdq, run_model, save_samples
 
 SAMPLES = 256
 
@@ -52,9 +52,6 @@ def quantize(tool: str, task: Task, data: Path, out: Path) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # its calibrators print progress
             quantize_ort(task, out, data, method, per_channel)
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # loads, or raises
-
-
-TOOLS = ["qdq default"] + [f"ORT {m}{' per-ch' if pc else ''}" for m, pc in ORT_CONFIGS]
 
 
 def main() -> None:
