@@ -14,8 +14,9 @@ import pytest
 import models
 from qdq.graph.config import PRESETS, QuantConfig
 from qdq.graph.model import ort_rewrite
-from qdq.graph.plan import calibration_targets, static_decisions
+from qdq.graph.plan import static_decisions
 from qdq.graph.structure import GraphIndex
+from qdq.graph.targets import calibration_targets
 from qdq.pipeline import QuantizeReport, inspect_model, prepare, quantize_model
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"

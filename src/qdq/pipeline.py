@@ -32,10 +32,11 @@ from qdq.graph.model import (
     save_model,
     upgrade_opset,
 )
-from qdq.graph.plan import Decision, Plan, build_plan, calibration_targets, static_decisions
+from qdq.graph.plan import Decision, Plan, build_plan, static_decisions
 from qdq.graph.qdq_pass import insert_qdq
 from qdq.graph.smooth import smooth
 from qdq.graph.structure import GraphIndex, constants_to_initializers
+from qdq.graph.targets import calibration_targets
 from qdq.observers import make_observer
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,9 @@ from qdq.affine import quantize
 from qdq.graph.capture import unfit_reason
 from qdq.graph.config import QuantConfig
 from qdq.graph.constants import TABLE_MIN_SQNR_DB, plan_constants, table_qparams
-from qdq.graph.rules import FLOAT_BY_DESIGN, RULES, rule_inputs
-from qdq.graph.structure import GraphIndex, attributes, clip_bounds
+from qdq.graph.rules import FLOAT_BY_DESIGN, FLOAT_OUTPUT_KERNELS, RULES, rule_inputs
+from qdq.graph.structure import GraphIndex, attributes
+from qdq.graph.targets import absorbed, absorbs, unread
 from qdq.qparams import QParams, Range, choose_qparams
 
 if TYPE_CHECKING:
@@ -111,85 +112,6 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
     return Decision(node.name, node.op_type, True, "pending: int8 if int8 flows into it")
 
 
-def calibration_targets(
-    index: GraphIndex, decisions: dict[str, Decision], config: QuantConfig
-) -> list[str]:
-    """Non-constant float tensors that a quantized node reads or writes: the ones to observe.
-
-    Left out: outputs that a Relu/Clip will absorb (they take the activation's range, and
-    observing them would stop ONNX Runtime fusing Conv and Relu/Clip in the calibration session:
-    33 of EfficientNet-Lite0's 95 tensors), and outputs that no node can read as int8 (their Q/DQ
-    would be pruned: a transformer's MatMul outputs that only float bias Adds read)."""
-    skipped = {**absorbed(index, decisions, config), **dict.fromkeys(unread(index, decisions))}
-    targets: dict[str, None] = {}
-    for node in index.nodes:
-        if not decisions[node.name].quantized:
-            continue
-        rule = RULES[node.op_type]
-        names = [node.input[i] for i in rule_inputs(node, rule)] + [node.output[0]]
-        if rule.kind in ("inherit", "activation"):  # a constant table's rows need no range
-            names = [] if index.is_constant(node.input[0]) else [node.input[0], *node.output]
-        for name in names:
-            if name in skipped or not name or index.is_constant(name):
-                continue
-            if index.is_float(name):
-                targets[name] = None
-    return list(targets)
-
-
-def unread(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
-    """Outputs of int8 MatMul/Gemm and elementwise ops that every reader takes in float, as far
-    as the graph alone tells: `_prune_unread` would drop their Q/DQ, so they need no range."""
-    found = []
-    for node in index.nodes:
-        if not decisions[node.name].quantized:
-            continue
-        kind = RULES[node.op_type].kind
-        if node.op_type not in FLOAT_OUTPUT_KERNELS and kind not in ("elementwise", "shared"):
-            continue
-        out = node.output[0]
-        if not any(decisions[c.name].quantized for c in index.consumers.get(out, [])):
-            found.append(out)
-    return found
-
-
-def absorbed(
-    index: GraphIndex, decisions: dict[str, Decision], config: QuantConfig
-) -> dict[str, str]:
-    """Outputs whose Relu/Clip will be absorbed into the producer's range, each mapped to the
-    activation's output, whose range it takes."""
-    found = {}
-    for node in index.nodes:
-        producer = index.producer.get(node.input[0]) if node.input else None
-        if (
-            node.op_type in ("Relu", "Clip")
-            and decisions[node.name].quantized
-            and producer is not None
-            and _absorbs(node, producer, index, decisions, config)
-        ):
-            found[node.input[0]] = node.output[0]
-    return found
-
-
-def _absorbs(
-    node: onnx.NodeProto,
-    producer: onnx.NodeProto,
-    index: GraphIndex,
-    decisions: dict[str, Decision],
-    config: QuantConfig,
-) -> bool:
-    """Whether Relu/Clip `node` can be dropped into its quantized producer's output grid: the
-    grid's lowest code is real 0, so the Q after the activation clamps exactly as it does, and
-    ONNX Runtime then drops the activation and fuses producer and Q (docs/ptq.md)."""
-    return (
-        not config.symmetric_activations
-        and _clamps_at_zero(node, index)
-        and decisions[producer.name].quantized
-        and RULES[producer.op_type].kind in ("compute", "elementwise")
-        and index.sole_consumer(node.input[0]) is not None
-    )
-
-
 def build_plan(
     index: GraphIndex,
     decisions: dict[str, Decision],
@@ -268,8 +190,6 @@ def build_plan(
     return plan
 
 
-# Int8 kernels that ONNX Runtime also runs with a float output (MatMulIntegerToFloat, QGemm).
-FLOAT_OUTPUT_KERNELS = ("MatMul", "Gemm")
 FLOAT_OUTPUT = "int8 kernel with a float output: nothing after it reads int8"
 NOTHING_READS_INT8 = "nothing after it reads int8: int8 here would only add a rounding step"
 
@@ -339,7 +259,7 @@ def _follow(
     if (
         node.op_type in ("Relu", "Clip")
         and producer is not None
-        and _absorbs(node, producer, index, plan.decisions, config)
+        and absorbs(node, producer, index, plan.decisions, config)
     ):
         del wanted[source]
         wanted[node.output[0]] = None
@@ -375,12 +295,6 @@ def _table(
     plan.activations[node.output[0]] = qparams
     wanted[node.output[0]] = None
     plan.decisions[node.name].reason = f"8-bit table ({sqnr:.1f} dB): rows gathered in 8 bits"
-
-
-def _clamps_at_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:
-    if node.op_type == "Relu":
-        return True
-    return clip_bounds(node, index)[0] == 0.0
 
 
 def _concat_fits(

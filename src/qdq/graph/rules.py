@@ -89,6 +89,9 @@ FLOAT_BY_DESIGN = {
     "HardSwish": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
 }
 
+# Int8 kernels that ONNX Runtime also runs with a float output (MatMulIntegerToFloat, QGemm).
+FLOAT_OUTPUT_KERNELS = ("MatMul", "Gemm")
+
 
 def rule_inputs(node: onnx.NodeProto, rule: OpRule) -> list[int]:
     """Indices of the inputs a rule quantizes (all of them for Concat)."""
