@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from datasets import Task, digits_split, tasks, text_lines
-from ptq import ORT_CONFIGS, TOOLS, quantize_ort, quantize_qdq, run_model, save_samples
+from ptq import TOOLS, quantize_with, run_model, save_samples
 
 SAMPLES = 256
 
@@ -45,12 +45,9 @@ def scores(task: Task, reference: np.ndarray, output: np.ndarray) -> tuple[float
 
 
 def quantize(tool: str, task: Task, data: Path, out: Path) -> None:
-    if tool == "qdq default":
-        quantize_qdq(task, out, data)
-    else:
-        method, per_channel = dict(zip(TOOLS[1:], ORT_CONFIGS, strict=True))[tool]
-        with contextlib.redirect_stdout(io.StringIO()):  # its calibrators print progress
-            quantize_ort(task, out, data, method, per_channel)
+    """`quantize_with`, quietly (ORT's calibrators print progress), then a load check."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_with(tool, task, data, out)
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # loads, or raises
 
 

@@ -185,15 +185,20 @@ def quantize_in_child(tool: str, task: Task, data: Path, out: Path) -> dict[str,
     return json.loads(lines[-1])
 
 
-def child(tool: str, task_name: str, data: Path, out: Path) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
-    task = next(t for t in tasks(0) if t.name == task_name)
-    start = time.perf_counter()
+def quantize_with(tool: str, task: Task, data: Path, out: Path) -> None:
+    """Quantize `task`'s model with one of TOOLS."""
     if tool == "qdq default":
         quantize_qdq(task, out, data)
     else:
         method, per_channel = dict(zip(TOOLS[1:], ORT_CONFIGS, strict=True))[tool]
         quantize_ort(task, out, data, method, per_channel)
+
+
+def child(tool: str, task_name: str, data: Path, out: Path) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+    task = next(t for t in tasks(0) if t.name == task_name)
+    start = time.perf_counter()
+    quantize_with(tool, task, data, out)
     seconds = time.perf_counter() - start
     print(json.dumps({"quantize_s": seconds, "peak_rss_mb": peak_rss_mb()}))
 
