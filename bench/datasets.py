@@ -113,11 +113,13 @@ def rapidocr_model(name: str) -> Path:
 
 
 def text_lines(count: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` RapidOCR-preprocessed text crops (3, 48, width) and their rotation (0 or 1)."""
+    """`count` RapidOCR-preprocessed text crops (3, 48, width) and their rotation (0 or 1), each
+    line in its own font size (one size per set left the classifier's test set with a dozen
+    borderline lines, too few to rank quantizers: docs/ptq.md)."""
     rng = np.random.default_rng(seed)
-    font = ImageFont.load_default(size=int(rng.integers(26, 34)))
     crops, turned = [np.zeros((0, 3, 48, width), np.float32)], rng.integers(0, 2, count)
     for flip in turned:
+        font = ImageFont.load_default(size=int(rng.integers(26, 34)))
         words = " ".join(rng.choice(WORDS, int(rng.integers(1, 4))))
         ink = int(rng.integers(0, 90))
         paper = int(rng.integers(170, 256))
