@@ -100,10 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         help="learn up/down rounding of each weight (needs the torch extra)",
     )
     q.add_argument(
-        "--sequential-bias-correction",
-        action="store_true",
+        "--no-sequential-bias-correction",
+        dest="sequential_bias_correction",
+        action="store_false",
         default=None,
-        help="correct biases layer by layer on the quantized network (slower)",
+        help="only the one-shot bias correction for weight rounding (faster, less accurate)",
     )
     q.add_argument("--batch-size", type=int)
     q.add_argument("--max-samples", type=int)

@@ -148,11 +148,6 @@ def plan_model(
         return plan
 
     plan = replan(decisions)
-    if config.sequential_bias_correction:
-        feeds = _leading_batches(samples, config.batch_size, SEQUENTIAL_SAMPLES)
-        correct_sequentially(model, index, plan, feeds)
-        replan = _with_biases(replan, dict(plan.bias_values))
-        plan = replan(decisions)
     if config.adaround:
         from qdq.qat.adaround import learn_rounding
 
@@ -165,6 +160,11 @@ def plan_model(
         score = sqnr_score(model, feeds) if metric is None else _session_score(metric)
         plan, budget = meet_target(model, decisions, replan, score, config.target_sqnr, feeds[0])
         plan.budget = budget
+    if config.bias_correction and config.sequential_bias_correction:
+        # Last: it measures the network as it will be (final rounding, final float layers).
+        start = time.perf_counter()
+        correct_sequentially(model, index, plan, samples, config.batch_size, SEQUENTIAL_SAMPLES)
+        seconds += time.perf_counter() - start
     return plan, seconds
 
 
@@ -188,17 +188,6 @@ def plan_data_free(
         expected = mean_samples(index, everything, correction_inputs(index, quantizable))
         correct_biases(index, plan, expected)
     return plan
-
-
-def _with_biases(replan: Callable[[dict], Plan], biases: dict) -> Callable[[dict], Plan]:
-    """`replan` whose plans keep the sequentially corrected biases."""
-
-    def with_biases(chosen: dict) -> Plan:
-        plan = replan(chosen)
-        plan.bias_values.update({k: v for k, v in biases.items() if k in plan.biases})
-        return plan
-
-    return with_biases
 
 
 def _session_score(metric: Metric) -> Callable[[onnx.ModelProto], float]:

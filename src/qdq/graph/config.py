@@ -22,7 +22,7 @@ class QuantConfig:
     symmetric_activations: bool = False
     exclude: tuple[str, ...] = ()
     bias_correction: bool = True  # fold -(W_q - W) E[x] into each bias (docs/ptq.md)
-    sequential_bias_correction: bool = False  # measured per layer on the quantized network
+    sequential_bias_correction: bool = True  # then measured layer by layer on the int8 net
     equalize: bool = False  # cross-layer equalization of conv chains before calibration
     smoothing: bool = True  # move MatMul inputs' outlier channels into the weights (SmoothQuant)
     target_sqnr: float | None = None  # keep the most harmful layers float until this is met
