@@ -125,6 +125,7 @@ class _Stretches:
         self.parts = [nodes[a:b] for a, b in pairwise(bounds)]
         self.ends = bounds[1:]
         self.model = model
+        self.initializers = {t.name: t for t in model.graph.initializer}
         self.peak_bytes = 0  # the most bytes of kept tensors so far
         self.sessions: list[tuple[ort.InferenceSession, list[str], list[str]]] = []
 
@@ -146,7 +147,6 @@ class _Stretches:
         """Stretch `i`'s session, its inputs (of those in `values`) and its kept outputs."""
         part, end = self.parts[i], self.ends[i]
         reads = list(dict.fromkeys(name for node in part for name in _reads(node)))
-        initializers = {t.name: t for t in self.model.graph.initializer}
         inputs = [name for name in reads if name in values]
         outputs = [o for n in part for o in n.output if self.last_read.get(o, -1) >= end]
         outputs = list(dict.fromkeys([*outputs, part[-1].output[0]]))
@@ -155,7 +155,7 @@ class _Stretches:
             f"stretch{i}",
             [_value_info(name, values[name]) for name in inputs],
             [onnx.ValueInfoProto(name=name) for name in outputs],
-            [initializers[name] for name in reads if name in initializers],
+            [self.initializers[name] for name in reads if name in self.initializers],
         )
         model = helper.make_model(
             graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version
@@ -185,16 +185,10 @@ def _reads(node: onnx.NodeProto) -> list[str]:
 
 
 def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
+    """A graph input of `value`'s element type, shape left open."""
     return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), None)
 
 
 def _mean_per_channel(value: np.ndarray) -> np.ndarray:
-    """The per-channel (axis 1) mean of `value`."""
-    total, count = _channel_sum(value)
-    return total / count
-
-
-def _channel_sum(value: np.ndarray) -> tuple[np.ndarray, int]:
-    """The per-channel (axis 1) sum of `value` and how many values each channel has."""
-    axes = tuple(d for d in range(value.ndim) if d != 1)
-    return value.sum(axis=axes, dtype=np.float64), value.size // value.shape[1]
+    """The per-channel (axis 1) mean of `value`, accumulated in float64."""
+    return value.mean(axis=tuple(d for d in range(value.ndim) if d != 1), dtype=np.float64)
