@@ -23,11 +23,13 @@ from qdq.errors import ModelError
 from qdq.graph.config import QuantConfig
 from qdq.pipeline import quantize_model
 
+ONE_SHOT = {"bias_correction": True, "sequential_bias_correction": False}
 VARIANTS = {
     "plain": {"bias_correction": False},
-    "+BC": {"bias_correction": True},
-    "+CLE+BC": {"bias_correction": True, "equalize": True},
-    "+AdaRound+BC": {"bias_correction": True, "adaround": True},
+    "+BC": ONE_SHOT,
+    "+CLE+BC": {**ONE_SHOT, "equalize": True},
+    "+AdaRound+BC": {**ONE_SHOT, "adaround": True},
+    "+seqBC (default)": {},
     "data-free": {"data_free": True},
 }
 BATCHNORM_TWINS = {"mobilenet": "mobilenet_bn.onnx"}
