@@ -7,7 +7,10 @@ padding, strides, groups and depthwise layers are handled by running the layer's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ctypes
+import ctypes.util
+from collections.abc import Callable, Iterator
+from functools import cache
 from itertools import islice, pairwise
 
 import numpy as np
@@ -101,12 +104,14 @@ def correct_sequentially(
     seen = 0
     for feed in batches():
         float_means = [_mean_per_channel(output) for _, output in reference.run(feed)]
+        _trim_heap()
         batch = len(next(iter(feed.values())))
         seen += batch
         for layer, output in quantized.run(feed):
             needed = _mean_per_channel(output) - float_means[layer]
             corrections[layer] = corrections[layer] + (needed - corrections[layer]) * batch / seen
             output -= corrections[layer].reshape(-1, *[1] * (output.ndim - 2)).astype(output.dtype)
+        _trim_heap()
     for (node, key), correction in zip(layers, corrections, strict=True):
         current = plan.bias_values.get(key, index.constant(node.input[key[1]]))
         plan.bias_values[key] = current - correction
@@ -171,6 +176,23 @@ class _Stretches:
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         return session, inputs, outputs
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Hand the heap's freed pages back to the OS. The stretch sessions allocate without an
+    arena, and glibc's heap, fragmented by their different sizes, grew batch after batch (the
+    PP-OCRv4 detector's peak: 803 MB with 32 samples, 921 MB with 512; trimmed, flat)."""
+    if trim := _malloc_trim():
+        trim(0)
 
 
 def _reads(node: onnx.NodeProto) -> list[str]:
