@@ -163,7 +163,9 @@ def plan_model(
     if config.bias_correction and config.sequential_bias_correction:
         # Last: it measures the network as it will be (final rounding, final float layers).
         start = time.perf_counter()
-        correct_sequentially(model, index, plan, samples, config.batch_size, SEQUENTIAL_SAMPLES)
+        correct_sequentially(
+            model, index, plan, samples, config.batch_size, SEQUENTIAL_SAMPLES, progress
+        )
         seconds += time.perf_counter() - start
     return plan, seconds
 

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+from tqdm import tqdm
 
 from qdq.affine import dequantize
 from qdq.graph.data import Samples
@@ -73,6 +74,7 @@ def correct_sequentially(
     samples: Samples,
     batch_size: int,
     count: int,
+    progress: bool = False,
 ) -> None:
     """Sequential empirical bias correction on the first `count` samples: layer by layer in
     graph order, set the bias so that the quantized network's mean output per channel equals
@@ -100,18 +102,22 @@ def correct_sequentially(
         size = budgeted(batch_size, max(reference.peak_bytes, quantized.peak_bytes))
         yield from islice(samples.batches(size, first=1), -(-(count - 1) // size))
 
-    corrections = [np.zeros(1)] * len(layers)
+    corrections: list[np.ndarray | float] = [0.0] * len(layers)  # per channel, once seen
     seen = 0
-    for feed in batches():
-        float_means = [_mean_per_channel(output) for _, output in reference.run(feed)]
-        _trim_heap()
-        batch = len(next(iter(feed.values())))
-        seen += batch
-        for layer, output in quantized.run(feed):
-            needed = _mean_per_channel(output) - float_means[layer]
-            corrections[layer] = corrections[layer] + (needed - corrections[layer]) * batch / seen
-            output -= corrections[layer].reshape(-1, *[1] * (output.ndim - 2)).astype(output.dtype)
-        _trim_heap()
+    with tqdm(total=min(count, samples.count), desc="correcting biases", unit="sample",
+              disable=not progress, leave=False) as bar:  # fmt: skip
+        for feed in batches():
+            float_means = [_mean_per_channel(output) for _, output in reference.run(feed)]
+            _trim_heap()
+            batch = len(next(iter(feed.values())))
+            seen += batch
+            for layer, output in quantized.run(feed):
+                needed = _mean_per_channel(output) - float_means[layer]
+                corrections[layer] += (needed - corrections[layer]) * batch / seen
+                shape = (-1, *[1] * (output.ndim - 2))
+                output -= corrections[layer].reshape(shape).astype(output.dtype)
+            _trim_heap()
+            bar.update(batch)
     for (node, key), correction in zip(layers, corrections, strict=True):
         current = plan.bias_values.get(key, index.constant(node.input[key[1]]))
         plan.bias_values[key] = current - correction
