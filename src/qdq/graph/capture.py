@@ -30,10 +30,10 @@ SENTINEL = 1e30
 CAPTURE_BUDGET = 256 * 2**20
 
 
-def budgeted(batch_size: int, per_sample: int) -> int:
-    """The batch size, lowered so that one batch captures at most CAPTURE_BUDGET bytes when
-    each sample captures `per_sample`."""
-    return max(1, min(batch_size, CAPTURE_BUDGET // max(per_sample, 1)))
+def budgeted(batch_size: int, per_sample: int, budget: int = CAPTURE_BUDGET) -> int:
+    """The batch size, lowered so that one batch captures at most `budget` bytes when each
+    sample captures `per_sample`."""
+    return max(1, min(batch_size, budget // max(per_sample, 1)))
 
 
 def session_with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> ort.InferenceSession:
