@@ -3,6 +3,8 @@ layer's expected output by `(W_q - W) E[x]`; subtracting that from the bias canc
 
 `E[x]` is the mean input sample seen in calibration, kept whole (not per channel), so that zero
 padding, strides, groups and depthwise layers are handled by running the layer's own op on it.
+`correct_sequentially` then measures what the rest of the int8 network (activation rounding,
+clipping, nonlinearities) does to each layer's mean, and cancels that too.
 """
 
 from __future__ import annotations
