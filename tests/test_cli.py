@@ -17,6 +17,8 @@ from onnx import numpy_helper
 
 import models
 
+from conftest import digits_cnn_sqnr
+
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
 
@@ -60,6 +62,17 @@ def test_quantize_then_compare_reports_accuracy_size_and_latency(workspace):
     assert result["size_bytes"]["quantized"] < result["size_bytes"]["float"]
     assert set(result["latency_ms"]) == {"float", "quantized"}
     assert len(result["layers"]) >= 5
+
+
+def test_the_sequential_bias_correction_can_be_turned_off(workspace):
+    default, one_shot = workspace / "default.onnx", workspace / "one_shot.onnx"
+    for out, extra in ((default, []), (one_shot, ["--no-sequential-bias-correction"])):
+        done = qdq(
+            "quantize", workspace / "cnn.onnx", "-o", out, "--calib", workspace / "calib.npz",
+            "--weight-bits", "4", *extra,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    assert digits_cnn_sqnr(default) > digits_cnn_sqnr(one_shot) + 2.0  # measured 21.8 vs 18.5
 
 
 def test_inspect_lists_every_node():
