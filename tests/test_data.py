@@ -52,6 +52,17 @@ def test_batches_are_bounded_and_max_samples_and_seed_pick_a_subset(tmp_path):
     assert not np.array_equal(picked, first)
 
 
+def test_a_batch_axis_fixed_at_1_gets_batches_of_1_and_one_fixed_larger_is_refused(tmp_path):
+    np.save(tmp_path / "a.npy", X)
+    fixed = [InputSpec("x", np.dtype(np.float32), (1, 3, 4, 5))]
+    batches = list(Samples(tmp_path / "a.npy", fixed).batches(4, first=2, last=5))
+    assert [len(f["x"]) for f in batches] == [1, 1, 1]
+    assert np.array_equal(np.concatenate([f["x"] for f in batches]), X[2:5])
+    eight = [InputSpec("x", np.dtype(np.float32), (8, 3, 4, 5))]
+    with pytest.raises(DataError, match=r"fixed at more than one sample .*'x' float32\[8, 3, 4, 5"):
+        Samples(tmp_path / "a.npy", eight)
+
+
 def test_image_folders_are_resized_scaled_and_normalized(tmp_path):
     pixels = np.zeros((8, 10, 3), np.uint8)
     pixels[..., 0] = 255  # pure red

@@ -244,6 +244,19 @@ def test_models_older_than_opset_13_are_upgraded_for_per_channel_weights(tmp_pat
     assert sqnr_db(run(source, {"x": x})[0], run(out, {"x": x})[0]) > 25
 
 
+def test_a_model_with_its_batch_axis_fixed_at_1_is_fed_one_sample_at_a_time(tmp_path):
+    model = onnx.load(str(DIGITS / "cnn.onnx"))  # exporters often fix the batch axis at 1
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    source, out = save(model, tmp_path), tmp_path / "q.onnx"
+    quantize_model(source, out, DIGITS / "calib.npz")
+    with np.load(DIGITS / "test.npz") as test:
+        x = test["input"][:64]
+    want = np.concatenate([run(source, {"input": x[i : i + 1]})[0] for i in range(len(x))])
+    got = np.concatenate([run(out, {"input": x[i : i + 1]})[0] for i in range(len(x))])
+    assert sqnr_db(want, got) > 35  # as good as with a free batch axis (42 dB)
+
+
 def test_exclude_keeps_named_nodes_and_op_types_in_float(tmp_path):
     out = tmp_path / "q.onnx"
     config = QuantConfig(exclude=("/12/Gemm", "GlobalAveragePool"))

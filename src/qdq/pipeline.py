@@ -7,7 +7,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -206,7 +205,7 @@ def _session_score(metric: Metric) -> Callable[[onnx.ModelProto], float]:
 
 def _leading_batches(samples: Samples, batch_size: int, count: int) -> list[dict]:
     """The batches holding the first `count` samples (read lazily: no more than those)."""
-    return list(islice(samples.batches(batch_size), -(-count // batch_size)))
+    return list(samples.batches(batch_size, last=count))
 
 
 def quantize_model(

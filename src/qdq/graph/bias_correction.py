@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 from collections.abc import Callable, Iterator
 from functools import cache
-from itertools import islice, pairwise
+from itertools import pairwise
 
 import numpy as np
 import onnx
@@ -106,7 +106,7 @@ def correct_sequentially(
         """One sample first, to size the batches by the tensors it kept alive (as calibrate)."""
         yield next(samples.batches(1))
         size = budgeted(batch_size, max(reference.peak_bytes, quantized.peak_bytes), LIVE_BUDGET)
-        yield from islice(samples.batches(size, first=1), -(-(count - 1) // size))
+        yield from samples.batches(size, first=1, last=count)
 
     corrections: list[np.ndarray | float] = [0.0] * len(layers)  # per channel, once seen
     seen = 0

@@ -128,12 +128,12 @@ def calibrate(
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         per_sample = observe(next(samples.batches(1)))  # one sample first, to size the batches
-        batch_size = budgeted(batch_size, per_sample)
-        batches = samples.batches(batch_size, first=1)
-        total = -(-(samples.count - 1) // batch_size)
-        for feed in tqdm(batches, total=total, desc="calibrating", unit="batch",
-                         disable=not progress, leave=False):  # fmt: skip
-            observe(feed)
+        batches = samples.batches(budgeted(batch_size, per_sample), first=1)
+        with tqdm(total=samples.count, initial=1, desc="calibrating", unit="sample",
+                  disable=not progress, leave=False) as bar:  # fmt: skip
+            for feed in batches:
+                observe(feed)
+                bar.update(len(next(iter(feed.values()))))
     ranges = {}
     for name, observer in observers.items():
         if name in unfit:

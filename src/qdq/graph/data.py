@@ -85,15 +85,20 @@ class Samples:
         order = np.random.default_rng(seed).permutation(total) if seed is not None else None
         self.count = min(total, max_samples) if max_samples else total
         self.order = np.arange(self.count) if order is None else np.sort(order[: self.count])
+        self.largest_batch = _largest_batch(self.inputs)
         self._check_first_sample()
 
-    def batches(self, batch_size: int, first: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds of up to `batch_size` samples from sample `first` on, in order, each checked
-        for NaN and Inf."""
+    def batches(
+        self, batch_size: int, first: int = 0, last: int | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of up to `batch_size` samples (one where the model's batch axis is fixed at 1)
+        from sample `first` up to `last`, in order, each checked for NaN and Inf."""
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
-        for start in range(first, self.count, batch_size):
-            picked = self.order[start : start + batch_size]
+        batch_size = min(batch_size, self.largest_batch or batch_size)
+        end = self.count if last is None else min(last, self.count)
+        for start in range(first, end, batch_size):
+            picked = self.order[start : min(start + batch_size, end)]
             feed = {name: r.read(picked) for name, r in self._readers.items()}
             for spec in self.inputs:
                 feed[spec.name] = _checked(feed[spec.name], spec, self.source, start)
@@ -149,6 +154,19 @@ class Samples:
         for spec in self.inputs:
             reader = self._readers[spec.name]
             _checked(reader.read(self.order[:1]), spec, self.source, 0)
+
+
+def _largest_batch(inputs: Sequence[InputSpec]) -> int | None:
+    """1 where an input's leading (batch) axis is fixed at 1, as exporters often leave it;
+    None where every batch axis is free. Other fixed sizes cannot take a stream of batches."""
+    fixed = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0] is not None}
+    if fixed - {1}:
+        named = ", ".join(s.describe() for s in inputs if s.shape and s.shape[0] not in (None, 1))
+        raise DataError(
+            f"the model's batch axis is fixed at more than one sample ({named}); qdq feeds "
+            "batches of any size: export the model with a free or size-1 batch axis"
+        )
+    return 1 if fixed else None
 
 
 def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np.ndarray:

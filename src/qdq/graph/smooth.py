@@ -152,8 +152,8 @@ def _statistics(
 
     per_sample = take(next(samples.batches(1)))
     batch_size = budgeted(batch_size, per_sample)
-    for first in range(1, count, batch_size):
-        take(next(samples.batches(min(batch_size, count - first), first=first)))
+    for feed in samples.batches(batch_size, first=1, last=count):
+        take(feed)
     rows = {name: np.concatenate(kept[name])[:ROWS] for name in names}
     return maxima, rows
 
