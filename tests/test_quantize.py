@@ -19,6 +19,8 @@ from qdq.graph.structure import GraphIndex
 from qdq.graph.targets import calibration_targets
 from qdq.pipeline import QuantizeReport, inspect_model, prepare, quantize_model
 
+from conftest import quantize_cnn
+
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 FUSED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 
@@ -255,6 +257,19 @@ def test_a_model_with_its_batch_axis_fixed_at_1_is_fed_one_sample_at_a_time(tmp_
     want = np.concatenate([run(source, {"input": x[i : i + 1]})[0] for i in range(len(x))])
     got = np.concatenate([run(out, {"input": x[i : i + 1]})[0] for i in range(len(x))])
     assert sqnr_db(want, got) > 35  # as good as with a free batch axis (42 dB)
+
+
+def test_the_report_says_what_the_quantization_cost_in_output_sqnr(tmp_path):
+    out, report = quantize_cnn(tmp_path)
+    with np.load(DIGITS / "calib.npz") as calib:
+        x = calib["input"][:16]  # the report measures on the first 16 calibration samples
+    want = sqnr_db(run(DIGITS / "cnn.onnx", {"input": x})[0], run(out, {"input": x})[0])
+    assert report.output_sqnr == {"logits": pytest.approx(want, abs=1e-6)}
+    assert f"'logits' {want:.2f} dB" in report.summary(out)
+    assert "warning" not in report.summary(out)
+    out, report = quantize_cnn(tmp_path, weight_bits=2)  # unusable: the report must say so
+    assert report.output_sqnr["logits"] < 10
+    assert "warning: an output SQNR under 10 dB" in report.summary(out)
 
 
 def test_exclude_keeps_named_nodes_and_op_types_in_float(tmp_path):

@@ -37,6 +37,7 @@ from qdq.graph.smooth import smooth
 from qdq.graph.structure import GraphIndex, constants_to_initializers
 from qdq.graph.targets import calibration_targets
 from qdq.observers import make_observer
+from qdq.report.metrics import ErrorStats
 
 log = logging.getLogger(__name__)
 # A user's score of a quantized model, higher is better: given an ONNX Runtime session of the
@@ -45,6 +46,8 @@ Metric = Callable[[ort.InferenceSession], float]
 BUDGET_SAMPLES = 128  # calibration samples that measure output SQNR for --target-sqnr
 ADAROUND_SAMPLES = 32  # calibration samples whose layer inputs AdaRound learns from
 SEQUENTIAL_SAMPLES = 128  # calibration samples that measure each layer's mean output shift
+CHECK_SAMPLES = 16  # calibration samples on which the report measures the output SQNR
+LOW_SQNR = 10.0  # dB: below this the report warns (the noise is a third of the signal or more)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class QuantizeReport:
     float_bytes: int
     quantized_bytes: int
     notes: list[str] = field(default_factory=list)
+    output_sqnr: dict[str, float] = field(default_factory=dict)  # dB, per float output
 
     @property
     def quantized(self) -> list[Decision]:
@@ -81,6 +85,16 @@ class QuantizeReport:
             more = f" and {len(group) - 1} more" if len(group) > 1 else ""
             lines.append(f"kept float: {op_type} {first.node}{more}: {first.reason}")
         lines += [f"note: {n}" for n in self.notes]
+        if self.output_sqnr:
+            shown = ", ".join(f"{k!r} {v:.2f} dB" for k, v in self.output_sqnr.items())
+            count = min(self.samples, CHECK_SAMPLES)
+            lines.append(f"output SQNR against FP32 on {count} calibration samples: {shown}")
+            if min(self.output_sqnr.values()) < LOW_SQNR:
+                lines.append(
+                    f"warning: an output SQNR under {LOW_SQNR:g} dB: the INT8 model may not be "
+                    "usable; `qdq compare` shows which layers hurt, `--target-sqnr` keeps the "
+                    "most harmful ones float"
+                )
         return "\n".join(lines)
 
 
@@ -267,6 +281,7 @@ def quantize_model(
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     _check_loads(quantized)
     save_model(quantized, target)
+    checked = {} if config.data_free else _output_sqnr(model, quantized, samples)
     return QuantizeReport(
         decisions=list(plan.decisions.values()),
         samples=0 if config.data_free else samples.count,
@@ -274,6 +289,7 @@ def quantize_model(
         float_bytes=source.stat().st_size,
         quantized_bytes=target.stat().st_size,
         notes=notes + _budget_notes(plan),
+        output_sqnr=checked,
     )
 
 
@@ -288,6 +304,27 @@ def inspect_model(
     config = config or QuantConfig()
     prepared, _, _ = prepare(load_model(model_path), config.per_channel)
     return list(static_decisions(GraphIndex(prepared), config).values())
+
+
+def _output_sqnr(
+    model: onnx.ModelProto, quantized: onnx.ModelProto, samples: Samples
+) -> dict[str, float]:
+    """Per float output, the SQNR in dB of `quantized` against `model` on the first
+    CHECK_SAMPLES calibration samples: what the report says the quantization cost."""
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False  # one sample at a time, without an arena: this check
+    options.enable_mem_pattern = False  # must not raise the peak that calibration set
+    sessions = [
+        ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for m in (model, quantized)
+    ]
+    names = [o.name for o in sessions[0].get_outputs() if o.type == "tensor(float)"]
+    stats = {name: ErrorStats() for name in names}
+    for feed in samples.batches(1, last=CHECK_SAMPLES):
+        want, got = (session.run(names, feed) for session in sessions)
+        for name, ref, out in zip(names, want, got, strict=True):
+            stats[name].update(ref, out)
+    return {name: s.sqnr_db for name, s in stats.items()}
 
 
 def _budget_notes(plan: Plan) -> list[str]:

@@ -41,7 +41,8 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         if value.name in constants:
             continue
         tensor = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        # Paddle's exporter writes a free axis as -1: only a positive size is fixed.
+        dims = tuple(d.dim_value if d.dim_value > 0 else None for d in tensor.shape.dim)
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
         specs.append(InputSpec(value.name, dtype, dims))
     return specs
