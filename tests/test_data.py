@@ -52,15 +52,19 @@ def test_batches_are_bounded_and_max_samples_and_seed_pick_a_subset(tmp_path):
     assert not np.array_equal(picked, first)
 
 
-def test_a_batch_axis_fixed_at_1_gets_batches_of_1_and_one_fixed_larger_is_refused(tmp_path):
+def test_a_leading_axis_fixed_at_1_gets_batches_of_1_and_other_fixed_ones_are_refused(tmp_path):
     np.save(tmp_path / "a.npy", X)
     fixed = [InputSpec("x", np.dtype(np.float32), (1, 3, 4, 5))]
     batches = list(Samples(tmp_path / "a.npy", fixed).batches(4, first=2, last=5))
     assert [len(f["x"]) for f in batches] == [1, 1, 1]
     assert np.array_equal(np.concatenate([f["x"] for f in batches]), X[2:5])
     eight = [InputSpec("x", np.dtype(np.float32), (8, 3, 4, 5))]
-    with pytest.raises(DataError, match=r"fixed at more than one sample .*'x' float32\[8, 3, 4, 5"):
+    with pytest.raises(DataError, match=r"'x' float32\[8, 3, 4, 5\] has its leading axis fixed"):
         Samples(tmp_path / "a.npy", eight)
+    scalar = [*SPEC, InputSpec("rate", np.dtype(np.int64), ())]
+    np.savez(tmp_path / "b.npz", x=X, rate=np.full(10, 16000))
+    with pytest.raises(DataError, match=r"'rate' int64\[\] is a scalar"):
+        Samples(tmp_path / "b.npz", scalar)
 
 
 def test_image_folders_are_resized_scaled_and_normalized(tmp_path):

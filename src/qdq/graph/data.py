@@ -159,15 +159,21 @@ class Samples:
 
 def _largest_batch(inputs: Sequence[InputSpec]) -> int | None:
     """1 where an input's leading (batch) axis is fixed at 1, as exporters often leave it;
-    None where every batch axis is free. Other fixed sizes cannot take a stream of batches."""
-    fixed = {spec.shape[0] for spec in inputs if spec.shape and spec.shape[0] is not None}
-    if fixed - {1}:
-        named = ", ".join(s.describe() for s in inputs if s.shape and s.shape[0] not in (None, 1))
-        raise DataError(
-            f"the model's batch axis is fixed at more than one sample ({named}); qdq feeds "
-            "batches of any size: export the model with a free or size-1 batch axis"
-        )
-    return 1 if fixed else None
+    None where every leading axis is free. Samples are stacked on that axis, so a scalar input
+    or one whose leading axis is fixed at more than 1 cannot take them."""
+    for spec in inputs:
+        if not spec.shape:
+            raise DataError(
+                f"input {spec.describe()} is a scalar: qdq stacks samples on each input's "
+                "leading axis, which a scalar has not; fold its value into the model"
+            )
+        if spec.shape[0] not in (None, 1):
+            raise DataError(
+                f"input {spec.describe()} has its leading axis fixed at {spec.shape[0]}: qdq "
+                "stacks samples on each input's leading axis (in place of the batch axis), so "
+                "it must be free or 1; export the model with the batch axis first"
+            )
+    return 1 if any(spec.shape[0] == 1 for spec in inputs) else None
 
 
 def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np.ndarray:
