@@ -52,6 +52,28 @@ def conv_net(opset: int = 17, middle: str | None = None) -> onnx.ModelProto:
     return _model(nodes, [_value("x", ["N", 3, 8, 8])], [_value("y", ["N", 5])], inits, opset)
 
 
+def silu_net() -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv -> x * Sigmoid(x) (SiLU, as YOLO writes it) -> Conv -> GAP -> Gemm."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Sigmoid", ["c1"], ["s1"], name="gate"),
+        helper.make_node("Mul", ["c1", "s1"], ["m1"], name="silu"),
+        helper.make_node("Conv", ["m1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc"),
+    ]
+    inits = [
+        _init("w1", RNG.standard_normal((8, 3, 3, 3)) * 0.3),
+        _init("b1", RNG.standard_normal(8) * 0.1),
+        _init("w2", RNG.standard_normal((16, 8, 3, 3)) * 0.2),
+        _init("b2", RNG.standard_normal(16) * 0.1),
+        _init("w3", RNG.standard_normal((5, 16))),
+        _init("b3", RNG.standard_normal(5) * 0.1),
+    ]
+    return _model(nodes, [_value("x", ["N", 3, 8, 8])], [_value("y", ["N", 5])], inits)
+
+
 def detector_head() -> onnx.ModelProto:
     """Boxes in pixels (thousands) and class scores clipped to [0, 1], joined by one Concat that
     a shape op reads (heads reshape before decoding; a Flatten keeps the test's (N, 10))."""

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 import models
 from qdq.graph.config import PRESETS, QuantConfig
@@ -172,6 +173,22 @@ def test_conv_transpose_weights_are_per_channel_on_axis_1(tmp_path):
     model = onnx.load(str(out))
     weight_dq = next(n for n in model.graph.node if n.name.startswith("w_"))
     assert {a.name: a.i for a in weight_dq.attribute}["axis"] == 1
+    assert sqnr_db(run(source, {"x": x})[0], run(out, {"x": x})[0]) > 30
+
+
+def test_a_sigmoid_gate_gets_the_fixed_0_1_grid_so_its_mul_runs_in_int8(tmp_path):
+    source = save(models.silu_net(), tmp_path)
+    x = np.random.default_rng(7).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    out, report = quantize_on(source, x, tmp_path)
+    decisions = {d.node: d for d in report.decisions}
+    assert decisions["gate"].quantized
+    assert decisions["silu"].quantized
+    scales = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    assert scales["s1_scale"] == np.float32(1 / 255)
+    assert scales["s1_zero_point"] == 0
+    fused = op_counts(ort_rewrite(onnx.load(str(out)), FUSED))
+    assert fused["QLinearMul"] == 1  # YOLO's SiLU: 13-25% faster than a float Mul between Q/DQ
+    assert fused["Mul"] == 0
     assert sqnr_db(run(source, {"x": x})[0], run(out, {"x": x})[0]) > 30
 
 

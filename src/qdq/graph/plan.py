@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 # A shared Concat scale must leave every input at least this share of the codes (32 of 256).
 CONCAT_MIN_SHARE = 1 / 8
+GATE_RANGE = Range(0.0, 1.0)  # Sigmoid's and HardSigmoid's outputs, whatever their input
 
 
 @dataclass
@@ -147,6 +148,9 @@ def build_plan(
         if rule.kind in ("inherit", "activation"):
             _follow(node, index, plan, config, wanted, inherited)
             continue
+        if rule.kind == "gate":
+            _gate(node, decision, ranges, wanted, skipped)
+            continue
         outputs = [] if node.output[0] in skipped else [node.output[0]]
         missing = [t for t in [*activations, *outputs] if t not in ranges]
         if missing:
@@ -215,7 +219,7 @@ def _prune_unread(index: GraphIndex, plan: Plan, wanted: dict[str, None]) -> Non
         if node.op_type in FLOAT_OUTPUT_KERNELS:
             del wanted[node.output[0]]
             decision.reason = FLOAT_OUTPUT
-        elif kind in ("elementwise", "shared") or (
+        elif kind in ("elementwise", "shared", "gate") or (
             kind == "inherit" and not index.is_constant(node.input[0])  # tables stay 8-bit
         ):
             for o in outs:
@@ -270,6 +274,24 @@ def _follow(
             wanted[out] = None
             inherited[out] = source
     decision.reason = "int8 passes through (input's qparams)"
+
+
+def _gate(
+    node: onnx.NodeProto,
+    decision: Decision,
+    ranges: dict[str, Range],
+    wanted: dict[str, None],
+    skipped: Container[str],
+) -> None:
+    """Sigmoid, HardSigmoid: int8 in where it flows, the [0, 1] grid out where it is read."""
+    if node.input[0] not in wanted:
+        _to_float(decision, f"its input {node.input[0]!r} is not quantized")
+    elif node.output[0] in skipped:
+        _to_float(decision, NOTHING_READS_INT8)
+    else:
+        ranges[node.output[0]] = GATE_RANGE
+        wanted[node.output[0]] = None
+        decision.reason = "float between Q/DQ; its output on the fixed [0, 1] grid"
 
 
 def _table(

@@ -12,11 +12,15 @@
   reuses the input's qparams exactly, so int8 flows through them (a Gather from a constant
   table, an embedding, stores the table int8 and its rows reuse the table's qparams);
 - "activation": Relu / Clip: absorbed into the producer's range when the grid's lowest code is
-  real 0 (asymmetric), else inherit.
+  real 0 (asymmetric), else inherit;
+- "gate": Sigmoid / HardSigmoid: the output lies in [0, 1] whatever the input, so it gets that
+  grid without calibration; quantized only where int8 flows in and something reads it as int8
+  (the Mul of a HardSwish `x * HardSigmoid(x)` or of a squeeze-excitation gate, which then runs
+  as QLinearMul instead of in float between a DequantizeLinear and a QuantizeLinear).
 
 Ops with no rule stay in float. Deliberately float: Softmax and LayerNormalization (they need float
-precision and ONNX Runtime's CPU has no QDQ kernel for them), Sigmoid, HardSigmoid and HardSwish
-(cheap elementwise ops; a Q/DQ pair around each would cost more than it saves).
+precision and ONNX Runtime's CPU has no QDQ kernel for them), and HardSwish (a cheap elementwise
+op; a Q/DQ pair around it would cost more than it saves).
 """
 
 from __future__ import annotations
@@ -79,13 +83,13 @@ RULES: dict[str, OpRule] = {
     "Split": OpRule("inherit"),
     "Relu": OpRule("activation"),
     "Clip": OpRule("activation"),
+    "Sigmoid": OpRule("gate"),
+    "HardSigmoid": OpRule("gate"),
 }
 
 FLOAT_BY_DESIGN = {
     "Softmax": "needs float precision; ONNX Runtime has no CPU QDQ kernel for it",
     "LayerNormalization": "needs float precision; ONNX Runtime has no CPU QDQ kernel for it",
-    "Sigmoid": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
-    "HardSigmoid": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
     "HardSwish": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
 }
 

@@ -37,6 +37,8 @@ def calibration_targets(
         names = [node.input[i] for i in rule_inputs(node, rule)] + [node.output[0]]
         if rule.kind in ("inherit", "activation"):  # a constant table's rows need no range
             names = [] if index.is_constant(node.input[0]) else [node.input[0], *node.output]
+        if rule.kind == "gate":  # its output's range is [0, 1]; it reads int8 only if it flows
+            names = []
         for name in names:
             if name in skipped or not name or index.is_constant(name):
                 continue
@@ -53,7 +55,11 @@ def unread(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
         if not decisions[node.name].quantized:
             continue
         kind = RULES[node.op_type].kind
-        if node.op_type not in FLOAT_OUTPUT_KERNELS and kind not in ("elementwise", "shared"):
+        if node.op_type not in FLOAT_OUTPUT_KERNELS and kind not in (
+            "elementwise",
+            "shared",
+            "gate",
+        ):
             continue
         out = node.output[0]
         if not any(decisions[c.name].quantized for c in index.consumers.get(out, [])):
