@@ -121,14 +121,7 @@ def quantize_qdq(task: Task, out: Path, data: Path) -> None:
 
 
 def quantize_ort(task: Task, out: Path, data: Path, method: str, per_channel: bool) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationDataReader
 
     files = sorted(data.glob("*.npy"))
 
@@ -144,19 +137,30 @@ def quantize_ort(task: Task, out: Path, data: Path, method: str, per_channel: bo
                 return None
             return {task.input_name: np.stack([np.load(f) for f in batch])}
 
+    quantize_static_qdq(task.model, out, Reader(), method, per_channel)
+
+
+def quantize_static_qdq(
+    source: Path, out: Path, reader: object, method: str, per_channel: bool
+) -> None:
+    """ORT's recommended `quant_pre_process`, then `quantize_static` in QDQ format with uint8
+    activations and int8 weights, calibrated by `method` on `reader`'s batches."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
-        # ORT's recommended preprocessing. Its symbolic shape inference fails on some models and
-        # then leaves sym_shape_infer_temp.onnx in the working directory: keep that in tmp.
+        # Its symbolic shape inference fails on some models and then leaves
+        # sym_shape_infer_temp.onnx in the working directory: keep that in tmp.
         with contextlib.chdir(tmp):
             try:
-                quant_pre_process(str(task.model), str(pre))
+                quant_pre_process(str(source), str(pre))
             except Exception:
-                quant_pre_process(str(task.model), str(pre), skip_symbolic_shape=True)
+                quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         quantize_static(
             str(pre),
             str(out),
-            Reader(),
+            reader,
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
             activation_type=QuantType.QUInt8,

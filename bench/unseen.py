@@ -13,7 +13,6 @@ bench's own offline data in each model's preprocessing. Prints a Markdown table 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import tempfile
 import time
@@ -26,7 +25,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from datasets import IMAGENET_MEAN, IMAGENET_STD, photo_crops, text_lines, text_pages
-from ptq import ctc_strings, medians
+from ptq import ctc_strings, medians, quantize_static_qdq
 
 
 @dataclass(frozen=True)
@@ -131,14 +130,7 @@ def sqnr_db(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
 
 
 def quantize_ort(source: Path, out: Path, calib: np.ndarray, per_channel: bool) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationDataReader
 
     spec = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_inputs()[0]
     step = 1 if spec.shape[0] == 1 else 16
@@ -151,23 +143,7 @@ def quantize_ort(source: Path, out: Path, calib: np.ndarray, per_channel: bool) 
             batch = next(self.batches, None)
             return None if batch is None else {spec.name: batch}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        with contextlib.chdir(tmp):
-            try:
-                quant_pre_process(str(source), str(pre))
-            except Exception:
-                quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
-        quantize_static(
-            str(pre),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+    quantize_static_qdq(source, out, Reader(), "MinMax", per_channel)
 
 
 def measure(name: str, folder: Path) -> list[str]:

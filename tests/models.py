@@ -25,6 +25,18 @@ def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(array, np.float32), name)
 
 
+def _two_convs() -> list[onnx.TensorProto]:
+    """Weights of conv1 (3 -> 8), conv2 (8 -> 16) and fc (16 -> 5)."""
+    return [
+        _init("w1", RNG.standard_normal((8, 3, 3, 3)) * 0.3),
+        _init("b1", RNG.standard_normal(8) * 0.1),
+        _init("w2", RNG.standard_normal((16, 8, 3, 3)) * 0.2),
+        _init("b2", RNG.standard_normal(16) * 0.1),
+        _init("w3", RNG.standard_normal((5, 16))),
+        _init("b3", RNG.standard_normal(5) * 0.1),
+    ]
+
+
 def conv_net(opset: int = 17, middle: str | None = None) -> onnx.ModelProto:
     """x[N,3,8,8] -> Conv -> Relu -> [middle op] -> Conv -> GlobalAveragePool -> Flatten -> Gemm."""
     nodes = [
@@ -41,15 +53,8 @@ def conv_net(opset: int = 17, middle: str | None = None) -> onnx.ModelProto:
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc"),
     ]
-    inits = [
-        _init("w1", RNG.standard_normal((8, 3, 3, 3)) * 0.3),
-        _init("b1", RNG.standard_normal(8) * 0.1),
-        _init("w2", RNG.standard_normal((16, 8, 3, 3)) * 0.2),
-        _init("b2", RNG.standard_normal(16) * 0.1),
-        _init("w3", RNG.standard_normal((5, 16))),
-        _init("b3", RNG.standard_normal(5) * 0.1),
-    ]
-    return _model(nodes, [_value("x", ["N", 3, 8, 8])], [_value("y", ["N", 5])], inits, opset)
+    x, y = _value("x", ["N", 3, 8, 8]), _value("y", ["N", 5])
+    return _model(nodes, [x], [y], _two_convs(), opset)
 
 
 def silu_net() -> onnx.ModelProto:
@@ -63,15 +68,7 @@ def silu_net() -> onnx.ModelProto:
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc"),
     ]
-    inits = [
-        _init("w1", RNG.standard_normal((8, 3, 3, 3)) * 0.3),
-        _init("b1", RNG.standard_normal(8) * 0.1),
-        _init("w2", RNG.standard_normal((16, 8, 3, 3)) * 0.2),
-        _init("b2", RNG.standard_normal(16) * 0.1),
-        _init("w3", RNG.standard_normal((5, 16))),
-        _init("b3", RNG.standard_normal(5) * 0.1),
-    ]
-    return _model(nodes, [_value("x", ["N", 3, 8, 8])], [_value("y", ["N", 5])], inits)
+    return _model(nodes, [_value("x", ["N", 3, 8, 8])], [_value("y", ["N", 5])], _two_convs())
 
 
 def detector_head() -> onnx.ModelProto:
