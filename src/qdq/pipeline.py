@@ -236,7 +236,8 @@ def quantize_model(
     """Quantize an FP32 ONNX model into a QDQ model that ONNX Runtime runs with int8 kernels.
 
     Validates everything (model, data against the model's inputs, output path) before any
-    work; writes nothing unless the quantized model loads in ONNX Runtime.
+    work; writes nothing unless the quantized model loads in ONNX Runtime and runs on the
+    first calibration samples.
     """
     config = config or QuantConfig()
     if output_format not in ("qdq", "qoperator"):
@@ -280,8 +281,8 @@ def quantize_model(
     if output_format == "qoperator":  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     _check_loads(quantized)
-    save_model(quantized, target)
     checked = {} if config.data_free else _output_sqnr(model, quantized, samples)
+    save_model(quantized, target)
     return QuantizeReport(
         decisions=list(plan.decisions.values()),
         samples=0 if config.data_free else samples.count,
@@ -321,7 +322,15 @@ def _output_sqnr(
     names = [o.name for o in sessions[0].get_outputs() if o.type == "tensor(float)"]
     stats = {name: ErrorStats() for name in names}
     for feed in samples.batches(1, last=CHECK_SAMPLES):
-        want, got = (session.run(names, feed) for session in sessions)
+        want = sessions[0].run(names, feed)
+        try:
+            got = sessions[1].run(names, feed)
+        except Exception as error:  # ORT raises its own types
+            raise ModelError(
+                f"internal error: the quantized model fails on a calibration sample ({error}); "
+                "nothing was written. Please report it with the model, and use --exclude on "
+                "the node it names meanwhile"
+            ) from None
         for name, ref, out in zip(names, want, got, strict=True):
             stats[name].update(ref, out)
     return {name: s.sqnr_db for name, s in stats.items()}
