@@ -280,8 +280,8 @@ def quantize_model(
         )
     if output_format == "qoperator":  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-    _check_loads(quantized)
-    checked = {} if config.data_free else _output_sqnr(model, quantized, samples)
+    session = _check_loads(quantized)
+    checked = {} if config.data_free else _output_sqnr(model, session, samples)
     save_model(quantized, target)
     return QuantizeReport(
         decisions=list(plan.decisions.values()),
@@ -308,23 +308,17 @@ def inspect_model(
 
 
 def _output_sqnr(
-    model: onnx.ModelProto, quantized: onnx.ModelProto, samples: Samples
+    model: onnx.ModelProto, quantized: ort.InferenceSession, samples: Samples
 ) -> dict[str, float]:
-    """Per float output, the SQNR in dB of `quantized` against `model` on the first
+    """Per float output, the SQNR in dB of the `quantized` session against `model` on the first
     CHECK_SAMPLES calibration samples: what the report says the quantization cost."""
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False  # one sample at a time, without an arena: this check
-    options.enable_mem_pattern = False  # must not raise the peak that calibration set
-    sessions = [
-        ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        for m in (model, quantized)
-    ]
-    names = [o.name for o in sessions[0].get_outputs() if o.type == "tensor(float)"]
+    reference = _session(model)
+    names = [o.name for o in reference.get_outputs() if o.type == "tensor(float)"]
     stats = {name: ErrorStats() for name in names}
     for feed in samples.batches(1, last=CHECK_SAMPLES):
-        want = sessions[0].run(names, feed)
+        want = reference.run(names, feed)
         try:
-            got = sessions[1].run(names, feed)
+            got = quantized.run(names, feed)
         except Exception as error:  # ORT raises its own types
             raise ModelError(
                 f"internal error: the quantized model fails on a calibration sample ({error}); "
@@ -383,10 +377,22 @@ def _check_output(source: Path, target: Path) -> None:
         raise DataError(f"output folder {target.parent} does not exist; create it first")
 
 
-def _check_loads(model: onnx.ModelProto) -> None:
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU session without an arena: the report's check runs one sample at a time and must
+    not raise the peak that calibration set."""
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def _check_loads(model: onnx.ModelProto) -> ort.InferenceSession:
+    """The quantized model's session, once ONNX's checker and ONNX Runtime accept it."""
     try:
         onnx.checker.check_model(model)
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return _session(model)
     except Exception as error:  # ORT raises its own types
         raise ModelError(
             f"internal error: the quantized model does not load ({error}); nothing was written. "

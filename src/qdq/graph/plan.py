@@ -19,7 +19,13 @@ from qdq.affine import quantize
 from qdq.graph.capture import unfit_reason
 from qdq.graph.config import QuantConfig
 from qdq.graph.constants import TABLE_MIN_SQNR_DB, plan_constants, table_qparams
-from qdq.graph.rules import FLOAT_BY_DESIGN, FLOAT_OUTPUT_KERNELS, RULES, rule_inputs
+from qdq.graph.rules import (
+    FLOAT_BY_DESIGN,
+    FLOAT_OUTPUT_KERNELS,
+    FLOAT_WHEN_UNREAD,
+    RULES,
+    rule_inputs,
+)
 from qdq.graph.structure import GraphIndex, attributes
 from qdq.graph.targets import absorbed, absorbs, unread
 from qdq.qparams import QParams, Range, choose_qparams
@@ -219,7 +225,7 @@ def _prune_unread(index: GraphIndex, plan: Plan, wanted: dict[str, None]) -> Non
         if node.op_type in FLOAT_OUTPUT_KERNELS:
             del wanted[node.output[0]]
             decision.reason = FLOAT_OUTPUT
-        elif kind in ("elementwise", "shared", "gate") or (
+        elif kind in FLOAT_WHEN_UNREAD or (
             kind == "inherit" and not index.is_constant(node.input[0])  # tables stay 8-bit
         ):
             for o in outs:

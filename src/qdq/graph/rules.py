@@ -95,6 +95,8 @@ FLOAT_BY_DESIGN = {
 
 # Int8 kernels that ONNX Runtime also runs with a float output (MatMulIntegerToFloat, QGemm).
 FLOAT_OUTPUT_KERNELS = ("MatMul", "Gemm")
+# Kinds whose node goes float when nothing reads its output as int8 (its Q/DQ would only round).
+FLOAT_WHEN_UNREAD = ("elementwise", "shared", "gate")
 
 
 def rule_inputs(node: onnx.NodeProto, rule: OpRule) -> list[int]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from qdq.graph.config import QuantConfig
-from qdq.graph.rules import FLOAT_OUTPUT_KERNELS, RULES, rule_inputs
+from qdq.graph.rules import FLOAT_OUTPUT_KERNELS, FLOAT_WHEN_UNREAD, RULES, rule_inputs
 from qdq.graph.structure import GraphIndex, clip_bounds
 
 if TYPE_CHECKING:
@@ -55,11 +55,7 @@ def unread(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
         if not decisions[node.name].quantized:
             continue
         kind = RULES[node.op_type].kind
-        if node.op_type not in FLOAT_OUTPUT_KERNELS and kind not in (
-            "elementwise",
-            "shared",
-            "gate",
-        ):
+        if node.op_type not in FLOAT_OUTPUT_KERNELS and kind not in FLOAT_WHEN_UNREAD:
             continue
         out = node.output[0]
         if not any(decisions[c.name].quantized for c in index.consumers.get(out, [])):
