@@ -116,14 +116,18 @@ def test_logits_stay_float_when_only_a_shape_op_reads_them_on_the_way_to_a_float
 def test_calibration_observes_only_tensors_that_get_a_grid():
     """Not a Conv output its Relu absorbs (it takes the Relu's range, and observing it would stop
     ONNX Runtime fusing Conv and Relu in the calibration session), not the output of a Gemm that
-    nothing reads as int8 (its kernel writes float)."""
-    index = GraphIndex(prepare(models.conv_net(), per_channel=True)[0])
+    nothing reads as int8 (its kernel writes float), not a SiLU's gate (its grid is [0, 1])."""
     config = QuantConfig()
+    index = GraphIndex(prepare(models.conv_net(), per_channel=True)[0])
     targets = calibration_targets(index, static_decisions(index, config), config)
     assert "r1" in targets
     assert "c1" not in targets
     assert "f" in targets
     assert "y" not in targets
+    index = GraphIndex(prepare(models.silu_net(), per_channel=True)[0])
+    targets = calibration_targets(index, static_decisions(index, config), config)
+    assert "c1" in targets
+    assert "s1" not in targets
 
 
 def test_weights_are_stored_as_integers(tmp_path):

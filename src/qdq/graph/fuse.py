@@ -30,6 +30,8 @@ def fuse_hard_swish(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     position = {id(node): i for i, node in enumerate(index.nodes)}
     replaced: dict[int, list[onnx.NodeProto]] = {}  # position of a pattern's Add -> new nodes
     dropped: set[int] = set()
+    graph = model.graph
+    known = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
     for add in index.nodes:
         match = _match(add, index)
         if match is None:
@@ -41,6 +43,10 @@ def fuse_hard_swish(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         mul = helper.make_node("Mul", [x, hard.output[0]], [out], name=add.name)
         replaced[position[id(add)]] = [hard, mul]
         dropped.update(position[id(n)] for n in nodes)
+        if x in known:  # the gate's type and shape are x's: the int8 rules read them
+            info = graph.value_info.add()
+            info.CopyFrom(known[x])
+            info.name = hard.output[0]
     if not replaced:
         return model, 0
     kept = []

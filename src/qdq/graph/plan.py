@@ -158,13 +158,8 @@ def build_plan(
             _gate(node, decision, ranges, wanted, skipped)
             continue
         outputs = [] if node.output[0] in skipped else [node.output[0]]
-        missing = [t for t in [*activations, *outputs] if t not in ranges]
-        if missing:
-            why = unfit.get(missing[0], "was not calibrated")
-            _to_float(decision, f"tensor {missing[0]!r} {why}")
-            continue
-        if rule.kind in ("elementwise", "shared"):
-            cold = next((t for t in activations if t not in wanted), None)
+        if rule.kind in ("elementwise", "shared"):  # a float gate's output has no range either
+            cold = next((t for t in activations if t not in wanted and t not in unfit), None)
             if cold:
                 _to_float(
                     decision,
@@ -172,9 +167,14 @@ def build_plan(
                     "only add a rounding step",
                 )
                 continue
-            if not outputs:
-                _to_float(decision, NOTHING_READS_INT8)
-                continue
+        missing = [t for t in [*activations, *outputs] if t not in ranges]
+        if missing:
+            why = unfit.get(missing[0], "was not calibrated")
+            _to_float(decision, f"tensor {missing[0]!r} {why}")
+            continue
+        if rule.kind in ("elementwise", "shared") and not outputs:
+            _to_float(decision, NOTHING_READS_INT8)
+            continue
         if rule.kind == "shared" and not _concat_fits(node, activations, ranges, decision):
             continue
         if not outputs:

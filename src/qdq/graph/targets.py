@@ -26,9 +26,11 @@ def calibration_targets(
 
     Left out: outputs that a Relu/Clip will absorb (they take the activation's range, and
     observing them would stop ONNX Runtime fusing Conv and Relu/Clip in the calibration session:
-    33 of EfficientNet-Lite0's 95 tensors), and outputs that no node can read as int8 (their Q/DQ
-    would be pruned: a transformer's MatMul outputs that only float bias Adds read)."""
+    33 of EfficientNet-Lite0's 95 tensors), outputs that no node can read as int8 (their Q/DQ
+    would be pruned: a transformer's MatMul outputs that only float bias Adds read), and gate
+    outputs that only elementwise ops read (`gated`)."""
     skipped = {**absorbed(index, decisions, config), **dict.fromkeys(unread(index, decisions))}
+    skipped |= dict.fromkeys(gated(index))
     targets: dict[str, None] = {}
     for node in index.nodes:
         if not decisions[node.name].quantized:
@@ -37,7 +39,7 @@ def calibration_targets(
         names = [node.input[i] for i in rule_inputs(node, rule)] + [node.output[0]]
         if rule.kind in ("inherit", "activation"):  # a constant table's rows need no range
             names = [] if index.is_constant(node.input[0]) else [node.input[0], *node.output]
-        if rule.kind == "gate":  # its output's range is [0, 1]; it reads int8 only if it flows
+        if rule.kind == "gate":  # its output's grid is [0, 1]; it reads int8 only if it flows
             names = []
         for name in names:
             if name in skipped or not name or index.is_constant(name):
@@ -45,6 +47,23 @@ def calibration_targets(
             if index.is_float(name):
                 targets[name] = None
     return list(targets)
+
+
+def gated(index: GraphIndex) -> list[str]:
+    """Sigmoid/HardSigmoid outputs that only elementwise ops read (SiLU's, HardSwish's, a
+    squeeze-excitation's Mul): they get the fixed [0, 1] grid where the gate is int8, and where
+    it is float its readers are float too (they need int8 in on every input), so no range."""
+
+    def kind(node: onnx.NodeProto) -> str | None:
+        rule = RULES.get(node.op_type)
+        return rule.kind if rule else None
+
+    return [
+        node.output[0]
+        for node in index.nodes
+        if kind(node) == "gate"
+        and all(kind(c) == "elementwise" for c in index.consumers.get(node.output[0], []))
+    ]
 
 
 def unread(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
