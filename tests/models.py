@@ -71,6 +71,25 @@ def silu_net() -> onnx.ModelProto:
     return _model(nodes, [_value("x", ["N", 3, 8, 8])], [_value("y", ["N", 5])], _two_convs())
 
 
+def hard_swish_tail() -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv -> HardSwish -> Conv -> HardSwish -> MaxPool -> GAP -> Gemm: the PP-OCR
+    classifier's tail, HardSwish written as x * HardSigmoid(x). ONNX Runtime has no int8
+    HardSigmoid, so the int8 ops around it stay in NCHW layout."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("HardSigmoid", ["c1"], ["h1"], name="gate1"),
+        helper.make_node("Mul", ["c1", "h1"], ["m1"], name="hswish1"),
+        helper.make_node("Conv", ["m1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("HardSigmoid", ["c2"], ["h2"], name="gate2"),
+        helper.make_node("Mul", ["c2", "h2"], ["m2"], name="hswish2"),
+        helper.make_node("MaxPool", ["m2"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="mp"),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc"),
+    ]
+    return _model(nodes, [_value("x", ["N", 3, 8, 8])], [_value("y", ["N", 5])], _two_convs())
+
+
 def detector_head() -> onnx.ModelProto:
     """Boxes in pixels (thousands) and class scores clipped to [0, 1], joined by one Concat that
     a shape op reads (heads reshape before decoding; a Flatten keeps the test's (N, 10))."""

@@ -22,6 +22,7 @@ from qdq.graph.data import ImageOptions, Samples, model_inputs
 from qdq.graph.datafree import Moments, batchnorm_moments, mean_samples, propagate
 from qdq.graph.equalize import equalize
 from qdq.graph.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
+from qdq.graph.layout import SLOW_POOL, slow_pools
 from qdq.graph.model import (
     PER_AXIS_OPSET,
     default_opset,
@@ -161,6 +162,12 @@ def plan_model(
         return plan
 
     plan = replan(decisions)
+    slow = slow_pools(model, plan)
+    if slow:
+        decisions = {k: Decision(**vars(v)) for k, v in decisions.items()}
+        for name in slow:
+            decisions[name].quantized, decisions[name].reason = False, SLOW_POOL
+        plan = replan(decisions)
     if config.adaround:
         from qdq.qat.adaround import learn_rounding
 
