@@ -88,7 +88,9 @@ def latency_ratio(fp32: Path, int8: Path, x: np.ndarray, runs: int = 40) -> tupl
 
 
 def medians(paths: list[Path], x: np.ndarray, runs: int) -> list[float]:
-    """Median ms per run of each model, 1 thread, runs interleaved so drift hits all alike."""
+    """Median ms per run of each model, 1 thread, runs interleaved so drift hits all alike, in
+    an order rotated every round: a model timed right after the FP32 one ran 3% slower (cache),
+    which a fixed order charged to whichever tool came second."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     sessions = [
@@ -98,10 +100,10 @@ def medians(paths: list[Path], x: np.ndarray, runs: int) -> list[float]:
     times: list[list[float]] = [[] for _ in paths]
     for s in sessions:
         s.run(None, {name: x})
-    for _ in range(runs):
-        for i, s in enumerate(sessions):
+    for r in range(runs):
+        for i in np.roll(np.arange(len(sessions)), -r):
             start = time.perf_counter()
-            s.run(None, {name: x})
+            sessions[i].run(None, {name: x})
             times[i].append(time.perf_counter() - start)
     return [float(np.median(t)) * 1e3 for t in times]
 
