@@ -89,8 +89,8 @@ def latency_ratio(fp32: Path, int8: Path, x: np.ndarray, runs: int = 40) -> tupl
 
 def medians(paths: list[Path], x: np.ndarray, runs: int) -> list[float]:
     """Median ms per run of each model, 1 thread, runs interleaved so drift hits all alike, in
-    an order rotated every round: a model timed right after the FP32 one ran 3% slower (cache),
-    which a fixed order charged to whichever tool came second."""
+    an order rotated every round so that no model always runs after the same one. (The order the
+    sessions are created in still matters, by 1.5-3%: head_to_head.py times both orders.)"""
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     sessions = [

@@ -158,7 +158,7 @@ def build_plan(
             _gate(node, decision, ranges, wanted, skipped)
             continue
         outputs = [] if node.output[0] in skipped else [node.output[0]]
-        if rule.kind in ("elementwise", "shared"):  # a float gate's output has no range either
+        if rule.kind in ("elementwise", "shared"):  # before ranges: a float gate's output has none
             cold = next((t for t in activations if t not in wanted and t not in unfit), None)
             if cold:
                 _to_float(
