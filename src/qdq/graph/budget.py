@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qdq.graph.plan import Decision, Plan
+from qdq.graph.plan import Decision, Plan, kept_float
 from qdq.graph.qdq_pass import insert_qdq
 from qdq.graph.rules import RULES
 from qdq.report.compare import median_latency_ms
@@ -70,11 +70,7 @@ def meet_target(
     decisions. The result carries the latency cost of the layers kept float."""
 
     def measure(kept: list[str]) -> tuple[Plan, float]:
-        trial = {k: Decision(**vars(v)) for k, v in decisions.items()}
-        for name in kept:
-            trial[name].quantized = False
-            trial[name].reason = "kept float to meet --target-sqnr"
-        plan = replan(trial)
+        plan = replan(kept_float(decisions, kept, "kept float to meet --target-sqnr"))
         return plan, score(insert_qdq(model, plan))
 
     full, before = measure([])

@@ -8,7 +8,7 @@ shape ops inherit their input's qparams.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -66,6 +66,16 @@ class Plan:
         return learned if learned is not None else quantize(values, self.constants[key])
 
     decisions: dict[str, Decision] = field(default_factory=dict)
+
+
+def kept_float(
+    decisions: dict[str, Decision], names: Iterable[str], reason: str
+) -> dict[str, Decision]:
+    """A copy of `decisions` in which the nodes `names` stay float, for `reason`."""
+    copy = {k: Decision(**vars(v)) for k, v in decisions.items()}
+    for name in names:
+        copy[name].quantized, copy[name].reason = False, reason
+    return copy
 
 
 def static_decisions(index: GraphIndex, config: QuantConfig) -> dict[str, Decision]:

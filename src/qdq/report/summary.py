@@ -1,0 +1,59 @@
+"""What `qdq quantize` reports: per node decisions, size, time and the output SQNR."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from qdq.graph.plan import Decision
+
+CHECK_SAMPLES = 16  # calibration samples on which the report measures the output SQNR
+LOW_SQNR = 10.0  # dB: below this the report warns (the noise is a third of the signal or more)
+
+
+@dataclass
+class QuantizeReport:
+    """What a quantization run did: per node decisions and the headline numbers."""
+
+    decisions: list[Decision]
+    samples: int
+    calibration_seconds: float
+    float_bytes: int
+    quantized_bytes: int
+    notes: list[str] = field(default_factory=list)
+    output_sqnr: dict[str, float] = field(default_factory=dict)  # dB, per float output
+
+    @property
+    def quantized(self) -> list[Decision]:
+        return [d for d in self.decisions if d.quantized]
+
+    @property
+    def kept_float(self) -> list[Decision]:
+        return [d for d in self.decisions if not d.quantized]
+
+    def summary(self, output: str | os.PathLike[str]) -> str:
+        lines = [
+            f"wrote {output}: {len(self.quantized)} of {len(self.decisions)} nodes quantized, "
+            f"{self.float_bytes / 1e3:.1f} kB -> {self.quantized_bytes / 1e3:.1f} kB "
+            f"({self.float_bytes / self.quantized_bytes:.2f}x smaller); calibrated on "
+            f"{self.samples} samples in {self.calibration_seconds:.2f} s"
+        ]
+        by_op: dict[str, list[Decision]] = {}
+        for d in self.kept_float:
+            by_op.setdefault(d.op_type, []).append(d)
+        for op_type, group in sorted(by_op.items(), key=lambda kv: -len(kv[1])):
+            first = group[0]
+            more = f" and {len(group) - 1} more" if len(group) > 1 else ""
+            lines.append(f"kept float: {op_type} {first.node}{more}: {first.reason}")
+        lines += [f"note: {n}" for n in self.notes]
+        if self.output_sqnr:
+            shown = ", ".join(f"{k!r} {v:.2f} dB" for k, v in self.output_sqnr.items())
+            count = min(self.samples, CHECK_SAMPLES)
+            lines.append(f"output SQNR against FP32 on {count} calibration samples: {shown}")
+            if min(self.output_sqnr.values()) < LOW_SQNR:
+                lines.append(
+                    f"warning: an output SQNR under {LOW_SQNR:g} dB: the INT8 model may not be "
+                    "usable; `qdq compare` shows which layers hurt, `--target-sqnr` keeps the "
+                    "most harmful ones float"
+                )
+        return "\n".join(lines)
