@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from qdq.graph.config import QuantConfig
+from qdq.config import QuantConfig
 from qdq.pipeline import QuantizeReport, quantize_model
 
 settings.register_profile(

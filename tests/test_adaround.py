@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from qdq.errors import SchemeError
-from qdq.graph.config import QuantConfig
+from qdq.config import QuantConfig
 from qdq.pipeline import quantize_model
 
 from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn

@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq.graph.capture import session_with_outputs
-from qdq.graph.config import QuantConfig
+from qdq.plan.calibrate import session_with_outputs
+from qdq.config import QuantConfig
 from qdq.pipeline import SEQUENTIAL_SAMPLES, quantize_model
 
 from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from qdq.graph.config import QuantConfig
+from qdq.config import QuantConfig
 from qdq.pipeline import quantize_model
 
 from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn

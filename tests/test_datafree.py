@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 
 from qdq.errors import DataError, ModelError, SchemeError
-from qdq.graph.config import QuantConfig
-from qdq.graph.datafree import Moments, _relu
+from qdq.config import QuantConfig
+from qdq.passes.datafree import Moments, _relu
 from qdq.pipeline import quantize_model
 
 from conftest import DIGITS

@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from qdq.graph.config import QuantConfig
-from qdq.graph.datafree import batchnorm_moments
-from qdq.graph.equalize import equalize, find_pairs
-from qdq.graph.structure import GraphIndex
+from qdq.config import QuantConfig
+from qdq.passes.datafree import batchnorm_moments
+from qdq.passes.equalize import equalize, find_pairs
+from qdq.onnx.graph import GraphIndex
 from qdq.pipeline import prepare, quantize_model
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"

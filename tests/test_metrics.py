@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qdq.report.metrics import ErrorStats, looks_like_scores
+from qdq.metrics import ErrorStats, looks_like_scores
 
 
 def test_sqnr_cosine_and_max_error_golden():

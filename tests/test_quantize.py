@@ -13,11 +13,11 @@ import pytest
 from onnx import numpy_helper
 
 import models
-from qdq.graph.config import PRESETS, QuantConfig
-from qdq.graph.model import ort_rewrite
-from qdq.graph.plan import static_decisions
-from qdq.graph.structure import GraphIndex
-from qdq.graph.targets import calibration_targets
+from qdq.config import PRESETS, QuantConfig
+from qdq.onnx.model import ort_rewrite
+from qdq.plan.build import static_decisions
+from qdq.onnx.graph import GraphIndex
+from qdq.plan.flow import calibration_targets
 from qdq.pipeline import QuantizeReport, inspect_model, prepare, quantize_model
 
 from conftest import quantize_cnn

@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq.graph.config import QuantConfig
-from qdq.graph.data import Samples, model_inputs
-from qdq.graph.smooth import smooth
+from qdq.config import QuantConfig
+from qdq.data import Samples, model_inputs
+from qdq.passes.smooth import smooth
 from qdq.pipeline import quantize_model
 
 

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from qdq.errors import QdqError
-from qdq.graph.config import ACTIVATION_DTYPES, PRESETS, preset_config
-from qdq.graph.data import ImageOptions
+from qdq.config import ACTIVATION_DTYPES, PRESETS, preset_config
+from qdq.data import ImageOptions
 from qdq.observers import METHODS
 
 
@@ -209,7 +209,7 @@ def _compare(args: argparse.Namespace) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> str:
-    from qdq.graph.config import QuantConfig
+    from qdq.config import QuantConfig
     from qdq.pipeline import inspect_model
 
     decisions = inspect_model(args.model, QuantConfig(exclude=tuple(args.exclude)))

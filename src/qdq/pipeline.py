@@ -13,16 +13,16 @@ import onnx
 import onnxruntime as ort
 
 from qdq.errors import DataError, ModelError
-from qdq.graph.bias_correction import correct_biases, correct_sequentially, correction_inputs
-from qdq.graph.budget import meet_target, sqnr_score
-from qdq.graph.capture import calibrate
-from qdq.graph.config import QuantConfig
-from qdq.graph.data import ImageOptions, Samples, model_inputs
-from qdq.graph.datafree import Moments, batchnorm_moments, mean_samples, propagate
-from qdq.graph.equalize import equalize
-from qdq.graph.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
-from qdq.graph.layout import SLOW_POOL, slow_pools
-from qdq.graph.model import (
+from qdq.passes.bias_correction import correct_biases, correct_sequentially, correction_inputs
+from qdq.plan.budget import meet_target, sqnr_score
+from qdq.plan.calibrate import calibrate
+from qdq.config import QuantConfig
+from qdq.data import ImageOptions, Samples, model_inputs
+from qdq.passes.datafree import Moments, batchnorm_moments, mean_samples, propagate
+from qdq.passes.equalize import equalize
+from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
+from qdq.plan.layout import SLOW_POOL, slow_pools
+from qdq.onnx.model import (
     PER_AXIS_OPSET,
     default_opset,
     load_model,
@@ -31,13 +31,13 @@ from qdq.graph.model import (
     save_model,
     upgrade_opset,
 )
-from qdq.graph.plan import Decision, Plan, build_plan, kept_float, static_decisions
-from qdq.graph.qdq_pass import insert_qdq
-from qdq.graph.smooth import smooth
-from qdq.graph.structure import GraphIndex, constants_to_initializers
-from qdq.graph.targets import calibration_targets
+from qdq.plan.build import Decision, Plan, build_plan, kept_float, static_decisions
+from qdq.passes.insert_qdq import insert_qdq
+from qdq.passes.smooth import smooth
+from qdq.onnx.graph import GraphIndex, constants_to_initializers
+from qdq.plan.flow import calibration_targets
 from qdq.observers import make_observer
-from qdq.report.metrics import ErrorStats
+from qdq.metrics import ErrorStats
 from qdq.report.summary import CHECK_SAMPLES, QuantizeReport
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def plan_model(
         decisions = kept_float(decisions, slow, SLOW_POOL)
         plan = replan(decisions)
     if config.adaround:
-        from qdq.qat.adaround import learn_rounding
+        from qdq.passes.adaround import learn_rounding
 
         feeds = _leading_batches(samples, config.batch_size, ADAROUND_SAMPLES)
         learned.update(learn_rounding(model, index, plan, feeds))

@@ -11,8 +11,8 @@ import onnxruntime as ort
 
 from qdq.engine.executor import Engine
 from qdq.errors import DataError
-from qdq.graph.data import model_inputs
-from qdq.graph.model import load_model
+from qdq.data import model_inputs
+from qdq.onnx.model import load_model
 
 
 def run_command(

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qdq.affine import fake_quantize
-from qdq.graph.config import QuantConfig
-from qdq.graph.rules import RULES, rule_inputs, weight_axis
-from qdq.graph.structure import GraphIndex
+from qdq.config import QuantConfig
+from qdq.plan.rules import RULES, rule_inputs, weight_axis
+from qdq.onnx.graph import GraphIndex
 from qdq.qparams import QParams, Range, choose_qparams
 
 if TYPE_CHECKING:
-    from qdq.graph.plan import Plan
+    from qdq.plan.build import Plan
 
 # An embedding table goes 8-bit only if one grid keeps its median row this clean.
 # all-MiniLM-L6-v2: word embeddings 30.2 dB, token types 33.2, positions 20.3 (a few large

@@ -16,22 +16,22 @@ import numpy as np
 import onnx
 
 from qdq.affine import quantize
-from qdq.graph.capture import unfit_reason
-from qdq.graph.config import QuantConfig
-from qdq.graph.constants import TABLE_MIN_SQNR_DB, plan_constants, table_qparams
-from qdq.graph.rules import (
+from qdq.plan.calibrate import unfit_reason
+from qdq.config import QuantConfig
+from qdq.plan.constants import TABLE_MIN_SQNR_DB, plan_constants, table_qparams
+from qdq.plan.rules import (
     FLOAT_BY_DESIGN,
     FLOAT_OUTPUT_KERNELS,
     FLOAT_WHEN_UNREAD,
     RULES,
     rule_inputs,
 )
-from qdq.graph.structure import GraphIndex, attributes
-from qdq.graph.targets import absorbed, absorbs, unread
+from qdq.onnx.graph import GraphIndex, attributes
+from qdq.plan.flow import absorbed, absorbs, unread
 from qdq.qparams import QParams, Range, choose_qparams
 
 if TYPE_CHECKING:
-    from qdq.graph.budget import BudgetResult
+    from qdq.plan.budget import BudgetResult
 
 # A shared Concat scale must leave every input at least this share of the codes (32 of 256).
 CONCAT_MIN_SHARE = 1 / 8

@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qdq.graph.plan import Decision, Plan, kept_float
-from qdq.graph.qdq_pass import insert_qdq
-from qdq.graph.rules import RULES
+from qdq.plan.build import Decision, Plan, kept_float
+from qdq.passes.insert_qdq import insert_qdq
+from qdq.plan.rules import RULES
 from qdq.report.compare import median_latency_ms
 
 log = logging.getLogger(__name__)

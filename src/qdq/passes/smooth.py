@@ -24,13 +24,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qdq.affine import fake_quantize
-from qdq.graph.capture import budgeted, session_with_outputs
-from qdq.graph.config import QuantConfig
-from qdq.graph.constants import weight_qparams
-from qdq.graph.data import Samples
-from qdq.graph.plan import Decision, static_decisions
-from qdq.graph.rules import RULES
-from qdq.graph.structure import GraphIndex
+from qdq.plan.calibrate import budgeted, session_with_outputs
+from qdq.config import QuantConfig
+from qdq.plan.constants import weight_qparams
+from qdq.data import Samples
+from qdq.plan.build import Decision, static_decisions
+from qdq.plan.rules import RULES
+from qdq.onnx.graph import GraphIndex
 from qdq.qparams import Range, choose_qparams
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qdq.graph.structure import GraphIndex, clip_bounds
+from qdq.onnx.graph import GraphIndex, clip_bounds
 
 
 def fuse_hard_swish(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from qdq.graph.config import QuantConfig
-from qdq.graph.rules import FLOAT_OUTPUT_KERNELS, FLOAT_WHEN_UNREAD, RULES, rule_inputs
-from qdq.graph.structure import GraphIndex, clip_bounds
+from qdq.config import QuantConfig
+from qdq.plan.rules import FLOAT_OUTPUT_KERNELS, FLOAT_WHEN_UNREAD, RULES, rule_inputs
+from qdq.onnx.graph import GraphIndex, clip_bounds
 
 if TYPE_CHECKING:
-    from qdq.graph.plan import Decision
+    from qdq.plan.build import Decision
 
 
 def calibration_targets(

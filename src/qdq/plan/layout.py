@@ -13,9 +13,9 @@ import onnx
 import onnxruntime as ort
 
 from qdq.errors import ModelError
-from qdq.graph.model import ort_rewrite
-from qdq.graph.plan import Plan
-from qdq.graph.qdq_pass import insert_qdq
+from qdq.onnx.model import ort_rewrite
+from qdq.plan.build import Plan
+from qdq.passes.insert_qdq import insert_qdq
 
 SLOW_POOL = (
     "ONNX Runtime would run it on 8-bit codes in NCHW layout, whose generic kernel is up to 15x "

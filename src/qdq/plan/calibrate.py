@@ -17,7 +17,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from qdq.errors import DataError
-from qdq.graph.data import Samples
+from qdq.data import Samples
 from qdq.observers import Observer
 from qdq.qparams import Range
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from qdq.graph.structure import attributes
+from qdq.onnx.graph import attributes
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qdq.graph.structure import GraphIndex, attributes, clip_bounds
+from qdq.onnx.graph import GraphIndex, attributes, clip_bounds
 from qdq.qparams import Range
 
 N_SIGMA = 6.0  # measured on the depthwise digits model: 3 -> 7.6 dB, 4 -> 11.3, 6 -> 22.7
