@@ -19,8 +19,8 @@ from pathlib import Path
 
 from datasets import DIGITS, Task, tasks
 from ptq import quality, run_model, save_samples
-from qdq.errors import ModelError
 from qdq.config import QuantConfig
+from qdq.errors import ModelError
 from qdq.pipeline import quantize_model
 
 ONE_SHOT = {"bias_correction": True, "sequential_bias_correction": False}

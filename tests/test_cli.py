@@ -17,9 +17,7 @@ from onnx import numpy_helper
 
 import models
 
-from conftest import digits_cnn_sqnr
-
-DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
+from conftest import DIGITS, digits_cnn_sqnr
 
 
 def qdq(*args: str | Path) -> subprocess.CompletedProcess:

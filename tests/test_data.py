@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qdq.errors import DataError
 from qdq.data import ImageOptions, InputSpec, Samples
+from qdq.errors import DataError
 
 SPEC = [InputSpec("x", np.dtype(np.float32), (None, 3, 4, 5))]
 X = np.random.default_rng(0).standard_normal((10, 3, 4, 5)).astype(np.float32)

@@ -7,9 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from qdq.errors import QdqError
 from qdq.config import ACTIVATION_DTYPES, PRESETS, preset_config
 from qdq.data import ImageOptions
+from qdq.errors import QdqError
 from qdq.observers import METHODS
 
 

@@ -12,16 +12,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qdq.errors import DataError, ModelError
-from qdq.passes.bias_correction import correct_biases, correct_sequentially, correction_inputs
-from qdq.plan.budget import meet_target, sqnr_score
-from qdq.plan.calibrate import calibrate
 from qdq.config import QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
-from qdq.passes.datafree import Moments, batchnorm_moments, mean_samples, propagate
-from qdq.passes.equalize import equalize
-from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
-from qdq.plan.layout import SLOW_POOL, slow_pools
+from qdq.errors import DataError, ModelError
+from qdq.metrics import ErrorStats
+from qdq.observers import make_observer
+from qdq.onnx.graph import GraphIndex, constants_to_initializers
 from qdq.onnx.model import (
     PER_AXIS_OPSET,
     default_opset,
@@ -31,13 +27,17 @@ from qdq.onnx.model import (
     save_model,
     upgrade_opset,
 )
-from qdq.plan.build import Decision, Plan, build_plan, kept_float, static_decisions
+from qdq.passes.bias_correction import correct_biases, correct_sequentially, correction_inputs
+from qdq.passes.datafree import Moments, batchnorm_moments, mean_samples, propagate
+from qdq.passes.equalize import equalize
+from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
 from qdq.passes.insert_qdq import insert_qdq
 from qdq.passes.smooth import smooth
-from qdq.onnx.graph import GraphIndex, constants_to_initializers
+from qdq.plan.budget import meet_target, sqnr_score
+from qdq.plan.build import Decision, Plan, build_plan, kept_float, static_decisions
+from qdq.plan.calibrate import calibrate
 from qdq.plan.flow import calibration_targets
-from qdq.observers import make_observer
-from qdq.metrics import ErrorStats
+from qdq.plan.layout import SLOW_POOL, slow_pools
 from qdq.report.summary import CHECK_SAMPLES, QuantizeReport
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from qdq.data import model_inputs
 from qdq.engine.executor import Engine
 from qdq.errors import DataError
-from qdq.data import model_inputs
 from qdq.onnx.model import load_model
 
 

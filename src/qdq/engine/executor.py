@@ -21,8 +21,8 @@ from onnx import helper, numpy_helper
 
 from qdq.engine.kernels import INTEGER_ONLY, KERNELS, Context
 from qdq.errors import DataError, ModelError
-from qdq.onnx.model import load_model, ort_rewrite
 from qdq.onnx.graph import attributes
+from qdq.onnx.model import load_model, ort_rewrite
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from qdq.affine import dequantize
 from qdq.data import Samples
+from qdq.onnx.graph import GraphIndex, attributes
 from qdq.plan.build import Plan
 from qdq.plan.rules import RULES
-from qdq.onnx.graph import GraphIndex, attributes
 
 CORRECTABLE = ("Conv", "ConvTranspose", "Gemm")
 # The sequential correction's batches keep at most this many bytes of tensors alive between
@@ -89,8 +89,8 @@ def correct_sequentially(
     shift. One pass, a batch at a time: both networks run a stretch of nodes per layer, and each
     quantized layer's output moves by its correction so far (a running mean over the batches),
     as its new bias will move it. Memory: one batch's live tensors, whatever `count`."""
-    from qdq.plan.calibrate import budgeted  # local: capture imports the planner
     from qdq.passes.insert_qdq import insert_qdq
+    from qdq.plan.calibrate import budgeted  # local: capture imports the planner
 
     layers = []
     for node in index.nodes:

@@ -31,8 +31,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qdq.passes.datafree import N_SIGMA, Moments
 from qdq.onnx.graph import GraphIndex, attributes, clip_bounds
+from qdq.passes.datafree import N_SIGMA, Moments
 
 log = logging.getLogger(__name__)
 

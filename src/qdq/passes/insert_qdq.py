@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qdq.plan.build import Plan, reads_int8
 from qdq.onnx.graph import GraphIndex
+from qdq.plan.build import Plan, reads_int8
 from qdq.qparams import QParams
 from qdq.scheme import PerChannel
 

@@ -24,13 +24,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qdq.affine import fake_quantize
-from qdq.plan.calibrate import budgeted, session_with_outputs
 from qdq.config import QuantConfig
-from qdq.plan.constants import weight_qparams
 from qdq.data import Samples
-from qdq.plan.build import Decision, static_decisions
-from qdq.plan.rules import RULES
 from qdq.onnx.graph import GraphIndex
+from qdq.plan.build import Decision, static_decisions
+from qdq.plan.calibrate import budgeted, session_with_outputs
+from qdq.plan.constants import weight_qparams
+from qdq.plan.rules import RULES
 from qdq.qparams import Range, choose_qparams
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

@@ -17,8 +17,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qdq.plan.build import Decision, Plan, kept_float
 from qdq.passes.insert_qdq import insert_qdq
+from qdq.plan.build import Decision, Plan, kept_float
 from qdq.plan.rules import RULES
 from qdq.report.compare import median_latency_ms
 

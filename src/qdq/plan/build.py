@@ -16,9 +16,11 @@ import numpy as np
 import onnx
 
 from qdq.affine import quantize
-from qdq.plan.calibrate import unfit_reason
 from qdq.config import QuantConfig
+from qdq.onnx.graph import GraphIndex, attributes
+from qdq.plan.calibrate import unfit_reason
 from qdq.plan.constants import TABLE_MIN_SQNR_DB, plan_constants, table_qparams
+from qdq.plan.flow import absorbed, absorbs, unread
 from qdq.plan.rules import (
     FLOAT_BY_DESIGN,
     FLOAT_OUTPUT_KERNELS,
@@ -26,8 +28,6 @@ from qdq.plan.rules import (
     RULES,
     rule_inputs,
 )
-from qdq.onnx.graph import GraphIndex, attributes
-from qdq.plan.flow import absorbed, absorbs, unread
 from qdq.qparams import QParams, Range, choose_qparams
 
 if TYPE_CHECKING:

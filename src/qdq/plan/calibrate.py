@@ -16,8 +16,8 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from qdq.errors import DataError
 from qdq.data import Samples
+from qdq.errors import DataError
 from qdq.observers import Observer
 from qdq.qparams import Range
 

@@ -9,8 +9,8 @@ import numpy as np
 
 from qdq.affine import fake_quantize
 from qdq.config import QuantConfig
-from qdq.plan.rules import RULES, rule_inputs, weight_axis
 from qdq.onnx.graph import GraphIndex
+from qdq.plan.rules import RULES, rule_inputs, weight_axis
 from qdq.qparams import QParams, Range, choose_qparams
 
 if TYPE_CHECKING:

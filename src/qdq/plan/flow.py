@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import onnx
 
 from qdq.config import QuantConfig
-from qdq.plan.rules import FLOAT_OUTPUT_KERNELS, FLOAT_WHEN_UNREAD, RULES, rule_inputs
 from qdq.onnx.graph import GraphIndex, clip_bounds
+from qdq.plan.rules import FLOAT_OUTPUT_KERNELS, FLOAT_WHEN_UNREAD, RULES, rule_inputs
 
 if TYPE_CHECKING:
     from qdq.plan.build import Decision

@@ -14,8 +14,8 @@ import onnxruntime as ort
 
 from qdq.errors import ModelError
 from qdq.onnx.model import ort_rewrite
-from qdq.plan.build import Plan
 from qdq.passes.insert_qdq import insert_qdq
+from qdq.plan.build import Plan
 
 SLOW_POOL = (
     "ONNX Runtime would run it on 8-bit codes in NCHW layout, whose generic kernel is up to 15x "

@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qdq.plan.calibrate import session_with_outputs
 from qdq.data import Samples, model_inputs
+from qdq.metrics import ErrorStats
 from qdq.onnx.model import load_model
 from qdq.passes.insert_qdq import METADATA_KEY
-from qdq.metrics import ErrorStats
+from qdq.plan.calibrate import session_with_outputs
 
 
 @dataclass

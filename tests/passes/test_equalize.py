@@ -12,12 +12,12 @@ import pytest
 from onnx import numpy_helper
 
 from qdq.config import QuantConfig
+from qdq.onnx.graph import GraphIndex
 from qdq.passes.datafree import batchnorm_moments
 from qdq.passes.equalize import equalize, find_pairs
-from qdq.onnx.graph import GraphIndex
 from qdq.pipeline import prepare, quantize_model
 
-DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
+from conftest import DIGITS
 
 
 def skewed_depthwise_model(seed: int = 0) -> onnx.ModelProto:

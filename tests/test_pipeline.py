@@ -14,15 +14,14 @@ from onnx import numpy_helper
 
 import models
 from qdq.config import PRESETS, QuantConfig
-from qdq.onnx.model import ort_rewrite
-from qdq.plan.build import static_decisions
 from qdq.onnx.graph import GraphIndex
-from qdq.plan.flow import calibration_targets
+from qdq.onnx.model import ort_rewrite
 from qdq.pipeline import QuantizeReport, inspect_model, prepare, quantize_model
+from qdq.plan.build import static_decisions
+from qdq.plan.flow import calibration_targets
 
-from conftest import quantize_cnn
+from conftest import DIGITS, quantize_cnn
 
-DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 FUSED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
 
 

@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq.plan.calibrate import session_with_outputs
 from qdq.config import QuantConfig
 from qdq.pipeline import SEQUENTIAL_SAMPLES, quantize_model
+from qdq.plan.calibrate import session_with_outputs
 
 from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn
 

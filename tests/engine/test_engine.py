@@ -16,7 +16,8 @@ from onnx.backend.test.case.node import collect_testcases
 from qdq.engine import Engine, run
 from qdq.pipeline import quantize_model
 
-DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
+from conftest import DIGITS
+
 OPS = {
     "QuantizeLinear",
     "DequantizeLinear",

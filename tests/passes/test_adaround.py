@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from qdq.errors import SchemeError
 from qdq.config import QuantConfig
+from qdq.errors import SchemeError
 from qdq.pipeline import quantize_model
 
 from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn

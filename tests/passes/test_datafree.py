@@ -6,8 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from qdq.errors import DataError, ModelError, SchemeError
 from qdq.config import QuantConfig
+from qdq.errors import DataError, ModelError, SchemeError
 from qdq.passes.datafree import Moments, _relu
 from qdq.pipeline import quantize_model
 

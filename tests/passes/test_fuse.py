@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
 from qdq.onnx.model import ort_rewrite
+from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
 from qdq.pipeline import prepare, quantize_model
 
 
