@@ -19,7 +19,7 @@ from pathlib import Path
 
 from datasets import DIGITS, Task, tasks
 from ptq import quality, run_model, save_samples
-from qdq.config import QuantConfig
+from qdq.config import QuantConfig, preset_config
 from qdq.errors import ModelError
 from qdq.pipeline import quantize_model
 
@@ -57,7 +57,9 @@ def main() -> None:
                     label = f"{bits}-bit {'per-channel' if per_channel else 'per-tensor'}"
                     for name in args.variants:
                         options = VARIANTS[name]
-                        config = QuantConfig(per_channel=per_channel, weight_bits=bits, **options)
+                        config = preset_config(
+                            "default", per_channel=per_channel, weight_bits=bits, **options
+                        )
                         row = measure(task, reference, data, config, Path(tmp) / "q.onnx")
                         if row:
                             print(f"| {task.name} | {label} | {name} | {row} |", flush=True)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from qdq.config import QuantConfig
+from qdq.config import preset_config
 from qdq.pipeline import QuantizeReport, quantize_model
 
 settings.register_profile(
@@ -41,9 +41,11 @@ def digits_cnn_sqnr(path: Path) -> float:
 
 
 def quantize_cnn(folder: Path, **options: object) -> tuple[Path, QuantizeReport]:
-    """The digits CNN quantized on its calibration set with `QuantConfig(**options)`."""
+    """The digits CNN quantized on its calibration set, `options` as `preset_config` takes them."""
     out = folder / "cnn_int8.onnx"
-    report = quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", QuantConfig(**options))
+    report = quantize_model(
+        DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", preset_config("default", **options)
+    )
     return out, report
 
 

@@ -270,3 +270,12 @@ def test_data_free_needs_no_calibration_data(tmp_path):
     done = qdq("quantize", DIGITS / "cnn.onnx", "-o", tmp_path / "r.onnx")
     assert done.returncode == 2
     assert "--calib" in done.stderr
+
+
+def test_help_exits_0_and_usage_errors_are_one_line_exit_2():
+    assert qdq("quantize", "--help").returncode == 0
+    done = qdq("quantize", "--method", "nope")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("qdq: error: ")
+    assert "see `qdq quantize --help`" in done.stderr

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qdq import data
 from qdq.data import ImageOptions, InputSpec, Samples
 from qdq.errors import DataError
 
@@ -122,9 +123,50 @@ def test_folders_are_read_lazily(tmp_path, monkeypatch):
     for i, sample in enumerate(X):
         np.save(tmp_path / f"{i:03d}.npy", sample)
     opened: list[Path] = []
-    real_load = np.load
-    monkeypatch.setattr(np, "load", lambda path, **kw: opened.append(path) or real_load(path, **kw))
+    real_load = data.load_npy
+    monkeypatch.setattr(data, "load_npy", lambda path: opened.append(path) or real_load(path))
     batches = Samples(tmp_path, SPEC).batches(2)
     opened.clear()
     next(batches)
     assert len(opened) == 2  # one batch read, not the whole folder
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_max_samples_bounds_memory_whatever_the_npz_holds(tmp_path, save):
+    import tracemalloc
+
+    spec = [InputSpec("x", np.dtype(np.float32), (None, 256, 256))]
+    save(tmp_path / "big.npz", x=np.zeros((256, 256, 256), np.float32))  # 64 MiB of samples
+    tracemalloc.start()
+    try:
+        samples = Samples(tmp_path / "big.npz", spec, max_samples=4)
+        sizes = [len(feed["x"]) for feed in samples.batches(2)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sizes == [2, 2]
+    assert peak < 8 * 2**20  # a few samples (256 KiB each) and 1 MiB reads, not 64 MiB
+
+
+def test_picked_samples_come_back_in_order_from_a_compressed_npz(tmp_path):
+    np.savez_compressed(tmp_path / "a.npz", x=X)
+    picked = collect(Samples(tmp_path / "a.npz", SPEC, max_samples=5, seed=3))
+    order = np.sort(np.random.default_rng(3).permutation(len(X))[:5])
+    assert np.array_equal(picked, X[order])
+
+
+def test_image_options_refuse_values_that_cannot_normalize():
+    with pytest.raises(DataError, match="--std must be non-zero"):
+        ImageOptions(std=(1.0, 0.0, 1.0))
+    with pytest.raises(DataError, match="--value-scale must be finite"):
+        ImageOptions(value_scale=float("nan"))
+    with pytest.raises(DataError, match="--image-size must be two sizes >= 1"):
+        ImageOptions(size=(0, 4))
+
+
+def test_grayscale_images_feed_a_one_channel_input(tmp_path):
+    Image.fromarray(np.full((6, 6, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    spec = [InputSpec("x", np.dtype(np.float32), (None, 1, 4, 4))]
+    x = collect(Samples(tmp_path, spec))
+    assert x.shape == (1, 1, 4, 4)
+    assert np.allclose(x, 1.0)  # 255 * (1/255)

@@ -13,12 +13,12 @@ import pytest
 from onnx import numpy_helper
 
 import models
-from qdq.config import PRESETS, QuantConfig
+from qdq.config import RUN_PRESETS, QuantConfig, preset_config
 from qdq.onnx.graph import GraphIndex
 from qdq.onnx.model import ort_rewrite
 from qdq.pipeline import QuantizeReport, inspect_model, prepare, quantize_model
-from qdq.plan.build import static_decisions
-from qdq.plan.flow import calibration_targets
+from qdq.plan.decisions import static_decisions
+from qdq.plan.flow import Int8Flow
 
 from conftest import DIGITS, quantize_cnn
 
@@ -118,13 +118,13 @@ def test_calibration_observes_only_tensors_that_get_a_grid():
     nothing reads as int8 (its kernel writes float), not a SiLU's gate (its grid is [0, 1])."""
     config = QuantConfig()
     index = GraphIndex(prepare(models.conv_net(), per_channel=True)[0])
-    targets = calibration_targets(index, static_decisions(index, config), config)
+    targets = Int8Flow(index, static_decisions(index, config), config).calibration_targets()
     assert "r1" in targets
     assert "c1" not in targets
     assert "f" in targets
     assert "y" not in targets
     index = GraphIndex(prepare(models.silu_net(), per_channel=True)[0])
-    targets = calibration_targets(index, static_decisions(index, config), config)
+    targets = Int8Flow(index, static_decisions(index, config), config).calibration_targets()
     assert "c1" in targets
     assert "s1" not in targets
 
@@ -152,7 +152,7 @@ def test_qoperator_format_is_made_of_integer_ops(tmp_path):
 
 def test_tensorrt_preset_is_symmetric_int8_with_narrow_per_channel_weights(tmp_path):
     out = tmp_path / "q.onnx"
-    quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", PRESETS["tensorrt"])
+    quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", RUN_PRESETS["tensorrt"])
     model = onnx.load(str(out))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
@@ -271,7 +271,7 @@ def test_a_dead_channel_keeps_its_bias_in_onnx_runtimes_int8_kernel(tmp_path, pe
     inits["b1"].CopyFrom(onnx.numpy_helper.from_array(b1, "b1"))
     source = save(model, tmp_path)
     x = np.random.default_rng(6).standard_normal((16, 3, 8, 8)).astype(np.float32)
-    out, _ = quantize_on(source, x, tmp_path, QuantConfig(per_channel=per_channel))
+    out, _ = quantize_on(source, x, tmp_path, preset_config("default", per_channel=per_channel))
     quantized = onnx.load(str(out))
     quantized.graph.output.append(onnx.helper.make_tensor_value_info("r1", 1, None))
     session = ort.InferenceSession(quantized.SerializeToString())  # fused int8 kernels

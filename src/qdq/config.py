@@ -1,25 +1,47 @@
-"""What the user asks for: one immutable value, with the presets as named values of it."""
+"""What the user asks for: one immutable value, with the presets as named values of it.
+
+The grids are `QScheme`s (weights, activations) taken from qdq's named schemes
+(`qdq.scheme.PRESETS`), not re-encoded as loose fields; strings from the command line become
+enums here, once (`Method`, `OutputFormat`), and `preset_config` turns the CLI's flags into
+schemes.
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, replace
 
-from qdq.errors import SchemeError
-from qdq.observers import METHODS
-from qdq.scheme import PerChannel, PerTensor, QScheme
+from qdq.errors import SchemeError, choice
+from qdq.observers import Method
+from qdq.scheme import (
+    INT8_SYMMETRIC_ACTIVATIONS,
+    INT8_WEIGHTS,
+    UINT8_ACTIVATIONS,
+    PerChannel,
+    PerTensor,
+    QScheme,
+)
 
 ACTIVATION_DTYPES = ("uint8", "int8")
 
 
+class OutputFormat(enum.StrEnum):
+    """How the quantized model is written: Q/DQ pairs, or ONNX Runtime's QLinear* ops."""
+
+    QDQ = "qdq"
+    QOPERATOR = "qoperator"
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """Settings of one quantization run; defaults are qdq's measured best (docs/ptq.md)."""
+    """Settings of one quantization run; defaults are qdq's measured best (docs/ptq.md).
 
-    method: str = "percentile"
-    per_channel: bool = True
-    weight_bits: int = 8
-    activation_dtype: str = "uint8"
-    symmetric_activations: bool = False
+    `weights` is per channel (`PerChannel`, the axis set per op: its output channels) or per
+    tensor; `activations` is per tensor, 8 bits."""
+
+    method: Method = Method.PERCENTILE
+    weights: QScheme = INT8_WEIGHTS
+    activations: QScheme = UINT8_ACTIVATIONS
     exclude: tuple[str, ...] = ()
     bias_correction: bool = True  # fold -(W_q - W) E[x] into each bias (docs/ptq.md)
     sequential_bias_correction: bool = True  # then measured layer by layer on the int8 net
@@ -33,17 +55,9 @@ class QuantConfig:
     max_samples: int | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise SchemeError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.activation_dtype not in ACTIVATION_DTYPES:
-            raise SchemeError(
-                f"activation dtype must be uint8 or int8, got {self.activation_dtype!r}"
-            )
-        if not 2 <= self.weight_bits <= 8:
-            raise SchemeError(
-                f"--weight-bits {self.weight_bits} is not supported; weights are stored in int8 "
-                "containers, so use 2..8"
-            )
+        object.__setattr__(self, "method", choice(Method, self.method, "calibration method"))
+        _check_weights(self.weights)
+        _check_activations(self.activations)
         if self.batch_size < 1:
             raise SchemeError(f"batch size must be >= 1, got {self.batch_size}")
         if self.data_free and (self.adaround or self.target_sqnr is not None):
@@ -57,26 +71,71 @@ class QuantConfig:
             raise SchemeError(f"max samples must be >= 1, got {self.max_samples}")
 
     @property
-    def activation_scheme(self) -> QScheme:
-        return QScheme(
-            bits=8, signed=self.activation_dtype == "int8", symmetric=self.symmetric_activations
-        )
+    def per_channel(self) -> bool:
+        return isinstance(self.weights.granularity, PerChannel)
 
     def weight_scheme(self, axis: int | None) -> QScheme:
+        """The weight grid of one tensor: per channel along `axis`, or per tensor (None)."""
         granularity = PerChannel(axis) if axis is not None else PerTensor()
-        return QScheme(self.weight_bits, symmetric=True, narrow_range=True, granularity=granularity)
+        return replace(self.weights, granularity=granularity)
 
 
-PRESETS: dict[str, QuantConfig] = {
+def _check_weight_bits(bits: int) -> None:
+    if not 2 <= bits <= 8:
+        raise SchemeError(
+            f"--weight-bits {bits} is not supported; weights are stored in int8 "
+            "containers, so use 2..8"
+        )
+
+
+def _check_weights(scheme: QScheme) -> None:
+    _check_weight_bits(scheme.bits)
+    if not isinstance(scheme.granularity, PerChannel | PerTensor):
+        raise SchemeError(
+            f"weights {scheme.granularity} are not supported; use PerChannel() or PerTensor()"
+        )
+
+
+def _check_activations(scheme: QScheme) -> None:
+    if scheme.bits != 8 or not isinstance(scheme.granularity, PerTensor):
+        raise SchemeError(
+            f"activations must be 8-bit per tensor (uint8 or int8), got {scheme.bits}-bit "
+            f"{scheme.granularity}"
+        )
+
+
+# Run presets: a pair of named schemes (qdq.scheme.PRESETS) plus the pipeline's switches.
+RUN_PRESETS: dict[str, QuantConfig] = {
     "default": QuantConfig(),
     # TensorRT: symmetric int8 everywhere (zero point 0), narrow per-channel weights,
     # per-tensor activations.
-    "tensorrt": QuantConfig(activation_dtype="int8", symmetric_activations=True),
+    "tensorrt": QuantConfig(activations=INT8_SYMMETRIC_ACTIVATIONS),
 }
 
 
-def preset_config(name: str, **overrides: object) -> QuantConfig:
-    """A preset with some fields replaced, e.g. `preset_config("tensorrt", method="kl")`."""
-    if name not in PRESETS:
-        raise SchemeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+def preset_config(
+    name: str,
+    *,
+    per_channel: bool | None = None,
+    weight_bits: int | None = None,
+    activation_dtype: str | None = None,
+    **overrides: object,
+) -> QuantConfig:
+    """A run preset with some settings replaced, e.g. `preset_config("tensorrt", method="kl")`;
+    the CLI's grid flags (per channel, weight bits, activation dtype) change its schemes, and a
+    None leaves the preset's value."""
+    if name not in RUN_PRESETS:
+        raise SchemeError(f"unknown preset {name!r}; choose one of {', '.join(RUN_PRESETS)}")
+    config = RUN_PRESETS[name]
+    weights, activations = config.weights, config.activations
+    if per_channel is not None:
+        weights = replace(weights, granularity=PerChannel() if per_channel else PerTensor())
+    if weight_bits is not None:
+        _check_weight_bits(weight_bits)
+        weights = replace(weights, bits=weight_bits)
+    if activation_dtype is not None:
+        if activation_dtype not in ACTIVATION_DTYPES:
+            raise SchemeError(f"activation dtype must be uint8 or int8, got {activation_dtype!r}")
+        activations = replace(activations, signed=activation_dtype == "int8")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return replace(config, weights=weights, activations=activations, **changes)

@@ -6,6 +6,8 @@ batch by batch, so a large set never sits in memory at once.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +17,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qdq.errors import DataError
+from qdq.arrayfile import check_regular, load_npy, open_npy, open_npz
+from qdq.errors import DataError, ModelError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_PIXEL_LIMIT = 50_000_000  # 150 MB as 8-bit RGB; a larger picture is no calibration image
 
 
 @dataclass(frozen=True)
@@ -27,10 +31,11 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
+    ranked: bool = True  # False: the model declares no shape at all, so any rank goes
 
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name!r} {self.dtype}[{dims}]"
+        return f"{self.name!r} {self.dtype}[{dims if self.ranked else '...'}]"
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -41,11 +46,54 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         if value.name in constants:
             continue
         tensor = value.type.tensor_type
+        if any(d.HasField("dim_value") and d.dim_value == 0 for d in tensor.shape.dim):
+            raise ModelError(
+                f"model input {value.name!r} declares an axis of size 0, so it can only take "
+                "empty tensors (ONNX Runtime refuses any other); export it with a free axis"
+            )
         # Paddle's exporter writes a free axis as -1: only a positive size is fixed.
         dims = tuple(d.dim_value if d.dim_value > 0 else None for d in tensor.shape.dim)
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-        specs.append(InputSpec(value.name, dtype, dims))
+        ranked = tensor.HasField("shape")
+        specs.append(InputSpec(value.name, _input_dtype(value), dims, ranked))
     return specs
+
+
+def _input_dtype(value: onnx.ValueInfoProto) -> np.dtype:
+    """The NumPy dtype of a tensor input; sequences, maps and strings are refused."""
+    kind = value.type.WhichOneof("value")
+    elem_type = value.type.tensor_type.elem_type
+    dtype = None
+    if kind == "tensor_type" and elem_type in helper.get_all_tensor_dtypes():
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    if dtype is None or dtype.hasobject:
+        what = onnx.TensorProto.DataType.Name(elem_type) if kind == "tensor_type" else kind
+        raise ModelError(
+            f"model input {value.name!r} is of type {what}; qdq feeds numeric tensors only. "
+            "Export the model with tensor inputs"
+        )
+    return dtype
+
+
+def check_feeds(feeds: dict[str, np.ndarray], specs: Sequence[InputSpec], source: str) -> None:
+    """Refuse feeds as ONNX Runtime does: every input present, its exact dtype and rank, and
+    each fixed dimension as declared."""
+    missing = [s.name for s in specs if s.name not in feeds]
+    if missing:
+        raise DataError(
+            f"{source} lacks inputs {missing}; the model expects "
+            f"{[s.describe() for s in specs]}, one array each"
+        )
+    for spec in specs:
+        array = np.asarray(feeds[spec.name])
+        fits = not spec.ranked or (
+            array.ndim == len(spec.shape)
+            and all(d is None or d == n for d, n in zip(spec.shape, array.shape, strict=False))
+        )
+        if array.dtype != spec.dtype or not fits:
+            raise DataError(
+                f"{source}: input {spec.describe()} got {array.dtype}{list(array.shape)}; "
+                f"give a {spec.dtype} array of that shape"
+            )
 
 
 @dataclass(frozen=True)
@@ -60,6 +108,22 @@ class ImageOptions:
     value_scale: float = 1 / 255
     layout: str = "NCHW"
     channel_order: str = "RGB"
+
+    def __post_init__(self) -> None:
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise DataError(f"--image-size must be two sizes >= 1 (HEIGHT WIDTH), got {self.size}")
+        for flag, values in (("--mean", self.mean), ("--std", self.std)):
+            if not values or not all(math.isfinite(v) for v in values):
+                raise DataError(f"{flag} must be finite numbers, got {list(values)}")
+        if 0 in self.std:
+            raise DataError(f"--std must be non-zero (it divides), got {list(self.std)}")
+        if not math.isfinite(self.value_scale) or self.value_scale == 0:
+            raise DataError(f"--value-scale must be finite and non-zero, got {self.value_scale}")
+        if self.layout not in ("NCHW", "NHWC") or self.channel_order not in ("RGB", "BGR"):
+            raise DataError(
+                f"layout {self.layout!r} / channel order {self.channel_order!r}: "
+                "choose NCHW or NHWC, and RGB or BGR"
+            )
 
 
 class Samples:
@@ -76,6 +140,12 @@ class Samples:
         self.source = Path(source)
         self.inputs = list(inputs)
         self.images = images or ImageOptions()
+        if not self.inputs:
+            raise DataError("the model has no inputs to feed: there is nothing to calibrate")
+        if max_samples is not None and max_samples < 1:
+            raise DataError(f"--max-samples must be >= 1, got {max_samples}")
+        if seed is not None and seed < 0:
+            raise DataError(f"--seed must be >= 0, got {seed}")
         self._readers = self._open()
         counts = {name: reader.count for name, reader in self._readers.items()}
         if len(set(counts.values())) > 1:
@@ -119,20 +189,18 @@ class Samples:
                 spec = self._only_input()
                 return {spec.name: _ImageFolder(pictures, spec, self.images)}
             raise DataError(f"{self.source} holds no .npy or image files")
-        if self.source.suffix == ".npz":
-            return self._open_npz()
+        if self.source.suffix not in (".npz", ".npy"):
+            raise DataError(f"{self.source}: expected an .npz, .npy or a folder of .npy or images")
+        check_regular(self.source, "an .npz, .npy or a folder")
         if self.source.suffix == ".npy":
-            return {self._only_input().name: _Array(_load_npy(self.source))}
-        raise DataError(f"{self.source}: expected an .npz, .npy or a folder of .npy or images")
+            return {self._only_input().name: open_npy(self.source)}
+        return self._open_npz()
 
     def _open_npz(self) -> dict[str, _Reader]:
-        try:
-            archive = np.load(self.source, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise DataError(f"{self.source} is not a readable .npz ({error})") from None
-        keys = list(archive.files)
+        archive = open_npz(self.source)
+        keys = list(archive)
         if len(self.inputs) == 1 and len(keys) == 1:
-            return {self.inputs[0].name: _Array(archive[keys[0]])}
+            return {self.inputs[0].name: archive[keys[0]]}
         expected = [s.name for s in self.inputs]
         missing = [name for name in expected if name not in keys]
         if missing:
@@ -140,7 +208,7 @@ class Samples:
                 f"{self.source} has arrays {keys} but the model's inputs are {expected}; "
                 f"add {missing} (one array per input, samples on the leading axis)"
             )
-        return {name: _Array(archive[name]) for name in expected}
+        return {name: archive[name] for name in expected}
 
     def _only_input(self) -> InputSpec:
         if len(self.inputs) != 1:
@@ -197,7 +265,8 @@ def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np
                 f"{source}: input {spec.describe()} expects {spec.dtype}, got {batch.dtype}; "
                 f"convert the data (e.g. .astype('{spec.dtype}'))"
             )
-        batch = batch.astype(spec.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # what overflows is refused below
+            batch = batch.astype(spec.dtype)
     if batch.dtype.kind == "f" and not np.isfinite(batch).all():
         bad = int((~np.isfinite(batch)).sum())
         raise DataError(
@@ -213,16 +282,6 @@ class _Reader(Protocol):
     def read(self, picked: np.ndarray) -> np.ndarray: ...
 
 
-class _Array:
-    def __init__(self, array: np.ndarray) -> None:
-        if array.ndim == 0:
-            raise DataError("a data array is a scalar; stack samples on the leading axis")
-        self.array, self.count = array, len(array)
-
-    def read(self, picked: np.ndarray) -> np.ndarray:
-        return np.asarray(self.array[picked])
-
-
 class _NpyFolder:
     """One sample per file, with or without a leading batch axis of 1 (told apart by rank)."""
 
@@ -232,7 +291,7 @@ class _NpyFolder:
     def read(self, picked: np.ndarray) -> np.ndarray:
         samples = []
         for path in (self.files[i] for i in picked):
-            sample = _load_npy(path)
+            sample = load_npy(path)
             batched = sample.ndim == self.rank and sample.shape[0] == 1
             samples.append(sample[0] if batched else sample)
         shapes = {s.shape for s in samples}
@@ -242,27 +301,72 @@ class _NpyFolder:
 
 
 class _ImageFolder:
+    """Pictures as samples: RGB, or grayscale for a one-channel input."""
+
     def __init__(self, files: list[Path], spec: InputSpec, options: ImageOptions) -> None:
         self.files, self.count, self.options = files, len(files), options
         self.size = options.size or _image_size(spec, options.layout)
+        self.channels = _image_channels(spec, options)
 
     def read(self, picked: np.ndarray) -> np.ndarray:
         return np.stack([self._load(self.files[i]) for i in picked])
 
     def _load(self, path: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
         o = self.options
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB").resize((self.size[1], self.size[0]))
-        except (UnidentifiedImageError, OSError) as error:
-            raise DataError(f"{path} is not a readable image ({error})") from None
-        pixels = np.asarray(rgb, dtype=np.float32) * o.value_scale
+        pixels = _decode(path, "L" if self.channels == 1 else "RGB", self.size)
+        pixels = pixels.reshape(*self.size, self.channels) * np.float32(o.value_scale)
         if o.channel_order == "BGR":
             pixels = pixels[..., ::-1]
         pixels = (pixels - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
         return pixels.transpose(2, 0, 1) if o.layout == "NCHW" else pixels
+
+
+def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """The picture at `path` in `mode`, resized to (height, width); JPEGs are decoded at a
+    reduced scale where that suffices, and pictures over IMAGE_PIXEL_LIMIT are refused."""
+    from PIL import Image
+
+    check_regular(path, "an image file")
+    limit = f"qdq's limit of {IMAGE_PIXEL_LIMIT / 1e6:.0f} megapixels; downscale it first"
+    try:
+        with warnings.catch_warnings():  # PIL's (its own pixel limit, corrupt EXIF): not ours
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > IMAGE_PIXEL_LIMIT:
+                    raise DataError(f"{path} is {width}x{height} pixels, over {limit}")
+                image.draft(mode, (size[1], size[0]))
+                picture = image.convert(mode).resize((size[1], size[0]))
+    except Image.DecompressionBombError:
+        raise DataError(f"{path} is over {limit}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{path} is not a readable image ({error})") from None
+    return np.asarray(picture, dtype=np.float32)
+
+
+def _image_channels(spec: InputSpec, options: ImageOptions) -> int:
+    """1 or 3 channels, from the input's shape (3 where that axis is free)."""
+    if len(spec.shape) != 4:
+        raise DataError(
+            f"input {spec.describe()} is not an image batch (rank 4); "
+            "give an .npz or .npy instead of a folder of images"
+        )
+    channels = spec.shape[1] if options.layout == "NCHW" else spec.shape[3]
+    channels = 3 if channels is None else channels
+    if channels not in (1, 3):
+        raise DataError(
+            f"input {spec.describe()} has {channels} channels in {options.layout}; images "
+            "give 1 (grayscale) or 3 (RGB): check --layout, or give .npy data"
+        )
+    for flag, values in (("--mean", options.mean), ("--std", options.std)):
+        if len(values) not in (1, channels):
+            raise DataError(
+                f"{flag} has {len(values)} values for {channels} channels; "
+                f"give 1 (for all channels) or {channels}"
+            )
+    return channels
 
 
 def _image_size(spec: InputSpec, layout: str) -> tuple[int, int]:
@@ -272,10 +376,3 @@ def _image_size(spec: InputSpec, layout: str) -> tuple[int, int]:
             f"input {spec.describe()} has no fixed image size; pass --image-size HEIGHT WIDTH"
         )
     return int(dims[0]), int(dims[1])
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path} is not a readable .npy ({error})") from None

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=enum.Enum)
+
 
 class QdqError(Exception):
     """Base of every error qdq raises on bad input."""
@@ -25,3 +30,35 @@ class ObserverStateError(QdqError, RuntimeError):
 
 class ModelError(QdqError, ValueError):
     """A model file that is missing, unreadable, unsafe or uses what qdq cannot handle."""
+
+
+class UsageError(QdqError, ValueError):
+    """A command-line flag with a meaningless value or a combination that cannot work."""
+
+
+class OutputError(QdqError, ValueError):
+    """An output path that would overwrite an input, is not a file, or cannot be written."""
+
+
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM, SIGHUP) turned into an exception, so that `finally` blocks
+    and context managers remove temporary files on the way out. A BaseException, like
+    KeyboardInterrupt, so that `except Exception` does not swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def choice(kind: type[E], value: object, what: str) -> E:
+    """`value` as a member of the enum `kind`, or a SchemeError naming `what` and the choices.
+
+    >>> import enum
+    >>> choice(enum.Enum("Color", {"RED": "red"}), "red", "color").value
+    'red'
+    """
+    try:
+        return kind(value)
+    except ValueError:
+        names = ", ".join(str(m.value) for m in kind)
+        raise SchemeError(f"unknown {what} {value!r}; choose one of {names}") from None

@@ -42,9 +42,7 @@ class ErrorStats:
 
     @property
     def sqnr_db(self) -> float:
-        if self.noise == 0:
-            return float("inf")
-        return float(10 * np.log10(max(self.signal, 1e-300) / self.noise))
+        return float(sqnr_db(self.signal, self.noise))
 
     @property
     def cosine(self) -> float:
@@ -61,6 +59,19 @@ class ErrorStats:
             out["top1_agreement"] = self.top1 / self.rows
             out["top5_agreement"] = self.top5 / self.rows
         return out
+
+
+def sqnr_db(signal: float | np.ndarray, noise: float | np.ndarray) -> float | np.ndarray:
+    """SQNR in dB from summed (or mean) squares of the signal and of the error, elementwise:
+    10 log10(signal / noise), infinite where the error is exactly 0.
+
+    >>> float(sqnr_db(100.0, 1.0)), float(sqnr_db(1.0, 0.0))
+    (20.0, inf)
+    """
+    signal, noise = np.asarray(signal, np.float64), np.asarray(noise, np.float64)
+    with np.errstate(divide="ignore"):
+        ratio = np.maximum(signal, 1e-300) / noise
+    return np.where(noise == 0, np.inf, 10 * np.log10(np.where(noise == 0, 1.0, ratio)))
 
 
 def looks_like_scores(output: np.ndarray) -> bool:

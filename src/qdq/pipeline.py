@@ -6,20 +6,23 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qdq.config import QuantConfig
+from qdq.config import OutputFormat, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
-from qdq.errors import DataError, ModelError
+from qdq.errors import DataError, ModelError, choice
 from qdq.metrics import ErrorStats
 from qdq.observers import make_observer
 from qdq.onnx.graph import GraphIndex, constants_to_initializers
 from qdq.onnx.model import (
     PER_AXIS_OPSET,
+    check_quantizable,
     default_opset,
     load_model,
     optimize,
@@ -27,6 +30,9 @@ from qdq.onnx.model import (
     save_model,
     upgrade_opset,
 )
+from qdq.onnx.sessions import Use, open_session
+from qdq.outputs import check_output
+from qdq.passes.adaround import learn_rounding
 from qdq.passes.bias_correction import correct_biases, correct_sequentially, correction_inputs
 from qdq.passes.datafree import Moments, batchnorm_moments, mean_samples, propagate
 from qdq.passes.equalize import equalize
@@ -34,9 +40,10 @@ from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
 from qdq.passes.insert_qdq import insert_qdq
 from qdq.passes.smooth import smooth
 from qdq.plan.budget import meet_target, sqnr_score
-from qdq.plan.build import Decision, Plan, build_plan, kept_float, static_decisions
+from qdq.plan.build import Plan, build_plan
 from qdq.plan.calibrate import calibrate
-from qdq.plan.flow import calibration_targets
+from qdq.plan.decisions import Decision, kept_float, static_decisions
+from qdq.plan.flow import Int8Flow
 from qdq.plan.layout import SLOW_POOL, slow_pools
 from qdq.report.summary import CHECK_SAMPLES, QuantizeReport
 
@@ -89,36 +96,34 @@ def plan_model(
     the calibration time in seconds. `metric` scores candidates for the accuracy budget."""
     index = GraphIndex(model)
     decisions = static_decisions(index, config)
-    targets = calibration_targets(index, decisions, config)
+    targets = Int8Flow(index, decisions, config).calibration_targets()
     start = time.perf_counter()
     quantizable = [name for name, d in decisions.items() if d.quantized]
     means = correction_inputs(index, quantizable) if config.bias_correction else []
     ranges, unfit, averages = calibrate(
         model,
         samples,
-        lambda _: make_observer(config.method),
+        lambda _: make_observer(config.method, config.activations),
         targets,
         config.batch_size,
         progress,
         means,
     )
     learned: dict[tuple[str, int], np.ndarray] = {}
+    realize = partial(insert_qdq, model)
 
     def replan(chosen: dict[str, Decision]) -> Plan:
         plan = build_plan(index, chosen, ranges, unfit, config, per_channel)
-        plan.weight_codes = {k: v for k, v in learned.items() if k in plan.constants}
-        if config.bias_correction:
-            correct_biases(index, plan, averages)
-        return plan
+        codes = {k: v for k, v in learned.items() if k in plan.constants}
+        plan = replace(plan, weight_codes=codes)
+        return correct_biases(index, plan, averages) if config.bias_correction else plan
 
     plan = replan(decisions)
-    slow = slow_pools(model, plan)
+    slow = slow_pools(plan, realize)
     if slow:
         decisions = kept_float(decisions, slow, SLOW_POOL)
         plan = replan(decisions)
     if config.adaround:
-        from qdq.passes.adaround import learn_rounding
-
         feeds = _leading_batches(samples, config.batch_size, ADAROUND_SAMPLES)
         learned.update(learn_rounding(model, index, plan, feeds))
         plan = replan(decisions)
@@ -126,12 +131,11 @@ def plan_model(
     if config.target_sqnr is not None:
         feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)
         score = sqnr_score(model, feeds) if metric is None else _session_score(metric)
-        plan, budget = meet_target(model, decisions, replan, score, config.target_sqnr, feeds[0])
-        plan.budget = budget
+        plan = meet_target(decisions, replan, realize, score, config.target_sqnr, feeds[0])
     if config.bias_correction and config.sequential_bias_correction:
         # Last: it measures the network as it will be (final rounding, final float layers).
         start = time.perf_counter()
-        correct_sequentially(
+        plan = correct_sequentially(
             model, index, plan, samples, config.batch_size, SEQUENTIAL_SAMPLES, progress
         )
         seconds += time.perf_counter() - start
@@ -147,7 +151,7 @@ def plan_data_free(
     decisions = static_decisions(index, config)
     everything = propagate(index, moments, config.input_range)
     ranges, unfit = {}, {}
-    for name in calibration_targets(index, decisions, config):
+    for name in Int8Flow(index, decisions, config).calibration_targets():
         if name in everything:
             ranges[name] = everything[name].range()
         else:
@@ -156,7 +160,7 @@ def plan_data_free(
     if config.bias_correction:
         quantizable = [name for name, d in decisions.items() if d.quantized]
         expected = mean_samples(index, everything, correction_inputs(index, quantizable))
-        correct_biases(index, plan, expected)
+        plan = correct_biases(index, plan, expected)
     return plan
 
 
@@ -164,10 +168,7 @@ def _session_score(metric: Metric) -> Callable[[onnx.ModelProto], float]:
     """A candidate model scored by the user's metric on its ONNX Runtime session."""
 
     def score(candidate: onnx.ModelProto) -> float:
-        session = ort.InferenceSession(
-            candidate.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
-        return float(metric(session))
+        return float(metric(open_session(candidate)))
 
     return score
 
@@ -185,7 +186,7 @@ def quantize_model(
     images: ImageOptions | None = None,
     seed: int | None = None,
     progress: bool = False,
-    output_format: str = "qdq",
+    output_format: OutputFormat | str = OutputFormat.QDQ,
     metric: Metric | None = None,
 ) -> QuantizeReport:
     """Quantize an FP32 ONNX model into a QDQ model that ONNX Runtime runs with int8 kernels.
@@ -195,15 +196,14 @@ def quantize_model(
     first calibration samples.
     """
     config = config or QuantConfig()
-    if output_format not in ("qdq", "qoperator"):
-        raise ModelError(f"unknown format {output_format!r}; choose qdq or qoperator")
+    output_format = choice(OutputFormat, output_format, "format")
     if calibration is None and not config.data_free:
         raise DataError("no calibration data: give --calib DATA, or --data-free")
     if calibration is not None and config.data_free:
         raise DataError("--data-free uses no calibration data; drop --calib, or --data-free")
-    source, target = Path(model_path), Path(output_path)
-    _check_output(source, target)
+    source, target = Path(model_path), check_output(output_path, [model_path, calibration])
     model = load_model(source)
+    check_quantizable(model, source)
     moments = batchnorm_moments(model)  # read before preparation folds the BatchNorms
     if config.data_free and not moments:
         raise ModelError(
@@ -233,7 +233,7 @@ def quantize_model(
             f"wrote {summed} float Adds before a LayerNorm as Sum, which ONNX Runtime runs "
             "faster than its fused SkipLayerNormalization"
         )
-    if output_format == "qoperator":  # ONNX Runtime's own fusion of our QDQ groups
+    if output_format is OutputFormat.QOPERATOR:  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     session = _check_loads(quantized)
     checked = {} if config.data_free else _output_sqnr(model, session, samples)
@@ -267,7 +267,7 @@ def _output_sqnr(
 ) -> dict[str, float]:
     """Per float output, the SQNR in dB of the `quantized` session against `model` on the first
     CHECK_SAMPLES calibration samples: what the report says the quantization cost."""
-    reference = _session(model)
+    reference = open_session(model, Use.CHECK)
     names = [o.name for o in reference.get_outputs() if o.type == "tensor(float)"]
     stats = {name: ErrorStats() for name in names}
     for feed in samples.batches(1, last=CHECK_SAMPLES):
@@ -323,31 +323,11 @@ def _smoothed(
     return model, time.perf_counter() - start
 
 
-def _check_output(source: Path, target: Path) -> None:
-    if target.resolve() == source.resolve() or (
-        target.exists() and source.exists() and os.path.samefile(source, target)
-    ):
-        raise ModelError(f"output {target} is the input model; choose another output path")
-    if not target.parent.is_dir():
-        raise DataError(f"output folder {target.parent} does not exist; create it first")
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """A CPU session without an arena: the report's check runs one sample at a time and must
-    not raise the peak that calibration set."""
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-
-
 def _check_loads(model: onnx.ModelProto) -> ort.InferenceSession:
     """The quantized model's session, once ONNX's checker and ONNX Runtime accept it."""
     try:
         onnx.checker.check_model(model)
-        return _session(model)
+        return open_session(model, Use.CHECK)
     except Exception as error:  # ORT raises its own types
         raise ModelError(
             f"internal error: the quantized model does not load ({error}); nothing was written. "

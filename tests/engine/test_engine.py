@@ -97,6 +97,7 @@ def _output_lsb(model: onnx.ModelProto) -> float:
     return float(a_scale * np.abs(codes.astype(np.float64)).max() * b_scale.max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "key", ["cnn_qdq", "cnn_qoperator", "mobilenet_qdq", "mobilenet_qoperator"]
 )
@@ -116,6 +117,7 @@ def test_float_requant_matches_onnx_runtime_on_whole_models(digits_models, key):
     assert engine.float_nodes == []  # int8 from input to output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["cnn_qoperator", "mobilenet_qoperator"])
 def test_fixed_point_model_keeps_the_predictions(digits_models, key):
     path = digits_models[key]
@@ -128,6 +130,7 @@ def test_fixed_point_model_keeps_the_predictions(digits_models, key):
     assert np.mean(fixed.argmax(axis=1) == exact.argmax(axis=1)) >= 0.99
 
 
+@pytest.mark.slow
 def test_a_16_bit_accumulator_overflows_where_32_bits_do_not(digits_models):
     x = np.load(DIGITS / "test.npz")["input"]
     narrow = Engine(digits_models["cnn_qoperator"], accumulator_bits=16)
@@ -139,6 +142,7 @@ def test_a_16_bit_accumulator_overflows_where_32_bits_do_not(digits_models):
     assert {o.node for o in narrow.overflows()} == {o.node for o in wide.overflows()}
 
 
+@pytest.mark.slow
 def test_float_ops_are_fallbacks_and_float_output_matmuls_integer(tmp_path):
     out = tmp_path / "t.onnx"
     quantize_model(DIGITS / "transformer.onnx", out, DIGITS / "calib.npz")

@@ -13,6 +13,7 @@ from qdq.pipeline import quantize_model
 from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn
 
 
+@pytest.mark.slow
 def test_adaround_raises_4_bit_digits_cnn_sqnr(tmp_path, cnn_4bit_sqnr):
     pytest.importorskip("torch")
     learned, _ = quantize_cnn(tmp_path, weight_bits=4, adaround=True)

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq.config import QuantConfig
+from qdq.config import preset_config
+from qdq.onnx.sessions import session_with_outputs
 from qdq.pipeline import SEQUENTIAL_SAMPLES, quantize_model
-from qdq.plan.calibrate import session_with_outputs
 
 from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn
 
@@ -44,13 +45,14 @@ def test_bias_correction_removes_the_mean_shift_of_a_padded_depthwise_conv(tmp_p
     shifts = {}
     for correct in (False, True):
         out = tmp_path / f"q{correct}.onnx"
-        config = QuantConfig(per_channel=False, weight_bits=4, bias_correction=correct)
+        config = preset_config("default", per_channel=False, weight_bits=4, bias_correction=correct)
         quantize_model(source, out, tmp_path / "x.npy", config)
         shift = (run(out, x) - run(source, x)).mean(axis=(0, 2, 3))
         shifts[correct] = np.abs(shift).mean()
     assert shifts[True] < shifts[False] / 4
 
 
+@pytest.mark.slow
 def test_sequential_correction_beats_the_per_layer_one_at_4_bits(tmp_path, cnn_4bit_sqnr):
     sequential, _ = quantize_cnn(tmp_path, weight_bits=4)  # the default
     assert digits_cnn_sqnr(sequential) > cnn_4bit_sqnr + 2.0  # measured 18.5 -> 21.8
@@ -74,6 +76,7 @@ def layer_shifts(path: Path, samples: np.ndarray) -> dict[str, float]:
     return shifts
 
 
+@pytest.mark.slow
 def test_sequential_correction_leaves_no_mean_shift_in_any_layer(tmp_path):
     """Measured on the samples it corrects with, every layer's mean output per channel is
     FP32's to within a small part of a standard deviation (the correction is a running mean

@@ -20,6 +20,7 @@ def accuracy(path) -> float:
         return float((logits.argmax(axis=1) == test["label"]).mean())
 
 
+@pytest.mark.slow
 def test_data_free_int8_keeps_the_accuracy(tmp_path):
     out = tmp_path / "q.onnx"
     config = QuantConfig(data_free=True, input_range=(0.0, 1.0))

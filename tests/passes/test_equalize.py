@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from qdq.config import QuantConfig
+from qdq.config import preset_config
 from qdq.onnx.graph import GraphIndex
 from qdq.passes.datafree import batchnorm_moments
 from qdq.passes.equalize import equalize, find_pairs
@@ -78,9 +78,11 @@ def test_cle_rescues_per_tensor_int8_of_a_depthwise_network(tmp_path, bias_corre
     onnx.save(skewed_depthwise_model(), str(source))
     float_accuracy = accuracy(source)
     plain, rescued = tmp_path / "plain.onnx", tmp_path / "cle.onnx"
-    config = QuantConfig(per_channel=False, bias_correction=bias_correction)
+    config = preset_config("default", per_channel=False, bias_correction=bias_correction)
     quantize_model(source, plain, DIGITS / "calib.npz", config)
-    config = QuantConfig(per_channel=False, bias_correction=bias_correction, equalize=True)
+    config = preset_config(
+        "default", per_channel=False, bias_correction=bias_correction, equalize=True
+    )
     quantize_model(source, rescued, DIGITS / "calib.npz", config)
     assert accuracy(plain) < 0.5  # collapses, as in the DFQ paper's MobileNetV2 per-layer INT8
     assert accuracy(rescued) >= float_accuracy - 0.01

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
-from qdq.config import QuantConfig
+from qdq.config import QuantConfig, preset_config
 from qdq.pipeline import quantize_model
 
 from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn
 
 
+@pytest.mark.slow
 def test_target_sqnr_keeps_the_fewest_harmful_layers_float(tmp_path, cnn_4bit_sqnr):
     budgeted, report = quantize_cnn(tmp_path, weight_bits=4, target_sqnr=30.0)
     kept = [d for d in report.kept_float if d.reason == "kept float to meet --target-sqnr"]
@@ -32,6 +34,7 @@ def test_a_met_budget_changes_nothing(tmp_path):
     assert "kept float: none" in report.notes[-1]
 
 
+@pytest.mark.slow
 def test_a_user_metric_can_set_the_budget(tmp_path):
     test = np.load(DIGITS / "test.npz")
 
@@ -44,7 +47,7 @@ def test_a_user_metric_can_set_the_budget(tmp_path):
         DIGITS / "cnn.onnx",
         out,
         DIGITS / "calib.npz",
-        QuantConfig(weight_bits=3, target_sqnr=0.99),
+        preset_config("default", weight_bits=3, target_sqnr=0.99),
         metric=accuracy,
     )
     assert any(" met:" in note for note in report.notes)

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from qdq.data import model_inputs
+from qdq.arrayfile import read_arrays
+from qdq.data import InputSpec, check_feeds, model_inputs
 from qdq.engine.executor import Engine
-from qdq.errors import DataError
+from qdq.errors import ModelError
 from qdq.onnx.model import load_model
+from qdq.onnx.sessions import Use, open_session
+from qdq.outputs import check_output, staged
 
 
 def run_command(
     model_path: str, inputs: str, output: str, engine: str, requant: str, accumulator_bits: int
 ) -> str:
+    target = check_output(output, [model_path, inputs])
     model = load_model(model_path)
-    feeds = _read_feeds(Path(inputs), [s.name for s in model_inputs(model)])
+    specs = model_inputs(model)
+    feeds = _read_feeds(Path(inputs), specs)
+    session = _checked_session(model, model_path)
     if engine == "ort":
-        session = ort.InferenceSession(
-            model.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
         names = [o.name for o in session.get_outputs()]
         results = dict(zip(names, session.run(names, feeds), strict=True))
         notes = ["ran with ONNX Runtime"]
@@ -41,30 +43,29 @@ def run_command(
             f"{o.node}: {o.overflows} of {o.total} accumulations overflow {accumulator_bits} bits"
             for o in overflowing
         ]
-    _write_npz(Path(output), results)
+    with staged(target) as temporary, open(temporary, "wb") as stream:
+        np.savez(stream, **results)
     return "\n".join([f"wrote {output}: {', '.join(results)}", *notes])
 
 
-def _read_feeds(path: Path, names: list[str]) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; give an .npz with one array per model input")
-    with np.load(path, allow_pickle=False) as archive:
-        if len(names) == 1 and len(archive.files) == 1:
-            return {names[0]: archive[archive.files[0]]}
-        missing = [n for n in names if n not in archive.files]
-        if missing:
-            raise DataError(f"{path} lacks arrays for inputs {missing}; it has {archive.files}")
-        return {n: archive[n] for n in names}
+def _read_feeds(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """One array per input from an .npz (or an .npy for a single-input model), checked
+    against the model's declared dtypes and shapes."""
+    arrays = read_arrays(path)
+    if len(specs) == 1 and len(arrays) == 1:
+        arrays = {specs[0].name: next(iter(arrays.values()))}
+    check_feeds(arrays, specs, str(path))
+    return {s.name: arrays[s.name] for s in specs}
 
 
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    if not path.parent.is_dir():
-        raise DataError(f"output folder {path.parent} does not exist; create it first")
-    handle, staged = tempfile.mkstemp(prefix=".qdq-", suffix=".npz", dir=path.parent)
-    os.close(handle)
+def _checked_session(model: onnx.ModelProto, path: str) -> ort.InferenceSession:
+    """ONNX Runtime's session of the model: the engine falls back on it op by op, so a model
+    it refuses (a custom-domain op, say) runs on neither."""
     try:
-        np.savez(staged, **arrays)
-        os.replace(staged, path)
-    finally:
-        if os.path.exists(staged):
-            os.remove(staged)
+        return open_session(model, Use.PLAIN)
+    except Exception as error:  # ONNX Runtime raises its own exception types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(
+            f"{path}: ONNX Runtime cannot load it ({first}); qdq runs models ONNX Runtime "
+            "can run, so replace or remove the ops it names"
+        ) from None

@@ -11,6 +11,7 @@ MaxPool, ...) stays integer; ops on float tensors are the float fallback, listed
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,12 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from qdq.engine.kernels import INTEGER_ONLY, KERNELS, Context
-from qdq.errors import DataError, ModelError
+from qdq.data import check_feeds, model_inputs
+from qdq.engine.kernels import INTEGER_ONLY, KERNELS, Context, Requant
+from qdq.errors import ModelError
 from qdq.onnx.graph import attributes
 from qdq.onnx.model import load_model, ort_rewrite
+from qdq.onnx.sessions import Use, open_session
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Engine:
     def __init__(
         self,
         model: onnx.ModelProto | str | os.PathLike[str],
-        requant: str = "fixed",
+        requant: Requant = "fixed",
         accumulator_bits: int = 32,
     ) -> None:
         if requant not in ("fixed", "float"):
@@ -66,9 +69,7 @@ class Engine:
         self.last_context = Context(requant, accumulator_bits)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [name for name in self.inputs if name not in feeds]
-        if missing:
-            raise DataError(f"feeds lack inputs {missing}; the model expects {self.inputs}")
+        check_feeds(feeds, model_inputs(self.model), "feeds")
         values: dict[str, np.ndarray | None] = {**self.constants, **feeds, "": None}
         context = Context(self.requant, self.accumulator_bits, multipliers=self._multipliers)
         float_nodes = []
@@ -79,10 +80,11 @@ class Engine:
             context.node = node.name
             if node.op_type == "Constant":
                 outputs = [numpy_helper.to_array(attrs["value"])]
-            elif key in KERNELS:
-                outputs = KERNELS[key](context, inputs, attrs)
-            elif key in INTEGER_ONLY and inputs[0].dtype.kind in "iu":
-                outputs = INTEGER_ONLY[key](context, inputs, attrs)
+            elif kernel := KERNELS.get(key) or _integer_only(key, inputs):
+                try:
+                    outputs = kernel(context, inputs, attrs)
+                except ModelError as error:  # the kernels' messages do not know the node
+                    raise ModelError(f"node {node.name!r} ({node.op_type}): {error}") from None
             else:
                 if any(x is not None and x.dtype.kind == "f" for x in inputs):
                     float_nodes.append(f"{node.name} ({node.op_type})")
@@ -117,14 +119,14 @@ class Engine:
             one = helper.make_model(
                 graph, opset_imports=self.opsets, ir_version=self.model.ir_version
             )
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            options.log_severity_level = 3
-            session = ort.InferenceSession(
-                one.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
+            session = open_session(one, Use.ONE_NODE)
             self._sessions[position] = session
         return session.run([o for o in node.output if o], present)
+
+
+def _integer_only(key: tuple[str, str], inputs: list) -> Callable | None:
+    """The integer kernel of an op that has one only on integer inputs (MaxPool, ...)."""
+    return INTEGER_ONLY.get(key) if inputs[0].dtype.kind in "iu" else None
 
 
 def _has_qdq_groups(model: onnx.ModelProto) -> bool:
@@ -140,7 +142,7 @@ def run(
     model: onnx.ModelProto | str | os.PathLike[str],
     feeds: dict[str, np.ndarray],
     *,
-    requant: str = "fixed",
+    requant: Requant = "fixed",
     accumulator_bits: int = 32,
 ) -> dict[str, np.ndarray]:
     """Run `model` on `feeds` with integer kernels; see `Engine` to reuse a prepared model."""

@@ -16,6 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qdq.errors import ModelError
 from qdq.fixedpoint import quantize_multiplier, requantize
+from qdq.onnx.conv import ConvGeometry
 
 EXACT_LIMIT = 2.0**53
 
@@ -24,7 +25,10 @@ def exact_dtype(a: np.ndarray, b: np.ndarray, length: int) -> type:
     """float32 if no partial sum of `length` products of a and b can reach 2^24, else float64."""
     largest = float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0)) * length
     if largest >= EXACT_LIMIT:
-        raise ModelError("an integer product exceeds 2^53; operands wider than 16 bits?")
+        raise ModelError(
+            "its integer products can exceed 2^53, past what the engine sums exactly; "
+            "the engine runs operands of at most 16 bits"
+        )
     return np.float32 if largest < 2.0**24 else np.float64
 
 
@@ -32,48 +36,6 @@ def exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Integer matmul (broadcasting like numpy.matmul) as int64, exact through BLAS."""
     dtype = exact_dtype(a, b, a.shape[-1])
     return np.matmul(a.astype(dtype), b.astype(dtype)).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Convolution attributes, resolved for a 2-D input (N, C, H, W)."""
-
-    kernel: tuple[int, int]
-    strides: tuple[int, int]
-    dilations: tuple[int, int]
-    pads: tuple[int, int, int, int]  # top, left, bottom, right
-    group: int
-
-    @classmethod
-    def from_attributes(cls, attrs: dict, x_shape: tuple[int, ...], w_shape: tuple[int, ...]):
-        kernel = tuple(attrs.get("kernel_shape", w_shape[2:]))
-        strides = tuple(attrs.get("strides", (1, 1)))
-        dilations = tuple(attrs.get("dilations", (1, 1)))
-        pads = tuple(attrs.get("pads", (0, 0, 0, 0)))
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            pads = _same_pads(x_shape[2:], kernel, strides, dilations, auto_pad == "SAME_UPPER")
-        elif auto_pad == "VALID":
-            pads = (0, 0, 0, 0)
-        return cls(
-            kernel,
-            strides,
-            dilations,
-            (pads[0], pads[1], pads[2], pads[3]),
-            int(attrs.get("group", 1)),
-        )
-
-
-def _same_pads(size, kernel, strides, dilations, upper: bool) -> tuple[int, int, int, int]:
-    begins, ends = [], []
-    for n, k, s, d in zip(size, kernel, strides, dilations, strict=True):
-        out = -(-n // s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
-        small, large = total // 2, total - total // 2
-        begins.append(small if upper else large)
-        ends.append(large if upper else small)
-    return begins[0], begins[1], ends[0], ends[1]
 
 
 def exact_conv(x: np.ndarray, w: np.ndarray, g: ConvGeometry) -> np.ndarray:

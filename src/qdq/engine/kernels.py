@@ -8,28 +8,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from qdq.engine.integer import (
     Accumulator,
-    ConvGeometry,
     exact_conv,
     exact_matmul,
     exact_pool_sum,
     requantize_output,
 )
 from qdq.engine.quantize_ops import dequantize_linear, dynamic_quantize_linear, quantize_linear
+from qdq.errors import ModelError
 from qdq.fixedpoint import quantize_multiplier
+from qdq.onnx.conv import ConvGeometry
 
 MS = "com.microsoft"
+# How a 32-bit accumulator becomes the output code: the fixed-point multiplier M0 * 2^-n
+# (gemmlowp/TFLite) or the float scale (ONNX Runtime), docs/engine.md.
+Requant = Literal["fixed", "float"]
 
 
 @dataclass
 class Context:
     """Settings of one run and what it observed per node."""
 
-    requant: str = "fixed"
+    requant: Requant = "fixed"
     accumulator_bits: int = 32
     accumulators: dict[str, Accumulator] = field(default_factory=dict)
     multipliers: dict[bytes, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -214,7 +219,10 @@ def qlinear_average_pool(ctx: Context, inputs: list, attrs: dict) -> list:
     positions counted only with count_include_pad, requantized to the output grid."""
     x, x_scale, x_zp, y_scale, y_zp = _padded(inputs, 5)
     if attrs.get("channels_last", 0) or attrs.get("ceil_mode", 0) or x.ndim != 4:
-        raise NotImplementedError("channels_last, ceil_mode and non-2-D pooling")
+        raise ModelError(
+            "QLinearAveragePool with channels_last, ceil_mode or a non-2-D input has no "
+            "integer kernel; run the model with --engine ort"
+        )
     kh, kw = attrs["kernel_shape"]
     geometry = ConvGeometry.from_attributes(attrs | {"group": 1}, x.shape, (1, 1, kh, kw))
     real = _minus(x, x_zp).astype(np.float64) * x_scale.astype(np.float64)

@@ -1,13 +1,15 @@
 """Calibration observers: stream batches in constant memory, then propose a range.
 
-`make_observer("kl", bits=8)` builds one by the method names the CLI uses.
+`make_observer("kl", QScheme(8))` builds one by the method names the CLI uses, for the grid its
+range will be used on.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 
-from qdq.errors import SchemeError
+from qdq.errors import choice
 from qdq.observers.auto import Auto
 from qdq.observers.base import Observer
 from qdq.observers.histogram import Histogram, HistogramObserver, RangeRule
@@ -15,27 +17,39 @@ from qdq.observers.kl import KL
 from qdq.observers.minmax import MinMaxObserver, MovingAverageMinMaxObserver
 from qdq.observers.mse import MSE
 from qdq.observers.percentile import Percentile
+from qdq.scheme import QScheme
 
-_FACTORIES: dict[str, Callable[[int, int | None], Observer]] = {
-    "minmax": lambda bits, axis: MinMaxObserver(axis=axis),
-    "ema": lambda bits, axis: MovingAverageMinMaxObserver(axis=axis),
-    "kl": lambda bits, axis: HistogramObserver(KL(bits), axis=axis),
-    "percentile": lambda bits, axis: HistogramObserver(Percentile(), axis=axis),
-    "mse": lambda bits, axis: HistogramObserver(MSE(bits), axis=axis),
-    "auto": lambda bits, axis: HistogramObserver(Auto(bits), axis=axis),
+
+class Method(enum.StrEnum):
+    """The calibration methods, by the names the CLI uses."""
+
+    MINMAX = "minmax"
+    EMA = "ema"
+    KL = "kl"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+    AUTO = "auto"
+
+
+METHODS = tuple(m.value for m in Method)
+_FACTORIES: dict[Method, Callable[[QScheme, int | None], Observer]] = {
+    Method.MINMAX: lambda grid, axis: MinMaxObserver(axis=axis),
+    Method.EMA: lambda grid, axis: MovingAverageMinMaxObserver(axis=axis),
+    Method.KL: lambda grid, axis: HistogramObserver(KL(grid.bits), axis=axis),
+    Method.PERCENTILE: lambda grid, axis: HistogramObserver(Percentile(), axis=axis),
+    Method.MSE: lambda grid, axis: HistogramObserver(MSE(grid.bits), axis=axis),
+    Method.AUTO: lambda grid, axis: HistogramObserver(Auto(grid.bits, grid.symmetric), axis=axis),
 }
-METHODS = tuple(_FACTORIES)
+UINT8 = QScheme(bits=8, signed=False)
 
 
-def make_observer(method: str, bits: int = 8, axis: int | None = None) -> Observer:
-    """A fresh observer for a calibration `method` (one of `METHODS`) with default settings."""
-    try:
-        factory = _FACTORIES[method]
-    except KeyError:
-        raise SchemeError(
-            f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}"
-        ) from None
-    return factory(bits, axis)
+def make_observer(
+    method: Method | str, scheme: QScheme = UINT8, axis: int | None = None
+) -> Observer:
+    """A fresh observer for a calibration `method` (one of `METHODS`) whose range will be used
+    on `scheme`'s grid: its bits set KL's and MSE's target, and `auto` scores its candidates on
+    that grid (symmetric or not)."""
+    return _FACTORIES[choice(Method, method, "calibration method")](scheme, axis)
 
 
 __all__ = [
@@ -45,6 +59,7 @@ __all__ = [
     "Auto",
     "Histogram",
     "HistogramObserver",
+    "Method",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "Observer",

@@ -8,7 +8,7 @@ detector regression heads and help CNN features; this picks per tensor instead o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,8 +28,7 @@ class Auto:
     """The candidate range with the least expected squared error on the `bits`-bit grid."""
 
     bits: int = 8
-    symmetric: bool = False
-    chosen: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+    symmetric: bool = False  # the grid the range will be used on: score candidates on that one
 
     def __call__(self, hist: Histogram) -> Range:
         candidates = {
@@ -49,6 +48,5 @@ class Auto:
                 row = centres[c].astype(np.float32)
                 errors[name] = float(hist.counts[c] @ (row - fake_quantize(row, qparams)) ** 2)
             winner = min(errors, key=errors.get)
-            self.chosen[winner] = self.chosen.get(winner, 0) + 1
             best_lo[c], best_hi[c] = candidates[winner].lo[c], candidates[winner].hi[c]
         return Range(best_lo, best_hi)

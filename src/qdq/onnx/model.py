@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -15,12 +16,14 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper, version_converter
 
 from qdq.errors import ModelError
+from qdq.onnx.sessions import Use, open_session
 
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 10  # QuantizeLinear / DequantizeLinear appear in opset 10
 PER_AXIS_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) needs opset 13
 TWO_GB = 2**31 - 1
+METADATA_KEY = "qdq.quantized_tensors"  # {float tensor name: name of its dequantized copy}
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -36,6 +39,10 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{path} is not a readable ONNX model ({error})") from None
     if model.ir_version == 0 or not model.graph.node:
         raise ModelError(f"{path} holds no ONNX graph; is it an .onnx model file?")
+    graph = model.graph
+    names = [n.name for n in graph.node] + [v.name for v in (*graph.input, *graph.output)]
+    if any(isinstance(name, bytes) for name in names):  # protobuf's answer to broken UTF-8
+        raise ModelError(f"{path} is not a valid ONNX model: it names nodes in broken UTF-8")
     _load_external_data(model, path.resolve().parent, path)
     opset = default_opset(model)
     newest = onnx.defs.onnx_opset_version()
@@ -46,7 +53,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         )
     try:
         onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as error:
+    except (onnx.checker.ValidationError, UnicodeDecodeError) as error:  # names not UTF-8
         first = str(error).strip().splitlines()[0]
         raise ModelError(f"{path} is not a valid ONNX model: {first}") from None
     return model
@@ -87,6 +94,7 @@ def _load_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> Non
             raise ModelError(
                 f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing"
             )
+        _check_extent(tensor, target, item * math.prod(tensor.dims), path)
     if size >= TWO_GB:
         raise ModelError(
             f"{path} holds {size / 2**30:.1f} GB of graph and weights; qdq quantizes models "
@@ -94,6 +102,57 @@ def _load_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> Non
             "weight-only quantization, e.g. onnxruntime's MatMulNBits quantizer"
         )
     external_data_helper.load_external_data_for_model(model, str(folder))
+
+
+def _check_extent(tensor: onnx.TensorProto, target: Path, nbytes: int, path: Path) -> None:
+    """The tensor's `offset` and `length` are numbers that stay inside `target` and match its
+    dtype and dims."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    try:
+        offset = int(entries.get("offset", "0"))
+        length = int(entries.get("length", str(nbytes)))
+    except ValueError:
+        offset = length = -1
+    where = f"{path}: tensor {tensor.name!r}"
+    if offset < 0 or length != nbytes:
+        raise ModelError(
+            f"{where} has external data offset {entries.get('offset')!r} and length "
+            f"{entries.get('length')!r}, for {nbytes} bytes of weights; the model is corrupt, "
+            "export it again"
+        )
+    if offset + length > target.stat().st_size:
+        raise ModelError(
+            f"{where} reads bytes {offset}..{offset + length} of {target.name}, which holds "
+            f"{target.stat().st_size}; the weights file is truncated, copy it again"
+        )
+
+
+def check_quantizable(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Refuse a model whose opset is newer than ONNX Runtime's QuantizeLinear."""
+    opset = default_opset(model)
+    if not _ort_quantizes_at(opset):
+        raise ModelError(
+            f"{path} uses opset {opset}, at which this onnxruntime ({ort.__version__}) has no "
+            "QuantizeLinear; re-export the model at a lower opset, or upgrade onnxruntime"
+        )
+
+
+@functools.cache
+def _ort_quantizes_at(opset: int) -> bool:
+    """Whether ONNX Runtime runs QuantizeLinear and DequantizeLinear at `opset` (probed once)."""
+    scale = helper.make_tensor("scale", onnx.TensorProto.FLOAT, [], [0.1])
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "scale"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "scale"], ["y"]),
+    ]
+    x, y = (helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in "xy")
+    graph = helper.make_graph(nodes, "probe", [x], [y], [scale])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        open_session(probe, Use.PLAIN)
+    except Exception:  # ONNX Runtime raises its own exception types
+        return False
+    return True
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -130,12 +189,8 @@ def ort_rewrite(model: onnx.ModelProto, level: ort.GraphOptimizationLevel) -> on
     with tempfile.TemporaryDirectory(prefix="qdq-") as tmp:
         source, target = Path(tmp) / "in.onnx", Path(tmp) / "optimized.onnx"
         _save(model, source)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        options.optimized_model_filepath = str(target)
-        options.log_severity_level = 3
         try:
-            ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+            open_session(source, Use.REWRITE, level=level, optimized_path=target)
         except Exception as error:  # ORT raises its own exception types
             raise ModelError(f"ONNX Runtime cannot load the model: {error}") from None
         return onnx.load(str(target))

@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 
 from qdq.affine import fake_quantize
-from qdq.engine.integer import ConvGeometry
 from qdq.errors import SchemeError
+from qdq.onnx.conv import ConvGeometry
 from qdq.onnx.graph import GraphIndex, attributes
+from qdq.onnx.sessions import session_with_outputs
 from qdq.plan.build import Plan
-from qdq.plan.calibrate import session_with_outputs
 from qdq.scheme import PerChannel
 
 log = logging.getLogger(__name__)

@@ -12,19 +12,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import cache
 from itertools import pairwise
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from qdq.affine import dequantize
 from qdq.data import Samples
 from qdq.onnx.graph import GraphIndex, attributes
+from qdq.onnx.sessions import Use, open_session
+from qdq.passes.insert_qdq import insert_qdq
 from qdq.plan.build import Plan
+from qdq.plan.calibrate import budgeted
 from qdq.plan.rules import RULES
 
 CORRECTABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -40,8 +43,9 @@ def correction_inputs(index: GraphIndex, plan_nodes: list[str]) -> list[str]:
     return [n.input[0] for n in index.nodes if n.name in chosen and n.op_type in CORRECTABLE]
 
 
-def correct_biases(index: GraphIndex, plan: Plan, means: dict[str, np.ndarray]) -> None:
-    """Store in `plan.bias_values` the corrected float bias of each quantized layer."""
+def correct_biases(index: GraphIndex, plan: Plan, means: dict[str, np.ndarray]) -> Plan:
+    """`plan` with the corrected float bias of each quantized layer in its `bias_values`."""
+    corrected = dict(plan.bias_values)
     for node in index.nodes:
         rule = RULES.get(node.op_type)
         key = (node.name, rule.bias) if rule and rule.bias is not None else None
@@ -55,7 +59,8 @@ def correct_biases(index: GraphIndex, plan: Plan, means: dict[str, np.ndarray]) 
         error = dequantize(plan.codes((node.name, rule.weight), weight), qparams) - weight
         shift = _expected_output(node, mean[None].astype(np.float32), error)
         channel_means = shift.mean(axis=tuple(d for d in range(shift.ndim) if d != 1))
-        plan.bias_values[key] = index.constant(node.input[rule.bias]) - channel_means
+        corrected[key] = index.constant(node.input[rule.bias]) - channel_means
+    return replace(plan, bias_values=corrected)
 
 
 def _expected_output(node: onnx.NodeProto, mean: np.ndarray, error: np.ndarray) -> np.ndarray:
@@ -69,8 +74,7 @@ def _expected_output(node: onnx.NodeProto, mean: np.ndarray, error: np.ndarray) 
         [numpy_helper.from_array(error.astype(np.float32), "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": mean})[0].astype(np.float64)
+    return open_session(model).run(None, {"x": mean})[0].astype(np.float64)
 
 
 def correct_sequentially(
@@ -81,24 +85,21 @@ def correct_sequentially(
     batch_size: int,
     count: int,
     progress: bool = False,
-) -> None:
-    """Sequential empirical bias correction on the first `count` samples: layer by layer in
-    graph order, set the bias so that the quantized network's mean output per channel equals
-    the float network's, measured with every earlier layer already corrected. Catches the bias
-    from upstream activation rounding, clipping and the nonlinearities that turn noise into a
-    shift. One pass, a batch at a time: both networks run a stretch of nodes per layer, and each
-    quantized layer's output moves by its correction so far (a running mean over the batches),
-    as its new bias will move it. Memory: one batch's live tensors, whatever `count`."""
-    from qdq.passes.insert_qdq import insert_qdq
-    from qdq.plan.calibrate import budgeted  # local: capture imports the planner
-
+) -> Plan:
+    """`plan` after sequential empirical bias correction on the first `count` samples: layer by
+    layer in graph order, set the bias so that the quantized network's mean output per channel
+    equals the float network's, measured with every earlier layer already corrected. Catches the
+    bias from upstream activation rounding, clipping and the nonlinearities that turn noise into
+    a shift. One pass, a batch at a time: both networks run a stretch of nodes per layer, and
+    each quantized layer's output moves by its correction so far (a running mean over the
+    batches), as its new bias will move it. Memory: one batch's live tensors, whatever `count`."""
     layers = []
     for node in index.nodes:
         rule = RULES.get(node.op_type)
         if node.op_type in CORRECTABLE and (node.name, rule.bias) in plan.biases:
             layers.append((node, (node.name, rule.bias)))
     if not layers:
-        return
+        return plan
     ends = [node.name for node, _ in layers]
     reference, quantized = _Stretches(model, ends), _Stretches(insert_qdq(model, plan), ends)
 
@@ -124,9 +125,10 @@ def correct_sequentially(
                 output -= corrections[layer].reshape(shape).astype(output.dtype)
             _trim_heap()
             bar.update(batch)
+    corrected = dict(plan.bias_values)
     for (node, key), correction in zip(layers, corrections, strict=True):
-        current = plan.bias_values.get(key, index.constant(node.input[key[1]]))
-        plan.bias_values[key] = current - correction
+        corrected[key] = corrected.get(key, index.constant(node.input[key[1]])) - correction
+    return replace(plan, bias_values=corrected)
 
 
 class _Stretches:
@@ -144,7 +146,7 @@ class _Stretches:
         self.model = model
         self.initializers = {t.name: t for t in model.graph.initializer}
         self.peak_bytes = 0  # the most bytes of kept tensors so far
-        self.sessions: list[tuple[ort.InferenceSession, list[str], list[str]]] = []
+        self.sessions: list[tuple] = []  # (session, its inputs, its kept outputs) per stretch
 
     def run(self, feed: dict[str, np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
         """Run `feed` through every stretch, yielding `(i, output)` of the node that ends
@@ -177,17 +179,7 @@ class _Stretches:
         model = helper.make_model(
             graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version
         )
-        options = ort.SessionOptions()
-        # Every stretch's session stays open: without these, threads spinning after their
-        # stretch took the cores from the next one (EfficientNet-Lite0: 1.6x the time), and
-        # each session's arena kept its peak buffers (2.2 GB instead of 0.7 GB).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-        session = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        return session, inputs, outputs
+        return open_session(model, Use.STRETCH), inputs, outputs
 
 
 @cache

@@ -16,12 +16,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qdq.onnx.graph import GraphIndex
-from qdq.plan.build import Plan, reads_int8
+from qdq.onnx.model import METADATA_KEY
+from qdq.plan.build import Plan
+from qdq.plan.flow import reads_int8
 from qdq.qparams import QParams
 from qdq.scheme import PerChannel
 
 INT32 = np.iinfo(np.int32)
-METADATA_KEY = "qdq.quantized_tensors"  # {float tensor name: name of its dequantized copy}
 
 
 def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
@@ -78,7 +79,9 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
                 node.input[i] = _dequantized_bias(
                     name, key, values, plan.biases[key], new_nodes, new_inits
                 )
-            elif name in made_float and not reads_int8(node, name, plan, plan.activations):
+            elif name in made_float and not reads_int8(
+                node, name, plan.decisions, plan.activations
+            ):
                 node.input[i] = prequant.get(name, name)  # a float op reads the exact tensor
             else:
                 node.input[i] = renamed.get(name, name)

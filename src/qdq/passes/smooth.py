@@ -27,10 +27,11 @@ from qdq.affine import fake_quantize
 from qdq.config import QuantConfig
 from qdq.data import Samples
 from qdq.onnx.graph import GraphIndex
-from qdq.plan.build import Decision, static_decisions
-from qdq.plan.calibrate import budgeted, session_with_outputs
+from qdq.onnx.sessions import session_with_outputs
+from qdq.plan.calibrate import budgeted
 from qdq.plan.constants import weight_qparams
-from qdq.plan.rules import RULES
+from qdq.plan.decisions import static_decisions
+from qdq.plan.flow import Int8Flow
 from qdq.qparams import Range, choose_qparams
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -47,13 +48,13 @@ class Site:
     readers: tuple[onnx.NodeProto, ...]
 
 
-def find_sites(index: GraphIndex, decisions: dict[str, Decision]) -> list[Site]:
+def find_sites(flow: Int8Flow) -> list[Site]:
     """Every X that a float op makes and that only int8 MatMuls with constant 2-D weights read."""
+    index, decisions = flow.index, flow.decisions
     sites: list[Site] = []
-    memo: dict[str, bool] = {}
     for tensor, readers in index.consumers.items():
         producer = index.producer.get(tensor)
-        if producer is None or _may_carry_int8(tensor, index, decisions, memo):
+        if producer is None or flow.carries(tensor):
             continue
         if (
             all(
@@ -73,10 +74,12 @@ def find_sites(index: GraphIndex, decisions: dict[str, Decision]) -> list[Site]:
 def smooth(
     model: onnx.ModelProto, samples: Samples, config: QuantConfig
 ) -> tuple[onnx.ModelProto, dict[str, float]]:
-    """`model` with outliers moved into the weights wherever that lowers the layer's int8 error;
-    returns the smoothed tensors with the exponent `a` each chose."""
-    index = GraphIndex(model)
-    sites = find_sites(index, static_decisions(index, config))
+    """A copy of `model` with outliers moved into the weights wherever that lowers the layer's
+    int8 error, and the smoothed tensors with the exponent `a` each chose."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    model, index = copy, GraphIndex(copy)
+    sites = find_sites(Int8Flow(index, static_decisions(index, config), config))
     if not sites:
         return model, {}
     maxima, rows = _statistics(model, sites, samples, config.batch_size)
@@ -102,29 +105,6 @@ def smooth(
     for tensor in [t for t in model.graph.initializer if t.name not in used]:
         model.graph.initializer.remove(tensor)
     return model, chosen
-
-
-def _may_carry_int8(
-    tensor: str, index: GraphIndex, decisions: dict[str, Decision], memo: dict[str, bool]
-) -> bool:
-    """Whether int8 can flow into `tensor` by the static decisions alone."""
-    if tensor in memo:
-        return memo[tensor]
-    producer = index.producer.get(tensor)
-    if producer is None:
-        result = not index.is_constant(tensor)  # a graph input is quantized where it enters
-    elif not decisions[producer.name].quantized:
-        result = False
-    elif RULES[producer.op_type].kind == "compute":
-        result = True
-    elif RULES[producer.op_type].kind in ("inherit", "activation"):
-        source = producer.input[0]  # a constant one is a Gather's table, stored in 8 bits
-        result = index.is_constant(source) or _may_carry_int8(source, index, decisions, memo)
-    else:  # elementwise or shared: int8 only if it flows into every input
-        inputs = [name for name in producer.input if name and not index.is_constant(name)]
-        result = all(_may_carry_int8(name, index, decisions, memo) for name in inputs)
-    memo[tensor] = result
-    return result
 
 
 def _statistics(
@@ -181,7 +161,7 @@ def _error(
     rows: np.ndarray, weights: list[np.ndarray], exact: list[np.ndarray], config: QuantConfig
 ) -> float:
     """Squared error of the int8 products (X per tensor, W per column) against the exact ones."""
-    x = fake_quantize(rows, choose_qparams(Range(rows.min(), rows.max()), config.activation_scheme))
+    x = fake_quantize(rows, choose_qparams(Range(rows.min(), rows.max()), config.activations))
     total = 0.0
     for w, want in zip(weights, exact, strict=True):
         got = x @ fake_quantize(w, weight_qparams(w, 1, config))

@@ -11,75 +11,66 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from qdq.passes.insert_qdq import insert_qdq
-from qdq.plan.build import Decision, Plan, kept_float
-from qdq.plan.rules import RULES
-from qdq.report.compare import median_latency_ms
+from qdq.metrics import sqnr_db
+from qdq.onnx.sessions import median_latency_ms, open_session
+from qdq.plan.build import BudgetResult, Plan
+from qdq.plan.decisions import Decision, kept_float
+from qdq.plan.rules import RULES, Kind
+
+# A plan's candidate model: the Q/DQ rewrite, which the caller passes in (plans do not rewrite).
+Realize = Callable[[Plan], onnx.ModelProto]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BudgetResult:
-    """What the budget kept in float, and the output SQNR before and after."""
-
-    kept_float: tuple[str, ...]
-    sqnr_before: float  # or the user metric's value
-    sqnr_after: float
-    target: float
-    latency_ms: tuple[float, float] | None = None  # all-int8 model, budgeted model
-
-
 def output_sqnr(model: onnx.ModelProto, feeds: list[dict], reference: list[list]) -> float:
     """SQNR in dB of `model`'s outputs against `reference` over all `feeds`, all outputs pooled."""
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = open_session(model)
     signal = noise = 0.0
     for feed, want in zip(feeds, reference, strict=True):
         for got, ref in zip(session.run(None, feed), want, strict=True):
             ref = ref.astype(np.float64)
             signal += float(np.sum(ref**2))
             noise += float(np.sum((got - ref) ** 2))
-    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
+    return float(sqnr_db(signal, noise))
 
 
 def sqnr_score(model: onnx.ModelProto, feeds: list[dict]) -> Callable[[onnx.ModelProto], float]:
     """Scores a candidate by its output SQNR against `model` on `feeds`."""
-    float_session = ort.InferenceSession(
-        model.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
+    float_session = open_session(model)
     reference = [float_session.run(None, feed) for feed in feeds]
     return lambda candidate: output_sqnr(candidate, feeds, reference)
 
 
 def meet_target(
-    model: onnx.ModelProto,
     decisions: dict[str, Decision],
     replan: Callable[[dict[str, Decision]], Plan],
+    realize: Realize,
     score: Callable[[onnx.ModelProto], float],
     target: float,
     timing_feed: dict[str, np.ndarray],
-) -> tuple[Plan, BudgetResult]:
+) -> Plan:
     """The plan with the fewest layers kept float whose `score` (higher is better) reaches
-    `target` (or every candidate float, if even that does not); `replan` builds a plan from
-    decisions. The result carries the latency cost of the layers kept float."""
+    `target` (or every candidate float, if even that does not), its `budget` filled in;
+    `replan` builds a plan from decisions, `realize` its model. The budget carries the latency
+    cost of the layers kept float."""
 
     def measure(kept: list[str]) -> tuple[Plan, float]:
         plan = replan(kept_float(decisions, kept, "kept float to meet --target-sqnr"))
-        return plan, score(insert_qdq(model, plan))
+        return plan, score(realize(plan))
 
     full, before = measure([])
     if before >= target:
-        return full, BudgetResult((), before, before, target)
+        return replace(full, budget=BudgetResult((), before, before, target))
     candidates = [
         name
         for name, d in full.decisions.items()
-        if d.quantized and RULES[d.op_type].kind in ("compute", "elementwise", "shared")
+        if d.quantized and RULES[d.op_type].kind in (Kind.COMPUTE, Kind.ELEMENTWISE, Kind.SHARED)
     ]
     gains = {name: measure([name])[1] - before for name in candidates}
     kept: list[str] = []
@@ -90,6 +81,7 @@ def meet_target(
         log.info("kept %s float: score %.2f", name, after)
         if after >= target:
             break
-    models = [insert_qdq(model, p).SerializeToString() for p in (full, plan)]
+    models = [realize(p).SerializeToString() for p in (full, plan)]
     all_int8, budgeted = median_latency_ms(models, timing_feed, runs=20)
-    return plan, BudgetResult(tuple(kept), before, after, target, (all_int8, budgeted))
+    result = BudgetResult(tuple(kept), before, after, target, (all_int8, budgeted))
+    return replace(plan, budget=result)

@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from tqdm import tqdm
 
 from qdq.data import Samples
 from qdq.errors import DataError
 from qdq.observers import Observer
+from qdq.onnx.sessions import session_with_outputs
 from qdq.qparams import Range
 
 log = logging.getLogger(__name__)
@@ -34,27 +34,6 @@ def budgeted(batch_size: int, per_sample: int, budget: int = CAPTURE_BUDGET) -> 
     """The batch size, lowered so that one batch captures at most `budget` bytes when each
     sample captures `per_sample`."""
     return max(1, min(batch_size, budget // max(per_sample, 1)))
-
-
-def session_with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> ort.InferenceSession:
-    """A CPU session whose outputs are the model's own followed by `names`."""
-    extended = onnx.ModelProto()
-    extended.CopyFrom(model)
-    present = {o.name for o in extended.graph.output}
-    for name in names:
-        if name not in present:
-            extended.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # All optimizations (the NCHWc layout calibrates EfficientNet-Lite0 in 13 s, not 19), but
-    # no memory patterns: with them, memory grew over the first few dozen batches (text-direction
-    # classifier 218 -> 266 MB from 32 to 512 samples); without, 215 -> 216 (docs/ptq.md).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_mem_pattern = False
-    return ort.InferenceSession(
-        extended.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 class SampleMean:

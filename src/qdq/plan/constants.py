@@ -3,18 +3,22 @@ their codes, and embedding tables in 8 bits."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qdq.affine import fake_quantize
 from qdq.config import QuantConfig
+from qdq.metrics import sqnr_db
 from qdq.onnx.graph import GraphIndex
-from qdq.plan.rules import RULES, rule_inputs, weight_axis
+from qdq.plan.rules import RULES, Kind, rule_inputs, weight_axis
 from qdq.qparams import QParams, Range, choose_qparams
 
 if TYPE_CHECKING:
-    from qdq.plan.build import Plan
+    from qdq.plan.decisions import Decision
+
+Key = tuple[str, int]  # (node name, input index)
 
 # An embedding table goes 8-bit only if one grid keeps its median row this clean.
 # all-MiniLM-L6-v2: word embeddings 30.2 dB, token types 33.2, positions 20.3 (a few large
@@ -23,13 +27,22 @@ TABLE_MIN_SQNR_DB = 25.0
 BIAS_CODE_LIMIT = 2**30  # int32 bias codes, with room for bias correction and the accumulator
 
 
-def plan_constants(index: GraphIndex, plan: Plan, config: QuantConfig, per_channel: bool) -> None:
-    """Weights per channel, biases int32 with scale s_x * s_w, other constants per tensor."""
+def plan_constants(
+    index: GraphIndex,
+    decisions: Mapping[str, Decision],
+    activations: Mapping[str, QParams],
+    config: QuantConfig,
+    per_channel: bool,
+) -> tuple[dict[Key, QParams], dict[Key, np.ndarray]]:
+    """The qparams of the int8 kernels' constant inputs (weights per channel, other constants
+    per tensor) and the scales s_x * s_w of their int32 biases."""
+    constants: dict[Key, QParams] = {}
+    biases: dict[Key, np.ndarray] = {}
     for node in index.nodes:
-        if not plan.decisions[node.name].quantized:
+        if not decisions[node.name].quantized:
             continue
         rule = RULES[node.op_type]
-        if rule.kind != "compute":  # elementwise ops with a constant operand stay float
+        if rule.kind is not Kind.COMPUTE:  # elementwise ops with a constant operand stay float
             continue
         weight = rule.weight
         if node.op_type == "MatMul" and index.is_constant(node.input[1]):
@@ -44,17 +57,18 @@ def plan_constants(index: GraphIndex, plan: Plan, config: QuantConfig, per_chann
             values = index.constant(name)
             if i == weight:
                 axis = weight_axis(node, values.ndim) if per_channel and values.ndim > 1 else None
-                plan.constants[node.name, i] = weight_qparams(values, axis, config)
+                constants[node.name, i] = weight_qparams(values, axis, config)
             else:
                 rng = Range(values.min(), values.max())
-                plan.constants[node.name, i] = choose_qparams(rng, config.activation_scheme)
+                constants[node.name, i] = choose_qparams(rng, config.activations)
         if weight is not None and rule.bias is not None and len(node.input) > rule.bias:
             bias = node.input[rule.bias]
             if bias and index.is_constant(bias) and index.constant(bias).ndim == 1:
-                x_scale = plan.activations[node.input[0]].scale.astype(np.float64)
-                fitted = _fit_bias(index.constant(bias), x_scale, plan.constants[node.name, weight])
-                plan.constants[node.name, weight] = fitted
-                plan.biases[node.name, rule.bias] = (x_scale * fitted.scale).astype(np.float32)
+                x_scale = activations[node.input[0]].scale.astype(np.float64)
+                fitted = _fit_bias(index.constant(bias), x_scale, constants[node.name, weight])
+                constants[node.name, weight] = fitted
+                biases[node.name, rule.bias] = (x_scale * fitted.scale).astype(np.float32)
+    return constants, biases
 
 
 def _fit_bias(bias: np.ndarray, x_scale: np.ndarray, weights: QParams) -> QParams:
@@ -88,7 +102,7 @@ def table_qparams(table: np.ndarray, axis: int, config: QuantConfig) -> tuple[QP
     keeps in the median slice. The activations' grid (uint8 on x86), not the weights': ONNX
     Runtime turns int8 Q/DQ pairs between float ops into uint8 ones, and then the table's DQ
     and the rows' Q no longer match, so it would dequantize the whole table on every run."""
-    qparams = choose_qparams(Range(table.min(), table.max()), config.activation_scheme)
+    qparams = choose_qparams(Range(table.min(), table.max()), config.activations)
     return qparams, _row_sqnr(table, qparams, axis)
 
 
@@ -98,4 +112,4 @@ def _row_sqnr(table: np.ndarray, qparams: QParams, axis: int) -> float:
     rows = np.moveaxis(table, axis, 0).reshape(table.shape[axis], -1).astype(np.float64)
     error = fake_quantize(rows, qparams) - rows
     power, noise = np.mean(rows**2, axis=1), np.mean(error**2, axis=1)
-    return float(np.median(10 * np.log10(np.maximum(power, 1e-30) / np.maximum(noise, 1e-30))))
+    return float(np.median(sqnr_db(power, noise)))

@@ -1,74 +1,108 @@
-"""Which tensors calibration must observe, and which take another tensor's range instead.
+"""Where int8 flows: the one analysis that planning, calibration targets and smoothing ask.
 
-Every observed tensor costs twice: ONNX Runtime must keep it as an extra output (and may not fuse
-across it), and its observer must histogram it. An output that its Relu/Clip absorbs takes the
-activation's range, and an output that no node can read as int8 needs none (docs/ptq.md).
+Static questions, answered from the graph and the static decisions (`Int8Flow`): which tensors
+int8 can flow into, which outputs a Relu/Clip absorbs, which outputs no node reads as int8
+(`unread`), which gate outputs only elementwise ops read (`gated`), and so which tensors
+calibration must observe. The plan being built asks the dynamic ones (`reads_int8`,
+`prune_unread`) once it knows which tensors get a Q/DQ pair; `unread` is the static shadow of
+`prune_unread`, so calibration does not observe what the plan will drop.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Container, Mapping
 
 import onnx
 
 from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex, clip_bounds
-from qdq.plan.rules import FLOAT_OUTPUT_KERNELS, FLOAT_WHEN_UNREAD, RULES, rule_inputs
-
-if TYPE_CHECKING:
-    from qdq.plan.build import Decision
+from qdq.plan.decisions import FLOAT_OUTPUT, NOTHING_READS_INT8, Decision
+from qdq.plan.rules import FLOAT_OUTPUT_KERNELS, FLOAT_WHEN_UNREAD, RULES, Kind, rule_inputs
 
 
-def calibration_targets(
-    index: GraphIndex, decisions: dict[str, Decision], config: QuantConfig
-) -> list[str]:
-    """Non-constant float tensors that a quantized node reads or writes: the ones to observe.
+class Int8Flow:
+    """Where int8 can flow in `index`'s graph under the static `decisions`."""
 
-    Left out: outputs that a Relu/Clip will absorb (they take the activation's range, and
-    observing them would stop ONNX Runtime fusing Conv and Relu/Clip in the calibration session:
-    33 of EfficientNet-Lite0's 95 tensors), outputs that no node can read as int8 (their Q/DQ
-    would be pruned: a transformer's MatMul outputs that only float bias Adds read), and gate
-    outputs that only elementwise ops read (`gated`)."""
-    skipped = {**absorbed(index, decisions, config), **dict.fromkeys(unread(index, decisions))}
-    skipped |= dict.fromkeys(gated(index))
-    targets: dict[str, None] = {}
-    for node in index.nodes:
-        if not decisions[node.name].quantized:
-            continue
-        rule = RULES[node.op_type]
-        names = [node.input[i] for i in rule_inputs(node, rule)] + [node.output[0]]
-        if rule.kind in ("inherit", "activation"):  # a constant table's rows need no range
-            names = [] if index.is_constant(node.input[0]) else [node.input[0], *node.output]
-        if rule.kind == "gate":  # its output's grid is [0, 1]; it reads int8 only if it flows
-            names = []
-        for name in names:
-            if name in skipped or not name or index.is_constant(name):
+    def __init__(
+        self, index: GraphIndex, decisions: Mapping[str, Decision], config: QuantConfig
+    ) -> None:
+        self.index, self.decisions = index, decisions
+        self.absorbed = _absorbed(index, decisions, config)
+        self.unread = frozenset(_unread(index, decisions))
+        self.gated = frozenset(_gated(index))
+        self._carries: dict[str, bool] = {}
+
+    def carries(self, tensor: str) -> bool:
+        """Whether int8 can flow into `tensor` by the static decisions alone."""
+        if tensor not in self._carries:
+            self._carries[tensor] = self._flows_into(tensor)
+        return self._carries[tensor]
+
+    def _flows_into(self, tensor: str) -> bool:
+        index = self.index
+        producer = index.producer.get(tensor)
+        if producer is None:
+            return not index.is_constant(tensor)  # a graph input is quantized where it enters
+        if not self.decisions[producer.name].quantized:
+            return False
+        kind = RULES[producer.op_type].kind
+        if kind is Kind.COMPUTE:
+            return True
+        if kind in (Kind.INHERIT, Kind.ACTIVATION):
+            source = producer.input[0]  # a constant one is a Gather's table, stored in 8 bits
+            return index.is_constant(source) or self.carries(source)
+        # elementwise or shared: int8 only if it flows into every input
+        inputs = [name for name in producer.input if name and not index.is_constant(name)]
+        return all(self.carries(name) for name in inputs)
+
+    def calibration_targets(self) -> list[str]:
+        """Non-constant float tensors that a quantized node reads or writes: the ones to observe.
+
+        Left out: outputs that a Relu/Clip will absorb (they take the activation's range, and
+        observing them would stop ONNX Runtime fusing Conv and Relu/Clip in the calibration
+        session: 33 of EfficientNet-Lite0's 95 tensors), outputs that no node can read as int8
+        (`unread`: a transformer's MatMul outputs that only float bias Adds read), and gate
+        outputs that only elementwise ops read (`gated`)."""
+        index = self.index
+        skipped = self.absorbed.keys() | self.unread | self.gated
+        targets: dict[str, None] = {}
+        for node in index.nodes:
+            if not self.decisions[node.name].quantized:
                 continue
-            if index.is_float(name):
-                targets[name] = None
-    return list(targets)
+            rule = RULES[node.op_type]
+            names = [node.input[i] for i in rule_inputs(node, rule)] + [node.output[0]]
+            if rule.kind in (Kind.INHERIT, Kind.ACTIVATION):  # a table's rows need no range
+                names = [] if index.is_constant(node.input[0]) else [node.input[0], *node.output]
+            if rule.kind is Kind.GATE:  # its output's grid is [0, 1]; it reads int8 if it flows
+                names = []
+            for name in names:
+                if name in skipped or not name or index.is_constant(name):
+                    continue
+                if index.is_float(name):
+                    targets[name] = None
+        return list(targets)
 
 
-def gated(index: GraphIndex) -> list[str]:
+def _gated(index: GraphIndex) -> list[str]:
     """Sigmoid/HardSigmoid outputs that only elementwise ops read (SiLU's, HardSwish's, a
     squeeze-excitation's Mul): they get the fixed [0, 1] grid where the gate is int8, and where
     it is float its readers are float too (they need int8 in on every input), so no range."""
 
-    def kind(node: onnx.NodeProto) -> str | None:
+    def kind(node: onnx.NodeProto) -> Kind | None:
         rule = RULES.get(node.op_type)
         return rule.kind if rule else None
 
     return [
         node.output[0]
         for node in index.nodes
-        if kind(node) == "gate"
-        and all(kind(c) == "elementwise" for c in index.consumers.get(node.output[0], []))
+        if kind(node) is Kind.GATE
+        and all(kind(c) is Kind.ELEMENTWISE for c in index.consumers.get(node.output[0], []))
     ]
 
 
-def unread(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
+def _unread(index: GraphIndex, decisions: Mapping[str, Decision]) -> list[str]:
     """Outputs of int8 MatMul/Gemm and elementwise ops that every reader takes in float, as far
-    as the graph alone tells: `plan._prune_unread` would drop their Q/DQ, so they need no range."""
+    as the graph alone tells: `prune_unread` would drop their Q/DQ, so they need no range."""
     found = []
     for node in index.nodes:
         if not decisions[node.name].quantized:
@@ -82,8 +116,8 @@ def unread(index: GraphIndex, decisions: dict[str, Decision]) -> list[str]:
     return found
 
 
-def absorbed(
-    index: GraphIndex, decisions: dict[str, Decision], config: QuantConfig
+def _absorbed(
+    index: GraphIndex, decisions: Mapping[str, Decision], config: QuantConfig
 ) -> dict[str, str]:
     """Outputs whose Relu/Clip will be absorbed into the producer's range, each mapped to the
     activation's output, whose range it takes."""
@@ -104,17 +138,17 @@ def absorbs(
     node: onnx.NodeProto,
     producer: onnx.NodeProto,
     index: GraphIndex,
-    decisions: dict[str, Decision],
+    decisions: Mapping[str, Decision],
     config: QuantConfig,
 ) -> bool:
     """Whether Relu/Clip `node` can be dropped into its quantized producer's output grid: the
     grid's lowest code is real 0, so the Q after the activation clamps exactly as it does, and
     ONNX Runtime then drops the activation and fuses producer and Q (docs/ptq.md)."""
     return (
-        not config.symmetric_activations
+        not config.activations.symmetric
         and _clamps_at_zero(node, index)
         and decisions[producer.name].quantized
-        and RULES[producer.op_type].kind in ("compute", "elementwise")
+        and RULES[producer.op_type].kind in (Kind.COMPUTE, Kind.ELEMENTWISE)
         and index.sole_consumer(node.input[0]) is not None
     )
 
@@ -123,3 +157,53 @@ def _clamps_at_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:
     if node.op_type == "Relu":
         return True
     return clip_bounds(node, index)[0] == 0.0
+
+
+def reads_int8(
+    consumer: onnx.NodeProto,
+    tensor: str,
+    decisions: Mapping[str, Decision],
+    quantized: Container[str],
+) -> bool:
+    """Whether `consumer` reads `tensor` through its Q/DQ pair; `quantized` holds the tensors
+    that have one. Any other consumer reads the float tensor itself, which is exact."""
+    if not decisions[consumer.name].quantized:
+        return False
+    rule = RULES[consumer.op_type]
+    if rule.kind in (Kind.INHERIT, Kind.ACTIVATION):
+        return any(o in quantized for o in consumer.output)
+    return tensor in (consumer.input[i] for i in rule_inputs(consumer, rule))
+
+
+def prune_unread(
+    index: GraphIndex, decisions: dict[str, Decision], wanted: dict[str, None]
+) -> None:
+    """Drop, from a plan being built, the Q/DQ of outputs that no consumer reads as int8, last
+    node first; updates its working `decisions` and `wanted` (tensors that get a Q/DQ pair).
+
+    Quantizing such an output only adds a rounding step, and it does harm: BERT's residual
+    stream carries a few channels 100x larger than the rest, and one int8 grid for the sum
+    that feeds a LayerNorm spends its codes on those few (all-MiniLM-L6-v2 went from 4.8 to
+    16.8 dB, docs/ptq.md). A MatMul or Gemm keeps its int8 kernel with a float output; an Add,
+    Mul, pool, Concat or shape op goes float, and then its own inputs may lose their last int8
+    reader (the text-direction classifier's logits pass a Flatten on their way to the Softmax:
+    quantized for the Flatten's sake, they had been rounded to 8 bits)."""
+    for node in reversed(index.nodes):
+        decision = decisions[node.name]
+        outs = [o for o in node.output if o in wanted]
+        if not decision.quantized or node.output[0] not in wanted:
+            continue
+        if any(
+            reads_int8(c, o, decisions, wanted) for o in outs for c in index.consumers.get(o, [])
+        ):
+            continue
+        kind = RULES[node.op_type].kind
+        if node.op_type in FLOAT_OUTPUT_KERNELS:
+            del wanted[node.output[0]]
+            decisions[node.name] = Decision(node.name, node.op_type, True, FLOAT_OUTPUT)
+        elif kind in FLOAT_WHEN_UNREAD or (
+            kind is Kind.INHERIT and not index.is_constant(node.input[0])  # tables stay 8-bit
+        ):
+            for o in outs:
+                del wanted[o]
+            decisions[node.name] = decision.to_float(NOTHING_READS_INT8)

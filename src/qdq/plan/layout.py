@@ -9,12 +9,13 @@ pools that are still plain ONNX MaxPool nodes (an NHWC one becomes com.microsoft
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx
 import onnxruntime as ort
 
 from qdq.errors import ModelError
 from qdq.onnx.model import ort_rewrite
-from qdq.passes.insert_qdq import insert_qdq
 from qdq.plan.build import Plan
 
 SLOW_POOL = (
@@ -23,13 +24,14 @@ SLOW_POOL = (
 )
 
 
-def slow_pools(model: onnx.ModelProto, plan: Plan) -> list[str]:
-    """The int8 MaxPool nodes of `plan` that ONNX Runtime would run on its NCHW 8-bit kernel."""
+def slow_pools(plan: Plan, realize: Callable[[Plan], onnx.ModelProto]) -> list[str]:
+    """The int8 MaxPool nodes of `plan` that ONNX Runtime would run on its NCHW 8-bit kernel,
+    asked of the plan's quantized model, which `realize` makes (the Q/DQ rewrite)."""
     pools = [name for name, d in plan.decisions.items() if d.quantized and d.op_type == "MaxPool"]
     if not pools:
         return []
     try:
-        optimized = ort_rewrite(insert_qdq(model, plan), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        optimized = ort_rewrite(realize(plan), ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     except ModelError:  # the final check reports a model ONNX Runtime refuses, as an internal error
         return []
     plain = {n.name for n in optimized.graph.node if n.op_type == "MaxPool" and n.domain == ""}

@@ -1,6 +1,6 @@
 """What quantizing each op means, as data: one rule per ONNX op type.
 
-`kind` says how the op's output gets its qparams:
+`kind` (a `Kind`) says how the op's output gets its qparams:
 - "compute": int8 kernels exist (QLinearConv, QLinearMatMul, QGemm): its float inputs and its
   output are quantized, the output with its own calibrated range (a MatMul or Gemm output that
   nothing reads as int8 stays float: MatMulIntegerToFloat, QGemm with a float output);
@@ -25,6 +25,7 @@ op; a Q/DQ pair around it would cost more than it saves).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import onnx
@@ -32,11 +33,22 @@ import onnx
 from qdq.onnx.graph import attributes
 
 
+class Kind(enum.Enum):
+    """How an op's output gets its qparams (the list above)."""
+
+    COMPUTE = "compute"
+    ELEMENTWISE = "elementwise"
+    SHARED = "shared"
+    INHERIT = "inherit"
+    ACTIVATION = "activation"
+    GATE = "gate"
+
+
 @dataclass(frozen=True)
 class OpRule:
     """How one op type is quantized: which inputs, which one is a weight and along which axis."""
 
-    kind: str
+    kind: Kind
     inputs: tuple[int, ...] = (0,)  # inputs quantized as activations (or constants, per tensor)
     weight: int | None = None  # the constant weight input, quantized per channel
     bias: int | None = None  # the bias input, int32 with scale s_x * s_w
@@ -62,29 +74,29 @@ def weight_axis(node: onnx.NodeProto, rank: int) -> int:
 
 
 RULES: dict[str, OpRule] = {
-    "Conv": OpRule("compute", weight=1, bias=2),
-    "ConvTranspose": OpRule("compute", weight=1, bias=2),
-    "Gemm": OpRule("compute", weight=1, bias=2),
-    "MatMul": OpRule("compute", inputs=(0, 1)),
-    "Add": OpRule("elementwise", inputs=(0, 1)),
-    "Mul": OpRule("elementwise", inputs=(0, 1)),
-    "AveragePool": OpRule("elementwise"),
-    "GlobalAveragePool": OpRule("elementwise"),
-    "Concat": OpRule("shared", inputs=()),  # every input, however many
-    "MaxPool": OpRule("inherit"),
-    "Resize": OpRule("inherit"),
-    "Reshape": OpRule("inherit"),
-    "Transpose": OpRule("inherit"),
-    "Flatten": OpRule("inherit"),
-    "Squeeze": OpRule("inherit"),
-    "Unsqueeze": OpRule("inherit"),
-    "Slice": OpRule("inherit"),
-    "Gather": OpRule("inherit"),  # from a constant table: int8 table, rows keep its qparams
-    "Split": OpRule("inherit"),
-    "Relu": OpRule("activation"),
-    "Clip": OpRule("activation"),
-    "Sigmoid": OpRule("gate"),
-    "HardSigmoid": OpRule("gate"),
+    "Conv": OpRule(Kind.COMPUTE, weight=1, bias=2),
+    "ConvTranspose": OpRule(Kind.COMPUTE, weight=1, bias=2),
+    "Gemm": OpRule(Kind.COMPUTE, weight=1, bias=2),
+    "MatMul": OpRule(Kind.COMPUTE, inputs=(0, 1)),
+    "Add": OpRule(Kind.ELEMENTWISE, inputs=(0, 1)),
+    "Mul": OpRule(Kind.ELEMENTWISE, inputs=(0, 1)),
+    "AveragePool": OpRule(Kind.ELEMENTWISE),
+    "GlobalAveragePool": OpRule(Kind.ELEMENTWISE),
+    "Concat": OpRule(Kind.SHARED, inputs=()),  # every input, however many
+    "MaxPool": OpRule(Kind.INHERIT),
+    "Resize": OpRule(Kind.INHERIT),
+    "Reshape": OpRule(Kind.INHERIT),
+    "Transpose": OpRule(Kind.INHERIT),
+    "Flatten": OpRule(Kind.INHERIT),
+    "Squeeze": OpRule(Kind.INHERIT),
+    "Unsqueeze": OpRule(Kind.INHERIT),
+    "Slice": OpRule(Kind.INHERIT),
+    "Gather": OpRule(Kind.INHERIT),  # from a constant table: int8 table, rows keep its qparams
+    "Split": OpRule(Kind.INHERIT),
+    "Relu": OpRule(Kind.ACTIVATION),
+    "Clip": OpRule(Kind.ACTIVATION),
+    "Sigmoid": OpRule(Kind.GATE),
+    "HardSigmoid": OpRule(Kind.GATE),
 }
 
 FLOAT_BY_DESIGN = {
@@ -96,10 +108,10 @@ FLOAT_BY_DESIGN = {
 # Int8 kernels that ONNX Runtime also runs with a float output (MatMulIntegerToFloat, QGemm).
 FLOAT_OUTPUT_KERNELS = ("MatMul", "Gemm")
 # Kinds whose node goes float when nothing reads its output as int8 (its Q/DQ would only round).
-FLOAT_WHEN_UNREAD = ("elementwise", "shared", "gate")
+FLOAT_WHEN_UNREAD = (Kind.ELEMENTWISE, Kind.SHARED, Kind.GATE)
 
 
 def rule_inputs(node: onnx.NodeProto, rule: OpRule) -> list[int]:
     """Indices of the inputs a rule quantizes (all of them for Concat)."""
-    indices = range(len(node.input)) if rule.kind == "shared" else rule.inputs
+    indices = range(len(node.input)) if rule.kind is Kind.SHARED else rule.inputs
     return [i for i in indices if i < len(node.input) and node.input[i]]

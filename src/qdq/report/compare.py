@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from qdq.arrayfile import open_npz
 from qdq.data import Samples, model_inputs
+from qdq.errors import DataError, ModelError
 from qdq.metrics import ErrorStats
-from qdq.onnx.model import load_model
-from qdq.passes.insert_qdq import METADATA_KEY
-from qdq.plan.calibrate import session_with_outputs
+from qdq.onnx.model import METADATA_KEY, load_model
+from qdq.onnx.sessions import median_latency_ms, session_with_outputs
 
 
 @dataclass
@@ -88,7 +87,7 @@ def quantized_tensor_pairs(
     """{tensor in the float model: its dequantized copy in the quantized model}."""
     props = {p.key: p.value for p in quantized.metadata_props}
     if METADATA_KEY in props:
-        pairs = json.loads(props[METADATA_KEY])
+        pairs = _metadata_pairs(props[METADATA_KEY])
     else:  # a QDQ model from another tool: DequantizeLinear(QuantizeLinear(x)) copies x
         by_input = {n.input[0]: n for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
         pairs = {
@@ -104,6 +103,50 @@ def quantized_tensor_pairs(
     return {f: q for f, q in pairs.items() if f in names and q in produced and f not in outputs}
 
 
+def _metadata_pairs(text: str) -> dict[str, str]:
+    """The metadata entry qdq writes, checked: a JSON object of tensor names."""
+    try:
+        pairs = json.loads(text)
+    except ValueError:
+        pairs = None
+    if not isinstance(pairs, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in pairs.items()
+    ):
+        raise ModelError(
+            f"the quantized model's metadata entry {METADATA_KEY!r} is not a JSON object of "
+            "tensor names; remove the entry (qdq then pairs tensors through Q/DQ nodes)"
+        )
+    return pairs
+
+
+def _check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
+    want = [s.describe() for s in model_inputs(reference)]
+    got = [s.describe() for s in model_inputs(quantized)]
+    if want != got:
+        raise ModelError(
+            f"the models take different inputs (float: {want}; quantized: {got}); compare a "
+            "model with its own quantized version"
+        )
+
+
+def _labels(data: str | os.PathLike[str], key: str | None, samples: Samples) -> np.ndarray | None:
+    """The labels of the picked samples, when `data` is an .npz holding a `key` array of one
+    integer class per sample."""
+    if not key or Path(data).suffix != ".npz":
+        return None
+    members = open_npz(data)
+    if key not in members:
+        return None
+    labels = members[key]
+    counts = {m.count for name, m in members.items() if name != key}
+    if labels.dtype.kind not in "iu" or len(labels.shape) != 1 or counts != {labels.count}:
+        raise DataError(
+            f"{data}: {key!r} holds {labels.dtype}{list(labels.shape)} for "
+            f"{sorted(counts)} samples; give one integer class index per sample"
+        )
+    return labels.read(samples.order)
+
+
 def compare_models(
     float_path: str | os.PathLike[str],
     quantized_path: str | os.PathLike[str],
@@ -115,8 +158,9 @@ def compare_models(
 ) -> Comparison:
     """Run both models on the same samples, streaming, and measure the differences."""
     reference, quantized = load_model(float_path), load_model(quantized_path)
-    inputs = model_inputs(reference)
-    samples = Samples(data, inputs, max_samples)
+    _check_same_inputs(reference, quantized)
+    samples = Samples(data, model_inputs(reference), max_samples)
+    truth = _labels(data, labels, samples)
     pairs = quantized_tensor_pairs(quantized, reference)
     outputs = [o.name for o in reference.graph.output]
     ref_session = session_with_outputs(reference, pairs)
@@ -133,7 +177,7 @@ def compare_models(
             layer_stats[name].update(ref[j], got[j])
         if out_stats[outputs[0]].classes:
             predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
-    accuracy = _accuracy(data, labels, predictions, samples)
+    accuracy = _accuracy(truth, predictions)
     first = next(samples.batches(1))
     return Comparison(
         outputs=out_stats,
@@ -146,17 +190,10 @@ def compare_models(
 
 
 def _accuracy(
-    data: str | os.PathLike[str],
-    key: str | None,
-    predictions: list[tuple[np.ndarray, np.ndarray]],
-    samples: Samples,
+    truth: np.ndarray | None, predictions: list[tuple[np.ndarray, np.ndarray]]
 ) -> tuple[float, float] | None:
-    if not key or Path(data).suffix != ".npz" or not predictions:
+    if truth is None or not predictions:
         return None
-    with np.load(data, allow_pickle=False) as archive:
-        if key not in archive.files:
-            return None
-        truth = archive[key][samples.order]
     ref = np.concatenate([p[0] for p in predictions])
     got = np.concatenate([p[1] for p in predictions])
     return float((ref == truth).mean()), float((got == truth).mean())
@@ -173,23 +210,3 @@ def latency_ratio(
         return None
     first, second = median_latency_ms([str(float_path), str(quantized_path)], feed, runs)
     return first, second
-
-
-def median_latency_ms(models: list, feed: dict[str, np.ndarray], runs: int) -> list[float]:
-    """Median ms per run of each model (a path or serialized bytes), 1 thread, runs
-    interleaved so that drift on the machine hits all alike."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    sessions = [
-        ort.InferenceSession(m, options, providers=["CPUExecutionProvider"]) for m in models
-    ]
-    times: list[list[float]] = [[] for _ in sessions]
-    for session in sessions:  # warm up
-        session.run(None, feed)
-    for _ in range(runs):
-        for i, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[i].append((time.perf_counter() - start) * 1e3)
-    return [float(np.median(t)) for t in times]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from qdq.plan.build import Decision
+from qdq.plan.decisions import Decision
 
 CHECK_SAMPLES = 16  # calibration samples on which the report measures the output SQNR
 LOW_SQNR = 10.0  # dB: below this the report warns (the noise is a third of the signal or more)

@@ -1,0 +1,98 @@
+"""Command-line values checked at the edge: numbers that mean something, flags that go together,
+names that exist in the model. Each refusal says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from qdq.errors import UsageError
+
+# Ops that only a quantized model holds: quantizing it again would round twice.
+QUANTIZED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
+    "MatMulInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul", "MatMulNBits",
+}  # fmt: skip
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number (no nan, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def check_quantize_flags(args: argparse.Namespace) -> None:
+    """Flags of `qdq quantize` that only work together."""
+    if args.input_range is not None:
+        if not args.data_free:
+            raise UsageError(
+                "--input-range only applies with --data-free; add --data-free, or drop "
+                "--input-range"
+            )
+        low, high = args.input_range
+        if low >= high:
+            raise UsageError(f"--input-range LO HI needs LO < HI, got {low:g} {high:g}")
+
+
+def check_model_flags(model_path: str, exclude: Sequence[str], force: bool) -> None:
+    """Refuse an already-quantized model (unless `force`) and --exclude names that match no
+    node or op type. A model that does not parse is left for the loader to report."""
+    if not Path(model_path).is_file():  # a FIFO would block here; the loader says what is wrong
+        return
+    try:
+        model = onnx.load(model_path, load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError):
+        return
+    quantized = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
+    if quantized and not force:
+        raise UsageError(
+            f"{model_path} is already quantized (it holds {', '.join(quantized)}); quantizing "
+            "it again rounds twice: give the FP32 model, or pass --force"
+        )
+    known = {n.name for n in model.graph.node} | {n.op_type for n in model.graph.node}
+    unknown = [name for name in exclude if name not in known]
+    if unknown:
+        check_excluded(unknown, _prepared_names(model_path) | known)
+
+
+def check_excluded(exclude: Sequence[str], known: set[str]) -> None:
+    """Every --exclude name is a node or an op type in `known`; the error lists near misses."""
+    for name in exclude:
+        if name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(near)}?" if near else "`qdq inspect` lists them"
+            raise UsageError(f"--exclude {name!r} names no node or op type of the model; {hint}")
+
+
+def _prepared_names(model_path: str) -> set[str]:
+    """Node names as `qdq inspect` shows them (after preparation names the unnamed nodes)."""
+    from qdq.pipeline import inspect_model
+
+    return {n for d in inspect_model(model_path) for n in (d.node, d.op_type)}

@@ -1,0 +1,109 @@
+"""The one place qdq opens ONNX Runtime sessions: CPU only, with a named set of options per use.
+
+Each set was chosen by a measurement (the comments say which); a new use picks one or adds one
+here rather than building its own `SessionOptions`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+class Use(enum.Enum):
+    """What a session is for; each picks its options in `_options`."""
+
+    PLAIN = "plain"  # ONNX Runtime's defaults: scoring candidates, `qdq run --engine ort`
+    CALIBRATION = "calibration"  # streaming many batches with extra outputs
+    STRETCH = "stretch"  # one of many sessions open at once (sequential bias correction)
+    CHECK = "check"  # one sample at a time after calibration (the report's output check)
+    LATENCY = "latency"  # timing: one thread
+    ONE_NODE = "one_node"  # a single node run as it is (the engine's float fallback)
+    REWRITE = "rewrite"  # optimize and save the graph ONNX Runtime makes (`ort_rewrite`)
+
+
+def open_session(
+    model: onnx.ModelProto | bytes | str | os.PathLike[str],
+    use: Use = Use.PLAIN,
+    *,
+    level: ort.GraphOptimizationLevel | None = None,
+    optimized_path: Path | None = None,
+) -> ort.InferenceSession:
+    """A CPU session of `model` (a proto, its bytes, or a path) with `use`'s options; REWRITE
+    takes the optimization `level` and writes the optimized graph to `optimized_path`."""
+    options = _options(use)
+    if level is not None:
+        options.graph_optimization_level = level
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        model = str(model)
+    return ort.InferenceSession(model, options, providers=PROVIDERS)
+
+
+def _options(use: Use) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if use in (Use.CALIBRATION, Use.ONE_NODE, Use.REWRITE):
+        options.log_severity_level = 3
+    if use is Use.CALIBRATION:
+        # All optimizations (the NCHWc layout calibrates EfficientNet-Lite0 in 13 s, not 19),
+        # but no memory patterns: with them, memory grew over the first few dozen batches
+        # (text-direction classifier 218 -> 266 MB from 32 to 512 samples); without, 215 -> 216.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_mem_pattern = False
+    elif use is Use.STRETCH:
+        # Every stretch's session stays open: without these, threads spinning after their
+        # stretch took the cores from the next one (EfficientNet-Lite0: 1.6x the time), and
+        # each session's arena kept its peak buffers (2.2 GB instead of 0.7 GB).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    elif use is Use.CHECK:
+        # No arena: the check runs one sample at a time and must not raise the peak that
+        # calibration set.
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    elif use is Use.LATENCY:
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+    elif use is Use.ONE_NODE:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+def session_with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> ort.InferenceSession:
+    """A calibration session whose outputs are the model's own followed by `names`."""
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    present = {o.name for o in extended.graph.output}
+    for name in names:
+        if name not in present:
+            extended.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return open_session(extended, Use.CALIBRATION)
+
+
+def median_latency_ms(models: list, feed: dict[str, np.ndarray], runs: int) -> list[float]:
+    """Median ms per run of each model (a path or serialized bytes), 1 thread, runs
+    interleaved so that drift on the machine hits all alike."""
+    sessions = [open_session(m, Use.LATENCY) for m in models]
+    times: list[list[float]] = [[] for _ in sessions]
+    for session in sessions:  # warm up
+        session.run(None, feed)
+    for _ in range(runs):
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[i].append((time.perf_counter() - start) * 1e3)
+    return [float(np.median(t)) for t in times]

@@ -1,0 +1,92 @@
+"""Per node, whether it runs in int8 and why: the static stage, which needs only the graph.
+
+Which ops have an int8 rule, which are excluded, which have weights we can quantize. The plan
+(`qdq.plan.build`) then revises these with the calibrated ranges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+import onnx
+
+from qdq.config import QuantConfig
+from qdq.onnx.graph import GraphIndex, attributes
+from qdq.plan.calibrate import unfit_reason
+from qdq.plan.rules import FLOAT_BY_DESIGN, RULES, Kind, rule_inputs
+
+PENDING = "pending: int8 if int8 flows into it"
+FLOAT_OUTPUT = "int8 kernel with a float output: nothing after it reads int8"
+NOTHING_READS_INT8 = "nothing after it reads int8: int8 here would only add a rounding step"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether one node runs in int8, and why (or why not)."""
+
+    node: str
+    op_type: str
+    quantized: bool
+    reason: str
+
+    def to_float(self, reason: str) -> Decision:
+        return replace(self, quantized=False, reason=reason)
+
+
+def kept_float(
+    decisions: Mapping[str, Decision], names: Iterable[str], reason: str
+) -> dict[str, Decision]:
+    """A copy of `decisions` in which the nodes `names` stay float, for `reason`."""
+    copy = dict(decisions)
+    for name in names:
+        copy[name] = copy[name].to_float(reason)
+    return copy
+
+
+def static_decisions(index: GraphIndex, config: QuantConfig) -> dict[str, Decision]:
+    """Per node: quantizable as far as the graph alone can tell, or why not."""
+    excluded = set(config.exclude)
+    return {node.name: _static(node, index, excluded) for node in index.nodes}
+
+
+def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Decision:
+    def floating(reason: str) -> Decision:
+        return Decision(node.name, node.op_type, False, reason)
+
+    if node.name in excluded or node.op_type in excluded:
+        return floating("excluded by --exclude")
+    if node.domain not in ("", "ai.onnx"):
+        return floating(f"custom-domain op {node.domain}.{node.op_type} has no int8 rule")
+    rule = RULES.get(node.op_type)
+    if rule is None:
+        return floating(FLOAT_BY_DESIGN.get(node.op_type, f"no int8 rule for {node.op_type}"))
+    for i in rule_inputs(node, rule):
+        name = node.input[i]
+        if not index.is_float(name):
+            return floating(f"input {name!r} is not float32")
+        if index.is_constant(name) and (reason := unfit_reason(index.constant(name))):
+            return floating(f"constant input {name!r} {reason}")
+    if rule.weight is not None and not index.is_constant(node.input[rule.weight]):
+        return floating(f"weight {node.input[rule.weight]!r} is not a constant")
+    if node.op_type == "Gemm":
+        attrs = attributes(node)
+        if (
+            attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
+            return floating("Gemm with transA, alpha or beta has no int8 kernel")
+    if rule.kind in (Kind.ELEMENTWISE, Kind.SHARED):
+        constant = next(
+            (node.input[i] for i in rule_inputs(node, rule) if index.is_constant(node.input[i])),
+            None,
+        )
+        if constant:
+            return floating(
+                f"constant operand {constant!r}: exact and cheap in float, where int8 would "
+                "add a rounding step"
+            )
+    if rule.kind is Kind.COMPUTE:
+        return Decision(node.name, node.op_type, True, "int8 kernel")
+    return Decision(node.name, node.op_type, True, PENDING)

@@ -1,0 +1,106 @@
+"""Signals in every stage and internal errors: the exit code, one line, nothing left behind
+(neither beside the output nor in the temporary folder)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hostile import Workspace, run_contract
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path)
+
+
+def quantize(ws: Workspace, *flags: object) -> list:
+    return ["quantize", ws.model, "-o", ws.folder / "out.onnx", "--calib", ws.calib, *flags]
+
+
+STAGES = {  # where a signal lands: (module, function) patched to signal itself
+    "load": ("qdq.pipeline", "load_model"),
+    "calibrate": ("qdq.pipeline", "calibrate"),
+    "ort rewrite": ("qdq.onnx.model", "open_session"),  # $TMPDIR/qdq-*/in.onnx exists then
+    "save": ("qdq.onnx.model", "os"),  # between the staged write and its rename
+}
+
+
+def _signalling(real, signum: int):
+    def patched(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    return patched
+
+
+class _ReplaceSignals:
+    """`os` for qdq.onnx.model whose `replace` signals first: the save's last moment."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __getattr__(self, name: str):
+        real = getattr(os, name)
+        return _signalling(real, self.signum) if name == "replace" else real
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_in_any_stage_exits_128_plus_it_leaving_nothing(ws, monkeypatch, stage, signum):
+    module, name = STAGES[stage]
+    target = sys.modules[module] if module in sys.modules else __import__(module, fromlist=["_"])
+    if name == "os":
+        monkeypatch.setattr(target, "os", _ReplaceSignals(signum))
+    else:
+        monkeypatch.setattr(target, name, _signalling(getattr(target, name), signum))
+    result = run_contract(ws, quantize(ws, "--format", "qoperator"), None, (128 + signum,))
+    assert "interrupted by" in result.stderr
+    assert not (ws.folder / "out.onnx").exists()
+
+
+def test_an_internal_error_names_the_stage_and_a_log_holding_the_traceback(ws, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("qdq.pipeline.calibrate", broken)
+    result = ws.run(*quantize(ws))
+    assert result.code == 1
+    assert result.stderr.count("\n") == 1
+    assert "internal error in quantize at qdq.pipeline.plan_model" in result.stderr
+    log = Path(result.stderr.split("traceback is in ")[1].split(" ")[0])
+    assert "RuntimeError: a bug" in log.read_text()
+    log.unlink()
+    assert not (ws.folder / "out.onnx").exists()
+    verbose = ws.run("-v", *quantize(ws))
+    assert "Traceback" in verbose.stderr
+    Path(verbose.stderr.split("traceback is in ")[1].split(" ")[0]).unlink()
+
+
+def test_sigterm_to_a_real_process_exits_143_and_leaves_nothing(ws):
+    """A real process, signalled by the OS just after it writes its first model file."""
+    script = (
+        "import os, signal, sys, qdq.onnx.model as m\n"
+        "real = m._save\n"
+        "def save(model, path):\n"
+        "    real(model, path)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "m._save = save\n"
+        "from qdq.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "TMPDIR": str(ws.temp)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, quantize(ws))],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert done.returncode == 143, done.stderr
+    assert done.stderr == "qdq: interrupted by SIGTERM; nothing was written\n"
+    assert not list(ws.folder.rglob(".qdq-*"))
+    # onnxruntime keeps a session id in $TMPDIR/.ses from its import on: not a run's leftover
+    assert [p.name for p in ws.temp.iterdir()] in ([], [".ses"])
+    assert not (ws.folder / "out.onnx").exists()

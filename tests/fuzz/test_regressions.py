@@ -1,0 +1,368 @@
+"""Each defect found by trying qdq as a hostile user would, as a named case: the command's exit
+code and one line, nothing written, no temporary file left, the inputs untouched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hostile import (
+    Workspace,
+    X,
+    custom_op_model,
+    no_input_model,
+    npy_bytes,
+    npz_bytes,
+    png_header,
+    run_contract,
+    save,
+    sequence_input_model,
+)
+from onnx import numpy_helper
+from PIL import Image
+
+import models
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path)
+
+
+@pytest.fixture
+def quantized(ws: Workspace) -> Path:
+    out = ws.folder / "q.onnx"
+    assert ws.run("quantize", ws.model, "-o", out, "--calib", ws.calib).code == 0
+    return out
+
+
+def quantize(ws: Workspace, calib: Path | None = None, *flags: object) -> list:
+    calib_flags = ["--calib", calib or ws.calib] if "--data-free" not in flags else []
+    return ["quantize", ws.model, "-o", ws.folder / "out.onnx", *calib_flags, *flags]
+
+
+def refused(ws: Workspace, args: list, words: str, output: Path | None = None) -> None:
+    result = run_contract(ws, args, output or ws.folder / "out.onnx", codes=(2,))
+    assert result.stderr.startswith("qdq: error: ")
+    assert words in result.stderr, result.stderr
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+# --- 1. inputs destroyed ----------------------------------------------------------------------
+
+
+def test_run_refuses_an_output_that_is_its_model(ws, quantized):
+    args = ["run", quantized, "--inputs", ws.calib, "-o", quantized]
+    refused(ws, args, "is the input", quantized)
+
+
+def test_run_refuses_an_output_that_is_its_inputs(ws, quantized):
+    refused(ws, ["run", quantized, "--inputs", ws.calib, "-o", ws.calib], "is the input", ws.calib)
+
+
+def test_quantize_refuses_an_output_that_is_its_calibration_data(ws):
+    refused(ws, ["quantize", ws.model, "-o", ws.calib, "--calib", ws.calib], "is the input")
+
+
+@pytest.mark.parametrize("link", [os.link, os.symlink])
+def test_an_output_linked_to_the_model_is_refused(ws, link):
+    linked = ws.folder / "linked.onnx"
+    link(ws.model, linked)
+    refused(ws, ["quantize", ws.model, "-o", linked, "--calib", ws.calib], "is the input", linked)
+
+
+def test_an_output_that_is_a_fifo_or_device_is_refused_and_left_alone(ws):
+    fifo = ws.folder / "fifo"
+    os.mkfifo(fifo)
+    refused(ws, ["quantize", ws.model, "-o", fifo, "--calib", ws.calib], "not a regular file")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    device = ws.folder / "null"
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except OSError:
+        return  # no permission to make devices here
+    refused(ws, ["quantize", ws.model, "-o", device, "--calib", ws.calib], "not a regular file")
+    assert stat.S_ISCHR(device.stat().st_mode)
+
+
+@pytest.mark.parametrize(
+    ("output", "words"),
+    [("", "-o is empty"), ("newdir/", "ends in a separator"), (".", "is a folder")],
+)
+def test_an_output_that_names_no_file_is_refused_before_any_work(ws, output, words):
+    target = str(ws.folder / output) if output else ""
+    if output == "newdir/":
+        target = str(ws.folder / "newdir") + os.sep
+    refused(ws, ["quantize", ws.model, "-o", target, "--calib", ws.calib], words)
+    assert not (ws.folder / "newdir").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
+def test_an_output_in_a_read_only_folder_is_refused_before_any_work(ws):
+    locked = ws.folder / "locked"
+    locked.mkdir(mode=0o555)
+    refused(
+        ws, ["quantize", ws.model, "-o", locked / "q.onnx", "--calib", ws.calib], "cannot write"
+    )
+
+
+def test_run_writes_its_output_with_the_usual_mode(ws, quantized):
+    old = os.umask(0o022)
+    try:
+        assert ws.run("run", quantized, "--inputs", ws.calib, "-o", ws.folder / "y.npz").code == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((ws.folder / "y.npz").stat().st_mode) == 0o644
+
+
+# --- 2. tracebacks instead of exit 2 ------------------------------------------------------------
+
+
+def test_an_npz_with_a_bad_crc_is_refused(ws):
+    data = bytearray(ws.calib.read_bytes())
+    data[-300] ^= 0xFF  # inside the array's bytes, before the central directory
+    refused(ws, quantize(ws, write(ws.folder / "crc.npz", bytes(data))), "Bad CRC-32")
+
+
+@pytest.mark.parametrize("keep", [0, 100, 0.5])
+def test_an_empty_or_truncated_npz_is_refused(ws, keep):
+    data = ws.calib.read_bytes()
+    cut = data[: int(len(data) * keep) if isinstance(keep, float) else keep]
+    refused(ws, quantize(ws, write(ws.folder / "cut.npz", cut)), "not a readable .npz")
+
+
+def test_an_npz_whose_header_claims_more_samples_than_it_holds_is_refused(ws):
+    lie = npz_bytes({"x": npy_bytes(X, claimed_shape=(100, 3, 8, 8))})
+    refused(ws, quantize(ws, write(ws.folder / "lie.npz", lie)), "truncated or corrupt")
+
+
+def test_an_npy_named_npz_and_the_reverse_are_refused_with_the_fix(ws):
+    np.save(ws.folder / "x.npy", X)
+    shutil.copy(ws.folder / "x.npy", ws.folder / "x_npy.npz")
+    shutil.copy(ws.calib, ws.folder / "calib_npz.npy")
+    refused(ws, quantize(ws, ws.folder / "x_npy.npz"), "rename it to .npy")
+    refused(ws, quantize(ws, ws.folder / "calib_npz.npy"), "rename it to .npz")
+
+
+def test_an_npz_holding_an_object_array_is_refused_without_unpickling(ws):
+    np.savez(ws.folder / "obj.npz", x=np.array([{"a": 1}, 2], dtype=object))
+    refused(ws, quantize(ws, ws.folder / "obj.npz"), "never unpickles")
+
+
+def test_a_model_with_no_inputs_is_refused(ws):
+    save(no_input_model(), ws.model)
+    refused(ws, quantize(ws), "no inputs")
+
+
+def test_a_sequence_typed_input_is_refused(ws):
+    save(sequence_input_model(), ws.model)
+    refused(ws, quantize(ws), "numeric tensors only")
+
+
+def test_external_data_whose_length_passes_the_files_end_is_refused(ws):
+    model = models.conv_net()
+    weight = next(t for t in model.graph.initializer if t.name == "w2")
+    array = numpy_helper.to_array(weight)
+    (ws.folder / "w2.bin").write_bytes(array.tobytes()[:-8])  # 8 bytes short
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "w2.bin"), ("offset", "0"), ("length", str(array.nbytes))):
+        weight.external_data.add(key=key, value=value)
+    save(model, ws.model)
+    refused(ws, quantize(ws), "truncated")
+
+
+@pytest.mark.parametrize("engine", ["integer", "ort"])
+def test_run_refuses_a_custom_domain_op(ws, engine):
+    save(custom_op_model(), ws.model)
+    np.savez(ws.folder / "x.npz", x=np.ones((2, 4), np.float32))
+    args = ["run", ws.model, "--inputs", ws.folder / "x.npz", "-o", ws.folder / "y.npz"]
+    refused(ws, [*args, "--engine", engine], "ONNX Runtime cannot load it", ws.folder / "y.npz")
+
+
+@pytest.mark.parametrize("side", [20000, 12000])
+def test_a_decompression_bomb_png_is_refused_with_the_pixel_limit(ws, side):
+    (ws.folder / "images").mkdir()
+    write(ws.folder / "images" / "bomb.png", png_header(side, side))
+    refused(ws, quantize(ws, ws.folder / "images"), "limit of 50 megapixels")
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--seed", "-1"], "--seed: must be an integer >= 0"),
+        (["--image-size", "0", "0"], "--image-size: must be an integer >= 1"),
+        (["--max-samples", "0"], "--max-samples: must be an integer >= 1"),
+        (["--batch-size", "-3"], "--batch-size: must be an integer >= 1"),
+        (["--target-sqnr", "nan"], "--target-sqnr: must be a finite number"),
+        (["--value-scale", "nan"], "--value-scale: must be a finite number"),
+        (["--input-range", "0", "1"], "--input-range only applies with --data-free"),
+        (["--exclude", "conv3"], "did you mean conv2, conv1, Conv?"),
+        (["--exclude", "NoSuchNode"], "names no node or op type"),
+    ],
+)
+def test_meaningless_flags_are_refused_naming_the_flag(ws, flags, words):
+    refused(ws, quantize(ws, None, *flags), words)
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--input-range", "nan", "1"], "--input-range: must be a finite number"),
+        (["--input-range", "1", "0"], "needs LO < HI"),
+    ],
+)
+def test_data_free_input_ranges_must_be_finite_and_ordered(ws, flags, words):
+    refused(ws, quantize(ws, None, "--data-free", *flags), words)
+
+
+@pytest.fixture
+def images(ws: Workspace) -> Path:
+    folder = ws.folder / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--mean", "0.5", "0.5"], "--mean has 2 values for 3 channels"),
+        (["--std", "0"], "--std must be non-zero"),
+        (["--std", "1", "0", "1"], "--std must be non-zero"),
+    ],
+)
+def test_image_options_that_cannot_normalize_are_refused_naming_the_flag(ws, images, flags, words):
+    refused(ws, quantize(ws, images, *flags), words)
+
+
+def test_an_image_folder_calibrates_a_one_channel_model(ws, images):
+    model = models.conv_net()
+    w1 = next(t for t in model.graph.initializer if t.name == "w1")
+    w1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w1)[:, :1], "w1"))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 1
+    save(model, ws.model)
+    assert run_contract(ws, quantize(ws, images), ws.folder / "out.onnx").code == 0
+
+
+def test_run_takes_npy_inputs_for_a_single_input_model(ws, quantized):
+    np.save(ws.folder / "x.npy", X)
+    args = ["run", quantized, "--inputs", ws.folder / "x.npy", "-o", ws.folder / "y.npz"]
+    assert run_contract(ws, args, ws.folder / "y.npz").code == 0
+
+
+@pytest.mark.parametrize("engine", ["integer", "ort"])
+@pytest.mark.parametrize(
+    ("array", "words"),
+    [
+        (np.ones((2, 3, 9, 9), np.float32), "got float32[2, 3, 9, 9]"),
+        (np.ones((2, 3, 8, 8), np.int64), "got int64[2, 3, 8, 8]"),
+        (np.ones((3, 8, 8), np.float32), "got float32[3, 8, 8]"),
+    ],
+)
+def test_run_checks_feeds_against_the_declared_shapes_and_dtypes(
+    ws, quantized, engine, array, words
+):
+    np.savez(ws.folder / "bad.npz", x=array)
+    args = ["run", quantized, "--inputs", ws.folder / "bad.npz", "-o", ws.folder / "y.npz"]
+    refused(ws, [*args, "--engine", engine], words, ws.folder / "y.npz")
+
+
+def test_run_refuses_corrupt_inputs(ws, quantized):
+    write(ws.folder / "bad.npz", ws.calib.read_bytes()[:200])
+    args = ["run", quantized, "--inputs", ws.folder / "bad.npz", "-o", ws.folder / "y.npz"]
+    refused(ws, args, "not a readable .npz", ws.folder / "y.npz")
+
+
+def compare(ws: Workspace, quantized: Path, data: Path, *flags: object) -> list:
+    return ["compare", ws.model, quantized, "--data", data, "--latency-runs", "0", *flags]
+
+
+def test_compare_refuses_models_with_different_inputs(ws):
+    save(models.classifier_head(), ws.folder / "other.onnx")
+    refused(ws, compare(ws, ws.folder / "other.onnx", ws.calib), "take different inputs")
+
+
+def test_compare_refuses_a_bad_metadata_entry(ws, quantized):
+    model = onnx.load(str(quantized))
+    model.metadata_props[0].value = "{not json"
+    save(model, quantized)
+    refused(ws, compare(ws, quantized, ws.calib), "is not a JSON object of tensor names")
+
+
+@pytest.mark.parametrize("labels", [np.arange(3), np.array(list("abcdefgh")), np.ones((8, 2))])
+def test_compare_refuses_labels_that_are_short_or_not_class_indices(ws, quantized, labels):
+    np.savez(ws.folder / "data.npz", x=X, label=labels)
+    refused(ws, compare(ws, quantized, ws.folder / "data.npz"), "one integer class index")
+
+
+@pytest.mark.parametrize("count", ["-1", "0"])
+def test_compare_refuses_max_samples_below_one(ws, quantized, count):
+    refused(ws, compare(ws, quantized, ws.calib, "--max-samples", count), ">= 1", None)
+
+
+def test_an_already_quantized_model_is_refused_unless_forced(ws, quantized):
+    args = ["quantize", quantized, "-o", ws.folder / "again.onnx", "--calib", ws.calib]
+    refused(ws, args, "already quantized", ws.folder / "again.onnx")
+    assert run_contract(ws, [*args, "--force"], ws.folder / "again.onnx").code == 0
+
+
+def test_a_fifo_given_as_calibration_data_is_refused_not_read(ws):
+    os.mkfifo(ws.folder / "calib_fifo.npz")
+    refused(ws, quantize(ws, ws.folder / "calib_fifo.npz"), "not a regular file")
+
+
+def test_usage_errors_are_one_line(ws):
+    refused(ws, ["quantize", ws.model], "required: -o/--output", None)
+
+
+def test_a_fifo_given_as_the_model_is_refused_not_read(ws):
+    os.remove(ws.model)
+    os.mkfifo(ws.model)
+    refused(ws, quantize(ws), "is not a file")
+
+
+def test_a_model_whose_names_are_not_utf8_is_refused(ws):
+    data = bytearray(ws.model.read_bytes())
+    data[9] ^= 0xFF  # inside the first node's first input name: now invalid UTF-8
+    write(ws.model, bytes(data))
+    refused(ws, quantize(ws), "is not a valid ONNX model")
+
+
+def test_a_model_input_with_an_axis_fixed_at_zero_is_refused(ws):
+    model = onnx.load(str(ws.model))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 0
+    save(model, ws.model)
+    refused(ws, quantize(ws), "axis of size 0")
+
+
+def test_an_npy_header_that_does_not_parse_is_refused(ws):
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (), }".ljust(117) + b"\n"
+    data = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(4)
+    write(ws.folder / "x.npy", data.replace(b"}", b"(", 1))  # an unclosed bracket
+    refused(ws, quantize(ws, ws.folder / "x.npy"), "not a readable .npy")
+
+
+def test_a_model_at_an_opset_without_ort_quantize_linear_is_refused(ws):
+    model = onnx.load(str(ws.model))
+    model.opset_import[0].version = onnx.defs.onnx_opset_version()
+    save(model, ws.model)
+    result = run_contract(ws, quantize(ws), ws.folder / "out.onnx")
+    assert result.code == 0 or "has no QuantizeLinear" in result.stderr
+
+
+def test_inspect_refuses_a_node_name_in_broken_utf8(ws):
+    data = bytearray(ws.model.read_bytes())
+    data[data.index(b"conv1") + 1] = 0xFF
+    write(ws.model, bytes(data))
+    refused(ws, ["inspect", ws.model], "broken UTF-8", None)
