@@ -275,8 +275,8 @@ def _output_sqnr(
         try:
             got = quantized.run(names, feed)
         except Exception as error:  # ORT raises its own types
-            raise ModelError(
-                f"internal error: the quantized model fails on a calibration sample ({error}); "
+            raise RuntimeError(  # not bad input: the CLI exits 1 and logs the traceback
+                f"the quantized model fails on a calibration sample ({error}); "
                 "nothing was written. Please report it with the model, and use --exclude on "
                 "the node it names meanwhile"
             ) from None
@@ -329,7 +329,7 @@ def _check_loads(model: onnx.ModelProto) -> ort.InferenceSession:
         onnx.checker.check_model(model)
         return open_session(model, Use.CHECK)
     except Exception as error:  # ORT raises its own types
-        raise ModelError(
-            f"internal error: the quantized model does not load ({error}); nothing was written. "
+        raise RuntimeError(  # not bad input: the CLI exits 1 and logs the traceback
+            f"the quantized model does not load ({error}); nothing was written. "
             "Please report it with the model, and use --exclude on the node it names meanwhile"
         ) from None
