@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -172,3 +173,39 @@ def embedding(vocabulary: int = 2000, width: int = 32, spiky: bool = False) -> o
     inits = [_init("table", table), _init("w", RNG.standard_normal((width, 4)))]
     ids = helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 8])
     return _model(nodes, [ids], [_value("y", ["N", 8, 4])], inits)
+
+
+def attention_block(tokens: int = 8, width: int = 16) -> onnx.ModelProto:
+    """A post-norm transformer block with every shape fixed (batch 1), as a pooled sentence
+    encoder exports: ONNX Runtime fuses the FFN's MatMul + Add into Gemm with Reshapes at once,
+    and the attention projections only once they read int8 (issue: "Attempt to replace the
+    existing tensor" when its generated names met the first pass's)."""
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return _init(name, RNG.standard_normal(shape) * 0.3)
+
+    inits = [w("scale", width), w("shift", width), w("W1", width, 2 * width), w("b1", 2 * width)]
+    inits += [w("W2", 2 * width, width), w("b2", width)]
+    inits += [w(f"W{n}", width, width) for n in "qkvo"] + [w(f"b{n}", width) for n in "qkvo"]
+    node = helper.make_node
+    nodes = [node("LayerNormalization", ["x", "scale", "shift"], ["ln"], axis=-1)]
+    for n in "qkv":
+        nodes += [node("MatMul", ["ln", f"W{n}"], [f"{n}0"]), node("Add", [f"{n}0", f"b{n}"], [n])]
+    nodes += [
+        node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        node("MatMul", ["q", "kt"], ["s"]),
+        node("Softmax", ["s"], ["p"], axis=-1),
+        node("MatMul", ["p", "v"], ["a"]),
+        node("MatMul", ["a", "Wo"], ["o0"]),
+        node("Add", ["o0", "bo"], ["o"]),
+        node("Add", ["o", "ln"], ["r"]),
+        node("MatMul", ["r", "W1"], ["h0"]),
+        node("Add", ["h0", "b1"], ["h1"]),
+        node("Relu", ["h1"], ["h"]),
+        node("MatMul", ["h", "W2"], ["f0"]),
+        node("Add", ["f0", "b2"], ["y"]),
+    ]
+    for i, n in enumerate(nodes):
+        n.name = f"{n.op_type}_{i}"
+    shape = [1, tokens, width]
+    return _model(nodes, [_value("x", shape)], [_value("y", shape)], inits)

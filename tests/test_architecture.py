@@ -14,12 +14,12 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "qdq"
 # form one unit.
 LAYERS = [
     {"core"},
-    {"onnx", "data", "arrayfile", "outputs", "config"},
+    {"onnx", "data", "arrayfile", "outputs", "config", "workers"},
     {"plan"},
     {"passes"},
     {"report", "engine"},
-    {"pipeline"},
-    {"cli", "flags"},
+    {"pipeline", "zoo"},
+    {"cli"},
 ]
 CORE = {"__init__", "errors", "scheme", "qparams", "affine", "fixedpoint", "metrics", "observers"}
 FOREIGN = {"onnx", "onnxruntime", "torch"}  # what the core must not import

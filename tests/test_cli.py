@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 import models
+import onnx
+from onnx import numpy_helper
 
 from conftest import DIGITS, digits_cnn_sqnr
 
@@ -37,6 +37,7 @@ def workspace(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_quantize_then_compare_reports_accuracy_size_and_latency(workspace):
     out = workspace / "int8.onnx"
     done = qdq("quantize", workspace / "cnn.onnx", "-o", out, "--calib", workspace / "calib.npz")
@@ -62,6 +63,7 @@ def test_quantize_then_compare_reports_accuracy_size_and_latency(workspace):
     assert len(result["layers"]) >= 5
 
 
+@pytest.mark.slow
 def test_the_sequential_bias_correction_can_be_turned_off(workspace):
     default, one_shot = workspace / "default.onnx", workspace / "one_shot.onnx"
     for out, extra in ((default, []), (one_shot, ["--no-sequential-bias-correction"])):
@@ -214,6 +216,7 @@ def test_model_over_two_gigabytes_is_refused_before_reading_it(tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.slow
 def test_run_writes_the_integer_engines_outputs(tmp_path):
     out = tmp_path / "q.onnx"
     assert (
@@ -253,6 +256,7 @@ def test_run_writes_the_integer_engines_outputs(tmp_path):
     assert "does not exist" in done.stderr
 
 
+@pytest.mark.slow
 def test_data_free_needs_no_calibration_data(tmp_path):
     out = tmp_path / "q.onnx"
     done = qdq(
@@ -279,3 +283,30 @@ def test_help_exits_0_and_usage_errors_are_one_line_exit_2():
     assert done.stderr.count("\n") == 1
     assert done.stderr.startswith("qdq: error: ")
     assert "see `qdq quantize --help`" in done.stderr
+
+
+def test_errors_name_the_flag_where_the_library_names_the_parameter(tmp_path):
+    """The library says `data_free`; the command line says --data-free."""
+    done = qdq("quantize", DIGITS / "cnn.onnx", "-o", tmp_path / "q.onnx", "--data-free")
+    assert done.returncode == 2
+    assert "--data-free needs" in done.stderr
+    assert "`" not in done.stderr
+
+
+def test_a_report_that_fails_takes_the_model_and_its_table_with_it(tmp_path, monkeypatch):
+    """The model, its --table and its --report are one result: a failure leaves none of them."""
+    import qdq.cli.commands
+
+    def fails(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("the report broke")
+
+    monkeypatch.setattr(qdq.cli.commands, "_write_html", fails)
+    code = qdq.cli.main(
+        [
+            "quantize", str(DIGITS / "cnn.onnx"), "-o", str(tmp_path / "q.onnx"),
+            "--calib", str(DIGITS / "calib.npz"), "--table", f"tensorrt:{tmp_path / 't.cache'}",
+            "--report", str(tmp_path / "r.html"),
+        ]
+    )  # fmt: skip
+    assert code == 1
+    assert list(tmp_path.iterdir()) == []

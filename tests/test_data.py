@@ -89,7 +89,7 @@ def test_image_folders_are_resized_scaled_and_normalized(tmp_path):
 def test_inputs_without_a_fixed_image_size_ask_for_one(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     spec = [InputSpec("x", np.dtype(np.float32), (None, 3, None, None))]
-    with pytest.raises(DataError, match="--image-size"):
+    with pytest.raises(DataError, match="give `size`"):
         Samples(tmp_path, spec)
 
 
@@ -156,11 +156,11 @@ def test_picked_samples_come_back_in_order_from_a_compressed_npz(tmp_path):
 
 
 def test_image_options_refuse_values_that_cannot_normalize():
-    with pytest.raises(DataError, match="--std must be non-zero"):
+    with pytest.raises(DataError, match="`std` must be non-zero"):
         ImageOptions(std=(1.0, 0.0, 1.0))
-    with pytest.raises(DataError, match="--value-scale must be finite"):
+    with pytest.raises(DataError, match="`value_scale` must be finite"):
         ImageOptions(value_scale=float("nan"))
-    with pytest.raises(DataError, match="--image-size must be two sizes >= 1"):
+    with pytest.raises(DataError, match="`size` must be two sizes >= 1"):
         ImageOptions(size=(0, 4))
 
 

@@ -21,6 +21,7 @@ from qdq.scheme import (
     PerTensor,
     QScheme,
 )
+from qdq.workers import ONE_PROCESS, Workers
 
 ACTIVATION_DTYPES = ("uint8", "int8")
 
@@ -30,6 +31,15 @@ class OutputFormat(enum.StrEnum):
 
     QDQ = "qdq"
     QOPERATOR = "qoperator"
+
+
+class Placement(enum.StrEnum):
+    """Where Q/DQ pairs go: ONNX Runtime's int8 kernels (inputs and outputs of the ops it runs
+    in int8), or TensorRT's explicit-quantization rules (the inputs of Conv, MatMul, Gemm and
+    residual Adds; TensorRT picks every other precision). `qdq.plan.rules.RULE_SETS`."""
+
+    ORT = "ort"
+    TENSORRT = "tensorrt"
 
 
 @dataclass(frozen=True)
@@ -53,17 +63,20 @@ class QuantConfig:
     input_range: tuple[float, float] = (-1.0, 1.0)  # the model input's range, for data-free
     batch_size: int = 16
     max_samples: int | None = None
+    placement: Placement = Placement.ORT
+    workers: Workers = ONE_PROCESS  # where calibration shards and the budget's tasks run
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", choice(Method, self.method, "calibration method"))
+        object.__setattr__(self, "placement", choice(Placement, self.placement, "placement"))
         _check_weights(self.weights)
         _check_activations(self.activations)
         if self.batch_size < 1:
             raise SchemeError(f"batch size must be >= 1, got {self.batch_size}")
         if self.data_free and (self.adaround or self.target_sqnr is not None):
             raise SchemeError(
-                "--adaround and --target-sqnr need calibration data, "
-                "so they do not combine with --data-free"
+                "`adaround` and `target_sqnr` need calibration data, "
+                "so they do not combine with `data_free`"
             )
         if self.input_range[0] >= self.input_range[1]:
             raise SchemeError(f"input range {self.input_range} must have LO < HI")
@@ -83,7 +96,7 @@ class QuantConfig:
 def _check_weight_bits(bits: int) -> None:
     if not 2 <= bits <= 8:
         raise SchemeError(
-            f"--weight-bits {bits} is not supported; weights are stored in int8 "
+            f"`weight_bits` {bits} is not supported; weights are stored in int8 "
             "containers, so use 2..8"
         )
 
@@ -108,8 +121,8 @@ def _check_activations(scheme: QScheme) -> None:
 RUN_PRESETS: dict[str, QuantConfig] = {
     "default": QuantConfig(),
     # TensorRT: symmetric int8 everywhere (zero point 0), narrow per-channel weights,
-    # per-tensor activations.
-    "tensorrt": QuantConfig(activations=INT8_SYMMETRIC_ACTIVATIONS),
+    # per-tensor activations, Q/DQ where its explicit-quantization rules expect them.
+    "tensorrt": QuantConfig(activations=INT8_SYMMETRIC_ACTIVATIONS, placement=Placement.TENSORRT),
 }
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
 import onnx
 from onnx import helper
-
 from qdq.arrayfile import check_regular, load_npy, open_npy, open_npz
 from qdq.errors import DataError, ModelError
 
@@ -111,14 +111,14 @@ class ImageOptions:
 
     def __post_init__(self) -> None:
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
-            raise DataError(f"--image-size must be two sizes >= 1 (HEIGHT WIDTH), got {self.size}")
-        for flag, values in (("--mean", self.mean), ("--std", self.std)):
+            raise DataError(f"`size` must be two sizes >= 1 (height, width), got {self.size}")
+        for flag, values in (("`mean`", self.mean), ("`std`", self.std)):
             if not values or not all(math.isfinite(v) for v in values):
                 raise DataError(f"{flag} must be finite numbers, got {list(values)}")
         if 0 in self.std:
-            raise DataError(f"--std must be non-zero (it divides), got {list(self.std)}")
+            raise DataError(f"`std` must be non-zero (it divides), got {list(self.std)}")
         if not math.isfinite(self.value_scale) or self.value_scale == 0:
-            raise DataError(f"--value-scale must be finite and non-zero, got {self.value_scale}")
+            raise DataError(f"`value_scale` must be finite and non-zero, got {self.value_scale}")
         if self.layout not in ("NCHW", "NHWC") or self.channel_order not in ("RGB", "BGR"):
             raise DataError(
                 f"layout {self.layout!r} / channel order {self.channel_order!r}: "
@@ -143,9 +143,9 @@ class Samples:
         if not self.inputs:
             raise DataError("the model has no inputs to feed: there is nothing to calibrate")
         if max_samples is not None and max_samples < 1:
-            raise DataError(f"--max-samples must be >= 1, got {max_samples}")
+            raise DataError(f"`max_samples` must be >= 1, got {max_samples}")
         if seed is not None and seed < 0:
-            raise DataError(f"--seed must be >= 0, got {seed}")
+            raise DataError(f"`seed` must be >= 0, got {seed}")
         self._readers = self._open()
         counts = {name: reader.count for name, reader in self._readers.items()}
         if len(set(counts.values())) > 1:
@@ -158,6 +158,14 @@ class Samples:
         self.order = np.arange(self.count) if order is None else np.sort(order[: self.count])
         self.largest_batch = _largest_batch(self.inputs)
         self._check_first_sample()
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled without its open files: a worker process opens the source again."""
+        return {key: value for key, value in self.__dict__.items() if key != "_readers"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._readers = self._open()
 
     def batches(
         self, batch_size: int, first: int = 0, last: int | None = None
@@ -358,9 +366,9 @@ def _image_channels(spec: InputSpec, options: ImageOptions) -> int:
     if channels not in (1, 3):
         raise DataError(
             f"input {spec.describe()} has {channels} channels in {options.layout}; images "
-            "give 1 (grayscale) or 3 (RGB): check --layout, or give .npy data"
+            "give 1 (grayscale) or 3 (RGB): check `layout`, or give .npy data"
         )
-    for flag, values in (("--mean", options.mean), ("--std", options.std)):
+    for flag, values in (("`mean`", options.mean), ("`std`", options.std)):
         if len(values) not in (1, channels):
             raise DataError(
                 f"{flag} has {len(values)} values for {channels} channels; "
@@ -373,6 +381,6 @@ def _image_size(spec: InputSpec, layout: str) -> tuple[int, int]:
     dims = spec.shape[2:4] if layout == "NCHW" else spec.shape[1:3]
     if len(spec.shape) != 4 or None in dims:
         raise DataError(
-            f"input {spec.describe()} has no fixed image size; pass --image-size HEIGHT WIDTH"
+            f"input {spec.describe()} has no fixed image size; give `size` (height, width)"
         )
     return int(dims[0]), int(dims[1])

@@ -27,11 +27,13 @@ class ErrorStats:
     def update(self, reference: np.ndarray, approximation: np.ndarray) -> None:
         x = reference.astype(np.float64).ravel()
         y = approximation.astype(np.float64).ravel()
+        with np.errstate(invalid="ignore"):  # inf - inf: an infinite output kept is exact
+            error = np.where(x == y, 0.0, x - y)
         self.signal += float(x @ x)
-        self.noise += float((x - y) @ (x - y))
+        self.noise += float(error @ error)
         self.dot += float(x @ y)
         self.other += float(y @ y)
-        self.max_abs = max(self.max_abs, float(np.max(np.abs(x - y))) if x.size else 0.0)
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(error))) if x.size else 0.0)
         if looks_like_scores(reference):
             self.classes = True
             self.rows += len(reference)

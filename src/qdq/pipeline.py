@@ -9,14 +9,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from qdq.config import OutputFormat, QuantConfig
+import onnx
+from qdq.config import OutputFormat, Placement, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
-from qdq.errors import DataError, ModelError, choice
+from qdq.errors import DataError, ModelError, QdqError, choice
 from qdq.metrics import ErrorStats
 from qdq.observers import make_observer
 from qdq.onnx.graph import GraphIndex, constants_to_initializers
@@ -48,6 +49,7 @@ from qdq.plan.layout import SLOW_POOL, slow_pools
 from qdq.report.summary import CHECK_SAMPLES, QuantizeReport
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # A user's score of a quantized model, higher is better: given an ONNX Runtime session of the
 # candidate, e.g. its accuracy on a labelled validation set.
 Metric = Callable[[ort.InferenceSession], float]
@@ -90,10 +92,12 @@ def plan_model(
     config: QuantConfig,
     per_channel: bool,
     progress: bool,
+    notes: list[str],
     metric: Metric | None = None,
 ) -> tuple[Plan, float]:
     """Calibrate the prepared model on `samples` and decide everything; returns the plan and
-    the calibration time in seconds. `metric` scores candidates for the accuracy budget."""
+    the calibration time in seconds, and says in `notes` which optional stage failed on the
+    model and was skipped. `metric` scores candidates for the accuracy budget."""
     index = GraphIndex(model)
     decisions = static_decisions(index, config)
     targets = Int8Flow(index, decisions, config).calibration_targets()
@@ -108,6 +112,7 @@ def plan_model(
         config.batch_size,
         progress,
         means,
+        config.workers,
     )
     learned: dict[tuple[str, int], np.ndarray] = {}
     realize = partial(insert_qdq, model)
@@ -116,28 +121,40 @@ def plan_model(
         plan = build_plan(index, chosen, ranges, unfit, config, per_channel)
         codes = {k: v for k, v in learned.items() if k in plan.constants}
         plan = replace(plan, weight_codes=codes)
-        return correct_biases(index, plan, averages) if config.bias_correction else plan
+        if not config.bias_correction:
+            return plan
+        return _optional(
+            "bias correction", notes, partial(correct_biases, index, plan, averages), plan
+        )
 
     plan = replan(decisions)
-    slow = slow_pools(plan, realize)
+    slow = _optional("the layout probe", notes, partial(slow_pools, plan, realize), [])
     if slow:
         decisions = kept_float(decisions, slow, SLOW_POOL)
         plan = replan(decisions)
     if config.adaround:
         feeds = _leading_batches(samples, config.batch_size, ADAROUND_SAMPLES)
-        learned.update(learn_rounding(model, index, plan, feeds))
+        learned.update(
+            _optional("AdaRound", notes, partial(learn_rounding, model, index, plan, feeds), {})
+        )
         plan = replan(decisions)
     seconds = time.perf_counter() - start
     if config.target_sqnr is not None:
         feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)
         score = sqnr_score(model, feeds) if metric is None else _session_score(metric)
-        plan = meet_target(decisions, replan, realize, score, config.target_sqnr, feeds[0])
+        search = partial(
+            meet_target,
+            *(decisions, replan, realize, score, config.target_sqnr, feeds[0], config.workers),
+        )
+        plan = _optional("the accuracy budget", notes, search, plan)
     if config.bias_correction and config.sequential_bias_correction:
         # Last: it measures the network as it will be (final rounding, final float layers).
         start = time.perf_counter()
-        plan = correct_sequentially(
-            model, index, plan, samples, config.batch_size, SEQUENTIAL_SAMPLES, progress
+        correct = partial(
+            correct_sequentially,
+            *(model, index, plan, samples, config.batch_size, SEQUENTIAL_SAMPLES, progress),
         )
+        plan = _optional("sequential bias correction", notes, correct, plan)
         seconds += time.perf_counter() - start
     return plan, seconds
 
@@ -198,9 +215,9 @@ def quantize_model(
     config = config or QuantConfig()
     output_format = choice(OutputFormat, output_format, "format")
     if calibration is None and not config.data_free:
-        raise DataError("no calibration data: give --calib DATA, or --data-free")
+        raise DataError("no calibration data: give `calibration`, or `data_free`")
     if calibration is not None and config.data_free:
-        raise DataError("--data-free uses no calibration data; drop --calib, or --data-free")
+        raise DataError("`data_free` uses no calibration data; drop `calibration` or `data_free`")
     source, target = Path(model_path), check_output(output_path, [model_path, calibration])
     model = load_model(source)
     check_quantizable(model, source)
@@ -208,7 +225,7 @@ def quantize_model(
     if config.data_free and not moments:
         raise ModelError(
             f"{source} has no BatchNormalization layers, whose statistics "
-            "--data-free needs; calibrate with --calib instead"
+            "`data_free` needs; calibrate with `calibration` instead"
         )
     if not config.data_free:
         samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
@@ -225,9 +242,11 @@ def quantize_model(
         plan, seconds = plan_data_free(prepared, config, per_channel, moments), 0.0
     else:
         prepared, smoothing_seconds = _smoothed(prepared, samples, config, notes)
-        plan, seconds = plan_model(prepared, samples, config, per_channel, progress, metric)
+        plan, seconds = plan_model(prepared, samples, config, per_channel, progress, notes, metric)
         seconds += smoothing_seconds
-    quantized, summed = sum_before_layer_norm(insert_qdq(prepared, plan))
+    quantized, summed = insert_qdq(prepared, plan), 0
+    if config.placement is Placement.ORT:  # TensorRT fuses the residual Add itself
+        quantized, summed = sum_before_layer_norm(quantized)
     if summed:
         notes.append(
             f"wrote {summed} float Adds before a LayerNorm as Sum, which ONNX Runtime runs "
@@ -313,7 +332,8 @@ def _smoothed(
     start = time.perf_counter()
     smoothed: dict[str, float] = {}
     if config.smoothing:
-        model, smoothed = smooth(model, samples, config)
+        run = partial(smooth, model, samples, config)
+        model, smoothed = _optional("smoothing", notes, run, (model, {}))
     if smoothed:
         exponents = ", ".join(f"{a:g}" for a in smoothed.values())
         notes.append(
@@ -321,6 +341,23 @@ def _smoothed(
             f"(SmoothQuant, exponent per layer: {exponents})"
         )
     return model, time.perf_counter() - start
+
+
+def _optional(stage: str, notes: list[str], run: Callable[[], T], fallback: T) -> T:
+    """`run()`, or `fallback` where this optional stage fails on the model: a warning naming
+    the stage and the reason, and a note for the report. Bad input (a QdqError) stays an
+    error, and so do interrupts."""
+    try:
+        return run()
+    except QdqError:
+        raise
+    except Exception as error:  # ONNX Runtime, NumPy and torch raise their own types
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        note = f"skipped {stage}: it failed on this model ({reason})"
+        if note not in notes:  # a stage run once per candidate plan fails once per plan
+            log.warning(note)
+            notes.append(note)
+        return fallback
 
 
 def _check_loads(model: onnx.ModelProto) -> ort.InferenceSession:

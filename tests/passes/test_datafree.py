@@ -41,14 +41,14 @@ def test_clipped_normal_moments_golden():
 def test_data_free_refuses_models_without_batchnorm_and_extra_data(tmp_path):
     with pytest.raises(ModelError, match="BatchNormalization"):
         quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", None, QuantConfig(data_free=True))
-    with pytest.raises(DataError, match="drop --calib"):
+    with pytest.raises(DataError, match="drop `calibration`"):
         quantize_model(
             DIGITS / "mobilenet_bn.onnx",
             tmp_path / "q.onnx",
             DIGITS / "calib.npz",
             QuantConfig(data_free=True),
         )
-    with pytest.raises(DataError, match="--calib DATA"):
+    with pytest.raises(DataError, match="give `calibration`"):
         quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", None, QuantConfig())
     with pytest.raises(SchemeError, match="need calibration data"):
         QuantConfig(data_free=True, adaround=True)

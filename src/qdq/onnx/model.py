@@ -10,11 +10,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, helper, version_converter
 
+import onnx
+from onnx import external_data_helper, helper, version_converter
 from qdq.errors import ModelError
 from qdq.onnx.sessions import Use, open_session
 
@@ -175,9 +175,47 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime's basic (ONNX-standard) rewrites: BatchNorm folded into Conv, constants
     folded, no-ops removed; then shape inference."""
-    return onnx.shape_inference.infer_shapes(
-        ort_rewrite(model, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-    )
+    optimized = ort_rewrite(model, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    return onnx.shape_inference.infer_shapes(_own_names(model, optimized))
+
+
+OWN_SUFFIX = "_qdq"
+
+
+def _own_names(source: onnx.ModelProto, optimized: onnx.ModelProto) -> onnx.ModelProto:
+    """`optimized` with the initializers ONNX Runtime created renamed (`OWN_SUFFIX`).
+
+    ORT names what its rewrites create from fixed stems (MatMulAddFusion's reshape shapes are
+    `gemm_input_shape`, then `gemm_input_shape_token_N`), counting afresh in every session, and
+    checks them against node names only. A later session of the same graph (the quantized model,
+    the calibration and correction sessions, the user's own) whose rewrites create one again
+    then fails: "AddInitializedOrtValue Attempt to replace the existing tensor". Seen on a
+    pooled, normalised all-MiniLM-L6-v2 export with fixed shapes, whose int8 attention
+    projections ORT fuses only once they read a DequantizeLinear."""
+    known = {t.name for t in source.graph.initializer}
+    known |= {name for node in source.graph.node for name in node.output}
+    renamed = {
+        t.name: t.name + OWN_SUFFIX for t in optimized.graph.initializer if t.name not in known
+    }
+    if not renamed:
+        return optimized
+    for tensor in optimized.graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for value in optimized.graph.value_info:
+        value.name = renamed.get(value.name, value.name)
+    for node in _all_nodes(optimized.graph):
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+    return optimized
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """The graph's nodes and those of its subgraphs (which may read its initializers)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                yield from _all_nodes(subgraph)
 
 
 def ort_rewrite(model: onnx.ModelProto, level: ort.GraphOptimizationLevel) -> onnx.ModelProto:

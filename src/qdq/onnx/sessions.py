@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +30,7 @@ class Use(enum.Enum):
     LATENCY = "latency"  # timing: one thread
     ONE_NODE = "one_node"  # a single node run as it is (the engine's float fallback)
     REWRITE = "rewrite"  # optimize and save the graph ONNX Runtime makes (`ort_rewrite`)
+    PROFILE = "profile"  # time per node (the HTML report): one thread, ORT's profiler on
 
 
 def open_session(
@@ -74,9 +76,14 @@ def _options(use: Use) -> ort.SessionOptions:
         # calibration set.
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
-    elif use is Use.LATENCY:
+    elif use in (Use.LATENCY, Use.PROFILE):
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
+    if use is Use.PROFILE:
+        # The trace goes to the temporary folder, never beside the user's files; the caller
+        # reads it from `end_profiling()` and removes it.
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "qdq-profile")
     elif use is Use.ONE_NODE:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options

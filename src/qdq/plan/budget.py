@@ -14,17 +14,20 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
-import onnx
 
+import onnx
 from qdq.metrics import sqnr_db
 from qdq.onnx.sessions import median_latency_ms, open_session
 from qdq.plan.build import BudgetResult, Plan
 from qdq.plan.decisions import Decision, kept_float
 from qdq.plan.rules import RULES, Kind
+from qdq.workers import ONE_PROCESS, Workers, same
 
 # A plan's candidate model: the Q/DQ rewrite, which the caller passes in (plans do not rewrite).
 Realize = Callable[[Plan], onnx.ModelProto]
 
+# The plan keeping some layers float, and its score.
+Measure = Callable[[list[str]], tuple[Plan, float]]
 log = logging.getLogger(__name__)
 
 
@@ -54,11 +57,13 @@ def meet_target(
     score: Callable[[onnx.ModelProto], float],
     target: float,
     timing_feed: dict[str, np.ndarray],
+    workers: Workers = ONE_PROCESS,
 ) -> Plan:
     """The plan with the fewest layers kept float whose `score` (higher is better) reaches
     `target` (or every candidate float, if even that does not), its `budget` filled in;
     `replan` builds a plan from decisions, `realize` its model. The budget carries the latency
-    cost of the layers kept float."""
+    cost of the layers kept float. Each layer's sensitivity is measured as a task on
+    `workers`."""
 
     def measure(kept: list[str]) -> tuple[Plan, float]:
         plan = replan(kept_float(decisions, kept, "kept float to meet --target-sqnr"))
@@ -72,7 +77,9 @@ def meet_target(
         for name, d in full.decisions.items()
         if d.quantized and RULES[d.op_type].kind in (Kind.COMPUTE, Kind.ELEMENTWISE, Kind.SHARED)
     ]
-    gains = {name: measure([name])[1] - before for name in candidates}
+    # Each sensitivity is its own task; the greedy search after it is serial by nature.
+    alone = workers.map(same, _sensitivity, (measure, before), candidates)
+    gains = dict(zip(candidates, alone, strict=True))
     kept: list[str] = []
     plan, after = full, before
     for name in sorted(candidates, key=lambda name: -gains[name]):
@@ -85,3 +92,9 @@ def meet_target(
     all_int8, budgeted = median_latency_ms(models, timing_feed, runs=20)
     result = BudgetResult(tuple(kept), before, after, target, (all_int8, budgeted))
     return replace(plan, budget=result)
+
+
+def _sensitivity(search: tuple[Measure, float], name: str) -> float:
+    """How much the score rises when layer `name` alone stays float (a task on the workers)."""
+    measure, before = search
+    return measure([name])[1] - before

@@ -17,9 +17,9 @@ from qdq.affine import quantize
 from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.plan.constants import TABLE_MIN_SQNR_DB, plan_constants, table_qparams
-from qdq.plan.decisions import FLOAT_OUTPUT, NOTHING_READS_INT8, Decision
+from qdq.plan.decisions import FLOAT_OUTPUT, INT8_INPUTS, NOTHING_READS_INT8, Decision
 from qdq.plan.flow import Int8Flow, absorbs, prune_unread
-from qdq.plan.rules import RULES, Kind, rule_inputs
+from qdq.plan.rules import INPUTS_ONLY, Kind, rule_inputs
 from qdq.qparams import QParams, Range, choose_qparams
 
 # A shared Concat scale must leave every input at least this share of the codes (32 of 256).
@@ -101,7 +101,7 @@ def build_plan(
     for node in index.nodes:
         if not draft.decisions[node.name].quantized:
             continue
-        rule = RULES[node.op_type]
+        rule = flow.rules[node.op_type]
         activations = [
             node.input[i] for i in rule_inputs(node, rule) if not index.is_constant(node.input[i])
         ]
@@ -114,7 +114,8 @@ def build_plan(
         if rule.kind is Kind.GATE:
             _gate(node, draft, flow.unread)
             continue
-        outputs = [] if node.output[0] in flow.unread else [node.output[0]]
+        unread = node.output[0] in flow.unread or rule.kind in INPUTS_ONLY
+        outputs = [] if unread else [node.output[0]]
         if rule.kind in (Kind.ELEMENTWISE, Kind.SHARED):  # before ranges: a float gate's has none
             cold = next((t for t in activations if t not in draft.wanted and t not in unfit), None)
             if cold:
@@ -136,13 +137,13 @@ def build_plan(
             draft.to_float(node, crowded)
             continue
         if not outputs:
-            draft.because(node, FLOAT_OUTPUT)
+            draft.because(node, INT8_INPUTS if rule.kind in INPUTS_ONLY else FLOAT_OUTPUT)
         for t in [*activations, *outputs]:
             draft.wanted[t] = None
         if rule.kind is Kind.SHARED:
             for t in activations:
                 shared[t] = node.output[0]
-    prune_unread(index, draft.decisions, draft.wanted)
+    prune_unread(index, draft.decisions, draft.wanted, flow.rules)
     chosen = draft.activations
     for t in draft.wanted:
         source = t

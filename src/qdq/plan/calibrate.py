@@ -6,20 +6,28 @@ peak memory depends on the batch size, not on the number of samples.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import pickle
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 from tqdm import tqdm
 
+import onnx
 from qdq.data import Samples
 from qdq.errors import DataError
 from qdq.observers import Observer
 from qdq.onnx.sessions import session_with_outputs
 from qdq.qparams import Range
+from qdq.workers import ONE_PROCESS, Workers
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,10 @@ SENTINEL = 1e30
 # Captured tensors of one batch stay under this: PP-OCRv4's recognizer yields 139 MB of
 # activations per sample, so a fixed batch of 16 peaked at 5.7 GB.
 CAPTURE_BUDGET = 256 * 2**20
+# Samples per calibration shard when workers share the work: a fixed number, so that the shards
+# (and the merged result) depend on the data alone. Large enough that a shard's session run and
+# merge cost little next to its batches.
+SHARD_SAMPLES = 256
 
 
 def budgeted(batch_size: int, per_sample: int, budget: int = CAPTURE_BUDGET) -> int:
@@ -55,6 +67,16 @@ class SampleMean:
         self.total = batch_sum if self.total is None else self.total + batch_sum
         self.count += len(batch)
 
+    def merge(self, other: SampleMean) -> None:
+        """Add the samples another shard saw."""
+        if other.ragged or (self.total is not None and other.total is not None
+                            and self.total.shape != other.total.shape):  # fmt: skip
+            self.ragged = True
+        if self.ragged or other.total is None:
+            return
+        self.total = other.total.copy() if self.total is None else self.total + other.total
+        self.count += other.count
+
     @property
     def mean(self) -> np.ndarray | None:
         return None if self.ragged or self.total is None else self.total / self.count
@@ -68,30 +90,88 @@ def calibrate(
     batch_size: int,
     progress: bool = True,
     means: Iterable[str] = (),
+    workers: Workers = ONE_PROCESS,
 ) -> tuple[dict[str, Range], dict[str, str], dict[str, np.ndarray]]:
     """The range of each tensor in `names` after every batch; the tensors found unfit for int8,
     with the reason; and the mean sample of each tensor in `means` (for bias correction).
 
     Unfit tensors are found without an extra pass over the data: an observer refuses NaN and
-    Inf, and a final range beyond SENTINEL marks a mask."""
+    Inf, and a final range beyond SENTINEL marks a mask. With parallel `workers`, shards of
+    SHARD_SAMPLES samples are observed apart and merged in sample order, so the result depends
+    on the data alone, not on how many workers there are or when each finished."""
     if not names:  # nothing to observe (ONNX Runtime would return every output instead)
         return {}, {}, {}
-    means = [m for m in means if m in names]
-    session = session_with_outputs(model, names)
-    observers = {name: make(name) for name in names}
-    averages = {name: SampleMean() for name in means}
-    unfit: dict[str, str] = {}
+    job = _Job(model, samples, {name: make(name) for name in names},
+               [m for m in means if m in names], batch_size)  # fmt: skip
+    if workers.parallel:
+        spans = [
+            (first, min(first + SHARD_SAMPLES, samples.count))
+            for first in range(0, samples.count, SHARD_SAMPLES)
+        ]
+        seen = _merged(workers.map(_open, _observe, job, spans))
+    else:  # one shard of every sample, in this process: the path before workers existed
+        seen = _observe(_open(job, reopen=False), (0, samples.count), progress)
+    ranges = {}
+    for name, observer in seen.observers.items():
+        if name in seen.unfit:
+            continue
+        rng = observer.compute()
+        magnitude = float(np.max(np.maximum(-rng.lo, rng.hi)))
+        if magnitude >= SENTINEL:
+            seen.unfit[name] = f"holds sentinel values up to {magnitude:.3g} (a mask?)"
+        else:
+            ranges[name] = rng
+    averages = seen.averages.items()
+    found = {n: a.mean for n, a in averages if a.mean is not None and n not in seen.unfit}
+    return ranges, seen.unfit, found
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every shard needs: sent once per worker."""
+
+    model: onnx.ModelProto
+    samples: Samples
+    observers: dict[str, Observer]  # fresh, one per tensor: each shard observes into a copy
+    means: list[str]
+    batch_size: int
+
+
+_Opened = tuple[_Job, "InferenceSession", Samples]
+
+
+@dataclass
+class _Seen:
+    """One shard's observers, running means and unfit tensors (with the reason)."""
+
+    observers: dict[str, Observer]
+    averages: dict[str, SampleMean]
+    unfit: dict[str, str]
+
+
+def _open(job: _Job, reopen: bool = True) -> _Opened:
+    """A worker's session, and its own handles on the data (a forked file offset is shared)."""
+    samples = pickle.loads(pickle.dumps(job.samples)) if reopen else job.samples
+    return job, session_with_outputs(job.model, job.observers), samples
+
+
+def _observe(opened: _Opened, span: tuple[int, int], progress: bool = False) -> _Seen:
+    """Samples `span` (first, last) through the observers: its first sample alone, to size the
+    batches under CAPTURE_BUDGET, then the rest in batches."""
+    job, session, samples = opened
+    names = list(job.observers)
+    seen = _Seen(copy.deepcopy(job.observers), {n: SampleMean() for n in job.means}, {})
 
     def update(name: str, value: np.ndarray) -> str | None:
         """One tensor's batch into its observer; why the tensor is unfit, if it is."""
         if value.size == 0:
             return "is empty"
         try:
-            observers[name].update(value)
+            seen.observers[name].update(value)
         except DataError:
             return "holds NaN or Inf (a mask?)"
-        if name in averages:
-            averages[name].update(value)
+        if name in seen.averages:
+            seen.averages[name].update(value)
         return None
 
     def observe(feed: dict[str, np.ndarray]) -> int:
@@ -99,32 +179,38 @@ def calibrate(
         its batches in order, so the result does not depend on the threads); returns the bytes
         captured."""
         values = dict(zip(names, session.run(names, feed), strict=True))
-        live = [name for name in names if name not in unfit]
+        live = [name for name in names if name not in seen.unfit]
         for name, reason in zip(live, pool.map(update, live, map(values.get, live)), strict=True):
             if reason:
-                unfit[name] = reason
+                seen.unfit[name] = reason
         return sum(v.nbytes for v in values.values())
 
+    first, last = span
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        per_sample = observe(next(samples.batches(1)))  # one sample first, to size the batches
-        batches = samples.batches(budgeted(batch_size, per_sample), first=1)
-        with tqdm(total=samples.count, initial=1, desc="calibrating", unit="sample",
+        per_sample = observe(next(samples.batches(1, first=first)))
+        batch_size = budgeted(job.batch_size, per_sample)
+        batches = samples.batches(batch_size, first=first + 1, last=last)
+        with tqdm(total=last - first, initial=1, desc="calibrating", unit="sample",
                   disable=not progress, leave=False) as bar:  # fmt: skip
             for feed in batches:
                 observe(feed)
                 bar.update(len(next(iter(feed.values()))))
-    ranges = {}
-    for name, observer in observers.items():
-        if name in unfit:
-            continue
-        rng = observer.compute()
-        magnitude = float(np.max(np.maximum(-rng.lo, rng.hi)))
-        if magnitude >= SENTINEL:
-            unfit[name] = f"holds sentinel values up to {magnitude:.3g} (a mask?)"
-        else:
-            ranges[name] = rng
-    found = {n: a.mean for n, a in averages.items() if a.mean is not None and n not in unfit}
-    return ranges, unfit, found
+    return seen
+
+
+def _merged(shards: list[_Seen]) -> _Seen:
+    """The shards merged in sample order: a tensor unfit in any shard is unfit (the first
+    shard's reason), and the others' observers and means merge."""
+    merged = shards[0]
+    for shard in shards[1:]:
+        for name, reason in shard.unfit.items():
+            merged.unfit.setdefault(name, reason)
+        for name, observer in merged.observers.items():
+            if name not in merged.unfit:
+                observer.merge(shard.observers[name])
+        for name, average in merged.averages.items():
+            average.merge(shard.averages[name])
+    return merged
 
 
 def unfit_reason(value: np.ndarray) -> str | None:

@@ -12,7 +12,7 @@ from qdq.affine import fake_quantize
 from qdq.config import QuantConfig
 from qdq.metrics import sqnr_db
 from qdq.onnx.graph import GraphIndex
-from qdq.plan.rules import RULES, Kind, rule_inputs, weight_axis
+from qdq.plan.rules import Kind, rule_inputs, rules_for, weight_axis
 from qdq.qparams import QParams, Range, choose_qparams
 
 if TYPE_CHECKING:
@@ -38,11 +38,12 @@ def plan_constants(
     per tensor) and the scales s_x * s_w of their int32 biases."""
     constants: dict[Key, QParams] = {}
     biases: dict[Key, np.ndarray] = {}
+    rules = rules_for(config)
     for node in index.nodes:
         if not decisions[node.name].quantized:
             continue
-        rule = RULES[node.op_type]
-        if rule.kind is not Kind.COMPUTE:  # elementwise ops with a constant operand stay float
+        rule = rules[node.op_type]
+        if rule.kind not in (Kind.COMPUTE, Kind.INPUTS):  # a constant operand: float
             continue
         weight = rule.weight
         if node.op_type == "MatMul" and index.is_constant(node.input[1]):

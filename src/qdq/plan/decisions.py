@@ -14,10 +14,11 @@ import onnx
 from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.plan.calibrate import unfit_reason
-from qdq.plan.rules import FLOAT_BY_DESIGN, RULES, Kind, rule_inputs
+from qdq.plan.rules import FLOAT_BY_DESIGN, INPUTS_ONLY, Kind, OpRule, rule_inputs, rules_for
 
 PENDING = "pending: int8 if int8 flows into it"
 FLOAT_OUTPUT = "int8 kernel with a float output: nothing after it reads int8"
+INT8_INPUTS = "Q/DQ on its inputs; TensorRT picks its output's precision"
 NOTHING_READS_INT8 = "nothing after it reads int8: int8 here would only add a rounding step"
 
 
@@ -46,11 +47,13 @@ def kept_float(
 
 def static_decisions(index: GraphIndex, config: QuantConfig) -> dict[str, Decision]:
     """Per node: quantizable as far as the graph alone can tell, or why not."""
-    excluded = set(config.exclude)
-    return {node.name: _static(node, index, excluded) for node in index.nodes}
+    excluded, rules = set(config.exclude), rules_for(config)
+    return {node.name: _static(node, index, excluded, rules) for node in index.nodes}
 
 
-def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Decision:
+def _static(
+    node: onnx.NodeProto, index: GraphIndex, excluded: set[str], rules: Mapping[str, OpRule]
+) -> Decision:
     def floating(reason: str) -> Decision:
         return Decision(node.name, node.op_type, False, reason)
 
@@ -58,7 +61,7 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
         return floating("excluded by --exclude")
     if node.domain not in ("", "ai.onnx"):
         return floating(f"custom-domain op {node.domain}.{node.op_type} has no int8 rule")
-    rule = RULES.get(node.op_type)
+    rule = rules.get(node.op_type)
     if rule is None:
         return floating(FLOAT_BY_DESIGN.get(node.op_type, f"no int8 rule for {node.op_type}"))
     for i in rule_inputs(node, rule):
@@ -77,7 +80,7 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
             or attrs.get("beta", 1.0) != 1.0
         ):
             return floating("Gemm with transA, alpha or beta has no int8 kernel")
-    if rule.kind in (Kind.ELEMENTWISE, Kind.SHARED):
+    if rule.kind in (Kind.ELEMENTWISE, Kind.SHARED, Kind.RESIDUAL):
         constant = next(
             (node.input[i] for i in rule_inputs(node, rule) if index.is_constant(node.input[i])),
             None,
@@ -89,4 +92,6 @@ def _static(node: onnx.NodeProto, index: GraphIndex, excluded: set[str]) -> Deci
             )
     if rule.kind is Kind.COMPUTE:
         return Decision(node.name, node.op_type, True, "int8 kernel")
+    if rule.kind in INPUTS_ONLY:
+        return Decision(node.name, node.op_type, True, INT8_INPUTS)
     return Decision(node.name, node.op_type, True, PENDING)

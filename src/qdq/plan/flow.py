@@ -17,7 +17,16 @@ import onnx
 from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex, clip_bounds
 from qdq.plan.decisions import FLOAT_OUTPUT, NOTHING_READS_INT8, Decision
-from qdq.plan.rules import FLOAT_OUTPUT_KERNELS, FLOAT_WHEN_UNREAD, RULES, Kind, rule_inputs
+from qdq.plan.rules import (
+    FLOAT_OUTPUT_KERNELS,
+    FLOAT_WHEN_UNREAD,
+    INPUTS_ONLY,
+    RULES,
+    Kind,
+    OpRule,
+    rule_inputs,
+    rules_for,
+)
 
 
 class Int8Flow:
@@ -26,10 +35,10 @@ class Int8Flow:
     def __init__(
         self, index: GraphIndex, decisions: Mapping[str, Decision], config: QuantConfig
     ) -> None:
-        self.index, self.decisions = index, decisions
+        self.index, self.decisions, self.rules = index, decisions, rules_for(config)
         self.absorbed = _absorbed(index, decisions, config)
-        self.unread = frozenset(_unread(index, decisions))
-        self.gated = frozenset(_gated(index))
+        self.unread = frozenset(_unread(index, decisions, self.rules))
+        self.gated = frozenset(_gated(index, self.rules))
         self._carries: dict[str, bool] = {}
 
     def carries(self, tensor: str) -> bool:
@@ -45,9 +54,11 @@ class Int8Flow:
             return not index.is_constant(tensor)  # a graph input is quantized where it enters
         if not self.decisions[producer.name].quantized:
             return False
-        kind = RULES[producer.op_type].kind
+        kind = self.rules[producer.op_type].kind
         if kind is Kind.COMPUTE:
             return True
+        if kind in INPUTS_ONLY:  # its output stays float in the file
+            return False
         if kind in (Kind.INHERIT, Kind.ACTIVATION):
             source = producer.input[0]  # a constant one is a Gather's table, stored in 8 bits
             return index.is_constant(source) or self.carries(source)
@@ -69,8 +80,10 @@ class Int8Flow:
         for node in index.nodes:
             if not self.decisions[node.name].quantized:
                 continue
-            rule = RULES[node.op_type]
-            names = [node.input[i] for i in rule_inputs(node, rule)] + [node.output[0]]
+            rule = self.rules[node.op_type]
+            names = [node.input[i] for i in rule_inputs(node, rule)]
+            if rule.kind not in INPUTS_ONLY:
+                names.append(node.output[0])
             if rule.kind in (Kind.INHERIT, Kind.ACTIVATION):  # a table's rows need no range
                 names = [] if index.is_constant(node.input[0]) else [node.input[0], *node.output]
             if rule.kind is Kind.GATE:  # its output's grid is [0, 1]; it reads int8 if it flows
@@ -83,13 +96,13 @@ class Int8Flow:
         return list(targets)
 
 
-def _gated(index: GraphIndex) -> list[str]:
+def _gated(index: GraphIndex, rules: Mapping[str, OpRule]) -> list[str]:
     """Sigmoid/HardSigmoid outputs that only elementwise ops read (SiLU's, HardSwish's, a
     squeeze-excitation's Mul): they get the fixed [0, 1] grid where the gate is int8, and where
     it is float its readers are float too (they need int8 in on every input), so no range."""
 
     def kind(node: onnx.NodeProto) -> Kind | None:
-        rule = RULES.get(node.op_type)
+        rule = rules.get(node.op_type)
         return rule.kind if rule else None
 
     return [
@@ -100,14 +113,16 @@ def _gated(index: GraphIndex) -> list[str]:
     ]
 
 
-def _unread(index: GraphIndex, decisions: Mapping[str, Decision]) -> list[str]:
+def _unread(
+    index: GraphIndex, decisions: Mapping[str, Decision], rules: Mapping[str, OpRule]
+) -> list[str]:
     """Outputs of int8 MatMul/Gemm and elementwise ops that every reader takes in float, as far
     as the graph alone tells: `prune_unread` would drop their Q/DQ, so they need no range."""
     found = []
     for node in index.nodes:
         if not decisions[node.name].quantized:
             continue
-        kind = RULES[node.op_type].kind
+        kind = rules[node.op_type].kind
         if node.op_type not in FLOAT_OUTPUT_KERNELS and kind not in FLOAT_WHEN_UNREAD:
             continue
         out = node.output[0]
@@ -148,7 +163,7 @@ def absorbs(
         not config.activations.symmetric
         and _clamps_at_zero(node, index)
         and decisions[producer.name].quantized
-        and RULES[producer.op_type].kind in (Kind.COMPUTE, Kind.ELEMENTWISE)
+        and rules_for(config)[producer.op_type].kind in (Kind.COMPUTE, Kind.ELEMENTWISE)
         and index.sole_consumer(node.input[0]) is not None
     )
 
@@ -164,19 +179,25 @@ def reads_int8(
     tensor: str,
     decisions: Mapping[str, Decision],
     quantized: Container[str],
+    rules: Mapping[str, OpRule] = RULES,
 ) -> bool:
     """Whether `consumer` reads `tensor` through its Q/DQ pair; `quantized` holds the tensors
-    that have one. Any other consumer reads the float tensor itself, which is exact."""
+    that have one. Any other consumer reads the float tensor itself, which is exact. (Every
+    op of `TENSORRT_RULES` quantizes the same inputs as in `RULES`, so the default serves the
+    rewrite under either placement.)"""
     if not decisions[consumer.name].quantized:
         return False
-    rule = RULES[consumer.op_type]
+    rule = rules[consumer.op_type]
     if rule.kind in (Kind.INHERIT, Kind.ACTIVATION):
         return any(o in quantized for o in consumer.output)
     return tensor in (consumer.input[i] for i in rule_inputs(consumer, rule))
 
 
 def prune_unread(
-    index: GraphIndex, decisions: dict[str, Decision], wanted: dict[str, None]
+    index: GraphIndex,
+    decisions: dict[str, Decision],
+    wanted: dict[str, None],
+    rules: Mapping[str, OpRule] = RULES,
 ) -> None:
     """Drop, from a plan being built, the Q/DQ of outputs that no consumer reads as int8, last
     node first; updates its working `decisions` and `wanted` (tensors that get a Q/DQ pair).
@@ -194,10 +215,12 @@ def prune_unread(
         if not decision.quantized or node.output[0] not in wanted:
             continue
         if any(
-            reads_int8(c, o, decisions, wanted) for o in outs for c in index.consumers.get(o, [])
+            reads_int8(c, o, decisions, wanted, rules)
+            for o in outs
+            for c in index.consumers.get(o, [])
         ):
             continue
-        kind = RULES[node.op_type].kind
+        kind = rules[node.op_type].kind
         if node.op_type in FLOAT_OUTPUT_KERNELS:
             del wanted[node.output[0]]
             decisions[node.name] = Decision(node.name, node.op_type, True, FLOAT_OUTPUT)

@@ -18,6 +18,12 @@
   (the Mul of a HardSwish `x * HardSigmoid(x)` or of a squeeze-excitation gate, which then runs
   as QLinearMul instead of in float between a DequantizeLinear and a QuantizeLinear).
 
+- "inputs" and "residual" (TensorRT's rule set, `TENSORRT_RULES`): Q/DQ on the op's activation
+  inputs only; its output stays float in the file and TensorRT picks its precision (it fuses
+  the Q of the next layer's input). "residual" is an Add of two activations (a skip
+  connection), which TensorRT fuses into the Conv before it; with a constant operand it stays
+  float.
+
 Ops with no rule stay in float. Deliberately float: Softmax and LayerNormalization (they need float
 precision and ONNX Runtime's CPU has no QDQ kernel for them), and HardSwish (a cheap elementwise
 op; a Q/DQ pair around it would cost more than it saves).
@@ -26,10 +32,12 @@ op; a Q/DQ pair around it would cost more than it saves).
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
 
+from qdq.config import Placement, QuantConfig
 from qdq.onnx.graph import attributes
 
 
@@ -42,6 +50,8 @@ class Kind(enum.Enum):
     INHERIT = "inherit"
     ACTIVATION = "activation"
     GATE = "gate"
+    INPUTS = "inputs"
+    RESIDUAL = "residual"
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,29 @@ RULES: dict[str, OpRule] = {
     "Sigmoid": OpRule(Kind.GATE),
     "HardSigmoid": OpRule(Kind.GATE),
 }
+
+# TensorRT's explicit quantization ("Q/DQ layer placement recommendations" in its developer
+# guide): symmetric int8 on the inputs of the layers with int8 kernels, per-channel weights, the
+# bias left float (TensorRT folds it into its own int32 bias; it has no int32 DequantizeLinear).
+TENSORRT_RULES: dict[str, OpRule] = {
+    "Conv": OpRule(Kind.INPUTS, weight=1),
+    "ConvTranspose": OpRule(Kind.INPUTS, weight=1),
+    "Gemm": OpRule(Kind.INPUTS, weight=1),
+    "MatMul": OpRule(Kind.INPUTS, inputs=(0, 1)),
+    "Add": OpRule(Kind.RESIDUAL, inputs=(0, 1)),
+}
+RULE_SETS: dict[Placement, dict[str, OpRule]] = {
+    Placement.ORT: RULES,
+    Placement.TENSORRT: TENSORRT_RULES,
+}
+# Kinds whose output gets no Q/DQ of its own: the consumer that wants int8 quantizes it.
+INPUTS_ONLY = (Kind.INPUTS, Kind.RESIDUAL)
+
+
+def rules_for(config: QuantConfig) -> Mapping[str, OpRule]:
+    """The op rules of `config`'s placement."""
+    return RULE_SETS[config.placement]
+
 
 FLOAT_BY_DESIGN = {
     "Softmax": "needs float precision; ONNX Runtime has no CPU QDQ kernel for it",

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import pickle
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnx
 
+import onnx
 from qdq.arrayfile import open_npz
 from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, ModelError
 from qdq.metrics import ErrorStats
 from qdq.onnx.model import METADATA_KEY, load_model
 from qdq.onnx.sessions import median_latency_ms, session_with_outputs
+from qdq.workers import ONE_PROCESS, Workers
+
+# Batches per evaluation shard when workers share the work (a fixed count: results depend on
+# the data alone).
+EVAL_SHARD_BATCHES = 8
 
 
 @dataclass
@@ -155,28 +162,23 @@ def compare_models(
     batch_size: int = 32,
     max_samples: int | None = None,
     latency_runs: int = 30,
+    workers: Workers = ONE_PROCESS,
 ) -> Comparison:
-    """Run both models on the same samples, streaming, and measure the differences."""
+    """Run both models on the same samples, streaming, and measure the differences; with
+    parallel `workers`, shards of EVAL_SHARD_BATCHES batches run apart and merge in order."""
     reference, quantized = load_model(float_path), load_model(quantized_path)
     _check_same_inputs(reference, quantized)
     samples = Samples(data, model_inputs(reference), max_samples)
     truth = _labels(data, labels, samples)
     pairs = quantized_tensor_pairs(quantized, reference)
-    outputs = [o.name for o in reference.graph.output]
-    ref_session = session_with_outputs(reference, pairs)
-    q_session = session_with_outputs(quantized, pairs.values())
-    out_stats = {name: ErrorStats() for name in outputs}
-    layer_stats = {name: ErrorStats() for name in pairs}
-    predictions: list[tuple[np.ndarray, np.ndarray]] = []
-    for feed in samples.batches(batch_size):
-        ref = ref_session.run([*outputs, *pairs], feed)
-        got = q_session.run([*outputs, *pairs.values()], feed)
-        for i, name in enumerate(outputs):
-            out_stats[name].update(ref[i], got[i])
-        for j, name in enumerate(pairs, start=len(outputs)):
-            layer_stats[name].update(ref[j], got[j])
-        if out_stats[outputs[0]].classes:
-            predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
+    job = _Job(reference, quantized, pairs, samples, batch_size)
+    if workers.parallel:  # shards of whole batches, merged in sample order
+        step = EVAL_SHARD_BATCHES * batch_size
+        spans = [(a, min(a + step, samples.count)) for a in range(0, samples.count, step)]
+        seen = _merged(workers.map(_open, _measure, job, spans))
+    else:
+        seen = _measure(_open(job, reopen=False), (0, samples.count))
+    out_stats, layer_stats, predictions = seen
     accuracy = _accuracy(truth, predictions)
     first = next(samples.batches(1))
     return Comparison(
@@ -187,6 +189,67 @@ def compare_models(
         latency_ms=latency_ratio(float_path, quantized_path, first, latency_runs),
         accuracy=accuracy,
     )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every evaluation shard needs: sent once per worker."""
+
+    reference: onnx.ModelProto
+    quantized: onnx.ModelProto
+    pairs: dict[str, str]
+    samples: Samples
+    batch_size: int
+
+
+# Per output and per paired tensor, the error sums; the top-1 predictions, batch by batch.
+_Seen = tuple[dict[str, ErrorStats], dict[str, ErrorStats], list[tuple[np.ndarray, np.ndarray]]]
+
+
+def _open(job: _Job, reopen: bool = True) -> tuple[_Job, Any, Any, Samples]:
+    """Both sessions, and the worker's own handles on the data."""
+    samples = pickle.loads(pickle.dumps(job.samples)) if reopen else job.samples
+    ref_session = session_with_outputs(job.reference, job.pairs)
+    q_session = session_with_outputs(job.quantized, job.pairs.values())
+    return job, ref_session, q_session, samples
+
+
+def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _Seen:
+    """Both models on samples `span` (first, last), batch by batch."""
+    job, ref_session, q_session, samples = opened
+    pairs = job.pairs
+    outputs = [o.name for o in job.reference.graph.output]
+    out_stats = {name: ErrorStats() for name in outputs}
+    layer_stats = {name: ErrorStats() for name in pairs}
+    predictions: list[tuple[np.ndarray, np.ndarray]] = []
+    for feed in samples.batches(job.batch_size, first=span[0], last=span[1]):
+        ref = ref_session.run([*outputs, *pairs], feed)
+        got = q_session.run([*outputs, *pairs.values()], feed)
+        for i, name in enumerate(outputs):
+            out_stats[name].update(ref[i], got[i])
+        for j, name in enumerate(pairs, start=len(outputs)):
+            layer_stats[name].update(ref[j], got[j])
+        if out_stats[outputs[0]].classes:
+            predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
+    return out_stats, layer_stats, predictions
+
+
+def _merged(shards: list[_Seen]) -> _Seen:
+    """The shards' sums added in sample order (maxima taken, predictions concatenated)."""
+    outputs, layers, predictions = shards[0]
+    for shard_outputs, shard_layers, shard_predictions in shards[1:]:
+        for into, more in ((outputs, shard_outputs), (layers, shard_layers)):
+            for name, stats in into.items():
+                into[name] = _added(stats, more[name])
+        predictions += shard_predictions
+    return outputs, layers, predictions
+
+
+def _added(a: ErrorStats, b: ErrorStats) -> ErrorStats:
+    """The error sums of two shards together."""
+    sums = {f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(ErrorStats)}
+    sums.update(max_abs=max(a.max_abs, b.max_abs), classes=a.classes or b.classes)
+    return ErrorStats(**sums)
 
 
 def _accuracy(

@@ -1,0 +1,207 @@
+"""What each command does once its flags are parsed: check them, delegate, say what was made."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qdq.cli.contract import say
+from qdq.cli.flags import check_excluded, check_model_flags, check_quantize_flags
+from qdq.config import preset_config
+from qdq.data import ImageOptions
+from qdq.errors import UsageError
+from qdq.workers import Workers
+
+if TYPE_CHECKING:
+    from qdq.plan.decisions import Decision
+
+
+def _workers(args: argparse.Namespace) -> Workers:
+    return Workers(count=args.workers, ray=args.ray)
+
+
+def quantize(args: argparse.Namespace) -> str:
+    from qdq.pipeline import quantize_model
+
+    check_quantize_flags(args)
+    check_model_flags(args.model, args.exclude, args.force)
+    html = _report_flag(args)
+    table = _table_flag(args)
+    config = preset_config(
+        args.preset,
+        method=args.method,
+        per_channel=args.per_channel,
+        weight_bits=args.weight_bits,
+        activation_dtype=args.activation_dtype,
+        exclude=tuple(args.exclude) or None,
+        equalize=args.equalize,
+        smoothing=args.smoothing,
+        target_sqnr=args.target_sqnr,
+        adaround=args.adaround,
+        sequential_bias_correction=args.sequential_bias_correction,
+        data_free=args.data_free,
+        input_range=tuple(args.input_range) if args.input_range else None,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        workers=_workers(args),
+    )
+    images = ImageOptions(
+        size=tuple(args.image_size) if args.image_size else None,
+        mean=tuple(args.mean),
+        std=tuple(args.std),
+        value_scale=args.value_scale,
+        layout=args.layout,
+        channel_order=args.channel_order,
+    )
+    report = quantize_model(
+        args.model,
+        args.output,
+        args.calib,
+        config,
+        images,
+        args.seed,
+        progress=sys.stderr.isatty(),
+        output_format=args.format,
+    )
+    written = [Path(args.output)]
+    try:  # the model, its table and its report are one result: all of them, or none
+        if table:
+            from qdq.report.tables import write_table
+
+            written.append(write_table(args.output, table[1], table[0], flag="--table"))
+        summary = report.summary(args.output)
+        if html:
+            summary += "\n" + _write_html(
+                args, args.model, args.output, args.calib, html, report.decisions
+            )
+    except BaseException:
+        for path in written:
+            Path(path).unlink(missing_ok=True)
+        raise
+    return summary
+
+
+def quantize_many(args: argparse.Namespace) -> str:
+    from qdq.zoo import quantize_many, read_manifest, summary_table
+
+    outcomes = quantize_many(read_manifest(args.manifest), _workers(args))
+    failed = [o.name for o in outcomes if o.status.startswith("failed")]
+    if failed:
+        say(f"warning: {len(failed)} of {len(outcomes)} models failed: {', '.join(failed)}")
+    return summary_table(outcomes)
+
+
+def _table_flag(args: argparse.Namespace) -> tuple[str, str] | None:
+    """--table FORMAT:FILE as (format, file), the file checked before any work."""
+    if args.table is None:
+        return None
+    from qdq.outputs import check_output
+
+    table_format, _, file = args.table.partition(":")
+    if table_format not in ("tensorrt", "ncnn") or not file:
+        raise UsageError(f"--table {args.table!r}: give tensorrt:FILE or ncnn:FILE")
+    if Path(file).resolve() == Path(args.output).resolve():
+        raise UsageError(f"--table {file} is the -o model; give the table its own file")
+    check_output(file, [args.model, args.calib], "--table")
+    return table_format, file
+
+
+def export_table(args: argparse.Namespace) -> str:
+    from qdq.report.tables import write_table
+
+    target = write_table(args.model, args.output, args.format, args.ncnn_param)
+    return f"wrote {target}: {args.format} calibration table of {args.model}"
+
+
+def compare(args: argparse.Namespace) -> str:
+    from qdq.report.compare import compare_models
+
+    result = compare_models(
+        args.float_model,
+        args.quantized_model,
+        args.data,
+        max_samples=args.max_samples,
+        latency_runs=args.latency_runs,
+        workers=_workers(args),
+    )
+    return result.to_json() if args.json else result.to_text()
+
+
+def _report_flag(args: argparse.Namespace) -> Path | None:
+    """--report FILE.html, checked before any work; it measures on --calib as read unprocessed."""
+    if args.report is None:
+        return None
+    from qdq.outputs import check_output
+
+    if args.calib is None:
+        raise UsageError(
+            "--report measures on the calibration data; give --calib, or drop --report"
+        )
+    if args.image_size or args.mean != [0.0] or args.std != [1.0]:
+        raise UsageError(
+            "--report reads --calib without the image flags; quantize, then run `qdq report` "
+            "on an .npz of preprocessed samples"
+        )
+    if Path(args.report).resolve() == Path(args.output).resolve():
+        raise UsageError(f"--report {args.report} is the -o model; give the report its own file")
+    return check_output(args.report, [args.model, args.calib], "--report")
+
+
+def report(args: argparse.Namespace) -> str:
+    from qdq.outputs import check_output
+    from qdq.pipeline import inspect_model
+
+    target = check_output(args.output, [args.float_model, args.quantized_model, args.data])
+    decisions = inspect_model(args.float_model)  # the reasons; the INT8 model says which held
+    return _write_html(args, args.float_model, args.quantized_model, args.data, target, decisions)
+
+
+def _write_html(
+    args: argparse.Namespace,
+    float_model: str,
+    quantized_model: str,
+    data: str,
+    target: Path,
+    decisions: list[Decision],
+) -> str:
+    """Measure and write the HTML report; the line the command prints about it."""
+    from qdq.report.html import write_report
+    from qdq.report.measure import measure
+
+    measured = measure(
+        float_model,
+        quantized_model,
+        data,
+        decisions,
+        max_samples=args.max_samples,
+        everything=args.all_charts,
+        sensitivity=args.sensitivity,
+    )
+    size = write_report(measured, target)
+    return f"wrote {target}: HTML report, {size / 1e6:.1f} MB, opens offline"
+
+
+def inspect(args: argparse.Namespace) -> str:
+    from qdq.config import QuantConfig
+    from qdq.pipeline import inspect_model
+
+    decisions = inspect_model(args.model, QuantConfig(exclude=tuple(args.exclude)))
+    check_excluded(args.exclude, {n for d in decisions for n in (d.node, d.op_type)})
+    width = max(len(d.node) for d in decisions)
+    lines = [f"{'node':<{width}}  {'op':<20} decision"]
+    for d in decisions:
+        verdict = ("int8: " if d.quantized else "float: ") + d.reason
+        lines.append(f"{d.node:<{width}}  {d.op_type:<20} {verdict}")
+    quantized = sum(d.quantized for d in decisions)
+    lines.append(f"{quantized} of {len(decisions)} nodes quantizable")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> str:
+    from qdq.engine.cli import run_command
+
+    return run_command(
+        args.model, args.inputs, args.output, args.engine, args.requant, args.accumulator_bits
+    )

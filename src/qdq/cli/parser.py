@@ -1,0 +1,220 @@
+"""The command line's grammar: every command, its flags and the function that runs it."""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from qdq.cli.commands import (
+    compare,
+    export_table,
+    inspect,
+    quantize,
+    quantize_many,
+    report,
+    run,
+)
+from qdq.cli.contract import EXIT_USAGE
+from qdq.cli.flags import at_least, finite
+from qdq.config import ACTIVATION_DTYPES, RUN_PRESETS
+from qdq.observers import METHODS
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, with where to look, and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"qdq: error: {message}; see `{self.prog} --help`\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qdq", description="Quantize networks to integers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    q = commands.add_parser("quantize", help="FP32 ONNX model -> INT8 model, calibrated on data")
+    q.add_argument("model", help="the FP32 .onnx model (never modified)")
+    q.add_argument("-o", "--output", required=True, help="where to write the quantized model")
+    q.add_argument("--calib", help=".npz, .npy, or a folder of .npy or images")
+    q.add_argument(
+        "--data-free",
+        action="store_true",
+        default=None,
+        help="no calibration data: ranges from BatchNorm statistics (with CLE)",
+    )
+    q.add_argument(
+        "--input-range",
+        type=finite,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="the model input's range after preprocessing, for --data-free",
+    )
+    q.add_argument("--preset", choices=list(RUN_PRESETS), default="default")
+    q.add_argument("--method", choices=METHODS, help="activation range estimator")
+    granularity = q.add_mutually_exclusive_group()
+    granularity.add_argument(
+        "--per-channel",
+        dest="per_channel",
+        action="store_true",
+        default=None,
+        help="one weight scale per output channel (default)",
+    )
+    granularity.add_argument(
+        "--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor"
+    )
+    q.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
+    q.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES)
+    q.add_argument(
+        "--format",
+        choices=("qdq", "qoperator"),
+        default="qdq",
+        help="qdq: Q/DQ pairs ONNX Runtime fuses; qoperator: QLinear* ops",
+    )
+    q.add_argument(
+        "--table",
+        metavar="FORMAT:FILE",
+        help="also write a calibration table: tensorrt:FILE or ncnn:FILE (docs/tables.md)",
+    )
+    q.add_argument(
+        "--exclude",
+        nargs="+",
+        default=(),
+        metavar="NODE_OR_OP",
+        help="node names or op types to keep in float",
+    )
+    q.add_argument(
+        "--equalize",
+        action="store_true",
+        default=None,
+        help="cross-layer equalization of conv chains (helps per-tensor weights)",
+    )
+    q.add_argument(
+        "--no-smoothing",
+        dest="smoothing",
+        action="store_false",
+        default=None,
+        help="leave MatMul inputs' outlier channels in place (no SmoothQuant)",
+    )
+    q.add_argument(
+        "--target-sqnr",
+        type=finite,
+        metavar="DB",
+        help="keep the most harmful layers float until the output SQNR reaches DB",
+    )
+    q.add_argument(
+        "--adaround",
+        action="store_true",
+        default=None,
+        help="learn up/down rounding of each weight (needs the torch extra)",
+    )
+    q.add_argument(
+        "--no-sequential-bias-correction",
+        dest="sequential_bias_correction",
+        action="store_false",
+        default=None,
+        help="only the one-shot bias correction for weight rounding (faster, less accurate)",
+    )
+    q.add_argument("--batch-size", type=at_least(1))
+    q.add_argument("--max-samples", type=at_least(1))
+    q.add_argument("--seed", type=at_least(0), help="pick --max-samples at random with this seed")
+    q.add_argument(
+        "--force", action="store_true", help="quantize a model that already holds quantized ops"
+    )
+    q.add_argument(
+        "--report", metavar="FILE.html", help="also write the HTML report (docs/report.md)"
+    )
+    _report_flags(q)
+    _image_flags(q)
+    _worker_flags(q)
+    q.set_defaults(run=quantize)
+
+    c = commands.add_parser("compare", help="error of a quantized model against its FP32 model")
+    c.add_argument("float_model")
+    c.add_argument("quantized_model")
+    c.add_argument(
+        "--data", required=True, help="same forms as --calib; an .npz 'label' array adds accuracy"
+    )
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("--max-samples", type=at_least(1))
+    c.add_argument("--latency-runs", type=at_least(0), default=30, help="0 skips timing")
+    _worker_flags(c)
+    c.set_defaults(run=compare)
+
+    h = commands.add_parser("report", help="HTML report: what `qdq compare` measures, drawn")
+    h.add_argument("float_model")
+    h.add_argument("quantized_model")
+    h.add_argument(
+        "--data", required=True, help="same forms as --calib; an .npz 'label' adds accuracy"
+    )
+    h.add_argument("-o", "--output", required=True, help="the .html file to write")
+    h.add_argument("--max-samples", type=at_least(1))
+    _report_flags(h)
+    h.set_defaults(run=report)
+
+    i = commands.add_parser("inspect", help="which nodes would be quantized, and why not")
+    i.add_argument("model")
+    i.add_argument("--exclude", nargs="+", default=(), metavar="NODE_OR_OP")
+    i.set_defaults(run=inspect)
+
+    r = commands.add_parser("run", help="run a model on inputs, with the integer engine or ORT")
+    r.add_argument("model")
+    r.add_argument("--inputs", required=True, help=".npz with one array per model input")
+    r.add_argument("-o", "--output", required=True, help=".npz to write the outputs to")
+    r.add_argument("--engine", choices=("integer", "ort"), default="integer")
+    r.add_argument("--requant", choices=("fixed", "float"), default="fixed")
+    r.add_argument("--accumulator-bits", type=int, choices=(16, 32), default=32)
+    r.set_defaults(run=run)
+
+    m = commands.add_parser("quantize-many", help="quantize the models a TOML manifest lists")
+    m.add_argument("manifest", help="TOML: [defaults] and [[model]] name, model, calib, output")
+    _worker_flags(m)
+    m.set_defaults(run=quantize_many)
+
+    t = commands.add_parser("export-table", help="calibration table of a model qdq quantized")
+    t.add_argument("model", help="an INT8 .onnx model written by `qdq quantize`")
+    t.add_argument("--format", required=True, choices=("tensorrt", "ncnn"))
+    t.add_argument("-o", "--output", required=True, help="where to write the table")
+    t.add_argument("--ncnn-param", help="ncnn .param of the float model: its layer names")
+    t.set_defaults(run=export_table)
+    return parser
+
+
+def _report_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("HTML report")
+    group.add_argument(
+        "--all-charts", action="store_true", help="every activation and weight, not the 12 worst"
+    )
+    group.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="per layer, the output SQNR gain when it alone reads float (a session per layer)",
+    )
+
+
+def _worker_flags(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers",
+        type=at_least(1),
+        default=1,
+        metavar="N",
+        help="local worker processes for calibration, evaluation and the accuracy search",
+    )
+    where.add_argument(
+        "--ray", metavar="ADDRESS", help="run those on a Ray cluster: auto, or its address"
+    )
+
+
+def _image_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("image folders")
+    group.add_argument("--image-size", type=at_least(1), nargs=2, metavar=("HEIGHT", "WIDTH"))
+    group.add_argument("--mean", type=finite, nargs="+", default=[0.0])
+    group.add_argument("--std", type=finite, nargs="+", default=[1.0])
+    group.add_argument(
+        "--value-scale",
+        type=finite,
+        default=1 / 255,
+        help="pixel multiplier before mean/std (default 1/255)",
+    )
+    group.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW")
+    group.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")

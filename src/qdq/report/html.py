@@ -1,0 +1,300 @@
+"""The HTML report: one self-contained file (plotly.js inlined once, no network) drawing what
+`report.measure` measured. docs/report.md says why plotly and what each chart shows."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io
+import plotly.offline
+
+from qdq.outputs import staged
+from qdq.report.measure import LayerRow, ReportData
+from qdq.report.ranges import ActivationView, WeightView
+
+METHOD_COLOURS = {"minmax": "#7f7f7f", "percentile": "#2ca02c", "kl": "#9467bd", "mse": "#ff7f0e"}
+CHOSEN = "#d62728"
+Chart = Callable[[go.Figure], str]  # adds a figure to the page; returns the element to place
+CONFIG = {"displaylogo": False, "responsive": True}
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1400px;padding:0 16px;color:#222}
+h1{font-size:20px} h2{font-size:17px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse} td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:left}
+th{background:#f5f5f5;position:sticky;top:0}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.sortable th{cursor:pointer} .sortable th::after{content:" \\2195";color:#aaa}
+.split{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:16px;align-items:start}
+.scroll{max-height:60vh;overflow:auto}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(440px,1fr));gap:8px}
+.float td{color:#888} .note{color:#666}
+"""
+SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(table => {
+  table.querySelectorAll("th").forEach((th, column) => th.addEventListener("click", () => {
+    const body = table.tBodies[0], up = th.dataset.order !== "up";
+    const key = row => { const c = row.cells[column]; const v = c.dataset.value;
+      return v === undefined ? c.textContent : parseFloat(v); };
+    const rows = Array.from(body.rows).sort((a, b) => {
+      const x = key(a), y = key(b);
+      return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1); });
+    th.dataset.order = up ? "up" : "down";
+    rows.forEach(row => body.appendChild(row));
+  }));
+});
+const config = JSON.parse(document.getElementById("plot-config").textContent);
+const charts = Array.from(document.querySelectorAll("div.chart")), drawn = new Map();
+function draw(div) {  // each chart is drawn once, when it first comes near the screen
+  if (!drawn.has(div)) {
+    const figure = JSON.parse(document.getElementById(div.dataset.figure).textContent);
+    drawn.set(div, Plotly.newPlot(div, figure.data, figure.layout, config));
+  }
+  return drawn.get(div);
+}
+const near = new IntersectionObserver(entries => entries.forEach(entry => {
+  if (entry.isIntersecting) { near.unobserve(entry.target); draw(entry.target); }
+}), {rootMargin: "300px"});
+charts.forEach(div => near.observe(div));
+window.qdqDrawn = () => Promise.all(drawn.values()).then(() => performance.now());
+window.qdqDrawAll = () => Promise.all(charts.map(draw)).then(() => performance.now());
+"""
+
+
+def write_report(data: ReportData, path: str | Path) -> int:
+    """Write the report to `path` atomically; returns its size in bytes."""
+    text = render(data)
+    target = Path(path)
+    with staged(target) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return len(text.encode())
+
+
+def render(data: ReportData) -> str:
+    """The whole page as a string."""
+    figures: list[str] = []
+
+    def chart(figure: go.Figure) -> str:
+        figures.append(plotly.io.to_json(figure, validate=False).replace("</", "<\\/"))
+        # The height is reserved, so that only the charts near the screen draw.
+        style = f"height:{figure.layout.height}px"
+        return f'<div class="chart" data-figure="fig-{len(figures) - 1}" style="{style}"></div>'
+
+    sections = [
+        _summary(data),
+        _activations(data, chart),
+        _layers(data.layers, chart),
+        _weights(data, chart),
+        _profile(data.op_times, chart),
+    ]
+    payload = "".join(
+        f'<script type="application/json" id="fig-{i}">{f}</script>' for i, f in enumerate(figures)
+    )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>qdq report: {html.escape(data.title)}</title><style>{STYLE}</style>"
+        f"<script>{plotly.offline.get_plotlyjs()}</script></head><body>"
+        f"<h1>qdq report: {html.escape(data.title)}</h1>{''.join(sections)}{payload}"
+        f'<script type="application/json" id="plot-config">{json.dumps(CONFIG)}</script>'
+        f"<script>{SCRIPT}</script></body></html>"
+    )
+
+
+def _summary(data: ReportData) -> str:
+    c = data.comparison
+    (f_size, q_size), rows = c.sizes, []
+    rows.append(
+        (
+            "size",
+            f"{f_size / 1e3:.1f} kB",
+            f"{q_size / 1e3:.1f} kB",
+            f"{f_size / q_size:.2f}x smaller",
+        )
+    )
+    if c.latency_ms:
+        f, q = c.latency_ms
+        rows.append(
+            (
+                "latency (1 thread, batch 1, median)",
+                f"{f:.3f} ms",
+                f"{q:.3f} ms",
+                f"{f / q:.2f}x speed-up",
+            )
+        )
+    if c.accuracy:
+        f, q = c.accuracy
+        rows.append(("accuracy", f"{f:.2%}", f"{q:.2%}", f"{(q - f) * 100:+.2f} points"))
+    cells = "".join(
+        f"<tr><th>{html.escape(a)}</th><td>{b}</td><td>{q}</td><td>{d}</td></tr>"
+        for a, b, q, d in rows
+    )
+    outputs = []
+    for name, stats in c.outputs.items():
+        agreement = f"{stats.top1 / stats.rows:.2%}" if stats.classes and stats.rows else "—"
+        outputs.append(
+            f"<tr><td>{html.escape(name)}</td><td class=num>{stats.sqnr_db:.2f}</td>"
+            f"<td class=num>{stats.cosine:.6f}</td><td class=num>{agreement}</td></tr>"
+        )
+    return (
+        f'<section id="summary"><h2>Summary</h2><p class="note">{c.samples} samples</p>'
+        f"<table><tr><th></th><th>FP32</th><th>INT8</th><th></th></tr>{cells}</table><p></p>"
+        "<table><tr><th>output</th><th>SQNR (dB)</th><th>cosine</th>"
+        f"<th>top-1 agreement</th></tr>{''.join(outputs)}</table></section>"
+    )
+
+
+def _layers(layers: list[LayerRow], chart: Chart) -> str:
+    sensitivity = any(r.sensitivity_db is not None for r in layers)
+    head = "<th>node</th><th>op</th><th>decision</th><th>SQNR (dB)</th>"
+    head += "<th>sensitivity (dB)</th>" if sensitivity else ""
+    body = []
+    for r in layers:
+        cells = [
+            f"<td>{html.escape(r.node)}</td><td>{html.escape(r.op_type)}</td>",
+            f"<td>{'int8' if r.quantized else 'float'}: {html.escape(r.reason)}</td>",
+            _number(r.sqnr_db),
+        ]
+        if sensitivity:
+            cells.append(_number(r.sensitivity_db))
+        kind = "int8" if r.quantized else "float"
+        body.append(f'<tr class="{kind}" data-decision="{kind}">{"".join(cells)}</tr>')
+    drawn = [
+        r for r in layers if r.quantized and r.sqnr_db is not None and math.isfinite(r.sqnr_db)
+    ]
+    figure = go.Figure(
+        go.Bar(
+            y=[r.node for r in drawn],
+            x=[r.sqnr_db for r in drawn],
+            orientation="h",
+            name="SQNR (dB)",
+        )
+    )
+    if sensitivity:
+        figure.add_bar(
+            y=[r.node for r in drawn],
+            x=[r.sensitivity_db for r in drawn],
+            orientation="h",
+            name="sensitivity (dB)",
+        )
+    figure.update_layout(
+        height=max(260, 22 * len(drawn) + 80),
+        margin={"l": 8, "r": 8, "t": 30, "b": 30},
+        title="output SQNR per int8 layer (FP32 vs INT8)",
+        yaxis={"autorange": "reversed", "automargin": True},
+    )
+    return (
+        '<section id="layers"><h2>Layers</h2><div class="split"><div class="scroll">'
+        f'<table id="layer-table" class="sortable"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>{chart(figure)}</div></section>"
+    )
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return '<td class=num data-value="-Infinity">—</td>'
+    shown = f"{value:.2f}" if math.isfinite(value) else "exact"
+    return f'<td class=num data-value="{value if math.isfinite(value) else 1e9}">{shown}</td>'
+
+
+def _activations(data: ReportData, chart: Chart) -> str:
+    charts = "".join(chart(_histogram(v)) for v in data.activations)
+    more = data.hidden.get("activations", 0)
+    note = f"; {more} more left out (--all-charts shows every one)" if more else ""
+    return (
+        '<section id="activations"><h2>Activation histograms</h2><p class="note">FP32 values '
+        f"of each quantized activation, worst SQNR first{note}. Dashed: each calibration "
+        f"method's range; solid red: the range in the INT8 model.</p>"
+        f"<div class=grid>{charts}</div></section>"
+    )
+
+
+def _histogram(view: ActivationView) -> go.Figure:
+    centres = (view.edges[:-1] + view.edges[1:]) / 2
+    figure = go.Figure(go.Bar(x=centres, y=view.counts, marker_color="#1f77b4", showlegend=False))
+    for method, bounds in view.methods.items():
+        line = {"color": METHOD_COLOURS[method], "dash": "dash", "width": 1.5}
+        _range_lines(figure, bounds, method, line)
+    _range_lines(figure, view.chosen, f"chosen (~{view.closest})", {"color": CHOSEN, "width": 3})
+    sqnr = f", SQNR {view.sqnr_db:.1f} dB" if view.sqnr_db is not None else ""
+    figure.update_layout(
+        title={"text": f"{view.tensor}{sqnr}", "font": {"size": 12}},
+        height=280,
+        bargap=0,
+        margin={"l": 40, "r": 8, "t": 30, "b": 30},
+        legend={"font": {"size": 10}},
+        yaxis={"type": "log", "title": "count"},
+        yaxis2={"overlaying": "y", "range": [0, 1], "visible": False},
+    )
+    return figure
+
+
+def _range_lines(figure: go.Figure, bounds: tuple[float, float], name: str, line: dict) -> None:
+    """Two full-height vertical lines at `bounds`, one legend entry (on the hidden axis y2)."""
+    lo, hi = bounds
+    figure.add_scatter(
+        x=[lo, lo, None, hi, hi],
+        y=[0, 1, None, 0, 1],
+        yaxis="y2",
+        mode="lines",
+        name=f"{name} {lo:.3g}..{hi:.3g}",
+        line=line,
+    )
+
+
+def _weights(data: ReportData, chart: Chart) -> str:
+    charts = "".join(chart(_weight_ranges(w)) for w in data.weights)
+    more = data.hidden.get("weights", 0)
+    note = f"; {more} more left out (--all-charts shows every one)" if more else ""
+    return (
+        '<section id="weights"><h2>Weight ranges per output channel</h2><p class="note">Widest '
+        f"spread first (per-tensor magnitude / median channel magnitude){note}. The dashed lines "
+        f"are the per-tensor range.</p><div class=grid>{charts}</div></section>"
+    )
+
+
+def _weight_ranges(view: WeightView) -> go.Figure:
+    channels = list(range(view.lo.size))
+    figure = go.Figure(
+        go.Bar(
+            x=channels,
+            y=view.hi - view.lo,
+            base=view.lo,
+            marker_color="#1f77b4",
+            name="channel range",
+        )
+    )
+    for value in (float(view.lo.min()), float(view.hi.max())):
+        figure.add_hline(y=value, line={"color": CHOSEN, "dash": "dash", "width": 1})
+    figure.update_layout(
+        title={"text": f"{view.tensor} (spread {view.spread:.1f}x)", "font": {"size": 12}},
+        height=260,
+        margin={"l": 40, "r": 8, "t": 30, "b": 30},
+        showlegend=False,
+        xaxis={"title": "output channel"},
+    )
+    return figure
+
+
+def _profile(times: tuple[dict[str, float], dict[str, float]], chart: Chart) -> str:
+    figure = go.Figure()
+    for label, per_op in zip(("FP32", "INT8"), times, strict=True):
+        figure.add_bar(
+            y=list(per_op),
+            x=list(per_op.values()),
+            orientation="h",
+            name=f"{label} ({sum(per_op.values()):.3f} ms)",
+        )
+    rows = len(set(times[0]) | set(times[1]))
+    figure.update_layout(
+        height=max(240, 26 * rows + 80),
+        barmode="group",
+        xaxis={"title": "ms per run"},
+        yaxis={"autorange": "reversed", "automargin": True},
+        margin={"l": 8, "r": 8, "t": 30, "b": 40},
+        title="time per op type (ONNX Runtime profiler, 1 thread, batch 1, optimized graphs)",
+    )
+    return f'<section id="profile"><h2>Time per op type</h2>{chart(figure)}</section>'

@@ -1,0 +1,181 @@
+"""Everything the HTML report draws, measured on two models and a data set."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+import onnx
+from qdq.data import Samples, model_inputs
+from qdq.metrics import ErrorStats
+from qdq.observers import Histogram
+from qdq.onnx.model import load_model
+from qdq.onnx.sessions import session_with_outputs
+from qdq.plan.decisions import Decision
+from qdq.report.compare import Comparison, compare_models
+from qdq.report.profile import op_times_ms
+from qdq.report.ranges import (
+    ActivationView,
+    WeightView,
+    activation_view,
+    quantized_activations,
+    weight_views,
+)
+from qdq.report.sensitivity import layer_sensitivity
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+TOP = 12  # activations and weights drawn unless all are asked for: the worst ones
+PROFILE_RUNS = 20
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One node of the INT8 model: its decision, and the SQNR of its output against FP32."""
+
+    node: str
+    op_type: str
+    quantized: bool
+    reason: str
+    sqnr_db: float | None
+    sensitivity_db: float | None = None  # output SQNR gain when this layer alone reads float
+
+
+@dataclass
+class ReportData:
+    """What `write_report` draws."""
+
+    title: str
+    comparison: Comparison
+    layers: list[LayerRow]
+    activations: list[ActivationView]
+    weights: list[WeightView]
+    op_times: tuple[dict[str, float], dict[str, float]]  # FP32, INT8: ms per run per op type
+    hidden: dict[str, int] = field(default_factory=dict)  # charts left out, per section
+
+
+def measure(
+    float_path: str | os.PathLike[str],
+    quantized_path: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    decisions: list[Decision] | None = None,
+    max_samples: int | None = None,
+    everything: bool = False,
+    sensitivity: bool = False,
+) -> ReportData:
+    """Compare the models as `qdq compare` does, then measure per layer: output SQNR, the
+    histogram of each quantized activation (FP32 values), weight ranges and time per op type.
+
+    `decisions` (from the quantization run) give each node's reason; without them a node is
+    int8 when Q/DQ surround it in the INT8 model. Unless `everything`, only the TOP worst
+    activations (lowest SQNR) and weights (widest channel spread) are kept.
+    """
+    comparison = compare_models(float_path, quantized_path, data, max_samples=max_samples)
+    reference, quantized = load_model(float_path), load_model(quantized_path)
+    samples = Samples(data, model_inputs(reference), max_samples)
+    sqnr, histograms = _stream(reference, quantized, samples)
+    chosen = quantized_activations(quantized)
+    # Worst first: the KL and MSE searches run only on the activations drawn.
+    tensors = sorted(histograms, key=lambda t: sqnr.get(t, np.inf))
+    keep = len(tensors) if everything else TOP
+    views = [
+        replace(activation_view(t, histograms[t], chosen[t]), sqnr_db=sqnr.get(t))
+        for t in tensors[:keep]
+    ]
+    weights = sorted(weight_views(quantized), key=lambda w: -w.spread)
+    layers = _layers(quantized, decisions, sqnr)
+    if sensitivity:
+        feeds = list(samples.batches(8, last=16))
+        gains = layer_sensitivity(
+            reference, quantized, [r.node for r in layers if r.quantized], feeds
+        )
+        layers = [replace(r, sensitivity_db=gains.get(r.node)) for r in layers]
+    first = next(samples.batches(1))
+    times = (
+        op_times_ms(float_path, first, PROFILE_RUNS),
+        op_times_ms(quantized_path, first, PROFILE_RUNS),
+    )
+    return ReportData(
+        title=f"{Path(float_path).name} -> {Path(quantized_path).name}",
+        comparison=comparison,
+        layers=layers,
+        activations=views,
+        weights=weights if everything else weights[:TOP],
+        op_times=times,
+        hidden={
+            "activations": len(tensors) - len(views),
+            "weights": 0 if everything else max(0, len(weights) - TOP),
+        },
+    )
+
+
+def _stream(
+    reference: onnx.ModelProto, quantized: onnx.ModelProto, samples: Samples
+) -> tuple[dict[str, float], dict[str, Histogram]]:
+    """Per float tensor of the INT8 model that the FP32 model also computes: its SQNR (INT8
+    against FP32), and the FP32 histogram of each tensor a QuantizeLinear reads."""
+    names = {o for n in reference.graph.node for o in n.output} | {
+        i.name for i in reference.graph.input
+    }
+    computed = [o for n in quantized.graph.node if n.op_type not in QDQ_OPS for o in n.output[:1]]
+    compared = [_float_name(o) for o in computed if _float_name(o) in names]
+    drawn = [t for t in quantized_activations(quantized) if t in names]
+    ref_names = list(dict.fromkeys(compared + drawn))
+    q_names = [o for o in computed if _float_name(o) in names]
+    ref_session = session_with_outputs(reference, ref_names)
+    q_session = session_with_outputs(quantized, q_names)
+    stats = {name: ErrorStats() for name in compared}
+    histograms = {name: Histogram() for name in drawn}
+    for feed in samples.batches(16):
+        want = dict(zip(ref_names, ref_session.run(ref_names, feed), strict=True))
+        got = q_session.run(q_names, feed)
+        for name, value in zip(compared, got, strict=True):
+            stats[name].update(want[name], value)
+        for name, hist in histograms.items():
+            if want[name].size and np.isfinite(want[name]).all():
+                hist.update(want[name])
+    return {k: s.sqnr_db for k, s in stats.items()}, {k: h for k, h in histograms.items() if h.seen}
+
+
+def _float_name(tensor: str) -> str:
+    """The FP32 name of an INT8 model's tensor (a quantized graph output keeps its name on the
+    dequantized copy and its float original gets this suffix)."""
+    return tensor.removesuffix("_prequant")
+
+
+def _layers(
+    quantized: onnx.ModelProto, decisions: list[Decision] | None, sqnr: dict[str, float]
+) -> list[LayerRow]:
+    """One row per computing node of the INT8 model, in graph order: int8 when it reads a
+    DequantizeLinear or feeds a QuantizeLinear."""
+    given = {d.node: d for d in decisions or []}
+    dequantized = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    quantizing = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
+    rows = []
+    for node in quantized.graph.node:
+        if node.op_type in QDQ_OPS:
+            continue
+        seen = any(i in dequantized for i in node.input) or any(
+            o in quantizing for o in node.output
+        )
+        rows.append(
+            LayerRow(
+                node.name,
+                node.op_type,
+                seen,
+                _reason(given.get(node.name), seen),
+                sqnr.get(_float_name(node.output[0])) if node.output else None,
+            )
+        )
+    return rows
+
+
+def _reason(decision: Decision | None, seen: bool) -> str:
+    """The decision's reason where the INT8 model bears it out; else what the model shows."""
+    if decision is not None and decision.quantized == seen:
+        return "int8 flows into it" if decision.reason.startswith("pending") else decision.reason
+    if decision is not None and decision.quantized:
+        return "kept float after calibration (a range unfit for int8, or the accuracy budget)"
+    return "Q/DQ around it in the INT8 model" if seen else "no Q/DQ around it in the INT8 model"

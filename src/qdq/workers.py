@@ -1,0 +1,172 @@
+"""Where independent tasks run: in this process, in local worker processes, or on a Ray cluster.
+
+`Workers(count=2).map(setup, task, context, items)` returns `[task(setup(context), item) for item
+in items]`, in the order of `items`, whatever the scheduling. `context` (a model, the data) travels
+once per worker process, not once per task: local workers are forked with it (their
+initializer runs `setup`), and Ray workers fetch it from the object store on their first task
+and keep `setup`'s result for the rest. A worker that dies mid-task (killed, out of memory) has
+its unfinished tasks run again, up to `retries` times. Nothing here schedules: local processes
+come from `concurrent.futures`, Ray tasks from Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from qdq.errors import QdqError, UsageError
+
+log = logging.getLogger(__name__)
+C, S, T, R = TypeVar("C"), TypeVar("S"), TypeVar("T"), TypeVar("R")
+# In each worker process: the run's token -> (task, setup's result). One run at a time.
+_INSTALLED: dict[str, tuple[Callable[[Any, Any], Any], Any]] = {}
+
+
+class WorkerError(QdqError, RuntimeError):
+    """Workers that kept dying: every retry of a task was lost with its process."""
+
+
+@dataclass(frozen=True)
+class Workers:
+    """`count` local processes (1: this process, no pool), or a Ray cluster at `ray` ("auto",
+    or an address such as "ray://head:10001"), on which Ray decides how many tasks run at once.
+    `retries`: how often a task lost with its worker is run again."""
+
+    count: int = 1
+    ray: str | None = None
+    retries: int = 3
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise UsageError(f"`workers` must be >= 1, got {self.count}")
+        if self.retries < 0:
+            raise UsageError(f"`retries` must be >= 0, got {self.retries}")
+
+    @property
+    def parallel(self) -> bool:
+        """Whether tasks leave this process (and work is therefore split into shards)."""
+        return self.count > 1 or self.ray is not None
+
+    def map(
+        self,
+        setup: Callable[[C], S],
+        task: Callable[[S, T], R],
+        context: C,
+        items: Sequence[T],
+    ) -> list[R]:
+        """`task(setup(context), item)` for each item, in the order of `items`."""
+        if not items:
+            return []
+        if self.ray is not None:
+            return _ray_map(self.ray, self.retries, setup, task, context, items)
+        if self.count == 1:
+            state = setup(context)
+            return [task(state, item) for item in items]
+        return _local_map(self.count, self.retries, setup, task, context, items)
+
+
+ONE_PROCESS = Workers()
+
+
+def _install(token: str, setup: Callable, task: Callable, context: object) -> None:
+    """A local worker's initializer: the context arrived with the fork; `setup` runs once."""
+    # The parent decides what an interrupt means; a worker finishes its task (a shard: seconds).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    _INSTALLED.clear()
+    _INSTALLED[token] = (task, setup(context))
+
+
+def _call(token: str, item: object) -> object:
+    task, state = _INSTALLED[token]
+    return task(state, item)
+
+
+def _local_map(
+    count: int, retries: int, setup: Callable, task: Callable, context: object, items: Sequence
+) -> list:
+    """Forked workers: `context` is inherited (no pickling, closures welcome); items and results
+    are pickled. A dead worker breaks the whole pool, so a fresh pool runs what was left."""
+    token = uuid.uuid4().hex
+    fork = multiprocessing.get_context("fork")
+    results: dict[int, object] = {}
+    for attempt in range(retries + 1):
+        left = [i for i in range(len(items)) if i not in results]
+        workers = min(count, len(left))
+        with ProcessPoolExecutor(
+            workers, fork, initializer=_install, initargs=(token, setup, task, context)
+        ) as pool:
+            futures = {pool.submit(_call, token, items[i]): i for i in left}
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            lost = False
+            for future in done:
+                error = future.exception()
+                if error is None:
+                    results[futures[future]] = future.result()
+                elif isinstance(error, BrokenProcessPool):
+                    lost = True
+                else:
+                    pool.shutdown(cancel_futures=True)
+                    raise error
+            if not lost:
+                for future in futures:  # FIRST_EXCEPTION returned with all of them done
+                    results[futures[future]] = future.result()
+                return [results[i] for i in range(len(items))]
+        log.warning(
+            "a worker died (attempt %d of %d); running its %d unfinished tasks again",
+            attempt + 1,
+            retries + 1,
+            len(items) - len(results),
+        )
+    raise WorkerError(
+        f"workers kept dying ({retries + 1} attempts); check memory (each worker holds a "
+        "session of the model), or run with fewer workers"
+    )
+
+
+def _ray_map(
+    address: str, retries: int, setup: Callable, task: Callable, context: object, items: Sequence
+) -> list:
+    """Ray tasks: the context goes into the object store once; Ray retries lost tasks."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--ray needs Ray: pip install 'qdq[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    shared = ray.put((setup, task, context))
+    # Ray starts workers with OMP_NUM_THREADS=1; NumPy's BLAS sums in an order that depends on
+    # its thread count (evaluation's error sums moved in the last bit), so they get this one's.
+    threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    remote = ray.remote(_ray_call).options(
+        max_retries=retries,
+        retry_exceptions=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
+    )
+    token = uuid.uuid4().hex
+    # The reference inside a list is not resolved for every task: a worker fetches it once.
+    return ray.get([remote.remote(token, [shared], item) for item in items])
+
+
+def _ray_call(token: str, shared: list, item: object) -> object:
+    if token not in _INSTALLED:
+        import ray
+
+        setup, task, context = ray.get(shared[0])
+        _INSTALLED.clear()
+        _INSTALLED[token] = (task, setup(context))
+    return _call(token, item)
+
+
+def same(context: C) -> C:
+    """The `setup` of tasks that need the context as it is."""
+    return context

@@ -1,0 +1,133 @@
+"""The HTML report's pieces: profiler sums, histogram views, the layer bypass, and a page that
+needs nothing from the network."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnx
+from qdq.observers import Histogram
+from qdq.report.html import render, write_report
+from qdq.report.measure import measure
+from qdq.report.profile import _per_op_type
+from qdq.report.ranges import activation_view, quantized_activations, weight_views
+from qdq.report.sensitivity import bypassed
+
+from conftest import DIGITS, quantize_cnn
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """The digits CNN quantized, and what its report draws (200 test images)."""
+    int8, report = quantize_cnn(tmp_path_factory.mktemp("digits"))
+    data = measure(
+        DIGITS / "cnn.onnx",
+        int8,
+        DIGITS / "test.npz",
+        report.decisions,
+        max_samples=200,
+        sensitivity=True,
+    )
+    return int8, data
+
+
+def test_profile_sums_kernel_time_per_op_type_and_skips_the_warm_up():
+    events = [
+        {"name": "model_run", "ts": 0, "dur": 90},  # warm-up: left out
+        {"cat": "Node", "name": "a_kernel_time", "ts": 1, "dur": 50, "args": {"op_name": "Conv"}},
+        {"name": "model_run", "ts": 100, "dur": 9},
+        {
+            "cat": "Node",
+            "name": "a_kernel_time",
+            "ts": 101,
+            "dur": 3000,
+            "args": {"op_name": "Conv"},
+        },
+        {"cat": "Node", "name": "a_fence_before", "ts": 102, "dur": 7, "args": {"op_name": "Conv"}},
+        {
+            "cat": "Node",
+            "name": "b_kernel_time",
+            "ts": 103,
+            "dur": 1000,
+            "args": {"op_name": "Relu"},
+        },
+        {"name": "model_run", "ts": 200, "dur": 9},
+        {
+            "cat": "Node",
+            "name": "a_kernel_time",
+            "ts": 201,
+            "dur": 1000,
+            "args": {"op_name": "Conv"},
+        },
+    ]
+    # Conv: (3000 + 1000) µs over 2 runs = 2 ms per run; Relu: 1000 µs / 2 = 0.5 ms
+    assert _per_op_type(events, runs=2) == {"Conv": 2.0, "Relu": 0.5}
+
+
+def test_activation_view_marks_each_method_on_the_observed_range():
+    x = np.random.default_rng(0).normal(size=100_000).astype(np.float32)
+    hist = Histogram()
+    hist.update(x)
+    view = activation_view("x", hist, chosen=(-3.0, 3.0))
+    assert view.counts.sum() == x.size  # regrouped, nothing lost
+    assert view.edges[0] <= x.min()
+    assert view.edges[-1] >= x.max()
+    assert view.methods["minmax"] == (float(x.min()), float(x.max()))
+    for method in ("percentile", "kl", "mse"):  # each clips the tails of a Gaussian
+        lo, hi = view.methods[method]
+        assert x.min() <= lo < 0 < hi <= x.max()
+    assert view.closest in view.methods
+
+
+def test_ranges_are_read_from_the_int8_models_qdq_nodes(digits):
+    int8, _ = digits
+    model = onnx.load(int8)
+    ranges = quantized_activations(model)
+    lo, hi = ranges["/2/Relu_output_0"]  # uint8 after a ReLU: (0 - zp) * scale == 0
+    assert lo == 0.0
+    assert hi > 0
+    weights = weight_views(model)
+    assert {w.tensor for w in weights} == {
+        "/0/Conv weight",
+        "/3/Conv weight",
+        "/7/Conv weight",
+        "/12/Gemm weight",
+    }
+    assert all(w.lo.shape == w.hi.shape and (w.lo <= w.hi).all() for w in weights)
+    assert all(w.spread >= 1 for w in weights)
+
+
+def test_a_bypassed_layer_reads_float_and_its_consumer_reads_its_float_output(digits):
+    int8, _ = digits
+    model = bypassed(onnx.load(int8), "/3/Conv")
+    nodes = {n.name: n for n in model.graph.node}
+    assert nodes["/3/Conv"].input[0] == "/2/Relu_output_0"  # not its dequantized copy
+    assert nodes["/6/MaxPool"].input[0] == "/5/Relu_output_0_dq"  # Relu's output stays int8
+    relu = bypassed(onnx.load(int8), "/5/Relu")
+    assert {n.name: n for n in relu.graph.node}["/6/MaxPool"].input[0] == "/5/Relu_output_0"
+
+
+def test_one_row_per_node_with_sqnr_and_sensitivity(digits):
+    _, data = digits
+    assert [r.node for r in data.layers][:3] == ["/0/Conv", "/2/Relu", "/3/Conv"]
+    assert all(r.quantized for r in data.layers)
+    assert all(r.sqnr_db is not None and r.sqnr_db > 20 for r in data.layers)
+    assert all(r.sensitivity_db is not None for r in data.layers)
+    sqnr = [v.sqnr_db for v in data.activations]  # the input has none: it comes last
+    assert sqnr[-1] is None
+    assert sqnr[:-1] == sorted(sqnr[:-1])
+
+
+def test_the_page_is_one_file_that_loads_nothing(digits, tmp_path):
+    _, data = digits
+    page = render(data)
+    assert not re.search(r"""<(script|link|img|iframe)[^>]+(src|href)=""", page)
+    assert "@import" not in page
+    assert page.count("<table") == 3  # the summary's two, the layers'
+    size = write_report(data, tmp_path / "report.html")
+    assert size == (tmp_path / "report.html").stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary left

@@ -1,0 +1,150 @@
+"""Work split over worker processes gives the same files whatever the number of workers, and
+survives a worker that dies."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qdq.plan.calibrate as calibrate_module
+from qdq.cli import main
+from qdq.config import preset_config
+from qdq.data import Samples, model_inputs
+from qdq.errors import UsageError
+from qdq.onnx.model import load_model
+from qdq.pipeline import quantize_model
+from qdq.report.compare import compare_models
+from qdq.workers import Workers, same
+
+from conftest import DIGITS, digits_cnn_sqnr
+
+
+def _square_plus(offset: int, item: int) -> tuple[int, int]:
+    return item * item + offset, os.getpid()
+
+
+def _quantized(folder: Path, workers: Workers, name: str, **options: object) -> bytes:
+    out = folder / f"{name}.onnx"
+    config = preset_config("default", workers=workers, **options)
+    quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", config)
+    return out.read_bytes()
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    """Shards of 64 of the 256 calibration samples, so that 2 and 3 workers both split them."""
+    monkeypatch.setattr(calibrate_module, "SHARD_SAMPLES", 64)
+
+
+def test_results_come_back_in_item_order_from_every_worker_count():
+    items = list(range(20))
+    want = [i * i + 7 for i in items]
+    for count in (1, 2, 3):
+        results = Workers(count).map(same, _square_plus, 7, items)
+        assert [value for value, _ in results] == want
+    pids = {pid for _, pid in Workers(3).map(same, _square_plus, 7, items)}
+    assert os.getpid() not in pids  # the work left this process
+
+
+def test_a_worker_count_below_one_is_refused():
+    with pytest.raises(UsageError, match="workers"):
+        Workers(0)
+
+
+def test_samples_pickle_without_open_files_and_read_the_same():
+    samples = Samples(DIGITS / "calib.npz", model_inputs(load_model(DIGITS / "cnn.onnx")))
+    copy = pickle.loads(pickle.dumps(samples))
+    first, again = next(samples.batches(8, first=40)), next(copy.batches(8, first=40))
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.usefixtures("small_shards")
+def test_two_and_three_workers_write_the_same_bytes_and_one_is_close(tmp_path):
+    two = _quantized(tmp_path, Workers(2), "two")
+    three = _quantized(tmp_path, Workers(3), "three")
+    assert two == three
+    # One worker observes all 256 samples as one shard (the path without workers), so its
+    # histograms are binned once rather than merged: close, not identical.
+    one = tmp_path / "one.onnx"
+    _quantized(tmp_path, Workers(1), "one")
+    assert abs(digits_cnn_sqnr(one) - digits_cnn_sqnr(tmp_path / "two.onnx")) < 0.5
+
+
+def test_minmax_ranges_from_shards_equal_one_pass(small_shards):
+    model = load_model(DIGITS / "cnn.onnx")
+    samples = Samples(DIGITS / "calib.npz", model_inputs(model))
+    names = [o.name for o in model.graph.output] + [n.output[0] for n in model.graph.node]
+
+    def run(workers: Workers) -> dict:
+        from qdq.observers import MinMaxObserver
+
+        return calibrate_module.calibrate(
+            model, samples, lambda _: MinMaxObserver(), names, 16, False, (), workers
+        )[0]
+
+    one, three = run(Workers(1)), run(Workers(3))
+    assert one.keys() == three.keys()
+    for name in one:  # min and max merge exactly, so the sharding is invisible
+        assert np.array_equal(one[name].lo, three[name].lo)
+        assert np.array_equal(one[name].hi, three[name].hi)
+
+
+def test_the_accuracy_search_gives_the_one_process_result(tmp_path):
+    # 256 samples: one calibration shard, so only the search itself runs on the workers.
+    reports = {}
+    for count in (1, 2):
+        config = preset_config("default", weight_bits=4, target_sqnr=30.0, workers=Workers(count))
+        out = tmp_path / f"{count}.onnx"
+        reports[count] = quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", config)
+    assert (tmp_path / "1.onnx").read_bytes() == (tmp_path / "2.onnx").read_bytes()
+    assert reports[1].kept_float == reports[2].kept_float
+    assert any("kept float to meet" in d.reason for d in reports[2].kept_float)
+
+
+@pytest.mark.usefixtures("small_shards")
+def test_a_worker_killed_mid_run_is_replaced_and_the_file_is_identical(tmp_path, monkeypatch):
+    calm = _quantized(tmp_path, Workers(2), "calm")
+    observe, marker = calibrate_module._observe, tmp_path / "killed"
+
+    def dies_once(opened, span):
+        if span[0] == 128 and not marker.exists():  # the third shard, its first attempt
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return observe(opened, span)
+
+    monkeypatch.setattr(calibrate_module, "_observe", dies_once)
+    assert _quantized(tmp_path, Workers(2), "killed") == calm
+    assert marker.exists()
+
+
+@pytest.mark.slow
+def test_evaluation_is_the_same_on_two_and_three_workers(tmp_path):
+    quantized = tmp_path / "q.onnx"
+    quantize_model(DIGITS / "cnn.onnx", quantized, DIGITS / "calib.npz")
+
+    def compared(workers: Workers) -> dict:
+        args = (DIGITS / "cnn.onnx", quantized, DIGITS / "test.npz")
+        return compare_models(*args, batch_size=16, latency_runs=0, workers=workers).as_dict()
+
+    one, two, three = compared(Workers(1)), compared(Workers(2)), compared(Workers(3))
+    assert two == three
+    assert one["samples"] == two["samples"] == 540
+    assert one["accuracy"] == two["accuracy"]  # counts: exact whatever the shards
+    assert one["outputs"]["logits"]["sqnr_db"] == pytest.approx(two["outputs"]["logits"]["sqnr_db"])
+
+
+def test_the_cli_takes_workers_and_refuses_workers_with_ray(tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    model, calib = str(DIGITS / "cnn.onnx"), str(DIGITS / "calib.npz")
+    assert main(["quantize", model, "-o", str(out), "--calib", calib, "--workers", "2"]) == 0
+    data = ["--data", str(DIGITS / "test.npz"), "--latency-runs", "0"]
+    assert main(["compare", model, str(out), *data, "--workers", "2"]) == 0
+    capsys.readouterr()
+    again = ["quantize", model, "-o", str(tmp_path / "r.onnx"), "--calib", calib]
+    assert main([*again, "--workers", "2", "--ray", "auto"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
