@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import models
-import onnx
-from onnx import numpy_helper
 
 from conftest import DIGITS, digits_cnn_sqnr
 

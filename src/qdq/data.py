@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
 import onnx
 from onnx import helper
+
 from qdq.arrayfile import check_regular, load_npy, open_npy, open_npz
 from qdq.errors import DataError, ModelError
 

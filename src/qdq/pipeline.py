@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-import onnx
 from qdq.config import OutputFormat, Placement, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, ModelError, QdqError, choice

@@ -15,13 +15,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from hostile import MODEL_BYTES, Workspace, X, npy_bytes, npz_bytes, png_header, run_contract
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-import onnx
 
 pytestmark = pytest.mark.slow  # end-to-end: `pytest -m "not slow"` skips it
 

@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
-import onnx
 from qdq.observers import Histogram
 from qdq.report.html import render, write_report
 from qdq.report.measure import measure

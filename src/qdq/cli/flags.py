@@ -9,9 +9,9 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import onnx
 from google.protobuf.message import DecodeError
 
-import onnx
 from qdq.errors import UsageError
 
 # Ops that only a quantized model holds: quantizing it again would round twice.

@@ -10,11 +10,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
-
-import onnx
 from onnx import external_data_helper, helper, version_converter
+
 from qdq.errors import ModelError
 from qdq.onnx.sessions import Use, open_session
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
-
 import onnx
+
 from qdq.metrics import sqnr_db
 from qdq.onnx.sessions import median_latency_ms, open_session
 from qdq.plan.build import BudgetResult, Plan

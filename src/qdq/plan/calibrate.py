@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 from tqdm import tqdm
 
-import onnx
 from qdq.data import Samples
 from qdq.errors import DataError
 from qdq.observers import Observer

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import onnx
+
 from qdq.arrayfile import open_npz
 from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, ModelError

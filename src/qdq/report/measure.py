@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-
 import onnx
+
 from qdq.data import Samples, model_inputs
 from qdq.metrics import ErrorStats
 from qdq.observers import Histogram

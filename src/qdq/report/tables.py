@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import onnx
+
 from qdq.errors import ModelError, choice
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.onnx.model import METADATA_KEY, load_model
