@@ -201,14 +201,23 @@ def _number(value: float | None) -> str:
 
 
 def _activations(data: ReportData, chart: Chart) -> str:
-    charts = "".join(chart(_histogram(v)) for v in data.activations)
-    more = data.hidden.get("activations", 0)
-    note = f"; {more} more left out (--all-charts shows every one)" if more else ""
+    return _charts(
+        "activations",
+        "Activation histograms",
+        "FP32 values of each quantized activation, worst SQNR first{more}. Dashed: each "
+        "calibration method's range; solid red: the range in the INT8 model.",
+        [chart(_histogram(v)) for v in data.activations],
+        data,
+    )
+
+
+def _charts(key: str, title: str, text: str, charts: list[str], data: ReportData) -> str:
+    """A section of charts in a grid; `{more}` in `text` says how many were left out."""
+    more = data.hidden.get(key, 0)
+    left_out = f"; {more} more left out (--all-charts shows every one)" if more else ""
     return (
-        '<section id="activations"><h2>Activation histograms</h2><p class="note">FP32 values '
-        f"of each quantized activation, worst SQNR first{note}. Dashed: each calibration "
-        f"method's range; solid red: the range in the INT8 model.</p>"
-        f"<div class=grid>{charts}</div></section>"
+        f'<section id="{key}"><h2>{title}</h2><p class="note">{text.format(more=left_out)}</p>'
+        f"<div class=grid>{''.join(charts)}</div></section>"
     )
 
 
@@ -246,13 +255,13 @@ def _range_lines(figure: go.Figure, bounds: tuple[float, float], name: str, line
 
 
 def _weights(data: ReportData, chart: Chart) -> str:
-    charts = "".join(chart(_weight_ranges(w)) for w in data.weights)
-    more = data.hidden.get("weights", 0)
-    note = f"; {more} more left out (--all-charts shows every one)" if more else ""
-    return (
-        '<section id="weights"><h2>Weight ranges per output channel</h2><p class="note">Widest '
-        f"spread first (per-tensor magnitude / median channel magnitude){note}. The dashed lines "
-        f"are the per-tensor range.</p><div class=grid>{charts}</div></section>"
+    return _charts(
+        "weights",
+        "Weight ranges per output channel",
+        "Widest spread first (per-tensor magnitude / median channel magnitude){more}. The "
+        "dashed lines are the per-tensor range.",
+        [chart(_weight_ranges(w)) for w in data.weights],
+        data,
     )
 
 
