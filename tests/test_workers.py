@@ -21,7 +21,7 @@ from qdq.pipeline import quantize_model
 from qdq.report.compare import compare_models
 from qdq.workers import Workers, same
 
-from conftest import DIGITS, digits_cnn_sqnr
+from conftest import DIGITS
 
 
 def _square_plus(offset: int, item: int) -> tuple[int, int]:
@@ -64,15 +64,10 @@ def test_samples_pickle_without_open_files_and_read_the_same():
 
 
 @pytest.mark.usefixtures("small_shards")
-def test_two_and_three_workers_write_the_same_bytes_and_one_is_close(tmp_path):
-    two = _quantized(tmp_path, Workers(2), "two")
-    three = _quantized(tmp_path, Workers(3), "three")
-    assert two == three
-    # One worker observes all 256 samples as one shard (the path without workers), so its
-    # histograms are binned once rather than merged: close, not identical.
-    one = tmp_path / "one.onnx"
-    _quantized(tmp_path, Workers(1), "one")
-    assert abs(digits_cnn_sqnr(one) - digits_cnn_sqnr(tmp_path / "two.onnx")) < 0.5
+def test_one_two_and_three_workers_write_the_same_bytes_over_several_shards(tmp_path):
+    one = _quantized(tmp_path, Workers(1), "one")
+    assert _quantized(tmp_path, Workers(2), "two") == one
+    assert _quantized(tmp_path, Workers(3), "three") == one
 
 
 def test_minmax_ranges_from_shards_equal_one_pass(small_shards):
@@ -108,7 +103,7 @@ def test_the_accuracy_search_gives_the_one_process_result(tmp_path):
 
 @pytest.mark.usefixtures("small_shards")
 def test_a_worker_killed_mid_run_is_replaced_and_the_file_is_identical(tmp_path, monkeypatch):
-    calm = _quantized(tmp_path, Workers(2), "calm")
+    calm = _quantized(tmp_path, Workers(1), "calm")
     observe, marker = calibrate_module._observe, tmp_path / "killed"
 
     def dies_once(opened, span):
@@ -123,7 +118,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_file_is_identical(tmp_path,
 
 
 @pytest.mark.slow
-def test_evaluation_is_the_same_on_two_and_three_workers(tmp_path):
+def test_evaluation_is_the_same_on_one_two_and_three_workers(tmp_path):
     quantized = tmp_path / "q.onnx"
     quantize_model(DIGITS / "cnn.onnx", quantized, DIGITS / "calib.npz")
 
@@ -131,11 +126,10 @@ def test_evaluation_is_the_same_on_two_and_three_workers(tmp_path):
         args = (DIGITS / "cnn.onnx", quantized, DIGITS / "test.npz")
         return compare_models(*args, batch_size=16, latency_runs=0, workers=workers).as_dict()
 
-    one, two, three = compared(Workers(1)), compared(Workers(2)), compared(Workers(3))
-    assert two == three
-    assert one["samples"] == two["samples"] == 540
-    assert one["accuracy"] == two["accuracy"]  # counts: exact whatever the shards
-    assert one["outputs"]["logits"]["sqnr_db"] == pytest.approx(two["outputs"]["logits"]["sqnr_db"])
+    one = compared(Workers(1))
+    assert one["samples"] == 540
+    assert compared(Workers(2)) == one
+    assert compared(Workers(3)) == one
 
 
 def test_the_cli_takes_workers_and_refuses_workers_with_ray(tmp_path, capsys):
@@ -144,6 +138,8 @@ def test_the_cli_takes_workers_and_refuses_workers_with_ray(tmp_path, capsys):
     assert main(["quantize", model, "-o", str(out), "--calib", calib, "--workers", "2"]) == 0
     data = ["--data", str(DIGITS / "test.npz"), "--latency-runs", "0"]
     assert main(["compare", model, str(out), *data, "--workers", "2"]) == 0
+    html = ["-o", str(tmp_path / "r.html"), "--data", str(DIGITS / "test.npz")]
+    assert main(["report", model, str(out), *html, "--workers", "2"]) == 0
     capsys.readouterr()
     again = ["quantize", model, "-o", str(tmp_path / "r.onnx"), "--calib", calib]
     assert main([*again, "--workers", "2", "--ray", "auto"]) == 2

@@ -6,7 +6,8 @@ once per worker process, not once per task: local workers are forked with it (th
 initializer runs `setup`), and Ray workers fetch it from the object store on their first task
 and keep `setup`'s result for the rest. A worker that dies mid-task (killed, out of memory) has
 its unfinished tasks run again, up to `retries` times. Nothing here schedules: local processes
-come from `concurrent.futures`, Ray tasks from Ray.
+come from `concurrent.futures`, Ray tasks from Ray. In a worker, `session_threads()` is its
+share of the machine's cores, for the ONNX Runtime sessions it opens.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, TypeVar
 
 from qdq.errors import QdqError, UsageError
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 C, S, T, R = TypeVar("C"), TypeVar("S"), TypeVar("T"), TypeVar("R")
 # In each worker process: the run's token -> (task, setup's result). One run at a time.
 _INSTALLED: dict[str, tuple[Callable[[Any, Any], Any], Any]] = {}
+# In a worker process: the intra-op threads of each session it opens; None in the driver.
+_THREADS: int | None = None
 
 
 class WorkerError(QdqError, RuntimeError):
@@ -55,6 +59,13 @@ class Workers:
         """Whether tasks leave this process (and work is therefore split into shards)."""
         return self.count > 1 or self.ray is not None
 
+    @property
+    def width(self) -> int:
+        """How many tasks run at once: `count`, or the CPUs of the Ray cluster."""
+        if self.ray is None:
+            return self.count
+        return max(1, int(_connected(self.ray).cluster_resources().get("CPU", 1)))
+
     def map(
         self,
         setup: Callable[[C], S],
@@ -76,12 +87,26 @@ class Workers:
 ONE_PROCESS = Workers()
 
 
-def _install(token: str, setup: Callable, task: Callable, context: object) -> None:
+def session_threads() -> int | None:
+    """Intra-op threads for an ONNX Runtime session opened in this process: in a worker, its
+    share of the cores (workers that each took every core slowed each other down); in the
+    driver, None (ONNX Runtime's default, every core)."""
+    return _THREADS
+
+
+def _share(workers: float) -> int:
+    """The cores of this machine split between `workers` processes."""
+    return max(1, int((os.cpu_count() or 1) // workers))
+
+
+def _install(token: str, threads: int, setup: Callable, task: Callable, context: object) -> None:
     """A local worker's initializer: the context arrived with the fork; `setup` runs once."""
+    global _THREADS
     # The parent decides what an interrupt means; a worker finishes its task (a shard: seconds).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
+    _THREADS = threads
     _INSTALLED.clear()
     _INSTALLED[token] = (task, setup(context))
 
@@ -103,7 +128,10 @@ def _local_map(
         left = [i for i in range(len(items)) if i not in results]
         workers = min(count, len(left))
         with ProcessPoolExecutor(
-            workers, fork, initializer=_install, initargs=(token, setup, task, context)
+            workers,
+            fork,
+            initializer=_install,
+            initargs=(token, _share(workers), setup, task, context),
         ) as pool:
             futures = {pool.submit(_call, token, items[i]): i for i in left}
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -133,16 +161,22 @@ def _local_map(
     )
 
 
-def _ray_map(
-    address: str, retries: int, setup: Callable, task: Callable, context: object, items: Sequence
-) -> list:
-    """Ray tasks: the context goes into the object store once; Ray retries lost tasks."""
+def _connected(address: str) -> ModuleType:
+    """Ray, connected to the cluster at `address` unless already connected."""
     try:
         import ray
     except ImportError:
         raise UsageError("--ray needs Ray: pip install 'qdq[ray]'") from None
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _ray_map(
+    address: str, retries: int, setup: Callable, task: Callable, context: object, items: Sequence
+) -> list:
+    """Ray tasks: the context goes into the object store once; Ray retries lost tasks."""
+    ray = _connected(address)
     shared = ray.put((setup, task, context))
     # Ray starts workers with OMP_NUM_THREADS=1; NumPy's BLAS sums in an order that depends on
     # its thread count (evaluation's error sums moved in the last bit), so they get this one's.
@@ -158,10 +192,15 @@ def _ray_map(
 
 
 def _ray_call(token: str, shared: list, item: object) -> object:
+    global _THREADS
     if token not in _INSTALLED:
         import ray
 
         setup, task, context = ray.get(shared[0])
+        # Ray runs as many one-CPU tasks at once on a node as the node has CPUs.
+        node = ray.get_runtime_context().get_node_id()
+        cpus = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node]
+        _THREADS = _share(cpus[0] if cpus else 1)
         _INSTALLED.clear()
         _INSTALLED[token] = (task, setup(context))
     return _call(token, item)

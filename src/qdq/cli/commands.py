@@ -178,6 +178,7 @@ def _write_html(
         max_samples=args.max_samples,
         everything=args.all_charts,
         sensitivity=args.sensitivity,
+        workers=_workers(args),
     )
     size = write_report(measured, target)
     return f"wrote {target}: HTML report, {size / 1e6:.1f} MB, opens offline"

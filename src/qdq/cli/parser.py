@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("-o", "--output", required=True, help="the .html file to write")
     h.add_argument("--max-samples", type=at_least(1))
     _report_flags(h)
+    _worker_flags(h)
     h.set_defaults(run=report)
 
     i = commands.add_parser("inspect", help="which nodes would be quantized, and why not")

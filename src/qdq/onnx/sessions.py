@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qdq.workers import session_threads
+
 PROVIDERS = ["CPUExecutionProvider"]
 
 
@@ -39,10 +41,17 @@ def open_session(
     *,
     level: ort.GraphOptimizationLevel | None = None,
     optimized_path: Path | None = None,
+    threads: int | None = None,
 ) -> ort.InferenceSession:
     """A CPU session of `model` (a proto, its bytes, or a path) with `use`'s options; REWRITE
-    takes the optimization `level` and writes the optimized graph to `optimized_path`."""
+    takes the optimization `level` and writes the optimized graph to `optimized_path`.
+    `threads` sets the intra-op threads; by default, in a worker process, its share of the
+    cores (`qdq.workers.session_threads`), except for the one-thread timing uses."""
     options = _options(use)
+    if threads is None and use not in (Use.LATENCY, Use.PROFILE):
+        threads = session_threads()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if level is not None:
         options.graph_optimization_level = level
     if optimized_path is not None:

@@ -65,8 +65,11 @@ def meet_target(
     cost of the layers kept float. Each layer's sensitivity is measured as a task on
     `workers`."""
 
+    def planned(kept: list[str]) -> Plan:
+        return replan(kept_float(decisions, kept, "kept float to meet --target-sqnr"))
+
     def measure(kept: list[str]) -> tuple[Plan, float]:
-        plan = replan(kept_float(decisions, kept, "kept float to meet --target-sqnr"))
+        plan = planned(kept)
         return plan, score(realize(plan))
 
     full, before = measure([])
@@ -77,17 +80,12 @@ def meet_target(
         for name, d in full.decisions.items()
         if d.quantized and RULES[d.op_type].kind in (Kind.COMPUTE, Kind.ELEMENTWISE, Kind.SHARED)
     ]
-    # Each sensitivity is its own task; the greedy search after it is serial by nature.
+    # Each sensitivity is its own task; then the greedy search scores prefixes.
     alone = workers.map(same, _sensitivity, (measure, before), candidates)
     gains = dict(zip(candidates, alone, strict=True))
-    kept: list[str] = []
-    plan, after = full, before
-    for name in sorted(candidates, key=lambda name: -gains[name]):
-        kept.append(name)
-        plan, after = measure(kept)
-        log.info("kept %s float: score %.2f", name, after)
-        if after >= target:
-            break
+    order = sorted(candidates, key=lambda name: -gains[name])
+    kept, after = _greedy(order, measure, target, workers) if order else ([], before)
+    plan = planned(kept) if kept else full
     models = [realize(p).SerializeToString() for p in (full, plan)]
     all_int8, budgeted = median_latency_ms(models, timing_feed, runs=20)
     result = BudgetResult(tuple(kept), before, after, target, (all_int8, budgeted))
@@ -98,3 +96,29 @@ def _sensitivity(search: tuple[Measure, float], name: str) -> float:
     """How much the score rises when layer `name` alone stays float (a task on the workers)."""
     measure, before = search
     return measure([name])[1] - before
+
+
+def _greedy(
+    order: list[str], measure: Measure, target: float, workers: Workers
+) -> tuple[list[str], float]:
+    """The shortest prefix of `order` whose score reaches `target` (else all of `order`), and
+    its score. In one process, one prefix after another; on parallel workers, the next
+    prefixes are scored as tasks in chunks that double from `workers.width`, and the first to
+    reach the target wins: the serial result, with some prefixes past it scored for nothing."""
+    kept: list[str] = []
+    after = float("-inf")
+    size = workers.width if workers.parallel else 1
+    while len(kept) < len(order):
+        ends = range(len(kept) + 1, min(len(kept) + size, len(order)) + 1)
+        prefixes = [order[:end] for end in ends]
+        for kept, after in zip(prefixes, workers.map(same, _score, measure, prefixes), strict=True):
+            log.info("kept %s float: score %.2f", kept[-1], after)
+            if after >= target:
+                return kept, after
+        size *= 2 if workers.parallel else 1
+    return kept, after
+
+
+def _score(measure: Measure, kept: list[str]) -> float:
+    """The score with layers `kept` float (a task on the workers)."""
+    return measure(kept)[1]

@@ -24,7 +24,7 @@ from qdq.errors import DataError
 from qdq.observers import Observer
 from qdq.onnx.sessions import session_with_outputs
 from qdq.qparams import Range
-from qdq.workers import ONE_PROCESS, Workers
+from qdq.workers import ONE_PROCESS, Workers, session_threads
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
@@ -36,9 +36,9 @@ SENTINEL = 1e30
 # Captured tensors of one batch stay under this: PP-OCRv4's recognizer yields 139 MB of
 # activations per sample, so a fixed batch of 16 peaked at 5.7 GB.
 CAPTURE_BUDGET = 256 * 2**20
-# Samples per calibration shard when workers share the work: a fixed number, so that the shards
-# (and the merged result) depend on the data alone. Large enough that a shard's session run and
-# merge cost little next to its batches.
+# Samples per calibration shard: a fixed number, so that the shards (and the merged result)
+# depend on the data alone, whether one process observes them or many workers. Large enough
+# that a shard's merge costs little next to its batches.
 SHARD_SAMPLES = 256
 
 
@@ -96,21 +96,24 @@ def calibrate(
     with the reason; and the mean sample of each tensor in `means` (for bias correction).
 
     Unfit tensors are found without an extra pass over the data: an observer refuses NaN and
-    Inf, and a final range beyond SENTINEL marks a mask. With parallel `workers`, shards of
-    SHARD_SAMPLES samples are observed apart and merged in sample order, so the result depends
-    on the data alone, not on how many workers there are or when each finished."""
+    Inf, and a final range beyond SENTINEL marks a mask. Shards of SHARD_SAMPLES samples are
+    observed apart (on `workers` when parallel) and merged in sample order, so the result
+    depends on the data alone, not on how many workers there are or when each finished."""
     if not names:  # nothing to observe (ONNX Runtime would return every output instead)
         return {}, {}, {}
     job = _Job(model, samples, {name: make(name) for name in names},
                [m for m in means if m in names], batch_size)  # fmt: skip
+    spans = [
+        (first, min(first + SHARD_SAMPLES, samples.count))
+        for first in range(0, samples.count, SHARD_SAMPLES)
+    ]
     if workers.parallel:
-        spans = [
-            (first, min(first + SHARD_SAMPLES, samples.count))
-            for first in range(0, samples.count, SHARD_SAMPLES)
-        ]
         seen = _merged(workers.map(_open, _observe, job, spans))
-    else:  # one shard of every sample, in this process: the path before workers existed
-        seen = _observe(_open(job, reopen=False), (0, samples.count), progress)
+    else:  # in this process, with its session and data handles
+        opened = _open(job, reopen=False)
+        with tqdm(total=samples.count, desc="calibrating", unit="sample",
+                  disable=not progress, leave=False) as bar:  # fmt: skip
+            seen = _merged([_observe(opened, span, bar) for span in spans])
     ranges = {}
     for name, observer in seen.observers.items():
         if name in seen.unfit:
@@ -155,9 +158,9 @@ def _open(job: _Job, reopen: bool = True) -> _Opened:
     return job, session_with_outputs(job.model, job.observers), samples
 
 
-def _observe(opened: _Opened, span: tuple[int, int], progress: bool = False) -> _Seen:
+def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) -> _Seen:
     """Samples `span` (first, last) through the observers: its first sample alone, to size the
-    batches under CAPTURE_BUDGET, then the rest in batches."""
+    batches under CAPTURE_BUDGET, then the rest in batches (counted on `bar`, if given)."""
     job, session, samples = opened
     names = list(job.observers)
     seen = _Seen(copy.deepcopy(job.observers), {n: SampleMean() for n in job.means}, {})
@@ -183,18 +186,16 @@ def _observe(opened: _Opened, span: tuple[int, int], progress: bool = False) -> 
         for name, reason in zip(live, pool.map(update, live, map(values.get, live)), strict=True):
             if reason:
                 seen.unfit[name] = reason
+        if bar is not None:
+            bar.update(len(next(iter(feed.values()))))
         return sum(v.nbytes for v in values.values())
 
     first, last = span
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=session_threads() or os.cpu_count() or 1) as pool:
         per_sample = observe(next(samples.batches(1, first=first)))
         batch_size = budgeted(job.batch_size, per_sample)
-        batches = samples.batches(batch_size, first=first + 1, last=last)
-        with tqdm(total=last - first, initial=1, desc="calibrating", unit="sample",
-                  disable=not progress, leave=False) as bar:  # fmt: skip
-            for feed in batches:
-                observe(feed)
-                bar.update(len(next(iter(feed.values()))))
+        for feed in samples.batches(batch_size, first=first + 1, last=last):
+            observe(feed)
     return seen
 
 

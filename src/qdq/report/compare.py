@@ -20,8 +20,8 @@ from qdq.onnx.model import METADATA_KEY, load_model
 from qdq.onnx.sessions import median_latency_ms, session_with_outputs
 from qdq.workers import ONE_PROCESS, Workers
 
-# Batches per evaluation shard when workers share the work (a fixed count: results depend on
-# the data alone).
+# Batches per evaluation shard (a fixed count: results depend on the data alone, whether one
+# process measures the shards or many workers).
 EVAL_SHARD_BATCHES = 8
 
 
@@ -164,20 +164,21 @@ def compare_models(
     latency_runs: int = 30,
     workers: Workers = ONE_PROCESS,
 ) -> Comparison:
-    """Run both models on the same samples, streaming, and measure the differences; with
-    parallel `workers`, shards of EVAL_SHARD_BATCHES batches run apart and merge in order."""
+    """Run both models on the same samples, streaming, and measure the differences: shards of
+    EVAL_SHARD_BATCHES batches (on `workers` when parallel), merged in sample order."""
     reference, quantized = load_model(float_path), load_model(quantized_path)
     _check_same_inputs(reference, quantized)
     samples = Samples(data, model_inputs(reference), max_samples)
     truth = _labels(data, labels, samples)
     pairs = quantized_tensor_pairs(quantized, reference)
     job = _Job(reference, quantized, pairs, samples, batch_size)
-    if workers.parallel:  # shards of whole batches, merged in sample order
-        step = EVAL_SHARD_BATCHES * batch_size
-        spans = [(a, min(a + step, samples.count)) for a in range(0, samples.count, step)]
+    step = EVAL_SHARD_BATCHES * batch_size
+    spans = [(a, min(a + step, samples.count)) for a in range(0, samples.count, step)]
+    if workers.parallel:
         seen = _merged(workers.map(_open, _measure, job, spans))
-    else:
-        seen = _measure(_open(job, reopen=False), (0, samples.count))
+    else:  # in this process, with its sessions and data handles
+        opened = _open(job, reopen=False)
+        seen = _merged([_measure(opened, span) for span in spans])
     out_stats, layer_stats, predictions = seen
     accuracy = _accuracy(truth, predictions)
     first = next(samples.batches(1))

@@ -25,6 +25,7 @@ from qdq.report.ranges import (
     weight_views,
 )
 from qdq.report.sensitivity import layer_sensitivity
+from qdq.workers import ONE_PROCESS, Workers
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 TOP = 12  # activations and weights drawn unless all are asked for: the worst ones
@@ -64,15 +65,19 @@ def measure(
     max_samples: int | None = None,
     everything: bool = False,
     sensitivity: bool = False,
+    workers: Workers = ONE_PROCESS,
 ) -> ReportData:
     """Compare the models as `qdq compare` does, then measure per layer: output SQNR, the
     histogram of each quantized activation (FP32 values), weight ranges and time per op type.
 
     `decisions` (from the quantization run) give each node's reason; without them a node is
     int8 when Q/DQ surround it in the INT8 model. Unless `everything`, only the TOP worst
-    activations (lowest SQNR) and weights (widest channel spread) are kept.
+    activations (lowest SQNR) and weights (widest channel spread) are kept. The comparison
+    runs on `workers`.
     """
-    comparison = compare_models(float_path, quantized_path, data, max_samples=max_samples)
+    comparison = compare_models(
+        float_path, quantized_path, data, max_samples=max_samples, workers=workers
+    )
     reference, quantized = load_model(float_path), load_model(quantized_path)
     samples = Samples(data, model_inputs(reference), max_samples)
     sqnr, histograms = _stream(reference, quantized, samples)
