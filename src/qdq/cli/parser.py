@@ -129,25 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(run=quantize)
 
     c = commands.add_parser("compare", help="error of a quantized model against its FP32 model")
-    c.add_argument("float_model")
-    c.add_argument("quantized_model")
-    c.add_argument(
-        "--data", required=True, help="same forms as --calib; an .npz 'label' array adds accuracy"
-    )
+    _pair_flags(c)
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    c.add_argument("--max-samples", type=at_least(1))
     c.add_argument("--latency-runs", type=at_least(0), default=30, help="0 skips timing")
     _worker_flags(c)
     c.set_defaults(run=compare)
 
     h = commands.add_parser("report", help="HTML report: what `qdq compare` measures, drawn")
-    h.add_argument("float_model")
-    h.add_argument("quantized_model")
-    h.add_argument(
-        "--data", required=True, help="same forms as --calib; an .npz 'label' adds accuracy"
-    )
+    _pair_flags(h)
     h.add_argument("-o", "--output", required=True, help="the .html file to write")
-    h.add_argument("--max-samples", type=at_least(1))
     _report_flags(h)
     _worker_flags(h)
     h.set_defaults(run=report)
@@ -178,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ncnn-param", help="ncnn .param of the float model: its layer names")
     t.set_defaults(run=export_table)
     return parser
+
+
+def _pair_flags(parser: argparse.ArgumentParser) -> None:
+    """The FP32 model, its quantized model and the data both run on (compare, report)."""
+    parser.add_argument("float_model")
+    parser.add_argument("quantized_model")
+    parser.add_argument(
+        "--data", required=True, help="same forms as --calib; an .npz 'label' array adds accuracy"
+    )
+    parser.add_argument("--max-samples", type=at_least(1))
 
 
 def _report_flags(parser: argparse.ArgumentParser) -> None:
