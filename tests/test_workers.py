@@ -70,6 +70,14 @@ def test_one_two_and_three_workers_write_the_same_bytes_over_several_shards(tmp_
     assert _quantized(tmp_path, Workers(3), "three") == one
 
 
+@pytest.mark.usefixtures("small_shards")
+def test_shards_handed_out_a_window_at_a_time_merge_to_the_same_bytes(tmp_path, monkeypatch):
+    """Workers get a few shards at a time (their states wait to be merged: memory stays flat)."""
+    one = _quantized(tmp_path, Workers(1), "one")
+    monkeypatch.setattr(calibrate_module, "WINDOW_SHARDS", 1)
+    assert _quantized(tmp_path, Workers(2), "windowed") == one
+
+
 def test_minmax_ranges_from_shards_equal_one_pass(small_shards):
     model = load_model(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))

@@ -40,6 +40,9 @@ CAPTURE_BUDGET = 256 * 2**20
 # depend on the data alone, whether one process observes them or many workers. Large enough
 # that a shard's merge costs little next to its batches.
 SHARD_SAMPLES = 256
+# Shards handed to the workers at once: their observer states wait there to be merged in order,
+# so this bounds them (the merged result is the same whatever the window).
+WINDOW_SHARDS = 16
 
 
 def budgeted(batch_size: int, per_sample: int, budget: int = CAPTURE_BUDGET) -> int:
@@ -107,13 +110,17 @@ def calibrate(
         (first, min(first + SHARD_SAMPLES, samples.count))
         for first in range(0, samples.count, SHARD_SAMPLES)
     ]
-    if workers.parallel:
-        seen = _merged(workers.map(_open, _observe, job, spans))
+    if workers.parallel:  # a window of shards at a time: memory stays flat in the samples
+        seen = _merged(
+            shard
+            for start in range(0, len(spans), WINDOW_SHARDS)
+            for shard in workers.map(_open, _observe, job, spans[start : start + WINDOW_SHARDS])
+        )
     else:  # in this process, with its session and data handles
         opened = _open(job, reopen=False)
         with tqdm(total=samples.count, desc="calibrating", unit="sample",
                   disable=not progress, leave=False) as bar:  # fmt: skip
-            seen = _merged([_observe(opened, span, bar) for span in spans])
+            seen = _merged(_observe(opened, span, bar) for span in spans)
     ranges = {}
     for name, observer in seen.observers.items():
         if name in seen.unfit:
@@ -199,11 +206,13 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
     return seen
 
 
-def _merged(shards: list[_Seen]) -> _Seen:
-    """The shards merged in sample order: a tensor unfit in any shard is unfit (the first
-    shard's reason), and the others' observers and means merge."""
-    merged = shards[0]
-    for shard in shards[1:]:
+def _merged(shards: Iterable[_Seen]) -> _Seen:
+    """The shards merged in sample order, each as it comes (only the running state and one
+    shard are kept): a tensor unfit in any shard is unfit (the first shard's reason), and the
+    others' observers and means merge."""
+    shards = iter(shards)
+    merged = next(shards)
+    for shard in shards:
         for name, reason in shard.unfit.items():
             merged.unfit.setdefault(name, reason)
         for name, observer in merged.observers.items():
