@@ -11,11 +11,13 @@ every chart drawn) and any console error.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,7 +65,11 @@ class Browser:
         if binary is None:
             raise BrowserError("no Chromium found on PATH")
         self.timeout = timeout
-        self.profile = tempfile.TemporaryDirectory(prefix="qdq-chromium-")
+        # Chromium's helper processes may still write to the profile for a moment after the
+        # browser is gone; a leftover file there must not fail the test that used it.
+        self.profile = tempfile.TemporaryDirectory(
+            prefix="qdq-chromium-", ignore_cleanup_errors=True
+        )
         to_child, self._write = os.pipe()
         self._read, from_child = os.pipe()
         # Above fd 10 first, so that moving them onto 3 and 4 in the child cannot clobber one
@@ -77,6 +83,7 @@ class Browser:
         self.process = subprocess.Popen(
             [binary, *FLAGS, f"--user-data-dir={self.profile.name}", "about:blank"],
             preexec_fn=wire,
+            start_new_session=True,  # its own process group: `close` ends every helper too
             close_fds=False,  # os.pipe's ends are not inheritable; fds 3 and 4 are
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -107,12 +114,15 @@ class Browser:
         self.close()
 
     def close(self) -> None:
-        self.process.terminate()
+        group = os.getpgid(self.process.pid)
+        os.killpg(group, signal.SIGTERM)
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(group, signal.SIGKILL)
             self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # helpers that outlived the browser
+            os.killpg(group, signal.SIGKILL)
         os.close(self._write)
         os.close(self._read)
         self.profile.cleanup()
