@@ -21,7 +21,10 @@ LAYERS = [
     {"pipeline", "zoo"},
     {"cli"},
 ]
-CORE = {"__init__", "errors", "scheme", "qparams", "affine", "fixedpoint", "metrics", "observers"}
+CORE = {
+    *("__init__", "errors", "scheme", "qparams", "affine", "fixedpoint", "metrics", "observers"),
+    "lowbit",
+}
 FOREIGN = {"onnx", "onnxruntime", "torch"}  # what the core must not import
 TORCH_ALLOWED = {"qdq.passes.adaround"}
 

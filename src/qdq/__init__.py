@@ -2,11 +2,13 @@
 
 The core, bottom up: a `QScheme` says what the integer grid looks like; an observer streams
 data into a `Range`; `choose_qparams` turns the two into a `QParams`; `quantize`, `dequantize`
-and `fake_quantize` apply it; `qdq.fixedpoint` requantizes int32 accumulators with integers only.
+and `fake_quantize` apply it (`grid_codes` puts weights on a binary, ternary or power-of-two
+`WeightGrid` instead); `qdq.fixedpoint` requantizes int32 accumulators with integers only.
 """
 
 from qdq.affine import dequantize, fake_quantize, quantize
 from qdq.errors import DataError, ObserverStateError, QdqError, RangeError, SchemeError
+from qdq.lowbit import WeightGrid, grid_codes
 from qdq.observers import (
     KL,
     METHODS,
@@ -45,9 +47,11 @@ __all__ = [
     "RangeError",
     "Rounding",
     "SchemeError",
+    "WeightGrid",
     "choose_qparams",
     "dequantize",
     "fake_quantize",
+    "grid_codes",
     "make_observer",
     "preset",
     "quantize",

@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass, replace
 
 from qdq.errors import SchemeError, choice
+from qdq.lowbit import WeightGrid
 from qdq.observers import Method
 from qdq.scheme import (
     INT8_SYMMETRIC_ACTIVATIONS,
@@ -51,6 +52,7 @@ class QuantConfig:
 
     method: Method = Method.PERCENTILE
     weights: QScheme = INT8_WEIGHTS
+    weight_grid: WeightGrid = WeightGrid.UNIFORM  # binary, ternary, power-of-two (qdq.lowbit)
     activations: QScheme = UINT8_ACTIVATIONS
     exclude: tuple[str, ...] = ()
     bias_correction: bool = True  # fold -(W_q - W) E[x] into each bias (docs/ptq.md)
@@ -69,6 +71,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", choice(Method, self.method, "calibration method"))
         object.__setattr__(self, "placement", choice(Placement, self.placement, "placement"))
+        object.__setattr__(self, "weight_grid", choice(WeightGrid, self.weight_grid, "weight grid"))
         _check_weights(self.weights)
         _check_activations(self.activations)
         if self.batch_size < 1:
@@ -78,6 +81,8 @@ class QuantConfig:
                 "`adaround` and `target_sqnr` need calibration data, "
                 "so they do not combine with `data_free`"
             )
+        if self.weight_grid is not WeightGrid.UNIFORM:
+            _check_grid(self.weight_grid, self.weights, self.adaround)
         if self.input_range[0] >= self.input_range[1]:
             raise SchemeError(f"input range {self.input_range} must have LO < HI")
         if self.max_samples is not None and self.max_samples < 1:
@@ -106,6 +111,19 @@ def _check_weights(scheme: QScheme) -> None:
     if not isinstance(scheme.granularity, PerChannel | PerTensor):
         raise SchemeError(
             f"weights {scheme.granularity} are not supported; use PerChannel() or PerTensor()"
+        )
+
+
+def _check_grid(grid: WeightGrid, weights: QScheme, adaround: bool) -> None:
+    if adaround:
+        raise SchemeError(
+            f"AdaRound learns up/down rounding on the uniform grid, not the {grid} one; "
+            "drop `adaround` or use the uniform weight grid"
+        )
+    if not (weights.signed and weights.symmetric):
+        raise SchemeError(
+            f"the {grid} weight grid stores signed codes with zero point 0; "
+            "use a signed symmetric weight scheme (qdq.scheme.INT8_WEIGHTS)"
         )
 
 

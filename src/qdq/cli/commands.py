@@ -34,6 +34,7 @@ def quantize(args: argparse.Namespace) -> str:
         method=args.method,
         per_channel=args.per_channel,
         weight_bits=args.weight_bits,
+        weight_grid=args.weight_grid,
         activation_dtype=args.activation_dtype,
         exclude=tuple(args.exclude) or None,
         equalize=args.equalize,
@@ -198,6 +199,20 @@ def inspect(args: argparse.Namespace) -> str:
     quantized = sum(d.quantized for d in decisions)
     lines.append(f"{quantized} of {len(decisions)} nodes quantizable")
     return "\n".join(lines)
+
+
+def diff(args: argparse.Namespace) -> str:
+    from qdq.engine.diff import diff_model
+
+    result = diff_model(
+        args.model,
+        args.data,
+        against=args.against,
+        requant=args.requant,
+        inputs_from=args.inputs_from,
+        max_samples=args.max_samples,
+    )
+    return result.to_json() if args.json else result.to_text()
 
 
 def run(args: argparse.Namespace) -> str:

@@ -51,6 +51,8 @@ FLAGS = {
     "std": "--std",
     "value_scale": "--value-scale",
     "layout": "--layout",
+    "against": "--against",
+    "inputs_from": "--inputs-from",
 }
 
 

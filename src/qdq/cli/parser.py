@@ -7,6 +7,7 @@ from typing import NoReturn
 
 from qdq.cli.commands import (
     compare,
+    diff,
     export_table,
     inspect,
     quantize,
@@ -17,6 +18,7 @@ from qdq.cli.commands import (
 from qdq.cli.contract import EXIT_USAGE
 from qdq.cli.flags import at_least, finite
 from qdq.config import ACTIVATION_DTYPES, RUN_PRESETS
+from qdq.lowbit import WeightGrid
 from qdq.observers import METHODS
 
 
@@ -63,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor"
     )
     q.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
+    q.add_argument(
+        "--weight-grid",
+        choices=[g.value for g in WeightGrid],
+        help="the values weights take: uniform (default), binary, ternary, power_of_two",
+    )
     q.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES)
     q.add_argument(
         "--format",
@@ -155,6 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--requant", choices=("fixed", "float"), default="fixed")
     r.add_argument("--accumulator-bits", type=int, choices=(16, 32), default=32)
     r.set_defaults(run=run)
+
+    d = commands.add_parser("diff", help="where two executions of a quantized model part, by node")
+    d.add_argument("model", help="the INT8 .onnx model")
+    d.add_argument("--data", required=True, help="same forms as --calib")
+    d.add_argument(
+        "--against",
+        choices=("ort", "engine", "fp32"),
+        default="ort",
+        help="ONNX Runtime, the engine in the other --requant mode, or float ops (QDQ models)",
+    )
+    d.add_argument("--requant", choices=("fixed", "float"), default="float")
+    d.add_argument(
+        "--inputs-from",
+        choices=("ort", "engine"),
+        help="feed each node that side's tensors: a node's own difference, not a propagated one",
+    )
+    d.add_argument("--max-samples", type=at_least(1))
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.set_defaults(run=diff)
 
     m = commands.add_parser("quantize-many", help="quantize the models a TOML manifest lists")
     m.add_argument("manifest", help="TOML: [defaults] and [[model]] name, model, calib, output")

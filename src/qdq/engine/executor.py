@@ -11,7 +11,7 @@ MaxPool, ...) stays integer; ops on float tensors are the float fallback, listed
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +70,22 @@ class Engine:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(feeds, model_inputs(self.model), "feeds")
+        values = self.trace(feeds)
+        return {o.name: values[o.name] for o in self.model.graph.output}
+
+    def trace(
+        self, feeds: dict[str, np.ndarray], source: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray | None]:
+        """Every tensor of a run on `feeds`. With `source`, each node reads `source`'s tensors
+        where it has them instead of the engine's own, so that a kernel's difference from
+        another runtime is told apart from one it inherited (`qdq diff --inputs-from`)."""
         values: dict[str, np.ndarray | None] = {**self.constants, **feeds, "": None}
         context = Context(self.requant, self.accumulator_bits, multipliers=self._multipliers)
         float_nodes = []
         nodes = zip(self.model.graph.node, self._attributes, strict=True)
         for position, (node, attrs) in enumerate(nodes):
-            inputs = [values[name] if name else None for name in node.input]
+            take = source if source is not None else {}
+            inputs = [take[n] if n in take else values[n] if n else None for n in node.input]
             key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
             context.node = node.name
             if node.op_type == "Constant":
@@ -88,11 +98,11 @@ class Engine:
             else:
                 if any(x is not None and x.dtype.kind == "f" for x in inputs):
                     float_nodes.append(f"{node.name} ({node.op_type})")
-                outputs = self._fallback(position, node, inputs)
+                outputs = self.ort_node(position, node, inputs)
             values.update(zip(node.output, outputs, strict=False))
         self.float_nodes = float_nodes
         self.last_context = context
-        return {o.name: values[o.name] for o in self.model.graph.output}
+        return values
 
     def overflows(self) -> list[Overflow]:
         """Per node of the last run: accumulations beyond the accumulator's range."""
@@ -101,8 +111,9 @@ class Engine:
             for name, a in self.last_context.accumulators.items()
         ]
 
-    def _fallback(self, position: int, node: onnx.NodeProto, inputs: list) -> list[np.ndarray]:
-        """Run one node through ONNX Runtime (cached per node)."""
+    def ort_node(self, position: int, node: onnx.NodeProto, inputs: list) -> list[np.ndarray]:
+        """Node `position` run alone by ONNX Runtime on `inputs` (a session cached per node):
+        the engine's float fallback."""
         # by name: one tensor may feed several inputs (a Slice whose axes and steps are one [1])
         present = {name: x for name, x in zip(node.input, inputs, strict=True) if name}
         session = self._sessions.get(position)

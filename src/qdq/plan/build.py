@@ -53,10 +53,12 @@ class Plan:
     bias_values: Mapping[Key, np.ndarray] = field(default_factory=dict)  # corrected
     weight_codes: Mapping[Key, np.ndarray] = field(default_factory=dict)  # AdaRound
     budget: BudgetResult | None = None  # set when --target-sqnr was asked for
+    grid_codes: Mapping[Key, np.ndarray] = field(default_factory=dict)  # binary, ternary, 2^k
 
     def codes(self, key: Key, values: np.ndarray) -> np.ndarray:
-        """Integer codes of a constant input: learned ones (AdaRound) or nearest rounding."""
-        learned = self.weight_codes.get(key)
+        """Integer codes of a constant input: learned ones (AdaRound), a low-bit grid's
+        (`qdq.lowbit`), or nearest rounding."""
+        learned = self.weight_codes.get(key, self.grid_codes.get(key))
         return learned if learned is not None else quantize(values, self.constants[key])
 
 
@@ -156,8 +158,8 @@ def build_plan(
     for t, output in shared.items():
         if t not in draft.inherited and output in chosen:
             chosen[t] = chosen[output]
-    constants, biases = plan_constants(index, draft.decisions, chosen, config, per_channel)
-    return Plan(draft.decisions, chosen, {**draft.constants, **constants}, biases)
+    constants, biases, codes = plan_constants(index, draft.decisions, chosen, config, per_channel)
+    return Plan(draft.decisions, chosen, {**draft.constants, **constants}, biases, grid_codes=codes)
 
 
 def _follow(node: onnx.NodeProto, draft: _Draft) -> None:

@@ -1,5 +1,6 @@
-"""The integer grids of a plan's constant inputs: weights per channel, int32 biases that fit
-their codes, and embedding tables in 8 bits."""
+"""The integer grids of a plan's constant inputs: weights per channel (uniform, or the low-bit
+grids of `qdq.lowbit`, whose codes the plan carries), int32 biases that fit their codes, and
+embedding tables in 8 bits."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from qdq.affine import fake_quantize
 from qdq.config import QuantConfig
+from qdq.lowbit import WeightGrid, grid_codes
 from qdq.metrics import sqnr_db
 from qdq.onnx.graph import GraphIndex
 from qdq.plan.rules import Kind, rule_inputs, rules_for, weight_axis
@@ -33,11 +35,13 @@ def plan_constants(
     activations: Mapping[str, QParams],
     config: QuantConfig,
     per_channel: bool,
-) -> tuple[dict[Key, QParams], dict[Key, np.ndarray]]:
+) -> tuple[dict[Key, QParams], dict[Key, np.ndarray], dict[Key, np.ndarray]]:
     """The qparams of the int8 kernels' constant inputs (weights per channel, other constants
-    per tensor) and the scales s_x * s_w of their int32 biases."""
+    per tensor), the scales s_x * s_w of their int32 biases, and the weights' codes on a
+    low-bit grid (none on the uniform one: nearest rounding gives those)."""
     constants: dict[Key, QParams] = {}
     biases: dict[Key, np.ndarray] = {}
+    codes: dict[Key, np.ndarray] = {}
     rules = rules_for(config)
     for node in index.nodes:
         if not decisions[node.name].quantized:
@@ -58,7 +62,10 @@ def plan_constants(
             values = index.constant(name)
             if i == weight:
                 axis = weight_axis(node, values.ndim) if per_channel and values.ndim > 1 else None
-                constants[node.name, i] = weight_qparams(values, axis, config)
+                if config.weight_grid is WeightGrid.UNIFORM:
+                    constants[node.name, i] = weight_qparams(values, axis, config)
+                else:
+                    codes[node.name, i], constants[node.name, i] = _on_grid(values, axis, config)
             else:
                 rng = Range(values.min(), values.max())
                 constants[node.name, i] = choose_qparams(rng, config.activations)
@@ -69,7 +76,7 @@ def plan_constants(
                 fitted = _fit_bias(index.constant(bias), x_scale, constants[node.name, weight])
                 constants[node.name, weight] = fitted
                 biases[node.name, rule.bias] = (x_scale * fitted.scale).astype(np.float32)
-    return constants, biases
+    return constants, biases, codes
 
 
 def _fit_bias(bias: np.ndarray, x_scale: np.ndarray, weights: QParams) -> QParams:
@@ -96,6 +103,18 @@ def weight_qparams(values: np.ndarray, axis: int | None, config: QuantConfig) ->
         return choose_qparams(Range(values.min(), values.max()), scheme)
     axes = tuple(d for d in range(values.ndim) if d != axis)
     return choose_qparams(Range(values.min(axis=axes), values.max(axis=axes)), scheme)
+
+
+def _on_grid(
+    values: np.ndarray, axis: int | None, config: QuantConfig
+) -> tuple[np.ndarray, QParams]:
+    """Codes and qparams (zero point 0) of a weight on the config's low-bit grid (§16-§18).
+    A bias too large for a channel's int32 codes raises its scale (`_fit_bias`) and these
+    codes stay: exact for a dead channel on the ternary and power-of-two grids (codes all 0),
+    not on the binary one (codes +-1)."""
+    scheme = config.weight_scheme(axis)
+    codes, scale = grid_codes(values, config.weight_grid, scheme)
+    return codes, QParams(scale, np.zeros(scale.shape, np.int64), scheme)
 
 
 def table_qparams(table: np.ndarray, axis: int, config: QuantConfig) -> tuple[QParams, float]:
