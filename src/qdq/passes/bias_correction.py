@@ -13,17 +13,18 @@ import ctypes
 import ctypes.util
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from functools import cache
+from functools import cache, lru_cache
 from itertools import pairwise
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnxruntime as ort
+from onnx import helper
 from tqdm import tqdm
 
 from qdq.affine import dequantize
 from qdq.data import Samples
-from qdq.onnx.graph import GraphIndex, attributes
+from qdq.onnx.graph import GraphIndex
 from qdq.onnx.sessions import Use, open_session
 from qdq.passes.insert_qdq import insert_qdq
 from qdq.plan.build import Plan
@@ -65,16 +66,36 @@ def correct_biases(index: GraphIndex, plan: Plan, means: dict[str, np.ndarray]) 
 
 def _expected_output(node: onnx.NodeProto, mean: np.ndarray, error: np.ndarray) -> np.ndarray:
     """The node's own op applied to the mean input with the weight error as weight, no bias."""
-    single = helper.make_node(node.op_type, ["x", "w"], ["y"], **attributes(node))
+    attrs = tuple(a.SerializeToString() for a in node.attribute)
+    session = _one_op(node.op_type, attrs, mean.shape, error.shape)
+    w = error.astype(np.float32)
+    return session.run(None, {"x": mean, "w": w})[0].astype(np.float64)
+
+
+@lru_cache(maxsize=512)
+def _one_op(
+    op_type: str, attrs: tuple[bytes, ...], x_shape: tuple[int, ...], w_shape: tuple[int, ...]
+) -> ort.InferenceSession:
+    """A session of one op reading `x` and its weight `w` as inputs, kept for the next plan:
+    the accuracy search and the layout probe replan, and each plan corrects every layer again
+    (opening a session per layer and plan had been a sixth of the search's time)."""
+    single = helper.make_node(op_type, ["x", "w"], ["y"])
+    for serialized in attrs:
+        single.attribute.add().ParseFromString(serialized)
     graph = helper.make_graph(
         [single],
         "bias_correction",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, mean.shape)],
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape),
+            helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, w_shape),
+        ],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(error.astype(np.float32), "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return open_session(model).run(None, {"x": mean})[0].astype(np.float64)
+    # One thread: a kept session's idle pool threads would spin and take the cores from the
+    # work between its runs (with the default pools the search ran 2x slower); one sample needs
+    # no more.
+    return open_session(model, threads=1)
 
 
 def correct_sequentially(
