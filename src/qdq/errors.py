@@ -62,3 +62,13 @@ def choice(kind: type[E], value: object, what: str) -> E:
     except ValueError:
         names = ", ".join(str(m.value) for m in kind)
         raise SchemeError(f"unknown {what} {value!r}; choose one of {names}") from None
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of `error`'s message (its type's name if it has none), for one-line
+    reports of what another library raised.
+
+    >>> first_line(RuntimeError("graph.cc: bad node\\nstack..."))
+    'graph.cc: bad node'
+    """
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from qdq.config import OutputFormat, Placement, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
-from qdq.errors import DataError, ModelError, QdqError, choice
+from qdq.errors import DataError, ModelError, QdqError, choice, first_line
 from qdq.metrics import ErrorStats
 from qdq.observers import make_observer
 from qdq.onnx.graph import GraphIndex, constants_to_initializers
@@ -352,7 +352,7 @@ def _optional(stage: str, notes: list[str], run: Callable[[], T], fallback: T) -
     except QdqError:
         raise
     except Exception as error:  # ONNX Runtime, NumPy and torch raise their own types
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = first_line(error)
         note = f"skipped {stage}: it failed on this model ({reason})"
         if note not in notes:  # a stage run once per candidate plan fails once per plan
             log.warning(note)

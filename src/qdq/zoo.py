@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qdq.config import preset_config
-from qdq.errors import QdqError, UsageError
+from qdq.errors import QdqError, UsageError, first_line
 from qdq.pipeline import quantize_model
 from qdq.workers import ONE_PROCESS, Workers
 
@@ -94,7 +94,7 @@ def quantize_many(entries: list[Entry], workers: Workers = ONE_PROCESS) -> list[
         try:
             outcomes.append(_quantize(entry, workers, start))
         except Exception as error:  # QdqError, ONNX Runtime's own, a bug: the others go on
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            reason = first_line(error)
             if not isinstance(error, QdqError):
                 log.warning("%s failed", entry.name, exc_info=True)
             outcomes.append(Outcome(entry.name, f"failed: {reason}"))

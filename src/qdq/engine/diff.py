@@ -23,9 +23,9 @@ import onnxruntime as ort
 from qdq.data import Samples, model_inputs
 from qdq.engine.executor import Engine
 from qdq.engine.kernels import Requant
-from qdq.errors import ModelError, UsageError
+from qdq.errors import ModelError, UsageError, first_line
 from qdq.onnx.model import load_model
-from qdq.onnx.sessions import Use, open_session, session_with_outputs
+from qdq.onnx.sessions import session_with_outputs
 
 Against = Literal["ort", "engine", "fp32"]
 Values = dict[str, np.ndarray]
@@ -224,17 +224,9 @@ def _session(
     """ONNX Runtime's session of `model` with every node output fetched."""
     names = [o for n in model.graph.node for o in n.output if o]
     try:
-        if level is None:
-            return session_with_outputs(model, names)
-        extended = onnx.ModelProto()
-        extended.CopyFrom(model)
-        present = {o.name for o in extended.graph.output}
-        extended.graph.output.extend(
-            onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in present
-        )
-        return open_session(extended, Use.CALIBRATION, level=level)
+        return session_with_outputs(model, names, level)
     except Exception as error:  # ONNX Runtime raises its own exception types
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         raise ModelError(
             f"ONNX Runtime cannot run the model ({first}); qdq diff compares models ONNX "
             "Runtime can run"

@@ -98,8 +98,13 @@ def _options(use: Use) -> ort.SessionOptions:
     return options
 
 
-def session_with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> ort.InferenceSession:
-    """A calibration session whose outputs are the model's own followed by `names`."""
+def session_with_outputs(
+    model: onnx.ModelProto,
+    names: Iterable[str],
+    level: ort.GraphOptimizationLevel | None = None,
+) -> ort.InferenceSession:
+    """A calibration session whose outputs are the model's own followed by `names`; `level`
+    overrides its optimization level (`qdq diff` runs a QDQ graph unfused)."""
     extended = onnx.ModelProto()
     extended.CopyFrom(model)
     present = {o.name for o in extended.graph.output}
@@ -107,7 +112,7 @@ def session_with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> ort.In
         if name not in present:
             extended.graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
-    return open_session(extended, Use.CALIBRATION)
+    return open_session(extended, Use.CALIBRATION, level=level)
 
 
 def median_latency_ms(models: list, feed: dict[str, np.ndarray], runs: int) -> list[float]:
