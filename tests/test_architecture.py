@@ -18,7 +18,7 @@ LAYERS = [
     {"plan"},
     {"passes"},
     {"report", "engine"},
-    {"pipeline", "zoo"},
+    {"pipeline", "zoo", "qat"},
     {"cli"},
 ]
 CORE = {

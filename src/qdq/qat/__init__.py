@@ -1,0 +1,1 @@
+"""Quantization-aware training (needs the torch extra: pip install 'qdq[torch]')."""
