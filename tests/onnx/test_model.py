@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import helper
 
 import models
-from qdq.onnx.model import OWN_SUFFIX, optimize
+from qdq.onnx.model import OWN_SUFFIX, default_opset, optimize
 from qdq.pipeline import quantize_model
 
 
@@ -31,4 +33,29 @@ def test_a_fixed_shape_transformer_block_quantizes_and_loads_in_onnx_runtime(tmp
     feed = {"x": x[0]}
     want = ort.InferenceSession(str(model_path)).run(None, feed)[0]
     got = ort.InferenceSession(str(out)).run(None, feed)[0]  # default options: all rewrites
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_an_opset_9_model_with_its_weights_as_inputs_quantizes_and_runs(tmp_path):
+    """Exporters before IR 4 listed weights among the graph inputs, and opset 9 has no
+    QuantizeLinear: qdq converts the model to opset 13 and quantizes the weights as constants,
+    so the quantized model asks only for the real input."""
+    model = models.conv_net(opset=9)
+    weights = [v for v in model.graph.input if v.name == "x"] + [
+        helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer
+    ]
+    del model.graph.input[:]
+    model.graph.input.extend(weights)
+    model.ir_version = 3
+    model_path = tmp_path / "old.onnx"
+    model_path.write_bytes(model.SerializeToString())
+    x = np.random.default_rng(2).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "q.onnx"
+    quantize_model(model_path, out, tmp_path / "x.npy")
+    session = ort.InferenceSession(str(out))
+    assert [i.name for i in session.get_inputs()] == ["x"]
+    assert default_opset(onnx.load(str(out))) >= 13
+    want = ort.InferenceSession(str(model_path)).run(None, {"x": x[:8]})[0]
+    got = session.run(None, {"x": x[:8]})[0]
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()

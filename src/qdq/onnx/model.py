@@ -46,17 +46,47 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     _load_external_data(model, path.resolve().parent, path)
     opset = default_opset(model)
     newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
+    if 0 < opset < MIN_OPSET:
+        model = _older_upgraded(model, path)
+    elif not MIN_OPSET <= opset <= newest:
         raise ModelError(
             f"{path} uses opset {opset}; qdq supports opsets {MIN_OPSET}..{newest}. "
             "Re-export the model with a supported opset"
         )
+    _drop_constant_inputs(model)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, UnicodeDecodeError) as error:  # names not UTF-8
         first = str(error).strip().splitlines()[0]
         raise ModelError(f"{path} is not a valid ONNX model: {first}") from None
     return model
+
+
+def _older_upgraded(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """A model older than QuantizeLinear (opset < 10), converted to opset 13 by ONNX's version
+    converter, as a user would convert it by hand; refused with the reason where that fails."""
+    opset = default_opset(model)
+    upgraded = upgrade_opset(model)
+    if default_opset(upgraded) < MIN_OPSET:
+        raise ModelError(
+            f"{path} uses opset {opset}, older than QuantizeLinear (opset {MIN_OPSET}), and ONNX's "
+            "version converter could not upgrade it; re-export the model at opset 13 or newer"
+        )
+    log.warning("%s uses opset %d; quantizing its conversion to opset 13", path, opset)
+    return upgraded
+
+
+def _drop_constant_inputs(model: onnx.ModelProto) -> None:
+    """Graph inputs that are also initializers (exporters before IR 4 had to list weights
+    as inputs) become plain initializers: qdq quantizes them as the constants they are, and
+    the quantized model keeps no input that its int8 weights replaced."""
+    initialized = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initialized]
+    if len(inputs) == len(model.graph.input):
+        return
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.ir_version = max(model.ir_version, 4)  # IR 3 needs every initializer as an input
 
 
 def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
