@@ -44,7 +44,7 @@ def grid_codes(w: np.ndarray, grid: WeightGrid, scheme: QScheme) -> tuple[np.nda
     """Integer codes (the scheme's storage dtype) and float32 scales, one per slice along the
     scheme's `PerChannel` axis (shape `(C,)`) or one for all (`PerTensor`, shape `()`), so that
     `codes * scale` is the quantized weight."""
-    _check(grid, scheme)
+    check_grid(grid, scheme)
     rows, axis = _rows(w, scheme)
     if grid is WeightGrid.BINARY:
         codes, scale = binarize(rows, scheme.power_of_two_scale)
@@ -152,7 +152,7 @@ def _scale(mean: np.ndarray, power_of_two_scale: bool) -> np.ndarray:
     return mean.astype(np.float32)
 
 
-def _check(grid: WeightGrid, scheme: QScheme) -> None:
+def check_grid(grid: WeightGrid, scheme: QScheme) -> None:
     if grid is WeightGrid.UNIFORM:
         raise SchemeError(
             "the uniform grid's codes come from qdq.affine.quantize; pass binary, ternary or "

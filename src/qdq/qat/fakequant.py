@@ -104,3 +104,26 @@ class FakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"codes=[{self.qmin}, {self.qmax}], axis={self.axis}"
+
+
+class _Exp(nn.Module):
+    """`scale = exp(p)`, initialized by `p = log(scale)`."""
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.exp(p)
+
+    def right_inverse(self, scale: torch.Tensor) -> torch.Tensor:
+        return torch.log(scale.clamp_min(MIN_SCALE))
+
+
+def learn_log_scale(quantizer: FakeQuantize) -> FakeQuantize:
+    """`quantizer` with its learned scale held as log(scale) (a torch parametrization;
+    `quantizer.scale` still reads the scale). Adam moves a parameter by about its learning rate
+    per step whatever the parameter's size, so a scale of 0.004 (an input in [0, 1]) held as is
+    crosses 0 within a few steps at lr 1e-3, where clamping kills its gradient and the layer;
+    held as a log, each step changes it by a ratio and it stays positive."""
+    from torch.nn.utils import parametrize
+
+    if quantizer.scale.requires_grad:
+        parametrize.register_parametrization(quantizer, "scale", _Exp())
+    return quantizer

@@ -1,0 +1,325 @@
+"""`prepare`: a torch module with fake quantization exactly where `qdq quantize` would put Q/DQ
+pairs, initialized from calibration, for the user to train with their own loop and labels.
+
+Where the fake quantization goes is not re-derived for torch: the module is traced with
+torch.fx, exported to a float ONNX graph (`qdq.qat.trace`, which links each fx node to its
+tensor), and qdq's own planner decides on that graph (`qdq.plan`: the op rules, the int8-flow
+analysis, Relu/Clip absorbed into their producer's range, shape ops inheriting their input's
+grid, Concat inputs sharing the output's). Each tensor the plan quantizes gets a `FakeQuantize`
+after its fx node (tensors that share qparams share one); each weight the plan quantizes gets
+its grid on the `QuantizedLayer` that holds it. So `export` can write the same plan with the
+learned scales, and the file and the module compute the same thing. Ops the plan keeps float
+stay float in torch; a layer torch cannot mirror (a ConvTranspose, a weight the graph rewrote)
+is kept float with a warning rather than quantized one way in torch and another in the file.
+
+Initial ranges come from the core's observers (`make_observer(config.method,
+config.activations)`) fed the detached outputs over the calibration batches; initial weight
+scales from the plan (max |w| per channel, or the low-bit grid's).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+import torch
+from torch import fx, nn
+
+from qdq.config import QuantConfig
+from qdq.errors import ModelError, SchemeError
+from qdq.lowbit import WeightGrid
+from qdq.observers import make_observer
+from qdq.onnx.graph import GraphIndex
+from qdq.pipeline import prepare as prepare_onnx
+from qdq.plan.build import Plan, build_plan
+from qdq.plan.decisions import Decision, static_decisions
+from qdq.plan.flow import Int8Flow
+from qdq.qat.fakequant import FakeQuantize, learn_log_scale
+from qdq.qat.layers import BATCHNORMS, FOLDABLE, QUANTIZABLE, QuantizedLayer
+from qdq.qat.lowbit import LowBitWeight
+from qdq.qat.trace import as_inputs, to_onnx, trace
+from qdq.qparams import QParams, Range
+from qdq.scheme import PerChannel, PerTensor
+
+log = logging.getLogger(__name__)
+# Training steps that BatchNorm keeps normalizing with batch statistics before they freeze
+# (Krishnamoorthi 2018 freezes after a few epochs; 200 steps is 10 epochs of the digits set).
+FREEZE_BN_AFTER = 200
+NO_TORCH_TWIN = "has no torch counterpart (an intermediate of one torch op)"
+
+
+@dataclass(frozen=True)
+class QatState:
+    """What `prepare` decided, kept in the prepared module's `meta["qdq"]` for `export`.
+
+    Keys are fx node names: `activations` names the fake quantizer after each node, `ranges`
+    the calibrated range of every tensor the plan observed (a tensor no fx node computes has
+    none, and the plan keeps its nodes float again at export); `excluded` are ONNX nodes kept
+    float because torch cannot mirror them; `decisions` say why each ONNX node is, or is not,
+    quantized."""
+
+    config: QuantConfig
+    activations: Mapping[str, str]
+    ranges: Mapping[str, Range]
+    excluded: tuple[str, ...]
+    decisions: Mapping[str, Decision]
+
+
+def prepare(
+    module: nn.Module,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    config: QuantConfig | None = None,
+    calibration: Iterable[torch.Tensor | tuple[torch.Tensor, ...]] | None = None,
+    freeze_bn_after: int = FREEZE_BN_AFTER,
+) -> fx.GraphModule:
+    """A copy of `module` with fake quantization where qdq's plan quantizes (STE, LSQ scales,
+    BatchNorm folded), initialized on `calibration` (batches like `example_inputs`; those
+    alone by default). Train it as the original; `qdq.qat.export` writes the QDQ file:
+    `prepare(model, x[:1], QuantConfig(weights=INT4_WEIGHTS), x[:256].split(64))`, your loop,
+    then `export(prepared, "model_int8.onnx", x[:1])`. BatchNorm statistics freeze after
+    `freeze_bn_after` training steps (or at `freeze_batchnorm`).
+    """
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"prepare takes a torch.nn.Module, got {type(module).__name__}")
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise SchemeError(f"config must be a qdq.QuantConfig, got {type(config).__name__}")
+    if freeze_bn_after < 0:
+        raise SchemeError(f"freeze_bn_after must be >= 0 steps, got {freeze_bn_after}")
+    inputs = as_inputs(example_inputs)
+    batches = [as_inputs(b) for b in calibration] if calibration is not None else [inputs]
+    if not batches:
+        raise SchemeError("calibration holds no batches; give at least one, or None")
+    was_training = module.training
+    graph_module = trace(copy.deepcopy(module).eval())
+    _wrap_layers(graph_module, freeze_bn_after)
+    model, labels = to_onnx(float_copy(graph_module, {}), inputs)
+    model, per_channel, _ = prepare_onnx(model, config.per_channel)
+    index = GraphIndex(model)
+    nodes = nodes_by_tensor(graph_module, labels, index)
+    targets = Int8Flow(index, static_decisions(index, config), config).calibration_targets()
+    observed = {t: nodes[t][-1] for t in targets if t in nodes}
+    ranges = _calibrate(graph_module, batches, observed, config)
+    unfit = {t: NO_TORCH_TWIN for t in targets if t not in nodes}
+    plan, excluded = _mirrored_plan(graph_module, index, nodes, ranges, unfit, config, per_channel)
+    activations = _install(graph_module, plan, index, nodes, config)
+    observed_ranges = {fx_name: ranges[t] for t, fx_name in observed.items()}
+    state = QatState(config, activations, observed_ranges, excluded, plan.decisions)
+    graph_module.meta["qdq"] = state
+    return graph_module.train(was_training)
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """End the BatchNorm warm-up of every folded layer now: statistics stop updating and
+    training sees exactly the folded convolution the exported file holds."""
+    for layer in module.modules():
+        if isinstance(layer, QuantizedLayer):
+            layer.freeze()
+
+
+def float_copy(graph_module: fx.GraphModule, activations: Mapping[str, str]) -> fx.GraphModule:
+    """A copy with the activation fake quantizers (`activations`, fx node -> module) removed and
+    each `QuantizedLayer` a plain layer holding its quantized folded weight: the float graph
+    qdq plans on, the same before training (`prepare`) and after (`export`)."""
+    result = copy.deepcopy(graph_module)
+    quantizers = set(activations.values())
+    for node in list(result.graph.nodes):
+        if node.op == "call_module" and node.target in quantizers:
+            node.replace_all_uses_with(node.args[0])
+            result.graph.erase_node(node)
+    for name, layer in list(result.named_modules()):
+        if isinstance(layer, QuantizedLayer):
+            result.set_submodule(name, layer.to_float())
+    for name in quantizers:
+        result.delete_submodule(name)
+    result.recompile()
+    return result.eval()
+
+
+def _wrap_layers(graph_module: fx.GraphModule, freeze_after: int) -> None:
+    """Each Conv (with the BatchNorm that alone reads it folded in) and Linear called as a
+    module becomes a `QuantizedLayer`, float until the plan gives it a grid."""
+    erased: set[fx.Node] = set()
+    for node in list(graph_module.graph.nodes):
+        layer = None if node in erased else _called(graph_module, node)
+        if not isinstance(layer, QUANTIZABLE):
+            continue
+        batchnorm, users = None, list(node.users)
+        if isinstance(layer, FOLDABLE) and len(users) == 1:
+            after = _called(graph_module, users[0])
+            if isinstance(after, BATCHNORMS) and after.track_running_stats and after.affine:
+                batchnorm = after
+                users[0].replace_all_uses_with(node)
+                graph_module.graph.erase_node(users[0])
+                erased.add(users[0])
+                graph_module.delete_submodule(users[0].target)
+        wrapped = QuantizedLayer(layer, batchnorm, freeze_after if batchnorm else 0)
+        graph_module.set_submodule(node.target, wrapped)
+    graph_module.recompile()
+
+
+def _called(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return graph_module.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def nodes_by_tensor(
+    graph_module: fx.GraphModule, labels: Mapping[str, str], index: GraphIndex
+) -> dict[str, list[str]]:
+    """Per tensor of the planned graph, the fx nodes that compute it, last one last; a node
+    followed by one computing the same tensor (a Dropout, an Identity) is left out, so fake
+    quantization goes once, after the last."""
+    present = index.producer.keys() | index.graph_inputs
+    by_tensor: dict[str, list[str]] = {}
+    for node in graph_module.graph.nodes:
+        tensor = labels.get(node.name)
+        if tensor not in present:
+            continue
+        if any(labels.get(user.name) == tensor for user in node.users):
+            continue
+        by_tensor.setdefault(tensor, []).append(node.name)
+    return by_tensor
+
+
+class _Capture(fx.Interpreter):
+    """Runs the graph, feeding each observed node's output to its observer."""
+
+    def __init__(self, graph_module: fx.GraphModule, observers: dict) -> None:
+        super().__init__(graph_module)
+        self.observers = observers
+
+    def run_node(self, node: fx.Node) -> object:
+        out = super().run_node(node)
+        if node.name in self.observers and isinstance(out, torch.Tensor):
+            self.observers[node.name].update(out.detach().float().cpu().numpy())
+        return out
+
+
+def _calibrate(
+    graph_module: fx.GraphModule,
+    batches: list[tuple[torch.Tensor, ...]],
+    nodes: Mapping[str, str],
+    config: QuantConfig,
+) -> dict[str, Range]:
+    """Range per tensor, observed at fx node `nodes[tensor]` over the batches in eval mode by
+    the core's observers (the config's method on the activations' grid)."""
+    observers = {
+        fx_name: make_observer(config.method, config.activations) for fx_name in nodes.values()
+    }
+    capture = _Capture(graph_module, observers)
+    with torch.no_grad():
+        for batch in batches:
+            capture.run(*batch)
+    return {t: observers[fx_name].compute() for t, fx_name in nodes.items()}
+
+
+def _mirrored_plan(
+    graph_module: fx.GraphModule,
+    index: GraphIndex,
+    nodes: Mapping[str, list[str]],
+    ranges: Mapping[str, Range],
+    unfit: Mapping[str, str],
+    config: QuantConfig,
+    per_channel: bool,
+) -> tuple[Plan, tuple[str, ...]]:
+    """qdq's plan, with the nodes torch cannot mirror excluded (and a warning naming them)."""
+    excluded: list[str] = []
+    while True:
+        chosen = replace(config, exclude=(*config.exclude, *excluded))
+        decisions = static_decisions(index, chosen)
+        plan = build_plan(index, decisions, ranges, unfit, chosen, per_channel)
+        unmirrored = _unmirrored(graph_module, plan, index, nodes)
+        if not unmirrored:
+            return plan, tuple(excluded)
+        for name, why in unmirrored.items():
+            log.warning("qdq.qat keeps %s float: %s", name, why)
+        excluded.extend(unmirrored)
+
+
+def _unmirrored(
+    graph_module: fx.GraphModule,
+    plan: Plan,
+    index: GraphIndex,
+    nodes: Mapping[str, list[str]],
+) -> dict[str, str]:
+    """ONNX nodes the plan quantizes that torch cannot fake-quantize the same way, and why."""
+    found: dict[str, str] = {}
+    for tensor in plan.activations:
+        producer = index.producer.get(tensor)
+        if tensor not in nodes and producer is not None:
+            found[producer.name] = f"its output {tensor!r} {NO_TORCH_TWIN}"
+    for name, i in plan.constants:
+        node = next(n for n in index.nodes if n.name == name)
+        layer = layer_of(graph_module, node, nodes)
+        if layer is None:
+            found[name] = f"{node.op_type} is not a torch Conv1d/2d/3d or Linear module"
+        elif not _same_weight(index.constant(node.input[i]), layer):
+            found[name] = "its ONNX weight is not the layer's (the graph was rewritten)"
+    return found
+
+
+def layer_of(
+    graph_module: fx.GraphModule, node: onnx.NodeProto, nodes: Mapping[str, list[str]]
+) -> QuantizedLayer | None:
+    """The QuantizedLayer whose fx node computes `node`'s output, if one does."""
+    fx_nodes = {n.name: n for n in graph_module.graph.nodes}
+    for fx_name in nodes.get(node.output[0], []):
+        called = _called(graph_module, fx_nodes[fx_name])
+        if isinstance(called, QuantizedLayer):
+            return called
+    return None
+
+
+def _same_weight(values: np.ndarray, layer: QuantizedLayer) -> bool:
+    """Whether an ONNX weight holds the layer's folded weight (as it is, or transposed for a
+    MatMul), so that codes made in torch are the file's."""
+    w = layer.folded()[0].detach().cpu().numpy()
+    for candidate in (w, w.T if w.ndim == 2 else None):
+        if candidate is not None and candidate.shape == values.shape:
+            return bool(np.allclose(candidate, values, rtol=1e-5, atol=1e-7))
+    return False
+
+
+def _install(
+    graph_module: fx.GraphModule,
+    plan: Plan,
+    index: GraphIndex,
+    nodes: Mapping[str, list[str]],
+    config: QuantConfig,
+) -> dict[str, str]:
+    """Fake quantizers after the planned tensors' fx nodes (one per shared grid) and grids on
+    the planned weights; returns fx node -> activation quantizer name."""
+    fx_nodes = {n.name: n for n in graph_module.graph.nodes}
+    shared: dict[int, str] = {}
+    activations: dict[str, str] = {}
+    for tensor, qparams in plan.activations.items():
+        if id(qparams) not in shared:
+            shared[id(qparams)] = f"activation_quantizer_{len(shared)}"
+            learn = not config.activations.power_of_two_scale
+            quantizer = FakeQuantize.from_qparams(qparams, None, learn, per_sample=True)
+            graph_module.add_submodule(shared[id(qparams)], learn_log_scale(quantizer))
+        for fx_name in nodes[tensor]:
+            node = fx_nodes[fx_name]
+            with graph_module.graph.inserting_after(node):
+                quantized = graph_module.graph.call_module(shared[id(qparams)], (node,))
+            node.replace_all_uses_with(quantized, delete_user_cb=lambda u, q=quantized: u is not q)
+            activations[fx_name] = shared[id(qparams)]
+    for (name, _), qparams in plan.constants.items():
+        node = next(n for n in index.nodes if n.name == name)
+        layer = layer_of(graph_module, node, nodes)
+        layer.weight_quantizer = _weight_quantizer(qparams, config)
+    graph_module.recompile()
+    return activations
+
+
+def _weight_quantizer(qparams: QParams, config: QuantConfig) -> nn.Module:
+    """The planned weight grid on the torch weight, whose output channels are axis 0."""
+    per_channel = isinstance(qparams.scheme.granularity, PerChannel)
+    if config.weight_grid is not WeightGrid.UNIFORM:
+        scheme = replace(config.weights, granularity=PerChannel(0) if per_channel else PerTensor())
+        return LowBitWeight(config.weight_grid, scheme)
+    learn = not config.weights.power_of_two_scale
+    return learn_log_scale(FakeQuantize.from_qparams(qparams, 0 if per_channel else None, learn))
