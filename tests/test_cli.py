@@ -92,15 +92,15 @@ def _bad_inputs(w: Path) -> dict[str, tuple[list, str]]:
     (w / "garbage.onnx").write_bytes(np.random.default_rng(0).bytes(2000))
     (w / "notes.onnx").write_text("this is not a model\n" * 20)
     old = models.conv_net()
-    old.opset_import[0].version = 7
-    onnx.save(old, str(w / "opset7.onnx"))
+    old.opset_import[0].version = 99  # newer than any onnx release
+    onnx.save(old, str(w / "opset99.onnx"))
     nan = good.copy()
     nan[3, 0, 2, 2] = np.nan
     return {
         "missing model": ([w / "nope.onnx"], "does not exist"),
         "corrupt model": ([w / "garbage.onnx"], "ONNX"),
         "not a model": ([w / "notes.onnx"], "ONNX"),
-        "unsupported opset": ([w / "opset7.onnx"], "opset 7"),
+        "unsupported opset": ([w / "opset99.onnx"], "opset 99"),
         "missing data": ([w / "cnn.onnx", "--calib", w / "none.npz"], "does not exist"),
         "wrong names": (
             [w / "cnn.onnx", "--calib", _write_npz(w / "n.npz", image=good, other=good)],

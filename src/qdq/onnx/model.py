@@ -15,7 +15,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper, version_converter
 
-from qdq.errors import ModelError
+from qdq.errors import ModelError, first_line
 from qdq.onnx.sessions import Use, open_session
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,15 @@ def _older_upgraded(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     """A model older than QuantizeLinear (opset < 10), converted to opset 13 by ONNX's version
     converter, as a user would convert it by hand; refused with the reason where that fails."""
     opset = default_opset(model)
-    upgraded = upgrade_opset(model)
-    if default_opset(upgraded) < MIN_OPSET:
+    try:
+        upgraded = version_converter.convert_version(model, PER_AXIS_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as error:  # the converter raises bare RuntimeErrors and others
         raise ModelError(
             f"{path} uses opset {opset}, older than QuantizeLinear (opset {MIN_OPSET}), and ONNX's "
-            "version converter could not upgrade it; re-export the model at opset 13 or newer"
-        )
+            f"version converter could not upgrade it ({first_line(error)}); re-export the model "
+            "at opset 13 or newer"
+        ) from None
     log.warning("%s uses opset %d; quantizing its conversion to opset 13", path, opset)
     return upgraded
 
