@@ -1,10 +1,14 @@
-"""The integer engine's speed against ONNX Runtime's int8 kernels, single-threaded.
+"""The integer engine against ONNX Runtime's int8 kernels: bit-exactness and speed, one thread.
 
-Run: python bench/engine.py [--runs 5]
-Quantizes the digits CNN and depthwise model and the PP-OCR text-direction classifier with qdq,
-then times ONNX Runtime (1 thread) and the engine in both requantization modes on the same batch
-(median of --runs), and compares outputs in units of the output's LSB: float requantization
-against ONNX Runtime, fixed-point against float. Ratios only; no asserts.
+Run: python bench/engine.py [--runs 5] [--models cnn mobilenet ppocr_cls efficientnet_lite0]
+Quantizes each model with qdq's defaults, then on one batch of held-out inputs:
+- exactness: the share of output elements bit-identical to ONNX Runtime's in each requantization
+  mode, and (`qdq diff --inputs-from ort`) how many integer codes the engine's kernels give
+  differently when every node is fed ONNX Runtime's own inputs;
+- speed: ONNX Runtime (one intra-op thread) and the engine with NumPy and compiled kernels (one
+  BLAS thread), timed interleaved, fastest of --runs each (the machine may be shared: ratios
+  taken within one round are steadier than absolute times).
+Ratios only; no asserts.
 """
 
 from __future__ import annotations
@@ -16,68 +20,79 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from threadpoolctl import threadpool_limits
 
 from datasets import tasks
 from ptq import quantize_qdq, save_samples
 from qdq.engine import Engine
+from qdq.engine.diff import diff_model
+
+BATCH = {"cnn": 64, "mobilenet": 64, "ppocr_cls": 16, "efficientnet_lite0": 8}
 
 
-def median_ms(run, feeds: dict[str, np.ndarray], runs: int) -> float:
-    """Median milliseconds of `run(feeds)` after one warm-up call."""
-    run(feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+def fastest_ms(runs: dict[str, object], feeds: dict[str, np.ndarray], rounds: int) -> dict:
+    """Fastest milliseconds of each `run(feeds)`, the runs interleaved, after one warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
         run(feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(feeds)
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) * 1e3 for name, values in times.items()}
 
 
-def output_lsb(model: onnx.ModelProto) -> float:
-    """The scale of the DequantizeLinear producing the output (its 1 LSB), or 1."""
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    output = model.graph.output[0].name
-    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == output]
-    return float(inits[dq[0].input[1]]) if dq else 1.0
+def kernel_departures(model: Path, data: Path) -> int:
+    """Integer codes that differ from ONNX Runtime's when each node reads ORT's inputs."""
+    diff = diff_model(model, data, inputs_from="ort", max_samples=4)
+    return sum(n.differing for n in diff.nodes if n.unit == "LSB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=list(BATCH))
     args = parser.parse_args()
     print(
-        "| model | batch | ORT int8 ms | engine float ms | engine fixed ms | fixed/ORT | "
-        "float = ORT | max LSB | fixed = float | max LSB |"
+        "| model | batch | ORT ms | engine NumPy ms | engine compiled ms | NumPy/ORT | "
+        "compiled/ORT | float = ORT | spec = ORT | fixed = ORT | kernels fed ORT's inputs |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for task in tasks(64):
-        if task.name not in ("cnn", "mobilenet", "ppocr_cls"):
+        if task.name not in args.models:
             continue
+        batch = BATCH[task.name]
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "q.onnx"
             quantize_qdq(task, model, save_samples(task.calib, Path(tmp) / "calib"))
-            x = {task.input_name: task.evaluate[:64]}
+            x = {task.input_name: task.evaluate[:batch]}
+            data = Path(tmp) / "data.npz"
+            np.savez(data, **x)
             options = ort.SessionOptions()
             options.intra_op_num_threads = options.inter_op_num_threads = 1
             session = ort.InferenceSession(str(model), options)
-            ms = [median_ms(partial(session.run, None), x, args.runs)]
-            outputs = [session.run(None, x)[0]]
-            for mode in ("float", "fixed"):
-                engine = Engine(model, requant=mode)
-                ms.append(median_ms(engine.run, x, args.runs))
-                outputs.append(next(iter(engine.run(x).values())))
-            lsb = output_lsb(onnx.load(str(model)))
-            float_vs_ort = np.abs(outputs[1].astype(np.float64) - outputs[0]) / lsb
-            fixed_vs_float = np.abs(outputs[2].astype(np.float64) - outputs[1]) / lsb
-            print(
-                f"| {task.name} | 64 | {ms[0]:.2f} | {ms[1]:.1f} | {ms[2]:.1f} | "
-                f"{ms[2] / ms[0]:.0f}x | {np.mean(float_vs_ort < 1e-3):.4%} | "
-                f"{float_vs_ort.max():.2f} | {np.mean(fixed_vs_float < 1e-3):.2%} | "
-                f"{fixed_vs_float.max():.2f} |"
-            )
+            want = session.run(None, x)[0]
+            same = {}
+            for mode in ("float", "spec", "fixed"):
+                got = next(iter(Engine(model, mode).run(x).values()))
+                same[mode] = float(np.mean(got == want))
+            engines = {k: Engine(model, "float", kernels=k) for k in ("numpy", "compiled")}
+            with threadpool_limits(1):
+                ms = fastest_ms(
+                    {"ort": partial(session.run, None)} | {k: e.run for k, e in engines.items()},
+                    x,
+                    args.runs,
+                )
+            departures = kernel_departures(model, data)
+        print(
+            f"| {task.name} | {batch} | {ms['ort']:.2f} | {ms['numpy']:.1f} | "
+            f"{ms['compiled']:.1f} | {ms['numpy'] / ms['ort']:.1f}x | "
+            f"{ms['compiled'] / ms['ort']:.1f}x | {same['float']:.2%} | {same['spec']:.2%} | "
+            f"{same['fixed']:.2%} | {departures} codes differ |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,13 @@ from qdq.outputs import check_output, staged
 
 
 def run_command(
-    model_path: str, inputs: str, output: str, engine: str, requant: str, accumulator_bits: int
+    model_path: str,
+    inputs: str,
+    output: str,
+    engine: str,
+    requant: str,
+    accumulator_bits: int,
+    kernels: str = "auto",
 ) -> str:
     target = check_output(output, [model_path, inputs])
     model = load_model(model_path)
@@ -30,9 +36,11 @@ def run_command(
         results = dict(zip(names, session.run(names, feeds), strict=True))
         notes = ["ran with ONNX Runtime"]
     else:
-        runner = Engine(model, requant, accumulator_bits)
+        runner = Engine(model, requant, accumulator_bits, kernels)
         results = runner.run(feeds)
-        notes = [f"ran with the integer engine ({requant} requantization)"]
+        notes = [
+            f"ran with the integer engine ({requant} requantization, {runner.kernels} kernels)"
+        ]
         if runner.float_nodes:
             notes.append(
                 f"float fallback for {len(runner.float_nodes)} nodes: "

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -21,11 +22,14 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from qdq.data import check_feeds, model_inputs
+from qdq.engine.compiled import available
 from qdq.engine.kernels import INTEGER_ONLY, KERNELS, Context, Requant
 from qdq.errors import ModelError
 from qdq.onnx.graph import attributes
 from qdq.onnx.model import load_model, ort_rewrite
 from qdq.onnx.sessions import Use, open_session
+
+Kernels = Literal["auto", "numpy", "compiled"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,16 @@ class Engine:
         model: onnx.ModelProto | str | os.PathLike[str],
         requant: Requant = "fixed",
         accumulator_bits: int = 32,
+        kernels: Kernels = "auto",
     ) -> None:
-        if requant not in ("fixed", "float"):
-            raise ModelError(f"requant must be 'fixed' or 'float', got {requant!r}")
+        if kernels not in ("auto", "numpy", "compiled"):
+            raise ModelError(f"kernels must be 'auto', 'numpy' or 'compiled', got {kernels!r}")
+        if kernels == "compiled" and not available():
+            raise ModelError(
+                "kernels='compiled' needs Numba: pip install 'qdq[fast]', or use kernels='numpy'"
+            )
+        if requant not in ("fixed", "float", "spec"):
+            raise ModelError(f"requant must be 'fixed', 'float' or 'spec', got {requant!r}")
         if accumulator_bits not in (16, 32):
             raise ModelError(f"accumulator_bits must be 16 or 32, got {accumulator_bits}")
         if not isinstance(model, onnx.ModelProto):
@@ -59,6 +70,11 @@ class Engine:
         self.model = model
         self.requant = requant
         self.accumulator_bits = accumulator_bits
+        # which kernels run: the compiled ones when Numba is installed ("auto"), else NumPy's
+        self.kernels = "compiled" if kernels == "auto" and available() else kernels
+        if self.kernels == "auto":
+            self.kernels = "numpy"
+        self._weights: dict[str, tuple] = {}  # the compiled path's prepared weights, per node
         self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.opsets = list(model.opset_import)
         self.inputs = [i.name for i in model.graph.input if i.name not in self.constants]
@@ -80,7 +96,13 @@ class Engine:
         where it has them instead of the engine's own, so that a kernel's difference from
         another runtime is told apart from one it inherited (`qdq diff --inputs-from`)."""
         values: dict[str, np.ndarray | None] = {**self.constants, **feeds, "": None}
-        context = Context(self.requant, self.accumulator_bits, multipliers=self._multipliers)
+        context = Context(
+            self.requant,
+            self.accumulator_bits,
+            multipliers=self._multipliers,
+            compiled=self.kernels == "compiled",
+            weights=self._weights,
+        )
         float_nodes = []
         nodes = zip(self.model.graph.node, self._attributes, strict=True)
         for position, (node, attrs) in enumerate(nodes):
@@ -113,9 +135,16 @@ class Engine:
 
     def ort_node(self, position: int, node: onnx.NodeProto, inputs: list) -> list[np.ndarray]:
         """Node `position` run alone by ONNX Runtime on `inputs` (a session cached per node):
-        the engine's float fallback."""
+        the engine's float fallback. The node's constant inputs stay initializers and ONNX
+        Runtime optimizes it as in a whole-model session, so that a float Conv runs the same
+        kernel (NCHWc, needing constant weights) and gives the same float32 sums."""
+        fixed = {n for n in node.input if n in self.constants}
         # by name: one tensor may feed several inputs (a Slice whose axes and steps are one [1])
-        present = {name: x for name, x in zip(node.input, inputs, strict=True) if name}
+        present = {
+            name: x
+            for name, x in zip(node.input, inputs, strict=True)
+            if name and name not in fixed
+        }
         session = self._sessions.get(position)
         if session is None:
             graph = helper.make_graph(
@@ -126,11 +155,13 @@ class Engine:
                     for n, x in present.items()
                 ],
                 [onnx.ValueInfoProto(name=o) for o in node.output if o],
+                [numpy_helper.from_array(self.constants[n], n) for n in sorted(fixed)],
             )
             one = helper.make_model(
                 graph, opset_imports=self.opsets, ir_version=self.model.ir_version
             )
-            session = open_session(one, Use.ONE_NODE)
+            level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session = open_session(one, Use.ONE_NODE, level=level)
             self._sessions[position] = session
         return session.run([o for o in node.output if o], present)
 
@@ -155,6 +186,7 @@ def run(
     *,
     requant: Requant = "fixed",
     accumulator_bits: int = 32,
+    kernels: Kernels = "auto",
 ) -> dict[str, np.ndarray]:
     """Run `model` on `feeds` with integer kernels; see `Engine` to reuse a prepared model."""
-    return Engine(model, requant, accumulator_bits).run(feeds)
+    return Engine(model, requant, accumulator_bits, kernels).run(feeds)

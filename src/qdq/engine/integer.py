@@ -92,13 +92,75 @@ class Accumulator:
     total: int = 0
 
     def clamp(self, acc: np.ndarray) -> np.ndarray:
-        """`acc` saturated to the accumulator's range (the final sum; order of summation is
-        not modelled), counting how many elements overflowed."""
+        """`acc` (the exact final sums) saturated to the accumulator's range, counting how many
+        elements overflowed."""
         lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
         outside = int(((acc < lo) | (acc > hi)).sum())
         self.overflows += outside
         self.total += acc.size
         return np.clip(acc, lo, hi) if outside else acc
+
+    def record(self, saturated: np.ndarray) -> None:
+        """Count the sums of a saturating accumulation, `saturated` where any step clipped."""
+        self.overflows += int(saturated.sum())
+        self.total += saturated.size
+
+
+INT16 = (-(1 << 15), (1 << 15) - 1)
+
+
+def saturating_matmul16(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a @ b (broadcasting like numpy.matmul) summed as an int16 datapath does: the products of
+    each adjacent pair along K added and saturated to int16 (x86 `vpmaddubsw`), those pair sums
+    then accumulated left to right with int16 saturation (`vpaddsw`). Returns the int64 result
+    and where any step saturated.
+
+    >>> a, b = np.array([[200, 200, -200, -200]]), np.full((4, 1), 150)
+    >>> saturating_matmul16(a, b)[0]
+    array([[-1]])
+
+    (pairs: 30000 + 30000 saturates to 32767, -60000 to -32768; 32767 - 32768 = -1, not 0.)
+    """
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    lo, hi = INT16
+    shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+    acc = np.zeros(shape, np.int64)
+    saturated = np.zeros(shape, bool)
+    for k in range(0, a.shape[-1], 2):
+        pair = a[..., :, k, None] * b[..., k, None, :]
+        if k + 1 < a.shape[-1]:
+            pair = pair + a[..., :, k + 1, None] * b[..., k + 1, None, :]
+        acc = acc + np.clip(pair, lo, hi)
+        saturated |= (pair < lo) | (pair > hi) | (acc < lo) | (acc > hi)
+        acc = np.clip(acc, lo, hi)
+    return acc, saturated
+
+
+def saturating_conv16(
+    x: np.ndarray, w: np.ndarray, g: ConvGeometry
+) -> tuple[np.ndarray, np.ndarray]:
+    """`exact_conv` through `saturating_matmul16`, K ordered as MLAS packs a filter (kernel
+    tap major, input channel minor: a pair is two channels at one tap). (N, M, OH, OW) out."""
+    n, c, _, _ = x.shape
+    m = w.shape[0]
+    top, left, bottom, right = g.pads
+    padded = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    (kh, kw), (dh, dw), (sh, sw) = g.kernel, g.dilations, g.strides
+    span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    windows = sliding_window_view(padded, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+    oh, ow = windows.shape[2:4]
+    cg, mg = c // g.group, m // g.group
+    acc = np.empty((n, m, oh, ow), np.int64)
+    saturated = np.empty((n, m, oh, ow), bool)
+    for group in range(g.group):
+        patches = windows[:, group * cg : (group + 1) * cg]  # (N, Cg, OH, OW, kh, kw)
+        columns = patches.transpose(0, 2, 3, 4, 5, 1).reshape(n * oh * ow, kh * kw * cg)
+        kernel = w[group * mg : (group + 1) * mg].transpose(2, 3, 1, 0).reshape(-1, mg)
+        total, hit = saturating_matmul16(columns, kernel)
+        rows = slice(group * mg, (group + 1) * mg)
+        acc[:, rows] = total.reshape(n, oh, ow, mg).transpose(0, 3, 1, 2)
+        saturated[:, rows] = hit.reshape(n, oh, ow, mg).transpose(0, 3, 1, 2)
+    return acc, saturated
 
 
 def requantize_output(
@@ -111,18 +173,39 @@ def requantize_output(
 ) -> np.ndarray:
     """int32 accumulator -> output codes of `dtype`.
 
-    "float": ONNX's QLinear* definition, `round_half_even(acc * M + z)` with M in the scales'
-    own precision; "fixed": gemmlowp's integer multiply by `(m0, shift)` (eq. 12-16), given
-    precomputed in `fixed` or derived from M.
+    "float": ONNX Runtime's MLAS (`MlasRequantizeOutput`): float32(acc) * M in float32, clamped
+    to [qmin - z, qmax - z], rounded half to even, plus z; "spec": the ONNX definition read
+    literally, `round_half_even(acc * M) + z` in float64; "fixed": gemmlowp's integer multiply by
+    `(m0, shift)` (eq. 12-16), given precomputed in `fixed` or derived from M.
     """
     info = np.iinfo(dtype)
     if mode == "float":
+        return requantize_mlas(acc, np.asarray(multiplier, np.float32), zero_point, dtype)
+    if mode == "spec":
         real = acc.astype(np.float64) * multiplier + zero_point.astype(np.float64)
         return np.clip(np.rint(real), info.min, info.max).astype(dtype)
     if mode != "fixed":
-        raise ModelError(f"requant must be 'fixed' or 'float', got {mode!r}")
+        raise ModelError(f"requant must be 'fixed', 'float' or 'spec', got {mode!r}")
     m0, shift = fixed or quantize_multiplier(np.asarray(multiplier, dtype=np.float64))
     acc32 = np.clip(acc, -(1 << 31), (1 << 31) - 1)
     return requantize(acc32, m0, shift, zero_point.astype(np.int64), info.min, info.max).astype(
         dtype
     )
+
+
+def requantize_mlas(
+    acc: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dtype: np.dtype
+) -> np.ndarray:
+    """MLAS's requantization: `float32(acc) * scale` (one float32 product), clamped to the
+    output range less the zero point, rounded half to even (`cvtps2dq`), plus the zero point.
+
+    >>> requantize_mlas(np.array([5, 7]), np.float32(0.5), np.array(3, np.uint8), np.uint8)
+    array([5, 7], dtype=uint8)
+
+    (2.5 rounds to 2 and 3.5 to 4, half to even, then + 3.)
+    """
+    info = np.iinfo(dtype)
+    zp = int(np.asarray(zero_point).reshape(-1)[0])  # ONNX Runtime's y_zero_point is scalar
+    scaled = acc.astype(np.float32) * scale.astype(np.float32)
+    clamped = np.clip(scaled, np.float32(info.min - zp), np.float32(info.max - zp))
+    return (np.rint(clamped) + np.float32(zp)).astype(dtype)

@@ -12,13 +12,21 @@ from typing import Literal
 
 import numpy as np
 
+from qdq.engine.compiled import conv_accumulator, requantize_fused
 from qdq.engine.integer import (
+    EXACT_LIMIT,
+    INT16,
     Accumulator,
     exact_conv,
     exact_matmul,
     exact_pool_sum,
     requantize_output,
+    saturating_conv16,
+    saturating_matmul16,
 )
+from qdq.engine.mlas import apply_table, lookup_table, qlinear_add, qlinear_mul, requantize_concat
+from qdq.engine.mlas import average_pool as mlas_average_pool
+from qdq.engine.mlas import global_average_pool as mlas_global_average_pool
 from qdq.engine.quantize_ops import dequantize_linear, dynamic_quantize_linear, quantize_linear
 from qdq.errors import ModelError
 from qdq.fixedpoint import quantize_multiplier
@@ -26,8 +34,9 @@ from qdq.onnx.conv import ConvGeometry
 
 MS = "com.microsoft"
 # How a 32-bit accumulator becomes the output code: the fixed-point multiplier M0 * 2^-n
-# (gemmlowp/TFLite) or the float scale (ONNX Runtime), docs/engine.md.
-Requant = Literal["fixed", "float"]
+# (gemmlowp/TFLite), ONNX Runtime's float32 arithmetic (MLAS), or the ONNX definition read
+# literally in float64 (docs/engine.md, "Requantization").
+Requant = Literal["fixed", "float", "spec"]
 
 
 @dataclass
@@ -39,6 +48,8 @@ class Context:
     accumulators: dict[str, Accumulator] = field(default_factory=dict)
     multipliers: dict[bytes, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     node: str = ""
+    compiled: bool = False  # the Numba kernels (`engine/compiled.py`), else NumPy's
+    weights: dict[str, tuple] = field(default_factory=dict)  # per node: prepared constants
 
     def requantize(
         self, acc: np.ndarray, multiplier: np.ndarray, zero_point: np.ndarray, dtype: np.dtype
@@ -54,10 +65,41 @@ class Context:
             fixed = self.multipliers[key]
         return requantize_output(acc, multiplier, zero_point, dtype, self.requant, fixed)
 
+    def accumulate_count(self, size: int) -> None:
+        """Count `size` accumulations known to fit (the compiled path's bound)."""
+        self.accumulators.setdefault(self.node, Accumulator(self.accumulator_bits)).total += size
+
     def accumulate(self, acc: np.ndarray) -> np.ndarray:
         """The node's int accumulator through the simulated hardware accumulator."""
         meter = self.accumulators.setdefault(self.node, Accumulator(self.accumulator_bits))
         return meter.clamp(acc)
+
+    def conv(
+        self, x: np.ndarray, w: np.ndarray, g: ConvGeometry, bias: np.ndarray | None
+    ) -> np.ndarray:
+        """The accumulator of a convolution of centred codes plus the bias: exact, then through
+        a 32-bit accumulator; or summed as a 16-bit datapath does (`saturating_conv16`)."""
+        shape = (1, -1, 1, 1)
+        if self.accumulator_bits == 16:
+            return self._saturate(*saturating_conv16(x, w, g), bias, shape)
+        acc = exact_conv(x, w, g)
+        return self.accumulate(acc if bias is None else acc + bias.astype(np.int64).reshape(shape))
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """`conv` for a matrix product of centred codes (a bias broadcasts like numpy's +)."""
+        if self.accumulator_bits == 16:
+            return self._saturate(*saturating_matmul16(a, b), bias, None)
+        acc = exact_matmul(a, b)
+        return self.accumulate(acc if bias is None else acc + bias.astype(np.int64))
+
+    def _saturate(self, acc, saturated, bias, shape) -> np.ndarray:
+        """A saturating sum's result with the bias added last (saturating too), recorded."""
+        if bias is not None:
+            acc = acc + (bias.astype(np.int64) if shape is None else bias.reshape(shape))
+            saturated = saturated | (acc < INT16[0]) | (acc > INT16[1])
+            acc = np.clip(acc, *INT16)
+        self.accumulators.setdefault(self.node, Accumulator(16)).record(saturated)
+        return acc
 
 
 Kernel = Callable[[Context, list, dict], list]
@@ -108,8 +150,8 @@ def dynamic_quantize_linear_kernel(ctx: Context, inputs: list, attrs: dict) -> l
 def conv_integer(ctx: Context, inputs: list, attrs: dict) -> list:
     x, w, x_zero_point, w_zero_point = _padded(inputs, 4)
     geometry = ConvGeometry.from_attributes(attrs, x.shape, w.shape)
-    acc = exact_conv(_minus(x, x_zero_point), _minus(w, w_zero_point, axis=0), geometry)
-    return [ctx.accumulate(acc).astype(np.int32)]
+    acc = ctx.conv(_minus(x, x_zero_point), _minus(w, w_zero_point, axis=0), geometry, None)
+    return [acc.astype(np.int32)]
 
 
 def _product(
@@ -121,10 +163,8 @@ def _product(
 ) -> np.ndarray:
     """The accumulated integer product of two code tensors less their zero points (a's per
     row, b's per column)."""
-    return ctx.accumulate(
-        exact_matmul(
-            _minus(a, a_zero_point, axis=a.ndim - 2), _minus(b, b_zero_point, axis=b.ndim - 1)
-        )
+    return ctx.matmul(
+        _minus(a, a_zero_point, axis=a.ndim - 2), _minus(b, b_zero_point, axis=b.ndim - 1)
     )
 
 
@@ -136,15 +176,60 @@ def matmul_integer(ctx: Context, inputs: list, attrs: dict) -> list:
 def qlinear_conv(ctx: Context, inputs: list, attrs: dict) -> list:
     x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias = _padded(inputs, 9)
     geometry = ConvGeometry.from_attributes(attrs, x.shape, w.shape)
-    acc = exact_conv(_minus(x, x_zp), _minus(w, w_zp, axis=0), geometry)
-    if bias is not None:
-        acc = acc + bias.astype(np.int64).reshape(1, -1, 1, 1)
-    acc = ctx.accumulate(acc)
+    if ctx.compiled and ctx.accumulator_bits == 32 and x.ndim == 4:
+        codes = _qlinear_conv_compiled(ctx, inputs, geometry)
+        if codes is not None:
+            return [codes]
+    acc = ctx.conv(_minus(x, x_zp), _minus(w, w_zp, axis=0), geometry, bias)
     multiplier = x_scale * w_scale / y_scale  # in the scales' own precision, as ONNX computes
     if np.size(multiplier) > 1:
         multiplier = multiplier.reshape(1, -1, 1, 1)
     dtype = _out_dtype(y_zp, x.dtype)
     return [ctx.requantize(acc, multiplier, _zp(y_zp, dtype), dtype)]
+
+
+def _qlinear_conv_compiled(ctx: Context, inputs: list, g: ConvGeometry) -> np.ndarray | None:
+    """QLinearConv through `engine/compiled.py`: the same codes as the NumPy path (None where
+    it has no kernel: a depthwise sum that float32 cannot hold exactly)."""
+    x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias = _padded(inputs, 9)
+    dtype = _out_dtype(y_zp, x.dtype)
+    zp = int(_zp(x_zp, x.dtype))
+    m = w.shape[0]
+    depthwise = w.shape[1] == 1 and g.group == m == x.shape[1]
+    constants = (w, w_zp, x_scale, w_scale, y_scale, bias)
+    cached = ctx.weights.get(ctx.node)
+    if cached is None or any(a is not b for a, b in zip(cached[0], constants, strict=True)):
+        centred = _minus(w, w_zp, axis=0)
+        prepared = (centred[:, 0] if depthwise else centred.reshape(m, -1)).astype(np.float32)
+        multiplier = np.broadcast_to(np.asarray(x_scale * w_scale / y_scale), (m,))
+        biases = np.zeros(m, np.int32) if bias is None else bias.astype(np.int32)
+        cached = (constants, prepared, int(np.abs(centred).max(initial=0)), multiplier, biases)
+        ctx.weights[ctx.node] = cached  # prepared once per set of constant tensors
+    _, weights, w_reach, multiplier, bias = cached
+    length = weights[0].size  # K, the terms of each sum
+    info = np.iinfo(x.dtype)
+    reach = max(info.max - zp, zp - info.min)  # max |x - z_x| the codes allow
+    if reach * w_reach * length >= 2**24:  # what these codes reach
+        reach = max(int(x.max(initial=zp)) - zp, zp - int(x.min(initial=zp)))
+    largest = reach * w_reach  # one product, at most
+    if largest * length >= EXACT_LIMIT:
+        raise ModelError("its integer sums can exceed 2^53, past what the engine sums exactly")
+    chunk = (2**24 - 1) // max(largest, 1)  # products per exact float32 partial sum
+    if depthwise and chunk < length:  # the depthwise kernel sums in float32
+        return None
+    acc, (oh, ow) = conv_accumulator(x, zp, weights, g, chunk)
+    if ctx.requant == "float" and largest * length + int(np.abs(bias).max(initial=0)) < 2**31:
+        ctx.accumulate_count(acc.size)  # fused with the bias: no sum can overflow int32
+        out = np.empty(acc.shape, dtype)
+        y = int(_zp(y_zp, dtype))
+        limits = np.iinfo(dtype)
+        low, high = np.float32(limits.min - y), np.float32(limits.max - y)
+        scale = multiplier.astype(np.float32)
+        requantize_fused(acc, bias, scale, np.int32(y), low, high, out)
+        return out.reshape(-1, m, oh, ow)
+    total = ctx.accumulate(acc.astype(np.int64) + bias.reshape(1, -1, 1))
+    codes = ctx.requantize(total, multiplier.reshape(1, -1, 1), _zp(y_zp, dtype), dtype)
+    return codes.reshape(-1, m, oh, ow)
 
 
 def qlinear_matmul(ctx: Context, inputs: list, attrs: dict) -> list:
@@ -176,22 +261,26 @@ def qgemm(ctx: Context, inputs: list, attrs: dict) -> list:
         a_values = a_values.T
     if attrs.get("transB", 0):
         b_values = b_values.T
-    acc = exact_matmul(a_values, b_values)
-    if c is not None:
-        acc = acc + c.astype(np.int64)
-    acc = ctx.accumulate(acc)
+    acc = ctx.matmul(a_values, b_values, c)
     scale = np.float32(attrs.get("alpha", 1.0)) * a_scale * b_scale
     if y_scale is None:
-        return [(acc.astype(np.float64) * scale).astype(np.float32)]
+        if ctx.requant == "spec":
+            return [(acc.astype(np.float64) * scale).astype(np.float32)]
+        return [acc.astype(np.float32) * scale.astype(np.float32)]  # MLAS: float32(acc) * scale
     dtype = _out_dtype(y_zp, a.dtype)
     return [ctx.requantize(acc, scale / y_scale, _zp(y_zp, dtype), dtype)]
 
 
-def _elementwise(op: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Kernel:
-    """QLinearAdd / QLinearMul: real values combined, then requantized to C's grid."""
+def _elementwise(op: Callable[[np.ndarray, np.ndarray], np.ndarray], mlas_op) -> Kernel:
+    """QLinearAdd / QLinearMul: real values combined, then requantized to C's grid ("spec"), or
+    ONNX Runtime's float32 arithmetic for them (`engine/mlas.py`)."""
 
     def kernel(ctx: Context, inputs: list, attrs: dict) -> list:
         a, a_scale, a_zp, b, b_scale, b_zp, c_scale, c_zp = _padded(inputs, 8)
+        if ctx.requant != "spec":
+            zero = np.zeros((), a.dtype)
+            a_zp, b_zp, c_zp = (zero if z is None else z for z in (a_zp, b_zp, c_zp))
+            return [mlas_op(a, a_scale, a_zp, b, b_scale, b_zp, c_scale, c_zp, ctx.compiled)]
         real_a = _minus(a, a_zp) * a_scale.astype(np.float64)
         real_b = _minus(b, b_zp) * b_scale.astype(np.float64)
         return [_requantize_real(op(real_a, real_b), c_scale, c_zp, a.dtype)]
@@ -200,7 +289,7 @@ def _elementwise(op: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Kernel:
 
 
 def _requantize_real(real: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, dtype):
-    """Round real results onto an output grid (the float requantization these ops define)."""
+    """Round real results onto an output grid in float64 (the ONNX definition, "spec")."""
     dtype = _out_dtype(zp, dtype)
     info = np.iinfo(dtype)
     codes = np.rint(real / scale.astype(np.float64)) + _zp(zp, dtype).astype(np.float64)
@@ -210,6 +299,8 @@ def _requantize_real(real: np.ndarray, scale: np.ndarray, zp: np.ndarray | None,
 def qlinear_global_average_pool(ctx: Context, inputs: list, attrs: dict) -> list:
     x, x_scale, x_zp, y_scale, y_zp = inputs[:5]
     axes = (1, 2) if attrs.get("channels_last", 0) else tuple(range(2, x.ndim))
+    if ctx.requant != "spec":
+        return [mlas_global_average_pool(x, x_scale, x_zp, y_scale, y_zp, axes)]
     mean = _minus(x, x_zp).mean(axis=axes, keepdims=True) * x_scale.astype(np.float64)
     return [_requantize_real(mean, y_scale, y_zp, x.dtype)]
 
@@ -225,28 +316,40 @@ def qlinear_average_pool(ctx: Context, inputs: list, attrs: dict) -> list:
         )
     kh, kw = attrs["kernel_shape"]
     geometry = ConvGeometry.from_attributes(attrs | {"group": 1}, x.shape, (1, 1, kh, kw))
+    include_pad = bool(attrs.get("count_include_pad", 0))
+    if ctx.requant != "spec":
+        x_zp, y_zp = (np.zeros((), x.dtype) if z is None else z for z in (x_zp, y_zp))
+        return [mlas_average_pool(x, x_scale, x_zp, y_scale, y_zp, geometry, include_pad)]
     real = _minus(x, x_zp).astype(np.float64) * x_scale.astype(np.float64)
     ones = np.ones((1, 1, *x.shape[2:]))
     total = exact_pool_sum(real, geometry)
-    count = exact_pool_sum(ones, geometry) if not attrs.get("count_include_pad", 0) else kh * kw
+    count = kh * kw if include_pad else exact_pool_sum(ones, geometry)
     return [_requantize_real(total / count, y_scale, y_zp, x.dtype)]
 
 
 def qlinear_concat(ctx: Context, inputs: list, attrs: dict) -> list:
     y_scale, y_zp, *triples = inputs
-    reals = [
-        _minus(triples[i], triples[i + 2]) * triples[i + 1].astype(np.float64)
-        for i in range(0, len(triples), 3)
-    ]
+    groups = [triples[i : i + 3] for i in range(0, len(triples), 3)]
+    if ctx.requant != "spec":
+        parts = [requantize_concat(x, s, z, y_scale, y_zp) for x, s, z in groups]
+        return [np.concatenate(parts, axis=attrs["axis"])]
+    reals = [_minus(x, z) * s.astype(np.float64) for x, s, z in groups]
     joined = np.concatenate(reals, axis=attrs["axis"])
     return [_requantize_real(joined, y_scale, y_zp, triples[0].dtype)]
 
 
 def _lookup(function: Callable[[np.ndarray, dict], np.ndarray]) -> Kernel:
-    """QLinearSigmoid / QLinearLeakyRelu: dequantize, apply, requantize."""
+    """QLinearSigmoid / QLinearLeakyRelu: dequantize, apply, requantize ("spec"), or ONNX
+    Runtime's 256-entry table built in float32 (`lookup_table`)."""
 
     def kernel(ctx: Context, inputs: list, attrs: dict) -> list:
         x, x_scale, x_zp, y_scale, y_zp = _padded(inputs, 5)
+        if ctx.requant != "spec":
+            x_zp, y_zp = (np.zeros((), x.dtype) if z is None else z for z in (x_zp, y_zp))
+            table = lookup_table(
+                x_scale, x_zp, y_scale, y_zp, x.dtype, lambda v: function(v, attrs)
+            )
+            return [apply_table(x, table)]
         real = _minus(x, x_zp) * x_scale.astype(np.float64)
         return [_requantize_real(function(real, attrs), y_scale, y_zp, x.dtype)]
 
@@ -279,12 +382,14 @@ KERNELS: dict[tuple[str, str], Kernel] = {
     ("", "Identity"): identity,
     (MS, "QGemm"): qgemm,
     (MS, "MatMulIntegerToFloat"): matmul_integer_to_float,
-    (MS, "QLinearAdd"): _elementwise(np.add),
-    (MS, "QLinearMul"): _elementwise(np.multiply),
+    (MS, "QLinearAdd"): _elementwise(np.add, qlinear_add),
+    (MS, "QLinearMul"): _elementwise(np.multiply, qlinear_mul),
     (MS, "QLinearGlobalAveragePool"): qlinear_global_average_pool,
     (MS, "QLinearAveragePool"): qlinear_average_pool,
     (MS, "QLinearConcat"): qlinear_concat,
     (MS, "QLinearSigmoid"): _lookup(lambda x, a: 1 / (1 + np.exp(-x))),
-    (MS, "QLinearLeakyRelu"): _lookup(lambda x, a: np.where(x >= 0, x, a.get("alpha", 0.01) * x)),
+    (MS, "QLinearLeakyRelu"): _lookup(
+        lambda x, a: np.where(x >= 0, x, x.dtype.type(a.get("alpha", 0.01)) * x)
+    ),
 }
 INTEGER_ONLY = {("", "Relu"): relu, ("", "Clip"): clip}  # exact on codes: used on int inputs

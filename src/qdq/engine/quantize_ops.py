@@ -38,7 +38,7 @@ def quantize_linear(
 ) -> np.ndarray:
     """y = saturate(round_half_even(x / scale) + zero_point) (eq. 2)."""
     dtype = output_type(zero_point, output_dtype)
-    scaled = x / broadcast_qparam(scale, x.shape, axis, block_size)
+    scaled = np.asarray(x / broadcast_qparam(scale, x.shape, axis, block_size))
     if dtype in FLOAT8:
         if saturate:
             return numpy_helper.saturate_cast(scaled.astype(np.float32), dtype)
@@ -47,9 +47,17 @@ def quantize_linear(
         zp = 0 if zero_point is None else broadcast_qparam(zero_point, x.shape, axis, block_size)
         return (scaled + np.asarray(zp, np.float32)).astype(dtype)
     info = ml_dtypes.iinfo(dtype)
-    codes = np.rint(scaled.astype(np.float64))
-    if zero_point is not None:
-        codes += broadcast_qparam(zero_point.astype(np.float64), x.shape, axis, block_size)
+    zp = 0 if zero_point is None else broadcast_qparam(zero_point, x.shape, axis, block_size)
+    if scaled.dtype == np.float32 and dtype.itemsize <= 2:
+        # MLAS's order (clamp to [qmin - z, qmax - z], round, add z) in float32: the same codes
+        # as rounding first, since the bounds are integers, in three in-place passes
+        low = np.asarray(info.min - np.asarray(zp, np.int32), np.float32)
+        high = np.asarray(info.max - np.asarray(zp, np.int32), np.float32)
+        np.clip(scaled, low, high, out=scaled)
+        np.rint(scaled, out=scaled)
+        scaled += np.asarray(zp, np.float32)
+        return scaled.astype(dtype)
+    codes = np.rint(scaled.astype(np.float64)) + np.asarray(zp, np.float64)
     return np.clip(codes, info.min, info.max).astype(dtype)
 
 

@@ -1,0 +1,85 @@
+"""The compiled kernels (Numba) against the NumPy reference on whole real models, the kernel
+choice, and bit-exactness with ONNX Runtime on PP-OCR's text-direction classifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from qdq.engine import Engine, compiled
+from qdq.errors import ModelError
+from qdq.pipeline import quantize_model
+
+from conftest import DIGITS
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("compiled")
+    paths = {}
+    for name in ("cnn", "mobilenet"):
+        paths[name] = folder / f"{name}.onnx"
+        quantize_model(DIGITS / f"{name}.onnx", paths[name], DIGITS / "calib.npz")
+    return paths
+
+
+def _same_tensors(path: Path, feeds: dict[str, np.ndarray], requant: str) -> None:
+    reference = Engine(path, requant, kernels="numpy").trace(feeds)
+    fast = Engine(path, requant, kernels="compiled").trace(feeds)
+    for name, want in reference.items():
+        if isinstance(want, np.ndarray) and name in fast:
+            np.testing.assert_array_equal(fast[name], want, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mobilenet"])
+@pytest.mark.parametrize("requant", ["float", "fixed", "spec"])
+def test_compiled_kernels_give_the_numpy_references_tensors(digits, name, requant):
+    x = np.load(DIGITS / "test.npz")["input"][:64]
+    _same_tensors(digits[name], {"input": x}, requant)
+
+
+def test_the_kernel_choice_is_visible_and_checked(digits):
+    assert Engine(digits["cnn"]).kernels == ("compiled" if compiled.available() else "numpy")
+    assert Engine(digits["cnn"], kernels="numpy").kernels == "numpy"
+    with pytest.raises(ModelError, match="kernels"):
+        Engine(digits["cnn"], kernels="fast")
+
+
+def _text_lines(count: int, seed: int) -> np.ndarray:
+    """`count` RapidOCR-preprocessed lines of printed words (3, 48, 192), some upside down."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    words = ["engine", "integer", "runtime", "quantized", "exact", "kernel", "model", "scale"]
+    lines = []
+    for _ in range(count):
+        image = Image.new("RGB", (192, 48), (int(rng.integers(170, 256)),) * 3)
+        font = ImageFont.load_default(size=int(rng.integers(22, 30)))
+        text = " ".join(rng.choice(words, 2))
+        ImageDraw.Draw(image).text((6, 24), text, fill=(20, 20, 20), font=font, anchor="lm")
+        if rng.integers(0, 2):
+            image = image.rotate(180)
+        pixels = np.asarray(image, np.float32).transpose(2, 0, 1) / 255
+        lines.append((pixels - 0.5) / 0.5)
+    return np.stack(lines).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_ppocr_classifier_is_bit_exact_with_onnx_runtime_on_both_paths(tmp_path):
+    rapidocr = pytest.importorskip("rapidocr_onnxruntime")
+    model = Path(rapidocr.__file__).parent / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=_text_lines(16, 1))
+    path = tmp_path / "cls_int8.onnx"
+    quantize_model(model, path, calib)
+    feeds = {"x": _text_lines(4, 2)}
+    want = ort.InferenceSession(str(path)).run(None, feeds)[0]
+    for kernels in ("numpy", "compiled"):
+        got = next(iter(Engine(path, "float", kernels=kernels).run(feeds).values()))
+        np.testing.assert_array_equal(got, want)
+    _same_tensors(path, feeds, "float")
