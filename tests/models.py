@@ -208,3 +208,27 @@ def attention_block(tokens: int = 8, width: int = 16) -> onnx.ModelProto:
         n.name = f"{n.op_type}_{i}"
     shape = [1, tokens, width]
     return _model(nodes, [_value("x", shape)], [_value("y", shape)], inits)
+
+
+def yolo_head(classes: int = 3) -> onnx.ModelProto:
+    """x[N,3,8,8] -> a YOLO-style head (N, 4 + classes, 64): per position, a box (cx, cy, w, h)
+    in pixels (positive, up to hundreds) and sigmoid class scores, joined on axis 1 as YOLOv8's."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wb", "bb"], ["b0"], pads=[1, 1, 1, 1], name="box_conv"),
+        helper.make_node("Abs", ["b0"], ["b1"], name="box_abs"),
+        helper.make_node("Mul", ["b1", "pixels"], ["boxes"], name="to_pixels"),
+        helper.make_node("Conv", ["x", "wc", "bc"], ["c0"], pads=[1, 1, 1, 1], name="cls_conv"),
+        helper.make_node("Sigmoid", ["c0"], ["scores"], name="sigmoid"),
+        helper.make_node("Concat", ["boxes", "scores"], ["joined"], axis=1, name="head"),
+        helper.make_node("Reshape", ["joined", "shape"], ["y"], name="flatten"),
+    ]
+    inits = [
+        _init("wb", RNG.standard_normal((4, 3, 3, 3)) * 0.3),
+        _init("bb", np.full(4, 0.5)),
+        _init("pixels", np.array(40.0)),
+        _init("wc", RNG.standard_normal((classes, 3, 3, 3)) * 0.5),
+        _init("bc", np.full(classes, -1.0)),
+        numpy_helper.from_array(np.array([0, 4 + classes, -1], np.int64), "shape"),
+    ]
+    inputs = [_value("x", ["N", 3, 8, 8])]
+    return _model(nodes, inputs, [_value("y", ["N", 4 + classes, 64])], inits)

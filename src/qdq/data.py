@@ -6,6 +6,7 @@ batch by batch, so a large set never sits in memory at once.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -166,6 +167,13 @@ class Samples:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._readers = self._open()
+
+    def span(self, first: int, last: int) -> Samples:
+        """Samples `first` up to `last` on their own (the same open files, nothing read)."""
+        part = copy.copy(self)
+        part.order = self.order[first:last]
+        part.count = len(part.order)
+        return part
 
     def batches(
         self, batch_size: int, first: int = 0, last: int | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -43,6 +43,12 @@ class ErrorStats:
             self.top1 += int((best == approximation.argmax(axis=1)).sum())
             top = np.argsort(-approximation, axis=1)[:, :5]
             self.top5 += int((top == best[:, None]).any(axis=1).sum())
+
+    def merged(self, other: ErrorStats) -> ErrorStats:
+        """The sums of two shards of the same tensor together (maxima taken)."""
+        sums = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        sums.update(max_abs=max(self.max_abs, other.max_abs), classes=self.classes or other.classes)
+        return ErrorStats(**sums)
 
     @property
     def sqnr_db(self) -> float:

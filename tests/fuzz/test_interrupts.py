@@ -24,7 +24,7 @@ def quantize(ws: Workspace, *flags: object) -> list:
 
 STAGES = {  # where a signal lands: (module, function) patched to signal itself
     "load": ("qdq.pipeline", "load_model"),
-    "calibrate": ("qdq.pipeline", "calibrate"),
+    "calibrate": ("qdq.pipeline", "observe_holding"),
     "ort rewrite": ("qdq.onnx.model", "open_session"),  # $TMPDIR/qdq-*/in.onnx exists then
     "save": ("qdq.onnx.model", "os"),  # between the staged write and its rename
 }
@@ -67,7 +67,7 @@ def test_an_internal_error_names_the_stage_and_a_log_holding_the_traceback(ws, m
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("qdq.pipeline.calibrate", broken)
+    monkeypatch.setattr("qdq.pipeline.observe_holding", broken)
     result = ws.run(*quantize(ws))
     assert result.code == 1
     assert result.stderr.count("\n") == 1

@@ -29,6 +29,7 @@ class Method(enum.StrEnum):
     PERCENTILE = "percentile"
     MSE = "mse"
     AUTO = "auto"
+    BEST = "best"  # every method's plan tried on the outputs' parts (qdq.plan.method)
 
 
 METHODS = tuple(m.value for m in Method)
@@ -39,6 +40,8 @@ _FACTORIES: dict[Method, Callable[[QScheme, int | None], Observer]] = {
     Method.PERCENTILE: lambda grid, axis: HistogramObserver(Percentile(), axis=axis),
     Method.MSE: lambda grid, axis: HistogramObserver(MSE(grid.bits), axis=axis),
     Method.AUTO: lambda grid, axis: HistogramObserver(Auto(grid.bits, grid.symmetric), axis=axis),
+    # The histogram gives every candidate's range; percentile's if the choice is skipped.
+    Method.BEST: lambda grid, axis: HistogramObserver(Percentile(), axis=axis),
 }
 UINT8 = QScheme(bits=8, signed=False)
 

@@ -29,14 +29,18 @@ class Auto:
 
     bits: int = 8
     symmetric: bool = False  # the grid the range will be used on: score candidates on that one
+    kl: bool = True  # KL's search is most of the cost (YOLOv8n: 25 of 30 s); `best` skips it
 
     def __call__(self, hist: Histogram) -> Range:
-        candidates = {
-            "minmax": Range(hist.lo, hist.hi),
-            "percentile": Percentile()(hist),
-            "kl": KL(min(self.bits, 8), stride=KL_STRIDE)(hist),
-            "mse": MSE(self.bits)(hist),
-        }
+        return self.candidates(hist)["auto"]
+
+    def candidates(self, hist: Histogram) -> dict[str, Range]:
+        """Each candidate's range, and per channel the best of them ("auto"): one histogram
+        gives every method's range, so a caller can also try them whole (`--method best`)."""
+        candidates = {"minmax": Range(hist.lo, hist.hi), "percentile": Percentile()(hist)}
+        if self.kl:
+            candidates["kl"] = KL(min(self.bits, 8), stride=KL_STRIDE)(hist)
+        candidates["mse"] = MSE(self.bits)(hist)
         grid = QScheme(self.bits, signed=self.symmetric, symmetric=self.symmetric)
         half = hist.half
         centres = (np.arange(2 * half) - half + 0.5) * hist.width[:, None]
@@ -49,4 +53,4 @@ class Auto:
                 errors[name] = float(hist.counts[c] @ (row - fake_quantize(row, qparams)) ** 2)
             winner = min(errors, key=errors.get)
             best_lo[c], best_hi[c] = candidates[winner].lo[c], candidates[winner].hi[c]
-        return Range(best_lo, best_hi)
+        return {**candidates, "auto": Range(best_lo, best_hi)}

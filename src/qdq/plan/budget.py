@@ -1,6 +1,6 @@
 """An accuracy budget: keep the most harmful layers in float until the output SQNR against FP32
-reaches a target (`qdq quantize --target-sqnr DB`), or until a user's own metric does (the
-`metric` argument of `quantize_model`).
+(of the worst output part, `qdq.plan.parts`) reaches a target (`qdq quantize --target-sqnr
+DB`), or until a user's own metric does (the `metric` argument of `quantize_model`).
 
 Sensitivity of a layer = how much the output SQNR rises when that layer alone stays float.
 Layers are then returned to float most sensitive first, re-measuring the whole model after each,
@@ -10,16 +10,16 @@ until the target is met: fewest layers for the budget, as users otherwise do by 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
 import onnx
 
-from qdq.metrics import sqnr_db
 from qdq.onnx.sessions import median_latency_ms, open_session
 from qdq.plan.build import BudgetResult, Plan
 from qdq.plan.decisions import Decision, kept_float
+from qdq.plan.parts import judged, output_parts, worst_sqnr
 from qdq.plan.rules import RULES, Kind
 from qdq.workers import ONE_PROCESS, Workers, same
 
@@ -31,23 +31,22 @@ Measure = Callable[[list[str]], tuple[Plan, float]]
 log = logging.getLogger(__name__)
 
 
-def output_sqnr(model: onnx.ModelProto, feeds: list[dict], reference: list[list]) -> float:
-    """SQNR in dB of `model`'s outputs against `reference` over all `feeds`, all outputs pooled."""
-    session = open_session(model)
-    signal = noise = 0.0
-    for feed, want in zip(feeds, reference, strict=True):
-        for got, ref in zip(session.run(None, feed), want, strict=True):
-            ref = ref.astype(np.float64)
-            signal += float(np.sum(ref**2))
-            noise += float(np.sum((got - ref) ** 2))
-    return float(sqnr_db(signal, noise))
-
-
-def sqnr_score(model: onnx.ModelProto, feeds: list[dict]) -> Callable[[onnx.ModelProto], float]:
-    """Scores a candidate by its output SQNR against `model` on `feeds`."""
+def sqnr_score(
+    model: onnx.ModelProto, feeds: list[dict], declared: Sequence[str] = ()
+) -> Callable[[onnx.ModelProto], float]:
+    """Scores a candidate by the lowest SQNR in dB of any output part (`qdq.plan.parts`: a
+    detector's boxes and scores apart) against `model` on `feeds`; `declared` are
+    `--output-parts` specs."""
     float_session = open_session(model)
-    reference = [float_session.run(None, feed) for feed in feeds]
-    return lambda candidate: output_sqnr(candidate, feeds, reference)
+    names = [o.name for o in float_session.get_outputs()]
+    reference = [float_session.run(names, feed) for feed in feeds]
+    parts = output_parts(names, reference, declared)
+
+    def score(candidate: onnx.ModelProto) -> float:
+        session = open_session(candidate)
+        return worst_sqnr(judged(parts, reference, (session.run(names, f) for f in feeds)))
+
+    return score
 
 
 def meet_target(

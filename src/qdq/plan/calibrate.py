@@ -102,6 +102,26 @@ def calibrate(
     Inf, and a final range beyond SENTINEL marks a mask. Shards of SHARD_SAMPLES samples are
     observed apart (on `workers` when parallel) and merged in sample order, so the result
     depends on the data alone, not on how many workers there are or when each finished."""
+    observers, unfit, found = observe(
+        model, samples, make, names, batch_size, progress, means, workers
+    )
+    ranges, unfit = fit_ranges({name: o.compute() for name, o in observers.items()}, unfit)
+    return ranges, unfit, {n: a for n, a in found.items() if n not in unfit}
+
+
+def observe(
+    model: onnx.ModelProto,
+    samples: Samples,
+    make: Callable[[str], Observer],
+    names: list[str],
+    batch_size: int,
+    progress: bool = True,
+    means: Iterable[str] = (),
+    workers: Workers = ONE_PROCESS,
+) -> tuple[dict[str, Observer], dict[str, str], dict[str, np.ndarray]]:
+    """`calibrate`'s pass over the data, before any range is computed: each fit tensor's
+    merged observer (whose histogram can give more than one method's range), the unfit
+    tensors with the reason, and the mean samples."""
     if not names:  # nothing to observe (ONNX Runtime would return every output instead)
         return {}, {}, {}
     job = _Job(model, samples, {name: make(name) for name in names},
@@ -121,19 +141,60 @@ def calibrate(
         with tqdm(total=samples.count, desc="calibrating", unit="sample",
                   disable=not progress, leave=False) as bar:  # fmt: skip
             seen = _merged(_observe(opened, span, bar) for span in spans)
-    ranges = {}
-    for name, observer in seen.observers.items():
-        if name in seen.unfit:
-            continue
-        rng = observer.compute()
-        magnitude = float(np.max(np.maximum(-rng.lo, rng.hi)))
-        if magnitude >= SENTINEL:
-            seen.unfit[name] = f"holds sentinel values up to {magnitude:.3g} (a mask?)"
-        else:
-            ranges[name] = rng
+    fit = {n: o for n, o in seen.observers.items() if n not in seen.unfit}
     averages = seen.averages.items()
     found = {n: a.mean for n, a in averages if a.mean is not None and n not in seen.unfit}
-    return ranges, seen.unfit, found
+    return fit, seen.unfit, found
+
+
+def observe_holding(
+    model: onnx.ModelProto,
+    samples: Samples,
+    make: Callable[[str], Observer],
+    names: list[str],
+    batch_size: int,
+    held: int,
+    progress: bool = True,
+    means: Iterable[str] = (),
+    workers: Workers = ONE_PROCESS,
+) -> tuple[dict[str, Observer], dict[str, Observer], dict[str, str], dict[str, np.ndarray]]:
+    """`observe` on all `samples`, and also the observers of all but the last `held` of them:
+    ranges fitted without those samples can be judged on them fairly (ranges scored on the
+    samples they were fitted to favour MinMax, docs/ptq.md). Still one pass over the data."""
+    if not held:
+        observers, unfit, found = observe(
+            model, samples, make, names, batch_size, progress, means, workers
+        )
+        return observers, observers, unfit, found
+    split = samples.count - held
+    rest = (batch_size, progress, means, workers)
+    fitted, unfit, found = observe(model, samples.span(0, split), make, names, *rest)
+    # The held samples continue each fitted observer's stream (not a merge, which re-bins).
+    fit = [name for name in names if name in fitted]
+    resume = lambda name: copy.deepcopy(fitted[name])  # noqa: E731
+    every, unfit_last, found_last = observe(
+        model, samples.span(split, samples.count), resume, fit, *rest
+    )
+    unfit = {**unfit_last, **unfit}
+    both = {n: m for n, m in found.items() if n in found_last and m.shape == found_last[n].shape}
+    means_all = {n: (m * split + found_last[n] * held) / samples.count for n, m in both.items()}
+    every = {n: o for n, o in every.items() if n not in unfit}
+    return every, {n: o for n, o in fitted.items() if n in every}, unfit, means_all
+
+
+def fit_ranges(
+    ranges: dict[str, Range], unfit: dict[str, str]
+) -> tuple[dict[str, Range], dict[str, str]]:
+    """The ranges fit for int8, and the unfit tensors: those given, and those whose range
+    reaches SENTINEL (a mask)."""
+    fit, unfit = {}, dict(unfit)
+    for name, rng in ranges.items():
+        magnitude = float(np.max(np.maximum(-rng.lo, rng.hi)))
+        if magnitude >= SENTINEL:
+            unfit[name] = f"holds sentinel values up to {magnitude:.3g} (a mask?)"
+        else:
+            fit[name] = rng
+    return fit, unfit
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, ModelError
 from qdq.metrics import ErrorStats
 from qdq.onnx.model import METADATA_KEY, load_model
-from qdq.onnx.sessions import median_latency_ms, session_with_outputs
+from qdq.onnx.sessions import median_latency_ms, open_session, session_with_outputs
+from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
 from qdq.workers import ONE_PROCESS, Workers
 
+PART_SAMPLES = 16  # leading samples whose FP32 outputs find each output's parts (qdq.plan.parts)
 # Batches per evaluation shard (a fixed count: results depend on the data alone, whether one
 # process measures the shards or many workers).
 EVAL_SHARD_BATCHES = 8
@@ -27,7 +30,8 @@ EVAL_SHARD_BATCHES = 8
 
 @dataclass
 class Comparison:
-    """Per output and per quantized tensor error; accuracies when labels are given."""
+    """Per output, per part of an output that joins quantities (a detector's boxes and scores),
+    and per quantized tensor error; accuracies when labels are given."""
 
     outputs: dict[str, ErrorStats]
     layers: dict[str, ErrorStats]
@@ -36,6 +40,7 @@ class Comparison:
     latency_ms: tuple[float, float] | None = None
     accuracy: tuple[float, float] | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    parts: dict[str, PartStats] = field(default_factory=dict)  # by label, split outputs only
 
     def as_dict(self) -> dict[str, object]:
         worst = sorted(self.layers.items(), key=lambda kv: kv[1].sqnr_db)
@@ -43,6 +48,7 @@ class Comparison:
             "samples": self.samples,
             "size_bytes": {"float": self.sizes[0], "quantized": self.sizes[1]},
             "outputs": {k: v.as_dict() for k, v in self.outputs.items()},
+            "parts": {k: v.as_dict() for k, v in self.parts.items()},
             "layers": [{"tensor": k, "sqnr_db": v.sqnr_db} for k, v in worst],
         }
         if self.accuracy:
@@ -78,6 +84,14 @@ class Comparison:
             text += f"max abs error {d['max_abs_error']:.4g}"
             if stats.classes:
                 text += f", top-1 {d['top1_agreement']:.2%}, top-5 {d['top5_agreement']:.2%}"
+            lines.append(text)
+        for label, part in self.parts.items():
+            d = part.as_dict()
+            text = f"  part {label!r} ({part.part.kind}): SQNR {d['sqnr_db']:.2f} dB"
+            if "top1_agreement" in d:
+                text += f", top-1 {d['top1_agreement']:.2%} of confident positions"
+            if "detection_f1" in d:
+                text += f", F1 of FP32's detections {d['detection_f1']:.3f}"
             lines.append(text)
         if self.layers:
             lines.append(
@@ -163,15 +177,20 @@ def compare_models(
     max_samples: int | None = None,
     latency_runs: int = 30,
     workers: Workers = ONE_PROCESS,
+    declared: Sequence[str] = (),
 ) -> Comparison:
     """Run both models on the same samples, streaming, and measure the differences: shards of
-    EVAL_SHARD_BATCHES batches (on `workers` when parallel), merged in sample order."""
+    EVAL_SHARD_BATCHES batches (on `workers` when parallel), merged in sample order. Outputs
+    that join quantities are also measured per part, found on the first PART_SAMPLES samples
+    or `declared` (`--output-parts` specs)."""
     reference, quantized = load_model(float_path), load_model(quantized_path)
     _check_same_inputs(reference, quantized)
     samples = Samples(data, model_inputs(reference), max_samples)
     truth = _labels(data, labels, samples)
     pairs = quantized_tensor_pairs(quantized, reference)
-    job = _Job(reference, quantized, pairs, samples, batch_size)
+    job = _Job(
+        reference, quantized, pairs, samples, batch_size, _parts(reference, samples, declared)
+    )
     step = EVAL_SHARD_BATCHES * batch_size
     spans = [(a, min(a + step, samples.count)) for a in range(0, samples.count, step)]
     if workers.parallel:
@@ -179,7 +198,7 @@ def compare_models(
     else:  # in this process, with its sessions and data handles
         opened = _open(job, reopen=False)
         seen = _merged([_measure(opened, span) for span in spans])
-    out_stats, layer_stats, predictions = seen
+    out_stats, layer_stats, predictions, parts = seen
     accuracy = _accuracy(truth, predictions)
     first = next(samples.batches(1))
     return Comparison(
@@ -189,7 +208,22 @@ def compare_models(
         sizes=(Path(float_path).stat().st_size, Path(quantized_path).stat().st_size),
         latency_ms=latency_ratio(float_path, quantized_path, first, latency_runs),
         accuracy=accuracy,
+        parts={s.part.label: s for group in parts.values() for s in group},
     )
+
+
+def _parts(
+    reference: onnx.ModelProto, samples: Samples, declared: Sequence[str]
+) -> dict[str, list[Part]]:
+    """The parts of each float output that splits (`qdq.plan.parts`), from FP32's outputs on
+    the first PART_SAMPLES samples."""
+    session = open_session(reference)
+    names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
+    outputs = [
+        session.run(names, feed) for feed in samples.batches(PART_SAMPLES, last=PART_SAMPLES)
+    ]
+    found = output_parts(names, outputs, declared)
+    return {name: parts for name, parts in found.items() if len(parts) > 1}
 
 
 @dataclass(frozen=True)
@@ -201,10 +235,17 @@ class _Job:
     pairs: dict[str, str]
     samples: Samples
     batch_size: int
+    parts: dict[str, list[Part]]  # of the outputs that split
 
 
-# Per output and per paired tensor, the error sums; the top-1 predictions, batch by batch.
-_Seen = tuple[dict[str, ErrorStats], dict[str, ErrorStats], list[tuple[np.ndarray, np.ndarray]]]
+# Per output and per paired tensor, the error sums; the top-1 predictions, batch by batch; per
+# split output, its parts' statistics.
+_Seen = tuple[
+    dict[str, ErrorStats],
+    dict[str, ErrorStats],
+    list[tuple[np.ndarray, np.ndarray]],
+    dict[str, list[PartStats]],
+]
 
 
 def _open(job: _Job, reopen: bool = True) -> tuple[_Job, Any, Any, Samples]:
@@ -223,34 +264,32 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
     out_stats = {name: ErrorStats() for name in outputs}
     layer_stats = {name: ErrorStats() for name in pairs}
     predictions: list[tuple[np.ndarray, np.ndarray]] = []
+    parts = {name: part_stats(p) for name, p in job.parts.items()}
     for feed in samples.batches(job.batch_size, first=span[0], last=span[1]):
         ref = ref_session.run([*outputs, *pairs], feed)
         got = q_session.run([*outputs, *pairs.values()], feed)
         for i, name in enumerate(outputs):
             out_stats[name].update(ref[i], got[i])
+            if name in parts:
+                update_all(parts[name], ref[i], got[i])
         for j, name in enumerate(pairs, start=len(outputs)):
             layer_stats[name].update(ref[j], got[j])
         if out_stats[outputs[0]].classes:
             predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
-    return out_stats, layer_stats, predictions
+    return out_stats, layer_stats, predictions, parts
 
 
 def _merged(shards: list[_Seen]) -> _Seen:
     """The shards' sums added in sample order (maxima taken, predictions concatenated)."""
-    outputs, layers, predictions = shards[0]
-    for shard_outputs, shard_layers, shard_predictions in shards[1:]:
+    outputs, layers, predictions, parts = shards[0]
+    for shard_outputs, shard_layers, shard_predictions, shard_parts in shards[1:]:
         for into, more in ((outputs, shard_outputs), (layers, shard_layers)):
             for name, stats in into.items():
-                into[name] = _added(stats, more[name])
+                into[name] = stats.merged(more[name])
         predictions += shard_predictions
-    return outputs, layers, predictions
-
-
-def _added(a: ErrorStats, b: ErrorStats) -> ErrorStats:
-    """The error sums of two shards together."""
-    sums = {f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(ErrorStats)}
-    sums.update(max_abs=max(a.max_abs, b.max_abs), classes=a.classes or b.classes)
-    return ErrorStats(**sums)
+        for name, group in parts.items():
+            parts[name] = [a.merged(b) for a, b in zip(group, shard_parts[name], strict=True)]
+    return outputs, layers, predictions, parts
 
 
 def _accuracy(

@@ -14,6 +14,7 @@ import plotly.io
 import plotly.offline
 
 from qdq.outputs import staged
+from qdq.report.compare import Comparison
 from qdq.report.measure import LayerRow, ReportData
 from qdq.report.ranges import ActivationView, WeightView
 
@@ -143,7 +144,30 @@ def _summary(data: ReportData) -> str:
         f'<section id="summary"><h2>Summary</h2><p class="note">{c.samples} samples</p>'
         f"<table><tr><th></th><th>FP32</th><th>INT8</th><th></th></tr>{cells}</table><p></p>"
         "<table><tr><th>output</th><th>SQNR (dB)</th><th>cosine</th>"
-        f"<th>top-1 agreement</th></tr>{''.join(outputs)}</table></section>"
+        f"<th>top-1 agreement</th></tr>{''.join(outputs)}</table>{_parts(c)}</section>"
+    )
+
+
+def _parts(c: Comparison) -> str:
+    """Each part of an output that joins quantities (a detector's boxes and scores), judged as
+    its task: SQNR, top-1 agreement of confident positions, F1 of FP32's detections."""
+    if not c.parts:
+        return ""
+    rows = []
+    for label, stats in c.parts.items():
+        d = stats.as_dict()
+        top1, f1 = d.get("top1_agreement"), d.get("detection_f1")
+        rows.append(
+            f"<tr><td>{html.escape(label)}</td><td>{stats.part.kind}</td>"
+            f"<td class=num>{d['sqnr_db']:.2f}</td>"
+            f"<td class=num>{'—' if top1 is None else f'{top1:.2%}'}</td>"
+            f"<td class=num>{'—' if f1 is None else f'{f1:.3f}'}</td></tr>"
+        )
+    return (
+        '<p class="note">outputs that join quantities, judged per part (the worst part drives '
+        "qdq's automatic choices):</p><table><tr><th>part</th><th>holds</th><th>SQNR (dB)</th>"
+        "<th>top-1 agreement (confident positions)</th><th>F1 of FP32's detections</th></tr>"
+        f"{''.join(rows)}</table>"
     )
 
 

@@ -1,14 +1,23 @@
-"""What `qdq quantize` reports: per node decisions, size, time and the output SQNR."""
+"""What `qdq quantize` reports: per node decisions, size, time, and per output part (a
+detector's boxes and scores apart, `qdq.plan.parts`) its SQNR and task scores."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 
+from qdq.plan.build import Candidate
 from qdq.plan.decisions import Decision
+from qdq.plan.parts import PartStats
 
 CHECK_SAMPLES = 16  # calibration samples on which the report measures the output SQNR
 LOW_SQNR = 10.0  # dB: below this the report warns (the noise is a third of the signal or more)
+TASK_SCORES = {"top1_agreement": "top-1", "top5_agreement": "top-5", "detection_f1": "F1"}
+
+
+def task_scores(stats: PartStats) -> dict[str, float]:
+    """A part's task scores where it has any: class agreement with FP32, detection F1."""
+    return {k: float(v) for k, v in stats.as_dict().items() if k in TASK_SCORES and v is not None}
 
 
 @dataclass
@@ -21,7 +30,9 @@ class QuantizeReport:
     float_bytes: int
     quantized_bytes: int
     notes: list[str] = field(default_factory=list)
-    output_sqnr: dict[str, float] = field(default_factory=dict)  # dB, per float output
+    output_sqnr: dict[str, float] = field(default_factory=dict)  # dB, per part of a float output
+    output_tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # per part: scores
+    candidates: list[Candidate] = field(default_factory=list)  # the plans --prefer chose from
 
     @property
     def quantized(self) -> list[Decision]:
@@ -46,8 +57,16 @@ class QuantizeReport:
             more = f" and {len(group) - 1} more" if len(group) > 1 else ""
             lines.append(f"kept float: {op_type} {first.node}{more}: {first.reason}")
         lines += [f"note: {n}" for n in self.notes]
+        if self.candidates:
+            shown = ", ".join(
+                f"{c.name} {c.score:.2f} dB {c.latency_ms:.3f} ms{' (chosen)' if c.chosen else ''}"
+                for c in self.candidates
+            )
+            lines.append(f"candidate plans (worst output part, ms per sample, 1 thread): {shown}")
         if self.output_sqnr:
-            shown = ", ".join(f"{k!r} {v:.2f} dB" for k, v in self.output_sqnr.items())
+            shown = ", ".join(
+                f"{k!r} {v:.2f} dB{self._tasks(k)}" for k, v in self.output_sqnr.items()
+            )
             count = min(self.samples, CHECK_SAMPLES)
             lines.append(f"output SQNR against FP32 on {count} calibration samples: {shown}")
             if min(self.output_sqnr.values()) < LOW_SQNR:
@@ -57,3 +76,8 @@ class QuantizeReport:
                     "most harmful ones float"
                 )
         return "\n".join(lines)
+
+    def _tasks(self, part: str) -> str:
+        scores = self.output_tasks.get(part, {})
+        shown = ", ".join(f"{TASK_SCORES[k]} {v:.3f}" for k, v in scores.items())
+        return f" ({shown})" if shown else ""

@@ -1,0 +1,365 @@
+"""Outputs judged as the tasks they serve: each output split into the quantities it joins, and
+each part measured by what matters for it.
+
+A YOLO-style head concatenates box coordinates in pixels and class scores in [0, 1] on one axis
+(NudeNet's YOLOv8n: (1, 4 + 18, 2100)). Its SQNR as one tensor is the boxes' (pixels dwarf
+scores), while the scores decide the detections. So every automatic choice scores the worst part
+(`worst_sqnr`), and the reports show each part.
+
+The rule that finds parts (`find_parts`), on the FP32 outputs of a few calibration samples:
+along each non-batch axis of 2..MAX_CHANNELS channels, in order, each channel is a score channel
+when all its values lie in [0, 1] and a value channel otherwise; the axis splits when its
+channels form 2..MAX_RUNS contiguous runs and every value run reaches at least GAP in magnitude
+(so 0.4-wide box offsets next to sigmoid scores do not split: nothing is certain there). The
+first axis that splits wins; an output that splits nowhere is one part. Parts may also be
+declared (`parse_parts`, `--output-parts NAME:AXIS:0-4,4-22`): their kinds come from the same
+statistics. A head split into 4 value channels then score channels is a detection head: its
+score part is also judged by detection F1 (`Detections`).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from qdq.errors import DataError
+from qdq.metrics import ErrorStats
+
+MAX_CHANNELS = 1024  # a longer axis holds positions (anchors, pixels), not quantities
+MAX_RUNS = 3  # [boxes | scores], [boxes | objectness | classes]; more runs: no clear layout
+GAP = 8.0  # a value run must reach 8x a score's largest possible value (1) to count as apart
+CONFIDENCE = 0.25  # a detection, and a row whose class agreement counts: best score above this
+NMS_IOU = 0.45  # class-wise non-maximum suppression drops a box overlapping a better one more
+MATCH_IOU = 0.5  # a detection of the INT8 model matches FP32's: same class, IoU above this
+TOP_K = 5
+_SPEC = re.compile(r"^(?P<name>.+):(?P<axis>\d+):(?P<spans>\d+-\d+(,\d+-\d+)*)$")
+
+
+class Kind(enum.StrEnum):
+    """What a part holds: unbounded values, scores in [0, 1], or a detection head's boxes."""
+
+    VALUES = "values"
+    SCORES = "scores"
+    BOXES = "boxes"
+
+
+@dataclass(frozen=True)
+class Part:
+    """Channels `start:stop` of `output` along `axis` (None: the whole output).
+
+    >>> Part("y", 1, 4, 22, Kind.SCORES).label
+    'y[:, 4:22]'
+    """
+
+    output: str
+    axis: int | None = None
+    start: int = 0
+    stop: int = 0
+    kind: Kind = Kind.VALUES
+
+    @property
+    def label(self) -> str:
+        if self.axis is None:
+            return self.output
+        return f"{self.output}[{':, ' * self.axis}{self.start}:{self.stop}]"
+
+    def take(self, output: np.ndarray) -> np.ndarray:
+        """This part's values in a batch of the whole output."""
+        if self.axis is None:
+            return output
+        return np.take(output, np.arange(self.start, self.stop), axis=self.axis)
+
+
+def parse_parts(spec: str) -> tuple[str, int, list[tuple[int, int]]]:
+    """`NAME:AXIS:START-STOP,...` as (output name, axis, spans), checked.
+
+    >>> parse_parts("output0:1:0-4,4-22")
+    ('output0', 1, [(0, 4), (4, 22)])
+    """
+    match = _SPEC.match(spec)
+    if match is None:
+        raise DataError(
+            f"`output_parts` {spec!r} is not NAME:AXIS:START-STOP,...; e.g. output0:1:0-4,4-22"
+        )
+    spans = [tuple(int(n) for n in s.split("-")) for s in match["spans"].split(",")]
+    if int(match["axis"]) < 1 or any(a >= b for a, b in spans):
+        raise DataError(
+            f"`output_parts` {spec!r}: the axis must be >= 1 (0 is the batch) and each span "
+            "START-STOP must have START < STOP"
+        )
+    return match["name"], int(match["axis"]), [(a, b) for a, b in spans]
+
+
+def find_parts(
+    name: str, batches: Sequence[np.ndarray], declared: Iterable[str] = ()
+) -> list[Part]:
+    """The parts of output `name` from its FP32 values in `batches` (the module's rule), or
+    from a declared spec naming it."""
+    first = batches[0]
+    for spec in declared:
+        output, axis, spans = parse_parts(spec)
+        if output != name:
+            continue
+        if axis >= first.ndim or max(b for _, b in spans) > first.shape[axis]:
+            raise DataError(
+                f"`output_parts` {spec!r} does not fit output {name!r} of shape "
+                f"{list(first.shape)}; give an axis and spans inside it"
+            )
+        unit = _unit_channels(batches, axis)
+        return _typed([Part(name, axis, a, b, _kind(unit[a:b])) for a, b in spans])
+    if first.dtype.kind != "f":
+        return [Part(name)]
+    for axis in range(1, first.ndim):
+        if 2 <= first.shape[axis] <= MAX_CHANNELS:
+            parts = _split(name, batches, axis)
+            if parts:
+                return _typed(parts)
+    return [Part(name)]
+
+
+def _unit_channels(batches: Sequence[np.ndarray], axis: int) -> np.ndarray:
+    """Per channel along `axis`: whether every value lies in [0, 1]."""
+    lo = np.min([np.moveaxis(b, axis, 0).reshape(b.shape[axis], -1).min(1) for b in batches], 0)
+    hi = np.max([np.moveaxis(b, axis, 0).reshape(b.shape[axis], -1).max(1) for b in batches], 0)
+    return (lo >= 0) & (hi <= 1)
+
+
+def _magnitude(batches: Sequence[np.ndarray], axis: int, start: int, stop: int) -> float:
+    return max(float(np.abs(np.take(b, np.arange(start, stop), axis=axis)).max()) for b in batches)
+
+
+def _kind(unit: np.ndarray) -> Kind:
+    return Kind.SCORES if unit.all() else Kind.VALUES
+
+
+def _split(name: str, batches: Sequence[np.ndarray], axis: int) -> list[Part]:
+    """The runs of score and value channels along `axis`, if they make a clear layout."""
+    unit = _unit_channels(batches, axis)
+    edges = [0, *(np.flatnonzero(unit[1:] != unit[:-1]) + 1).tolist(), len(unit)]
+    runs = list(itertools.pairwise(edges))
+    if not 2 <= len(runs) <= MAX_RUNS:
+        return []
+    values = [(a, b) for a, b in runs if not unit[a]]
+    if any(_magnitude(batches, axis, a, b) < GAP for a, b in values):
+        return []
+    return [Part(name, axis, a, b, _kind(unit[a:b])) for a, b in runs]
+
+
+def _typed(parts: list[Part]) -> list[Part]:
+    """A detection head (4 value channels, then scores) gets its first part typed as boxes."""
+    head = len(parts) == 2 and parts[0].stop - parts[0].start == 4
+    if head and parts[0].kind is Kind.VALUES and parts[1].kind is Kind.SCORES:
+        return [replace(parts[0], kind=Kind.BOXES), parts[1]]
+    return parts
+
+
+def is_detection(parts: Sequence[Part]) -> bool:
+    return len(parts) == 2 and parts[0].kind is Kind.BOXES
+
+
+@dataclass
+class PartStats:
+    """One part's error (SQNR, cosine, ...), class agreement for scores, F1 for a head."""
+
+    part: Part
+    error: ErrorStats = field(default_factory=ErrorStats)
+    top1: int = 0
+    topk: int = 0
+    rows: int = 0
+    detections: Detections | None = None
+
+    def update(self, reference: np.ndarray, approximation: np.ndarray) -> None:
+        """Add a batch of the whole output (FP32, then quantized)."""
+        want, got = self.part.take(reference), self.part.take(approximation)
+        self.error.update(want, got)
+        if self.part.kind is Kind.SCORES:
+            want_rows, got_rows = _rows(want, self.part.axis), _rows(got, self.part.axis)
+            confident = want_rows.max(axis=1) > CONFIDENCE
+            best = want_rows[confident].argmax(axis=1)
+            top = np.argsort(-got_rows[confident], axis=1)[:, :TOP_K]
+            self.top1 += int((top[:, 0] == best).sum())
+            self.topk += int((top == best[:, None]).any(axis=1).sum())
+            self.rows += len(best)
+        if self.detections is not None:
+            self.detections.update(reference, approximation)
+
+    def as_dict(self) -> dict[str, float | None]:
+        out = self.error.as_dict()
+        if self.part.kind is Kind.SCORES and self.rows:
+            out["top1_agreement"] = self.top1 / self.rows
+            out[f"top{TOP_K}_agreement"] = self.topk / self.rows
+        if self.detections is not None:
+            out["detection_f1"] = self.detections.f1
+        return out
+
+    def merged(self, other: PartStats) -> PartStats:
+        """The sums of two shards of the same part."""
+        detections = None
+        if self.detections is not None and other.detections is not None:
+            detections = self.detections.merged(other.detections)
+        top1, topk, rows = self.top1 + other.top1, self.topk + other.topk, self.rows + other.rows
+        return PartStats(self.part, self.error.merged(other.error), top1, topk, rows, detections)
+
+
+def _rows(scores: np.ndarray, axis: int | None) -> np.ndarray:
+    """(rows, classes): one row per position, the classes along `axis` (the last if None)."""
+    moved = scores if axis is None else np.moveaxis(scores, axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def part_stats(parts: Sequence[Part]) -> list[PartStats]:
+    """Fresh statistics for `parts` of one output; a detection head's scores also count F1."""
+    stats = [PartStats(p) for p in parts]
+    if is_detection(parts):
+        stats[1].detections = Detections(parts[0], parts[1])
+    return stats
+
+
+def update_all(
+    stats: Sequence[PartStats], reference: np.ndarray, approximation: np.ndarray
+) -> None:
+    """Add a batch of one output to each of its parts' statistics."""
+    for s in stats:
+        s.update(reference, approximation)
+
+
+def worst_sqnr(stats: Iterable[PartStats]) -> float:
+    """What automatic choices maximise: the lowest SQNR of any part of any output."""
+    return min(s.error.sqnr_db for s in stats)
+
+
+@dataclass
+class Detections:
+    """F1 of the INT8 model's detections against FP32's, summed over samples: detections are
+    positions whose best class score exceeds CONFIDENCE, after class-wise NMS (IoU NMS_IOU);
+    one matches an FP32 detection of the same class with IoU above MATCH_IOU (each FP32 one
+    matched once, most confident first). Boxes are (cx, cy, w, h), as YOLO heads write them.
+
+    F1 = 2 matched / (FP32's + INT8's): 1 when both find nothing."""
+
+    boxes: Part
+    scores: Part
+    matched: int = 0
+    reference: int = 0
+    found: int = 0
+
+    @property
+    def f1(self) -> float:
+        total = self.reference + self.found
+        return 2 * self.matched / total if total else 1.0
+
+    def update(self, reference: np.ndarray, approximation: np.ndarray) -> None:
+        for want, got in zip(reference, approximation, strict=True):  # one sample at a time
+            a, b = detect(*self._split(want)), detect(*self._split(got))
+            self.matched += match(a, b)
+            self.reference, self.found = self.reference + len(a[0]), self.found + len(b[0])
+
+    def merged(self, other: Detections) -> Detections:
+        return Detections(self.boxes, self.scores, self.matched + other.matched,
+                          self.reference + other.reference, self.found + other.found)  # fmt: skip
+
+    def _split(self, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One sample's (positions, 4) boxes and (positions, classes) scores."""
+        axis = self.boxes.axis - 1  # the batch axis is gone
+        boxes = Part("", axis, self.boxes.start, self.boxes.stop).take(sample)
+        scores = Part("", axis, self.scores.start, self.scores.stop).take(sample)
+        return _rows(boxes, axis), _rows(scores, axis)
+
+
+Found = tuple[np.ndarray, np.ndarray, np.ndarray]  # corners (n, 4), class (n,), score (n,)
+
+
+def detect(boxes: np.ndarray, scores: np.ndarray) -> Found:
+    """Detections of one sample: (cx, cy, w, h) boxes and class scores per position ->
+    corner boxes, classes and confidences kept by the threshold and class-wise NMS, best first.
+
+    >>> b = np.array([[5, 5, 10, 10], [6, 5, 10, 10], [50, 50, 4, 4]], np.float32)
+    >>> s = np.array([[0.9, 0.0], [0.8, 0.0], [0.0, 0.3]], np.float32)
+    >>> detect(b, s)[1].tolist()  # the second box overlaps the first (IoU 0.82): dropped
+    [0, 1]
+    """
+    classes, confidence = scores.argmax(axis=1), scores.max(axis=1)
+    keep = np.flatnonzero(confidence > CONFIDENCE)
+    keep = keep[np.argsort(-confidence[keep], kind="stable")]
+    cx, cy, w, h = boxes[keep].astype(np.float64).T
+    corners = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    chosen: list[int] = []
+    for i in range(len(keep)):
+        same = [j for j in chosen if classes[keep[j]] == classes[keep[i]]]
+        if not same or iou(corners[i], corners[same]).max() <= NMS_IOU:
+            chosen.append(i)
+    return corners[chosen], classes[keep[chosen]], confidence[keep[chosen]]
+
+
+def match(reference: Found, found: Found) -> int:
+    """How many of `found`'s detections (most confident first) match a distinct one of
+    `reference`'s: same class, IoU above MATCH_IOU."""
+    free = np.ones(len(reference[0]), bool)
+    matched = 0
+    for box, cls in zip(found[0], found[1], strict=True):
+        candidates = np.flatnonzero(free & (reference[1] == cls))
+        if candidates.size:
+            overlaps = iou(box, reference[0][candidates])
+            best = int(overlaps.argmax())
+            if overlaps[best] > MATCH_IOU:
+                free[candidates[best]] = False
+                matched += 1
+    return matched
+
+
+def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Intersection over union of one (x0, y0, x1, y1) box with each of `others`.
+
+    >>> iou(np.array([0, 0, 2, 2.0]), np.array([[1, 0, 3, 2.0]])).tolist()  # 2 / (4 + 4 - 2)
+    [0.3333333333333333]
+    """
+    others = others.reshape(-1, 4)
+    lo, hi = np.maximum(box[:2], others[:, :2]), np.minimum(box[2:], others[:, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
+    area = np.prod(box[2:] - box[:2])
+    areas = np.prod(others[:, 2:] - others[:, :2], axis=1)
+    union = area + areas - inter
+    same = (others == box).all(axis=1)  # two equal boxes overlap fully, even without area
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), same.astype(float))
+
+
+def check_declared(declared: Iterable[str], names: Sequence[str]) -> None:
+    """Each declared spec parses and names one of the model's float outputs `names`."""
+    for spec in declared:
+        if parse_parts(spec)[0] not in names:
+            raise DataError(
+                f"`output_parts` {spec!r} names no float output of the model; its float "
+                f"outputs are {', '.join(names)}"
+            )
+
+
+def output_parts(
+    names: Sequence[str], reference: Sequence[Sequence[np.ndarray]], declared: Iterable[str] = ()
+) -> dict[str, list[Part]]:
+    """Each output's parts, from FP32's outputs on a few feeds (`reference`: per feed, the
+    outputs in `names`' order) and the declared specs, which must name outputs."""
+    declared = list(declared)
+    check_declared(declared, names)
+    return {
+        name: find_parts(name, [outputs[i] for outputs in reference], declared)
+        for i, name in enumerate(names)
+    }
+
+
+def judged(
+    parts: dict[str, list[Part]],
+    reference: Sequence[Sequence[np.ndarray]],
+    approximation: Iterable[Sequence[np.ndarray]],
+) -> list[PartStats]:
+    """Every part's statistics of an approximation's outputs (per feed, in `parts`' order)
+    against FP32's."""
+    stats = {name: part_stats(p) for name, p in parts.items()}
+    for want, got in zip(reference, approximation, strict=True):
+        for name, ref, out in zip(stats, want, got, strict=True):
+            update_all(stats[name], ref, out)
+    return [s for group in stats.values() for s in group]

@@ -1,0 +1,294 @@
+"""Outputs judged as tasks: a head's parts found from FP32's outputs (or declared), each part's
+SQNR, class agreement and a detection head's F1, and the worst part driving automatic choices."""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from models import classifier_head, detector_head, yolo_head
+from qdq.data import Samples, model_inputs
+from qdq.errors import DataError
+from qdq.observers import make_observer
+from qdq.pipeline import quantize_model
+from qdq.plan.budget import sqnr_score
+from qdq.plan.calibrate import observe, observe_holding
+from qdq.plan.method import MAJORITY, MARGIN, choose_method, sample_scores
+from qdq.plan.parts import (
+    Kind,
+    Part,
+    detect,
+    find_parts,
+    is_detection,
+    judged,
+    match,
+    output_parts,
+    parse_parts,
+    part_stats,
+    update_all,
+    worst_sqnr,
+)
+
+RNG = np.random.default_rng(1)
+
+
+def yolo_output(samples: int = 4, classes: int = 18, anchors: int = 50) -> np.ndarray:
+    """(samples, 4 + classes, anchors): boxes in pixels, then sigmoid scores."""
+    boxes = RNG.uniform(10, 300, (samples, 4, anchors))
+    scores = 1 / (1 + np.exp(-RNG.normal(-3, 2, (samples, classes, anchors))))
+    return np.concatenate([boxes, scores], axis=1).astype(np.float32)
+
+
+def test_a_yolo_head_splits_into_boxes_and_scores():
+    parts = find_parts("output0", [yolo_output()])
+    assert parts == [
+        Part("output0", 1, 0, 4, Kind.BOXES),
+        Part("output0", 1, 4, 22, Kind.SCORES),
+    ]
+    assert is_detection(parts)
+    assert [p.label for p in parts] == ["output0[:, 0:4]", "output0[:, 4:22]"]
+
+
+def test_parts_are_found_only_where_the_layout_is_clear():
+    small = yolo_output()
+    small[:, :4] /= 1000  # offsets under GAP next to scores: no certain split
+    interleaved = yolo_output()[:, [0, 5, 1, 6, 2, 7]]  # six runs
+    scores_only = yolo_output()[:, 4:]
+    for output in (small, interleaved, scores_only):
+        assert find_parts("y", [output]) == [Part("y")]
+
+
+def test_the_statistics_of_every_batch_decide():
+    first, second = yolo_output(), yolo_output()
+    second[0, 7, 0] = 1.5  # a score channel leaves [0, 1] in a later batch, but not by GAP
+    assert len(find_parts("y", [first])) == 2
+    assert find_parts("y", [first, second]) == [Part("y")]
+
+
+def test_declared_parts_take_their_kinds_from_the_statistics():
+    parts = find_parts("y", [yolo_output()], ["y:1:0-2,2-4,4-22"])
+    assert [(p.start, p.stop, p.kind) for p in parts] == [
+        (0, 2, Kind.VALUES),
+        (2, 4, Kind.VALUES),
+        (4, 22, Kind.SCORES),
+    ]
+    assert parse_parts("out:2:0-4,4-84") == ("out", 2, [(0, 4), (4, 84)])
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [("y:1:4-2", "START < STOP"), ("y:0:0-4", "axis must be >= 1"), ("y-1-0-4", "NAME:AXIS")],
+)
+def test_a_bad_declaration_says_what_is_wrong(spec, says):
+    with pytest.raises(DataError, match=says):
+        find_parts("y", [yolo_output()], [spec])
+
+
+def test_a_declaration_must_fit_and_name_an_output():
+    with pytest.raises(DataError, match="does not fit"):
+        find_parts("y", [yolo_output()], ["y:1:0-4,4-40"])
+    with pytest.raises(DataError, match="names no float output"):
+        output_parts(["y"], [[yolo_output()]], ["boxes:1:0-4"])
+
+
+def test_each_part_has_its_own_sqnr():
+    # Error 1 pixel on every box value (|x| ~ 155) and 0.01 on every score.
+    want = yolo_output()
+    got = want.copy()
+    got[:, :4] += 1.0
+    got[:, 4:] += 0.01
+    boxes, scores = judged(output_parts(["y"], [[want]]), [[want]], [[got]])
+    box_signal = np.mean(want[:, :4].astype(np.float64) ** 2)
+    score_signal = np.mean(want[:, 4:].astype(np.float64) ** 2)
+    assert boxes.error.sqnr_db == pytest.approx(10 * np.log10(box_signal / 1.0), abs=1e-3)
+    assert scores.error.sqnr_db == pytest.approx(10 * np.log10(score_signal / 1e-4), abs=1e-2)
+    assert worst_sqnr([boxes, scores]) == scores.error.sqnr_db < boxes.error.sqnr_db
+
+
+def test_class_agreement_counts_the_confident_positions():
+    # Two samples, 2 classes, 3 anchors; FP32 is confident (> 0.25) at 3 of the 6 positions.
+    want = np.zeros((2, 6, 3), np.float32)
+    want[:, :4] = 100
+    # Rows are classes, columns anchors.
+    want[0, 4:, :] = [[0.9, 0.1, 0.1], [0.1, 0.1, 0.2]]  # confident at anchor 0 (class 0)
+    want[1, 4:, :] = [[0.1, 0.6, 0.2], [0.8, 0.1, 0.1]]  # anchors 0 (class 1), 1 (class 0)
+    got = want.copy()
+    got[1, 4, 0] = 0.85  # anchor 0 of sample 1 now says class 0: 2 of 3 agree
+    parts = find_parts("y", [want])
+    stats = part_stats(parts)
+    update_all(stats, want, got)
+    scores = stats[1].as_dict()
+    assert scores["top1_agreement"] == pytest.approx(2 / 3)
+    assert scores["top5_agreement"] == 1.0  # two classes: always in the top 5
+
+
+def test_detections_are_thresholded_and_suppressed_per_class():
+    boxes = np.array([[5, 5, 10, 10], [6, 5, 10, 10], [6, 5, 10, 10], [50, 50, 4, 4]], np.float32)
+    scores = np.array([[0.9, 0.0], [0.8, 0.0], [0.0, 0.7], [0.2, 0.1]], np.float32)
+    corners, classes, confidence = detect(boxes, scores)
+    # Box 1 overlaps box 0 (same class, IoU 0.82) and goes; box 2 is another class and stays;
+    # box 3 is under the threshold.
+    assert classes.tolist() == [0, 1]
+    assert confidence.tolist() == pytest.approx([0.9, 0.7])
+    assert corners[0].tolist() == [0, 0, 10, 10]
+
+
+def test_f1_counts_matches_of_the_same_class_above_half_overlap():
+    ref = (np.array([[0, 0, 10, 10], [20, 20, 30, 30.0]]), np.array([0, 1]), np.ones(2))
+    # One box moved 2 px (IoU 80 / 120 = 0.67: a match), one of the wrong class, one extra.
+    got = (np.array([[2, 0, 12, 10], [20, 20, 30, 30], [50, 50, 60, 60.0]]), np.array([0, 0, 1]),
+           np.ones(3))  # fmt: skip
+    assert match(ref, got) == 1  # F1 = 2 * 1 / (2 + 3) = 0.4
+
+
+def test_a_detection_head_gets_f1_and_identical_outputs_score_one():
+    want = yolo_output(samples=3)
+    stats = part_stats(find_parts("y", [want]))
+    update_all(stats, want, want)
+    assert stats[1].detections.reference > 0
+    assert stats[1].as_dict()["detection_f1"] == 1.0
+    moved = want.copy()
+    moved[:, 4:] = np.where(moved[:, 4:] > 0.25, 0.0, moved[:, 4:])  # nothing detected
+    stats = part_stats(find_parts("y", [want]))
+    update_all(stats, want, moved)
+    assert stats[1].as_dict()["detection_f1"] == 0.0
+
+
+def test_shards_merge_into_the_whole():
+    want = yolo_output(samples=4)
+    got = want + RNG.normal(0, 0.05, want.shape).astype(np.float32)
+    parts = find_parts("y", [want])
+    whole, first, second = part_stats(parts), part_stats(parts), part_stats(parts)
+    update_all(whole, want, got)
+    update_all(first, want[:2], got[:2])
+    update_all(second, want[2:], got[2:])
+    for a, (b, c) in zip(whole, zip(first, second, strict=True), strict=True):
+        assert b.merged(c).as_dict() == pytest.approx(a.as_dict())
+
+
+def test_the_budget_scores_the_worst_part(tmp_path):
+    model = yolo_head()
+    feeds = [{"x": RNG.standard_normal((8, 3, 8, 8)).astype(np.float32)}]
+    want = ort.InferenceSession(model.SerializeToString()).run(None, feeds[0])[0]
+    noisy = model.__deepcopy__()
+    for init in noisy.graph.initializer:  # the class scores' conv, perturbed
+        if init.name == "bc":
+            init.float_data[:] = []
+            init.raw_data = np.full(3, -0.9, np.float32).tobytes()
+    got = ort.InferenceSession(noisy.SerializeToString()).run(None, feeds[0])[0]
+    expected = worst_sqnr(judged(output_parts(["y"], [[want]]), [[want]], [[got]]))
+    pooled = 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((want - got) ** 2))
+    assert sqnr_score(model, feeds)(noisy) == pytest.approx(expected)
+    assert expected < pooled - 20  # the pooled tensor hid the scores' error
+
+
+def test_the_quantize_report_judges_a_detector_head_by_its_parts(tmp_path):
+    np.save(tmp_path / "x.npy", RNG.standard_normal((64, 16)).astype(np.float32))
+    (tmp_path / "m.onnx").write_bytes(detector_head().SerializeToString())
+    report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy")
+    assert list(report.output_sqnr) == ["y[:, 0:4]", "y[:, 4:10]"]
+    assert set(report.output_tasks["y[:, 4:10]"]) == {
+        "top1_agreement",
+        "top5_agreement",
+        "detection_f1",
+    }
+    assert "'y[:, 4:10]'" in report.summary(tmp_path / "q.onnx")
+    assert any(note.startswith("range method ") for note in report.notes)
+
+
+def test_the_default_keeps_the_method_whose_worst_part_is_best_on_held_samples(tmp_path):
+    np.save(tmp_path / "x.npy", RNG.standard_normal((64, 3, 8, 8)).astype(np.float32))
+    (tmp_path / "m.onnx").write_bytes(yolo_head().SerializeToString())
+    report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy")
+    note = next(n for n in report.notes if n.startswith("range method "))
+    chosen = note.split()[2].rstrip(":")
+    scores = dict(re.findall(r"(\w+) (-?[\d.]+|inf)", note.split("(")[1]))
+    assert "on 16 calibration samples held out of the ranges" in note  # a quarter of 64
+    assert set(scores) == {"percentile", "minmax", "mse", "auto"}
+    # A replacement leads percentile's (median) score by the margin, and beats the rest.
+    if chosen != "percentile":
+        assert float(scores[chosen]) > float(scores["percentile"]) + MARGIN
+        assert float(scores[chosen]) == max(float(v) for v in scores.values())
+
+
+@pytest.mark.parametrize(
+    ("minmax", "chosen"), [(10.4, "percentile"), (10.6, "minmax"), (9.0, "percentile")]
+)
+def test_a_method_replaces_percentile_only_by_more_than_the_margin(minmax, chosen):
+    # percentile 10.0 dB; MARGIN 0.5 dB: minmax must score over 10.5.
+    scores = {"percentile": 10.0, "minmax": minmax, "mse": 8.0}
+    same = lambda value: value  # noqa: E731 - plans and models are the method names here
+    picked, seen = choose_method({m: m for m in scores}, same, same, scores.__getitem__)
+    assert (picked, seen) == (chosen, scores)
+
+
+def test_the_choice_is_not_carried_by_a_few_samples():
+    # Per held sample (dB): percentile 10 on each of 9.
+    percentile = np.full(9, 10.0)
+    outlier = np.array([40.0] + [9.6] * 8)  # one sample carries a mean/pooled lead: no
+    split = np.array([11.0] * 5 + [9.0] * 4)  # median leads by 1 dB, above on 5 of 9 only: no
+    clear = np.array([11.0] * 7 + [9.5] * 2)  # median leads, above on 7 of 9 (>= MAJORITY): yes
+    assert 5 / 9 < MAJORITY <= 7 / 9
+    same = lambda value: value  # noqa: E731 - plans and models are the method names here
+    for other, chosen in [(outlier, "percentile"), (split, "percentile"), (clear, "mse")]:
+        scores = {"percentile": percentile, "mse": other}
+        picked, medians = choose_method({m: m for m in scores}, same, same, scores.__getitem__)
+        assert picked == chosen
+        assert medians == {m: float(np.median(v)) for m, v in scores.items()}
+
+
+def test_held_samples_are_scored_one_at_a_time_by_their_worst_part():
+    model = yolo_head()
+    x = RNG.standard_normal((6, 3, 8, 8)).astype(np.float32)
+    feeds = [{"x": x[:4]}, {"x": x[4:]}]
+    noisy = model.__deepcopy__()
+    for init in noisy.graph.initializer:  # the class scores' conv, perturbed
+        if init.name == "bc":
+            init.float_data[:] = []
+            init.raw_data = np.full(3, -0.9, np.float32).tobytes()
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    got = ort.InferenceSession(noisy.SerializeToString()).run(None, {"x": x})[0]
+    parts = output_parts(["y"], [[want]])
+    expected = [
+        worst_sqnr(judged(parts, [[want[i : i + 1]]], [[got[i : i + 1]]])) for i in range(6)
+    ]
+    assert sample_scores(model, feeds)(noisy) == pytest.approx(expected)
+    assert np.isinf(sample_scores(model, feeds)(model)).all()  # FP32 itself: no error
+
+
+def test_the_ranges_the_choice_judges_never_saw_the_held_samples(tmp_path):
+    # 40 samples; the last 10 (held) are 10x larger, so a range that saw them is 10x wider.
+    x = RNG.standard_normal((40, 3, 8, 8)).astype(np.float32)
+    x[30:] *= 10
+    np.save(tmp_path / "x.npy", x)
+    model = yolo_head()
+    samples = Samples(tmp_path / "x.npy", model_inputs(model))
+    make = partial(make_observer, "percentile")
+    names = ["b0", "c0"]
+    merged, apart, unfit, means = observe_holding(model, samples, make, names, 8, 10, False, names)
+    alone = observe(model, samples.span(0, 30), make, names, 8, False)[0]
+    whole, _, whole_means = observe(model, samples, make, names, 8, False, names)
+    assert not unfit
+    for name in names:  # the mean sample (for bias correction) is over all 40
+        np.testing.assert_allclose(means[name], whole_means[name], atol=1e-6)  # float32 sums
+
+    def bounds(observer):
+        rng = observer.compute()
+        return float(rng.lo), float(rng.hi)
+
+    for name in names:
+        assert bounds(apart[name]) == bounds(alone[name])
+        assert bounds(merged[name]) == bounds(whole[name])  # the held samples continue it
+        assert bounds(merged[name])[1] > 5 * bounds(apart[name])[1]
+
+
+def test_a_classifier_output_stays_one_part_with_its_agreement(tmp_path):
+    np.save(tmp_path / "x.npy", RNG.standard_normal((32, 16)).astype(np.float32))
+    (tmp_path / "m.onnx").write_bytes(classifier_head().SerializeToString())
+    report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy")
+    assert list(report.output_sqnr) == ["y"]
+    assert report.output_tasks["y"]["top1_agreement"] > 0.9
