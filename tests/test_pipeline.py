@@ -311,7 +311,9 @@ def test_the_report_says_what_the_quantization_cost_in_output_sqnr(tmp_path):
     assert report.output_sqnr == {"logits": pytest.approx(want, abs=1e-6)}
     assert f"'logits' {want:.2f} dB" in report.summary(out)
     assert "warning" not in report.summary(out)
-    out, report = quantize_cnn(tmp_path, weight_bits=2)  # unusable: the report must say so
+    # Unusable: the report must say so (every layer int8: --prefer balanced keeps the ends
+    # float at no measurable cost on this tiny model, and reaches 12 dB).
+    out, report = quantize_cnn(tmp_path, weight_bits=2, prefer="speed")
     assert report.output_sqnr["logits"] < 10
     assert "warning: an output SQNR under 10 dB" in report.summary(out)
 

@@ -43,6 +43,15 @@ class Placement(enum.StrEnum):
     TENSORRT = "tensorrt"
 
 
+class Prefer(enum.StrEnum):
+    """Which point of the accuracy-latency frontier of candidate plans to take
+    (`qdq.plan.frontier`): the most accurate, the fastest that stays close to it, the fastest."""
+
+    ACCURACY = "accuracy"
+    BALANCED = "balanced"
+    SPEED = "speed"
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Settings of one quantization run; defaults are qdq's measured best (docs/ptq.md).
@@ -50,7 +59,7 @@ class QuantConfig:
     `weights` is per channel (`PerChannel`, the axis set per op: its output channels) or per
     tensor; `activations` is per tensor, 8 bits."""
 
-    method: Method = Method.PERCENTILE
+    method: Method = Method.BEST  # each method's plan tried, best worst output part kept
     weights: QScheme = INT8_WEIGHTS
     weight_grid: WeightGrid = WeightGrid.UNIFORM  # binary, ternary, power-of-two (qdq.lowbit)
     activations: QScheme = UINT8_ACTIVATIONS
@@ -60,17 +69,20 @@ class QuantConfig:
     equalize: bool = False  # cross-layer equalization of conv chains before calibration
     smoothing: bool = True  # move MatMul inputs' outlier channels into the weights (SmoothQuant)
     target_sqnr: float | None = None  # keep the most harmful layers float until this is met
+    output_parts: tuple[str, ...] = ()  # NAME:AXIS:START-STOP,... (qdq.plan.parts.parse_parts)
     adaround: bool = False  # learn each weight's rounding (needs the torch extra)
     data_free: bool = False  # ranges from BatchNorm statistics, no calibration data
     input_range: tuple[float, float] = (-1.0, 1.0)  # the model input's range, for data-free
     batch_size: int = 16
     max_samples: int | None = None
     placement: Placement = Placement.ORT
+    prefer: Prefer = Prefer.BALANCED  # the candidate plan taken by accuracy and latency
     workers: Workers = ONE_PROCESS  # where calibration shards and the budget's tasks run
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", choice(Method, self.method, "calibration method"))
         object.__setattr__(self, "placement", choice(Placement, self.placement, "placement"))
+        object.__setattr__(self, "prefer", choice(Prefer, self.prefer, "prefer"))
         object.__setattr__(self, "weight_grid", choice(WeightGrid, self.weight_grid, "weight grid"))
         _check_weights(self.weights)
         _check_activations(self.activations)

@@ -18,8 +18,8 @@ import onnxruntime as ort
 from qdq.config import OutputFormat, Placement, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, ModelError, QdqError, choice, first_line
-from qdq.metrics import ErrorStats
-from qdq.observers import make_observer
+from qdq.lowbit import WeightGrid
+from qdq.observers import Method, Observer, make_observer
 from qdq.onnx.graph import GraphIndex, constants_to_initializers
 from qdq.onnx.model import (
     PER_AXIS_OPSET,
@@ -42,11 +42,20 @@ from qdq.passes.insert_qdq import insert_qdq
 from qdq.passes.smooth import smooth
 from qdq.plan.budget import meet_target, sqnr_score
 from qdq.plan.build import Plan, build_plan
-from qdq.plan.calibrate import calibrate
+from qdq.plan.calibrate import fit_ranges, observe_holding
 from qdq.plan.decisions import Decision, kept_float, static_decisions
 from qdq.plan.flow import Int8Flow
+from qdq.plan.frontier import choose_plan
 from qdq.plan.layout import SLOW_POOL, slow_pools
-from qdq.report.summary import CHECK_SAMPLES, QuantizeReport
+from qdq.plan.method import (
+    Fitted,
+    candidate_ranges,
+    choose_method,
+    method_ranges,
+    sample_scores,
+)
+from qdq.plan.parts import PartStats, check_declared, judged, output_parts
+from qdq.report.summary import CHECK_SAMPLES, QuantizeReport, task_scores
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,6 +65,10 @@ Metric = Callable[[ort.InferenceSession], float]
 BUDGET_SAMPLES = 128  # calibration samples that measure output SQNR for --target-sqnr
 ADAROUND_SAMPLES = 32  # calibration samples whose layer inputs AdaRound learns from
 SEQUENTIAL_SAMPLES = 128  # calibration samples that measure each layer's mean output shift
+# Calibration samples that score each candidate plan of --prefer: the candidates differ by
+# whole families of float ops, by dB (docs/ptq.md), more than 16 samples' noise.
+FRONTIER_SAMPLES = 16
+CHOICE_SAMPLES = 64  # calibration samples on which --method best scores each candidate plan
 
 
 def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto, bool, list[str]]:
@@ -104,21 +117,24 @@ def plan_model(
     start = time.perf_counter()
     quantizable = [name for name, d in decisions.items() if d.quantized]
     means = correction_inputs(index, quantizable) if config.bias_correction else []
-    ranges, unfit, averages = calibrate(
+    held = _held(samples, config)
+    observers, apart, unfit, averages = observe_holding(
         model,
         samples,
         lambda _: make_observer(config.method, config.activations),
         targets,
         config.batch_size,
+        held,
         progress,
         means,
         config.workers,
     )
+    ranges, unfit = fit_ranges({name: o.compute() for name, o in observers.items()}, unfit)
     learned: dict[tuple[str, int], np.ndarray] = {}
     realize = partial(insert_qdq, model)
 
-    def replan(chosen: dict[str, Decision]) -> Plan:
-        plan = build_plan(index, chosen, ranges, unfit, config, per_channel)
+    def replan(chosen: dict[str, Decision], fitted: Fitted | None = None) -> Plan:
+        plan = build_plan(index, chosen, *(fitted or (ranges, unfit)), config, per_channel)
         codes = {k: v for k, v in learned.items() if k in plan.constants}
         plan = replace(plan, weight_codes=codes)
         if not config.bias_correction:
@@ -127,11 +143,23 @@ def plan_model(
             "bias correction", notes, partial(correct_biases, index, plan, averages), plan
         )
 
+    if held:
+        choose = partial(_best_method, model, samples, config, apart, unfit)
+        choose = partial(choose, partial(replan, decisions), notes)
+        method = _optional("the method choice", notes, choose, "percentile")
+        grid = config.activations
+        ranges, unfit = method_ranges(observers, unfit, grid, method)
     plan = replan(decisions)
     slow = _optional("the layout probe", notes, partial(slow_pools, plan, realize), [])
     if slow:
         decisions = kept_float(decisions, slow, SLOW_POOL)
         plan = replan(decisions)
+    # A low-bit grid the user asked for goes on every layer the rules allow: keeping layers
+    # float is then --target-sqnr's or --exclude's job, not a latency trade.
+    int8 = config.weights.bits == 8 and config.weight_grid is WeightGrid.UNIFORM
+    if config.target_sqnr is None and config.placement is Placement.ORT and int8:
+        frontier = partial(_frontier, model, samples, config, decisions, replan, realize)
+        plan, decisions = _optional("latency-aware planning", notes, frontier, (plan, decisions))
     if config.adaround:
         feeds = _leading_batches(samples, config.batch_size, ADAROUND_SAMPLES)
         learned.update(
@@ -141,7 +169,11 @@ def plan_model(
     seconds = time.perf_counter() - start
     if config.target_sqnr is not None:
         feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)
-        score = sqnr_score(model, feeds) if metric is None else _session_score(metric)
+        score = (
+            sqnr_score(model, feeds, config.output_parts)
+            if metric is None
+            else _session_score(metric)
+        )
         search = partial(
             meet_target,
             *(decisions, replan, realize, score, config.target_sqnr, feeds[0], config.workers),
@@ -157,6 +189,55 @@ def plan_model(
         plan = _optional("sequential bias correction", notes, correct, plan)
         seconds += time.perf_counter() - start
     return plan, seconds
+
+
+def _best_method(
+    model: onnx.ModelProto,
+    samples: Samples,
+    config: QuantConfig,
+    observers: dict[str, Observer],
+    unfit: dict[str, str],
+    plan_for: Callable[[Fitted], Plan],
+    notes: list[str],
+) -> str:
+    """`--method best`: each candidate method's ranges, fitted without the last `held`
+    calibration samples, planned and scored per sample by the worst output part on those;
+    the winner, and a note."""
+    candidates = candidate_ranges(observers, unfit, config.activations)
+    held = _held(samples, config)
+    feeds = list(samples.span(samples.count - held, samples.count).batches(config.batch_size))
+    score = sample_scores(model, feeds, config.output_parts)
+    method, scores = choose_method(candidates, plan_for, partial(insert_qdq, model), score)
+    shown = ", ".join(f"{m} {v:.2f}" for m, v in scores.items())
+    notes.append(
+        f"range method {method}: the best median per-sample worst output part in dB on {held} "
+        f"calibration samples held out of the ranges ({shown})"
+    )
+    return method
+
+
+def _held(samples: Samples, config: QuantConfig) -> int:
+    """Calibration samples `--method best` holds out to judge the methods: a quarter, at most
+    CHOICE_SAMPLES; none (so percentile) under 8 samples or for an explicit method."""
+    if config.method is not Method.BEST or samples.count < 8:
+        return 0
+    return min(CHOICE_SAMPLES, samples.count // 4)
+
+
+def _frontier(
+    model: onnx.ModelProto,
+    samples: Samples,
+    config: QuantConfig,
+    decisions: dict[str, Decision],
+    replan: Callable[[dict[str, Decision]], Plan],
+    realize: Callable[[Plan], onnx.ModelProto],
+) -> tuple[Plan, dict[str, Decision]]:
+    """The candidate plan `config.prefer` takes (`qdq.plan.frontier`): each scored by the worst
+    output part on the first FRONTIER_SAMPLES calibration samples, timed on the first one."""
+    feeds = _leading_batches(samples, config.batch_size, FRONTIER_SAMPLES)
+    score = sqnr_score(model, feeds, config.output_parts)
+    timing = next(samples.batches(1))
+    return choose_plan(decisions, replan, realize, score, timing, config.prefer)
 
 
 def plan_data_free(
@@ -221,6 +302,7 @@ def quantize_model(
     source, target = Path(model_path), check_output(output_path, [model_path, calibration])
     model = load_model(source)
     check_quantizable(model, source)
+    check_declared(config.output_parts, [o.name for o in model.graph.output])
     moments = batchnorm_moments(model)  # read before preparation folds the BatchNorms
     if config.data_free and not moments:
         raise ModelError(
@@ -255,7 +337,7 @@ def quantize_model(
     if output_format is OutputFormat.QOPERATOR:  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     session = _check_loads(quantized)
-    checked = {} if config.data_free else _output_sqnr(model, session, samples)
+    checked = [] if config.data_free else _output_check(model, session, samples, config)
     save_model(quantized, target)
     return QuantizeReport(
         decisions=list(plan.decisions.values()),
@@ -264,7 +346,9 @@ def quantize_model(
         float_bytes=source.stat().st_size,
         quantized_bytes=target.stat().st_size,
         notes=notes + _budget_notes(plan),
-        output_sqnr=checked,
+        output_sqnr={s.part.label: s.error.sqnr_db for s in checked},
+        output_tasks={s.part.label: task_scores(s) for s in checked if task_scores(s)},
+        candidates=list(plan.frontier),
     )
 
 
@@ -281,27 +365,27 @@ def inspect_model(
     return list(static_decisions(GraphIndex(prepared), config).values())
 
 
-def _output_sqnr(
-    model: onnx.ModelProto, quantized: ort.InferenceSession, samples: Samples
-) -> dict[str, float]:
-    """Per float output, the SQNR in dB of the `quantized` session against `model` on the first
-    CHECK_SAMPLES calibration samples: what the report says the quantization cost."""
+def _output_check(
+    model: onnx.ModelProto, quantized: ort.InferenceSession, samples: Samples, config: QuantConfig
+) -> list[PartStats]:
+    """Per part of each float output (`qdq.plan.parts`), the `quantized` session's error against
+    `model` on the first CHECK_SAMPLES calibration samples: what the report says the
+    quantization cost."""
     reference = open_session(model, Use.CHECK)
     names = [o.name for o in reference.get_outputs() if o.type == "tensor(float)"]
-    stats = {name: ErrorStats() for name in names}
-    for feed in samples.batches(1, last=CHECK_SAMPLES):
-        want = reference.run(names, feed)
+    feeds = list(samples.batches(1, last=CHECK_SAMPLES))
+    want = [reference.run(names, feed) for feed in feeds]
+    got = []
+    for feed in feeds:
         try:
-            got = quantized.run(names, feed)
+            got.append(quantized.run(names, feed))
         except Exception as error:  # ORT raises its own types
             raise RuntimeError(  # not bad input: the CLI exits 1 and logs the traceback
                 f"the quantized model fails on a calibration sample ({error}); "
                 "nothing was written. Please report it with the model, and use --exclude on "
                 "the node it names meanwhile"
             ) from None
-        for name, ref, out in zip(names, want, got, strict=True):
-            stats[name].update(ref, out)
-    return {name: s.sqnr_db for name, s in stats.items()}
+    return judged(output_parts(names, want, config.output_parts), want, got)
 
 
 def _budget_notes(plan: Plan) -> list[str]:

@@ -40,6 +40,18 @@ class BudgetResult:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """One candidate plan of the accuracy-latency frontier (`qdq.plan.frontier`): which ops it
+    keeps float, its score (worst output part in dB, or the user's metric) and its latency."""
+
+    name: str
+    score: float
+    latency_ms: float  # median of timed runs on one sample, 1 thread
+    int8_nodes: int  # nodes that run in int8 (more: a smaller file)
+    chosen: bool = False
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the rewrite needs: the decision for every node, activation qparams per
     tensor, qparams of constant inputs and int32 bias scales per (node, input index); and what
@@ -53,6 +65,7 @@ class Plan:
     bias_values: Mapping[Key, np.ndarray] = field(default_factory=dict)  # corrected
     weight_codes: Mapping[Key, np.ndarray] = field(default_factory=dict)  # AdaRound
     budget: BudgetResult | None = None  # set when --target-sqnr was asked for
+    frontier: tuple[Candidate, ...] = ()  # the candidate plans this one was chosen from
     grid_codes: Mapping[Key, np.ndarray] = field(default_factory=dict)  # binary, ternary, 2^k
 
     def codes(self, key: Key, values: np.ndarray) -> np.ndarray:

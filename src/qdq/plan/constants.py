@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 
 from qdq.affine import fake_quantize
 from qdq.config import QuantConfig
@@ -76,7 +77,35 @@ def plan_constants(
                 fitted = _fit_bias(index.constant(bias), x_scale, constants[node.name, weight])
                 constants[node.name, weight] = fitted
                 biases[node.name, rule.bias] = (x_scale * fitted.scale).astype(np.float32)
+        if rule.kind is Kind.COMPUTE and weight == 1 and node.output[0] not in activations:
+            biases.update(_bias_add(index, node, activations, constants))
     return constants, biases, codes
+
+
+def _bias_add(
+    index: GraphIndex,
+    node: onnx.NodeProto,
+    activations: Mapping[str, QParams],
+    constants: dict[Key, QParams],
+) -> dict[Key, np.ndarray]:
+    """The int32 bias scale of the constant Add after an int8 MatMul whose output stays float.
+
+    With fixed shapes ONNX Runtime fuses MatMul + Add into Gemm (with Reshapes) before its QDQ
+    fusions, and a Gemm reading a float bias and writing a float output stays a float Gemm
+    behind DequantizeLinears: all-MiniLM-L6-v2 exported with batch 1 kept 18 of its 36 linear
+    layers so (the attention output projections and both FFN layers). With the bias behind a
+    DequantizeLinear of int32 codes at s_x * s_w, as a Gemm's own bias, it becomes QGemm."""
+    add = index.sole_consumer(node.output[0])
+    if add is None or add.op_type != "Add":
+        return {}
+    i = 1 if add.input[0] == node.output[0] else 0
+    bias, columns = add.input[i], index.constant(node.input[1]).shape[-1]
+    if not index.is_constant(bias) or index.constant(bias).shape != (columns,):
+        return {}
+    x_scale = activations[node.input[0]].scale.astype(np.float64)
+    fitted = _fit_bias(index.constant(bias), x_scale, constants[node.name, 1])
+    constants[node.name, 1] = fitted
+    return {(add.name, i): (x_scale * fitted.scale).astype(np.float32)}
 
 
 def _fit_bias(bias: np.ndarray, x_scale: np.ndarray, weights: QParams) -> QParams:

@@ -1,0 +1,224 @@
+"""Int8 only where it pays: a few candidate plans, each scored by its output error and timed in
+ONNX Runtime on the real graph, and `--prefer` takes one point of that frontier.
+
+Whether an op runs faster in int8 depends on ONNX Runtime's kernels and fusions around it (a
+depthwise convolution on a small image, an elementwise op between float ops, a Q/DQ pair that
+costs more than it saves; docs/ptq.md), so the candidates are measured, not predicted. From the
+plan with everything int8 that the rules allow, each candidate keeps one family of ops float:
+
+    all int8        nothing more float
+    compute only    elementwise ops, Concat and gates float: int8 only in Conv, Gemm, MatMul
+    Conv only       MatMul and Gemm float
+    MatMul only     Conv and ConvTranspose float
+    ends float      the first and the last int8 compute layer float (often the most sensitive)
+
+Candidates that plan the same int8 nodes as an earlier one, or no int8 compute layer, are
+dropped; a model with one candidate left is not timed. `score` is the worst output part's SQNR
+in dB (`qdq.plan.budget.sqnr_score`); scores within SCORE_TIE count as equal, and so do
+latencies within LATENCY_TIE (timing noise). `prefer` takes:
+
+    accuracy  the best score; of equal ones the fastest
+    balanced  the best score less DB_PER_SLOWDOWN dB per 100% slower than the fastest, a score
+              of ENOUGH_DB or more counting as ENOUGH_DB
+    speed     the fastest
+
+and of equal candidates the one with the most int8 nodes (the smallest file), then the best
+score. For example:
+
+    all int8 26.0 dB 6.0 ms, ends float 29.0 dB 6.4 ms, MatMul only 35.0 dB 12.0 ms:
+    accuracy -> MatMul only; speed -> all int8; balanced -> ends float: 26.0 vs 29.0 - 0.5
+    vs 35.0 - 28.5 (5.0 ms and 95% slower, past the 5% tie)
+
+Latencies are cached per graph structure (`cache_file`), so a model gets the same plan on every
+run and every calibration draw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qdq.config import Prefer
+from qdq.onnx.sessions import median_latency_ms
+from qdq.plan.build import Candidate, Plan
+from qdq.plan.decisions import Decision, kept_float
+from qdq.plan.rules import RULES, Kind
+
+log = logging.getLogger(__name__)
+# Output SQNR at which the noise is 0.1% of the signal: the bench's classifiers keep FP32's class
+# on 99.9-100% of samples there (docs/ptq.md), so balanced and speed do not pay latency for more.
+ENOUGH_DB = 30.0
+SCORE_TIE = 0.1  # dB: below calibration-sample noise
+# Balanced pays 10% of the fastest candidate's time for 3 dB (the noise halved), and no more:
+# PP-OCRv4's recognizer with its convolutions float, 35 dB at 1.2x the time of all int8's 8 dB.
+DB_PER_SLOWDOWN = 30.0
+# Latencies within 5% or 20 us of the fastest count as equal: run-to-run noise on a shared
+# machine, and differences no user of a model that small would notice.
+LATENCY_TIE = (0.05, 0.02)
+RUNS = 20  # timed runs per candidate, interleaved (their median; 10 flipped choices under load)
+CONV = frozenset({"Conv", "ConvTranspose"})
+LINEAR = frozenset({"MatMul", "Gemm"})
+COMPUTE = CONV | LINEAR
+# Ops that only pass int8 between compute layers: the "compute only" candidate keeps them float.
+CHEAP = frozenset(
+    op for op, rule in RULES.items() if rule.kind in (Kind.ELEMENTWISE, Kind.SHARED, Kind.GATE)
+)
+CACHE_ENV = "QDQ_CACHE_DIR"
+REASON = "int8 does not pay here: --prefer {prefer} chose the candidate plan {name!r}"
+
+
+def variants(decisions: Mapping[str, Decision]) -> dict[str, frozenset[str]]:
+    """Per candidate, the nodes it keeps float beyond `decisions` (graph order)."""
+    int8 = {name: d.op_type for name, d in decisions.items() if d.quantized}
+    compute = [name for name, op in int8.items() if op in COMPUTE]
+    families = {"compute only": CHEAP, "Conv only": LINEAR, "MatMul only": CONV}
+    out = {"all int8": frozenset()}
+    out |= {k: frozenset(n for n, op in int8.items() if op in ops) for k, ops in families.items()}
+    out["ends float"] = frozenset(compute[:1] + compute[-1:]) if len(compute) > 2 else frozenset()
+    return out
+
+
+def choose_plan(
+    decisions: Mapping[str, Decision],
+    replan: Callable[[dict[str, Decision]], Plan],
+    realize: Callable[[Plan], onnx.ModelProto],
+    score: Callable[[onnx.ModelProto], float],
+    timing_feed: dict[str, np.ndarray],
+    prefer: Prefer,
+) -> tuple[Plan, dict[str, Decision]]:
+    """The candidate plan `prefer` takes, with every candidate in its `frontier`, and the
+    decisions it was planned from; `replan` builds a plan, `realize` its model, `score` rates
+    it (higher is better); each candidate is timed on `timing_feed`."""
+    plans: dict[str, tuple[Plan, dict[str, Decision]]] = {}
+    seen: set[frozenset[str]] = set()
+    fallback: tuple[Plan, dict[str, Decision]] | None = None
+    for name, floated in variants(decisions).items():
+        reason = REASON.format(prefer=prefer, name=name)
+        chosen = kept_float(decisions, floated, reason)
+        plan = replan(chosen)
+        fallback = fallback or (plan, chosen)  # all int8: what a model with one candidate gets
+        int8 = frozenset(n for n, d in plan.decisions.items() if d.quantized)
+        if int8 in seen or not any(plan.decisions[n].op_type in COMPUTE for n in int8):
+            continue
+        seen.add(int8)
+        plans[name] = plan, chosen
+    if len(plans) < 2:
+        return fallback
+    models = {name: realize(plan) for name, (plan, _) in plans.items()}
+    scores = {name: score(model) for name, model in models.items()}
+    latencies = latencies_ms(list(models.values()), timing_feed)
+    candidates = [
+        Candidate(name, scores[name], ms, _int8_nodes(plans[name][0]))
+        for name, ms in zip(models, latencies, strict=True)
+    ]
+    taken = pick(candidates, prefer)
+    for c in candidates:
+        log.info("candidate %s: %.2f dB, %.3f ms", c.name, c.score, c.latency_ms)
+    plan, chosen = plans[taken.name]
+    frontier = tuple(replace(c, chosen=c is taken) for c in candidates)
+    return replace(plan, frontier=frontier), chosen
+
+
+def latencies_ms(models: list[onnx.ModelProto], feed: dict[str, np.ndarray]) -> list[float]:
+    """Median ms per run of each model on `feed`: from the cache when every one of their graph
+    structures is there (the same model then gets the same plan on every run and every draw of
+    its calibration samples), else timed together and stored."""
+    keys = [_structure(model, feed) for model in models]
+    file = cache_file()
+    cached = _read(file) if file else {}
+    if all(key in cached for key in keys):
+        return [cached[key] for key in keys]
+    measured = median_latency_ms([m.SerializeToString() for m in models], feed, RUNS)
+    if file:
+        _write(file, cached | dict(zip(keys, measured, strict=True)))
+    return measured
+
+
+def cache_file() -> Path | None:
+    """Where measured latencies are kept: $QDQ_CACHE_DIR (empty: no cache), else
+    $XDG_CACHE_HOME/qdq or ~/.cache/qdq."""
+    root = os.environ.get(CACHE_ENV)
+    if root == "":
+        return None
+    home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root or Path(home) / "qdq") / "latency.json"
+
+
+def _structure(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> str:
+    """A key for the graph's structure (nodes and attributes, not weights), the feed's shapes
+    and ONNX Runtime's version: what the latency depends on."""
+    digest = hashlib.sha256(f"{ort.__version__} {os.cpu_count()}".encode())
+    for name, value in sorted(feed.items()):
+        digest.update(f"{name}{value.shape}{value.dtype}".encode())
+    for node in model.graph.node:
+        digest.update(node.SerializeToString())
+    return digest.hexdigest()
+
+
+def _read(file: Path) -> dict[str, float]:
+    try:
+        table = json.loads(file.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+    return (
+        {k: v for k, v in table.items() if isinstance(v, float)} if isinstance(table, dict) else {}
+    )
+
+
+def _write(file: Path, table: dict[str, float]) -> None:
+    """Atomically (a temporary file, then a rename); a cache that cannot be written is skipped."""
+    partial = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=file.parent, delete=False) as partial:
+            json.dump(table, partial)
+        os.replace(partial.name, file)
+    except OSError as error:
+        log.info("latency cache not written: %s", error)
+        if partial is not None:
+            Path(partial.name).unlink(missing_ok=True)
+
+
+def pick(candidates: Sequence[Candidate], prefer: Prefer) -> Candidate:
+    """The candidate `prefer` takes (the module's docstring gives the rule)."""
+    if prefer is Prefer.ACCURACY:
+        best = max(c.score for c in candidates)
+        close = [c for c in candidates if c.score >= best - SCORE_TIE]
+        return _most_int8(_fastest(close))
+    if prefer is Prefer.SPEED:
+        return _most_int8(_fastest(candidates))
+    quickest = min(c.latency_ms for c in candidates)
+    tie = max(quickest * LATENCY_TIE[0], LATENCY_TIE[1])
+
+    def worth(c: Candidate) -> float:
+        slower = max(0.0, c.latency_ms - quickest - tie) / quickest
+        return min(c.score, ENOUGH_DB) - DB_PER_SLOWDOWN * slower
+
+    best = max(worth(c) for c in candidates)
+    return _most_int8([c for c in candidates if worth(c) >= best - SCORE_TIE])
+
+
+def _fastest(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates as fast as the fastest, within the timing tie."""
+    quickest = min(c.latency_ms for c in candidates)
+    tie = max(quickest * LATENCY_TIE[0], LATENCY_TIE[1])
+    return [c for c in candidates if c.latency_ms <= quickest + tie]
+
+
+def _most_int8(candidates: Sequence[Candidate]) -> Candidate:
+    """The candidate with the most int8 nodes, then the best score, then the first."""
+    return max(candidates, key=lambda c: (c.int8_nodes, c.score))
+
+
+def _int8_nodes(plan: Plan) -> int:
+    return sum(d.quantized for d in plan.decisions.values())

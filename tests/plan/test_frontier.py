@@ -1,0 +1,169 @@
+"""--prefer: candidate plans scored by their output error and timed in ONNX Runtime; int8 only
+where it pays."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from qdq.config import Prefer, QuantConfig
+from qdq.onnx.graph import GraphIndex
+from qdq.pipeline import prepare, quantize_model
+from qdq.plan import frontier
+from qdq.plan.build import Candidate, Plan
+from qdq.plan.decisions import Decision, static_decisions
+from qdq.plan.frontier import choose_plan, latencies_ms, pick, variants
+
+from conftest import DIGITS, digits_cnn_sqnr
+
+# The module docstring's example: (name, dB, ms, int8 nodes).
+FRONTIER = [
+    Candidate("all int8", 26.0, 6.0, 30),
+    Candidate("ends float", 29.0, 6.4, 28),
+    Candidate("MatMul only", 35.0, 12.0, 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("prefer", "taken"),
+    [
+        (Prefer.ACCURACY, "MatMul only"),  # the best score, at twice the time
+        (Prefer.BALANCED, "ends float"),  # 3 dB better for 7% slower (2% past the tie)
+        (Prefer.SPEED, "all int8"),  # the fastest (6.4 ms is past the 5% tie)
+    ],
+)
+def test_each_preference_takes_its_point_of_the_frontier(prefer, taken):
+    assert pick(FRONTIER, prefer).name == taken
+
+
+def test_above_enough_sqnr_balanced_takes_the_most_int8():
+    # 31 / 34 / 40 dB: every candidate keeps the noise under 0.1% of the signal.
+    high = [Candidate(c.name, c.score + 5, c.latency_ms, c.int8_nodes) for c in FRONTIER]
+    assert pick(high, Prefer.BALANCED).name == "all int8"
+    assert pick(high, Prefer.ACCURACY).name == "MatMul only"  # accuracy still takes the best
+
+
+def test_equally_fast_candidates_go_to_the_one_with_most_int8():
+    # 1.00 vs 1.04 ms is within the 5% timing tie; 0.010 vs 0.025 ms within 20 us.
+    tied = [Candidate("a", 20.0, 1.04, 30), Candidate("b", 20.05, 1.00, 10)]
+    assert pick(tied, Prefer.SPEED).name == "a"
+    tiny = [Candidate("a", 40.0, 0.025, 30), Candidate("b", 45.0, 0.010, 10)]
+    assert pick(tiny, Prefer.SPEED).name == "a"
+    apart = [Candidate("a", 40.0, 1.20, 30), Candidate("b", 40.0, 1.00, 10)]
+    assert pick(apart, Prefer.SPEED).name == "b"  # 20% apart is a real difference
+
+
+def test_variants_keep_one_family_of_ops_float():
+    prepared, _, _ = prepare(onnx.load(DIGITS / "cnn.onnx"), per_channel=True)
+    decisions = static_decisions(GraphIndex(prepared), QuantConfig())
+    ops = {name: d.op_type for name, d in decisions.items()}
+    found = variants(decisions)
+    assert found["all int8"] == frozenset()
+    assert {ops[n] for n in found["Conv only"]} == {"Gemm"}
+    assert {ops[n] for n in found["MatMul only"]} == {"Conv"}
+    assert {ops[n] for n in found["compute only"]} <= {"Add", "Mul", "GlobalAveragePool"}
+    compute = [n for n, d in decisions.items() if d.quantized and d.op_type in ("Conv", "Gemm")]
+    assert found["ends float"] == {compute[0], compute[-1]}
+
+
+def test_prefer_accuracy_takes_the_best_scoring_candidate(tmp_path):
+    out = tmp_path / "q.onnx"
+    report = quantize_model(
+        DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", QuantConfig(prefer="accuracy")
+    )
+    chosen = [c for c in report.candidates if c.chosen]
+    assert len(report.candidates) >= 3
+    assert len(chosen) == 1
+    assert chosen[0].score == max(c.score for c in report.candidates)
+    assert "candidate plans" in report.summary(out)
+    # Keeping the convolutions float scores ~10 dB more on this model (52 vs 42 dB).
+    assert chosen[0].name != "all int8"
+    assert any("--prefer accuracy chose" in d.reason for d in report.kept_float)
+    # The candidates were scored on calibration samples; held-out images agree.
+    all_int8 = next(c for c in report.candidates if c.name == "all int8")
+    assert digits_cnn_sqnr(out) > all_int8.score - 1
+
+
+def test_prefer_speed_keeps_a_tiny_model_all_int8(tmp_path):
+    # The digits CNN runs in ~12 us: every candidate is within the 20 us tie, so the one with
+    # the most int8 nodes is taken.
+    report = quantize_model(
+        DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz", QuantConfig(prefer="speed")
+    )
+    assert next(c for c in report.candidates if c.chosen).name == "all int8"
+    assert not any("--prefer" in d.reason for d in report.kept_float)
+
+
+def test_the_budget_replaces_the_frontier(tmp_path):
+    report = quantize_model(
+        DIGITS / "cnn.onnx",
+        tmp_path / "q.onnx",
+        DIGITS / "calib.npz",
+        QuantConfig(target_sqnr=20.0),
+    )
+    assert report.candidates == []
+
+
+def test_latencies_are_cached_per_graph_structure(tmp_path, monkeypatch):
+    monkeypatch.setenv("QDQ_CACHE_DIR", str(tmp_path))
+    model = onnx.load(DIGITS / "cnn.onnx")
+    feed = {"input": np.load(DIGITS / "calib.npz")["input"][:1]}
+    first = latencies_ms([model], feed)
+    assert (tmp_path / "latency.json").exists()
+
+    def timed_again(*_: object) -> list[float]:
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(frontier, "median_latency_ms", timed_again)
+    model.graph.initializer[0].raw_data = bytes(len(model.graph.initializer[0].raw_data))
+    assert latencies_ms([model], feed) == first  # other weights, same graph: same latency
+    model.graph.node[0].name = "renamed"
+    with pytest.raises(AssertionError, match="timed again"):
+        latencies_ms([model], feed)
+    monkeypatch.setenv("QDQ_CACHE_DIR", "")  # no cache
+    with pytest.raises(AssertionError, match="timed again"):
+        latencies_ms([onnx.load(DIGITS / "cnn.onnx")], feed)
+
+
+def test_balanced_pays_latency_for_a_large_gain():
+    # PP-OCRv4's recognizer, measured: its convolutions float gain 27 dB for 20% more time.
+    rec = [Candidate("all int8", 8.0, 20.0, 300), Candidate("MatMul only", 35.0, 24.0, 40)]
+    assert pick(rec, Prefer.BALANCED).name == "MatMul only"  # 30 - 30 * 0.15 = 25.5 > 8
+    small = [Candidate("all int8", 8.0, 20.0, 300), Candidate("MatMul only", 9.0, 24.0, 40)]
+    assert pick(small, Prefer.BALANCED).name == "all int8"  # 9 - 4.5 < 8
+
+
+def test_a_model_without_int8_compute_layers_is_not_timed():
+    decisions = {
+        "add": Decision("add", "Add", True, "int8 flows in"),
+        "conv": Decision("conv", "Conv", False, "excluded"),
+    }
+
+    def never(_: object) -> float:
+        raise AssertionError("scored or timed")
+
+    plan, chosen = choose_plan(decisions, Plan, never, never, {}, Prefer.BALANCED)
+    assert chosen == decisions
+    assert plan.frontier == ()
+
+
+def test_the_cli_takes_prefer_and_refuses_an_unknown_choice(tmp_path):
+    def qdq(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "qdq.cli", "quantize", str(DIGITS / "cnn.onnx")]
+        command += ["-o", str(tmp_path / "q.onnx"), "--calib", str(DIGITS / "calib.npz")]
+        return subprocess.run([*command, *args], capture_output=True, text=True)
+
+    done = qdq("--prefer", "accuracy")
+    assert done.returncode == 0, done.stderr
+    assert "(chosen)" in done.stdout
+    assert "--prefer accuracy chose the candidate plan 'MatMul only'" in done.stdout
+    done = qdq("--prefer", "fastest")
+    assert done.returncode == 2
+    assert "--prefer" in done.stderr
+    done = qdq("--prefer", "speed", "--target-sqnr", "30")
+    assert done.returncode == 2
+    assert "drop --prefer or --target-sqnr" in done.stderr
