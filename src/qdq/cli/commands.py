@@ -40,6 +40,8 @@ def quantize(args: argparse.Namespace) -> str:
         equalize=args.equalize,
         smoothing=args.smoothing,
         target_sqnr=args.target_sqnr,
+        prefer=args.prefer,
+        output_parts=tuple(args.output_parts) or None,
         adaround=args.adaround,
         sequential_bias_correction=args.sequential_bias_correction,
         data_free=args.data_free,
@@ -84,6 +86,48 @@ def quantize(args: argparse.Namespace) -> str:
     return summary
 
 
+def finetune(args: argparse.Namespace) -> str:
+    from qdq.qat.finetune import FinetuneOptions, finetune_model  # UsageError without torch
+
+    check_model_flags(args.model, args.exclude, False)
+    config = preset_config(
+        "default",
+        method=args.method,
+        per_channel=args.per_channel,
+        weight_bits=args.weight_bits,
+        activation_dtype=args.activation_dtype,
+        exclude=tuple(args.exclude) or None,
+        prefer=args.prefer,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+    )
+    options = FinetuneOptions(
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, held_out=args.held_out
+    )
+    report = finetune_model(
+        args.model,
+        args.output,
+        args.calib,
+        config,
+        options,
+        _images(args),
+        args.seed,
+        progress=sys.stderr.isatty(),
+    )
+    return report.summary(args.output)
+
+
+def _images(args: argparse.Namespace) -> ImageOptions:
+    return ImageOptions(
+        size=tuple(args.image_size) if args.image_size else None,
+        mean=tuple(args.mean),
+        std=tuple(args.std),
+        value_scale=args.value_scale,
+        layout=args.layout,
+        channel_order=args.channel_order,
+    )
+
+
 def quantize_many(args: argparse.Namespace) -> str:
     from qdq.zoo import quantize_many, read_manifest, summary_table
 
@@ -126,6 +170,7 @@ def compare(args: argparse.Namespace) -> str:
         max_samples=args.max_samples,
         latency_runs=args.latency_runs,
         workers=_workers(args),
+        declared=args.output_parts,
     )
     return result.to_json() if args.json else result.to_text()
 
@@ -219,5 +264,11 @@ def run(args: argparse.Namespace) -> str:
     from qdq.engine.cli import run_command
 
     return run_command(
-        args.model, args.inputs, args.output, args.engine, args.requant, args.accumulator_bits
+        args.model,
+        args.inputs,
+        args.output,
+        args.engine,
+        args.requant,
+        args.accumulator_bits,
+        args.kernels,
     )

@@ -59,6 +59,12 @@ def check_quantize_flags(args: argparse.Namespace) -> None:
         low, high = args.input_range
         if low >= high:
             raise UsageError(f"--input-range LO HI needs LO < HI, got {low:g} {high:g}")
+    if args.prefer is not None and (args.target_sqnr is not None or args.preset == "tensorrt"):
+        other = "--target-sqnr" if args.target_sqnr is not None else "--preset tensorrt"
+        raise UsageError(
+            f"--prefer picks among candidate plans timed in ONNX Runtime, which {other} does "
+            f"not use; drop --prefer or {other}"
+        )
 
 
 def check_model_flags(model_path: str, exclude: Sequence[str], force: bool) -> None:

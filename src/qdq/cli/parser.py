@@ -9,6 +9,7 @@ from qdq.cli.commands import (
     compare,
     diff,
     export_table,
+    finetune,
     inspect,
     quantize,
     quantize_many,
@@ -52,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model input's range after preprocessing, for --data-free",
     )
     q.add_argument("--preset", choices=list(RUN_PRESETS), default="default")
-    q.add_argument("--method", choices=METHODS, help="activation range estimator")
+    q.add_argument(
+        "--method",
+        choices=METHODS,
+        help="activation range estimator (default best: each method's plan is tried and the "
+        "one whose worst output part is closest to FP32 kept)",
+    )
     granularity = q.add_mutually_exclusive_group()
     granularity.add_argument(
         "--per-channel",
@@ -103,10 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave MatMul inputs' outlier channels in place (no SmoothQuant)",
     )
     q.add_argument(
+        "--prefer",
+        choices=["accuracy", "balanced", "speed"],
+        help="which candidate plan to take, each scored and timed in ONNX Runtime: the most "
+        "accurate, the fastest within 1 dB of it (default), or the fastest",
+    )
+    q.add_argument(
         "--target-sqnr",
         type=finite,
         metavar="DB",
         help="keep the most harmful layers float until the output SQNR reaches DB",
+    )
+    q.add_argument(
+        "--output-parts",
+        nargs="+",
+        default=(),
+        metavar="NAME:AXIS:START-STOP,...",
+        help="the quantities an output joins, judged apart (e.g. output0:1:0-4,4-22: a "
+        "detector's boxes and scores); found from the data when not given",
     )
     q.add_argument(
         "--adaround",
@@ -139,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     _pair_flags(c)
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.add_argument("--latency-runs", type=at_least(0), default=30, help="0 skips timing")
+    c.add_argument(
+        "--output-parts",
+        nargs="+",
+        default=(),
+        metavar="NAME:AXIS:START-STOP,...",
+        help="the quantities an output joins, judged apart (e.g. output0:1:0-4,4-22: a "
+        "detector's boxes and scores); found from the data when not given",
+    )
     _worker_flags(c)
     c.set_defaults(run=compare)
 
@@ -159,8 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--inputs", required=True, help=".npz with one array per model input")
     r.add_argument("-o", "--output", required=True, help=".npz to write the outputs to")
     r.add_argument("--engine", choices=("integer", "ort"), default="integer")
-    r.add_argument("--requant", choices=("fixed", "float"), default="fixed")
+    r.add_argument(
+        "--requant",
+        choices=("fixed", "float", "spec"),
+        default="fixed",
+        help="gemmlowp fixed point, ONNX Runtime's float32 (bit-exact), or the ONNX spec",
+    )
     r.add_argument("--accumulator-bits", type=int, choices=(16, 32), default=32)
+    r.add_argument(
+        "--kernels",
+        choices=("auto", "numpy", "compiled"),
+        default="auto",
+        help="compiled (Numba, pip install 'qdq[fast]') or NumPy; auto: compiled if installed",
+    )
     r.set_defaults(run=run)
 
     d = commands.add_parser("diff", help="where two executions of a quantized model part, by node")
@@ -193,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", required=True, help="where to write the table")
     t.add_argument("--ncnn-param", help="ncnn .param of the float model: its layer names")
     t.set_defaults(run=export_table)
+    _finetune_command(commands)
     return parser
 
 
@@ -245,3 +285,46 @@ def _image_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW")
     group.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
+
+
+def _finetune_command(commands: argparse._SubParsersAction) -> None:
+    """`qdq finetune`: PTQ, then label-free QAT against the FP32 model (docs/finetune.md)."""
+    f = commands.add_parser(
+        "finetune", help="quantize, then fine-tune the INT8 model to match FP32 (no labels)"
+    )
+    f.add_argument("model", help="the FP32 .onnx model (never modified)")
+    f.add_argument("-o", "--output", required=True, help="where to write the quantized model")
+    f.add_argument("--calib", required=True, help="unlabelled samples, same forms as quantize's")
+    f.add_argument("--steps", type=at_least(1), default=300, help="training steps (default 300)")
+    f.add_argument(
+        "--lr", type=finite, default=0.002, help="Adam step in grid steps per step (default 0.002)"
+    )
+    f.add_argument("--batch-size", type=at_least(1), default=8, help="samples per step")
+    f.add_argument(
+        "--held-out", type=at_least(1), help="last samples that pick the checkpoint (default 1/8)"
+    )
+    f.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
+    granularity = f.add_mutually_exclusive_group()
+    granularity.add_argument(
+        "--per-channel",
+        dest="per_channel",
+        action="store_true",
+        default=None,
+        help="one weight scale per output channel (default)",
+    )
+    granularity.add_argument(
+        "--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor"
+    )
+    f.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES)
+    f.add_argument("--method", choices=METHODS, help="activation range estimator of the PTQ start")
+    f.add_argument(
+        "--prefer",
+        choices=["accuracy", "balanced", "speed"],
+        default="speed",
+        help="the PTQ plan to start from (default speed: every layer int8 it can be)",
+    )
+    f.add_argument("--exclude", nargs="+", default=(), metavar="NODE_OR_OP")
+    f.add_argument("--max-samples", type=at_least(1))
+    f.add_argument("--seed", type=at_least(0), help="pick --max-samples at random with this seed")
+    _image_flags(f)
+    f.set_defaults(run=finetune)

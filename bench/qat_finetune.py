@@ -1,0 +1,150 @@
+"""PTQ against `qdq finetune` on the PP-OCRv4 recognizer and detector and EfficientNet-Lite0.
+
+Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
+     [--samples 256] [--steps 200] [--batch-size 8] [--draws 1] [--out bench/out/qat_finetune]
+Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
+--out. No asserts: numbers for docs/finetune.md.
+
+Per model and calibration draw: PTQ as `qdq quantize` makes it by default (`--prefer
+balanced`, which may keep slow-to-fix layers float), PTQ with every layer int8 (`--prefer
+speed`, the plan fine-tuning starts from), and `qdq finetune`; each scored against FP32 on
+held-out evaluation data with bench/ptq.py's task metrics (lines decoded as FP32 decodes them,
+text-mask IoU, top-1 agreement), output SQNR, INT8 latency (ONNX Runtime, 1 thread, runs
+interleaved, median) and the time each took on this machine. torch runs on one thread: on this
+shared 2-core machine two OpenMP threads ran fake quantization 20x slower (9.7 vs 195 ms on a
+(4, 64, 24, 160) tensor), waiting for each other's core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from datasets import efficientnet_lite0, photo_crops, rapidocr_model, text_lines, text_pages
+from ptq import medians, quality, run_model
+from qdq.config import preset_config
+from qdq.pipeline import quantize_model
+from qdq.qat.finetune import FinetuneOptions, finetune_model
+
+
+class Case:
+    """A model, its input name, its task metric, and its data (calibration draw `draw`)."""
+
+    def __init__(self, name: str, samples: int, draw: int) -> None:
+        self.name = name
+        if name == "ppocr_rec":  # draw 0: the calibration set of bench/ptq.py
+            self.model, self.input, self.metric = (
+                rapidocr_model("ch_PP-OCRv4_rec_infer.onnx"),
+                "x",
+                "ctc",
+            )
+            self.calib = text_lines(samples, 320, seed=3 + 100 * draw)[0]
+            self.evaluate = text_lines(128, 320, seed=4)[0]
+        elif name == "ppocr_det":
+            self.model, self.input, self.metric = (
+                rapidocr_model("ch_PP-OCRv4_det_infer.onnx"),
+                "x",
+                "iou",
+            )
+            self.calib = text_pages(samples, 320, seed=8 + 100 * draw)
+            self.evaluate = text_pages(32, 320, seed=9)
+        elif name == "efficientnet_lite0":
+            self.model, self.input, self.metric = efficientnet_lite0(), "input", "top1"
+            self.calib = photo_crops(samples, 224, seed=5 + 100 * draw)
+            self.evaluate = photo_crops(256, 224, seed=6)
+        else:
+            raise SystemExit(f"unknown model {name}")
+
+
+def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> list[dict]:
+    data = folder / f"{case.name}_{draw}.npz"
+    np.savez(data, **{case.input: case.calib})
+    reference = run_model(case.model, case.input, case.evaluate, batch=16)
+    rows, paths = [], []
+    labels = {"balanced": "PTQ (default)", "speed": "PTQ (all int8)"}
+    for prefer in args.ptq:
+        label = labels[prefer]
+        path = folder / f"{case.name}_{draw}_{prefer}.onnx"
+        start = time.perf_counter()
+        quantize_model(case.model, path, data, preset_config("default", prefer=prefer))
+        rows.append({"method": label, "seconds": time.perf_counter() - start})
+        paths.append(path)
+    path = folder / f"{case.name}_{draw}_finetune.onnx"
+    options = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size, threads=1)
+    start = time.perf_counter()
+    start_plan = paths[args.ptq.index("speed")]  # the very file fine-tuning starts from
+    config = preset_config("default", prefer="speed")
+    report = finetune_model(case.model, path, data, config, options, seed=draw, start=start_plan)
+    rows.append(
+        {
+            "method": f"finetune ({report.steps} steps, kept {report.best_step})",
+            "seconds": time.perf_counter() - start,
+            "held_out_sqnr": [report.sqnr_before, report.sqnr_after],
+        }
+    )
+    paths.append(path)
+    latency = medians(paths, case.evaluate[:1], args.latency_runs)
+    for row, path, ms in zip(rows, paths, latency, strict=True):
+        task = argparse.Namespace(metric=case.metric, labels=None)
+        output = run_model(path, case.input, case.evaluate, batch=16)
+        row.update(quality(task, reference, output), model=case.name, draw=draw, latency_ms=ms)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | draw | method | task metric | output SQNR (dB) | INT8 ms | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['draw']} | {r['method']} | {r['metric']:.3f} | "
+            f"{r['sqnr_db']:.2f} | {r['latency_ms']:.2f} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["ppocr_rec", "efficientnet_lite0", "ppocr_det"]
+    )
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--draws", type=int, default=1)
+    parser.add_argument(
+        "--ptq",
+        nargs="+",
+        choices=["balanced", "speed"],
+        default=["balanced", "speed"],
+        help="PTQ rows: quantize's default plan; the all-int8 one (always) finetune starts from",
+    )
+    parser.add_argument("--latency-runs", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path("bench/out/qat_finetune"))
+    args = parser.parse_args()
+    args.ptq = list(dict.fromkeys([*args.ptq, "speed"]))
+    logging.basicConfig(format="%(asctime)s %(message)s")
+    logging.getLogger("qdq.qat.finetune").setLevel(logging.INFO)  # held-out loss as it trains
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            for draw in range(args.draws):
+                rows += run_case(Case(name, args.samples, draw), draw, args, Path(tmp))
+    table = markdown(rows)
+    print(table)
+    (args.out / "results.md").write_text(table + "\n")
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

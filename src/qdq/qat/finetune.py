@@ -1,0 +1,340 @@
+"""`qdq finetune`: label-free quantization-aware fine-tuning of an ONNX model.
+
+The FP32 model is the teacher, its unlabelled calibration samples the data. PTQ runs first
+(`quantize_model`: same rules, same Q/DQ placement, same ranges); `QdqGraph` turns its QDQ
+graph into torch, and training moves the weights (straight-through estimator) and every scale
+(LSQ) so that the int8 model's outputs match the teacher's:
+
+- an output a Softmax makes is a distribution: KL(teacher || student) over the Softmax axis;
+- any other output (logits, regression maps, boxes, embeddings): the squared error over the
+  teacher's power, sum (s - t)^2 / sum t^2, which is 10^(-SQNR/10): minimizing it maximizes
+  that output's SQNR. MSE on logits distils at least as well as KL on them (Kim et al. 2021).
+
+The last samples (an eighth, 8 to 64) are held out: the loss on them, measured every
+`evaluate_every` steps from step 0 (the PTQ model itself), picks the checkpoint written and
+stops training after `patience` evaluations without a gain. Batches are read from the samples
+as training draws them, so memory does not grow with their number. The learned values go back
+into the PTQ file's initializers (`write_back`): the graph is the one `qdq quantize` wrote.
+
+Adam's steps are set per tensor in units of that tensor's own grid, so one `lr` suits every
+layer and bit width: a weight moves up to `lr` of its grid step per step, a scale or a bias
+`lr / 10` of its own size (a scale moves the whole grid, so it moves slower). Adam moves every
+weight about `lr` per step whatever its gradient's size, so with a few samples per batch a high
+rate is noise added to every weight: 0.01 suits the digits CNN (batch 16), but made the
+PP-OCRv4 recognizer's and detector's held-out loss rise from the first evaluation, where 0.002
+lowered it (docs/finetune.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
+from qdq.config import Prefer, QuantConfig
+from qdq.data import ImageOptions, Samples, model_inputs
+from qdq.errors import DataError, SchemeError
+from qdq.lowbit import WeightGrid
+from qdq.metrics import ErrorStats
+from qdq.onnx.model import load_model, save_model
+from qdq.onnx.sessions import Use, open_session
+from qdq.outputs import check_output
+from qdq.pipeline import quantize_model
+from qdq.qat.convert import QdqGraph, write_back
+from qdq.report.summary import QuantizeReport
+
+log = logging.getLogger(__name__)
+SCALE_LR_SHARE = 0.1  # scales and biases move at this share of `lr` (see the module doc)
+MIN_HELD_OUT, MAX_HELD_OUT = 8, 64
+PASS_THROUGH = {"QuantizeLinear", "DequantizeLinear", "Identity"}
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """How long and how fast to train; the defaults fit a few minutes on two CPU cores."""
+
+    steps: int = 300
+    lr: float = 0.002  # Adam step, in units of each tensor's grid step (module doc)
+    batch_size: int = 8
+    held_out: int | None = None  # samples; None: an eighth of them, 8 to 64
+    evaluate_every: int = 25
+    patience: int = 4  # evaluations without a held-out gain before stopping
+    threads: int | None = None  # torch's intra-op threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "evaluate_every", "patience"):
+            if getattr(self, name) < 1:
+                raise SchemeError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SchemeError(f"`lr` must be a positive number, got {self.lr}")
+        if self.held_out is not None and self.held_out < 1:
+            raise SchemeError(f"`held_out` must be >= 1, got {self.held_out}")
+
+
+@dataclass
+class FinetuneReport:
+    """What fine-tuning did: the PTQ run it started from, and the held-out output SQNR of the
+    PTQ model and of the fine-tuned one (ONNX Runtime, dB, per float output)."""
+
+    ptq: QuantizeReport | None  # None when started from a given PTQ model
+    losses: dict[str, str]  # per output: "kl" or "mse"
+    train_samples: int
+    held_out_samples: int
+    steps: int  # steps run
+    best_step: int  # the checkpoint written (0: PTQ's values)
+    seconds: float  # training and writing, PTQ not included
+    ptq_seconds: float
+    sqnr_before: dict[str, float] = field(default_factory=dict)
+    sqnr_after: dict[str, float] = field(default_factory=dict)
+
+    def summary(self, output: str | os.PathLike[str]) -> str:
+        """The PTQ summary, then what fine-tuning changed."""
+        change = ", ".join(
+            f"{name!r} {self.sqnr_before[name]:.2f} -> {self.sqnr_after[name]:.2f} dB"
+            for name in self.sqnr_after
+        )
+        losses = ", ".join(f"{name!r} {kind}" for name, kind in self.losses.items())
+        start = self.ptq.summary(output) if self.ptq else f"wrote {output}"
+        return "\n".join(
+            [
+                start,
+                f"fine-tuned {self.steps} steps on {self.train_samples} samples in "
+                f"{self.seconds:.1f} s (PTQ {self.ptq_seconds:.1f} s); losses: {losses}; kept "
+                f"step {self.best_step} (the best held-out loss)",
+                f"output SQNR against FP32 on {self.held_out_samples} held-out samples, "
+                f"PTQ -> fine-tuned: {change}",
+            ]
+        )
+
+
+def finetune_model(
+    model_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    calibration: str | os.PathLike[str],
+    config: QuantConfig | None = None,
+    options: FinetuneOptions | None = None,
+    images: ImageOptions | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+    start: str | os.PathLike[str] | None = None,
+) -> FinetuneReport:
+    """Quantize `model_path` as `quantize_model` does, then fine-tune the result to match the
+    FP32 model on the samples in `calibration` (no labels), and write it to `output_path` in
+    the same QDQ format. Checks the output path and the data before any work.
+
+    `start`: a QDQ model `quantize_model` already wrote from this model with this `config`,
+    fine-tuned instead of quantizing again (PTQ's choice between candidate plans times them,
+    so two PTQ runs on a busy machine can pick different plans)."""
+    config = config or QuantConfig(prefer=Prefer.SPEED)  # training recovers what float layers buy
+    options = options or FinetuneOptions()
+    if config.weight_grid is not WeightGrid.UNIFORM or config.data_free:
+        raise SchemeError(
+            "finetune learns uniform weight grids from calibration data; drop `weight_grid` "
+            "and `data_free`"
+        )
+    target = check_output(output_path, [model_path, calibration])
+    model = load_model(model_path)
+    samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
+    held_out = _held_out_count(samples.count, options.held_out)
+    threads = torch.get_num_threads()
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qdq-finetune-") as folder:
+            begin, ptq = time.perf_counter(), None
+            if start is None:
+                start = Path(folder) / "ptq.onnx"
+                ptq = quantize_model(model_path, start, calibration, config, images, seed, progress)
+            ptq_seconds, begin = time.perf_counter() - begin, time.perf_counter()
+            quantized = load_model(start)
+            teacher = open_session(model)
+            trainer = _Trainer(quantized, teacher, samples, config, options, held_out, seed)
+            best_step, steps = trainer.train(progress)
+            tuned = write_back(quantized, trainer.graph)
+            session = open_session(tuned, Use.CHECK)
+            split = samples.count - held_out
+            before = _output_sqnr(teacher, open_session(quantized, Use.CHECK), samples, split)
+            after = _output_sqnr(teacher, session, samples, split)
+            save_model(tuned, target)
+    finally:
+        torch.set_num_threads(threads)
+    return FinetuneReport(
+        ptq=ptq,
+        losses=trainer.losses,
+        train_samples=split,
+        held_out_samples=held_out,
+        steps=steps,
+        best_step=best_step,
+        seconds=time.perf_counter() - begin,
+        ptq_seconds=ptq_seconds,
+        sqnr_before=before,
+        sqnr_after=after,
+    )
+
+
+def _held_out_count(count: int, asked: int | None) -> int:
+    if count < 2:
+        raise DataError(
+            f"finetune needs at least 2 calibration samples (some are held out), got {count}"
+        )
+    if asked is None:
+        return min(max(count // 8, MIN_HELD_OUT), MAX_HELD_OUT, count // 2)
+    if asked >= count:
+        raise DataError(f"`held_out` {asked} leaves no training samples of {count}")
+    return asked
+
+
+class _Trainer:
+    """The torch copy of the QDQ graph, its optimizer, and the loop over streamed batches."""
+
+    def __init__(
+        self,
+        quantized: onnx.ModelProto,
+        teacher: ort.InferenceSession,
+        samples: Samples,
+        config: QuantConfig,
+        options: FinetuneOptions,
+        held_out: int,
+        seed: int | None,
+    ) -> None:
+        self.graph = QdqGraph(quantized, config.weights, config.activations)
+        self.teacher, self.samples, self.options = teacher, samples, options
+        self.split = samples.count - held_out
+        self.names = [o.name for o in teacher.get_outputs()]
+        self.axes = _softmax_axes(quantized, self.names)
+        self.losses = {name: "mse" if a is None else "kl" for name, a in self.axes.items()}
+        self.optimizer = torch.optim.Adam(_param_groups(self.graph, options.lr))
+        # Cosine decay to zero over the run: late steps settle instead of hopping between
+        # grid points (digits CNN, 4-bit: the held-out loss rose again after step 120 without).
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / options.steps))
+        )
+        self.rng = np.random.default_rng(seed)
+
+    def train(self, progress: bool) -> tuple[int, int]:
+        """Train for up to `steps` steps; the model is left at the best held-out checkpoint.
+        Returns that checkpoint's step and the number of steps run."""
+        options = self.options
+        best_loss, best_step = self._held_out_loss(), 0
+        log.info("finetune step 0 (PTQ): held-out loss %.5g", best_loss)
+        best_state = copy.deepcopy(self.graph.state_dict())
+        waited, step = 0, 0
+        bar = tqdm(total=options.steps, desc="finetune", disable=not progress, leave=False)
+        with bar:
+            for step in range(1, options.steps + 1):
+                self._step()
+                bar.update()
+                if step % options.evaluate_every and step != options.steps:
+                    continue
+                loss = self._held_out_loss()
+                bar.set_postfix(held_out=f"{loss:.4g}", best=f"{min(loss, best_loss):.4g}")
+                log.info("finetune step %d: held-out loss %.5g", step, loss)
+                if loss < best_loss:
+                    best_loss, best_step, waited = loss, step, 0
+                    best_state = copy.deepcopy(self.graph.state_dict())
+                else:
+                    waited += 1
+                    if waited >= options.patience:
+                        break
+        self.graph.load_state_dict(best_state)
+        return best_step, step
+
+    def _step(self) -> None:
+        """One optimizer step on `batch_size` consecutive training samples from a random
+        start (models whose batch axis is fixed at 1 accumulate them one at a time)."""
+        size = min(self.options.batch_size, self.split)
+        first = int(self.rng.integers(0, self.split - size + 1))
+        self.optimizer.zero_grad(set_to_none=True)
+        for feed, weight in self._feeds(first, first + size):
+            self._loss(feed).mul(weight).backward()
+        self.optimizer.step()
+        self.schedule.step()
+
+    def _feeds(self, first: int, last: int) -> Iterator[tuple[dict[str, np.ndarray], float]]:
+        total = last - first
+        for feed in self.samples.batches(self.options.batch_size, first, last):
+            yield feed, len(next(iter(feed.values()))) / total
+
+    def _loss(self, feed: dict[str, np.ndarray]) -> torch.Tensor:
+        want = self.teacher.run(self.names, feed)
+        got = self.graph({k: torch.from_numpy(v) for k, v in feed.items()})
+        total = torch.zeros(())
+        for name, teacher_out, student in zip(self.names, want, got, strict=True):
+            target = torch.from_numpy(np.asarray(teacher_out, np.float32))
+            total = total + _distance(student, target, self.axes[name])
+        return total
+
+    def _held_out_loss(self) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for feed, weight in self._feeds(self.split, self.samples.count):
+                total += float(self._loss(feed)) * weight
+        return total
+
+
+def _distance(student: torch.Tensor, teacher: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """KL(teacher || student) over a Softmax's `axis`, averaged over the other positions; or
+    the squared error over the teacher's power (`axis` None)."""
+    if axis is None:
+        return (student - teacher).square().sum() / teacher.square().sum().clamp_min(1e-12)
+    tiny = 1e-8
+    kl = teacher * (torch.log(teacher + tiny) - torch.log(student.clamp_min(0) + tiny))
+    return kl.sum(axis).mean()
+
+
+def _softmax_axes(model: onnx.ModelProto, names: list[str]) -> dict[str, int | None]:
+    """Per output, the axis of the Softmax that makes it (through Q/DQ pairs), or None."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    axes: dict[str, int | None] = {}
+    for name in names:
+        node = producer.get(name)
+        while node is not None and node.op_type in PASS_THROUGH:
+            node = producer.get(node.input[0])
+        axes[name] = None
+        if node is not None and node.op_type == "Softmax":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            axes[name] = attrs.get("axis", -1 if opset >= 13 else 1)
+    return axes
+
+
+def _param_groups(graph: QdqGraph, lr: float) -> list[dict]:
+    """One Adam group per tensor, its rate in units of its own grid (the module doc)."""
+    groups = []
+    for weight, key in graph.weight_of.items():
+        step = float(graph.grids[key].scale.detach().abs().mean())
+        groups.append({"params": [graph.weight_param(weight)], "lr": lr * step})
+    for bias in graph.bias_of:
+        param = graph.weight_param(bias)
+        size = float(param.detach().square().mean().sqrt())
+        groups.append({"params": [param], "lr": lr * SCALE_LR_SHARE * max(size, 1e-6)})
+    for grid in graph.grids.values():
+        size = float(grid.scale.detach().abs().mean())
+        groups.append({"params": [grid.scale], "lr": lr * SCALE_LR_SHARE * size})
+    return [g for g in groups if g["lr"] > 0]
+
+
+def _output_sqnr(
+    teacher: ort.InferenceSession, session: ort.InferenceSession, samples: Samples, first: int
+) -> dict[str, float]:
+    """Per float output, `session`'s SQNR (dB) against the teacher on samples `first` on."""
+    names = [o.name for o in teacher.get_outputs() if o.type == "tensor(float)"]
+    stats = {name: ErrorStats() for name in names}
+    for feed in samples.batches(16, first):
+        for name, want, got in zip(
+            names, teacher.run(names, feed), session.run(names, feed), strict=True
+        ):
+            stats[name].update(want, got)
+    return {name: s.sqnr_db for name, s in stats.items()}
