@@ -50,7 +50,9 @@ class Auto:
             for name, rng in candidates.items():
                 qparams = choose_qparams(Range(rng.lo[c], rng.hi[c]), grid)
                 row = centres[c].astype(np.float32)
-                errors[name] = float(hist.counts[c] @ (row - fake_quantize(row, qparams)) ** 2)
+                # float64: a hostile tensor's bins near float32's limit overflow its square
+                error = row.astype(np.float64) - fake_quantize(row, qparams).astype(np.float64)
+                errors[name] = float(hist.counts[c] @ error**2)
             winner = min(errors, key=errors.get)
             best_lo[c], best_hi[c] = candidates[winner].lo[c], candidates[winner].hi[c]
         return {**candidates, "auto": Range(best_lo, best_hi)}
