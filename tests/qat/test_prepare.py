@@ -4,6 +4,7 @@ tensor."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from qdq.qat import export, freeze_batchnorm, prepare
 from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.prepare import float_copy
 from qdq.qat.trace import to_onnx
-from qdq.scheme import INT4_WEIGHTS
+from qdq.scheme import INT4_WEIGHTS, PerChannel, QScheme
 
 from conftest import DIGITS
 
@@ -234,6 +235,8 @@ def test_bad_inputs_raise_typed_errors(fp32, tmp_path):
         prepare(fp32["cnn"], FIT_X[:1].long())
     with pytest.raises(SchemeError, match="QuantConfig"):
         prepare(fp32["cnn"], FIT_X[:1], {"weight_bits": 4})
+    with pytest.raises(SchemeError, match="symmetric signed"):
+        prepare(fp32["cnn"], FIT_X[:1], QuantConfig(weights=QScheme(8, granularity=PerChannel(0))))
     with pytest.raises(UsageError, match="prepare returned"):
         export(fp32["cnn"], tmp_path / "x.onnx", FIT_X[:1])
 
@@ -251,3 +254,14 @@ def test_a_clear_error_without_torch():
     assert done.returncode == 1
     assert "UsageError: qdq.qat needs PyTorch" in done.stderr
     assert "pip install 'qdq[torch]'" in done.stderr
+
+
+def test_a_batchnorm_channel_with_gamma_zero_trains_without_nan(fp32):
+    """Pruned or zero-initialised BatchNorms have gamma = 0: the warm-up's un-scaling of that
+    channel divided by 0."""
+    model = copy.deepcopy(fp32["cnn"])
+    batchnorm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        batchnorm.weight[0] = 0.0
+    prepared = prepare(model, FIT_X[:1], QuantConfig(), [FIT_X[:128]]).train()
+    assert torch.isfinite(prepared(FIT_X[:64])).all()

@@ -71,9 +71,7 @@ class Engine:
         self.requant = requant
         self.accumulator_bits = accumulator_bits
         # which kernels run: the compiled ones when Numba is installed ("auto"), else NumPy's
-        self.kernels = "compiled" if kernels == "auto" and available() else kernels
-        if self.kernels == "auto":
-            self.kernels = "numpy"
+        self.kernels = ("compiled" if available() else "numpy") if kernels == "auto" else kernels
         self._weights: dict[str, tuple] = {}  # the compiled path's prepared weights, per node
         self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.opsets = list(model.opset_import)

@@ -144,7 +144,7 @@ def finetune_model(
             "finetune learns uniform weight grids from calibration data; drop `weight_grid` "
             "and `data_free`"
         )
-    target = check_output(output_path, [model_path, calibration])
+    target = check_output(output_path, [model_path, calibration, start])
     model = load_model(model_path)
     samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
     held_out = _held_out_count(samples.count, options.held_out)

@@ -68,7 +68,9 @@ class QuantizedLayer(nn.Module):
         factor = self._factor()
         weight = self.layer.weight
         w = self.weight_quantizer(weight * factor.reshape(-1, *[1] * (weight.ndim - 1)))
-        y = self._apply(x, w, None) / factor.reshape(1, -1, *[1] * (x.ndim - 2))
+        # a channel whose gamma is 0 has weight 0 and output beta: divide it by 1, not by 0
+        divisor = torch.where(factor == 0, torch.ones_like(factor), factor)
+        y = self._apply(x, w, None) / divisor.reshape(1, -1, *[1] * (x.ndim - 2))
         if self.layer.bias is not None:
             y = y + self.layer.bias.reshape(1, -1, *[1] * (x.ndim - 2))
         return self.batchnorm(y)  # batch statistics, running ones updated

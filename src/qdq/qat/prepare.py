@@ -88,6 +88,11 @@ def prepare(
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise SchemeError(f"config must be a qdq.QuantConfig, got {type(config).__name__}")
+    if not (config.weights.symmetric and config.weights.signed):
+        raise SchemeError(
+            "prepare trains symmetric signed weight grids (zero point 0), as qdq's weight "
+            "presets are; use INT8_WEIGHTS, INT4_WEIGHTS or a symmetric signed QScheme"
+        )
     if freeze_bn_after < 0:
         raise SchemeError(f"freeze_bn_after must be >= 0 steps, got {freeze_bn_after}")
     inputs = as_inputs(example_inputs)
