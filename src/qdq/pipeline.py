@@ -165,7 +165,7 @@ def plan_model(
         learned.update(
             _optional("AdaRound", notes, partial(learn_rounding, model, index, plan, feeds), {})
         )
-        plan = replan(decisions)
+        plan = replace(replan(decisions), frontier=plan.frontier)
     seconds = time.perf_counter() - start
     if config.target_sqnr is not None:
         feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)

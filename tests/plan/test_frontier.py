@@ -121,6 +121,10 @@ def test_latencies_are_cached_per_graph_structure(tmp_path, monkeypatch):
     monkeypatch.setattr(frontier, "median_latency_ms", timed_again)
     model.graph.initializer[0].raw_data = bytes(len(model.graph.initializer[0].raw_data))
     assert latencies_ms([model], feed) == first  # other weights, same graph: same latency
+    wider = onnx.load(DIGITS / "cnn.onnx")
+    wider.graph.initializer[0].dims[0] += 1  # a wider layer: another model's latency
+    with pytest.raises(AssertionError, match="timed again"):
+        latencies_ms([wider], feed)
     model.graph.node[0].name = "renamed"
     with pytest.raises(AssertionError, match="timed again"):
         latencies_ms([model], feed)

@@ -36,7 +36,7 @@ from qdq.plan.parts import (
 RNG = np.random.default_rng(1)
 
 
-def yolo_output(samples: int = 4, classes: int = 18, anchors: int = 50) -> np.ndarray:
+def yolo_output(samples: int = 8, classes: int = 18, anchors: int = 50) -> np.ndarray:
     """(samples, 4 + classes, anchors): boxes in pixels, then sigmoid scores."""
     boxes = RNG.uniform(10, 300, (samples, 4, anchors))
     scores = 1 / (1 + np.exp(-RNG.normal(-3, 2, (samples, classes, anchors))))
@@ -51,6 +51,14 @@ def test_a_yolo_head_splits_into_boxes_and_scores():
     ]
     assert is_detection(parts)
     assert [p.label for p in parts] == ["output0[:, 0:4]", "output0[:, 4:22]"]
+
+
+def test_few_samples_or_image_rows_never_split_an_output():
+    """One sample of two-class logits looks like [values | scores]; so do a depth map's rows."""
+    assert find_parts("y", [np.array([[12.0, 0.5]], np.float32)]) == [Part("y")]
+    depth = np.concatenate([np.full((8, 1, 4, 6), 20.0), np.full((8, 1, 4, 6), 0.5)], axis=2)
+    assert find_parts("depth", [depth.astype(np.float32)]) == [Part("depth")]
+    assert find_parts("y", [yolo_output(samples=2)]) == [Part("y")]
 
 
 def test_parts_are_found_only_where_the_layout_is_clear():
@@ -118,7 +126,7 @@ def test_class_agreement_counts_the_confident_positions():
     want[1, 4:, :] = [[0.1, 0.6, 0.2], [0.8, 0.1, 0.1]]  # anchors 0 (class 1), 1 (class 0)
     got = want.copy()
     got[1, 4, 0] = 0.85  # anchor 0 of sample 1 now says class 0: 2 of 3 agree
-    parts = find_parts("y", [want])
+    parts = find_parts("y", [want], ["y:1:0-4,4-6"])  # two samples: declared, not found
     stats = part_stats(parts)
     update_all(stats, want, got)
     scores = stats[1].as_dict()
@@ -146,7 +154,7 @@ def test_f1_counts_matches_of_the_same_class_above_half_overlap():
 
 
 def test_a_detection_head_gets_f1_and_identical_outputs_score_one():
-    want = yolo_output(samples=3)
+    want = yolo_output(samples=8)
     stats = part_stats(find_parts("y", [want]))
     update_all(stats, want, want)
     assert stats[1].detections.reference > 0
@@ -159,7 +167,7 @@ def test_a_detection_head_gets_f1_and_identical_outputs_score_one():
 
 
 def test_shards_merge_into_the_whole():
-    want = yolo_output(samples=4)
+    want = yolo_output(samples=8)
     got = want + RNG.normal(0, 0.05, want.shape).astype(np.float32)
     parts = find_parts("y", [want])
     whole, first, second = part_stats(parts), part_stats(parts), part_stats(parts)

@@ -59,8 +59,17 @@ def check_quantize_flags(args: argparse.Namespace) -> None:
         low, high = args.input_range
         if low >= high:
             raise UsageError(f"--input-range LO HI needs LO < HI, got {low:g} {high:g}")
-    if args.prefer is not None and (args.target_sqnr is not None or args.preset == "tensorrt"):
-        other = "--target-sqnr" if args.target_sqnr is not None else "--preset tensorrt"
+    low_bit = (args.weight_bits or 8) < 8 or args.weight_grid not in (None, "uniform")
+    if args.prefer is not None and (
+        args.target_sqnr is not None or args.preset == "tensorrt" or low_bit
+    ):
+        other = (
+            "--target-sqnr"
+            if args.target_sqnr is not None
+            else "--preset tensorrt"
+            if args.preset == "tensorrt"
+            else "--weight-bits below 8 or --weight-grid"
+        )
         raise UsageError(
             f"--prefer picks among candidate plans timed in ONNX Runtime, which {other} does "
             f"not use; drop --prefer or {other}"

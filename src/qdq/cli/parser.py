@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--prefer",
         choices=["accuracy", "balanced", "speed"],
-        help="which candidate plan to take, each scored and timed in ONNX Runtime: the most "
-        "accurate, the fastest within 1 dB of it (default), or the fastest",
+        help="which candidate plan to take, each scored by its worst output part and timed in "
+        "ONNX Runtime: the most accurate; balanced (default): the score less 3 dB per 10%% "
+        "slower than the fastest, scores over 30 dB counted as 30; or the fastest",
     )
     q.add_argument(
         "--target-sqnr",

@@ -38,7 +38,7 @@ def sqnr_score(
     detector's boxes and scores apart) against `model` on `feeds`; `declared` are
     `--output-parts` specs."""
     float_session = open_session(model)
-    names = [o.name for o in float_session.get_outputs()]
+    names = [o.name for o in float_session.get_outputs() if o.type == "tensor(float)"]
     reference = [float_session.run(names, feed) for feed in feeds]
     parts = output_parts(names, reference, declared)
 

@@ -77,7 +77,9 @@ def plan_constants(
                 fitted = _fit_bias(index.constant(bias), x_scale, constants[node.name, weight])
                 constants[node.name, weight] = fitted
                 biases[node.name, rule.bias] = (x_scale * fitted.scale).astype(np.float32)
-        if rule.kind is Kind.COMPUTE and weight == 1 and node.output[0] not in activations:
+        # MatMul + Add becomes a Gemm in ONNX Runtime only for a MatMul (a Gemm has its bias)
+        matmul = rule.kind is Kind.COMPUTE and node.op_type == "MatMul" and weight == 1
+        if matmul and node.output[0] not in activations:
             biases.update(_bias_add(index, node, activations, constants))
     return constants, biases, codes
 

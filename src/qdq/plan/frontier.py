@@ -155,11 +155,18 @@ def cache_file() -> Path | None:
 
 
 def _structure(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> str:
-    """A key for the graph's structure (nodes and attributes, not weights), the feed's shapes
-    and ONNX Runtime's version: what the latency depends on."""
+    """A key for the graph's structure (nodes and attributes, the weights' shapes and types but
+    not their values), the feed's shapes and ONNX Runtime's version: what the latency depends
+    on. Two exports that differ only in their layers' widths get different keys."""
     digest = hashlib.sha256(f"{ort.__version__} {os.cpu_count()}".encode())
     for name, value in sorted(feed.items()):
         digest.update(f"{name}{value.shape}{value.dtype}".encode())
+    for opset in model.opset_import:
+        digest.update(opset.SerializeToString())
+    for value in (*model.graph.input, *model.graph.output):
+        digest.update(value.SerializeToString())
+    for tensor in model.graph.initializer:
+        digest.update(f"{tensor.name}{list(tensor.dims)}{tensor.data_type}".encode())
     for node in model.graph.node:
         digest.update(node.SerializeToString())
     return digest.hexdigest()

@@ -109,7 +109,7 @@ def sample_scores(
     part (`qdq.plan.parts`) against `model`; `declared` are `--output-parts` specs. A feed whose
     outputs do not share a leading (batch) axis counts as one sample."""
     float_session = open_session(model)
-    names = [o.name for o in float_session.get_outputs()]
+    names = [o.name for o in float_session.get_outputs() if o.type == "tensor(float)"]
     reference = [float_session.run(names, feed) for feed in feeds]
     parts = [p for group in output_parts(names, reference, declared).values() for p in group]
     where = {name: i for i, name in enumerate(names)}
@@ -118,17 +118,24 @@ def sample_scores(
         session = open_session(candidate)
         got = [session.run(names, feed) for feed in feeds]
         pairs = zip(reference, got, strict=True)
-        return np.concatenate([_worst_per_sample(parts, where, w, h) for w, h in pairs])
+        counts = [len(next(iter(feed.values()))) for feed in feeds]
+        worst = [_worst_per_sample(parts, where, *p, n) for p, n in zip(pairs, counts, strict=True)]
+        return np.concatenate(worst)
 
     return score
 
 
 def _worst_per_sample(
-    parts: list[Part], where: dict[str, int], want: list[np.ndarray], have: list[np.ndarray]
+    parts: list[Part],
+    where: dict[str, int],
+    want: list[np.ndarray],
+    have: list[np.ndarray],
+    samples: int,
 ) -> np.ndarray:
-    """One feed's per-sample lowest part SQNR (one value if the outputs share no batch axis)."""
-    leading = {w.shape[0] if w.ndim else -1 for w in want}
-    rows = leading.pop() if len(leading) == 1 and -1 not in leading else 1
+    """One feed's per-sample lowest part SQNR: one value per sample where every output leads
+    with the feed's `samples` (its batch axis), else one value for the feed."""
+    batched = all(w.ndim and w.shape[0] == samples for w in want)
+    rows = samples if batched else 1
     worst = np.full(rows, np.inf)
     for part in parts:
         i = where[part.output]

@@ -33,6 +33,7 @@ from qdq.metrics import ErrorStats
 MAX_CHANNELS = 1024  # a longer axis holds positions (anchors, pixels), not quantities
 MAX_RUNS = 3  # [boxes | scores], [boxes | objectness | classes]; more runs: no clear layout
 GAP = 8.0  # a value run must reach 8x a score's largest possible value (1) to count as apart
+MIN_ROWS = 8  # samples before a layout is read from the data: one sample's logits can look split
 CONFIDENCE = 0.25  # a detection, and a row whose class agreement counts: best score above this
 NMS_IOU = 0.45  # class-wise non-maximum suppression drops a box overlapping a better one more
 MATCH_IOU = 0.5  # a detection of the INT8 model matches FP32's: same class, IoU above this
@@ -111,14 +112,15 @@ def find_parts(
                 f"{list(first.shape)}; give an axis and spans inside it"
             )
         unit = _unit_channels(batches, axis)
-        return _typed([Part(name, axis, a, b, _kind(unit[a:b])) for a, b in spans])
-    if first.dtype.kind != "f":
+        return _typed([Part(name, axis, a, b, _kind(unit[a:b])) for a, b in spans], first.ndim)
+    if first.dtype.kind != "f" or first.ndim < 2 or sum(len(b) for b in batches) < MIN_ROWS:
         return [Part(name)]
-    for axis in range(1, first.ndim):
+    # quantities lie along the first non-batch axis or the last, never along image rows
+    for axis in dict.fromkeys((1, first.ndim - 1)):
         if 2 <= first.shape[axis] <= MAX_CHANNELS:
             parts = _split(name, batches, axis)
             if parts:
-                return _typed(parts)
+                return _typed(parts, first.ndim)
     return [Part(name)]
 
 
@@ -145,14 +147,15 @@ def _split(name: str, batches: Sequence[np.ndarray], axis: int) -> list[Part]:
     if not 2 <= len(runs) <= MAX_RUNS:
         return []
     values = [(a, b) for a, b in runs if not unit[a]]
-    if any(_magnitude(batches, axis, a, b) < GAP for a, b in values):
+    if not all(_magnitude(batches, axis, a, b) >= GAP for a, b in values):  # NaN: not apart
         return []
     return [Part(name, axis, a, b, _kind(unit[a:b])) for a, b in runs]
 
 
-def _typed(parts: list[Part]) -> list[Part]:
-    """A detection head (4 value channels, then scores) gets its first part typed as boxes."""
-    head = len(parts) == 2 and parts[0].stop - parts[0].start == 4
+def _typed(parts: list[Part], ndim: int) -> list[Part]:
+    """A detection head ((batch, 4 value channels then scores[, positions])) gets its first part
+    typed as boxes."""
+    head = ndim in (2, 3) and len(parts) == 2 and parts[0].stop - parts[0].start == 4
     if head and parts[0].kind is Kind.VALUES and parts[1].kind is Kind.SCORES:
         return [replace(parts[0], kind=Kind.BOXES), parts[1]]
     return parts
@@ -177,7 +180,8 @@ class PartStats:
         """Add a batch of the whole output (FP32, then quantized)."""
         want, got = self.part.take(reference), self.part.take(approximation)
         self.error.update(want, got)
-        if self.part.kind is Kind.SCORES:
+        classes = self.part.axis is None or self.part.stop - self.part.start > 1
+        if self.part.kind is Kind.SCORES and classes:  # one score channel has no class to agree
             want_rows, got_rows = _rows(want, self.part.axis), _rows(got, self.part.axis)
             confident = want_rows.max(axis=1) > CONFIDENCE
             best = want_rows[confident].argmax(axis=1)
