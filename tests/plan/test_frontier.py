@@ -88,9 +88,10 @@ def test_prefer_accuracy_takes_the_best_scoring_candidate(tmp_path):
     assert digits_cnn_sqnr(out) > all_int8.score - 1
 
 
-def test_prefer_speed_keeps_a_tiny_model_all_int8(tmp_path):
+def test_prefer_speed_keeps_a_tiny_model_all_int8(tmp_path, monkeypatch):
     # The digits CNN runs in ~12 us: every candidate is within the 20 us tie, so the one with
-    # the most int8 nodes is taken.
+    # the most int8 nodes is taken. Timed as equal here: a loaded machine's timing is no test.
+    monkeypatch.setattr(frontier, "latencies_ms", lambda models, _: [0.012] * len(models))
     report = quantize_model(
         DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz", QuantConfig(prefer="speed")
     )
