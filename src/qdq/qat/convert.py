@@ -505,6 +505,10 @@ class QdqGraph(nn.Module):
         self.params[_key(node.input[0])] = nn.Parameter(_tensor(values.astype(np.float32)))
         if codes.dtype == np.int32:  # a bias: its scale follows s_x * s_w when written back
             user = consumers[node.output[0]][0]
+            if user.op_type == "Add":  # a MatMul's bias, which ONNX Runtime fuses into QGemm
+                other = next(i for i in user.input if i != node.output[0])
+                matmul = producer.get(other)
+                user = matmul if matmul is not None and matmul.op_type == "MatMul" else user
             x_dq, w_dq = (producer.get(i) for i in user.input[:2])
             if not all(p is not None and p.op_type == "DequantizeLinear" for p in (x_dq, w_dq)):
                 x_dq = w_dq = None  # not a Conv/Gemm bias: it keeps its own scale

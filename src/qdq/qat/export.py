@@ -123,7 +123,7 @@ def _learned_plan(
 ) -> Plan:
     """`plan` with the learned activation grids, each weight's learned scale and the codes
     torch computed, and bias scales s_x * s_w from those."""
-    constants, codes, biases = dict(plan.constants), {}, {}
+    constants, codes, biases = dict(plan.constants), {}, dict(plan.biases)
     for key, planned in plan.constants.items():
         node = next(n for n in index.nodes if n.name == key[0])
         layer = layer_of(module, node, nodes)
@@ -131,8 +131,11 @@ def _learned_plan(
         target = index.constant(node.input[key[1]]).shape
         codes[key] = values if values.shape == target else values.T
         constants[key] = QParams(scale, np.zeros(scale.shape, np.int64), planned.scheme)
+        # its own bias, or the Add after a MatMul that ONNX Runtime fuses into a QGemm
+        add = index.sole_consumer(node.output[0])
+        owners = {key[0], add.name} if add is not None and node.op_type == "MatMul" else {key[0]}
         for bias_key in plan.biases:
-            if bias_key[0] == key[0]:
+            if bias_key[0] in owners:
                 x_scale = learned[node.input[0]].scale.astype(np.float64)
                 biases[bias_key] = (x_scale * constants[key].scale).astype(np.float32)
     return replace(
