@@ -6,8 +6,10 @@ of NudeNet's YOLOv8n candidate ranges, and it scored worst there, 3.8 dB against
 becomes a whole plan, judged by its worst output part (`qdq.plan.parts`) on a few dozen
 calibration samples held out of the ranges it judges (ranges scored on the samples they were
 fitted to favour MinMax, docs/ptq.md). Percentile, the best single method on the bench
-(docs/ptq.md), stays unless another beats it by MARGIN; the winner's rule then sets the ranges
-from all samples. Why: a detector's class scores decide its detections, but a method scored on
+(docs/ptq.md), stays unless another's median per-sample score beats it by MARGIN and the
+other scores above it on MAJORITY of the held samples (pooled over a few dozen samples, one
+outlier photo decided NudeNet's choice, and lost); the winner's rule then sets the ranges from
+all samples. Why: a detector's class scores decide its detections, but a method scored on
 the whole output (or on each tensor's own histogram) follows the box coordinates in pixels.
 """
 
