@@ -50,6 +50,7 @@ class Prefer(enum.StrEnum):
     ACCURACY = "accuracy"
     BALANCED = "balanced"
     SPEED = "speed"
+    INT8 = "int8"  # every op the rules allow, untimed: the smallest file, an int8-only target
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qdq.config import OutputFormat, Placement, QuantConfig
+from qdq.config import OutputFormat, Placement, Prefer, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, ModelError, QdqError, choice, first_line
 from qdq.lowbit import WeightGrid
@@ -156,8 +156,9 @@ def plan_model(
         plan = replan(decisions)
     # A low-bit grid the user asked for goes on every layer the rules allow: keeping layers
     # float is then --target-sqnr's or --exclude's job, not a latency trade.
-    int8 = config.weights.bits == 8 and config.weight_grid is WeightGrid.UNIFORM
-    if config.target_sqnr is None and config.placement is Placement.ORT and int8:
+    uniform = config.weights.bits == 8 and config.weight_grid is WeightGrid.UNIFORM
+    timed = uniform and config.prefer is not Prefer.INT8
+    if config.target_sqnr is None and config.placement is Placement.ORT and timed:
         frontier = partial(_frontier, model, samples, config, decisions, replan, realize)
         plan, decisions = _optional("latency-aware planning", notes, frontier, (plan, decisions))
     if config.adaround:

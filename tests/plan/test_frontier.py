@@ -172,3 +172,18 @@ def test_the_cli_takes_prefer_and_refuses_an_unknown_choice(tmp_path):
     done = qdq("--prefer", "speed", "--target-sqnr", "30")
     assert done.returncode == 2
     assert "drop --prefer or --target-sqnr" in done.stderr
+
+
+def test_prefer_int8_puts_every_op_the_rules_allow_in_int8_untimed(tmp_path, monkeypatch):
+    """For the smallest file or an int8-only target: no candidate is timed or chosen."""
+
+    def timed(*_: object) -> list[float]:
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(frontier, "latencies_ms", timed)
+    out = tmp_path / "q.onnx"
+    report = quantize_model(
+        DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", QuantConfig(prefer="int8")
+    )
+    assert report.candidates == []
+    assert not any("--prefer" in d.reason for d in report.kept_float)

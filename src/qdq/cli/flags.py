@@ -60,7 +60,7 @@ def check_quantize_flags(args: argparse.Namespace) -> None:
         if low >= high:
             raise UsageError(f"--input-range LO HI needs LO < HI, got {low:g} {high:g}")
     low_bit = (args.weight_bits or 8) < 8 or args.weight_grid not in (None, "uniform")
-    if args.prefer is not None and (
+    if args.prefer not in (None, "int8") and (
         args.target_sqnr is not None or args.preset == "tensorrt" or low_bit
     ):
         other = (

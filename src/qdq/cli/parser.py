@@ -110,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--prefer",
-        choices=["accuracy", "balanced", "speed"],
+        choices=["accuracy", "balanced", "speed", "int8"],
         help="which candidate plan to take, each scored by its worst output part and timed in "
         "ONNX Runtime: the most accurate; balanced (default): the score less 3 dB per 10%% "
-        "slower than the fastest, scores over 30 dB counted as 30; or the fastest",
+        "slower than the fastest, scores over 30 dB counted as 30; the fastest; or int8: every op "
+        "the rules allow in int8, untimed (the smallest file)",
     )
     q.add_argument(
         "--target-sqnr",
@@ -320,9 +321,9 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
     f.add_argument("--method", choices=METHODS, help="activation range estimator of the PTQ start")
     f.add_argument(
         "--prefer",
-        choices=["accuracy", "balanced", "speed"],
-        default="speed",
-        help="the PTQ plan to start from (default speed: every layer int8 it can be)",
+        choices=["accuracy", "balanced", "speed", "int8"],
+        default="int8",
+        help="the PTQ plan to start from (default int8: every layer int8 it can be)",
     )
     f.add_argument("--exclude", nargs="+", default=(), metavar="NODE_OR_OP")
     f.add_argument("--max-samples", type=at_least(1))

@@ -143,7 +143,7 @@ def finetune_model(
     `start`: a QDQ model `quantize_model` already wrote from this model with this `config`,
     fine-tuned instead of quantizing again (PTQ's choice between candidate plans times them,
     so two PTQ runs on a busy machine can pick different plans)."""
-    config = config or QuantConfig(prefer=Prefer.SPEED)  # training recovers what float layers buy
+    config = config or QuantConfig(prefer=Prefer.INT8)  # training recovers what float layers buy
     options = options or FinetuneOptions()
     if config.weight_grid is not WeightGrid.UNIFORM or config.data_free:
         raise SchemeError(
