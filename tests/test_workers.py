@@ -86,9 +86,10 @@ def test_minmax_ranges_from_shards_equal_one_pass(small_shards):
     def run(workers: Workers) -> dict:
         from qdq.observers import MinMaxObserver
 
-        return calibrate_module.calibrate(
+        observers, unfit, _ = calibrate_module.observe(
             model, samples, lambda _: MinMaxObserver(), names, 16, False, (), workers
-        )[0]
+        )
+        return calibrate_module.fit_ranges({n: o.compute() for n, o in observers.items()}, unfit)[0]
 
     one, three = run(Workers(1)), run(Workers(3))
     assert one.keys() == three.keys()

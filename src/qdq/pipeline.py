@@ -144,7 +144,7 @@ def plan_model(
         )
 
     if held:
-        choose = partial(_best_method, model, samples, config, apart, unfit)
+        choose = partial(_best_method, model, samples, config, held, apart, unfit)
         choose = partial(choose, partial(replan, decisions), notes)
         method = _optional("the method choice", notes, choose, "percentile")
         grid = config.activations
@@ -196,6 +196,7 @@ def _best_method(
     model: onnx.ModelProto,
     samples: Samples,
     config: QuantConfig,
+    held: int,
     observers: dict[str, Observer],
     unfit: dict[str, str],
     plan_for: Callable[[Fitted], Plan],
@@ -205,7 +206,6 @@ def _best_method(
     calibration samples, planned and scored per sample by the worst output part on those;
     the winner, and a note."""
     candidates = candidate_ranges(observers, unfit, config.activations)
-    held = _held(samples, config)
     feeds = list(samples.span(samples.count - held, samples.count).batches(config.batch_size))
     score = sample_scores(model, feeds, config.output_parts)
     method, scores = choose_method(candidates, plan_for, partial(insert_qdq, model), score)

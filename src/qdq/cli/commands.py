@@ -50,20 +50,12 @@ def quantize(args: argparse.Namespace) -> str:
         max_samples=args.max_samples,
         workers=_workers(args),
     )
-    images = ImageOptions(
-        size=tuple(args.image_size) if args.image_size else None,
-        mean=tuple(args.mean),
-        std=tuple(args.std),
-        value_scale=args.value_scale,
-        layout=args.layout,
-        channel_order=args.channel_order,
-    )
     report = quantize_model(
         args.model,
         args.output,
         args.calib,
         config,
-        images,
+        _images(args),
         args.seed,
         progress=sys.stderr.isatty(),
         output_format=args.format,

@@ -18,7 +18,7 @@ from qdq.cli.commands import (
 )
 from qdq.cli.contract import EXIT_USAGE
 from qdq.cli.flags import at_least, finite
-from qdq.config import ACTIVATION_DTYPES, RUN_PRESETS
+from qdq.config import ACTIVATION_DTYPES, RUN_PRESETS, Prefer
 from qdq.lowbit import WeightGrid
 from qdq.observers import METHODS
 
@@ -59,17 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation range estimator (default best: each method's plan is tried and the "
         "one whose worst output part is closest to FP32 kept)",
     )
-    granularity = q.add_mutually_exclusive_group()
-    granularity.add_argument(
-        "--per-channel",
-        dest="per_channel",
-        action="store_true",
-        default=None,
-        help="one weight scale per output channel (default)",
-    )
-    granularity.add_argument(
-        "--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor"
-    )
+    _granularity_flags(q)
     q.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
     q.add_argument(
         "--weight-grid",
@@ -110,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--prefer",
-        choices=["accuracy", "balanced", "speed", "int8"],
+        choices=[p.value for p in Prefer],
         help="which candidate plan to take, each scored by its worst output part and timed in "
         "ONNX Runtime: the most accurate; balanced (default): the score less 3 dB per 10%% "
         "slower than the fastest, scores over 30 dB counted as 30; the fastest; or int8: every op "
@@ -122,14 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DB",
         help="keep the most harmful layers float until the output SQNR reaches DB",
     )
-    q.add_argument(
-        "--output-parts",
-        nargs="+",
-        default=(),
-        metavar="NAME:AXIS:START-STOP,...",
-        help="the quantities an output joins, judged apart (e.g. output0:1:0-4,4-22: a "
-        "detector's boxes and scores); found from the data when not given",
-    )
+    _output_parts_flag(q)
     q.add_argument(
         "--adaround",
         action="store_true",
@@ -161,14 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pair_flags(c)
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.add_argument("--latency-runs", type=at_least(0), default=30, help="0 skips timing")
-    c.add_argument(
-        "--output-parts",
-        nargs="+",
-        default=(),
-        metavar="NAME:AXIS:START-STOP,...",
-        help="the quantities an output joins, judged apart (e.g. output0:1:0-4,4-22: a "
-        "detector's boxes and scores); found from the data when not given",
-    )
+    _output_parts_flag(c)
     _worker_flags(c)
     c.set_defaults(run=compare)
 
@@ -260,6 +236,31 @@ def _report_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _granularity_flags(parser: argparse.ArgumentParser) -> None:
+    granularity = parser.add_mutually_exclusive_group()
+    granularity.add_argument(
+        "--per-channel",
+        dest="per_channel",
+        action="store_true",
+        default=None,
+        help="one weight scale per output channel (default)",
+    )
+    granularity.add_argument(
+        "--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor"
+    )
+
+
+def _output_parts_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output-parts",
+        nargs="+",
+        default=(),
+        metavar="NAME:AXIS:START-STOP,...",
+        help="the quantities an output joins, judged apart (e.g. output0:1:0-4,4-22: a "
+        "detector's boxes and scores); found from the data when not given",
+    )
+
+
 def _worker_flags(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -306,22 +307,12 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         "--held-out", type=at_least(1), help="last samples that pick the checkpoint (default 1/8)"
     )
     f.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
-    granularity = f.add_mutually_exclusive_group()
-    granularity.add_argument(
-        "--per-channel",
-        dest="per_channel",
-        action="store_true",
-        default=None,
-        help="one weight scale per output channel (default)",
-    )
-    granularity.add_argument(
-        "--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor"
-    )
+    _granularity_flags(f)
     f.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES)
     f.add_argument("--method", choices=METHODS, help="activation range estimator of the PTQ start")
     f.add_argument(
         "--prefer",
-        choices=["accuracy", "balanced", "speed", "int8"],
+        choices=[p.value for p in Prefer],
         default="int8",
         help="the PTQ plan to start from (default int8: every layer int8 it can be)",
     )

@@ -85,30 +85,6 @@ class SampleMean:
         return None if self.ragged or self.total is None else self.total / self.count
 
 
-def calibrate(
-    model: onnx.ModelProto,
-    samples: Samples,
-    make: Callable[[str], Observer],
-    names: list[str],
-    batch_size: int,
-    progress: bool = True,
-    means: Iterable[str] = (),
-    workers: Workers = ONE_PROCESS,
-) -> tuple[dict[str, Range], dict[str, str], dict[str, np.ndarray]]:
-    """The range of each tensor in `names` after every batch; the tensors found unfit for int8,
-    with the reason; and the mean sample of each tensor in `means` (for bias correction).
-
-    Unfit tensors are found without an extra pass over the data: an observer refuses NaN and
-    Inf, and a final range beyond SENTINEL marks a mask. Shards of SHARD_SAMPLES samples are
-    observed apart (on `workers` when parallel) and merged in sample order, so the result
-    depends on the data alone, not on how many workers there are or when each finished."""
-    observers, unfit, found = observe(
-        model, samples, make, names, batch_size, progress, means, workers
-    )
-    ranges, unfit = fit_ranges({name: o.compute() for name, o in observers.items()}, unfit)
-    return ranges, unfit, {n: a for n, a in found.items() if n not in unfit}
-
-
 def observe(
     model: onnx.ModelProto,
     samples: Samples,
@@ -119,9 +95,15 @@ def observe(
     means: Iterable[str] = (),
     workers: Workers = ONE_PROCESS,
 ) -> tuple[dict[str, Observer], dict[str, str], dict[str, np.ndarray]]:
-    """`calibrate`'s pass over the data, before any range is computed: each fit tensor's
-    merged observer (whose histogram can give more than one method's range), the unfit
-    tensors with the reason, and the mean samples."""
+    """One pass over the data, before any range is computed: each fit tensor's merged observer
+    (whose histogram can give more than one method's range; `fit_ranges` turns them into
+    ranges), the tensors found unfit for int8 with the reason, and the mean sample of each
+    tensor in `means` (for bias correction).
+
+    Unfit tensors are found without an extra pass over the data: an observer refuses NaN and
+    Inf, and a final range beyond SENTINEL marks a mask. Shards of SHARD_SAMPLES samples are
+    observed apart (on `workers` when parallel) and merged in sample order, so the result
+    depends on the data alone, not on how many workers there are or when each finished."""
     if not names:  # nothing to observe (ONNX Runtime would return every output instead)
         return {}, {}, {}
     job = _Job(model, samples, {name: make(name) for name in names},

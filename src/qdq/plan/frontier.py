@@ -204,8 +204,7 @@ def pick(candidates: Sequence[Candidate], prefer: Prefer) -> Candidate:
         return _most_int8(_fastest(close))
     if prefer is Prefer.SPEED:
         return _most_int8(_fastest(candidates))
-    quickest = min(c.latency_ms for c in candidates)
-    tie = max(quickest * LATENCY_TIE[0], LATENCY_TIE[1])
+    quickest, tie = _quickest(candidates)
 
     def worth(c: Candidate) -> float:
         slower = max(0.0, c.latency_ms - quickest - tie) / quickest
@@ -217,9 +216,14 @@ def pick(candidates: Sequence[Candidate], prefer: Prefer) -> Candidate:
 
 def _fastest(candidates: Sequence[Candidate]) -> list[Candidate]:
     """The candidates as fast as the fastest, within the timing tie."""
-    quickest = min(c.latency_ms for c in candidates)
-    tie = max(quickest * LATENCY_TIE[0], LATENCY_TIE[1])
+    quickest, tie = _quickest(candidates)
     return [c for c in candidates if c.latency_ms <= quickest + tie]
+
+
+def _quickest(candidates: Sequence[Candidate]) -> tuple[float, float]:
+    """The fastest latency, and how much slower still counts as equal (timing noise)."""
+    quickest = min(c.latency_ms for c in candidates)
+    return quickest, max(quickest * LATENCY_TIE[0], LATENCY_TIE[1])
 
 
 def _most_int8(candidates: Sequence[Candidate]) -> Candidate:

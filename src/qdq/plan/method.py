@@ -91,16 +91,17 @@ def choose_method(
         per_sample[method] = np.atleast_1d(np.asarray(score(realize(plan_for(fitted))), float))
     medians = {method: float(np.median(s)) for method, s in per_sample.items()}
     first = next(iter(per_sample))
-    for method, s in per_sample.items():
-        wins = float(np.mean(s > per_sample[first]))
+    wins = {method: float(np.mean(s > per_sample[first])) for method, s in per_sample.items()}
+    for method in per_sample:
         log.info("method %s: median worst output part %.2f dB, above %s on %.0f%% of samples",
-                 method, medians[method], first, 100 * wins)  # fmt: skip
-
-    def clear(method: str) -> bool:
-        wins = float(np.mean(per_sample[method] > per_sample[first]))
-        return medians[method] > medians[first] + MARGIN and wins >= MAJORITY
-
-    contenders = [method for method in per_sample if method != first and clear(method)]
+                 method, medians[method], first, 100 * wins[method])  # fmt: skip
+    contenders = [
+        method
+        for method in per_sample
+        if method != first
+        and medians[method] > medians[first] + MARGIN
+        and wins[method] >= MAJORITY
+    ]
     return max(contenders, key=medians.__getitem__, default=first), medians
 
 
