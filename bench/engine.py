@@ -1,13 +1,14 @@
 """The integer engine against ONNX Runtime's int8 kernels: bit-exactness and speed, one thread.
 
-Run: python bench/engine.py [--runs 5] [--models cnn mobilenet ppocr_cls efficientnet_lite0]
+Run: python bench/engine.py [--runs 7] [--models cnn mobilenet ppocr_cls efficientnet_lite0]
 Quantizes each model with qdq's defaults, then on one batch of held-out inputs:
 - exactness: the share of output elements bit-identical to ONNX Runtime's in each requantization
   mode, and (`qdq diff --inputs-from ort`) how many integer codes the engine's kernels give
   differently when every node is fed ONNX Runtime's own inputs;
 - speed: ONNX Runtime (one intra-op thread) and the engine with NumPy and compiled kernels (one
-  BLAS thread), timed interleaved, fastest of --runs each (the machine may be shared: ratios
-  taken within one round are steadier than absolute times).
+  BLAS thread, one thread in its float fallback's ONNX Runtime sessions), timed interleaved,
+  fastest of --runs each, in wall-clock time and in the process's CPU time (on a shared
+  machine the CPU time leaves out the waits for a core, which wall-clock time counts).
 Ratios only; no asserts.
 """
 
@@ -32,16 +33,18 @@ BATCH = {"cnn": 64, "mobilenet": 64, "ppocr_cls": 16, "efficientnet_lite0": 8}
 
 
 def fastest_ms(runs: dict[str, object], feeds: dict[str, np.ndarray], rounds: int) -> dict:
-    """Fastest milliseconds of each `run(feeds)`, the runs interleaved, after one warm-up."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    """Fastest milliseconds of each `run(feeds)`, wall-clock and CPU time ("cpu " + name),
+    the runs interleaved, after one warm-up."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for run in runs.values():
         run(feeds)
     for _ in range(rounds):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             run(feeds)
-            times[name].append(time.perf_counter() - start)
-    return {name: min(values) * 1e3 for name, values in times.items()}
+            times[name].append((time.perf_counter() - start, time.process_time() - cpu))
+    wall = {name: min(t[0] for t in values) * 1e3 for name, values in times.items()}
+    return wall | {f"cpu {name}": min(t[1] for t in values) * 1e3 for name, values in times.items()}
 
 
 def kernel_departures(model: Path, data: Path) -> int:
@@ -52,14 +55,15 @@ def kernel_departures(model: Path, data: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--models", nargs="+", default=list(BATCH))
     args = parser.parse_args()
     print(
         "| model | batch | ORT ms | engine NumPy ms | engine compiled ms | NumPy/ORT | "
-        "compiled/ORT | float = ORT | spec = ORT | fixed = ORT | kernels fed ORT's inputs |"
+        "compiled/ORT | compiled/ORT, CPU time | float = ORT | spec = ORT | fixed = ORT | "
+        "kernels fed ORT's inputs |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for task in tasks(64):
         if task.name not in args.models:
             continue
@@ -78,7 +82,9 @@ def main() -> None:
             for mode in ("float", "spec", "fixed"):
                 got = next(iter(Engine(model, mode).run(x).values()))
                 same[mode] = float(np.mean(got == want))
-            engines = {k: Engine(model, "float", kernels=k) for k in ("numpy", "compiled")}
+            engines = {
+                k: Engine(model, "float", kernels=k, threads=1) for k in ("numpy", "compiled")
+            }
             with threadpool_limits(1):
                 ms = fastest_ms(
                     {"ort": partial(session.run, None)} | {k: e.run for k, e in engines.items()},
@@ -89,7 +95,8 @@ def main() -> None:
         print(
             f"| {task.name} | {batch} | {ms['ort']:.2f} | {ms['numpy']:.1f} | "
             f"{ms['compiled']:.1f} | {ms['numpy'] / ms['ort']:.1f}x | "
-            f"{ms['compiled'] / ms['ort']:.1f}x | {same['float']:.2%} | {same['spec']:.2%} | "
+            f"{ms['compiled'] / ms['ort']:.1f}x | {ms['cpu compiled'] / ms['cpu ort']:.1f}x | "
+            f"{same['float']:.2%} | {same['spec']:.2%} | "
             f"{same['fixed']:.2%} | {departures} codes differ |",
             flush=True,
         )

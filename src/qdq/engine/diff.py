@@ -42,6 +42,7 @@ class NodeDiff:
     differing: int
     max_diff: float  # in output LSB (integer codes) or value units (float tensors)
     unit: str  # "LSB" or "value"
+    fallback: bool = False  # a float node the engine hands to ONNX Runtime, run alone
 
     @property
     def share(self) -> float:
@@ -62,8 +63,15 @@ class Diff:
     def first_departure(self) -> NodeDiff | None:
         return next((n for n in self.nodes if n.differing), None)
 
+    @property
+    def first_kernel_departure(self) -> NodeDiff | None:
+        """The first differing node that the engine computes itself (not its float fallback,
+        which ONNX Runtime runs alone and may compute with another kernel than in the whole
+        graph: an NCHWc layout, a fused neighbour)."""
+        return next((n for n in self.nodes if n.differing and not n.fallback), None)
+
     def as_dict(self) -> dict[str, object]:
-        first = self.first_departure
+        first, kernel = self.first_departure, self.first_kernel_departure
         return {
             "left": self.left,
             "right": self.right,
@@ -72,6 +80,7 @@ class Diff:
             "samples": self.samples,
             "nodes": [{**asdict(n), "share": n.share} for n in self.nodes],
             "first_departure": first and {"node": first.node, "op_type": first.op_type},
+            "first_kernel_departure": kernel and {"node": kernel.node, "op_type": kernel.op_type},
         }
 
     def to_json(self) -> str:
@@ -89,15 +98,25 @@ class Diff:
         lines.append(f"{'node':<{width}}  {'op':<{ops}}  {'differing':>22}  max |diff|")
         lines += [
             f"{n.node:<{width}}  {n.op_type:<{ops}}  {n.differing:>9} ({n.share:>9.5%})  "
-            f"{n.max_diff:.4g} {n.unit}"
+            f"{n.max_diff:.4g} {n.unit}" + ("  (float, ONNX Runtime alone)" if n.fallback else "")
             for n in self.nodes
         ]
-        first = self.first_departure
+        first, kernel = self.first_departure, self.first_kernel_departure
         lines.append(
             f"first departure: {first.node} ({first.op_type})"
             if first
             else f"first departure: none (all {len(self.nodes)} nodes agree)"
         )
+        if first is not None and first.fallback:
+            lines.append(
+                "  a float node the engine hands to ONNX Runtime, run alone there: ONNX "
+                "Runtime's kernel alone differs from its kernel in the whole graph; "
+                + (
+                    f"first departure of the engine's own kernels: {kernel.node} ({kernel.op_type})"
+                    if kernel
+                    else "the engine's own kernels all agree"
+                )
+            )
         return "\n".join(lines)
 
 
@@ -124,6 +143,7 @@ def diff_model(
     engine = Engine(model, requant)
     right, right_name = _right_side(model, engine, against)
     tallies = {i: _Tally() for i in range(len(engine.model.graph.node))}
+    fallback: set[str] = set()  # "name (op)" of the nodes the engine ran through ONNX Runtime
     for feeds in samples.batches(batch_size):
         if inputs_from == "ort":
             theirs = right(feeds)
@@ -133,12 +153,13 @@ def diff_model(
             theirs = _ort_trace(engine, mine)
         else:
             mine, theirs = engine.trace(feeds), right(feeds)
+        fallback.update(engine.float_nodes)
         for position, node in enumerate(engine.model.graph.node):
             for name in node.output:
                 if mine.get(name) is not None and theirs.get(name) is not None:
                     tallies[position].add(mine[name], theirs[name])
     nodes = [
-        tallies[i].result(node)
+        tallies[i].result(node, f"{node.name} ({node.op_type})" in fallback)
         for i, node in enumerate(engine.model.graph.node)
         if tallies[i].compared
     ]
@@ -171,9 +192,15 @@ class _Tally:
         if diff.size:
             self.max_diff = max(self.max_diff, float(diff.max()))
 
-    def result(self, node: onnx.NodeProto) -> NodeDiff:
+    def result(self, node: onnx.NodeProto, fallback: bool) -> NodeDiff:
         return NodeDiff(
-            node.name, node.op_type, self.compared, self.differing, self.max_diff, self.unit
+            node.name,
+            node.op_type,
+            self.compared,
+            self.differing,
+            self.max_diff,
+            self.unit,
+            fallback,
         )
 
 

@@ -11,7 +11,7 @@ MaxPool, ...) stays integer; ops on float tensors are the float fallback, listed
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,13 +23,27 @@ from onnx import helper, numpy_helper
 
 from qdq.data import check_feeds, model_inputs
 from qdq.engine.compiled import available
-from qdq.engine.kernels import INTEGER_ONLY, KERNELS, Context, Requant
+from qdq.engine.kernels import INTEGER_ONLY, KERNELS, Context, Kernel, Requant
 from qdq.errors import ModelError
 from qdq.onnx.graph import attributes
 from qdq.onnx.model import load_model, ort_rewrite
 from qdq.onnx.sessions import Use, open_session
 
 Kernels = Literal["auto", "numpy", "compiled"]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One node as the engine runs it, resolved once per model."""
+
+    position: int
+    node: onnx.NodeProto
+    attrs: dict
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    kernel: Kernel | None  # its integer kernel, whatever the inputs' types
+    integer: Kernel | None  # a kernel for integer inputs only (MaxPool, Reshape, ...)
+    label: str  # "name (op)", as `float_nodes` lists it
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,10 @@ class Engine:
         requant: Requant = "fixed",
         accumulator_bits: int = 32,
         kernels: Kernels = "auto",
+        threads: int | None = None,
     ) -> None:
+        """`threads`: intra-op threads of the float fallback's ONNX Runtime sessions (None:
+        ONNX Runtime's default, every core; 1 for a one-thread measurement)."""
         if kernels not in ("auto", "numpy", "compiled"):
             raise ModelError(f"kernels must be 'auto', 'numpy' or 'compiled', got {kernels!r}")
         if kernels == "compiled" and not available():
@@ -76,14 +93,16 @@ class Engine:
         self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.opsets = list(model.opset_import)
         self.inputs = [i.name for i in model.graph.input if i.name not in self.constants]
-        self._attributes = [attributes(node) for node in model.graph.node]  # parsed once
+        self.threads = threads
+        self._specs = model_inputs(model)
+        self._plan = [_step(position, node) for position, node in enumerate(model.graph.node)]
         self._sessions: dict[int, ort.InferenceSession] = {}
         self._multipliers: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # M -> (m0, shift)
         self.float_nodes: list[str] = []
         self.last_context = Context(requant, accumulator_bits)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(feeds, model_inputs(self.model), "feeds")
+        check_feeds(feeds, self._specs, "feeds")
         values = self.trace(feeds)
         return {o.name: values[o.name] for o in self.model.graph.output}
 
@@ -102,24 +121,27 @@ class Engine:
             weights=self._weights,
         )
         float_nodes = []
-        nodes = zip(self.model.graph.node, self._attributes, strict=True)
-        for position, (node, attrs) in enumerate(nodes):
-            take = source if source is not None else {}
-            inputs = [take[n] if n in take else values[n] if n else None for n in node.input]
-            key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
-            context.node = node.name
-            if node.op_type == "Constant":
-                outputs = [numpy_helper.to_array(attrs["value"])]
-            elif kernel := KERNELS.get(key) or _integer_only(key, inputs):
+        for step in self._plan:
+            if source is None:
+                inputs = [values[n] for n in step.inputs]
+            else:
+                inputs = [source[n] if n in source else values[n] for n in step.inputs]
+            context.node = step.node.name
+            integer = step.integer is not None and inputs[0].dtype.kind in "iu"
+            if kernel := step.kernel or (step.integer if integer else None):
                 try:
-                    outputs = kernel(context, inputs, attrs)
+                    outputs = kernel(context, inputs, step.attrs)
                 except ModelError as error:  # the kernels' messages do not know the node
-                    raise ModelError(f"node {node.name!r} ({node.op_type}): {error}") from None
+                    raise ModelError(
+                        f"node {step.node.name!r} ({step.node.op_type}): {error}"
+                    ) from None
+                if outputs is None:  # a form the integer kernel leaves to ONNX Runtime
+                    outputs = self.ort_node(step.position, step.node, inputs)
             else:
                 if any(x is not None and x.dtype.kind == "f" for x in inputs):
-                    float_nodes.append(f"{node.name} ({node.op_type})")
-                outputs = self.ort_node(position, node, inputs)
-            values.update(zip(node.output, outputs, strict=False))
+                    float_nodes.append(step.label)
+                outputs = self.ort_node(step.position, step.node, inputs)
+            values.update(zip(step.outputs, outputs, strict=False))
         self.float_nodes = float_nodes
         self.last_context = context
         return values
@@ -159,14 +181,30 @@ class Engine:
                 graph, opset_imports=self.opsets, ir_version=self.model.ir_version
             )
             level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = open_session(one, Use.ONE_NODE, level=level)
+            session = open_session(one, Use.ONE_NODE, level=level, threads=self.threads)
             self._sessions[position] = session
         return session.run([o for o in node.output if o], present)
 
 
-def _integer_only(key: tuple[str, str], inputs: list) -> Callable | None:
-    """The integer kernel of an op that has one only on integer inputs (MaxPool, ...)."""
-    return INTEGER_ONLY.get(key) if inputs[0].dtype.kind in "iu" else None
+def _step(position: int, node: onnx.NodeProto) -> _Step:
+    """How the engine runs `node`: its kernels looked up and its attributes parsed, once."""
+    key = (node.domain if node.domain != "ai.onnx" else "", node.op_type)
+    attrs = attributes(node)
+    kernel = KERNELS.get(key)
+    if node.op_type == "Constant" and "value" in attrs:
+        value = [numpy_helper.to_array(attrs["value"])]
+        kernel = lambda ctx, inputs, attrs: value  # noqa: E731
+    return _Step(
+        position,
+        node,
+        attrs,
+        tuple(node.input),
+        tuple(node.output),
+        kernel,
+        # one output: MaxPool's indices come from ONNX Runtime
+        INTEGER_ONLY.get(key) if len([o for o in node.output if o]) == 1 else None,
+        f"{node.name} ({node.op_type})",
+    )
 
 
 def _has_qdq_groups(model: onnx.ModelProto) -> bool:

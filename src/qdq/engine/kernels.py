@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
-from qdq.engine.compiled import conv_accumulator, requantize_fused
+from qdq.engine.compiled import conv_accumulator
 from qdq.engine.integer import (
     EXACT_LIMIT,
     INT16,
@@ -24,7 +25,14 @@ from qdq.engine.integer import (
     saturating_conv16,
     saturating_matmul16,
 )
-from qdq.engine.mlas import apply_table, lookup_table, qlinear_add, qlinear_mul, requantize_concat
+from qdq.engine.mlas import (
+    apply_table,
+    logistic,
+    lookup_table,
+    qlinear_add,
+    qlinear_mul,
+    requantize_concat,
+)
 from qdq.engine.mlas import average_pool as mlas_average_pool
 from qdq.engine.mlas import global_average_pool as mlas_global_average_pool
 from qdq.engine.quantize_ops import dequantize_linear, dynamic_quantize_linear, quantize_linear
@@ -200,33 +208,45 @@ def _qlinear_conv_compiled(ctx: Context, inputs: list, g: ConvGeometry) -> np.nd
     cached = ctx.weights.get(ctx.node)
     if cached is None or any(a is not b for a, b in zip(cached[0], constants, strict=True)):
         centred = _minus(w, w_zp, axis=0)
-        prepared = (centred[:, 0] if depthwise else centred.reshape(m, -1)).astype(np.float32)
+        # depthwise weights channels-last (kh, kw, C): the kernel vectorizes across channels
+        prepared = centred[:, 0].transpose(1, 2, 0) if depthwise else centred.reshape(m, -1)
         multiplier = np.broadcast_to(np.asarray(x_scale * w_scale / y_scale), (m,))
         biases = np.zeros(m, np.int32) if bias is None else bias.astype(np.int32)
-        cached = (constants, prepared, int(np.abs(centred).max(initial=0)), multiplier, biases)
+        cached = (
+            constants,
+            np.ascontiguousarray(prepared, np.float32),
+            int(np.abs(centred).max(initial=0)),
+            # the largest sum of |w| over one output's terms: with max |x - z_x|, a bound on
+            # every partial sum in any order, far below K * max |w| on real filters
+            int(np.abs(centred).reshape(m, -1).sum(axis=1).max(initial=0)),
+            multiplier,
+            biases,
+            int(np.abs(biases).max(initial=0)),
+        )
         ctx.weights[ctx.node] = cached  # prepared once per set of constant tensors
-    _, weights, w_reach, multiplier, bias = cached
-    length = weights[0].size  # K, the terms of each sum
+    _, weights, w_reach, w_norm, multiplier, bias, bias_reach = cached
+    length = w[0].size  # K, the terms of each sum
     info = np.iinfo(x.dtype)
     reach = max(info.max - zp, zp - info.min)  # max |x - z_x| the codes allow
-    if reach * w_reach * length >= 2**24:  # what these codes reach
+    if reach * w_norm >= 2**24:  # what these codes reach
         reach = max(int(x.max(initial=zp)) - zp, zp - int(x.min(initial=zp)))
-    largest = reach * w_reach  # one product, at most
-    if largest * length >= EXACT_LIMIT:
+    bound = reach * w_norm  # |any partial sum|, at most
+    if bound >= EXACT_LIMIT:
         raise ModelError("its integer sums can exceed 2^53, past what the engine sums exactly")
-    chunk = (2**24 - 1) // max(largest, 1)  # products per exact float32 partial sum
+    # products per exact float32 partial sum: every one when the bound allows
+    chunk = length if bound < 2**24 else (2**24 - 1) // max(reach * w_reach, 1)
     if depthwise and chunk < length:  # the depthwise kernel sums in float32
         return None
-    acc, (oh, ow) = conv_accumulator(x, zp, weights, g, chunk)
-    if ctx.requant == "float" and largest * length + int(np.abs(bias).max(initial=0)) < 2**31:
-        ctx.accumulate_count(acc.size)  # fused with the bias: no sum can overflow int32
-        out = np.empty(acc.shape, dtype)
+    if ctx.requant == "float" and bound + bias_reach < 2**31:
         y = int(_zp(y_zp, dtype))
         limits = np.iinfo(dtype)
         low, high = np.float32(limits.min - y), np.float32(limits.max - y)
         scale = multiplier.astype(np.float32)
-        requantize_fused(acc, bias, scale, np.int32(y), low, high, out)
-        return out.reshape(-1, m, oh, ow)
+        fused = (bias, scale, y, low, high, dtype)  # no sum with its bias can overflow int32
+        codes, (oh, ow) = conv_accumulator(x, zp, weights, g, chunk, fused)
+        ctx.accumulate_count(codes.size)
+        return codes.reshape(-1, m, oh, ow)
+    acc, (oh, ow) = conv_accumulator(x, zp, weights, g, chunk)
     total = ctx.accumulate(acc.astype(np.int64) + bias.reshape(1, -1, 1))
     codes = ctx.requantize(total, multiplier.reshape(1, -1, 1), _zp(y_zp, dtype), dtype)
     return codes.reshape(-1, m, oh, ow)
@@ -338,16 +358,21 @@ def qlinear_concat(ctx: Context, inputs: list, attrs: dict) -> list:
     return [_requantize_real(joined, y_scale, y_zp, triples[0].dtype)]
 
 
-def _lookup(function: Callable[[np.ndarray, dict], np.ndarray]) -> Kernel:
+def _lookup(
+    function: Callable[[np.ndarray, dict], np.ndarray],
+    in_float32: Callable[[np.ndarray, dict], np.ndarray] | None = None,
+) -> Kernel:
     """QLinearSigmoid / QLinearLeakyRelu: dequantize, apply, requantize ("spec"), or ONNX
-    Runtime's 256-entry table built in float32 (`lookup_table`)."""
+    Runtime's 256-entry table built in float32 (`lookup_table`) with `in_float32`, ONNX
+    Runtime's own evaluation of the function, where it has one."""
+    table_function = in_float32 or function
 
     def kernel(ctx: Context, inputs: list, attrs: dict) -> list:
         x, x_scale, x_zp, y_scale, y_zp = _padded(inputs, 5)
         if ctx.requant != "spec":
             x_zp, y_zp = (np.zeros((), x.dtype) if z is None else z for z in (x_zp, y_zp))
             table = lookup_table(
-                x_scale, x_zp, y_scale, y_zp, x.dtype, lambda v: function(v, attrs)
+                x_scale, x_zp, y_scale, y_zp, x.dtype, lambda v: table_function(v, attrs)
             )
             return [apply_table(x, table)]
         real = _minus(x, x_zp) * x_scale.astype(np.float64)
@@ -371,6 +396,42 @@ def identity(ctx: Context, inputs: list, attrs: dict) -> list:
     return [inputs[0]]
 
 
+def max_pool(ctx: Context, inputs: list, attrs: dict) -> list | None:
+    """MaxPool of integer codes (exact: a maximum), 2-D, floor mode, one output; padding
+    never wins (the type's minimum). Other forms return None: ONNX Runtime runs them."""
+    x = inputs[0]
+    if x.ndim != 4 or attrs.get("ceil_mode", 0) or attrs.get("storage_order", 0):
+        return None
+    kernel = tuple(attrs["kernel_shape"])
+    geometry = ConvGeometry.from_attributes(attrs | {"group": 1}, x.shape, (1, 1, *kernel))
+    top, left, bottom, right = geometry.pads
+    lowest = np.iinfo(x.dtype).min
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=lowest)
+    (kh, kw), (dh, dw), (sh, sw) = geometry.kernel, geometry.dilations, geometry.strides
+    span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    windows = sliding_window_view(padded, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+    out = windows[..., 0, 0].copy()
+    for i in range(kh):  # a pass per tap: NumPy reduces a strided window view slowly
+        for j in range(kw):
+            np.maximum(out, windows[..., i, j], out=out)
+    return [out]
+
+
+def reshape(ctx: Context, inputs: list, attrs: dict) -> list:
+    """Reshape: a 0 in the shape keeps the input's dim there (unless allowzero), -1 infers."""
+    x, shape = inputs[:2]
+    keep = not attrs.get("allowzero", 0)
+    dims = [x.shape[i] if d == 0 and keep else int(d) for i, d in enumerate(shape)]
+    return [x.reshape(dims)]
+
+
+def flatten(ctx: Context, inputs: list, attrs: dict) -> list:
+    x = inputs[0]
+    axis = attrs.get("axis", 1)
+    axis = axis + x.ndim if axis < 0 else axis
+    return [x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))]
+
+
 KERNELS: dict[tuple[str, str], Kernel] = {
     ("", "QuantizeLinear"): quantize_linear_kernel,
     ("", "DequantizeLinear"): dequantize_linear_kernel,
@@ -387,9 +448,16 @@ KERNELS: dict[tuple[str, str], Kernel] = {
     (MS, "QLinearGlobalAveragePool"): qlinear_global_average_pool,
     (MS, "QLinearAveragePool"): qlinear_average_pool,
     (MS, "QLinearConcat"): qlinear_concat,
-    (MS, "QLinearSigmoid"): _lookup(lambda x, a: 1 / (1 + np.exp(-x))),
+    (MS, "QLinearSigmoid"): _lookup(lambda x, a: 1 / (1 + np.exp(-x)), lambda x, a: logistic(x)),
     (MS, "QLinearLeakyRelu"): _lookup(
         lambda x, a: np.where(x >= 0, x, x.dtype.type(a.get("alpha", 0.01)) * x)
     ),
 }
-INTEGER_ONLY = {("", "Relu"): relu, ("", "Clip"): clip}  # exact on codes: used on int inputs
+# exact on codes: used on int inputs (a kernel returning None leaves the node to ONNX Runtime)
+INTEGER_ONLY: dict[tuple[str, str], Kernel] = {
+    ("", "Relu"): relu,
+    ("", "Clip"): clip,
+    ("", "MaxPool"): max_pool,
+    ("", "Reshape"): reshape,
+    ("", "Flatten"): flatten,
+}

@@ -1,10 +1,11 @@
 """ONNX Runtime's own arithmetic for the ops ONNX defines on real values (requant="float").
 
 QLinearAdd/Mul, the pools, QLinearConcat and the lookup ops are defined as "dequantize, compute,
-quantize"; ONNX Runtime's CPU kernels (MLAS, x86-64 with AVX2) compute them in float32 in a
-particular order, and on near ties that order decides the code. Each function below follows
-one MLAS routine step by step (docs/engine.md, "Requantization"), so that the engine gives ONNX
-Runtime's codes on every element; `requant="spec"` keeps the literal float64 definition.
+quantize"; ONNX Runtime's CPU kernels (MLAS on x86-64: its AVX2, FMA3 and SSE2 routines) compute
+them in float32 in a particular order, and on near ties that order decides the code. Each
+function below follows one MLAS routine step by step (docs/engine.md, "Requantization"), so
+that the engine gives ONNX Runtime's codes on every element; `requant="spec"` keeps the literal
+float64 definition.
 """
 
 from __future__ import annotations
@@ -31,9 +32,51 @@ def _f32(value: np.ndarray) -> np.float32:
 
 
 def fma32(a: np.ndarray, b: np.ndarray | np.float32, c: np.ndarray | np.float32) -> np.ndarray:
-    """float32 fused multiply-add `round32(a * b + c)` (vfmadd): the product and sum are exact
-    in float64 for 8-bit codes times a float32, so one rounding to float32 is the FMA's."""
-    return (np.float64(1) * a * np.float64(b) + np.float64(c)).astype(F32)
+    """float32 fused multiply-add `round32(a * b + c)`, rounded once (vfmadd). The product of
+    two float32 (or a code and a float32) is exact in float64; where the float64 sum lands
+    exactly halfway between two float32, its rounding error (TwoSum) picks the side that the
+    exact sum lies on, so the result is the FMA's, not a twice-rounded one."""
+    product, addend = np.float64(1) * a * np.float64(b), np.float64(1) * c
+    total = product + addend
+    back = total - product
+    error = (product - (total - back)) + (addend - back)
+    rounded = total.astype(F32)
+    other = np.nextafter(rounded, np.where(total > rounded, np.inf, -np.inf).astype(F32))
+    halfway = (rounded.astype(np.float64) + other) / 2 == total
+    return np.where(halfway & (error != 0) & ((error > 0) == (other > rounded)), other, rounded)
+
+
+# Eigen's rational approximation of the logistic function, MLAS's `MlasLogisticConstants`:
+# p's odd coefficients alpha_9 .. alpha_1, q's even ones beta_10 .. beta_0.
+_ALPHA = F32([4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05,
+              8.51377133304701e-03, 2.48287947061529e-01])  # fmt: skip
+_BETA = F32([6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06,
+             1.70198817374094e-03, 1.16817656904453e-01, 9.93151921023180e-01])  # fmt: skip
+
+
+def logistic(x: np.ndarray) -> np.ndarray:
+    """`MlasLogisticKernelFma3` (MlasComputeLogistic on x86-64, QLinearSigmoid's table): x
+    clamped to [-18, 18], `p = x * P(x^2)` and `q = Q(x^2)` by Horner steps as float32 FMAs,
+    then `p / q + 0.5` clamped below at 0, all in float32. Not `1 / (1 + exp(-x))`: on near
+    ties the two give different codes."""
+    x = np.clip(np.asarray(x, F32), F32(-18), F32(18))
+    square = x * x
+    p, q = fma32(square, _ALPHA[0], _ALPHA[1]), fma32(square, _BETA[0], _BETA[1])
+    for alpha in _ALPHA[2:]:
+        p = fma32(p, square, alpha)
+    for beta in _BETA[2:]:
+        q = fma32(q, square, beta)
+    return np.maximum((x * p) / q + F32(0.5), F32(0))
+
+
+def convert_and_pack(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 values to codes as `cvtps2dq` then `packs`/`packus` do: rounded half to even,
+    then saturated; a value beyond int32 (or NaN) converts to INT32_MIN, so to the type's
+    minimum even when it is a huge positive one (QLinearAdd/Mul, which clamp only after)."""
+    info = np.iinfo(dtype)
+    inside = (value > -(2.0**31)) & (value < 2.0**31)
+    codes = np.clip(np.rint(np.where(inside, value, 0)), info.min, info.max)
+    return np.where(inside, codes, info.min).astype(dtype)
 
 
 def _scalar_side(a: np.ndarray, b: np.ndarray) -> str | None:
@@ -74,15 +117,17 @@ def qlinear_add(
         r_a, r_b, fixed = np.float64(r_a), np.float64(r_b), np.float64(fixed)
         add_spans(*rows, r_a, r_b, fixed, F32(info.min), F32(info.max), out)
         return out.reshape(a.shape)
-    real = fma32(a, r_a, fma32(b, r_b, fixed))
-    return np.clip(np.rint(real), info.min, info.max).astype(a.dtype)
+    return convert_and_pack(fma32(a, r_a, fma32(b, r_b, fixed)), a.dtype)
 
 
 def qlinear_mul(
     a, a_scale, a_zp, b, b_scale, b_zp, c_scale, c_zp, compiled: bool = False
 ) -> np.ndarray:
-    """`MlasQLinearMulKernel` (SSE2): the exact integer product of the centred codes, as
-    float32, times `(s_a s_b) / s_c` in float32, rounded half to even, plus z_c."""
+    """`MlasQLinearMulKernel` (SSE2, the kernel x86-64 runs whatever its AVX level): the
+    exact integer product of the centred codes, as float32, times `(s_a s_b) / s_c`, plus z_c,
+    each step in float32, then rounded half to even and saturated. z_c is added before the
+    rounding: in float32 the sum can land on a tie (or leave one) that the product alone
+    does not, which moves the code by 1 LSB."""
     if a.size < b.size:  # commutes; ONNX Runtime swaps too, and the ratio is symmetric
         a, a_scale, a_zp, b, b_scale, b_zp = b, b_scale, b_zp, a, a_scale, a_zp
     ratio = _f32(a_scale) * _f32(b_scale) / _f32(c_scale)
@@ -94,8 +139,7 @@ def qlinear_mul(
         mul_spans(rows[0], next(zps), rows[1], next(zps), ratio, F32(_int(c_zp)), low, high, out)
         return out.reshape(a.shape)
     product = (a.astype(np.int32) - _int(a_zp)) * (b.astype(np.int32) - _int(b_zp))
-    codes = np.rint(product.astype(F32) * ratio) + F32(_int(c_zp))
-    return np.clip(codes, info.min, info.max).astype(a.dtype)
+    return convert_and_pack(product.astype(F32) * ratio + F32(_int(c_zp)), a.dtype)
 
 
 def global_average_pool(x, x_scale, x_zp, y_scale, y_zp, axes: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,179 @@
+"""The engine's fast paths against their references: the compiled convolutions (dense, grouped,
+depthwise; fused with the requantization) against `integer.exact_conv` and `requantize_mlas`
+on real layer shapes with random codes, and the NumPy kernels for integer data movement
+(MaxPool, Reshape, Flatten) that replace one-node ONNX Runtime sessions against those, and the
+engine's handling of the rest to ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from qdq.engine import Engine, compiled
+from qdq.engine.integer import exact_conv, requantize_mlas
+from qdq.engine.kernels import Context, flatten, max_pool, reshape
+from qdq.onnx.conv import ConvGeometry
+
+# without Numba the kernels run as plain Python: correct, far too slow for these shapes
+needs_numba = pytest.mark.skipif(not compiled.available(), reason="needs Numba (qdq[fast])")
+
+# (N, C, H, W), M, kernel, stride, dilation, pads, group: EfficientNet-Lite0's depthwise and
+# pointwise layers, and odd geometries (asymmetric pads, dilation, grouped, past the image)
+LAYERS = [
+    ((2, 32, 112, 112), 32, 3, 1, 1, (1, 1, 1, 1), 32),
+    ((2, 96, 112, 112), 96, 3, 2, 1, (0, 0, 1, 1), 96),
+    ((2, 144, 56, 56), 144, 5, 2, 1, (1, 1, 2, 2), 144),
+    ((2, 672, 14, 14), 672, 5, 1, 1, (2, 2, 2, 2), 672),
+    ((2, 1152, 7, 7), 1152, 3, 1, 1, (1, 1, 1, 1), 1152),
+    ((3, 8, 9, 11), 8, 3, 2, 2, (2, 0, 1, 3), 8),
+    ((2, 16, 56, 56), 96, 1, 1, 1, (0, 0, 0, 0), 1),
+    ((2, 1152, 7, 7), 192, 1, 1, 1, (0, 0, 0, 0), 1),
+    ((2, 3, 30, 30), 16, 3, 2, 1, (1, 1, 1, 1), 1),
+    ((3, 12, 10, 13), 8, 3, 1, 2, (0, 3, 2, 1), 4),
+    ((1, 4, 6, 6), 6, 2, 3, 1, (0, 0, 4, 5), 2),
+]
+
+
+def _case(shape, m, k, group, dtype, seed):
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype)
+    x = rng.integers(info.min, info.max + 1, shape, dtype=dtype)
+    x_zp = int(rng.integers(info.min, info.max + 1))
+    w = rng.integers(-127, 128, (m, shape[1] // group, k, k))
+    return x, x_zp, w
+
+
+@needs_numba
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: "x".join(map(str, layer[0][1:])))
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_compiled_convolution_gives_the_exact_sums_and_mlas_codes(layer, dtype):
+    shape, m, k, stride, dilation, pads, group = layer
+    x, x_zp, w = _case(shape, m, k, group, dtype, seed=len(shape) * m + k)
+    g = ConvGeometry((k, k), (stride, stride), (dilation, dilation), pads, group)
+    want = exact_conv(x.astype(np.int64) - x_zp, w, g)
+    depthwise = w.shape[1] == 1 and group == m == shape[1]
+    weights = w[:, 0].transpose(1, 2, 0) if depthwise else w.reshape(m, -1)
+    weights = np.ascontiguousarray(weights, np.float32)
+    acc, _ = compiled.conv_accumulator(x, x_zp, weights, g, w[0].size)
+    np.testing.assert_array_equal(acc.reshape(want.shape), want)
+
+    rng = np.random.default_rng(m)
+    bias = rng.integers(-(2**15), 2**15, m).astype(np.int32)
+    scale = (rng.uniform(0.5, 2, m) / np.abs(want).max()).astype(np.float32) * 127
+    y_zp = np.array(int(rng.integers(-20, 20)) % 256 - (128 if dtype == np.int8 else 0), dtype)
+    limits = np.iinfo(dtype)
+    low, high = np.float32(limits.min - int(y_zp)), np.float32(limits.max - int(y_zp))
+    fused = (bias, scale, int(y_zp), low, high, dtype)
+    codes, _ = compiled.conv_accumulator(x, x_zp, weights, g, w[0].size, fused)
+    reference = requantize_mlas(
+        want + bias.reshape(1, -1, 1, 1), scale.reshape(1, -1, 1, 1), y_zp, dtype
+    )
+    assert codes.dtype == dtype
+    np.testing.assert_array_equal(codes.reshape(reference.shape), reference)
+
+
+@needs_numba
+def test_chunked_sums_are_exact_past_float32():
+    """K terms whose partial sums pass 2^24: float32 products over chunks, added in float64."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (2, 1152, 7, 7), dtype=np.uint8)
+    w = np.full((64, 1152, 1, 1), 127)
+    w[::2] *= -1
+    g = ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 1)
+    want = exact_conv(x.astype(np.int64), w, g)
+    assert np.abs(want).max() >= 2**24
+    chunk = (2**24 - 1) // (255 * 127)
+    weights = w.reshape(64, -1).astype(np.float32)
+    acc, _ = compiled.conv_accumulator(x, 0, weights, g, chunk)
+    np.testing.assert_array_equal(acc.reshape(want.shape), want)
+
+
+def _ort_node(op: str, inputs: dict[str, np.ndarray], **attrs) -> np.ndarray:
+    """`op` run alone by ONNX Runtime on `inputs`, one thread."""
+    node = helper.make_node(op, list(inputs), ["y"], **attrs)
+    graph = helper.make_graph(
+        [node],
+        "one",
+        [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), None)
+            for n, x in inputs.items()
+        ],
+        [onnx.ValueInfoProto(name="y")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options)
+    return session.run(None, inputs)[0]
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"kernel_shape": [2, 2], "strides": [2, 2]},
+        {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1]},
+        {"kernel_shape": [3, 2], "strides": [2, 1], "pads": [0, 1, 2, 0], "dilations": [2, 1]},
+        {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"},
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_integer_max_pool_is_onnx_runtimes(attrs, dtype):
+    info = np.iinfo(dtype)
+    x = np.random.default_rng(5).integers(info.min, info.max + 1, (3, 5, 11, 9), dtype=dtype)
+    got = max_pool(Context(), [x], attrs)[0]
+    np.testing.assert_array_equal(got, _ort_node("MaxPool", {"x": x}, **attrs))
+    assert max_pool(Context(), [x], attrs | {"ceil_mode": 1}) is None  # left to ONNX Runtime
+
+
+@pytest.mark.parametrize(
+    "shape", [[0, -1], [2, 0, 3, -1], [-1], [6, 5, 11, 3]], ids=lambda s: ",".join(map(str, s))
+)
+def test_integer_reshape_is_onnx_runtimes(shape):
+    x = np.arange(2 * 5 * 11 * 9, dtype=np.int64).astype(np.int8).reshape(2, 5, 11, 9)
+    target = np.array(shape, np.int64)
+    got = reshape(Context(), [x, target], {})[0]
+    np.testing.assert_array_equal(got, _ort_node("Reshape", {"x": x, "shape": target}))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 3, 4, -1, -4])
+def test_integer_flatten_is_onnx_runtimes(axis):
+    x = np.arange(2 * 5 * 11 * 9, dtype=np.int64).astype(np.uint8).reshape(2, 5, 11, 9)
+    got = flatten(Context(), [x], {"axis": axis})[0]
+    np.testing.assert_array_equal(got, _ort_node("Flatten", {"x": x}, axis=axis))
+
+
+def _one_node_model(op: str, dtype: np.dtype, **attrs) -> onnx.ModelProto:
+    node = helper.make_node(op, ["x"], ["y"], **attrs)
+    tensor_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(
+        [node],
+        "one",
+        [helper.make_tensor_value_info("x", tensor_type, None)],
+        [helper.make_tensor_value_info("y", tensor_type, None)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_form_the_integer_kernel_declines_runs_in_onnx_runtime():
+    model = _one_node_model("MaxPool", np.uint8, kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)
+    x = np.random.default_rng(2).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8)
+    engine = Engine(model, threads=1)
+    np.testing.assert_array_equal(engine.run({"x": x})["y"], _ort_node_model(model, x))
+    assert list(engine._sessions) == [0]  # ONNX Runtime ran it
+    assert engine.float_nodes == []
+
+
+def test_the_float_fallback_runs_on_the_threads_asked_for():
+    model = _one_node_model("Sigmoid", np.float32)
+    x = np.random.default_rng(3).standard_normal((4, 100)).astype(np.float32)
+    engine = Engine(model, threads=1)
+    np.testing.assert_array_equal(engine.run({"x": x})["y"], _ort_node_model(model, x))
+    assert [n.endswith("(Sigmoid)") for n in engine.float_nodes] == [True]
+    assert engine._sessions[0].get_session_options().intra_op_num_threads == 1
+
+
+def _ort_node_model(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
