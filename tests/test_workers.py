@@ -16,6 +16,7 @@ from qdq.cli import main
 from qdq.config import preset_config
 from qdq.data import Samples, model_inputs
 from qdq.errors import UsageError
+from qdq.metrics import REPORT_BLOCK, ErrorStats
 from qdq.onnx.model import load_model
 from qdq.pipeline import quantize_model
 from qdq.report.compare import compare_models
@@ -49,6 +50,35 @@ def test_results_come_back_in_item_order_from_every_worker_count():
         assert [value for value, _ in results] == want
     pids = {pid for _, pid in Workers(3).map(same, _square_plus, 7, items)}
     assert os.getpid() not in pids  # the work left this process
+
+
+def test_a_pool_keeps_its_workers_from_round_to_round():
+    with Workers(2).pool(same, _square_plus, 7) as pool:
+        first, second = pool.map(list(range(6))), pool.map(list(range(6, 10)))
+    assert [value for value, _ in first + second] == [i * i + 7 for i in range(10)]
+    pids = {pid for _, pid in first + second}
+    assert len(pids) <= 2  # forked once, not once per round
+    assert os.getpid() not in pids
+
+
+def test_a_single_task_runs_in_this_process():
+    assert Workers(2).map(same, _square_plus, 7, [3]) == [(16, os.getpid())]
+
+
+def test_blocked_error_sums_match_whole_batch_sums():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 50_000)).astype(np.float32)
+    y = x + rng.standard_normal(x.shape).astype(np.float32) / 100
+    whole, blocked = ErrorStats(), ErrorStats()
+    whole.update(x, y)
+    blocked.update(x, y, REPORT_BLOCK)
+    assert blocked.sqnr_db == pytest.approx(whole.sqnr_db, rel=1e-12)
+    assert blocked.max_abs == whole.max_abs
+    small = ErrorStats()
+    small.update(x[:, :100], y[:, :100], REPORT_BLOCK)  # one block: the whole-batch bits
+    again = ErrorStats()
+    again.update(x[:, :100], y[:, :100])
+    assert small == again
 
 
 def test_a_worker_count_below_one_is_refused():

@@ -4,10 +4,12 @@
 in items]`, in the order of `items`, whatever the scheduling. `context` (a model, the data) travels
 once per worker process, not once per task: local workers are forked with it (their
 initializer runs `setup`), and Ray workers fetch it from the object store on their first task
-and keep `setup`'s result for the rest. A worker that dies mid-task (killed, out of memory) has
-its unfinished tasks run again, up to `retries` times. Nothing here schedules: local processes
-come from `concurrent.futures`, Ray tasks from Ray. In a worker, `session_threads()` is its
-share of the machine's cores, for the ONNX Runtime sessions it opens.
+and keep `setup`'s result for the rest. `Workers.pool(setup, task, context)` keeps the same
+workers for several `map`s (the accuracy search's rounds): one fork, and whatever the workers
+cached stays warm. A worker that dies mid-task (killed, out of memory) has its unfinished tasks
+run again, up to `retries` times. Nothing here schedules: local processes come from
+`concurrent.futures`, Ray tasks from Ray. In a worker, `session_threads()` is its share of the
+machine's cores, for the ONNX Runtime sessions it opens.
 """
 
 from __future__ import annotations
@@ -74,14 +76,112 @@ class Workers:
         items: Sequence[T],
     ) -> list[R]:
         """`task(setup(context), item)` for each item, in the order of `items`."""
+        with self.pool(setup, task, context) as pool:
+            return pool.map(items)
+
+    def pool(self, setup: Callable[[C], S], task: Callable[[S, T], R], context: C) -> Pool:
+        """Workers that keep `setup(context)` over several `map`s; close it (`with`)."""
+        return Pool(self, setup, task, context)
+
+
+class Pool:
+    """`Workers.map` over several rounds of items with the same workers: local processes are
+    forked at the first round that needs them and serve the next (their caches, the pages they
+    copied, stay), Ray workers keep `setup`'s result under one token. A round of one item runs
+    in this process while no local worker is up (a fork is slower than the task's start)."""
+
+    def __init__(self, workers: Workers, setup: Callable, task: Callable, context: object):
+        self.workers, self.setup, self.task, self.context = workers, setup, task, context
+        self.token = uuid.uuid4().hex
+        self._state: list = []  # setup's result in this process, once needed
+        self._executor: ProcessPoolExecutor | None = None
+        self._shared: object = None  # the context in Ray's object store
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+            self._executor = None
+
+    def map(self, items: Sequence) -> list:
+        """`task(setup(context), item)` for each item, in the order of `items`."""
         if not items:
             return []
-        if self.ray is not None:
-            return _ray_map(self.ray, self.retries, setup, task, context, items)
-        if self.count == 1:
-            state = setup(context)
-            return [task(state, item) for item in items]
-        return _local_map(self.count, self.retries, setup, task, context, items)
+        workers = self.workers
+        if workers.ray is not None:
+            return self._ray_map(workers.ray, items)
+        if workers.count == 1 or (len(items) == 1 and self._executor is None):
+            if not self._state:
+                self._state.append(self.setup(self.context))
+            return [self.task(self._state[0], item) for item in items]
+        return self._local_map(items)
+
+    def _start(self, count: int) -> ProcessPoolExecutor:
+        if self._executor is None:
+            args = (self.token, _share(count), self.setup, self.task, self.context)
+            self._executor = ProcessPoolExecutor(
+                count, multiprocessing.get_context("fork"), initializer=_install, initargs=args
+            )
+        return self._executor
+
+    def _local_map(self, items: Sequence) -> list:
+        """Forked workers: the context is inherited (no pickling, closures welcome); items and
+        results are pickled. A dead worker breaks the whole pool, so a fresh pool runs what was
+        left."""
+        results: dict[int, object] = {}
+        retries = self.workers.retries
+        for attempt in range(retries + 1):
+            left = [i for i in range(len(items)) if i not in results]
+            pool = self._start(min(self.workers.count, len(left)))
+            futures = {pool.submit(_call, self.token, items[i]): i for i in left}
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            lost = False
+            for future in done:
+                error = future.exception()
+                if error is None:
+                    results[futures[future]] = future.result()
+                elif isinstance(error, BrokenProcessPool):
+                    lost = True
+                else:
+                    self.close()
+                    raise error
+            if not lost:
+                for future in futures:  # FIRST_EXCEPTION returned with all of them done
+                    results[futures[future]] = future.result()
+                return [results[i] for i in range(len(items))]
+            self.close()
+            log.warning(
+                "a worker died (attempt %d of %d); running its %d unfinished tasks again",
+                attempt + 1,
+                retries + 1,
+                len(items) - len(results),
+            )
+        raise WorkerError(
+            f"workers kept dying ({retries + 1} attempts); check memory (each worker holds a "
+            "session of the model), or run with fewer workers"
+        )
+
+    def _ray_map(self, address: str, items: Sequence) -> list:
+        """Ray tasks: the context goes into the object store once; Ray retries lost tasks."""
+        ray = _connected(address)
+        if self._shared is None:
+            self._shared = ray.put((self.setup, self.task, self.context))
+        # Ray starts workers with OMP_NUM_THREADS=1; NumPy's BLAS sums in an order that depends
+        # on its thread count (evaluation's error sums moved in the last bit), so they get
+        # this one's.
+        threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        remote = ray.remote(_ray_call).options(
+            max_retries=self.workers.retries,
+            retry_exceptions=False,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
+        )
+        # The reference inside a list is not resolved for every task: a worker fetches it once.
+        return ray.get([remote.remote(self.token, [self._shared], item) for item in items])
 
 
 ONE_PROCESS = Workers()
@@ -116,51 +216,6 @@ def _call(token: str, item: object) -> object:
     return task(state, item)
 
 
-def _local_map(
-    count: int, retries: int, setup: Callable, task: Callable, context: object, items: Sequence
-) -> list:
-    """Forked workers: `context` is inherited (no pickling, closures welcome); items and results
-    are pickled. A dead worker breaks the whole pool, so a fresh pool runs what was left."""
-    token = uuid.uuid4().hex
-    fork = multiprocessing.get_context("fork")
-    results: dict[int, object] = {}
-    for attempt in range(retries + 1):
-        left = [i for i in range(len(items)) if i not in results]
-        workers = min(count, len(left))
-        with ProcessPoolExecutor(
-            workers,
-            fork,
-            initializer=_install,
-            initargs=(token, _share(workers), setup, task, context),
-        ) as pool:
-            futures = {pool.submit(_call, token, items[i]): i for i in left}
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            lost = False
-            for future in done:
-                error = future.exception()
-                if error is None:
-                    results[futures[future]] = future.result()
-                elif isinstance(error, BrokenProcessPool):
-                    lost = True
-                else:
-                    pool.shutdown(cancel_futures=True)
-                    raise error
-            if not lost:
-                for future in futures:  # FIRST_EXCEPTION returned with all of them done
-                    results[futures[future]] = future.result()
-                return [results[i] for i in range(len(items))]
-        log.warning(
-            "a worker died (attempt %d of %d); running its %d unfinished tasks again",
-            attempt + 1,
-            retries + 1,
-            len(items) - len(results),
-        )
-    raise WorkerError(
-        f"workers kept dying ({retries + 1} attempts); check memory (each worker holds a "
-        "session of the model), or run with fewer workers"
-    )
-
-
 def _connected(address: str) -> ModuleType:
     """Ray, connected to the cluster at `address` unless already connected."""
     try:
@@ -170,25 +225,6 @@ def _connected(address: str) -> ModuleType:
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     return ray
-
-
-def _ray_map(
-    address: str, retries: int, setup: Callable, task: Callable, context: object, items: Sequence
-) -> list:
-    """Ray tasks: the context goes into the object store once; Ray retries lost tasks."""
-    ray = _connected(address)
-    shared = ray.put((setup, task, context))
-    # Ray starts workers with OMP_NUM_THREADS=1; NumPy's BLAS sums in an order that depends on
-    # its thread count (evaluation's error sums moved in the last bit), so they get this one's.
-    threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    remote = ray.remote(_ray_call).options(
-        max_retries=retries,
-        retry_exceptions=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
-    )
-    token = uuid.uuid4().hex
-    # The reference inside a list is not resolved for every task: a worker fetches it once.
-    return ray.get([remote.remote(token, [shared], item) for item in items])
 
 
 def _ray_call(token: str, shared: list, item: object) -> object:

@@ -21,7 +21,7 @@ from qdq.plan.build import BudgetResult, Plan
 from qdq.plan.decisions import Decision, kept_float
 from qdq.plan.parts import judged, output_parts, worst_sqnr
 from qdq.plan.rules import RULES, Kind
-from qdq.workers import ONE_PROCESS, Workers, same
+from qdq.workers import ONE_PROCESS, Pool, Workers, same
 
 # A plan's candidate model: the Q/DQ rewrite, which the caller passes in (plans do not rewrite).
 Realize = Callable[[Plan], onnx.ModelProto]
@@ -79,11 +79,13 @@ def meet_target(
         for name, d in full.decisions.items()
         if d.quantized and RULES[d.op_type].kind in (Kind.COMPUTE, Kind.ELEMENTWISE, Kind.SHARED)
     ]
-    # Each sensitivity is its own task; then the greedy search scores prefixes.
-    alone = workers.map(same, _sensitivity, (measure, before), candidates)
-    gains = dict(zip(candidates, alone, strict=True))
-    order = sorted(candidates, key=lambda name: -gains[name])
-    kept, after = _greedy(order, measure, target, workers) if order else ([], before)
+    # Each sensitivity is its own task; then the greedy search scores prefixes, on the same
+    # workers (forked once: what each cached for one plan serves the next).
+    with workers.pool(same, _score, measure) as pool:
+        alone = pool.map([[name] for name in candidates])
+        gains = {name: score - before for name, score in zip(candidates, alone, strict=True)}
+        order = sorted(candidates, key=lambda name: -gains[name])
+        kept, after = _greedy(order, pool, target, workers) if order else ([], before)
     plan = planned(kept) if kept else full
     models = [realize(p).SerializeToString() for p in (full, plan)]
     all_int8, budgeted = median_latency_ms(models, timing_feed, runs=20)
@@ -91,14 +93,8 @@ def meet_target(
     return replace(plan, budget=result)
 
 
-def _sensitivity(search: tuple[Measure, float], name: str) -> float:
-    """How much the score rises when layer `name` alone stays float (a task on the workers)."""
-    measure, before = search
-    return measure([name])[1] - before
-
-
 def _greedy(
-    order: list[str], measure: Measure, target: float, workers: Workers
+    order: list[str], pool: Pool, target: float, workers: Workers
 ) -> tuple[list[str], float]:
     """The shortest prefix of `order` whose score reaches `target` (else all of `order`), and
     its score. In one process, one prefix after another; on parallel workers, the next
@@ -110,7 +106,7 @@ def _greedy(
     while len(kept) < len(order):
         ends = range(len(kept) + 1, min(len(kept) + size, len(order)) + 1)
         prefixes = [order[:end] for end in ends]
-        for kept, after in zip(prefixes, workers.map(same, _score, measure, prefixes), strict=True):
+        for kept, after in zip(prefixes, pool.map(prefixes), strict=True):
             log.info("kept %s float: score %.2f", kept[-1], after)
             if after >= target:
                 return kept, after

@@ -16,7 +16,7 @@ import onnx
 from qdq.arrayfile import open_npz
 from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, ModelError
-from qdq.metrics import ErrorStats
+from qdq.metrics import REPORT_BLOCK, ErrorStats
 from qdq.onnx.model import METADATA_KEY, load_model
 from qdq.onnx.sessions import median_latency_ms, open_session, session_with_outputs
 from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
@@ -269,11 +269,11 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
         ref = ref_session.run([*outputs, *pairs], feed)
         got = q_session.run([*outputs, *pairs.values()], feed)
         for i, name in enumerate(outputs):
-            out_stats[name].update(ref[i], got[i])
+            out_stats[name].update(ref[i], got[i], REPORT_BLOCK)
             if name in parts:
                 update_all(parts[name], ref[i], got[i])
         for j, name in enumerate(pairs, start=len(outputs)):
-            layer_stats[name].update(ref[j], got[j])
+            layer_stats[name].update(ref[j], got[j], REPORT_BLOCK)
         if out_stats[outputs[0]].classes:
             predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
     return out_stats, layer_stats, predictions, parts

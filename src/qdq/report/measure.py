@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from qdq.data import Samples, model_inputs
-from qdq.metrics import ErrorStats
+from qdq.metrics import REPORT_BLOCK, ErrorStats
 from qdq.observers import Histogram
 from qdq.onnx.model import load_model
 from qdq.onnx.sessions import session_with_outputs
@@ -137,7 +137,7 @@ def _stream(
         want = dict(zip(ref_names, ref_session.run(ref_names, feed), strict=True))
         got = q_session.run(q_names, feed)
         for name, value in zip(compared, got, strict=True):
-            stats[name].update(want[name], value)
+            stats[name].update(want[name], value, REPORT_BLOCK)
         for name, hist in histograms.items():
             if want[name].size and np.isfinite(want[name]).all():
                 hist.update(want[name])
