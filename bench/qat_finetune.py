@@ -1,13 +1,17 @@
 """PTQ against `qdq finetune` on the PP-OCRv4 recognizer and detector and EfficientNet-Lite0.
 
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
-     [--samples 256] [--steps 200] [--batch-size 8] [--draws 1] [--out bench/out/qat_finetune]
+     [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1]
+     [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
 
 Per model and calibration draw: PTQ as `qdq quantize` makes it by default (`--prefer
 balanced`, which may keep slow-to-fix layers float), PTQ with every layer int8 (`--prefer
-speed`, the plan fine-tuning starts from), and `qdq finetune`; each scored against FP32 on
+speed`, the plan fine-tuning starts from), and `qdq finetune`; PTQ calibrates on the first
+`--calib-samples` of the `--samples` (all by default) and fine-tuning trains on all of them
+(the first 128 of 512 photo crops or pages are the 128 of a 128-sample run; text lines are
+not, their flips being drawn first); each scored against FP32 on
 held-out evaluation data with bench/ptq.py's task metrics (lines decoded as FP32 decodes them,
 text-mask IoU, top-1 agreement), output SQNR, INT8 latency (ONNX Runtime, 1 thread, runs
 interleaved, median) and the time each took on this machine. torch runs on one thread: on this
@@ -44,8 +48,8 @@ class Case:
                 "x",
                 "ctc",
             )
-            self.calib = text_lines(samples, 320, seed=3 + 100 * draw)[0]
-            self.evaluate = text_lines(128, 320, seed=4)[0]
+            self.calib = text_lines(samples, 320, seed=3 + 100 * draw, upright=True)[0]
+            self.evaluate = text_lines(128, 320, seed=4, upright=True)[0]
         elif name == "ppocr_det":
             self.model, self.input, self.metric = (
                 rapidocr_model("ch_PP-OCRv4_det_infer.onnx"),
@@ -72,8 +76,10 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
         label = labels[prefer]
         path = folder / f"{case.name}_{draw}_{prefer}.onnx"
         start = time.perf_counter()
-        quantize_model(case.model, path, data, preset_config("default", prefer=prefer))
-        rows.append({"method": label, "seconds": time.perf_counter() - start})
+        config = preset_config("default", prefer=prefer, max_samples=args.calib_samples)
+        quantize_model(case.model, path, data, config)
+        seconds, samples = time.perf_counter() - start, args.calib_samples or len(case.calib)
+        rows.append({"method": label, "seconds": seconds, "samples": samples})
         paths.append(path)
     path = folder / f"{case.name}_{draw}_finetune.onnx"
     options = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size, threads=1)
@@ -86,6 +92,7 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
             "method": f"finetune ({report.steps} steps, kept {report.best_step})",
             "seconds": time.perf_counter() - start,
             "held_out_sqnr": [report.sqnr_before, report.sqnr_after],
+            "samples": len(case.calib),
         }
     )
     paths.append(path)
@@ -117,6 +124,9 @@ def main() -> None:
         "--models", nargs="+", default=["ppocr_rec", "efficientnet_lite0", "ppocr_det"]
     )
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument(
+        "--calib-samples", type=int, default=None, help="PTQ's share of --samples (the first)"
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -13,6 +13,7 @@ import torch
 
 from qdq.cli import main
 from qdq.config import preset_config
+from qdq.data import Samples, model_inputs
 from qdq.onnx.sessions import Use, open_session
 from qdq.pipeline import quantize_model
 from qdq.qat import finetune
@@ -206,3 +207,44 @@ def test_a_file_that_scores_lower_in_onnx_runtime_is_not_written(
     assert "wrote the PTQ model" in report.summary(out)
     written, ptq = (onnx.load(p).graph.initializer for p in (out, pair[0]))
     assert [t.SerializeToString() for t in written] == [t.SerializeToString() for t in ptq]
+
+
+def test_held_out_loss_is_the_written_files_in_onnx_runtime(pair: tuple[Path, Path]) -> None:
+    """Checkpoints are chosen on what ONNX Runtime runs: a torch copy gone wrong does not
+    change the held-out loss, which equals the distillation loss of the file's outputs."""
+    model = onnx.load(DIGITS / "cnn.onnx")
+    samples = Samples(DIGITS / "calib.npz", model_inputs(model))
+    teacher = open_session(model)
+    trainer = finetune._Trainer(onnx.load(pair[0]), teacher, samples, CONFIG, OPTIONS, 16, 0)
+    loss = trainer._held_out_loss()
+    trainer.graph.forward = lambda feeds: [torch.zeros(len(feeds["input"]), 10)]
+    assert trainer._held_out_loss() == loss
+    x = samples.span(samples.count - 16, samples.count)
+    feed = next(x.batches(16))
+    want, got = teacher.run(None, feed)[0], open_session(pair[0]).run(None, feed)[0]
+    direct = float(_distance(torch.from_numpy(got), torch.from_numpy(want), None))
+    assert loss == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.mark.parametrize(("shape", "loss"), [((2, 3, 5), "kl"), ((2, 15), "mse")])
+def test_a_reshaped_softmax_output_is_distilled_with_kl_where_it_stays_a_distribution(
+    shape: tuple[int, ...], loss: str
+) -> None:
+    """PP-OCRv4's recognizer reshapes its (N * T, classes) Softmax to (N, T, classes): KL per
+    step; a reshape that merges the class axis with others leaves no distribution: MSE."""
+    nodes = [
+        onnx.helper.make_node("Softmax", ["x"], ["p"], axis=-1),
+        onnx.helper.make_node("Reshape", ["p", "shape"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "reshaped_softmax",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [6, 5])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array(shape, np.int64), "shape")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    teacher = open_session(model).run(None, {"x": x})
+    axes = finetune._confirmed(finetune._softmax_axes(model, ["y"]), teacher)
+    assert {"kl": -1, "mse": None}[loss] == axes["y"]

@@ -5,14 +5,19 @@ The FP32 model is the teacher, its unlabelled calibration samples the data. PTQ 
 graph into torch, and training moves the weights (straight-through estimator) and every scale
 (LSQ) so that the int8 model's outputs match the teacher's:
 
-- an output a Softmax makes is a distribution: KL(teacher || student) over the Softmax axis;
+- an output a Softmax makes is a distribution: KL(teacher || student) over the Softmax axis
+  (also behind a reshape that keeps a last Softmax axis last, checked on the teacher's outputs);
 - any other output (logits, regression maps, boxes, embeddings): the squared error over the
   teacher's power, sum (s - t)^2 / sum t^2, which is 10^(-SQNR/10): minimizing it maximizes
   that output's SQNR. MSE on logits distils at least as well as KL on them (Kim et al. 2021).
 
 The last samples (an eighth, 8 to 64) are held out: the loss on them, measured every
 `evaluate_every` steps from step 0 (the PTQ model itself), picks the checkpoint written and
-stops training after `patience` evaluations without a gain. Batches are read from the samples
+stops training after `patience` evaluations without a gain. It is measured in ONNX Runtime on
+the file each checkpoint would write, not on the torch copy: the two round a few ties apart,
+and on a model that amplifies noise (PP-OCRv4's recognizer: ONNX Runtime's fused and unfused
+runs of one QDQ file differ by 23 dB) the torch loss fell by half while the file's error
+barely moved (docs/finetune.md). Batches are read from the samples
 as training draws them, so memory does not grow with their number. The learned values go back
 into the PTQ file's initializers (`write_back`): the graph is the one `qdq quantize` wrote.
 
@@ -59,6 +64,10 @@ log = logging.getLogger(__name__)
 SCALE_LR_SHARE = 0.1  # scales and biases move at this share of `lr` (see the module doc)
 MIN_HELD_OUT, MAX_HELD_OUT = 8, 64
 PASS_THROUGH = {"QuantizeLinear", "DequantizeLinear", "Identity"}
+# Ops that regroup the other axes and may keep a Softmax's last axis last (PP-OCRv4's
+# recognizer reshapes its (N * T, classes) Softmax to (N, T, classes)); the teacher's outputs
+# confirm it (`_confirmed`).
+RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
 @dataclass(frozen=True)
@@ -219,11 +228,13 @@ class _Trainer:
         held_out: int,
         seed: int | None,
     ) -> None:
+        self.quantized = quantized
         self.graph = QdqGraph(quantized, config.weights, config.activations)
         self.teacher, self.samples, self.options = teacher, samples, options
         self.split = samples.count - held_out
         self.names = [o.name for o in teacher.get_outputs()]
-        self.axes = _softmax_axes(quantized, self.names)
+        first = next(samples.batches(options.batch_size, 0, self.split))
+        self.axes = _confirmed(_softmax_axes(quantized, self.names), teacher.run(None, first))
         self.losses = {name: "mse" if a is None else "kl" for name, a in self.axes.items()}
         self.optimizer = torch.optim.Adam(_param_groups(self.graph, options.lr))
         # Cosine decay to zero over the run: late steps settle instead of hopping between
@@ -277,9 +288,16 @@ class _Trainer:
         for feed in self.samples.batches(self.options.batch_size, first, last):
             yield feed, len(next(iter(feed.values()))) / total
 
-    def _loss(self, feed: dict[str, np.ndarray]) -> torch.Tensor:
+    def _loss(
+        self, feed: dict[str, np.ndarray], session: ort.InferenceSession | None = None
+    ) -> torch.Tensor:
+        """The distillation loss of the torch copy on `feed`, or of `session`'s outputs."""
         want = self.teacher.run(self.names, feed)
-        got = self.graph({k: torch.from_numpy(v) for k, v in feed.items()})
+        if session is None:
+            got = self.graph({k: torch.from_numpy(v) for k, v in feed.items()})
+        else:
+            outputs = session.run(self.names, feed)
+            got = [torch.from_numpy(np.asarray(o, np.float32)) for o in outputs]
         total = torch.zeros(())
         for name, teacher_out, student in zip(self.names, want, got, strict=True):
             target = torch.from_numpy(np.asarray(teacher_out, np.float32))
@@ -287,10 +305,13 @@ class _Trainer:
         return total
 
     def _held_out_loss(self) -> float:
+        """The loss on the held-out samples of the file this checkpoint writes, in ONNX
+        Runtime (see the module doc)."""
+        session = open_session(write_back(self.quantized, self.graph), Use.CHECK)
         total = 0.0
         with torch.no_grad():
             for feed, weight in self._feeds(self.split, self.samples.count):
-                total += float(self._loss(feed)) * weight
+                total += float(self._loss(feed, session)) * weight
         return total
 
 
@@ -310,14 +331,27 @@ def _softmax_axes(model: onnx.ModelProto, names: list[str]) -> dict[str, int | N
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     axes: dict[str, int | None] = {}
     for name in names:
-        node = producer.get(name)
-        while node is not None and node.op_type in PASS_THROUGH:
+        node, reshaped = producer.get(name), False
+        while node is not None and node.op_type in PASS_THROUGH | RESHAPES:
+            reshaped = reshaped or node.op_type in RESHAPES
             node = producer.get(node.input[0])
         axes[name] = None
         if node is not None and node.op_type == "Softmax":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            axes[name] = attrs.get("axis", -1 if opset >= 13 else 1)
+            axis = attrs.get("axis", -1 if opset >= 13 else 1)
+            # after a reshape, only a last axis is known to stay last (then confirmed on data)
+            axes[name] = -1 if reshaped and axis == -1 else None if reshaped else axis
     return axes
+
+
+def _confirmed(axes: dict[str, int | None], outputs: list[np.ndarray]) -> dict[str, int | None]:
+    """`axes` with each Softmax axis kept only where the teacher's output on a batch sums to 1
+    along it (a reshape that regrouped the last axis leaves no distribution there)."""
+    out = {}
+    for (name, axis), value in zip(axes.items(), outputs, strict=True):
+        sums = np.asarray(value, np.float64).sum(axis=axis) if axis is not None else None
+        out[name] = axis if sums is not None and np.allclose(sums, 1.0, atol=1e-3) else None
+    return out
 
 
 def _param_groups(graph: QdqGraph, lr: float) -> list[dict]:
