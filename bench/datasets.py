@@ -117,12 +117,18 @@ def rapidocr_model(name: str) -> Path:
     return Path(rapidocr_onnxruntime.__file__).parent / "models" / name
 
 
-def text_lines(count: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def text_lines(
+    count: int, width: int, seed: int, upright: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """`count` RapidOCR-preprocessed text crops (3, 48, width) and their rotation (0 or 1), each
     line in its own font size (one size per set left the classifier's test set with a dozen
-    borderline lines, too few to rank quantizers: docs/ptq.md)."""
+    borderline lines, too few to rank quantizers: docs/ptq.md). About half are turned by 180
+    degrees for the direction classifier; `upright` keeps every line upright (the recognizers':
+    upside-down text is noise to them), with the same words, fonts and inks."""
     rng = np.random.default_rng(seed)
     crops, turned = [np.zeros((0, 3, 48, width), np.float32)], rng.integers(0, 2, count)
+    if upright:
+        turned[:] = 0
     for flip in turned:
         font = ImageFont.load_default(size=int(rng.integers(26, 34)))
         words = " ".join(rng.choice(WORDS, int(rng.integers(1, 4))))
@@ -330,8 +336,8 @@ def tasks(calib_samples: int) -> list[Task]:
             "iou",
         )
     )
-    rec_calib, _ = text_lines(calib_samples, 320, seed=3)
-    rec_eval, _ = text_lines(evaluate // 2, 320, seed=4)
+    rec_calib, _ = text_lines(calib_samples, 320, seed=3, upright=True)
+    rec_eval, _ = text_lines(evaluate // 2, 320, seed=4, upright=True)
     out.append(
         Task(
             "ppocr_rec",

@@ -70,7 +70,8 @@ def _photos(count: int, seed: int) -> tuple[np.ndarray, None]:
 
 def _captchas(count: int, seed: int) -> tuple[np.ndarray, None]:
     """Text lines in grey, 64 x 256, in [0, 1] as ddddocr feeds its recognizer."""
-    lines = text_lines(count, 192, seed)[0] * 0.5 + 0.5  # RapidOCR's [-1, 1] back to [0, 1]
+    lines = text_lines(count, 192, seed, upright=True)[0]
+    lines = lines * 0.5 + 0.5  # RapidOCR's [-1, 1] back to [0, 1]
     grey = [Image.fromarray(line.mean(axis=0), "F").resize((256, 64)) for line in lines]
     return np.stack([np.asarray(g, np.float32)[None] for g in grey]), None
 
