@@ -1,12 +1,13 @@
 """Quantize time: qdq's default against ONNX Runtime's quantize_static MinMax, per model.
 
-Run: python bench/quantize_time.py [--models cnn nudenet ...] [--samples 128 512] [--out bench/out]
+Run: python bench/quantize_time.py [--models cnn nudenet ...] [--samples 128 512] [--stages]
 Every model of bench/ptq.py and bench/unseen.py, at each sample count: qdq's default
 (`quantize_model` with no options) and `quantize_static` MinMax per channel in QDQ format (after
 its `quant_pre_process`, as bench/ptq.py runs it), each in a fresh process, back to back on the
 same samples read lazily from one .npy per sample (batches of 16, or 1 where the batch axis is
 fixed at 1). The time is the quantize call's own wall time, without interpreter start-up and
-imports. Prints a Markdown table with the ratio qdq / ORT (also written to --out/quantize_time.md).
+imports. Prints a Markdown table with the ratio qdq / ORT (also written to --out/quantize_time.md);
+with --stages, also qdq's seconds per stage (timers around the pipeline's functions).
 No asserts: numbers for docs/ptq.md; on a shared machine, compare the ratio, not the seconds.
 """
 
@@ -18,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +31,33 @@ from ptq import quantize_static_qdq, save_samples
 from unseen import MODELS, locate
 
 TOOLS = ("qdq", "ort")
+# qdq's stages: the pipeline's functions timed (the one-shot bias correction runs once per plan
+# built, inside the method choice and the candidate plans too).
+STAGES = {
+    "_smoothed": "smoothing",
+    "observe_holding": "calibration",
+    "_best_method": "method choice",
+    "slow_pools": "layout probe",
+    "_frontier": "candidate plans",
+    "correct_biases": "one-shot correction",
+    "correct_sequentially": "sequential correction",
+    "_output_check": "output check",
+}
 
 
-def child(tool: str, model: Path, data: Path, out: Path) -> float:
-    """Seconds one tool takes to quantize `model` on the samples in `data`."""
+def child(tool: str, model: Path, data: Path, out: Path) -> tuple[float, dict[str, float]]:
+    """Seconds one tool takes to quantize `model` on the samples in `data`, and qdq's seconds
+    per stage."""
     files = sorted(data.glob("*.npy"))
     if tool == "qdq":
-        from qdq.pipeline import quantize_model
+        import qdq.pipeline
 
+        stages: dict[str, float] = defaultdict(float)
+        for name, stage in STAGES.items():
+            setattr(qdq.pipeline, name, _timed(getattr(qdq.pipeline, name), stage, stages))
         start = time.perf_counter()
-        quantize_model(model, out, data)
-        return time.perf_counter() - start
+        qdq.pipeline.quantize_model(model, out, data)
+        return time.perf_counter() - start, stages
     spec = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()[0]
     step = 1 if spec.shape[0] == 1 else 16
 
@@ -53,18 +71,32 @@ def child(tool: str, model: Path, data: Path, out: Path) -> float:
 
     start = time.perf_counter()
     quantize_static_qdq(model, out, Reader(), "MinMax", True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, {}
 
 
-def timed(tool: str, model: Path, data: Path, tmp: Path) -> float | None:
-    """The tool's seconds in a fresh process, or None when it fails."""
+def _timed(function: Callable, stage: str, stages: dict[str, float]) -> Callable:
+    """`function`, adding its seconds to `stages[stage]`."""
+
+    def run(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            stages[stage] += time.perf_counter() - start
+
+    return run
+
+
+def timed(tool: str, model: Path, data: Path, tmp: Path) -> tuple[float, dict] | None:
+    """The tool's seconds (and qdq's per stage) in a fresh process, or None when it fails."""
     out = tmp / f"{tool}.onnx"
     command = [sys.executable, __file__, "--child", tool, str(model), str(data), str(out)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
     if done.returncode:
         print(f"{tool} failed on {model.name}: {done.stderr.strip()[-300:]}", file=sys.stderr)
         return None
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(result["seconds"]), result["stages"]
 
 
 def models(most: int, names: list[str]) -> Iterator[tuple[str, Path, np.ndarray]]:
@@ -84,28 +116,39 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=every, default=every)
     parser.add_argument("--samples", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    parser.add_argument("--stages", action="store_true", help="also qdq's seconds per stage")
     parser.add_argument("--child", nargs=4, metavar=("TOOL", "MODEL", "DATA", "OUT"))
     args = parser.parse_args()
     if args.child:
         tool, model, data, out = args.child
-        print(json.dumps({"seconds": child(tool, Path(model), Path(data), Path(out))}))
+        seconds, stages = child(tool, Path(model), Path(data), Path(out))
+        print(json.dumps({"seconds": seconds, "stages": stages}))
         return
     rows = [
         "| model | samples | qdq s | ORT MinMax per-ch s | qdq / ORT |",
         "|---|---|---|---|---|",
+    ]
+    stage_rows = [
+        f"| model | samples | {' | '.join(STAGES.values())} |",
+        "|---|---|" + "---|" * len(STAGES),
     ]
     for name, model, x in models(max(args.samples), args.models):
         for count in args.samples:
             with tempfile.TemporaryDirectory() as tmp:
                 data = save_samples(x[:count], Path(tmp) / "data")
                 qdq, ours = (timed(tool, model, data, Path(tmp)) for tool in TOOLS)
-            ratio = f"{qdq / ours:.2f}" if qdq and ours else "-"
-            cells = [f"{s:.1f}" if s else "fails" for s in (qdq, ours)]
+            ratio = f"{qdq[0] / ours[0]:.2f}" if qdq and ours else "-"
+            cells = [f"{s[0]:.1f}" if s else "fails" for s in (qdq, ours)]
             rows.append(f"| {name} | {count} | {cells[0]} | {cells[1]} | {ratio} |")
             print(rows[-1], flush=True)
+            if qdq:
+                seconds = (f"{qdq[1].get(stage, 0.0):.1f}" for stage in STAGES.values())
+                stage_rows.append(f"| {name} | {count} | {' | '.join(seconds)} |")
+    tables = [rows, stage_rows] if args.stages else [rows]
+    text = "\n\n".join("\n".join(table) for table in tables) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantize_time.md").write_text("\n".join(rows) + "\n")
-    print("\n".join(rows))
+    (args.out / "quantize_time.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

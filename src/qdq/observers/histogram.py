@@ -12,6 +12,8 @@ re-binning onto the coarser grid, uniform within each bin.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
 from typing import Protocol
 
 import numpy as np
@@ -136,16 +138,29 @@ def _as_rows(batch: np.ndarray, axis: int | None) -> np.ndarray:
 
 
 def _bin_rows(rows: np.ndarray, width: np.ndarray, half: int) -> np.ndarray:
-    """Counts of each row in `2 * half` bins of `width` around 0 (vectorized bincount).
-
-    Indices are int32 (float32 -> int64 conversion cost more than the count itself) and not
-    clamped: a value at +amax lands in an extra bin past the last, folded back afterwards. With
-    the range covering every value, float32 rounding can overshoot by less than one bin."""
-    channels, n = rows.shape
+    """Counts of each row in `2 * half` bins of `width` around 0: bin `floor(x / width + half)`,
+    with `1 / width` and the sum in the rows' float type. A value at +amax lands in an extra
+    bin past the last, folded back afterwards (with the range covering every value, float32
+    rounding can overshoot by less than one bin). Compiled where Numba is installed (one pass,
+    no temporaries: 2.5-6x faster, docs/ptq.md), else vectorized NumPy: the same counts."""
+    channels = rows.shape[0]
     size = 2 * half
     stride = size + 1  # per row: the bins and the overflow bin
     per_unit = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
-    per_unit = per_unit.astype(np.float32)[:, None]
+    per_unit = per_unit.astype(np.float32)
+    if compiled := _compiled_count():
+        counts = np.zeros((channels, stride), dtype=np.int64)
+        compiled(np.ascontiguousarray(rows), per_unit, rows.dtype.type(half), counts)
+    else:
+        counts = _count_numpy(rows, per_unit, half, stride)
+    counts[:, size - 1] += counts[:, size]  # x == amax belongs to the last bin
+    return counts[:, :size].astype(np.float64)
+
+
+def _count_numpy(rows: np.ndarray, per_unit: np.ndarray, half: int, stride: int) -> np.ndarray:
+    """`_bin_rows`' counts, overflow bin included, as a vectorized bincount. Indices are int32
+    (float32 -> int64 conversion cost more than the count itself) and not clamped."""
+    channels, n = rows.shape
     index_type = np.int32 if channels * stride < 2**31 else np.int64
     offsets = (np.arange(channels, dtype=index_type) * stride)[:, None]
     counts = np.zeros(channels * stride, dtype=np.int64)
@@ -153,15 +168,34 @@ def _bin_rows(rows: np.ndarray, width: np.ndarray, half: int) -> np.ndarray:
     # bincount's output (channels * stride) would dwarf its input (4096 channels: 5x slower).
     step = max(1, CHUNK // channels, stride)
     for start in range(0, n, step):
-        scaled = rows[:, start : start + step] * per_unit
+        scaled = rows[:, start : start + step] * per_unit[:, None]
         scaled += np.float32(half)
         index = scaled.astype(index_type)  # >= 0, so truncation floors
         if channels > 1:
             index += offsets
         counts += np.bincount(index.ravel(), minlength=channels * stride)
-    counts = counts.reshape(channels, stride)
-    counts[:, size - 1] += counts[:, size]  # x == amax belongs to the last bin
-    return counts[:, :size].astype(np.float64)
+    return counts.reshape(channels, stride)
+
+
+def _count(rows, per_unit, half, counts):
+    """`_count_numpy` as one loop: the same float arithmetic, then truncation (values >= 0)."""
+    for c in range(rows.shape[0]):
+        scale = per_unit[c]
+        row = counts[c]
+        for x in rows[c]:
+            row[int(x * scale + half)] += 1
+
+
+@cache
+def _compiled_count() -> Callable | None:
+    """`_count` compiled by Numba (the `fast` extra; imported on first use), or None without
+    it. No fast-math: the product and sum must round as NumPy's do (no fused multiply-add). No
+    GIL: the calibration's threads bin different tensors at once."""
+    try:
+        from numba import njit
+    except ImportError:
+        return None
+    return njit(cache=True, nogil=True, fastmath=False)(_count)
 
 
 def _fold(signed: np.ndarray, factor: int) -> np.ndarray:

@@ -27,7 +27,6 @@ class Use(enum.Enum):
 
     PLAIN = "plain"  # ONNX Runtime's defaults: scoring candidates, `qdq run --engine ort`
     CALIBRATION = "calibration"  # streaming many batches with extra outputs
-    STRETCH = "stretch"  # one of many sessions open at once (sequential bias correction)
     CHECK = "check"  # one sample at a time after calibration (the report's output check)
     LATENCY = "latency"  # timing: one thread
     ONE_NODE = "one_node"  # a single node run as it is (the engine's float fallback)
@@ -72,13 +71,6 @@ def _options(use: Use) -> ort.SessionOptions:
         # but no memory patterns: with them, memory grew over the first few dozen batches
         # (text-direction classifier 218 -> 266 MB from 32 to 512 samples); without, 215 -> 216.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_mem_pattern = False
-    elif use is Use.STRETCH:
-        # Every stretch's session stays open: without these, threads spinning after their
-        # stretch took the cores from the next one (EfficientNet-Lite0: 1.6x the time), and
-        # each session's arena kept its peak buffers (2.2 GB instead of 0.7 GB).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
     elif use is Use.CHECK:
         # No arena: the check runs one sample at a time and must not raise the peak that

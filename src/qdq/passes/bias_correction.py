@@ -9,17 +9,14 @@ clipping, nonlinearities) does to each layer's mean, and cancels that too.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
-from functools import cache, lru_cache
-from itertools import pairwise
+from functools import lru_cache
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from qdq.affine import dequantize
@@ -32,10 +29,6 @@ from qdq.plan.calibrate import budgeted
 from qdq.plan.rules import RULES
 
 CORRECTABLE = ("Conv", "ConvTranspose", "Gemm")
-# The sequential correction's batches keep at most this many bytes of tensors alive between
-# stretches. Its sessions allocate without an arena, so the heap's high-water mark follows the
-# batch: at 16 samples (103 MB alive) the detector's peak varied by 120 MB from run to run.
-LIVE_BUDGET = 32 * 2**20
 
 
 def correction_inputs(index: GraphIndex, plan_nodes: list[str]) -> list[str]:
@@ -111,9 +104,11 @@ def correct_sequentially(
     layer in graph order, set the bias so that the quantized network's mean output per channel
     equals the float network's, measured with every earlier layer already corrected. Catches the
     bias from upstream activation rounding, clipping and the nonlinearities that turn noise into
-    a shift. One pass, a batch at a time: both networks run a stretch of nodes per layer, and
-    each quantized layer's output moves by its correction so far (a running mean over the
-    batches), as its new bias will move it. Memory: one batch's live tensors, whatever `count`."""
+    a shift. One pass, a batch at a time: the float network gives each layer's mean output per
+    channel, and the quantized network, run whole, moves each layer's output by its correction
+    so far (a running mean over the batches, this batch's included) inside the graph, as its
+    new bias will move it, before the next layer reads it. Memory: one batch's tensors, the
+    batch sized as calibration sizes its own, whatever `count`."""
     layers = []
     for node in index.nodes:
         rule = RULES.get(node.op_type)
@@ -121,103 +116,124 @@ def correct_sequentially(
             layers.append((node, (node.name, rule.bias)))
     if not layers:
         return plan
-    ends = [node.name for node, _ in layers]
-    reference, quantized = _Stretches(model, ends), _Stretches(insert_qdq(model, plan), ends)
+    outputs = [node.output[0] for node, _ in layers]
+    ranks = [
+        2 if node.op_type == "Gemm" else index.constant(node.input[1]).ndim for node, _ in layers
+    ]
+    means = [_MEAN.format(i) for i in range(len(layers))]
+    reference = open_session(_averaging(model, outputs, ranks), Use.CALIBRATION)
+    quantized = open_session(_correcting(insert_qdq(model, plan), outputs, ranks), Use.CALIBRATION)
+    wanted = [_CORRECTION.format(i) for i in range(len(layers))]
 
-    def batches() -> Iterator[dict[str, np.ndarray]]:
-        """One sample first, to size the batches by the tensors it kept alive (as calibrate)."""
-        yield next(samples.batches(1))
-        size = budgeted(batch_size, max(reference.peak_bytes, quantized.peak_bytes), LIVE_BUDGET)
-        yield from samples.batches(size, first=1, last=count)
+    def batches() -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+        """Each batch and the float means of its layer outputs: one sample first, to size the
+        batches by the layer outputs it yields (as calibration does by what it captures)."""
+        first = next(samples.batches(1))
+        values = reference.run([*outputs, *means], first)
+        yield first, values[len(outputs) :]
+        size = budgeted(batch_size, sum(v.nbytes for v in values[: len(outputs)]))
+        for feed in samples.batches(size, first=1, last=count):
+            yield feed, reference.run(means, feed)
 
-    corrections: list[np.ndarray | float] = [0.0] * len(layers)  # per channel, once seen
+    corrections = [
+        np.zeros(index.constant(node.input[k[1]]).shape, np.float32) for node, k in layers
+    ]
     seen = 0
     with tqdm(total=min(count, samples.count), desc="correcting biases", unit="sample",
               disable=not progress, leave=False) as bar:  # fmt: skip
-        for feed in batches():
-            float_means = [_mean_per_channel(output) for _, output in reference.run(feed)]
-            _trim_heap()
+        for feed, float_means in batches():
             batch = len(next(iter(feed.values())))
             seen += batch
-            for layer, output in quantized.run(feed):
-                needed = _mean_per_channel(output) - float_means[layer]
-                corrections[layer] += (needed - corrections[layer]) * batch / seen
-                shape = (-1, *[1] * (output.ndim - 2))
-                output -= corrections[layer].reshape(shape).astype(output.dtype)
-            _trim_heap()
+            inputs = dict(feed, **{_WEIGHT: np.array(batch / seen, np.float32)})
+            inputs.update(zip(means, float_means, strict=True))
+            inputs.update(zip(map(_SO_FAR.format, range(len(layers))), corrections, strict=True))
+            corrections = quantized.run(wanted, inputs)
             bar.update(batch)
     corrected = dict(plan.bias_values)
     for (node, key), correction in zip(layers, corrections, strict=True):
-        corrected[key] = corrected.get(key, index.constant(node.input[key[1]])) - correction
+        base = corrected.get(key, index.constant(node.input[key[1]]))
+        corrected[key] = base - correction.astype(np.float64)
     return replace(plan, bias_values=corrected)
 
 
-class _Stretches:
-    """A model cut after each of some nodes into stretches that run one after another, each a
-    session of its own, so that a caller can change a node's output before the rest reads it.
-    Only the tensors that later stretches read are kept (memory: one batch's live tensors)."""
-
-    def __init__(self, model: onnx.ModelProto, ends: list[str]) -> None:
-        nodes = list(model.graph.node)
-        positions = {node.name: i for i, node in enumerate(nodes)}
-        bounds = [0, *(positions[name] + 1 for name in ends)]
-        self.last_read = {name: i for i, node in enumerate(nodes) for name in _reads(node)}
-        self.parts = [nodes[a:b] for a, b in pairwise(bounds)]
-        self.ends = bounds[1:]
-        self.model = model
-        self.initializers = {t.name: t for t in model.graph.initializer}
-        self.peak_bytes = 0  # the most bytes of kept tensors so far
-        self.sessions: list[tuple] = []  # (session, its inputs, its kept outputs) per stretch
-
-    def run(self, feed: dict[str, np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-        """Run `feed` through every stretch, yielding `(i, output)` of the node that ends
-        stretch `i`; the caller may change `output` in place before the next stretch reads it."""
-        values = dict(feed)
-        for i, end in enumerate(self.ends):
-            if len(self.sessions) == i:
-                self.sessions.append(self._session(i, values))
-            session, inputs, outputs = self.sessions[i]
-            results = session.run(outputs, {name: values[name] for name in inputs})
-            values = {k: v for k, v in values.items() if self.last_read.get(k, -1) >= end}
-            values.update(zip(outputs, results, strict=True))
-            self.peak_bytes = max(self.peak_bytes, sum(v.nbytes for v in values.values()))
-            yield i, values[self.parts[i][-1].output[0]]
-
-    def _session(self, i: int, values: dict[str, np.ndarray]) -> tuple:
-        """Stretch `i`'s session, its inputs (of those in `values`) and its kept outputs."""
-        part, end = self.parts[i], self.ends[i]
-        reads = list(dict.fromkeys(name for node in part for name in _reads(node)))
-        inputs = [name for name in reads if name in values]
-        outputs = [o for n in part for o in n.output if self.last_read.get(o, -1) >= end]
-        outputs = list(dict.fromkeys([*outputs, part[-1].output[0]]))
-        graph = helper.make_graph(
-            part,
-            f"stretch{i}",
-            [_value_info(name, values[name]) for name in inputs],
-            [onnx.ValueInfoProto(name=name) for name in outputs],
-            [self.initializers[name] for name in reads if name in self.initializers],
-        )
-        model = helper.make_model(
-            graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version
-        )
-        return open_session(model, Use.STRETCH), inputs, outputs
+# Tensors the sequential correction's graphs add, per corrected layer i.
+_MEAN = "qdq_sequential/{}/float_mean"  # the float network's mean per channel, this batch
+_WEIGHT = "qdq_sequential/weight"  # this batch's share of the samples seen so far
+_SO_FAR = "qdq_sequential/{}/so_far"  # the correction before this batch
+_CORRECTION = "qdq_sequential/{}/correction"  # the correction after it
 
 
-@cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where the C library has none."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
+def _averaging(model: onnx.ModelProto, outputs: list[str], ranks: list[int]) -> onnx.ModelProto:
+    """`model` whose outputs are `outputs` (of rank `ranks`) and the mean per channel of each
+    (`_MEAN`; the outputs themselves only size the batches: one sample fetches them)."""
+    averaging = onnx.ModelProto()
+    averaging.CopyFrom(model)
+    graph = averaging.graph
+    del graph.output[:]
+    for i, (name, rank) in enumerate(zip(outputs, ranks, strict=True)):
+        _add_mean(averaging, name, _MEAN.format(i), rank)
+    graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+    graph.output.extend(onnx.ValueInfoProto(name=_MEAN.format(i)) for i in range(len(outputs)))
+    _prune(graph)
+    return averaging
 
 
-def _trim_heap() -> None:
-    """Hand the heap's freed pages back to the OS. The stretch sessions allocate without an
-    arena, and glibc's heap, fragmented by their different sizes, grew batch after batch (the
-    PP-OCRv4 detector's peak: 803 MB with 32 samples, 921 MB with 512; trimmed, flat)."""
-    if trim := _malloc_trim():
-        trim(0)
+def _correcting(model: onnx.ModelProto, outputs: list[str], ranks: list[int]) -> onnx.ModelProto:
+    """`model` with each of `outputs` (of rank `ranks`) moved by its running correction before
+    any node reads it: `so_far + (mean per channel - float mean - so_far) * weight` (the
+    running mean over batches of the quantized mean's excess), which it outputs."""
+    corrected = onnx.ModelProto()
+    corrected.CopyFrom(model)
+    graph = corrected.graph
+    del graph.output[:]
+    renamed = {name: f"{name}/uncorrected" for name in outputs}
+    constants = {t.name: t for t in graph.initializer}
+    producers = {o: node for node in graph.node for o in node.output}
+    for node in graph.node:
+        if node.output[0] in renamed:  # its weight and bias as float constants (see below)
+            node.input[1:] = [_dequantized(name, producers, constants) for name in node.input[1:]]
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+    known = {t.name for t in graph.initializer}
+    graph.initializer.extend(t for name, t in constants.items() if name not in known)
+    graph.input.append(helper.make_tensor_value_info(_WEIGHT, onnx.TensorProto.FLOAT, []))
+    for i, (name, rank) in enumerate(zip(outputs, ranks, strict=True)):
+        step, so_far, out = f"qdq_sequential/{i}/", _SO_FAR.format(i), _CORRECTION.format(i)
+        _add_mean(corrected, renamed[name], step + "mean", rank)
+        shape = np.array([-1, *[1] * (rank - 2)], np.int64)
+        graph.initializer.append(numpy_helper.from_array(shape, step + "shape"))
+        graph.node.extend([
+            helper.make_node("Sub", [step + "mean", _MEAN.format(i)], [step + "excess"]),
+            helper.make_node("Sub", [step + "excess", so_far], [step + "change"]),
+            helper.make_node("Mul", [step + "change", _WEIGHT], [step + "step"]),
+            helper.make_node("Add", [so_far, step + "step"], [out]),
+            helper.make_node("Reshape", [out, step + "shape"], [step + "broadcast"]),
+            helper.make_node("Sub", [renamed[name], step + "broadcast"], [name]),
+        ])  # fmt: skip
+        for value in (_MEAN.format(i), so_far):
+            graph.input.append(helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, [None]))
+        graph.output.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [None]))
+    _prune(graph)
+    return corrected
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop the nodes `graph`'s outputs do not need: those after the last corrected layer (ONNX
+    Runtime runs every node whichever outputs are asked for; the LSTM behind ddddocr's CNN had
+    doubled the correction's time)."""
+    nodes = list(graph.node)
+    producers = {o: i for i, node in enumerate(nodes) for o in node.output}
+    kept: set[int] = set()
+    wanted = [o.name for o in graph.output]
+    while wanted:
+        i = producers.get(wanted.pop())
+        if i is not None and i not in kept:
+            kept.add(i)
+            wanted.extend(_reads(nodes[i]))
+    needed = [onnx.NodeProto() for _ in kept]
+    for copy, i in zip(needed, sorted(kept), strict=True):
+        copy.CopyFrom(nodes[i])
+    del graph.node[:]
+    graph.node.extend(needed)
 
 
 def _reads(node: onnx.NodeProto) -> list[str]:
@@ -231,11 +247,39 @@ def _reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
-    """A graph input of `value`'s element type, shape left open."""
-    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), None)
+def _add_mean(model: onnx.ModelProto, name: str, mean: str, rank: int) -> None:
+    """Append to `model`'s graph a node writing the mean per channel (axis 1) of `name`, a
+    tensor of `rank` dimensions, to `mean`."""
+    axes = [d for d in range(rank) if d != 1]
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= 18:  # axes became an input
+        model.graph.initializer.append(numpy_helper.from_array(np.array(axes), f"{mean}/axes"))
+        node = helper.make_node("ReduceMean", [name, f"{mean}/axes"], [mean], keepdims=0)
+    else:
+        node = helper.make_node("ReduceMean", [name], [mean], axes=axes, keepdims=0)
+    model.graph.node.append(node)
 
 
-def _mean_per_channel(value: np.ndarray) -> np.ndarray:
-    """The per-channel (axis 1) mean of `value`, accumulated in float64."""
-    return value.mean(axis=tuple(d for d in range(value.ndim) if d != 1), dtype=np.float64)
+def _dequantized(
+    name: str, producers: dict[str, onnx.NodeProto], constants: dict[str, onnx.TensorProto]
+) -> str:
+    """`name`, or where a DequantizeLinear of constants makes it, a float initializer of the
+    same values (as ONNX Runtime computes them: `float(q - zero point) * scale`), added to the
+    graph. ONNX Runtime keeps such a DequantizeLinear unfolded (for its int8 fusions), so a
+    layer read through one runs as a plain float convolution, without the blocked layout
+    that needs constant weights: with them, the corrected graph ran EfficientNet-Lite0 3x
+    slower than the float one."""
+    node = producers.get(name)
+    if node is None or node.op_type != "DequantizeLinear":
+        return name
+    if not all(i in constants for i in node.input if i):
+        return name
+    q, scale, *zero = (numpy_helper.to_array(constants[i]) for i in node.input if i)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
+    shape = [-1 if d == axis else 1 for d in range(q.ndim)] if scale.ndim else []  # per axis
+    zero_point = zero[0].astype(np.int64).reshape(shape) if zero else 0
+    value = (q.astype(np.int64) - zero_point).astype(np.float32) * scale.reshape(shape)
+    folded = f"{name}/float"
+    graph_constant = numpy_helper.from_array(value, folded)
+    constants[folded] = graph_constant
+    return folded

@@ -113,11 +113,12 @@ def observe(
         for first in range(0, samples.count, SHARD_SAMPLES)
     ]
     if workers.parallel:  # a window of shards at a time: memory stays flat in the samples
-        seen = _merged(
-            shard
-            for start in range(0, len(spans), WINDOW_SHARDS)
-            for shard in workers.map(_open, _observe, job, spans[start : start + WINDOW_SHARDS])
-        )
+        with workers.pool(_open, _observe, job) as pool:  # the same workers for every window
+            seen = _merged(
+                shard
+                for start in range(0, len(spans), WINDOW_SHARDS)
+                for shard in pool.map(spans[start : start + WINDOW_SHARDS])
+            )
     else:  # in this process, with its session and data handles
         opened = _open(job, reopen=False)
         with tqdm(total=samples.count, desc="calibrating", unit="sample",
