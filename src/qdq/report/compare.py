@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from qdq.errors import DataError, ModelError
 from qdq.metrics import REPORT_BLOCK, ErrorStats
 from qdq.onnx.model import METADATA_KEY, load_model
 from qdq.onnx.sessions import median_latency_ms, open_session, session_with_outputs
+from qdq.plan.calibrate import budgeted
 from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
 from qdq.workers import ONE_PROCESS, Workers
 
@@ -26,6 +27,8 @@ PART_SAMPLES = 16  # leading samples whose FP32 outputs find each output's parts
 # Batches per evaluation shard (a fixed count: results depend on the data alone, whether one
 # process measures the shards or many workers).
 EVAL_SHARD_BATCHES = 8
+# The most bytes of tensors (both models' outputs and paired tensors) one evaluation batch holds.
+EVAL_BUDGET = 256 * 2**20
 
 
 @dataclass
@@ -265,9 +268,7 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
     layer_stats = {name: ErrorStats() for name in pairs}
     predictions: list[tuple[np.ndarray, np.ndarray]] = []
     parts = {name: part_stats(p) for name, p in job.parts.items()}
-    for feed in samples.batches(job.batch_size, first=span[0], last=span[1]):
-        ref = ref_session.run([*outputs, *pairs], feed)
-        got = q_session.run([*outputs, *pairs.values()], feed)
+    for ref, got in _runs(job, ref_session, q_session, samples, span):
         for i, name in enumerate(outputs):
             out_stats[name].update(ref[i], got[i], REPORT_BLOCK)
             if name in parts:
@@ -277,6 +278,27 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
         if out_stats[outputs[0]].classes:
             predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
     return out_stats, layer_stats, predictions, parts
+
+
+def _runs(
+    job: _Job, ref_session: Any, q_session: Any, samples: Samples, span: tuple[int, int]
+) -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Both sessions' outputs and paired tensors, batch by batch over `span`: its first sample
+    alone, to size the batches after it so that both models' tensors of one batch stay within
+    EVAL_BUDGET (a CNN's every layer output at 224 x 224 is hundreds of MB per sample). The
+    batches depend on the data and the models only, never on the workers."""
+    outputs = [o.name for o in job.reference.graph.output]
+    size = 1
+    first = span[0]
+    while first < span[1]:
+        last = min(first + size, span[1])
+        for feed in samples.batches(size, first=first, last=last):
+            ref = ref_session.run([*outputs, *job.pairs], feed)
+            got = q_session.run([*outputs, *job.pairs.values()], feed)
+            yield ref, got
+        if first == span[0]:  # sized by the first sample's tensors
+            size = budgeted(job.batch_size, sum(v.nbytes for v in (*ref, *got)), EVAL_BUDGET)
+        first = last
 
 
 def _merged(shards: list[_Seen]) -> _Seen:
