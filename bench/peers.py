@@ -196,13 +196,16 @@ def configs(tool: str, name: str, model: Path) -> list[str]:
     if tool == "qdq":
         return ["default"]
     if tool == "ort":
-        restricted = "conv_matmul" if "Conv" in ops else "matmul"
+        # Conv+MatMul for networks with convolutions, MatMul alone for transformers and for
+        # networks with both (a recognizer's attention neck: the restriction users try first).
+        restricted = ["conv_matmul"] if "Conv" in ops else []
+        restricted += ["matmul"] if "MatMul" in ops or not restricted else []
         methods = ["minmax", "percentile"]
         # Entropy: quantize_static builds its calibrator with 128 bins and 128 quantized bins
         # (extra_options cannot change them), which leaves one candidate threshold, the full
         # range: MinMax's model, after minutes of histograms. On ENTROPY_MODELS only, to show it.
         entropy = ["entropy"] if name in ENTROPY_MODELS else []
-        return methods + entropy + [f"{m}_{restricted}" for m in methods]
+        return methods + entropy + [f"{m}_{r}" for r in restricted for m in methods]
     return [c for c in PEER_CONFIGS[tool] if c != SMOOTHQUANT.get(tool) or "Conv" not in ops]
 
 
