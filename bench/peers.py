@@ -34,7 +34,6 @@ for docs/peers.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -55,7 +54,7 @@ import onnxruntime as ort
 
 import unseen
 from datasets import tasks
-from ptq import medians, quality, run_model
+from ptq import medians, quality, quantize_static_qdq, run_model
 from unseen import MODELS, ONET_THRESHOLD, locate, sqnr_db, task_metric
 
 HERE = Path(__file__).resolve().parent
@@ -244,14 +243,7 @@ def ort_fixed_batch(source: Path) -> bool:
 def ort_quantize(source: Path, out: Path, calib: Path, config: str) -> None:
     """quantize_static as recommended: opset >= 13, quant_pre_process, QDQ, u8 activations, s8
     per-channel weights; `config` = method[_conv_matmul | _matmul] (op_types_to_quantize)."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationDataReader
 
     method, _, restricted = config.partition("_")
     only = {"conv_matmul": ["Conv", "MatMul"], "matmul": ["MatMul"], "": None}[restricted]
@@ -275,26 +267,13 @@ def ort_quantize(source: Path, out: Path, calib: Path, config: str) -> None:
         if opset < 13:
             model = onnx.version_converter.convert_version(model, 13)
         onnx.save(model, str(upgraded))
-        pre = Path(tmp) / "pre.onnx"
-        with contextlib.chdir(tmp):  # its symbolic shape inference leaves files behind on failure
-            try:
-                quant_pre_process(str(upgraded), str(pre))
-            except Exception:
-                quant_pre_process(str(upgraded), str(pre), skip_symbolic_shape=True)
-        quantize_static(
-            str(pre),
-            str(out),
+        quantize_static_qdq(
+            upgraded,
+            out,
             Reader(),
-            quant_format=QuantFormat.QDQ,
+            {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}[method],
             per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method={
-                "minmax": CalibrationMethod.MinMax,
-                "percentile": CalibrationMethod.Percentile,
-                "entropy": CalibrationMethod.Entropy,
-            }[method],
-            op_types_to_quantize=only,
+            op_types=only,
             # it otherwise keeps every batch's activations until the end: 10+ GB on the layout
             # model; MinMax's ranges are the same either way. Not a divisor of the batch count:
             # when the last flush empties the buffer ORT 1.32 raises "No data is collected"

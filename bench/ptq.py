@@ -143,10 +143,17 @@ def quantize_ort(task: Task, out: Path, data: Path, method: str, per_channel: bo
 
 
 def quantize_static_qdq(
-    source: Path, out: Path, reader: object, method: str, per_channel: bool
+    source: Path,
+    out: Path,
+    reader: object,
+    method: str,
+    per_channel: bool,
+    op_types: list[str] | None = None,
+    extra_options: dict | None = None,
 ) -> None:
     """ORT's recommended `quant_pre_process`, then `quantize_static` in QDQ format with uint8
-    activations and int8 weights, calibrated by `method` on `reader`'s batches."""
+    activations and int8 weights, calibrated by `method` (a `CalibrationMethod` name) on
+    `reader`'s batches; `op_types` is its `op_types_to_quantize`."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -168,6 +175,8 @@ def quantize_static_qdq(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, method),
+            op_types_to_quantize=op_types,
+            extra_options=extra_options,
         )
 
 
