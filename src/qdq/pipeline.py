@@ -171,7 +171,7 @@ def plan_model(
     if config.target_sqnr is not None:
         feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)
         score = (
-            sqnr_score(model, feeds, config.output_parts)
+            sqnr_score(model, feeds, config.output_parts, reuse=True)
             if metric is None
             else _session_score(metric)
         )

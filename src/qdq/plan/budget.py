@@ -21,6 +21,7 @@ from qdq.plan.build import BudgetResult, Plan
 from qdq.plan.decisions import Decision, kept_float
 from qdq.plan.parts import judged, output_parts, worst_sqnr
 from qdq.plan.rules import RULES, Kind
+from qdq.plan.suffix import Recorded, record
 from qdq.workers import ONE_PROCESS, Pool, Workers, same
 
 # A plan's candidate model: the Q/DQ rewrite, which the caller passes in (plans do not rewrite).
@@ -32,19 +33,28 @@ log = logging.getLogger(__name__)
 
 
 def sqnr_score(
-    model: onnx.ModelProto, feeds: list[dict], declared: Sequence[str] = ()
+    model: onnx.ModelProto, feeds: list[dict], declared: Sequence[str] = (), reuse: bool = False
 ) -> Callable[[onnx.ModelProto], float]:
     """Scores a candidate by the lowest SQNR in dB of any output part (`qdq.plan.parts`: a
     detector's boxes and scores apart) against `model` on `feeds`; `declared` are
-    `--output-parts` specs."""
+    `--output-parts` specs. With `reuse`, the first candidate scored (the search's all-int8
+    plan) is recorded, and later ones run only from where they depart from it
+    (`qdq.plan.suffix`): the search's hundreds of candidates, not the frontier's few."""
     float_session = open_session(model)
     names = [o.name for o in float_session.get_outputs() if o.type == "tensor(float)"]
     reference = [float_session.run(names, feed) for feed in feeds]
     parts = output_parts(names, reference, declared)
+    recorded: list[Recorded | None] = []
 
     def score(candidate: onnx.ModelProto) -> float:
-        session = open_session(candidate)
-        return worst_sqnr(judged(parts, reference, (session.run(names, f) for f in feeds)))
+        if not recorded:
+            recorded.append(record(candidate, feeds) if reuse else None)
+        if recorded[0] is not None:
+            outputs = recorded[0].suffix(candidate, names)()
+        else:
+            session = open_session(candidate)
+            outputs = (session.run(names, f) for f in feeds)
+        return worst_sqnr(judged(parts, reference, outputs))
 
     return score
 
