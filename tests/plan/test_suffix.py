@@ -60,6 +60,19 @@ def test_an_unchanged_candidate_is_the_recorded_model(int8_cnn):
         np.testing.assert_array_equal(a[0], b[0])
 
 
+def test_a_partial_graph_that_does_not_load_runs_the_candidate_whole(int8_cnn, monkeypatch):
+    recorded = record(int8_cnn, feeds())
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(int8_cnn)
+    candidate.graph.node[-1].name = "renamed"  # a change at the end: a partial graph
+    broken = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    monkeypatch.setattr(qdq.plan.suffix, "_partial", lambda *args: broken)
+    names = [o.name for o in candidate.graph.output]
+    got = list(recorded.suffix(candidate, names)())
+    for a, b in zip(got, whole(candidate, names), strict=True):
+        np.testing.assert_array_equal(a[0], b[0])
+
+
 def test_codes_over_the_budget_are_not_recorded(int8_cnn, monkeypatch):
     monkeypatch.setattr(qdq.plan.suffix, "RECORD_BUDGET", 1000)
     assert record(int8_cnn, feeds()) is None
@@ -74,3 +87,18 @@ def test_the_search_writes_the_same_model_as_with_whole_runs(tmp_path, monkeypat
     monkeypatch.setattr(qdq.plan.suffix, "RECORD_BUDGET", 0)  # nothing recorded: whole runs
     slow, _ = quantize_cnn(tmp_path / "slow", **options)
     assert fast.read_bytes() == slow.read_bytes()
+
+
+def test_graphs_with_subgraphs_are_not_recorded():
+    """An If's branches read tensors the If's inputs do not name: its dependencies are not in
+    the graph's edges, so such a graph always runs whole."""
+    h, f = onnx.helper, onnx.TensorProto.FLOAT
+    x, y = h.make_tensor_value_info("x", f, [2]), h.make_tensor_value_info("y", f, [2])
+    cond = h.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])
+    then = h.make_graph([h.make_node("Identity", ["x"], ["t"])], "then", [], [y])
+    other = h.make_graph([h.make_node("Neg", ["x"], ["e"])], "else", [], [y])
+    then.output[0].name, other.output[0].name = "t", "e"
+    branch = h.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)
+    graph = h.make_graph([branch], "g", [x, cond], [y])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    assert record(model, [{"x": np.ones(2, np.float32), "c": np.array(True)}]) is None

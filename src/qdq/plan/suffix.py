@@ -13,6 +13,7 @@ candidate. The scores are the whole candidate's to the bit (`tests/plan/test_suf
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from onnx import helper
 
 from qdq.onnx.sessions import open_session
 
+log = logging.getLogger(__name__)
 # The recorded codes of all feeds together; past it a model is scored whole.
 RECORD_BUDGET = 256 * 2**20
 
@@ -62,7 +64,11 @@ class Recorded:
         if not wanted:
             return lambda: ([values[n] for n in names] for values in self.values)
         model = _partial(candidate, sorted(run), sorted(cut), wanted, self.values[0])
-        session = open_session(model)
+        try:
+            session = open_session(model)
+        except Exception as error:  # ONNX Runtime's errors share no base: run it whole
+            log.info("the candidate runs whole: its partial graph does not load (%s)", error)
+            session, wanted = open_session(candidate), list(names)
         inputs = [i.name for i in session.get_inputs()]
 
         def outputs() -> Outputs:
@@ -76,7 +82,11 @@ class Recorded:
 
 def record(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> Recorded | None:
     """`model`'s int8 codes and outputs on `feeds` (with the feeds themselves), or None when
-    they would take more than RECORD_BUDGET."""
+    they would take more than RECORD_BUDGET or the graph has subgraphs (an If or a Loop reads
+    tensors its inputs do not name, so what a node depends on is not in the graph's edges)."""
+    graphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if any(a.type in graphs for node in model.graph.node for a in node.attribute):
+        return None
     codes = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
     outputs = [o.name for o in model.graph.output]
     names = list(dict.fromkeys(codes + outputs))
