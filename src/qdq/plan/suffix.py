@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qdq.onnx.sessions import open_session
+from qdq.onnx.sessions import open_session, session_with_outputs
 
 log = logging.getLogger(__name__)
 # The recorded codes of all feeds together; past it a model is scored whole.
@@ -91,24 +91,19 @@ def record(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> Re
     if any(a.type in graphs for node in model.graph.node for a in node.attribute):
         return None
     codes = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    outputs = [o.name for o in model.graph.output]
-    names = list(dict.fromkeys(codes + outputs))
-    extended = onnx.ModelProto()
-    extended.CopyFrom(model)
-    listed = set(outputs)
-    extended.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in listed)
-    session = open_session(extended)
+    names = list(dict.fromkeys([o.name for o in model.graph.output] + codes))
+    session = session_with_outputs(model, codes)
     values: list[dict[str, np.ndarray]] = []
     for feed in feeds:
         values.append({**feed, **dict(zip(names, session.run(names, feed), strict=True))})
         if sum(v.nbytes for v in values[0].values()) * len(feeds) > RECORD_BUDGET:
             return None
     nodes = frozenset(node.SerializeToString() for node in model.graph.node)
-    return Recorded(nodes, _digests(model.graph), values)
+    return Recorded(nodes, {t.name: _digest(t) for t in model.graph.initializer}, values)
 
 
-def _digests(graph: onnx.GraphProto) -> dict[str, bytes]:
-    return {t.name: hashlib.sha256(t.SerializeToString()).digest() for t in graph.initializer}
+def _digest(tensor: onnx.TensorProto) -> bytes:
+    return hashlib.sha256(tensor.SerializeToString()).digest()
 
 
 def _unchanged(graph: onnx.GraphProto, recorded: Recorded) -> list[bool]:
@@ -130,7 +125,7 @@ def _unchanged(graph: onnx.GraphProto, recorded: Recorded) -> list[bool]:
                 same = False
             elif name in constants:
                 if name not in digests:
-                    digests[name] = hashlib.sha256(constants[name].SerializeToString()).digest()
+                    digests[name] = _digest(constants[name])
                 same = digests[name] == recorded.constants.get(name)
         for name in node.output:
             same_output[name] = same
