@@ -131,6 +131,7 @@ def plan_model(
     )
     ranges, unfit = fit_ranges({name: o.compute() for name, o in observers.items()}, unfit)
     learned: dict[tuple[str, int], np.ndarray] = {}
+    corrections: dict[tuple, np.ndarray] = {}  # each layer's one-shot bias, per weight grid
     realize = partial(insert_qdq, model)
 
     def replan(chosen: dict[str, Decision], fitted: Fitted | None = None) -> Plan:
@@ -140,7 +141,10 @@ def plan_model(
         if not config.bias_correction:
             return plan
         return _optional(
-            "bias correction", notes, partial(correct_biases, index, plan, averages), plan
+            "bias correction",
+            notes,
+            partial(correct_biases, index, plan, averages, corrections),
+            plan,
         )
 
     if held:

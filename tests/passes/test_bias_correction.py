@@ -10,8 +10,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import qdq.pipeline
 from qdq.config import preset_config
 from qdq.onnx.sessions import session_with_outputs
+from qdq.passes import bias_correction
 from qdq.pipeline import SEQUENTIAL_SAMPLES, quantize_model
 
 from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn
@@ -90,3 +92,26 @@ def test_sequential_correction_leaves_no_mean_shift_in_any_layer(tmp_path):
     assert len(after) >= 3
     assert max(after.values()) < 0.03, after  # measured 0.013
     assert max(before.values()) > 0.1, before  # one-shot correction alone: 0.22
+
+
+def test_re_plans_reuse_each_layers_correction_and_write_the_same_file(tmp_path, monkeypatch):
+    # The range method's choice and the frontier re-plan every layer on the same weight grids.
+    computed: list[str] = []
+    expected_output = bias_correction._expected_output
+
+    def counted(node, mean, error):
+        computed.append(node.name)
+        return expected_output(node, mean, error)
+
+    monkeypatch.setattr(bias_correction, "_expected_output", counted)
+    (tmp_path / "memo").mkdir()
+    reused, _ = quantize_cnn(tmp_path / "memo", prefer="speed")
+    assert computed
+    assert len(computed) == len(set(computed))  # once per layer
+
+    correct = bias_correction.correct_biases
+    monkeypatch.setattr(qdq.pipeline, "correct_biases", lambda i, p, m, _: correct(i, p, m))
+    computed.clear()
+    fresh, _ = quantize_cnn(tmp_path, prefer="speed")
+    assert len(computed) > len(set(computed))  # without the memo: again on every plan
+    assert fresh.read_bytes() == reused.read_bytes()

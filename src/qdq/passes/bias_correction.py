@@ -9,6 +9,7 @@ clipping, nonlinearities) does to each layer's mean, and cancels that too.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import replace
 from functools import lru_cache
@@ -37,8 +38,17 @@ def correction_inputs(index: GraphIndex, plan_nodes: list[str]) -> list[str]:
     return [n.input[0] for n in index.nodes if n.name in chosen and n.op_type in CORRECTABLE]
 
 
-def correct_biases(index: GraphIndex, plan: Plan, means: dict[str, np.ndarray]) -> Plan:
-    """`plan` with the corrected float bias of each quantized layer in its `bias_values`."""
+def correct_biases(
+    index: GraphIndex,
+    plan: Plan,
+    means: dict[str, np.ndarray],
+    memo: dict[tuple, np.ndarray] | None = None,
+) -> Plan:
+    """`plan` with the corrected float bias of each quantized layer in its `bias_values`.
+    `memo` keeps each layer's correction for the next plan of the same `means`: a layer's
+    correction depends only on its own weight grid, and the plans of the frontier, the range
+    method's choice and the accuracy search re-plan every layer on the same grids (a tenth of
+    the search's time went to correcting the same layers again)."""
     corrected = dict(plan.bias_values)
     for node in index.nodes:
         rule = RULES.get(node.op_type)
@@ -48,12 +58,26 @@ def correct_biases(index: GraphIndex, plan: Plan, means: dict[str, np.ndarray]) 
         mean = means.get(node.input[0])
         if mean is None:
             continue
-        weight = index.constant(node.input[rule.weight])
-        qparams = plan.constants[node.name, rule.weight]
-        error = dequantize(plan.codes((node.name, rule.weight), weight), qparams) - weight
-        shift = _expected_output(node, mean[None].astype(np.float32), error)
-        channel_means = shift.mean(axis=tuple(d for d in range(shift.ndim) if d != 1))
-        corrected[key] = index.constant(node.input[rule.bias]) - channel_means
+        weight_key = (node.name, rule.weight)
+        qparams = plan.constants[weight_key]
+        learned = plan.weight_codes.get(weight_key, plan.grid_codes.get(weight_key))
+        grid = (
+            node.name,
+            qparams.scale.tobytes(),
+            qparams.zero_point.tobytes(),
+            qparams.scheme,
+            None if learned is None else hashlib.sha256(learned.tobytes()).digest(),
+        )
+        bias = None if memo is None else memo.get(grid)
+        if bias is None:
+            weight = index.constant(node.input[rule.weight])
+            error = dequantize(plan.codes(weight_key, weight), qparams) - weight
+            shift = _expected_output(node, mean[None].astype(np.float32), error)
+            channel_means = shift.mean(axis=tuple(d for d in range(shift.ndim) if d != 1))
+            bias = index.constant(node.input[rule.bias]) - channel_means
+            if memo is not None:
+                memo[grid] = bias
+        corrected[key] = bias
     return replace(plan, bias_values=corrected)
 
 
