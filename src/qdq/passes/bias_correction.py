@@ -47,7 +47,7 @@ def correct_biases(
     """`plan` with the corrected float bias of each quantized layer in its `bias_values`.
     `memo` keeps each layer's correction for the next plan of the same `means`: a layer's
     correction depends only on its own weight grid, and the plans of the frontier, the range
-    method's choice and the accuracy search re-plan every layer on the same grids (a tenth of
+    method's choice and the accuracy search re-plan every layer on the same grids (a quarter of
     the search's time went to correcting the same layers again)."""
     corrected = dict(plan.bias_values)
     for node in index.nodes:
