@@ -170,7 +170,7 @@ def plan_model(
         learned.update(
             _optional("AdaRound", notes, partial(learn_rounding, model, index, plan, feeds), {})
         )
-        plan = replace(replan(decisions), frontier=plan.frontier)
+        plan = replace(replan(decisions), frontier=plan.frontier, float_ms=plan.float_ms)
     seconds = time.perf_counter() - start
     if config.target_sqnr is not None:
         feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)
@@ -244,7 +244,7 @@ def _frontier(
     feeds = _leading_batches(samples, config.batch_size, FRONTIER_SAMPLES)
     score = sqnr_score(model, feeds, config.output_parts)
     timing = next(samples.batches(1))
-    return choose_plan(decisions, replan, realize, score, timing, config.prefer)
+    return choose_plan(decisions, replan, realize, score, timing, config.prefer, model)
 
 
 def plan_data_free(
@@ -356,6 +356,7 @@ def quantize_model(
         output_sqnr={s.part.label: s.error.sqnr_db for s in checked},
         output_tasks={s.part.label: task_scores(s) for s in checked if task_scores(s)},
         candidates=list(plan.frontier),
+        float_ms=plan.float_ms,
     )
 
 

@@ -97,10 +97,13 @@ def choose_plan(
     score: Callable[[onnx.ModelProto], float],
     timing_feed: dict[str, np.ndarray],
     prefer: Prefer,
+    reference: onnx.ModelProto | None = None,
 ) -> tuple[Plan, dict[str, Decision]]:
     """The candidate plan `prefer` takes, with every candidate in its `frontier`, and the
     decisions it was planned from; `replan` builds a plan, `realize` its model, `score` rates
-    it (higher is better); each candidate is timed on `timing_feed`."""
+    it (higher is better); each candidate is timed on `timing_feed`, and so is the float
+    model `reference`, for the plan's `float_ms` (not a candidate: a quantizer's user wants
+    int8, but should learn when it runs no faster)."""
     plans: dict[str, tuple[Plan, dict[str, Decision]]] = {}
     seen: set[frozenset[str]] = set()
     fallback: tuple[Plan, dict[str, Decision]] | None = None
@@ -118,7 +121,9 @@ def choose_plan(
         return fallback
     models = {name: realize(plan) for name, (plan, _) in plans.items()}
     scores = {name: score(model) for name, model in models.items()}
-    latencies = latencies_ms(list(models.values()), timing_feed)
+    timed = list(models.values()) + ([reference] if reference is not None else [])
+    latencies = latencies_ms(timed, timing_feed)
+    float_ms = latencies.pop() if reference is not None else None
     candidates = [
         Candidate(name, scores[name], ms, _int8_nodes(plans[name][0]))
         for name, ms in zip(models, latencies, strict=True)
@@ -128,7 +133,7 @@ def choose_plan(
         log.info("candidate %s: %.2f dB, %.3f ms", c.name, c.score, c.latency_ms)
     plan, chosen = plans[taken.name]
     frontier = tuple(replace(c, chosen=c is taken) for c in candidates)
-    return replace(plan, frontier=frontier), chosen
+    return replace(plan, frontier=frontier, float_ms=float_ms), chosen
 
 
 def latencies_ms(models: list[onnx.ModelProto], feed: dict[str, np.ndarray]) -> list[float]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from qdq.plan.build import Candidate
 from qdq.plan.decisions import Decision
+from qdq.plan.frontier import LATENCY_TIE
 from qdq.plan.parts import PartStats
 
 CHECK_SAMPLES = 16  # calibration samples on which the report measures the output SQNR
@@ -33,6 +34,7 @@ class QuantizeReport:
     output_sqnr: dict[str, float] = field(default_factory=dict)  # dB, per part of a float output
     output_tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # per part: scores
     candidates: list[Candidate] = field(default_factory=list)  # the plans --prefer chose from
+    float_ms: float | None = None  # the float model on the candidates' feed, when they were timed
 
     @property
     def quantized(self) -> list[Decision]:
@@ -62,7 +64,16 @@ class QuantizeReport:
                 f"{c.name} {c.score:.2f} dB {c.latency_ms:.3f} ms{' (chosen)' if c.chosen else ''}"
                 for c in self.candidates
             )
+            if self.float_ms is not None:
+                shown += f"; FP32 {self.float_ms:.3f} ms"
             lines.append(f"candidate plans (worst output part, ms per sample, 1 thread): {shown}")
+            fastest = min(c.latency_ms for c in self.candidates)
+            if self.float_ms is not None and fastest > self.float_ms + _tie(self.float_ms):
+                lines.append(
+                    f"warning: no candidate plan runs faster than FP32 here ({fastest:.3f} ms "
+                    f"against {self.float_ms:.3f} ms a sample, 1 thread): the int8 file is "
+                    "smaller, not faster, on this machine"
+                )
         if self.output_sqnr:
             shown = ", ".join(
                 f"{k!r} {v:.2f} dB{self._tasks(k)}" for k, v in self.output_sqnr.items()
@@ -81,3 +92,9 @@ class QuantizeReport:
         scores = self.output_tasks.get(part, {})
         shown = ", ".join(f"{TASK_SCORES[k]} {v:.3f}" for k, v in scores.items())
         return f" ({shown})" if shown else ""
+
+
+def _tie(ms: float) -> float:
+    """How much slower than `ms` still counts as as fast (the frontier's timing noise)."""
+    relative, absolute = LATENCY_TIE
+    return max(ms * relative, absolute)
