@@ -203,21 +203,20 @@ def test_the_report_times_fp32_with_the_candidates_and_warns_when_int8_is_slower
     tmp_path, monkeypatch
 ):
     # The nucleus segmenter measured every plan 1.1-1.5x FP32's time: a user should hear it.
-    # Timed as given here (a loaded machine's timing is no test): FP32 last, every plan slower
+    # Timed as given here (a loaded machine's timing is no test): FP32 alone, every plan slower
     # (past the timing tie: a tiny model's microseconds are noise, no warning).
-    monkeypatch.setattr(
-        frontier, "latencies_ms", lambda models, _: [2.0] * (len(models) - 1) + [1.0]
-    )
+    def timed(fp32: float, plans: float):
+        return lambda models, _: [fp32] if len(models) == 1 else [plans] * len(models)
+
+    monkeypatch.setattr(frontier, "latencies_ms", timed(1.0, 2.0))
     report = quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz")
     assert report.float_ms == 1.0
     summary = report.summary(tmp_path / "q.onnx")
     assert "; FP32 1.000 ms" in summary
     assert "no candidate plan runs faster than FP32 here" in summary
-    monkeypatch.setattr(
-        frontier, "latencies_ms", lambda models, _: [0.5] * (len(models) - 1) + [1.0]
-    )
+    monkeypatch.setattr(frontier, "latencies_ms", timed(1.0, 0.5))
     faster = quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz")
     assert "no candidate plan runs faster" not in faster.summary(tmp_path / "q.onnx")
-    monkeypatch.setattr(frontier, "latencies_ms", lambda models, _: [1.03] * len(models))
+    monkeypatch.setattr(frontier, "latencies_ms", timed(1.0, 1.03))
     tied = quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz")
     assert "no candidate plan runs faster" not in tied.summary(tmp_path / "q.onnx")  # 3%: a tie

@@ -121,9 +121,9 @@ def choose_plan(
         return fallback
     models = {name: realize(plan) for name, (plan, _) in plans.items()}
     scores = {name: score(model) for name, model in models.items()}
-    timed = list(models.values()) + ([reference] if reference is not None else [])
-    latencies = latencies_ms(timed, timing_feed)
-    float_ms = latencies.pop() if reference is not None else None
+    latencies = latencies_ms(list(models.values()), timing_feed)
+    # apart from the candidates, so that their cached times (and so the plan) stay as they were
+    float_ms = None if reference is None else latencies_ms([reference], timing_feed)[0]
     candidates = [
         Candidate(name, scores[name], ms, _int8_nodes(plans[name][0]))
         for name, ms in zip(models, latencies, strict=True)
