@@ -66,7 +66,7 @@ class Plan:
     weight_codes: Mapping[Key, np.ndarray] = field(default_factory=dict)  # AdaRound
     budget: BudgetResult | None = None  # set when --target-sqnr was asked for
     frontier: tuple[Candidate, ...] = ()  # the candidate plans this one was chosen from
-    float_ms: float | None = None  # the float model, timed with the frontier's candidates
+    float_ms: float | None = None  # the float model, timed on the frontier's feed
     grid_codes: Mapping[Key, np.ndarray] = field(default_factory=dict)  # binary, ternary, 2^k
 
     def codes(self, key: Key, values: np.ndarray) -> np.ndarray:

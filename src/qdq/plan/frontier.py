@@ -230,7 +230,13 @@ def _fastest(candidates: Sequence[Candidate]) -> list[Candidate]:
 def _quickest(candidates: Sequence[Candidate]) -> tuple[float, float]:
     """The fastest latency, and how much slower still counts as equal (timing noise)."""
     quickest = min(c.latency_ms for c in candidates)
-    return quickest, max(quickest * LATENCY_TIE[0], LATENCY_TIE[1])
+    return quickest, latency_tie(quickest)
+
+
+def latency_tie(ms: float) -> float:
+    """How much slower than `ms` still counts as as fast: LATENCY_TIE (timing noise)."""
+    relative, absolute = LATENCY_TIE
+    return max(ms * relative, absolute)
 
 
 def _most_int8(candidates: Sequence[Candidate]) -> Candidate:

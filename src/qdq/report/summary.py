@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from qdq.plan.build import Candidate
 from qdq.plan.decisions import Decision
-from qdq.plan.frontier import LATENCY_TIE
+from qdq.plan.frontier import latency_tie
 from qdq.plan.parts import PartStats
 
 CHECK_SAMPLES = 16  # calibration samples on which the report measures the output SQNR
@@ -68,7 +68,7 @@ class QuantizeReport:
                 shown += f"; FP32 {self.float_ms:.3f} ms"
             lines.append(f"candidate plans (worst output part, ms per sample, 1 thread): {shown}")
             fastest = min(c.latency_ms for c in self.candidates)
-            if self.float_ms is not None and fastest > self.float_ms + _tie(self.float_ms):
+            if self.float_ms is not None and fastest > self.float_ms + latency_tie(self.float_ms):
                 lines.append(
                     f"warning: no candidate plan runs faster than FP32 here ({fastest:.3f} ms "
                     f"against {self.float_ms:.3f} ms a sample, 1 thread): the int8 file is "
@@ -92,9 +92,3 @@ class QuantizeReport:
         scores = self.output_tasks.get(part, {})
         shown = ", ".join(f"{TASK_SCORES[k]} {v:.3f}" for k, v in scores.items())
         return f" ({shown})" if shown else ""
-
-
-def _tie(ms: float) -> float:
-    """How much slower than `ms` still counts as as fast (the frontier's timing noise)."""
-    relative, absolute = LATENCY_TIE
-    return max(ms * relative, absolute)
