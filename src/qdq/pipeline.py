@@ -181,8 +181,7 @@ def plan_model(
         )
         search = partial(
             meet_target,
-            # timed on one sample, as the frontier is (docs/ptq.md: a batch was a serial tail)
-            *(decisions, replan, realize, score, config.target_sqnr, next(samples.batches(1))),
+            *(decisions, replan, realize, score, config.target_sqnr, _timing_feed(samples)),
             config.workers,
         )
         plan = _optional("the accuracy budget", notes, search, plan)
@@ -243,8 +242,9 @@ def _frontier(
     output part on the first FRONTIER_SAMPLES calibration samples, timed on the first one."""
     feeds = _leading_batches(samples, config.batch_size, FRONTIER_SAMPLES)
     score = sqnr_score(model, feeds, config.output_parts)
-    timing = next(samples.batches(1))
-    return choose_plan(decisions, replan, realize, score, timing, config.prefer, model)
+    return choose_plan(
+        decisions, replan, realize, score, _timing_feed(samples), config.prefer, model
+    )
 
 
 def plan_data_free(
@@ -276,6 +276,12 @@ def _session_score(metric: Metric) -> Callable[[onnx.ModelProto], float]:
         return float(metric(open_session(candidate)))
 
     return score
+
+
+def _timing_feed(samples: Samples) -> dict[str, np.ndarray]:
+    """The first sample, which the frontier's candidates and the budget's price are timed on
+    (the budget timed a batch before: a serial tail of seconds on two workers, docs/ptq.md)."""
+    return next(samples.batches(1))
 
 
 def _leading_batches(samples: Samples, batch_size: int, count: int) -> list[dict]:

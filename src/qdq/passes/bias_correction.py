@@ -60,7 +60,7 @@ def correct_biases(
             continue
         weight_key = (node.name, rule.weight)
         qparams = plan.constants[weight_key]
-        learned = plan.weight_codes.get(weight_key, plan.grid_codes.get(weight_key))
+        learned = plan.given_codes(weight_key)
         grid = (
             node.name,
             qparams.scale.tobytes(),

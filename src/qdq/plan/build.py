@@ -72,8 +72,12 @@ class Plan:
     def codes(self, key: Key, values: np.ndarray) -> np.ndarray:
         """Integer codes of a constant input: learned ones (AdaRound), a low-bit grid's
         (`qdq.lowbit`), or nearest rounding."""
-        learned = self.weight_codes.get(key, self.grid_codes.get(key))
-        return learned if learned is not None else quantize(values, self.constants[key])
+        given = self.given_codes(key)
+        return given if given is not None else quantize(values, self.constants[key])
+
+    def given_codes(self, key: Key) -> np.ndarray | None:
+        """The codes a pass set for a constant input (learned, or a low-bit grid's), if any."""
+        return self.weight_codes.get(key, self.grid_codes.get(key))
 
 
 @dataclass
