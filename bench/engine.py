@@ -29,7 +29,14 @@ from ptq import quantize_qdq, save_samples
 from qdq.engine import Engine
 from qdq.engine.diff import diff_model
 
-BATCH = {"cnn": 64, "mobilenet": 64, "ppocr_cls": 16, "efficientnet_lite0": 8}
+BATCH = {
+    "cnn": 64,
+    "mobilenet": 64,
+    "ppocr_cls": 16,
+    "ppocr_det": 4,
+    "ppocr_rec": 8,
+    "efficientnet_lite0": 8,
+}
 
 
 def fastest_ms(runs: dict[str, object], feeds: dict[str, np.ndarray], rounds: int) -> dict:

@@ -55,6 +55,19 @@ def test_compiled_kernels_give_the_numpy_references_tensors(digits, name, requan
     _same_tensors(digits[name], {"input": x}, requant, monkeypatch)
 
 
+def test_runs_reuse_their_arrays_but_hand_out_their_own_outputs(digits):
+    """`run` writes each run into the arrays of the last: what it returns is a copy."""
+    x = np.load(DIGITS / "test.npz")["input"]
+    engine = Engine(digits["mobilenet"], "float")
+    first = engine.run({"input": x[:8]})
+    second = engine.run({"input": x[8:16]})
+    for batch, got in ((x[:8], first), (x[8:16], second)):
+        want = Engine(digits["mobilenet"], "float").trace({"input": batch})
+        for name, value in got.items():
+            np.testing.assert_array_equal(value, want[name])
+    assert engine._buffers  # the compiled kernels wrote into kept arrays
+
+
 def test_the_kernel_choice_is_visible_and_checked(digits):
     assert Engine(digits["cnn"]).kernels == ("compiled" if compiled.available() else "numpy")
     assert Engine(digits["cnn"], kernels="numpy").kernels == "numpy"

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from qdq.engine import Engine, compiled
+from qdq.engine import Engine, compiled, elementwise, mlas, vnni
 from qdq.engine.integer import exact_conv, requantize_mlas
 from qdq.engine.kernels import Context, flatten, max_pool, reshape
 from qdq.onnx.conv import ConvGeometry
@@ -46,18 +46,31 @@ def _case(shape, m, k, group, dtype, seed):
     return x, x_zp, w
 
 
+def _channels_last(x: np.ndarray) -> np.ndarray:
+    """x with the same values, its memory channels-last, as the compiled convolutions write."""
+    return compiled.from_pixels(np.ascontiguousarray(compiled.as_pixels(x)))
+
+
 @needs_numba
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: "x".join(map(str, layer[0][1:])))
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
-def test_compiled_convolution_gives_the_exact_sums_and_mlas_codes(layer, dtype):
+@pytest.mark.parametrize("path", ["nchw", "channels_last", "float32_products", "wide_weights"])
+def test_compiled_convolution_gives_the_exact_sums_and_mlas_codes(layer, dtype, path, monkeypatch):
+    """Either memory layout in; dense products in int8 (VNNI, where the CPU has it) or in
+    float32 BLAS (asked for, or because centred weights pass int8, as uint8 weights with a
+    zero point can)."""
     shape, m, k, stride, dilation, pads, group = layer
     x, x_zp, w = _case(shape, m, k, group, dtype, seed=len(shape) * m + k)
+    w = w * 2 if path == "wide_weights" else w
+    x = x if path == "nchw" else _channels_last(x)
+    if path == "float32_products":
+        monkeypatch.setattr(compiled, "INT8_PRODUCTS", False)
     g = ConvGeometry((k, k), (stride, stride), (dilation, dilation), pads, group)
     want = exact_conv(x.astype(np.int64) - x_zp, w, g)
     depthwise = w.shape[1] == 1 and group == m == shape[1]
     weights = w[:, 0].transpose(1, 2, 0) if depthwise else w.reshape(m, -1)
     weights = np.ascontiguousarray(weights, np.float32)
-    acc, _ = compiled.conv_accumulator(x, x_zp, weights, g, w[0].size)
+    acc = compiled.conv_accumulator(x, x_zp, weights, g, w[0].size)
     np.testing.assert_array_equal(acc.reshape(want.shape), want)
 
     rng = np.random.default_rng(m)
@@ -67,7 +80,7 @@ def test_compiled_convolution_gives_the_exact_sums_and_mlas_codes(layer, dtype):
     limits = np.iinfo(dtype)
     low, high = np.float32(limits.min - int(y_zp)), np.float32(limits.max - int(y_zp))
     fused = (bias, scale, int(y_zp), low, high, dtype)
-    codes, _ = compiled.conv_accumulator(x, x_zp, weights, g, w[0].size, fused)
+    codes = compiled.conv_accumulator(x, x_zp, weights, g, w[0].size, fused)
     reference = requantize_mlas(
         want + bias.reshape(1, -1, 1, 1), scale.reshape(1, -1, 1, 1), y_zp, dtype
     )
@@ -87,8 +100,51 @@ def test_chunked_sums_are_exact_past_float32():
     assert np.abs(want).max() >= 2**24
     chunk = (2**24 - 1) // (255 * 127)
     weights = w.reshape(64, -1).astype(np.float32)
-    acc, _ = compiled.conv_accumulator(x, 0, weights, g, chunk)
+    acc = compiled.conv_accumulator(x, 0, weights, g, chunk)
     np.testing.assert_array_equal(acc.reshape(want.shape), want)
+
+
+@pytest.mark.skipif(not vnni.available(), reason="needs Numba and an AVX-512 VNNI CPU")
+def test_int8_products_are_exact_where_partial_sums_wrap():
+    """vpdpbusd's int32 lanes wrap: past 2^31 halfway through the terms, back to the exact
+    sum by the end, as MLAS's do."""
+    k, m = 140_000, 32
+    a = np.full((vnni.ROWS, k), 255, np.uint8)
+    a[1] = np.arange(k) % 256
+    w = np.full((k, m), 127, np.int8)
+    w[k // 2 :] = -127
+    w[:, 1] = np.random.default_rng(2).integers(-128, 128, k)
+    packed, sums = vnni.pack_weights(w)
+    np.testing.assert_array_equal(sums, w.astype(np.int64).sum(axis=0))
+    out = np.empty((vnni.ROWS, m), np.int32)
+    vnni.gemm(a.ravel(), vnni.ROWS, k, packed, m, out.ravel())
+    want = a.astype(np.int64) @ w.astype(np.int64)
+    assert np.abs(want).max() < 2**31 < 255 * 127 * k // 2  # partial sums wrapped
+    np.testing.assert_array_equal(out, want)
+
+
+def test_weights_past_int8_are_not_packed():
+    assert vnni.pack_weights(np.array([[127, -128]])) is not None
+    assert vnni.pack_weights(np.array([[128, 0]])) is None
+
+
+@needs_numba
+@pytest.mark.parametrize("op", [mlas.qlinear_add, mlas.qlinear_mul])
+def test_elementwise_kernels_read_channels_last_memory_as_it_lies(op):
+    rng = np.random.default_rng(7)
+    a, b = (rng.integers(0, 256, (2, 16, 9, 9), dtype=np.uint8) for _ in range(2))
+    (s_a, s_b, s_c), (z_a, z_b, z_c) = rng.uniform(0.01, 0.2, 3), rng.integers(0, 256, 3)
+    f32, u8 = np.float32, np.uint8
+    grids = (f32(s_a), u8(z_a), f32(s_b), u8(z_b), f32(s_c), u8(z_c))
+
+    def apply(a, b):
+        return op(a, grids[0], grids[1], b, grids[2], grids[3], grids[4], grids[5], True)
+
+    pixels = _channels_last(a), _channels_last(b)
+    assert compiled.channels_last(*pixels)
+    got = apply(*pixels)
+    np.testing.assert_array_equal(got, apply(a, b))
+    assert compiled.as_pixels(got).flags.c_contiguous  # written as it was read
 
 
 def _ort_node(op: str, inputs: dict[str, np.ndarray], **attrs) -> np.ndarray:
@@ -108,6 +164,39 @@ def _ort_node(op: str, inputs: dict[str, np.ndarray], **attrs) -> np.ndarray:
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options)
     return session.run(None, inputs)[0]
+
+
+@needs_numba
+@pytest.mark.parametrize("memory", ["nchw", "channels_last"])
+def test_compiled_elementwise_ops_are_onnx_runtimes(memory):
+    """Per-tensor QuantizeLinear (x / s on ties) and DequantizeLinear, and the float ops the
+    compiled path runs in place of one-node sessions, bit for bit, laid out as their input."""
+    rng = np.random.default_rng(11)
+    shape = (2, 16, 9, 7)
+    scale, zero = np.array(0.0173, np.float32), np.array(131, np.uint8)
+    ties = (rng.integers(-300, 300, shape) + 0.5).astype(np.float32) * scale
+    a, b = rng.standard_normal(shape).astype(np.float32) * 4, rng.standard_normal(shape)
+    a, b, ties = (_channels_last(t) if memory == "channels_last" else t for t in (a, b, ties))
+    b = b.astype(np.float32)
+    codes = elementwise.quantize(ties, scale, zero)
+    cases = [
+        (codes, _ort_node("QuantizeLinear", {"x": ties, "s": scale, "z": zero})),
+        (
+            elementwise.dequantize(codes, scale, zero),
+            _ort_node("DequantizeLinear", {"x": codes, "s": scale, "z": zero}),
+        ),
+        (elementwise.binary("Add", a, b), _ort_node("Add", {"a": a, "b": b})),
+        (elementwise.binary("Mul", a, b), _ort_node("Mul", {"a": a, "b": b})),
+        (elementwise.binary("Mul", a, np.float32(3)), a * np.float32(3)),
+        (
+            elementwise.hard_sigmoid(a, 1 / 6, 0.5),
+            _ort_node("HardSigmoid", {"x": a}, alpha=1 / 6, beta=0.5),
+        ),
+    ]
+    for got, want in cases:
+        assert compiled.as_pixels(got).flags.c_contiguous == (memory == "channels_last")
+        np.testing.assert_array_equal(got, want)
+    assert elementwise.binary("Add", a, b[:, :1]) is None  # broadcasting: ONNX Runtime's
 
 
 @pytest.mark.parametrize(

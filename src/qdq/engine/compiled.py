@@ -1,19 +1,27 @@
 """Compiled convolution kernels (Numba, the optional `fast` extra): the engine's fast path.
 
 Same arithmetic as the NumPy reference in `integer.py` and `mlas.py`, in fewer passes. A dense
-or grouped convolution runs a cache-sized tile of output positions at a time: im2col writes
-the zero-point-free operand straight into float32, one BLAS product (exact while every partial
-sum stays below 2^24, `integer.exact_dtype`), and ONNX Runtime's requantization
+convolution runs a cache-sized tile of output positions at a time: im2col writes each
+position's zero-point-free terms straight into a float32 row, one BLAS product (exact while
+every partial sum stays below 2^24, `integer.exact_dtype`), and ONNX Runtime's requantization
 (`requantize_mlas`) with the bias, straight into the output codes. A depthwise convolution
-lays each image out channels-last and sums tap by tap across channels (SIMD), requantizing
-each output row as it is done. `tests/engine/test_fast_paths.py` checks the kernels against
-the NumPy reference on real layer shapes, `tests/engine/test_compiled.py` on whole models.
+sums tap by tap across channels (SIMD), requantizing each output row as it is done. Both
+write their codes channels-last (an (N, C, H, W) view of (N, H, W, C) memory): the next
+convolution then reads a pixel's channels, and a window's row of taps, as contiguous runs,
+and no layer transposes its input; elementwise kernels run on that memory as it lies, and
+anything else reads the view as any NumPy array. `tests/engine/test_fast_paths.py` checks
+the kernels against the NumPy reference on real layer shapes in both layouts,
+`tests/engine/test_compiled.py` on whole models.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
+from qdq.engine import vnni
 from qdq.onnx.conv import ConvGeometry
 
 try:
@@ -23,6 +31,9 @@ except ImportError:  # the NumPy path serves; `available()` says which
     uint64 = int
 
 TILE = 1 << 18  # float32 values in a tile's columns and product together: 1 MiB, within L2
+# dense convolutions multiply int8 codes with VNNI where the CPU has it (tests turn it off to
+# check the float32 path)
+INT8_PRODUCTS = vnni.available()
 
 
 def available() -> bool:
@@ -99,6 +110,63 @@ def _pointwise_columns(x, x_zp, first, out):
         t += run
 
 
+def _pixels(x, shift, top, left, out):
+    """out (N, rows, columns, C), its border already filled = x as pixels (N, H, W, C: a view
+    of either layout) plus `shift` (less the zero point for float32 terms, the offset to
+    unsigned for codes), inside that border: what `_pixel_columns` copies from."""
+    n_count, height, width, channels = x.shape
+    for n in range(n_count):
+        for h in range(height):
+            for v in range(width):
+                source, target = x[n, h, v], out[n, h + top, v + left]
+                for c in range(channels):
+                    target[c] = np.int32(source[c]) + shift
+
+
+def _pixel_columns(padded, kh, kw, sh, sw, dh, dw, oh, ow, first, out):
+    """im2col of output positions `first`, ... (r = (n * oh + y) * ow + v, as many as `out`
+    has rows) from `_pixels`, a row per position: out[r - first, (i * kw + j) * C + c] =
+    padded[n, y * sh + i * dh, v * sw + j * dw, c]. A window's row of taps is one run of
+    kw * C values when dw is 1."""
+    _, rows, width, channels = padded.shape
+    count, length = out.shape
+    flat, target = padded.ravel(), out.ravel()
+    run = uint64(kw * channels if dw == 1 else channels)
+    for t in range(count):
+        n, rest = divmod(first + t, oh * ow)
+        y, v = divmod(rest, ow)
+        for i in range(kh):
+            line = ((n * rows + y * sh + i * dh) * width + v * sw) * channels
+            for j in range(1 if dw == 1 else kw):
+                # unsigned: no negative-index test per element
+                start = uint64(line + j * dw * channels)
+                base = uint64(t * length + (i * kw + j) * channels)
+                for q in range(run):
+                    target[base + q] = flat[start + q]
+
+
+def _pixel_rows(x, shift, first, out):
+    """`_pixel_columns` of a 1x1 kernel with unit strides and no padding: positions `first`,
+    ... of x as pixels (N, H, W, C), a row each, plus `shift` (`_pixels`)."""
+    _, height, width, channels = x.shape
+    for t in range(out.shape[0]):
+        n, rest = divmod(first + t, height * width)
+        source, target = x[n, rest // width, rest % width], out[t]
+        for c in range(channels):
+            target[c] = np.int32(source[c]) + shift
+
+
+def _requantize_rows(product, bias, scale, zero_point, low, high, first, out):
+    """`_requantize_mlas` of a product (positions, M or more: float32 or int32 sums) into
+    rows `first`, ... of out (P, M). The sum with the bias wraps to int32 as MLAS's does:
+    exact whenever the true sum fits, even if the product or the bias alone wrapped."""
+    for t in range(product.shape[0]):
+        source, target = product[t], out[first + t]
+        for m in range(target.size):
+            value = np.float32(np.int32(np.int32(source[m]) + bias[m])) * scale[m]
+            target[m] = np.int32(np.rint(min(max(value, low), high))) + zero_point
+
+
 def _requantize_columns(product, bias, scale, zero_point, low, high, first, out):
     """`_requantize_mlas` of a product over output positions `first`, ... (`_columns`) into
     out (N, M, P): float32(int32(product[m, r - first]) + bias[m]) * scale[m], clamped,
@@ -121,20 +189,21 @@ def _requantize_columns(product, bias, scale, zero_point, low, high, first, out)
 
 
 def _depthwise_ring(x, w, sw, dh, dw, left, ow):
-    """The channels-last rows a depthwise convolution reads, as a ring of the kh * dilation
-    rows one output row spans (rows, sw, span, C): column q * sw + phase of a padded row at
-    [slot, phase, q], so that the taps of a strided convolution read contiguous runs too. A
-    small ring stays in cache; a whole padded image would not."""
-    width, channels = x.shape[3], x.shape[1]
+    """The channels-last rows a depthwise convolution reads (x as pixels, N, H, W, C), as a
+    ring of the kh * dilation rows one output row spans (rows, sw, span, C): column
+    q * sw + phase of a padded row at [slot, phase, q], so that the taps of a strided
+    convolution read contiguous runs too. A small ring stays in cache; a whole padded image
+    would not."""
+    width, channels = x.shape[2], x.shape[3]
     columns = max(width + left, (ow - 1) * sw + (w.shape[1] - 1) * dw + 1)
     rows = (w.shape[0] - 1) * dh + 1
     return np.zeros((rows, sw, (columns + sw - 1) // sw, channels), np.float32)
 
 
 def _fill_row(x, x_zp, n, h, left, ring, slot):
-    """Ring `slot` = row h of image n (N, C, H, W) less its zero point, channels-last, a
-    pixel's channels at a time, zero columns around it; all zero where h is padding."""
-    _, channels, height, width = x.shape
+    """Ring `slot` = row h of image n less its zero point, x as pixels (N, H, W, C: a view of
+    either layout), zero columns around it; all zero where h is padding."""
+    _, height, width, channels = x.shape
     _, sw, span, _ = ring.shape
     if h < 0 or h >= height:
         ring[slot] = 0.0
@@ -145,15 +214,16 @@ def _fill_row(x, x_zp, n, h, left, ring, slot):
         if v < 0 or v >= width:
             pixel[:] = 0.0
             continue
+        source = x[n, h, v]
         for c in range(channels):
-            pixel[c] = np.float32(np.int32(x[n, c, h, v]) - x_zp)
+            pixel[c] = np.float32(np.int32(source[c]) - x_zp)
 
 
 def _output_row(x, x_zp, n, y, w, sh, dh, dw, top, left, ring, filled, acc):
-    """acc (OW, C) = output row y of image n: the sum over taps (i, j) of padded row
-    y * sh + i * dh, columns v * sw + j * dw, times w[i, j]; every tap one contiguous run over
-    (v, c), vectorized across channels. Fills the ring's rows up to the last one it reads,
-    from `filled` on; returns the next row to fill."""
+    """acc (OW, C) = output row y of image n (x as pixels, N, H, W, C): the sum over taps
+    (i, j) of padded row y * sh + i * dh, columns v * sw + j * dw, times w[i, j]; every tap
+    one contiguous run over (v, c), vectorized across channels. Fills the ring's rows up to
+    the last one it reads, from `filled` on; returns the next row to fill."""
     kh, kw, channels = w.shape
     rows, sw = ring.shape[0], ring.shape[1]
     while filled <= y * sh + (kh - 1) * dh:
@@ -174,19 +244,17 @@ def _output_row(x, x_zp, n, y, w, sh, dh, dw, top, left, ring, filled, acc):
 
 
 def _depthwise(x, x_zp, w, sh, sw, dh, dw, top, left, oh, ow, out):
-    """out[n, c, y, v] = the sum over taps of (x - x_zp) * w[:, :, c] (w as (kh, kw, C)), in
-    float32: exact, the caller bounds every partial sum below 2^24. The rows are laid out
-    channels-last as the output reaches them, so that every tap is one vector product across
-    channels."""
+    """out[n, y, v, c] = the sum over taps of (x - x_zp) * w[:, :, c] (x and out as pixels,
+    N, H, W, C; w as (kh, kw, C)), in float32: exact, the caller bounds every partial sum
+    below 2^24. The rows are laid out channels-last as the output reaches them, so that every
+    tap is one vector product across channels."""
     ring = _depthwise_ring(x, w, sw, dh, dw, left, ow)
-    acc = np.empty((ow, x.shape[1]), np.float32)
+    acc = np.empty((ow, x.shape[3]), np.float32)
     for n in range(x.shape[0]):
         filled = 0
         for y in range(oh):
             filled = _output_row(x, x_zp, n, y, w, sh, dh, dw, top, left, ring, filled, acc)
-            for c in range(acc.shape[1]):
-                for v in range(ow):
-                    out[n, c, y, v] = acc[v, c]
+            out[n, y] = acc
 
 
 def _depthwise_requantized(
@@ -194,19 +262,16 @@ def _depthwise_requantized(
 ):
     """`_depthwise` with `_requantize_mlas` fused: each output row's sums become codes."""
     ring = _depthwise_ring(x, w, sw, dh, dw, left, ow)
-    acc = np.empty((ow, x.shape[1]), np.float32)
+    acc = np.empty((ow, x.shape[3]), np.float32)
     for n in range(x.shape[0]):
         filled = 0
         for y in range(oh):
             filled = _output_row(x, x_zp, n, y, w, sh, dh, dw, top, left, ring, filled, acc)
-            for v in range(ow):  # requantized in place, vectorized across channels
-                values = acc[v]
+            for v in range(ow):  # vectorized across channels
+                values, target = acc[v], out[n, y, v]
                 for c in range(values.size):
                     value = np.float32(np.int32(values[c]) + bias[c]) * scale[c]
-                    values[c] = np.rint(min(max(value, low), high))
-            for c in range(acc.shape[1]):
-                for v in range(ow):
-                    out[n, c, y, v] = np.int32(acc[v, c]) + zero_point
+                    target[c] = np.int32(np.rint(min(max(value, low), high))) + zero_point
 
 
 def _requantize_mlas(acc, bias, scale, zero_point, low, high, out):
@@ -255,6 +320,10 @@ def _mul_spans(a, a_zp, b, b_zp, ratio, c_zp, low, high, out):
 
 
 padded_planes = _compile(_padded_planes)
+pixels = _compile(_pixels)
+pixel_columns = _compile(_pixel_columns)
+pixel_rows = _compile(_pixel_rows)
+requantize_rows = _compile(_requantize_rows)
 columns = _compile(_columns)
 pointwise_columns = _compile(_pointwise_columns)
 requantize_columns = _compile(_requantize_columns)
@@ -284,6 +353,55 @@ def spans(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return a.reshape(rows, -1), b.reshape(rows, 1)
 
 
+def as_pixels(x: np.ndarray) -> np.ndarray:
+    """x (N, C, H, W) viewed as (N, H, W, C), without a copy: contiguous when its memory is
+    channels-last, as the compiled convolutions write their outputs."""
+    return x.transpose(0, 2, 3, 1)
+
+
+def from_pixels(pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) memory viewed as the (N, C, H, W) tensor the graph holds."""
+    return pixels.transpose(0, 3, 1, 2)
+
+
+def channels_last(*tensors: np.ndarray) -> bool:
+    """Whether the tensors are 4-D, of one shape, in channels-last memory that is not also
+    contiguous as (N, C, H, W): elementwise kernels then run on their pixels (`as_pixels`),
+    where flattening them copies nothing."""
+    shape = tensors[0].shape
+    return all(
+        t.ndim == 4
+        and t.shape == shape
+        and as_pixels(t).flags.c_contiguous
+        and not t.flags.c_contiguous
+        for t in tensors
+    )
+
+
+@dataclass(frozen=True)
+class DenseWeights:
+    """A dense convolution's centred weights as `_fused_pixels` multiplies them: float32
+    (K, M), terms in `_pixel_columns`' order, and, where the CPU has VNNI and every weight
+    fits int8, `vnni.pack_weights`' codes and column sums."""
+
+    floats: np.ndarray
+    codes: tuple[np.ndarray, np.ndarray] | None
+
+
+def dense_weights(weights: np.ndarray, channels: int) -> DenseWeights:
+    """Dense weights (M, C * kh * kw) in both forms `_fused_pixels` reads."""
+    m = weights.shape[0]
+    taps = weights.reshape(m, channels, -1).transpose(0, 2, 1).reshape(m, -1)
+    floats = np.ascontiguousarray(taps.T)
+    return DenseWeights(floats, vnni.pack_weights(floats) if vnni.available() else None)
+
+
+def fresh(shape: tuple[int, ...], dtype: np.dtype, slot: str = "out") -> np.ndarray:
+    """A new uninitialized array: how the kernels allocate unless the engine lends its own
+    (`kernels.Context.empty`, called with the same arguments)."""
+    return np.empty(shape, dtype)
+
+
 def conv_accumulator(
     x: np.ndarray,
     x_zp: int,
@@ -291,16 +409,21 @@ def conv_accumulator(
     g: ConvGeometry,
     chunk: int,
     requantize: tuple | None = None,
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """The exact accumulator of a convolution (N, M, OH * OW, maybe a strided view) without
-    bias, and (OH, OW); given `requantize` = (int32 bias, float32 scale, zero point, low, high,
-    dtype) per output channel, the output codes of `_requantize_mlas` instead, fused.
+    by_pixel: DenseWeights | None = None,
+    allocate: Callable = fresh,
+) -> np.ndarray:
+    """The exact accumulator of a convolution (N, M, OH, OW, maybe a view of channels-last
+    memory) without bias; given `requantize` = (int32 bias, float32 scale, zero point, low,
+    high, dtype) per output channel, the output codes of `_requantize_mlas` instead, fused.
 
     `weights` are the codes less their zero points in float32: (M, C / group * kh * kw) for
-    dense and grouped convolutions, (kh, kw, C) for depthwise ones. Products run through BLAS
+    dense and grouped convolutions, (kh, kw, C) for depthwise ones; `by_pixel` the dense
+    ones as `dense_weights` arranges them (derived when not given). Products run through BLAS
     in float32 over at most `chunk` terms of K at a time, the most whose partial sums stay
     below 2^24 (exact, `integer.exact_dtype`); longer sums add those float32 products in
-    float64 (exact below 2^53).
+    float64 (exact below 2^53). Depthwise and fused dense convolutions read x in either
+    layout and write channels-last memory, so that the next one reads its pixels' channels
+    contiguously, into arrays from `allocate` (`fresh`).
     """
     n, c, height, width = x.shape
     top, left, bottom, right = g.pads
@@ -311,18 +434,22 @@ def conv_accumulator(
     if weights.ndim == 3:  # depthwise
         taps = (sh, sw, dh, dw, top, left, oh, ow)
         if requantize is None:
-            out = np.empty((n, c, oh, ow), np.float32)
-            depthwise(x, zp, weights, *taps, out)
+            out = np.empty((n, oh, ow, c), np.float32)
+            depthwise(as_pixels(x), zp, weights, *taps, out)
         else:
             bias, scale, y_zp, low, high, dtype = requantize
-            out = np.empty((n, c, oh, ow), dtype)
+            out = allocate((n, oh, ow, c), dtype)
             codes = (bias, scale, np.int32(y_zp), low, high)
-            depthwise_requantized(x, zp, weights, *taps, *codes, out)
-        return out.reshape(n, c, oh * ow), (oh, ow)
+            depthwise_requantized(as_pixels(x), zp, weights, *taps, *codes, out)
+        return from_pixels(out)
     geometry = (kh, kw, sh, sw, dh, dw, top, left, oh, ow)
     m, k = weights.shape[0], c * kh * kw
     if requantize is not None and chunk >= weights.shape[1]:
-        return _fused_conv(x, zp, weights, g.group, geometry, requantize), (oh, ow)
+        if g.group == 1:
+            by_pixel = dense_weights(weights, c) if by_pixel is None else by_pixel
+            return _fused_pixels(x, zp, by_pixel, geometry, requantize, allocate)
+        out = _fused_conv(x, zp, weights, g.group, geometry, requantize)
+        return out.reshape(n, m, oh, ow)
     # the operand as (K, N * P): one BLAS product over every image (small images would
     # otherwise spend their time in N tiny products); the result is read back as (N, M, P)
     operand = np.empty((k, n * oh * ow), np.float32)
@@ -335,19 +462,79 @@ def conv_accumulator(
         for group in range(g.group)
     ]
     product = parts[0] if g.group == 1 else np.concatenate(parts)
-    acc = product.reshape(m, n, oh * ow).transpose(1, 0, 2)
+    acc = product.reshape(m, n, oh, ow).transpose(1, 0, 2, 3)
     if requantize is None:
-        return acc, (oh, ow)
+        return acc
     bias, scale, y_zp, low, high, dtype = requantize
-    out = np.empty(acc.shape, dtype)
-    requantize_fused(acc, bias, scale, np.int32(y_zp), low, high, out)
-    return out, (oh, ow)
+    out = np.empty((n, m, oh * ow), dtype)
+    requantize_fused(acc.reshape(n, m, -1), bias, scale, np.int32(y_zp), low, high, out)
+    return out.reshape(n, m, oh, ow)
 
 
 def _taps(geometry: tuple) -> tuple:
     """`_columns`'s geometry from `conv_accumulator`'s (the padding is already applied)."""
     kh, kw, sh, sw, dh, dw, _, _, oh, ow = geometry
     return kh, kw, sh, sw, dh, dw, oh, ow
+
+
+def _fused_pixels(
+    x: np.ndarray,
+    zp: np.int32,
+    weights: DenseWeights,
+    geometry: tuple,
+    requantize: tuple,
+    allocate: Callable,
+) -> np.ndarray:
+    """Output codes (N, M, OH, OW, channels-last memory) of a dense convolution, a tile of
+    output positions at a time: a row of terms per position (im2col from the pixels, whose
+    taps are runs of channels), one product with the weights as (K, M), requantized straight
+    into the output's pixels. The product multiplies the codes themselves in int8 with VNNI
+    where `INT8_PRODUCTS` and the weights allow (x's zero point then comes off as
+    `z_x * sum(w)` in the bias), else their zero-point-free values in float32 BLAS (exact:
+    the caller bounds every partial sum below 2^24)."""
+    bias, scale, y_zp, low, high, dtype = requantize
+    kh, kw, sh, sw, dh, dw, top, left, oh, ow = geometry
+    n, channels = x.shape[:2]
+    k, m = weights.floats.shape
+    codes = weights.codes if INT8_PRODUCTS else None
+    if codes is None:
+        operand_type, shift, fill, length, columns = np.float32, -zp, 0, k, m
+    else:  # int8 codes as unsigned bytes: + 128, and the zero point with them
+        offset = 128 if x.dtype == np.int8 else 0
+        operand_type, shift, fill = np.uint8, offset, int(zp) + offset
+        length, columns = vnni.padded_terms(k), codes[0].size // vnni.padded_terms(k)
+        bias = (bias.astype(np.int64) - fill * codes[1].astype(np.int64)).astype(np.int32)
+    total = n * oh * ow
+    size = np.dtype(operand_type).itemsize
+    width = max(256, TILE * 4 // (length * size + columns * 4)) // vnni.ROWS * vnni.ROWS
+    width = min(width, -(-total // vnni.ROWS) * vnni.ROWS)
+    operand = allocate((width, length), operand_type, "operand")
+    operand[:, k:] = 0  # the terms past K that `vnni.padded_terms` adds
+    product = allocate((width, columns), np.float32 if codes is None else np.int32, "product")
+    out = allocate((n, oh, ow, m), dtype)
+    rows = out.reshape(total, m)
+    source = as_pixels(x)
+    pointwise = (kh, kw, sh, sw) == (1, 1, 1, 1) and x.shape[2:] == (oh, ow)
+    if not pointwise:
+        height = max(x.shape[2] + top, (oh - 1) * sh + (kh - 1) * dh + 1)
+        span = max(x.shape[3] + left, (ow - 1) * sw + (kw - 1) * dw + 1)
+        padded = allocate((n, height, span, channels), operand_type, "padded")
+        padded.fill(fill)
+        pixels(source, shift, top, left, padded)
+    for first in range(0, total, width):
+        count = min(width, total - first)
+        part = operand[:count]
+        if pointwise:
+            pixel_rows(source, shift, first, part)
+        else:
+            pixel_columns(padded, kh, kw, sh, sw, dh, dw, oh, ow, first, part)
+        if codes is None:
+            np.matmul(part[:, :k], weights.floats, out=product[:count])
+        else:  # whole tiles of rows: the rows past `count` are computed and not read
+            tiles = -(-count // vnni.ROWS) * vnni.ROWS
+            vnni.gemm(operand.ravel(), tiles, length, codes[0], columns, product.ravel())
+        requantize_rows(product[:count], bias, scale, np.int32(y_zp), low, high, first, rows)
+    return from_pixels(out)
 
 
 def _fused_conv(

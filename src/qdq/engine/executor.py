@@ -11,7 +11,7 @@ MaxPool, ...) stays integer; ops on float tensors are the float fallback, listed
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from qdq.data import check_feeds, model_inputs
 from qdq.engine.compiled import available
+from qdq.engine.elementwise import FLOAT_KERNELS
 from qdq.engine.kernels import INTEGER_ONLY, KERNELS, Context, Kernel, Requant
 from qdq.errors import ModelError
 from qdq.onnx.graph import attributes
@@ -43,6 +44,7 @@ class _Step:
     outputs: tuple[str, ...]
     kernel: Kernel | None  # its integer kernel, whatever the inputs' types
     integer: Kernel | None  # a kernel for integer inputs only (MaxPool, Reshape, ...)
+    fallback: Callable | None  # a compiled float kernel in place of ONNX Runtime's, if any
     label: str  # "name (op)", as `float_nodes` lists it
 
 
@@ -90,12 +92,14 @@ class Engine:
         # which kernels run: the compiled ones when Numba is installed ("auto"), else NumPy's
         self.kernels = ("compiled" if available() else "numpy") if kernels == "auto" else kernels
         self._weights: dict[str, tuple] = {}  # the compiled path's prepared weights, per node
+        self._buffers: dict[tuple[int, str], np.ndarray] = {}  # `run`'s arrays, reused
         self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.opsets = list(model.opset_import)
         self.inputs = [i.name for i in model.graph.input if i.name not in self.constants]
         self.threads = threads
         self._specs = model_inputs(model)
         self._plan = [_step(position, node) for position, node in enumerate(model.graph.node)]
+        self._spent = _spent(self._plan, {o.name for o in model.graph.output} | set(self.constants))
         self._sessions: dict[int, ort.InferenceSession] = {}
         self._multipliers: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # M -> (m0, shift)
         self.float_nodes: list[str] = []
@@ -103,15 +107,23 @@ class Engine:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(feeds, self._specs, "feeds")
-        values = self.trace(feeds)
-        return {o.name: values[o.name] for o in self.model.graph.output}
+        values = self.trace(feeds, keep=False)
+        # copies: the next run writes into the arrays this one used (and the compiled
+        # convolutions leave channels-last memory behind their views)
+        return {o.name: np.array(values[o.name], order="C") for o in self.model.graph.output}
 
     def trace(
-        self, feeds: dict[str, np.ndarray], source: Mapping[str, np.ndarray] | None = None
+        self,
+        feeds: dict[str, np.ndarray],
+        source: Mapping[str, np.ndarray] | None = None,
+        keep: bool = True,
     ) -> dict[str, np.ndarray | None]:
         """Every tensor of a run on `feeds`. With `source`, each node reads `source`'s tensors
         where it has them instead of the engine's own, so that a kernel's difference from
-        another runtime is told apart from one it inherited (`qdq diff --inputs-from`)."""
+        another runtime is told apart from one it inherited (`qdq diff --inputs-from`). With
+        `keep=False` (`run`), each tensor is let go after the last node that reads it, only
+        the outputs and constants remain, and the compiled kernels write into the arrays they
+        wrote in the last such run (an engine runs one feed at a time)."""
         values: dict[str, np.ndarray | None] = {**self.constants, **feeds, "": None}
         context = Context(
             self.requant,
@@ -119,6 +131,7 @@ class Engine:
             multipliers=self._multipliers,
             compiled=self.kernels == "compiled",
             weights=self._weights,
+            buffers=None if keep else self._buffers,
         )
         float_nodes = []
         for step in self._plan:
@@ -126,7 +139,7 @@ class Engine:
                 inputs = [values[n] for n in step.inputs]
             else:
                 inputs = [source[n] if n in source else values[n] for n in step.inputs]
-            context.node = step.node.name
+            context.node, context.position = step.node.name, step.position
             integer = step.integer is not None and inputs[0].dtype.kind in "iu"
             if kernel := step.kernel or (step.integer if integer else None):
                 try:
@@ -140,8 +153,15 @@ class Engine:
             else:
                 if any(x is not None and x.dtype.kind == "f" for x in inputs):
                     float_nodes.append(step.label)
-                outputs = self.ort_node(step.position, step.node, inputs)
+                outputs = None
+                if step.fallback is not None and context.compiled:
+                    outputs = step.fallback(context, inputs, step.attrs)
+                if outputs is None:
+                    outputs = self.ort_node(step.position, step.node, inputs)
             values.update(zip(step.outputs, outputs, strict=False))
+            if not keep:
+                for name in self._spent[step.position]:
+                    values.pop(name, None)
         self.float_nodes = float_nodes
         self.last_context = context
         return values
@@ -203,8 +223,19 @@ def _step(position: int, node: onnx.NodeProto) -> _Step:
         kernel,
         # one output: MaxPool's indices come from ONNX Runtime
         INTEGER_ONLY.get(key) if len([o for o in node.output if o]) == 1 else None,
+        FLOAT_KERNELS.get(key),
         f"{node.name} ({node.op_type})",
     )
+
+
+def _spent(plan: list[_Step], kept: set[str]) -> list[tuple[str, ...]]:
+    """Per step, the tensors no later step reads (none of `kept`)."""
+    last = {name: step.position for step in plan for name in step.inputs if name}
+    spent: list[list[str]] = [[] for _ in plan]
+    for name, position in last.items():
+        if name not in kept:
+            spent[position].append(name)
+    return [tuple(names) for names in spent]
 
 
 def _has_qdq_groups(model: onnx.ModelProto) -> bool:
