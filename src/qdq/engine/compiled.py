@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qdq.engine import vnni
+import qdq.engine.vnni as vnni
 from qdq.onnx.conv import ConvGeometry
 
 try:
@@ -274,6 +274,26 @@ def _depthwise_requantized(
                     target[c] = np.int32(np.rint(min(max(value, low), high))) + zero_point
 
 
+def _max_pool(x, kh, kw, sh, sw, dh, dw, top, left, lowest, out):
+    """out[n, y, v, c] = the largest code of x (as pixels, N, H, W, C) in the window, padding
+    left out, vectorized across channels; out as pixels too."""
+    _, height, width, _ = x.shape
+    for n in range(out.shape[0]):
+        for y in range(out.shape[1]):
+            for v in range(out.shape[2]):
+                target = out[n, y, v]
+                target[:] = lowest
+                for i in range(kh):
+                    h = y * sh + i * dh - top
+                    if 0 <= h < height:
+                        for j in range(kw):
+                            column = v * sw + j * dw - left
+                            if 0 <= column < width:
+                                source = x[n, h, column]
+                                for c in range(target.size):
+                                    target[c] = max(target[c], source[c])
+
+
 def _requantize_mlas(acc, bias, scale, zero_point, low, high, out):
     """`requantize_mlas` over (N, M, P) with the int32 bias added first, fused in one pass."""
     n_count, channels, size = acc.shape
@@ -333,6 +353,7 @@ _output_row = _compile(_output_row)
 depthwise = _compile(_depthwise)
 depthwise_requantized = _compile(_depthwise_requantized)
 requantize_fused = _compile(_requantize_mlas)
+max_pool_pixels = _compile(_max_pool)
 add_spans = _compile(_add_spans)
 mul_spans = _compile(_mul_spans)
 

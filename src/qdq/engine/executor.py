@@ -31,6 +31,12 @@ from qdq.onnx.model import load_model, ort_rewrite
 from qdq.onnx.sessions import Use, open_session
 
 Kernels = Literal["auto", "numpy", "compiled"]
+# float ops whose one-node session declares its inputs' shapes: ONNX Runtime's layout
+# transformer takes a pool to NCHWc, as in the whole graph, only when it knows the channel
+# count; run plain, PP-OCRv4's recognizer's AveragePool sums in another order (0.9% of the
+# outputs differ). Declared for GlobalAveragePool, 66% of them would: there the whole graph
+# keeps the plain kernel (docs/engine.md).
+SHAPED = frozenset({"AveragePool", "MaxPool"})
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class Engine:
         self._specs = model_inputs(model)
         self._plan = [_step(position, node) for position, node in enumerate(model.graph.node)]
         self._spent = _spent(self._plan, {o.name for o in model.graph.output} | set(self.constants))
-        self._sessions: dict[int, ort.InferenceSession] = {}
+        self._sessions: dict[tuple, ort.InferenceSession] = {}  # per (node, input shapes)
         self._multipliers: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # M -> (m0, shift)
         self.float_nodes: list[str] = []
         self.last_context = Context(requant, accumulator_bits)
@@ -175,9 +181,10 @@ class Engine:
 
     def ort_node(self, position: int, node: onnx.NodeProto, inputs: list) -> list[np.ndarray]:
         """Node `position` run alone by ONNX Runtime on `inputs` (a session cached per node):
-        the engine's float fallback. The node's constant inputs stay initializers and ONNX
-        Runtime optimizes it as in a whole-model session, so that a float Conv runs the same
-        kernel (NCHWc, needing constant weights) and gives the same float32 sums."""
+        the engine's float fallback. The node's constant inputs stay initializers, so that
+        ONNX Runtime optimizes it as in a whole-model session and a float Conv runs the same
+        kernel (NCHWc, needing constant weights) and gives the same float32 sums; for the
+        ops in `SHAPED` the inputs' shapes are declared too (a session per shape)."""
         fixed = {n for n in node.input if n in self.constants}
         # by name: one tensor may feed several inputs (a Slice whose axes and steps are one [1])
         present = {
@@ -185,14 +192,19 @@ class Engine:
             for name, x in zip(node.input, inputs, strict=True)
             if name and name not in fixed
         }
-        session = self._sessions.get(position)
+        shapes = tuple(x.shape for x in present.values()) if node.op_type in SHAPED else ()
+        session = self._sessions.get((position, shapes))
         if session is None:
             graph = helper.make_graph(
                 [node],
                 "one",
                 [
-                    helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(x.dtype), None)
-                    for n, x in present.items()
+                    helper.make_tensor_value_info(
+                        n, helper.np_dtype_to_tensor_dtype(x.dtype), shape
+                    )
+                    for (n, x), shape in zip(
+                        present.items(), shapes or [None] * len(present), strict=True
+                    )
                 ],
                 [onnx.ValueInfoProto(name=o) for o in node.output if o],
                 [numpy_helper.from_array(self.constants[n], n) for n in sorted(fixed)],
@@ -202,7 +214,7 @@ class Engine:
             )
             level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             session = open_session(one, Use.ONE_NODE, level=level, threads=self.threads)
-            self._sessions[position] = session
+            self._sessions[position, shapes] = session
         return session.run([o for o in node.output if o], present)
 
 

@@ -13,8 +13,14 @@ from typing import Literal
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qdq.engine import elementwise
-from qdq.engine.compiled import conv_accumulator, dense_weights
+import qdq.engine.elementwise as elementwise
+from qdq.engine.compiled import (
+    as_pixels,
+    conv_accumulator,
+    dense_weights,
+    from_pixels,
+    max_pool_pixels,
+)
 from qdq.engine.integer import (
     EXACT_LIMIT,
     INT16,
@@ -438,9 +444,16 @@ def max_pool(ctx: Context, inputs: list, attrs: dict) -> list | None:
     kernel = tuple(attrs["kernel_shape"])
     geometry = ConvGeometry.from_attributes(attrs | {"group": 1}, x.shape, (1, 1, *kernel))
     top, left, bottom, right = geometry.pads
+    (kh, kw), (dh, dw), (sh, sw) = geometry.kernel, geometry.dilations, geometry.strides
+    if ctx.compiled:  # channels-last, as the compiled convolutions leave it
+        height, width = x.shape[2] + top + bottom, x.shape[3] + left + right
+        oh, ow = (height - (kh - 1) * dh - 1) // sh + 1, (width - (kw - 1) * dw - 1) // sw + 1
+        out = ctx.empty((x.shape[0], oh, ow, x.shape[1]), x.dtype)
+        lowest = np.iinfo(x.dtype).min
+        max_pool_pixels(as_pixels(x), kh, kw, sh, sw, dh, dw, top, left, lowest, out)
+        return [from_pixels(out)]
     lowest = np.iinfo(x.dtype).min
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=lowest)
-    (kh, kw), (dh, dw), (sh, sw) = geometry.kernel, geometry.dilations, geometry.strides
     span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
     windows = sliding_window_view(padded, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
     out = windows[..., 0, 0].copy()
