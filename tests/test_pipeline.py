@@ -214,6 +214,42 @@ def test_a_max_pool_that_onnx_runtime_would_run_in_nchw_on_8_bit_codes_stays_flo
     assert sqnr_db(run(source, {"x": x})[0], run(out, {"x": x})[0]) > 30
 
 
+def _lowest_real(path: Path, tensor: str) -> tuple[float, float]:
+    """The real value of the lowest code of `tensor`'s QuantizeLinear, and its scale."""
+    model = onnx.load(str(path))
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+    scale, zero = constants[q.input[1]], constants[q.input[2]]
+    return float((np.iinfo(zero.dtype).min - int(zero)) * scale), float(scale)
+
+
+def test_a_tensor_only_hardswish_reads_has_no_codes_below_its_zero(tmp_path, monkeypatch):
+    """HardSwish, x * HardSigmoid(x), is exactly 0 at and below -beta / alpha (-2.5 for
+    HardSigmoid's default alpha 0.2): the convolution's output grid stops a code below it,
+    instead of spending codes on values that all become 0, and HardSwish's output is more
+    accurate for it."""
+    source = save(models.hard_swish_tail(), tmp_path)
+    probe = onnx.load(str(source))  # the float model, HardSwish's output fetched
+    probe.graph.output.append(onnx.ValueInfoProto(name="m1"))
+    x = np.random.default_rng(8).standard_normal((64, 3, 8, 8)).astype(np.float32) * 3
+    config = QuantConfig(method="minmax", prefer="int8")
+    results = {}
+    for floor in (True, False):
+        with monkeypatch.context() as patch:
+            if not floor:
+                patch.setattr("qdq.plan.build.hardswish_floors", lambda index: {})
+            out, _ = quantize_on(source, x, tmp_path, config)
+        quantized = onnx.load(str(out))
+        quantized.graph.output.append(onnx.ValueInfoProto(name="m1"))
+        got = run(save(quantized, tmp_path, f"probe_{floor}.onnx"), {"x": x})[1]
+        want = run(save(probe, tmp_path, "probe.onnx"), {"x": x})[1]
+        results[floor] = (*_lowest_real(out, "c1"), sqnr_db(want, got))
+    (lowest, scale, floored), (unfloored_lowest, _, unfloored) = results[True], results[False]
+    assert -2.5 - 1.5 * scale < lowest < -2.5
+    assert unfloored_lowest < -5  # the calibrated minimum, where the grid began without it
+    assert floored > unfloored + 1  # dB
+
+
 def test_a_max_pool_between_int8_convolutions_stays_int8(tmp_path):
     out, report = quantize_cnn(tmp_path)
     assert all(d.quantized for d in report.decisions if d.op_type == "MaxPool")

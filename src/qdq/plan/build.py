@@ -18,7 +18,7 @@ from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.plan.constants import TABLE_MIN_SQNR_DB, plan_constants, table_qparams
 from qdq.plan.decisions import FLOAT_OUTPUT, INT8_INPUTS, NOTHING_READS_INT8, Decision
-from qdq.plan.flow import Int8Flow, absorbs, prune_unread
+from qdq.plan.flow import Int8Flow, absorbs, hardswish_floors, prune_unread
 from qdq.plan.rules import INPUTS_ONLY, Kind, rule_inputs
 from qdq.qparams import QParams, Range, choose_qparams
 
@@ -117,6 +117,12 @@ def build_plan(
             draft.ranges[out] = draft.ranges[activation]
         elif out not in unfit and activation in unfit:
             unfit[out] = unfit[activation]
+    steps = config.activations.qmax - config.activations.qmin
+    for out, floor in hardswish_floors(index).items():
+        fitted = draft.ranges.get(out)
+        if fitted is not None and fitted.lo.ndim == 0 and fitted.lo < floor < 0 < fitted.hi:
+            # a code's width below the floor, so that the lowest code is HardSwish's 0 too
+            draft.ranges[out] = Range(floor - (fitted.hi - floor) / steps, fitted.hi)
     shared: dict[str, str] = {}
     for node in index.nodes:
         if not draft.decisions[node.name].quantized:

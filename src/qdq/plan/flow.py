@@ -15,7 +15,7 @@ from collections.abc import Container, Mapping
 import onnx
 
 from qdq.config import QuantConfig
-from qdq.onnx.graph import GraphIndex, clip_bounds
+from qdq.onnx.graph import GraphIndex, attributes, clip_bounds
 from qdq.plan.decisions import FLOAT_OUTPUT, NOTHING_READS_INT8, Decision
 from qdq.plan.rules import (
     FLOAT_OUTPUT_KERNELS,
@@ -230,3 +230,31 @@ def prune_unread(
             for o in outs:
                 del wanted[o]
             decisions[node.name] = decision.to_float(NOTHING_READS_INT8)
+
+
+def hardswish_floors(index: GraphIndex) -> dict[str, float]:
+    """Tensors that only HardSwish reads (`x * HardSigmoid(x)`, as the pipeline writes it),
+    each with the value at and below which that HardSwish is exactly 0 (-beta / alpha: -3 for
+    MobileNetV3's). The range's codes below it hold values the activation maps to 0 whatever
+    they are, as a Relu's below 0 do (which `absorbs` clips by dropping the Relu)."""
+    floors = {}
+    for name, readers in index.consumers.items():
+        gates = [r for r in readers if r.op_type == "HardSigmoid" and r.input[0] == name]
+        alphas = [attributes(g).get("alpha", 0.2) for g in gates]
+        if not gates or min(alphas) <= 0:
+            continue
+        gated = {g.output[0] for g in gates}
+        products = [r for r in readers if r not in gates]
+        if not products or any(
+            r.op_type != "Mul" or len(r.input) != 2 or set(r.input) - gated != {name}
+            for r in products
+        ):
+            continue
+        if any(
+            c not in products for g in gated for c in index.consumers.get(g, [])
+        ):  # a gate read elsewhere too
+            continue
+        floors[name] = max(
+            -attributes(g).get("beta", 0.5) / alpha for g, alpha in zip(gates, alphas, strict=True)
+        )
+    return floors
