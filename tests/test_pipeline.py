@@ -223,13 +223,23 @@ def _lowest_real(path: Path, tensor: str) -> tuple[float, float]:
     return float((np.iinfo(zero.dtype).min - int(zero)) * scale), float(scale)
 
 
-def test_a_tensor_only_hardswish_reads_has_no_codes_below_its_zero(tmp_path, monkeypatch):
+def _silu(x: float) -> float:
+    return x / (1 + np.exp(-x))
+
+
+@pytest.mark.parametrize("swish", ["hard_swish", "silu"])
+def test_a_tensor_only_a_swish_reads_has_no_codes_where_the_swish_is_flat(
+    swish, tmp_path, monkeypatch
+):
     """HardSwish, x * HardSigmoid(x), is exactly 0 at and below -beta / alpha (-2.5 for
-    HardSigmoid's default alpha 0.2): the convolution's output grid stops a code below it,
-    instead of spending codes on values that all become 0, and HardSwish's output is more
+    HardSigmoid's default alpha 0.2): the convolution's output grid stops a code below it.
+    SiLU, x * Sigmoid(x), tends to 0 below its minimum: the grid stops where it is half a
+    code from 0. Either way the codes go where the activation varies, and its output is more
     accurate for it."""
-    source = save(models.hard_swish_tail(), tmp_path)
-    probe = onnx.load(str(source))  # the float model, HardSwish's output fetched
+    source = save(
+        models.hard_swish_tail() if swish == "hard_swish" else models.silu_net(), tmp_path
+    )
+    probe = onnx.load(str(source))  # the float model, the swish's output fetched
     probe.graph.output.append(onnx.ValueInfoProto(name="m1"))
     x = np.random.default_rng(8).standard_normal((64, 3, 8, 8)).astype(np.float32) * 3
     config = QuantConfig(method="minmax", prefer="int8")
@@ -237,7 +247,7 @@ def test_a_tensor_only_hardswish_reads_has_no_codes_below_its_zero(tmp_path, mon
     for floor in (True, False):
         with monkeypatch.context() as patch:
             if not floor:
-                patch.setattr("qdq.plan.build.hardswish_floors", lambda index: {})
+                patch.setattr("qdq.plan.build.swish_inputs", lambda index: {})
             out, _ = quantize_on(source, x, tmp_path, config)
         quantized = onnx.load(str(out))
         quantized.graph.output.append(onnx.ValueInfoProto(name="m1"))
@@ -245,8 +255,11 @@ def test_a_tensor_only_hardswish_reads_has_no_codes_below_its_zero(tmp_path, mon
         want = run(save(probe, tmp_path, "probe.onnx"), {"x": x})[1]
         results[floor] = (*_lowest_real(out, "c1"), sqnr_db(want, got))
     (lowest, scale, floored), (unfloored_lowest, _, unfloored) = results[True], results[False]
-    assert -2.5 - 1.5 * scale < lowest < -2.5
-    assert unfloored_lowest < -5  # the calibrated minimum, where the grid began without it
+    if swish == "hard_swish":
+        assert -2.5 - 1.5 * scale < lowest < -2.5
+    else:  # half a code from SiLU's 0 there (the zero point's rounding moves it a little)
+        assert abs(_silu(lowest)) < 0.55 * scale < abs(_silu(lowest + scale))
+    assert unfloored_lowest < lowest - 3  # the calibrated minimum, where the grid began
     assert floored > unfloored + 1  # dB
 
 
