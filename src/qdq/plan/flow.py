@@ -247,7 +247,7 @@ def swish_inputs(index: GraphIndex) -> dict[str, list[onnx.NodeProto]]:
         if not gates or not products:
             continue
         if any(
-            r.op_type != "Mul" or len(r.input) != 2 or set(r.input) - gated != {name}
+            r.op_type != "Mul" or len(set(r.input)) != 2 or set(r.input) - gated != {name}
             for r in products
         ):
             continue
