@@ -10,7 +10,7 @@ import pytest
 
 import qdq.engine.kernels as kernels_module
 from qdq.config import QuantConfig
-from qdq.engine import Engine, compiled
+from qdq.engine import Engine, jit
 from qdq.engine.diff import diff_model
 from qdq.errors import ModelError
 from qdq.pipeline import quantize_model
@@ -69,7 +69,7 @@ def test_runs_reuse_their_arrays_but_hand_out_their_own_outputs(digits):
 
 
 def test_the_kernel_choice_is_visible_and_checked(digits):
-    assert Engine(digits["cnn"]).kernels == ("compiled" if compiled.available() else "numpy")
+    assert Engine(digits["cnn"]).kernels == ("compiled" if jit.available() else "numpy")
     assert Engine(digits["cnn"], kernels="numpy").kernels == "numpy"
     with pytest.raises(ModelError, match="kernels"):
         Engine(digits["cnn"], kernels="fast")

@@ -12,13 +12,13 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from qdq.engine import Engine, compiled, elementwise, executor, mlas, vnni
+from qdq.engine import Engine, compiled, elementwise, executor, jit, mlas, pixels, vnni
 from qdq.engine.integer import exact_conv, requantize_mlas
 from qdq.engine.kernels import Context, flatten, max_pool, reshape
 from qdq.onnx.conv import ConvGeometry
 
 # without Numba the kernels run as plain Python: correct, far too slow for these shapes
-needs_numba = pytest.mark.skipif(not compiled.available(), reason="needs Numba (qdq[fast])")
+needs_numba = pytest.mark.skipif(not jit.available(), reason="needs Numba (qdq[fast])")
 
 # (N, C, H, W), M, kernel, stride, dilation, pads, group: EfficientNet-Lite0's depthwise and
 # pointwise layers, and odd geometries (asymmetric pads, dilation, grouped, past the image)
@@ -48,7 +48,7 @@ def _case(shape, m, k, group, dtype, seed):
 
 def _channels_last(x: np.ndarray) -> np.ndarray:
     """x with the same values, its memory channels-last, as the compiled convolutions write."""
-    return compiled.from_pixels(np.ascontiguousarray(compiled.as_pixels(x)))
+    return pixels.from_pixels(np.ascontiguousarray(pixels.as_pixels(x)))
 
 
 @needs_numba
@@ -140,11 +140,11 @@ def test_elementwise_kernels_read_channels_last_memory_as_it_lies(op):
     def apply(a, b):
         return op(a, grids[0], grids[1], b, grids[2], grids[3], grids[4], grids[5], True)
 
-    pixels = _channels_last(a), _channels_last(b)
-    assert compiled.channels_last(*pixels)
-    got = apply(*pixels)
+    laid = _channels_last(a), _channels_last(b)
+    assert pixels.channels_last(*laid)
+    got = apply(*laid)
     np.testing.assert_array_equal(got, apply(a, b))
-    assert compiled.as_pixels(got).flags.c_contiguous  # written as it was read
+    assert pixels.as_pixels(got).flags.c_contiguous  # written as it was read
 
 
 def _ort_node(op: str, inputs: dict[str, np.ndarray], **attrs) -> np.ndarray:
@@ -194,7 +194,7 @@ def test_compiled_elementwise_ops_are_onnx_runtimes(memory):
         ),
     ]
     for got, want in cases:
-        assert compiled.as_pixels(got).flags.c_contiguous == (memory == "channels_last")
+        assert pixels.as_pixels(got).flags.c_contiguous == (memory == "channels_last")
         np.testing.assert_array_equal(got, want)
     assert elementwise.binary("Add", a, b[:, :1]) is None  # broadcasting: ONNX Runtime's
 
@@ -211,7 +211,7 @@ def test_compiled_elementwise_ops_are_onnx_runtimes(memory):
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 @pytest.mark.parametrize("path", ["numpy", "compiled", "compiled_channels_last"])
 def test_integer_max_pool_is_onnx_runtimes(attrs, dtype, path):
-    if path != "numpy" and not compiled.available():
+    if path != "numpy" and not jit.available():
         pytest.skip("needs Numba (qdq[fast])")
     info = np.iinfo(dtype)
     x = np.random.default_rng(5).integers(info.min, info.max + 1, (3, 5, 11, 9), dtype=dtype)

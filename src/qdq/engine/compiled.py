@@ -1,17 +1,15 @@
-"""Compiled convolution kernels (Numba, the optional `fast` extra): the engine's fast path.
+"""Compiled convolutions (Numba, the optional `fast` extra): the engine's fast path.
 
 Same arithmetic as the NumPy reference in `integer.py` and `mlas.py`, in fewer passes. A dense
 convolution runs a cache-sized tile of output positions at a time: im2col writes each
-position's zero-point-free terms straight into a float32 row, one BLAS product (exact while
-every partial sum stays below 2^24, `integer.exact_dtype`), and ONNX Runtime's requantization
-(`requantize_mlas`) with the bias, straight into the output codes. A depthwise convolution
-sums tap by tap across channels (SIMD), requantizing each output row as it is done. Both
-write their codes channels-last (an (N, C, H, W) view of (N, H, W, C) memory): the next
-convolution then reads a pixel's channels, and a window's row of taps, as contiguous runs,
-and no layer transposes its input; elementwise kernels run on that memory as it lies, and
-anything else reads the view as any NumPy array. `tests/engine/test_fast_paths.py` checks
-the kernels against the NumPy reference on real layer shapes in both layouts,
-`tests/engine/test_compiled.py` on whole models.
+position's terms as a row, one product (int8 codes with VNNI, `vnni.py`, where the CPU and the
+weights allow; else float32 BLAS on the zero-point-free values, exact while every partial sum
+stays below 2^24, `integer.exact_dtype`), and ONNX Runtime's requantization
+(`requantize_mlas`) with the bias, straight into the output codes. Dense and depthwise
+(`depthwise.py`) convolutions write their codes channels-last (`pixels.py`): the next one reads
+a pixel's channels, and a window's row of taps, as contiguous runs, and no layer transposes
+its input. `tests/engine/test_fast_paths.py` checks the kernels against the NumPy reference on
+real layer shapes in both layouts, `tests/engine/test_compiled.py` on whole models.
 """
 
 from __future__ import annotations
@@ -22,29 +20,20 @@ from dataclasses import dataclass
 import numpy as np
 
 import qdq.engine.vnni as vnni
+from qdq.engine.depthwise import depthwise, depthwise_requantized
+from qdq.engine.jit import compile_kernel
+from qdq.engine.pixels import as_pixels, fresh, from_pixels
 from qdq.onnx.conv import ConvGeometry
 
 try:
-    from numba import njit, uint64
+    from numba import uint64
 except ImportError:  # the NumPy path serves; `available()` says which
-    njit = None
     uint64 = int
 
 TILE = 1 << 18  # float32 values in a tile's columns and product together: 1 MiB, within L2
 # dense convolutions multiply int8 codes with VNNI where the CPU has it (tests turn it off to
 # check the float32 path)
 INT8_PRODUCTS = vnni.available()
-
-
-def available() -> bool:
-    """Whether Numba is installed, so that `kernels="compiled"` can run."""
-    return njit is not None
-
-
-def _compile(function):
-    if njit is None:
-        return function
-    return njit(cache=True, nogil=True, fastmath=False, error_model="numpy")(function)
 
 
 def _padded_planes(x, x_zp, kh, kw, sh, sw, dh, dw, top, left, oh, ow):
@@ -188,112 +177,6 @@ def _requantize_columns(product, bias, scale, zero_point, low, high, first, out)
         t += run
 
 
-def _depthwise_ring(x, w, sw, dh, dw, left, ow):
-    """The channels-last rows a depthwise convolution reads (x as pixels, N, H, W, C), as a
-    ring of the kh * dilation rows one output row spans (rows, sw, span, C): column
-    q * sw + phase of a padded row at [slot, phase, q], so that the taps of a strided
-    convolution read contiguous runs too. A small ring stays in cache; a whole padded image
-    would not."""
-    width, channels = x.shape[2], x.shape[3]
-    columns = max(width + left, (ow - 1) * sw + (w.shape[1] - 1) * dw + 1)
-    rows = (w.shape[0] - 1) * dh + 1
-    return np.zeros((rows, sw, (columns + sw - 1) // sw, channels), np.float32)
-
-
-def _fill_row(x, x_zp, n, h, left, ring, slot):
-    """Ring `slot` = row h of image n less its zero point, x as pixels (N, H, W, C: a view of
-    either layout), zero columns around it; all zero where h is padding."""
-    _, height, width, channels = x.shape
-    _, sw, span, _ = ring.shape
-    if h < 0 or h >= height:
-        ring[slot] = 0.0
-        return
-    for column in range(sw * span):
-        v = column - left
-        pixel = ring[slot, column % sw, column // sw]
-        if v < 0 or v >= width:
-            pixel[:] = 0.0
-            continue
-        source = x[n, h, v]
-        for c in range(channels):
-            pixel[c] = np.float32(np.int32(source[c]) - x_zp)
-
-
-def _output_row(x, x_zp, n, y, w, sh, dh, dw, top, left, ring, filled, acc):
-    """acc (OW, C) = output row y of image n (x as pixels, N, H, W, C): the sum over taps
-    (i, j) of padded row y * sh + i * dh, columns v * sw + j * dw, times w[i, j]; every tap
-    one contiguous run over (v, c), vectorized across channels. Fills the ring's rows up to
-    the last one it reads, from `filled` on; returns the next row to fill."""
-    kh, kw, channels = w.shape
-    rows, sw = ring.shape[0], ring.shape[1]
-    while filled <= y * sh + (kh - 1) * dh:
-        _fill_row(x, x_zp, n, filled - top, left, ring, filled % rows)
-        filled += 1
-    acc[:] = 0.0
-    for i in range(kh):
-        row = (y * sh + i * dh) % rows
-        for j in range(kw):
-            column = j * dw
-            source = ring[row, column % sw, column // sw :]
-            weights = w[i, j]
-            for v in range(acc.shape[0]):
-                total, values = acc[v], source[v]  # rows: no index arithmetic inside
-                for c in range(channels):
-                    total[c] += values[c] * weights[c]
-    return filled
-
-
-def _depthwise(x, x_zp, w, sh, sw, dh, dw, top, left, oh, ow, out):
-    """out[n, y, v, c] = the sum over taps of (x - x_zp) * w[:, :, c] (x and out as pixels,
-    N, H, W, C; w as (kh, kw, C)), in float32: exact, the caller bounds every partial sum
-    below 2^24. The rows are laid out channels-last as the output reaches them, so that every
-    tap is one vector product across channels."""
-    ring = _depthwise_ring(x, w, sw, dh, dw, left, ow)
-    acc = np.empty((ow, x.shape[3]), np.float32)
-    for n in range(x.shape[0]):
-        filled = 0
-        for y in range(oh):
-            filled = _output_row(x, x_zp, n, y, w, sh, dh, dw, top, left, ring, filled, acc)
-            out[n, y] = acc
-
-
-def _depthwise_requantized(
-    x, x_zp, w, sh, sw, dh, dw, top, left, oh, ow, bias, scale, zero_point, low, high, out
-):
-    """`_depthwise` with `_requantize_mlas` fused: each output row's sums become codes."""
-    ring = _depthwise_ring(x, w, sw, dh, dw, left, ow)
-    acc = np.empty((ow, x.shape[3]), np.float32)
-    for n in range(x.shape[0]):
-        filled = 0
-        for y in range(oh):
-            filled = _output_row(x, x_zp, n, y, w, sh, dh, dw, top, left, ring, filled, acc)
-            for v in range(ow):  # vectorized across channels
-                values, target = acc[v], out[n, y, v]
-                for c in range(values.size):
-                    value = np.float32(np.int32(values[c]) + bias[c]) * scale[c]
-                    target[c] = np.int32(np.rint(min(max(value, low), high))) + zero_point
-
-
-def _max_pool(x, kh, kw, sh, sw, dh, dw, top, left, lowest, out):
-    """out[n, y, v, c] = the largest code of x (as pixels, N, H, W, C) in the window, padding
-    left out, vectorized across channels; out as pixels too."""
-    _, height, width, _ = x.shape
-    for n in range(out.shape[0]):
-        for y in range(out.shape[1]):
-            for v in range(out.shape[2]):
-                target = out[n, y, v]
-                target[:] = lowest
-                for i in range(kh):
-                    h = y * sh + i * dh - top
-                    if 0 <= h < height:
-                        for j in range(kw):
-                            column = v * sw + j * dw - left
-                            if 0 <= column < width:
-                                source = x[n, h, column]
-                                for c in range(target.size):
-                                    target[c] = max(target[c], source[c])
-
-
 def _requantize_mlas(acc, bias, scale, zero_point, low, high, out):
     """`requantize_mlas` over (N, M, P) with the int32 bias added first, fused in one pass."""
     n_count, channels, size = acc.shape
@@ -339,23 +222,17 @@ def _mul_spans(a, a_zp, b, b_zp, ratio, c_zp, low, high, out):
                 out[i, j] = low
 
 
-padded_planes = _compile(_padded_planes)
-pixels = _compile(_pixels)
-pixel_columns = _compile(_pixel_columns)
-pixel_rows = _compile(_pixel_rows)
-requantize_rows = _compile(_requantize_rows)
-columns = _compile(_columns)
-pointwise_columns = _compile(_pointwise_columns)
-requantize_columns = _compile(_requantize_columns)
-_depthwise_ring = _compile(_depthwise_ring)
-_fill_row = _compile(_fill_row)
-_output_row = _compile(_output_row)
-depthwise = _compile(_depthwise)
-depthwise_requantized = _compile(_depthwise_requantized)
-requantize_fused = _compile(_requantize_mlas)
-max_pool_pixels = _compile(_max_pool)
-add_spans = _compile(_add_spans)
-mul_spans = _compile(_mul_spans)
+padded_planes = compile_kernel(_padded_planes)
+pixels = compile_kernel(_pixels)
+pixel_columns = compile_kernel(_pixel_columns)
+pixel_rows = compile_kernel(_pixel_rows)
+requantize_rows = compile_kernel(_requantize_rows)
+columns = compile_kernel(_columns)
+pointwise_columns = compile_kernel(_pointwise_columns)
+requantize_columns = compile_kernel(_requantize_columns)
+requantize_fused = compile_kernel(_requantize_mlas)
+add_spans = compile_kernel(_add_spans)
+mul_spans = compile_kernel(_mul_spans)
 
 
 def spans(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -374,31 +251,6 @@ def spans(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return a.reshape(rows, -1), b.reshape(rows, 1)
 
 
-def as_pixels(x: np.ndarray) -> np.ndarray:
-    """x (N, C, H, W) viewed as (N, H, W, C), without a copy: contiguous when its memory is
-    channels-last, as the compiled convolutions write their outputs."""
-    return x.transpose(0, 2, 3, 1)
-
-
-def from_pixels(pixels: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) memory viewed as the (N, C, H, W) tensor the graph holds."""
-    return pixels.transpose(0, 3, 1, 2)
-
-
-def channels_last(*tensors: np.ndarray) -> bool:
-    """Whether the tensors are 4-D, of one shape, in channels-last memory that is not also
-    contiguous as (N, C, H, W): elementwise kernels then run on their pixels (`as_pixels`),
-    where flattening them copies nothing."""
-    shape = tensors[0].shape
-    return all(
-        t.ndim == 4
-        and t.shape == shape
-        and as_pixels(t).flags.c_contiguous
-        and not t.flags.c_contiguous
-        for t in tensors
-    )
-
-
 @dataclass(frozen=True)
 class DenseWeights:
     """A dense convolution's centred weights as `_fused_pixels` multiplies them: float32
@@ -415,12 +267,6 @@ def dense_weights(weights: np.ndarray, channels: int) -> DenseWeights:
     taps = weights.reshape(m, channels, -1).transpose(0, 2, 1).reshape(m, -1)
     floats = np.ascontiguousarray(taps.T)
     return DenseWeights(floats, vnni.pack_weights(floats) if vnni.available() else None)
-
-
-def fresh(shape: tuple[int, ...], dtype: np.dtype, slot: str = "out") -> np.ndarray:
-    """A new uninitialized array: how the kernels allocate unless the engine lends its own
-    (`kernels.Context.empty`, called with the same arguments)."""
-    return np.empty(shape, dtype)
 
 
 def conv_accumulator(

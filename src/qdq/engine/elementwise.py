@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qdq.engine.compiled import _compile, as_pixels, fresh, from_pixels
+from qdq.engine.jit import compile_kernel
+from qdq.engine.pixels import as_pixels, fresh, from_pixels
 
 CODES = (np.dtype(np.uint8), np.dtype(np.int8))
 
@@ -49,11 +50,11 @@ def _mul(a, b, out):
         out[i] = a[i] * b[i if b.size > 1 else 0]
 
 
-_quantize = _compile(_quantize)
-_dequantize = _compile(_dequantize)
-_hard_sigmoid = _compile(_hard_sigmoid)
-_add = _compile(_add)
-_mul = _compile(_mul)
+_quantize = compile_kernel(_quantize)
+_dequantize = compile_kernel(_dequantize)
+_hard_sigmoid = compile_kernel(_hard_sigmoid)
+_add = compile_kernel(_add)
+_mul = compile_kernel(_mul)
 
 
 def _in_memory_order(

@@ -14,13 +14,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 import qdq.engine.elementwise as elementwise
-from qdq.engine.compiled import (
-    as_pixels,
-    conv_accumulator,
-    dense_weights,
-    from_pixels,
-    max_pool_pixels,
-)
+from qdq.engine.compiled import conv_accumulator, dense_weights
+from qdq.engine.depthwise import max_pool_pixels
 from qdq.engine.integer import (
     EXACT_LIMIT,
     INT16,
@@ -42,6 +37,7 @@ from qdq.engine.mlas import (
 )
 from qdq.engine.mlas import average_pool as mlas_average_pool
 from qdq.engine.mlas import global_average_pool as mlas_global_average_pool
+from qdq.engine.pixels import as_pixels, from_pixels
 from qdq.engine.quantize_ops import dequantize_linear, dynamic_quantize_linear, quantize_linear
 from qdq.errors import ModelError
 from qdq.fixedpoint import quantize_multiplier

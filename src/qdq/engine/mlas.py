@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qdq.engine.compiled import add_spans, as_pixels, channels_last, from_pixels, mul_spans, spans
+from qdq.engine.compiled import add_spans, mul_spans, spans
 from qdq.engine.integer import requantize_mlas
+from qdq.engine.pixels import as_pixels, channels_last, from_pixels
 from qdq.onnx.conv import ConvGeometry
 
 F32 = np.float32
