@@ -1,6 +1,7 @@
 """The integer engine against ONNX Runtime's int8 kernels: bit-exactness and speed, one thread.
 
-Run: python bench/engine.py [--runs 7] [--models cnn mobilenet ppocr_cls efficientnet_lite0]
+Run: python bench/engine.py [--runs 7] [--models cnn mobilenet ppocr_cls ppocr_det ppocr_rec
+    efficientnet_lite0]
 Quantizes each model with qdq's defaults, then on one batch of held-out inputs:
 - exactness: the share of output elements bit-identical to ONNX Runtime's in each requantization
   mode, and (`qdq diff --inputs-from ort`) how many integer codes the engine's kernels give
