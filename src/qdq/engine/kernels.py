@@ -158,12 +158,16 @@ def _zp(zero_point: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
     return zero_point if zero_point is not None else np.zeros((), dtype)
 
 
+def _one_pass(ctx: Context, attrs: dict) -> bool:
+    """Whether a QuantizeLinear/DequantizeLinear may take `elementwise`'s compiled pass: the
+    compiled kernels, no blocks and no output type of its own (the pass checks the rest)."""
+    return ctx.compiled and not attrs.get("block_size", 0) and not attrs.get("output_dtype", 0)
+
+
 def quantize_linear_kernel(ctx: Context, inputs: list, attrs: dict) -> list:
     x, scale, zero_point = _padded(inputs, 3)
-    plain = not attrs.get("block_size", 0) and not attrs.get("output_dtype", 0)
     if (
-        ctx.compiled
-        and plain
+        _one_pass(ctx, attrs)
         and (codes := elementwise.quantize(x, scale, zero_point, ctx.empty)) is not None
     ):
         return [codes]
@@ -173,10 +177,8 @@ def quantize_linear_kernel(ctx: Context, inputs: list, attrs: dict) -> list:
 
 def dequantize_linear_kernel(ctx: Context, inputs: list, attrs: dict) -> list:
     x, scale, zero_point = _padded(inputs, 3)
-    plain = not attrs.get("block_size", 0) and not attrs.get("output_dtype", 0)
     if (
-        ctx.compiled
-        and plain
+        _one_pass(ctx, attrs)
         and (real := elementwise.dequantize(x, scale, zero_point, ctx.empty)) is not None
     ):
         return [real]
