@@ -2,16 +2,16 @@
 
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
      [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1]
-     [--out bench/out/qat_finetune]
+     [--start speed|balanced] [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
 
 Per model and calibration draw: PTQ as `qdq quantize` makes it by default (`--prefer
 balanced`, which may keep slow-to-fix layers float), PTQ with every layer int8 (`--prefer
-speed`, the plan fine-tuning starts from), and `qdq finetune`; PTQ calibrates on the first
-`--calib-samples` of the `--samples` (all by default) and fine-tuning trains on all of them
-(the first 128 of 512 photo crops or pages are the 128 of a 128-sample run; text lines are
-not, their flips being drawn first); each scored against FP32 on
+speed`), and `qdq finetune` of one of the two (`--start`, all int8 by default); PTQ
+calibrates on the first `--calib-samples` of the `--samples` (all by default) and
+fine-tuning trains on all of them (the first 128 of 512 photo crops or pages are the 128 of a
+128-sample run; text lines are not, their flips being drawn first); each scored against FP32 on
 held-out evaluation data with bench/ptq.py's task metrics (lines decoded as FP32 decodes them,
 text-mask IoU, top-1 agreement), output SQNR, INT8 latency (ONNX Runtime, 1 thread, runs
 interleaved, median) and the time each took on this machine. torch runs on one thread: on this
@@ -84,12 +84,13 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
     path = folder / f"{case.name}_{draw}_finetune.onnx"
     options = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size, threads=1)
     start = time.perf_counter()
-    start_plan = paths[args.ptq.index("speed")]  # the very file fine-tuning starts from
-    config = preset_config("default", prefer="speed")
+    start_plan = paths[args.ptq.index(args.start)]  # the very file fine-tuning starts from
+    config = preset_config("default", prefer=args.start)
     report = finetune_model(case.model, path, data, config, options, seed=draw, start=start_plan)
     rows.append(
         {
-            "method": f"finetune ({report.steps} steps, kept {report.best_step})",
+            "method": f"finetune of {labels[args.start]} ({report.steps} steps, kept "
+            f"{report.best_step})",
             "seconds": time.perf_counter() - start,
             "held_out_sqnr": [report.sqnr_before, report.sqnr_after],
             "samples": len(case.calib),
@@ -136,12 +137,18 @@ def main() -> None:
         nargs="+",
         choices=["balanced", "speed"],
         default=["balanced", "speed"],
-        help="PTQ rows: quantize's default plan; the all-int8 one (always) finetune starts from",
+        help="PTQ rows: quantize's default plan, the all-int8 one",
+    )
+    parser.add_argument(
+        "--start",
+        choices=["balanced", "speed"],
+        default="speed",
+        help="the PTQ row fine-tuning starts from (always run)",
     )
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench/out/qat_finetune"))
     args = parser.parse_args()
-    args.ptq = list(dict.fromkeys([*args.ptq, "speed"]))
+    args.ptq = list(dict.fromkeys([*args.ptq, args.start]))
     logging.basicConfig(format="%(asctime)s %(message)s")
     logging.getLogger("qdq.qat.finetune").setLevel(logging.INFO)  # held-out loss as it trains
     args.out.mkdir(parents=True, exist_ok=True)

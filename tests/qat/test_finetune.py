@@ -71,6 +71,21 @@ def test_finetuned_file_is_fused_exactly_as_ptq(pair: tuple[Path, Path], tmp_pat
     assert fused[0]["QLinearConv"] > 0
 
 
+def test_finetuning_ternary_weights_keeps_their_codes_and_raises_sqnr(tmp_path: Path) -> None:
+    # Measured on the 540 test images: PTQ 5.2 dB (93.1% of labels), tuned 7.1 dB (96.3%).
+    config = preset_config("default", weight_grid="ternary", sequential_bias_correction=False)
+    ptq, tuned = tmp_path / "ptq.onnx", tmp_path / "tuned.onnx"
+    quantize_model(DIGITS / "cnn.onnx", ptq, DIGITS / "calib.npz", config)
+    finetune_model(DIGITS / "cnn.onnx", tuned, DIGITS / "calib.npz", config, OPTIONS, seed=0)
+    assert digits_cnn_sqnr(tuned) > digits_cnn_sqnr(ptq) + 1.0
+    model = onnx.load(tuned)
+    weights = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    codes = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    int8 = [codes[w] for w in weights if w in codes and codes[w].dtype == np.int8]
+    assert len(int8) == 4  # the CNN's four weights, on the {-1, 0, 1} grid times their scales
+    assert all(set(np.unique(c)) <= {-1, 0, 1} for c in int8)
+
+
 def test_kl_and_power_normalized_error_are_zero_at_the_teacher() -> None:
     teacher = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
     assert float(_distance(teacher, teacher, axis=-1)) == pytest.approx(0.0, abs=1e-6)
@@ -224,6 +239,29 @@ def test_held_out_loss_is_the_written_files_in_onnx_runtime(pair: tuple[Path, Pa
     want, got = teacher.run(None, feed)[0], open_session(pair[0]).run(None, feed)[0]
     direct = float(_distance(torch.from_numpy(got), torch.from_numpy(want), None))
     assert loss == pytest.approx(direct, rel=1e-5)
+
+
+def test_training_loss_has_the_files_value_and_the_torch_copys_gradient(
+    pair: tuple[Path, Path],
+) -> None:
+    """A step trains on what ONNX Runtime computes from the file that step would write, with
+    gradients through the torch copy (a straight-through estimator at the outputs)."""
+    model = onnx.load(DIGITS / "cnn.onnx")
+    samples = Samples(DIGITS / "calib.npz", model_inputs(model))
+    trainer = finetune._Trainer(
+        onnx.load(pair[0]), open_session(model), samples, CONFIG, OPTIONS, 16, 0
+    )
+    feed = next(samples.batches(16))
+    file = trainer._file_session()
+    loss = trainer._loss(feed, file, through=True)
+    assert loss.item() == pytest.approx(float(trainer._loss(feed, file)), rel=1e-6)
+    trainer.graph.forward = lambda feeds: [torch.zeros(len(feeds["input"]), 10).requires_grad_()]
+    assert trainer._loss(feed, file, through=True).item() == pytest.approx(loss.item(), rel=1e-6)
+    del trainer.graph.forward
+    loss.backward()
+    grads = [p.grad for p in trainer.graph.parameters() if p.grad is not None]
+    assert grads
+    assert any(float(g.abs().sum()) > 0 for g in grads)
 
 
 @pytest.mark.parametrize(("shape", "loss"), [((2, 3, 5), "kl"), ((2, 15), "mse")])

@@ -87,6 +87,7 @@ def finetune(args: argparse.Namespace) -> str:
         method=args.method,
         per_channel=args.per_channel,
         weight_bits=args.weight_bits,
+        weight_grid=args.weight_grid,
         activation_dtype=args.activation_dtype,
         exclude=tuple(args.exclude) or None,
         prefer=args.prefer,

@@ -307,14 +307,18 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         "--held-out", type=at_least(1), help="last samples that pick the checkpoint (default 1/8)"
     )
     f.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
+    f.add_argument(
+        "--weight-grid",
+        choices=[g.value for g in WeightGrid],
+        help="the values weights take: uniform (default), binary, ternary, power_of_two",
+    )
     _granularity_flags(f)
     f.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES)
     f.add_argument("--method", choices=METHODS, help="activation range estimator of the PTQ start")
     f.add_argument(
         "--prefer",
         choices=[p.value for p in Prefer],
-        default="int8",
-        help="the PTQ plan to start from (default int8: every layer int8 it can be)",
+        help="the PTQ plan to start from (default balanced, as quantize's)",
     )
     f.add_argument("--exclude", nargs="+", default=(), metavar="NODE_OR_OP")
     f.add_argument("--max-samples", type=at_least(1))

@@ -27,7 +27,7 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -37,10 +37,12 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812 (torch's own spelling)
 
 from qdq.errors import ModelError
+from qdq.lowbit import WeightGrid
 from qdq.plan.constants import BIAS_CODE_LIMIT
 from qdq.qat.fakequant import FakeQuantize
+from qdq.qat.lowbit import LowBitWeight
 from qdq.qparams import MIN_SCALE
-from qdq.scheme import QScheme
+from qdq.scheme import PerChannel, PerTensor, QScheme
 
 Value = torch.Tensor | None
 Attrs = dict[str, object]
@@ -404,10 +406,20 @@ class QdqGraph(nn.Module):
     """The QDQ graph in torch: `forward(feeds)` -> the graph's outputs, in order.
 
     `weights` and `activations` are the grids qdq quantized with (their code ranges: a 4-bit
-    weight's codes lie in [-7, 7] inside its int8 container)."""
+    weight's codes lie in [-7, 7] inside its int8 container). With a low-bit `weight_grid`
+    (binary, ternary, power of two) each weight is seen through its `LowBitWeight`: its codes
+    and scale follow the float weight, as in PTQ, and only the weight is learned."""
 
-    def __init__(self, model: onnx.ModelProto, weights: QScheme, activations: QScheme) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        weights: QScheme,
+        activations: QScheme,
+        weight_grid: WeightGrid = WeightGrid.UNIFORM,
+    ) -> None:
         super().__init__()
+        self.weight_grid = WeightGrid(weight_grid)
+        self.lowbit = nn.ModuleDict()  # weight initializer's key -> its LowBitWeight
         graph = model.graph
         self.opset = next(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13
@@ -477,14 +489,20 @@ class QdqGraph(nn.Module):
         )
 
     def _grid(
-        self, scale: str, zero_point: str, scheme: QScheme, axis: int | None, per_sample: bool
+        self,
+        scale: str,
+        zero_point: str,
+        scheme: QScheme,
+        axis: int | None,
+        per_sample: bool,
+        learn_scale: bool = True,
     ) -> str:
         """The FakeQuantize of `scale`'s group, made on first use from the initializers."""
         key = self.group.setdefault(scale, _key(scale))
         if key not in self.grids:
             s, z = self.initial[scale].copy(), self.initial[zero_point].astype(np.float32)
             self.grids[key] = FakeQuantize(
-                s, z, scheme.qmin, scheme.qmax, axis, per_sample=per_sample
+                s, z, scheme.qmin, scheme.qmax, axis, learn_scale, per_sample=per_sample
             )
         return key
 
@@ -521,9 +539,16 @@ class QdqGraph(nn.Module):
             for c in consumers[node.output[0]]
         )
         axis = attrs.get("axis", 1) if scale.ndim else None
+        lowbit = slot and self.weight_grid is not WeightGrid.UNIFORM
         self.weight_of[node.input[0]] = self._grid(
-            node.input[1], node.input[2], weights if slot else activations, axis, per_sample=False
+            *(node.input[1], node.input[2], weights if slot else activations, axis),
+            per_sample=False,
+            learn_scale=not lowbit,  # a low-bit grid's scale follows the weight
         )
+        if lowbit:
+            granularity = PerTensor() if axis is None else PerChannel(axis % codes.ndim)
+            scheme = replace(weights, granularity=granularity)
+            self.lowbit[_key(node.input[0])] = LowBitWeight(self.weight_grid, scheme)
 
     def forward(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         env: dict[str, Value] = {**self.constants, **feeds, "": None}
@@ -541,6 +566,8 @@ class QdqGraph(nn.Module):
 
     def _dequantized(self, step: Step, x: Value) -> torch.Tensor:
         name = step.inputs[0]
+        if _key(name) in self.lowbit:
+            return self.lowbit[_key(name)](self.params[_key(name)])
         if name in self.weight_of:
             return self.grids[self.weight_of[name]](self.params[_key(name)])
         if name in self.bias_of:
@@ -585,6 +612,13 @@ def write_back(model: onnx.ModelProto, graph: QdqGraph) -> onnx.ModelProto:
         scales = {
             key: g.scale.clamp_min(MIN_SCALE).double().numpy() for key, g in graph.grids.items()
         }
+        lowbit = {}  # weight -> its codes, their scale set in `scales` for the biases
+        for weight, key in graph.weight_of.items():
+            if _key(weight) in graph.lowbit:
+                w = graph.params[_key(weight)]
+                codes, scales[key] = graph.lowbit[_key(weight)].codes_and_scale(w)
+                lowbit[weight] = codes.double().numpy()
+                scales[key] = scales[key].double().numpy()
         for scale, key in graph.group.items():
             values[scale] = scales[key]
         for bias, where in graph.bias_of.items():
@@ -600,6 +634,9 @@ def write_back(model: onnx.ModelProto, graph: QdqGraph) -> onnx.ModelProto:
                 scale = values[where.scale] = s_x * s_w
             values[bias] = np.clip(np.rint(b / scale), INT32.min, INT32.max)
         for weight, key in graph.weight_of.items():
+            if weight in lowbit:
+                values[weight] = lowbit[weight]
+                continue
             grid, w = graph.grids[key], graph.params[_key(weight)].double().numpy()
             axis = grid.axis if scales[key].ndim else None
             s = scales[key] if axis is None else np.expand_dims(scales[key], _others(w, axis))

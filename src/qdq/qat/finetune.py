@@ -48,10 +48,9 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from qdq.config import Prefer, QuantConfig
+from qdq.config import QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, SchemeError
-from qdq.lowbit import WeightGrid
 from qdq.metrics import ErrorStats
 from qdq.onnx.model import load_model, save_model
 from qdq.onnx.sessions import Use, open_session
@@ -80,6 +79,9 @@ class FinetuneOptions:
     held_out: int | None = None  # samples; None: an eighth of them, 8 to 64
     evaluate_every: int = 25
     patience: int = 4  # evaluations without a held-out gain before stopping
+    # Train on ONNX Runtime's outputs of the file each step would write (gradients through the
+    # torch copy); off: on the torch copy's own outputs (module doc)
+    file_outputs: bool = True
     threads: int | None = None  # torch's intra-op threads; None leaves torch's default
 
     def __post_init__(self) -> None:
@@ -152,13 +154,10 @@ def finetune_model(
     `start`: a QDQ model `quantize_model` already wrote from this model with this `config`,
     fine-tuned instead of quantizing again (PTQ's choice between candidate plans times them,
     so two PTQ runs on a busy machine can pick different plans)."""
-    config = config or QuantConfig(prefer=Prefer.INT8)  # training recovers what float layers buy
+    config = config or QuantConfig()  # quantize's plan: a better start than all int8 (docs)
     options = options or FinetuneOptions()
-    if config.weight_grid is not WeightGrid.UNIFORM or config.data_free:
-        raise SchemeError(
-            "finetune learns uniform weight grids from calibration data; drop `weight_grid` "
-            "and `data_free`"
-        )
+    if config.data_free:
+        raise SchemeError("finetune learns from calibration data; drop `data_free`")
     target = check_output(output_path, [model_path, calibration, start])
     model = load_model(model_path)
     samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
@@ -229,7 +228,7 @@ class _Trainer:
         seed: int | None,
     ) -> None:
         self.quantized = quantized
-        self.graph = QdqGraph(quantized, config.weights, config.activations)
+        self.graph = QdqGraph(quantized, config.weights, config.activations, config.weight_grid)
         self.teacher, self.samples, self.options = teacher, samples, options
         self.split = samples.count - held_out
         self.names = [o.name for o in teacher.get_outputs()]
@@ -278,8 +277,9 @@ class _Trainer:
         size = min(self.options.batch_size, self.split)
         first = int(self.rng.integers(0, self.split - size + 1))
         self.optimizer.zero_grad(set_to_none=True)
+        file = self._file_session() if self.options.file_outputs else None
         for feed, weight in self._feeds(first, first + size):
-            self._loss(feed).mul(weight).backward()
+            self._loss(feed, file, through=True).mul(weight).backward()
         self.optimizer.step()
         self.schedule.step()
 
@@ -288,16 +288,30 @@ class _Trainer:
         for feed in self.samples.batches(self.options.batch_size, first, last):
             yield feed, len(next(iter(feed.values()))) / total
 
+    def _file_session(self) -> ort.InferenceSession:
+        """ONNX Runtime's session of the file the current values would write."""
+        return open_session(write_back(self.quantized, self.graph), Use.CHECK)
+
     def _loss(
-        self, feed: dict[str, np.ndarray], session: ort.InferenceSession | None = None
+        self,
+        feed: dict[str, np.ndarray],
+        session: ort.InferenceSession | None = None,
+        through: bool = False,
     ) -> torch.Tensor:
-        """The distillation loss of the torch copy on `feed`, or of `session`'s outputs."""
+        """The distillation loss of the torch copy on `feed`, or of `session`'s outputs; with
+        `through`, of `session`'s output values with the torch copy's gradients (a
+        straight-through estimator at the outputs)."""
         want = self.teacher.run(self.names, feed)
-        if session is None:
+        if session is None or through:
             got = self.graph({k: torch.from_numpy(v) for k, v in feed.items()})
-        else:
+        if session is not None:
             outputs = session.run(self.names, feed)
-            got = [torch.from_numpy(np.asarray(o, np.float32)) for o in outputs]
+            exact = [torch.from_numpy(np.asarray(o, np.float32)) for o in outputs]
+            got = (
+                [g + (e - g).detach() for g, e in zip(got, exact, strict=True)]
+                if through
+                else exact
+            )
         total = torch.zeros(())
         for name, teacher_out, student in zip(self.names, want, got, strict=True):
             target = torch.from_numpy(np.asarray(teacher_out, np.float32))
@@ -307,7 +321,7 @@ class _Trainer:
     def _held_out_loss(self) -> float:
         """The loss on the held-out samples of the file this checkpoint writes, in ONNX
         Runtime (see the module doc)."""
-        session = open_session(write_back(self.quantized, self.graph), Use.CHECK)
+        session = self._file_session()
         total = 0.0
         with torch.no_grad():
             for feed, weight in self._feeds(self.split, self.samples.count):
@@ -364,7 +378,7 @@ def _param_groups(graph: QdqGraph, lr: float) -> list[dict]:
         param = graph.weight_param(bias)
         size = float(param.detach().square().mean().sqrt())
         groups.append({"params": [param], "lr": lr * SCALE_LR_SHARE * max(size, 1e-6)})
-    for grid in graph.grids.values():
+    for grid in (g for g in graph.grids.values() if g.scale.requires_grad):
         size = float(grid.scale.detach().abs().mean())
         groups.append({"params": [grid.scale], "lr": lr * SCALE_LR_SHARE * size})
     return [g for g in groups if g["lr"] > 0]
