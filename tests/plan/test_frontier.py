@@ -109,7 +109,7 @@ def test_the_budget_replaces_the_frontier(tmp_path):
     assert report.candidates == []
 
 
-def test_latencies_are_cached_per_graph_structure(tmp_path, monkeypatch):
+def test_latencies_are_cached_per_group_of_graph_structures(tmp_path, monkeypatch):
     monkeypatch.setenv("QDQ_CACHE_DIR", str(tmp_path))
     model = onnx.load(DIGITS / "cnn.onnx")
     feed = {"input": np.load(DIGITS / "calib.npz")["input"][:1]}
@@ -122,6 +122,8 @@ def test_latencies_are_cached_per_graph_structure(tmp_path, monkeypatch):
     monkeypatch.setattr(frontier, "median_latency_ms", timed_again)
     model.graph.initializer[0].raw_data = bytes(len(model.graph.initializer[0].raw_data))
     assert latencies_ms([model], feed) == first  # other weights, same graph: same latency
+    with pytest.raises(AssertionError, match="timed again"):  # a group's times: one moment's
+        latencies_ms([model, onnx.load(DIGITS / "mobilenet.onnx")], feed)
     wider = onnx.load(DIGITS / "cnn.onnx")
     wider.graph.initializer[0].dims[0] += 1  # a wider layer: another model's latency
     with pytest.raises(AssertionError, match="timed again"):
@@ -203,10 +205,11 @@ def test_the_report_times_fp32_with_the_candidates_and_warns_when_int8_is_slower
     tmp_path, monkeypatch
 ):
     # The nucleus segmenter measured every plan 1.1-1.5x FP32's time: a user should hear it.
-    # Timed as given here (a loaded machine's timing is no test): FP32 alone, every plan slower
-    # (past the timing tie: a tiny model's microseconds are noise, no warning).
+    # Timed as given here (a loaded machine's timing is no test): FP32 last, in the same group
+    # as the plans, every plan slower (past the timing tie: a tiny model's microseconds are
+    # noise, no warning).
     def timed(fp32: float, plans: float):
-        return lambda models, _: [fp32] if len(models) == 1 else [plans] * len(models)
+        return lambda models, _: [plans] * (len(models) - 1) + [fp32]
 
     monkeypatch.setattr(frontier, "latencies_ms", timed(1.0, 2.0))
     report = quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz")

@@ -29,8 +29,9 @@ score. For example:
     accuracy -> MatMul only; speed -> all int8; balanced -> ends float: 26.0 vs 29.0 - 0.5
     vs 35.0 - 28.5 (5.0 ms and 95% slower, past the 5% tie)
 
-Latencies are cached per graph structure (`cache_file`), so a model gets the same plan on every
-run and every calibration draw.
+The candidates and the FP32 model are timed together, interleaved, and cached as one group
+keyed by their graph structures (`cache_file`), so a model gets the same plan on every run and
+every calibration draw, and FP32's time is always from the same runs as the candidates'.
 """
 
 from __future__ import annotations
@@ -121,9 +122,12 @@ def choose_plan(
         return fallback
     models = {name: realize(plan) for name, (plan, _) in plans.items()}
     scores = {name: score(model) for name, model in models.items()}
-    latencies = latencies_ms(list(models.values()), timing_feed)
-    # apart from the candidates, so that their cached times (and so the plan) stay as they were
-    float_ms = None if reference is None else latencies_ms([reference], timing_feed)[0]
+    # FP32 timed in the same interleaved runs: its ratio to the candidates means something only
+    # when all were measured together (cached apart, the report once compared a quiet FP32 time
+    # with candidate times from a loaded hour, and warned that no plan beat FP32: Magika)
+    timed = [*models.values(), *([reference] if reference is not None else [])]
+    latencies = latencies_ms(timed, timing_feed)
+    float_ms = latencies.pop() if reference is not None else None
     candidates = [
         Candidate(name, scores[name], ms, _int8_nodes(plans[name][0]))
         for name, ms in zip(models, latencies, strict=True)
@@ -137,17 +141,22 @@ def choose_plan(
 
 
 def latencies_ms(models: list[onnx.ModelProto], feed: dict[str, np.ndarray]) -> list[float]:
-    """Median ms per run of each model on `feed`: from the cache when every one of their graph
-    structures is there (the same model then gets the same plan on every run and every draw of
-    its calibration samples), else timed together and stored."""
-    keys = [_structure(model, feed) for model in models]
+    """Median ms per run of each model on `feed`, timed together (interleaved), or from the
+    cache when these graph structures were timed together before (the same model then gets
+    the same plan on every run and every draw of its calibration samples). The cache keeps
+    each group's times as one entry: times measured at different moments, under different
+    loads, are never compared."""
+    digest = hashlib.sha256()
+    for model in models:
+        digest.update(_structure(model, feed).encode())
+    key = digest.hexdigest()
     file = cache_file()
     cached = _read(file) if file else {}
-    if all(key in cached for key in keys):
-        return [cached[key] for key in keys]
+    if len(cached.get(key, ())) == len(models):
+        return list(cached[key])
     measured = median_latency_ms([m.SerializeToString() for m in models], feed, RUNS)
     if file:
-        _write(file, cached | dict(zip(keys, measured, strict=True)))
+        _write(file, cached | {key: measured})
     return measured
 
 
@@ -179,17 +188,23 @@ def _structure(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _read(file: Path) -> dict[str, float]:
+def _read(file: Path) -> dict[str, list[float]]:
+    """Each group's times; entries of any other form (older caches: one time per graph) are
+    left out, so those groups are timed again."""
     try:
         table = json.loads(file.read_text())
     except (OSError, ValueError):  # none yet, or unreadable: measure again
         return {}
-    return (
-        {k: v for k, v in table.items() if isinstance(v, float)} if isinstance(table, dict) else {}
-    )
+    if not isinstance(table, dict):
+        return {}
+    return {
+        k: v
+        for k, v in table.items()
+        if isinstance(v, list) and all(isinstance(ms, float) for ms in v)
+    }
 
 
-def _write(file: Path, table: dict[str, float]) -> None:
+def _write(file: Path, table: dict[str, list[float]]) -> None:
     """Atomically (a temporary file, then a rename); a cache that cannot be written is skipped."""
     partial = None
     try:
