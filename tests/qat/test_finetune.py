@@ -17,7 +17,7 @@ from qdq.data import Samples, model_inputs
 from qdq.onnx.sessions import Use, open_session
 from qdq.pipeline import quantize_model
 from qdq.qat import finetune
-from qdq.qat.convert import QdqGraph
+from qdq.qat.convert import QdqGraph, write_back
 from qdq.qat.finetune import FinetuneOptions, _distance, finetune_model
 
 from conftest import DIGITS, digits_cnn_sqnr
@@ -84,6 +84,28 @@ def test_finetuning_ternary_weights_keeps_their_codes_and_raises_sqnr(tmp_path: 
     int8 = [codes[w] for w in weights if w in codes and codes[w].dtype == np.int8]
     assert len(int8) == 4  # the CNN's four weights, on the {-1, 0, 1} grid times their scales
     assert all(set(np.unique(c)) <= {-1, 0, 1} for c in int8)
+
+
+def test_scales_after_a_relu6_stay_where_onnx_runtime_drops_the_clip(tmp_path: Path) -> None:
+    """A ReLU6 output's grid spans [0, 6] exactly; a scale learned a hair larger would keep the
+    Clip in ONNX Runtime, and the Conv before it would run in float (EfficientNet-Lite0 lost 3
+    of 48 QLinearConvs that way). The learned scale is held at the largest that fuses."""
+    ptq = tmp_path / "ptq.onnx"
+    config = preset_config("default", prefer="int8")
+    quantize_model(DIGITS / "mobilenet.onnx", ptq, DIGITS / "calib.npz", config)
+    graph = QdqGraph(onnx.load(ptq), config.weights, config.activations)
+    bounded = [g for g in graph.grids.values() if g.max_scale is not None]
+    assert len(bounded) == 7  # one per Clip
+    with torch.no_grad():
+        for grid in bounded:
+            grid.scale.mul_(1.01)
+    fused = []
+    for i, model in enumerate([onnx.load(ptq), write_back(onnx.load(ptq), graph)]):
+        optimized = tmp_path / f"optimized{i}.onnx"
+        open_session(model, Use.REWRITE, optimized_path=optimized)
+        fused.append(Counter(n.op_type for n in onnx.load(optimized).graph.node))
+    assert fused[1] == fused[0]
+    assert fused[0]["QLinearConv"] == 7
 
 
 def test_kl_and_power_normalized_error_are_zero_at_the_teacher() -> None:

@@ -453,6 +453,28 @@ class QdqGraph(nn.Module):
         for name, value in self.initial.items():
             if name not in self.weight_of and name not in self.bias_of:
                 self.constants[name] = _tensor(value)
+        self._bound_clipped_scales(graph, producer)
+
+    def _bound_clipped_scales(self, graph: onnx.GraphProto, producer: dict) -> None:
+        """Hold each scale that a Clip's QuantizeLinear uses where ONNX Runtime drops that Clip.
+
+        ONNX Runtime removes a Clip before a QuantizeLinear, and so fuses the Conv before it
+        into a QLinearConv, only while the grid's range lies within the Clip's (up to float32
+        epsilon: `ClipQuantFusion`). A ReLU6 output's grid is [0, 6] exactly, so a scale
+        learned a hair larger keeps the Clip, and the Conv runs in float: EfficientNet-Lite0,
+        500 steps, left 3 of its 48 convolutions unfused and 20% slower."""
+        for q in (n for n in graph.node if n.op_type == "QuantizeLinear"):
+            clip = producer.get(q.input[0])
+            if clip is None or clip.op_type != "Clip" or q.input[1] not in self.group:
+                continue
+            bounds = _clip_bounds(clip, self.initial, self.opset)
+            grid = self.grids[self.group[q.input[1]]]
+            zero_point = float(self.initial[q.input[2]])
+            start = np.float32(self.initial[q.input[1]])
+            if bounds is None or not _inside(start, zero_point, grid, bounds):
+                continue  # not dropped in the PTQ file either: nothing to keep
+            bound = max(_largest_inside(zero_point, grid, bounds), float(start))
+            grid.max_scale = min(grid.max_scale or math.inf, bound)
 
     def _tie_scales(self, graph: onnx.GraphProto, producer: dict, consumers: dict) -> None:
         """Union of activation scales a node passes through unchanged (see the module doc)."""
@@ -579,6 +601,46 @@ class QdqGraph(nn.Module):
         return self.params[_key(initializer)]
 
 
+def _clip_bounds(
+    clip: onnx.NodeProto, initial: dict[str, np.ndarray], opset: int
+) -> tuple[float, float] | None:
+    """A Clip's constant (min, max), infinite where absent; None when computed at run time."""
+    if opset < 11:
+        attrs = {a.name: helper.get_attribute_value(a) for a in clip.attribute}
+        return float(attrs.get("min", -math.inf)), float(attrs.get("max", math.inf))
+    bounds = []
+    for i, default in ((1, -math.inf), (2, math.inf)):
+        name = clip.input[i] if len(clip.input) > i else ""
+        if name and name not in initial:
+            return None
+        bounds.append(float(initial[name]) if name else default)
+    return bounds[0], bounds[1]
+
+
+def _inside(scale: np.float32, zero_point: float, grid: FakeQuantize, bounds: tuple) -> bool:
+    """ONNX Runtime's test for dropping the Clip, in its float32 arithmetic."""
+    eps = np.finfo(np.float32).eps
+    lowest = scale * np.float32(grid.qmin - zero_point)
+    highest = scale * np.float32(grid.qmax - zero_point)
+    with np.errstate(invalid="ignore", over="ignore"):
+        low, high = np.float32(bounds[0]), np.float32(bounds[1])
+        return bool(not (eps < low - lowest) and not (eps < highest - high))
+
+
+def _largest_inside(zero_point: float, grid: FakeQuantize, bounds: tuple) -> float:
+    """The largest float32 scale whose grid passes `_inside`."""
+    low, high = bounds
+    limits = [math.inf]
+    if grid.qmax > zero_point and math.isfinite(high):
+        limits.append(high / (grid.qmax - zero_point))
+    if grid.qmin < zero_point and math.isfinite(low):
+        limits.append(low / (grid.qmin - zero_point))
+    scale = np.float32(min(limits)) * np.float32(1 + 1e-6)  # then down to the exact float
+    while not _inside(scale, zero_point, grid, bounds):
+        scale = np.nextafter(scale, np.float32(0))
+    return float(scale)
+
+
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     out: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -610,7 +672,8 @@ def write_back(model: onnx.ModelProto, graph: QdqGraph) -> onnx.ModelProto:
     values: dict[str, np.ndarray] = {}
     with torch.no_grad():
         scales = {
-            key: g.scale.clamp_min(MIN_SCALE).double().numpy() for key, g in graph.grids.items()
+            key: g.bounded_scale().clamp_min(MIN_SCALE).double().numpy()
+            for key, g in graph.grids.items()
         }
         lowbit = {}  # weight -> its codes, their scale set in `scales` for the biases
         for weight, key in graph.weight_of.items():

@@ -80,6 +80,7 @@ class FakeQuantize(nn.Module):
         self.register_buffer("zero_point", torch.as_tensor(np.asarray(zero_point, np.float32)))
         self.qmin, self.qmax, self.axis = qmin, qmax, axis
         self.per_sample = per_sample  # activations: N in LSQ's factor counts one sample
+        self.max_scale: float | None = None  # a bound the learned scale may not pass
 
     @classmethod
     def from_qparams(
@@ -88,17 +89,21 @@ class FakeQuantize(nn.Module):
         s = qparams.scheme
         return cls(qparams.scale, qparams.zero_point, s.qmin, s.qmax, axis, learn_scale, **kw)
 
+    def bounded_scale(self) -> torch.Tensor:
+        """The scale in use: the learned one, held under `max_scale` when that is set."""
+        return self.scale if self.max_scale is None else self.scale.clamp_max(self.max_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         covered = x[0] if self.per_sample and x.ndim > 0 else x
         factor = lsq_factor(covered, self.scale.numel(), self.qmax)
         return fake_quantize(
-            x, self.scale, self.zero_point, self.qmin, self.qmax, self.axis, factor
+            x, self.bounded_scale(), self.zero_point, self.qmin, self.qmax, self.axis, factor
         )
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes `x` takes on this grid (no gradient)."""
         with torch.no_grad():
-            s = _along(self.scale, self.axis, x.ndim).clamp_min(MIN_SCALE)
+            s = _along(self.bounded_scale(), self.axis, x.ndim).clamp_min(MIN_SCALE)
             z = _along(self.zero_point, self.axis, x.ndim)
             return torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax)
 
