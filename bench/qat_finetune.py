@@ -2,21 +2,22 @@
 
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
      [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1]
-     [--start speed|balanced] [--out bench/out/qat_finetune]
+     [--start balanced|speed] [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
 
 Per model and calibration draw: PTQ as `qdq quantize` makes it by default (`--prefer
-balanced`, which may keep slow-to-fix layers float), PTQ with every layer int8 (`--prefer
-speed`), and `qdq finetune` of one of the two (`--start`, all int8 by default); PTQ
-calibrates on the first `--calib-samples` of the `--samples` (all by default) and
-fine-tuning trains on all of them (the first 128 of 512 photo crops or pages are the 128 of a
-128-sample run; text lines are not, their flips being drawn first); each scored against FP32 on
-held-out evaluation data with bench/ptq.py's task metrics (lines decoded as FP32 decodes them,
-text-mask IoU, top-1 agreement), output SQNR, INT8 latency (ONNX Runtime, 1 thread, runs
-interleaved, median) and the time each took on this machine. torch runs on one thread: on this
-shared 2-core machine two OpenMP threads ran fake quantization 20x slower (9.7 vs 195 ms on a
-(4, 64, 24, 160) tensor), waiting for each other's core.
+balanced`, which may keep slow-to-fix layers float), PTQ's fastest plan (`--prefer speed`,
+often every layer int8), and `qdq finetune` of one of the two (`--start`, balanced by
+default, as finetune's); PTQ calibrates on the first `--calib-samples` of the `--samples` (all
+by default) and fine-tuning trains on all of them (the first 128 of 512 photo crops or pages
+are the 128 of a 128-sample run; text lines are not, their flips being drawn first); each
+scored against FP32 on held-out evaluation data with bench/ptq.py's task metrics (lines
+decoded as FP32 decodes them, text-mask IoU, top-1 agreement), output SQNR, INT8 latency
+(ONNX Runtime, 1 thread, runs interleaved, median) and the time each took on this machine.
+torch runs on one thread: on this shared 2-core machine two OpenMP threads ran fake
+quantization 20x slower (9.7 vs 195 ms on a (4, 64, 24, 160) tensor), waiting for each other's
+core.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
     np.savez(data, **{case.input: case.calib})
     reference = run_model(case.model, case.input, case.evaluate, batch=16)
     rows, paths = [], []
-    labels = {"balanced": "PTQ (default)", "speed": "PTQ (all int8)"}
+    labels = {"balanced": "PTQ (default)", "speed": "PTQ (--prefer speed)"}
     for prefer in args.ptq:
         label = labels[prefer]
         path = folder / f"{case.name}_{draw}_{prefer}.onnx"
@@ -142,7 +143,7 @@ def main() -> None:
     parser.add_argument(
         "--start",
         choices=["balanced", "speed"],
-        default="speed",
+        default="balanced",
         help="the PTQ row fine-tuning starts from (always run)",
     )
     parser.add_argument("--latency-runs", type=int, default=30)

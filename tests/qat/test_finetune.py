@@ -108,6 +108,22 @@ def test_scales_after_a_relu6_stay_where_onnx_runtime_drops_the_clip(tmp_path: P
     assert fused[0]["QLinearConv"] == 7
 
 
+def test_patience_counts_only_in_the_second_half_of_the_run(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a cosine-decayed rate the held-out loss often stalls early and falls late
+    (EfficientNet-Lite0's best checkpoints: steps 275-450 of 500), so no stop before half."""
+    model = onnx.load(DIGITS / "cnn.onnx")
+    samples = Samples(DIGITS / "calib.npz", model_inputs(model))
+    options = FinetuneOptions(steps=8, evaluate_every=1, patience=1, batch_size=16, threads=1)
+    trainer = finetune._Trainer(
+        onnx.load(pair[0]), open_session(model), samples, CONFIG, options, 16, 0
+    )
+    monkeypatch.setattr(trainer, "_step", lambda: None)
+    monkeypatch.setattr(trainer, "_held_out_loss", lambda: 1.0)  # never a gain
+    assert trainer.train(progress=False) == (0, 4)  # PTQ kept; stopped at the first chance
+
+
 def test_kl_and_power_normalized_error_are_zero_at_the_teacher() -> None:
     teacher = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
     assert float(_distance(teacher, teacher, axis=-1)) == pytest.approx(0.0, abs=1e-6)

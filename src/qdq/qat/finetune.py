@@ -13,7 +13,9 @@ graph into torch, and training moves the weights (straight-through estimator) an
 
 The last samples (an eighth, 8 to 64) are held out: the loss on them, measured every
 `evaluate_every` steps from step 0 (the PTQ model itself), picks the checkpoint written and
-stops training after `patience` evaluations without a gain. It is measured in ONNX Runtime on
+stops training after `patience` evaluations without a gain in the second half of the run (the
+loss often stalls while the cosine-decayed rate is high, then falls: docs/finetune.md). It is
+measured in ONNX Runtime on
 the file each checkpoint would write, not on the torch copy: the two round a few ties apart,
 and on a model that amplifies noise (PP-OCRv4's recognizer: ONNX Runtime's fused and unfused
 runs of one QDQ file differ by 23 dB) the torch loss fell by half while the file's error
@@ -78,7 +80,7 @@ class FinetuneOptions:
     batch_size: int = 8
     held_out: int | None = None  # samples; None: an eighth of them, 8 to 64
     evaluate_every: int = 25
-    patience: int = 4  # evaluations without a held-out gain before stopping
+    patience: int = 4  # evaluations without a held-out gain, past half the steps, to stop
     # Train on ONNX Runtime's outputs of the file each step would write (gradients through the
     # torch copy); off: on the torch copy's own outputs (module doc)
     file_outputs: bool = True
@@ -264,7 +266,7 @@ class _Trainer:
                 if loss < best_loss:
                     best_loss, best_step, waited = loss, step, 0
                     best_state = copy.deepcopy(self.graph.state_dict())
-                else:
+                elif 2 * step >= options.steps:  # patience counts in the decay's second half
                     waited += 1
                     if waited >= options.patience:
                         break
