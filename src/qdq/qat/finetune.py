@@ -15,13 +15,14 @@ The last samples (an eighth, 8 to 64) are held out: the loss on them, measured e
 `evaluate_every` steps from step 0 (the PTQ model itself), picks the checkpoint written and
 stops training after `patience` evaluations without a gain in the second half of the run (the
 loss often stalls while the cosine-decayed rate is high, then falls: docs/finetune.md). It is
-measured in ONNX Runtime on
-the file each checkpoint would write, not on the torch copy: the two round a few ties apart,
-and on a model that amplifies noise (PP-OCRv4's recognizer: ONNX Runtime's fused and unfused
-runs of one QDQ file differ by 23 dB) the torch loss fell by half while the file's error
-barely moved (docs/finetune.md). Batches are read from the samples
-as training draws them, so memory does not grow with their number. The learned values go back
-into the PTQ file's initializers (`write_back`): the graph is the one `qdq quantize` wrote.
+measured in ONNX Runtime on the file each checkpoint would write, not on the torch copy: the
+two round a few ties apart, and on a model that amplifies noise (PP-OCRv4's recognizer: ONNX
+Runtime's fused and unfused runs of one QDQ file differ by 23 dB) the torch loss fell by half
+while the file's error barely moved (docs/finetune.md). Each training step's loss is the
+file's too (`FinetuneOptions.file_outputs`), with the torch copy's gradient. Batches are read
+from the samples as training draws them, so memory does not grow with their number. The
+learned values go back into the PTQ file's initializers (`write_back`): the graph is the one
+`qdq quantize` wrote.
 
 Adam's steps are set per tensor in units of that tensor's own grid, so one `lr` suits every
 layer and bit width: a weight moves up to `lr` of its grid step per step, a scale or a bias
