@@ -38,6 +38,7 @@ from torch.nn import functional as F  # noqa: N812 (torch's own spelling)
 
 from qdq.errors import ModelError
 from qdq.lowbit import WeightGrid
+from qdq.onnx.graph import GraphIndex, clip_bounds
 from qdq.plan.constants import BIAS_CODE_LIMIT
 from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.lowbit import LowBitWeight
@@ -453,9 +454,9 @@ class QdqGraph(nn.Module):
         for name, value in self.initial.items():
             if name not in self.weight_of and name not in self.bias_of:
                 self.constants[name] = _tensor(value)
-        self._bound_clipped_scales(graph, producer)
+        self._bound_clipped_scales(model)
 
-    def _bound_clipped_scales(self, graph: onnx.GraphProto, producer: dict) -> None:
+    def _bound_clipped_scales(self, model: onnx.ModelProto) -> None:
         """Hold each scale that a Clip's QuantizeLinear uses where ONNX Runtime drops that Clip.
 
         ONNX Runtime removes a Clip before a QuantizeLinear, and so fuses the Conv before it
@@ -463,15 +464,16 @@ class QdqGraph(nn.Module):
         epsilon: `ClipQuantFusion`). A ReLU6 output's grid is [0, 6] exactly, so a scale
         learned a hair larger keeps the Clip, and the Conv runs in float: EfficientNet-Lite0,
         500 steps, left 3 of its 48 convolutions unfused and 20% slower."""
-        for q in (n for n in graph.node if n.op_type == "QuantizeLinear"):
-            clip = producer.get(q.input[0])
+        index = GraphIndex(model)
+        for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+            clip = index.producer.get(q.input[0])
             if clip is None or clip.op_type != "Clip" or q.input[1] not in self.group:
                 continue
-            bounds = _clip_bounds(clip, self.initial, self.opset)
+            bounds = clip_bounds(clip, index)
             grid = self.grids[self.group[q.input[1]]]
             zero_point = float(self.initial[q.input[2]])
             start = np.float32(self.initial[q.input[1]])
-            if bounds is None or not _inside(start, zero_point, grid, bounds):
+            if None in bounds or not _inside(start, zero_point, grid, bounds):
                 continue  # not dropped in the PTQ file either: nothing to keep
             bound = max(_largest_inside(zero_point, grid, bounds), float(start))
             grid.max_scale = min(grid.max_scale or math.inf, bound)
@@ -601,22 +603,6 @@ class QdqGraph(nn.Module):
         return self.params[_key(initializer)]
 
 
-def _clip_bounds(
-    clip: onnx.NodeProto, initial: dict[str, np.ndarray], opset: int
-) -> tuple[float, float] | None:
-    """A Clip's constant (min, max), infinite where absent; None when computed at run time."""
-    if opset < 11:
-        attrs = {a.name: helper.get_attribute_value(a) for a in clip.attribute}
-        return float(attrs.get("min", -math.inf)), float(attrs.get("max", math.inf))
-    bounds = []
-    for i, default in ((1, -math.inf), (2, math.inf)):
-        name = clip.input[i] if len(clip.input) > i else ""
-        if name and name not in initial:
-            return None
-        bounds.append(float(initial[name]) if name else default)
-    return bounds[0], bounds[1]
-
-
 def _inside(scale: np.float32, zero_point: float, grid: FakeQuantize, bounds: tuple) -> bool:
     """ONNX Runtime's test for dropping the Clip, in its float32 arithmetic."""
     eps = np.finfo(np.float32).eps
@@ -675,13 +661,12 @@ def write_back(model: onnx.ModelProto, graph: QdqGraph) -> onnx.ModelProto:
             key: g.bounded_scale().clamp_min(MIN_SCALE).double().numpy()
             for key, g in graph.grids.items()
         }
-        lowbit = {}  # weight -> its codes, their scale set in `scales` for the biases
-        for weight, key in graph.weight_of.items():
+        for weight, key in graph.weight_of.items():  # low-bit codes first: biases use s_w
             if _key(weight) in graph.lowbit:
-                w = graph.params[_key(weight)]
-                codes, scales[key] = graph.lowbit[_key(weight)].codes_and_scale(w)
-                lowbit[weight] = codes.double().numpy()
-                scales[key] = scales[key].double().numpy()
+                codes, scale = graph.lowbit[_key(weight)].codes_and_scale(
+                    graph.weight_param(weight)
+                )
+                values[weight], scales[key] = codes.double().numpy(), scale.double().numpy()
         for scale, key in graph.group.items():
             values[scale] = scales[key]
         for bias, where in graph.bias_of.items():
@@ -697,8 +682,7 @@ def write_back(model: onnx.ModelProto, graph: QdqGraph) -> onnx.ModelProto:
                 scale = values[where.scale] = s_x * s_w
             values[bias] = np.clip(np.rint(b / scale), INT32.min, INT32.max)
         for weight, key in graph.weight_of.items():
-            if weight in lowbit:
-                values[weight] = lowbit[weight]
+            if weight in values:  # on a low-bit grid, written above
                 continue
             grid, w = graph.grids[key], graph.params[_key(weight)].double().numpy()
             axis = grid.axis if scales[key].ndim else None
