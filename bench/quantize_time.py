@@ -31,6 +31,7 @@ from ptq import quantize_static_qdq, save_samples
 from unseen import MODELS, locate
 
 TOOLS = ("qdq", "ort")
+Samples = np.ndarray | dict[str, np.ndarray]
 # qdq's stages: the pipeline's functions timed (the one-shot bias correction runs once per plan
 # built, inside the method choice and the candidate plans too).
 STAGES = {
@@ -48,7 +49,6 @@ STAGES = {
 def child(tool: str, model: Path, data: Path, out: Path) -> tuple[float, dict[str, float]]:
     """Seconds one tool takes to quantize `model` on the samples in `data`, and qdq's seconds
     per stage."""
-    files = sorted(data.glob("*.npy"))
     if tool == "qdq":
         import qdq.pipeline
 
@@ -58,16 +58,27 @@ def child(tool: str, model: Path, data: Path, out: Path) -> tuple[float, dict[st
         start = time.perf_counter()
         qdq.pipeline.quantize_model(model, out, data)
         return time.perf_counter() - start, stages
-    spec = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()[0]
-    step = 1 if spec.shape[0] == 1 else 16
+    specs = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()
+    step = 1 if any(spec.shape[0] == 1 for spec in specs) else 16
 
     class Reader:
         def __init__(self) -> None:
-            self.batches = (files[i : i + step] for i in range(0, len(files), step))
+            if data.suffix == ".npz":  # several inputs, by name
+                with np.load(data) as saved:
+                    arrays = {k: saved[k] for k in saved.files}
+                count = len(next(iter(arrays.values())))
+                self.batches = (
+                    {k: v[i : i + step] for k, v in arrays.items()} for i in range(0, count, step)
+                )
+            else:
+                files = sorted(data.glob("*.npy"))
+                self.batches = (
+                    {specs[0].name: np.stack([np.load(f) for f in files[i : i + step]])}
+                    for i in range(0, len(files), step)
+                )
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {spec.name: np.stack([np.load(f) for f in batch])}
+            return next(self.batches, None)
 
     start = time.perf_counter()
     quantize_static_qdq(model, out, Reader(), "MinMax", True)
@@ -99,15 +110,27 @@ def timed(tool: str, model: Path, data: Path, tmp: Path) -> tuple[float, dict] |
     return float(result["seconds"]), result["stages"]
 
 
-def models(most: int, names: list[str]) -> Iterator[tuple[str, Path, np.ndarray]]:
-    """(name, file, `most` calibration samples) per model asked, each model's data made only
-    when its turn comes (the layout model's 512 pages alone hold 3.7 GB)."""
+def models(most: int, names: list[str]) -> Iterator[tuple[str, Path, Samples]]:
+    """(name, file, `most` calibration samples: one array, or one per input by name) per model
+    asked, each model's data made only when its turn comes (the layout model's 512 pages alone
+    hold 3.7 GB); bench/unseen.py's models as it quantizes them (after their `prepare`)."""
     found = {t.name: (Path(t.model), t.calib) for t in tasks(most) if t.name in names}
     for name in names:
         if name in found:
             yield name, *found.pop(name)
         else:
-            yield name, locate(MODELS[name]), MODELS[name].data(most, 1)[0]
+            model = MODELS[name]
+            source = locate(model) if model.prepare is None else model.prepare(locate(model))
+            yield name, source, model.data(most, 1)[0]
+
+
+def save(samples: Samples, count: int, folder: Path) -> Path:
+    """The first `count` samples on disk: one .npy per sample, so that both tools read them
+    lazily (peak RSS stays theirs), or an .npz of the arrays by input name for several."""
+    if isinstance(samples, np.ndarray):
+        return save_samples(samples[:count], folder / "data")
+    np.savez(folder / "data.npz", **{k: v[:count] for k, v in samples.items()})
+    return folder / "data.npz"
 
 
 def main() -> None:
@@ -135,7 +158,7 @@ def main() -> None:
     for name, model, x in models(max(args.samples), args.models):
         for count in args.samples:
             with tempfile.TemporaryDirectory() as tmp:
-                data = save_samples(x[:count], Path(tmp) / "data")
+                data = save(x, count, Path(tmp))
                 qdq, ours = (timed(tool, model, data, Path(tmp)) for tool in TOOLS)
             ratio = f"{qdq[0] / ours[0]:.2f}" if qdq and ours else "-"
             cells = [f"{s[0]:.1f}" if s else "fails" for s in (qdq, ours)]
@@ -144,6 +167,7 @@ def main() -> None:
             if qdq:
                 seconds = (f"{qdq[1].get(stage, 0.0):.1f}" for stage in STAGES.values())
                 stage_rows.append(f"| {name} | {count} | {' | '.join(seconds)} |")
+                print(stage_rows[-1], flush=True)
     tables = [rows, stage_rows] if args.stages else [rows]
     text = "\n\n".join("\n".join(table) for table in tables) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
