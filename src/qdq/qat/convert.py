@@ -208,6 +208,11 @@ def gather(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     return picked.reshape(x.shape[:axis] + indices.shape + x.shape[axis + 1 :])
 
 
+def gather_elements(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x, indices, axis = inputs[0], inputs[1].long(), attrs.get("axis", 0) % inputs[0].ndim
+    return x.gather(axis, indices % x.shape[axis])
+
+
 def pad(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     x = inputs[0]
     pads = list(attrs["pads"]) if "pads" in attrs else _ints(inputs[1])
@@ -295,6 +300,70 @@ def constant_of_shape(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     return fill.reshape(()).expand(_ints(inputs[0])).clone()
 
 
+def expand(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """ONNX's Expand broadcasts both ways: a 1 in the shape keeps the input's size."""
+    x = inputs[0]
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(_ints(inputs[1]))))
+
+
+def prelu(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x, slope = inputs
+    return torch.where(x >= 0, x, x * slope)
+
+
+def range_(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    start, limit, delta = inputs
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
+def depth_to_space(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """DCR (default): depth holds (row, column, channel); CRD: (channel, row, column)."""
+    x, b = inputs[0], attrs["blocksize"]
+    n, c, h, w = x.shape
+    if attrs.get("mode", b"DCR") == b"CRD":
+        y = x.reshape(n, c // b**2, b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    else:
+        y = x.reshape(n, b, b, c // b**2, h, w).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(n, c // b**2, h * b, w * b)
+
+
+def space_to_depth(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x, b = inputs[0], attrs["blocksize"]
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * b * b, h // b, w // b)
+
+
+def lstm(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
+    """ONNX's LSTM (gates i, o, f, c; sequence first; peepholes optional), one or both
+    directions. Not converted: custom activations, clipping, coupled input-forget gates,
+    batch-first layout, and sequences of different lengths."""
+    x, w, r = inputs[:3]
+    bias, lengths, h0, c0, peep = (_opt(inputs, i) for i in range(3, 8))
+    odd = [k for k in ("activations", "clip", "input_forget", "layout") if attrs.get(k)]
+    if odd or (lengths is not None and bool((lengths != x.shape[0]).any())):
+        raise ModelError(f"LSTM with {odd or 'sequences of different lengths'} has no converter")
+    directions, hidden = w.shape[0], w.shape[1] // 4
+    zeros = x.new_zeros(directions, x.shape[1], hidden)
+    h0, c0 = (zeros if v is None else v for v in (h0, c0))
+    ys, hs, cs = [], [], []
+    for d in range(directions):
+        reverse = attrs.get("direction", b"forward") == b"reverse" or d == 1
+        b = bias[d, : 4 * hidden] + bias[d, 4 * hidden :] if bias is not None else 0
+        p = peep[d].split(hidden) if peep is not None else (0, 0, 0)
+        h, c, out = h0[d], c0[d], []
+        for t in reversed(range(x.shape[0])) if reverse else range(x.shape[0]):
+            i, o, f, g = (x[t] @ w[d].T + h @ r[d].T + b).split(hidden, -1)
+            i, f = torch.sigmoid(i + p[0] * c), torch.sigmoid(f + p[2] * c)
+            c = f * c + i * torch.tanh(g)
+            h = torch.sigmoid(o + p[1] * c) * torch.tanh(c)
+            out.append(h)
+        ys.append(torch.stack(out[::-1] if reverse else out))
+        hs.append(h)
+        cs.append(c)
+    return torch.stack(ys, 1), torch.stack(hs), torch.stack(cs)
+
+
 def _elementwise(fn: Callable) -> Callable[[Sequence[Value], Attrs], torch.Tensor]:
     return lambda inputs, attrs: fn(*inputs)
 
@@ -332,6 +401,16 @@ OPS: dict[str, Callable[[Sequence[Value], Attrs], object]] = {
     "Sqrt": _elementwise(torch.sqrt),
     "Erf": _elementwise(torch.erf),
     "Exp": _elementwise(torch.exp),
+    "Reciprocal": _elementwise(torch.reciprocal),
+    "Not": _elementwise(torch.logical_not),
+    "IsNaN": _elementwise(torch.isnan),
+    "And": _elementwise(torch.logical_and),
+    "Or": _elementwise(torch.logical_or),
+    "Greater": _elementwise(torch.gt),
+    "GreaterOrEqual": _elementwise(torch.ge),
+    "Less": _elementwise(torch.lt),
+    "LessOrEqual": _elementwise(torch.le),
+    "PRelu": prelu,
     "Tanh": _elementwise(torch.tanh),
     "Neg": _elementwise(torch.neg),
     "Abs": _elementwise(torch.abs),
@@ -349,6 +428,11 @@ OPS: dict[str, Callable[[Sequence[Value], Attrs], object]] = {
     "Clip": clip,
     "Concat": lambda i, a: torch.cat([x for x in i if x is not None], a["axis"]),
     "Reshape": reshape,
+    "Expand": expand,
+    "Range": range_,
+    "DepthToSpace": depth_to_space,
+    "SpaceToDepth": space_to_depth,
+    "LSTM": lstm,
     "Flatten": flatten,
     "Transpose": lambda i, a: i[0].permute(a.get("perm", list(reversed(range(i[0].ndim))))),
     "Squeeze": squeeze,
@@ -357,6 +441,7 @@ OPS: dict[str, Callable[[Sequence[Value], Attrs], object]] = {
     "Split": split,
     "Softmax": softmax,
     "Gather": gather,
+    "GatherElements": gather_elements,
     "Pad": pad,
     "Shape": shape,
     "Cast": cast,
