@@ -2,7 +2,7 @@
 
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
      [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1]
-     [--start balanced|speed] [--out bench/out/qat_finetune]
+     [--start balanced|speed] [--evaluate-scale 1] [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
 
@@ -41,7 +41,7 @@ from qdq.qat.finetune import FinetuneOptions, finetune_model
 class Case:
     """A model, its input name, its task metric, and its data (calibration draw `draw`)."""
 
-    def __init__(self, name: str, samples: int, draw: int) -> None:
+    def __init__(self, name: str, samples: int, draw: int, scale: int = 1) -> None:
         self.name = name
         if name == "ppocr_rec":  # draw 0: the calibration set of bench/ptq.py
             self.model, self.input, self.metric = (
@@ -50,7 +50,7 @@ class Case:
                 "ctc",
             )
             self.calib = text_lines(samples, 320, seed=3 + 100 * draw, upright=True)[0]
-            self.evaluate = text_lines(128, 320, seed=4, upright=True)[0]
+            self.evaluate = text_lines(128 * scale, 320, seed=4, upright=True)[0]
         elif name == "ppocr_det":
             self.model, self.input, self.metric = (
                 rapidocr_model("ch_PP-OCRv4_det_infer.onnx"),
@@ -58,11 +58,11 @@ class Case:
                 "iou",
             )
             self.calib = text_pages(samples, 320, seed=8 + 100 * draw)
-            self.evaluate = text_pages(32, 320, seed=9)
+            self.evaluate = text_pages(32 * scale, 320, seed=9)
         elif name == "efficientnet_lite0":
             self.model, self.input, self.metric = efficientnet_lite0(), "input", "top1"
             self.calib = photo_crops(samples, 224, seed=5 + 100 * draw)
-            self.evaluate = photo_crops(256, 224, seed=6)
+            self.evaluate = photo_crops(256 * scale, 224, seed=6)
         else:
             raise SystemExit(f"unknown model {name}")
 
@@ -103,6 +103,9 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
         task = argparse.Namespace(metric=case.metric, labels=None)
         output = run_model(path, case.input, case.evaluate, batch=16)
         row.update(quality(task, reference, output), model=case.name, draw=draw, latency_ms=ms)
+        if args.evaluate_scale > 1:  # also on bench/ptq.py's own evaluation samples (the first)
+            base = len(case.evaluate) // args.evaluate_scale
+            row["metric_base"] = quality(task, reference[:base], output[:base])["metric"]
         print(json.dumps(row), flush=True)
     return rows
 
@@ -146,6 +149,12 @@ def main() -> None:
         default="balanced",
         help="the PTQ row fine-tuning starts from (always run)",
     )
+    parser.add_argument(
+        "--evaluate-scale",
+        type=int,
+        default=1,
+        help="evaluate on this many times bench/ptq.py's evaluation samples (less noise)",
+    )
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench/out/qat_finetune"))
     args = parser.parse_args()
@@ -157,7 +166,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for draw in range(args.draws):
-                rows += run_case(Case(name, args.samples, draw), draw, args, Path(tmp))
+                case = Case(name, args.samples, draw, args.evaluate_scale)
+                rows += run_case(case, draw, args, Path(tmp))
     table = markdown(rows)
     print(table)
     (args.out / "results.md").write_text(table + "\n")

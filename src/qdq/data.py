@@ -170,8 +170,13 @@ class Samples:
 
     def span(self, first: int, last: int) -> Samples:
         """Samples `first` up to `last` on their own (the same open files, nothing read)."""
+        return self.subset(np.arange(first, min(last, self.count)))
+
+    def subset(self, picked: np.ndarray) -> Samples:
+        """The samples at positions `picked`, in that order, on their own (the same open
+        files, nothing read)."""
         part = copy.copy(self)
-        part.order = self.order[first:last]
+        part.order = self.order[np.asarray(picked, np.int64)]
         part.count = len(part.order)
         return part
 

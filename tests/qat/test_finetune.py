@@ -198,6 +198,27 @@ OP_CASES = [
     ("ReduceMean", {"keepdims": 1}, [_i64(-1)], (2, 3, 4)),
     ("Pow", {}, [np.float32(2.0)], (2, 3)),
     ("Erf", {}, [], (2, 3)),
+    ("Reciprocal", {}, [], (2, 3)),
+    ("Expand", {}, [_i64(3, 1, 4)], (2, 1)),  # both ways: (2, 1) and (3, 1, 4) -> (3, 2, 4)
+    ("PRelu", {}, [np.array([[[0.1]], [[-0.3]]], np.float32)], (1, 2, 3, 3)),
+    ("Range", {}, [np.float32(5.0), np.float32(0.5)], ()),
+    ("DepthToSpace", {"blocksize": 2}, [], (1, 8, 2, 3)),
+    ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, [], (1, 8, 2, 3)),
+    ("SpaceToDepth", {"blocksize": 2}, [], (1, 2, 4, 6)),
+    (
+        "LSTM",  # both directions, biases, peepholes: (sequence, batch, features)
+        {"hidden_size": 3, "direction": "bidirectional"},
+        [
+            *np.random.default_rng(1).normal(size=(3, 2, 12, 4)).astype(np.float32)[:1],
+            np.random.default_rng(2).normal(size=(2, 12, 3)).astype(np.float32),
+            np.random.default_rng(3).normal(size=(2, 24)).astype(np.float32),
+            None,
+            None,
+            None,
+            np.random.default_rng(4).normal(size=(2, 9)).astype(np.float32),
+        ],
+        (5, 2, 4),
+    ),
     ("Split", {"axis": 1, "num_outputs": 2}, [], (2, 6)),
     (
         "AveragePool",
@@ -213,6 +234,7 @@ OP_CASES = [
     ),
     ("GlobalAveragePool", {}, [], (1, 2, 5, 5)),
     ("Gather", {"axis": 1}, [_i64(2, -1)], (2, 4, 3)),
+    ("GatherElements", {"axis": 1}, [np.array([[1, -1], [0, 2]], np.int64)], (2, 3)),
     ("Unsqueeze", {}, [_i64(0, -1)], (2, 3)),
     ("Squeeze", {}, [_i64(1)], (2, 1, 3)),
     ("Clip", {}, [np.float32(-0.5), np.float32(0.5)], (2, 3)),
@@ -230,7 +252,7 @@ def test_each_op_runs_as_onnx_runtime_runs_it(
         for i, c in enumerate(constants)
         if c is not None
     ]
-    outputs = ["y0", "y1"] if op == "Split" else ["y0"]
+    outputs = [f"y{i}" for i in range({"Split": 2, "LSTM": 3}.get(op, 1))]
     node = onnx.helper.make_node(op, names, outputs, **attrs)
     x_info = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)
     ys = [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None) for y in outputs]
@@ -242,6 +264,24 @@ def test_each_op_runs_as_onnx_runtime_runs_it(
         got = QdqGraph(model, CONFIG.weights, CONFIG.activations)({"x": torch.from_numpy(x)})
     for w, g in zip(want, got, strict=True):
         np.testing.assert_allclose(g.numpy(), w, rtol=1e-5, atol=1e-5)
+
+
+def test_not_runs_as_onnx_runtime_runs_it() -> None:
+    """Not reads booleans (an attention mask's padding in all-MiniLM-L6-v2's export)."""
+    h = onnx.helper
+    nodes = [
+        h.make_node("Cast", ["x"], ["b"], to=onnx.TensorProto.BOOL),
+        h.make_node("Not", ["b"], ["n"]),
+        h.make_node("Cast", ["n"], ["y"], to=onnx.TensorProto.FLOAT),
+    ]
+    x_info = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, (2, 3))
+    y_info = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = h.make_graph(nodes, "not", [x_info], [y_info])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    x = np.array([[0, 1, 0], [2, 0, -1]], np.float32)
+    want = open_session(model).run(None, {"x": x})[0]
+    got = QdqGraph(model, CONFIG.weights, CONFIG.activations)({"x": torch.from_numpy(x)})[0]
+    np.testing.assert_array_equal(got.numpy(), want)
 
 
 def test_a_file_that_scores_lower_in_onnx_runtime_is_not_written(
@@ -272,8 +312,7 @@ def test_held_out_loss_is_the_written_files_in_onnx_runtime(pair: tuple[Path, Pa
     loss = trainer._held_out_loss()
     trainer.graph.forward = lambda feeds: [torch.zeros(len(feeds["input"]), 10)]
     assert trainer._held_out_loss() == loss
-    x = samples.span(samples.count - 16, samples.count)
-    feed = next(x.batches(16))
+    feed = next(trainer.held.batches(16))
     want, got = teacher.run(None, feed)[0], open_session(pair[0]).run(None, feed)[0]
     direct = float(_distance(torch.from_numpy(got), torch.from_numpy(want), None))
     assert loss == pytest.approx(direct, rel=1e-5)
@@ -324,3 +363,65 @@ def test_a_reshaped_softmax_output_is_distilled_with_kl_where_it_stays_a_distrib
     teacher = open_session(model).run(None, {"x": x})
     axes = finetune._confirmed(finetune._softmax_axes(model, ["y"]), teacher)
     assert {"kl": -1, "mse": None}[loss] == axes["y"]
+
+
+def test_held_out_and_batches_are_drawn_from_the_whole_set(pair: tuple[Path, Path]) -> None:
+    """Samples in a meaningful order (a folder of images sorted by class) neither put one
+    class in the held-out set nor make a batch of one class: the held-out samples are spread
+    over the whole set, and batches visit every training sample once a pass, shuffled."""
+    model = onnx.load(DIGITS / "cnn.onnx")
+    samples = Samples(DIGITS / "calib.npz", model_inputs(model))
+    trainer = finetune._Trainer(
+        onnx.load(pair[0]), open_session(model), samples, CONFIG, OPTIONS, 16, 0
+    )
+    held = trainer.held.order
+    assert len(held) == 16
+    assert held.max() - held.min() > samples.count // 2
+    assert not set(held) & set(trainer.training.order)
+    size = OPTIONS.batch_size
+    passes = [
+        [trainer._next_batch() for _ in range(trainer.training.count // size)] for _ in range(2)
+    ]
+    for batches in passes:
+        seen = np.concatenate(batches)
+        assert len(set(seen)) == len(seen) == trainer.training.count // size * size
+    assert not np.array_equal(passes[0][0], np.arange(size))  # not in file order
+    assert not all(np.array_equal(a, b) for a, b in zip(*passes, strict=True))  # reshuffled
+
+
+def test_a_head_of_boxes_and_scores_is_distilled_per_part(tmp_path: Path) -> None:
+    """A YOLO-style output, [boxes in pixels | class scores in [0, 1]] on one axis: the loss is
+    the squared error per part, so an error in the scores alone weighs as it would on its own
+    (as one tensor the boxes' power would hide it)."""
+    h, rng = onnx.helper, np.random.default_rng(0)
+    inits = [
+        onnx.numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32), "wb"),
+        onnx.numpy_helper.from_array(np.float32(100.0), "pixels"),
+        onnx.numpy_helper.from_array(rng.normal(size=(6, 5)).astype(np.float32), "ws"),
+    ]
+    nodes = [
+        h.make_node("MatMul", ["x", "wb"], ["b"]),
+        h.make_node("Mul", ["b", "pixels"], ["boxes"]),
+        h.make_node("MatMul", ["x", "ws"], ["s"]),
+        h.make_node("Sigmoid", ["s"], ["scores"]),
+        h.make_node("Concat", ["boxes", "scores"], ["y"], axis=1),
+    ]
+    x_info = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, (None, 6))
+    y_info = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, (None, 9))
+    graph = h.make_graph(nodes, "head", [x_info], [y_info], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "head.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(64, 6)).astype(np.float32))
+    quantize_model(tmp_path / "head.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz", CONFIG)
+    samples = Samples(tmp_path / "calib.npz", model_inputs(model))
+    teacher = open_session(model)
+    trainer = finetune._Trainer(
+        onnx.load(tmp_path / "q.onnx"), teacher, samples, CONFIG, OPTIONS, 8, 0
+    )
+    assert trainer.losses["y"] == "mse per part (y[:, 0:4], y[:, 4:9])"
+    feed = next(trainer.held.batches(8))
+    want = teacher.run(None, feed)[0]
+    wrong = want.copy()
+    wrong[:, 4:] *= 0.9  # scores 10% low, boxes exact: the scores part's error is 0.01
+    trainer.graph.forward = lambda feeds: [torch.from_numpy(wrong)]
+    assert float(trainer._loss(feed)) == pytest.approx(0.01, rel=1e-3)

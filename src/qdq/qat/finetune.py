@@ -10,8 +10,12 @@ graph into torch, and training moves the weights (straight-through estimator) an
 - any other output (logits, regression maps, boxes, embeddings): the squared error over the
   teacher's power, sum (s - t)^2 / sum t^2, which is 10^(-SQNR/10): minimizing it maximizes
   that output's SQNR. MSE on logits distils at least as well as KL on them (Kim et al. 2021).
+  An output that joins different quantities (a YOLO head's [boxes | class scores]: the parts
+  `qdq.plan.parts` finds, or `QuantConfig.output_parts` declares) gets that error per part,
+  summed, so that scores in [0, 1] weigh as much as boxes in pixels (as one tensor, the boxes'
+  error is all the loss sees; issue 15's lesson for PTQ).
 
-The last samples (an eighth, 8 to 64) are held out: the loss on them, measured every
+A random eighth of the samples (8 to 64) is held out: the loss on them, measured every
 `evaluate_every` steps from step 0 (the PTQ model itself), picks the checkpoint written and
 stops training after `patience` evaluations without a gain in the second half of the run (the
 loss often stalls while the cosine-decayed rate is high, then falls: docs/finetune.md). It is
@@ -19,10 +23,12 @@ measured in ONNX Runtime on the file each checkpoint would write, not on the tor
 two round a few ties apart, and on a model that amplifies noise (PP-OCRv4's recognizer: ONNX
 Runtime's fused and unfused runs of one QDQ file differ by 23 dB) the torch loss fell by half
 while the file's error barely moved (docs/finetune.md). Each training step's loss is the
-file's too (`FinetuneOptions.file_outputs`), with the torch copy's gradient. Batches are read
-from the samples as training draws them, so memory does not grow with their number. The
-learned values go back into the PTQ file's initializers (`write_back`): the graph is the one
-`qdq quantize` wrote.
+file's too (`FinetuneOptions.file_outputs`), with the torch copy's gradient. Each batch is
+the next `batch_size` of the training samples in an order shuffled every pass (a folder of
+images sorted by class would otherwise give batches of one class, and a held-out set of the
+last), read from the samples as training draws them, so memory does not grow with their
+number. The learned values go back into the PTQ file's initializers (`write_back`): the
+graph is the one `qdq quantize` wrote.
 
 Adam's steps are set per tensor in units of that tensor's own grid, so one `lr` suits every
 layer and bit width: a weight moves up to `lr` of its grid step per step, a scale or a bias
@@ -59,12 +65,14 @@ from qdq.onnx.model import load_model, save_model
 from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
 from qdq.pipeline import quantize_model
+from qdq.plan.parts import Part, output_parts
 from qdq.qat.convert import QdqGraph, write_back
 from qdq.report.summary import QuantizeReport
 
 log = logging.getLogger(__name__)
 SCALE_LR_SHARE = 0.1  # scales and biases move at this share of `lr` (see the module doc)
 MIN_HELD_OUT, MAX_HELD_OUT = 8, 64
+PART_SAMPLES = 16  # training samples whose teacher outputs find each output's parts
 PASS_THROUGH = {"QuantizeLinear", "DequantizeLinear", "Identity"}
 # Ops that regroup the other axes and may keep a Softmax's last axis last (PP-OCRv4's
 # recognizer reshapes its (N * T, classes) Softmax to (N, T, classes)); the teacher's outputs
@@ -100,7 +108,7 @@ class FinetuneOptions:
 @dataclass
 class FinetuneReport:
     """What fine-tuning did: the PTQ run it started from, and the held-out output SQNR of the
-    PTQ model and of the fine-tuned one (ONNX Runtime, dB, per float output)."""
+    PTQ model and of the fine-tuned one (ONNX Runtime, dB, per part of each float output)."""
 
     ptq: QuantizeReport | None  # None when started from a given PTQ model
     losses: dict[str, str]  # per output: "kl" or "mse"
@@ -181,9 +189,9 @@ def finetune_model(
             best_step, steps = trainer.train(progress)
             tuned = write_back(quantized, trainer.graph)
             session = open_session(tuned, Use.CHECK)
-            split = samples.count - held_out
-            before = _output_sqnr(teacher, open_session(quantized, Use.CHECK), samples, split)
-            after = _output_sqnr(teacher, session, samples, split)
+            ptq_session = open_session(quantized, Use.CHECK)
+            before = _output_sqnr(teacher, ptq_session, trainer.held, trainer.parts)
+            after = _output_sqnr(teacher, session, trainer.held, trainer.parts)
             # the torch copy rounds a few ties unlike ONNX Runtime: its loss can fall while the
             # file's error rises, and the user should never get a model worse than PTQ's
             kept_ptq = min(after.values(), default=0.0) < min(before.values(), default=0.0)
@@ -193,7 +201,7 @@ def finetune_model(
     return FinetuneReport(
         ptq=ptq,
         losses=trainer.losses,
-        train_samples=split,
+        train_samples=trainer.training.count,
         held_out_samples=held_out,
         steps=steps,
         best_step=best_step,
@@ -232,19 +240,28 @@ class _Trainer:
     ) -> None:
         self.quantized = quantized
         self.graph = QdqGraph(quantized, config.weights, config.activations, config.weight_grid)
-        self.teacher, self.samples, self.options = teacher, samples, options
-        self.split = samples.count - held_out
+        self.teacher, self.options = teacher, options
+        self.rng = np.random.default_rng(seed)
+        shuffled = self.rng.permutation(samples.count)
+        # sorted: a compressed .npz streams forward (qdq.arrayfile)
+        self.held = samples.subset(np.sort(shuffled[:held_out]))
+        self.training = samples.subset(np.sort(shuffled[held_out:]))
+        self.queue = np.empty(0, np.int64)  # training positions left in this pass
         self.names = [o.name for o in teacher.get_outputs()]
-        first = next(samples.batches(options.batch_size, 0, self.split))
-        self.axes = _confirmed(_softmax_axes(quantized, self.names), teacher.run(None, first))
-        self.losses = {name: "mse" if a is None else "kl" for name, a in self.axes.items()}
+        feeds = self.training.span(0, PART_SAMPLES).batches(options.batch_size)
+        reference = [teacher.run(self.names, feed) for feed in feeds]
+        self.axes = _confirmed(_softmax_axes(quantized, self.names), reference[0])
+        self.parts = output_parts(self.names, reference, config.output_parts)
+        self.losses = {
+            name: "kl" if axis is not None else "mse" + _labels(self.parts[name])
+            for name, axis in self.axes.items()
+        }
         self.optimizer = torch.optim.Adam(_param_groups(self.graph, options.lr))
         # Cosine decay to zero over the run: late steps settle instead of hopping between
         # grid points (digits CNN, 4-bit: the held-out loss rose again after step 120 without).
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / options.steps))
         )
-        self.rng = np.random.default_rng(seed)
 
     def train(self, progress: bool) -> tuple[int, int]:
         """Train for up to `steps` steps; the model is left at the best held-out checkpoint.
@@ -275,21 +292,27 @@ class _Trainer:
         return best_step, step
 
     def _step(self) -> None:
-        """One optimizer step on `batch_size` consecutive training samples from a random
-        start (models whose batch axis is fixed at 1 accumulate them one at a time)."""
-        size = min(self.options.batch_size, self.split)
-        first = int(self.rng.integers(0, self.split - size + 1))
+        """One optimizer step on the next batch (models whose batch axis is fixed at 1
+        accumulate its samples one at a time)."""
         self.optimizer.zero_grad(set_to_none=True)
         file = self._file_session() if self.options.file_outputs else None
-        for feed, weight in self._feeds(first, first + size):
+        for feed, weight in self._feeds(self.training.subset(self._next_batch())):
             self._loss(feed, file, through=True).mul(weight).backward()
         self.optimizer.step()
         self.schedule.step()
 
-    def _feeds(self, first: int, last: int) -> Iterator[tuple[dict[str, np.ndarray], float]]:
-        total = last - first
-        for feed in self.samples.batches(self.options.batch_size, first, last):
-            yield feed, len(next(iter(feed.values()))) / total
+    def _next_batch(self) -> np.ndarray:
+        """The next `batch_size` training positions (sorted), every sample once a pass, each
+        pass in a new random order; a batch that would straddle two passes starts the next."""
+        size = min(self.options.batch_size, self.training.count)
+        if len(self.queue) < size:
+            self.queue = self.rng.permutation(self.training.count)
+        batch, self.queue = self.queue[:size], self.queue[size:]
+        return np.sort(batch)
+
+    def _feeds(self, part: Samples) -> Iterator[tuple[dict[str, np.ndarray], float]]:
+        for feed in part.batches(self.options.batch_size):
+            yield feed, len(next(iter(feed.values()))) / part.count
 
     def _file_session(self) -> ort.InferenceSession:
         """ONNX Runtime's session of the file the current values would write."""
@@ -318,7 +341,11 @@ class _Trainer:
         total = torch.zeros(())
         for name, teacher_out, student in zip(self.names, want, got, strict=True):
             target = torch.from_numpy(np.asarray(teacher_out, np.float32))
-            total = total + _distance(student, target, self.axes[name])
+            if self.axes[name] is not None:
+                total = total + _distance(student, target, self.axes[name])
+                continue
+            for part in self.parts[name]:
+                total = total + _distance(_take(student, part), _take(target, part), None)
         return total
 
     def _held_out_loss(self) -> float:
@@ -327,7 +354,7 @@ class _Trainer:
         session = self._file_session()
         total = 0.0
         with torch.no_grad():
-            for feed, weight in self._feeds(self.split, self.samples.count):
+            for feed, weight in self._feeds(self.held):
                 total += float(self._loss(feed, session)) * weight
         return total
 
@@ -340,6 +367,17 @@ def _distance(student: torch.Tensor, teacher: torch.Tensor, axis: int | None) ->
     tiny = 1e-8
     kl = teacher * (torch.log(teacher + tiny) - torch.log(student.clamp_min(0) + tiny))
     return kl.sum(axis).mean()
+
+
+def _take(output: torch.Tensor, part: Part) -> torch.Tensor:
+    """`part`'s channels of a batch of its output."""
+    if part.axis is None:
+        return output
+    return output.narrow(part.axis, part.start, part.stop - part.start)
+
+
+def _labels(parts: list[Part]) -> str:
+    return "" if len(parts) < 2 else " per part (" + ", ".join(p.label for p in parts) + ")"
 
 
 def _softmax_axes(model: onnx.ModelProto, names: list[str]) -> dict[str, int | None]:
@@ -388,14 +426,19 @@ def _param_groups(graph: QdqGraph, lr: float) -> list[dict]:
 
 
 def _output_sqnr(
-    teacher: ort.InferenceSession, session: ort.InferenceSession, samples: Samples, first: int
+    teacher: ort.InferenceSession,
+    session: ort.InferenceSession,
+    samples: Samples,
+    parts: dict[str, list[Part]],
 ) -> dict[str, float]:
-    """Per float output, `session`'s SQNR (dB) against the teacher on samples `first` on."""
+    """Per part of each float output, `session`'s SQNR (dB) against the teacher on
+    `samples`, by the part's label (the output's name when it is one part)."""
     names = [o.name for o in teacher.get_outputs() if o.type == "tensor(float)"]
-    stats = {name: ErrorStats() for name in names}
-    for feed in samples.batches(16, first):
+    stats = {part: ErrorStats() for name in names for part in parts[name]}
+    for feed in samples.batches(16):
         for name, want, got in zip(
             names, teacher.run(names, feed), session.run(names, feed), strict=True
         ):
-            stats[name].update(want, got)
-    return {name: s.sqnr_db for name, s in stats.items()}
+            for part in parts[name]:
+                stats[part].update(part.take(want), part.take(got))
+    return {part.label: s.sqnr_db for part, s in stats.items()}
