@@ -145,9 +145,25 @@ def test_cli_finetunes_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture)
     open_session(out).run(None, {"input": np.load(DIGITS / "test.npz")["input"][:2]})
 
 
+def test_cli_distils_the_output_parts_it_is_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "tuned.onnx"
+    args = ["finetune", str(DIGITS / "cnn.onnx"), "-o", str(out), "--calib"]
+    args += [str(DIGITS / "calib.npz"), "--steps", "2", "--max-samples", "32"]
+    assert main([*args, "--output-parts", "logits:1:0-5,5-10"]) == 0
+    printed = capsys.readouterr().out
+    assert "'logits' mse per part (logits[:, 0:5], logits[:, 5:10])" in printed
+    assert "'logits[:, 5:10]'" in printed  # the held-out SQNR, per part
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--lr", "0"], "--lr must be a positive"), (["--weight-bits", "9"], "--weight-bits 9")],
+    [
+        (["--lr", "0"], "--lr must be a positive"),
+        (["--weight-bits", "9"], "--weight-bits 9"),
+        (["--output-parts", "nope:1:0-4"], "nope"),
+    ],
 )
 def test_cli_refuses_bad_flags_in_one_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], message: str

@@ -91,6 +91,7 @@ def finetune(args: argparse.Namespace) -> str:
         activation_dtype=args.activation_dtype,
         exclude=tuple(args.exclude) or None,
         prefer=args.prefer,
+        output_parts=tuple(args.output_parts) or None,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
     )

@@ -304,7 +304,9 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
     )
     f.add_argument("--batch-size", type=at_least(1), default=8, help="samples per step")
     f.add_argument(
-        "--held-out", type=at_least(1), help="last samples that pick the checkpoint (default 1/8)"
+        "--held-out",
+        type=at_least(1),
+        help="samples, drawn at random, that pick the checkpoint instead of training (default 1/8)",
     )
     f.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
     f.add_argument(
@@ -320,6 +322,7 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         choices=[p.value for p in Prefer],
         help="the PTQ plan to start from (default balanced, as quantize's)",
     )
+    _output_parts_flag(f)
     f.add_argument("--exclude", nargs="+", default=(), metavar="NODE_OR_OP")
     f.add_argument("--max-samples", type=at_least(1))
     f.add_argument("--seed", type=at_least(0), help="pick --max-samples at random with this seed")

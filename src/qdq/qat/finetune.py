@@ -377,7 +377,11 @@ def _take(output: torch.Tensor, part: Part) -> torch.Tensor:
 
 
 def _labels(parts: list[Part]) -> str:
-    return "" if len(parts) < 2 else " per part (" + ", ".join(p.label for p in parts) + ")"
+    """How the loss reads an output: whole, or by the parts found or declared (a declared
+    part may leave channels out of the loss, as out of every score)."""
+    if len(parts) == 1 and parts[0].axis is None:
+        return ""
+    return " per part (" + ", ".join(p.label for p in parts) + ")"
 
 
 def _softmax_axes(model: onnx.ModelProto, names: list[str]) -> dict[str, int | None]:
