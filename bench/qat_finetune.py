@@ -103,7 +103,9 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
         task = argparse.Namespace(metric=case.metric, labels=None)
         output = run_model(path, case.input, case.evaluate, batch=16)
         row.update(quality(task, reference, output), model=case.name, draw=draw, latency_ms=ms)
-        if args.evaluate_scale > 1:  # also on bench/ptq.py's own evaluation samples (the first)
+        # also on the first samples: bench/ptq.py's own evaluation set for photo crops and
+        # pages (text lines draw their flips first, so their first lines differ from its)
+        if args.evaluate_scale > 1:
             base = len(case.evaluate) // args.evaluate_scale
             row["metric_base"] = quality(task, reference[:base], output[:base])["metric"]
         print(json.dumps(row), flush=True)
