@@ -60,12 +60,11 @@ from tqdm import tqdm
 from qdq.config import QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, SchemeError
-from qdq.metrics import ErrorStats
 from qdq.onnx.model import load_model, save_model
 from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
 from qdq.pipeline import quantize_model
-from qdq.plan.parts import Part, output_parts
+from qdq.plan.parts import Part, PartStats, output_parts, update_all
 from qdq.qat.convert import QdqGraph, write_back
 from qdq.report.summary import QuantizeReport
 
@@ -438,11 +437,10 @@ def _output_sqnr(
     """Per part of each float output, `session`'s SQNR (dB) against the teacher on
     `samples`, by the part's label (the output's name when it is one part)."""
     names = [o.name for o in teacher.get_outputs() if o.type == "tensor(float)"]
-    stats = {part: ErrorStats() for name in names for part in parts[name]}
+    stats = {name: [PartStats(part) for part in parts[name]] for name in names}
     for feed in samples.batches(16):
         for name, want, got in zip(
             names, teacher.run(names, feed), session.run(names, feed), strict=True
         ):
-            for part in parts[name]:
-                stats[part].update(part.take(want), part.take(got))
-    return {part.label: s.sqnr_db for part, s in stats.items()}
+            update_all(stats[name], want, got)
+    return {s.part.label: s.error.sqnr_db for group in stats.values() for s in group}
