@@ -116,7 +116,7 @@ def test_minmax_ranges_from_shards_equal_one_pass(small_shards):
     def run(workers: Workers) -> dict:
         from qdq.observers import MinMaxObserver
 
-        observers, unfit, _ = calibrate_module.observe(
+        observers, unfit, _, _ = calibrate_module.observe(
             model, samples, lambda _: MinMaxObserver(), names, 16, False, (), workers
         )
         return calibrate_module.fit_ranges({n: o.compute() for n, o in observers.items()}, unfit)[0]

@@ -34,7 +34,12 @@ from qdq.onnx.model import (
 from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
 from qdq.passes.adaround import learn_rounding
-from qdq.passes.bias_correction import correct_biases, correct_sequentially, correction_inputs
+from qdq.passes.bias_correction import (
+    correct_biases,
+    correct_sequentially,
+    correctable_outputs,
+    correction_inputs,
+)
 from qdq.passes.datafree import Moments, batchnorm_moments, mean_samples, propagate
 from qdq.passes.equalize import equalize
 from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
@@ -117,8 +122,10 @@ def plan_model(
     start = time.perf_counter()
     quantizable = [name for name, d in decisions.items() if d.quantized]
     means = correction_inputs(index, quantizable) if config.bias_correction else []
+    sequential = config.bias_correction and config.sequential_bias_correction
+    layers = correctable_outputs(index, quantizable) if sequential else []
     held = _held(samples, config)
-    observers, apart, unfit, averages = observe_holding(
+    observers, apart, unfit, averages, float_means = observe_holding(
         model,
         samples,
         lambda _: make_observer(config.method, config.activations),
@@ -128,6 +135,8 @@ def plan_model(
         progress,
         means,
         config.workers,
+        layers,
+        SEQUENTIAL_SAMPLES,
     )
     ranges, unfit = fit_ranges({name: o.compute() for name, o in observers.items()}, unfit)
     learned: dict[tuple[str, int], np.ndarray] = {}
@@ -185,12 +194,13 @@ def plan_model(
             config.workers,
         )
         plan = _optional("the accuracy budget", notes, search, plan)
-    if config.bias_correction and config.sequential_bias_correction:
+    if sequential:
         # Last: it measures the network as it will be (final rounding, final float layers).
         start = time.perf_counter()
         correct = partial(
             correct_sequentially,
             *(model, index, plan, samples, config.batch_size, SEQUENTIAL_SAMPLES, progress),
+            float_means,
         )
         plan = _optional("sequential bias correction", notes, correct, plan)
         seconds += time.perf_counter() - start

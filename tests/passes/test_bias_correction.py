@@ -115,3 +115,33 @@ def test_re_plans_reuse_each_layers_correction_and_write_the_same_file(tmp_path,
     fresh, _ = quantize_cnn(tmp_path, prefer="speed")
     assert len(computed) > len(set(computed))  # without the memo: again on every plan
     assert fresh.read_bytes() == reused.read_bytes()
+
+
+def test_the_float_means_taken_in_calibration_correct_as_a_float_pass_does(tmp_path, monkeypatch):
+    # Calibration takes each layer's float means per channel on its way, so the sequential
+    # correction runs the int8 network alone; without them it runs the float network too.
+    float_passes: list[int] = []
+    float_means = bias_correction._float_means
+
+    def counted(*args):
+        float_passes.append(1)
+        return float_means(*args)
+
+    monkeypatch.setattr(bias_correction, "_float_means", counted)
+    (tmp_path / "taken").mkdir()
+    taken, _ = quantize_cnn(tmp_path / "taken", weight_bits=4, prefer="speed")
+    assert not float_passes
+    monkeypatch.setattr(qdq.pipeline, "correctable_outputs", lambda index, quantized: [])
+    passed, _ = quantize_cnn(tmp_path, weight_bits=4, prefer="speed")
+    assert float_passes == [1]
+
+    def biases(path: Path) -> dict[str, np.ndarray]:
+        model = onnx.load(str(path))
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                if t.data_type == TensorProto.FLOAT and t.dims and len(t.dims) == 1}  # fmt: skip
+
+    got, want = biases(taken), biases(passed)
+    assert got
+    assert got.keys() == want.keys()
+    for name in want:  # the same means, summed in another order
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)

@@ -277,9 +277,10 @@ def test_the_ranges_the_choice_judges_never_saw_the_held_samples(tmp_path):
     samples = Samples(tmp_path / "x.npy", model_inputs(model))
     make = partial(make_observer, "percentile")
     names = ["b0", "c0"]
-    merged, apart, unfit, means = observe_holding(model, samples, make, names, 8, 10, False, names)
+    held = observe_holding(model, samples, make, names, 8, 10, False, names)
+    merged, apart, unfit, means, _ = held
     alone = observe(model, samples.span(0, 30), make, names, 8, False)[0]
-    whole, _, whole_means = observe(model, samples, make, names, 8, False, names)
+    whole, _, whole_means, _ = observe(model, samples, make, names, 8, False, names)
     assert not unfit
     for name in names:  # the mean sample (for bias correction) is over all 40
         np.testing.assert_allclose(means[name], whole_means[name], atol=1e-6)  # float32 sums

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[p.value for p in Prefer],
         help="which candidate plan to take, each scored by its worst output part and timed in "
         "ONNX Runtime: the most accurate; balanced (default): the score less 3 dB per 10%% "
-        "slower than the fastest, scores over 30 dB counted as 30; the fastest; or int8: every op "
+        "slower than the fastest, scores over 35 dB counted as 35; the fastest; or int8: every op "
         "the rules allow in int8, untimed (the smallest file)",
     )
     q.add_argument(

@@ -10,9 +10,10 @@ clipping, nonlinearities) does to each layer's mean, and cancels that too.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from functools import lru_cache
+from itertools import chain
 
 import numpy as np
 import onnx
@@ -26,7 +27,7 @@ from qdq.onnx.graph import GraphIndex
 from qdq.onnx.sessions import Use, open_session
 from qdq.passes.insert_qdq import insert_qdq
 from qdq.plan.build import Plan
-from qdq.plan.calibrate import budgeted
+from qdq.plan.calibrate import ChannelMeans, budgeted
 from qdq.plan.rules import RULES
 
 CORRECTABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -115,6 +116,13 @@ def _one_op(
     return open_session(model, threads=1)
 
 
+def correctable_outputs(index: GraphIndex, quantized: list[str]) -> list[str]:
+    """The outputs of the layers among `quantized` that the sequential correction may correct
+    (whose float means per channel calibration can take on the way)."""
+    wanted = set(quantized)
+    return [n.output[0] for n in index.nodes if n.name in wanted and n.op_type in CORRECTABLE]
+
+
 def correct_sequentially(
     model: onnx.ModelProto,
     index: GraphIndex,
@@ -123,6 +131,7 @@ def correct_sequentially(
     batch_size: int,
     count: int,
     progress: bool = False,
+    float_means: Mapping[str, ChannelMeans] | None = None,
 ) -> Plan:
     """`plan` after sequential empirical bias correction on the first `count` samples: layer by
     layer in graph order, set the bias so that the quantized network's mean output per channel
@@ -132,7 +141,9 @@ def correct_sequentially(
     channel, and the quantized network, run whole, moves each layer's output by its correction
     so far (a running mean over the batches, this batch's included) inside the graph, as its
     new bias will move it, before the next layer reads it. Memory: one batch's tensors, the
-    batch sized as calibration sizes its own, whatever `count`."""
+    batch sized as calibration sizes its own, whatever `count`. Where `float_means` holds every
+    layer's float means per channel on the first `count` samples (calibration takes them), the
+    float network does not run again."""
     layers = []
     for node in index.nodes:
         rule = RULES.get(node.op_type)
@@ -145,19 +156,16 @@ def correct_sequentially(
         2 if node.op_type == "Gemm" else index.constant(node.input[1]).ndim for node, _ in layers
     ]
     means = [_MEAN.format(i) for i in range(len(layers))]
-    reference = open_session(_averaging(model, outputs, ranks), Use.CALIBRATION)
     quantized = open_session(_correcting(insert_qdq(model, plan), outputs, ranks), Use.CALIBRATION)
     wanted = [_CORRECTION.format(i) for i in range(len(layers))]
-
-    def batches() -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
-        """Each batch and the float means of its layer outputs: one sample first, to size the
-        batches by the layer outputs it yields (as calibration does by what it captures)."""
-        first = next(samples.batches(1))
-        values = reference.run([*outputs, *means], first)
-        yield first, values[len(outputs) :]
-        size = budgeted(batch_size, sum(v.nbytes for v in values[: len(outputs)]))
-        for feed in samples.batches(size, first=1, last=count):
-            yield feed, reference.run(means, feed)
+    taken = [(float_means or {}).get(name) for name in outputs]
+    rows = [None if t is None else t.values for t in taken]
+    if all(r is not None and len(r) >= min(count, samples.count) for r in rows):
+        size = budgeted(batch_size, sum(t.sample_bytes for t in taken))
+        batches = _taken_means(samples, rows, size, count)
+    else:
+        averaging = _averaging(model, outputs, ranks)
+        batches = _float_means(samples, averaging, outputs, means, batch_size, count)
 
     corrections = [
         np.zeros(index.constant(node.input[k[1]]).shape, np.float32) for node, k in layers
@@ -165,11 +173,11 @@ def correct_sequentially(
     seen = 0
     with tqdm(total=min(count, samples.count), desc="correcting biases", unit="sample",
               disable=not progress, leave=False) as bar:  # fmt: skip
-        for feed, float_means in batches():
+        for feed, layer_means in batches:
             batch = len(next(iter(feed.values())))
             seen += batch
             inputs = dict(feed, **{_WEIGHT: np.array(batch / seen, np.float32)})
-            inputs.update(zip(means, float_means, strict=True))
+            inputs.update(zip(means, layer_means, strict=True))
             inputs.update(zip(map(_SO_FAR.format, range(len(layers))), corrections, strict=True))
             corrections = quantized.run(wanted, inputs)
             bar.update(batch)
@@ -178,6 +186,40 @@ def correct_sequentially(
         base = corrected.get(key, index.constant(node.input[key[1]]))
         corrected[key] = base - correction.astype(np.float64)
     return replace(plan, bias_values=corrected)
+
+
+def _taken_means(
+    samples: Samples, rows: list[np.ndarray], size: int, count: int
+) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+    """Each batch of the first `count` samples, and its float means per layer from `rows`
+    (per sample, as calibration took them): a batch's mean is its samples' mean, all of one
+    shape. One sample first, as `_float_means` batches them."""
+    start = 0
+    for feed in chain(samples.batches(1, last=1), samples.batches(size, first=1, last=count)):
+        end = start + len(next(iter(feed.values())))
+        yield feed, [r[start:end].mean(axis=0).astype(np.float32) for r in rows]
+        start = end
+
+
+def _float_means(
+    samples: Samples,
+    averaging: onnx.ModelProto,
+    outputs: list[str],
+    means: list[str],
+    batch_size: int,
+    count: int,
+) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+    """Each batch of the first `count` samples and the float means of its layer outputs, from
+    the float network (`_averaging`, whose `means` are those of `outputs`): one sample first,
+    to size the batches by the layer outputs it yields (as calibration does by what it
+    captures)."""
+    reference = open_session(averaging, Use.CALIBRATION)
+    first = next(samples.batches(1))
+    values = reference.run([*outputs, *means], first)
+    yield first, values[len(outputs) :]
+    size = budgeted(batch_size, sum(v.nbytes for v in values[: len(outputs)]))
+    for feed in samples.batches(size, first=1, last=count):
+        yield feed, reference.run(means, feed)
 
 
 # Tensors the sequential correction's graphs add, per corrected layer i.

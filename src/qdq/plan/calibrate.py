@@ -85,6 +85,35 @@ class SampleMean:
         return None if self.ragged or self.total is None else self.total / self.count
 
 
+class ChannelMeans:
+    """Each sample's mean per channel (axis 1) of a tensor, for the first `limit` samples of a
+    stream: the float network's layer means that the sequential bias correction compares its
+    int8 network with, taken in the calibration pass instead of a second float pass."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(limit, 0)
+        self.rows: list[np.ndarray] = []
+        self.sample_bytes = 0  # one sample of the tensor, to size the correction's batches
+
+    def update(self, batch: np.ndarray) -> None:
+        self.sample_bytes = batch.nbytes // max(len(batch), 1)
+        take = min(len(batch), self.limit - sum(len(r) for r in self.rows))
+        if take > 0:
+            self.rows.append(batch[:take].mean(axis=tuple(range(2, batch.ndim))))
+
+    def merge(self, other: ChannelMeans) -> None:
+        """The next shard's samples after this one's."""
+        self.rows.extend(other.rows)
+        self.sample_bytes = self.sample_bytes or other.sample_bytes
+
+    @property
+    def values(self) -> np.ndarray | None:
+        """(samples, channels), or None where the samples' channel counts differ."""
+        if not self.rows or len({r.shape[1:] for r in self.rows}) > 1:
+            return None
+        return np.concatenate(self.rows)
+
+
 def observe(
     model: onnx.ModelProto,
     samples: Samples,
@@ -94,20 +123,24 @@ def observe(
     progress: bool = True,
     means: Iterable[str] = (),
     workers: Workers = ONE_PROCESS,
-) -> tuple[dict[str, Observer], dict[str, str], dict[str, np.ndarray]]:
+    channels: Iterable[str] = (),
+    limit: int = 0,
+) -> tuple[dict[str, Observer], dict[str, str], dict[str, np.ndarray], dict[str, ChannelMeans]]:
     """One pass over the data, before any range is computed: each fit tensor's merged observer
     (whose histogram can give more than one method's range; `fit_ranges` turns them into
-    ranges), the tensors found unfit for int8 with the reason, and the mean sample of each
-    tensor in `means` (for bias correction).
+    ranges), the tensors found unfit for int8 with the reason, the mean sample of each
+    tensor in `means` (for bias correction), and the means per channel of each tensor in
+    `channels` on the first `limit` samples (for the sequential correction).
 
     Unfit tensors are found without an extra pass over the data: an observer refuses NaN and
     Inf, and a final range beyond SENTINEL marks a mask. Shards of SHARD_SAMPLES samples are
     observed apart (on `workers` when parallel) and merged in sample order, so the result
     depends on the data alone, not on how many workers there are or when each finished."""
     if not names:  # nothing to observe (ONNX Runtime would return every output instead)
-        return {}, {}, {}
+        return {}, {}, {}, {}
     job = _Job(model, samples, {name: make(name) for name in names},
-               [m for m in means if m in names], batch_size)  # fmt: skip
+               [m for m in means if m in names], batch_size, list(dict.fromkeys(channels)),
+               limit)  # fmt: skip
     spans = [
         (first, min(first + SHARD_SAMPLES, samples.count))
         for first in range(0, samples.count, SHARD_SAMPLES)
@@ -127,7 +160,7 @@ def observe(
     fit = {n: o for n, o in seen.observers.items() if n not in seen.unfit}
     averages = seen.averages.items()
     found = {n: a.mean for n, a in averages if a.mean is not None and n not in seen.unfit}
-    return fit, seen.unfit, found
+    return fit, seen.unfit, found, seen.channels
 
 
 def observe_holding(
@@ -140,29 +173,46 @@ def observe_holding(
     progress: bool = True,
     means: Iterable[str] = (),
     workers: Workers = ONE_PROCESS,
-) -> tuple[dict[str, Observer], dict[str, Observer], dict[str, str], dict[str, np.ndarray]]:
+    channels: Iterable[str] = (),
+    limit: int = 0,
+) -> tuple[
+    dict[str, Observer],
+    dict[str, Observer],
+    dict[str, str],
+    dict[str, np.ndarray],
+    dict[str, ChannelMeans],
+]:
     """`observe` on all `samples`, and also the observers of all but the last `held` of them:
     ranges fitted without those samples can be judged on them fairly (ranges scored on the
-    samples they were fitted to favour MinMax, docs/ptq.md). Still one pass over the data."""
+    samples they were fitted to favour MinMax, docs/ptq.md). Still one pass over the data.
+    Last, each of `channels`' means per channel on the first `limit` samples."""
+    channels = list(channels)
     if not held:
-        observers, unfit, found = observe(
-            model, samples, make, names, batch_size, progress, means, workers
+        observers, unfit, found, per_channel = observe(
+            model, samples, make, names, batch_size, progress, means, workers, channels, limit
         )
-        return observers, observers, unfit, found
+        return observers, observers, unfit, found, per_channel
     split = samples.count - held
-    rest = (batch_size, progress, means, workers)
-    fitted, unfit, found = observe(model, samples.span(0, split), make, names, *rest)
+    rest = (batch_size, progress, means, workers, channels)
+    fitted, unfit, found, per_channel = observe(
+        model, samples.span(0, split), make, names, *rest, limit
+    )
     # The held samples continue each fitted observer's stream (not a merge, which re-bins).
     fit = [name for name in names if name in fitted]
     resume = lambda name: copy.deepcopy(fitted[name])  # noqa: E731
-    every, unfit_last, found_last = observe(
-        model, samples.span(split, samples.count), resume, fit, *rest
+    rest = (*rest[:-1], channels if limit > split else ())
+    every, unfit_last, found_last, per_channel_last = observe(
+        model, samples.span(split, samples.count), resume, fit, *rest, limit - split
     )
+    for name, later in per_channel_last.items():
+        if name in per_channel:
+            per_channel[name].merge(later)
     unfit = {**unfit_last, **unfit}
     both = {n: m for n, m in found.items() if n in found_last and m.shape == found_last[n].shape}
     means_all = {n: (m * split + found_last[n] * held) / samples.count for n, m in both.items()}
     every = {n: o for n, o in every.items() if n not in unfit}
-    return every, {n: o for n, o in fitted.items() if n in every}, unfit, means_all
+    apart = {n: o for n, o in fitted.items() if n in every}
+    return every, apart, unfit, means_all, per_channel
 
 
 def fit_ranges(
@@ -189,6 +239,8 @@ class _Job:
     observers: dict[str, Observer]  # fresh, one per tensor: each shard observes into a copy
     means: list[str]
     batch_size: int
+    channels: list[str]
+    limit: int  # the samples whose means per channel are kept
 
 
 _Opened = tuple[_Job, "InferenceSession", Samples]
@@ -196,28 +248,41 @@ _Opened = tuple[_Job, "InferenceSession", Samples]
 
 @dataclass
 class _Seen:
-    """One shard's observers, running means and unfit tensors (with the reason)."""
+    """One shard's observers, running means, means per channel and unfit tensors (with the
+    reason)."""
 
     observers: dict[str, Observer]
     averages: dict[str, SampleMean]
     unfit: dict[str, str]
+    channels: dict[str, ChannelMeans]
 
 
 def _open(job: _Job, reopen: bool = True) -> _Opened:
     """A worker's session, and its own handles on the data (a forked file offset is shared)."""
     samples = pickle.loads(pickle.dumps(job.samples)) if reopen else job.samples
-    return job, session_with_outputs(job.model, job.observers), samples
+    return job, session_with_outputs(job.model, _fetched(job)), samples
+
+
+def _fetched(job: _Job) -> list[str]:
+    """The tensors a shard's session outputs: the observed ones, then the other `channels`."""
+    return [*job.observers, *(c for c in job.channels if c not in job.observers)]
 
 
 def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) -> _Seen:
     """Samples `span` (first, last) through the observers: its first sample alone, to size the
     batches under CAPTURE_BUDGET, then the rest in batches (counted on `bar`, if given)."""
     job, session, samples = opened
-    names = list(job.observers)
-    seen = _Seen(copy.deepcopy(job.observers), {n: SampleMean() for n in job.means}, {})
+    names = _fetched(job)
+    first, last = span
+    seen = _Seen(copy.deepcopy(job.observers), {n: SampleMean() for n in job.means}, {},
+                 {n: ChannelMeans(job.limit - first) for n in job.channels})  # fmt: skip
 
     def update(name: str, value: np.ndarray) -> str | None:
         """One tensor's batch into its observer; why the tensor is unfit, if it is."""
+        if name in seen.channels:
+            seen.channels[name].update(value)
+        if name not in seen.observers:
+            return None
         if value.size == 0:
             return "is empty"
         try:
@@ -241,7 +306,6 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
             bar.update(len(next(iter(feed.values()))))
         return sum(v.nbytes for v in values.values())
 
-    first, last = span
     with ThreadPoolExecutor(max_workers=session_threads() or os.cpu_count() or 1) as pool:
         per_sample = observe(next(samples.batches(1, first=first)))
         batch_size = budgeted(job.batch_size, per_sample)
@@ -264,6 +328,8 @@ def _merged(shards: Iterable[_Seen]) -> _Seen:
                 observer.merge(shard.observers[name])
         for name, average in merged.averages.items():
             average.merge(shard.averages[name])
+        for name, means in merged.channels.items():
+            means.merge(shard.channels[name])
     return merged
 
 
