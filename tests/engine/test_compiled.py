@@ -95,6 +95,7 @@ def _text_lines(count: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.exact_int8
 def test_ppocr_classifier_kernels_are_bit_exact_with_onnx_runtime(tmp_path):
     """Every kernel, fed ONNX Runtime's inputs, gives ONNX Runtime's codes (QLinearMul among
     them: its zero point is added in float32 before the rounding); run whole, every tensor is

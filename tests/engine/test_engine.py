@@ -84,6 +84,7 @@ def digits_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "key", ["cnn_qdq", "cnn_qoperator", "mobilenet_qdq", "mobilenet_qoperator"]
 )
+@pytest.mark.exact_int8
 def test_float_requant_matches_onnx_runtime_on_whole_models(digits_models, key):
     path = digits_models[key]
     x = np.load(DIGITS / "test.npz")["input"]
@@ -121,6 +122,7 @@ def test_a_16_bit_accumulator_overflows_where_32_bits_do_not(digits_models):
 
 
 @pytest.mark.slow
+@pytest.mark.exact_int8
 def test_float_ops_are_fallbacks_and_float_output_matmuls_integer(tmp_path):
     out = tmp_path / "t.onnx"
     # every op the rules allow: the default's timed candidates keep the first and last layers

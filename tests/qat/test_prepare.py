@@ -127,6 +127,7 @@ def lsb_errors(prepared: fx.GraphModule, x: torch.Tensor, ort_codes: dict) -> di
         ("cnn", QuantConfig(weight_grid="ternary")),
     ],
 )
+@pytest.mark.exact_int8
 def test_exported_file_matches_the_trained_module_within_one_lsb(fp32, tmp_path, name, config):
     prepared = prepare(fp32[name], FIT_X[:1], config, FIT_X[:256].split(128), freeze_bn_after=10)
     train(prepared, 15, lr=1e-3)  # scales, weights and BatchNorm statistics all move
@@ -196,6 +197,7 @@ def test_adam_cannot_push_a_learned_scale_to_zero(fp32):
         assert torch.allclose(q.scale, old * np.exp(-0.05), rtol=1e-3)
 
 
+@pytest.mark.exact_int8
 def test_an_unsupported_layer_stays_float_and_the_rest_is_quantized(tmp_path, caplog):
     torch.manual_seed(0)
     model = nn.Sequential(
