@@ -38,6 +38,7 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "report.html"
 
 
+@pytest.mark.exact_int8
 def test_the_report_opens_offline_without_console_errors(page, tmp_path):
     with Browser() as browser:
         browser.open(page)
