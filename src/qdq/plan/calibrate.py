@@ -91,15 +91,16 @@ class ChannelMeans:
     int8 network with, taken in the calibration pass instead of a second float pass."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = max(limit, 0)
+        self.missing = max(limit, 0)  # samples still to take
         self.rows: list[np.ndarray] = []
         self.sample_bytes = 0  # one sample of the tensor, to size the correction's batches
 
     def update(self, batch: np.ndarray) -> None:
         self.sample_bytes = batch.nbytes // max(len(batch), 1)
-        take = min(len(batch), self.limit - sum(len(r) for r in self.rows))
+        take = min(len(batch), self.missing)
         if take > 0:
             self.rows.append(batch[:take].mean(axis=tuple(range(2, batch.ndim))))
+            self.missing -= take
 
     def merge(self, other: ChannelMeans) -> None:
         """The next shard's samples after this one's."""
@@ -200,7 +201,6 @@ def observe_holding(
     # The held samples continue each fitted observer's stream (not a merge, which re-bins).
     fit = [name for name in names if name in fitted]
     resume = lambda name: copy.deepcopy(fitted[name])  # noqa: E731
-    rest = (*rest[:-1], channels if limit > split else ())
     every, unfit_last, found_last, per_channel_last = observe(
         model, samples.span(split, samples.count), resume, fit, *rest, limit - split
     )
@@ -297,8 +297,10 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
         """Feed one batch's tensors to their observers, in parallel (each observer still sees
         its batches in order, so the result does not depend on the threads); returns the bytes
         captured."""
-        values = dict(zip(names, session.run(names, feed), strict=True))
-        live = [name for name in names if name not in seen.unfit]
+        # a tensor fetched only for its means per channel, once they are taken, is not fetched
+        run = [n for n in names if n in seen.observers or seen.channels[n].missing]
+        values = dict(zip(run, session.run(run, feed), strict=True))
+        live = [name for name in run if name not in seen.unfit]
         for name, reason in zip(live, pool.map(update, live, map(values.get, live)), strict=True):
             if reason:
                 seen.unfit[name] = reason
