@@ -293,6 +293,7 @@ def test_a_concat_of_very_different_ranges_stays_float(tmp_path):
     assert np.abs(want[:, :4] - got[:, :4]).max() < 0.02 * np.abs(want[:, :4]).max()
 
 
+@pytest.mark.exact_int8
 def test_masks_and_sentinels_are_never_quantized(tmp_path):
     source = save(models.masked_attention(), tmp_path)
     rng = np.random.default_rng(3)
