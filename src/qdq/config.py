@@ -53,6 +53,16 @@ class Prefer(enum.StrEnum):
     INT8 = "int8"  # every op the rules allow, untimed: the smallest file, an int8-only target
 
 
+class Saturation(enum.StrEnum):
+    """Whether weights keep ONNX Runtime's int8 kernels on x86 CPUs without VNNI from clamping
+    their 16-bit sums of two products (`qdq.plan.saturation`): avoid it, ignore it (a CPU with
+    VNNI, an ARM CPU, TensorRT), or auto: avoid it where this machine's kernels clamp."""
+
+    AUTO = "auto"
+    AVOID = "avoid"
+    IGNORE = "ignore"
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Settings of one quantization run; defaults are qdq's measured best (docs/ptq.md).
@@ -78,12 +88,14 @@ class QuantConfig:
     max_samples: int | None = None
     placement: Placement = Placement.ORT
     prefer: Prefer = Prefer.BALANCED  # the candidate plan taken by accuracy and latency
+    saturation: Saturation = Saturation.AUTO  # weight pairs that x86 u8s8 kernels cannot clamp
     workers: Workers = ONE_PROCESS  # where calibration shards and the budget's tasks run
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", choice(Method, self.method, "calibration method"))
         object.__setattr__(self, "placement", choice(Placement, self.placement, "placement"))
         object.__setattr__(self, "prefer", choice(Prefer, self.prefer, "prefer"))
+        object.__setattr__(self, "saturation", choice(Saturation, self.saturation, "saturation"))
         object.__setattr__(self, "weight_grid", choice(WeightGrid, self.weight_grid, "weight grid"))
         _check_weights(self.weights)
         _check_activations(self.activations)

@@ -60,6 +60,7 @@ from qdq.plan.method import (
     sample_scores,
 )
 from qdq.plan.parts import PartStats, check_declared, judged, output_parts
+from qdq.plan.saturation import avoids_saturation
 from qdq.report.summary import CHECK_SAMPLES, QuantizeReport, task_scores
 
 log = logging.getLogger(__name__)
@@ -350,6 +351,11 @@ def quantize_model(
         plan, seconds = plan_model(prepared, samples, config, per_channel, progress, notes, metric)
         seconds += smoothing_seconds
     quantized, summed = insert_qdq(prepared, plan), 0
+    if avoids_saturation(config) and any(d.quantized for d in plan.decisions.values()):
+        notes.append(
+            "weight scales raised where two neighbouring weights could clamp the 16-bit sums "
+            "of int8 kernels on x86 without VNNI (--saturation; docs/quantization.md §20)"
+        )
     if config.placement is Placement.ORT:  # TensorRT fuses the residual Add itself
         quantized, summed = sum_before_layer_norm(quantized)
     if summed:

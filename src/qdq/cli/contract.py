@@ -44,6 +44,7 @@ FLAGS = {
     "adaround": "--adaround",
     "target_sqnr": "--target-sqnr",
     "prefer": "--prefer",
+    "saturation": "--saturation",
     "steps": "--steps",
     "lr": "--lr",
     "held_out": "--held-out",

@@ -18,7 +18,7 @@ from qdq.cli.commands import (
 )
 from qdq.cli.contract import EXIT_USAGE
 from qdq.cli.flags import at_least, finite
-from qdq.config import ACTIVATION_DTYPES, RUN_PRESETS, Prefer
+from qdq.config import ACTIVATION_DTYPES, RUN_PRESETS, Prefer, Saturation
 from qdq.lowbit import WeightGrid
 from qdq.observers import METHODS
 
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "slower than the fastest, scores over 35 dB counted as 35; the fastest; or int8: every op "
         "the rules allow in int8, untimed (the smallest file)",
     )
+    _saturation_flag(q)
     q.add_argument(
         "--target-sqnr",
         type=finite,
@@ -250,6 +251,17 @@ def _granularity_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _saturation_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--saturation",
+        choices=[s.value for s in Saturation],
+        help="ONNX Runtime's int8 kernels on x86 CPUs without VNNI add two products in 16 bits, "
+        "which clamps; avoid: raise a weight channel's scale until no two neighbouring weights "
+        "can (about 2 dB of weight SQNR, 7-bit weights cost 6); ignore: for a CPU with VNNI, "
+        "ARM or TensorRT; auto (default): avoid where this machine's kernels clamp",
+    )
+
+
 def _output_parts_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output-parts",
@@ -322,6 +334,7 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         choices=[p.value for p in Prefer],
         help="the PTQ plan to start from (default balanced, as quantize's)",
     )
+    _saturation_flag(f)
     _output_parts_flag(f)
     f.add_argument("--exclude", nargs="+", default=(), metavar="NODE_OR_OP")
     f.add_argument("--max-samples", type=at_least(1))

@@ -16,6 +16,7 @@ from qdq.lowbit import WeightGrid, grid_codes
 from qdq.metrics import sqnr_db
 from qdq.onnx.graph import GraphIndex
 from qdq.plan.rules import Kind, rule_inputs, rules_for, weight_axis
+from qdq.plan.saturation import avoids_saturation, pair_safe
 from qdq.qparams import QParams, Range, choose_qparams
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ def plan_constants(
     biases: dict[Key, np.ndarray] = {}
     codes: dict[Key, np.ndarray] = {}
     rules = rules_for(config)
+    pairs = avoids_saturation(config)
     for node in index.nodes:
         if not decisions[node.name].quantized:
             continue
@@ -65,6 +67,8 @@ def plan_constants(
                 axis = weight_axis(node, values.ndim) if per_channel and values.ndim > 1 else None
                 if config.weight_grid is WeightGrid.UNIFORM:
                     constants[node.name, i] = weight_qparams(values, axis, config)
+                    if pairs:
+                        constants[node.name, i] = pair_safe(constants[node.name, i], node, values)
                 else:
                     codes[node.name, i], constants[node.name, i] = _on_grid(values, axis, config)
             else:

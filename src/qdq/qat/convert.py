@@ -40,6 +40,7 @@ from qdq.errors import ModelError
 from qdq.lowbit import WeightGrid
 from qdq.onnx.graph import GraphIndex, clip_bounds
 from qdq.plan.constants import BIAS_CODE_LIMIT
+from qdq.plan.saturation import pair_clipped
 from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.lowbit import LowBitWeight
 from qdq.qparams import MIN_SCALE
@@ -737,10 +738,13 @@ def _tensor(value: np.ndarray) -> torch.Tensor:
 # ---- writing back ---------------------------------------------------------------------------
 
 
-def write_back(model: onnx.ModelProto, graph: QdqGraph) -> onnx.ModelProto:
+def write_back(model: onnx.ModelProto, graph: QdqGraph, pairs: bool = False) -> onnx.ModelProto:
     """A copy of `model` with `graph`'s learned weight codes, scales and biases in place of its
-    initializers (same names, shapes and dtypes), so its structure is unchanged."""
+    initializers (same names, shapes and dtypes), so its structure is unchanged. `pairs`: the
+    uniform weights' pairs of neighbours kept from saturating x86 u8s8 kernels, as PTQ's
+    (`qdq.plan.saturation`)."""
     values: dict[str, np.ndarray] = {}
+    users = _weight_users(model) if pairs else {}
     with torch.no_grad():
         scales = {
             key: g.bounded_scale().clamp_min(MIN_SCALE).double().numpy()
@@ -774,6 +778,8 @@ def write_back(model: onnx.ModelProto, graph: QdqGraph) -> onnx.ModelProto:
             s = scales[key] if axis is None else np.expand_dims(scales[key], _others(w, axis))
             z = float(grid.zero_point.reshape(-1)[0])  # per tensor (a weight: 0, symmetric)
             values[weight] = np.clip(np.rint(w / s) + z, grid.qmin, grid.qmax)
+            if weight in users and z == 0:
+                values[weight] = pair_clipped(users[weight], values[weight])
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for i, tensor in enumerate(out.graph.initializer):
@@ -782,6 +788,18 @@ def write_back(model: onnx.ModelProto, graph: QdqGraph) -> onnx.ModelProto:
             new = values[tensor.name].astype(dtype).reshape(tuple(tensor.dims))
             out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, tensor.name))
     return out
+
+
+def _weight_users(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Each integer weight's compute node: the sole reader of its DequantizeLinear."""
+    index = GraphIndex(model)
+    users = {}
+    for node in index.nodes:
+        if node.op_type == "DequantizeLinear" and index.is_constant(node.input[0]):
+            user = index.sole_consumer(node.output[0])
+            if user is not None:
+                users[node.input[0]] = user
+    return users
 
 
 def _others(w: np.ndarray, axis: int) -> tuple[int, ...]:

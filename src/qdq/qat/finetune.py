@@ -65,6 +65,7 @@ from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
 from qdq.pipeline import quantize_model
 from qdq.plan.parts import Part, PartStats, output_parts, update_all
+from qdq.plan.saturation import avoids_saturation
 from qdq.qat.convert import QdqGraph, write_back
 from qdq.report.summary import QuantizeReport
 
@@ -186,7 +187,7 @@ def finetune_model(
             teacher = open_session(model)
             trainer = _Trainer(quantized, teacher, samples, config, options, held_out, seed)
             best_step, steps = trainer.train(progress)
-            tuned = write_back(quantized, trainer.graph)
+            tuned = write_back(quantized, trainer.graph, trainer.pairs)
             session = open_session(tuned, Use.CHECK)
             ptq_session = open_session(quantized, Use.CHECK)
             before = _output_sqnr(teacher, ptq_session, trainer.held, trainer.parts)
@@ -239,6 +240,7 @@ class _Trainer:
     ) -> None:
         self.quantized = quantized
         self.graph = QdqGraph(quantized, config.weights, config.activations, config.weight_grid)
+        self.pairs = avoids_saturation(config)  # as PTQ's weights: kept from saturating
         self.teacher, self.options = teacher, options
         self.rng = np.random.default_rng(seed)
         shuffled = self.rng.permutation(samples.count)
@@ -315,7 +317,7 @@ class _Trainer:
 
     def _file_session(self) -> ort.InferenceSession:
         """ONNX Runtime's session of the file the current values would write."""
-        return open_session(write_back(self.quantized, self.graph), Use.CHECK)
+        return open_session(write_back(self.quantized, self.graph, self.pairs), Use.CHECK)
 
     def _loss(
         self,
