@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -11,10 +10,10 @@ import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
 
 from qdq.config import preset_config
 from qdq.pipeline import QuantizeReport, quantize_model
+from qdq.plan.saturation import kernels_saturate
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -23,35 +22,16 @@ settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
-@functools.cache
-def int8_kernels_saturate() -> bool:
-    """Whether ONNX Runtime's u8s8 kernels on this CPU clamp the 16-bit sum of two products, as
-    x86 CPUs without VNNI do (vpmaddubsw; ONNX Runtime's quantization docs): there an int8
-    file runs with other numbers than its QDQ arithmetic (docs/ptq.md, "Known limits"). Probed
-    with 255 x 127 summed 64 times in a MatMulInteger."""
-    node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
-    graph = helper.make_graph(
-        [node],
-        "probe",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 16])],
-        [helper.make_tensor("b", TensorProto.INT8, [64, 16], [127] * 64 * 16)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"a": np.full((1, 64), 255, np.uint8)})[0]
-    return bool((got != 255 * 127 * 64).any())
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `exact_int8` pin ONNX Runtime's int8 kernels computing their QDQ arithmetic
-    exactly (codes, bit-exactness, accuracy bounds, plans timed on them): skipped where they
-    saturate, with the reason."""
+    """Tests marked `exact_int8` pin ONNX Runtime's int8 kernels computing the QDQ arithmetic of
+    weights that PTQ did not make pair-safe (hand-made codes, QAT exports, plans timed on the
+    kernels): skipped where the kernels saturate, with the reason. Everything PTQ writes there
+    avoids it (`qdq.plan.saturation`), so the rest of the int8 tests run on every CPU."""
     marked = [item for item in items if item.get_closest_marker("exact_int8")]
-    if marked and int8_kernels_saturate():
+    if marked and kernels_saturate():
         reason = (
-            "ONNX Runtime's u8s8 int8 kernels saturate on this CPU (x86 without VNNI): int8 "
-            "files do not run their QDQ arithmetic here (docs/ptq.md, Known limits)"
+            "ONNX Runtime's u8s8 int8 kernels saturate on this CPU (x86 without VNNI): weights "
+            "not made pair-safe do not run their QDQ arithmetic here (docs/ptq.md, Known limits)"
         )
         for item in marked:
             item.add_marker(pytest.mark.skip(reason=reason))

@@ -101,7 +101,6 @@ def test_transformer_residual_stream_stays_float(tmp_path):
     assert fused["MatMul"] == fused["Gemm"] == 0  # every matrix product runs in int8
 
 
-@pytest.mark.exact_int8
 def test_logits_stay_float_when_only_a_shape_op_reads_them_on_the_way_to_a_float_op(tmp_path):
     """The Flatten before the Softmax reads nothing in int8 that anything after it needs, so it
     goes float and the Gemm writes float logits: quantized for the Flatten's sake, they were
@@ -134,7 +133,6 @@ def test_calibration_observes_only_tensors_that_get_a_grid():
     assert "s1" not in targets
 
 
-@pytest.mark.exact_int8
 def test_weights_are_stored_as_integers(tmp_path):
     out = tmp_path / "q.onnx"
     quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz")
@@ -147,7 +145,6 @@ def test_weights_are_stored_as_integers(tmp_path):
     assert {t.data_type for t in biases} >= {onnx.TensorProto.INT32}
 
 
-@pytest.mark.exact_int8
 def test_qoperator_format_is_made_of_integer_ops(tmp_path):
     out = tmp_path / "q.onnx"
     quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", output_format="qoperator")
@@ -186,7 +183,6 @@ def test_conv_transpose_weights_are_per_channel_on_axis_1(tmp_path):
     assert sqnr_db(run(source, {"x": x})[0], run(out, {"x": x})[0]) > 30
 
 
-@pytest.mark.exact_int8
 def test_a_sigmoid_gate_gets_the_fixed_0_1_grid_so_its_mul_runs_in_int8(tmp_path):
     source = save(models.silu_net(), tmp_path)
     x = np.random.default_rng(7).standard_normal((64, 3, 8, 8)).astype(np.float32)
@@ -279,7 +275,6 @@ def test_a_max_pool_between_int8_convolutions_stays_int8(tmp_path):
     assert op_counts(optimized)["NhwcMaxPool"] == 1
 
 
-@pytest.mark.exact_int8
 def test_a_concat_of_very_different_ranges_stays_float(tmp_path):
     source = save(models.detector_head(), tmp_path)
     x = np.random.default_rng(2).standard_normal((64, 16)).astype(np.float32)
@@ -293,7 +288,6 @@ def test_a_concat_of_very_different_ranges_stays_float(tmp_path):
     assert np.abs(want[:, :4] - got[:, :4]).max() < 0.02 * np.abs(want[:, :4]).max()
 
 
-@pytest.mark.exact_int8
 def test_masks_and_sentinels_are_never_quantized(tmp_path):
     source = save(models.masked_attention(), tmp_path)
     rng = np.random.default_rng(3)
@@ -398,7 +392,6 @@ def test_inspect_says_why_each_float_node_stays_float(tmp_path):
     assert "Tanh" in decisions["middle"].reason
 
 
-@pytest.mark.exact_int8
 def test_metadata_maps_float_tensors_to_their_quantized_copies(tmp_path):
     out = tmp_path / "q.onnx"
     quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz")
@@ -421,7 +414,6 @@ def test_a_quantized_graph_output_keeps_its_name(tmp_path):
 
 
 @pytest.mark.parametrize("spiky", [False, True])
-@pytest.mark.exact_int8
 def test_an_embedding_table_is_stored_in_8_bits_and_gathered_in_8_bits(tmp_path, spiky):
     source = save(models.embedding(spiky=spiky), tmp_path)
     ids = np.random.default_rng(6).integers(0, 2000, (32, 8))

@@ -51,7 +51,6 @@ def _differing(result) -> dict[str, int]:
     return {n.node: n.differing for n in result.nodes if n.differing}
 
 
-@pytest.mark.exact_int8
 def test_a_wrong_kernel_is_the_first_departure(cnn, wrong_kernel):
     # On the first 64 test images the unperturbed engine agrees with ONNX Runtime everywhere
     # (measured; see the next test), so every difference here comes from the wrong kernel.
@@ -61,14 +60,12 @@ def test_a_wrong_kernel_is_the_first_departure(cnn, wrong_kernel):
     assert {"/10/GlobalAveragePool", "/12/Gemm"} <= set(_differing(result))  # propagated
 
 
-@pytest.mark.exact_int8
 def test_fed_the_other_sides_inputs_only_the_wrong_node_differs(cnn, wrong_kernel):
     for inputs_from in ("ort", "engine"):
         result = diff_model(cnn["qoperator"], TEST, max_samples=64, inputs_from=inputs_from)
         assert list(_differing(result)) == [WRONG]
 
 
-@pytest.mark.exact_int8
 def test_float_requant_agrees_with_onnx_runtime_on_every_code(cnn):
     # MLAS's float32 arithmetic (engine/mlas.py), measured on this machine's ONNX Runtime (AMD
     # EPYC, AVX-512 VNNI), 540 images, QDQ and QOperator alike: no node differs, fed ONNX
@@ -80,7 +77,6 @@ def test_float_requant_agrees_with_onnx_runtime_on_every_code(cnn):
         assert diff_model(cnn[fmt], TEST).first_departure is None
 
 
-@pytest.mark.exact_int8
 def test_a_float_node_that_onnx_runtime_runs_alone_is_told_apart(tmp_path, monkeypatch):
     """The engine hands float nodes to ONNX Runtime, one node at a time; where ONNX Runtime's
     kernel alone differs from the one in its whole graph (here made to, by 1e-6), the node is
@@ -108,7 +104,6 @@ def test_a_float_node_that_onnx_runtime_runs_alone_is_told_apart(tmp_path, monke
     assert result.as_dict()["first_kernel_departure"] is None
 
 
-@pytest.mark.exact_int8
 def test_fixed_and_float_requant_part_at_the_first_convolution(cnn):
     result = diff_model(cnn["qdq"], TEST, against="engine", requant="fixed", max_samples=64)
     assert result.right == "engine (float requantization)"
@@ -116,7 +111,6 @@ def test_fixed_and_float_requant_part_at_the_first_convolution(cnn):
     assert result.first_departure.max_diff == 1
 
 
-@pytest.mark.exact_int8
 def test_fp32_side_runs_the_unfused_qdq_graph_and_needs_one(cnn):
     result = diff_model(cnn["qdq"], TEST, against="fp32", max_samples=16)
     assert {n.op_type for n in result.nodes} >= {"QLinearConv", "QGemm"}
@@ -129,7 +123,6 @@ def test_inputs_from_needs_onnx_runtime_as_the_other_side(cnn):
         diff_model(cnn["qdq"], TEST, against="engine", inputs_from="ort")
 
 
-@pytest.mark.exact_int8
 def test_command_prints_json_or_a_table_naming_the_departure(cnn, wrong_kernel, capsys):
     args = ["diff", str(cnn["qdq"]), "--data", str(TEST), "--max-samples", "64"]
     assert main([*args, "--json"]) == 0

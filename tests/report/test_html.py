@@ -83,7 +83,6 @@ def test_activation_view_marks_each_method_on_the_observed_range():
     assert view.closest in view.methods
 
 
-@pytest.mark.exact_int8
 def test_ranges_are_read_from_the_int8_models_qdq_nodes(digits):
     int8, _ = digits
     model = onnx.load(int8)
@@ -112,7 +111,6 @@ def test_a_bypassed_layer_reads_float_and_its_consumer_reads_its_float_output(di
     assert {n.name: n for n in relu.graph.node}["/6/MaxPool"].input[0] == "/5/Relu_output_0"
 
 
-@pytest.mark.exact_int8
 def test_one_row_per_node_with_sqnr_and_sensitivity(digits):
     _, data = digits
     assert [r.node for r in data.layers][:3] == ["/0/Conv", "/2/Relu", "/3/Conv"]

@@ -105,7 +105,6 @@ def cnn_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.exact_int8
 def test_ranges_come_from_the_models_qdq_pairs(cnn_int8):
     model = onnx.load(str(cnn_int8))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -127,7 +126,6 @@ def test_a_symmetric_int8_scale_passes_to_tensorrt_unchanged(tmp_path):
     assert scales["input"] == inits["input_scale"]
 
 
-@pytest.mark.exact_int8
 def test_ncnn_names_come_from_the_converters_param_file(cnn_int8):
     # the layer lines pnnx writes for examples/digits/cnn.onnx (in order, num_output in 0=)
     param = "\n".join(
@@ -154,7 +152,6 @@ def test_ncnn_names_come_from_the_converters_param_file(cnn_int8):
         ncnn_layer_names(param.replace("0=32", "0=33"), read_ranges(onnx.load(str(cnn_int8))))
 
 
-@pytest.mark.exact_int8
 def test_export_table_command_writes_both_formats(cnn_int8, tmp_path):
     assert (
         main(["export-table", str(cnn_int8), "--format", "tensorrt", "-o", str(tmp_path / "c")])
