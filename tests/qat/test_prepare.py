@@ -21,7 +21,9 @@ from torch import fx, nn
 
 from qdq.config import QuantConfig
 from qdq.errors import DataError, ModelError, SchemeError, UsageError
+from qdq.onnx.graph import GraphIndex
 from qdq.onnx.sessions import open_session
+from qdq.plan.saturation import PAIR_CODES, reduction_rows
 from qdq.qat import export, freeze_batchnorm, prepare
 from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.prepare import float_copy
@@ -127,7 +129,6 @@ def lsb_errors(prepared: fx.GraphModule, x: torch.Tensor, ort_codes: dict) -> di
         ("cnn", QuantConfig(weight_grid="ternary")),
     ],
 )
-@pytest.mark.exact_int8
 def test_exported_file_matches_the_trained_module_within_one_lsb(fp32, tmp_path, name, config):
     prepared = prepare(fp32[name], FIT_X[:1], config, FIT_X[:256].split(128), freeze_bn_after=10)
     train(prepared, 15, lr=1e-3)  # scales, weights and BatchNorm statistics all move
@@ -145,6 +146,31 @@ def test_exported_file_matches_the_trained_module_within_one_lsb(fp32, tmp_path,
         torch_logits = prepared(x).numpy()
     assert np.mean(logits.argmax(1) == torch_logits.argmax(1)) >= 0.99
     assert np.mean(logits.argmax(1) == TEST_Y[:256].numpy()) >= 0.9
+
+
+def test_trained_codes_stay_pair_safe_where_x86_kernels_would_saturate(fp32, tmp_path):
+    # training moves weights past their pair-safe scales; the module trains on, and the file
+    # holds, codes no two neighbours of whose int8 sums add past 128 (qdq.plan.saturation)
+    config = QuantConfig(saturation="avoid")
+    prepared = prepare(fp32["cnn"], FIT_X[:1], config, [FIT_X[:128]], freeze_bn_after=0)
+    train(prepared, 10, lr=2e-2)
+    model = onnx.load(str(export(prepared, tmp_path / "qat.onnx", FIT_X[:1])))
+    index = GraphIndex(model)
+    checked = 0
+    for node in index.nodes:
+        if node.op_type == "DequantizeLinear" and index.is_constant(node.input[0]):
+            user = index.sole_consumer(node.output[0])
+            codes = index.constant(node.input[0])
+            if user is not None and codes.dtype == np.int8:
+                rows = reduction_rows(user, codes.astype(np.int64))
+                if rows is not None:
+                    pairs = np.pad(rows, ((0, 0), (0, rows.shape[1] % 2))).reshape(-1, 2)
+                    assert np.maximum(pairs, 0).sum(1).max() <= PAIR_CODES
+                    assert np.maximum(-pairs, 0).sum(1).max() <= PAIR_CODES
+                    checked += 1
+    assert checked == 4  # three convs and the classifier
+    codes, _, _ = ort_run(tmp_path / "qat.onnx", prepared, TEST_X[:256], tmp_path)
+    assert max(lsb_errors(prepared, TEST_X[:256], codes).values()) <= 1
 
 
 def test_weight_codes_in_the_file_are_the_grid_torch_trained_on(fp32, tmp_path):

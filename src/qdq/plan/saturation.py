@@ -64,15 +64,20 @@ def reduction_rows(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray | Non
     """`weight` as (output channels, terms in ONNX Runtime's summation order), or None where
     its kernel does not pair terms (depthwise convolutions, ConvTranspose, other ops)."""
     if node.op_type == "Conv" and weight.ndim >= 3:
-        group = attributes(node).get("group", 1)
-        if group > 1 and weight.shape[0] == group and weight.shape[1] == 1:
-            return None  # depthwise
-        return np.moveaxis(weight, 1, -1).reshape(weight.shape[0], -1)
+        return conv_rows(weight, int(attributes(node).get("group", 1)))
     if node.op_type == "Gemm" and weight.ndim == 2:
         return weight if weight_axis(node, 2) == 0 else weight.T
     if node.op_type == "MatMul" and weight.ndim >= 2:
         return np.moveaxis(weight, -1, 0).reshape(weight.shape[-1], -1)
     return None
+
+
+def conv_rows(weight: np.ndarray, group: int) -> np.ndarray | None:
+    """A convolution's `weight` (out, in per group, kernel...) as its `reduction_rows`: the
+    kernel's positions, then the group's input channels fastest; None where it is depthwise."""
+    if group > 1 and weight.shape[0] == group and weight.shape[1] == 1:
+        return None
+    return np.moveaxis(weight, 1, -1).reshape(weight.shape[0], -1)
 
 
 def pair_safe(qparams: QParams, node: onnx.NodeProto, weight: np.ndarray) -> QParams:
@@ -108,8 +113,12 @@ def pair_clipped(node: onnx.NodeProto, codes: np.ndarray) -> np.ndarray:
     larger one the rest where the smaller has less than half): for weights learned
     after their scales were made pair-safe (`qdq finetune`), where a few pairs drift past."""
     rows = reduction_rows(node, np.arange(codes.size).reshape(codes.shape))
-    if rows is None:
-        return codes
+    return codes if rows is None else clip_pairs(codes, rows)
+
+
+def clip_pairs(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`pair_clipped` with the summation order given as `rows`: the flat indices of `codes`
+    as (output channels, terms), the `reduction_rows` of `arange(codes.size)`."""
     flat = codes.reshape(-1).astype(np.int64)
     order = np.pad(rows, ((0, 0), (0, rows.shape[1] % 2)), constant_values=-1)
     pairs = order.reshape(-1, 2)

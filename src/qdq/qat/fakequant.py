@@ -10,11 +10,13 @@ ONNX Runtime's QuantizeLinear rounds, so a trained model and its exported QDQ fi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from qdq.plan.saturation import clip_pairs
 from qdq.qparams import MIN_SCALE, QParams
 
 
@@ -45,12 +47,16 @@ def fake_quantize(
     qmax: int,
     axis: int | None = None,
     grad_factor: float = 1.0,
+    clip: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`(clamp(round(x / s) + z, qmin, qmax) - z) * s`, differentiable in `x` and `s` (STE and
-    LSQ); `scale` and `zero_point` are scalars or one per slice along `axis`."""
+    LSQ); `scale` and `zero_point` are scalars or one per slice along `axis`. `clip` changes
+    some codes after the clamp, its change passed straight through as the rounding's is."""
     s = _along(scale_grad(scale, grad_factor), axis, x.ndim).clamp_min(MIN_SCALE)
     z = _along(zero_point, axis, x.ndim)
     q = torch.clamp(round_ste(x / s) + z, qmin, qmax)
+    if clip is not None:
+        q = q + (clip(q.detach()) - q.detach())
     return (q - z) * s
 
 
@@ -81,6 +87,8 @@ class FakeQuantize(nn.Module):
         self.qmin, self.qmax, self.axis = qmin, qmax, axis
         self.per_sample = per_sample  # activations: N in LSQ's factor counts one sample
         self.max_scale: float | None = None  # a bound the learned scale may not pass
+        # a weight's summation order (`qdq.plan.saturation.clip_pairs`): codes kept pair-safe
+        self.pairs: np.ndarray | None = None
 
     @classmethod
     def from_qparams(
@@ -96,8 +104,9 @@ class FakeQuantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         covered = x[0] if self.per_sample and x.ndim > 0 else x
         factor = lsq_factor(covered, self.scale.numel(), self.qmax)
+        clip = self._clip_pairs if self.pairs is not None else None
         return fake_quantize(
-            x, self.bounded_scale(), self.zero_point, self.qmin, self.qmax, self.axis, factor
+            x, self.bounded_scale(), self.zero_point, self.qmin, self.qmax, self.axis, factor, clip
         )
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +114,13 @@ class FakeQuantize(nn.Module):
         with torch.no_grad():
             s = _along(self.bounded_scale(), self.axis, x.ndim).clamp_min(MIN_SCALE)
             z = _along(self.zero_point, self.axis, x.ndim)
-            return torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax)
+            codes = torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax)
+            return codes if self.pairs is None else self._clip_pairs(codes)
+
+    def _clip_pairs(self, codes: torch.Tensor) -> torch.Tensor:
+        """`codes` (zero point 0) with each pair of neighbours past 128 of one sign clipped."""
+        clipped = clip_pairs(codes.cpu().numpy(), self.pairs)
+        return torch.from_numpy(clipped).to(codes)
 
     def extra_repr(self) -> str:
         return f"codes=[{self.qmin}, {self.qmax}], axis={self.axis}"

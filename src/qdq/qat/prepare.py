@@ -38,6 +38,7 @@ from qdq.pipeline import prepare as prepare_onnx
 from qdq.plan.build import Plan, build_plan
 from qdq.plan.decisions import Decision, static_decisions
 from qdq.plan.flow import Int8Flow
+from qdq.plan.saturation import avoids_saturation, conv_rows
 from qdq.qat.fakequant import FakeQuantize, learn_log_scale
 from qdq.qat.layers import BATCHNORMS, FOLDABLE, QUANTIZABLE, QuantizedLayer
 from qdq.qat.lowbit import LowBitWeight
@@ -315,16 +316,31 @@ def _install(
     for (name, _), qparams in plan.constants.items():
         node = next(n for n in index.nodes if n.name == name)
         layer = layer_of(graph_module, node, nodes)
-        layer.weight_quantizer = _weight_quantizer(qparams, config)
+        layer.weight_quantizer = _weight_quantizer(qparams, config, layer.layer)
     graph_module.recompile()
     return activations
 
 
-def _weight_quantizer(qparams: QParams, config: QuantConfig) -> nn.Module:
-    """The planned weight grid on the torch weight, whose output channels are axis 0."""
+def _weight_quantizer(qparams: QParams, config: QuantConfig, layer: nn.Module) -> nn.Module:
+    """The planned weight grid on the torch weight, whose output channels are axis 0; its
+    codes kept pair-safe where PTQ's are (`qdq.plan.saturation`), so that training sees what
+    the int8 kernels will compute."""
     per_channel = isinstance(qparams.scheme.granularity, PerChannel)
     if config.weight_grid is not WeightGrid.UNIFORM:
         scheme = replace(config.weights, granularity=PerChannel(0) if per_channel else PerTensor())
         return LowBitWeight(config.weight_grid, scheme)
     learn = not config.weights.power_of_two_scale
-    return learn_log_scale(FakeQuantize.from_qparams(qparams, 0 if per_channel else None, learn))
+    quantizer = FakeQuantize.from_qparams(qparams, 0 if per_channel else None, learn)
+    if avoids_saturation(config) and not qparams.zero_point.any():
+        quantizer.pairs = _summation_order(layer)
+    return learn_log_scale(quantizer)
+
+
+def _summation_order(layer: nn.Module) -> np.ndarray | None:
+    """The flat indices of `layer`'s weight in the int8 kernel's summation order, as
+    (output channels, terms): a Linear's (out, in) as it is (Gemm with transB), a
+    convolution's as `conv_rows` orders the ONNX Conv's."""
+    indices = np.arange(layer.weight.numel()).reshape(tuple(layer.weight.shape))
+    if isinstance(layer, nn.Linear):
+        return indices
+    return conv_rows(indices, layer.groups)
