@@ -60,7 +60,7 @@ from qdq.plan.method import (
     sample_scores,
 )
 from qdq.plan.parts import PartStats, check_declared, judged, output_parts
-from qdq.plan.saturation import avoids_saturation
+from qdq.plan.saturation import avoids_saturation, summed_inputs
 from qdq.report.summary import CHECK_SAMPLES, QuantizeReport, task_scores
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ def plan_model(
     start = time.perf_counter()
     quantizable = [name for name, d in decisions.items() if d.quantized]
     means = correction_inputs(index, quantizable) if config.bias_correction else []
+    paired = summed_inputs(index, quantizable) if avoids_saturation(config) else []
     sequential = config.bias_correction and config.sequential_bias_correction
     layers = correctable_outputs(index, quantizable) if sequential else []
     held = _held(samples, config)
@@ -134,18 +135,22 @@ def plan_model(
         config.batch_size,
         held,
         progress,
-        means,
+        list(dict.fromkeys(means + paired)),
         config.workers,
         layers,
         SEQUENTIAL_SAMPLES,
     )
+    # a model input's channels (an image's brightness) vary most beyond the samples: any code
+    peaks = {n: averages[n].peak for n in paired if n in averages and n not in index.graph_inputs}
     ranges, unfit = fit_ranges({name: o.compute() for name, o in observers.items()}, unfit)
+    means_of = {name: average.mean for name, average in averages.items()}
     learned: dict[tuple[str, int], np.ndarray] = {}
     corrections: dict[tuple, np.ndarray] = {}  # each layer's one-shot bias, per weight grid
     realize = partial(insert_qdq, model)
 
     def replan(chosen: dict[str, Decision], fitted: Fitted | None = None) -> Plan:
-        plan = build_plan(index, chosen, *(fitted or (ranges, unfit)), config, per_channel)
+        fit = fitted or (ranges, unfit)
+        plan = build_plan(index, chosen, *fit, config, per_channel, peaks)
         codes = {k: v for k, v in learned.items() if k in plan.constants}
         plan = replace(plan, weight_codes=codes)
         if not config.bias_correction:
@@ -153,7 +158,7 @@ def plan_model(
         return _optional(
             "bias correction",
             notes,
-            partial(correct_biases, index, plan, averages, corrections),
+            partial(correct_biases, index, plan, means_of, corrections),
             plan,
         )
 

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from qdq.plan.saturation import PAIR_CODES, pair_clipped, pair_safe, reduction_rows
+from qdq.plan.saturation import PAIR_CODES, pair_clipped, pair_safe, peak_codes, reduction_rows
 from qdq.qparams import QParams
-from qdq.scheme import INT8_WEIGHTS
+from qdq.scheme import INT8_WEIGHTS, QScheme
 
 from conftest import DIGITS, quantize_cnn
 
@@ -62,14 +62,46 @@ def test_pair_safe_scales_keep_every_pair_of_rounded_codes_within_128(seed, shap
     rows = reduction_rows(CONV, w.astype(np.float64))
     pairs = np.pad(rows, ((0, 0), (0, rows.shape[1] % 2))).reshape(shape[0], -1, 2)
     widest = np.maximum(np.maximum(pairs, 0).sum(2).max(1), np.maximum(-pairs, 0).sum(2).max(1))
-    assert np.allclose(safe.scale, np.maximum(base.scale, widest / (PAIR_CODES - 1)), rtol=1e-6)
+    # 255 x (w_k + w_k+1) / s, plus half a code of rounding on each, within int16
+    assert np.allclose(safe.scale, np.maximum(base.scale, widest / 127.5), rtol=1e-4)
+
+
+def test_activations_that_never_reach_255_let_a_channel_keep_a_finer_scale() -> None:
+    w = np.zeros((2, 4, 1, 1), np.float32)
+    w[:, :2, 0, 0] = 1.0  # (1, 1): a pair of 127s at the 8-bit scale
+    base = QParams(np.full(2, 1 / 127), np.zeros(2, np.int8), INT8_WEIGHTS)
+    x = QParams(0.1, 0, QScheme(signed=False))
+    peak = np.zeros((4, 3, 3), np.float32)
+    peak[0], peak[1] = 6.0, 3.0  # codes 60 and 30, doubled for inputs past the samples' peaks
+    # 127 x (120 + 60) = 22860 fits int16
+    reach = peak_codes(CONV, w, peak, x)
+    assert reach.tolist() == [[120, 60, 0, 0]] * 2
+    assert pair_safe(base, CONV, w, reach) is base
+    peak[1] = 25.5  # code 255 (510, clipped): 127 x 375 does not fit; the scale grows to fit it
+    safe = pair_safe(base, CONV, w, peak_codes(CONV, w, peak, x))
+    assert safe.scale == pytest.approx(375 / (32767 - 187.5), rel=1e-6)
+    codes = np.rint(w[0, :2, 0, 0] / safe.scale[0])
+    assert 120 * codes[0] + 255 * codes[1] <= 32767
+
+
+def test_a_grouped_convolution_reads_each_groups_own_channels() -> None:
+    grouped = helper.make_node("Conv", ["x", "w"], ["y"], group=2)
+    w = np.zeros((4, 2, 1, 2), np.float32)  # 2 groups of 2 outputs, 2 channels, 2 positions
+    peak = np.arange(4, dtype=np.float32).reshape(4, 1, 1)
+    reach = peak_codes(grouped, w, peak, QParams(1.0, 0, QScheme(signed=False)))
+    # rows: positions outer, the group's channels fastest (codes doubled: headroom)
+    assert reach.tolist() == [[0, 2, 0, 2]] * 2 + [[4, 6, 4, 6]] * 2
+    gemm = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+    x = QParams(1.0, 0, QScheme(signed=False))
+    assert peak_codes(gemm, np.zeros((5, 3)), np.array([1.0, 2.0, 3.0]), x).tolist() == [[2, 4, 6]]
+    assert peak_codes(gemm, np.zeros((5, 3)), np.array([1.0, 2.0, 3.0]), None) is None
 
 
 def test_pair_safe_leaves_depthwise_alone_and_coarsens_a_channel_multiplier() -> None:
     w = np.full((4, 1, 3, 3), 1.0, np.float32)
     base = QParams(np.full(4, 1 / 127), np.zeros(4, np.int8), INT8_WEIGHTS)
     assert pair_safe(base, DEPTHWISE, w) is base
-    assert pair_safe(base, MULTIPLIER, w).scale[0] == pytest.approx(2 / 127)
+    assert pair_safe(base, MULTIPLIER, w).scale[0] == pytest.approx(2 * 255 / (32767 - 255))
 
 
 def test_pair_clipped_splits_the_excess_between_the_two_codes() -> None:
@@ -82,6 +114,10 @@ def test_pair_clipped_splits_the_excess_between_the_two_codes() -> None:
     assert clipped[0, 0, 0, 1] == 5
     assert (clipped[1, 2, 0, 0], clipped[1, 0, 0, 1]) == (-69, -59)
     assert widest_pair(CONV, clipped) == PAIR_CODES
+    # a pair PTQ's codes already held past 128 (safe for the activations it saw) may keep it
+    start = codes.copy()
+    start[0, 0, 0, 0], start[0, 1, 0, 0] = 127, 60
+    assert pair_clipped(CONV, codes, start)[0, :2, 0, 0].tolist() == [107, 80]
 
 
 def run_both(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

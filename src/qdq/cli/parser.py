@@ -256,9 +256,10 @@ def _saturation_flag(parser: argparse.ArgumentParser) -> None:
         "--saturation",
         choices=[s.value for s in Saturation],
         help="ONNX Runtime's int8 kernels on x86 CPUs without VNNI add two products in 16 bits, "
-        "which clamps; avoid: raise a weight channel's scale until no two neighbouring weights "
-        "can (about 2 dB of weight SQNR, 7-bit weights cost 6); ignore: for a CPU with VNNI, "
-        "ARM or TensorRT; auto (default): avoid where this machine's kernels clamp",
+        "which clamps; avoid: raise a weight channel's scale until no pair of its products can, "
+        "for the activations calibration saw (7-bit weights, the usual remedy, cost 6 dB); "
+        "ignore: for a CPU with VNNI, ARM or TensorRT; auto (default): avoid where this "
+        "machine's kernels clamp",
     )
 
 

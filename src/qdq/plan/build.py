@@ -107,8 +107,10 @@ def build_plan(
     unfit: Mapping[str, str],
     config: QuantConfig,
     per_channel: bool,
+    peaks: Mapping[str, np.ndarray] | None = None,
 ) -> Plan:
-    """Final decisions and qparams from the static decisions and the calibrated ranges."""
+    """Final decisions and qparams from the static decisions and the calibrated ranges;
+    `peaks`: the largest sample of int8 layers' inputs, for pair-safe weights."""
     flow = Int8Flow(index, decisions, config)
     draft = _Draft(index, config, dict(decisions), dict(ranges))
     unfit = dict(unfit)
@@ -184,7 +186,9 @@ def build_plan(
     for t, output in shared.items():
         if t not in draft.inherited and output in chosen:
             chosen[t] = chosen[output]
-    constants, biases, codes = plan_constants(index, draft.decisions, chosen, config, per_channel)
+    constants, biases, codes = plan_constants(
+        index, draft.decisions, chosen, config, per_channel, peaks
+    )
     return Plan(draft.decisions, chosen, {**draft.constants, **constants}, biases, grid_codes=codes)
 
 

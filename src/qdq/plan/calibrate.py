@@ -52,10 +52,13 @@ def budgeted(batch_size: int, per_sample: int, budget: int = CAPTURE_BUDGET) -> 
 
 
 class SampleMean:
-    """Running mean over the batch axis: the expected value of one sample, element by element."""
+    """Running mean and maximum over the batch axis: the expected value of one sample, element
+    by element (for bias correction), and its largest (for weights that int8 kernels without
+    VNNI must not saturate, `qdq.plan.saturation`)."""
 
     def __init__(self) -> None:
         self.total: np.ndarray | None = None
+        self.top: np.ndarray | None = None
         self.count = 0
         self.ragged = False  # samples of different shapes (dynamic axes): no single mean
 
@@ -67,7 +70,9 @@ class SampleMean:
         # One batch summed in float32 (3.6x faster than in float64; a batch is a few dozen
         # samples), batches accumulated in float64.
         batch_sum = batch.sum(axis=0).astype(np.float64)
+        batch_top = batch.max(axis=0)
         self.total = batch_sum if self.total is None else self.total + batch_sum
+        self.top = batch_top if self.top is None else np.maximum(self.top, batch_top)
         self.count += len(batch)
 
     def merge(self, other: SampleMean) -> None:
@@ -78,11 +83,16 @@ class SampleMean:
         if self.ragged or other.total is None:
             return
         self.total = other.total.copy() if self.total is None else self.total + other.total
+        self.top = other.top.copy() if self.top is None else np.maximum(self.top, other.top)
         self.count += other.count
 
     @property
     def mean(self) -> np.ndarray | None:
         return None if self.ragged or self.total is None else self.total / self.count
+
+    @property
+    def peak(self) -> np.ndarray | None:
+        return None if self.ragged else self.top
 
 
 class ChannelMeans:
@@ -126,12 +136,13 @@ def observe(
     workers: Workers = ONE_PROCESS,
     channels: Iterable[str] = (),
     limit: int = 0,
-) -> tuple[dict[str, Observer], dict[str, str], dict[str, np.ndarray], dict[str, ChannelMeans]]:
+) -> tuple[dict[str, Observer], dict[str, str], dict[str, SampleMean], dict[str, ChannelMeans]]:
     """One pass over the data, before any range is computed: each fit tensor's merged observer
     (whose histogram can give more than one method's range; `fit_ranges` turns them into
-    ranges), the tensors found unfit for int8 with the reason, the mean sample of each
-    tensor in `means` (for bias correction), and the means per channel of each tensor in
-    `channels` on the first `limit` samples (for the sequential correction).
+    ranges), the tensors found unfit for int8 with the reason, the mean and largest sample of
+    each tensor in `means` (for bias correction and pair-safe weights), and the means per
+    channel of each tensor in `channels` on the first `limit` samples (for the sequential
+    correction).
 
     Unfit tensors are found without an extra pass over the data: an observer refuses NaN and
     Inf, and a final range beyond SENTINEL marks a mask. Shards of SHARD_SAMPLES samples are
@@ -160,7 +171,7 @@ def observe(
             seen = _merged(_observe(opened, span, bar) for span in spans)
     fit = {n: o for n, o in seen.observers.items() if n not in seen.unfit}
     averages = seen.averages.items()
-    found = {n: a.mean for n, a in averages if a.mean is not None and n not in seen.unfit}
+    found = {n: a for n, a in averages if a.mean is not None and n not in seen.unfit}
     return fit, seen.unfit, found, seen.channels
 
 
@@ -180,7 +191,7 @@ def observe_holding(
     dict[str, Observer],
     dict[str, Observer],
     dict[str, str],
-    dict[str, np.ndarray],
+    dict[str, SampleMean],
     dict[str, ChannelMeans],
 ]:
     """`observe` on all `samples`, and also the observers of all but the last `held` of them:
@@ -208,8 +219,9 @@ def observe_holding(
         if name in per_channel:
             per_channel[name].merge(later)
     unfit = {**unfit_last, **unfit}
-    both = {n: m for n, m in found.items() if n in found_last and m.shape == found_last[n].shape}
-    means_all = {n: (m * split + found_last[n] * held) / samples.count for n, m in both.items()}
+    for name, average in found.items():
+        average.merge(found_last.get(name, SampleMean()))
+    means_all = {n: a for n, a in found.items() if n in found_last and a.mean is not None}
     every = {n: o for n, o in every.items() if n not in unfit}
     apart = {n: o for n, o in fitted.items() if n in every}
     return every, apart, unfit, means_all, per_channel

@@ -16,7 +16,7 @@ from qdq.lowbit import WeightGrid, grid_codes
 from qdq.metrics import sqnr_db
 from qdq.onnx.graph import GraphIndex
 from qdq.plan.rules import Kind, rule_inputs, rules_for, weight_axis
-from qdq.plan.saturation import avoids_saturation, pair_safe
+from qdq.plan.saturation import avoids_saturation, pair_safe, peak_codes
 from qdq.qparams import QParams, Range, choose_qparams
 
 if TYPE_CHECKING:
@@ -37,10 +37,13 @@ def plan_constants(
     activations: Mapping[str, QParams],
     config: QuantConfig,
     per_channel: bool,
+    peaks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[Key, QParams], dict[Key, np.ndarray], dict[Key, np.ndarray]]:
     """The qparams of the int8 kernels' constant inputs (weights per channel, other constants
     per tensor), the scales s_x * s_w of their int32 biases, and the weights' codes on a
-    low-bit grid (none on the uniform one: nearest rounding gives those)."""
+    low-bit grid (none on the uniform one: nearest rounding gives those). Where int8 kernels
+    would saturate, weights are pair-safe for the largest input `peaks` calibration saw (for
+    any input where it has none)."""
     constants: dict[Key, QParams] = {}
     biases: dict[Key, np.ndarray] = {}
     codes: dict[Key, np.ndarray] = {}
@@ -68,7 +71,10 @@ def plan_constants(
                 if config.weight_grid is WeightGrid.UNIFORM:
                     constants[node.name, i] = weight_qparams(values, axis, config)
                     if pairs:
-                        constants[node.name, i] = pair_safe(constants[node.name, i], node, values)
+                        x = activations.get(node.input[0])
+                        reach = peak_codes(node, values, (peaks or {}).get(node.input[0]), x)
+                        safe = pair_safe(constants[node.name, i], node, values, reach)
+                        constants[node.name, i] = safe
                 else:
                     codes[node.name, i], constants[node.name, i] = _on_grid(values, axis, config)
             else:

@@ -741,8 +741,8 @@ def _tensor(value: np.ndarray) -> torch.Tensor:
 def write_back(model: onnx.ModelProto, graph: QdqGraph, pairs: bool = False) -> onnx.ModelProto:
     """A copy of `model` with `graph`'s learned weight codes, scales and biases in place of its
     initializers (same names, shapes and dtypes), so its structure is unchanged. `pairs`: the
-    uniform weights' pairs of neighbours kept from saturating x86 u8s8 kernels, as PTQ's
-    (`qdq.plan.saturation`)."""
+    uniform weights' pairs of neighbours kept from saturating x86 u8s8 kernels: none adds more
+    codes than 128 or than it did in `model`, PTQ's (`qdq.plan.saturation`)."""
     values: dict[str, np.ndarray] = {}
     users = _weight_users(model) if pairs else {}
     with torch.no_grad():
@@ -779,7 +779,7 @@ def write_back(model: onnx.ModelProto, graph: QdqGraph, pairs: bool = False) -> 
             z = float(grid.zero_point.reshape(-1)[0])  # per tensor (a weight: 0, symmetric)
             values[weight] = np.clip(np.rint(w / s) + z, grid.qmin, grid.qmax)
             if weight in users and z == 0:
-                values[weight] = pair_clipped(users[weight], values[weight])
+                values[weight] = pair_clipped(users[weight], values[weight], graph.initial[weight])
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for i, tensor in enumerate(out.graph.initializer):
