@@ -358,7 +358,7 @@ def quantize_model(
     quantized, summed = insert_qdq(prepared, plan), 0
     if avoids_saturation(config) and any(d.quantized for d in plan.decisions.values()):
         notes.append(
-            "weight scales raised where two neighbouring weights could clamp the 16-bit sums "
+            "weight scales raised where two neighbouring products could overflow the 16-bit sums "
             "of int8 kernels on x86 without VNNI (--saturation; docs/quantization.md §20)"
         )
     if config.placement is Placement.ORT:  # TensorRT fuses the residual Add itself

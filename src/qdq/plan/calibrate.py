@@ -51,7 +51,7 @@ def budgeted(batch_size: int, per_sample: int, budget: int = CAPTURE_BUDGET) -> 
     return max(1, min(batch_size, budget // max(per_sample, 1)))
 
 
-class SampleMean:
+class SampleStats:
     """Running mean and maximum over the batch axis: the expected value of one sample, element
     by element (for bias correction), and its largest (for weights that int8 kernels without
     VNNI must not saturate, `qdq.plan.saturation`)."""
@@ -75,7 +75,7 @@ class SampleMean:
         self.top = batch_top if self.top is None else np.maximum(self.top, batch_top)
         self.count += len(batch)
 
-    def merge(self, other: SampleMean) -> None:
+    def merge(self, other: SampleStats) -> None:
         """Add the samples another shard saw."""
         if other.ragged or (self.total is not None and other.total is not None
                             and self.total.shape != other.total.shape):  # fmt: skip
@@ -136,7 +136,7 @@ def observe(
     workers: Workers = ONE_PROCESS,
     channels: Iterable[str] = (),
     limit: int = 0,
-) -> tuple[dict[str, Observer], dict[str, str], dict[str, SampleMean], dict[str, ChannelMeans]]:
+) -> tuple[dict[str, Observer], dict[str, str], dict[str, SampleStats], dict[str, ChannelMeans]]:
     """One pass over the data, before any range is computed: each fit tensor's merged observer
     (whose histogram can give more than one method's range; `fit_ranges` turns them into
     ranges), the tensors found unfit for int8 with the reason, the mean and largest sample of
@@ -191,7 +191,7 @@ def observe_holding(
     dict[str, Observer],
     dict[str, Observer],
     dict[str, str],
-    dict[str, SampleMean],
+    dict[str, SampleStats],
     dict[str, ChannelMeans],
 ]:
     """`observe` on all `samples`, and also the observers of all but the last `held` of them:
@@ -220,7 +220,7 @@ def observe_holding(
             per_channel[name].merge(later)
     unfit = {**unfit_last, **unfit}
     for name, average in found.items():
-        average.merge(found_last.get(name, SampleMean()))
+        average.merge(found_last.get(name, SampleStats()))
     means_all = {n: a for n, a in found.items() if n in found_last and a.mean is not None}
     every = {n: o for n, o in every.items() if n not in unfit}
     apart = {n: o for n, o in fitted.items() if n in every}
@@ -264,7 +264,7 @@ class _Seen:
     reason)."""
 
     observers: dict[str, Observer]
-    averages: dict[str, SampleMean]
+    averages: dict[str, SampleStats]
     unfit: dict[str, str]
     channels: dict[str, ChannelMeans]
 
@@ -286,7 +286,7 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
     job, session, samples = opened
     names = _fetched(job)
     first, last = span
-    seen = _Seen(copy.deepcopy(job.observers), {n: SampleMean() for n in job.means}, {},
+    seen = _Seen(copy.deepcopy(job.observers), {n: SampleStats() for n in job.means}, {},
                  {n: ChannelMeans(job.limit - first) for n in job.channels})  # fmt: skip
 
     def update(name: str, value: np.ndarray) -> str | None:
