@@ -24,6 +24,7 @@ def _fails(*args: object, **kwargs: object) -> None:
         ("correct_biases", "bias correction"),
         ("slow_pools", "the layout probe"),
         ("smooth", "smoothing"),
+        ("hessians", "GPTQ rounding"),
     ],
 )
 def test_a_failing_optional_stage_is_skipped_named_and_reported(

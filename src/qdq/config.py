@@ -81,6 +81,7 @@ class QuantConfig:
     smoothing: bool = True  # move MatMul inputs' outlier channels into the weights (SmoothQuant)
     target_sqnr: float | None = None  # keep the most harmful layers float until this is met
     output_parts: tuple[str, ...] = ()  # NAME:AXIS:START-STOP,... (qdq.plan.parts.parse_parts)
+    gptq: bool = True  # round weights for each layer's output error on calibration data
     adaround: bool = False  # learn each weight's rounding (needs the torch extra)
     data_free: bool = False  # ranges from BatchNorm statistics, no calibration data
     input_range: tuple[float, float] = (-1.0, 1.0)  # the model input's range, for data-free

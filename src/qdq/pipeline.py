@@ -43,6 +43,8 @@ from qdq.passes.bias_correction import (
 from qdq.passes.datafree import Moments, batchnorm_moments, mean_samples, propagate
 from qdq.passes.equalize import equalize
 from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
+from qdq.passes.gptq import SAMPLES as GPTQ_SAMPLES
+from qdq.passes.gptq import hessians, linear_layers, rounded_codes
 from qdq.passes.insert_qdq import insert_qdq
 from qdq.passes.smooth import smooth
 from qdq.plan.budget import meet_target, sqnr_score
@@ -145,13 +147,21 @@ def plan_model(
     ranges, unfit = fit_ranges({name: o.compute() for name, o in observers.items()}, unfit)
     means_of = {name: average.mean for name, average in averages.items()}
     learned: dict[tuple[str, int], np.ndarray] = {}
+    layers = linear_layers(index, quantizable) if config.gptq else []
+    found = {}
+    if layers:
+        feeds = _leading_batches(samples, config.batch_size, GPTQ_SAMPLES)
+        gather = partial(hessians, model, index, layers, feeds)
+        found = _optional("GPTQ rounding", notes, gather, {})
+    pairs = avoids_saturation(config)
+    rounded = partial(rounded_codes, index, found=found, pairs=pairs, cache={})
     corrections: dict[tuple, np.ndarray] = {}  # each layer's one-shot bias, per weight grid
     realize = partial(insert_qdq, model)
 
     def replan(chosen: dict[str, Decision], fitted: Fitted | None = None) -> Plan:
         fit = fitted or (ranges, unfit)
         plan = build_plan(index, chosen, *fit, config, per_channel, peaks)
-        codes = {k: v for k, v in learned.items() if k in plan.constants}
+        codes = {**rounded(plan), **{k: v for k, v in learned.items() if k in plan.constants}}
         plan = replace(plan, weight_codes=codes)
         if not config.bias_correction:
             return plan

@@ -43,6 +43,7 @@ def quantize(args: argparse.Namespace) -> str:
         prefer=args.prefer,
         saturation=args.saturation,
         output_parts=tuple(args.output_parts) or None,
+        gptq=args.gptq,
         adaround=args.adaround,
         sequential_bias_correction=args.sequential_bias_correction,
         data_free=args.data_free,

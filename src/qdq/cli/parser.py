@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _output_parts_flag(q)
     q.add_argument(
+        "--nearest-rounding",
+        dest="gptq",
+        action="store_false",
+        default=None,
+        help="round each weight to its nearest code, not for its layer's output error on the "
+        "first calibration samples (GPTQ, the default)",
+    )
+    q.add_argument(
         "--adaround",
         action="store_true",
         default=None,
