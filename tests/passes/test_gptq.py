@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import qdq.pipeline
 from qdq.affine import quantize
 from qdq.onnx.graph import GraphIndex
 from qdq.passes.gptq import _layer_codes, _terms, hessians, linear_layers
@@ -158,3 +159,24 @@ def test_overflowing_inputs_keep_nearest_rounding():
     x = np.full((1, 3, 2, 2), 3e38, np.float32)
     h = hessians(model, index, linear_layers(index, ["conv"]), [{"x": x}])["conv"]
     assert _layer_codes(model.graph.node[0], weight, _per_channel(weight), h, False) is None
+
+
+@pytest.mark.parametrize(("scores", "kept"), [((1.0, 0.0), "GPTQ"), ((0.0, 1.0), "nearest")])
+def test_the_rounding_that_scores_better_on_held_out_samples_is_kept(
+    tmp_path, monkeypatch, scores, kept
+):
+    """GPTQ's codes are kept only where the held-out samples score them at least as well as
+    nearest rounding (scored GPTQ first): else the file holds nearest rounding's codes."""
+    given = iter(scores)
+    monkeypatch.setattr(qdq.pipeline, "sqnr_score", lambda *a, **k: lambda model: next(given))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    checked, report = quantize_cnn(tmp_path / "a", prefer="int8")
+    nearest, _ = quantize_cnn(tmp_path / "b", prefer="int8", gptq=False)
+    assert any(note.startswith(f"weight rounding: {kept} ") for note in report.notes)
+    same = _weights(checked) == _weights(nearest)
+    assert same == (kept == "nearest")
+
+
+def _weights(path) -> dict[str, bytes]:
+    model = onnx.load(path)
+    return {t.name: t.raw_data for t in model.graph.initializer if t.data_type == TensorProto.INT8}
