@@ -32,14 +32,17 @@ from unseen import MODELS, locate
 
 TOOLS = ("qdq", "ort")
 Samples = np.ndarray | dict[str, np.ndarray]
-# qdq's stages: the pipeline's functions timed (the one-shot bias correction runs once per plan
-# built, inside the method choice and the candidate plans too).
+# qdq's stages: the pipeline's functions timed (the one-shot bias correction and GPTQ's codes
+# run once per plan built, inside the method choice and the candidate plans too).
 STAGES = {
     "_smoothed": "smoothing",
     "observe_holding": "calibration",
+    "hessians": "GPTQ's H",
+    "rounded_codes": "GPTQ's codes",
     "_best_method": "method choice",
     "slow_pools": "layout probe",
     "_frontier": "candidate plans",
+    "_gptq_pays": "rounding check",
     "correct_biases": "one-shot correction",
     "correct_sequentially": "sequential correction",
     "_output_check": "output check",
