@@ -268,10 +268,10 @@ def _gptq_pays(
     notes: list[str],
 ) -> bool:
     """Whether the plan with GPTQ's codes scores at least as well as with nearest rounding, by
-    the worst output part on the `held` calibration samples that neither GPTQ's H (the first
-    ones) nor the ranges saw; a note either way. GPTQ fits each layer on float inputs and 32
-    samples: on NudeNet's YOLOv8n it cost its class scores a few tenths of a dB, and 4-6
-    points of F1 on two draws (docs/ptq.md)."""
+    the worst output part on the last `held` calibration samples, which the ranges did not see
+    nor, from 64 samples on, GPTQ's H (the first 32); a note either way. GPTQ fits each layer
+    on float inputs and 32 samples: on NudeNet's YOLOv8n it cost its class scores a few tenths
+    of a dB, and 4-6 points of F1 on two draws (docs/ptq.md)."""
     feeds = list(samples.span(samples.count - held, samples.count).batches(config.batch_size))
     score = sqnr_score(model, feeds, config.output_parts)
     gptq, plain = score(realize(plan)), score(realize(nearest()))
