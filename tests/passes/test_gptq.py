@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import qdq.passes.gptq
 import qdq.pipeline
 from qdq.affine import quantize
 from qdq.onnx.graph import GraphIndex
@@ -180,3 +181,19 @@ def test_the_rounding_that_scores_better_on_held_out_samples_is_kept(
 def _weights(path) -> dict[str, bytes]:
     model = onnx.load(path)
     return {t.name: t.raw_data for t in model.graph.initializer if t.data_type == TensorProto.INT8}
+
+
+def test_a_batch_runs_in_parts_that_fit_the_capture_budget(monkeypatch):
+    """H is the same whether a batch runs whole or in the parts the budget allows."""
+    rng = np.random.default_rng(4)
+    weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    x = rng.normal(size=(8, 3, 6, 6)).astype(np.float32)
+    model = _conv_model(weight, (None, 3, 6, 6), pads=[1, 1, 1, 1])
+    index = GraphIndex(model)
+    layers = linear_layers(index, ["conv"])
+    whole = hessians(model, index, layers, [{"x": x}])["conv"]
+    sizes = []
+    monkeypatch.setattr(qdq.passes.gptq, "budgeted", lambda count, per: sizes.append(per) or 3)
+    parts = hessians(model, index, layers, [{"x": x}])["conv"]
+    assert sizes == [x[:1].nbytes]  # measured on one sample, then parts of 3
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())

@@ -29,6 +29,7 @@ from qdq.onnx.conv import ConvGeometry
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.onnx.sessions import session_with_outputs
 from qdq.plan.build import Key, Plan
+from qdq.plan.calibrate import budgeted
 from qdq.plan.rules import weight_axis
 from qdq.plan.saturation import pair_clipped
 from qdq.qparams import QParams
@@ -71,26 +72,45 @@ def hessians(
     feeds: Iterable[dict[str, np.ndarray]],
 ) -> dict[str, np.ndarray]:
     """Per layer, `H` (groups, terms, terms): the summed outer products of the terms each
-    output's sum reads, over the float model's inputs to it on `feeds`."""
+    output's sum reads, over the float model's inputs to it on `feeds`, run in parts whose
+    fetched layer inputs fit calibration's capture budget (a batch of 1024 x 1024 tiles would
+    not: every layer's input at once)."""
     names = list(dict.fromkeys(node.input[0] for node in layers))
     session = session_with_outputs(model, names)
     found: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
+    size = 1  # samples a run: one, then as many as calibration's capture budget allows
     for feed in feeds:
-        values = dict(zip(names, session.run(names, feed), strict=True))
-        for node in layers:
-            weight = index.constant(node.input[1])
-            x = np.asarray(values[node.input[0]], np.float32)
-            if node.op_type == "Conv" and x.ndim != 4:
-                continue
-            # samples per product: a few large matrix products, each under CHUNK floats
-            size = max(1, x[:1].size * int(np.prod(weight.shape[2:])))
-            step = max(1, CHUNK // size) if node.op_type == "Conv" else len(x)
-            for start in range(0, len(x), step):
-                cols = _terms(node, x[start : start + step], weight, rng)
-                h = np.matmul(cols, cols.transpose(0, 2, 1)).astype(np.float64)
-                found[node.name] = found.get(node.name, 0) + h
+        count, start = len(next(iter(feed.values()))), 0
+        while start < count:
+            part = {k: v[start : start + size] for k, v in feed.items()}
+            values = dict(zip(names, session.run(names, part), strict=True))
+            if start == 0 and size == 1:
+                size = budgeted(count, sum(v.nbytes for v in values.values()))
+            start += len(next(iter(part.values())))
+            for node in layers:
+                _accumulate(found, node, index.constant(node.input[1]), values[node.input[0]], rng)
     return found
+
+
+def _accumulate(
+    found: dict[str, np.ndarray],
+    node: onnx.NodeProto,
+    weight: np.ndarray,
+    value: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
+    """Add the outer products of `node`'s terms in its input `value` to its H in `found`."""
+    x = np.asarray(value, np.float32)
+    if node.op_type == "Conv" and x.ndim != 4:
+        return
+    # samples per product: a few large matrix products, each under CHUNK floats
+    size = max(1, x[:1].size * int(np.prod(weight.shape[2:])))
+    step = max(1, CHUNK // size) if node.op_type == "Conv" else len(x)
+    for start in range(0, len(x), step):
+        cols = _terms(node, x[start : start + step], weight, rng)
+        h = np.matmul(cols, cols.transpose(0, 2, 1)).astype(np.float64)
+        found[node.name] = found.get(node.name, 0) + h
 
 
 def _terms(
