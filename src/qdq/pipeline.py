@@ -125,7 +125,8 @@ def plan_model(
     start = time.perf_counter()
     quantizable = [name for name, d in decisions.items() if d.quantized]
     means = correction_inputs(index, quantizable) if config.bias_correction else []
-    paired = summed_inputs(index, quantizable) if avoids_saturation(config) else []
+    pairs = avoids_saturation(config)
+    paired = summed_inputs(index, quantizable) if pairs else []
     sequential = config.bias_correction and config.sequential_bias_correction
     layers = correctable_outputs(index, quantizable) if sequential else []
     held = _held(samples, config)
@@ -148,12 +149,11 @@ def plan_model(
     means_of = {name: average.mean for name, average in averages.items()}
     learned: dict[tuple[str, int], np.ndarray] = {}
     layers = linear_layers(index, quantizable) if config.gptq else []
-    found = {}
+    found: dict[str, np.ndarray] = {}
     if layers:
         feeds = _leading_batches(samples, config.batch_size, GPTQ_SAMPLES)
         gather = partial(hessians, model, index, layers, feeds)
         found = _optional("GPTQ rounding", notes, gather, {})
-    pairs = avoids_saturation(config)
     rounded = partial(rounded_codes, index, found=found, pairs=pairs, cache={})
     corrections: dict[tuple, np.ndarray] = {}  # each layer's one-shot bias, per weight grid
     realize = partial(insert_qdq, model)
@@ -197,7 +197,7 @@ def plan_model(
         nearest = partial(replan, decisions, rounding=False)
         check = partial(_gptq_pays, model, samples, config, held, plan, nearest, realize, notes)
         if not _optional("the rounding check", notes, check, True):
-            rounded = _no_codes  # every later re-plan too
+            found.clear()  # `rounded` reads it: this and every later re-plan round to nearest
             plan = replace(replan(decisions), frontier=plan.frontier, float_ms=plan.float_ms)
     if config.adaround:
         feeds = _leading_batches(samples, config.batch_size, ADAROUND_SAMPLES)
@@ -281,10 +281,6 @@ def _gptq_pays(
         f"GPTQ {gptq:.2f} dB, nearest {plain:.2f} dB)"
     )
     return gptq >= plain
-
-
-def _no_codes(plan: Plan) -> dict:
-    return {}
 
 
 def _held(samples: Samples, config: QuantConfig) -> int:

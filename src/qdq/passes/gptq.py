@@ -33,6 +33,7 @@ from qdq.plan.calibrate import budgeted
 from qdq.plan.rules import weight_axis
 from qdq.plan.saturation import pair_clipped
 from qdq.qparams import QParams
+from qdq.scheme import QScheme
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def hessians(
     session = session_with_outputs(model, names)
     found: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(0)
+    weights = {node.name: index.constant(node.input[1]) for node in layers}
     size = 1  # samples a run: one, then as many as calibration's capture budget allows
     for feed in feeds:
         count, start = len(next(iter(feed.values()))), 0
@@ -89,7 +91,7 @@ def hessians(
                 size = budgeted(count, sum(v.nbytes for v in values.values()))
             start += len(next(iter(part.values())))
             for node in layers:
-                _accumulate(found, node, index.constant(node.input[1]), values[node.input[0]], rng)
+                _accumulate(found, node, weights[node.name], values[node.input[0]], rng)
     return found
 
 
@@ -196,7 +198,9 @@ def _layer_codes(
     return codes
 
 
-def _gptq(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, scheme) -> np.ndarray:
+def _gptq(
+    w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray, scheme: QScheme
+) -> np.ndarray:
     """Codes of `w` (groups, outputs, terms) rounded in term order, each term's error spread
     over the later terms through the upper Cholesky factor of `H^-1` (GPTQ's lazy blocks)."""
     terms = w.shape[2]
