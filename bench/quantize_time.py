@@ -45,6 +45,7 @@ STAGES = {
     "_gptq_pays": "rounding check",
     "correct_biases": "one-shot correction",
     "correct_sequentially": "sequential correction",
+    "_correction_pays": "correction check",
     "_output_check": "output check",
 }
 

@@ -25,6 +25,7 @@ def _fails(*args: object, **kwargs: object) -> None:
         ("slow_pools", "the layout probe"),
         ("smooth", "smoothing"),
         ("hessians", "GPTQ rounding"),
+        ("_correction_pays", "the correction check"),
     ],
 )
 def test_a_failing_optional_stage_is_skipped_named_and_reported(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,20 @@ def test_a_layer_whose_rows_are_not_samples_is_corrected_from_a_float_pass(tmp_p
     got = ort.InferenceSession(str(out)).run(None, {"input": x})[0]
     sqnr = 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((want - got) ** 2))
     assert sqnr > 35
+
+
+def test_a_sequential_correction_that_harms_the_held_out_samples_is_dropped(tmp_path, monkeypatch):
+    correct = qdq.pipeline.correct_sequentially
+
+    def harmful(*args, **kwargs):
+        plan = correct(*args, **kwargs)
+        shifted = {k: v + 3 * np.abs(v).max() for k, v in plan.bias_values.items()}
+        return replace(plan, bias_values=shifted)
+
+    monkeypatch.setattr(qdq.pipeline, "correct_sequentially", harmful)
+    out, report = quantize_cnn(tmp_path, prefer="speed")
+    assert any(n.startswith("sequential bias correction dropped") for n in report.notes)
+    assert digits_cnn_sqnr(out) > 35
+    monkeypatch.setattr(qdq.pipeline, "correct_sequentially", correct)
+    _, report = quantize_cnn(tmp_path, prefer="speed")
+    assert any(n.startswith("sequential bias correction kept") for n in report.notes)
