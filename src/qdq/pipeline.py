@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -130,6 +130,8 @@ def plan_model(
     sequential = config.bias_correction and config.sequential_bias_correction
     layers = correctable_outputs(index, quantizable) if sequential else []
     held = _held(samples, config)
+    # the checks' scorer on the held-out samples, FP32's outputs computed once for all of them
+    held_score = cache(partial(_held_scorer, model, samples, config, held))
     observers, apart, unfit, averages, float_means = observe_holding(
         model,
         samples,
@@ -195,7 +197,7 @@ def plan_model(
         plan, decisions = _optional("latency-aware planning", notes, frontier, (plan, decisions))
     if found and held:
         nearest = partial(replan, decisions, rounding=False)
-        check = partial(_gptq_pays, model, samples, config, held, plan, nearest, realize, notes)
+        check = partial(_gptq_pays, held_score, held, plan, nearest, realize, notes)
         if not _optional("the rounding check", notes, check, True):
             found.clear()  # `rounded` reads it: this and every later re-plan round to nearest
             plan = replace(replan(decisions), frontier=plan.frontier, float_ms=plan.float_ms)
@@ -229,7 +231,7 @@ def plan_model(
         )
         corrected = _optional("sequential bias correction", notes, correct, plan)
         if held and corrected is not plan:
-            check = partial(_correction_pays, model, samples, config, held, realize, notes)
+            check = partial(_correction_pays, held_score, held, realize, notes)
             check = partial(check, plan, corrected)
             corrected = _optional("the correction check", notes, check, plan)
         plan = corrected
@@ -263,9 +265,7 @@ def _best_method(
 
 
 def _gptq_pays(
-    model: onnx.ModelProto,
-    samples: Samples,
-    config: QuantConfig,
+    held_score: Callable[[], Callable[[onnx.ModelProto], float]],
     held: int,
     plan: Plan,
     nearest: Callable[[], Plan],
@@ -273,12 +273,11 @@ def _gptq_pays(
     notes: list[str],
 ) -> bool:
     """Whether the plan with GPTQ's codes scores at least as well as with nearest rounding, by
-    the worst output part on the last `held` calibration samples, which the ranges did not see
-    nor, from 64 samples on, GPTQ's H (the first 32); a note either way. GPTQ fits each layer
-    on float inputs and 32 samples: on NudeNet's YOLOv8n it cost its class scores a few tenths
-    of a dB, and 4-6 points of F1 on two draws (docs/ptq.md)."""
-    feeds = list(samples.span(samples.count - held, samples.count).batches(config.batch_size))
-    score = sqnr_score(model, feeds, config.output_parts)
+    the worst output part on the last `held` calibration samples (`held_score`), which the
+    ranges did not see nor, from 64 samples on, GPTQ's H (the first 32); a note either way.
+    GPTQ fits each layer on float inputs and 32 samples: on NudeNet's YOLOv8n it cost its class
+    scores a few tenths of a dB, and 4-6 points of F1 on two draws (docs/ptq.md)."""
+    score = held_score()
     gptq, plain = score(realize(plan)), score(realize(nearest()))
     kept = "GPTQ" if gptq >= plain else "nearest"
     notes.append(
@@ -289,9 +288,7 @@ def _gptq_pays(
 
 
 def _correction_pays(
-    model: onnx.ModelProto,
-    samples: Samples,
-    config: QuantConfig,
+    held_score: Callable[[], Callable[[onnx.ModelProto], float]],
     held: int,
     realize: Callable[[Plan], onnx.ModelProto],
     notes: list[str],
@@ -299,13 +296,12 @@ def _correction_pays(
     corrected: Plan,
 ) -> Plan:
     """`corrected` (the sequential bias correction's plan) where it scores at least as well as
-    `plan` by the worst output part on the last `held` calibration samples, else `plan`; a note
-    either way. The correction fits means on the first SEQUENTIAL_SAMPLES samples, which may
-    include the held ones, so this catches harm, not overfitting: calibration once took the
-    digits transformer's attention means from the wrong rows, and the correction cost it 25 dB
-    where every earlier score had been 42-45 dB."""
-    feeds = list(samples.span(samples.count - held, samples.count).batches(config.batch_size))
-    score = sqnr_score(model, feeds, config.output_parts)
+    `plan` by the worst output part on the last `held` calibration samples (`held_score`), else
+    `plan`; a note either way. The correction fits means on the first SEQUENTIAL_SAMPLES
+    samples, which may include the held ones, so this catches harm, not overfitting:
+    calibration once took the digits transformer's attention means from the wrong rows, and
+    the correction cost it 25 dB where every earlier score had been 42-45 dB."""
+    score = held_score()
     with_it, without = score(realize(corrected)), score(realize(plan))
     kept = "kept" if with_it >= without else "dropped"
     notes.append(
@@ -313,6 +309,14 @@ def _correction_pays(
         f"samples: with it {with_it:.2f} dB, without {without:.2f} dB)"
     )
     return corrected if with_it >= without else plan
+
+
+def _held_scorer(
+    model: onnx.ModelProto, samples: Samples, config: QuantConfig, held: int
+) -> Callable[[onnx.ModelProto], float]:
+    """A candidate's worst output part in dB on the last `held` calibration samples."""
+    feeds = list(samples.span(samples.count - held, samples.count).batches(config.batch_size))
+    return sqnr_score(model, feeds, config.output_parts)
 
 
 def _held(samples: Samples, config: QuantConfig) -> int:
