@@ -120,17 +120,25 @@ def test_re_plans_reuse_each_layers_correction_and_write_the_same_file(tmp_path,
     assert fresh.read_bytes() == reused.read_bytes()
 
 
-def test_the_float_means_taken_in_calibration_correct_as_a_float_pass_does(tmp_path, monkeypatch):
-    # Calibration takes each layer's float means per channel on its way, so the sequential
-    # correction runs the int8 network alone; without them it runs the float network too.
-    float_passes: list[int] = []
+@pytest.fixture
+def float_passes(monkeypatch) -> list[int]:
+    """One entry per run of the correction's own float pass (`_float_means`)."""
+    passes: list[int] = []
     float_means = bias_correction._float_means
 
     def counted(*args):
-        float_passes.append(1)
+        passes.append(1)
         return float_means(*args)
 
     monkeypatch.setattr(bias_correction, "_float_means", counted)
+    return passes
+
+
+def test_the_float_means_taken_in_calibration_correct_as_a_float_pass_does(
+    tmp_path, monkeypatch, float_passes
+):
+    # Calibration takes each layer's float means per channel on its way, so the sequential
+    # correction runs the int8 network alone; without them it runs the float network too.
     (tmp_path / "taken").mkdir()
     taken, _ = quantize_cnn(tmp_path / "taken", weight_bits=4, prefer="speed")
     assert not float_passes
@@ -150,18 +158,10 @@ def test_the_float_means_taken_in_calibration_correct_as_a_float_pass_does(tmp_p
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_a_layer_whose_rows_are_not_samples_is_corrected_from_a_float_pass(tmp_path, monkeypatch):
+def test_a_layer_whose_rows_are_not_samples_is_corrected_from_a_float_pass(tmp_path, float_passes):
     # The digits transformer's attention projections are Gemms on (samples x tokens, features):
     # calibration cannot take their means per sample, so the correction runs the float network
     # (before, it took rows as samples and left the output at 16.7 dB instead of 42).
-    float_passes: list[int] = []
-    float_means = bias_correction._float_means
-
-    def counted(*args):
-        float_passes.append(1)
-        return float_means(*args)
-
-    monkeypatch.setattr(bias_correction, "_float_means", counted)
     out = tmp_path / "transformer_int8.onnx"
     config = preset_config("default", prefer="int8", gptq=False)
     quantize_model(DIGITS / "transformer.onnx", out, DIGITS / "calib.npz", config)
