@@ -146,15 +146,21 @@ def test_the_float_means_taken_in_calibration_correct_as_a_float_pass_does(
     passed, _ = quantize_cnn(tmp_path, weight_bits=4, prefer="speed")
     assert float_passes == [1]
 
+    _assert_same_biases(taken, passed)
+
+
+def _assert_same_biases(got_path: Path, want_path: Path) -> None:
+    """The two files' float biases agree: the same means, summed in another order."""
+
     def biases(path: Path) -> dict[str, np.ndarray]:
         model = onnx.load(str(path))
         return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
                 if t.data_type == TensorProto.FLOAT and t.dims and len(t.dims) == 1}  # fmt: skip
 
-    got, want = biases(taken), biases(passed)
+    got, want = biases(got_path), biases(want_path)
     assert got
     assert got.keys() == want.keys()
-    for name in want:  # the same means, summed in another order
+    for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
@@ -171,6 +177,22 @@ def test_a_layer_whose_rows_are_not_samples_is_corrected_from_a_float_pass(tmp_p
     got = ort.InferenceSession(str(out)).run(None, {"input": x})[0]
     sqnr = 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((want - got) ** 2))
     assert sqnr > 35
+
+
+def test_a_sample_at_a_time_calibration_takes_the_means_of_rows_that_are_not_samples(
+    tmp_path, monkeypatch, float_passes
+):
+    # A batch-1 model (ddddocr's Gemm after its LSTM reads (steps, features)) is fed one sample
+    # at a time: each tensor is that sample's whatever its rows, so calibration takes its means
+    # and the correction runs no float pass, with the biases the float pass gives.
+    config = preset_config("default", prefer="int8", gptq=False, batch_size=1)
+    taken, passed = tmp_path / "taken.onnx", tmp_path / "passed.onnx"
+    quantize_model(DIGITS / "transformer.onnx", taken, DIGITS / "calib.npz", config)
+    assert not float_passes
+    monkeypatch.setattr(qdq.pipeline, "correctable_outputs", lambda index, quantized: [])
+    quantize_model(DIGITS / "transformer.onnx", passed, DIGITS / "calib.npz", config)
+    assert float_passes == [1]
+    _assert_same_biases(taken, passed)
 
 
 def test_a_sequential_correction_that_harms_the_held_out_samples_is_dropped(tmp_path, monkeypatch):
