@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -47,7 +48,7 @@ from qdq.passes.gptq import SAMPLES as GPTQ_SAMPLES
 from qdq.passes.gptq import hessians, linear_layers, rounded_codes
 from qdq.passes.insert_qdq import insert_qdq
 from qdq.passes.smooth import smooth
-from qdq.plan.budget import meet_target, sqnr_score
+from qdq.plan.budget import Reference, float_reference, meet_target, sqnr_score
 from qdq.plan.build import Plan, build_plan
 from qdq.plan.calibrate import fit_ranges, observe_holding
 from qdq.plan.decisions import Decision, kept_float, static_decisions
@@ -130,8 +131,9 @@ def plan_model(
     sequential = config.bias_correction and config.sequential_bias_correction
     layers = correctable_outputs(index, quantizable) if sequential else []
     held = _held(samples, config)
-    # the checks' scorer on the held-out samples, FP32's outputs computed once for all of them
-    held_score = cache(partial(_held_scorer, model, samples, config, held))
+    # FP32's outputs on the held-out samples, computed once for the method choice and the checks
+    held_reference = cache(partial(_held_reference, model, samples, config, held))
+    held_score = cache(lambda: _by_content(sqnr_score(held_reference(), config.output_parts)))
     observers, apart, unfit, averages, float_means = observe_holding(
         model,
         samples,
@@ -178,7 +180,7 @@ def plan_model(
         )
 
     if held:
-        choose = partial(_best_method, model, samples, config, held, apart, unfit)
+        choose = partial(_best_method, model, held_reference, config, held, apart, unfit)
         choose = partial(choose, partial(replan, decisions), notes)
         method = _optional("the method choice", notes, choose, "percentile")
         grid = config.activations
@@ -211,7 +213,7 @@ def plan_model(
     if config.target_sqnr is not None:
         feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)
         score = (
-            sqnr_score(model, feeds, config.output_parts, reuse=True)
+            sqnr_score(float_reference(model, feeds), config.output_parts, reuse=True)
             if metric is None
             else _session_score(metric)
         )
@@ -241,7 +243,7 @@ def plan_model(
 
 def _best_method(
     model: onnx.ModelProto,
-    samples: Samples,
+    held_reference: Callable[[], Reference],
     config: QuantConfig,
     held: int,
     observers: dict[str, Observer],
@@ -253,8 +255,7 @@ def _best_method(
     calibration samples, planned and scored per sample by the worst output part on those;
     the winner, and a note."""
     candidates = candidate_ranges(observers, unfit, config.activations)
-    feeds = list(samples.span(samples.count - held, samples.count).batches(config.batch_size))
-    score = sample_scores(model, feeds, config.output_parts)
+    score = sample_scores(held_reference(), config.output_parts)
     method, scores = choose_method(candidates, plan_for, partial(insert_qdq, model), score)
     shown = ", ".join(f"{m} {v:.2f}" for m, v in scores.items())
     notes.append(
@@ -311,12 +312,27 @@ def _correction_pays(
     return corrected if with_it >= without else plan
 
 
-def _held_scorer(
+def _by_content(score: Callable[[onnx.ModelProto], float]) -> Callable[[onnx.ModelProto], float]:
+    """`score`, remembered per model content: the correction check scores again the plan the
+    rounding check kept (32 held-out samples through a new session, ~2 s on ddddocr's
+    detector)."""
+    seen: dict[bytes, float] = {}
+
+    def scored(candidate: onnx.ModelProto) -> float:
+        key = hashlib.sha256(candidate.SerializeToString()).digest()
+        if key not in seen:
+            seen[key] = score(candidate)
+        return seen[key]
+
+    return scored
+
+
+def _held_reference(
     model: onnx.ModelProto, samples: Samples, config: QuantConfig, held: int
-) -> Callable[[onnx.ModelProto], float]:
-    """A candidate's worst output part in dB on the last `held` calibration samples."""
+) -> Reference:
+    """FP32's outputs on the last `held` calibration samples, which candidates are judged on."""
     feeds = list(samples.span(samples.count - held, samples.count).batches(config.batch_size))
-    return sqnr_score(model, feeds, config.output_parts)
+    return float_reference(model, feeds)
 
 
 def _held(samples: Samples, config: QuantConfig) -> int:
@@ -338,7 +354,7 @@ def _frontier(
     """The candidate plan `config.prefer` takes (`qdq.plan.frontier`): each scored by the worst
     output part on the first FRONTIER_SAMPLES calibration samples, timed on the first one."""
     feeds = _leading_batches(samples, config.batch_size, FRONTIER_SAMPLES)
-    score = sqnr_score(model, feeds, config.output_parts)
+    score = sqnr_score(float_reference(model, feeds), config.output_parts)
     return choose_plan(
         decisions, replan, realize, score, _timing_feed(samples), config.prefer, model
     )

@@ -15,7 +15,7 @@ from qdq.data import Samples, model_inputs
 from qdq.errors import DataError
 from qdq.observers import make_observer
 from qdq.pipeline import quantize_model
-from qdq.plan.budget import sqnr_score
+from qdq.plan.budget import float_reference, sqnr_score
 from qdq.plan.calibrate import observe, observe_holding
 from qdq.plan.method import MAJORITY, MARGIN, choose_method, sample_scores
 from qdq.plan.parts import (
@@ -190,7 +190,7 @@ def test_the_budget_scores_the_worst_part(tmp_path):
     got = ort.InferenceSession(noisy.SerializeToString()).run(None, feeds[0])[0]
     expected = worst_sqnr(judged(output_parts(["y"], [[want]]), [[want]], [[got]]))
     pooled = 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((want - got) ** 2))
-    assert sqnr_score(model, feeds)(noisy) == pytest.approx(expected)
+    assert sqnr_score(float_reference(model, feeds))(noisy) == pytest.approx(expected)
     assert expected < pooled - 20  # the pooled tensor hid the scores' error
 
 
@@ -264,8 +264,9 @@ def test_held_samples_are_scored_one_at_a_time_by_their_worst_part():
     expected = [
         worst_sqnr(judged(parts, [[want[i : i + 1]]], [[got[i : i + 1]]])) for i in range(6)
     ]
-    assert sample_scores(model, feeds)(noisy) == pytest.approx(expected)
-    assert np.isinf(sample_scores(model, feeds)(model)).all()  # FP32 itself: no error
+    score = sample_scores(float_reference(model, feeds))
+    assert score(noisy) == pytest.approx(expected)
+    assert np.isinf(score(model)).all()  # FP32 itself: no error
 
 
 def test_the_ranges_the_choice_judges_never_saw_the_held_samples(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -32,18 +32,34 @@ Measure = Callable[[list[str]], tuple[Plan, float]]
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """FP32's float outputs on the feeds candidates are scored on: computed once for every
+    scorer of those feeds (the range method's choice and the checks after it score on the
+    same held-out samples)."""
+
+    feeds: list[dict]
+    names: list[str]
+    outputs: list[list[np.ndarray]]
+
+
+def float_reference(model: onnx.ModelProto, feeds: list[dict]) -> Reference:
+    """`model`'s float outputs on `feeds`."""
+    session = open_session(model)
+    names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
+    return Reference(feeds, names, [session.run(names, feed) for feed in feeds])
+
+
 def sqnr_score(
-    model: onnx.ModelProto, feeds: list[dict], declared: Sequence[str] = (), reuse: bool = False
+    reference: Reference, declared: Sequence[str] = (), reuse: bool = False
 ) -> Callable[[onnx.ModelProto], float]:
     """Scores a candidate by the lowest SQNR in dB of any output part (`qdq.plan.parts`: a
-    detector's boxes and scores apart) against `model` on `feeds`; `declared` are
-    `--output-parts` specs. With `reuse`, the first candidate scored (the search's all-int8
-    plan) is recorded, and later ones run only from where they depart from it
-    (`qdq.plan.suffix`): the search's hundreds of candidates, not the frontier's few."""
-    float_session = open_session(model)
-    names = [o.name for o in float_session.get_outputs() if o.type == "tensor(float)"]
-    reference = [float_session.run(names, feed) for feed in feeds]
-    parts = output_parts(names, reference, declared)
+    detector's boxes and scores apart) against FP32's `reference` outputs on its feeds;
+    `declared` are `--output-parts` specs. With `reuse`, the first candidate scored (the
+    search's all-int8 plan) is recorded, and later ones run only from where they depart from
+    it (`qdq.plan.suffix`): the search's hundreds of candidates, not the frontier's few."""
+    feeds, names = reference.feeds, reference.names
+    parts = output_parts(names, reference.outputs, declared)
     recorded: list[Recorded | None] = []
 
     def score(candidate: onnx.ModelProto) -> float:
@@ -54,7 +70,7 @@ def sqnr_score(
         else:
             session = open_session(candidate)
             outputs = (session.run(names, f) for f in feeds)
-        return worst_sqnr(judged(parts, reference, outputs))
+        return worst_sqnr(judged(parts, reference.outputs, outputs))
 
     return score
 

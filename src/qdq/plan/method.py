@@ -24,6 +24,7 @@ import onnx
 from qdq.metrics import sqnr_db
 from qdq.observers import MSE, Auto, HistogramObserver, Observer, Percentile, RangeRule
 from qdq.onnx.sessions import open_session
+from qdq.plan.budget import Reference
 from qdq.plan.build import Plan
 from qdq.plan.calibrate import fit_ranges
 from qdq.plan.parts import Part, output_parts
@@ -106,21 +107,20 @@ def choose_method(
 
 
 def sample_scores(
-    model: onnx.ModelProto, feeds: list[dict], declared: Sequence[str] = ()
+    reference: Reference, declared: Sequence[str] = ()
 ) -> Callable[[onnx.ModelProto], np.ndarray]:
-    """Scores a candidate per sample of `feeds`: each sample's lowest SQNR in dB of any output
-    part (`qdq.plan.parts`) against `model`; `declared` are `--output-parts` specs. A feed whose
-    outputs do not share a leading (batch) axis counts as one sample."""
-    float_session = open_session(model)
-    names = [o.name for o in float_session.get_outputs() if o.type == "tensor(float)"]
-    reference = [float_session.run(names, feed) for feed in feeds]
-    parts = [p for group in output_parts(names, reference, declared).values() for p in group]
+    """Scores a candidate per sample of `reference`'s feeds: each sample's lowest SQNR in dB of
+    any output part (`qdq.plan.parts`) against FP32's outputs there; `declared` are
+    `--output-parts` specs. A feed whose outputs do not share a leading (batch) axis counts as
+    one sample."""
+    feeds, names, outputs = reference.feeds, reference.names, reference.outputs
+    parts = [p for group in output_parts(names, outputs, declared).values() for p in group]
     where = {name: i for i, name in enumerate(names)}
 
     def score(candidate: onnx.ModelProto) -> np.ndarray:
         session = open_session(candidate)
         got = [session.run(names, feed) for feed in feeds]
-        pairs = zip(reference, got, strict=True)
+        pairs = zip(outputs, got, strict=True)
         counts = [len(next(iter(feed.values()))) for feed in feeds]
         worst = [_worst_per_sample(parts, where, *p, n) for p, n in zip(pairs, counts, strict=True)]
         return np.concatenate(worst)
