@@ -1,13 +1,17 @@
 """Quantize time: qdq's default against ONNX Runtime's quantize_static MinMax, per model.
 
 Run: python bench/quantize_time.py [--models cnn nudenet ...] [--samples 128 512] [--stages]
+                                   [--baseline OTHER_CHECKOUT] [--repeat N]
 Every model of bench/ptq.py and bench/unseen.py, at each sample count: qdq's default
 (`quantize_model` with no options) and `quantize_static` MinMax per channel in QDQ format (after
 its `quant_pre_process`, as bench/ptq.py runs it), each in a fresh process, back to back on the
 same samples read lazily from one .npy per sample (batches of 16, or 1 where the batch axis is
 fixed at 1). The time is the quantize call's own wall time, without interpreter start-up and
 imports. Prints a Markdown table with the ratio qdq / ORT (also written to --out/quantize_time.md);
-with --stages, also qdq's seconds per stage (timers around the pipeline's functions).
+with --stages, also qdq's seconds per stage (timers around the pipeline's functions). With
+--baseline, qdq from another checkout's src/ too (an older commit: `git worktree add`), run
+between the two, for a before/after under the same load; --repeat N runs each N times,
+interleaved, and keeps each one's fastest (the load moves single runs by 10-25%).
 No asserts: numbers for docs/ptq.md; on a shared machine, compare the ratio, not the seconds.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -102,11 +107,17 @@ def _timed(function: Callable, stage: str, stages: dict[str, float]) -> Callable
     return run
 
 
-def timed(tool: str, model: Path, data: Path, tmp: Path) -> tuple[float, dict] | None:
-    """The tool's seconds (and qdq's per stage) in a fresh process, or None when it fails."""
+def timed(
+    tool: str, model: Path, data: Path, tmp: Path, source: Path | None = None
+) -> tuple[float, dict] | None:
+    """The tool's seconds (and qdq's per stage) in a fresh process, or None when it fails;
+    qdq imported from `source` (a checkout's src/) where given."""
     out = tmp / f"{tool}.onnx"
     command = [sys.executable, __file__, "--child", tool, str(model), str(data), str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=str(source)) if source else None
+    done = subprocess.run(
+        command, capture_output=True, text=True, cwd=Path(__file__).parent, env=env
+    )
     if done.returncode:
         print(f"{tool} failed on {model.name}: {done.stderr.strip()[-300:]}", file=sys.stderr)
         return None
@@ -144,6 +155,8 @@ def main() -> None:
     parser.add_argument("--samples", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     parser.add_argument("--stages", action="store_true", help="also qdq's seconds per stage")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose qdq to time too")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per tool (the fastest kept)")
     parser.add_argument("--child", nargs=4, metavar=("TOOL", "MODEL", "DATA", "OUT"))
     args = parser.parse_args()
     if args.child:
@@ -151,9 +164,14 @@ def main() -> None:
         seconds, stages = child(tool, Path(model), Path(data), Path(out))
         print(json.dumps({"seconds": seconds, "stages": stages}))
         return
+    runs = {"qdq": None, "ort": None}
+    if args.baseline:
+        runs = {"baseline": args.baseline / "src", **runs}
+    shown = {"qdq": "qdq s", "ort": "ORT MinMax per-ch s", "baseline": "baseline qdq s"}
+    ratios = [f"{tool} / ORT" for tool in runs if tool != "ort"]
     rows = [
-        "| model | samples | qdq s | ORT MinMax per-ch s | qdq / ORT |",
-        "|---|---|---|---|---|",
+        f"| model | samples | {' | '.join(shown[t] for t in runs)} | {' | '.join(ratios)} |",
+        "|---|---|" + "---|" * (len(runs) + len(ratios)),
     ]
     stage_rows = [
         f"| model | samples | {' | '.join(STAGES.values())} |",
@@ -163,13 +181,25 @@ def main() -> None:
         for count in args.samples:
             with tempfile.TemporaryDirectory() as tmp:
                 data = save(x, count, Path(tmp))
-                qdq, ours = (timed(tool, model, data, Path(tmp)) for tool in TOOLS)
-            ratio = f"{qdq[0] / ours[0]:.2f}" if qdq and ours else "-"
-            cells = [f"{s[0]:.1f}" if s else "fails" for s in (qdq, ours)]
-            rows.append(f"| {name} | {count} | {cells[0]} | {cells[1]} | {ratio} |")
+                found = {tool: [] for tool in runs}
+                for _ in range(args.repeat):  # interleaved: each tool under the same load
+                    for tool, source in runs.items():
+                        kind = "ort" if tool == "ort" else "qdq"
+                        one = timed(kind, model, data, Path(tmp), source)
+                        if one:
+                            found[tool].append(one)
+            best = {t: min(f, key=lambda r: r[0]) if f else None for t, f in found.items()}
+            ort_s = best["ort"][0] if best["ort"] else None
+            cells = [f"{b[0]:.1f}" if b else "fails" for b in best.values()]
+            cells += [
+                f"{best[t][0] / ort_s:.2f}" if best[t] and ort_s else "-"
+                for t in runs
+                if t != "ort"
+            ]
+            rows.append(f"| {name} | {count} | {' | '.join(cells)} |")
             print(rows[-1], flush=True)
-            if qdq:
-                seconds = (f"{qdq[1].get(stage, 0.0):.1f}" for stage in STAGES.values())
+            if best["qdq"]:
+                seconds = (f"{best['qdq'][1].get(stage, 0.0):.1f}" for stage in STAGES.values())
                 stage_rows.append(f"| {name} | {count} | {' | '.join(seconds)} |")
                 print(stage_rows[-1], flush=True)
     tables = [rows, stage_rows] if args.stages else [rows]
