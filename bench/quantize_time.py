@@ -18,6 +18,8 @@ No asserts: numbers for docs/ptq.md; on a shared machine, compare the ratio, not
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -61,9 +63,14 @@ def child(tool: str, model: Path, data: Path, out: Path) -> tuple[float, dict[st
     if tool == "qdq":
         import qdq.pipeline
 
+        # the planning stages live in qdq.ptq, or in qdq.pipeline in a --baseline before it
+        modules = [qdq.pipeline]
+        if importlib.util.find_spec("qdq.ptq"):
+            modules.append(importlib.import_module("qdq.ptq"))
         stages: dict[str, float] = defaultdict(float)
         for name, stage in STAGES.items():
-            setattr(qdq.pipeline, name, _timed(getattr(qdq.pipeline, name), stage, stages))
+            for module in (m for m in modules if hasattr(m, name)):
+                setattr(module, name, _timed(getattr(module, name), stage, stages))
         start = time.perf_counter()
         qdq.pipeline.quantize_model(model, out, data)
         return time.perf_counter() - start, stages

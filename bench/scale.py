@@ -97,9 +97,9 @@ def measure(
 @contextlib.contextmanager
 def _timed_search() -> Iterator[list[float]]:
     """The wall seconds of the pipeline's accuracy search (`meet_target`), once it has run."""
-    import qdq.pipeline
+    import qdq.ptq
 
-    search, searched = qdq.pipeline.meet_target, []
+    search, searched = qdq.ptq.meet_target, []
 
     def timed(*args: object, **kwargs: object) -> object:
         start = time.perf_counter()
@@ -108,11 +108,11 @@ def _timed_search() -> Iterator[list[float]]:
         finally:
             searched.append(time.perf_counter() - start)
 
-    qdq.pipeline.meet_target = timed
+    qdq.ptq.meet_target = timed
     try:
         yield searched
     finally:
-        qdq.pipeline.meet_target = search
+        qdq.ptq.meet_target = search
 
 
 def ort_runs(model: Path, data: Path, threads: int, runs: int = 200) -> float:

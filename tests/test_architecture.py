@@ -18,7 +18,7 @@ LAYERS = [
     {"plan"},
     {"passes"},
     {"report", "engine"},
-    {"pipeline", "zoo", "qat"},
+    {"pipeline", "ptq", "zoo", "qat"},
     {"cli"},
 ]
 CORE = {

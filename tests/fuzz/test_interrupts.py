@@ -24,7 +24,7 @@ def quantize(ws: Workspace, *flags: object) -> list:
 
 STAGES = {  # where a signal lands: (module, function) patched to signal itself
     "load": ("qdq.pipeline", "load_model"),
-    "calibrate": ("qdq.pipeline", "observe_holding"),
+    "calibrate": ("qdq.ptq", "observe_holding"),
     "ort rewrite": ("qdq.onnx.model", "open_session"),  # $TMPDIR/qdq-*/in.onnx exists then
     "save": ("qdq.onnx.model", "os"),  # between the staged write and its rename
 }
@@ -67,11 +67,11 @@ def test_an_internal_error_names_the_stage_and_a_log_holding_the_traceback(ws, m
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("qdq.pipeline.observe_holding", broken)
+    monkeypatch.setattr("qdq.ptq.observe_holding", broken)
     result = ws.run(*quantize(ws))
     assert result.code == 1
     assert result.stderr.count("\n") == 1
-    assert "internal error in quantize at qdq.pipeline.plan_model" in result.stderr
+    assert "internal error in quantize at qdq.ptq.plan_model" in result.stderr
     log = Path(result.stderr.split("traceback is in ")[1].split(" ")[0])
     assert "RuntimeError: a bug" in log.read_text()
     log.unlink()

@@ -11,11 +11,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import qdq.pipeline
+import qdq.ptq
 from qdq.config import preset_config
 from qdq.onnx.sessions import session_with_outputs
 from qdq.passes import bias_correction
-from qdq.pipeline import SEQUENTIAL_SAMPLES, quantize_model
+from qdq.pipeline import quantize_model
+from qdq.ptq import SEQUENTIAL_SAMPLES
 
 from conftest import DIGITS, digits_cnn_sqnr, quantize_cnn
 
@@ -113,7 +114,7 @@ def test_re_plans_reuse_each_layers_correction_and_write_the_same_file(tmp_path,
     assert len(computed) == len(set(computed))  # once per layer
 
     correct = bias_correction.correct_biases
-    monkeypatch.setattr(qdq.pipeline, "correct_biases", lambda i, p, m, _: correct(i, p, m))
+    monkeypatch.setattr(qdq.ptq, "correct_biases", lambda i, p, m, _: correct(i, p, m))
     computed.clear()
     fresh, _ = quantize_cnn(tmp_path, prefer="speed", saturation="ignore", gptq=False)
     assert len(computed) > len(set(computed))  # without the memo: again on every plan
@@ -142,7 +143,7 @@ def test_the_float_means_taken_in_calibration_correct_as_a_float_pass_does(
     (tmp_path / "taken").mkdir()
     taken, _ = quantize_cnn(tmp_path / "taken", weight_bits=4, prefer="speed")
     assert not float_passes
-    monkeypatch.setattr(qdq.pipeline, "correctable_outputs", lambda index, quantized: [])
+    monkeypatch.setattr(qdq.ptq, "correctable_outputs", lambda index, quantized: [])
     passed, _ = quantize_cnn(tmp_path, weight_bits=4, prefer="speed")
     assert float_passes == [1]
 
@@ -189,24 +190,24 @@ def test_a_sample_at_a_time_calibration_takes_the_means_of_rows_that_are_not_sam
     taken, passed = tmp_path / "taken.onnx", tmp_path / "passed.onnx"
     quantize_model(DIGITS / "transformer.onnx", taken, DIGITS / "calib.npz", config)
     assert not float_passes
-    monkeypatch.setattr(qdq.pipeline, "correctable_outputs", lambda index, quantized: [])
+    monkeypatch.setattr(qdq.ptq, "correctable_outputs", lambda index, quantized: [])
     quantize_model(DIGITS / "transformer.onnx", passed, DIGITS / "calib.npz", config)
     assert float_passes == [1]
     _assert_same_biases(taken, passed)
 
 
 def test_a_sequential_correction_that_harms_the_held_out_samples_is_dropped(tmp_path, monkeypatch):
-    correct = qdq.pipeline.correct_sequentially
+    correct = qdq.ptq.correct_sequentially
 
     def harmful(*args, **kwargs):
         plan = correct(*args, **kwargs)
         shifted = {k: v + 3 * np.abs(v).max() for k, v in plan.bias_values.items()}
         return replace(plan, bias_values=shifted)
 
-    monkeypatch.setattr(qdq.pipeline, "correct_sequentially", harmful)
+    monkeypatch.setattr(qdq.ptq, "correct_sequentially", harmful)
     out, report = quantize_cnn(tmp_path, prefer="speed")
     assert any(n.startswith("sequential bias correction dropped") for n in report.notes)
     assert digits_cnn_sqnr(out) > 35
-    monkeypatch.setattr(qdq.pipeline, "correct_sequentially", correct)
+    monkeypatch.setattr(qdq.ptq, "correct_sequentially", correct)
     _, report = quantize_cnn(tmp_path, prefer="speed")
     assert any(n.startswith("sequential bias correction kept") for n in report.notes)

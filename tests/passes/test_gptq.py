@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qdq.passes.gptq
-import qdq.pipeline
+import qdq.ptq
 from qdq.affine import quantize
 from qdq.onnx.graph import GraphIndex
 from qdq.passes.gptq import _layer_codes, _terms, hessians, linear_layers
@@ -169,7 +169,7 @@ def test_the_rounding_that_scores_better_on_held_out_samples_is_kept(
     """GPTQ's codes are kept only where the held-out samples score them at least as well as
     nearest rounding (scored GPTQ first): else the file holds nearest rounding's codes."""
     given = iter(scores)
-    monkeypatch.setattr(qdq.pipeline, "sqnr_score", lambda *a, **k: lambda model: next(given))
+    monkeypatch.setattr(qdq.ptq, "sqnr_score", lambda *a, **k: lambda model: next(given))
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     checked, report = quantize_cnn(tmp_path / "a", prefer="int8")
     nearest, _ = quantize_cnn(tmp_path / "b", prefer="int8", gptq=False)
