@@ -18,8 +18,6 @@ No asserts: numbers for docs/ptq.md; on a shared machine, compare the ratio, not
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -63,10 +61,9 @@ def child(tool: str, model: Path, data: Path, out: Path) -> tuple[float, dict[st
     if tool == "qdq":
         import qdq.pipeline
 
-        # the planning stages live in qdq.ptq, or in qdq.pipeline in a --baseline before it
-        modules = [qdq.pipeline]
-        if importlib.util.find_spec("qdq.ptq"):
-            modules.append(importlib.import_module("qdq.ptq"))
+        # the planning stages live in qdq.ptq (which the pipeline imports), or in qdq.pipeline
+        # in a --baseline from before it
+        modules = [m for m in (qdq.pipeline, sys.modules.get("qdq.ptq")) if m]
         stages: dict[str, float] = defaultdict(float)
         for name, stage in STAGES.items():
             for module in (m for m in modules if hasattr(m, name)):

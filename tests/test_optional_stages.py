@@ -7,7 +7,6 @@ import logging
 import pytest
 
 import qdq.pipeline
-import qdq.ptq
 from qdq.errors import SchemeError
 from qdq.pipeline import quantize_model
 
@@ -19,20 +18,20 @@ def _fails(*args: object, **kwargs: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("function", "stage"),
+    ("target", "stage"),
     [
-        ("correct_sequentially", "sequential bias correction"),
-        ("correct_biases", "bias correction"),
-        ("slow_pools", "the layout probe"),
-        ("smooth", "smoothing"),
-        ("hessians", "GPTQ rounding"),
-        ("_correction_pays", "the correction check"),
+        ("qdq.ptq.correct_sequentially", "sequential bias correction"),
+        ("qdq.ptq.correct_biases", "bias correction"),
+        ("qdq.ptq.slow_pools", "the layout probe"),
+        ("qdq.pipeline.smooth", "smoothing"),
+        ("qdq.ptq.hessians", "GPTQ rounding"),
+        ("qdq.ptq._correction_pays", "the correction check"),
     ],
 )
 def test_a_failing_optional_stage_is_skipped_named_and_reported(
-    tmp_path, monkeypatch, caplog, function, stage
+    tmp_path, monkeypatch, caplog, target, stage
 ):
-    monkeypatch.setattr(qdq.pipeline if function == "smooth" else qdq.ptq, function, _fails)
+    monkeypatch.setattr(target, _fails)
     out = tmp_path / "q.onnx"
     with caplog.at_level(logging.WARNING, logger="qdq.ptq"):
         report = quantize_model(DIGITS / "transformer.onnx", out, DIGITS / "calib.npz")
