@@ -6,7 +6,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-RNG = np.random.default_rng(0)
+
+def _rng() -> np.random.Generator:
+    """A fresh generator per model, so that its weights do not depend on the tests run before it
+    (one module-level generator made a test's outcome depend on the order tests ran in)."""
+    return np.random.default_rng(0)
 
 
 def _model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
@@ -27,13 +31,14 @@ def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 def _two_convs() -> list[onnx.TensorProto]:
     """Weights of conv1 (3 -> 8), conv2 (8 -> 16) and fc (16 -> 5)."""
+    rng = _rng()
     return [
-        _init("w1", RNG.standard_normal((8, 3, 3, 3)) * 0.3),
-        _init("b1", RNG.standard_normal(8) * 0.1),
-        _init("w2", RNG.standard_normal((16, 8, 3, 3)) * 0.2),
-        _init("b2", RNG.standard_normal(16) * 0.1),
-        _init("w3", RNG.standard_normal((5, 16))),
-        _init("b3", RNG.standard_normal(5) * 0.1),
+        _init("w1", rng.standard_normal((8, 3, 3, 3)) * 0.3),
+        _init("b1", rng.standard_normal(8) * 0.1),
+        _init("w2", rng.standard_normal((16, 8, 3, 3)) * 0.2),
+        _init("b2", rng.standard_normal(16) * 0.1),
+        _init("w3", rng.standard_normal((5, 16))),
+        _init("b3", rng.standard_normal(5) * 0.1),
     ]
 
 
@@ -93,6 +98,7 @@ def hard_swish_tail() -> onnx.ModelProto:
 def detector_head() -> onnx.ModelProto:
     """Boxes in pixels (thousands) and class scores clipped to [0, 1], joined by one Concat that
     a shape op reads (heads reshape before decoding; a Flatten keeps the test's (N, 10))."""
+    rng = _rng()
     nodes = [
         helper.make_node("Gemm", ["x", "wb", "bb"], ["boxes"], name="box_fc"),
         helper.make_node("Gemm", ["x", "wc", "bc"], ["logits"], name="cls_fc"),
@@ -101,9 +107,9 @@ def detector_head() -> onnx.ModelProto:
         helper.make_node("Flatten", ["joined"], ["y"], axis=1, name="flatten"),
     ]
     inits = [
-        _init("wb", RNG.standard_normal((16, 4)) * 320),
+        _init("wb", rng.standard_normal((16, 4)) * 320),
         _init("bb", np.zeros(4)),
-        _init("wc", RNG.standard_normal((16, 6)) * 0.2),
+        _init("wc", rng.standard_normal((16, 6)) * 0.2),
         _init("bc", np.full(6, 0.5)),
         _init("zero", np.array(0.0)),
         _init("one", np.array(1.0)),
@@ -114,18 +120,20 @@ def detector_head() -> onnx.ModelProto:
 def classifier_head() -> onnx.ModelProto:
     """x[N,16] -> Gemm -> Flatten -> Softmax: logits pass a shape op on their way to a float op,
     as in PP-OCR's text-direction classifier (whose Softmax-11 became Flatten/Softmax/Reshape)."""
+    rng = _rng()
     nodes = [
         helper.make_node("Gemm", ["x", "w", "b"], ["logits"], name="fc"),
         helper.make_node("Flatten", ["logits"], ["flat"], axis=1, name="flatten"),
         helper.make_node("Softmax", ["flat"], ["y"], axis=1, name="softmax"),
     ]
-    inits = [_init("w", RNG.standard_normal((16, 4)) * 0.5), _init("b", np.zeros(4))]
+    inits = [_init("w", rng.standard_normal((16, 4)) * 0.5), _init("b", np.zeros(4))]
     return _model(nodes, [_value("x", ["N", 16])], [_value("y", ["N", 4])], inits)
 
 
 def masked_attention() -> onnx.ModelProto:
     """scores = q k^T + mask, where the mask is built at run time from a 0/1 input times
     -3.4e38 (as exporters do), then Softmax and a weighted sum."""
+    rng = _rng()
     nodes = [
         helper.make_node("MatMul", ["x", "wq"], ["q"], name="q_proj"),
         helper.make_node("MatMul", ["x", "wk"], ["k"], name="k_proj"),
@@ -139,8 +147,8 @@ def masked_attention() -> onnx.ModelProto:
         helper.make_node("MatMul", ["attn", "x"], ["y"], name="mix"),
     ]
     inits = [
-        _init("wq", RNG.standard_normal((8, 8)) * 0.5),
-        _init("wk", RNG.standard_normal((8, 8)) * 0.5),
+        _init("wq", rng.standard_normal((8, 8)) * 0.5),
+        _init("wk", rng.standard_normal((8, 8)) * 0.5),
         _init("one", np.array(1.0)),
         _init("lowest", np.array(np.finfo(np.float32).min)),
         numpy_helper.from_array(np.array([1], np.int64), "axis1"),
@@ -151,25 +159,27 @@ def masked_attention() -> onnx.ModelProto:
 
 def conv_transpose_net() -> onnx.ModelProto:
     """x[N,4,4,4] -> ConvTranspose (weight [Cin, Cout, k, k]: channels on axis 1) -> Relu."""
+    rng = _rng()
     nodes = [
         helper.make_node("ConvTranspose", ["x", "w", "b"], ["t"], strides=[2, 2], name="up"),
         helper.make_node("Relu", ["t"], ["y"], name="relu"),
     ]
-    inits = [_init("w", RNG.standard_normal((4, 6, 2, 2))), _init("b", RNG.standard_normal(6))]
+    inits = [_init("w", rng.standard_normal((4, 6, 2, 2))), _init("b", rng.standard_normal(6))]
     return _model(nodes, [_value("x", ["N", 4, 4, 4])], [_value("y", ["N", 6, 8, 8])], inits)
 
 
 def embedding(vocabulary: int = 2000, width: int = 32, spiky: bool = False) -> onnx.ModelProto:
     """ids[N,8] (int64) -> Gather from a constant table -> MatMul -> y[N,8,4]: a text model's
     first layer. `spiky`: a few table entries 50x the rest, which one int8 grid cannot serve."""
-    table = RNG.standard_normal((vocabulary, width)) * 0.05
+    rng = _rng()
+    table = rng.standard_normal((vocabulary, width)) * 0.05
     if spiky:
         table[:3, :3] = 10.0
     nodes = [
         helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
         helper.make_node("MatMul", ["e", "w"], ["y"], name="proj"),
     ]
-    inits = [_init("table", table), _init("w", RNG.standard_normal((width, 4)))]
+    inits = [_init("table", table), _init("w", rng.standard_normal((width, 4)))]
     ids = helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 8])
     return _model(nodes, [ids], [_value("y", ["N", 8, 4])], inits)
 
@@ -179,9 +189,10 @@ def attention_block(tokens: int = 8, width: int = 16) -> onnx.ModelProto:
     encoder exports: ONNX Runtime fuses the FFN's MatMul + Add into Gemm with Reshapes at once,
     and the attention projections only once they read int8 (issue: "Attempt to replace the
     existing tensor" when its generated names met the first pass's)."""
+    rng = _rng()
 
     def w(name: str, *shape: int) -> onnx.TensorProto:
-        return _init(name, RNG.standard_normal(shape) * 0.3)
+        return _init(name, rng.standard_normal(shape) * 0.3)
 
     inits = [w("scale", width), w("shift", width), w("W1", width, 2 * width), w("b1", 2 * width)]
     inits += [w("W2", 2 * width, width), w("b2", width)]
@@ -213,6 +224,7 @@ def attention_block(tokens: int = 8, width: int = 16) -> onnx.ModelProto:
 def yolo_head(classes: int = 3) -> onnx.ModelProto:
     """x[N,3,8,8] -> a YOLO-style head (N, 4 + classes, 64): per position, a box (cx, cy, w, h)
     in pixels (positive, up to hundreds) and sigmoid class scores, joined on axis 1 as YOLOv8's."""
+    rng = _rng()
     nodes = [
         helper.make_node("Conv", ["x", "wb", "bb"], ["b0"], pads=[1, 1, 1, 1], name="box_conv"),
         helper.make_node("Abs", ["b0"], ["b1"], name="box_abs"),
@@ -223,10 +235,10 @@ def yolo_head(classes: int = 3) -> onnx.ModelProto:
         helper.make_node("Reshape", ["joined", "shape"], ["y"], name="flatten"),
     ]
     inits = [
-        _init("wb", RNG.standard_normal((4, 3, 3, 3)) * 0.3),
+        _init("wb", rng.standard_normal((4, 3, 3, 3)) * 0.3),
         _init("bb", np.full(4, 0.5)),
         _init("pixels", np.array(40.0)),
-        _init("wc", RNG.standard_normal((classes, 3, 3, 3)) * 0.5),
+        _init("wc", rng.standard_normal((classes, 3, 3, 3)) * 0.5),
         _init("bc", np.full(classes, -1.0)),
         numpy_helper.from_array(np.array([0, 4 + classes, -1], np.int64), "shape"),
     ]
