@@ -39,7 +39,6 @@ import fcntl
 import functools
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ import onnxruntime as ort
 
 import unseen
 from datasets import tasks
+from peers_table import markdown
 from ptq import medians, quality, quantize_static_qdq, run_model
 from unseen import MODELS, ONET_THRESHOLD, locate, sqnr_db, task_metric
 
@@ -281,18 +281,6 @@ def ort_quantize(source: Path, out: Path, calib: Path, config: str) -> None:
         )
 
 
-def shown_command(tool: str, config: str) -> str:
-    """The command for the docs, with placeholder paths."""
-    if tool == "qdq":
-        return "qdq quantize FP32.onnx -o OUT.onnx --calib CALIB.npz"
-    if tool == "ort":
-        return f"python bench/peers.py --ort FP32.onnx OUT.onnx CALIB.npz {config}"
-    return (
-        f"/work/peers/{tool}/bin/python ../shared/peers/{tool}_quantize.py FP32.onnx OUT.onnx "
-        f"CALIB.npz --config {config}"
-    )
-
-
 # ---------------------------------------------------------------- running and caching
 
 
@@ -446,158 +434,6 @@ def log(name: str, tool: str, config: str, draw: int, row: dict) -> None:
     print(f"{time.strftime('%H:%M:%S')} {name} {tool}/{config} draw {draw}: {shown}", flush=True)
 
 
-# ---------------------------------------------------------------- tables
-
-
-def summarize(cache: Cache, name: str) -> list[dict]:
-    """Per configuration of `name`: draws, metric mean and worst, SQNR mean, latency ratio."""
-    found: dict[tuple[str, str], dict[int, dict]] = {}
-    for key, row in cache.rows.items():
-        model, tool, config, draw = key.split("|")
-        if model == name and tool != "FP32":
-            found.setdefault((tool, config), {})[int(draw)] = row
-    out = []
-    for (tool, config), rows in found.items():
-        first = rows.get(0, {})
-        entry = {"tool": tool, "config": config}
-        if "error" in first:
-            entry["error"] = first["error"]
-        else:
-            metrics = [r["metric"] for r in rows.values() if "metric" in r]
-            entry |= {
-                "draws": len(metrics),
-                "mean": float(np.mean(metrics)),
-                "worst": float(np.min(metrics)),
-                "top": float(np.max(metrics)),
-                "sqnr": float(np.mean([r["sqnr_db"] for r in rows.values() if "sqnr_db" in r])),
-                "quantize_s": first.get("quantize_s"),
-                "reshaped": any(r.get("reshaped") for r in rows.values()),
-            }
-            if "int8_ms" in first:
-                entry["ratio"] = first["int8_ms"] / first["fp32_ms"]
-        out.append(entry)
-    order = {t: i for i, t in enumerate(TOOLS)}
-    return sorted(out, key=lambda e: (order.get(e["tool"], 99), e["config"] != "default"))
-
-
-def short(error: str) -> str:
-    """An ONNX Runtime failure as the op that failed and ORT's reason, else the message."""
-    node = re.search(r"while running (\w+) node\. Name:'([^']*)'", error)
-    if node is None:
-        return error[:120]
-    reason = error.split("Status Message:")[-1].split(") ")[-1].strip()
-    return f"its model fails in ORT at {node[1]} {node[2]}: {reason}"[:200]
-
-
-def fmt(value: float, percent: bool) -> str:
-    return f"{value:.2%}" if percent else f"{value:.3f}"
-
-
-def spread(e: dict, percent: bool) -> str:
-    """Mean [lowest-highest draw] (draws), or the one value (1)."""
-    if e["draws"] == 1:
-        return f"{fmt(e['mean'], percent)} (1)"
-    low, high = fmt(e["worst"], percent), fmt(e["top"], percent)
-    return f"{fmt(e['mean'], percent)} [{low}-{high}] ({e['draws']})"
-
-
-def best_of(entries: list[dict]) -> dict | None:
-    """The best mean among the measured entries with the most draws."""
-    scored = [e for e in entries if "mean" in e]
-    if not scored:
-        return None
-    most = max(e["draws"] for e in scored)
-    return max((e for e in scored if e["draws"] == most), key=lambda e: e["mean"])
-
-
-def tool_cell(entries: list[dict], tool: str, percent: bool) -> str:
-    """One tool's best configuration on one model, "fails" when all failed, "" if not run."""
-    mine = [e for e in entries if e["tool"] == tool]
-    best = best_of(mine)
-    if best is None:
-        return f"fails: {short(mine[0]['error'])[:60]}" if mine else ""
-    failed = sum("error" in e for e in mine)
-    note = f", {failed} of {len(mine)} configs fail" if failed else ""
-    config = "" if tool == "qdq" else f"{best['config']}: "
-    return f"{config}{spread(best, percent)}{note}"
-
-
-def markdown(cache: Cache, names: list[str], percents: dict[str, bool]) -> str:
-    lines = [
-        "| model | tool | config | metric mean [lowest-highest] (draws) | SQNR dB | "
-        "INT8/FP32 latency | quantize s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    columns = [
-        "",
-        "| model | FP32 | " + " | ".join(TOOLS) + " |",
-        "|---|---|" + "---|" * len(TOOLS),
-    ]
-    verdicts = [
-        "",
-        "| model | FP32 | qdq default | best peer config | its metric | margin | "
-        "latency qdq / peer | command |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    losses: list[str] = []
-    for name in names:
-        entries = summarize(cache, name)
-        if not entries:
-            continue
-        p = percents.get(name, True)
-        fp32 = cache.get(name, "FP32", "", 0) or {}
-        if "labels_accuracy" in fp32:
-            lines.append(f"| {name} | FP32 | | {fp32['labels_accuracy']:.2%} (labels) | | | |")
-        for e in entries:
-            if "error" in e:
-                lines.append(
-                    f"| {name} | {e['tool']} | {e['config']} | fails: {short(e['error'])} | | | |"
-                )
-                continue
-            ratio = f"{e['ratio']:.2f}" if "ratio" in e else ""
-            seconds = f"{e['quantize_s']:.0f}" if e.get("quantize_s") is not None else ""
-            lines.append(
-                f"| {name} | {e['tool']} | {e['config']}{' (output reshaped)' * e['reshaped']} | "
-                f"{spread(e, p)} | {e['sqnr']:.2f} | {ratio} | {seconds} |"
-            )
-        fp32_text = (
-            fmt(fp32["metric"], p)
-            if "labels_accuracy" not in fp32
-            else (f"{fp32['labels_accuracy']:.2%}")
-        )
-        cells = [tool_cell(entries, t, p) for t in TOOLS]
-        columns.append(f"| {name} | {fp32_text} | " + " | ".join(cells) + " |")
-        ours = [e for e in entries if e["tool"] == "qdq"]
-        best = best_of([e for e in entries if e["tool"] != "qdq"])
-        if best is None:
-            continue
-        peer = f"{best['tool']} {best['config']} | {spread(best, p)}"
-        if not ours or "error" in ours[0]:
-            state = f"fails: {short(ours[0]['error'])[:60]}" if ours else "not run"
-            verdicts.append(f"| {name} | {fp32_text} | {state} | {peer} | | | |")
-            continue
-        margin = ours[0]["mean"] - best["mean"]
-        flag = " **qdq behind**" if margin < 0 else ""
-        scale = 100 if p else 1
-        latency = (
-            f"{ours[0]['ratio']:.2f} / {best['ratio']:.2f}"
-            if "ratio" in ours[0] and "ratio" in best
-            else ""
-        )
-        margin_text = f"{margin * scale:+.{2 if p else 3}f}{' points' if p else ''}"
-        verdicts.append(
-            f"| {name} | {fp32_text} | {spread(ours[0], p)} | {peer} | {margin_text}{flag} | "
-            f"{latency} | `{shown_command(best['tool'], best['config'])}` |"
-        )
-        if margin < 0:
-            losses.append(
-                f"- {name}: qdq {fmt(ours[0]['mean'], p)} against {best['tool']} "
-                f"{best['config']} {fmt(best['mean'], p)}, {margin_text}"
-            )
-    behind = ["", "qdq's default behind:", *(losses or ["- none"])]
-    return "\n".join([*lines, *columns, *verdicts, *behind])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+")
@@ -644,7 +480,7 @@ def main() -> None:
                 lock.close()
         cache = Cache(args.out / "results")  # with what other processes wrote meanwhile
     percents = {n: (MODELS[n].metric != "firing" if n in MODELS else True) for n in names}
-    table = markdown(cache, names, percents)
+    table = markdown(cache.rows, names, percents, TOOLS)
     (args.out / "peers.md").write_text(table + "\n")
     print(table)
 
