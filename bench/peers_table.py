@@ -30,21 +30,21 @@ def summarize(rows: dict[str, dict], name: str, tools: Sequence[str]) -> list[di
         if model == name and tool != "FP32":
             found.setdefault((tool, config), {})[int(draw)] = row
     out = []
-    for (tool, config), rows in found.items():
-        first = rows.get(0, {})
+    for (tool, config), by_draw in found.items():
+        first = by_draw.get(0, {})
         entry = {"tool": tool, "config": config}
         if "error" in first:
             entry["error"] = first["error"]
         else:
-            metrics = [r["metric"] for r in rows.values() if "metric" in r]
+            metrics = [r["metric"] for r in by_draw.values() if "metric" in r]
             entry |= {
                 "draws": len(metrics),
                 "mean": float(np.mean(metrics)),
                 "worst": float(np.min(metrics)),
                 "top": float(np.max(metrics)),
-                "sqnr": float(np.mean([r["sqnr_db"] for r in rows.values() if "sqnr_db" in r])),
+                "sqnr": float(np.mean([r["sqnr_db"] for r in by_draw.values() if "sqnr_db" in r])),
                 "quantize_s": first.get("quantize_s"),
-                "reshaped": any(r.get("reshaped") for r in rows.values()),
+                "reshaped": any(r.get("reshaped") for r in by_draw.values()),
             }
             if "int8_ms" in first:
                 entry["ratio"] = first["int8_ms"] / first["fp32_ms"]
