@@ -83,10 +83,10 @@ def best_of(entries: list[dict]) -> dict | None:
     return max((e for e in scored if e["draws"] == most), key=lambda e: e["mean"])
 
 
-def closest_to(entries: list[dict], mean: float) -> dict | None:
-    """The measured peer entry whose mean is nearest `mean`, of equally near ones the one on
-    the most draws, then the fastest: the peer whose latency qdq's must match."""
-    scored = [e for e in entries if "mean" in e and e["tool"] != "qdq"]
+def closest_to(peers: list[dict], mean: float) -> dict | None:
+    """The measured entry of `peers` whose mean is nearest `mean`, of equally near ones the one
+    on the most draws, then the fastest: the peer whose latency qdq's must match."""
+    scored = [e for e in peers if "mean" in e]
     return min(
         scored,
         key=lambda e: (round(abs(e["mean"] - mean), 9), -e["draws"], e.get("ratio", np.inf)),
@@ -156,14 +156,15 @@ def markdown(
                 f"{spread(e, p)} | {e['sqnr']:.2f} | {ratio} | {seconds} |"
             )
         fp32_text = (
-            fmt(fp32["metric"], p)
-            if "labels_accuracy" not in fp32
-            else (f"{fp32['labels_accuracy']:.2%}")
+            f"{fp32['labels_accuracy']:.2%}"
+            if "labels_accuracy" in fp32
+            else fmt(fp32["metric"], p)
         )
         cells = [tool_cell(entries, t, p) for t in tools]
         columns.append(f"| {name} | {fp32_text} | " + " | ".join(cells) + " |")
         ours = [e for e in entries if e["tool"] == "qdq"]
-        best = best_of([e for e in entries if e["tool"] != "qdq"])
+        peers = [e for e in entries if e["tool"] != "qdq"]
+        best = best_of(peers)
         if best is None:
             continue
         peer = f"{best['tool']} {best['config']} | {spread(best, p)}"
@@ -174,7 +175,7 @@ def markdown(
         margin = ours[0]["mean"] - best["mean"]
         flag = " **qdq behind**" if margin < 0 else ""
         scale = 100 if p else 1
-        near = closest_to(entries, ours[0]["mean"])
+        near = closest_to(peers, ours[0]["mean"])
         margin_text = f"{margin * scale:+.{2 if p else 3}f}{' points' if p else ''}"
         verdicts.append(
             f"| {name} | {fp32_text} | {spread(ours[0], p)} | {peer} | {margin_text}{flag} | "
