@@ -95,6 +95,46 @@ def hard_swish_tail() -> onnx.ModelProto:
     return _model(nodes, [_value("x", ["N", 3, 8, 8])], [_value("y", ["N", 5])], _two_convs())
 
 
+def gelu_max_pool() -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv -> Reshape to [N,16,64] -> bias Add per channel -> GELU (tanh form,
+    written out in 9 nodes as jax2tf does) -> ReduceMax over positions -> Gemm: Magika's
+    convolution block, whose bias Add comes after a Slice and a Squeeze (no fold into the
+    Conv), so that each channel's GELU is shifted."""
+    gelu = [
+        helper.make_node("Mul", ["a", "a"], ["a2"], name="square"),
+        helper.make_node("Mul", ["a2", "a"], ["a3"], name="cube"),
+        helper.make_node("Mul", ["a3", "k"], ["a3k"], name="cubic"),
+        helper.make_node("Add", ["a", "a3k"], ["inner"], name="inner"),
+        helper.make_node("Mul", ["inner", "root"], ["arg"], name="scale"),
+        helper.make_node("Tanh", ["arg"], ["t"], name="tanh"),
+        helper.make_node("Add", ["t", "one"], ["t1"], name="plus_one"),
+        helper.make_node("Mul", ["a", "t1"], ["at"], name="times_x"),
+        helper.make_node("Mul", ["at", "half"], ["gelu"], name="half"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b0"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Reshape", ["c1", "rows"], ["r"], name="rows"),
+        helper.make_node("Add", ["r", "bias"], ["a"], name="bias"),
+        *gelu,
+        helper.make_node("ReduceMax", ["gelu"], ["f"], axes=[2], keepdims=0, name="max"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], transB=1, name="fc"),
+    ]
+    rng = _rng()
+    inits = [
+        _init("w1", rng.standard_normal((16, 3, 3, 3)) * 0.6),
+        _init("b0", np.zeros(16)),
+        numpy_helper.from_array(np.array([0, 16, 64]), "rows"),
+        _init("bias", rng.uniform(-0.5, 0.3, (1, 16, 1))),
+        _init("k", 0.044715),
+        _init("root", np.sqrt(2 / np.pi)),
+        _init("one", 1.0),
+        _init("half", 0.5),
+        _init("w3", rng.standard_normal((5, 16))),
+        _init("b3", rng.standard_normal(5) * 0.1),
+    ]
+    return _model(nodes, [_value("x", ["N", 3, 8, 8])], [_value("y", ["N", 5])], inits)
+
+
 def detector_head() -> onnx.ModelProto:
     """Boxes in pixels (thousands) and class scores clipped to [0, 1], joined by one Concat that
     a shape op reads (heads reshape before decoding; a Flatten keeps the test's (N, 10))."""

@@ -225,47 +225,55 @@ def _lowest_real(path: Path, tensor: str) -> tuple[float, float]:
     return float((np.iinfo(zero.dtype).min - int(zero)) * scale), float(scale)
 
 
-def _silu(x: float) -> float:
-    return x / (1 + np.exp(-x))
+ACTIVATIONS = {  # the function each test model applies to the convolution's output c1
+    "hard_swish": (models.hard_swish_tail, "m1", lambda x: x * np.clip(0.2 * x + 0.5, 0, 1)),
+    "silu": (models.silu_net, "m1", lambda x: x / (1 + np.exp(-x))),
+    "gelu": (  # after a per-channel bias
+        models.gelu_max_pool,
+        "gelu",
+        lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
+    ),
+}
 
 
-@pytest.mark.parametrize("swish", ["hard_swish", "silu"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.exact_int8
-def test_a_tensor_only_a_swish_reads_has_no_codes_where_the_swish_is_flat(
-    swish, tmp_path, monkeypatch
+def test_a_tensor_only_an_activation_reads_has_no_codes_where_the_activation_is_flat(
+    activation, tmp_path, monkeypatch
 ):
     """HardSwish, x * HardSigmoid(x), is exactly 0 at and below -beta / alpha (-2.5 for
-    HardSigmoid's default alpha 0.2): the convolution's output grid stops a code below it.
-    SiLU, x * Sigmoid(x), tends to 0 below its minimum: the grid stops where it is half a
-    code from 0. Either way the codes go where the activation varies, and its output is more
-    accurate for it."""
-    source = save(
-        models.hard_swish_tail() if swish == "hard_swish" else models.silu_net(), tmp_path
-    )
-    probe = onnx.load(str(source))  # the float model, the swish's output fetched
-    probe.graph.output.append(onnx.ValueInfoProto(name="m1"))
+    HardSigmoid's default alpha 0.2); SiLU and GELU (here after a per-channel bias Add, as in
+    Magika) tend to 0 below their minimum. The convolution's output grid stops where the
+    activation is within half an output code of where it goes, so the codes go where it varies,
+    and its output is more accurate for it."""
+    build, fetched, function = ACTIVATIONS[activation]
+    source = save(build(), tmp_path)
+    probe = onnx.load(str(source))  # the float model, the activation's output fetched
+    probe.graph.output.append(onnx.ValueInfoProto(name=fetched))
+    bias = {t.name: numpy_helper.to_array(t) for t in probe.graph.initializer}.get("bias", 0.0)
     x = np.random.default_rng(8).standard_normal((64, 3, 8, 8)).astype(np.float32) * 3
     config = QuantConfig(method="minmax", prefer="int8")
     results = {}
     for floor in (True, False):
         with monkeypatch.context() as patch:
             if not floor:
-                patch.setattr("qdq.plan.build.swish_inputs", lambda index: {})
+                patch.setattr("qdq.plan.build.flat_floor", lambda *args: None)
             out, _ = quantize_on(source, x, tmp_path, config)
         quantized = onnx.load(str(out))
-        quantized.graph.output.append(onnx.ValueInfoProto(name="m1"))
+        quantized.graph.output.append(onnx.ValueInfoProto(name=fetched))
         got = run(save(quantized, tmp_path, f"probe_{floor}.onnx"), {"x": x})[1]
         want = run(save(probe, tmp_path, "probe.onnx"), {"x": x})[1]
         results[floor] = (*_lowest_real(out, "c1"), sqnr_db(want, got))
-    (lowest, scale, floored), (unfloored_lowest, _, unfloored) = results[True], results[False]
-    if swish == "hard_swish":
-        assert -2.5 - 1.5 * scale < lowest < -2.5
-    else:  # half a code from SiLU's 0 there, to within the zero point's rounding (half a code)
-        assert abs(_silu(lowest - scale / 2)) <= scale / 2 <= abs(_silu(lowest + scale / 2))
+    (lowest, scale, floored), (unfloored_lowest, _, unfloored) = results.values()
     assert unfloored_lowest < lowest - 3  # the calibrated minimum, where the grid began
-    # dB; SiLU's output grid, which the floor does not touch, keeps more of the noise (+0.8
-    # to +1.2 dB measured, HardSwish +1.9)
-    assert floored > unfloored + (1 if swish == "hard_swish" else 0.4)
+    # clamping at the lowest code moves the activation by at most a code of its input: half a
+    # code by the rule (their slope is 1 where they keep rising), and the zero point's rounding
+    # moves the lowest code by up to half a code, where the activation is nearly flat
+    moved = np.abs(function(lowest + np.ravel(bias)) - function(-30 + np.ravel(bias)))
+    assert moved.max() <= scale
+    # dB; the activation's output grid, which the floor does not touch, keeps more of the
+    # noise (measured: HardSwish +1.8, SiLU +1.0, GELU +1.4)
+    assert floored > unfloored + 0.7
 
 
 def test_a_max_pool_between_int8_convolutions_stays_int8(tmp_path):

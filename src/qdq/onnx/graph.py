@@ -14,6 +14,7 @@ class GraphIndex:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
+        self.opsets, self.ir_version = list(model.opset_import), model.ir_version
         self.nodes = list(graph.node)
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)

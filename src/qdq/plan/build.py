@@ -18,7 +18,8 @@ from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.plan.constants import TABLE_MIN_SQNR_DB, plan_constants, table_qparams
 from qdq.plan.decisions import FLOAT_OUTPUT, INT8_INPUTS, NOTHING_READS_INT8, Decision
-from qdq.plan.flow import Int8Flow, absorbs, prune_unread, swish_floor, swish_inputs
+from qdq.plan.floor import flat_floor
+from qdq.plan.flow import Int8Flow, absorbs, prune_unread
 from qdq.plan.rules import INPUTS_ONLY, Kind, rule_inputs
 from qdq.qparams import QParams, Range, choose_qparams
 
@@ -120,12 +121,11 @@ def build_plan(
         elif out not in unfit and activation in unfit:
             unfit[out] = unfit[activation]
     steps = config.activations.qmax - config.activations.qmin
-    for out, gates in swish_inputs(index).items():  # no codes where the swish is flat
-        fitted = draft.ranges.get(out)
-        if fitted is None or fitted.lo.ndim or not fitted.lo < 0 < fitted.hi:
+    for out, fitted in list(draft.ranges.items()):  # no codes where the only reader is flat
+        if fitted.lo.ndim:  # per-channel activation ranges
             continue
-        floor = swish_floor(gates, float(fitted.hi), steps)
-        if floor is not None and fitted.lo < floor < 0:
+        floor = flat_floor(index, out, float(fitted.lo), float(fitted.hi), steps)
+        if floor is not None:
             draft.ranges[out] = Range(floor, fitted.hi)
     shared: dict[str, str] = {}
     for node in index.nodes:

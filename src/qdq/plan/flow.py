@@ -10,13 +10,12 @@ calibration must observe. The plan being built asks the dynamic ones (`reads_int
 
 from __future__ import annotations
 
-import math
 from collections.abc import Container, Mapping
 
 import onnx
 
 from qdq.config import QuantConfig
-from qdq.onnx.graph import GraphIndex, attributes, clip_bounds
+from qdq.onnx.graph import GraphIndex, clip_bounds
 from qdq.plan.decisions import FLOAT_OUTPUT, NOTHING_READS_INT8, Decision
 from qdq.plan.rules import (
     FLOAT_OUTPUT_KERNELS,
@@ -231,49 +230,3 @@ def prune_unread(
             for o in outs:
                 del wanted[o]
             decisions[node.name] = decision.to_float(NOTHING_READS_INT8)
-
-
-def swish_inputs(index: GraphIndex) -> dict[str, list[onnx.NodeProto]]:
-    """Tensors that only a swish reads, each with its gates: `x * Sigmoid(x)` (SiLU) or
-    `x * HardSigmoid(x)` (HardSwish, as the pipeline writes it), the gates read only by those
-    products. Below some value the swish is 0, or nearly, whatever x is (`swish_floor`)."""
-    found = {}
-    for name, readers in index.consumers.items():
-        gates = [
-            r for r in readers if r.op_type in ("Sigmoid", "HardSigmoid") and r.input[0] == name
-        ]
-        gated = {g.output[0] for g in gates}
-        products = [r for r in readers if r not in gates]
-        if not gates or not products:
-            continue
-        if any(
-            r.op_type != "Mul" or len(set(r.input)) != 2 or set(r.input) - gated != {name}
-            for r in products
-        ):
-            continue
-        if all(c in products for g in gated for c in index.consumers.get(g, [])):
-            found[name] = gates
-    return found
-
-
-def swish_floor(gates: list[onnx.NodeProto], hi: float, steps: int) -> float | None:
-    """The lowest value a range feeding only these swish gates needs, for a grid of `steps`
-    codes up to `hi`: a code below -beta / alpha for HardSwish, which is exactly 0 there; for
-    SiLU, where |x * sigmoid(x)| falls to half a code (it tends to 0 below its minimum at
-    -1.28), so that clamping anything lower costs less than the rounding the codes saved."""
-    if all(g.op_type == "HardSigmoid" for g in gates):
-        alphas = [attributes(g).get("alpha", 0.2) for g in gates]
-        if min(alphas) <= 0:
-            return None
-        zero = max(-attributes(g).get("beta", 0.5) / a for g, a in zip(gates, alphas, strict=True))
-        return zero - (hi - zero) / steps
-    if all(g.op_type == "Sigmoid" for g in gates):
-        low, high = -80.0, -1.2785  # SiLU's minimum
-        for _ in range(60):  # |SiLU(x)| - half a code falls through 0 once, between them
-            x = (low + high) / 2
-            if -x / (1 + math.exp(-x)) > (hi - x) / steps / 2:
-                high = x
-            else:
-                low = x
-        return low
-    return None
