@@ -98,8 +98,8 @@ def hard_swish_tail() -> onnx.ModelProto:
 def gelu_max_pool() -> onnx.ModelProto:
     """x[N,3,8,8] -> Conv -> Reshape to [N,16,64] -> bias Add per channel -> GELU (tanh form,
     written out in 9 nodes as jax2tf does) -> ReduceMax over positions -> Gemm: Magika's
-    convolution block, whose bias Add comes after a Slice and a Squeeze (no fold into the
-    Conv), so that each channel's GELU is shifted."""
+    convolution block, whose bias Add comes after shape ops (there a Slice and a Squeeze), so
+    it does not fold into the Conv and each channel's GELU is shifted."""
     gelu = [
         helper.make_node("Mul", ["a", "a"], ["a2"], name="square"),
         helper.make_node("Mul", ["a2", "a"], ["a3"], name="cube"),
