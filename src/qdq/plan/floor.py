@@ -76,13 +76,14 @@ def flat_floor(index: GraphIndex, tensor: str, lo: float, hi: float, steps: int)
     right = np.clip(np.searchsorted(GRID, codes), 1, len(GRID) - 1)
     share = ((codes - GRID[right - 1]) / (GRID[right] - GRID[right - 1]))[:, None]
     at_codes = curve[right - 1] * (1 - share) + curve[right] * share
+    largest = float(np.abs(at_codes).max())
     # its slope far above 0, where it keeps rising (1 for a swish or a GELU), against its
     # steepest on the grid: a code in its units is this slope times a code of the input's
     rising = np.abs(curve[-1] - curve[-2]).min() / (GRID[-1] - GRID[-2])
     if rising < TOP * np.abs(np.diff(at_codes, axis=0)).max() * steps / (hi - lo):
         return None  # it stops rising: a score's or a gate's squashing function
     allowed = CLAMP * rising * (hi - GRID) / steps  # per sample, for a grid starting there
-    noise = NOISE * max(1.0, float(np.abs(at_codes).max()))
+    noise = NOISE * max(1.0, largest)
     # monotonic from GRID's lowest sample up to each, in every channel, within the noise
     up = np.all(np.maximum.accumulate(curve) - curve <= noise, axis=1)
     down = np.all(curve - np.minimum.accumulate(curve) <= noise, axis=1)
@@ -93,7 +94,7 @@ def flat_floor(index: GraphIndex, tensor: str, lo: float, hi: float, steps: int)
         return None
     floor = float(GRID[fits[-1]])
     code = (hi - floor) / steps
-    exact = np.flatnonzero(monotonic & (spread <= EXACT * np.abs(at_codes).max()) & (GRID <= 0))
+    exact = np.flatnonzero(monotonic & (spread <= EXACT * largest) & (GRID <= 0))
     if len(exact) and GRID[exact[-1]] >= floor - 2 * code:  # flat a code or two below: under it
         floor = float(GRID[exact[-1]]) - code
     return floor if floor > lo else None
@@ -142,9 +143,9 @@ def _sampled(index: GraphIndex, tensor: str) -> np.ndarray | None:
 def _region(index: GraphIndex, head: str) -> tuple[list[onnx.NodeProto], list[str]] | None:
     """The elementwise nodes that read only `head`, constants and each other, reached from
     `head`, and the tensors of theirs that others read: None if `head` itself is read
-    elsewhere, or no node, or too many."""
+    elsewhere, or no node, or too many. Taken in waves, each reading only earlier ones, so the
+    nodes come out in an order ONNX Runtime can run."""
     inside, taken, nodes, queue = {head}, set(), [], [head]
-    order = {id(node): i for i, node in enumerate(index.nodes)}
     while queue:
         ready = {}
         for name in queue:
@@ -153,7 +154,7 @@ def _region(index: GraphIndex, head: str) -> tuple[list[onnx.NodeProto], list[st
                 if node.op_type in ELEMENTWISE and set(inputs) <= inside and id(node) not in taken:
                     ready[id(node)] = node
         taken.update(ready)
-        nodes += sorted(ready.values(), key=lambda n: order[id(n)])
+        nodes += ready.values()
         queue = [o for n in ready.values() for o in n.output if o]
         inside.update(queue)
         if len(nodes) > MAX_NODES:
