@@ -7,8 +7,10 @@ import re
 from functools import partial
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from models import classifier_head, detector_head, yolo_head
 from qdq.data import Samples, model_inputs
@@ -19,6 +21,7 @@ from qdq.plan.budget import float_reference, sqnr_score
 from qdq.plan.calibrate import observe, observe_holding
 from qdq.plan.method import MAJORITY, MARGIN, choose_method, sample_scores
 from qdq.plan.parts import (
+    Gate,
     Kind,
     Part,
     detect,
@@ -303,3 +306,68 @@ def test_a_classifier_output_stays_one_part_with_its_agreement(tmp_path):
     report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy")
     assert list(report.output_sqnr) == ["y"]
     assert report.output_tasks["y"]["top1_agreement"] > 0.9
+
+
+def dense_head(samples: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """CenterFace's outputs in miniature: a heatmap with one face per sample, at cell (2, 3),
+    and a map of offsets on the same grid, noise wherever there is no face."""
+    heat = np.full((samples, 1, 6, 6), 0.01, np.float32)
+    heat[:, 0, 2, 3] = 0.9
+    return heat, RNG.uniform(-3, 3, (samples, 2, 6, 6)).astype(np.float32)
+
+
+def shifted(offsets: np.ndarray) -> np.ndarray:
+    """The offsets 1.0 off everywhere but 0.1 off at the faces."""
+    got = offsets + 1.0
+    got[:, :, 2, 3] = offsets[:, :, 2, 3] + 0.1
+    return got
+
+
+def test_a_dense_heads_value_maps_are_judged_where_its_scores_fire():
+    heat, offsets = dense_head()
+    parts = output_parts(["heat", "offsets"], [[heat, offsets]])
+    assert parts == {"heat": [Part("heat")], "offsets": [Part("offsets", gate=Gate("heat", 1))]}
+    _, judged_offsets = judged(parts, [[heat, offsets]], [[heat, shifted(offsets)]])
+    faces = offsets[:, :, 2, 3].astype(np.float64)
+    expected = 10 * np.log10(np.mean(faces**2) / 0.1**2)
+    assert judged_offsets.error.sqnr_db == pytest.approx(expected, abs=1e-3)
+    assert judged_offsets.part.label == "offsets where heat > 0.25"
+
+
+def test_a_value_map_is_gated_only_by_a_firing_score_map_on_its_grid():
+    heat, offsets = dense_head()
+    prob, distances = np.moveaxis(heat, 1, -1), np.moveaxis(offsets, 1, -1)  # channels last
+    gates = output_parts(["prob", "dist"], [[prob, distances]])["dist"][0].gate
+    assert gates == Gate("prob", 3)
+    quiet = np.full_like(heat, 0.2)  # never passes 0.25: nothing to judge the offsets by
+    unrelated = heat[:, :, :5]  # another grid
+    for outputs in ([quiet, offsets], [unrelated, offsets], [heat[:7], offsets[:7]]):
+        parts = output_parts(["heat", "offsets"], [outputs])
+        assert parts["offsets"] == [Part("offsets")]
+    one_channel = offsets[:, :1]  # the same shape as the heatmap: no channel axis tells them
+    assert output_parts(["heat", "o"], [[heat, one_channel]])["o"] == [Part("o")]
+
+
+def test_held_samples_without_a_detection_are_judged_by_the_other_parts():
+    heat, offsets = dense_head(samples=8)
+    heat[5] = 0.01  # sample 5 has no face
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("h", "v")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("heat", "o")]
+
+    def model(shift: np.ndarray) -> onnx.ModelProto:
+        nodes = [
+            helper.make_node("Identity", ["h"], ["heat"]),
+            helper.make_node("Add", ["v", "s"], ["o"]),
+        ]
+        graph = helper.make_graph(
+            nodes, "head", inputs, outputs, [numpy_helper.from_array(shift, "s")]
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    shift = shifted(np.zeros((1, 2, 6, 6), np.float32))
+    feeds = [{"h": heat, "v": offsets}]
+    scores = sample_scores(float_reference(model(np.zeros_like(shift)), feeds))(model(shift))
+    faces = offsets[:, :, 2, 3].astype(np.float64)
+    expected = 10 * np.log10(np.sum(faces**2, axis=1) / (2 * 0.1**2))
+    assert np.isinf(scores[5])  # nothing gated, and the heatmap exact
+    assert scores[[0, 1, 2, 3, 4, 6, 7]] == pytest.approx(expected[[0, 1, 2, 3, 4, 6, 7]], abs=1e-3)

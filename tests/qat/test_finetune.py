@@ -328,3 +328,44 @@ def test_a_head_of_boxes_and_scores_is_distilled_per_part(tmp_path: Path) -> Non
     wrong[:, 4:] *= 0.9  # scores 10% low, boxes exact: the scores part's error is 0.01
     trainer.graph.forward = lambda feeds: [torch.from_numpy(wrong)]
     assert float(trainer._loss(feed)) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_a_dense_heads_value_map_is_distilled_where_its_scores_fire(tmp_path: Path) -> None:
+    """A heatmap and a map of offsets on its grid (CenterFace's head): the offsets' error counts
+    only at cells where FP32's heatmap passes 0.25, as every score of the plan judges it."""
+    h, rng = onnx.helper, np.random.default_rng(0)
+    nodes = [
+        h.make_node("Sigmoid", ["x"], ["heat"]),
+        h.make_node("Conv", ["x", "w"], ["offsets"]),
+    ]
+    w = onnx.numpy_helper.from_array(np.array([3.0, -2.0], np.float32).reshape(2, 1, 1, 1), "w")
+    x_info = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, (None, 1, 4, 4))
+    outputs = [
+        h.make_tensor_value_info("heat", onnx.TensorProto.FLOAT, (None, 1, 4, 4)),
+        h.make_tensor_value_info("offsets", onnx.TensorProto.FLOAT, (None, 2, 4, 4)),
+    ]
+    graph = h.make_graph(nodes, "dense", [x_info], outputs, [w])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "dense.onnx")
+    x = rng.normal(-5, 0.5, size=(64, 1, 4, 4)).astype(np.float32)  # sigmoid < 0.02
+    x[:, 0, 1, 2] = 2.0  # one firing cell per sample: sigmoid(2) = 0.88
+    np.savez(tmp_path / "calib.npz", x=x)
+    quantize_model(tmp_path / "dense.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz", CONFIG)
+    samples = Samples(tmp_path / "calib.npz", model_inputs(model))
+    teacher = open_session(model)
+    trainer = finetune._Trainer(
+        onnx.load(tmp_path / "q.onnx"), teacher, samples, CONFIG, OPTIONS, 8, 0
+    )
+    assert trainer.losses["offsets"] == "mse per part (offsets where heat > 0.25)"
+    feed = next(trainer.held.batches(8))
+    heat, offsets = teacher.run(None, feed)
+    background = offsets * 2
+    background[:, :, 1, 2] = offsets[:, :, 1, 2]  # wrong everywhere but at the firing cell
+    at_cell = offsets.copy()
+    at_cell[:, :, 1, 2] *= 0.9  # 10% low where it fires: the error is 0.01 of the signal
+    for got, loss in ((background, 0.0), (at_cell, 0.01)):
+        trainer.graph.forward = lambda feeds, got=got: [
+            torch.from_numpy(heat),
+            torch.from_numpy(got),
+        ]
+        assert float(trainer._loss(feed)) == pytest.approx(loss, rel=1e-3, abs=1e-9)

@@ -140,10 +140,11 @@ def _worst_per_sample(
     batched = all(w.ndim and w.shape[0] == samples for w in want)
     rows = samples if batched else 1
     worst = np.full(rows, np.inf)
+    by_name = {name: np.asarray(want[i]) for name, i in where.items()}
     for part in parts:
         i = where[part.output]
-        x = part.take(np.asarray(want[i])).astype(np.float64).reshape(rows, -1)
-        y = part.take(np.asarray(have[i])).astype(np.float64).reshape(rows, -1)
+        x, y = part.pair(np.asarray(want[i]), np.asarray(have[i]), by_name)
+        x, y = x.astype(np.float64).reshape(rows, -1), y.astype(np.float64).reshape(rows, -1)
         with np.errstate(invalid="ignore"):  # inf - inf: an infinite output kept is exact
             error = np.where(x == y, 0.0, x - y)
         signal, noise = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", error, error)

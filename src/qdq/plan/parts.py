@@ -15,6 +15,12 @@ first axis that splits wins; an output that splits nowhere is one part. Parts ma
 declared (`parse_parts`, `--output-parts NAME:AXIS:0-4,4-22`): their kinds come from the same
 statistics. A head split into 4 value channels then score channels is a detection head: its
 score part is also judged by detection F1 (`Detections`).
+
+A dense head (CenterNet, CenterFace, StarDist) writes a score map and, on the same grid, maps
+of values (offsets, sizes, landmarks, distances) that only mean something where the score map
+fires: elsewhere the FP32 model writes noise that no int8 model reproduces (CenterFace's offset
+map keeps 5 dB over the whole image and 19 dB at its faces). Such a value map is judged only
+where FP32's score map passes CONFIDENCE (`Gate`, `find_gates`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import enum
 import itertools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -50,6 +56,20 @@ class Kind(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class Gate:
+    """A score map `output` whose channels lie along `axis`: the part it gates is judged only
+    at positions where FP32's score in some channel passes CONFIDENCE."""
+
+    output: str
+    axis: int
+
+    def mask(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Where the gated output counts, in a batch of FP32's outputs by name (the gated
+        output's channel axis kept as 1, to broadcast)."""
+        return (np.asarray(outputs[self.output]) > CONFIDENCE).any(axis=self.axis, keepdims=True)
+
+
+@dataclass(frozen=True)
 class Part:
     """Channels `start:stop` of `output` along `axis` (None: the whole output).
 
@@ -62,9 +82,12 @@ class Part:
     start: int = 0
     stop: int = 0
     kind: Kind = Kind.VALUES
+    gate: Gate | None = None
 
     @property
     def label(self) -> str:
+        if self.gate is not None:
+            return f"{self.output} where {self.gate.output} > {CONFIDENCE}"
         if self.axis is None:
             return self.output
         return f"{self.output}[{':, ' * self.axis}{self.start}:{self.stop}]"
@@ -74,6 +97,17 @@ class Part:
         if self.axis is None:
             return output
         return np.take(output, np.arange(self.start, self.stop), axis=self.axis)
+
+    def pair(
+        self, reference: np.ndarray, approximation: np.ndarray, outputs: Mapping[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """This part of a batch of FP32's output and of its approximation, zero where a gate
+        does not let it count (`outputs`: FP32's outputs of the batch by name)."""
+        want, got = self.take(reference), self.take(approximation)
+        if self.gate is None:
+            return want, got
+        mask = self.gate.mask(outputs)
+        return np.where(mask, want, 0), np.where(mask, got, 0)
 
 
 def parse_parts(spec: str) -> tuple[str, int, list[tuple[int, int]]]:
@@ -176,8 +210,20 @@ class PartStats:
     rows: int = 0
     detections: Detections | None = None
 
-    def update(self, reference: np.ndarray, approximation: np.ndarray) -> None:
-        """Add a batch of the whole output (FP32, then quantized)."""
+    def update(
+        self,
+        reference: np.ndarray,
+        approximation: np.ndarray,
+        outputs: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Add a batch of the whole output (FP32, then quantized); `outputs`, FP32's outputs
+        of the batch by name, are needed where the part has a gate."""
+        if self.part.gate is not None:
+            if outputs is None:
+                raise ValueError(f"part {self.part.label} needs FP32's outputs by name")
+            mask = np.broadcast_to(self.part.gate.mask(outputs), reference.shape)
+            self.error.update(reference[mask], approximation[mask])
+            return
         want, got = self.part.take(reference), self.part.take(approximation)
         self.error.update(want, got)
         classes = self.part.axis is None or self.part.stop - self.part.start > 1
@@ -225,11 +271,15 @@ def part_stats(parts: Sequence[Part]) -> list[PartStats]:
 
 
 def update_all(
-    stats: Sequence[PartStats], reference: np.ndarray, approximation: np.ndarray
+    stats: Sequence[PartStats],
+    reference: np.ndarray,
+    approximation: np.ndarray,
+    outputs: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """Add a batch of one output to each of its parts' statistics."""
+    """Add a batch of one output to each of its parts' statistics (`outputs`: FP32's outputs
+    of the batch by name, for gated parts)."""
     for s in stats:
-        s.update(reference, approximation)
+        s.update(reference, approximation, outputs)
 
 
 def worst_sqnr(stats: Iterable[PartStats]) -> float:
@@ -349,10 +399,53 @@ def output_parts(
     outputs in `names`' order) and the declared specs, which must name outputs."""
     declared = list(declared)
     check_declared(declared, names)
-    return {
+    found = {
         name: find_parts(name, [outputs[i] for outputs in reference], declared)
         for i, name in enumerate(names)
     }
+    for name, gate in find_gates(names, reference).items():
+        if found[name] == [Part(name)]:
+            found[name] = [Part(name, gate=gate)]
+    return found
+
+
+def find_gates(names: Sequence[str], reference: Sequence[Sequence[np.ndarray]]) -> dict[str, Gate]:
+    """The value maps of a dense head and the score map gating each: an output of at least 3
+    dimensions with some value outside [0, 1] is gated by the first other output of its shape
+    but for the channel count along axis 1 or the last, whose values all lie in [0, 1] and pass
+    CONFIDENCE somewhere in `reference` (per feed, the outputs in `names`' order), on at least
+    MIN_ROWS samples."""
+    if sum(len(outputs[0]) for outputs in reference) < MIN_ROWS:
+        return {}
+    batches = {name: [np.asarray(o[i]) for o in reference] for i, name in enumerate(names)}
+    unit = {
+        name: b[0].dtype.kind == "f" and all(((x >= 0) & (x <= 1)).all() for x in b)
+        for name, b in batches.items()
+    }
+    firing = {name: any((x > CONFIDENCE).any() for x in b) for name, b in batches.items()}
+    gates = {}
+    for name, values in batches.items():
+        shape = values[0].shape
+        if len(shape) < 3 or values[0].dtype.kind != "f" or unit[name]:
+            continue
+        for other, scores in batches.items():
+            if other == name or not (unit[other] and firing[other]):
+                continue
+            axis = _channel_axis(shape, scores[0].shape)
+            if axis is not None:
+                gates[name] = Gate(other, axis)
+                break
+    return gates
+
+
+def _channel_axis(values: tuple[int, ...], scores: tuple[int, ...]) -> int | None:
+    """The axis (1 or the last) along which two shapes differ, if it is the only one."""
+    if len(values) != len(scores):
+        return None
+    differ = [a for a, (v, s) in enumerate(zip(values, scores, strict=True)) if v != s]
+    if len(differ) == 1 and differ[0] in (1, len(values) - 1):
+        return differ[0]
+    return None
 
 
 def judged(
@@ -364,6 +457,7 @@ def judged(
     against FP32's."""
     stats = {name: part_stats(p) for name, p in parts.items()}
     for want, got in zip(reference, approximation, strict=True):
+        by_name = dict(zip(stats, want, strict=True))
         for name, ref, out in zip(stats, want, got, strict=True):
-            update_all(stats[name], ref, out)
+            update_all(stats[name], ref, out, by_name)
     return [s for group in stats.values() for s in group]

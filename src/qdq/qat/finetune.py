@@ -340,13 +340,18 @@ class _Trainer:
                 else exact
             )
         total = torch.zeros(())
+        by_name = dict(zip(self.names, want, strict=True))
         for name, teacher_out, student in zip(self.names, want, got, strict=True):
             target = torch.from_numpy(np.asarray(teacher_out, np.float32))
             if self.axes[name] is not None:
                 total = total + _distance(student, target, self.axes[name])
                 continue
             for part in self.parts[name]:
-                total = total + _distance(_take(student, part), _take(target, part), None)
+                pair = _take(student, part), _take(target, part)
+                if part.gate is not None:  # a dense head's value map: where its scores fire
+                    mask = torch.from_numpy(part.gate.mask(by_name))
+                    pair = pair[0] * mask, pair[1] * mask
+                total = total + _distance(*pair, None)
         return total
 
     def _held_out_loss(self) -> float:
@@ -380,7 +385,7 @@ def _take(output: torch.Tensor, part: Part) -> torch.Tensor:
 def _labels(parts: list[Part]) -> str:
     """How the loss reads an output: whole, or by the parts found or declared (a declared
     part may leave channels out of the loss, as out of every score)."""
-    if len(parts) == 1 and parts[0].axis is None:
+    if parts == [Part(parts[0].output)]:
         return ""
     return " per part (" + ", ".join(p.label for p in parts) + ")"
 
@@ -441,8 +446,8 @@ def _output_sqnr(
     names = [o.name for o in teacher.get_outputs() if o.type == "tensor(float)"]
     stats = {name: [PartStats(part) for part in parts[name]] for name in names}
     for feed in samples.batches(16):
-        for name, want, got in zip(
-            names, teacher.run(names, feed), session.run(names, feed), strict=True
-        ):
-            update_all(stats[name], want, got)
+        wanted = teacher.run(names, feed)
+        by_name = dict(zip(names, wanted, strict=True))
+        for name, want, got in zip(names, wanted, session.run(names, feed), strict=True):
+            update_all(stats[name], want, got, by_name)
     return {s.part.label: s.error.sqnr_db for group in stats.values() for s in group}

@@ -43,7 +43,7 @@ class Comparison:
     latency_ms: tuple[float, float] | None = None
     accuracy: tuple[float, float] | None = None
     extra: dict[str, object] = field(default_factory=dict)
-    parts: dict[str, PartStats] = field(default_factory=dict)  # by label, split outputs only
+    parts: dict[str, PartStats] = field(default_factory=dict)  # by label: split, gated outputs
 
     def as_dict(self) -> dict[str, object]:
         worst = sorted(self.layers.items(), key=lambda kv: kv[1].sqnr_db)
@@ -218,15 +218,15 @@ def compare_models(
 def _parts(
     reference: onnx.ModelProto, samples: Samples, declared: Sequence[str]
 ) -> dict[str, list[Part]]:
-    """The parts of each float output that splits (`qdq.plan.parts`), from FP32's outputs on
-    the first PART_SAMPLES samples."""
+    """The parts of each float output that splits or is gated (`qdq.plan.parts`), from FP32's
+    outputs on the first PART_SAMPLES samples."""
     session = open_session(reference)
     names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
     outputs = [
         session.run(names, feed) for feed in samples.batches(PART_SAMPLES, last=PART_SAMPLES)
     ]
     found = output_parts(names, outputs, declared)
-    return {name: parts for name, parts in found.items() if len(parts) > 1}
+    return {name: parts for name, parts in found.items() if parts != [Part(name)]}
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ class _Job:
     pairs: dict[str, str]
     samples: Samples
     batch_size: int
-    parts: dict[str, list[Part]]  # of the outputs that split
+    parts: dict[str, list[Part]]  # of the outputs that split or are gated
 
 
 # Per output and per paired tensor, the error sums; the top-1 predictions, batch by batch; per
@@ -269,10 +269,11 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
     predictions: list[tuple[np.ndarray, np.ndarray]] = []
     parts = {name: part_stats(p) for name, p in job.parts.items()}
     for ref, got in _runs(job, ref_session, q_session, samples, span):
+        by_name = dict(zip(outputs, ref, strict=False))  # the paired tensors follow
         for i, name in enumerate(outputs):
             out_stats[name].update(ref[i], got[i], REPORT_BLOCK)
             if name in parts:
-                update_all(parts[name], ref[i], got[i])
+                update_all(parts[name], ref[i], got[i], by_name)
         for j, name in enumerate(pairs, start=len(outputs)):
             layer_stats[name].update(ref[j], got[j], REPORT_BLOCK)
         if out_stats[outputs[0]].classes:
