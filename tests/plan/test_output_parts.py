@@ -19,16 +19,15 @@ from qdq.observers import make_observer
 from qdq.pipeline import quantize_model
 from qdq.plan.budget import float_reference, sqnr_score
 from qdq.plan.calibrate import observe, observe_holding
+from qdq.plan.detections import detect, match
 from qdq.plan.method import MAJORITY, MARGIN, choose_method, sample_scores
 from qdq.plan.parts import (
     Gate,
     Kind,
     Part,
-    detect,
     find_parts,
     is_detection,
     judged,
-    match,
     output_parts,
     parse_parts,
     part_stats,
