@@ -216,13 +216,9 @@ class PartStats:
     ) -> None:
         """Add a batch of the whole output (FP32, then quantized); `outputs`, FP32's outputs
         of the batch by name, are needed where the part has a gate."""
-        if self.part.gate is not None:
-            if outputs is None:
-                raise ValueError(f"part {self.part.label} needs FP32's outputs by name")
-            mask = np.broadcast_to(self.part.gate.mask(outputs), reference.shape)
-            self.error.update(reference[mask], approximation[mask])
-            return
-        want, got = self.part.take(reference), self.part.take(approximation)
+        if self.part.gate is not None and outputs is None:
+            raise ValueError(f"part {self.part.label} needs FP32's outputs by name")
+        want, got = self.part.pair(reference, approximation, outputs or {})
         self.error.update(want, got)
         classes = self.part.axis is None or self.part.stop - self.part.start > 1
         if self.part.kind is Kind.SCORES and classes:  # one score channel has no class to agree
