@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import qdq.engine.kernels as kernels_module
+import qdq.engine.product_kernels as product_kernels
 from qdq.config import QuantConfig
 from qdq.engine import Engine, jit
 from qdq.engine.diff import diff_model
@@ -36,9 +36,9 @@ def _same_tensors(
 ) -> None:
     reference = Engine(path, requant, kernels="numpy").trace(feeds)
     calls = []
-    accumulate = kernels_module.conv_accumulator
+    accumulate = product_kernels.conv_accumulator
     monkeypatch.setattr(
-        kernels_module, "conv_accumulator", lambda *a, **k: calls.append(1) or accumulate(*a, **k)
+        product_kernels, "conv_accumulator", lambda *a, **k: calls.append(1) or accumulate(*a, **k)
     )
     fast = Engine(path, requant, kernels="compiled").trace(feeds)
     assert calls  # the compiled convolution ran, not a fallback to NumPy

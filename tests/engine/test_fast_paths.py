@@ -13,8 +13,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 from qdq.engine import Engine, compiled, elementwise, executor, jit, mlas, pixels, vnni
+from qdq.engine.code_kernels import flatten, max_pool, reshape
+from qdq.engine.context import Context
 from qdq.engine.integer import exact_conv, requantize_mlas
-from qdq.engine.kernels import Context, flatten, max_pool, reshape
 from qdq.onnx.conv import ConvGeometry
 
 # without Numba the kernels run as plain Python: correct, far too slow for these shapes

@@ -1,10 +1,10 @@
 """Compiled convolutions (Numba, the optional `fast` extra): the engine's fast path.
 
 Same arithmetic as the NumPy reference in `integer.py` and `mlas.py`, in fewer passes. A dense
-convolution runs a cache-sized tile of output positions at a time: im2col writes each
-position's terms as a row, one product (int8 codes with VNNI, `vnni.py`, where the CPU and the
-weights allow; else float32 BLAS on the zero-point-free values, exact while every partial sum
-stays below 2^24, `integer.exact_dtype`), and ONNX Runtime's requantization
+convolution runs a cache-sized tile of output positions at a time: im2col (`im2col.py`) writes
+each position's terms as a row, one product (int8 codes with VNNI, `vnni.py`, where the CPU and
+the weights allow; else float32 BLAS on the zero-point-free values, exact while every partial
+sum stays below 2^24, `integer.exact_dtype`), and ONNX Runtime's requantization
 (`requantize_mlas`) with the bias, straight into the output codes. Dense and depthwise
 (`depthwise.py`) convolutions write their codes channels-last (`pixels.py`): the next one reads
 a pixel's channels, and a window's row of taps, as contiguous runs, and no layer transposes
@@ -21,128 +21,22 @@ import numpy as np
 
 import qdq.engine.vnni as vnni
 from qdq.engine.depthwise import depthwise, depthwise_requantized
+from qdq.engine.im2col import (
+    columns,
+    padded_planes,
+    pixel_columns,
+    pixel_rows,
+    pixels,
+    pointwise_columns,
+)
 from qdq.engine.jit import compile_kernel
 from qdq.engine.pixels import as_pixels, fresh, from_pixels
 from qdq.onnx.conv import ConvGeometry
-
-try:
-    from numba import uint64
-except ImportError:  # the NumPy path serves; `available()` says which
-    uint64 = int
 
 TILE = 1 << 18  # float32 values in a tile's columns and product together: 1 MiB, within L2
 # dense convolutions multiply int8 codes with VNNI where the CPU has it (tests turn it off to
 # check the float32 path)
 INT8_PRODUCTS = vnni.available()
-
-
-def _padded_planes(x, x_zp, kh, kw, sh, sw, dh, dw, top, left, oh, ow):
-    """x (N, C, H, W) less its zero point in float32, inside a zero border as wide as every
-    window of the output reaches: what `_columns` copies from."""
-    n_count, channels, height, width = x.shape
-    rows = max(height + top, (oh - 1) * sh + (kh - 1) * dh + 1)
-    columns = max(width + left, (ow - 1) * sw + (kw - 1) * dw + 1)
-    padded = np.zeros((n_count, channels, rows, columns), np.float32)
-    for n in range(n_count):
-        for c in range(channels):
-            for h in range(height):
-                source, target = x[n, c, h], padded[n, c, h + top, left:]
-                for v in range(width):
-                    target[v] = np.float32(np.int32(source[v]) - x_zp)
-    return padded
-
-
-def _columns(padded, kh, kw, sh, sw, dh, dw, oh, ow, first, out):
-    """im2col of output positions `first`, `first + 1`, ... (r = (n * oh + y) * ow + v, as many
-    as `out` has columns) from `_padded_planes`: out[(c * kh + i) * kw + j, r - first] =
-    padded[n, c, y * sh + i * dh, v * sw + j * dw]. Each row of `out` is written in order,
-    one output row's run at a time."""
-    _, channels, rows, width = padded.shape
-    count = out.shape[1]
-    flat = padded.ravel()
-    for c in range(channels):
-        for i in range(kh):
-            for j in range(kw):
-                target = out[(c * kh + i) * kw + j]
-                n, rest = divmod(first, oh * ow)
-                y, v0 = divmod(rest, ow)
-                t = 0
-                while t < count:
-                    run = min(ow - v0, count - t)
-                    # unsigned: no negative-index test per element
-                    start = uint64(((n * channels + c) * rows + y * sh + i * dh) * width)
-                    start += uint64(v0 * sw + j * dw)
-                    for q in range(uint64(run)):
-                        target[uint64(t) + q] = flat[start + q * uint64(sw)]
-                    t += run
-                    v0 = 0
-                    y += 1
-                    if y == oh:
-                        y = 0
-                        n += 1
-
-
-def _pointwise_columns(x, x_zp, first, out):
-    """`_columns` of a 1x1 kernel with unit strides and no padding, x as (N, C, H * W): runs
-    of one image's positions, copied less the zero point."""
-    plane = x.shape[2]
-    count = out.shape[1]
-    t = 0
-    while t < count:
-        n = (first + t) // plane
-        p0 = first + t - n * plane
-        run = min(plane - p0, count - t)
-        for c in range(x.shape[1]):
-            source, target = x[n, c, p0 : p0 + run], out[c, t : t + run]
-            for q in range(run):
-                target[q] = np.float32(np.int32(source[q]) - x_zp)
-        t += run
-
-
-def _pixels(x, shift, top, left, out):
-    """out (N, rows, columns, C), its border already filled = x as pixels (N, H, W, C: a view
-    of either layout) plus `shift` (less the zero point for float32 terms, the offset to
-    unsigned for codes), inside that border: what `_pixel_columns` copies from."""
-    n_count, height, width, channels = x.shape
-    for n in range(n_count):
-        for h in range(height):
-            for v in range(width):
-                source, target = x[n, h, v], out[n, h + top, v + left]
-                for c in range(channels):
-                    target[c] = np.int32(source[c]) + shift
-
-
-def _pixel_columns(padded, kh, kw, sh, sw, dh, dw, oh, ow, first, out):
-    """im2col of output positions `first`, ... (r = (n * oh + y) * ow + v, as many as `out`
-    has rows) from `_pixels`, a row per position: out[r - first, (i * kw + j) * C + c] =
-    padded[n, y * sh + i * dh, v * sw + j * dw, c]. A window's row of taps is one run of
-    kw * C values when dw is 1."""
-    _, rows, width, channels = padded.shape
-    count, length = out.shape
-    flat, target = padded.ravel(), out.ravel()
-    run = uint64(kw * channels if dw == 1 else channels)
-    for t in range(count):
-        n, rest = divmod(first + t, oh * ow)
-        y, v = divmod(rest, ow)
-        for i in range(kh):
-            line = ((n * rows + y * sh + i * dh) * width + v * sw) * channels
-            for j in range(1 if dw == 1 else kw):
-                # unsigned: no negative-index test per element
-                start = uint64(line + j * dw * channels)
-                base = uint64(t * length + (i * kw + j) * channels)
-                for q in range(run):
-                    target[base + q] = flat[start + q]
-
-
-def _pixel_rows(x, shift, first, out):
-    """`_pixel_columns` of a 1x1 kernel with unit strides and no padding: positions `first`,
-    ... of x as pixels (N, H, W, C), a row each, plus `shift` (`_pixels`)."""
-    _, height, width, channels = x.shape
-    for t in range(out.shape[0]):
-        n, rest = divmod(first + t, height * width)
-        source, target = x[n, rest // width, rest % width], out[t]
-        for c in range(channels):
-            target[c] = np.int32(source[c]) + shift
 
 
 def _requantize_rows(product, bias, scale, zero_point, low, high, first, out):
@@ -157,7 +51,7 @@ def _requantize_rows(product, bias, scale, zero_point, low, high, first, out):
 
 
 def _requantize_columns(product, bias, scale, zero_point, low, high, first, out):
-    """`_requantize_mlas` of a product over output positions `first`, ... (`_columns`) into
+    """`_requantize_mlas` of a product over output positions `first`, ... (`im2col.columns`) into
     out (N, M, P): float32(int32(product[m, r - first]) + bias[m]) * scale[m], clamped,
     rounded half to even, plus the zero point."""
     channels, count = product.shape
@@ -190,71 +84,15 @@ def _requantize_mlas(acc, bias, scale, zero_point, low, high, out):
                 out[n, m, p] = np.int32(np.rint(value)) + zero_point
 
 
-def _add_spans(a, b, r_a, r_b, fixed, low, high, out):
-    """`mlas.qlinear_add` on (R, S) codes, b (R, S) or one value per row (R, 1): the FMAs as
-    float64 products of a code and a float32 ratio (exact) plus a float32, rounded once."""
-    rows, size = a.shape
-    per_row = b.shape[1] == 1
-    for i in range(rows):
-        for j in range(size):
-            code = b[i, 0] if per_row else b[i, j]
-            inner = np.float32(np.float64(code) * r_b + fixed)
-            value = np.float32(np.float64(a[i, j]) * r_a + np.float64(inner))
-            if -2147483648.0 < value < 2147483648.0:  # `mlas.convert_and_pack`
-                out[i, j] = min(max(np.rint(value), low), high)
-            else:
-                out[i, j] = low
-
-
-def _mul_spans(a, a_zp, b, b_zp, ratio, c_zp, low, high, out):
-    """`mlas.qlinear_mul` on (R, S) codes, b (R, S) or one value per row (R, 1): float32
-    `product * ratio + c_zp`, then `mlas.convert_and_pack` (beyond int32: the minimum)."""
-    rows, size = a.shape
-    per_row = b.shape[1] == 1
-    for i in range(rows):
-        for j in range(size):
-            code = b[i, 0] if per_row else b[i, j]
-            product = (np.int32(a[i, j]) - a_zp) * (np.int32(code) - b_zp)
-            value = np.float32(product) * ratio + c_zp
-            if -2147483648.0 < value < 2147483648.0:
-                out[i, j] = min(max(np.rint(value), low), high)
-            else:
-                out[i, j] = low
-
-
-padded_planes = compile_kernel(_padded_planes)
-pixels = compile_kernel(_pixels)
-pixel_columns = compile_kernel(_pixel_columns)
-pixel_rows = compile_kernel(_pixel_rows)
 requantize_rows = compile_kernel(_requantize_rows)
-columns = compile_kernel(_columns)
-pointwise_columns = compile_kernel(_pointwise_columns)
 requantize_columns = compile_kernel(_requantize_columns)
 requantize_fused = compile_kernel(_requantize_mlas)
-add_spans = compile_kernel(_add_spans)
-mul_spans = compile_kernel(_mul_spans)
-
-
-def spans(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """a and b as (R, S) and (R, S) or (R, 1) when b equals a's shape or holds one value per
-    leading index (b's trailing dims all 1, its leading dims a's); else None."""
-    if a.shape == b.shape:
-        return a.reshape(1, -1), b.reshape(1, -1)
-    if b.ndim != a.ndim or a.ndim == 0:
-        return None
-    lead = b.ndim
-    while lead and b.shape[lead - 1] == 1:
-        lead -= 1
-    if b.shape[:lead] != a.shape[:lead]:
-        return None
-    rows = int(np.prod(a.shape[:lead]))
-    return a.reshape(rows, -1), b.reshape(rows, 1)
 
 
 @dataclass(frozen=True)
 class DenseWeights:
     """A dense convolution's centred weights as `_fused_pixels` multiplies them: float32
-    (K, M), terms in `_pixel_columns`' order, and, where the CPU has VNNI and every weight
+    (K, M), terms in `im2col.pixel_columns`' order, and, where the CPU has VNNI and every weight
     fits int8, `vnni.pack_weights`' codes and column sums."""
 
     floats: np.ndarray
@@ -339,7 +177,7 @@ def conv_accumulator(
 
 
 def _taps(geometry: tuple) -> tuple:
-    """`_columns`'s geometry from `conv_accumulator`'s (the padding is already applied)."""
+    """`im2col.columns`' geometry from `conv_accumulator`'s (the padding is already applied)."""
     kh, kw, sh, sw, dh, dw, _, _, oh, ow = geometry
     return kh, kw, sh, sw, dh, dw, oh, ow
 

@@ -21,8 +21,8 @@ import onnx
 import onnxruntime as ort
 
 from qdq.data import Samples, model_inputs
+from qdq.engine.context import Requant
 from qdq.engine.executor import Engine
-from qdq.engine.kernels import Requant
 from qdq.errors import ModelError, UsageError, first_line
 from qdq.onnx.model import load_model
 from qdq.onnx.sessions import session_with_outputs

@@ -22,9 +22,10 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from qdq.data import check_feeds, model_inputs
+from qdq.engine.context import Context, Kernel, Requant
 from qdq.engine.elementwise import FLOAT_KERNELS
 from qdq.engine.jit import available
-from qdq.engine.kernels import INTEGER_ONLY, KERNELS, Context, Kernel, Requant
+from qdq.engine.kernels import INTEGER_ONLY, KERNELS
 from qdq.errors import ModelError
 from qdq.onnx.graph import attributes
 from qdq.onnx.model import load_model, ort_rewrite

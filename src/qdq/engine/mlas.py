@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qdq.engine.compiled import add_spans, mul_spans, spans
 from qdq.engine.integer import requantize_mlas
 from qdq.engine.pixels import as_pixels, channels_last, from_pixels
+from qdq.engine.spans import add_spans, mul_spans, spans
 from qdq.onnx.conv import ConvGeometry
 
 F32 = np.float32

@@ -37,5 +37,5 @@ def channels_last(*tensors: np.ndarray) -> bool:
 
 def fresh(shape: tuple[int, ...], dtype: np.dtype, slot: str = "out") -> np.ndarray:
     """A new uninitialized array: how the kernels allocate unless the engine lends its own
-    (`kernels.Context.empty`, called with the same arguments)."""
+    (`context.Context.empty`, called with the same arguments)."""
     return np.empty(shape, dtype)
