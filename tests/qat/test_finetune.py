@@ -16,9 +16,10 @@ from qdq.config import preset_config
 from qdq.data import Samples, model_inputs
 from qdq.onnx.sessions import Use, open_session
 from qdq.pipeline import quantize_model
-from qdq.qat import finetune
+from qdq.qat import finetune, finetune_trainer
 from qdq.qat.convert import QdqGraph, write_back
-from qdq.qat.finetune import FinetuneOptions, _distance, finetune_model
+from qdq.qat.finetune import FinetuneOptions, finetune_model
+from qdq.qat.finetune_loss import _confirmed, _distance, _softmax_axes
 
 from conftest import DIGITS, digits_cnn_sqnr
 
@@ -116,7 +117,7 @@ def test_patience_counts_only_in_the_second_half_of_the_run(
     model = onnx.load(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
     options = FinetuneOptions(steps=8, evaluate_every=1, patience=1, batch_size=16, threads=1)
-    trainer = finetune._Trainer(
+    trainer = finetune_trainer._Trainer(
         onnx.load(pair[0]), open_session(model), samples, CONFIG, options, 16, 0
     )
     monkeypatch.setattr(trainer, "_step", lambda: None)
@@ -211,7 +212,9 @@ def test_held_out_loss_is_the_written_files_in_onnx_runtime(pair: tuple[Path, Pa
     model = onnx.load(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
     teacher = open_session(model)
-    trainer = finetune._Trainer(onnx.load(pair[0]), teacher, samples, CONFIG, OPTIONS, 16, 0)
+    trainer = finetune_trainer._Trainer(
+        onnx.load(pair[0]), teacher, samples, CONFIG, OPTIONS, 16, 0
+    )
     loss = trainer._held_out_loss()
     trainer.graph.forward = lambda feeds: [torch.zeros(len(feeds["input"]), 10)]
     assert trainer._held_out_loss() == loss
@@ -228,7 +231,7 @@ def test_training_loss_has_the_files_value_and_the_torch_copys_gradient(
     gradients through the torch copy (a straight-through estimator at the outputs)."""
     model = onnx.load(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
-    trainer = finetune._Trainer(
+    trainer = finetune_trainer._Trainer(
         onnx.load(pair[0]), open_session(model), samples, CONFIG, OPTIONS, 16, 0
     )
     feed = next(samples.batches(16))
@@ -264,7 +267,7 @@ def test_a_reshaped_softmax_output_is_distilled_with_kl_where_it_stays_a_distrib
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     x = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
     teacher = open_session(model).run(None, {"x": x})
-    axes = finetune._confirmed(finetune._softmax_axes(model, ["y"]), teacher)
+    axes = _confirmed(_softmax_axes(model, ["y"]), teacher)
     assert {"kl": -1, "mse": None}[loss] == axes["y"]
 
 
@@ -274,7 +277,7 @@ def test_held_out_and_batches_are_drawn_from_the_whole_set(pair: tuple[Path, Pat
     over the whole set, and batches visit every training sample once a pass, shuffled."""
     model = onnx.load(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
-    trainer = finetune._Trainer(
+    trainer = finetune_trainer._Trainer(
         onnx.load(pair[0]), open_session(model), samples, CONFIG, OPTIONS, 16, 0
     )
     held = trainer.held.order
@@ -318,7 +321,7 @@ def test_a_head_of_boxes_and_scores_is_distilled_per_part(tmp_path: Path) -> Non
     quantize_model(tmp_path / "head.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz", CONFIG)
     samples = Samples(tmp_path / "calib.npz", model_inputs(model))
     teacher = open_session(model)
-    trainer = finetune._Trainer(
+    trainer = finetune_trainer._Trainer(
         onnx.load(tmp_path / "q.onnx"), teacher, samples, CONFIG, OPTIONS, 8, 0
     )
     assert trainer.losses["y"] == "mse per part (y[:, 0:4], y[:, 4:9])"
@@ -353,7 +356,7 @@ def test_a_dense_heads_value_map_is_distilled_where_its_scores_fire(tmp_path: Pa
     quantize_model(tmp_path / "dense.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz", CONFIG)
     samples = Samples(tmp_path / "calib.npz", model_inputs(model))
     teacher = open_session(model)
-    trainer = finetune._Trainer(
+    trainer = finetune_trainer._Trainer(
         onnx.load(tmp_path / "q.onnx"), teacher, samples, CONFIG, OPTIONS, 8, 0
     )
     assert trainer.losses["offsets"] == "mse per part (offsets where heat > 0.25)"

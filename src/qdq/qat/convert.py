@@ -12,7 +12,8 @@ Why not a converter from PyPI: onnx2torch (1.5.15, the most used one, last relea
 has no converter for QuantizeLinear or DequantizeLinear (none among its node_converters), so
 the Q/DQ pairs, the learned and tied scales, and the map from each torch parameter back to
 the initializer it came from (which writing the same file needs) would be ours anyway; the
-ops themselves are plain functions (qdq.qat.ops), each tested against ONNX Runtime.
+ops themselves are plain functions (qdq.qat.ops_*, tabled in qdq.qat.ops), each tested
+against ONNX Runtime.
 
 Scales are tied where ONNX Runtime needs them equal: a node whose int8 input and int8 output
 carry the same scale and zero point (MaxPool, Reshape, Transpose, Resize, a shared Concat
@@ -39,7 +40,8 @@ from qdq.plan.constants import BIAS_CODE_LIMIT
 from qdq.plan.saturation import pair_clipped
 from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.lowbit import LowBitWeight
-from qdq.qat.ops import OPS, TORCH_DTYPES, Attrs, Value
+from qdq.qat.ops import OPS
+from qdq.qat.ops_args import TORCH_DTYPES, Attrs, Value
 from qdq.qparams import MIN_SCALE
 from qdq.scheme import PerChannel, PerTensor, QScheme
 

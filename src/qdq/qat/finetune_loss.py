@@ -1,0 +1,81 @@
+"""The distillation loss of `qdq finetune`: how each output of the int8 student is measured
+against the FP32 teacher's, apart from the loop that minimizes it (qdq.qat.finetune_trainer):
+
+- an output a Softmax makes is a distribution: KL(teacher || student) over the Softmax axis
+  (also behind a reshape that keeps a last Softmax axis last, checked on the teacher's outputs);
+- any other output (logits, regression maps, boxes, embeddings): the squared error over the
+  teacher's power, sum (s - t)^2 / sum t^2, which is 10^(-SQNR/10): minimizing it maximizes
+  that output's SQNR. MSE on logits distils at least as well as KL on them (Kim et al. 2021).
+  An output that joins different quantities (a YOLO head's [boxes | class scores]: the parts
+  `qdq.plan.parts` finds, or `QuantConfig.output_parts` declares) gets that error per part,
+  summed, so that scores in [0, 1] weigh as much as boxes in pixels (as one tensor, the boxes'
+  error is all the loss sees; issue 15's lesson for PTQ).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+
+from qdq.plan.parts import Part
+
+PASS_THROUGH = {"QuantizeLinear", "DequantizeLinear", "Identity"}
+# Ops that regroup the other axes and may keep a Softmax's last axis last (PP-OCRv4's
+# recognizer reshapes its (N * T, classes) Softmax to (N, T, classes)); the teacher's outputs
+# confirm it (`_confirmed`).
+RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+
+
+def _distance(student: torch.Tensor, teacher: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """KL(teacher || student) over a Softmax's `axis`, averaged over the other positions; or
+    the squared error over the teacher's power (`axis` None)."""
+    if axis is None:
+        return (student - teacher).square().sum() / teacher.square().sum().clamp_min(1e-12)
+    tiny = 1e-8
+    kl = teacher * (torch.log(teacher + tiny) - torch.log(student.clamp_min(0) + tiny))
+    return kl.sum(axis).mean()
+
+
+def _take(output: torch.Tensor, part: Part) -> torch.Tensor:
+    """`part`'s channels of a batch of its output."""
+    if part.axis is None:
+        return output
+    return output.narrow(part.axis, part.start, part.stop - part.start)
+
+
+def _labels(parts: list[Part]) -> str:
+    """How the loss reads an output: whole, or by the parts found or declared (a declared
+    part may leave channels out of the loss, as out of every score)."""
+    if parts == [Part(parts[0].output)]:
+        return ""
+    return " per part (" + ", ".join(p.label for p in parts) + ")"
+
+
+def _softmax_axes(model: onnx.ModelProto, names: list[str]) -> dict[str, int | None]:
+    """Per output, the axis of the Softmax that makes it (through Q/DQ pairs), or None."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    axes: dict[str, int | None] = {}
+    for name in names:
+        node, reshaped = producer.get(name), False
+        while node is not None and node.op_type in PASS_THROUGH | RESHAPES:
+            reshaped = reshaped or node.op_type in RESHAPES
+            node = producer.get(node.input[0])
+        axes[name] = None
+        if node is not None and node.op_type == "Softmax":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            axis = attrs.get("axis", -1 if opset >= 13 else 1)
+            # after a reshape, only a last axis is known to stay last (then confirmed on data)
+            axes[name] = -1 if reshaped and axis == -1 else None if reshaped else axis
+    return axes
+
+
+def _confirmed(axes: dict[str, int | None], outputs: list[np.ndarray]) -> dict[str, int | None]:
+    """`axes` with each Softmax axis kept only where the teacher's output on a batch sums to 1
+    along it (a reshape that regrouped the last axis leaves no distribution there)."""
+    out = {}
+    for (name, axis), value in zip(axes.items(), outputs, strict=True):
+        sums = np.asarray(value, np.float64).sum(axis=axis) if axis is not None else None
+        out[name] = axis if sums is not None and np.allclose(sums, 1.0, atol=1e-3) else None
+    return out

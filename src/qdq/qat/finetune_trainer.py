@@ -1,0 +1,235 @@
+"""The training loop of `qdq finetune` (qdq.qat.finetune): its options, the torch copy's
+optimizer and rates, the streamed batches and the held-out checkpoints; the loss it minimizes
+is qdq.qat.finetune_loss's.
+
+A random eighth of the samples (8 to 64) is held out: the loss on them, measured every
+`evaluate_every` steps from step 0 (the PTQ model itself), picks the checkpoint written and
+stops training after `patience` evaluations without a gain in the second half of the run (the
+loss often stalls while the cosine-decayed rate is high, then falls: docs/finetune.md). It is
+measured in ONNX Runtime on the file each checkpoint would write, not on the torch copy: the
+two round a few ties apart, and on a model that amplifies noise (PP-OCRv4's recognizer: ONNX
+Runtime's fused and unfused runs of one QDQ file differ by 23 dB) the torch loss fell by half
+while the file's error barely moved (docs/finetune.md). Each training step's loss is the
+file's too (`FinetuneOptions.file_outputs`), with the torch copy's gradient. Each batch is
+the next `batch_size` of the training samples in an order shuffled every pass (a folder of
+images sorted by class would otherwise give batches of one class, and a held-out set of the
+last), read from the samples as training draws them, so memory does not grow with their
+number.
+
+Adam's steps are set per tensor in units of that tensor's own grid, so one `lr` suits every
+layer and bit width: a weight moves up to `lr` of its grid step per step, a scale or a bias
+`lr / 10` of its own size (a scale moves the whole grid, so it moves slower). Adam moves every
+weight about `lr` per step whatever its gradient's size, so with a few samples per batch a high
+rate is noise added to every weight: 0.01 suits the digits CNN (batch 16), but made the
+PP-OCRv4 recognizer's and detector's held-out loss rise from the first evaluation, where 0.002
+lowered it (docs/finetune.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
+from qdq.config import QuantConfig
+from qdq.data import Samples
+from qdq.errors import SchemeError
+from qdq.onnx.sessions import Use, open_session
+from qdq.plan.parts import output_parts
+from qdq.plan.saturation import avoids_saturation
+from qdq.qat.convert import QdqGraph, write_back
+from qdq.qat.finetune_loss import _confirmed, _distance, _labels, _softmax_axes, _take
+
+# `qdq finetune`'s logger, named after its entry: users and bench/qat_finetune.py enable that name
+log = logging.getLogger("qdq.qat.finetune")
+SCALE_LR_SHARE = 0.1  # scales and biases move at this share of `lr` (see the module doc)
+PART_SAMPLES = 16  # training samples whose teacher outputs find each output's parts
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """How long and how fast to train; the defaults fit a few minutes on two CPU cores."""
+
+    steps: int = 300
+    lr: float = 0.002  # Adam step, in units of each tensor's grid step (module doc)
+    batch_size: int = 8
+    held_out: int | None = None  # samples; None: an eighth of them, 8 to 64
+    evaluate_every: int = 25
+    patience: int = 4  # evaluations without a held-out gain, past half the steps, to stop
+    # Train on ONNX Runtime's outputs of the file each step would write (gradients through the
+    # torch copy); off: on the torch copy's own outputs (module doc)
+    file_outputs: bool = True
+    threads: int | None = None  # torch's intra-op threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "evaluate_every", "patience"):
+            if getattr(self, name) < 1:
+                raise SchemeError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SchemeError(f"`lr` must be a positive number, got {self.lr}")
+        if self.held_out is not None and self.held_out < 1:
+            raise SchemeError(f"`held_out` must be >= 1, got {self.held_out}")
+
+
+class _Trainer:
+    """The torch copy of the QDQ graph, its optimizer, and the loop over streamed batches."""
+
+    def __init__(
+        self,
+        quantized: onnx.ModelProto,
+        teacher: ort.InferenceSession,
+        samples: Samples,
+        config: QuantConfig,
+        options: FinetuneOptions,
+        held_out: int,
+        seed: int | None,
+    ) -> None:
+        self.quantized = quantized
+        self.graph = QdqGraph(quantized, config.weights, config.activations, config.weight_grid)
+        self.pairs = avoids_saturation(config)  # as PTQ's weights: kept from saturating
+        self.teacher, self.options = teacher, options
+        self.rng = np.random.default_rng(seed)
+        shuffled = self.rng.permutation(samples.count)
+        # sorted: a compressed .npz streams forward (qdq.arrayfile)
+        self.held = samples.subset(np.sort(shuffled[:held_out]))
+        self.training = samples.subset(np.sort(shuffled[held_out:]))
+        self.queue = np.empty(0, np.int64)  # training positions left in this pass
+        self.names = [o.name for o in teacher.get_outputs()]
+        feeds = self.training.span(0, PART_SAMPLES).batches(options.batch_size)
+        reference = [teacher.run(self.names, feed) for feed in feeds]
+        self.axes = _confirmed(_softmax_axes(quantized, self.names), reference[0])
+        self.parts = output_parts(self.names, reference, config.output_parts)
+        self.losses = {
+            name: "kl" if axis is not None else "mse" + _labels(self.parts[name])
+            for name, axis in self.axes.items()
+        }
+        self.optimizer = torch.optim.Adam(_param_groups(self.graph, options.lr))
+        # Cosine decay to zero over the run: late steps settle instead of hopping between
+        # grid points (digits CNN, 4-bit: the held-out loss rose again after step 120 without).
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / options.steps))
+        )
+
+    def train(self, progress: bool) -> tuple[int, int]:
+        """Train for up to `steps` steps; the model is left at the best held-out checkpoint.
+        Returns that checkpoint's step and the number of steps run."""
+        options = self.options
+        best_loss, best_step = self._held_out_loss(), 0
+        log.info("finetune step 0 (PTQ): held-out loss %.5g", best_loss)
+        best_state = copy.deepcopy(self.graph.state_dict())
+        waited, step = 0, 0
+        bar = tqdm(total=options.steps, desc="finetune", disable=not progress, leave=False)
+        with bar:
+            for step in range(1, options.steps + 1):
+                self._step()
+                bar.update()
+                if step % options.evaluate_every and step != options.steps:
+                    continue
+                loss = self._held_out_loss()
+                bar.set_postfix(held_out=f"{loss:.4g}", best=f"{min(loss, best_loss):.4g}")
+                log.info("finetune step %d: held-out loss %.5g", step, loss)
+                if loss < best_loss:
+                    best_loss, best_step, waited = loss, step, 0
+                    best_state = copy.deepcopy(self.graph.state_dict())
+                elif 2 * step >= options.steps:  # patience counts in the decay's second half
+                    waited += 1
+                    if waited >= options.patience:
+                        break
+        self.graph.load_state_dict(best_state)
+        return best_step, step
+
+    def _step(self) -> None:
+        """One optimizer step on the next batch (models whose batch axis is fixed at 1
+        accumulate its samples one at a time)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        file = self._file_session() if self.options.file_outputs else None
+        for feed, weight in self._feeds(self.training.subset(self._next_batch())):
+            self._loss(feed, file, through=True).mul(weight).backward()
+        self.optimizer.step()
+        self.schedule.step()
+
+    def _next_batch(self) -> np.ndarray:
+        """The next `batch_size` training positions (sorted), every sample once a pass, each
+        pass in a new random order; a batch that would straddle two passes starts the next."""
+        size = min(self.options.batch_size, self.training.count)
+        if len(self.queue) < size:
+            self.queue = self.rng.permutation(self.training.count)
+        batch, self.queue = self.queue[:size], self.queue[size:]
+        return np.sort(batch)
+
+    def _feeds(self, part: Samples) -> Iterator[tuple[dict[str, np.ndarray], float]]:
+        for feed in part.batches(self.options.batch_size):
+            yield feed, len(next(iter(feed.values()))) / part.count
+
+    def _file_session(self) -> ort.InferenceSession:
+        """ONNX Runtime's session of the file the current values would write."""
+        return open_session(write_back(self.quantized, self.graph, self.pairs), Use.CHECK)
+
+    def _loss(
+        self,
+        feed: dict[str, np.ndarray],
+        session: ort.InferenceSession | None = None,
+        through: bool = False,
+    ) -> torch.Tensor:
+        """The distillation loss of the torch copy on `feed`, or of `session`'s outputs; with
+        `through`, of `session`'s output values with the torch copy's gradients (a
+        straight-through estimator at the outputs)."""
+        want = self.teacher.run(self.names, feed)
+        if session is None or through:
+            got = self.graph({k: torch.from_numpy(v) for k, v in feed.items()})
+        if session is not None:
+            outputs = session.run(self.names, feed)
+            exact = [torch.from_numpy(np.asarray(o, np.float32)) for o in outputs]
+            got = (
+                [g + (e - g).detach() for g, e in zip(got, exact, strict=True)]
+                if through
+                else exact
+            )
+        total = torch.zeros(())
+        by_name = dict(zip(self.names, want, strict=True))
+        for name, teacher_out, student in zip(self.names, want, got, strict=True):
+            target = torch.from_numpy(np.asarray(teacher_out, np.float32))
+            if self.axes[name] is not None:
+                total = total + _distance(student, target, self.axes[name])
+                continue
+            for part in self.parts[name]:
+                pair = _take(student, part), _take(target, part)
+                if part.gate is not None:  # a dense head's value map: where its scores fire
+                    mask = torch.from_numpy(part.gate.mask(by_name))
+                    pair = pair[0] * mask, pair[1] * mask
+                total = total + _distance(*pair, None)
+        return total
+
+    def _held_out_loss(self) -> float:
+        """The loss on the held-out samples of the file this checkpoint writes, in ONNX
+        Runtime (see the module doc)."""
+        session = self._file_session()
+        total = 0.0
+        with torch.no_grad():
+            for feed, weight in self._feeds(self.held):
+                total += float(self._loss(feed, session)) * weight
+        return total
+
+
+def _param_groups(graph: QdqGraph, lr: float) -> list[dict]:
+    """One Adam group per tensor, its rate in units of its own grid (the module doc)."""
+    groups = []
+    for weight, key in graph.weight_of.items():
+        step = float(graph.grids[key].scale.detach().abs().mean())
+        groups.append({"params": [graph.weight_param(weight)], "lr": lr * step})
+    for bias in graph.bias_of:
+        param = graph.weight_param(bias)
+        size = float(param.detach().square().mean().sqrt())
+        groups.append({"params": [param], "lr": lr * SCALE_LR_SHARE * max(size, 1e-6)})
+    for grid in (g for g in graph.grids.values() if g.scale.requires_grad):
+        size = float(grid.scale.detach().abs().mean())
+        groups.append({"params": [grid.scale], "lr": lr * SCALE_LR_SHARE * size})
+    return [g for g in groups if g["lr"] > 0]

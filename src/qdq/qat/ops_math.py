@@ -1,0 +1,63 @@
+"""Elementwise math, Softmax, the reductions and the normalizations as torch functions, and
+the adapters that turn a torch function of tensors into an op of the `OPS` table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.nn import functional as F  # noqa: N812 (torch's own spelling)
+
+from qdq.qat.ops_args import Attrs, Value, _axes, _opt
+
+
+def clip(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    low, high = _opt(inputs, 1), _opt(inputs, 2)
+    low = float(low) if low is not None else attrs.get("min")
+    high = float(high) if high is not None else attrs.get("max")
+    return torch.clamp(inputs[0], low, high)
+
+
+def softmax(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """`opset` (set when the graph is read) < 13: over the axes from `axis` on, as one."""
+    x = inputs[0]
+    axis = attrs.get("axis", -1 if attrs["opset"] >= 13 else 1) % x.ndim
+    if attrs["opset"] >= 13 or axis == x.ndim - 1:
+        return torch.softmax(x, axis)
+    return torch.softmax(x.flatten(axis), axis).reshape(x.shape)
+
+
+def reduce(inputs: Sequence[Value], attrs: Attrs, fn: Callable) -> torch.Tensor:
+    x, axes = inputs[0], _axes(inputs, attrs)
+    axes = axes or list(range(x.ndim))
+    return fn(x, dim=axes, keepdim=bool(attrs.get("keepdims", 1)))
+
+
+def layer_norm(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x, scale, bias = inputs[0], inputs[1], _opt(inputs, 2)
+    shape = x.shape[attrs.get("axis", -1) % x.ndim :]
+    return F.layer_norm(x, shape, scale, bias, attrs.get("epsilon", 1e-5))
+
+
+def batch_norm(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x, scale, bias, mean, var = inputs[:5]
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))
+
+
+def prelu(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x, slope = inputs
+    return torch.where(x >= 0, x, x * slope)
+
+
+def _elementwise(fn: Callable) -> Callable[[Sequence[Value], Attrs], torch.Tensor]:
+    return lambda inputs, attrs: fn(*inputs)
+
+
+def _variadic(fn: Callable) -> Callable[[Sequence[Value], Attrs], torch.Tensor]:
+    def run(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+        out = inputs[0]
+        for x in inputs[1:]:
+            out = fn(out, x)
+        return out
+
+    return run

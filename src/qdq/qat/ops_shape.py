@@ -1,0 +1,144 @@
+"""Shape and data-movement ops as torch functions: reshapes, slices, gathers, Pad, Cast, the
+shape arithmetic (Shape, ConstantOfShape, Expand, Range) and depth/space rearrangements. Integer
+tensors carry shapes here, as ONNX's Shape, Gather and Concat of shapes do."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from onnx import helper, numpy_helper
+from torch.nn import functional as F  # noqa: N812 (torch's own spelling)
+
+from qdq.errors import ModelError
+from qdq.qat.ops_args import TORCH_DTYPES, Attrs, Value, _axes, _ints, _opt
+
+
+def reshape(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x, shape = inputs[0], _ints(inputs[1])
+    if not attrs.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def squeeze(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    axes = _axes(inputs, attrs)
+    x = inputs[0]
+    if axes is None:
+        return x.squeeze()
+    return x.squeeze(tuple(a % x.ndim for a in axes))
+
+
+def unsqueeze(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x = inputs[0]
+    rank = x.ndim + len(_axes(inputs, attrs))
+    for a in sorted(a % rank for a in _axes(inputs, attrs)):
+        x = x.unsqueeze(a)
+    return x
+
+
+def slice_(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x = inputs[0]
+    if "starts" in attrs:  # opset < 10
+        starts, ends, axes, steps = attrs["starts"], attrs["ends"], attrs.get("axes"), None
+    else:
+        starts, ends = _ints(inputs[1]), _ints(inputs[2])
+        axes, steps = _axes(inputs, {}, 3), _opt(inputs, 4)
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = _ints(steps) if steps is not None else [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        if step < 1:
+            raise ModelError("Slice with a negative step has no converter")
+        index[axis] = slice(start, end, step)  # Python clamps as ONNX does
+    return x[tuple(index)]
+
+
+def split(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
+    """`outputs` (set when the graph is read): how many parts, where no sizes are given."""
+    x, axis = inputs[0], attrs.get("axis", 0)
+    sizes = attrs.get("split") or _ints(_opt(inputs, 1))
+    if not sizes:
+        sizes = -(-x.shape[axis] // attrs["outputs"])
+    return torch.split(x, sizes, axis)
+
+
+def gather(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x, indices, axis = inputs[0], inputs[1].long(), attrs.get("axis", 0) % inputs[0].ndim
+    picked = x.index_select(axis, (indices % x.shape[axis]).reshape(-1))
+    return picked.reshape(x.shape[:axis] + indices.shape + x.shape[axis + 1 :])
+
+
+def gather_elements(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x, indices, axis = inputs[0], inputs[1].long(), attrs.get("axis", 0) % inputs[0].ndim
+    return x.gather(axis, indices % x.shape[axis])
+
+
+def pad(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x = inputs[0]
+    pads = list(attrs["pads"]) if "pads" in attrs else _ints(inputs[1])
+    value = _opt(inputs, 2)
+    value = float(value) if value is not None else attrs.get("value", 0.0)
+    axes = _axes(inputs, {}, 3) or list(range(x.ndim))
+    n = len(axes)
+    full = {a % x.ndim: (pads[i], pads[n + i]) for i, a in enumerate(axes)}
+    torch_pads = [p for d in reversed(range(x.ndim)) for p in full.get(d, (0, 0))]
+    while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:
+        torch_pads = torch_pads[:-2]
+    mode = attrs.get("mode", b"constant")
+    mode = {"edge": "replicate"}.get(mode.decode(), mode.decode())
+    return F.pad(x, torch_pads, mode=mode, value=value if mode == "constant" else None)
+
+
+def flatten(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x = inputs[0]
+    axis = attrs.get("axis", 1)
+    axis = axis + x.ndim if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), -1)
+
+
+def shape(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    dims = list(inputs[0].shape)[attrs.get("start", 0) : attrs.get("end")]
+    return torch.tensor(dims, dtype=torch.int64)
+
+
+def cast(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    to = helper.tensor_dtype_to_np_dtype(attrs["to"])
+    return inputs[0].to(TORCH_DTYPES.get(np.dtype(to), torch.float32))
+
+
+def constant_of_shape(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    value = attrs.get("value")
+    fill = torch.from_numpy(numpy_helper.to_array(value).copy()) if value else torch.zeros(1)
+    return fill.reshape(()).expand(_ints(inputs[0])).clone()
+
+
+def expand(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """ONNX's Expand broadcasts both ways: a 1 in the shape keeps the input's size."""
+    x = inputs[0]
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(_ints(inputs[1]))))
+
+
+def range_(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    start, limit, delta = inputs
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
+def depth_to_space(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """DCR (default): depth holds (row, column, channel); CRD: (channel, row, column)."""
+    x, b = inputs[0], attrs["blocksize"]
+    n, c, h, w = x.shape
+    if attrs.get("mode", b"DCR") == b"CRD":
+        y = x.reshape(n, c // b**2, b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    else:
+        y = x.reshape(n, b, b, c // b**2, h, w).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(n, c // b**2, h * b, w * b)
+
+
+def space_to_depth(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    x, b = inputs[0], attrs["blocksize"]
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * b * b, h // b, w // b)
