@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from datasets import DIGITS, Task, tasks
+from datasets import Task, tasks
+from model_files import DIGITS
 from ptq import quality, run_model, save_samples
 from qdq.config import QuantConfig, preset_config
 from qdq.errors import ModelError

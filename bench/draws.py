@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from datasets import Task, digits_split, tasks, text_lines
+from datasets import Task, digits_split, tasks
 from ptq import TOOLS, quantize_with, run_model, save_samples
+from text_images import text_lines
 
 SAMPLES = 256
 

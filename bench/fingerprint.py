@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets import tasks
-from unseen import MODELS, locate
+from unseen_models import MODELS, locate
 
 SAMPLES = 64
 CLI = "import sys; from qdq.cli import main; sys.exit(main(sys.argv[1:]))"

@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 import ptq
 import unseen
+import unseen_models
 from datasets import tasks
 from qdq.config import QuantConfig
 from qdq.pipeline import quantize_model
@@ -38,11 +39,11 @@ def quantize(source: Path, data: Path, out: Path, method: str) -> str:
 
 
 def nudenet(methods: list[str], folder: Path) -> None:
-    model = unseen.MODELS["nudenet"]
-    source = unseen.locate(model)
+    model = unseen_models.MODELS["nudenet"]
+    source = unseen_models.locate(model)
     evaluate, _ = model.data(model.evaluate, 2)
     reference = unseen.run(model, source, evaluate)
-    session = ort.InferenceSession(str(source), providers=unseen.CPU)
+    session = ort.InferenceSession(str(source), providers=unseen_models.CPU)
     parts = output_parts([o.name for o in session.get_outputs()], [reference])
     for method in methods:
         for draw in DRAWS:

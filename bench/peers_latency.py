@@ -17,7 +17,8 @@ import argparse
 import subprocess
 from pathlib import Path
 
-import peers
+import peers_models
+import peers_tools
 import unseen
 from ptq import medians
 
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--peers", type=Path, default=Path("/work/peers"))
     parser.add_argument("--runs", type=int, default=60)
     args = parser.parse_args()
-    b = peers.bench(args.model, HERE / "out" / "peers", 1)
+    b = peers_models.bench(args.model, HERE / "out" / "peers", 1)
     feed, _ = b.evaluation()
     reference = b.run(b.model, feed)
     folder = args.out / args.model
@@ -43,16 +44,16 @@ def main() -> None:
         tool, config, *extra = rest.split(":", 2)
         path = folder / f"{label}.onnx"
         if not path.exists():
-            command = peers.command(tool, config, b.model, path, b.calibration(0), args.peers)
+            command = peers_tools.command(tool, config, b.model, path, b.calibration(0), args.peers)
             subprocess.run(command + (extra[0].split() if extra else []), check=True)
         paths[label] = path
     metrics = {label: b.score(reference, b.run(path, feed)) for label, path in paths.items()}
     files = [b.model, *paths.values()]
-    if args.model in peers.MODELS:
-        timing = unseen.timing_feed(peers.MODELS[args.model], feed)
+    if args.model in unseen.MODELS:
+        timing = unseen.timing_feed(unseen.MODELS[args.model], feed)
         ms = unseen.interleaved(files, timing, args.runs)
     else:
-        task = next(t for t in peers._ptq_tasks(0) if t.name == args.model)
+        task = next(t for t in peers_models._ptq_tasks(0) if t.name == args.model)
         (x,) = feed.values()
         ms = medians(files, x[: task.latency_batch], args.runs)
     print(f"| {args.model} | FP32 {ms[0]:.3f} ms |")

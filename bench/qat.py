@@ -33,7 +33,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from datasets import DIGITS, digits_split
+from datasets import digits_split
+from model_files import DIGITS
 from qdq.config import QuantConfig
 from qdq.pipeline import quantize_model
 from qdq.qat import export, prepare

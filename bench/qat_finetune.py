@@ -31,11 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import efficientnet_lite0, photo_crops, rapidocr_model, text_lines, text_pages
+from model_files import efficientnet_lite0, rapidocr_model
+from photos import photo_crops
 from ptq import medians, quality, run_model
 from qdq.config import preset_config
 from qdq.pipeline import quantize_model
 from qdq.qat.finetune import FinetuneOptions, finetune_model
+from text_images import text_lines, text_pages
 
 
 class Case:

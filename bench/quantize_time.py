@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from datasets import tasks
 from ptq import quantize_static_qdq, save_samples
-from unseen import MODELS, locate
+from unseen_models import MODELS, locate
 
 TOOLS = ("qdq", "ort")
 Samples = np.ndarray | dict[str, np.ndarray]

