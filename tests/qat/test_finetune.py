@@ -19,7 +19,7 @@ from qdq.pipeline import quantize_model
 from qdq.qat import finetune, finetune_trainer
 from qdq.qat.convert import QdqGraph, write_back
 from qdq.qat.finetune import FinetuneOptions, finetune_model
-from qdq.qat.finetune_loss import _confirmed, _distance, _softmax_axes
+from qdq.qat.finetune_loss import confirmed_axes, distance, softmax_axes
 
 from conftest import DIGITS, digits_cnn_sqnr
 
@@ -117,7 +117,7 @@ def test_patience_counts_only_in_the_second_half_of_the_run(
     model = onnx.load(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
     options = FinetuneOptions(steps=8, evaluate_every=1, patience=1, batch_size=16, threads=1)
-    trainer = finetune_trainer._Trainer(
+    trainer = finetune_trainer.Trainer(
         onnx.load(pair[0]), open_session(model), samples, CONFIG, options, 16, 0
     )
     monkeypatch.setattr(trainer, "_step", lambda: None)
@@ -127,12 +127,12 @@ def test_patience_counts_only_in_the_second_half_of_the_run(
 
 def test_kl_and_power_normalized_error_are_zero_at_the_teacher() -> None:
     teacher = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
-    assert float(_distance(teacher, teacher, axis=-1)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distance(teacher, teacher, axis=-1)) == pytest.approx(0.0, abs=1e-6)
     # student 0 everywhere: the error equals the teacher's power, 1.0 after normalizing
-    assert float(_distance(torch.zeros(2, 2), teacher, axis=None)) == pytest.approx(1.0)
+    assert float(distance(torch.zeros(2, 2), teacher, axis=None)) == pytest.approx(1.0)
     # KL([0.25, 0.75] || [0.5, 0.5]) = 0.25 ln 0.5 + 0.75 ln 1.5 = 0.1308; row 2 adds 0
     student = torch.full((2, 2), 0.5)
-    assert float(_distance(student, teacher, axis=-1)) == pytest.approx(0.1308 / 2, abs=1e-4)
+    assert float(distance(student, teacher, axis=-1)) == pytest.approx(0.1308 / 2, abs=1e-4)
 
 
 def test_cli_finetunes_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -212,15 +212,13 @@ def test_held_out_loss_is_the_written_files_in_onnx_runtime(pair: tuple[Path, Pa
     model = onnx.load(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
     teacher = open_session(model)
-    trainer = finetune_trainer._Trainer(
-        onnx.load(pair[0]), teacher, samples, CONFIG, OPTIONS, 16, 0
-    )
+    trainer = finetune_trainer.Trainer(onnx.load(pair[0]), teacher, samples, CONFIG, OPTIONS, 16, 0)
     loss = trainer._held_out_loss()
     trainer.graph.forward = lambda feeds: [torch.zeros(len(feeds["input"]), 10)]
     assert trainer._held_out_loss() == loss
     feed = next(trainer.held.batches(16))
     want, got = teacher.run(None, feed)[0], open_session(pair[0]).run(None, feed)[0]
-    direct = float(_distance(torch.from_numpy(got), torch.from_numpy(want), None))
+    direct = float(distance(torch.from_numpy(got), torch.from_numpy(want), None))
     assert loss == pytest.approx(direct, rel=1e-5)
 
 
@@ -231,7 +229,7 @@ def test_training_loss_has_the_files_value_and_the_torch_copys_gradient(
     gradients through the torch copy (a straight-through estimator at the outputs)."""
     model = onnx.load(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
-    trainer = finetune_trainer._Trainer(
+    trainer = finetune_trainer.Trainer(
         onnx.load(pair[0]), open_session(model), samples, CONFIG, OPTIONS, 16, 0
     )
     feed = next(samples.batches(16))
@@ -267,7 +265,7 @@ def test_a_reshaped_softmax_output_is_distilled_with_kl_where_it_stays_a_distrib
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     x = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
     teacher = open_session(model).run(None, {"x": x})
-    axes = _confirmed(_softmax_axes(model, ["y"]), teacher)
+    axes = confirmed_axes(softmax_axes(model, ["y"]), teacher)
     assert {"kl": -1, "mse": None}[loss] == axes["y"]
 
 
@@ -277,7 +275,7 @@ def test_held_out_and_batches_are_drawn_from_the_whole_set(pair: tuple[Path, Pat
     over the whole set, and batches visit every training sample once a pass, shuffled."""
     model = onnx.load(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
-    trainer = finetune_trainer._Trainer(
+    trainer = finetune_trainer.Trainer(
         onnx.load(pair[0]), open_session(model), samples, CONFIG, OPTIONS, 16, 0
     )
     held = trainer.held.order
@@ -321,7 +319,7 @@ def test_a_head_of_boxes_and_scores_is_distilled_per_part(tmp_path: Path) -> Non
     quantize_model(tmp_path / "head.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz", CONFIG)
     samples = Samples(tmp_path / "calib.npz", model_inputs(model))
     teacher = open_session(model)
-    trainer = finetune_trainer._Trainer(
+    trainer = finetune_trainer.Trainer(
         onnx.load(tmp_path / "q.onnx"), teacher, samples, CONFIG, OPTIONS, 8, 0
     )
     assert trainer.losses["y"] == "mse per part (y[:, 0:4], y[:, 4:9])"
@@ -356,7 +354,7 @@ def test_a_dense_heads_value_map_is_distilled_where_its_scores_fire(tmp_path: Pa
     quantize_model(tmp_path / "dense.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz", CONFIG)
     samples = Samples(tmp_path / "calib.npz", model_inputs(model))
     teacher = open_session(model)
-    trainer = finetune_trainer._Trainer(
+    trainer = finetune_trainer.Trainer(
         onnx.load(tmp_path / "q.onnx"), teacher, samples, CONFIG, OPTIONS, 8, 0
     )
     assert trainer.losses["offsets"] == "mse per part (offsets where heat > 0.25)"

@@ -31,7 +31,7 @@ from qdq.outputs import check_output
 from qdq.pipeline import quantize_model
 from qdq.plan.parts import Part, PartStats, update_all
 from qdq.qat.convert import write_back
-from qdq.qat.finetune_trainer import FinetuneOptions, _Trainer
+from qdq.qat.finetune_trainer import FinetuneOptions, Trainer
 from qdq.report.summary import QuantizeReport
 
 __all__ = ["FinetuneOptions", "FinetuneReport", "finetune_model"]
@@ -119,7 +119,7 @@ def finetune_model(
             ptq_seconds, begin = time.perf_counter() - begin, time.perf_counter()
             quantized = load_model(start)
             teacher = open_session(model)
-            trainer = _Trainer(quantized, teacher, samples, config, options, held_out, seed)
+            trainer = Trainer(quantized, teacher, samples, config, options, held_out, seed)
             best_step, steps = trainer.train(progress)
             tuned = write_back(quantized, trainer.graph, trainer.pairs)
             session = open_session(tuned, Use.CHECK)

@@ -23,11 +23,11 @@ from qdq.plan.parts import Part
 PASS_THROUGH = {"QuantizeLinear", "DequantizeLinear", "Identity"}
 # Ops that regroup the other axes and may keep a Softmax's last axis last (PP-OCRv4's
 # recognizer reshapes its (N * T, classes) Softmax to (N, T, classes)); the teacher's outputs
-# confirm it (`_confirmed`).
+# confirm it (`confirmed_axes`).
 RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 
 
-def _distance(student: torch.Tensor, teacher: torch.Tensor, axis: int | None) -> torch.Tensor:
+def distance(student: torch.Tensor, teacher: torch.Tensor, axis: int | None) -> torch.Tensor:
     """KL(teacher || student) over a Softmax's `axis`, averaged over the other positions; or
     the squared error over the teacher's power (`axis` None)."""
     if axis is None:
@@ -37,14 +37,14 @@ def _distance(student: torch.Tensor, teacher: torch.Tensor, axis: int | None) ->
     return kl.sum(axis).mean()
 
 
-def _take(output: torch.Tensor, part: Part) -> torch.Tensor:
+def take_part(output: torch.Tensor, part: Part) -> torch.Tensor:
     """`part`'s channels of a batch of its output."""
     if part.axis is None:
         return output
     return output.narrow(part.axis, part.start, part.stop - part.start)
 
 
-def _labels(parts: list[Part]) -> str:
+def loss_labels(parts: list[Part]) -> str:
     """How the loss reads an output: whole, or by the parts found or declared (a declared
     part may leave channels out of the loss, as out of every score)."""
     if parts == [Part(parts[0].output)]:
@@ -52,7 +52,7 @@ def _labels(parts: list[Part]) -> str:
     return " per part (" + ", ".join(p.label for p in parts) + ")"
 
 
-def _softmax_axes(model: onnx.ModelProto, names: list[str]) -> dict[str, int | None]:
+def softmax_axes(model: onnx.ModelProto, names: list[str]) -> dict[str, int | None]:
     """Per output, the axis of the Softmax that makes it (through Q/DQ pairs), or None."""
     producer = {o: n for n in model.graph.node for o in n.output}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -71,7 +71,7 @@ def _softmax_axes(model: onnx.ModelProto, names: list[str]) -> dict[str, int | N
     return axes
 
 
-def _confirmed(axes: dict[str, int | None], outputs: list[np.ndarray]) -> dict[str, int | None]:
+def confirmed_axes(axes: dict[str, int | None], outputs: list[np.ndarray]) -> dict[str, int | None]:
     """`axes` with each Softmax axis kept only where the teacher's output on a batch sums to 1
     along it (a reshape that regrouped the last axis leaves no distribution there)."""
     out = {}

@@ -46,7 +46,7 @@ from qdq.onnx.sessions import Use, open_session
 from qdq.plan.parts import output_parts
 from qdq.plan.saturation import avoids_saturation
 from qdq.qat.convert import QdqGraph, write_back
-from qdq.qat.finetune_loss import _confirmed, _distance, _labels, _softmax_axes, _take
+from qdq.qat.finetune_loss import confirmed_axes, distance, loss_labels, softmax_axes, take_part
 
 # `qdq finetune`'s logger, named after its entry: users and bench/qat_finetune.py enable that name
 log = logging.getLogger("qdq.qat.finetune")
@@ -79,7 +79,7 @@ class FinetuneOptions:
             raise SchemeError(f"`held_out` must be >= 1, got {self.held_out}")
 
 
-class _Trainer:
+class Trainer:
     """The torch copy of the QDQ graph, its optimizer, and the loop over streamed batches."""
 
     def __init__(
@@ -105,10 +105,10 @@ class _Trainer:
         self.names = [o.name for o in teacher.get_outputs()]
         feeds = self.training.span(0, PART_SAMPLES).batches(options.batch_size)
         reference = [teacher.run(self.names, feed) for feed in feeds]
-        self.axes = _confirmed(_softmax_axes(quantized, self.names), reference[0])
+        self.axes = confirmed_axes(softmax_axes(quantized, self.names), reference[0])
         self.parts = output_parts(self.names, reference, config.output_parts)
         self.losses = {
-            name: "kl" if axis is not None else "mse" + _labels(self.parts[name])
+            name: "kl" if axis is not None else "mse" + loss_labels(self.parts[name])
             for name, axis in self.axes.items()
         }
         self.optimizer = torch.optim.Adam(_param_groups(self.graph, options.lr))
@@ -198,14 +198,14 @@ class _Trainer:
         for name, teacher_out, student in zip(self.names, want, got, strict=True):
             target = torch.from_numpy(np.asarray(teacher_out, np.float32))
             if self.axes[name] is not None:
-                total = total + _distance(student, target, self.axes[name])
+                total = total + distance(student, target, self.axes[name])
                 continue
             for part in self.parts[name]:
-                pair = _take(student, part), _take(target, part)
+                pair = take_part(student, part), take_part(target, part)
                 if part.gate is not None:  # a dense head's value map: where its scores fire
                     mask = torch.from_numpy(part.gate.mask(by_name))
                     pair = pair[0] * mask, pair[1] * mask
-                total = total + _distance(*pair, None)
+                total = total + distance(*pair, None)
         return total
 
     def _held_out_loss(self) -> float:

@@ -1,8 +1,8 @@
 """What every ONNX op function in `qdq.qat.ops.OPS` takes, and the readers they share.
 
 An op function gets the node's inputs as torch tensors (`Value`, None for an absent optional
-input) and its attributes (`Attrs`); `_ints`, `_opt` and `_axes` read the inputs that carry
-shapes, optional values and axes. Kept apart so each op family's module imports one small
+input) and its attributes (`Attrs`); `as_ints`, `input_or_none` and `axes_of` read the inputs
+that carry shapes, optional values and axes. Kept apart so each op family's module imports one small
 module, not the registry; `TORCH_DTYPES` is here as `QdqGraph` makes its constants with it.
 """
 
@@ -17,20 +17,20 @@ Value = torch.Tensor | None
 Attrs = dict[str, object]
 
 
-def _ints(t: Value) -> list[int]:
+def as_ints(t: Value) -> list[int]:
     return [int(v) for v in t.reshape(-1).tolist()] if t is not None else []
 
 
-def _opt(inputs: Sequence[Value], i: int) -> Value:
+def input_or_none(inputs: Sequence[Value], i: int) -> Value:
     return inputs[i] if len(inputs) > i else None
 
 
-def _axes(inputs: Sequence[Value], attrs: Attrs, i: int = 1) -> list[int] | None:
+def axes_of(inputs: Sequence[Value], attrs: Attrs, i: int = 1) -> list[int] | None:
     """Axes given as an attribute (older opsets) or as input `i` (newer ones)."""
     if "axes" in attrs:
         return list(attrs["axes"])
-    given = _opt(inputs, i)
-    return _ints(given) if given is not None else None
+    given = input_or_none(inputs, i)
+    return as_ints(given) if given is not None else None
 
 
 TORCH_DTYPES = {

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812 (torch's own spelling)
 
 from qdq.errors import ModelError
-from qdq.qat.ops_args import Attrs, Value, _ints, _opt
+from qdq.qat.ops_args import Attrs, Value, as_ints, input_or_none
 
 
 def _spatial_pads(attrs: Attrs, x: torch.Tensor, kernel: Sequence[int]) -> list[int]:
@@ -43,7 +43,7 @@ def _padded(x: torch.Tensor, pads: list[int], value: float = 0.0) -> tuple[torch
 
 
 def conv(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
-    x, w, b = inputs[0], inputs[1], _opt(inputs, 2)
+    x, w, b = inputs[0], inputs[1], input_or_none(inputs, 2)
     kernel = list(w.shape[2:])
     x, pads = _padded(x, _spatial_pads(attrs, x, kernel))
     fn = (F.conv1d, F.conv2d, F.conv3d)[len(kernel) - 1]
@@ -53,7 +53,7 @@ def conv(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
 
 
 def conv_transpose(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
-    x, w, b = inputs[0], inputs[1], _opt(inputs, 2)
+    x, w, b = inputs[0], inputs[1], input_or_none(inputs, 2)
     n = w.ndim - 2
     pads = list(attrs.get("pads", [0] * 2 * n))
     if pads[:n] != pads[n:] or "output_shape" in attrs:
@@ -72,7 +72,7 @@ def conv_transpose(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
 
 
 def gemm(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
-    a, b, c = inputs[0], inputs[1], _opt(inputs, 2)
+    a, b, c = inputs[0], inputs[1], input_or_none(inputs, 2)
     a = a.transpose(0, 1) if attrs.get("transA", 0) else a
     b = b.transpose(0, 1) if attrs.get("transB", 0) else b
     y = attrs.get("alpha", 1.0) * (a @ b)
@@ -95,9 +95,9 @@ def pool(inputs: Sequence[Value], attrs: Attrs, kind: str) -> torch.Tensor:
 
 def resize(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     x = inputs[0]
-    scales, sizes = _opt(inputs, 2), _opt(inputs, 3)
+    scales, sizes = input_or_none(inputs, 2), input_or_none(inputs, 3)
     if sizes is not None and sizes.numel():
-        size = _ints(sizes)[2:]
+        size = as_ints(sizes)[2:]
     else:
         size = [math.floor(d * s) for d, s in zip(x.shape[2:], scales.tolist()[2:], strict=True)]
     mode = attrs.get("mode", b"nearest").decode()

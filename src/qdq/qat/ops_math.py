@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.nn import functional as F  # noqa: N812 (torch's own spelling)
 
-from qdq.qat.ops_args import Attrs, Value, _axes, _opt
+from qdq.qat.ops_args import Attrs, Value, axes_of, input_or_none
 
 
 def clip(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
-    low, high = _opt(inputs, 1), _opt(inputs, 2)
+    low, high = input_or_none(inputs, 1), input_or_none(inputs, 2)
     low = float(low) if low is not None else attrs.get("min")
     high = float(high) if high is not None else attrs.get("max")
     return torch.clamp(inputs[0], low, high)
@@ -28,13 +28,13 @@ def softmax(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
 
 
 def reduce(inputs: Sequence[Value], attrs: Attrs, fn: Callable) -> torch.Tensor:
-    x, axes = inputs[0], _axes(inputs, attrs)
+    x, axes = inputs[0], axes_of(inputs, attrs)
     axes = axes or list(range(x.ndim))
     return fn(x, dim=axes, keepdim=bool(attrs.get("keepdims", 1)))
 
 
 def layer_norm(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
-    x, scale, bias = inputs[0], inputs[1], _opt(inputs, 2)
+    x, scale, bias = inputs[0], inputs[1], input_or_none(inputs, 2)
     shape = x.shape[attrs.get("axis", -1) % x.ndim :]
     return F.layer_norm(x, shape, scale, bias, attrs.get("epsilon", 1e-5))
 
@@ -49,11 +49,11 @@ def prelu(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     return torch.where(x >= 0, x, x * slope)
 
 
-def _elementwise(fn: Callable) -> Callable[[Sequence[Value], Attrs], torch.Tensor]:
+def elementwise(fn: Callable) -> Callable[[Sequence[Value], Attrs], torch.Tensor]:
     return lambda inputs, attrs: fn(*inputs)
 
 
-def _variadic(fn: Callable) -> Callable[[Sequence[Value], Attrs], torch.Tensor]:
+def variadic(fn: Callable) -> Callable[[Sequence[Value], Attrs], torch.Tensor]:
     def run(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
         out = inputs[0]
         for x in inputs[1:]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from qdq.errors import ModelError
-from qdq.qat.ops_args import Attrs, Value, _opt
+from qdq.qat.ops_args import Attrs, Value, input_or_none
 
 
 def lstm(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
@@ -16,7 +16,7 @@ def lstm(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
     directions. Not converted: custom activations, clipping, coupled input-forget gates,
     batch-first layout, and sequences of different lengths."""
     x, w, r = inputs[:3]
-    bias, lengths, h0, c0, peep = (_opt(inputs, i) for i in range(3, 8))
+    bias, lengths, h0, c0, peep = (input_or_none(inputs, i) for i in range(3, 8))
     odd = [k for k in ("activations", "clip", "input_forget", "layout") if attrs.get(k)]
     if odd or (lengths is not None and bool((lengths != x.shape[0]).any())):
         raise ModelError(f"LSTM with {odd or 'sequences of different lengths'} has no converter")

@@ -13,18 +13,18 @@ from onnx import helper, numpy_helper
 from torch.nn import functional as F  # noqa: N812 (torch's own spelling)
 
 from qdq.errors import ModelError
-from qdq.qat.ops_args import TORCH_DTYPES, Attrs, Value, _axes, _ints, _opt
+from qdq.qat.ops_args import TORCH_DTYPES, Attrs, Value, as_ints, axes_of, input_or_none
 
 
 def reshape(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
-    x, shape = inputs[0], _ints(inputs[1])
+    x, shape = inputs[0], as_ints(inputs[1])
     if not attrs.get("allowzero", 0):
         shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
     return x.reshape(shape)
 
 
 def squeeze(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
-    axes = _axes(inputs, attrs)
+    axes = axes_of(inputs, attrs)
     x = inputs[0]
     if axes is None:
         return x.squeeze()
@@ -33,8 +33,8 @@ def squeeze(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
 
 def unsqueeze(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     x = inputs[0]
-    rank = x.ndim + len(_axes(inputs, attrs))
-    for a in sorted(a % rank for a in _axes(inputs, attrs)):
+    rank = x.ndim + len(axes_of(inputs, attrs))
+    for a in sorted(a % rank for a in axes_of(inputs, attrs)):
         x = x.unsqueeze(a)
     return x
 
@@ -44,10 +44,10 @@ def slice_(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     if "starts" in attrs:  # opset < 10
         starts, ends, axes, steps = attrs["starts"], attrs["ends"], attrs.get("axes"), None
     else:
-        starts, ends = _ints(inputs[1]), _ints(inputs[2])
-        axes, steps = _axes(inputs, {}, 3), _opt(inputs, 4)
+        starts, ends = as_ints(inputs[1]), as_ints(inputs[2])
+        axes, steps = axes_of(inputs, {}, 3), input_or_none(inputs, 4)
     axes = axes if axes is not None else list(range(len(starts)))
-    steps = _ints(steps) if steps is not None else [1] * len(starts)
+    steps = as_ints(steps) if steps is not None else [1] * len(starts)
     index = [slice(None)] * x.ndim
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         if step < 1:
@@ -59,7 +59,7 @@ def slice_(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
 def split(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
     """`outputs` (set when the graph is read): how many parts, where no sizes are given."""
     x, axis = inputs[0], attrs.get("axis", 0)
-    sizes = attrs.get("split") or _ints(_opt(inputs, 1))
+    sizes = attrs.get("split") or as_ints(input_or_none(inputs, 1))
     if not sizes:
         sizes = -(-x.shape[axis] // attrs["outputs"])
     return torch.split(x, sizes, axis)
@@ -78,10 +78,10 @@ def gather_elements(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
 
 def pad(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     x = inputs[0]
-    pads = list(attrs["pads"]) if "pads" in attrs else _ints(inputs[1])
-    value = _opt(inputs, 2)
+    pads = list(attrs["pads"]) if "pads" in attrs else as_ints(inputs[1])
+    value = input_or_none(inputs, 2)
     value = float(value) if value is not None else attrs.get("value", 0.0)
-    axes = _axes(inputs, {}, 3) or list(range(x.ndim))
+    axes = axes_of(inputs, {}, 3) or list(range(x.ndim))
     n = len(axes)
     full = {a % x.ndim: (pads[i], pads[n + i]) for i, a in enumerate(axes)}
     torch_pads = [p for d in reversed(range(x.ndim)) for p in full.get(d, (0, 0))]
@@ -112,13 +112,13 @@ def cast(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
 def constant_of_shape(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     value = attrs.get("value")
     fill = torch.from_numpy(numpy_helper.to_array(value).copy()) if value else torch.zeros(1)
-    return fill.reshape(()).expand(_ints(inputs[0])).clone()
+    return fill.reshape(()).expand(as_ints(inputs[0])).clone()
 
 
 def expand(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     """ONNX's Expand broadcasts both ways: a 1 in the shape keeps the input's size."""
     x = inputs[0]
-    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(_ints(inputs[1]))))
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(as_ints(inputs[1]))))
 
 
 def range_(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
