@@ -53,7 +53,7 @@ def main() -> None:
         timing = unseen.timing_feed(unseen.MODELS[args.model], feed)
         ms = unseen.interleaved(files, timing, args.runs)
     else:
-        task = next(t for t in peers_models._ptq_tasks(0) if t.name == args.model)
+        task = next(t for t in peers_models.ptq_tasks(0) if t.name == args.model)
         (x,) = feed.values()
         ms = medians(files, x[: task.latency_batch], args.runs)
     print(f"| {args.model} | FP32 {ms[0]:.3f} ms |")

@@ -60,13 +60,13 @@ def ptq_bench(name: str, folder: Path, draws: int) -> Bench:
     folder.mkdir(parents=True, exist_ok=True)
     wanted = ["eval.npz", *(f"draw{k}.npz" for k in range(draws))]
     if not all((folder / f).exists() for f in wanted):
-        task = next(t for t in _ptq_tasks(SAMPLES * draws) if t.name == name)
+        task = next(t for t in ptq_tasks(SAMPLES * draws) if t.name == name)
         extra = {} if task.labels is None else {"labels": task.labels}
         np.savez(folder / "eval.npz", **{task.input_name: task.evaluate}, **extra)
         for k in range(draws):
             draw = task.calib[k * SAMPLES :][:SAMPLES]
             np.savez(folder / f"draw{k}.npz", **{task.input_name: draw})
-    task = next(t for t in _ptq_tasks(0) if t.name == name)
+    task = next(t for t in ptq_tasks(0) if t.name == name)
     with np.load(folder / "eval.npz") as saved:
         task = dataclasses.replace(task, labels=saved.get("labels"))
 
@@ -86,7 +86,7 @@ def ptq_bench(name: str, folder: Path, draws: int) -> Bench:
 
 
 @functools.cache
-def _ptq_tasks(samples: int) -> list:
+def ptq_tasks(samples: int) -> list:
     return tasks(samples)
 
 
@@ -125,5 +125,5 @@ def bench(name: str, out: Path, draws: int) -> Bench:
 
 
 def all_models() -> list[str]:
-    names = [t.name for t in _ptq_tasks(0)] + list(MODELS)
+    names = [t.name for t in ptq_tasks(0)] + list(MODELS)
     return [n for n in PRIORITY if n in names] + [n for n in names if n not in PRIORITY]
