@@ -9,7 +9,9 @@ against the FP32 teacher's, apart from the loop that minimizes it (qdq.qat.finet
   An output that joins different quantities (a YOLO head's [boxes | class scores]: the parts
   `qdq.plan.parts` finds, or `QuantConfig.output_parts` declares) gets that error per part,
   summed, so that scores in [0, 1] weigh as much as boxes in pixels (as one tensor, the boxes'
-  error is all the loss sees; issue 15's lesson for PTQ).
+  error is all the loss sees; issue 15's lesson for PTQ). A dense head's value map (a part
+  with a `Gate`: CenterFace's offsets) counts only where the teacher's score map fires: the
+  trainer zeroes both sides elsewhere.
 """
 
 from __future__ import annotations
