@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -293,6 +294,20 @@ def test_held_out_and_batches_are_drawn_from_the_whole_set(pair: tuple[Path, Pat
     assert not all(np.array_equal(a, b) for a, b in zip(*passes, strict=True))  # reshuffled
 
 
+def _trainer_on(
+    tmp_path: Path, model: onnx.ModelProto, x: np.ndarray
+) -> tuple[ort.InferenceSession, finetune_trainer.Trainer]:
+    """The FP32 `model`'s session and a trainer of its PTQ file, both on calibration input
+    `x` (8 samples held out)."""
+    onnx.save(model, tmp_path / "fp32.onnx")
+    np.savez(tmp_path / "calib.npz", x=x)
+    quantize_model(tmp_path / "fp32.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz", CONFIG)
+    samples = Samples(tmp_path / "calib.npz", model_inputs(model))
+    teacher = open_session(model)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    return teacher, finetune_trainer.Trainer(quantized, teacher, samples, CONFIG, OPTIONS, 8, 0)
+
+
 def test_a_head_of_boxes_and_scores_is_distilled_per_part(tmp_path: Path) -> None:
     """A YOLO-style output, [boxes in pixels | class scores in [0, 1]] on one axis: the loss is
     the squared error per part, so an error in the scores alone weighs as it would on its own
@@ -314,14 +329,7 @@ def test_a_head_of_boxes_and_scores_is_distilled_per_part(tmp_path: Path) -> Non
     y_info = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, (None, 9))
     graph = h.make_graph(nodes, "head", [x_info], [y_info], inits)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    onnx.save(model, tmp_path / "head.onnx")
-    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(64, 6)).astype(np.float32))
-    quantize_model(tmp_path / "head.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz", CONFIG)
-    samples = Samples(tmp_path / "calib.npz", model_inputs(model))
-    teacher = open_session(model)
-    trainer = finetune_trainer.Trainer(
-        onnx.load(tmp_path / "q.onnx"), teacher, samples, CONFIG, OPTIONS, 8, 0
-    )
+    teacher, trainer = _trainer_on(tmp_path, model, rng.normal(size=(64, 6)).astype(np.float32))
     assert trainer.losses["y"] == "mse per part (y[:, 0:4], y[:, 4:9])"
     feed = next(trainer.held.batches(8))
     want = teacher.run(None, feed)[0]
@@ -347,16 +355,9 @@ def test_a_dense_heads_value_map_is_distilled_where_its_scores_fire(tmp_path: Pa
     ]
     graph = h.make_graph(nodes, "dense", [x_info], outputs, [w])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
-    onnx.save(model, tmp_path / "dense.onnx")
     x = rng.normal(-5, 0.5, size=(64, 1, 4, 4)).astype(np.float32)  # sigmoid < 0.02
     x[:, 0, 1, 2] = 2.0  # one firing cell per sample: sigmoid(2) = 0.88
-    np.savez(tmp_path / "calib.npz", x=x)
-    quantize_model(tmp_path / "dense.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz", CONFIG)
-    samples = Samples(tmp_path / "calib.npz", model_inputs(model))
-    teacher = open_session(model)
-    trainer = finetune_trainer.Trainer(
-        onnx.load(tmp_path / "q.onnx"), teacher, samples, CONFIG, OPTIONS, 8, 0
-    )
+    teacher, trainer = _trainer_on(tmp_path, model, x)
     assert trainer.losses["offsets"] == "mse per part (offsets where heat > 0.25)"
     feed = next(trainer.held.batches(8))
     heat, offsets = teacher.run(None, feed)
