@@ -231,14 +231,15 @@ def _table(node: onnx.NodeProto, draft: _Draft) -> None:
     """A Gather from a constant table (an embedding): the table is stored in 8 bits, one scale,
     and the rows it picks keep those qparams, so ONNX Runtime gathers 8-bit rows and never
     dequantizes the whole table. A table whose values one grid serves badly stays float."""
-    values = draft.index.constant(node.input[0])
-    axis = int(attributes(node).get("axis", 0))
-    qparams, sqnr = table_qparams(values, axis, draft.config)
+    table, axis = node.input[0], int(attributes(node).get("axis", 0))
+    grid = draft.config.activations
+    qparams, sqnr = draft.index.derived(
+        ("table", table, axis, grid), lambda: table_qparams(draft.index.constant(table), axis, grid)
+    )
     if sqnr < TABLE_MIN_SQNR_DB:
         draft.to_float(
             node,
-            f"one 8-bit grid would keep table {node.input[0]!r} at {sqnr:.1f} dB "
-            f"(< {TABLE_MIN_SQNR_DB})",
+            f"one 8-bit grid would keep table {table!r} at {sqnr:.1f} dB (< {TABLE_MIN_SQNR_DB})",
         )
         return
     draft.constants[node.name, 0] = qparams

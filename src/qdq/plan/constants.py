@@ -18,6 +18,7 @@ from qdq.onnx.graph import GraphIndex
 from qdq.plan.rules import Kind, rule_inputs, rules_for, weight_axis
 from qdq.plan.saturation import avoids_saturation, pair_safe, peak_codes
 from qdq.qparams import QParams, Range, choose_qparams
+from qdq.scheme import QScheme
 
 if TYPE_CHECKING:
     from qdq.plan.decisions import Decision
@@ -158,12 +159,12 @@ def _on_grid(
     return codes, QParams(scale, np.zeros(scale.shape, np.int64), scheme)
 
 
-def table_qparams(table: np.ndarray, axis: int, config: QuantConfig) -> tuple[QParams, float]:
+def table_qparams(table: np.ndarray, axis: int, grid: QScheme) -> tuple[QParams, float]:
     """The grid of an embedding table that a Gather reads along `axis`, and the SQNR (dB) it
     keeps in the median slice. The activations' grid (uint8 on x86), not the weights': ONNX
     Runtime turns int8 Q/DQ pairs between float ops into uint8 ones, and then the table's DQ
     and the rows' Q no longer match, so it would dequantize the whole table on every run."""
-    qparams = choose_qparams(Range(table.min(), table.max()), config.activations)
+    qparams = choose_qparams(Range(table.min(), table.max()), grid)
     return qparams, _row_sqnr(table, qparams, axis)
 
 
