@@ -24,7 +24,7 @@ def _fails(*args: object, **kwargs: object) -> None:
         ("qdq.ptq.correct_biases", "bias correction"),
         ("qdq.ptq.slow_pools", "the layout probe"),
         ("qdq.pipeline.smooth", "smoothing"),
-        ("qdq.ptq.hessians", "GPTQ rounding"),
+        ("qdq.passes.gptq._accumulate", "GPTQ rounding"),
         ("qdq.ptq._correction_pays", "the correction check"),
     ],
 )

@@ -38,7 +38,7 @@ from qdq.passes.bias_correction import (
 )
 from qdq.passes.datafree import Moments, mean_samples, propagate
 from qdq.passes.gptq import SAMPLES as GPTQ_SAMPLES
-from qdq.passes.gptq import hessians, linear_layers, rounded_codes
+from qdq.passes.gptq import HessianSums, linear_layers, rounded_codes
 from qdq.passes.insert_qdq import insert_qdq
 from qdq.plan.budget import Reference, float_reference, meet_target, sqnr_score
 from qdq.plan.build import Plan, build_plan
@@ -96,6 +96,8 @@ def plan_model(
     # FP32's outputs on the held-out samples, computed once for the method choice and the checks
     held_reference = cache(partial(_held_reference, model, samples, config, held))
     held_score = cache(lambda: _by_content(sqnr_score(held_reference(), config.output_parts)))
+    linear = linear_layers(index, quantizable) if config.gptq else []
+    sums = HessianSums(index, linear, GPTQ_SAMPLES) if linear else None
     observers, apart, unfit, averages, float_means = observe_holding(
         model,
         samples,
@@ -108,18 +110,14 @@ def plan_model(
         config.workers,
         layers,
         SEQUENTIAL_SAMPLES,
+        sums,
     )
     # a model input's channels (an image's brightness) vary most beyond the samples: any code
     peaks = {n: averages[n].peak for n in paired if n in averages and n not in index.graph_inputs}
     ranges, unfit = fit_ranges({name: o.compute() for name, o in observers.items()}, unfit)
     means_of = {name: average.mean for name, average in averages.items()}
     learned: dict[tuple[str, int], np.ndarray] = {}
-    layers = linear_layers(index, quantizable) if config.gptq else []
-    found: dict[str, np.ndarray] = {}
-    if layers:
-        feeds = _leading_batches(samples, config.batch_size, GPTQ_SAMPLES)
-        gather = partial(hessians, model, index, layers, feeds)
-        found = optional("GPTQ rounding", notes, gather, {})
+    found = {} if sums is None else optional("GPTQ rounding", notes, sums.found, {})
     rounded = partial(rounded_codes, index, found=found, pairs=pairs, cache={})
     corrections: dict[tuple, np.ndarray] = {}  # each layer's one-shot bias, per weight grid
     realize = partial(insert_qdq, model)

@@ -12,7 +12,7 @@ import qdq.passes.gptq
 import qdq.ptq
 from qdq.affine import quantize
 from qdq.onnx.graph import GraphIndex
-from qdq.passes.gptq import _layer_codes, _terms, hessians, linear_layers
+from qdq.passes.gptq import HessianSums, _layer_codes, _terms, linear_layers
 from qdq.plan.saturation import pair_clipped, pair_safe
 from qdq.qparams import QParams
 from qdq.scheme import INT8_WEIGHTS
@@ -55,7 +55,7 @@ def test_terms_are_what_onnx_runtime_sums(attrs):
     x = rng.normal(size=(2, 4, 9, 7)).astype(np.float32)
     model = _conv_model(weight, x.shape, **attrs)
     want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
-    cols = _terms(model.graph.node[0], x, weight)
+    cols = _terms(model.graph.node[0], x, weight.shape)
     rows = weight.reshape(group, 8 // group, -1)
     n, channels, height, width = want.shape
     got = np.matmul(rows, cols).reshape(channels, n, height, width).transpose(1, 0, 2, 3)
@@ -79,7 +79,7 @@ def test_edge_filters_on_flat_input_keep_their_output(tmp_path):
     model = _conv_model(weight, (None, 16, 12, 12), group=16, pads=[1, 1, 1, 1])
     index = GraphIndex(model)
     (layer,) = linear_layers(index, ["conv"])
-    h = hessians(model, index, [layer], [{"x": x}])["conv"]
+    h = _hessians(index, [layer], x)["conv"]
     assert h.shape == (16, 9, 9)
     qparams = _per_channel(weight)
     nearest = quantize(weight, qparams)
@@ -106,7 +106,7 @@ def test_dense_layer_output_error_falls_on_correlated_inputs():
     x = (base + 0.3 * rng.normal(size=(16, 6, 10, 10))).astype(np.float32)  # shared part
     model = _conv_model(weight, (None, 6, 10, 10), pads=[1, 1, 1, 1])
     index = GraphIndex(model)
-    h = hessians(model, index, linear_layers(index, ["conv"]), [{"x": x[:8]}, {"x": x[8:]}])
+    h = _hessians(index, linear_layers(index, ["conv"]), x[:8], x[8:])
     qparams = _per_channel(weight)
     codes = _layer_codes(model.graph.node[0], weight, qparams, h["conv"], pairs=False)
     nearest = quantize(weight, qparams)
@@ -127,7 +127,7 @@ def test_pair_safe_codes_stay_pair_safe():
     x = x.astype(np.float32)
     model = _conv_model(weight, (None, 16, 6, 6))
     index = GraphIndex(model)
-    h = hessians(model, index, linear_layers(index, ["conv"]), [{"x": x}])["conv"]
+    h = _hessians(index, linear_layers(index, ["conv"]), x)["conv"]
     node = model.graph.node[0]
     qparams = pair_safe(_per_channel(weight), node, weight)
     safe = lambda c: np.array_equal(pair_clipped(node, c), c)  # noqa: E731
@@ -158,7 +158,7 @@ def test_overflowing_inputs_keep_nearest_rounding():
     model = _conv_model(weight, (1, 3, 2, 2))
     index = GraphIndex(model)
     x = np.full((1, 3, 2, 2), 3e38, np.float32)
-    h = hessians(model, index, linear_layers(index, ["conv"]), [{"x": x}])["conv"]
+    h = _hessians(index, linear_layers(index, ["conv"]), x)["conv"]
     assert _layer_codes(model.graph.node[0], weight, _per_channel(weight), h, False) is None
 
 
@@ -183,17 +183,39 @@ def _weights(path) -> dict[str, bytes]:
     return {t.name: t.raw_data for t in model.graph.initializer if t.data_type == TensorProto.INT8}
 
 
-def test_a_batch_runs_in_parts_that_fit_the_capture_budget(monkeypatch):
-    """H is the same whether a batch runs whole or in the parts the budget allows."""
+def test_h_sums_the_first_samples_of_a_stream_in_any_batches_and_shards():
+    """Calibration hands H its batches as they come (a first sample alone, then batches, in
+    shards): H is the sum over the first `limit` samples whatever the split."""
     rng = np.random.default_rng(4)
     weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
-    x = rng.normal(size=(8, 3, 6, 6)).astype(np.float32)
-    model = _conv_model(weight, (None, 3, 6, 6), pads=[1, 1, 1, 1])
-    index = GraphIndex(model)
+    x = rng.normal(size=(16, 3, 6, 6)).astype(np.float32)
+    index = GraphIndex(_conv_model(weight, (None, 3, 6, 6), pads=[1, 1, 1, 1]))
     layers = linear_layers(index, ["conv"])
-    whole = hessians(model, index, layers, [{"x": x}])["conv"]
-    sizes = []
-    monkeypatch.setattr(qdq.passes.gptq, "budgeted", lambda count, per: sizes.append(per) or 3)
-    parts = hessians(model, index, layers, [{"x": x}])["conv"]
-    assert sizes == [x[:1].nbytes]  # measured on one sample, then parts of 3
-    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+    whole = _hessians(index, layers, x[:8])["conv"]
+    first = HessianSums(index, layers, limit=8)
+    first.update({"x": x[:1]}, 1)
+    first.update({"x": x[1:5]}, 4)
+    later = first.after(5)  # the next shard: samples 5 on
+    later.update({"x": x[5:16]}, 11)
+    later.update({"x": x}, 16)  # past the limit: ignored
+    first.merge(later)
+    got = first.found()["conv"]
+    np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+
+
+def test_a_failure_while_summing_is_raised_by_found_not_update(monkeypatch):
+    """Calibration goes on; only the GPTQ stage, which asks for H, is skipped."""
+    weight = np.ones((2, 3, 1, 1), np.float32)
+    index = GraphIndex(_conv_model(weight, (None, 3, 2, 2)))
+    sums = HessianSums(index, linear_layers(index, ["conv"]), limit=4)
+    sums.update({"other": np.zeros((1, 3, 2, 2), np.float32)}, 1)  # no "x": a KeyError
+    with pytest.raises(KeyError):
+        sums.found()
+
+
+def _hessians(index: GraphIndex, layers: list, *batches: np.ndarray) -> dict[str, np.ndarray]:
+    """H of `layers` (whose input is "x") over `batches`, all of them."""
+    sums = HessianSums(index, layers, limit=sum(len(b) for b in batches))
+    for batch in batches:
+        sums.update({"x": batch}, len(batch))
+    return sums.found()

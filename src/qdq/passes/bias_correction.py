@@ -27,8 +27,9 @@ from qdq.onnx.graph import GraphIndex
 from qdq.onnx.sessions import Use, open_session
 from qdq.passes.insert_qdq import insert_qdq
 from qdq.plan.build import Plan
-from qdq.plan.calibrate import ChannelMeans, budgeted
+from qdq.plan.calibrate import budgeted
 from qdq.plan.rules import RULES
+from qdq.plan.sample_stats import ChannelMeans
 
 CORRECTABLE = ("Conv", "ConvTranspose", "Gemm")
 

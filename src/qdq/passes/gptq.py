@@ -12,14 +12,16 @@ EfficientNet-Lite0 (weights only, 8-bit per channel, the first 32 calibration cr
 17.8 dB output SQNR with nearest rounding, 27.7 dB with this.
 
 `H` comes from the float model's layer inputs on the first `SAMPLES` calibration samples,
-accumulated per batch (memory: one `H` per layer, none per sample). The codes keep the
-plan's scales and zero points; bias correction then cancels what mean error is left.
+summed in the calibration pass itself (`HessianSums`; memory: one `H` per layer, none per
+sample). The codes keep the plan's scales and zero points; bias correction then cancels what
+mean error is left.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -27,9 +29,7 @@ import onnx
 from qdq.affine import quantize
 from qdq.onnx.conv import ConvGeometry
 from qdq.onnx.graph import GraphIndex, attributes
-from qdq.onnx.sessions import session_with_outputs
 from qdq.plan.build import Key, Plan
-from qdq.plan.calibrate import budgeted
 from qdq.plan.rules import weight_axis
 from qdq.plan.saturation import pair_clipped
 from qdq.qparams import QParams
@@ -66,51 +66,76 @@ def linear_layers(index: GraphIndex, names: Iterable[str]) -> list[onnx.NodeProt
     return layers
 
 
-def hessians(
-    model: onnx.ModelProto,
-    index: GraphIndex,
-    layers: list[onnx.NodeProto],
-    feeds: Iterable[dict[str, np.ndarray]],
-) -> dict[str, np.ndarray]:
+class HessianSums:
     """Per layer, `H` (groups, terms, terms): the summed outer products of the terms each
-    output's sum reads, over the float model's inputs to it on `feeds`, run in parts whose
-    fetched layer inputs fit calibration's capture budget (a batch of 1024 x 1024 tiles would
-    not: every layer's input at once)."""
-    names = list(dict.fromkeys(node.input[0] for node in layers))
-    session = session_with_outputs(model, names)
-    found: dict[str, np.ndarray] = {}
-    rng = np.random.default_rng(0)
-    weights = {node.name: index.constant(node.input[1]) for node in layers}
-    size = 1  # samples a run: one, then as many as calibration's capture budget allows
-    for feed in feeds:
-        count, start = len(next(iter(feed.values()))), 0
-        while start < count:
-            part = {k: v[start : start + size] for k, v in feed.items()}
-            values = dict(zip(names, session.run(names, part), strict=True))
-            if start == 0 and size == 1:
-                size = budgeted(count, sum(v.nbytes for v in values.values()))
-            start += len(next(iter(part.values())))
-            for node in layers:
-                _accumulate(found, node, weights[node.name], values[node.input[0]], rng)
-    return found
+    output's sum reads, over the float model's inputs to it on the first `limit` samples of a
+    stream. Calibration feeds it the layer inputs it fetches anyway, so H costs no pass of its
+    own (that pass was 2.8 s of ONNX Runtime in ddddocr's detector's 40 s). One per calibration
+    shard (`after`), merged by sum; a failure is kept for `found` to raise, so that calibration
+    goes on and only GPTQ is skipped."""
+
+    def __init__(self, index: GraphIndex, layers: list[onnx.NodeProto], limit: int) -> None:
+        self.layers = layers
+        self.shapes = {node.name: tuple(index.initializers[node.input[1]].dims) for node in layers}
+        self.inputs = list(dict.fromkeys(node.input[0] for node in layers))
+        self.limit = self.missing = max(limit, 0)
+        self.sums: dict[str, np.ndarray] = {}
+        self.error: Exception | None = None
+        self._rng = np.random.default_rng(self.limit)  # a shard's positions: its own draws
+
+    def after(self, first: int) -> HessianSums:
+        """An empty accumulator for the stream's samples from `first` on (a later shard)."""
+        later = copy.copy(self)
+        later.limit = later.missing = max(self.limit - first, 0)
+        later.sums, later.error = {}, None
+        later._rng = np.random.default_rng(later.limit)
+        return later
+
+    def update(self, values: Mapping[str, np.ndarray], samples: int) -> None:
+        """Add a batch of `samples` samples: each layer's input by name in `values`. Of a batch
+        past `limit`, the samples before it where a tensor leads with them, else all of it."""
+        if self.missing <= 0 or self.error is not None:
+            return
+        take = min(samples, self.missing)
+        try:
+            for node in self.layers:
+                value = values[node.input[0]]
+                value = value[:take] if len(value) == samples else value
+                _accumulate(self.sums, node, self.shapes[node.name], value, self._rng)
+        except Exception as error:  # found() raises it: the GPTQ stage is skipped, not calibration
+            self.error = error
+        self.missing -= take
+
+    def merge(self, other: HessianSums) -> None:
+        """Add a later shard's sums."""
+        self.error = self.error or other.error
+        for name, h in other.sums.items():
+            self.sums[name] = self.sums[name] + h if name in self.sums else h
+
+    def found(self) -> dict[str, np.ndarray]:
+        """H per layer that had inputs; raises what failed while summing, if anything did."""
+        if self.error is not None:
+            raise self.error
+        return self.sums
 
 
 def _accumulate(
     found: dict[str, np.ndarray],
     node: onnx.NodeProto,
-    weight: np.ndarray,
+    shape: tuple[int, ...],
     value: np.ndarray,
     rng: np.random.Generator,
 ) -> None:
-    """Add the outer products of `node`'s terms in its input `value` to its H in `found`."""
+    """Add the outer products of `node`'s terms in its input `value` to its H in `found`;
+    `shape`: the node's weight's."""
     x = np.asarray(value, np.float32)
     if node.op_type == "Conv" and x.ndim != 4:
         return
     # samples per product: a few large matrix products, each under CHUNK floats
-    size = max(1, x[:1].size * int(np.prod(weight.shape[2:])))
+    size = max(1, x[:1].size * int(np.prod(shape[2:])))
     step = max(1, CHUNK // size) if node.op_type == "Conv" else len(x)
     for start in range(0, len(x), step):
-        cols = _terms(node, x[start : start + step], weight, rng)
+        cols = _terms(node, x[start : start + step], shape, rng)
         h = np.matmul(cols, cols.transpose(0, 2, 1)).astype(np.float64)
         found[node.name] = found.get(node.name, 0) + h
 
@@ -118,16 +143,17 @@ def _accumulate(
 def _terms(
     node: onnx.NodeProto,
     x: np.ndarray,
-    weight: np.ndarray,
+    shape: tuple[int, ...],
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """The terms `node`'s sums read from input `x` (a 4-D batch for a Conv): (groups, terms,
-    positions), terms in the order of the weight's own flattening, positions sample by
-    sample; with `rng`, `POSITIONS` per sample of a Conv's at random (H costs its terms times
-    the layer's own work, and a few hundred positions per sample estimate it)."""
+    """The terms `node`'s sums read from input `x` (a 4-D batch for a Conv whose weight has
+    `shape`): (groups, terms, positions), terms in the order of the weight's own flattening,
+    positions sample by sample; with `rng`, `POSITIONS` per sample of a Conv's at random (H
+    costs its terms times the layer's own work, and a few hundred positions per sample
+    estimate it)."""
     if node.op_type != "Conv":
         return x.reshape(-1, x.shape[-1]).T[None]
-    g = ConvGeometry.from_attributes(attributes(node), x.shape, weight.shape)
+    g = ConvGeometry.from_attributes(attributes(node), x.shape, shape)
     top, left, bottom, right = g.pads
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     (kh, kw), (dh, dw), (sh, sw) = g.kernel, g.dilations, g.strides

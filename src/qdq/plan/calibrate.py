@@ -10,10 +10,10 @@ import copy
 import logging
 import os
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx
@@ -23,6 +23,7 @@ from qdq.data import Samples
 from qdq.errors import DataError
 from qdq.observers import Observer
 from qdq.onnx.sessions import session_with_outputs
+from qdq.plan.sample_stats import ChannelMeans, SampleStats
 from qdq.qparams import Range
 from qdq.workers import ONE_PROCESS, Workers, session_threads
 
@@ -45,106 +46,27 @@ SHARD_SAMPLES = 256
 WINDOW_SHARDS = 16
 
 
+class Tap(Protocol):
+    """Something else fed from the calibration pass: `inputs` by name, for the stream's first
+    samples (GPTQ's H, `qdq.passes.gptq.HessianSums`), instead of a pass of its own."""
+
+    inputs: list[str]
+    missing: int  # samples still wanted
+
+    def after(self, first: int) -> Tap:
+        """An empty one for the stream's samples from `first` on (a later shard)."""
+
+    def update(self, values: Mapping[str, np.ndarray], samples: int) -> None:
+        """Take a batch of `samples` samples: `inputs` by name in `values`."""
+
+    def merge(self, other: Tap) -> None:
+        """Add what a later shard took."""
+
+
 def budgeted(batch_size: int, per_sample: int, budget: int = CAPTURE_BUDGET) -> int:
     """The batch size, lowered so that one batch captures at most `budget` bytes when each
     sample captures `per_sample`."""
     return max(1, min(batch_size, budget // max(per_sample, 1)))
-
-
-class SampleStats:
-    """Running mean and maximum over the batch axis: the expected value of one sample, element
-    by element (for bias correction), and its largest (for weights that int8 kernels without
-    VNNI must not saturate, `qdq.plan.saturation`)."""
-
-    def __init__(self) -> None:
-        self.total: np.ndarray | None = None
-        self.top: np.ndarray | None = None
-        self.count = 0
-        self.ragged = False  # samples of different shapes (dynamic axes): no single mean
-
-    def update(self, batch: np.ndarray) -> None:
-        if self.total is not None and self.total.shape != batch.shape[1:]:
-            self.ragged = True
-        if self.ragged:
-            return
-        # One batch summed in float32 (3.6x faster than in float64; a batch is a few dozen
-        # samples), batches accumulated in float64, in place: a batch-1 model's tensors come a
-        # sample at a time, and temporaries per sample had made this a fifth of calibration's
-        # work on ddddocr's detector.
-        batch_sum = batch[0] if len(batch) == 1 else batch.sum(axis=0)
-        if self.total is None:
-            self.total = batch_sum.astype(np.float64)
-            self.top = batch.max(axis=0)
-        else:
-            np.add(self.total, batch_sum, out=self.total)
-            np.maximum(self.top, batch[0] if len(batch) == 1 else batch.max(axis=0), out=self.top)
-        self.count += len(batch)
-
-    def merge(self, other: SampleStats) -> None:
-        """Add the samples another shard saw."""
-        if other.ragged or (self.total is not None and other.total is not None
-                            and self.total.shape != other.total.shape):  # fmt: skip
-            self.ragged = True
-        if self.ragged or other.total is None:
-            return
-        self.total = other.total.copy() if self.total is None else self.total + other.total
-        self.top = other.top.copy() if self.top is None else np.maximum(self.top, other.top)
-        self.count += other.count
-
-    @property
-    def mean(self) -> np.ndarray | None:
-        return None if self.ragged or self.total is None else self.total / self.count
-
-    @property
-    def peak(self) -> np.ndarray | None:
-        return None if self.ragged else self.top
-
-
-class ChannelMeans:
-    """Each sample's mean per channel (axis 1) of a tensor, for the first `limit` samples of a
-    stream: the float network's layer means that the sequential bias correction compares its
-    int8 network with, taken in the calibration pass instead of a second float pass. A tensor
-    whose leading axis is not the samples' (a transformer's Gemm reads (samples x tokens,
-    features)) has none: rows taken as samples there had given the digits transformer's
-    attention projections another batch's means, and its output 16.7 dB instead of 42.3."""
-
-    def __init__(self, limit: int) -> None:
-        self.missing = max(limit, 0)  # samples still to take
-        self.rows: list[np.ndarray] = []
-        self.sample_bytes = 0  # one sample of the tensor, to size the correction's batches
-        self.unaligned = False  # axis 0 was not the samples in some batch
-
-    def update(self, batch: np.ndarray, samples: int) -> None:
-        """Take `batch`, the tensor for `samples` samples. Of one sample, whatever its leading
-        axis holds (an LSTM's steps), the tensor is that sample's: its mean over every axis but
-        1 is the mean the correction measures on it, as batch-1 models run it (ddddocr's had
-        run its float network again for its Gemm after the LSTM, 3.5 s of 28)."""
-        per_sample = batch.nbytes // max(samples, 1)
-        if samples == 1 and batch.ndim >= 2 and len(batch) != 1:
-            batch = batch.mean(axis=0, keepdims=True)
-        if len(batch) != samples:
-            self.unaligned, self.missing = True, 0
-        if self.unaligned:
-            return
-        self.sample_bytes = per_sample
-        take = min(len(batch), self.missing)
-        if take > 0:
-            self.rows.append(batch[:take].mean(axis=tuple(range(2, batch.ndim))))
-            self.missing -= take
-
-    def merge(self, other: ChannelMeans) -> None:
-        """The next shard's samples after this one's."""
-        self.rows.extend(other.rows)
-        self.sample_bytes = self.sample_bytes or other.sample_bytes
-        self.unaligned = self.unaligned or other.unaligned
-
-    @property
-    def values(self) -> np.ndarray | None:
-        """(samples, channels), or None where the samples' channel counts differ or axis 0 was
-        not the samples."""
-        if self.unaligned or not self.rows or len({r.shape[1:] for r in self.rows}) > 1:
-            return None
-        return np.concatenate(self.rows)
 
 
 def observe(
@@ -158,13 +80,14 @@ def observe(
     workers: Workers = ONE_PROCESS,
     channels: Iterable[str] = (),
     limit: int = 0,
+    tap: Tap | None = None,
 ) -> tuple[dict[str, Observer], dict[str, str], dict[str, SampleStats], dict[str, ChannelMeans]]:
     """One pass over the data, before any range is computed: each fit tensor's merged observer
     (whose histogram can give more than one method's range; `fit_ranges` turns them into
     ranges), the tensors found unfit for int8 with the reason, the mean and largest sample of
     each tensor in `means` (for bias correction and pair-safe weights), and the means per
     channel of each tensor in `channels` on the first `limit` samples (for the sequential
-    correction).
+    correction). `tap`, if given, takes its inputs on its first samples (`Tap`).
 
     Unfit tensors are found without an extra pass over the data: an observer refuses NaN and
     Inf, and a final range beyond SENTINEL marks a mask. Shards of SHARD_SAMPLES samples are
@@ -174,7 +97,7 @@ def observe(
         return {}, {}, {}, {}
     job = _Job(model, samples, {name: make(name) for name in names},
                [m for m in means if m in names], batch_size, list(dict.fromkeys(channels)),
-               limit)  # fmt: skip
+               limit, tap)  # fmt: skip
     spans = [
         (first, min(first + SHARD_SAMPLES, samples.count))
         for first in range(0, samples.count, SHARD_SAMPLES)
@@ -191,6 +114,8 @@ def observe(
         with tqdm(total=samples.count, desc="calibrating", unit="sample",
                   disable=not progress, leave=False) as bar:  # fmt: skip
             seen = _merged(_observe(opened, span, bar) for span in spans)
+    if tap is not None:
+        tap.merge(seen.tap)
     fit = {n: o for n, o in seen.observers.items() if n not in seen.unfit}
     averages = seen.averages.items()
     found = {n: a for n, a in averages if a.mean is not None and n not in seen.unfit}
@@ -209,6 +134,7 @@ def observe_holding(
     workers: Workers = ONE_PROCESS,
     channels: Iterable[str] = (),
     limit: int = 0,
+    tap: Tap | None = None,
 ) -> tuple[
     dict[str, Observer],
     dict[str, Observer],
@@ -219,24 +145,28 @@ def observe_holding(
     """`observe` on all `samples`, and also the observers of all but the last `held` of them:
     ranges fitted without those samples can be judged on them fairly (ranges scored on the
     samples they were fitted to favour MinMax, docs/ptq.md). Still one pass over the data.
-    Last, each of `channels`' means per channel on the first `limit` samples."""
+    Last, each of `channels`' means per channel on the first `limit` samples (and `tap`'s
+    inputs on its first samples)."""
     channels = list(channels)
     if not held:
         observers, unfit, found, per_channel = observe(
-            model, samples, make, names, batch_size, progress, means, workers, channels, limit
-        )
+            model, samples, make, names, batch_size, progress, means, workers, channels, limit, tap,
+        )  # fmt: skip
         return observers, observers, unfit, found, per_channel
     split = samples.count - held
     rest = (batch_size, progress, means, workers, channels)
     fitted, unfit, found, per_channel = observe(
-        model, samples.span(0, split), make, names, *rest, limit
+        model, samples.span(0, split), make, names, *rest, limit, tap
     )
     # The held samples continue each fitted observer's stream (not a merge, which re-bins).
     fit = [name for name in names if name in fitted]
     resume = lambda name: copy.deepcopy(fitted[name])  # noqa: E731
+    later = None if tap is None else tap.after(split)
     every, unfit_last, found_last, per_channel_last = observe(
-        model, samples.span(split, samples.count), resume, fit, *rest, limit - split
+        model, samples.span(split, samples.count), resume, fit, *rest, limit - split, later
     )
+    if tap is not None:
+        tap.merge(later)
     for name, later in per_channel_last.items():
         if name in per_channel:
             per_channel[name].merge(later)
@@ -275,6 +205,7 @@ class _Job:
     batch_size: int
     channels: list[str]
     limit: int  # the samples whose means per channel are kept
+    tap: Tap | None  # empty: what each shard's sums start from
 
 
 _Opened = tuple[_Job, "InferenceSession", Samples]
@@ -282,13 +213,14 @@ _Opened = tuple[_Job, "InferenceSession", Samples]
 
 @dataclass
 class _Seen:
-    """One shard's observers, running means, means per channel and unfit tensors (with the
-    reason)."""
+    """One shard's observers, running means, means per channel, tap and unfit tensors
+    (with the reason)."""
 
     observers: dict[str, Observer]
     averages: dict[str, SampleStats]
     unfit: dict[str, str]
     channels: dict[str, ChannelMeans]
+    tap: Tap | None
 
 
 def _open(job: _Job, reopen: bool = True) -> _Opened:
@@ -298,8 +230,10 @@ def _open(job: _Job, reopen: bool = True) -> _Opened:
 
 
 def _fetched(job: _Job) -> list[str]:
-    """The tensors a shard's session outputs: the observed ones, then the other `channels`."""
-    return [*job.observers, *(c for c in job.channels if c not in job.observers)]
+    """The tensors a shard's session outputs: the observed ones, then the other `channels` and
+    the tap's inputs."""
+    taps = [*job.channels, *(job.tap.inputs if job.tap else ())]
+    return list(dict.fromkeys([*job.observers, *taps]))
 
 
 def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) -> _Seen:
@@ -309,7 +243,17 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
     names = _fetched(job)
     first, last = span
     seen = _Seen(copy.deepcopy(job.observers), {n: SampleStats() for n in job.means}, {},
-                 {n: ChannelMeans(job.limit - first) for n in job.channels})  # fmt: skip
+                 {n: ChannelMeans(job.limit - first) for n in job.channels},
+                 job.tap.after(first) if job.tap else None)  # fmt: skip
+    tapped = set(seen.tap.inputs) if seen.tap else set()
+
+    def fetched(name: str) -> bool:
+        """Whether a batch still needs `name`: observed, or its means or H not yet taken."""
+        if name in seen.observers:
+            return True
+        if name in seen.channels and seen.channels[name].missing:
+            return True
+        return name in tapped and seen.tap.missing > 0
 
     def update(name: str, value: np.ndarray, count: int) -> str | None:
         """One tensor's batch of `count` samples into its observer; why the tensor is unfit,
@@ -332,15 +276,21 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
         """Feed one batch's tensors to their observers, in parallel (each observer still sees
         its batches in order, so the result does not depend on the threads); returns the bytes
         captured."""
-        # a tensor fetched only for its means per channel, once they are taken, is not fetched
-        run = [n for n in names if n in seen.observers or seen.channels[n].missing]
+        # a tensor fetched only for its means per channel or H, once taken, is not fetched
+        run = [n for n in names if fetched(n)]
         values = dict(zip(run, session.run(run, feed), strict=True))
-        live = [name for name in run if name not in seen.unfit]
+        live = [n for n in run if n not in seen.unfit]
+        live = [n for n in live if n in seen.observers or n in seen.channels]  # not the tap's alone
         count = len(next(iter(feed.values())))
+        tapping = None
+        if seen.tap is not None and seen.tap.missing > 0:
+            tapping = pool.submit(seen.tap.update, values, count)
         batches = pool.map(update, live, map(values.get, live), [count] * len(live))
         for name, reason in zip(live, batches, strict=True):
             if reason:
                 seen.unfit[name] = reason
+        if tapping is not None:
+            tapping.result()
         if bar is not None:
             bar.update(count)
         return sum(v.nbytes for v in values.values())
@@ -369,6 +319,8 @@ def _merged(shards: Iterable[_Seen]) -> _Seen:
             average.merge(shard.averages[name])
         for name, means in merged.channels.items():
             means.merge(shard.channels[name])
+        if merged.tap is not None:
+            merged.tap.merge(shard.tap)
     return merged
 
 
