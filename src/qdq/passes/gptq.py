@@ -81,14 +81,15 @@ class HessianSums:
         self.limit = self.missing = max(limit, 0)
         self.sums: dict[str, np.ndarray] = {}
         self.error: Exception | None = None
-        self._rng = np.random.default_rng(self.limit)  # a shard's positions: its own draws
+        self.start = 0  # the stream's sample this one's first sample is
+        self._rng = np.random.default_rng(self.start)  # a shard's positions: its own draws
 
     def after(self, first: int) -> HessianSums:
         """An empty accumulator for the stream's samples from `first` on (a later shard)."""
         later = copy.copy(self)
         later.limit = later.missing = max(self.limit - first, 0)
-        later.sums, later.error = {}, None
-        later._rng = np.random.default_rng(later.limit)
+        later.sums, later.error, later.start = {}, None, self.start + first
+        later._rng = np.random.default_rng(later.start)
         return later
 
     def update(self, values: Mapping[str, np.ndarray], samples: int) -> None:
