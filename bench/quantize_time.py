@@ -132,7 +132,8 @@ def timed(
 def models(most: int, names: list[str]) -> Iterator[tuple[str, Path, Samples]]:
     """(name, file, `most` calibration samples: one array, or one per input by name) per model
     asked, each model's data made only when its turn comes (the layout model's 512 pages alone
-    hold 3.7 GB); bench/unseen.py's models as it quantizes them (after their `prepare`)."""
+    hold 3.7 GB); bench/unseen.py's models as it quantizes them (after their `prepare`; a huge
+    one on at most the samples its bench calibrates on)."""
     found = {t.name: (Path(t.model), t.calib) for t in tasks(most) if t.name in names}
     for name in names:
         if name in found:
@@ -140,7 +141,8 @@ def models(most: int, names: list[str]) -> Iterator[tuple[str, Path, Samples]]:
         else:
             model = MODELS[name]
             source = locate(model) if model.prepare is None else model.prepare(locate(model))
-            yield name, source, model.data(most, 1)[0]
+            # a huge model's bench count (the nucleus segmenter: 4 tiles of 3.1 GiB activations)
+            yield name, source, model.data(min(most, model.calibrate) if model.huge else most, 1)[0]
 
 
 def save(samples: Samples, count: int, folder: Path) -> Path:
@@ -182,7 +184,8 @@ def main() -> None:
         "|---|---|" + "---|" * len(STAGES),
     ]
     for name, model, x in models(max(args.samples), args.models):
-        for count in args.samples:
+        held = len(x) if isinstance(x, np.ndarray) else len(next(iter(x.values())))
+        for count in sorted({min(count, held) for count in args.samples}):
             with tempfile.TemporaryDirectory() as tmp:
                 data = save(x, count, Path(tmp))
                 found = {tool: [] for tool in runs}

@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from qdq.config import Prefer, QuantConfig
+from qdq.onnx import sessions
 from qdq.onnx.graph import GraphIndex
 from qdq.pipeline import prepare, quantize_model
 from qdq.plan import frontier
@@ -223,3 +224,27 @@ def test_the_report_times_fp32_with_the_candidates_and_warns_when_int8_is_slower
     monkeypatch.setattr(frontier, "latencies_ms", timed(1.0, 1.03))
     tied = quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz")
     assert "no candidate plan runs faster" not in tied.summary(tmp_path / "q.onnx")  # 3%: a tie
+
+
+def test_a_timing_budget_cuts_the_rounds_to_the_least(monkeypatch):
+    """A model that takes seconds a run is timed in LEAST_ROUNDS interleaved rounds once the
+    budget is spent (here at once); without a budget every round runs."""
+    real, runs = sessions.open_session, []
+
+    class Counted:
+        def __init__(self, session: object) -> None:
+            self.session = session
+
+        def run(self, *args: object) -> list:
+            runs.append(1)
+            return self.session.run(*args)
+
+    monkeypatch.setattr(sessions, "open_session", lambda m, use: Counted(real(m, use)))
+    models = [str(DIGITS / "cnn.onnx"), str(DIGITS / "mobilenet.onnx")]
+    feed = {"input": np.load(DIGITS / "calib.npz")["input"][:1]}
+    times = sessions.median_latency_ms(models, feed, runs=20, budget_s=0.0)
+    assert len(runs) == 2 * (1 + sessions.LEAST_ROUNDS)  # a warm-up each, then the least
+    assert all(t > 0 for t in times)
+    runs.clear()
+    sessions.median_latency_ms(models, feed, runs=20)
+    assert len(runs) == 2 * 21

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from qdq.workers import session_threads
 
 PROVIDERS = ["CPUExecutionProvider"]
+LEAST_ROUNDS = 5  # interleaved timing rounds a time budget never cuts
 
 
 class Use(enum.Enum):
@@ -108,14 +109,23 @@ def session_with_outputs(
     return open_session(extended, Use.CALIBRATION, level=level)
 
 
-def median_latency_ms(models: list, feed: dict[str, np.ndarray], runs: int) -> list[float]:
+def median_latency_ms(
+    models: list, feed: dict[str, np.ndarray], runs: int, budget_s: float | None = None
+) -> list[float]:
     """Median ms per run of each model (a path or serialized bytes), 1 thread, runs
-    interleaved so that drift on the machine hits all alike."""
+    interleaved so that drift on the machine hits all alike. With `budget_s`, rounds stop once
+    they took that long, after at least LEAST_ROUNDS: a model whose one run takes a second
+    (the nucleus segmenter's 1024 x 1024 tile) is timed in seconds, not minutes, and runs that
+    long vary little."""
     sessions = [open_session(m, Use.LATENCY) for m in models]
     times: list[list[float]] = [[] for _ in sessions]
     for session in sessions:  # warm up
         session.run(None, feed)
-    for _ in range(runs):
+    began = time.perf_counter()
+    for round_ in range(runs):
+        spent = time.perf_counter() - began
+        if budget_s is not None and round_ >= LEAST_ROUNDS and spent > budget_s:
+            break
         for i, session in enumerate(sessions):
             start = time.perf_counter()
             session.run(None, feed)

@@ -205,7 +205,7 @@ class _Job:
     batch_size: int
     channels: list[str]
     limit: int  # the samples whose means per channel are kept
-    tap: Tap | None  # empty: what each shard's sums start from
+    tap: Tap | None  # empty: each shard takes its own from it (`Tap.after`)
 
 
 _Opened = tuple[_Job, "InferenceSession", Samples]
