@@ -151,3 +151,19 @@ def test_an_embedding_table_is_stored_in_8_bits_and_gathered_in_8_bits(tmp_path,
     assert table.data_type == onnx.TensorProto.UINT8  # rows picked from the 8-bit table go
     assert "DequantizeLinear" not in op_counts(fused)  # into the int8 MatMul: nothing dequantized
     assert sqnr_db(run(source, {"ids": ids})[0], run(out, {"ids": ids})[0]) > 30
+
+
+@pytest.mark.parametrize("conv", ["/9/Conv", "/12/Conv"])  # depthwise, pointwise
+def test_a_convolution_kept_float_between_int8_layers_runs_float_in_onnx_runtime(tmp_path, conv):
+    """ONNX Runtime quantizes the float weights of a Conv that reads a per-tensor
+    DequantizeLinear and writes a QuantizeLinear (one int8 scale for the whole tensor): a layer
+    kept float for its accuracy must not come back as coarse int8."""
+    out = tmp_path / "q.onnx"
+    config = QuantConfig(prefer="int8", exclude=(conv,))
+    quantize_model(DIGITS / "mobilenet.onnx", out, DIGITS / "calib.npz", config)
+    fused = ort_rewrite(onnx.load(out), FUSED)
+    kept = [n for n in fused.graph.node if n.name.startswith(conv)]
+    assert kept
+    assert {n.op_type for n in kept} <= {"Conv", "FusedConv"}
+    assert not any("weight_q" in o for n in fused.graph.node for o in n.output)
+    assert op_counts(fused)["QLinearConv"] == 6  # the other convolutions

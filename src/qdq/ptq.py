@@ -45,7 +45,7 @@ from qdq.plan.build import Plan, build_plan
 from qdq.plan.calibrate import fit_ranges, observe_holding
 from qdq.plan.decisions import Decision, kept_float, static_decisions
 from qdq.plan.flow import Int8Flow
-from qdq.plan.frontier import choose_plan
+from qdq.plan.frontier import choose_plan, grouped_convs
 from qdq.plan.layout import SLOW_POOL, slow_pools
 from qdq.plan.method import (
     Fitted,
@@ -316,7 +316,14 @@ def _frontier(
     feeds = _leading_batches(samples, config.batch_size, FRONTIER_SAMPLES)
     score = sqnr_score(float_reference(model, feeds), config.output_parts)
     return choose_plan(
-        decisions, replan, realize, score, _timing_feed(samples), config.prefer, model
+        decisions,
+        replan,
+        realize,
+        score,
+        _timing_feed(samples),
+        config.prefer,
+        model,
+        grouped_convs(model),
     )
 
 

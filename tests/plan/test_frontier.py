@@ -17,7 +17,7 @@ from qdq.pipeline import prepare, quantize_model
 from qdq.plan import frontier
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, static_decisions
-from qdq.plan.frontier import choose_plan, latencies_ms, pick, variants
+from qdq.plan.frontier import choose_plan, grouped_convs, latencies_ms, pick, variants
 
 from conftest import DIGITS, digits_cnn_sqnr
 
@@ -69,6 +69,16 @@ def test_variants_keep_one_family_of_ops_float():
     assert {ops[n] for n in found["compute only"]} <= {"Add", "Mul", "GlobalAveragePool"}
     compute = [n for n, d in decisions.items() if d.quantized and d.op_type in ("Conv", "Gemm")]
     assert found["ends float"] == {compute[0], compute[-1]}
+    assert "ends and depthwise float" not in found  # no grouped convolution
+
+
+def test_a_model_with_depthwise_convolutions_gets_them_float_with_its_ends():
+    prepared, _, _ = prepare(onnx.load(DIGITS / "mobilenet.onnx"), per_channel=True)
+    decisions = static_decisions(GraphIndex(prepared), QuantConfig())
+    grouped = grouped_convs(prepared)
+    assert len(grouped) == 3  # the digits MobileNet's three depthwise convolutions
+    found = variants(decisions, grouped)
+    assert found["ends and depthwise float"] == grouped | found["ends float"]
 
 
 def test_prefer_accuracy_takes_the_best_scoring_candidate(tmp_path):

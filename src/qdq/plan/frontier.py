@@ -11,6 +11,17 @@ plan with everything int8 that the rules allow, each candidate keeps one family 
     Conv only       MatMul and Gemm float
     MatMul only     Conv and ConvTranspose float
     ends float      the first and the last int8 compute layer float (often the most sensitive)
+    ends and depthwise float
+                    also the grouped (depthwise) convolutions float
+
+A depthwise convolution does few multiplications, so its int8 kernel saves little (on x86,
+ONNX Runtime 1.32's ran slower than the float one with its Q/DQ pairs in PP-OCRv4's
+recognizer), and its 3x3 filters are where rounding hurts most (docs/finetune.md, "Why all-int8
+loses"). With the ends float as well: 79% of that recognizer's lines decoded as FP32 does at
+0.55x FP32's time, against all int8's 13% at 0.59x; 97.4% of PP-OCRv4's detector's text mask
+against 96.5% at 0.58x / 0.61x. (Alone, the depthwise convolutions float were as fast and
+kept 59% of the lines: a point balanced could take over the recognizer's 95% with its
+convolutions float.)
 
 Candidates that plan the same int8 nodes as an earlier one, or no int8 compute layer, are
 dropped; a model with one candidate left is not timed. `score` is the worst output part's SQNR
@@ -50,6 +61,7 @@ import onnx
 import onnxruntime as ort
 
 from qdq.config import Prefer
+from qdq.onnx.graph import attributes
 from qdq.onnx.sessions import median_latency_ms
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, kept_float
@@ -84,15 +96,30 @@ CACHE_ENV = "QDQ_CACHE_DIR"
 REASON = "int8 does not pay here: --prefer {prefer} chose the candidate plan {name!r}"
 
 
-def variants(decisions: Mapping[str, Decision]) -> dict[str, frozenset[str]]:
-    """Per candidate, the nodes it keeps float beyond `decisions` (graph order)."""
+def variants(
+    decisions: Mapping[str, Decision], grouped: frozenset[str] = frozenset()
+) -> dict[str, frozenset[str]]:
+    """Per candidate, the nodes it keeps float beyond `decisions` (graph order); `grouped`: the
+    grouped convolutions (`grouped_convs`)."""
     int8 = {name: d.op_type for name, d in decisions.items() if d.quantized}
     compute = [name for name, op in int8.items() if op in COMPUTE]
     families = {"compute only": CHEAP, "Conv only": LINEAR, "MatMul only": CONV}
     out = {"all int8": frozenset()}
     out |= {k: frozenset(n for n, op in int8.items() if op in ops) for k, ops in families.items()}
     out["ends float"] = frozenset(compute[:1] + compute[-1:]) if len(compute) > 2 else frozenset()
+    depthwise = grouped.intersection(int8)
+    if depthwise:
+        out["ends and depthwise float"] = depthwise | out["ends float"]
     return out
+
+
+def grouped_convs(model: onnx.ModelProto) -> frozenset[str]:
+    """The convolutions of `model` whose `group` is above 1 (depthwise ones among them)."""
+    return frozenset(
+        node.name
+        for node in model.graph.node
+        if node.op_type == "Conv" and attributes(node).get("group", 1) > 1
+    )
 
 
 def choose_plan(
@@ -103,16 +130,17 @@ def choose_plan(
     timing_feed: dict[str, np.ndarray],
     prefer: Prefer,
     reference: onnx.ModelProto | None = None,
+    grouped: frozenset[str] = frozenset(),
 ) -> tuple[Plan, dict[str, Decision]]:
     """The candidate plan `prefer` takes, with every candidate in its `frontier`, and the
     decisions it was planned from; `replan` builds a plan, `realize` its model, `score` rates
     it (higher is better); each candidate is timed on `timing_feed`, and so is the float
     model `reference`, for the plan's `float_ms` (not a candidate: a quantizer's user wants
-    int8, but should learn when it runs no faster)."""
+    int8, but should learn when it runs no faster); `grouped` as `variants` takes it."""
     plans: dict[str, tuple[Plan, dict[str, Decision]]] = {}
     seen: set[frozenset[str]] = set()
     fallback: tuple[Plan, dict[str, Decision]] | None = None
-    for name, floated in variants(decisions).items():
+    for name, floated in variants(decisions, grouped).items():
         reason = REASON.format(prefer=prefer, name=name)
         chosen = kept_float(decisions, floated, reason)
         plan = replan(chosen)
