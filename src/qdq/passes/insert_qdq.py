@@ -8,7 +8,7 @@ DQ -> op -> Q into its int8 kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...
 
 A Conv, ConvTranspose or Gemm kept float between int8 neighbours reads its input through a
 DequantizeLinear whose scale is repeated per channel (`_per_channel_reader`): ONNX Runtime
-(1.20 and later, `WeightBiasQuantization`) quantizes the float weights of any such op that
+(1.32 here, `WeightBiasQuantization`) quantizes the float weights of any such op that
 reads a per-tensor DequantizeLinear and writes a QuantizeLinear, to one symmetric int8 scale per
 tensor, so a layer qdq keeps float for its accuracy would run in coarse int8 instead
 (EfficientNet-Lite0 with its depthwise convolutions "float": 12.6 dB against all int8's 20.8).
