@@ -17,11 +17,11 @@ plan with everything int8 that the rules allow, each candidate keeps one family 
 A depthwise convolution does few multiplications, so its int8 kernel saves little (on x86,
 ONNX Runtime 1.32's ran slower than the float one with its Q/DQ pairs in PP-OCRv4's
 recognizer), and its 3x3 filters are where rounding hurts most (docs/finetune.md, "Why all-int8
-loses"). With the ends float as well: 79% of that recognizer's lines decoded as FP32 does at
-0.55x FP32's time, against all int8's 13% at 0.59x; 97.4% of PP-OCRv4's detector's text mask
-against 96.5% at 0.58x / 0.61x. (Alone, the depthwise convolutions float were as fast and
-kept 59% of the lines: a point balanced could take over the recognizer's 95% with its
-convolutions float.)
+loses"). With the ends float as well: 48-79% of that recognizer's lines decoded as FP32 does
+(three calibration sets), at 0.51-0.55x FP32's time where timed, against all int8's 13-49%
+(two sets) at 0.55-0.59x; 97.4% of PP-OCRv4's detector's text mask against 96.5% at 0.58x / 0.61x.
+(Alone, the depthwise convolutions float were as fast and kept 59% of the lines: a point
+balanced could take over the recognizer's 95% with its convolutions float.)
 
 Candidates that plan the same int8 nodes as an earlier one, or no int8 compute layer, are
 dropped; a model with one candidate left is not timed. `score` is the worst output part's SQNR
