@@ -26,6 +26,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import onnx
@@ -38,6 +39,7 @@ from qdq.lowbit import WeightGrid
 from qdq.onnx.graph import GraphIndex, clip_bounds
 from qdq.plan.constants import BIAS_CODE_LIMIT
 from qdq.plan.saturation import pair_clipped
+from qdq.qat.exact import FusedConv, fused_convs, qlinear_conv
 from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.lowbit import LowBitWeight
 from qdq.qat.ops import OPS
@@ -131,6 +133,13 @@ class QdqGraph(nn.Module):
             if name not in self.weight_of and name not in self.bias_of:
                 self.constants[name] = _tensor(value)
         self._bound_clipped_scales(model)
+        self.fused = {
+            q: f
+            for q, f in fused_convs(
+                graph, producer, consumers, self.initial, partial(self._absorbed, GraphIndex(model))
+            ).items()
+            if f.w_init in self.weight_of and _key(f.w_init) not in self.lowbit
+        }
 
     def _bound_clipped_scales(self, model: onnx.ModelProto) -> None:
         """Hold each scale that a Clip's QuantizeLinear uses where ONNX Runtime drops that Clip.
@@ -153,6 +162,19 @@ class QdqGraph(nn.Module):
                 continue  # not dropped in the PTQ file either: nothing to keep
             bound = max(_largest_inside(zero_point, grid, bounds), float(start))
             grid.max_scale = min(grid.max_scale or math.inf, bound)
+
+    def _absorbed(self, index: GraphIndex, act: onnx.NodeProto, q: onnx.NodeProto) -> bool:
+        """Whether ONNX Runtime drops the Relu or Clip `act` before QuantizeLinear `q`: its
+        range holds the grid's (a Relu: the grid starts at 0)."""
+        if len(q.input) < 3 or q.input[1] not in self.group:
+            return False
+        grid = self.grids[self.group[q.input[1]]]
+        zero_point = float(self.initial[q.input[2]])
+        if act.op_type == "Relu":
+            return zero_point == grid.qmin
+        bounds = clip_bounds(act, index)
+        start = np.float32(self.initial[q.input[1]])
+        return None not in bounds and _inside(start, zero_point, grid, bounds)
 
     def _tie_scales(self, graph: onnx.GraphProto, producer: dict, consumers: dict) -> None:
         """Union of activation scales a node passes through unchanged (see the module doc)."""
@@ -256,6 +278,9 @@ class QdqGraph(nn.Module):
             ins = [env.get(i) for i in step.inputs]  # integer initializers: see _dequantized
             if step.op_type == "QuantizeLinear":
                 out: object = self.grids[self.group[step.inputs[1]]](ins[0])
+                if step.outputs[0] in self.fused:
+                    exact = self._fused_conv(self.fused[step.outputs[0]], env)
+                    out = out + (exact - out).detach()
             elif step.op_type == "DequantizeLinear":
                 out = self._dequantized(step, ins[0])
             else:
@@ -263,6 +288,18 @@ class QdqGraph(nn.Module):
             outs = out if isinstance(out, tuple | list) else (out,)
             env.update(zip(step.outputs, outs, strict=False))
         return [env[name] for name in self.outputs]
+
+    def _fused_conv(self, f: FusedConv, env: dict[str, Value]) -> torch.Tensor:
+        """ONNX Runtime's QLinearConv result for one fused group (`qdq.qat.exact`)."""
+        return qlinear_conv(
+            env[f.x],
+            self.params[_key(f.w_init)],
+            env[f.b] if f.b else None,
+            f.attrs,
+            self.grids[self.group[f.x_scale]],
+            self.grids[self.weight_of[f.w_init]],
+            self.grids[self.group[f.y_scale]],
+        )
 
     def _dequantized(self, step: Step, x: Value) -> torch.Tensor:
         name = step.inputs[0]

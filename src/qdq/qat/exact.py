@@ -1,0 +1,105 @@
+"""ONNX Runtime's own int8 arithmetic in the torch copy's forward pass, where it fuses a group.
+
+ONNX Runtime runs `DequantizeLinear -> Conv [-> Relu] -> QuantizeLinear` as one QLinearConv:
+the int32 sum of the codes' products plus the int32 bias, times `M = (s_x * s_w[c]) / s_y` in
+float32, rounded half to even (docs/engine.md, "Requantization"). The fake-quantized copy
+computes the same Conv in float32 on the dequantized values and rounds that, which lands on the
+other side of a rounding boundary now and then; a network that amplifies such one-code
+differences (PP-OCRv4's recognizer: from 1e-5 of the codes at its fourth block to over half
+of them after its first squeeze-and-excitation gate, docs/finetune.md) then trains a model
+that ONNX Runtime does not run. Here the forward value of such a group is ONNX Runtime's codes,
+and the gradient the fake-quantized path's (straight through), so what trains is what runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from qdq.qat.fakequant import FakeQuantize
+from qdq.qat.ops_conv import conv
+from qdq.qparams import MIN_SCALE
+
+
+@dataclass(frozen=True)
+class FusedConv:
+    """A group ONNX Runtime runs as QLinearConv, by the tensors the torch copy holds: the
+    Conv's input and weight (their DequantizeLinear outputs), bias (or ""), its attributes,
+    the input's and weight's scale initializers, and the output QuantizeLinear's scale."""
+
+    x: str
+    w: str
+    b: str
+    attrs: dict
+    x_scale: str
+    w_init: str
+    y_scale: str
+
+
+def fused_convs(
+    graph: onnx.GraphProto,
+    producer: dict[str, onnx.NodeProto],
+    consumers: dict[str, list[onnx.NodeProto]],
+    initial: dict[str, np.ndarray],
+    absorbed: Callable[[onnx.NodeProto, onnx.NodeProto], bool],
+) -> dict[str, FusedConv]:
+    """Each QuantizeLinear output that ONNX Runtime computes with QLinearConv: the Conv reads
+    an activation and a constant weight through DequantizeLinear, and its output goes to this
+    QuantizeLinear alone, directly or through a Relu or Clip that `absorbed(activation, q)`
+    says ONNX Runtime drops (its range holds the grid's)."""
+    found = {}
+    for q in (n for n in graph.node if n.op_type == "QuantizeLinear"):
+        node = producer.get(q.input[0])
+        if node is not None and node.op_type in ("Relu", "Clip"):
+            if len(consumers.get(node.output[0], [])) != 1 or not absorbed(node, q):
+                continue
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "Conv" or len(consumers[node.output[0]]) != 1:
+            continue
+        x_dq, w_dq = (producer.get(i) for i in node.input[:2])
+        if not all(d is not None and d.op_type == "DequantizeLinear" for d in (x_dq, w_dq)):
+            continue
+        if x_dq.input[0] in initial or w_dq.input[0] not in initial:
+            continue
+        bias = node.input[2] if len(node.input) > 2 else ""
+        if bias and (producer.get(bias) is None or producer[bias].op_type != "DequantizeLinear"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        found[q.output[0]] = FusedConv(
+            node.input[0], node.input[1], bias, attrs, x_dq.input[1], w_dq.input[0], q.input[1]
+        )
+    return found
+
+
+def qlinear_conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    attrs: dict,
+    x_grid: FakeQuantize,
+    w_grid: FakeQuantize,
+    y_grid: FakeQuantize,
+) -> torch.Tensor:
+    """ONNX Runtime's QLinearConv output, dequantized, for the fake-quantized input `x`,
+    weight `w` and float bias `b` on their grids (no gradient: a value to put in the forward
+    pass). The sums are exact in float64; the scales and the bias are those `write_back`
+    writes."""
+    grids = (x_grid, w_grid, y_grid)
+    with torch.no_grad():
+        s_x, s_w, s_y = (g.bounded_scale().detach().clamp_min(MIN_SCALE) for g in grids)
+        z_x, z_y = x_grid.zero_point, y_grid.zero_point
+        x_codes = x_grid.codes(x).double() - z_x.double()
+        w_codes = w_grid.codes(w).double()
+        acc = conv([x_codes, w_codes], attrs)
+        channel = (1, -1) + (1,) * (acc.ndim - 2)
+        if b is not None:
+            bias_scale = s_x.double() * s_w.double()
+            acc = acc + torch.round(b.double() / bias_scale).reshape(channel)
+        multiplier = ((s_x * s_w) / s_y).float().reshape(channel)
+        low, high = y_grid.qmin - z_y, y_grid.qmax - z_y
+        scaled = torch.clamp(acc.float() * multiplier, low.item(), high.item())
+        return torch.round(scaled) * s_y  # DequantizeLinear: (q - z) * s
