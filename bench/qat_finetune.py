@@ -1,7 +1,7 @@
 """PTQ against `qdq finetune` on the PP-OCRv4 recognizer and detector and EfficientNet-Lite0.
 
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
-     [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1]
+     [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1] [--first-draw 0]
      [--start balanced|speed|int8] [--evaluate-scale 1] [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--draws", type=int, default=1)
+    parser.add_argument("--first-draw", type=int, default=0, help="the draws run from this one")
     parser.add_argument(
         "--ptq",
         nargs="+",
@@ -173,7 +174,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            for draw in range(args.draws):
+            for draw in range(args.first_draw, args.first_draw + args.draws):
                 case = Case(name, args.samples, draw, args.evaluate_scale)
                 rows += run_case(case, draw, args, Path(tmp))
     table = markdown(rows)

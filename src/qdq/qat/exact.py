@@ -1,14 +1,15 @@
 """ONNX Runtime's own int8 arithmetic in the torch copy's forward pass, where it fuses a group.
 
-ONNX Runtime runs `DequantizeLinear -> Conv [-> Relu] -> QuantizeLinear` as one QLinearConv:
-the int32 sum of the codes' products plus the int32 bias, times `M = (s_x * s_w[c]) / s_y` in
-float32, rounded half to even (docs/engine.md, "Requantization"). The fake-quantized copy
-computes the same Conv in float32 on the dequantized values and rounds that, which lands on the
-other side of a rounding boundary now and then; a network that amplifies such one-code
-differences (PP-OCRv4's recognizer: from 1e-5 of the codes at its fourth block to over half
-of them after its first squeeze-and-excitation gate, docs/finetune.md) then trains a model
-that ONNX Runtime does not run. Here the forward value of such a group is ONNX Runtime's codes,
-and the gradient the fake-quantized path's (straight through), so what trains is what runs.
+ONNX Runtime runs `DequantizeLinear -> Conv [-> Relu or Clip] -> QuantizeLinear` as one
+QLinearConv where it can drop the Relu or Clip: the int32 sum of the codes' products plus the
+int32 bias, times `M = (s_x * s_w[c]) / s_y` in float32, rounded half to even (docs/engine.md,
+"Requantization"). The fake-quantized copy computes the same Conv in float32 on the
+dequantized values and rounds that, which lands on the other side of a rounding boundary now
+and then; a network that amplifies such one-code differences (PP-OCRv4's recognizer: from
+1e-5 of the codes at its fourth block to over half of them after its first
+squeeze-and-excitation gate, docs/finetune.md) then trains a model that ONNX Runtime does not
+run. Here the forward value of such a group is ONNX Runtime's codes, and the gradient the
+fake-quantized path's (straight through), so what trains is what runs.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from qdq.qparams import MIN_SCALE
 @dataclass(frozen=True)
 class FusedConv:
     """A group ONNX Runtime runs as QLinearConv, by the tensors the torch copy holds: the
-    Conv's input and weight (their DequantizeLinear outputs), bias (or ""), its attributes,
-    the input's and weight's scale initializers, and the output QuantizeLinear's scale."""
+    Conv's input and bias (DequantizeLinear outputs; no bias: ""), its attributes, the input's
+    scale, the weight's integer initializer, and the output QuantizeLinear's scale."""
 
     x: str
-    w: str
     b: str
     attrs: dict
     x_scale: str
@@ -70,7 +70,7 @@ def fused_convs(
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         found[q.output[0]] = FusedConv(
-            node.input[0], node.input[1], bias, attrs, x_dq.input[1], w_dq.input[0], q.input[1]
+            node.input[0], bias, attrs, x_dq.input[1], w_dq.input[0], q.input[1]
         )
     return found
 
