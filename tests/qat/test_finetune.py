@@ -18,9 +18,10 @@ from qdq.data import Samples, model_inputs
 from qdq.onnx.sessions import Use, open_session
 from qdq.pipeline import quantize_model
 from qdq.qat import finetune, finetune_trainer
-from qdq.qat.convert import QdqGraph, write_back
+from qdq.qat.convert import QdqGraph
 from qdq.qat.finetune import FinetuneOptions, finetune_model
 from qdq.qat.finetune_loss import confirmed_axes, distance, softmax_axes
+from qdq.qat.write import write_back
 
 from conftest import DIGITS, digits_cnn_sqnr
 

@@ -1,12 +1,12 @@
-"""A differentiable torch copy of a QDQ ONNX graph, and its learned values written back.
+"""A differentiable torch copy of a QDQ ONNX graph (its learned values go back: `qdq.qat.write`).
 
 `QdqGraph` runs the graph `qdq quantize` wrote node by node in torch: each QuantizeLinear ->
 DequantizeLinear pair on an activation becomes one `FakeQuantize` (STE, LSQ scale), each
 integer weight behind a DequantizeLinear becomes a float parameter seen through its own
 `FakeQuantize`, each int32 bias a float parameter, and every other node the float op that
-`qdq.qat.ops.OPS` names. `write_back` puts the learned weight codes, scales and biases into the same
-initializers, so the file keeps its structure and ONNX Runtime fuses it as it fused the PTQ
-output.
+`qdq.qat.ops.OPS` names. `qdq.qat.write.write_back` puts the learned weight codes, scales and
+biases into the same initializers, so the file keeps its structure and ONNX Runtime fuses it
+as it fused the PTQ output.
 
 Why not a converter from PyPI: onnx2torch (1.5.15, the most used one, last released 2024-08)
 has no converter for QuantizeLinear or DequantizeLinear (none among its node_converters), so
@@ -37,19 +37,21 @@ from torch import nn
 from qdq.errors import ModelError
 from qdq.lowbit import WeightGrid
 from qdq.onnx.graph import GraphIndex, clip_bounds
-from qdq.plan.constants import BIAS_CODE_LIMIT
-from qdq.plan.saturation import pair_clipped
-from qdq.qat.exact import FusedConv, fused_convs, qlinear_conv
+from qdq.qat.exact import (
+    FusedConv,
+    clip_inside,
+    fused_convs,
+    largest_scale_inside,
+    qlinear_conv,
+)
 from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.lowbit import LowBitWeight
 from qdq.qat.ops import OPS
 from qdq.qat.ops_args import TORCH_DTYPES, Attrs, Value
-from qdq.qparams import MIN_SCALE
 from qdq.scheme import PerChannel, PerTensor, QScheme
 
 WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-INT32 = np.iinfo(np.int32)
 
 
 # ---- the graph as a module ----------------------------------------------------------------
@@ -132,16 +134,16 @@ class QdqGraph(nn.Module):
         for name, value in self.initial.items():
             if name not in self.weight_of and name not in self.bias_of:
                 self.constants[name] = _tensor(value)
-        self._bound_clipped_scales(model)
+        index = GraphIndex(model)
+        self._bound_clipped_scales(index)
+        absorbed = partial(self._absorbed, index)
         self.fused = {
             q: f
-            for q, f in fused_convs(
-                graph, producer, consumers, self.initial, partial(self._absorbed, GraphIndex(model))
-            ).items()
+            for q, f in fused_convs(graph, producer, consumers, self.initial, absorbed).items()
             if f.w_init in self.weight_of and _key(f.w_init) not in self.lowbit
         }
 
-    def _bound_clipped_scales(self, model: onnx.ModelProto) -> None:
+    def _bound_clipped_scales(self, index: GraphIndex) -> None:
         """Hold each scale that a Clip's QuantizeLinear uses where ONNX Runtime drops that Clip.
 
         ONNX Runtime removes a Clip before a QuantizeLinear, and so fuses the Conv before it
@@ -149,18 +151,14 @@ class QdqGraph(nn.Module):
         epsilon: `ClipQuantFusion`). A ReLU6 output's grid is [0, 6] exactly, so a scale
         learned a hair larger keeps the Clip, and the Conv runs in float: EfficientNet-Lite0,
         500 steps, left 3 of its 48 convolutions unfused and 20% slower."""
-        index = GraphIndex(model)
-        for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        for q in (n for n in index.nodes if n.op_type == "QuantizeLinear"):
             clip = index.producer.get(q.input[0])
-            if clip is None or clip.op_type != "Clip" or q.input[1] not in self.group:
-                continue
-            bounds = clip_bounds(clip, index)
+            if clip is None or clip.op_type != "Clip" or not self._absorbed(index, clip, q):
+                continue  # not dropped in the PTQ file either: nothing to keep
             grid = self.grids[self.group[q.input[1]]]
             zero_point = float(self.initial[q.input[2]])
-            start = np.float32(self.initial[q.input[1]])
-            if None in bounds or not _inside(start, zero_point, grid, bounds):
-                continue  # not dropped in the PTQ file either: nothing to keep
-            bound = max(_largest_inside(zero_point, grid, bounds), float(start))
+            largest = largest_scale_inside(zero_point, grid, clip_bounds(clip, index))
+            bound = max(largest, float(self.initial[q.input[1]]))
             grid.max_scale = min(grid.max_scale or math.inf, bound)
 
     def _absorbed(self, index: GraphIndex, act: onnx.NodeProto, q: onnx.NodeProto) -> bool:
@@ -174,7 +172,7 @@ class QdqGraph(nn.Module):
             return zero_point == grid.qmin
         bounds = clip_bounds(act, index)
         start = np.float32(self.initial[q.input[1]])
-        return None not in bounds and _inside(start, zero_point, grid, bounds)
+        return None not in bounds and clip_inside(start, zero_point, grid, bounds)
 
     def _tie_scales(self, graph: onnx.GraphProto, producer: dict, consumers: dict) -> None:
         """Union of activation scales a node passes through unchanged (see the module doc)."""
@@ -299,6 +297,7 @@ class QdqGraph(nn.Module):
             self.grids[self.group[f.x_scale]],
             self.grids[self.weight_of[f.w_init]],
             self.grids[self.group[f.y_scale]],
+            f.y_dtype,
         )
 
     def _dequantized(self, step: Step, x: Value) -> torch.Tensor:
@@ -315,29 +314,10 @@ class QdqGraph(nn.Module):
         """The learned float copy of an integer weight or int32 bias initializer."""
         return self.params[_key(initializer)]
 
-
-def _inside(scale: np.float32, zero_point: float, grid: FakeQuantize, bounds: tuple) -> bool:
-    """ONNX Runtime's test for dropping the Clip, in its float32 arithmetic."""
-    eps = np.finfo(np.float32).eps
-    lowest = scale * np.float32(grid.qmin - zero_point)
-    highest = scale * np.float32(grid.qmax - zero_point)
-    with np.errstate(invalid="ignore", over="ignore"):
-        low, high = np.float32(bounds[0]), np.float32(bounds[1])
-        return bool(not (eps < low - lowest) and not (eps < highest - high))
-
-
-def _largest_inside(zero_point: float, grid: FakeQuantize, bounds: tuple) -> float:
-    """The largest float32 scale whose grid passes `_inside`."""
-    low, high = bounds
-    limits = [math.inf]
-    if grid.qmax > zero_point and math.isfinite(high):
-        limits.append(high / (grid.qmax - zero_point))
-    if grid.qmin < zero_point and math.isfinite(low):
-        limits.append(low / (grid.qmin - zero_point))
-    scale = np.float32(min(limits)) * np.float32(1 + 1e-6)  # then down to the exact float
-    while not _inside(scale, zero_point, grid, bounds):
-        scale = np.nextafter(scale, np.float32(0))
-    return float(scale)
+    def lowbit_weight(self, initializer: str) -> LowBitWeight | None:
+        """The low-bit grid a weight initializer is seen through, if it has one."""
+        name = _key(initializer)
+        return self.lowbit[name] if name in self.lowbit else None  # noqa: SIM401 (no .get)
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -360,74 +340,3 @@ def _shape(scale: np.ndarray, attrs: Attrs, codes: np.ndarray) -> tuple[int, ...
 def _tensor(value: np.ndarray) -> torch.Tensor:
     dtype = TORCH_DTYPES.get(value.dtype, torch.float32)
     return torch.from_numpy(np.array(value)).to(dtype)  # a copy: initializers are read-only
-
-
-# ---- writing back ---------------------------------------------------------------------------
-
-
-def write_back(model: onnx.ModelProto, graph: QdqGraph, pairs: bool = False) -> onnx.ModelProto:
-    """A copy of `model` with `graph`'s learned weight codes, scales and biases in place of its
-    initializers (same names, shapes and dtypes), so its structure is unchanged. `pairs`: the
-    uniform weights' pairs of neighbours kept from saturating x86 u8s8 kernels: none adds more
-    codes than 128 or than it did in `model`, PTQ's (`qdq.plan.saturation`)."""
-    values: dict[str, np.ndarray] = {}
-    users = _weight_users(model) if pairs else {}
-    with torch.no_grad():
-        scales = {
-            key: g.bounded_scale().clamp_min(MIN_SCALE).double().numpy()
-            for key, g in graph.grids.items()
-        }
-        for weight, key in graph.weight_of.items():  # low-bit codes first: biases use s_w
-            if _key(weight) in graph.lowbit:
-                codes, scale = graph.lowbit[_key(weight)].codes_and_scale(
-                    graph.weight_param(weight)
-                )
-                values[weight], scales[key] = codes.double().numpy(), scale.double().numpy()
-        for scale, key in graph.group.items():
-            values[scale] = scales[key]
-        for bias, where in graph.bias_of.items():
-            b = graph.params[_key(bias)].double().numpy()
-            scale = graph.initial[where.scale].astype(np.float64)
-            if where.x_scale is not None and where.w_scale is not None:
-                s_x = scales[graph.group[where.x_scale]]
-                # A bias too large for int32 codes raises its channel's weight scale, as PTQ does.
-                needed = np.abs(b) / (s_x * BIAS_CODE_LIMIT)
-                w_key = graph.group[where.w_scale]
-                s_w = np.maximum(scales[w_key], needed if needed.ndim else needed.max())
-                scales[w_key] = values[where.w_scale] = s_w
-                scale = values[where.scale] = s_x * s_w
-            values[bias] = np.clip(np.rint(b / scale), INT32.min, INT32.max)
-        for weight, key in graph.weight_of.items():
-            if weight in values:  # on a low-bit grid, written above
-                continue
-            grid, w = graph.grids[key], graph.params[_key(weight)].double().numpy()
-            axis = grid.axis if scales[key].ndim else None
-            s = scales[key] if axis is None else np.expand_dims(scales[key], _others(w, axis))
-            z = float(grid.zero_point.reshape(-1)[0])  # per tensor (a weight: 0, symmetric)
-            values[weight] = np.clip(np.rint(w / s) + z, grid.qmin, grid.qmax)
-            if weight in users and z == 0:
-                values[weight] = pair_clipped(users[weight], values[weight], graph.initial[weight])
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for i, tensor in enumerate(out.graph.initializer):
-        if tensor.name in values:
-            dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            new = values[tensor.name].astype(dtype).reshape(tuple(tensor.dims))
-            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, tensor.name))
-    return out
-
-
-def _weight_users(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    """Each integer weight's compute node: the sole reader of its DequantizeLinear."""
-    index = GraphIndex(model)
-    users = {}
-    for node in index.nodes:
-        if node.op_type == "DequantizeLinear" and index.is_constant(node.input[0]):
-            user = index.sole_consumer(node.output[0])
-            if user is not None:
-                users[node.input[0]] = user
-    return users
-
-
-def _others(w: np.ndarray, axis: int) -> tuple[int, ...]:
-    return tuple(d for d in range(w.ndim) if d != axis % w.ndim)

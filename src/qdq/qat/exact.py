@@ -9,11 +9,13 @@ and then; a network that amplifies such one-code differences (PP-OCRv4's recogni
 1e-5 of the codes at its fourth block to over half of them after its first
 squeeze-and-excitation gate, docs/finetune.md) then trains a model that ONNX Runtime does not
 run. Here the forward value of such a group is ONNX Runtime's codes, and the gradient the
-fake-quantized path's (straight through), so what trains is what runs.
+fake-quantized path's (straight through), so what trains is what runs. `clip_inside` is
+ONNX Runtime's test for dropping the Clip, which decides whether it fuses such a group at all.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ import numpy as np
 import onnx
 import torch
 
+from qdq.engine.integer import requantize_mlas
 from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.ops_conv import conv
 from qdq.qparams import MIN_SCALE
@@ -30,7 +33,7 @@ from qdq.qparams import MIN_SCALE
 class FusedConv:
     """A group ONNX Runtime runs as QLinearConv, by the tensors the torch copy holds: the
     Conv's input and bias (DequantizeLinear outputs; no bias: ""), its attributes, the input's
-    scale, the weight's integer initializer, and the output QuantizeLinear's scale."""
+    scale, the weight's integer initializer, and the output QuantizeLinear's scale and type."""
 
     x: str
     b: str
@@ -38,6 +41,7 @@ class FusedConv:
     x_scale: str
     w_init: str
     y_scale: str
+    y_dtype: np.dtype  # the output codes' type (the QuantizeLinear's zero point's)
 
 
 def fused_convs(
@@ -69,8 +73,9 @@ def fused_convs(
         if bias and (producer.get(bias) is None or producer[bias].op_type != "DequantizeLinear"):
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        y_dtype = initial[q.input[2]].dtype if len(q.input) > 2 else np.dtype(np.uint8)
         found[q.output[0]] = FusedConv(
-            node.input[0], bias, attrs, x_dq.input[1], w_dq.input[0], q.input[1]
+            node.input[0], bias, attrs, x_dq.input[1], w_dq.input[0], q.input[1], y_dtype
         )
     return found
 
@@ -83,11 +88,12 @@ def qlinear_conv(
     x_grid: FakeQuantize,
     w_grid: FakeQuantize,
     y_grid: FakeQuantize,
+    y_dtype: np.dtype,
 ) -> torch.Tensor:
     """ONNX Runtime's QLinearConv output, dequantized, for the fake-quantized input `x`,
     weight `w` and float bias `b` on their grids (no gradient: a value to put in the forward
-    pass). The sums are exact in float64; the scales and the bias are those `write_back`
-    writes."""
+    pass). The sums are exact in float64, requantized by the engine's `requantize_mlas`; the
+    scales and the bias are those `write_back` writes."""
     grids = (x_grid, w_grid, y_grid)
     with torch.no_grad():
         s_x, s_w, s_y = (g.bounded_scale().detach().clamp_min(MIN_SCALE) for g in grids)
@@ -100,6 +106,30 @@ def qlinear_conv(
             bias_scale = s_x.double() * s_w.double()
             acc = acc + torch.round(b.double() / bias_scale).reshape(channel)
         multiplier = ((s_x * s_w) / s_y).float().reshape(channel)
-        low, high = y_grid.qmin - z_y, y_grid.qmax - z_y
-        scaled = torch.clamp(acc.float() * multiplier, low.item(), high.item())
-        return torch.round(scaled) * s_y  # DequantizeLinear: (q - z) * s
+        codes = requantize_mlas(acc.numpy(), multiplier.numpy(), z_y.numpy(), y_dtype)
+        return (torch.from_numpy(codes.astype(np.float32)) - z_y) * s_y  # DequantizeLinear
+
+
+def clip_inside(scale: np.float32, zero_point: float, grid: FakeQuantize, bounds: tuple) -> bool:
+    """ONNX Runtime's test for dropping a Clip before a QuantizeLinear (`ClipQuantFusion`):
+    the grid's range within the Clip's `bounds`, to float32 epsilon, in its float32 arithmetic."""
+    eps = np.finfo(np.float32).eps
+    lowest = scale * np.float32(grid.qmin - zero_point)
+    highest = scale * np.float32(grid.qmax - zero_point)
+    with np.errstate(invalid="ignore", over="ignore"):
+        low, high = np.float32(bounds[0]), np.float32(bounds[1])
+        return bool(not (eps < low - lowest) and not (eps < highest - high))
+
+
+def largest_scale_inside(zero_point: float, grid: FakeQuantize, bounds: tuple) -> float:
+    """The largest float32 scale whose grid passes `clip_inside`."""
+    low, high = bounds
+    limits = [math.inf]
+    if grid.qmax > zero_point and math.isfinite(high):
+        limits.append(high / (grid.qmax - zero_point))
+    if grid.qmin < zero_point and math.isfinite(low):
+        limits.append(low / (grid.qmin - zero_point))
+    scale = np.float32(min(limits)) * np.float32(1 + 1e-6)  # then down to the exact float
+    while not clip_inside(scale, zero_point, grid, bounds):
+        scale = np.nextafter(scale, np.float32(0))
+    return float(scale)

@@ -30,8 +30,8 @@ from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
 from qdq.pipeline import quantize_model
 from qdq.plan.parts import Part, PartStats, update_all
-from qdq.qat.convert import write_back
 from qdq.qat.finetune_trainer import FinetuneOptions, Trainer
+from qdq.qat.write import write_back
 from qdq.report.summary import QuantizeReport
 
 __all__ = ["FinetuneOptions", "FinetuneReport", "finetune_model"]

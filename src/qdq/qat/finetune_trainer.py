@@ -45,8 +45,9 @@ from qdq.errors import SchemeError
 from qdq.onnx.sessions import Use, open_session
 from qdq.plan.parts import output_parts
 from qdq.plan.saturation import avoids_saturation
-from qdq.qat.convert import QdqGraph, write_back
+from qdq.qat.convert import QdqGraph
 from qdq.qat.finetune_loss import confirmed_axes, distance, loss_labels, softmax_axes, take_part
+from qdq.qat.write import write_back
 
 # `qdq finetune`'s logger, named after its entry: users and bench/qat_finetune.py enable that name
 log = logging.getLogger("qdq.qat.finetune")
