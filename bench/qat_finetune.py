@@ -2,7 +2,8 @@
 
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
      [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1] [--first-draw 0]
-     [--start balanced|speed|int8] [--evaluate-scale 1] [--out bench/out/qat_finetune]
+     [--start balanced|speed|int8] [--evaluate-scale 1] [--patience 4] [--keep]
+     [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
 
@@ -89,7 +90,13 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
         rows.append({"method": label, "seconds": seconds, "samples": samples})
         paths.append(path)
     path = folder / f"{case.name}_{draw}_finetune.onnx"
-    options = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size, threads=1)
+    options = FinetuneOptions(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        threads=1,
+    )
     start = time.perf_counter()
     start_plan = paths[args.ptq.index(args.start)]  # the very file fine-tuning starts from
     config = preset_config("default", prefer=args.start)
@@ -164,7 +171,9 @@ def main() -> None:
         default=1,
         help="evaluate on this many times bench/ptq.py's evaluation samples (less noise)",
     )
+    parser.add_argument("--patience", type=int, default=FinetuneOptions.patience)
     parser.add_argument("--latency-runs", type=int, default=30)
+    parser.add_argument("--keep", action="store_true", help="keep the data and models in --out")
     parser.add_argument("--out", type=Path, default=Path("bench/out/qat_finetune"))
     args = parser.parse_args()
     args.ptq = list(dict.fromkeys([*args.ptq, args.start]))
@@ -176,7 +185,7 @@ def main() -> None:
         for name in args.models:
             for draw in range(args.first_draw, args.first_draw + args.draws):
                 case = Case(name, args.samples, draw, args.evaluate_scale)
-                rows += run_case(case, draw, args, Path(tmp))
+                rows += run_case(case, draw, args, args.out if args.keep else Path(tmp))
     table = markdown(rows)
     print(table)
     (args.out / "results.md").write_text(table + "\n")

@@ -164,6 +164,7 @@ def test_cli_distils_the_output_parts_it_is_given(
     ("extra", "message"),
     [
         (["--lr", "0"], "--lr must be a positive"),
+        (["--patience", "0"], "--patience"),
         (["--weight-bits", "9"], "--weight-bits 9"),
         (["--output-parts", "nope:1:0-4"], "nope"),
     ],
@@ -216,7 +217,7 @@ def test_held_out_loss_is_the_written_files_in_onnx_runtime(pair: tuple[Path, Pa
     teacher = open_session(model)
     trainer = finetune_trainer.Trainer(onnx.load(pair[0]), teacher, samples, CONFIG, OPTIONS, 16, 0)
     loss = trainer._held_out_loss()
-    trainer.graph.forward = lambda feeds: [torch.zeros(len(feeds["input"]), 10)]
+    trainer.graph.forward = lambda feeds, known=None: [torch.zeros(len(feeds["input"]), 10)]
     assert trainer._held_out_loss() == loss
     feed = next(trainer.held.batches(16))
     want, got = teacher.run(None, feed)[0], open_session(pair[0]).run(None, feed)[0]
@@ -228,7 +229,8 @@ def test_training_loss_has_the_files_value_and_the_torch_copys_gradient(
     pair: tuple[Path, Path],
 ) -> None:
     """A step trains on what ONNX Runtime computes from the file that step would write, with
-    gradients through the torch copy (a straight-through estimator at the outputs)."""
+    gradients through the torch copy (a straight-through estimator at the outputs, and the
+    file's codes carried at each quantized activation: tests/qat/test_exact.py)."""
     model = onnx.load(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
     trainer = finetune_trainer.Trainer(
@@ -238,7 +240,9 @@ def test_training_loss_has_the_files_value_and_the_torch_copys_gradient(
     file = trainer._file_session()
     loss = trainer._loss(feed, file, through=True)
     assert loss.item() == pytest.approx(float(trainer._loss(feed, file)), rel=1e-6)
-    trainer.graph.forward = lambda feeds: [torch.zeros(len(feeds["input"]), 10).requires_grad_()]
+    trainer.graph.forward = lambda feeds, known=None: [
+        torch.zeros(len(feeds["input"]), 10).requires_grad_()
+    ]
     assert trainer._loss(feed, file, through=True).item() == pytest.approx(loss.item(), rel=1e-6)
     del trainer.graph.forward
     loss.backward()
@@ -336,7 +340,7 @@ def test_a_head_of_boxes_and_scores_is_distilled_per_part(tmp_path: Path) -> Non
     want = teacher.run(None, feed)[0]
     wrong = want.copy()
     wrong[:, 4:] *= 0.9  # scores 10% low, boxes exact: the scores part's error is 0.01
-    trainer.graph.forward = lambda feeds: [torch.from_numpy(wrong)]
+    trainer.graph.forward = lambda feeds, known=None: [torch.from_numpy(wrong)]
     assert float(trainer._loss(feed)) == pytest.approx(0.01, rel=1e-3)
 
 
@@ -367,7 +371,7 @@ def test_a_dense_heads_value_map_is_distilled_where_its_scores_fire(tmp_path: Pa
     at_cell = offsets.copy()
     at_cell[:, :, 1, 2] *= 0.9  # 10% low where it fires: the error is 0.01 of the signal
     for got, loss in ((background, 0.0), (at_cell, 0.01)):
-        trainer.graph.forward = lambda feeds, got=got: [
+        trainer.graph.forward = lambda feeds, known=None, got=got: [
             torch.from_numpy(heat),
             torch.from_numpy(got),
         ]

@@ -99,7 +99,11 @@ def finetune(args: argparse.Namespace) -> str:
         max_samples=args.max_samples,
     )
     options = FinetuneOptions(
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size, held_out=args.held_out
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        held_out=args.held_out,
+        patience=args.patience,
     )
     report = finetune_model(
         args.model,

@@ -48,6 +48,7 @@ FLAGS = {
     "steps": "--steps",
     "lr": "--lr",
     "held_out": "--held-out",
+    "patience": "--patience",
     "batch_size": "--batch-size",
     "output_parts": "--output-parts",
     "weight_bits": "--weight-bits",

@@ -329,6 +329,13 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         type=at_least(1),
         help="samples, drawn at random, that pick the checkpoint instead of training (default 1/8)",
     )
+    f.add_argument(
+        "--patience",
+        type=at_least(1),
+        default=4,
+        help="held-out checks (every 25 steps) without a gain, past half the steps, before "
+        "stopping (default 4; more for a model whose held-out loss is noisy)",
+    )
     f.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
     f.add_argument(
         "--weight-grid",

@@ -270,14 +270,23 @@ class QdqGraph(nn.Module):
             scheme = replace(weights, granularity=granularity)
             self.lowbit[_key(node.input[0])] = LowBitWeight(self.weight_grid, scheme)
 
-    def forward(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def forward(
+        self, feeds: dict[str, torch.Tensor], known: dict[str, torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """The graph's outputs on `feeds`. `known` holds values some QuantizeLinear outputs
+        must take (dequantized; ONNX Runtime's own, from `qdq finetune`'s file): the forward
+        pass carries them on, the gradient is the fake-quantized path's. Elsewhere a fused
+        convolution's output takes ONNX Runtime's arithmetic (`qdq.qat.exact`)."""
         env: dict[str, Value] = {**self.constants, **feeds, "": None}
+        known = known or {}
         for step in self.steps:
             ins = [env.get(i) for i in step.inputs]  # integer initializers: see _dequantized
             if step.op_type == "QuantizeLinear":
                 out: object = self.grids[self.group[step.inputs[1]]](ins[0])
-                if step.outputs[0] in self.fused:
+                exact = known.get(step.outputs[0])
+                if exact is None and step.outputs[0] in self.fused:
                     exact = self._fused_conv(self.fused[step.outputs[0]], env)
+                if exact is not None:
                     out = out + (exact - out).detach()
             elif step.op_type == "DequantizeLinear":
                 out = self._dequantized(step, ins[0])

@@ -9,8 +9,11 @@ loss often stalls while the cosine-decayed rate is high, then falls: docs/finetu
 measured in ONNX Runtime on the file each checkpoint would write, not on the torch copy: the
 two round a few ties apart, and on a model that amplifies noise (PP-OCRv4's recognizer: ONNX
 Runtime's fused and unfused runs of one QDQ file differ by 23 dB) the torch loss fell by half
-while the file's error barely moved (docs/finetune.md). Each training step's loss is the
-file's too (`FinetuneOptions.file_outputs`), with the torch copy's gradient. Each batch is
+while the file's error barely moved (docs/finetune.md). Each training step runs that file
+too (`FinetuneOptions.file_outputs`): its loss is the file's outputs', and the torch copy's
+forward pass carries the file's codes at every quantized activation (`expose_codes`), so the
+gradient is taken where ONNX Runtime's values are, however the float ops between round (the
+recognizer's float depthwise convolutions: 24.9 dB apart without, 138.8 dB with). Each batch is
 the next `batch_size` of the training samples in an order shuffled every pass (a folder of
 images sorted by class would otherwise give batches of one class, and a held-out set of the
 last), read from the samples as training draws them, so memory does not grow with their
@@ -46,6 +49,7 @@ from qdq.onnx.sessions import Use, open_session
 from qdq.plan.parts import output_parts
 from qdq.plan.saturation import avoids_saturation
 from qdq.qat.convert import QdqGraph
+from qdq.qat.filecodes import FileRun, dequantized, expose_codes
 from qdq.qat.finetune_loss import confirmed_axes, distance, loss_labels, softmax_axes, take_part
 from qdq.qat.write import write_back
 
@@ -65,8 +69,8 @@ class FinetuneOptions:
     held_out: int | None = None  # samples; None: an eighth of them, 8 to 64
     evaluate_every: int = 25
     patience: int = 4  # evaluations without a held-out gain, past half the steps, to stop
-    # Train on ONNX Runtime's outputs of the file each step would write (gradients through the
-    # torch copy); off: on the torch copy's own outputs (module doc)
+    # Train on ONNX Runtime's outputs and activation codes of the file each step would write
+    # (gradients through the torch copy); off: on the torch copy's own values (module doc)
     file_outputs: bool = True
     threads: int | None = None  # torch's intra-op threads; None leaves torch's default
 
@@ -170,30 +174,41 @@ class Trainer:
         for feed in part.batches(self.options.batch_size):
             yield feed, len(next(iter(feed.values()))) / part.count
 
-    def _file_session(self) -> ort.InferenceSession:
-        """ONNX Runtime's session of the file the current values would write."""
-        return open_session(write_back(self.quantized, self.graph, self.pairs), Use.CHECK)
+    def _file_session(self) -> FileRun:
+        """ONNX Runtime's session of the file the current values would write, which also
+        gives the codes of its activations."""
+        model = write_back(self.quantized, self.graph, self.pairs)
+        grids = expose_codes(model)
+        return FileRun(open_session(model, Use.CHECK), grids)
 
     def _loss(
         self,
         feed: dict[str, np.ndarray],
-        session: ort.InferenceSession | None = None,
+        run: FileRun | None = None,
         through: bool = False,
     ) -> torch.Tensor:
-        """The distillation loss of the torch copy on `feed`, or of `session`'s outputs; with
-        `through`, of `session`'s output values with the torch copy's gradients (a
-        straight-through estimator at the outputs)."""
+        """The distillation loss of the torch copy on `feed`, or of `run`'s outputs; with
+        `through`, of `run`'s values (outputs and every activation's codes) with the torch
+        copy's gradients (a straight-through estimator at each quantized activation)."""
         want = self.teacher.run(self.names, feed)
-        if session is None or through:
-            got = self.graph({k: torch.from_numpy(v) for k, v in feed.items()})
-        if session is not None:
-            outputs = session.run(self.names, feed)
-            exact = [torch.from_numpy(np.asarray(o, np.float32)) for o in outputs]
-            got = (
-                [g + (e - g).detach() for g, e in zip(got, exact, strict=True)]
-                if through
-                else exact
-            )
+        if run is not None and not through:
+            got = [
+                torch.from_numpy(np.asarray(o, np.float32))
+                for o in run.session.run(self.names, feed)
+            ]
+        else:
+            known, exact = None, None
+            if run is not None:
+                values = run.session.run(self.names + list(run.grids), feed)
+                exact = values[: len(self.names)]
+                codes = zip(run.grids.items(), values[len(self.names) :], strict=True)
+                known = {name: dequantized(value, *grid) for (name, grid), value in codes}
+            got = self.graph({k: torch.from_numpy(v) for k, v in feed.items()}, known)
+            if exact is not None:
+                got = [
+                    g + (torch.from_numpy(np.asarray(e, np.float32)) - g).detach()
+                    for g, e in zip(got, exact, strict=True)
+                ]
         total = torch.zeros(())
         by_name = dict(zip(self.names, want, strict=True))
         for name, teacher_out, student in zip(self.names, want, got, strict=True):
@@ -212,11 +227,11 @@ class Trainer:
     def _held_out_loss(self) -> float:
         """The loss on the held-out samples of the file this checkpoint writes, in ONNX
         Runtime (see the module doc)."""
-        session = self._file_session()
+        run = self._file_session()
         total = 0.0
         with torch.no_grad():
             for feed, weight in self._feeds(self.held):
-                total += float(self._loss(feed, session)) * weight
+                total += float(self._loss(feed, run)) * weight
         return total
 
 
