@@ -3,6 +3,7 @@ nothing written and the input untouched."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from onnx import numpy_helper
 
 import models
+from qdq.cli.parser import build_parser
 
 from conftest import DIGITS, digits_cnn_sqnr
 
@@ -291,6 +293,20 @@ def test_help_exits_0_and_usage_errors_are_one_line_exit_2():
     assert done.stderr.count("\n") == 1
     assert done.stderr.startswith("qdq: error: ")
     assert "see `qdq quantize --help`" in done.stderr
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    """--help is where a user learns a flag: none is listed without a line of its own."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bare = {
+        (name, action.option_strings[-1])
+        for name, command in commands.choices.items()
+        for action in command._actions
+        if action.option_strings and not action.help
+    }
+    assert len(commands.choices) >= 9
+    assert not bare
 
 
 def test_errors_name_the_flag_where_the_library_names_the_parameter(tmp_path):

@@ -52,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LO", "HI"),
         help="the model input's range after preprocessing, for --data-free",
     )
-    q.add_argument("--preset", choices=list(RUN_PRESETS), default="default")
+    q.add_argument(
+        "--preset",
+        choices=list(RUN_PRESETS),
+        default="default",
+        help="default: the ONNX Runtime CPU recipe; tensorrt: symmetric int8 activations and Q/DQ "
+        "where TensorRT expects them",
+    )
     q.add_argument(
         "--method",
         choices=METHODS,
@@ -66,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[g.value for g in WeightGrid],
         help="the values weights take: uniform (default), binary, ternary, power_of_two",
     )
-    q.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES)
+    q.add_argument(
+        "--activation-dtype",
+        choices=ACTIVATION_DTYPES,
+        help="activation codes: uint8 (default) or int8, each with a zero point",
+    )
     q.add_argument(
         "--format",
         choices=("qdq", "qoperator"),
@@ -135,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="only the one-shot bias correction for weight rounding (faster, less accurate)",
     )
-    q.add_argument("--batch-size", type=at_least(1))
-    q.add_argument("--max-samples", type=at_least(1))
+    q.add_argument(
+        "--batch-size", type=at_least(1), help="samples per calibration run (default 16)"
+    )
+    q.add_argument("--max-samples", type=at_least(1), help="calibrate on at most this many samples")
     q.add_argument("--seed", type=at_least(0), help="pick --max-samples at random with this seed")
     q.add_argument(
         "--force", action="store_true", help="quantize a model that already holds quantized ops"
@@ -166,21 +178,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = commands.add_parser("inspect", help="which nodes would be quantized, and why not")
     i.add_argument("model")
-    i.add_argument("--exclude", nargs="+", default=(), metavar="NODE_OR_OP")
+    i.add_argument(
+        "--exclude",
+        nargs="+",
+        default=(),
+        metavar="NODE_OR_OP",
+        help="node names or op types to keep in float",
+    )
     i.set_defaults(run=inspect)
 
     r = commands.add_parser("run", help="run a model on inputs, with the integer engine or ORT")
     r.add_argument("model")
     r.add_argument("--inputs", required=True, help=".npz with one array per model input")
     r.add_argument("-o", "--output", required=True, help=".npz to write the outputs to")
-    r.add_argument("--engine", choices=("integer", "ort"), default="integer")
+    r.add_argument(
+        "--engine",
+        choices=("integer", "ort"),
+        default="integer",
+        help="qdq's integer-only engine (default) or ONNX Runtime",
+    )
     r.add_argument(
         "--requant",
         choices=("fixed", "float", "spec"),
         default="fixed",
         help="gemmlowp fixed point, ONNX Runtime's float32 (bit-exact), or the ONNX spec",
     )
-    r.add_argument("--accumulator-bits", type=int, choices=(16, 32), default=32)
+    r.add_argument(
+        "--accumulator-bits",
+        type=int,
+        choices=(16, 32),
+        default=32,
+        help="the engine's accumulator width; 16 saturates as some DSPs do (default 32)",
+    )
     r.add_argument(
         "--kernels",
         choices=("auto", "numpy", "compiled"),
@@ -198,13 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="ort",
         help="ONNX Runtime, the engine in the other --requant mode, or float ops (QDQ models)",
     )
-    d.add_argument("--requant", choices=("fixed", "float"), default="float")
+    d.add_argument(
+        "--requant",
+        choices=("fixed", "float"),
+        default="float",
+        help="the engine's requantization: ONNX Runtime's float32 (default) or fixed point",
+    )
     d.add_argument(
         "--inputs-from",
         choices=("ort", "engine"),
         help="feed each node that side's tensors: a node's own difference, not a propagated one",
     )
-    d.add_argument("--max-samples", type=at_least(1))
+    d.add_argument("--max-samples", type=at_least(1), help="use at most this many samples")
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
     d.set_defaults(run=diff)
 
@@ -215,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = commands.add_parser("export-table", help="calibration table of a model qdq quantized")
     t.add_argument("model", help="an INT8 .onnx model written by `qdq quantize`")
-    t.add_argument("--format", required=True, choices=("tensorrt", "ncnn"))
+    t.add_argument(
+        "--format", required=True, choices=("tensorrt", "ncnn"), help="the table's format"
+    )
     t.add_argument("-o", "--output", required=True, help="where to write the table")
     t.add_argument("--ncnn-param", help="ncnn .param of the float model: its layer names")
     t.set_defaults(run=export_table)
@@ -230,7 +266,7 @@ def _pair_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", required=True, help="same forms as --calib; an .npz 'label' array adds accuracy"
     )
-    parser.add_argument("--max-samples", type=at_least(1))
+    parser.add_argument("--max-samples", type=at_least(1), help="use at most this many samples")
 
 
 def _report_flags(parser: argparse.ArgumentParser) -> None:
@@ -298,17 +334,34 @@ def _worker_flags(parser: argparse.ArgumentParser) -> None:
 
 def _image_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("image folders")
-    group.add_argument("--image-size", type=at_least(1), nargs=2, metavar=("HEIGHT", "WIDTH"))
-    group.add_argument("--mean", type=finite, nargs="+", default=[0.0])
-    group.add_argument("--std", type=finite, nargs="+", default=[1.0])
+    group.add_argument(
+        "--image-size",
+        type=at_least(1),
+        nargs=2,
+        metavar=("HEIGHT", "WIDTH"),
+        help="resize every image to this (default: the model input's size)",
+    )
+    group.add_argument(
+        "--mean", type=finite, nargs="+", default=[0.0], help="subtracted per channel (default 0)"
+    )
+    group.add_argument(
+        "--std", type=finite, nargs="+", default=[1.0], help="divides per channel (default 1)"
+    )
     group.add_argument(
         "--value-scale",
         type=finite,
         default=1 / 255,
         help="pixel multiplier before mean/std (default 1/255)",
     )
-    group.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW")
-    group.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
+    group.add_argument(
+        "--layout", choices=("NCHW", "NHWC"), default="NCHW", help="the model input's layout"
+    )
+    group.add_argument(
+        "--channel-order",
+        choices=("RGB", "BGR"),
+        default="RGB",
+        help="the model's channel order (default RGB)",
+    )
 
 
 def _finetune_command(commands: argparse._SubParsersAction) -> None:
@@ -323,7 +376,7 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--lr", type=finite, default=0.002, help="Adam step in grid steps per step (default 0.002)"
     )
-    f.add_argument("--batch-size", type=at_least(1), default=8, help="samples per step")
+    f.add_argument("--batch-size", type=at_least(1), default=8, help="samples per step (default 8)")
     f.add_argument(
         "--held-out",
         type=at_least(1),
@@ -343,7 +396,11 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         help="the values weights take: uniform (default), binary, ternary, power_of_two",
     )
     _granularity_flags(f)
-    f.add_argument("--activation-dtype", choices=ACTIVATION_DTYPES)
+    f.add_argument(
+        "--activation-dtype",
+        choices=ACTIVATION_DTYPES,
+        help="activation codes: uint8 (default) or int8, each with a zero point",
+    )
     f.add_argument("--method", choices=METHODS, help="activation range estimator of the PTQ start")
     f.add_argument(
         "--prefer",
@@ -352,8 +409,16 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
     )
     _saturation_flag(f)
     _output_parts_flag(f)
-    f.add_argument("--exclude", nargs="+", default=(), metavar="NODE_OR_OP")
-    f.add_argument("--max-samples", type=at_least(1))
+    f.add_argument(
+        "--exclude",
+        nargs="+",
+        default=(),
+        metavar="NODE_OR_OP",
+        help="node names or op types to keep in float",
+    )
+    f.add_argument(
+        "--max-samples", type=at_least(1), help="use at most this many samples (PTQ and training)"
+    )
     f.add_argument("--seed", type=at_least(0), help="pick --max-samples at random with this seed")
     _image_flags(f)
     f.set_defaults(run=finetune)
