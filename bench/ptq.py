@@ -53,6 +53,18 @@ def ctc_strings(scores: np.ndarray) -> list[tuple[int, ...]]:
     return out
 
 
+def trimmed(codes: tuple[int, ...], space: int) -> tuple[int, ...]:
+    """A decoded line without the spaces at its ends (PP-OCR's `space` class): FP32 emits
+    them at near-ties in the blank margins of a crop, and an OCR pipeline's text is the same
+    without them."""
+    start, stop = 0, len(codes)
+    while start < stop and codes[start] == space:
+        start += 1
+    while stop > start and codes[stop - 1] == space:
+        stop -= 1
+    return codes[start:stop]
+
+
 def nearest(embeddings: np.ndarray) -> np.ndarray:
     """Index of each row's most cosine-similar other row."""
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -77,8 +89,11 @@ def quality(task: Task, reference: np.ndarray, output: np.ndarray) -> dict[str, 
     elif task.metric == "neighbour":  # semantic search: each sentence's nearest other sentence
         result["metric"] = float((nearest(output) == nearest(reference)).mean())
     else:  # agreement of decoded text with FP32's
-        pairs = zip(ctc_strings(reference), ctc_strings(output), strict=True)
+        pairs = list(zip(ctc_strings(reference), ctc_strings(output), strict=True))
         result["metric"] = float(np.mean([a == b for a, b in pairs]))
+        # the same, spaces at a line's ends aside (PP-OCR's last class is the space)
+        space = reference.shape[-1] - 1
+        result["text"] = float(np.mean([trimmed(a, space) == trimmed(b, space) for a, b in pairs]))
     return result
 
 

@@ -2,7 +2,8 @@
 
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
      [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1] [--first-draw 0]
-     [--start balanced|speed|int8] [--evaluate-scale 1] [--patience 4] [--keep]
+     [--start balanced|speed|int8] [--evaluate-scale 1] [--patience 4]
+     [--freeze-oscillations F] [--keep]
      [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
@@ -14,7 +15,8 @@ default, as finetune's); PTQ calibrates on the first `--calib-samples` of the `-
 by default) and fine-tuning trains on all of them (the first 128 of 512 photo crops or pages
 are the 128 of a 128-sample run; text lines are not, their flips being drawn first); each
 scored against FP32 on held-out evaluation data with bench/ptq.py's task metrics (lines
-decoded as FP32 decodes them, text-mask IoU, top-1 agreement), output SQNR, INT8 latency
+decoded as FP32 decodes them, and as `text` the same with spaces at a line's ends aside;
+text-mask IoU; top-1 agreement), output SQNR, INT8 latency
 (ONNX Runtime, 1 thread, runs interleaved, median) and the time each took on this machine.
 torch runs on one thread: on this shared 2-core machine two OpenMP threads ran fake
 quantization 20x slower (9.7 vs 195 ms on a (4, 64, 24, 160) tensor), waiting for each other's
@@ -95,6 +97,7 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
         lr=args.lr,
         batch_size=args.batch_size,
         patience=args.patience,
+        freeze_oscillations=args.freeze_oscillations,
         threads=1,
     )
     start = time.perf_counter()
@@ -131,8 +134,9 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        text = f" (text {r['text']:.3f})" if "text" in r else ""  # edge spaces aside
         lines.append(
-            f"| {r['model']} | {r['draw']} | {r['method']} | {r['metric']:.3f} | "
+            f"| {r['model']} | {r['draw']} | {r['method']} | {r['metric']:.3f}{text} | "
             f"{r['sqnr_db']:.2f} | {r['latency_ms']:.2f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -172,6 +176,11 @@ def main() -> None:
         help="evaluate on this many times bench/ptq.py's evaluation samples (less noise)",
     )
     parser.add_argument("--patience", type=int, default=FinetuneOptions.patience)
+    parser.add_argument(
+        "--freeze-oscillations",
+        type=float,
+        help="freeze weights whose code flips back more often than this share of steps",
+    )
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--keep", action="store_true", help="keep the data and models in --out")
     parser.add_argument("--out", type=Path, default=Path("bench/out/qat_finetune"))

@@ -165,6 +165,7 @@ def test_cli_distils_the_output_parts_it_is_given(
     [
         (["--lr", "0"], "--lr must be a positive"),
         (["--patience", "0"], "--patience"),
+        (["--freeze-oscillations", "1.5"], "--freeze-oscillations must be in (0, 1)"),
         (["--weight-bits", "9"], "--weight-bits 9"),
         (["--output-parts", "nope:1:0-4"], "nope"),
     ],

@@ -104,6 +104,7 @@ def finetune(args: argparse.Namespace) -> str:
         batch_size=args.batch_size,
         held_out=args.held_out,
         patience=args.patience,
+        freeze_oscillations=args.freeze_oscillations,
     )
     report = finetune_model(
         args.model,

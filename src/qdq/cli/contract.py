@@ -49,6 +49,7 @@ FLAGS = {
     "lr": "--lr",
     "held_out": "--held-out",
     "patience": "--patience",
+    "freeze_oscillations": "--freeze-oscillations",
     "batch_size": "--batch-size",
     "output_parts": "--output-parts",
     "weight_bits": "--weight-bits",

@@ -389,6 +389,13 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         help="held-out checks (every 25 steps) without a gain, past half the steps, before "
         "stopping (default 4; more for a model whose held-out loss is noisy)",
     )
+    f.add_argument(
+        "--freeze-oscillations",
+        type=finite,
+        metavar="SHARE",
+        help="hold a weight at its most frequent code once it flips back on more than this "
+        "share of steps (e.g. 0.02; Nagel et al. 2022); default: never",
+    )
     f.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
     f.add_argument(
         "--weight-grid",

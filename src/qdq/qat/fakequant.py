@@ -117,6 +117,12 @@ class FakeQuantize(nn.Module):
             codes = torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax)
             return codes if self.pairs is None else self._clip_pairs(codes)
 
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """The values `codes` stand for on this grid (no gradient)."""
+        with torch.no_grad():
+            s = _along(self.bounded_scale(), self.axis, codes.ndim).clamp_min(MIN_SCALE)
+            return (codes - _along(self.zero_point, self.axis, codes.ndim)) * s
+
     def _clip_pairs(self, codes: torch.Tensor) -> torch.Tensor:
         """`codes` (zero point 0) with each pair of neighbours past 128 of one sign clipped."""
         clipped = clip_pairs(codes.cpu().numpy(), self.pairs)

@@ -51,6 +51,7 @@ from qdq.plan.saturation import avoids_saturation
 from qdq.qat.convert import QdqGraph
 from qdq.qat.filecodes import FileRun, dequantized, expose_codes
 from qdq.qat.finetune_loss import confirmed_axes, distance, loss_labels, softmax_axes, take_part
+from qdq.qat.oscillation import OscillationFreezer
 from qdq.qat.write import write_back
 
 # `qdq finetune`'s logger, named after its entry: users and bench/qat_finetune.py enable that name
@@ -73,6 +74,9 @@ class FinetuneOptions:
     # (gradients through the torch copy); off: on the torch copy's own values (module doc)
     file_outputs: bool = True
     threads: int | None = None  # torch's intra-op threads; None leaves torch's default
+    # Freeze a weight whose code flips back more often than this share of steps
+    # (qdq.qat.oscillation); None: never
+    freeze_oscillations: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "evaluate_every", "patience"):
@@ -80,6 +84,10 @@ class FinetuneOptions:
                 raise SchemeError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise SchemeError(f"`lr` must be a positive number, got {self.lr}")
+        if self.freeze_oscillations is not None and not 0 < self.freeze_oscillations < 1:
+            raise SchemeError(
+                f"`freeze_oscillations` must be in (0, 1), got {self.freeze_oscillations}"
+            )
         if self.held_out is not None and self.held_out < 1:
             raise SchemeError(f"`held_out` must be >= 1, got {self.held_out}")
 
@@ -117,6 +125,8 @@ class Trainer:
             for name, axis in self.axes.items()
         }
         self.optimizer = torch.optim.Adam(_param_groups(self.graph, options.lr))
+        threshold = options.freeze_oscillations
+        self.freezer = None if threshold is None else OscillationFreezer(self.graph, threshold)
         # Cosine decay to zero over the run: late steps settle instead of hopping between
         # grid points (digits CNN, 4-bit: the held-out loss rose again after step 120 without).
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -140,7 +150,8 @@ class Trainer:
                     continue
                 loss = self._held_out_loss()
                 bar.set_postfix(held_out=f"{loss:.4g}", best=f"{min(loss, best_loss):.4g}")
-                log.info("finetune step %d: held-out loss %.5g", step, loss)
+                frozen = "" if self.freezer is None else f", {self.freezer.frozen()} weights frozen"
+                log.info("finetune step %d: held-out loss %.5g%s", step, loss, frozen)
                 if loss < best_loss:
                     best_loss, best_step, waited = loss, step, 0
                     best_state = copy.deepcopy(self.graph.state_dict())
@@ -160,6 +171,8 @@ class Trainer:
             self._loss(feed, file, through=True).mul(weight).backward()
         self.optimizer.step()
         self.schedule.step()
+        if self.freezer is not None:
+            self.freezer.update()
 
     def _next_batch(self) -> np.ndarray:
         """The next `batch_size` training positions (sorted), every sample once a pass, each
