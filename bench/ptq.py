@@ -55,8 +55,8 @@ def ctc_strings(scores: np.ndarray) -> list[tuple[int, ...]]:
 
 def trimmed(codes: tuple[int, ...], space: int) -> tuple[int, ...]:
     """A decoded line without the spaces at its ends (PP-OCR's `space` class): FP32 emits
-    them at near-ties in the blank margins of a crop, and an OCR pipeline's text is the same
-    without them."""
+    them at near-ties in the blank margins of a crop, and the line's text is the same without
+    them."""
     start, stop = 0, len(codes)
     while start < stop and codes[start] == space:
         start += 1

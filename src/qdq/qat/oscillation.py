@@ -2,13 +2,14 @@
 "Overcoming Oscillations in Quantization-Aware Training", iterative freezing).
 
 With the straight-through estimator a weight near a rounding boundary is pushed across it,
-then back, step after step: its code flips while its float copy barely moves. Each flip changes
-the network a little, so the loss measured on the file jumps between checkpoints (PP-OCRv4's
-recognizer, which amplifies one-code changes: its held-out loss moved 0.025 -> 0.034 -> 0.26
-between checks 25 steps apart). Per weight, an oscillation is a code change in the opposite
+then back, step after step: its code flips while its float copy barely moves, and each flip
+changes the network a little. Per weight, an oscillation is a code change in the opposite
 direction of its last change; its frequency is a running average over steps, and a weight
 whose frequency passes `threshold` is frozen at the code it held most (the running average of
-its codes, rounded) for the rest of the run.
+its codes, rounded) for the rest of the run. On PP-OCRv4's recognizer (threshold 0.02, 0.5-0.7%
+of its weights frozen) the fine-tuned files gained 0.5-1.0 dB of output SQNR on three draws
+(docs/finetune.md, stop 43), EfficientNet-Lite0's none; the recognizer's held-out loss
+jumped between checks all the same.
 """
 
 from __future__ import annotations
