@@ -17,8 +17,17 @@ from qdq.cli.commands import (
     run,
 )
 from qdq.cli.contract import EXIT_USAGE
+from qdq.cli.flag_groups import (
+    granularity_flags,
+    image_flags,
+    output_parts_flag,
+    pair_flags,
+    report_flags,
+    saturation_flag,
+    worker_flags,
+)
 from qdq.cli.flags import at_least, finite
-from qdq.config import ACTIVATION_DTYPES, RUN_PRESETS, Prefer, Saturation
+from qdq.config import ACTIVATION_DTYPES, RUN_PRESETS, Prefer
 from qdq.lowbit import WeightGrid
 from qdq.observers import METHODS
 
@@ -65,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation range estimator (default best: each method's plan is tried and the "
         "one whose worst output part is closest to FP32 kept)",
     )
-    _granularity_flags(q)
+    granularity_flags(q)
     q.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
     q.add_argument(
         "--weight-grid",
@@ -116,14 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         "slower than the fastest, scores over 35 dB counted as 35; the fastest; or int8: every op "
         "the rules allow in int8, untimed (the smallest file)",
     )
-    _saturation_flag(q)
+    saturation_flag(q)
     q.add_argument(
         "--target-sqnr",
         type=finite,
         metavar="DB",
         help="keep the most harmful layers float until the output SQNR reaches DB",
     )
-    _output_parts_flag(q)
+    output_parts_flag(q)
     q.add_argument(
         "--nearest-rounding",
         dest="gptq",
@@ -156,24 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--report", metavar="FILE.html", help="also write the HTML report (docs/report.md)"
     )
-    _report_flags(q)
-    _image_flags(q)
-    _worker_flags(q)
+    report_flags(q)
+    image_flags(q)
+    worker_flags(q)
     q.set_defaults(run=quantize)
 
     c = commands.add_parser("compare", help="error of a quantized model against its FP32 model")
-    _pair_flags(c)
+    pair_flags(c)
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.add_argument("--latency-runs", type=at_least(0), default=30, help="0 skips timing")
-    _output_parts_flag(c)
-    _worker_flags(c)
+    output_parts_flag(c)
+    worker_flags(c)
     c.set_defaults(run=compare)
 
     h = commands.add_parser("report", help="HTML report: what `qdq compare` measures, drawn")
-    _pair_flags(h)
+    pair_flags(h)
     h.add_argument("-o", "--output", required=True, help="the .html file to write")
-    _report_flags(h)
-    _worker_flags(h)
+    report_flags(h)
+    worker_flags(h)
     h.set_defaults(run=report)
 
     i = commands.add_parser("inspect", help="which nodes would be quantized, and why not")
@@ -244,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = commands.add_parser("quantize-many", help="quantize the models a TOML manifest lists")
     m.add_argument("manifest", help="TOML: [defaults] and [[model]] name, model, calib, output")
-    _worker_flags(m)
+    worker_flags(m)
     m.set_defaults(run=quantize_many)
 
     t = commands.add_parser("export-table", help="calibration table of a model qdq quantized")
@@ -257,111 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(run=export_table)
     _finetune_command(commands)
     return parser
-
-
-def _pair_flags(parser: argparse.ArgumentParser) -> None:
-    """The FP32 model, its quantized model and the data both run on (compare, report)."""
-    parser.add_argument("float_model")
-    parser.add_argument("quantized_model")
-    parser.add_argument(
-        "--data", required=True, help="same forms as --calib; an .npz 'label' array adds accuracy"
-    )
-    parser.add_argument("--max-samples", type=at_least(1), help="use at most this many samples")
-
-
-def _report_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("HTML report")
-    group.add_argument(
-        "--all-charts", action="store_true", help="every activation and weight, not the 12 worst"
-    )
-    group.add_argument(
-        "--sensitivity",
-        action="store_true",
-        help="per layer, the output SQNR gain when it alone reads float (a session per layer)",
-    )
-
-
-def _granularity_flags(parser: argparse.ArgumentParser) -> None:
-    granularity = parser.add_mutually_exclusive_group()
-    granularity.add_argument(
-        "--per-channel",
-        dest="per_channel",
-        action="store_true",
-        default=None,
-        help="one weight scale per output channel (default)",
-    )
-    granularity.add_argument(
-        "--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor"
-    )
-
-
-def _saturation_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--saturation",
-        choices=[s.value for s in Saturation],
-        help="ONNX Runtime's int8 kernels on x86 CPUs without VNNI add two products in 16 bits, "
-        "which clamps; avoid: raise a weight channel's scale until no pair of its products can, "
-        "for the activations calibration saw (7-bit weights, the usual remedy, cost 6 dB); "
-        "ignore: for a CPU with VNNI, ARM or TensorRT; auto (default): avoid where this "
-        "machine's kernels clamp",
-    )
-
-
-def _output_parts_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--output-parts",
-        nargs="+",
-        default=(),
-        metavar="NAME:AXIS:START-STOP,...",
-        help="the quantities an output joins, judged apart (e.g. output0:1:0-4,4-22: a "
-        "detector's boxes and scores); found from the data when not given",
-    )
-
-
-def _worker_flags(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--workers",
-        type=at_least(1),
-        default=1,
-        metavar="N",
-        help="local worker processes for calibration, evaluation and the accuracy search",
-    )
-    where.add_argument(
-        "--ray", metavar="ADDRESS", help="run those on a Ray cluster: auto, or its address"
-    )
-
-
-def _image_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("image folders")
-    group.add_argument(
-        "--image-size",
-        type=at_least(1),
-        nargs=2,
-        metavar=("HEIGHT", "WIDTH"),
-        help="resize every image to this (default: the model input's size)",
-    )
-    group.add_argument(
-        "--mean", type=finite, nargs="+", default=[0.0], help="subtracted per channel (default 0)"
-    )
-    group.add_argument(
-        "--std", type=finite, nargs="+", default=[1.0], help="divides per channel (default 1)"
-    )
-    group.add_argument(
-        "--value-scale",
-        type=finite,
-        default=1 / 255,
-        help="pixel multiplier before mean/std (default 1/255)",
-    )
-    group.add_argument(
-        "--layout", choices=("NCHW", "NHWC"), default="NCHW", help="the model input's layout"
-    )
-    group.add_argument(
-        "--channel-order",
-        choices=("RGB", "BGR"),
-        default="RGB",
-        help="the model's channel order (default RGB)",
-    )
 
 
 def _finetune_command(commands: argparse._SubParsersAction) -> None:
@@ -402,7 +306,7 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         choices=[g.value for g in WeightGrid],
         help="the values weights take: uniform (default), binary, ternary, power_of_two",
     )
-    _granularity_flags(f)
+    granularity_flags(f)
     f.add_argument(
         "--activation-dtype",
         choices=ACTIVATION_DTYPES,
@@ -414,8 +318,8 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         choices=[p.value for p in Prefer],
         help="the PTQ plan to start from (default balanced, as quantize's)",
     )
-    _saturation_flag(f)
-    _output_parts_flag(f)
+    saturation_flag(f)
+    output_parts_flag(f)
     f.add_argument(
         "--exclude",
         nargs="+",
@@ -427,5 +331,5 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         "--max-samples", type=at_least(1), help="use at most this many samples (PTQ and training)"
     )
     f.add_argument("--seed", type=at_least(0), help="pick --max-samples at random with this seed")
-    _image_flags(f)
+    image_flags(f)
     f.set_defaults(run=finetune)
