@@ -128,6 +128,34 @@ def test_minmax_ranges_from_shards_equal_one_pass(small_shards):
         assert np.array_equal(one[name].hi, three[name].hi)
 
 
+def test_calibration_holds_blas_to_one_thread_and_gives_the_rest_back():
+    """Calibration's observer threads and ONNX Runtime's already fill the cores; OpenBLAS's own
+    threads spun between GPTQ's products and slowed ONNX Runtime's runs (docs/ptq.md)."""
+    from threadpoolctl import threadpool_info
+
+    from qdq.observers import MinMaxObserver
+
+    def blas_threads() -> int:
+        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    seen = []
+
+    class Counting(MinMaxObserver):
+        def update(self, batch: np.ndarray) -> None:
+            seen.append(blas_threads())
+            super().update(batch)
+
+    model = load_model(DIGITS / "cnn.onnx")
+    samples = Samples(DIGITS / "calib.npz", model_inputs(model))
+    before = blas_threads()
+    calibrate_module.observe(
+        model, samples, lambda _: Counting(), [model.graph.output[0].name], 64, False
+    )
+    assert seen
+    assert set(seen) == {1}
+    assert blas_threads() == before
+
+
 def test_the_accuracy_search_gives_the_one_process_result(tmp_path):
     # 256 samples: one calibration shard, so only the search itself runs on the workers.
     reports = {}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from qdq.data import Samples
@@ -295,7 +296,11 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
             bar.update(count)
         return sum(v.nbytes for v in values.values())
 
-    with ThreadPoolExecutor(max_workers=session_threads() or os.cpu_count() or 1) as pool:
+    # One BLAS thread while ONNX Runtime's threads and the pool's fill the cores: OpenBLAS's own
+    # threads spin between GPTQ's products and slowed ONNX Runtime's runs (ddddocr's detector's
+    # calibration 19.0 -> 15.6 s, docs/ptq.md).
+    threads = session_threads() or os.cpu_count() or 1
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
         per_sample = observe(next(samples.batches(1, first=first)))
         batch_size = budgeted(job.batch_size, per_sample)
         for feed in samples.batches(batch_size, first=first + 1, last=last):
