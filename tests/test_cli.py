@@ -131,6 +131,7 @@ def _bad_inputs(w: Path) -> dict[str, tuple[list, str]]:
         ),
         "output is input": ([w / "cnn.onnx", "--same"], "is the input"),
         "no output folder": ([w / "cnn.onnx", "--to", w / "missing" / "q.onnx"], "does not exist"),
+        "1-bit weights": ([w / "cnn.onnx", "--weight-bits", "1"], "--weight-grid binary"),
     }
 
 
@@ -149,6 +150,7 @@ def _bad_inputs(w: Path) -> dict[str, tuple[list, str]]:
         "no samples",
         "output is input",
         "no output folder",
+        "1-bit weights",
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(workspace, case):

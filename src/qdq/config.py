@@ -129,6 +129,11 @@ def _check_weight_bits(bits: int) -> None:
         raise SchemeError(
             f"`weight_bits` {bits} is not supported; weights are stored in int8 "
             "containers, so use 2..8"
+            + (
+                " (1-bit weights: the binary weight grid, `--weight-grid binary`)"
+                if bits == 1
+                else ""
+            )
         )
 
 
