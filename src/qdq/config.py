@@ -129,11 +129,7 @@ def _check_weight_bits(bits: int) -> None:
         raise SchemeError(
             f"`weight_bits` {bits} is not supported; weights are stored in int8 "
             "containers, so use 2..8"
-            + (
-                " (1-bit weights: the binary weight grid, `--weight-grid binary`)"
-                if bits == 1
-                else ""
-            )
+            + (" (1-bit weights: `weight_grid` binary)" if bits == 1 else "")
         )
 
 

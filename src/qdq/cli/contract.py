@@ -53,6 +53,7 @@ FLAGS = {
     "batch_size": "--batch-size",
     "output_parts": "--output-parts",
     "weight_bits": "--weight-bits",
+    "weight_grid": "--weight-grid",
     "max_samples": "--max-samples",
     "seed": "--seed",
     "size": "--image-size",
