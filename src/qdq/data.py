@@ -168,6 +168,11 @@ class Samples:
         self.__dict__.update(state)
         self._readers = self._open()
 
+    def images_read(self) -> str | None:
+        """How a folder of pictures became samples (size, color, scaling), or None for arrays."""
+        readers = [r for r in self._readers.values() if isinstance(r, _ImageFolder)]
+        return f"{self.source}: " + readers[0].describe() if readers else None
+
     def span(self, first: int, last: int) -> Samples:
         """Samples `first` up to `last` on their own (the same open files, nothing read)."""
         return self.subset(np.arange(first, min(last, self.count)))
@@ -331,6 +336,16 @@ class _ImageFolder:
 
     def read(self, picked: np.ndarray) -> np.ndarray:
         return np.stack([self._load(self.files[i]) for i in picked])
+
+    def describe(self) -> str:
+        """What the pictures were made into: a wrong folder or option shows in the report."""
+        o, (height, width) = self.options, self.size
+        color = "grayscale" if self.channels == 1 else o.channel_order
+        return (
+            f"{self.count} picture{'s' * (self.count != 1)} read as {color} {height}x{width} "
+            f"(resized), pixels times {o.value_scale:.6g}, less mean {list(o.mean)}, over std "
+            f"{list(o.std)}, {o.layout}"
+        )
 
     def _load(self, path: Path) -> np.ndarray:
         o = self.options
