@@ -172,7 +172,7 @@ def test_grayscale_images_feed_a_one_channel_input(tmp_path):
     assert np.allclose(x, 1.0)  # 255 * (1/255)
     # what was done to the pictures is said, so that a wrong folder or option shows
     assert Samples(tmp_path, spec).images_read() == (
-        f"{tmp_path}: 1 picture read as grayscale 4x4 (resized), pixels times 0.00392157, "
+        f"{tmp_path}: pictures read as grayscale 4x4 (resized), pixels times 0.00392157, "
         "less mean [0.0], over std [1.0], NCHW"
     )
     np.save(tmp_path / "arrays.npy", np.ones((2, 1, 4, 4), np.float32))

@@ -342,9 +342,8 @@ class _ImageFolder:
         o, (height, width) = self.options, self.size
         color = "grayscale" if self.channels == 1 else o.channel_order
         return (
-            f"{self.count} picture{'s' * (self.count != 1)} read as {color} {height}x{width} "
-            f"(resized), pixels times {o.value_scale:.6g}, less mean {list(o.mean)}, over std "
-            f"{list(o.std)}, {o.layout}"
+            f"pictures read as {color} {height}x{width} (resized), pixels times "
+            f"{o.value_scale:.6g}, less mean {list(o.mean)}, over std {list(o.std)}, {o.layout}"
         )
 
     def _load(self, path: Path) -> np.ndarray:
