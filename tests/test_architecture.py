@@ -14,7 +14,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "qdq"
 # form one unit.
 LAYERS = [
     {"core"},
-    {"onnx", "data", "arrayfile", "outputs", "config", "workers"},
+    {"onnx", "data", "images", "arrayfile", "outputs", "config", "workers"},
     {"plan"},
     {"passes"},
     {"report", "engine"},

@@ -7,8 +7,6 @@ batch by batch, so a large set never sits in memory at once.
 from __future__ import annotations
 
 import copy
-import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +18,7 @@ from onnx import helper
 
 from qdq.arrayfile import check_regular, load_npy, open_npy, open_npz
 from qdq.errors import DataError, ModelError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-IMAGE_PIXEL_LIMIT = 50_000_000  # 150 MB as 8-bit RGB; a larger picture is no calibration image
+from qdq.images import IMAGE_SUFFIXES, ImageFolder, ImageOptions
 
 
 @dataclass(frozen=True)
@@ -97,36 +93,6 @@ def check_feeds(feeds: dict[str, np.ndarray], specs: Sequence[InputSpec], source
             )
 
 
-@dataclass(frozen=True)
-class ImageOptions:
-    """How image files become an input tensor: resized to (height, width), scaled by
-    `value_scale` (1/255 maps 8-bit pixels to [0, 1]), normalized by `mean` and `std` per channel,
-    in RGB or BGR order, laid out NCHW or NHWC."""
-
-    size: tuple[int, int] | None = None
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    value_scale: float = 1 / 255
-    layout: str = "NCHW"
-    channel_order: str = "RGB"
-
-    def __post_init__(self) -> None:
-        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
-            raise DataError(f"`size` must be two sizes >= 1 (height, width), got {self.size}")
-        for flag, values in (("`mean`", self.mean), ("`std`", self.std)):
-            if not values or not all(math.isfinite(v) for v in values):
-                raise DataError(f"{flag} must be finite numbers, got {list(values)}")
-        if 0 in self.std:
-            raise DataError(f"`std` must be non-zero (it divides), got {list(self.std)}")
-        if not math.isfinite(self.value_scale) or self.value_scale == 0:
-            raise DataError(f"`value_scale` must be finite and non-zero, got {self.value_scale}")
-        if self.layout not in ("NCHW", "NHWC") or self.channel_order not in ("RGB", "BGR"):
-            raise DataError(
-                f"layout {self.layout!r} / channel order {self.channel_order!r}: "
-                "choose NCHW or NHWC, and RGB or BGR"
-            )
-
-
 class Samples:
     """Validated samples from `source` for `inputs`, served in batches of `batch_size`."""
 
@@ -170,7 +136,7 @@ class Samples:
 
     def images_read(self) -> str | None:
         """How a folder of pictures became samples (size, color, scaling), or None for arrays."""
-        readers = [r for r in self._readers.values() if isinstance(r, _ImageFolder)]
+        readers = [r for r in self._readers.values() if isinstance(r, ImageFolder)]
         return f"{self.source}: " + readers[0].describe() if readers else None
 
     def span(self, first: int, last: int) -> Samples:
@@ -213,7 +179,7 @@ class Samples:
                 return {spec.name: _NpyFolder(arrays, len(spec.shape))}
             if pictures:
                 spec = self._only_input()
-                return {spec.name: _ImageFolder(pictures, spec, self.images)}
+                return {spec.name: ImageFolder(pictures, spec, self.images)}
             raise DataError(f"{self.source} holds no .npy or image files")
         if self.source.suffix not in (".npz", ".npy"):
             raise DataError(f"{self.source}: expected an .npz, .npy or a folder of .npy or images")
@@ -324,90 +290,3 @@ class _NpyFolder:
         if len(shapes) > 1:
             raise DataError(f"samples in {self.files[0].parent} have different shapes {shapes}")
         return np.stack(samples)
-
-
-class _ImageFolder:
-    """Pictures as samples: RGB, or grayscale for a one-channel input."""
-
-    def __init__(self, files: list[Path], spec: InputSpec, options: ImageOptions) -> None:
-        self.files, self.count, self.options = files, len(files), options
-        self.size = options.size or _image_size(spec, options.layout)
-        self.channels = _image_channels(spec, options)
-
-    def read(self, picked: np.ndarray) -> np.ndarray:
-        return np.stack([self._load(self.files[i]) for i in picked])
-
-    def describe(self) -> str:
-        """What the pictures were made into: a wrong folder or option shows in the report."""
-        o, (height, width) = self.options, self.size
-        color = "grayscale" if self.channels == 1 else o.channel_order
-        return (
-            f"pictures read as {color} {height}x{width} (resized), pixels times "
-            f"{o.value_scale:.6g}, less mean {list(o.mean)}, over std {list(o.std)}, {o.layout}"
-        )
-
-    def _load(self, path: Path) -> np.ndarray:
-        o = self.options
-        pixels = _decode(path, "L" if self.channels == 1 else "RGB", self.size)
-        pixels = pixels.reshape(*self.size, self.channels) * np.float32(o.value_scale)
-        if o.channel_order == "BGR":
-            pixels = pixels[..., ::-1]
-        pixels = (pixels - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
-        return pixels.transpose(2, 0, 1) if o.layout == "NCHW" else pixels
-
-
-def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """The picture at `path` in `mode`, resized to (height, width); JPEGs are decoded at a
-    reduced scale where that suffices, and pictures over IMAGE_PIXEL_LIMIT are refused."""
-    from PIL import Image
-
-    check_regular(path, "an image file")
-    limit = f"qdq's limit of {IMAGE_PIXEL_LIMIT / 1e6:.0f} megapixels; downscale it first"
-    try:
-        with warnings.catch_warnings():  # PIL's (its own pixel limit, corrupt EXIF): not ours
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > IMAGE_PIXEL_LIMIT:
-                    raise DataError(f"{path} is {width}x{height} pixels, over {limit}")
-                image.draft(mode, (size[1], size[0]))
-                picture = image.convert(mode).resize((size[1], size[0]))
-    except Image.DecompressionBombError:
-        raise DataError(f"{path} is over {limit}") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        if isinstance(error, DataError):
-            raise
-        raise DataError(f"{path} is not a readable image ({error})") from None
-    return np.asarray(picture, dtype=np.float32)
-
-
-def _image_channels(spec: InputSpec, options: ImageOptions) -> int:
-    """1 or 3 channels, from the input's shape (3 where that axis is free)."""
-    if len(spec.shape) != 4:
-        raise DataError(
-            f"input {spec.describe()} is not an image batch (rank 4); "
-            "give an .npz or .npy instead of a folder of images"
-        )
-    channels = spec.shape[1] if options.layout == "NCHW" else spec.shape[3]
-    channels = 3 if channels is None else channels
-    if channels not in (1, 3):
-        raise DataError(
-            f"input {spec.describe()} has {channels} channels in {options.layout}; images "
-            "give 1 (grayscale) or 3 (RGB): check `layout`, or give .npy data"
-        )
-    for flag, values in (("`mean`", options.mean), ("`std`", options.std)):
-        if len(values) not in (1, channels):
-            raise DataError(
-                f"{flag} has {len(values)} values for {channels} channels; "
-                f"give 1 (for all channels) or {channels}"
-            )
-    return channels
-
-
-def _image_size(spec: InputSpec, layout: str) -> tuple[int, int]:
-    dims = spec.shape[2:4] if layout == "NCHW" else spec.shape[1:3]
-    if len(spec.shape) != 4 or None in dims:
-        raise DataError(
-            f"input {spec.describe()} has no fixed image size; give `size` (height, width)"
-        )
-    return int(dims[0]), int(dims[1])

@@ -1,0 +1,144 @@
+"""Pictures as calibration samples: how a folder of image files becomes an input tensor
+(decoded, resized, scaled, normalized, laid out), checked against the model's input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from qdq.arrayfile import check_regular
+from qdq.errors import DataError
+
+
+class ImageInput(Protocol):
+    """What a picture folder reads of a model input (`qdq.data.InputSpec`)."""
+
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> str: ...
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_PIXEL_LIMIT = 50_000_000  # 150 MB as 8-bit RGB; a larger picture is no calibration image
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How image files become an input tensor: resized to (height, width), scaled by
+    `value_scale` (1/255 maps 8-bit pixels to [0, 1]), normalized by `mean` and `std` per channel,
+    in RGB or BGR order, laid out NCHW or NHWC."""
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    value_scale: float = 1 / 255
+    layout: str = "NCHW"
+    channel_order: str = "RGB"
+
+    def __post_init__(self) -> None:
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise DataError(f"`size` must be two sizes >= 1 (height, width), got {self.size}")
+        for flag, values in (("`mean`", self.mean), ("`std`", self.std)):
+            if not values or not all(math.isfinite(v) for v in values):
+                raise DataError(f"{flag} must be finite numbers, got {list(values)}")
+        if 0 in self.std:
+            raise DataError(f"`std` must be non-zero (it divides), got {list(self.std)}")
+        if not math.isfinite(self.value_scale) or self.value_scale == 0:
+            raise DataError(f"`value_scale` must be finite and non-zero, got {self.value_scale}")
+        if self.layout not in ("NCHW", "NHWC") or self.channel_order not in ("RGB", "BGR"):
+            raise DataError(
+                f"layout {self.layout!r} / channel order {self.channel_order!r}: "
+                "choose NCHW or NHWC, and RGB or BGR"
+            )
+
+
+class ImageFolder:
+    """Pictures as samples: RGB, or grayscale for a one-channel input."""
+
+    def __init__(self, files: list[Path], spec: ImageInput, options: ImageOptions) -> None:
+        self.files, self.count, self.options = files, len(files), options
+        self.size = options.size or _image_size(spec, options.layout)
+        self.channels = _image_channels(spec, options)
+
+    def read(self, picked: np.ndarray) -> np.ndarray:
+        return np.stack([self._load(self.files[i]) for i in picked])
+
+    def describe(self) -> str:
+        """What the pictures were made into: a wrong folder or option shows in the report."""
+        o, (height, width) = self.options, self.size
+        color = "grayscale" if self.channels == 1 else o.channel_order
+        return (
+            f"pictures read as {color} {height}x{width} (resized), pixels times "
+            f"{o.value_scale:.6g}, less mean {list(o.mean)}, over std {list(o.std)}, {o.layout}"
+        )
+
+    def _load(self, path: Path) -> np.ndarray:
+        o = self.options
+        pixels = _decode(path, "L" if self.channels == 1 else "RGB", self.size)
+        pixels = pixels.reshape(*self.size, self.channels) * np.float32(o.value_scale)
+        if o.channel_order == "BGR":
+            pixels = pixels[..., ::-1]
+        pixels = (pixels - np.asarray(o.mean, np.float32)) / np.asarray(o.std, np.float32)
+        return pixels.transpose(2, 0, 1) if o.layout == "NCHW" else pixels
+
+
+def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """The picture at `path` in `mode`, resized to (height, width); JPEGs are decoded at a
+    reduced scale where that suffices, and pictures over IMAGE_PIXEL_LIMIT are refused."""
+    from PIL import Image
+
+    check_regular(path, "an image file")
+    limit = f"qdq's limit of {IMAGE_PIXEL_LIMIT / 1e6:.0f} megapixels; downscale it first"
+    try:
+        with warnings.catch_warnings():  # PIL's (its own pixel limit, corrupt EXIF): not ours
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > IMAGE_PIXEL_LIMIT:
+                    raise DataError(f"{path} is {width}x{height} pixels, over {limit}")
+                image.draft(mode, (size[1], size[0]))
+                picture = image.convert(mode).resize((size[1], size[0]))
+    except Image.DecompressionBombError:
+        raise DataError(f"{path} is over {limit}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{path} is not a readable image ({error})") from None
+    return np.asarray(picture, dtype=np.float32)
+
+
+def _image_channels(spec: ImageInput, options: ImageOptions) -> int:
+    """1 or 3 channels, from the input's shape (3 where that axis is free)."""
+    if len(spec.shape) != 4:
+        raise DataError(
+            f"input {spec.describe()} is not an image batch (rank 4); "
+            "give an .npz or .npy instead of a folder of images"
+        )
+    channels = spec.shape[1] if options.layout == "NCHW" else spec.shape[3]
+    channels = 3 if channels is None else channels
+    if channels not in (1, 3):
+        raise DataError(
+            f"input {spec.describe()} has {channels} channels in {options.layout}; images "
+            "give 1 (grayscale) or 3 (RGB): check `layout`, or give .npy data"
+        )
+    for flag, values in (("`mean`", options.mean), ("`std`", options.std)):
+        if len(values) not in (1, channels):
+            raise DataError(
+                f"{flag} has {len(values)} values for {channels} channels; "
+                f"give 1 (for all channels) or {channels}"
+            )
+    return channels
+
+
+def _image_size(spec: ImageInput, layout: str) -> tuple[int, int]:
+    dims = spec.shape[2:4] if layout == "NCHW" else spec.shape[1:3]
+    if len(spec.shape) != 4 or None in dims:
+        raise DataError(
+            f"input {spec.describe()} has no fixed image size; give `size` (height, width)"
+        )
+    return int(dims[0]), int(dims[1])
