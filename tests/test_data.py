@@ -119,6 +119,18 @@ def test_multi_input_models_need_one_npz_array_per_input(tmp_path):
         Samples(tmp_path / "b.npz", specs)
 
 
+def test_npz_arrays_no_input_takes_are_named_not_read(tmp_path):
+    """A label array or a misspelt input name beside the inputs is said, not silently dropped."""
+    specs = [*SPEC, InputSpec("mask", np.dtype(np.float32), (None, 4))]
+    mask = np.ones((len(X), 4), np.float32)
+    np.savez(tmp_path / "c.npz", x=X, mask=mask, label=np.arange(len(X)), Mask=mask)
+    assert Samples(tmp_path / "c.npz", specs).read_notes() == [
+        f"{tmp_path / 'c.npz'}: arrays ['label', 'Mask'] feed no model input; not read"
+    ]
+    np.savez(tmp_path / "d.npz", x=X, mask=mask)
+    assert Samples(tmp_path / "d.npz", specs).read_notes() == []
+
+
 def test_folders_are_read_lazily(tmp_path, monkeypatch):
     for i, sample in enumerate(X):
         np.save(tmp_path / f"{i:03d}.npy", sample)
@@ -171,9 +183,9 @@ def test_grayscale_images_feed_a_one_channel_input(tmp_path):
     assert x.shape == (1, 1, 4, 4)
     assert np.allclose(x, 1.0)  # 255 * (1/255)
     # what was done to the pictures is said, so that a wrong folder or option shows
-    assert Samples(tmp_path, spec).images_read() == (
+    assert Samples(tmp_path, spec).read_notes() == [
         f"{tmp_path}: pictures read as grayscale 4x4 (resized), pixels times 0.00392157, "
         "less mean [0.0], over std [1.0], NCHW"
-    )
+    ]
     np.save(tmp_path / "arrays.npy", np.ones((2, 1, 4, 4), np.float32))
-    assert Samples(tmp_path / "arrays.npy", spec).images_read() is None
+    assert Samples(tmp_path / "arrays.npy", spec).read_notes() == []

@@ -113,6 +113,7 @@ class Samples:
             raise DataError(f"`max_samples` must be >= 1, got {max_samples}")
         if seed is not None and seed < 0:
             raise DataError(f"`seed` must be >= 0, got {seed}")
+        self._unused: list[str] = []  # an .npz's arrays that no input takes
         self._readers = self._open()
         counts = {name: reader.count for name, reader in self._readers.items()}
         if len(set(counts.values())) > 1:
@@ -134,10 +135,15 @@ class Samples:
         self.__dict__.update(state)
         self._readers = self._open()
 
-    def images_read(self) -> str | None:
-        """How a folder of pictures became samples (size, color, scaling), or None for arrays."""
+    def read_notes(self) -> list[str]:
+        """What the user may not expect of how the samples were read: how a folder of pictures
+        became tensors (size, color, scaling), and an .npz's arrays that no input takes (a
+        misspelt input name, labels)."""
         readers = [r for r in self._readers.values() if isinstance(r, ImageFolder)]
-        return f"{self.source}: " + readers[0].describe() if readers else None
+        notes = [f"{self.source}: " + readers[0].describe()] if readers else []
+        if self._unused:
+            notes.append(f"{self.source}: arrays {self._unused} feed no model input; not read")
+        return notes
 
     def span(self, first: int, last: int) -> Samples:
         """Samples `first` up to `last` on their own (the same open files, nothing read)."""
@@ -200,6 +206,7 @@ class Samples:
                 f"{self.source} has arrays {keys} but the model's inputs are {expected}; "
                 f"add {missing} (one array per input, samples on the leading axis)"
             )
+        self._unused = [key for key in keys if key not in expected]
         return {name: archive[name] for name in expected}
 
     def _only_input(self) -> InputSpec:

@@ -106,8 +106,8 @@ def quantize_model(
     if not config.data_free:
         samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
     prepared, per_channel, notes = prepare(model, config.per_channel)
-    if not config.data_free and (read := samples.images_read()):
-        notes.insert(0, read)
+    if not config.data_free:
+        notes[:0] = samples.read_notes()
     if config.equalize or config.data_free:
         prepared, equalized = equalize(prepared, moments)
         moments = equalized.moments
