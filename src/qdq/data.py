@@ -7,7 +7,7 @@ batch by batch, so a large set never sits in memory at once.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -135,14 +135,15 @@ class Samples:
         self.__dict__.update(state)
         self._readers = self._open()
 
-    def read_notes(self) -> list[str]:
+    def read_notes(self, read_elsewhere: Collection[str] = ()) -> list[str]:
         """What the user may not expect of how the samples were read: how a folder of pictures
         became tensors (size, color, scaling), and an .npz's arrays that no input takes (a
-        misspelt input name, labels)."""
+        misspelt input name, labels) unless the caller reads them (`read_elsewhere`)."""
         readers = [r for r in self._readers.values() if isinstance(r, ImageFolder)]
         notes = [f"{self.source}: " + readers[0].describe()] if readers else []
-        if self._unused:
-            notes.append(f"{self.source}: arrays {self._unused} feed no model input; not read")
+        unused = [key for key in self._unused if key not in read_elsewhere]
+        if unused:
+            notes.append(f"{self.source}: arrays {unused} feed no model input; not read")
         return notes
 
     def span(self, first: int, last: int) -> Samples:

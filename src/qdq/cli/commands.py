@@ -173,12 +173,13 @@ def compare(args: argparse.Namespace) -> str:
         latency_runs=args.latency_runs,
         workers=_workers(args),
         declared=args.output_parts,
+        images=_images(args),
     )
     return result.to_json() if args.json else result.to_text()
 
 
 def _report_flag(args: argparse.Namespace) -> Path | None:
-    """--report FILE.html, checked before any work; it measures on --calib as read unprocessed."""
+    """--report FILE.html, checked before any work; it measures on --calib as quantize read it."""
     if args.report is None:
         return None
     from qdq.outputs import check_output
@@ -186,11 +187,6 @@ def _report_flag(args: argparse.Namespace) -> Path | None:
     if args.calib is None:
         raise UsageError(
             "--report measures on the calibration data; give --calib, or drop --report"
-        )
-    if args.image_size or args.mean != [0.0] or args.std != [1.0]:
-        raise UsageError(
-            "--report reads --calib without the image flags; quantize, then run `qdq report` "
-            "on an .npz of preprocessed samples"
         )
     if Path(args.report).resolve() == Path(args.output).resolve():
         raise UsageError(f"--report {args.report} is the -o model; give the report its own file")
@@ -227,6 +223,7 @@ def _write_html(
         everything=args.all_charts,
         sensitivity=args.sensitivity,
         workers=_workers(args),
+        images=_images(args),
     )
     size = write_report(measured, target)
     return f"wrote {target}: HTML report, {size / 1e6:.1f} MB, opens offline"

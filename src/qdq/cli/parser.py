@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.add_argument("--latency-runs", type=at_least(0), default=30, help="0 skips timing")
     output_parts_flag(c)
+    image_flags(c)
     worker_flags(c)
     c.set_defaults(run=compare)
 
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     pair_flags(h)
     h.add_argument("-o", "--output", required=True, help="the .html file to write")
     report_flags(h)
+    image_flags(h)
     worker_flags(h)
     h.set_defaults(run=report)
 

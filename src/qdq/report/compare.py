@@ -16,6 +16,7 @@ import onnx
 from qdq.arrayfile import open_npz
 from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, ModelError
+from qdq.images import ImageOptions
 from qdq.metrics import REPORT_BLOCK, ErrorStats
 from qdq.onnx.model import METADATA_KEY, load_model
 from qdq.onnx.sessions import median_latency_ms, open_session, session_with_outputs
@@ -44,11 +45,13 @@ class Comparison:
     accuracy: tuple[float, float] | None = None
     extra: dict[str, object] = field(default_factory=dict)
     parts: dict[str, PartStats] = field(default_factory=dict)  # by label: split, gated outputs
+    notes: list[str] = field(default_factory=list)  # how the data was read (Samples.read_notes)
 
     def as_dict(self) -> dict[str, object]:
         worst = sorted(self.layers.items(), key=lambda kv: kv[1].sqnr_db)
         out: dict[str, object] = {
             "samples": self.samples,
+            "notes": self.notes,
             "size_bytes": {"float": self.sizes[0], "quantized": self.sizes[1]},
             "outputs": {k: v.as_dict() for k, v in self.outputs.items()},
             "parts": {k: v.as_dict() for k, v in self.parts.items()},
@@ -64,7 +67,7 @@ class Comparison:
         return json.dumps(self.as_dict(), indent=2, default=float)
 
     def to_text(self, top: int = 15) -> str:
-        lines = [f"{self.samples} samples"]
+        lines = [*self.notes, f"{self.samples} samples"]
         if self.accuracy:
             f, q = self.accuracy
             lines.append(
@@ -181,14 +184,16 @@ def compare_models(
     latency_runs: int = 30,
     workers: Workers = ONE_PROCESS,
     declared: Sequence[str] = (),
+    images: ImageOptions | None = None,
 ) -> Comparison:
     """Run both models on the same samples, streaming, and measure the differences: shards of
     EVAL_SHARD_BATCHES batches (on `workers` when parallel), merged in sample order. Outputs
     that join quantities are also measured per part, found on the first PART_SAMPLES samples
-    or `declared` (`--output-parts` specs)."""
+    or `declared` (`--output-parts` specs). A folder of pictures is read with `images`, as
+    `qdq quantize` reads its calibration folder."""
     reference, quantized = load_model(float_path), load_model(quantized_path)
     _check_same_inputs(reference, quantized)
-    samples = Samples(data, model_inputs(reference), max_samples)
+    samples = Samples(data, model_inputs(reference), max_samples, images)
     truth = _labels(data, labels, samples)
     pairs = quantized_tensor_pairs(quantized, reference)
     job = _Job(
@@ -212,6 +217,7 @@ def compare_models(
         latency_ms=latency_ratio(float_path, quantized_path, first, latency_runs),
         accuracy=accuracy,
         parts={s.part.label: s for group in parts.values() for s in group},
+        notes=samples.read_notes(read_elsewhere=[labels] if truth is not None else []),
     )
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from qdq.data import Samples, model_inputs
+from qdq.images import ImageOptions
 from qdq.metrics import REPORT_BLOCK, ErrorStats
 from qdq.observers import Histogram
 from qdq.onnx.model import load_model
@@ -66,6 +67,7 @@ def measure(
     everything: bool = False,
     sensitivity: bool = False,
     workers: Workers = ONE_PROCESS,
+    images: ImageOptions | None = None,
 ) -> ReportData:
     """Compare the models as `qdq compare` does, then measure per layer: output SQNR, the
     histogram of each quantized activation (FP32 values), weight ranges and time per op type.
@@ -76,10 +78,10 @@ def measure(
     runs on `workers`.
     """
     comparison = compare_models(
-        float_path, quantized_path, data, max_samples=max_samples, workers=workers
+        float_path, quantized_path, data, max_samples=max_samples, workers=workers, images=images
     )
     reference, quantized = load_model(float_path), load_model(quantized_path)
-    samples = Samples(data, model_inputs(reference), max_samples)
+    samples = Samples(data, model_inputs(reference), max_samples, images)
     sqnr, histograms = _stream(reference, quantized, samples)
     chosen = quantized_activations(quantized)
     # Worst first: the KL and MSE searches run only on the activations drawn.
