@@ -141,7 +141,9 @@ def _summary(data: ReportData) -> str:
             f"<td class=num>{stats.cosine:.6f}</td><td class=num>{agreement}</td></tr>"
         )
     return (
-        f'<section id="summary"><h2>Summary</h2><p class="note">{c.samples} samples</p>'
+        '<section id="summary"><h2>Summary</h2>'
+        + "".join(f'<p class="note">{html.escape(n)}</p>' for n in c.notes)
+        + f'<p class="note">{c.samples} samples</p>'
         f"<table><tr><th></th><th>FP32</th><th>INT8</th><th></th></tr>{cells}</table><p></p>"
         "<table><tr><th>output</th><th>SQNR (dB)</th><th>cosine</th>"
         f"<th>top-1 agreement</th></tr>{''.join(outputs)}</table>{_parts(c)}</section>"
