@@ -3,8 +3,10 @@ where it pays."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -145,6 +147,31 @@ def test_latencies_are_cached_per_group_of_graph_structures(tmp_path, monkeypatc
     monkeypatch.setenv("QDQ_CACHE_DIR", "")  # no cache
     with pytest.raises(AssertionError, match="timed again"):
         latencies_ms([onnx.load(DIGITS / "cnn.onnx")], feed)
+
+
+def test_runs_at_once_share_the_cache_and_keep_each_others_times(tmp_path, monkeypatch):
+    """Timing takes seconds; a benchmark's draws or quantize_many's workers time at once."""
+    monkeypatch.setenv("QDQ_CACHE_DIR", str(tmp_path))
+    cache = tmp_path / "latency.json"
+    model = onnx.load(DIGITS / "cnn.onnx")
+    feed = {"input": np.load(DIGITS / "calib.npz")["input"][:1]}
+
+    def meanwhile(table: dict[str, list[float]]) -> Callable[..., list[float]]:
+        def timed(*_: object) -> list[float]:
+            cache.write_text(json.dumps(table))  # another run writes while this one times
+            return [9.0]
+
+        return timed
+
+    monkeypatch.setattr(frontier, "median_latency_ms", meanwhile({"other": [1.0]}))
+    assert latencies_ms([model], feed) == [9.0]
+    table = json.loads(cache.read_text())
+    assert table.pop("other") == [1.0]  # the other run's group is kept
+    (key,) = table
+    cache.unlink()
+    monkeypatch.setattr(frontier, "median_latency_ms", meanwhile({key: [5.0]}))
+    assert latencies_ms([model], feed) == [5.0]  # the first written is every run's
+    assert json.loads(cache.read_text()) == {key: [5.0]}
 
 
 def test_balanced_pays_latency_for_a_large_gain():
