@@ -203,6 +203,21 @@ def test_h_sums_the_first_samples_of_a_stream_in_any_batches_and_shards():
     np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_h_is_each_groups_terms_times_their_transpose(group):
+    """H per group is the sum of the outer products of the terms each output of that group
+    reads, one group or several."""
+    rng = np.random.default_rng(5)
+    weight = rng.normal(size=(4, 4 // group, 3, 3)).astype(np.float32)
+    x = rng.normal(size=(3, 4, 5, 5)).astype(np.float32)
+    index = GraphIndex(_conv_model(weight, (None, 4, 5, 5), pads=[1, 1, 1, 1], group=group))
+    got = _hessians(index, linear_layers(index, ["conv"]), x)["conv"]
+    cols = _terms(index.nodes[0], x, weight.shape).astype(np.float64)
+    want = np.einsum("gtp,gup->gtu", cols, cols)
+    assert got.shape == (group, 4 // group * 9, 4 // group * 9)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_a_failure_while_summing_is_raised_by_found_not_update(monkeypatch):
     """Calibration goes on; only the GPTQ stage, which asks for H, is skipped."""
     weight = np.ones((2, 3, 1, 1), np.float32)

@@ -137,8 +137,11 @@ def _accumulate(
     step = max(1, CHUNK // size) if node.op_type == "Conv" else len(x)
     for start in range(0, len(x), step):
         cols = _terms(node, x[start : start + step], shape, rng)
-        h = np.matmul(cols, cols.transpose(0, 2, 1)).astype(np.float64)
-        found[node.name] = found.get(node.name, 0) + h
+        h = np.matmul(cols, cols.transpose(0, 2, 1))
+        if node.name in found:  # in place: a batch-1 model adds a sample at a time
+            np.add(found[node.name], h, out=found[node.name])
+        else:
+            found[node.name] = h.astype(np.float64)
 
 
 def _terms(
