@@ -91,6 +91,22 @@ def test_non_negative_data_gives_ranges_from_zero():
         assert float(o.compute().lo) >= 0.0, method
 
 
+@pytest.mark.parametrize("value", [1e-37, 1e-42])
+def test_values_near_float32s_smallest_are_binned_inside_the_histogram(value):
+    """Bins narrower than 3e-39 had made the binning's 1 / width inf, and the compiled loop
+    wrote outside its counts (the process aborted on a corrupted heap)."""
+    x = np.full((8, 16), value, np.float32)
+    x[0, :4] = [0.0, -value, value / 2, 0.0]
+    for method in METHODS:
+        o = make_observer(method)
+        o.update(x)
+        o.update(x * 0.5)
+        r = o.compute()
+        assert np.isfinite([r.lo, r.hi]).all(), method
+        assert float(r.lo) <= 0.0 <= float(r.hi), method
+        assert float(r.hi) <= float(np.float32(value)), method
+
+
 # ---- KL against a loop-by-loop transcription of TensorRT's public reference ----
 
 

@@ -147,7 +147,10 @@ def _bin_rows(rows: np.ndarray, width: np.ndarray, half: int) -> np.ndarray:
     size = 2 * half
     stride = size + 1  # per row: the bins and the overflow bin
     per_unit = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
-    per_unit = per_unit.astype(np.float32)
+    # float32's largest at most: bins narrower than 3e-39 (values of 1e-37) made it inf, and
+    # inf * 0 a NaN index that the compiled loop wrote far outside its counts (a heap
+    # corruption). Smaller than 1 / width, it only moves values toward 0, inside the bins.
+    per_unit = np.minimum(per_unit, np.finfo(np.float32).max).astype(np.float32)
     if compiled := _compiled_count():
         counts = np.zeros((channels, stride), dtype=np.int64)
         compiled(np.ascontiguousarray(rows), per_unit, rows.dtype.type(half), counts)
