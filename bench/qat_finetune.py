@@ -3,7 +3,7 @@
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
      [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1] [--first-draw 0]
      [--start balanced|speed|int8] [--evaluate-scale 1] [--patience 4]
-     [--freeze-oscillations F] [--keep]
+     [--freeze-oscillations F] [--keep] [--reuse-ptq DIR]
      [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
@@ -18,6 +18,9 @@ scored against FP32 on held-out evaluation data with bench/ptq.py's task metrics
 decoded as FP32 decodes them, and as `text` the same with spaces at a line's ends aside;
 text-mask IoU; top-1 agreement), output SQNR, INT8 latency
 (ONNX Runtime, 1 thread, runs interleaved, median) and the time each took on this machine.
+`--reuse-ptq DIR` starts from the PTQ files an earlier `--keep --out DIR` run wrote (same
+model, draw, plan, `--samples` and `--calib-samples`), so that runs compared in pairs start
+alike: the speed plan follows the machine's timings (docs/ptq.md).
 torch runs on one thread: on this shared 2-core machine two OpenMP threads ran fake
 quantization 20x slower (9.7 vs 195 ms on a (4, 64, 24, 160) tensor), waiting for each other's
 core.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -85,9 +89,14 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
     for prefer in args.ptq:
         label = labels[prefer]
         path = folder / f"{case.name}_{draw}_{prefer}.onnx"
+        kept = args.reuse_ptq / path.name if args.reuse_ptq else None
         start = time.perf_counter()
-        config = preset_config("default", prefer=prefer, max_samples=args.calib_samples)
-        quantize_model(case.model, path, data, config)
+        if kept is not None and kept.exists():  # an earlier run's file: pairs start alike
+            shutil.copyfile(kept, path)
+            label += f" (reused from {kept})"
+        else:
+            config = preset_config("default", prefer=prefer, max_samples=args.calib_samples)
+            quantize_model(case.model, path, data, config)
         seconds, samples = time.perf_counter() - start, args.calib_samples or len(case.calib)
         rows.append({"method": label, "seconds": seconds, "samples": samples})
         paths.append(path)
@@ -183,6 +192,12 @@ def main() -> None:
     )
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--keep", action="store_true", help="keep the data and models in --out")
+    parser.add_argument(
+        "--reuse-ptq",
+        type=Path,
+        help="a --keep run's --out: its PTQ files (same model, draw and plan) are used instead "
+        "of quantizing again, so that runs compared in pairs start from the same file",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out/qat_finetune"))
     args = parser.parse_args()
     args.ptq = list(dict.fromkeys([*args.ptq, args.start]))
