@@ -53,10 +53,20 @@ def _check_not_input(path: Path, source: Path, flag: str) -> None:
                 f"{flag} {path} lies inside the input folder {source}, whose files are read "
                 "as samples; write it elsewhere"
             )
-    elif path.exists() and os.path.samefile(source, path):
-        raise OutputError(
-            f"{flag} {path} is the input {source} (the same file); choose another output path"
-        )
+    elif path.exists():
+        if os.path.samefile(source, path):
+            raise OutputError(
+                f"{flag} {path} is the input {source} (the same file); choose another output path"
+            )
+        if source.suffix.lower() == ".onnx":
+            from qdq.onnx.model import external_data_files  # onnx is heavy; only for models
+
+            weights = [f for f in external_data_files(source) if f.exists()]
+            if any(os.path.samefile(f, path) for f in weights):
+                raise OutputError(
+                    f"{flag} {path} holds the weights of the input model {source} (its external "
+                    "data); choose another output path"
+                )
 
 
 def _check_folder(folder: Path, flag: str) -> None:

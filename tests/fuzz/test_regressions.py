@@ -73,6 +73,17 @@ def test_quantize_refuses_an_output_that_is_its_calibration_data(ws):
     refused(ws, ["quantize", ws.model, "-o", ws.calib, "--calib", ws.calib], "is the input")
 
 
+def test_quantize_refuses_an_output_that_holds_the_models_external_weights(ws):
+    """The weights of a model saved with external data are an input too (they had been
+    overwritten, exit 0)."""
+    model = ws.folder / "external.onnx"
+    onnx.save(onnx.load(ws.model), model, save_as_external_data=True, location="w.bin",
+              size_threshold=0)  # fmt: skip
+    args = ["quantize", model, "-o", ws.folder / "w.bin", "--calib", ws.calib]
+    result = run_contract(ws, args, None, codes=(2,))  # None: w.bin must stay as it was too
+    assert "holds the weights of the input model" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("link", [os.link, os.symlink])
 def test_an_output_linked_to_the_model_is_refused(ws, link):
     linked = ws.folder / "linked.onnx"

@@ -106,6 +106,23 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensors(subgraph)
 
 
+def external_data_files(path: Path) -> list[Path]:
+    """The files beside the model at `path` that hold its external weights (none if it holds
+    its weights itself or cannot be read: reading it reports that)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # any unreadable file has no weights elsewhere to protect
+        return []
+    folder = path.resolve().parent
+    return list(dict.fromkeys(
+        folder / location
+        for tensor in _tensors(model.graph)
+        if external_data_helper.uses_external_data(tensor)
+        for location in [next((e.value for e in tensor.external_data if e.key == "location"), "")]
+        if location
+    ))  # fmt: skip
+
+
 def _load_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> None:
     """Read external weights after checking that each file lies inside `folder` and that the
     whole model stays under protobuf's 2 GB, which every graph pass here serializes through."""
