@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from qdq.cli import main
 
 from conftest import DIGITS
@@ -39,13 +41,14 @@ def test_a_failed_model_stops_no_other_and_a_rerun_skips_the_done(tmp_path, caps
     (tmp_path / "out").mkdir()
     manifest = tmp_path / "zoo.toml"
     manifest.write_text(MANIFEST)
-    assert main(["quantize-many", str(manifest)]) == 0
+    assert main(["quantize-many", str(manifest)]) == 2  # not every model was quantized
     captured = capsys.readouterr()
     rows = {line.split()[0]: line.split()[1] for line in captured.out.splitlines()[1:]}
     assert rows == {"cnn": "done", "broken": "failed", "cnn4": "done"}
     assert "1 of 3 models failed: broken" in captured.err
+    assert captured.err.count("\n") == 1
     assert (tmp_path / "out" / "cnn4_int8.onnx.report.txt").read_text().startswith("wrote")
-    assert main(["quantize-many", str(manifest)]) == 0
+    assert main(["quantize-many", str(manifest)]) == 2
     rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows == {"cnn": "skipped", "broken": "failed", "cnn4": "skipped"}
 
@@ -55,3 +58,61 @@ def test_a_manifest_without_required_keys_is_exit_2(tmp_path, capsys):
     manifest.write_text('[[model]]\nname = "a"\nmodel = "a.onnx"\n')
     assert main(["quantize-many", str(manifest)]) == 2
     assert "lacks ['calib', 'output']" in capsys.readouterr().err
+
+
+def _entry(name: str, model: str, calib: str, output: str) -> str:
+    return (
+        f'[[model]]\nname = "{name}"\nmodel = "{model}"\ncalib = "{calib}"\noutput = "{output}"\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("entries", "words"),
+    [
+        ([("a", "cnn.onnx", "calib.npz", "b.onnx"), ("b", "b.onnx", "calib.npz", "bq.onnx")],
+         "a's output"),
+        ([("a", "cnn.onnx", "calib.npz", "same.onnx"), ("b", "cnn.onnx", "calib.npz", "same.onnx")],
+         "b's output"),
+        ([("a", "cnn.onnx", "calib.npz", "zoo.toml")], "the manifest"),
+        ([("a", "cnn.onnx", "samples", "samples/q.onnx")], "a's calib"),
+        ([("a", "cnn.onnx", "calib.npz", "out/")], "is a folder"),
+    ],
+)  # fmt: skip
+def test_an_output_that_another_entry_reads_or_writes_is_refused_before_any_work(
+    tmp_path, capsys, entries, words
+):
+    """Written in turn, it had overwritten another entry's model or the manifest (exit 0)."""
+    for name in ("cnn.onnx", "calib.npz"):
+        shutil.copy(DIGITS / name, tmp_path / name)
+    (tmp_path / "b.onnx").write_bytes((tmp_path / "cnn.onnx").read_bytes())
+    (tmp_path / "samples").mkdir()
+    manifest = tmp_path / "zoo.toml"
+    manifest.write_text("".join(_entry(*e) for e in entries))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["quantize-many", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert words in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["model = 5\n", "defaults = 3\n" + _entry("a", "m.onnx", "c.npz", "q.onnx"),
+     _entry("a", "m.onnx", "c.npz", "q.onnx") + "options = [1, 2]\n",
+     '[[model]]\nname = "a"\nmodel = 5\ncalib = "c.npz"\noutput = "q.onnx"\n'],
+)  # fmt: skip
+def test_a_manifest_with_values_of_the_wrong_type_is_exit_2(tmp_path, capsys, text):
+    manifest = tmp_path / "zoo.toml"
+    manifest.write_text(text)
+    assert main(["quantize-many", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdq: error: "), err
+    assert err.count("\n") == 1, err
+
+
+def test_a_failed_model_leaves_no_folders_behind(tmp_path, capsys):
+    shutil.copy(DIGITS / "cnn.onnx", tmp_path / "cnn.onnx")
+    manifest = tmp_path / "zoo.toml"
+    manifest.write_text(_entry("a", "cnn.onnx", "missing.npz", "new/deep/a.onnx"))
+    assert main(["quantize-many", str(manifest)]) == 2
+    assert not (tmp_path / "new").exists()

@@ -15,14 +15,18 @@ options = { weight_bits = 4 } # this model's own, over the defaults
 
 Each model gets its output and a report beside it (`OUTPUT.report.txt`, written last); a model
 whose report exists is done and skipped, so an interrupted run resumes where it stopped. One
-model's failure is recorded in the summary and never stops the others.
+model's failure is recorded in the summary and never stops the others; the command then exits
+2, naming the models that failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
 import tomllib
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,29 +66,67 @@ class Outcome:
 
 
 def read_manifest(path: str | Path) -> list[Entry]:
-    """The manifest's models, checked: required keys present, names unique."""
+    """The manifest's models, checked before any work: tables and strings where they belong,
+    required keys present, names unique, and no output that is another entry's output, an
+    input of any entry, a report, or the manifest itself (written in turn, it would be read
+    or overwritten later)."""
     path = Path(path)
     try:
         manifest = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise UsageError(f"{path} is not a readable TOML manifest ({error})") from None
-    defaults = manifest.get("defaults", {})
+    defaults, models = manifest.get("defaults", {}), manifest.get("model", [])
+    if not isinstance(defaults, dict):
+        raise UsageError(f'{path}: [defaults] must be a table of options, e.g. method = "kl"')
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise UsageError(f"{path}: give each model as a [[model]] table")
     entries = []
-    for i, model in enumerate(manifest.get("model", [])):
+    for i, model in enumerate(models):
+        where = f"{path}: [[model]] number {i + 1}"
         missing = [key for key in REQUIRED if key not in model]
         if missing:
-            raise UsageError(f"{path}: [[model]] number {i + 1} lacks {missing}; give {REQUIRED}")
-        where = {key: path.parent / str(model[key]) for key in ("model", "calib", "output")}
+            raise UsageError(f"{where} lacks {missing}; give {REQUIRED}")
+        wrong = [key for key in REQUIRED if not isinstance(model[key], str) or not model[key]]
+        if wrong:
+            raise UsageError(f"{where}: {wrong} must be non-empty strings (names and paths)")
+        if not isinstance(model.get("options", {}), dict):
+            raise UsageError(f"{where}: options must be a table, e.g. options = {{ seed = 1 }}")
+        if model["output"].endswith(("/", "\\")):
+            raise UsageError(f"{where}: output {model['output']!r} is a folder; give a file name")
+        paths = {key: path.parent / model[key] for key in ("model", "calib", "output")}
         options = {**defaults, **model.get("options", {})}
-        entries.append(Entry(str(model["name"]), options=options, **where))
+        entries.append(Entry(model["name"], options=options, **paths))
     names = [e.name for e in entries]
     if not entries or len(set(names)) != len(names):
         raise UsageError(f"{path}: give one or more [[model]] tables with distinct names")
+    _check_outputs(path, entries)
     return entries
 
 
+def _check_outputs(manifest: Path, entries: list[Entry]) -> None:
+    """Refuse an output that another entry writes too, or that is read: any entry's model or
+    calibration data (or lies in its folder of samples), a report, or the manifest."""
+    read = {manifest.resolve(): "the manifest"}
+    for e in entries:
+        read |= {e.model.resolve(): f"{e.name}'s model", e.calib.resolve(): f"{e.name}'s calib"}
+    written: dict[Path, str] = {}
+    for e in entries:
+        for target, what in ((e.output.resolve(), "output"), (e.report.resolve(), "report")):
+            clash = written.get(target) or read.get(target) or next(
+                (why for source, why in read.items() if source.is_dir()
+                 and target.is_relative_to(source)), None)  # fmt: skip
+            if clash:
+                raise UsageError(
+                    f"{manifest}: {e.name}'s {what} {target} is also {clash}; give each model "
+                    "an output of its own, apart from every input"
+                )
+            written[target] = f"{e.name}'s {what}"
+
+
 def quantize_many(entries: list[Entry], workers: Workers = ONE_PROCESS) -> list[Outcome]:
-    """Each model quantized in turn (its work on `workers`), done ones skipped, failures kept."""
+    """Each model quantized in turn (its work on `workers`), done ones skipped, failures kept:
+    a model's own bad input as its one line, anything else also with the log file holding its
+    traceback."""
     outcomes = []
     for entry in entries:
         if entry.report.exists() and entry.output.exists():
@@ -95,8 +137,13 @@ def quantize_many(entries: list[Entry], workers: Workers = ONE_PROCESS) -> list[
             outcomes.append(_quantize(entry, workers, start))
         except Exception as error:  # QdqError, ONNX Runtime's own, a bug: the others go on
             reason = first_line(error)
-            if not isinstance(error, QdqError):
-                log.warning("%s failed", entry.name, exc_info=True)
+            if not isinstance(error, QdqError | OSError):
+                log.info("%s failed", entry.name, exc_info=True)  # -v prints it
+                with tempfile.NamedTemporaryFile(
+                    "w", prefix="qdq-error-", suffix=".log", delete=False
+                ) as saved:
+                    saved.write("".join(traceback.format_exception(error)))
+                reason = f"internal error ({type(error).__name__}: {reason}; see {saved.name})"
             outcomes.append(Outcome(entry.name, f"failed: {reason}"))
     return outcomes
 
@@ -108,8 +155,16 @@ def _quantize(entry: Entry, workers: Workers, start: float) -> Outcome:
         config = preset_config(preset, workers=workers, **options)
     except TypeError as error:  # an unknown option name
         raise UsageError(f"options of {entry.name!r}: {error}") from None
-    entry.output.parent.mkdir(parents=True, exist_ok=True)
-    report = quantize_model(entry.model, entry.output, entry.calib, config)
+    folder = entry.output.parent
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        report = quantize_model(entry.model, entry.output, entry.calib, config)
+    except BaseException:
+        for empty in made:  # a failed model leaves nothing, not even its folders
+            with contextlib.suppress(OSError):
+                empty.rmdir()
+        raise
     entry.report.write_text(report.summary(entry.output) + "\n")
     worst = min(report.output_sqnr.values(), default=None)
     ratio = report.float_bytes / report.quantized_bytes

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qdq.cli.contract import say
 from qdq.cli.flags import check_excluded, check_model_flags, check_quantize_flags
 from qdq.config import preset_config
 from qdq.data import ImageOptions
@@ -135,8 +134,12 @@ def quantize_many(args: argparse.Namespace) -> str:
 
     outcomes = quantize_many(read_manifest(args.manifest), _workers(args))
     failed = [o.name for o in outcomes if o.status.startswith("failed")]
-    if failed:
-        say(f"warning: {len(failed)} of {len(outcomes)} models failed: {', '.join(failed)}")
+    if failed:  # the table still says what became of each; the exit code says not all did
+        print(summary_table(outcomes))
+        raise UsageError(
+            f"{len(failed)} of {len(outcomes)} models failed: {', '.join(failed)} (the table "
+            "says why); fix them and run again: the done ones are skipped"
+        )
     return summary_table(outcomes)
 
 
