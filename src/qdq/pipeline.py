@@ -175,6 +175,8 @@ def _output_check(
     quantization cost."""
     reference = open_session(model, Use.CHECK)
     names = [o.name for o in reference.get_outputs() if o.type == "tensor(float)"]
+    if not names:  # nothing to compare (asked for none, ONNX Runtime would return them all)
+        return []
     feeds = list(samples.batches(1, last=CHECK_SAMPLES))
     want = [reference.run(names, feed) for feed in feeds]
     got = []

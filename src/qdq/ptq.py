@@ -28,6 +28,7 @@ from qdq.errors import QdqError, first_line
 from qdq.lowbit import WeightGrid
 from qdq.observers import Method, Observer, make_observer
 from qdq.onnx.graph import GraphIndex
+from qdq.onnx.model import float_outputs
 from qdq.onnx.sessions import open_session
 from qdq.passes.adaround import learn_rounding
 from qdq.passes.bias_correction import (
@@ -93,6 +94,12 @@ def plan_model(
     sequential = config.bias_correction and config.sequential_bias_correction
     layers = correctable_outputs(index, quantizable) if sequential else []
     held = _held(samples, config)
+    if held and not float_outputs(model):  # a mask or ids: nothing for the checks to compare
+        notes.append(
+            "no float32 output to compare with FP32's: the range method is percentile and "
+            "the rounding and correction checks are not run"
+        )
+        held = 0
     # FP32's outputs on the held-out samples, computed once for the method choice and the checks
     held_reference = cache(partial(_held_reference, model, samples, config, held))
     held_score = cache(lambda: _by_content(sqnr_score(held_reference(), config.output_parts)))

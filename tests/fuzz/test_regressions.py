@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from hostile import (
     Workspace,
     X,
     custom_op_model,
+    model_with,
     no_input_model,
     npy_bytes,
     npz_bytes,
@@ -190,6 +192,35 @@ def test_external_data_whose_length_passes_the_files_end_is_refused(ws):
         weight.external_data.add(key=key, value=value)
     save(model, ws.model)
     refused(ws, quantize(ws), "truncated")
+
+
+def _thresholded_model() -> onnx.ModelProto:
+    """x[N, 4] -> MatMul -> Greater -> a bool mask: a valid model with no float32 output."""
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32) * 2, "w")
+    half = numpy_helper.from_array(np.array(0.5, np.float32), "half")
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        onnx.helper.make_node("Greater", ["h", "half"], ["y"], name="gt"),
+    ]
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.BOOL, ["N", 4])
+    return model_with(nodes, [x], [y], [weight, half])
+
+
+def test_a_model_with_no_float_output_is_quantized_and_said_so_and_finetune_refuses_it(ws):
+    """Every check compares float outputs with FP32's; with none, quantize had ended in an
+    internal error (exit 1) and so had finetune."""
+    save(_thresholded_model(), ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(1).standard_normal((32, 4)).astype(np.float32))
+    out = ws.folder / "out.onnx"
+    result = run_contract(ws, quantize(ws), out, codes=(0,))
+    assert "no float32 output to compare" in result.stdout, result.stdout
+    x = np.random.default_rng(2).standard_normal((16, 4)).astype(np.float32)
+    want, got = (ort.InferenceSession(p).run(None, {"x": x})[0] for p in (ws.model, out))
+    assert got.dtype == bool
+    assert (got == want).mean() > 0.9
+    args = ["finetune", ws.model, "-o", ws.folder / "ft.onnx", "--calib", ws.calib]
+    refused(ws, args, "has no float32 output", ws.folder / "ft.onnx")
 
 
 @pytest.mark.parametrize("engine", ["integer", "ort"])

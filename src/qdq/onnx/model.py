@@ -106,6 +106,12 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensors(subgraph)
 
 
+def float_outputs(model: onnx.ModelProto) -> list[str]:
+    """The outputs every check compares with FP32's: the float32 ones, in the graph's order."""
+    return [o.name for o in model.graph.output
+            if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]  # fmt: skip
+
+
 def external_data_files(path: Path) -> list[Path]:
     """The files beside the model at `path` that hold its external weights (none if it holds
     its weights itself or cannot be read: reading it reports that)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -274,8 +275,9 @@ def update_all(
 
 
 def worst_sqnr(stats: Iterable[PartStats]) -> float:
-    """What automatic choices maximise: the lowest SQNR of any part of any output."""
-    return min(s.error.sqnr_db for s in stats)
+    """What automatic choices maximise: the lowest SQNR of any part of any output (inf for a
+    model with no float output: nothing to lose)."""
+    return min((s.error.sqnr_db for s in stats), default=math.inf)
 
 
 def check_declared(declared: Iterable[str], names: Sequence[str]) -> None:
@@ -311,7 +313,7 @@ def find_gates(names: Sequence[str], reference: Sequence[Sequence[np.ndarray]]) 
     but for the channel count along axis 1 or the last, whose values all lie in [0, 1] and pass
     CONFIDENCE somewhere in `reference` (per feed, the outputs in `names`' order), on at least
     MIN_ROWS samples."""
-    if sum(len(outputs[0]) for outputs in reference) < MIN_ROWS:
+    if not names or sum(len(outputs[0]) for outputs in reference) < MIN_ROWS:
         return {}
     batches = {name: [np.asarray(o[i]) for o in reference] for i, name in enumerate(names)}
     unit = {
@@ -352,6 +354,8 @@ def judged(
     """Every part's statistics of an approximation's outputs (per feed, in `parts`' order)
     against FP32's."""
     stats = {name: part_stats(p) for name, p in parts.items()}
+    if not stats:  # no float output to judge (ONNX Runtime asked for none returns them all)
+        return []
     for want, got in zip(reference, approximation, strict=True):
         by_name = dict(zip(stats, want, strict=True))
         for name, ref, out in zip(stats, want, got, strict=True):

@@ -19,13 +19,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 import torch
 
 from qdq.config import QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, SchemeError
-from qdq.onnx.model import load_model, save_model
+from qdq.onnx.model import float_outputs, load_model, save_model
 from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
 from qdq.pipeline import quantize_model
@@ -105,6 +106,13 @@ def finetune_model(
         raise SchemeError("finetune learns from calibration data; drop `data_free`")
     target = check_output(output_path, [model_path, calibration, start])
     model = load_model(model_path)
+    if not float_outputs(model):
+        kinds = {o.name: onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type)
+                 for o in model.graph.output}  # fmt: skip
+        raise DataError(
+            f"{model_path} has no float32 output ({kinds}) for fine-tuning to match with "
+            "FP32's; quantize it with `qdq quantize` instead"
+        )
     samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
     held_out = _held_out_count(samples.count, options.held_out)
     threads = torch.get_num_threads()
