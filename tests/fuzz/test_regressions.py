@@ -223,6 +223,28 @@ def test_a_model_with_no_float_output_is_quantized_and_said_so_and_finetune_refu
     refused(ws, args, "has no float32 output", ws.folder / "ft.onnx")
 
 
+def test_token_ids_outside_the_vocabulary_are_said_to_be_bad_data_everywhere(ws):
+    """ONNX Runtime's own error on the user's data had been an internal error (exit 1) in
+    quantize, compare and run: it is the data's, exit 2, with ONNX Runtime's reason."""
+    table = numpy_helper.from_array(np.random.default_rng(3).normal(size=(100, 8)).astype(
+        np.float32), "table")  # fmt: skip
+    node = onnx.helper.make_node("Gather", ["table", "ids"], ["y"], name="gather")
+    ids = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 5])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5, 8])
+    save(model_with([node], [ids], [y], [table]), ws.model)
+    np.savez(ws.calib, ids=np.random.default_rng(4).integers(0, 100, (16, 5)))
+    quantized = ws.folder / "q.onnx"
+    assert ws.run("quantize", ws.model, "-o", quantized, "--calib", ws.calib).code == 0
+    bad = ws.folder / "bad.npz"
+    np.savez(bad, ids=np.full((4, 5), 1000, np.int64))
+    words = "fails in ONNX Runtime (node 'gather' (Gather): indices element out of data bounds"
+    refused(ws, ["quantize", ws.model, "-o", ws.folder / "out.onnx", "--calib", bad], words)
+    refused(ws, ["compare", ws.model, quantized, "--data", bad], words)
+    for engine in ("integer", "ort"):
+        args = ["run", quantized, "--inputs", bad, "-o", ws.folder / "y.npz", "--engine", engine]
+        refused(ws, args, words, ws.folder / "y.npz")
+
+
 @pytest.mark.parametrize("engine", ["integer", "ort"])
 def test_run_refuses_a_custom_domain_op(ws, engine):
     save(custom_op_model(), ws.model)

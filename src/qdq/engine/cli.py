@@ -13,7 +13,7 @@ from qdq.data import InputSpec, check_feeds, model_inputs
 from qdq.engine.executor import Engine
 from qdq.errors import ModelError
 from qdq.onnx.model import load_model
-from qdq.onnx.sessions import Use, open_session
+from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.outputs import check_output, staged
 
 
@@ -33,11 +33,13 @@ def run_command(
     session = _checked_session(model, model_path)
     if engine == "ort":
         names = [o.name for o in session.get_outputs()]
-        results = dict(zip(names, session.run(names, feeds), strict=True))
+        with fails_on_data(f"{model_path} on {inputs}"):
+            results = dict(zip(names, session.run(names, feeds), strict=True))
         notes = ["ran with ONNX Runtime"]
     else:
         runner = Engine(model, requant, accumulator_bits, kernels)
-        results = runner.run(feeds)
+        with fails_on_data(f"{model_path} on {inputs}"):  # its float nodes run in ORT
+            results = runner.run(feeds)
         notes = [
             f"ran with the integer engine ({requant} requantization, {runner.kernels} kernels)"
         ]

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qdq.errors import DataError, first_line
 from qdq.workers import session_threads
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -65,9 +68,10 @@ def open_session(
 
 def _options(use: Use) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    # Errors only: ONNX Runtime warns about the model, not about anything qdq or its user did
-    # (PicoDet's export printed 32 "Removing initializer ... not used" lines per session).
-    options.log_severity_level = 3
+    # Fatal only: ONNX Runtime warns about the model, not about anything qdq or its user did
+    # (PicoDet's export printed 32 "Removing initializer ... not used" lines per session), and
+    # logs each error it then raises, which qdq reports in its own one line.
+    options.log_severity_level = 4
     if use is Use.CALIBRATION:
         # All optimizations (the NCHWc layout calibrates EfficientNet-Lite0 in 13 s, not 19),
         # but no memory patterns: with them, memory grew over the first few dozen batches
@@ -90,6 +94,32 @@ def _options(use: Use) -> ort.SessionOptions:
     elif use is Use.ONE_NODE:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options
+
+
+@contextmanager
+def fails_on_data(what: str) -> Iterator[None]:
+    """ONNX Runtime's error while running the user's float model on the user's data (a token
+    id outside the vocabulary, a shape the graph cannot take) as the DataError it is, naming
+    `what` ran; qdq's own errors and bugs pass through."""
+    try:
+        yield
+    except Exception as error:
+        if not type(error).__module__.startswith("onnxruntime"):
+            raise
+        raise DataError(
+            f"{what} fails in ONNX Runtime ({_ort_reason(error)}); check that the data suit "
+            "the model: its shapes, and values such as token ids within the vocabulary"
+        ) from None
+
+
+def _ort_reason(error: Exception) -> str:
+    """ONNX Runtime's message without its status prefix: "node 'gather' (Gather): indices
+    element out of data bounds, ..."."""
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(error, 400))
+    node = (
+        r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: "
+    )
+    return re.sub(node, r"node '\2' (\1): ", text)
 
 
 def session_with_outputs(

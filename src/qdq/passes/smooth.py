@@ -27,7 +27,7 @@ from qdq.affine import fake_quantize
 from qdq.config import QuantConfig
 from qdq.data import Samples
 from qdq.onnx.graph import GraphIndex
-from qdq.onnx.sessions import session_with_outputs
+from qdq.onnx.sessions import fails_on_data, session_with_outputs
 from qdq.plan.calibrate import budgeted
 from qdq.plan.constants import weight_qparams
 from qdq.plan.decisions import static_decisions
@@ -121,7 +121,8 @@ def _statistics(
     def take(feed: dict[str, np.ndarray]) -> int:
         """Fold one batch in; returns the bytes it captured."""
         batch = len(next(iter(feed.values())))
-        values = session.run(names, feed)
+        with fails_on_data("the float model on the calibration samples"):
+            values = session.run(names, feed)
         for name, value in zip(names, values, strict=True):
             flat = value.reshape(-1, value.shape[-1])
             peak = np.abs(flat).max(axis=0)

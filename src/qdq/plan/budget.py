@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from qdq.onnx.sessions import median_latency_ms, open_session
+from qdq.onnx.sessions import fails_on_data, median_latency_ms, open_session
 from qdq.plan.build import BudgetResult, Plan
 from qdq.plan.decisions import Decision, kept_float
 from qdq.plan.parts import judged, output_parts, worst_sqnr
@@ -48,7 +48,9 @@ def float_reference(model: onnx.ModelProto, feeds: list[dict]) -> Reference:
     session = open_session(model)
     names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
     # none asked for, ONNX Runtime returns every output: a model with no float one has none
-    return Reference(feeds, names, [session.run(names, feed) if names else [] for feed in feeds])
+    with fails_on_data("the float model on the calibration samples"):
+        outputs = [session.run(names, feed) if names else [] for feed in feeds]
+    return Reference(feeds, names, outputs)
 
 
 def sqnr_score(

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from qdq.data import Samples
 from qdq.errors import DataError
 from qdq.observers import Observer
-from qdq.onnx.sessions import session_with_outputs
+from qdq.onnx.sessions import fails_on_data, session_with_outputs
 from qdq.plan.sample_stats import ChannelMeans, SampleStats
 from qdq.qparams import Range
 from qdq.workers import ONE_PROCESS, Workers, session_threads
@@ -279,7 +279,8 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
         captured."""
         # a tensor fetched only for its means per channel or H, once taken, is not fetched
         run = [n for n in names if fetched(n)]
-        values = dict(zip(run, session.run(run, feed), strict=True))
+        with fails_on_data("the float model on the calibration samples"):
+            values = dict(zip(run, session.run(run, feed), strict=True))
         live = [n for n in run if n not in seen.unfit]
         live = [n for n in live if n in seen.observers or n in seen.channels]  # not the tap's alone
         count = len(next(iter(feed.values())))

@@ -19,7 +19,12 @@ from qdq.errors import DataError, ModelError
 from qdq.images import ImageOptions
 from qdq.metrics import REPORT_BLOCK, ErrorStats
 from qdq.onnx.model import METADATA_KEY, load_model
-from qdq.onnx.sessions import median_latency_ms, open_session, session_with_outputs
+from qdq.onnx.sessions import (
+    fails_on_data,
+    median_latency_ms,
+    open_session,
+    session_with_outputs,
+)
 from qdq.plan.calibrate import budgeted
 from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
 from qdq.workers import ONE_PROCESS, Workers
@@ -228,9 +233,11 @@ def _parts(
     outputs on the first PART_SAMPLES samples."""
     session = open_session(reference)
     names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
-    outputs = [
-        session.run(names, feed) for feed in samples.batches(PART_SAMPLES, last=PART_SAMPLES)
-    ]
+    with fails_on_data("the float model on the data"):
+        outputs = [
+            session.run(names, feed) if names else []
+            for feed in samples.batches(PART_SAMPLES, last=PART_SAMPLES)
+        ]
     found = output_parts(names, outputs, declared)
     return {name: parts for name, parts in found.items() if parts != [Part(name)]}
 
@@ -300,8 +307,10 @@ def _runs(
     while first < span[1]:
         last = min(first + size, span[1])
         for feed in samples.batches(size, first=first, last=last):
-            ref = ref_session.run([*outputs, *job.pairs], feed)
-            got = q_session.run([*outputs, *job.pairs.values()], feed)
+            with fails_on_data("the float model on the data"):
+                ref = ref_session.run([*outputs, *job.pairs], feed)
+            with fails_on_data("the quantized model on the data"):
+                got = q_session.run([*outputs, *job.pairs.values()], feed)
             yield ref, got
         if first == span[0]:  # sized by the first sample's tensors
             size = budgeted(job.batch_size, sum(v.nbytes for v in (*ref, *got)), EVAL_BUDGET)
