@@ -245,6 +245,41 @@ def test_token_ids_outside_the_vocabulary_are_said_to_be_bad_data_everywhere(ws)
         refused(ws, args, words, ws.folder / "y.npz")
 
 
+def test_a_model_importing_the_default_domain_twice_is_refused(ws):
+    model = onnx.load(ws.model)
+    model.opset_import.append(onnx.helper.make_opsetid("", 11))
+    save(model, ws.model)
+    refused(ws, quantize(ws), "more than once")
+
+
+def test_external_weights_named_by_an_absolute_path_are_refused(ws):
+    model = onnx.load(ws.model)
+    onnx.save(model, ws.model, save_as_external_data=True, location="w.bin", size_threshold=0)
+    model = onnx.load(ws.model, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = str(ws.folder / "w.bin")  # inside the folder, but absolute
+    save(model, ws.model)
+    refused(ws, quantize(ws), "an absolute path or one outside the model's folder")
+
+
+def test_report_and_table_in_one_file_are_refused(ws):
+    same = ws.folder / "same.out"
+    args = [*quantize(ws), "--report", same, "--table", f"tensorrt:{same}"]
+    refused(ws, args, "is the --table file")
+    assert not same.exists()
+
+
+def test_finetune_of_a_model_with_nothing_to_learn_is_refused(ws):
+    relu = onnx.helper.make_node("Relu", ["x"], ["y"], name="relu")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])
+    save(model_with([relu], [x], [y]), ws.model)
+    args = ["finetune", ws.model, "-o", ws.folder / "ft.onnx", "--calib", ws.calib, "--steps", "2"]
+    refused(ws, args, "nothing to change", ws.folder / "ft.onnx")
+
+
 @pytest.mark.parametrize("engine", ["integer", "ort"])
 def test_run_refuses_a_custom_domain_op(ws, engine):
     save(custom_op_model(), ws.model)

@@ -193,6 +193,9 @@ def _report_flag(args: argparse.Namespace) -> Path | None:
         )
     if Path(args.report).resolve() == Path(args.output).resolve():
         raise UsageError(f"--report {args.report} is the -o model; give the report its own file")
+    table = args.table.partition(":")[2] if args.table else ""
+    if table and Path(args.report).resolve() == Path(table).resolve():
+        raise UsageError(f"--report {args.report} is the --table file; give each its own file")
     return check_output(args.report, [args.model, args.calib], "--report")
 
 

@@ -43,6 +43,13 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     names = [n.name for n in graph.node] + [v.name for v in (*graph.input, *graph.output)]
     if any(isinstance(name, bytes) for name in names):  # protobuf's answer to broken UTF-8
         raise ModelError(f"{path} is not a valid ONNX model: it names nodes in broken UTF-8")
+    domains = [o.domain or "ai.onnx" for o in model.opset_import]
+    twice = sorted({d for d in domains if domains.count(d) > 1})
+    if twice:
+        raise ModelError(
+            f"{path} imports the opset of {twice} more than once; an ONNX model imports each "
+            "domain once: re-export it, or keep one of its opset_import entries"
+        )
     _load_external_data(model, path.resolve().parent, path)
     opset = default_opset(model)
     newest = onnx.defs.onnx_opset_version()
@@ -140,15 +147,16 @@ def _load_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> Non
         size += item * math.prod(tensor.dims)
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (folder / location).resolve()
-        if not target.is_relative_to(folder):
+        if os.path.isabs(location) or not target.is_relative_to(folder):
             raise ModelError(
-                f"{path}: tensor {tensor.name!r} points at external data {location!r} outside "
-                "the model's folder; refused, as model files are untrusted. "
-                "Keep weights beside the model"
+                f"{path}: tensor {tensor.name!r} points at external data {location!r}, an "
+                "absolute path or one outside the model's folder; refused, as model files are "
+                "untrusted. Keep weights beside the model, named relative to it"
             )
         if not target.is_file():
             raise ModelError(
-                f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing"
+                f"{path}: external data file {location!r} of tensor {tensor.name!r} is missing "
+                "(or not a file)"
             )
         _check_extent(tensor, target, item * math.prod(tensor.dims), path)
     if size >= TWO_GB:
@@ -157,7 +165,10 @@ def _load_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> Non
             "under 2 GB (protobuf's limit on a model held in memory). For larger models use "
             "weight-only quantization, e.g. onnxruntime's MatMulNBits quantizer"
         )
-    external_data_helper.load_external_data_for_model(model, str(folder))
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except (OSError, onnx.checker.ValidationError) as error:  # unreadable: the checker's words
+        raise ModelError(f"{path}: cannot read its external data ({error})") from None
 
 
 def _check_extent(tensor: onnx.TensorProto, target: Path, nbytes: int, path: Path) -> None:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from qdq.config import QuantConfig
 from qdq.data import Samples
-from qdq.errors import SchemeError
+from qdq.errors import DataError, SchemeError
 from qdq.onnx.sessions import Use, open_session
 from qdq.plan.parts import output_parts
 from qdq.plan.saturation import avoids_saturation
@@ -124,7 +124,13 @@ class Trainer:
             name: "kl" if axis is not None else "mse" + loss_labels(self.parts[name])
             for name, axis in self.axes.items()
         }
-        self.optimizer = torch.optim.Adam(_param_groups(self.graph, options.lr))
+        groups = _param_groups(self.graph, options.lr)
+        if not groups:
+            raise DataError(
+                "the quantized model has no weights or scales to learn (no int8 layer); "
+                "fine-tuning has nothing to change, so keep `qdq quantize`'s file"
+            )
+        self.optimizer = torch.optim.Adam(groups)
         threshold = options.freeze_oscillations
         self.freezer = None if threshold is None else OscillationFreezer(self.graph, threshold)
         # Cosine decay to zero over the run: late steps settle instead of hopping between
