@@ -245,6 +245,21 @@ def test_token_ids_outside_the_vocabulary_are_said_to_be_bad_data_everywhere(ws)
         refused(ws, args, words, ws.folder / "y.npz")
 
 
+def test_compare_refuses_a_quantized_model_without_the_float_models_outputs(ws, quantized):
+    other = onnx.load(ws.model)
+    old = other.graph.output[0].name
+    for node in other.graph.node:
+        node.output[:] = ["z" if name == old else name for name in node.output]
+    other.graph.output[0].name = "z"
+    float_path = save(other, ws.folder / "other.onnx")
+    refused(
+        ws,
+        ["compare", float_path, quantized, "--data", ws.calib],
+        "lacks the float model's outputs ['z']",
+        None,
+    )
+
+
 def test_a_model_importing_the_default_domain_twice_is_refused(ws):
     model = onnx.load(ws.model)
     model.opset_import.append(onnx.helper.make_opsetid("", 11))

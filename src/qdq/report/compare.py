@@ -159,6 +159,14 @@ def _check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) -
             f"the models take different inputs (float: {want}; quantized: {got}); compare a "
             "model with its own quantized version"
         )
+    missing = sorted(
+        {o.name for o in reference.graph.output} - {o.name for o in quantized.graph.output}
+    )
+    if missing:
+        raise ModelError(
+            f"the quantized model lacks the float model's outputs {missing}; compare a model "
+            "with its own quantized version"
+        )
 
 
 def _labels(data: str | os.PathLike[str], key: str | None, samples: Samples) -> np.ndarray | None:
