@@ -64,6 +64,12 @@ class ImageFolder:
         self.files, self.count, self.options = files, len(files), options
         self.size = options.size or _image_size(spec, options.layout)
         self.channels = _image_channels(spec, options)
+        fixed = _fixed_size(spec, options.layout)
+        if fixed and fixed != tuple(self.size):  # said before a picture is resized to it
+            raise DataError(
+                f"`size` {tuple(self.size)} (height, width) differs from the input's fixed "
+                f"{fixed} ({spec.describe()}); drop it or give {fixed[0]} {fixed[1]}"
+            )
 
     def read(self, picked: np.ndarray) -> np.ndarray:
         return np.stack([self._load(self.files[i]) for i in picked])
@@ -133,6 +139,12 @@ def _image_channels(spec: ImageInput, options: ImageOptions) -> int:
                 f"give 1 (for all channels) or {channels}"
             )
     return channels
+
+
+def _fixed_size(spec: ImageInput, layout: str) -> tuple[int, int] | None:
+    """The input's (height, width) where its shape fixes both, else None."""
+    dims = spec.shape[2:4] if layout == "NCHW" else spec.shape[1:3]
+    return None if len(spec.shape) != 4 or None in dims else (int(dims[0]), int(dims[1]))
 
 
 def _image_size(spec: ImageInput, layout: str) -> tuple[int, int]:

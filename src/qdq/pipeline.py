@@ -30,7 +30,7 @@ from qdq.outputs import check_output
 from qdq.passes.datafree import batchnorm_moments
 from qdq.passes.equalize import equalize
 from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
-from qdq.passes.insert_qdq import insert_qdq
+from qdq.passes.insert_qdq import free_reserved_names, insert_qdq
 from qdq.passes.smooth import smooth
 from qdq.plan.build import Plan
 from qdq.plan.decisions import Decision, static_decisions
@@ -56,6 +56,9 @@ def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto,
                 "quantized per tensor (per-axis DequantizeLinear needs opset 13)"
             )
     model = constants_to_initializers(optimize(model))
+    renamed = free_reserved_names(model)
+    if renamed:
+        notes.append(f"renamed {renamed} tensors named as the tensors qdq adds (x_scale beside x)")
     seen: set[str] = set()
     for i, node in enumerate(model.graph.node):
         if not node.name or node.name in seen:

@@ -260,6 +260,61 @@ def test_compare_refuses_a_quantized_model_without_the_float_models_outputs(ws, 
     )
 
 
+def test_tensors_named_as_qdqs_own_are_renamed_and_the_model_quantized(ws):
+    """`x_quantized` beside `x` had made two definitions of one name (an internal error)."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+             for name, shape in (("w", (4, 3, 3, 3)), ("x_scale", (4, 4, 3, 3)))]  # fmt: skip
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w"], ["x_quantized"], name="conv"),
+        onnx.helper.make_node("Relu", ["x_quantized"], ["x_dq"], name="relu"),
+        onnx.helper.make_node("Conv", ["x_dq", "x_scale"], ["y"], name="conv2"),
+    ]
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 4, 4])
+    save(model_with(nodes, [x], [y], inits), ws.model)
+    out = ws.folder / "out.onnx"
+    result = run_contract(ws, quantize(ws), out, codes=(0,))
+    assert "renamed 3 tensors" in result.stdout, result.stdout
+    want, got = (ort.InferenceSession(p).run(None, {"x": X})[0] for p in (ws.model, out))
+    assert np.corrcoef(want.ravel(), got.ravel())[0, 1] > 0.99
+
+
+def test_an_output_named_as_qdqs_own_tensors_is_refused(ws):
+    model = onnx.load(ws.model)
+    old = model.graph.output[0].name
+    model.graph.output[0].name = "x_dq"  # the input is x
+    for node in model.graph.node:
+        node.output[:] = ["x_dq" if name == old else name for name in node.output]
+    save(model, ws.model)
+    refused(ws, quantize(ws), "rename them in the model")
+
+
+@pytest.mark.parametrize("kind", ["input passed through", "constant"])
+def test_an_output_no_node_makes_is_kept(ws, kind):
+    """An output that is also the input, or folds to a constant, had made a file ONNX Runtime
+    refuses (an internal error): both are kept exactly."""
+    rng = np.random.default_rng(6)
+    weight = numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32), "w")
+    const = numpy_helper.from_array(rng.normal(size=(1, 16)).astype(np.float32), "c")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 8])
+    if kind == "constant":  # y = c @ w; z = x @ w
+        nodes = [onnx.helper.make_node("MatMul", ["c", "w"], ["y"], name="folded"),
+                 onnx.helper.make_node("MatMul", ["x", "w"], ["z"], name="mm")]  # fmt: skip
+        outputs = [y, onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 8])]
+    else:  # outputs x itself and y = x @ w
+        nodes, outputs = [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [x, y]
+    save(model_with(nodes, [x], outputs, [weight, const]), ws.model)
+    np.savez(ws.calib, x=rng.normal(size=(32, 16)).astype(np.float32))
+    out = ws.folder / "out.onnx"
+    run_contract(ws, quantize(ws), out, codes=(0,))
+    feed = {"x": rng.normal(size=(4, 16)).astype(np.float32)}
+    want, got = (ort.InferenceSession(p).run(None, feed) for p in (ws.model, out))
+    np.testing.assert_array_equal(got[0], want[0])  # the input, or the constant
+    np.testing.assert_allclose(got[1], want[1], atol=0.1 * np.abs(want[1]).max())
+
+
 def test_a_model_importing_the_default_domain_twice_is_refused(ws):
     model = onnx.load(ws.model)
     model.opset_import.append(onnx.helper.make_opsetid("", 11))
@@ -308,6 +363,14 @@ def test_a_decompression_bomb_png_is_refused_with_the_pixel_limit(ws, side):
     (ws.folder / "images").mkdir()
     write(ws.folder / "images" / "bomb.png", png_header(side, side))
     refused(ws, quantize(ws, ws.folder / "images"), "limit of 50 megapixels")
+
+
+def test_an_image_size_other_than_the_inputs_fixed_one_is_refused_before_resizing(ws):
+    """30000 x 30000 had been resized to first (22 GB, killed), then refused."""
+    (ws.folder / "images").mkdir()
+    Image.new("RGB", (12, 10)).save(ws.folder / "images" / "a.png")
+    args = [*quantize(ws, ws.folder / "images"), "--image-size", "30000", "30000"]
+    refused(ws, args, "differs from the input's fixed (8, 8)")
 
 
 @pytest.mark.parametrize(

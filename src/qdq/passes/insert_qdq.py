@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qdq.errors import ModelError
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.onnx.model import METADATA_KEY
 from qdq.plan.build import Plan
@@ -61,7 +62,9 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     new_inits: list[onnx.TensorProto] = []
 
     def add_pair(tensor: str, qparams: QParams) -> None:
-        if tensor in index.graph_outputs:  # keep the output's name on the dequantized copy
+        # keep an output's name on the dequantized copy; an input that is also an output
+        # (passed through) has no producer to rename, and stays exact
+        if tensor in index.graph_outputs and tensor not in index.graph_inputs:
             source, target = f"{tensor}_prequant", tensor
             prequant[tensor] = source
         else:
@@ -114,7 +117,9 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             add_pair(name, plan.activations[name])
     graph.node.extend(new_nodes)
     del graph.initializer[:]
-    graph.initializer.extend(t for n, t in initializers.items() if n in used_float)
+    # a constant output (folded from constants alone) is kept as the initializer it became
+    kept = used_float | index.graph_outputs
+    graph.initializer.extend(t for n, t in initializers.items() if n in kept)
     graph.initializer.extend(new_inits)
     helper.set_model_props(out, {**_props(model), METADATA_KEY: json.dumps(copies)})
     return out
@@ -260,3 +265,51 @@ def _behind_dq(
         helper.make_node("DequantizeLinear", inputs, [f"{stem}_dq"], name=f"{stem}_DQ", **axis)
     )
     return f"{stem}_dq"
+
+
+# The suffixes of the tensors this pass adds beside a tensor `t` (`t_quantized`, `t_scale`...).
+SUFFIXES = ("_prequant", "_quantized", "_scale", "_zero_point", "_dq")
+
+
+def free_reserved_names(model: onnx.ModelProto) -> int:
+    """Rename in place each tensor named as this pass would name a tensor it adds beside
+    another one (`x_quantized` beside `x`: two definitions of one name, which ONNX Runtime
+    refuses); returns how many. A graph input or output keeps its name: refused instead."""
+    graph = model.graph
+    named = [*(v.name for v in (*graph.input, *graph.output)), *(t.name for t in graph.initializer)]
+    named += [out for node in graph.node for out in node.output]
+    names = set(named)
+    clashes = sorted(n for n in names for s in SUFFIXES if n.endswith(s) and n[: -len(s)] in names)
+    facing = [n for n in clashes if n in {v.name for v in (*graph.input, *graph.output)}]
+    if facing:
+        raise ModelError(
+            f"the model's inputs or outputs {facing} are named as qdq names the tensors it adds "
+            f"(a tensor's name plus {list(SUFFIXES)}); rename them in the model"
+        )
+    renamed = {}
+    for name in clashes:
+        fresh, k = f"{name}_", 1
+        while fresh in names:
+            fresh, k = f"{name}_{k}", k + 1
+        renamed[name] = fresh
+        names.add(fresh)
+    if renamed:
+        _rename(graph, renamed)
+    return len(renamed)
+
+
+def _rename(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
+    """Every use of the names in `renamed`, subgraphs (which may read outer names) included."""
+    for tensor in graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for info in graph.value_info:
+        info.name = renamed.get(info.name, info.name)
+    for node in graph.node:
+        node.input[:] = [renamed.get(n, n) for n in node.input]
+        node.output[:] = [renamed.get(n, n) for n in node.output]
+        for attribute in node.attribute:
+            for subgraph in [
+                *([attribute.g] if attribute.HasField("g") else []),
+                *attribute.graphs,
+            ]:
+                _rename(subgraph, renamed)
