@@ -211,3 +211,13 @@ def test_the_cli_takes_workers_and_refuses_workers_with_ray(tmp_path, capsys):
     again = ["quantize", model, "-o", str(tmp_path / "r.onnx"), "--calib", calib]
     assert main([*again, "--workers", "2", "--ray", "auto"]) == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_a_ray_address_nothing_answers_at_is_refused_at_once(tmp_path, capsys):
+    """Ray itself retried 127.0.0.1:1 for minutes, a line per try."""
+    pytest.importorskip("ray")
+    out = tmp_path / "q.onnx"
+    args = ["quantize", str(DIGITS / "cnn.onnx"), "-o", str(out), "--calib"]
+    assert main([*args, str(DIGITS / "calib.npz"), "--ray", "127.0.0.1:1"]) == 2
+    assert "nothing answers there" in capsys.readouterr().err
+    assert not out.exists()

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -223,8 +224,24 @@ def _connected(address: str) -> ModuleType:
     except ImportError:
         raise UsageError("--ray needs Ray: pip install 'qdq[ray]'") from None
     if not ray.is_initialized():
+        _check_reachable(address)
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     return ray
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that takes no connection is refused at once: Ray itself
+    retries such an address for minutes, printing a line per try."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise UsageError(
+            f"--ray {address}: nothing answers there ({error.strerror or error}); start the "
+            "cluster (`ray start --head`) or give its address"
+        ) from None
 
 
 def _ray_call(token: str, shared: list, item: object) -> object:
