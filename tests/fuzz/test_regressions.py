@@ -315,6 +315,24 @@ def test_an_output_no_node_makes_is_kept(ws, kind):
     np.testing.assert_allclose(got[1], want[1], atol=0.1 * np.abs(want[1]).max())
 
 
+def test_tables_refuse_a_qoperator_file_forged_metadata_and_a_binary_param(ws, quantized):
+    """Each had been an internal error (KeyError, AttributeError, UnicodeDecodeError)."""
+    table = ws.folder / "t.table"
+    qop = ws.folder / "qop.onnx"
+    args = ["quantize", ws.model, "-o", qop, "--calib", ws.calib, "--format", "qoperator"]
+    refused(ws, [*args, "--table", f"ncnn:{table}"], "drop --format qoperator", qop)
+    assert ws.run(*args).code == 0
+    export = ["export-table", qop, "--format", "tensorrt", "-o", table]
+    refused(ws, export, "does not match its Q/DQ pairs", table)
+    forged = onnx.load(quantized)
+    forged.metadata_props[0].value = "[1, 2]"
+    export[1] = save(forged, ws.folder / "forged.onnx")
+    refused(ws, export, "does not match its Q/DQ pairs", table)
+    param = write(ws.folder / "p.param", bytes([0xFF, 0xA8]) * 50)
+    args = ["export-table", quantized, "--format", "ncnn", "-o", table, "--ncnn-param", param]
+    refused(ws, args, "is not a text ncnn .param file", table)
+
+
 def test_a_model_importing_the_default_domain_twice_is_refused(ws):
     model = onnx.load(ws.model)
     model.opset_import.append(onnx.helper.make_opsetid("", 11))

@@ -154,6 +154,8 @@ def _table_flag(args: argparse.Namespace) -> tuple[str, str] | None:
         raise UsageError(f"--table {args.table!r}: give tensorrt:FILE or ncnn:FILE")
     if Path(file).resolve() == Path(args.output).resolve():
         raise UsageError(f"--table {file} is the -o model; give the table its own file")
+    if getattr(args, "format", "qdq") == "qoperator":
+        raise UsageError("--table reads the Q/DQ pairs: drop --format qoperator, or --table")
     check_output(file, [args.model, args.calib], "--table")
     return table_format, file
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qdq.errors import ModelError, choice
+from qdq.errors import DataError, ModelError, choice
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.onnx.model import METADATA_KEY, load_model
 from qdq.outputs import check_output, staged
@@ -93,8 +93,21 @@ def read_ranges(model: onnx.ModelProto) -> Ranges:
             f"the model has no {METADATA_KEY!r} metadata, so qdq did not write it; "
             "quantize the float model with `qdq quantize` first"
         )
-    copies: dict[str, str] = json.loads(props[METADATA_KEY])  # float name -> dequantized copy
+    try:
+        copies = json.loads(props[METADATA_KEY])  # float name -> dequantized copy
+    except ValueError:
+        copies = None
     index = GraphIndex(model)
+    made = {n.output[0] for n in index.nodes if n.op_type == "DequantizeLinear"}
+    if not isinstance(copies, dict) or not all(
+        isinstance(name, str) and isinstance(copy, str) and copy in made
+        for name, copy in copies.items()
+    ):
+        raise ModelError(
+            f"the model's {METADATA_KEY!r} metadata does not match its Q/DQ pairs (a QOperator "
+            "file, or one edited since); export tables from the QDQ file `qdq quantize` writes "
+            "by default"
+        )
     activations = {name: _amax(index, index.producer[copy]) for name, copy in copies.items()}
     floats = {copy: name for name, copy in copies.items()}
     layers = tuple(
@@ -259,7 +272,10 @@ def write_table(
     """Write the calibration table of the quantized model at `model_path` to `output`
     (atomically, after checking the path); `ncnn_param` names ncnn's layers."""
     target = check_output(output, [model_path, ncnn_param], flag)
-    param = Path(ncnn_param).read_text() if ncnn_param is not None else None
+    try:
+        param = Path(ncnn_param).read_text() if ncnn_param is not None else None
+    except UnicodeDecodeError:
+        raise DataError(f"{ncnn_param} is not a text ncnn .param file") from None
     text = export_table(load_model(model_path), table_format, param)
     with staged(target) as temporary:
         temporary.write_text(text)
