@@ -333,6 +333,44 @@ def test_tables_refuse_a_qoperator_file_forged_metadata_and_a_binary_param(ws, q
     refused(ws, args, "is not a text ncnn .param file", table)
 
 
+def test_a_loop_whose_body_reads_an_outer_weight_is_quantized_and_run(ws):
+    """The body's outer initializer was dropped from the quantized file and from the engine's
+    one-node session (internal errors in quantize, finetune and run)."""
+    h, rng = onnx.helper, np.random.default_rng(7)
+    f32 = onnx.TensorProto.FLOAT
+    body = h.make_graph(
+        [h.make_node("MatMul", ["s_in", "w"], ["s_m"], name="body_mm"),
+         h.make_node("Relu", ["s_m"], ["s_out"], name="body_relu"),
+         h.make_node("Identity", ["cond_in"], ["cond_out"], name="body_id")],
+        "body",
+        [h.make_tensor_value_info("iter", onnx.TensorProto.INT64, []),
+         h.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+         h.make_tensor_value_info("s_in", f32, ["N", 8])],
+        [h.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+         h.make_tensor_value_info("s_out", f32, ["N", 8])],
+    )  # fmt: skip
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w0"),
+        numpy_helper.from_array((rng.normal(size=(8, 8)) * 0.3).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array(3, np.int64), "trip"),
+        numpy_helper.from_array(np.array(True), "cond"),
+    ]
+    nodes = [
+        h.make_node("MatMul", ["x", "w0"], ["x0"], name="pre"),
+        h.make_node("Loop", ["trip", "cond", "x0"], ["y"], body=body, name="loop"),
+    ]
+    x, y = (h.make_tensor_value_info(n, f32, ["N", 8]) for n in "xy")
+    save(model_with(nodes, [x], [y], inits), ws.model)
+    np.savez(ws.calib, x=rng.normal(size=(32, 8)).astype(np.float32))
+    out = ws.folder / "out.onnx"
+    run_contract(ws, quantize(ws), out, codes=(0,))
+    feed = {"x": rng.normal(size=(4, 8)).astype(np.float32)}
+    want, got = (ort.InferenceSession(p).run(None, feed)[0] for p in (ws.model, out))
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+    ran = ws.folder / "y.npz"
+    run_contract(ws, ["run", ws.model, "--inputs", ws.calib, "-o", ran], ran, codes=(0,))
+
+
 def test_a_model_importing_the_default_domain_twice_is_refused(ws):
     model = onnx.load(ws.model)
     model.opset_import.append(onnx.helper.make_opsetid("", 11))

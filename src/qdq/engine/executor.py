@@ -27,7 +27,7 @@ from qdq.engine.elementwise import FLOAT_KERNELS
 from qdq.engine.jit import available
 from qdq.engine.kernels import INTEGER_ONLY, KERNELS
 from qdq.errors import ModelError
-from qdq.onnx.graph import attributes
+from qdq.onnx.graph import attributes, subgraph_reads
 from qdq.onnx.model import load_model, ort_rewrite
 from qdq.onnx.sessions import Use, open_session
 
@@ -186,7 +186,8 @@ class Engine:
         ONNX Runtime optimizes it as in a whole-model session and a float Conv runs the same
         kernel (NCHWc, needing constant weights) and gives the same float32 sums; for the
         ops in `SHAPED` the inputs' shapes are declared too (a session per shape)."""
-        fixed = {n for n in node.input if n in self.constants}
+        # a Loop's or If's body may read outer constants that its inputs do not list
+        fixed = {n for n in (*node.input, *subgraph_reads(node)) if n in self.constants}
         # by name: one tensor may feed several inputs (a Slice whose axes and steps are one [1])
         present = {
             name: x

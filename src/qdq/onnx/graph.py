@@ -74,6 +74,19 @@ def attributes(node: onnx.NodeProto) -> dict[str, object]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The names `node`'s subgraphs (a Loop's or an If's bodies) read from outside themselves:
+    an outer initializer they use is an input of the node that ONNX does not list."""
+    reads: set[str] = set()
+    for attribute in node.attribute:
+        for graph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
+            defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+            defined |= {out for inner in graph.node for out in inner.output}
+            for inner in graph.node:
+                reads |= {n for n in (*inner.input, *subgraph_reads(inner)) if n} - defined
+    return reads
+
+
 def clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
     """(low, high) of a Clip, from its attributes (opset < 11) or constant inputs; a missing bound
     is infinite, one given by a non-constant input is None."""

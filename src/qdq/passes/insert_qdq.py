@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qdq.errors import ModelError
-from qdq.onnx.graph import GraphIndex, attributes
+from qdq.onnx.graph import GraphIndex, attributes, subgraph_reads
 from qdq.onnx.model import METADATA_KEY
 from qdq.plan.build import Plan
 from qdq.plan.flow import reads_int8
@@ -118,7 +118,9 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     graph.node.extend(new_nodes)
     del graph.initializer[:]
     # a constant output (folded from constants alone) is kept as the initializer it became
-    kept = used_float | index.graph_outputs
+    kept = (
+        used_float | index.graph_outputs | {n for node in index.nodes for n in subgraph_reads(node)}
+    )
     graph.initializer.extend(t for n, t in initializers.items() if n in kept)
     graph.initializer.extend(new_inits)
     helper.set_model_props(out, {**_props(model), METADATA_KEY: json.dumps(copies)})
