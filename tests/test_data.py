@@ -131,6 +131,17 @@ def test_npz_arrays_no_input_takes_are_named_not_read(tmp_path):
     assert Samples(tmp_path / "d.npz", specs).read_notes() == []
 
 
+def test_pictures_beside_a_folders_npy_samples_are_named_not_read(tmp_path):
+    """The .npy files are the samples; pictures among them had been dropped without a word."""
+    for i, sample in enumerate(X[:3]):
+        np.save(tmp_path / f"{i:03d}.npy", sample)
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(b"not read")
+    samples = Samples(tmp_path, SPEC)
+    assert samples.count == 3
+    assert samples.read_notes() == [f"{tmp_path}: 2 pictures beside its .npy files; not read"]
+
+
 def test_folders_are_read_lazily(tmp_path, monkeypatch):
     for i, sample in enumerate(X):
         np.save(tmp_path / f"{i:03d}.npy", sample)
