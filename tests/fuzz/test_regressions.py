@@ -539,6 +539,15 @@ def test_compare_refuses_labels_that_are_short_or_not_class_indices(ws, quantize
     refused(ws, compare(ws, quantized, ws.folder / "data.npz"), "one integer class index")
 
 
+@pytest.mark.parametrize("wrong", [500, -3])
+def test_compare_refuses_labels_beyond_the_outputs_classes(ws, quantized, wrong):
+    """They had scored 0% accuracy without a word (the model has 5 classes)."""
+    labels = np.arange(len(X)) % 5
+    labels[2] = wrong
+    np.savez(ws.folder / "data.npz", x=X, label=labels)
+    refused(ws, compare(ws, quantized, ws.folder / "data.npz"), "the first output has 5 classes")
+
+
 @pytest.mark.parametrize("count", ["-1", "0"])
 def test_compare_refuses_max_samples_below_one(ws, quantized, count):
     refused(ws, compare(ws, quantized, ws.calib, "--max-samples", count), ">= 1", None)

@@ -169,6 +169,21 @@ def _check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) -
         )
 
 
+def _check_classes(truth: np.ndarray | None, reference: onnx.ModelProto, key: str | None) -> None:
+    """Labels must be classes of the first output (its axis 1, where the graph fixes it):
+    labels beyond it had scored 0% accuracy without a word."""
+    dims = reference.graph.output[0].type.tensor_type.shape.dim
+    classes = dims[1].dim_value if len(dims) > 1 else 0
+    if truth is None or not classes or len(truth) == 0:
+        return
+    low, high = int(truth.min()), int(truth.max())
+    if low < 0 or high >= classes:
+        raise DataError(
+            f"the {key!r} labels run from {low} to {high}, but the first output has {classes} "
+            f"classes (0..{classes - 1}); give labels of its classes, or drop the array"
+        )
+
+
 def _labels(data: str | os.PathLike[str], key: str | None, samples: Samples) -> np.ndarray | None:
     """The labels of the picked samples, when `data` is an .npz holding a `key` array of one
     integer class per sample."""
@@ -208,6 +223,7 @@ def compare_models(
     _check_same_inputs(reference, quantized)
     samples = Samples(data, model_inputs(reference), max_samples, images)
     truth = _labels(data, labels, samples)
+    _check_classes(truth, reference, labels)
     pairs = quantized_tensor_pairs(quantized, reference)
     job = _Job(
         reference, quantized, pairs, samples, batch_size, _parts(reference, samples, declared)
