@@ -371,6 +371,26 @@ def test_a_loop_whose_body_reads_an_outer_weight_is_quantized_and_run(ws):
     run_contract(ws, ["run", ws.model, "--inputs", ws.calib, "-o", ran], ran, codes=(0,))
 
 
+def test_a_model_without_nodes_is_said_to_compute_nothing(ws):
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])
+    save(model_with([], [x], [x]), ws.model)
+    refused(ws, quantize(ws), "without nodes")
+
+
+def test_run_writes_string_outputs_that_need_no_pickle_to_read(ws):
+    """An object array had been written as a pickle, which qdq's own readers refuse."""
+    cast = onnx.helper.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.STRING, name="cast")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.STRING, ["N", 4])
+    save(model_with([cast], [x], [y]), ws.model)
+    np.savez(ws.folder / "x.npz", x=np.ones((2, 4), np.float32))
+    out = ws.folder / "y.npz"
+    args = ["run", ws.model, "--inputs", ws.folder / "x.npz", "-o", out, "--engine", "ort"]
+    run_contract(ws, args, out, codes=(0,))
+    with np.load(out, allow_pickle=False) as saved:
+        assert saved["y"].tolist() == [["1"] * 4] * 2
+
+
 def test_a_model_importing_the_default_domain_twice_is_refused(ws):
     model = onnx.load(ws.model)
     model.opset_import.append(onnx.helper.make_opsetid("", 11))

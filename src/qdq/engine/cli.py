@@ -53,6 +53,9 @@ def run_command(
             f"{o.node}: {o.overflows} of {o.total} accumulations overflow {accumulator_bits} bits"
             for o in overflowing
         ]
+    # strings as unicode arrays: an object array would be written as a pickle, which no
+    # reader of untrusted files (qdq's own included) loads
+    results = {k: v.astype(str) if v.dtype == object else v for k, v in results.items()}
     with staged(target) as temporary, open(temporary, "wb") as stream:
         np.savez(stream, **results)
     return "\n".join([f"wrote {output}: {', '.join(results)}", *notes])

@@ -37,8 +37,10 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as error:
         raise ModelError(f"{path} is not a readable ONNX model ({error})") from None
-    if model.ir_version == 0 or not model.graph.node:
+    if model.ir_version == 0:
         raise ModelError(f"{path} holds no ONNX graph; is it an .onnx model file?")
+    if not model.graph.node:
+        raise ModelError(f"{path} is an ONNX model without nodes: it computes nothing to quantize")
     graph = model.graph
     names = [n.name for n in graph.node] + [v.name for v in (*graph.input, *graph.output)]
     if any(isinstance(name, bytes) for name in names):  # protobuf's answer to broken UTF-8
