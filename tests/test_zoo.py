@@ -116,3 +116,12 @@ def test_a_failed_model_leaves_no_folders_behind(tmp_path, capsys):
     manifest.write_text(_entry("a", "cnn.onnx", "missing.npz", "new/deep/a.onnx"))
     assert main(["quantize-many", str(manifest)]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_an_output_path_that_does_not_resolve_is_exit_2(tmp_path, capsys):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    manifest = tmp_path / "zoo.toml"
+    manifest.write_text(_entry("a", "cnn.onnx", "calib.npz", "loop1"))
+    assert main(["quantize-many", str(manifest)]) == 2
+    assert "does not resolve" in capsys.readouterr().err

@@ -58,7 +58,7 @@ def _check_not_input(path: Path, source: Path, flag: str) -> None:
             raise OutputError(
                 f"{flag} {path} is the input {source} (the same file); choose another output path"
             )
-        if source.suffix.lower() == ".onnx":
+        if source.suffix.lower() not in (".npz", ".npy"):  # a model, whatever its name
             from qdq.onnx.model import external_data_files  # onnx is heavy; only for models
 
             weights = [f for f in external_data_files(source) if f.exists()]

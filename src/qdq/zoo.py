@@ -86,20 +86,24 @@ def read_manifest(path: str | Path) -> list[Entry]:
         missing = [key for key in REQUIRED if key not in model]
         if missing:
             raise UsageError(f"{where} lacks {missing}; give {REQUIRED}")
-        wrong = [key for key in REQUIRED if not isinstance(model[key], str) or not model[key]]
+        paths = ("model", "calib", "output")
+        wrong = [key for key in paths if not isinstance(model[key], str) or not model[key]]
         if wrong:
-            raise UsageError(f"{where}: {wrong} must be non-empty strings (names and paths)")
+            raise UsageError(f"{where}: {wrong} must be non-empty strings (paths)")
         if not isinstance(model.get("options", {}), dict):
             raise UsageError(f"{where}: options must be a table, e.g. options = {{ seed = 1 }}")
         if model["output"].endswith(("/", "\\")):
             raise UsageError(f"{where}: output {model['output']!r} is a folder; give a file name")
-        paths = {key: path.parent / model[key] for key in ("model", "calib", "output")}
         options = {**defaults, **model.get("options", {})}
-        entries.append(Entry(model["name"], options=options, **paths))
+        files = {key: path.parent / model[key] for key in paths}
+        entries.append(Entry(str(model["name"]), options=options, **files))
     names = [e.name for e in entries]
     if not entries or len(set(names)) != len(names):
         raise UsageError(f"{path}: give one or more [[model]] tables with distinct names")
-    _check_outputs(path, entries)
+    try:
+        _check_outputs(path, entries)
+    except (OSError, RuntimeError) as error:  # a path that cannot resolve (a symlink loop)
+        raise UsageError(f"{path}: a path of it does not resolve ({error})") from None
     return entries
 
 

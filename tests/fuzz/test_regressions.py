@@ -391,6 +391,58 @@ def test_run_writes_string_outputs_that_need_no_pickle_to_read(ws):
         assert saved["y"].tolist() == [["1"] * 4] * 2
 
 
+def test_an_integer_input_beside_a_float_one_named_like_its_scale_is_fine(ws):
+    """`length` (int64) beside `length_scale` (float): qdq adds no scale beside an integer."""
+    h = onnx.helper
+    nodes = [
+        h.make_node("Cast", ["length"], ["lf"], to=onnx.TensorProto.FLOAT, name="cast"),
+        h.make_node("Add", ["lf", "length_scale"], ["s"], name="add"),
+        h.make_node("MatMul", ["s", "w"], ["y"], name="mm"),
+    ]
+    w = numpy_helper.from_array(
+        np.random.default_rng(8).normal(size=(4, 3)).astype(np.float32), "w"
+    )
+    inputs = [
+        h.make_tensor_value_info("length", onnx.TensorProto.INT64, ["N", 4]),
+        h.make_tensor_value_info("length_scale", onnx.TensorProto.FLOAT, ["N", 4]),
+    ]
+    y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])
+    save(model_with(nodes, inputs, [y], [w]), ws.model)
+    rng = np.random.default_rng(9)
+    np.savez(ws.calib, length=rng.integers(0, 9, (32, 4)),
+             length_scale=rng.normal(size=(32, 4)).astype(np.float32))  # fmt: skip
+    run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
+
+
+def test_run_writes_a_sequence_output_as_before(ws):
+    """ONNX Runtime returns a list for a sequence: no dtype to look at."""
+    h = onnx.helper
+    node = h.make_node("SequenceConstruct", ["x"], ["s"], name="seq")
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
+    s = h.make_tensor_sequence_value_info("s", onnx.TensorProto.FLOAT, None)
+    save(model_with([node], [x], [s]), ws.model)
+    np.savez(ws.folder / "x.npz", x=np.ones((2, 4), np.float32))
+    out = ws.folder / "y.npz"
+    args = ["run", ws.model, "--inputs", ws.folder / "x.npz", "-o", out, "--engine", "ort"]
+    run_contract(ws, args, out, codes=(0,))
+
+
+def test_compare_measures_a_one_column_output_beside_labels(ws):
+    """Labels beside an output that is no class scores ([N, 1]) are not checked as classes."""
+    w = numpy_helper.from_array(
+        np.random.default_rng(10).normal(size=(4, 1)).astype(np.float32), "w"
+    )
+    node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1])
+    save(model_with([node], [x], [y], [w]), ws.model)
+    data = np.random.default_rng(11).normal(size=(32, 4)).astype(np.float32)
+    np.savez(ws.calib, x=data, label=np.arange(32) % 2)
+    out = ws.folder / "q.onnx"
+    assert ws.run("quantize", ws.model, "-o", out, "--calib", ws.calib).code == 0
+    run_contract(ws, ["compare", ws.model, out, "--data", ws.calib], None, codes=(0,))
+
+
 def test_a_model_importing_the_default_domain_twice_is_refused(ws):
     model = onnx.load(ws.model)
     model.opset_import.append(onnx.helper.make_opsetid("", 11))

@@ -32,3 +32,10 @@ def test_samples_of_different_shapes_have_no_mean():
     stats.update(np.ones((1, 3, 5), np.float32))
     assert stats.mean is None
     assert stats.peak is None
+
+
+def test_lone_float16_samples_are_summed_without_overflow():
+    stats = SampleStats()
+    for _ in range(PENDING + 4):
+        stats.update(np.full((1, 3), 5000, np.float16))
+    np.testing.assert_array_equal(stats.mean, [5000.0] * 3)

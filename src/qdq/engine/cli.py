@@ -38,8 +38,14 @@ def run_command(
         notes = ["ran with ONNX Runtime"]
     else:
         runner = Engine(model, requant, accumulator_bits, kernels)
-        with fails_on_data(f"{model_path} on {inputs}"):  # its float nodes run in ORT
+        try:
             results = runner.run(feeds)
+        except Exception:
+            # the data's fault only if the model itself fails on it in ONNX Runtime: then that
+            # says why; else the engine's own error stands
+            with fails_on_data(f"{model_path} on {inputs}"):
+                session.run(None, feeds)
+            raise
         notes = [
             f"ran with the integer engine ({requant} requantization, {runner.kernels} kernels)"
         ]
@@ -55,7 +61,10 @@ def run_command(
         ]
     # strings as unicode arrays: an object array would be written as a pickle, which no
     # reader of untrusted files (qdq's own included) loads
-    results = {k: v.astype(str) if v.dtype == object else v for k, v in results.items()}
+    results = {
+        k: v.astype(str) if isinstance(v, np.ndarray) and v.dtype == object else v
+        for k, v in results.items()
+    }
     with staged(target) as temporary, open(temporary, "wb") as stream:
         np.savez(stream, **results)
     return "\n".join([f"wrote {output}: {', '.join(results)}", *notes])

@@ -281,7 +281,12 @@ def free_reserved_names(model: onnx.ModelProto) -> int:
     named = [*(v.name for v in (*graph.input, *graph.output)), *(t.name for t in graph.initializer)]
     named += [out for node in graph.node for out in node.output]
     names = set(named)
-    clashes = sorted(n for n in names for s in SUFFIXES if n.endswith(s) and n[: -len(s)] in names)
+    typed = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output,
+                                                             *graph.value_info)}  # fmt: skip
+    typed |= {t.name: t.data_type for t in graph.initializer}
+    # a stem of known non-float type (an int64 `length` beside `length_scale`) gets no Q/DQ
+    floats = {n for n in names if typed.get(n, 0) in (0, onnx.TensorProto.FLOAT)}  # 0: unknown
+    clashes = sorted(n for n in names for s in SUFFIXES if n.endswith(s) and n[: -len(s)] in floats)
     facing = [n for n in clashes if n in {v.name for v in (*graph.input, *graph.output)}]
     if facing:
         raise ModelError(

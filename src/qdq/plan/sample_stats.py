@@ -37,7 +37,8 @@ class SampleStats:
         # calibration's work on ddddocr's detector).
         if len(batch) == 1:
             if self.pending is None:
-                self.pending = batch[0].copy()
+                # float16 at least as float32: 16 samples of 5000 overflow float16
+                self.pending = batch[0].astype(np.promote_types(batch.dtype, np.float32))
             else:
                 np.add(self.pending, batch[0], out=self.pending)
             self.waiting += 1

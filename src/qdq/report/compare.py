@@ -172,9 +172,11 @@ def _check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) -
 def _check_classes(truth: np.ndarray | None, reference: onnx.ModelProto, key: str | None) -> None:
     """Labels must be classes of the first output (its axis 1, where the graph fixes it):
     labels beyond it had scored 0% accuracy without a word."""
-    dims = reference.graph.output[0].type.tensor_type.shape.dim
-    classes = dims[1].dim_value if len(dims) > 1 else 0
-    if truth is None or not classes or len(truth) == 0:
+    tensor = reference.graph.output[0].type.tensor_type
+    dims = tensor.shape.dim
+    classes = dims[1].dim_value if len(dims) == 2 else 0
+    scores = tensor.elem_type == onnx.TensorProto.FLOAT and 2 <= classes <= 100_000
+    if truth is None or not scores or len(truth) == 0:  # accuracy is for class scores only
         return
     low, high = int(truth.min()), int(truth.max())
     if low < 0 or high >= classes:
@@ -333,8 +335,7 @@ def _runs(
         for feed in samples.batches(size, first=first, last=last):
             with fails_on_data("the float model on the data"):
                 ref = ref_session.run([*outputs, *job.pairs], feed)
-            with fails_on_data("the quantized model on the data"):
-                got = q_session.run([*outputs, *job.pairs.values()], feed)
+            got = q_session.run([*outputs, *job.pairs.values()], feed)
             yield ref, got
         if first == span[0]:  # sized by the first sample's tensors
             size = budgeted(job.batch_size, sum(v.nbytes for v in (*ref, *got)), EVAL_BUDGET)
