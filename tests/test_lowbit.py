@@ -262,3 +262,19 @@ def test_the_cli_takes_a_weight_grid(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert _weight_codes_and_scales(out)[0] <= {-1, 0, 1}
+
+
+def test_a_grid_named_by_a_string_is_that_grid_and_an_unknown_name_is_refused():
+    """Compared with `is`, "binary" had matched nothing and given power-of-two codes."""
+    w = np.array([[0.5, -0.6], [0.55, -0.55]], np.float32)
+    scheme = QScheme(8, signed=True, symmetric=True, granularity=PerTensor())
+    by_name, by_enum = grid_codes(w, "binary", scheme), grid_codes(w, WeightGrid.BINARY, scheme)
+    np.testing.assert_array_equal(by_name[0], by_enum[0])
+    np.testing.assert_array_equal(by_name[1], by_enum[1])
+    with pytest.raises(SchemeError, match="is not one of"):
+        grid_codes(w, "foo", scheme)
+
+
+def test_exclude_given_as_one_string_is_refused():
+    with pytest.raises(SchemeError, match="a tuple of names"):
+        QuantConfig(exclude="Conv")

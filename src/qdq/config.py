@@ -99,6 +99,8 @@ class QuantConfig:
         object.__setattr__(self, "saturation", choice(Saturation, self.saturation, "saturation"))
         object.__setattr__(self, "weight_grid", choice(WeightGrid, self.weight_grid, "weight grid"))
         _check_weights(self.weights)
+        if isinstance(self.exclude, str):  # iterated, "Conv" had excluded "C", "o", "n", "v"
+            raise SchemeError(f"`exclude` is a tuple of names: write ({self.exclude!r},)")
         _check_activations(self.activations)
         if self.batch_size < 1:
             raise SchemeError(f"batch size must be >= 1, got {self.batch_size}")

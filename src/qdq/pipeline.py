@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from qdq.config import OutputFormat, Placement, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
-from qdq.errors import DataError, ModelError, choice
+from qdq.errors import DataError, ModelError, UsageError, choice
 from qdq.onnx.graph import GraphIndex, constants_to_initializers
 from qdq.onnx.model import (
     PER_AXIS_OPSET,
@@ -109,6 +109,10 @@ def quantize_model(
     if not config.data_free:
         samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
     prepared, per_channel, notes = prepare(model, config.per_channel)
+    known = {name for node in prepared.graph.node for name in (node.name, node.op_type)}
+    unknown = [name for name in config.exclude if name not in known]
+    if unknown:  # as the CLI's --exclude check, for callers of this function
+        raise UsageError(f"`exclude` {unknown} names no node or op type of the model")
     if not config.data_free:
         notes[:0] = samples.read_notes()
     if config.equalize or config.data_free:

@@ -443,6 +443,21 @@ def test_compare_measures_a_one_column_output_beside_labels(ws):
     run_contract(ws, ["compare", ws.model, out, "--data", ws.calib], None, codes=(0,))
 
 
+def test_the_api_refuses_exclude_names_the_model_lacks_and_a_batch_size_below_one(ws):
+    """As the CLI does; the API had quantized every layer without a word."""
+    from qdq.config import QuantConfig
+    from qdq.errors import DataError, UsageError
+    from qdq.pipeline import quantize_model
+    from qdq.report.compare import compare_models
+
+    out = ws.folder / "out.onnx"
+    with pytest.raises(UsageError, match="names no node or op type"):
+        quantize_model(ws.model, out, ws.calib, QuantConfig(exclude=("nosuch",)))
+    assert not out.exists()
+    with pytest.raises(DataError, match="batch_size"):
+        compare_models(ws.model, ws.model, ws.calib, batch_size=0)
+
+
 def test_a_model_importing_the_default_domain_twice_is_refused(ws):
     model = onnx.load(ws.model)
     model.opset_import.append(onnx.helper.make_opsetid("", 11))

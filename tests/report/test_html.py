@@ -83,6 +83,16 @@ def test_activation_view_marks_each_method_on_the_observed_range():
     assert view.closest in view.methods
 
 
+@pytest.mark.parametrize("value", [5.0, 1e20])
+def test_a_constant_activation_is_one_bar(value):
+    """Its lone value at the histogram's edge had left nothing to regroup (ZeroDivisionError:
+    `qdq report` ended in an internal error on constant data)."""
+    hist = Histogram()
+    hist.update(np.full(64, value, np.float32))
+    view = activation_view("x", hist, chosen=(0.0, value))
+    assert view.counts.sum() == 64
+
+
 def test_ranges_are_read_from_the_int8_models_qdq_nodes(digits):
     int8, _ = digits
     model = onnx.load(int8)

@@ -221,6 +221,8 @@ def compare_models(
     that join quantities are also measured per part, found on the first PART_SAMPLES samples
     or `declared` (`--output-parts` specs). A folder of pictures is read with `images`, as
     `qdq quantize` reads its calibration folder."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
     reference, quantized = load_model(float_path), load_model(quantized_path)
     _check_same_inputs(reference, quantized)
     samples = Samples(data, model_inputs(reference), max_samples, images)

@@ -62,6 +62,7 @@ def activation_view(tensor: str, hist: Histogram, chosen: tuple[float, float]) -
     lo, hi = float(hist.lo[0]), float(hist.hi[0])
     first = half + int(np.floor(lo / width)) if width > 0 else half
     last = half + int(np.ceil(hi / width)) if width > 0 else half + 1
+    first = min(max(first, 0), counts.size - 1)  # a constant tensor's lone value at an edge
     kept = counts[first : max(last, first + 1)]
     group = -(-kept.size // DISPLAY_BINS)
     grouped = np.pad(kept, (0, -kept.size % group)).reshape(-1, group).sum(axis=1)
