@@ -187,6 +187,19 @@ def test_image_options_refuse_values_that_cannot_normalize():
         ImageOptions(size=(0, 4))
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_pictures_keep_their_levels(tmp_path, channels):
+    """PIL's 16-bit -> 8-bit conversion clamps at 255: a 0..65535 ramp read mostly as white."""
+    ramp = np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369  # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert Image.open(tmp_path / "ramp.png").mode.startswith("I;16")
+    spec = [InputSpec("x", np.dtype(np.float32), (None, channels, 4, 4))]
+    x = collect(Samples(tmp_path, spec))
+    want = ramp.astype(np.float32) / 65535
+    for c in range(channels):
+        np.testing.assert_allclose(x[0, c], want, atol=1e-5)
+
+
 def test_grayscale_images_feed_a_one_channel_input(tmp_path):
     Image.fromarray(np.full((6, 6, 3), 255, np.uint8)).save(tmp_path / "white.png")
     spec = [InputSpec("x", np.dtype(np.float32), (None, 1, 4, 4))]

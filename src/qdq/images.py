@@ -107,6 +107,8 @@ def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
                 width, height = image.size
                 if width * height > IMAGE_PIXEL_LIMIT:
                     raise DataError(f"{path} is {width}x{height} pixels, over {limit}")
+                if image.mode.startswith("I;16"):  # 0..65535: PIL's convert clamps at 255
+                    return _sixteen_bit(image, mode, size)
                 image.draft(mode, (size[1], size[0]))
                 picture = image.convert(mode).resize((size[1], size[0]))
     except Image.DecompressionBombError:
@@ -116,6 +118,17 @@ def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
             raise
         raise DataError(f"{path} is not a readable image ({error})") from None
     return np.asarray(picture, dtype=np.float32)
+
+
+def _sixteen_bit(image: object, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """A 16-bit grayscale picture on the 8-bit scale (divided by 257: 65535 -> 255), resized,
+    as the grayscale or RGB array `mode` asks for."""
+    from PIL import Image
+
+    levels = np.asarray(image, dtype=np.float32) / np.float32(257)
+    resized = Image.fromarray(levels, mode="F").resize((size[1], size[0]))
+    gray = np.asarray(resized, dtype=np.float32)
+    return gray if mode == "L" else np.repeat(gray[..., None], 3, axis=2)
 
 
 def _image_channels(spec: ImageInput, options: ImageOptions) -> int:
