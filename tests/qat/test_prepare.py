@@ -26,6 +26,7 @@ from qdq.onnx.sessions import open_session
 from qdq.plan.saturation import PAIR_CODES, reduction_rows
 from qdq.qat import export, freeze_batchnorm, prepare
 from qdq.qat.fakequant import FakeQuantize
+from qdq.qat.layers import QuantizedLayer
 from qdq.qat.prepare import float_copy
 from qdq.qat.trace import to_onnx
 from qdq.scheme import INT4_WEIGHTS, PerChannel, QScheme
@@ -292,3 +293,16 @@ def test_a_batchnorm_channel_with_gamma_zero_trains_without_nan(fp32):
         batchnorm.weight[0] = 0.0
     prepared = prepare(model, FIT_X[:1], QuantConfig(), [FIT_X[:128]]).train()
     assert torch.isfinite(prepared(FIT_X[:64])).all()
+
+
+def test_a_lone_linear_layer_is_fake_quantized_and_exported_in_int8(tmp_path):
+    """Traced from the top, a bare nn.Linear had been its functional call, kept float with
+    "Gemm is not a torch ... Linear module"."""
+    torch.manual_seed(0)
+    layer, x = nn.Linear(3, 2), torch.randn(16, 3)
+    prepared = prepare(layer, x[:1], calibration=[x])
+    assert any(isinstance(m, QuantizedLayer) for m in prepared.modules())
+    path = tmp_path / "linear.onnx"
+    export(prepared, path, x[:1])
+    weights = [n for n in onnx.load(path).graph.node if n.op_type == "DequantizeLinear"]
+    assert weights

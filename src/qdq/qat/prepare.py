@@ -96,6 +96,9 @@ def prepare(
         )
     if freeze_bn_after < 0:
         raise SchemeError(f"freeze_bn_after must be >= 0 steps, got {freeze_bn_after}")
+    if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        # traced from the top, a lone layer is its functional call, which nothing wraps
+        module = nn.Sequential(module)
     inputs = as_inputs(example_inputs)
     batches = [as_inputs(b) for b in calibration] if calibration is not None else [inputs]
     if not batches:
