@@ -271,7 +271,7 @@ def test_a_grid_named_by_a_string_is_that_grid_and_an_unknown_name_is_refused():
     by_name, by_enum = grid_codes(w, "binary", scheme), grid_codes(w, WeightGrid.BINARY, scheme)
     np.testing.assert_array_equal(by_name[0], by_enum[0])
     np.testing.assert_array_equal(by_name[1], by_enum[1])
-    with pytest.raises(SchemeError, match="is not one of"):
+    with pytest.raises(SchemeError, match="unknown weight grid"):
         grid_codes(w, "foo", scheme)
 
 

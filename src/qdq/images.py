@@ -62,14 +62,18 @@ class ImageFolder:
 
     def __init__(self, files: list[Path], spec: ImageInput, options: ImageOptions) -> None:
         self.files, self.count, self.options = files, len(files), options
-        self.size = options.size or _image_size(spec, options.layout)
         self.channels = _image_channels(spec, options)
         fixed = _fixed_size(spec, options.layout)
-        if fixed and fixed != tuple(self.size):  # said before a picture is resized to it
+        if options.size is None and fixed is None:
             raise DataError(
-                f"`size` {tuple(self.size)} (height, width) differs from the input's fixed "
+                f"input {spec.describe()} has no fixed image size; give `size` (height, width)"
+            )
+        if options.size and fixed and tuple(options.size) != fixed:  # before any resizing
+            raise DataError(
+                f"`size` {tuple(options.size)} (height, width) differs from the input's fixed "
                 f"{fixed} ({spec.describe()}); drop it or give {fixed[0]} {fixed[1]}"
             )
+        self.size = options.size or fixed
 
     def read(self, picked: np.ndarray) -> np.ndarray:
         return np.stack([self._load(self.files[i]) for i in picked])
@@ -158,12 +162,3 @@ def _fixed_size(spec: ImageInput, layout: str) -> tuple[int, int] | None:
     """The input's (height, width) where its shape fixes both, else None."""
     dims = spec.shape[2:4] if layout == "NCHW" else spec.shape[1:3]
     return None if len(spec.shape) != 4 or None in dims else (int(dims[0]), int(dims[1]))
-
-
-def _image_size(spec: ImageInput, layout: str) -> tuple[int, int]:
-    dims = spec.shape[2:4] if layout == "NCHW" else spec.shape[1:3]
-    if len(spec.shape) != 4 or None in dims:
-        raise DataError(
-            f"input {spec.describe()} has no fixed image size; give `size` (height, width)"
-        )
-    return int(dims[0]), int(dims[1])

@@ -17,7 +17,7 @@ import enum
 
 import numpy as np
 
-from qdq.errors import DataError, SchemeError
+from qdq.errors import DataError, SchemeError, choice
 from qdq.qparams import MIN_SCALE
 from qdq.scheme import PerChannel, PerTensor, QScheme
 
@@ -44,7 +44,7 @@ def grid_codes(w: np.ndarray, grid: WeightGrid, scheme: QScheme) -> tuple[np.nda
     """Integer codes (the scheme's storage dtype) and float32 scales, one per slice along the
     scheme's `PerChannel` axis (shape `(C,)`) or one for all (`PerTensor`, shape `()`), so that
     `codes * scale` is the quantized weight."""
-    grid = as_grid(grid)
+    grid = choice(WeightGrid, grid, "weight grid")  # a name compared by `is` matched nothing
     check_grid(grid, scheme)
     rows, axis = _rows(w, scheme)
     if grid is WeightGrid.BINARY:
@@ -151,16 +151,6 @@ def _scale(mean: np.ndarray, power_of_two_scale: bool) -> np.ndarray:
         lower = 2.0 ** np.floor(np.log2(mean))
         mean = np.where(mean - lower >= 2 * lower - mean, 2 * lower, lower)
     return mean.astype(np.float32)
-
-
-def as_grid(grid: WeightGrid | str) -> WeightGrid:
-    """`grid` as the enum: its name ("binary") compared with `is` had matched nothing, and
-    picked power-of-two codes without a word."""
-    try:
-        return WeightGrid(grid)
-    except ValueError:
-        names = [g.value for g in WeightGrid]
-        raise SchemeError(f"weight grid {grid!r} is not one of {names}") from None
 
 
 def check_grid(grid: WeightGrid, scheme: QScheme) -> None:

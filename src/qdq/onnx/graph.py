@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -74,16 +74,23 @@ def attributes(node: onnx.NodeProto) -> dict[str, object]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """The names `node`'s subgraphs (a Loop's or an If's bodies) read from outside themselves:
-    an outer initializer they use is an input of the node that ONNX does not list."""
-    reads: set[str] = set()
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs in `node`'s attributes: a Loop's body, an If's branches."""
     for attribute in node.attribute:
-        for graph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
-            defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-            defined |= {out for inner in graph.node for out in inner.output}
-            for inner in graph.node:
-                reads |= {n for n in (*inner.input, *subgraph_reads(inner)) if n} - defined
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The names `node`'s subgraphs read from outside themselves: an outer initializer they
+    use is an input of the node that ONNX does not list."""
+    reads: set[str] = set()
+    for graph in subgraphs(node):
+        defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+        defined |= {out for inner in graph.node for out in inner.output}
+        for inner in graph.node:
+            reads |= {n for n in (*inner.input, *subgraph_reads(inner)) if n} - defined
     return reads
 
 

@@ -96,6 +96,14 @@ def _options(use: Use) -> ort.SessionOptions:
     return options
 
 
+def run_named(
+    session: ort.InferenceSession, names: list[str], feed: dict[str, np.ndarray]
+) -> list[np.ndarray]:
+    """`session`'s outputs `names` on `feed`; none for no names, where ONNX Runtime would return
+    every output (a model with no float output asks for none)."""
+    return session.run(names, feed) if names else []
+
+
 @contextmanager
 def fails_on_data(what: str) -> Iterator[None]:
     """ONNX Runtime's error while running the user's float model on the user's data (a token

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qdq.errors import ModelError
-from qdq.onnx.graph import GraphIndex, attributes, subgraph_reads
+from qdq.onnx.graph import GraphIndex, attributes, subgraph_reads, subgraphs
 from qdq.onnx.model import METADATA_KEY
 from qdq.plan.build import Plan
 from qdq.plan.flow import reads_int8
@@ -278,20 +278,19 @@ def free_reserved_names(model: onnx.ModelProto) -> int:
     another one (`x_quantized` beside `x`: two definitions of one name, which ONNX Runtime
     refuses); returns how many. A graph input or output keeps its name: refused instead."""
     graph = model.graph
-    named = [*(v.name for v in (*graph.input, *graph.output)), *(t.name for t in graph.initializer)]
-    named += [out for node in graph.node for out in node.output]
-    names = set(named)
+    facing = {v.name for v in (*graph.input, *graph.output)}
+    names = facing | {t.name for t in graph.initializer}
+    names |= {out for node in graph.node for out in node.output}
     typed = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output,
                                                              *graph.value_info)}  # fmt: skip
     typed |= {t.name: t.data_type for t in graph.initializer}
     # a stem of known non-float type (an int64 `length` beside `length_scale`) gets no Q/DQ
     floats = {n for n in names if typed.get(n, 0) in (0, onnx.TensorProto.FLOAT)}  # 0: unknown
     clashes = sorted(n for n in names for s in SUFFIXES if n.endswith(s) and n[: -len(s)] in floats)
-    facing = [n for n in clashes if n in {v.name for v in (*graph.input, *graph.output)}]
-    if facing:
+    if refused := [n for n in clashes if n in facing]:
         raise ModelError(
-            f"the model's inputs or outputs {facing} are named as qdq names the tensors it adds "
-            f"(a tensor's name plus {list(SUFFIXES)}); rename them in the model"
+            f"the model's inputs or outputs {refused} are named as qdq names the tensors it "
+            f"adds (a tensor's name plus {list(SUFFIXES)}); rename them in the model"
         )
     renamed = {}
     for name in clashes:
@@ -314,9 +313,5 @@ def _rename(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
     for node in graph.node:
         node.input[:] = [renamed.get(n, n) for n in node.input]
         node.output[:] = [renamed.get(n, n) for n in node.output]
-        for attribute in node.attribute:
-            for subgraph in [
-                *([attribute.g] if attribute.HasField("g") else []),
-                *attribute.graphs,
-            ]:
-                _rename(subgraph, renamed)
+        for subgraph in subgraphs(node):
+            _rename(subgraph, renamed)

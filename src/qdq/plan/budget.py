@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from qdq.onnx.sessions import fails_on_data, median_latency_ms, open_session
+from qdq.onnx.sessions import fails_on_data, median_latency_ms, open_session, run_named
 from qdq.plan.build import BudgetResult, Plan
 from qdq.plan.decisions import Decision, kept_float
 from qdq.plan.parts import judged, output_parts, worst_sqnr
@@ -47,9 +47,8 @@ def float_reference(model: onnx.ModelProto, feeds: list[dict]) -> Reference:
     """`model`'s float outputs on `feeds`."""
     session = open_session(model)
     names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
-    # none asked for, ONNX Runtime returns every output: a model with no float one has none
     with fails_on_data("the float model on the calibration samples"):
-        outputs = [session.run(names, feed) if names else [] for feed in feeds]
+        outputs = [run_named(session, names, feed) for feed in feeds]
     return Reference(feeds, names, outputs)
 
 

@@ -23,6 +23,7 @@ from qdq.onnx.sessions import (
     fails_on_data,
     median_latency_ms,
     open_session,
+    run_named,
     session_with_outputs,
 )
 from qdq.plan.calibrate import budgeted
@@ -263,7 +264,7 @@ def _parts(
     names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
     with fails_on_data("the float model on the data"):
         outputs = [
-            session.run(names, feed) if names else []
+            run_named(session, names, feed)
             for feed in samples.batches(PART_SAMPLES, last=PART_SAMPLES)
         ]
     found = output_parts(names, outputs, declared)
