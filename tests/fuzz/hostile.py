@@ -96,6 +96,17 @@ def run_contract(ws: Workspace, args: list, output: Path | None, codes=(0, 2)) -
     return result
 
 
+def quantize(ws: Workspace, calib: Path | None = None, *flags: object) -> list:
+    calib_flags = ["--calib", calib or ws.calib] if "--data-free" not in flags else []
+    return ["quantize", ws.model, "-o", ws.folder / "out.onnx", *calib_flags, *flags]
+
+
+def refused(ws: Workspace, args: list, words: str, output: Path | None = None) -> None:
+    result = run_contract(ws, args, output or ws.folder / "out.onnx", codes=(2,))
+    assert result.stderr.startswith("qdq: error: ")
+    assert words in result.stderr, result.stderr
+
+
 # --- makers of hostile files ---------------------------------------------------------------
 
 
