@@ -7,7 +7,14 @@ and `fake_quantize` apply it (`grid_codes` puts weights on a binary, ternary or 
 """
 
 from qdq.affine import dequantize, fake_quantize, quantize
-from qdq.errors import DataError, ObserverStateError, QdqError, RangeError, SchemeError
+from qdq.errors import (
+    ArgumentError,
+    DataError,
+    ObserverStateError,
+    QdqError,
+    RangeError,
+    SchemeError,
+)
 from qdq.lowbit import WeightGrid, grid_codes
 from qdq.observers import (
     KL,
@@ -30,6 +37,7 @@ __all__ = [
     "METHODS",
     "MSE",
     "PRESETS",
+    "ArgumentError",
     "DataError",
     "HistogramObserver",
     "MinMaxObserver",

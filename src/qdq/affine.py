@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from qdq.errors import DataError
+from qdq.errors import DataError, expect
 from qdq.qparams import QParams
 from qdq.scheme import PerBlock, PerTensor, Rounding
 
@@ -84,6 +84,7 @@ def _is_integer_dtype(dtype: np.dtype) -> bool:
 
 def _expanded(qparams: QParams, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point reshaped to broadcast against a tensor of `shape`."""
+    expect(qparams, QParams, "qparams", "compute them with qdq.choose_qparams(range, scheme)")
     g = qparams.scheme.granularity
     scale, zero_point = qparams.scale, qparams.zero_point
     if isinstance(g, PerTensor):

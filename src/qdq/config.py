@@ -9,9 +9,12 @@ schemes.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+import numbers
+from dataclasses import dataclass, fields, replace
 
-from qdq.errors import SchemeError, choice
+import numpy as np
+
+from qdq.errors import SchemeError, choice, expect
 from qdq.lowbit import WeightGrid
 from qdq.observers import Method
 from qdq.scheme import (
@@ -98,6 +101,16 @@ class QuantConfig:
         object.__setattr__(self, "prefer", choice(Prefer, self.prefer, "prefer"))
         object.__setattr__(self, "saturation", choice(Saturation, self.saturation, "saturation"))
         object.__setattr__(self, "weight_grid", choice(WeightGrid, self.weight_grid, "weight grid"))
+        for name in ("weights", "activations"):
+            expect(getattr(self, name), QScheme, f"`{name}`", "e.g. qdq.QScheme(bits=8)")
+        for name in (f.name for f in fields(self) if f.type == "bool"):
+            expect(getattr(self, name), (bool, np.bool_), f"`{name}`")
+        expect(self.batch_size, numbers.Integral, "`batch_size`")
+        expect(self.max_samples, (numbers.Integral, type(None)), "`max_samples`")
+        expect(self.target_sqnr, (numbers.Real, type(None)), "`target_sqnr`")
+        if self.target_sqnr is not None and not np.isfinite(self.target_sqnr):
+            raise SchemeError(f"`target_sqnr` must be a finite dB value, got {self.target_sqnr}")
+        _check_input_range(self.input_range)
         _check_weights(self.weights)
         if isinstance(self.exclude, str):  # iterated, "Conv" had excluded "C", "o", "n", "v"
             raise SchemeError(f"`exclude` is a tuple of names: write ({self.exclude!r},)")
@@ -111,8 +124,6 @@ class QuantConfig:
             )
         if self.weight_grid is not WeightGrid.UNIFORM:
             _check_grid(self.weight_grid, self.weights, self.adaround)
-        if self.input_range[0] >= self.input_range[1]:
-            raise SchemeError(f"input range {self.input_range} must have LO < HI")
         if self.max_samples is not None and self.max_samples < 1:
             raise SchemeError(f"max samples must be >= 1, got {self.max_samples}")
 
@@ -124,6 +135,15 @@ class QuantConfig:
         """The weight grid of one tensor: per channel along `axis`, or per tensor (None)."""
         granularity = PerChannel(axis) if axis is not None else PerTensor()
         return replace(self.weights, granularity=granularity)
+
+
+def _check_input_range(bounds: object) -> None:
+    """A (LO, HI) pair of finite numbers with LO < HI."""
+    pair = isinstance(bounds, tuple | list) and len(bounds) == 2
+    if not pair or not all(isinstance(b, numbers.Real) and np.isfinite(b) for b in bounds):
+        raise SchemeError(f"`input_range` must be two finite numbers (LO, HI), got {bounds!r:.80}")
+    if bounds[0] >= bounds[1]:
+        raise SchemeError(f"input range {tuple(bounds)} must have LO < HI")
 
 
 def _check_weight_bits(bits: int) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
+import numbers
 from typing import TypeVar
 
 E = TypeVar("E", bound=enum.Enum)
+_KIND_NAMES = {numbers.Integral: "an integer", numbers.Real: "a number", type(None): "None"}
 
 
 class QdqError(Exception):
@@ -40,6 +42,10 @@ class OutputError(QdqError, ValueError):
     """An output path that would overwrite an input, is not a file, or cannot be written."""
 
 
+class ArgumentError(QdqError, TypeError):
+    """An argument of the wrong type given to qdq's Python API."""
+
+
 class Interrupted(BaseException):
     """A signal (SIGINT, SIGTERM, SIGHUP) turned into an exception, so that `finally` blocks
     and context managers remove temporary files on the way out. A BaseException, like
@@ -62,6 +68,24 @@ def choice(kind: type[E], value: object, what: str) -> E:
     except ValueError:
         names = ", ".join(str(m.value) for m in kind)
         raise SchemeError(f"unknown {what} {value!r}; choose one of {names}") from None
+
+
+def expect(value: object, kind: type | tuple[type, ...], what: str, hint: str = "") -> None:
+    """Raise ArgumentError unless `value` is a `kind`, naming `what` it should be and, where
+    given, how to build one; a bool is no int here.
+
+    >>> expect(3, numbers.Integral, "bits")
+    >>> expect(True, numbers.Integral, "bits")
+    Traceback (most recent call last):
+    qdq.errors.ArgumentError: bits must be an integer, got True (bool)
+    """
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+        return
+    names = " or ".join(dict.fromkeys(_KIND_NAMES.get(k, k.__name__) for k in kinds))
+    raise ArgumentError(
+        f"{what} must be {names}, got {value!r:.80} ({type(value).__name__}){hint and '; '}{hint}"
+    )
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

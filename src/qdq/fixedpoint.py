@@ -32,9 +32,17 @@ def quantize_multiplier(real: float | np.ndarray) -> tuple[np.ndarray, np.ndarra
     >>> quantize_multiplier(0.75)
     (array(1610612736), array(0))
     """
-    real = np.asarray(real, dtype=np.float64)
+    real = np.asarray(real)
+    if real.dtype.kind not in "biuf":
+        raise DataError(f"a requantization multiplier must be a real number, got {real!r:.80}")
+    real = real.astype(np.float64)
     if not np.isfinite(real).all() or (real < 0).any():
         raise DataError(f"a requantization multiplier must be finite and >= 0, got {real}")
+    if (real >= 2.0**31).any():  # shift > 31: any accumulator but 0 saturates int32
+        raise DataError(
+            f"a requantization multiplier of {real.max():.3g} is beyond 2^31, where every "
+            "accumulator but 0 saturates; scales s_x * s_w / s_y this far apart mean a broken scale"
+        )
     mantissa, shift = np.frexp(real)  # mantissa in [0.5, 1), or 0 for real == 0
     m0 = np.floor(mantissa * 2.0**31 + 0.5).astype(np.int64)  # exact: mantissa * 2^31 < 2^53
     carry = m0 == (1 << 31)  # the mantissa rounded up to 1.0: halve, one more power of two

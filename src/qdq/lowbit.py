@@ -17,7 +17,7 @@ import enum
 
 import numpy as np
 
-from qdq.errors import DataError, SchemeError, choice
+from qdq.errors import DataError, SchemeError, choice, expect
 from qdq.qparams import MIN_SCALE
 from qdq.scheme import PerChannel, PerTensor, QScheme
 
@@ -45,6 +45,7 @@ def grid_codes(w: np.ndarray, grid: WeightGrid, scheme: QScheme) -> tuple[np.nda
     scheme's `PerChannel` axis (shape `(C,)`) or one for all (`PerTensor`, shape `()`), so that
     `codes * scale` is the quantized weight."""
     grid = choice(WeightGrid, grid, "weight grid")  # a name compared by `is` matched nothing
+    expect(scheme, QScheme, "the scheme", "e.g. qdq.scheme.INT8_WEIGHTS")
     check_grid(grid, scheme)
     rows, axis = _rows(w, scheme)
     if grid is WeightGrid.BINARY:
@@ -53,8 +54,10 @@ def grid_codes(w: np.ndarray, grid: WeightGrid, scheme: QScheme) -> tuple[np.nda
         codes, scale = ternarize(rows, scheme.power_of_two_scale)
     else:
         codes, scale = power_of_two_codes(rows, scheme.bits, scheme.power_of_two_scale)
-    codes = np.moveaxis(codes.reshape(_moved_shape(w.shape, axis)), 0, axis or 0)
-    scale = scale if axis is not None else scale.reshape(())
+    w_shape = np.shape(w)
+    if axis is None:
+        return codes.reshape(w_shape).astype(scheme.storage_dtype), scale.reshape(())
+    codes = np.moveaxis(codes.reshape(_moved_shape(w_shape, axis)), 0, axis)
     return codes.astype(scheme.storage_dtype), scale
 
 
@@ -178,6 +181,11 @@ def _rows(w: np.ndarray, scheme: QScheme) -> tuple[np.ndarray, int | None]:
         raise DataError(f"low-bit grids take a non-empty float weight, got {w.dtype} {w.shape}")
     if not np.isfinite(w).all():
         raise DataError("cannot put a weight holding NaN or Inf on a grid; fix the model")
+    if np.abs(w).max() > np.finfo(np.float32).max / 2:  # a power-of-two scale may double it
+        raise DataError(
+            f"a weight of magnitude {np.abs(w).max():.3g} needs a scale beyond float32's range "
+            "(scales are float32); values this large mean a broken weight"
+        )
     if isinstance(scheme.granularity, PerTensor):
         return w.astype(np.float64).reshape(1, -1), None
     axis = scheme.granularity.axis
@@ -187,9 +195,7 @@ def _rows(w: np.ndarray, scheme: QScheme) -> tuple[np.ndarray, int | None]:
     return np.moveaxis(w, axis, 0).astype(np.float64).reshape(w.shape[axis], -1), axis
 
 
-def _moved_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
-    if axis is None:
-        return shape
+def _moved_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     return (shape[axis], *shape[:axis], *shape[axis + 1 :])
 
 

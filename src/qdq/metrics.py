@@ -110,7 +110,7 @@ def sqnr_db(signal: float | np.ndarray, noise: float | np.ndarray) -> float | np
     (20.0, inf)
     """
     signal, noise = np.asarray(signal, np.float64), np.asarray(noise, np.float64)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # inf / inf: undefined, NaN
         ratio = np.maximum(signal, 1e-300) / noise
     return np.where(noise == 0, np.inf, 10 * np.log10(np.where(noise == 0, 1.0, ratio)))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import time
 from functools import partial
@@ -13,7 +14,7 @@ import onnxruntime as ort
 
 from qdq.config import OutputFormat, Placement, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
-from qdq.errors import DataError, ModelError, UsageError, choice
+from qdq.errors import DataError, ModelError, UsageError, choice, expect
 from qdq.onnx.graph import GraphIndex, constants_to_initializers
 from qdq.onnx.model import (
     PER_AXIS_OPSET,
@@ -90,6 +91,12 @@ def quantize_model(
     work; writes nothing unless the quantized model loads in ONNX Runtime and runs on the
     first calibration samples.
     """
+    path = (str, os.PathLike)
+    expect(model_path, path, "model_path", "save a ModelProto with onnx.save first")
+    expect(output_path, path, "output_path")
+    expect(calibration, (*path, type(None)), "calibration", "a .npz file or a folder of samples")
+    expect(config, (QuantConfig, type(None)), "config", "e.g. qdq.QuantConfig(method='minmax')")
+    expect(seed, (numbers.Integral, type(None)), "seed")
     config = config or QuantConfig()
     output_format = choice(OutputFormat, output_format, "format")
     if calibration is None and not config.data_free:

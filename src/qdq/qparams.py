@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qdq.errors import RangeError, SchemeError
+from qdq.errors import ArgumentError, RangeError, SchemeError, expect
 from qdq.scheme import QScheme
 
 # torch.ao's floor for a degenerate (constant or all-zero) range: a valid grid, never 0 or NaN.
@@ -25,8 +25,8 @@ class Range:
     hi: np.ndarray
 
     def __post_init__(self) -> None:
-        lo = np.asarray(self.lo, dtype=np.float64)
-        hi = np.asarray(self.hi, dtype=np.float64)
+        lo = _real(self.lo, "lo").astype(np.float64)
+        hi = _real(self.hi, "hi").astype(np.float64)
         if lo.shape != hi.shape:
             raise RangeError(
                 f"lo has shape {lo.shape} but hi has shape {hi.shape}; give equal shapes"
@@ -55,8 +55,9 @@ class QParams:
     scheme: QScheme
 
     def __post_init__(self) -> None:
-        scale = np.asarray(self.scale, dtype=np.float32)
-        zp = np.asarray(self.zero_point)
+        expect(self.scheme, QScheme, "scheme", "e.g. qdq.QScheme(bits=8)")
+        scale = _real(self.scale, "scale").astype(np.float32)
+        zp = _real(self.zero_point, "zero_point")
         if not np.issubdtype(zp.dtype, np.integer) and not np.array_equal(zp, np.round(zp)):
             raise SchemeError(f"zero_point must hold integers, got {zp}")
         if scale.shape != zp.shape:
@@ -66,6 +67,14 @@ class QParams:
         s = self.scheme
         if ((zp < s.qmin) | (zp > s.qmax)).any():
             raise SchemeError(f"zero_point {zp} is outside the scheme's codes [{s.qmin}, {s.qmax}]")
+        codes = zp.astype(np.float64)  # int8 zero points would wrap in `zp - qmin`
+        reach = np.maximum(codes - s.qmin, s.qmax - codes) * scale.astype(np.float64)
+        if (reach > np.finfo(np.float32).max).any():
+            raise SchemeError(
+                f"scale {scale.max():.3g} is too large: the grid's end codes times it pass "
+                "float32's largest value (3.4e38), so they would dequantize to Inf; values "
+                "this large usually mean an overflow upstream: check the model and the data"
+            )
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "zero_point", zp.astype(s.storage_dtype))
 
@@ -80,6 +89,8 @@ def choose_qparams(rng: Range, scheme: QScheme) -> QParams:
     >>> float(p.scale), int(p.zero_point)
     (0.01568627543747425, 64)
     """
+    expect(rng, Range, "the range", "build one with qdq.Range(lo, hi) or an observer's compute()")
+    expect(scheme, QScheme, "the scheme", "e.g. qdq.QScheme(bits=8)")
     lo = np.minimum(rng.lo, 0.0)  # eq. 5: widen to include 0 so zero padding stays exact
     hi = np.maximum(rng.hi, 0.0)
     qmin, qmax = scheme.qmin, scheme.qmax
@@ -96,3 +107,11 @@ def choose_qparams(rng: Range, scheme: QScheme) -> QParams:
     else:
         zero_point = np.clip(qmin - np.rint(lo / scale), qmin, qmax)
     return QParams(scale, zero_point.astype(np.int64), scheme)
+
+
+def _real(value: object, what: str) -> np.ndarray:
+    """`value` as an array of real numbers, or an ArgumentError naming `what`."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise ArgumentError(f"{what} must hold real numbers, got {value!r:.80} ({array.dtype})")
+    return array

@@ -7,11 +7,12 @@ and a scheme together give the scale and zero point (`qdq.qparams.choose_qparams
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from qdq.errors import SchemeError
+from qdq.errors import SchemeError, expect
 
 MIN_BITS = 2
 MAX_BITS = 16
@@ -39,6 +40,9 @@ class PerChannel:
 
     axis: int = 0
 
+    def __post_init__(self) -> None:
+        expect(self.axis, numbers.Integral, "PerChannel's axis")
+
 
 @dataclass(frozen=True)
 class PerBlock:
@@ -49,6 +53,10 @@ class PerBlock:
 
     axis: int
     block_size: int
+
+    def __post_init__(self) -> None:
+        expect(self.axis, numbers.Integral, "PerBlock's axis")
+        expect(self.block_size, numbers.Integral, "PerBlock's block_size")
 
 
 Granularity = PerTensor | PerChannel | PerBlock
@@ -79,6 +87,8 @@ class QScheme:
                 f"bits={self.bits} is outside the supported {MIN_BITS}..{MAX_BITS}; "
                 "use 8 for int8, 4 for int4, 16 for int16"
             )
+        for name in ("signed", "symmetric", "narrow_range", "power_of_two_scale"):
+            expect(getattr(self, name), (bool, np.bool_), name)
         if not isinstance(self.granularity, PerTensor | PerChannel | PerBlock):
             raise SchemeError(
                 f"granularity must be PerTensor(), PerChannel(axis) or PerBlock(axis, block_size), "

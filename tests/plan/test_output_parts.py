@@ -4,7 +4,6 @@ SQNR, class agreement and a detection head's F1, and the worst part driving auto
 from __future__ import annotations
 
 import re
-from functools import partial
 
 import numpy as np
 import onnx
@@ -15,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models import classifier_head, detector_head, yolo_head
 from qdq.data import Samples, model_inputs
 from qdq.errors import DataError
-from qdq.observers import make_observer
+from qdq.observers import Observer, make_observer
 from qdq.pipeline import quantize_model
 from qdq.plan.budget import float_reference, sqnr_score
 from qdq.plan.calibrate import observe, observe_holding
@@ -278,7 +277,10 @@ def test_the_ranges_the_choice_judges_never_saw_the_held_samples(tmp_path):
     np.save(tmp_path / "x.npy", x)
     model = yolo_head()
     samples = Samples(tmp_path / "x.npy", model_inputs(model))
-    make = partial(make_observer, "percentile")
+
+    def make(name: str) -> Observer:  # one per tensor name
+        return make_observer("percentile")
+
     names = ["b0", "c0"]
     held = observe_holding(model, samples, make, names, 8, 10, False, names)
     merged, apart, unfit, means, _ = held

@@ -259,7 +259,7 @@ def test_the_users_module_is_left_as_it_was(fp32):
 def test_bad_inputs_raise_typed_errors(fp32, tmp_path):
     with pytest.raises(ModelError, match=r"torch\.nn\.Module"):
         prepare("model.onnx", FIT_X[:1])
-    with pytest.raises(DataError, match="float tensors"):
+    with pytest.raises(DataError, match="float32 tensors"):
         prepare(fp32["cnn"], FIT_X[:1].long())
     with pytest.raises(SchemeError, match="QuantConfig"):
         prepare(fp32["cnn"], FIT_X[:1], {"weight_bits": 4})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import NoReturn
 
 from qdq.cli.commands import (
@@ -33,7 +34,13 @@ from qdq.observers import METHODS
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, with where to look, and exit code 2."""
+    """Usage errors in one line, with where to look, and exit code 2. A value such as
+    `-1e-3` (`--input-range -1e-3 1`) is a negative number, not a flag: argparse's own test
+    (before Python 3.13) knew only `-1` and `-.5`, and no qdq flag looks like a number."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"qdq: error: {message}; see `{self.prog} --help`\n")

@@ -7,9 +7,10 @@ range will be used on.
 from __future__ import annotations
 
 import enum
+import numbers
 from collections.abc import Callable
 
-from qdq.errors import choice
+from qdq.errors import choice, expect
 from qdq.observers.auto import Auto
 from qdq.observers.base import Observer
 from qdq.observers.histogram import Histogram, HistogramObserver, RangeRule
@@ -52,6 +53,8 @@ def make_observer(
     """A fresh observer for a calibration `method` (one of `METHODS`) whose range will be used
     on `scheme`'s grid: its bits set KL's and MSE's target, and `auto` scores its candidates on
     that grid (symmetric or not)."""
+    expect(scheme, QScheme, "the scheme", "e.g. qdq.QScheme(bits=8)")
+    expect(axis, (numbers.Integral, type(None)), "the per-channel axis")
     return _FACTORIES[choice(Method, method, "calibration method")](scheme, axis)
 
 

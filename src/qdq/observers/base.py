@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Protocol, Self, runtime_checkable
 
 import ml_dtypes
 import numpy as np
 
-from qdq.errors import DataError, ObserverStateError
+from qdq.errors import DataError, ObserverStateError, expect
 from qdq.qparams import Range
 
 
@@ -40,6 +41,7 @@ def checked_batch(batch: np.ndarray, axis: int | None, channels: int | None) -> 
     `axis` comes back normalized through the returned array's rank; `channels` is the channel
     count seen so far (None before the first batch).
     """
+    expect(axis, (numbers.Integral, type(None)), "the per-channel axis")
     batch = np.asarray(batch)
     if batch.dtype.kind != "f" and batch.dtype != ml_dtypes.bfloat16:
         raise DataError(

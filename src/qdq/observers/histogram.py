@@ -12,13 +12,14 @@ re-binning onto the coarser grid, uniform within each bin.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from functools import cache
 from typing import Protocol
 
 import numpy as np
 
-from qdq.errors import ObserverStateError
+from qdq.errors import ArgumentError, ObserverStateError, expect
 from qdq.observers.base import check_finite, check_mergeable, checked_batch, no_data_error
 from qdq.qparams import Range
 
@@ -32,6 +33,8 @@ class Histogram:
     """Counts of a float tensor in `2 * half` bins of `width` around 0, one row per channel."""
 
     def __init__(self, bins: int = 2048, axis: int | None = None, max_bins: int = 16384) -> None:
+        expect(bins, numbers.Integral, "bins")
+        expect(max_bins, numbers.Integral, "max_bins")
         if bins < 128 or bins & (bins - 1):
             raise ObserverStateError(
                 f"bins must be a power of two >= 128 (bins per sign), got {bins}; 2048 is typical"
@@ -147,10 +150,14 @@ def _bin_rows(rows: np.ndarray, width: np.ndarray, half: int) -> np.ndarray:
     size = 2 * half
     stride = size + 1  # per row: the bins and the overflow bin
     per_unit = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
-    # float32's largest at most: bins narrower than 3e-39 (values of 1e-37) made it inf, and
-    # inf * 0 a NaN index that the compiled loop wrote far outside its counts (a heap
-    # corruption). Smaller than 1 / width, it only moves values toward 0, inside the bins.
-    per_unit = np.minimum(per_unit, np.finfo(np.float32).max).astype(np.float32)
+    # float32 rows whose bins are narrower than 3e-39 (values of 1e-37 or subnormals) are
+    # binned in float64: in float32, 1 / width was inf, and inf * 0 a NaN index that the
+    # compiled loop wrote far outside its counts (a heap corruption), and clamping it to
+    # float32's largest put 99% of the values in the central bins. Float64 rows keep float64
+    # (in float32, 1 / width of values beyond 1e41 underflowed to 0).
+    if rows.dtype == np.float32 and per_unit.max() > np.finfo(np.float32).max:
+        rows = rows.astype(np.float64)
+    per_unit = per_unit.astype(rows.dtype)
     if compiled := _compiled_count():
         counts = np.zeros((channels, stride), dtype=np.int64)
         compiled(np.ascontiguousarray(rows), per_unit, rows.dtype.type(half), counts)
@@ -249,6 +256,8 @@ class HistogramObserver:
     """
 
     def __init__(self, rule: RangeRule, bins: int = 2048, axis: int | None = None) -> None:
+        if not callable(rule):
+            raise ArgumentError(f"rule must be a range rule such as KL(), got {rule!r:.80}")
         self.rule = rule
         self.axis = axis
         self.histogram = Histogram(bins, axis)

@@ -9,11 +9,12 @@ thresholds; the differences are listed in docs/quantization.md.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from qdq.errors import SchemeError
+from qdq.errors import SchemeError, expect
 from qdq.observers.histogram import Histogram
 from qdq.qparams import Range
 
@@ -30,6 +31,8 @@ class KL:
     stride: int = 1  # every `stride`-th end bin is a candidate (NVIDIA's reference has it too)
 
     def __post_init__(self) -> None:
+        expect(self.bits, numbers.Integral, "KL's bits")
+        expect(self.stride, numbers.Integral, "KL's stride")
         if self.stride < 1:
             raise SchemeError(f"KL stride must be >= 1, got {self.stride}")
         if not 2 <= self.bits <= 8:
@@ -80,7 +83,8 @@ def _divergence(counts: np.ndarray, tail: np.ndarray, i: int, levels: int) -> np
     filled = np.add.reduceat(nonempty, starts, axis=1)
     spread = np.divide(mass, filled, out=np.zeros_like(mass), where=filled > 0)
     candidate = np.where(nonempty, np.repeat(spread, lengths, axis=1), 0.0)  # Q: empty stay 0
-    p = reference / reference.sum(axis=1, keepdims=True)
+    p_total = reference.sum(axis=1, keepdims=True)  # 0 where a channel held only zeros
+    p = np.divide(reference, p_total, out=np.zeros_like(reference), where=p_total > 0)
     q_total = candidate.sum(axis=1, keepdims=True)
     q = np.divide(candidate, q_total, out=np.zeros_like(candidate), where=q_total > 0)
     with np.errstate(divide="ignore", invalid="ignore"):

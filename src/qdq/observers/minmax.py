@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
-from qdq.errors import ObserverStateError
+from qdq.errors import ObserverStateError, expect
 from qdq.observers.base import (
     check_finite,
     check_mergeable,
@@ -61,6 +63,7 @@ class MovingAverageMinMaxObserver:
     """
 
     def __init__(self, averaging_constant: float = 0.01, axis: int | None = None) -> None:
+        expect(averaging_constant, numbers.Real, "averaging_constant")
         if not 0.0 < averaging_constant <= 1.0:
             raise ObserverStateError(
                 f"averaging_constant must be in (0, 1], got {averaging_constant}; 0.01 is typical"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from qdq.errors import SchemeError
+from qdq.errors import SchemeError, expect
 from qdq.observers.histogram import Histogram
 from qdq.qparams import Range
 
@@ -22,6 +23,7 @@ class MSE:
     bits: int = 8
 
     def __post_init__(self) -> None:
+        expect(self.bits, numbers.Integral, "MSE's bits")
         if not 2 <= self.bits <= 16:
             raise SchemeError(f"MSE calibration needs bits in 2..16, got {self.bits}")
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from qdq.errors import SchemeError
+from qdq.errors import SchemeError, expect
 from qdq.observers.histogram import Histogram
 from qdq.qparams import Range
 
@@ -24,6 +25,7 @@ class Percentile:
     symmetric: bool = False
 
     def __post_init__(self) -> None:
+        expect(self.percentile, numbers.Real, "percentile")
         if not 50.0 < self.percentile <= 100.0:
             raise SchemeError(
                 f"percentile must be in (50, 100], got {self.percentile}; "

@@ -37,7 +37,7 @@ from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.layers import QuantizedLayer
 from qdq.qat.lowbit import LowBitWeight
 from qdq.qat.prepare import QatState, float_copy, layer_of, nodes_by_tensor
-from qdq.qat.trace import as_inputs, to_onnx
+from qdq.qat.trace import as_inputs, check_finite_parameters, check_runs, to_onnx
 from qdq.qparams import MIN_SCALE, QParams, Range
 
 
@@ -51,10 +51,14 @@ def export(
     with their running statistics, as the module computes in eval mode."""
     state = _state(module)
     inputs = as_inputs(example_inputs)
+    check_finite_parameters(
+        module, "training diverged: lower the learning rate, or export an earlier checkpoint"
+    )
     target = check_output(path, [])
     was_training = module.training
     try:
-        model = _quantized(module.eval(), state, inputs)
+        check_runs(module.eval(), inputs, "example_inputs")
+        model = _quantized(module, state, inputs)
     finally:
         module.train(was_training)
     save_model(model, target)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -30,7 +31,7 @@ import torch
 from torch import fx, nn
 
 from qdq.config import QuantConfig
-from qdq.errors import ModelError, SchemeError
+from qdq.errors import ModelError, SchemeError, expect
 from qdq.lowbit import WeightGrid
 from qdq.observers import make_observer
 from qdq.onnx.graph import GraphIndex
@@ -42,7 +43,14 @@ from qdq.plan.saturation import avoids_saturation, conv_rows
 from qdq.qat.fakequant import FakeQuantize, learn_log_scale
 from qdq.qat.layers import BATCHNORMS, FOLDABLE, QUANTIZABLE, QuantizedLayer
 from qdq.qat.lowbit import LowBitWeight
-from qdq.qat.trace import as_inputs, to_onnx, trace
+from qdq.qat.trace import (
+    as_inputs,
+    check_finite_parameters,
+    check_runs,
+    module_failures,
+    to_onnx,
+    trace,
+)
 from qdq.qparams import QParams, Range
 from qdq.scheme import PerChannel, PerTensor
 
@@ -94,17 +102,20 @@ def prepare(
             "prepare trains symmetric signed weight grids (zero point 0), as qdq's weight "
             "presets are; use INT8_WEIGHTS, INT4_WEIGHTS or a symmetric signed QScheme"
         )
+    expect(freeze_bn_after, numbers.Integral, "freeze_bn_after")
     if freeze_bn_after < 0:
         raise SchemeError(f"freeze_bn_after must be >= 0 steps, got {freeze_bn_after}")
     if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
         # traced from the top, a lone layer is its functional call, which nothing wraps
         module = nn.Sequential(module)
+    check_finite_parameters(module, "fix the module's weights before quantizing it")
     inputs = as_inputs(example_inputs)
     batches = [as_inputs(b) for b in calibration] if calibration is not None else [inputs]
     if not batches:
         raise SchemeError("calibration holds no batches; give at least one, or None")
     was_training = module.training
     graph_module = trace(copy.deepcopy(module).eval())
+    check_runs(graph_module, inputs, "example_inputs")
     _wrap_layers(graph_module, freeze_bn_after)
     model, labels = to_onnx(float_copy(graph_module, {}), inputs)
     model, per_channel, _ = prepare_onnx(model, config.per_channel)
@@ -220,8 +231,9 @@ def _calibrate(
     }
     capture = _Capture(graph_module, observers)
     with torch.no_grad():
-        for batch in batches:
-            capture.run(*batch)
+        for i, batch in enumerate(batches):
+            with module_failures(f"calibration batch {i}"):
+                capture.run(*batch)
     return {t: observers[fx_name].compute() for t, fx_name in nodes.items()}
 
 

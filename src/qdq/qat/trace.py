@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import onnx
 import torch
 from torch import fx, nn
 
-from qdq.errors import DataError, ModelError
+from qdq.errors import DataError, ModelError, QdqError, first_line
 
 MARK_DOMAIN = "qdq.mark"
 OPSET = 17
@@ -68,12 +69,42 @@ def as_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
             raise DataError(f"example input {i} is a {type(x).__name__}; give torch tensors")
-        if not x.is_floating_point() or x.ndim == 0:
+        if x.dtype != torch.float32 or x.ndim == 0:
             raise DataError(
-                f"example input {i} is {x.dtype} of shape {tuple(x.shape)}; give float tensors "
-                "with a leading batch axis"
+                f"example input {i} is {x.dtype} of shape {tuple(x.shape)}; give float32 "
+                "tensors with a leading batch axis (x.float())"
             )
     return tuple(inputs)
+
+
+def check_finite_parameters(module: nn.Module, fix: str) -> None:
+    """A ModelError naming the parameters and buffers that hold NaN or Inf, and the `fix`."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    bad = [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ModelError(f"{', '.join(bad[:5])}{more} hold NaN or Inf; {fix}")
+
+
+@contextmanager
+def module_failures(what: str) -> Iterator[None]:
+    """Turn the user's module failing on `what` (inputs of another shape, a float16 module)
+    into a DataError with torch's reason; qdq's own errors pass unchanged."""
+    try:
+        yield
+    except QdqError:
+        raise
+    except Exception as error:  # any failure of the user's module on these inputs
+        raise DataError(
+            f"the module fails on {what}: {first_line(error)}; give inputs of the shapes it "
+            "takes, and a float32 module (module.float())"
+        ) from error
+
+
+def check_runs(module: nn.Module, inputs: Sequence[torch.Tensor], what: str) -> None:
+    """Run `module` on `inputs` once, without gradients, under `module_failures`."""
+    with module_failures(what), torch.no_grad():
+        module(*inputs)
 
 
 def to_onnx(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import pickle
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,7 @@ import onnx
 
 from qdq.arrayfile import open_npz
 from qdq.data import Samples, model_inputs
-from qdq.errors import DataError, ModelError
+from qdq.errors import DataError, ModelError, expect
 from qdq.images import ImageOptions
 from qdq.metrics import REPORT_BLOCK, ErrorStats
 from qdq.onnx.model import METADATA_KEY, load_model
@@ -222,8 +223,15 @@ def compare_models(
     that join quantities are also measured per part, found on the first PART_SAMPLES samples
     or `declared` (`--output-parts` specs). A folder of pictures is read with `images`, as
     `qdq quantize` reads its calibration folder."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+    for what, value in (("float_path", float_path), ("quantized_path", quantized_path)):
+        expect(value, (str, os.PathLike), what, "save a ModelProto with onnx.save first")
+    expect(data, (str, os.PathLike), "data", "a .npz file or a folder of samples")
+    for what, value, least in (("batch_size", batch_size, 1), ("latency_runs", latency_runs, 0)):
+        expect(value, numbers.Integral, f"`{what}`")
+        if value < least:
+            raise DataError(f"`{what}` must be >= {least}, got {value} (latency_runs 0: untimed)")
+    if isinstance(declared, str):  # iterated, it declared one part per character
+        raise DataError(f"`declared` is a list of part specs: write [{declared!r}]")
     reference, quantized = load_model(float_path), load_model(quantized_path)
     _check_same_inputs(reference, quantized)
     samples = Samples(data, model_inputs(reference), max_samples, images)
@@ -251,8 +259,22 @@ def compare_models(
         latency_ms=latency_ratio(float_path, quantized_path, first, latency_runs),
         accuracy=accuracy,
         parts={s.part.label: s for group in parts.values() for s in group},
-        notes=samples.read_notes(read_elsewhere=[labels] if truth is not None else []),
+        notes=[
+            *samples.read_notes(read_elsewhere=[labels] if truth is not None else []),
+            *_nonfinite_notes(out_stats),
+        ],
     )
+
+
+def _nonfinite_notes(stats: dict[str, ErrorStats]) -> list[str]:
+    """A note per output whose FP32 values are NaN or Inf on the data: its SQNR and cosine
+    are undefined, which 'nan dB' alone does not explain."""
+    return [
+        f"the float model's output {name!r} is NaN or Inf on these samples, so "
+        "its SQNR and cosine are undefined; are the inputs preprocessed as the model expects?"
+        for name, s in stats.items()
+        if not np.isfinite(s.signal)
+    ]
 
 
 def _parts(

@@ -1,0 +1,210 @@
+"""The Python API's arguments: a wrong type or a value past what float32 and int32 can hold
+is a qdq error naming the argument, not an AttributeError or an Inf from deep inside."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qdq import QScheme, Range, WeightGrid, choose_qparams, fake_quantize, grid_codes
+from qdq.cli.parser import build_parser
+from qdq.config import QuantConfig
+from qdq.errors import ArgumentError, DataError, ModelError, QdqError, SchemeError
+from qdq.fixedpoint import quantize_multiplier
+from qdq.observers import KL, MSE, HistogramObserver, Percentile, make_observer
+from qdq.observers.minmax import MovingAverageMinMaxObserver
+from qdq.pipeline import quantize_model
+from qdq.qat import export, prepare
+from qdq.qparams import QParams
+from qdq.report.compare import compare_models
+from qdq.scheme import PerBlock, PerChannel
+
+from conftest import DIGITS
+
+ONES = np.ones((2, 2), np.float32)
+CNN = str(DIGITS / "cnn.onnx")
+CALIB = str(DIGITS / "calib.npz")
+
+WRONG_TYPES = {
+    "QScheme signed": (lambda: QScheme(signed="no"), "signed must be bool"),
+    "QScheme narrow_range": (lambda: QScheme(narrow_range=1), "narrow_range must be bool"),
+    "PerChannel axis": (lambda: PerChannel("a"), "axis must be an integer"),
+    "PerBlock block_size": (lambda: PerBlock(0, 2.5), "block_size must be an integer"),
+    "Range of strings": (lambda: Range("a", 1.0), "lo must hold real numbers"),
+    "Range of complex": (lambda: Range(0.0, 1j), "hi must hold real numbers"),
+    "QParams scheme": (lambda: QParams(1.0, 0, None), "scheme must be QScheme"),
+    "QParams zero point": (lambda: QParams(1.0, "a", QScheme()), "zero_point must hold real"),
+    "choose_qparams tuple": (lambda: choose_qparams((0, 1), QScheme()), "must be Range"),
+    "choose_qparams bits": (lambda: choose_qparams(Range(0, 1), 8), "must be QScheme"),
+    "quantize tuple": (lambda: fake_quantize(ONES, (1.0, 0)), "qparams must be QParams"),
+    "make_observer scheme": (lambda: make_observer("kl", 8), "must be QScheme"),
+    "observer axis float": (
+        lambda: HistogramObserver(KL(), axis=1.0).update(ONES),
+        "axis must be an integer or None",
+    ),
+    "observer axis str": (
+        lambda: MovingAverageMinMaxObserver(axis="a").update(ONES),
+        "axis must be an integer or None",
+    ),
+    "histogram bins": (lambda: HistogramObserver(KL(), bins="x"), "bins must be an integer"),
+    "histogram rule": (lambda: HistogramObserver(None), "rule must be a range rule"),
+    "percentile": (lambda: Percentile("99"), "percentile must be a number"),
+    "KL bits": (lambda: KL("8"), "bits must be an integer"),
+    "MSE bits": (lambda: MSE(8.0), "bits must be an integer"),
+    "grid_codes scheme": (
+        lambda: grid_codes(ONES, WeightGrid.BINARY, 8),
+        "scheme must be QScheme",
+    ),
+    "config batch_size": (lambda: QuantConfig(batch_size=2.5), "batch_size` must be an integer"),
+    "config flag": (lambda: QuantConfig(gptq="no"), "gptq` must be bool"),
+    "config weights": (lambda: QuantConfig(weights=8), "weights` must be QScheme"),
+    "config input_range nan": (
+        lambda: QuantConfig(data_free=True, input_range=(float("nan"), 1.0)),
+        "two finite numbers",
+    ),
+    "config target_sqnr nan": (lambda: QuantConfig(target_sqnr=float("nan")), "finite dB"),
+    "quantize_model config dict": (
+        lambda: quantize_model(CNN, "/tmp/never.onnx", CALIB, {"method": "minmax"}),
+        "config must be QuantConfig",
+    ),
+    "quantize_model model None": (
+        lambda: quantize_model(None, "/tmp/never.onnx", CALIB),
+        "model_path must be str or PathLike",
+    ),
+    "quantize_model calib array": (
+        lambda: quantize_model(CNN, "/tmp/never.onnx", np.zeros((4, 1, 8, 8), np.float32)),
+        "calibration must be",
+    ),
+    "quantize_model seed": (
+        lambda: quantize_model(CNN, "/tmp/never.onnx", CALIB, seed="1"),
+        "seed must be an integer",
+    ),
+    "compare latency_runs": (
+        lambda: compare_models(CNN, CNN, CALIB, latency_runs=-1),
+        "latency_runs` must be >= 0",
+    ),
+    "compare declared string": (
+        lambda: compare_models(CNN, CNN, CALIB, declared="logits:1:0-5"),
+        "list of part specs",
+    ),
+    "prepare freeze_bn_after": (
+        lambda: prepare(nn.Linear(3, 2), torch.randn(1, 3), freeze_bn_after="x"),
+        "freeze_bn_after must be an integer",
+    ),
+}
+
+
+@pytest.mark.parametrize(("call", "message"), WRONG_TYPES.values(), ids=WRONG_TYPES)
+def test_a_wrong_argument_is_a_qdq_error_naming_it(call, message):
+    with pytest.raises(QdqError, match=message):
+        call()
+
+
+def test_type_errors_are_also_python_type_errors():
+    """`except TypeError` code written for other libraries still catches them."""
+    with pytest.raises(TypeError):
+        choose_qparams((0, 1), QScheme())
+    assert issubclass(ArgumentError, QdqError)
+
+
+@pytest.mark.parametrize("method", ["kl", "percentile", "mse"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.float32(1e-39) * np.random.default_rng(0).standard_normal(10_000).astype(np.float32),
+        1e50 * np.random.default_rng(1).standard_normal(10_000),
+        1e-50 * np.random.default_rng(2).standard_normal(10_000),
+    ],
+    ids=["float32 subnormals", "float64 beyond float32", "float64 below float32"],
+)
+def test_histogram_ranges_cover_data_float32_cannot_bin(method, data):
+    """Bins of such widths were binned with float32's 1 / width: 99% of the values fell in the
+    central bins and every range held under 1% of the data."""
+    observer = make_observer(method)
+    observer.update(data)
+    rng = observer.compute()
+    inside = np.mean((data >= rng.lo) & (data <= rng.hi))
+    assert inside > 0.99
+    assert max(-rng.lo, rng.hi) <= np.abs(data).max() * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("scheme", [QScheme(), QScheme(signed=False), QScheme(symmetric=True)])
+def test_a_grid_that_would_dequantize_to_inf_is_refused(scheme):
+    """[-3.4e38, 3.4e38] gave a scale whose end code times it overflowed float32: fake_quantize
+    returned -inf for finite data."""
+    with pytest.raises(SchemeError, match="dequantize to Inf"):
+        choose_qparams(Range(-3.4e38, 3.4e38), scheme)
+    near = np.array([-1e38, 0.0, 1e38], np.float32)
+    assert np.isfinite(fake_quantize(near, choose_qparams(Range(-1e38, 1e38), scheme))).all()
+
+
+def test_a_zero_point_of_the_storage_type_does_not_wrap_in_the_check():
+    p = QParams(np.float32(0.5), np.int8(-128), QScheme())
+    assert int(p.zero_point) == -128
+
+
+def test_low_bit_grids_take_a_scalar_weight_and_refuse_scales_past_float32():
+    codes, scale = grid_codes(np.float32(-1.0), WeightGrid.BINARY, QScheme(symmetric=True))
+    assert codes.shape == ()
+    assert (int(codes), float(scale)) == (-1, 1.0)
+    huge = QScheme(symmetric=True, power_of_two_scale=True)
+    with pytest.raises(DataError, match="beyond float32"):
+        grid_codes(np.full((2, 2), 3e38, np.float32), WeightGrid.BINARY, huge)
+
+
+def test_a_requantization_multiplier_past_2_to_the_31_is_refused():
+    """It gave shift 997, which no int32 shift applies."""
+    assert int(quantize_multiplier(2.0**30)[1]) == 31
+    with pytest.raises(DataError, match="beyond 2\\^31"):
+        quantize_multiplier(1e300)
+    with pytest.raises(DataError, match="real number"):
+        quantize_multiplier("a")
+
+
+@pytest.mark.parametrize(("text", "value"), [("-1e-3", -1e-3), ("-2E1", -20.0), ("-.5", -0.5)])
+def test_a_negative_number_in_scientific_notation_is_a_value_not_a_flag(text, value):
+    args = build_parser().parse_args(
+        ["quantize", CNN, "-o", "out.onnx", "--data-free", "--input-range", text, "1"]
+    )
+    assert args.input_range == [value, 1.0]
+
+
+def test_prepare_and_export_name_what_the_module_fails_on(tmp_path):
+    layer = nn.Linear(3, 2)
+    with pytest.raises(DataError, match="fails on example_inputs: mat1 and mat2"):
+        prepare(layer, torch.randn(1, 5))
+    with pytest.raises(DataError, match="fails on calibration batch 0"):
+        prepare(layer, torch.randn(1, 3), calibration=[torch.randn(4, 5)])
+    with pytest.raises(DataError, match="float32 tensors"):
+        prepare(layer, torch.randn(1, 3).double())
+    prepared = prepare(layer, torch.randn(1, 3))
+    with pytest.raises(DataError, match="fails on example_inputs"):
+        export(prepared, tmp_path / "q.onnx", torch.randn(1, 7))
+    assert not list(tmp_path.iterdir())
+
+
+def test_nan_weights_are_named_before_and_after_training(tmp_path):
+    broken = nn.Sequential(nn.Linear(3, 2))
+    with torch.no_grad():
+        broken[0].weight[0, 0] = float("nan")
+    with pytest.raises(ModelError, match=r"0\.weight hold NaN"):
+        prepare(broken, torch.randn(1, 3))
+    prepared = prepare(nn.Sequential(nn.Linear(3, 2)), torch.randn(8, 3))
+    with torch.no_grad():
+        for parameter in prepared.parameters():
+            parameter.fill_(float("nan"))
+    with pytest.raises(ModelError, match="training diverged"):
+        export(prepared, tmp_path / "q.onnx", torch.randn(1, 3))
+    assert not list(tmp_path.iterdir())
+
+
+def test_compare_says_why_sqnr_is_nan_when_the_float_model_overflows(tmp_path):
+    """Inputs of 1e37 overflow the digits CNN to Inf: 'SQNR nan dB' alone came with a raw
+    numpy warning on stderr."""
+    data = tmp_path / "huge.npz"
+    np.savez(data, input=np.full((4, 1, 8, 8), 1e37, np.float32))
+    with np.errstate(all="raise"):  # no numpy warning on the way
+        comparison = compare_models(CNN, CNN, data, latency_runs=0)
+    assert any("'logits' is NaN or Inf" in note for note in comparison.notes)
