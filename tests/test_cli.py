@@ -336,3 +336,28 @@ def test_a_report_that_fails_takes_the_model_and_its_table_with_it(tmp_path, mon
     )  # fmt: skip
     assert code == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_summary_stdout_cannot_take_is_one_line_saying_the_command_finished():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "qdq.cli", "inspect", DIGITS / "transformer.onnx"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "qdq: error: the command finished, but its summary cannot go to stdout: "
+        "No space left on device\n"
+    )
+
+
+def test_a_reader_that_closed_its_pipe_gets_a_quiet_exit_0():
+    """`qdq inspect model.onnx | head -0`: it said '[Errno 32] Broken pipe', exit 2."""
+    command = [sys.executable, "-m", "qdq.cli", "inspect", DIGITS / "transformer.onnx"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    error = process.stderr.read()
+    assert (process.wait(), error) == (0, b"")

@@ -4,6 +4,7 @@ results, bad input, internal errors and signals into an exit code and one line o
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
 import sys
@@ -24,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1]  # src/qdq: where a stage's frame 
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command; its exit code."""
     try:
-        print(args.run(args))
+        result = args.run(args)
     except Interrupted as interrupt:
         return interrupted(interrupt.signum)
     except KeyboardInterrupt:  # where handlers cannot be installed (not the main thread)
@@ -34,6 +35,21 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except Exception as error:
         return _internal(args, error)
+    return _printed(result)
+
+
+def _printed(result: str) -> int:
+    """Print the command's result to stdout: exit 0, or 2 with a line saying that the command
+    itself finished where stdout cannot take it (a full disk; a reader that closed its pipe
+    gets nothing more, and Python's flush at exit is pointed at /dev/null so it stays quiet)."""
+    try:
+        print(result, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except OSError as error:
+        say(f"error: the command finished, but its summary cannot go to stdout: {error.strerror}")
+        return EXIT_USAGE
     return EXIT_OK
 
 
