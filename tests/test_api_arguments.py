@@ -3,6 +3,7 @@ is a qdq error naming the argument, not an AttributeError or an Inf from deep in
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,8 @@ from qdq import QScheme, Range, WeightGrid, choose_qparams, fake_quantize, grid_
 from qdq.cli.parser import build_parser
 from qdq.config import QuantConfig
 from qdq.errors import ArgumentError, DataError, ModelError, QdqError, SchemeError
-from qdq.fixedpoint import quantize_multiplier
-from qdq.observers import KL, MSE, HistogramObserver, Percentile, make_observer
+from qdq.fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier, requantize
+from qdq.observers import KL, MSE, Histogram, HistogramObserver, Percentile, make_observer
 from qdq.observers.minmax import MovingAverageMinMaxObserver
 from qdq.pipeline import quantize_model
 from qdq.qat import export, prepare
@@ -154,11 +155,13 @@ def test_low_bit_grids_take_a_scalar_weight_and_refuse_scales_past_float32():
         grid_codes(np.full((2, 2), 3e38, np.float32), WeightGrid.BINARY, huge)
 
 
-def test_a_requantization_multiplier_past_2_to_the_31_is_refused():
-    """It gave shift 997, which no int32 shift applies."""
-    assert int(quantize_multiplier(2.0**30)[1]) == 31
-    with pytest.raises(DataError, match="beyond 2\\^31"):
-        quantize_multiplier(1e300)
+def test_a_multiplier_past_2_to_the_31_saturates_every_accumulator_but_0():
+    """Shifts of 33 and more (a dead ReLU's floor scale gave such multipliers) went past what
+    int64 shifts define; the engine must still saturate as ONNX Runtime does."""
+    for real in (2.56e9, 1e300):
+        m0, shift = quantize_multiplier(real)
+        codes = requantize(np.array([0, 1, -1, INT32_MAX, INT32_MIN]), m0, shift, 3, -128, 127)
+        assert codes.tolist() == [3, 127, -128, 127, -128]
     with pytest.raises(DataError, match="real number"):
         quantize_multiplier("a")
 
@@ -208,3 +211,36 @@ def test_compare_says_why_sqnr_is_nan_when_the_float_model_overflows(tmp_path):
     with np.errstate(all="raise"):  # no numpy warning on the way
         comparison = compare_models(CNN, CNN, data, latency_runs=0)
     assert any("'logits' is NaN or Inf" in note for note in comparison.notes)
+
+
+def test_values_under_1e_305_stay_inside_the_histogram():
+    """Their bins' 1 / width was inf in float64: the counts of a channel of them were written
+    outside the histogram (counts lost, or a segmentation fault)."""
+    histogram = Histogram(axis=0)
+    histogram.update(np.array([[1.0, -1.0, 0.5], [1e-306, 0.0, -1e-306]]))
+    assert histogram.counts.sum(axis=1).tolist() == [3.0, 3.0]
+    lone = Histogram()
+    lone.update(np.array([0.0, 1e-306, -1e-306, 5e-307]))
+    assert lone.counts.sum() == 4
+
+
+def test_real_numbers_of_any_type_make_ranges_and_configs():
+    """bfloat16 values and an array input range were refused by the first type checks."""
+    x = np.ones(4, ml_dtypes.bfloat16)
+    assert float(Range(x.min(), x.max()).hi) == 1.0
+    config = QuantConfig(data_free=True, input_range=np.array([-2.0, 2.0]))
+    assert list(config.input_range) == [-2.0, 2.0]
+
+
+def test_a_causal_masks_minus_inf_buffer_is_no_broken_weight(tmp_path):
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.register_buffer("mask", torch.full((4, 4), float("-inf")).triu(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) + self.mask.clamp(min=-1e4).sum()
+
+    prepared = prepare(Masked(), torch.randn(2, 4))
+    assert export(prepared, tmp_path / "q.onnx", torch.randn(1, 4)).exists()

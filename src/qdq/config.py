@@ -139,10 +139,11 @@ class QuantConfig:
 
 def _check_input_range(bounds: object) -> None:
     """A (LO, HI) pair of finite numbers with LO < HI."""
-    pair = isinstance(bounds, tuple | list) and len(bounds) == 2
-    if not pair or not all(isinstance(b, numbers.Real) and np.isfinite(b) for b in bounds):
+    values = np.asarray(bounds) if isinstance(bounds, tuple | list | np.ndarray) else None
+    real = values is not None and values.shape == (2,) and values.dtype.kind in "biuf"
+    if not real or not np.isfinite(values).all():
         raise SchemeError(f"`input_range` must be two finite numbers (LO, HI), got {bounds!r:.80}")
-    if bounds[0] >= bounds[1]:
+    if values[0] >= values[1]:
         raise SchemeError(f"input range {tuple(bounds)} must have LO < HI")
 
 

@@ -38,11 +38,6 @@ def quantize_multiplier(real: float | np.ndarray) -> tuple[np.ndarray, np.ndarra
     real = real.astype(np.float64)
     if not np.isfinite(real).all() or (real < 0).any():
         raise DataError(f"a requantization multiplier must be finite and >= 0, got {real}")
-    if (real >= 2.0**31).any():  # shift > 31: any accumulator but 0 saturates int32
-        raise DataError(
-            f"a requantization multiplier of {real.max():.3g} is beyond 2^31, where every "
-            "accumulator but 0 saturates; scales s_x * s_w / s_y this far apart mean a broken scale"
-        )
     mantissa, shift = np.frexp(real)  # mantissa in [0.5, 1), or 0 for real == 0
     m0 = np.floor(mantissa * 2.0**31 + 0.5).astype(np.int64)  # exact: mantissa * 2^31 < 2^53
     carry = m0 == (1 << 31)  # the mantissa rounded up to 1.0: halve, one more power of two
@@ -93,7 +88,9 @@ def multiply_by_quantized_multiplier(
         total_shift = 31 - np.clip(shift, -31, 30)  # TFLite's single rounding covers shift <= 30
         nudge = np.int64(1) << (total_shift - 1)
         return np.clip((x * m0 + nudge) >> total_shift, INT32_MIN, INT32_MAX)
-    left = np.maximum(shift, 0)
+    # Past 32, every accumulator but 0 saturates anyway; a shift of 64 or more is undefined in
+    # int64 (a dead ReLU's floor scale made multipliers of 2^31 and more, shift 33 and up).
+    left = np.clip(shift, 0, 32)
     right = np.maximum(-shift, 0)
     # gemmlowp's SaturatingRoundingMultiplyByPOT: a left shift that leaves int32 saturates.
     scaled = np.clip(x << left, INT32_MIN, INT32_MAX)

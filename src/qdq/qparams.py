@@ -25,8 +25,7 @@ class Range:
     hi: np.ndarray
 
     def __post_init__(self) -> None:
-        lo = _real(self.lo, "lo").astype(np.float64)
-        hi = _real(self.hi, "hi").astype(np.float64)
+        lo, hi = _real(self.lo, "lo"), _real(self.hi, "hi")
         if lo.shape != hi.shape:
             raise RangeError(
                 f"lo has shape {lo.shape} but hi has shape {hi.shape}; give equal shapes"
@@ -110,8 +109,12 @@ def choose_qparams(rng: Range, scheme: QScheme) -> QParams:
 
 
 def _real(value: object, what: str) -> np.ndarray:
-    """`value` as an array of real numbers, or an ArgumentError naming `what`."""
-    array = np.asarray(value)
-    if array.dtype.kind not in "biuf":
-        raise ArgumentError(f"{what} must hold real numbers, got {value!r:.80} ({array.dtype})")
-    return array
+    """`value` as a float64 array (bfloat16, Fraction and the like convert), or an
+    ArgumentError naming `what`."""
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind == "c":  # the cast would drop the imaginary part with a warning
+            raise TypeError
+        return array.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"{what} must hold real numbers, got {value!r:.80}") from None

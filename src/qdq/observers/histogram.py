@@ -157,7 +157,10 @@ def _bin_rows(rows: np.ndarray, width: np.ndarray, half: int) -> np.ndarray:
     # (in float32, 1 / width of values beyond 1e41 underflowed to 0).
     if rows.dtype == np.float32 and per_unit.max() > np.finfo(np.float32).max:
         rows = rows.astype(np.float64)
-    per_unit = per_unit.astype(rows.dtype)
+    # Capped at the type's largest: widths under 5.6e-309 (float64 values under 1e-305) made it
+    # inf, and 0 * inf a NaN index the compiled loop wrote outside its counts. Only moves values
+    # toward 0, inside the bins.
+    per_unit = np.minimum(per_unit, np.finfo(rows.dtype).max).astype(rows.dtype)
     if compiled := _compiled_count():
         counts = np.zeros((channels, stride), dtype=np.int64)
         compiled(np.ascontiguousarray(rows), per_unit, rows.dtype.type(half), counts)

@@ -78,9 +78,10 @@ def as_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
 
 
 def check_finite_parameters(module: nn.Module, fix: str) -> None:
-    """A ModelError naming the parameters and buffers that hold NaN or Inf, and the `fix`."""
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    bad = [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+    """A ModelError naming the parameters that hold NaN or Inf and the buffers that hold NaN
+    (a causal mask's -inf is a buffer's purpose), and the `fix`."""
+    bad = [name for name, t in module.named_parameters() if not torch.isfinite(t).all()]
+    bad += [name for name, t in module.named_buffers() if t.is_floating_point() and t.isnan().any()]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ModelError(f"{', '.join(bad[:5])}{more} hold NaN or Inf; {fix}")
