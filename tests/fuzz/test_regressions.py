@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -491,3 +492,65 @@ def test_inspect_refuses_a_node_name_in_broken_utf8(ws):
     data[data.index(b"conv1") + 1] = 0xFF
     write(ws.model, bytes(data))
     refused(ws, ["inspect", ws.model], "broken UTF-8", None)
+
+
+# --- found by the third sweep (2026-12-05) ------------------------------------------------------
+
+
+def test_finetune_refuses_a_rate_past_the_whole_grid(ws):
+    """--lr 1e40 overflowed float32 inside torch's Adam (exit 1)."""
+    out = ws.folder / "ft.onnx"
+    args = ["finetune", ws.model, "-o", out, "--calib", ws.calib, "--steps", "2", "--lr", "1e40"]
+    refused(ws, args, "--lr must be in (0, 256]", out)
+
+
+def test_quantize_prints_no_numpy_warning_on_inputs_near_1e30(ws):
+    """GPTQ's H overflowed with raw numpy warnings on stderr; the layer keeps nearest rounding."""
+    np.savez(ws.calib, x=np.sign(X) * np.float32(1e30))
+    with warnings.catch_warnings(record=True) as caught:  # pytest would catch them first
+        warnings.simplefilter("always")
+        run_contract(ws, quantize(ws, None, "--method", "minmax"), None, codes=(0,))
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_the_16_bit_engine_refuses_a_1d_convolution_as_the_32_bit_one_does(ws):
+    w = numpy_helper.from_array(np.random.default_rng(14).random((4, 3, 3), np.float32), "w")
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 16])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 14])
+    save(model_with([node], [x], [y], [w]), ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(15).random((32, 3, 16), np.float32))
+    quantized = ws.folder / "q.onnx"
+    assert ws.run("quantize", ws.model, "-o", quantized, "--calib", ws.calib).code == 0
+    out = ws.folder / "y.npz"
+    args = ["run", quantized, "--inputs", ws.calib, "-o", out, "--accumulator-bits", "16"]
+    refused(ws, args, "convolves 2-D images", out)
+
+
+@pytest.mark.parametrize(
+    ("lines", "words"),
+    [
+        ("Convolution c0 1 1 input a 0=abc\n", "channel count of 'abc'"),
+        ("Convolution\n", "names no layer"),
+    ],
+)
+def test_export_table_names_the_broken_line_of_an_ncnn_param(ws, quantized, lines, words):
+    param = write(ws.folder / "m.param", f"7767517\n2 2\nInput input 0 1 input\n{lines}".encode())
+    table = ws.folder / "t.table"
+    args = ["export-table", quantized, "--format", "ncnn", "-o", table, "--ncnn-param", param]
+    refused(ws, args, words, table)
+
+
+def test_no_ncnn_table_for_weights_ncnn_cannot_hold(ws):
+    """ncnn quantizes its float weights to 8 bits itself: the table of a binary or 4-bit model
+    gave it 8-bit scales of the wrong range (18x too wide at 4 bits), silently."""
+    table = ws.folder / "t.table"
+    for flags in (["--weight-grid", "binary"], ["--weight-bits", "4"]):
+        refused(ws, quantize(ws, None, *flags, "--table", f"ncnn:{table}"), "no ncnn table")
+    four = ws.folder / "four.onnx"
+    made = ws.run("quantize", ws.model, "-o", four, "--calib", ws.calib, "--weight-bits", "4")
+    assert made.code == 0
+    args = ["export-table", four, "--format", "ncnn", "-o", table]
+    refused(ws, args, "uniform 4-bit", table)
+    tensorrt = ["export-table", four, "--format", "tensorrt", "-o", table]
+    run_contract(ws, tensorrt, table, codes=(0,))

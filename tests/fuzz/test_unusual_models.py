@@ -211,3 +211,27 @@ def test_compare_measures_a_one_column_output_beside_labels(ws):
     out = ws.folder / "q.onnx"
     assert ws.run("quantize", ws.model, "-o", out, "--calib", ws.calib).code == 0
     run_contract(ws, ["compare", ws.model, out, "--data", ws.calib], None, codes=(0,))
+
+
+def test_a_convolution_with_no_output_channels_is_kept_float(ws):
+    """Its empty output reached the output-part search's reductions (exit 1)."""
+    w = numpy_helper.from_array(np.zeros((0, 3, 3, 3), np.float32), "w")
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 0, 6, 6])
+    save(model_with([node], [x], [y], [w]), ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(12).random((32, 3, 8, 8), np.float32))
+    result = run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
+    assert "tensor 'y' is empty" in result.stdout
+
+
+def test_finetune_learns_from_the_float_output_beside_a_mask(ws):
+    """A bool output beside the float one reached the loss's subtraction (exit 1)."""
+    model = _thresholded_model()
+    model.graph.output.append(onnx.helper.make_tensor_value_info("h", 1, ["N", 4]))
+    save(model, ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(13).standard_normal((32, 4)).astype(np.float32))
+    out = ws.folder / "ft.onnx"
+    args = ["finetune", ws.model, "-o", out, "--calib", ws.calib, "--steps", "2"]
+    assert ws.run(*args).code == 0  # (torch leaves its compiler's cache folder in the temp one)
+    assert [o.name for o in ort.InferenceSession(out).get_outputs()] == ["y", "h"]

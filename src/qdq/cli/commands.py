@@ -156,6 +156,14 @@ def _table_flag(args: argparse.Namespace) -> tuple[str, str] | None:
         raise UsageError(f"--table {file} is the -o model; give the table its own file")
     if getattr(args, "format", "qdq") == "qoperator":
         raise UsageError("--table reads the Q/DQ pairs: drop --format qoperator, or --table")
+    grid = getattr(args, "weight_grid", None) or "uniform"
+    bits = getattr(args, "weight_bits", None) or 8
+    if table_format == "ncnn" and (bits < 8 or grid != "uniform"):
+        raise UsageError(
+            "--table ncnn: ncnn's int8 layers quantize their float weights to 8-bit uniform "
+            "codes themselves, so no ncnn table carries --weight-bits below 8 or --weight-grid "
+            f"{grid}; drop one of them (a tensorrt table holds activations only)"
+        )
     check_output(file, [args.model, args.calib], "--table")
     return table_format, file
 

@@ -38,14 +38,18 @@ def exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.matmul(a.astype(dtype), b.astype(dtype)).astype(np.int64)
 
 
+def _check_image(x: np.ndarray) -> None:
+    if x.ndim != 4:
+        raise ModelError(f"the integer engine convolves 2-D images (N, C, H, W), got {x.shape}")
+
+
 def exact_conv(x: np.ndarray, w: np.ndarray, g: ConvGeometry) -> np.ndarray:
     """2-D convolution of integer tensors (zero points already removed), int64 out.
 
     x (N, C, H, W), w (M, C / group, kh, kw): padding adds real zeros, dilation and groups as
     ONNX Conv defines them; the sum runs in float64 (exact, see the module docstring).
     """
-    if x.ndim != 4:
-        raise ModelError(f"the integer engine convolves 2-D images (N, C, H, W), got {x.shape}")
+    _check_image(x)
     n, c, _, _ = x.shape
     m = w.shape[0]
     top, left, bottom, right = g.pads
@@ -141,6 +145,7 @@ def saturating_conv16(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`exact_conv` through `saturating_matmul16`, K ordered as MLAS packs a filter (kernel
     tap major, input channel minor: a pair is two channels at one tap). (N, M, OH, OW) out."""
+    _check_image(x)
     n, c, _, _ = x.shape
     m = w.shape[0]
     top, left, bottom, right = g.pads

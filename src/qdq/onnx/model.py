@@ -24,6 +24,7 @@ MIN_OPSET = 10  # QuantizeLinear / DequantizeLinear appear in opset 10
 PER_AXIS_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) needs opset 13
 TWO_GB = 2**31 - 1
 METADATA_KEY = "qdq.quantized_tensors"  # {float tensor name: name of its dequantized copy}
+WEIGHTS_KEY = "qdq.weights"  # the weights' grid and bits, "uniform:8" (tables check it)
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:

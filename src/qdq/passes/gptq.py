@@ -137,11 +137,14 @@ def _accumulate(
     step = max(1, CHUNK // size) if node.op_type == "Conv" else len(x)
     for start in range(0, len(x), step):
         cols = _terms(node, x[start : start + step], shape, rng)
-        h = np.matmul(cols, cols.transpose(0, 2, 1))
-        if node.name in found:  # in place: a batch-1 model adds a sample at a time
-            np.add(found[node.name], h, out=found[node.name])
-        else:
-            found[node.name] = h.astype(np.float64)
+        # inputs near 1e19 overflow the products: H goes Inf or NaN, and GPTQ keeps nearest
+        # rounding for that layer (`_gptq`), with no numpy warning on the user's terminal
+        with np.errstate(over="ignore", invalid="ignore"):
+            h = np.matmul(cols, cols.transpose(0, 2, 1))
+            if node.name in found:  # in place: a batch-1 model adds a sample at a time
+                np.add(found[node.name], h, out=found[node.name])
+            else:
+                found[node.name] = h.astype(np.float64)
 
 
 def _terms(

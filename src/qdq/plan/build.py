@@ -69,6 +69,7 @@ class Plan:
     frontier: tuple[Candidate, ...] = ()  # the candidate plans this one was chosen from
     float_ms: float | None = None  # the float model, timed on the frontier's feed
     grid_codes: Mapping[Key, np.ndarray] = field(default_factory=dict)  # binary, ternary, 2^k
+    weights: str = "uniform:8"  # the weights' grid and bits, as the file records them
 
     def codes(self, key: Key, values: np.ndarray) -> np.ndarray:
         """Integer codes of a constant input: learned ones (AdaRound), a low-bit grid's
@@ -189,7 +190,9 @@ def build_plan(
     constants, biases, codes = plan_constants(
         index, draft.decisions, chosen, config, per_channel, peaks
     )
-    return Plan(draft.decisions, chosen, {**draft.constants, **constants}, biases, grid_codes=codes)
+    weights = f"{config.weight_grid.value}:{config.weights.bits}"
+    constants = {**draft.constants, **constants}
+    return Plan(draft.decisions, chosen, constants, biases, grid_codes=codes, weights=weights)
 
 
 def _follow(node: onnx.NodeProto, draft: _Draft) -> None:

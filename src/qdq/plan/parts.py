@@ -146,7 +146,8 @@ def find_parts(
             )
         unit = _unit_channels(batches, axis)
         return _typed([Part(name, axis, a, b, _kind(unit[a:b])) for a, b in spans], first.ndim)
-    if first.dtype.kind != "f" or first.ndim < 2 or sum(len(b) for b in batches) < MIN_ROWS:
+    rows = sum(len(b) for b in batches)
+    if first.dtype.kind != "f" or first.ndim < 2 or first.size == 0 or rows < MIN_ROWS:
         return [Part(name)]
     # quantities lie along the first non-batch axis or the last, never along image rows
     for axis in dict.fromkeys((1, first.ndim - 1)):

@@ -57,6 +57,7 @@ from qdq.qat.write import write_back
 # `qdq finetune`'s logger, named after its entry: users and bench/qat_finetune.py enable that name
 log = logging.getLogger("qdq.qat.finetune")
 SCALE_LR_SHARE = 0.1  # scales and biases move at this share of `lr` (see the module doc)
+MAX_LR = 256  # grid steps per step: the whole int8 grid
 PART_SAMPLES = 16  # training samples whose teacher outputs find each output's parts
 
 
@@ -82,8 +83,11 @@ class FinetuneOptions:
         for name in ("steps", "batch_size", "evaluate_every", "patience"):
             if getattr(self, name) < 1:
                 raise SchemeError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise SchemeError(f"`lr` must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
+            raise SchemeError(
+                f"`lr` must be in (0, {MAX_LR}] grid steps per step (past that every step "
+                f"crosses the whole int8 grid), got {self.lr}; 0.002 is typical"
+            )
         if self.freeze_oscillations is not None and not 0 < self.freeze_oscillations < 1:
             raise SchemeError(
                 f"`freeze_oscillations` must be in (0, 1), got {self.freeze_oscillations}"
@@ -115,7 +119,8 @@ class Trainer:
         self.held = samples.subset(np.sort(shuffled[:held_out]))
         self.training = samples.subset(np.sort(shuffled[held_out:]))
         self.queue = np.empty(0, np.int64)  # training positions left in this pass
-        self.names = [o.name for o in teacher.get_outputs()]
+        # the float outputs: a mask or ids is no distance to learn from
+        self.names = [o.name for o in teacher.get_outputs() if o.type == "tensor(float)"]
         feeds = self.training.span(0, PART_SAMPLES).batches(options.batch_size)
         reference = [teacher.run(self.names, feed) for feed in feeds]
         self.axes = confirmed_axes(softmax_axes(quantized, self.names), reference[0])
@@ -222,7 +227,9 @@ class Trainer:
                 exact = values[: len(self.names)]
                 codes = zip(run.grids.items(), values[len(self.names) :], strict=True)
                 known = {name: dequantized(value, *grid) for (name, grid), value in codes}
-            got = self.graph({k: torch.from_numpy(v) for k, v in feed.items()}, known)
+            outputs = self.graph({k: torch.from_numpy(v) for k, v in feed.items()}, known)
+            by_output = dict(zip(self.graph.outputs, outputs, strict=True))
+            got = [by_output[name] for name in self.names]
             if exact is not None:
                 got = [
                     g + (torch.from_numpy(np.asarray(e, np.float32)) - g).detach()

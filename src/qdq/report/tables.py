@@ -34,7 +34,7 @@ import onnx
 
 from qdq.errors import DataError, ModelError, choice
 from qdq.onnx.graph import GraphIndex, attributes
-from qdq.onnx.model import METADATA_KEY, load_model
+from qdq.onnx.model import METADATA_KEY, WEIGHTS_KEY, load_model
 from qdq.outputs import check_output, staged
 
 TENSORRT_HEADER = "TRT-8601-EntropyCalibration2"  # TensorRT 8.6.1's entropy calibrator v2
@@ -45,6 +45,7 @@ NCNN_LAYERS = {
     "Gemm": ("InnerProduct",),
     "MatMul": ("InnerProduct",),
 }
+UNIFORM_INT8 = "uniform:8"
 WINOGRAD_WEIGHT_LEVELS = 31  # ncnn2table: 3x3 stride-1 convs get 6-bit weights (int8 Winograd)
 
 
@@ -71,6 +72,7 @@ class Ranges:
 
     activations: Mapping[str, float]
     layers: tuple[Layer, ...]
+    weights: str = UNIFORM_INT8  # the weights' grid and bits (WEIGHTS_KEY; older files: this)
 
 
 def symmetric_amax(scale: np.ndarray, zero_point: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -117,7 +119,8 @@ def read_ranges(model: onnx.ModelProto) -> Ranges:
         and node.input[0] in floats
         and (dq := _weight_dq(index, node)) is not None
     )
-    return Ranges({k: float(v) for k, v in activations.items()}, layers)
+    weights = props.get(WEIGHTS_KEY, UNIFORM_INT8)
+    return Ranges({k: float(v) for k, v in activations.items()}, layers, weights)
 
 
 def _amax(index: GraphIndex, dq: onnx.NodeProto) -> np.ndarray:
@@ -188,6 +191,18 @@ def ncnn_table(ranges: Ranges, names: Mapping[str, str] | None = None) -> str:
     `names` maps ONNX node names to ncnn layer names (`ncnn_layer_names`); by default the node
     names, as onnx2ncnn names its layers. Scales are 127 / amax (31 / amax for the weights of a
     3x3 stride-1 convolution, which ncnn runs as int8 Winograd with 6-bit weights)."""
+    if not ranges.layers:
+        raise ModelError(
+            "the model has no quantized Conv, Gemm or MatMul, the layers an ncnn table names; "
+            "there is no table to write (a TensorRT cache holds its activations' ranges)"
+        )
+    if ranges.weights != UNIFORM_INT8:
+        grid, bits = ranges.weights.split(":")
+        raise ModelError(
+            f"the model's weights are {grid} {bits}-bit, but ncnn's int8 layers quantize their "
+            "float weights to 8-bit uniform codes themselves, so no ncnn table carries them; "
+            "quantize with the default 8-bit uniform weights for ncnn"
+        )
     names = names or {}
     weights, inputs = [], []
     for layer in ranges.layers:
@@ -224,10 +239,12 @@ def ncnn_layer_names(param: str, ranges: Ranges) -> dict[str, str]:
     onnx2ncnn) wrote for the same ONNX model: its quantizable layers, in order, matched to the
     quantized nodes, each checked by its number of weight scales."""
     found = []
-    for line in param.splitlines()[2:]:
-        kind, name, *_ = line.split() or [""]
+    for number, line in enumerate(param.splitlines()[2:], start=3):
+        kind, *rest = line.split() or [""]
         if kind in ("Convolution", "ConvolutionDepthWise", "InnerProduct"):
-            found.append((kind, name, _num_output(line, kind)))
+            if not rest:
+                raise ModelError(f"line {number} of the ncnn .param names no layer: {line!r}")
+            found.append((kind, rest[0], _num_output(line, kind, number)))
     if len(found) != len(ranges.layers):
         raise ModelError(
             f"the ncnn .param holds {len(found)} Convolution/InnerProduct layers but the model "
@@ -245,10 +262,18 @@ def ncnn_layer_names(param: str, ranges: Ranges) -> dict[str, str]:
     return names
 
 
-def _num_output(line: str, kind: str) -> int:
-    """ncnn's param id 0 (num_output), or 7 (group) for a depthwise convolution."""
+def _num_output(line: str, kind: str, number: int) -> int:
+    """ncnn's param id 0 (num_output), or 7 (group) for a depthwise convolution, of the layer
+    on line `number`."""
     params = dict(p.split("=", 1) for p in line.split() if "=" in p)
-    return int(params.get("7" if kind == "ConvolutionDepthWise" else "0", "0"))
+    value = params.get("7" if kind == "ConvolutionDepthWise" else "0", "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise ModelError(
+            f"line {number} of the ncnn .param gives {kind} a channel count of {value!r}, not "
+            "an integer; give the .param ncnn's converter wrote"
+        ) from None
 
 
 def export_table(
