@@ -221,3 +221,14 @@ def test_a_ray_address_nothing_answers_at_is_refused_at_once(tmp_path, capsys):
     assert main([*args, str(DIGITS / "calib.npz"), "--ray", "127.0.0.1:1"]) == 2
     assert "nothing answers there" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("address", ["", "1.2.3.4:abc"])
+def test_a_ray_address_ray_cannot_parse_is_one_line(tmp_path, capsys, address):
+    """An unset shell variable (`--ray "$ADDR"`) gave Ray's ValueError as an internal error."""
+    pytest.importorskip("ray")
+    out = tmp_path / "q.onnx"
+    args = ["quantize", str(DIGITS / "cnn.onnx"), "-o", str(out), "--calib"]
+    assert main([*args, str(DIGITS / "calib.npz"), "--ray", address]) == 2
+    assert "give a running cluster's HOST:PORT" in capsys.readouterr().err
+    assert not out.exists()

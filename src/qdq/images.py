@@ -50,6 +50,12 @@ class ImageOptions:
             raise DataError(f"`std` must be non-zero (it divides), got {list(self.std)}")
         if not math.isfinite(self.value_scale) or self.value_scale == 0:
             raise DataError(f"`value_scale` must be finite and non-zero, got {self.value_scale}")
+        reach = (255 * abs(self.value_scale) + max(map(abs, self.mean))) / min(map(abs, self.std))
+        if reach > float(np.finfo(np.float32).max):
+            raise DataError(
+                f"`value_scale`, `mean` and `std` take pixels as far as {reach:.3g}, beyond "
+                "float32's 3.4e38; give the model's own normalisation (e.g. std 58.4 or 0.229)"
+            )
         if self.layout not in ("NCHW", "NHWC") or self.channel_order not in ("RGB", "BGR"):
             raise DataError(
                 f"layout {self.layout!r} / channel order {self.channel_order!r}: "

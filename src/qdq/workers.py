@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
-from qdq.errors import QdqError, UsageError
+from qdq.errors import QdqError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 C, S, T, R = TypeVar("C"), TypeVar("S"), TypeVar("T"), TypeVar("R")
@@ -225,7 +225,13 @@ def _connected(address: str) -> ModuleType:
         raise UsageError("--ray needs Ray: pip install 'qdq[ray]'") from None
     if not ray.is_initialized():
         _check_reachable(address)
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except ValueError as error:  # an address Ray cannot parse ("", "host:abc")
+            raise UsageError(
+                f"--ray {address!r}: {first_line(error)}; give a running cluster's HOST:PORT, "
+                "or auto"
+            ) from None
     return ray
 
 

@@ -357,6 +357,10 @@ def images(ws: Workspace) -> Path:
         (["--mean", "0.5", "0.5"], "--mean has 2 values for 3 channels"),
         (["--std", "0"], "--std must be non-zero"),
         (["--std", "1", "0", "1"], "--std must be non-zero"),
+        # past float32: a raw numpy warning, then the pictures blamed for NaN (sweep 3)
+        (["--std", "1e-45"], "beyond float32's 3.4e38"),
+        (["--value-scale", "1e38"], "beyond float32's 3.4e38"),
+        (["--mean", "1e39"], "beyond float32's 3.4e38"),
     ],
 )
 def test_image_options_that_cannot_normalize_are_refused_naming_the_flag(ws, images, flags, words):
