@@ -558,3 +558,22 @@ def test_no_ncnn_table_for_weights_ncnn_cannot_hold(ws):
     refused(ws, args, "uniform 4-bit", table)
     tensorrt = ["export-table", four, "--format", "tensorrt", "-o", table]
     run_contract(ws, tensorrt, table, codes=(0,))
+
+
+def test_finetune_per_tensor_keeps_one_scale_per_weight(ws):
+    """A bias's int32 limit broadcast each per-tensor weight scale to one per channel, which
+    the weight's codes could not divide by (exit 1 on every Conv model)."""
+    out = ws.folder / "ft.onnx"
+    args = ["finetune", ws.model, "-o", out, "--calib", ws.calib, "--steps", "2", "--per-tensor"]
+    assert ws.run(*args).code == 0
+    model = onnx.load(out)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    scales = [
+        constants[node.input[1]]
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear"
+        and constants.get(node.input[0]) is not None
+        and constants[node.input[0]].dtype == np.int8
+    ]
+    assert scales
+    assert all(s.ndim == 0 for s in scales)

@@ -44,7 +44,8 @@ def write_back(model: onnx.ModelProto, graph: QdqGraph, pairs: bool = False) -> 
                 # A bias too large for int32 codes raises its channel's weight scale, as PTQ does.
                 needed = np.abs(b) / (s_x * BIAS_CODE_LIMIT)
                 w_key = graph.group[where.w_scale]
-                s_w = np.maximum(scales[w_key], needed if needed.ndim else needed.max())
+                per_channel = scales[w_key].ndim > 0  # a per-tensor scale stays one value
+                s_w = np.maximum(scales[w_key], needed if per_channel else needed.max())
                 scales[w_key] = values[where.w_scale] = s_w
                 scale = values[where.scale] = s_x * s_w
             values[bias] = np.clip(np.rint(b / scale), INT32.min, INT32.max)
