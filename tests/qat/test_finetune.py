@@ -15,6 +15,7 @@ import torch
 from qdq.cli import main
 from qdq.config import preset_config
 from qdq.data import Samples, model_inputs
+from qdq.errors import ModelError
 from qdq.onnx.sessions import Use, open_session
 from qdq.pipeline import quantize_model
 from qdq.qat import finetune, finetune_trainer
@@ -377,3 +378,14 @@ def test_a_dense_heads_value_map_is_distilled_where_its_scores_fire(tmp_path: Pa
             torch.from_numpy(got),
         ]
         assert float(trainer._loss(feed)) == pytest.approx(loss, rel=1e-3, abs=1e-9)
+
+
+def test_a_start_quantized_from_another_model_is_refused(tmp_path: Path) -> None:
+    """The quantized MobileNet as the digits CNN's start: it was trained to mimic the CNN and
+    written as the CNN's fine-tuned model, rc 0."""
+    other = tmp_path / "mobilenet_int8.onnx"
+    quantize_model(DIGITS / "mobilenet.onnx", other, DIGITS / "calib.npz", CONFIG)
+    out = tmp_path / "tuned.onnx"
+    with pytest.raises(ModelError, match="was not quantized from this model"):
+        finetune_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", CONFIG, start=other)
+    assert not out.exists()

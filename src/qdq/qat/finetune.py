@@ -25,11 +25,11 @@ import torch
 
 from qdq.config import QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
-from qdq.errors import DataError, SchemeError
+from qdq.errors import DataError, ModelError, SchemeError
 from qdq.onnx.model import float_outputs, load_model, save_model
 from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
-from qdq.pipeline import quantize_model
+from qdq.pipeline import prepare, quantize_model
 from qdq.plan.parts import Part, PartStats, update_all
 from qdq.qat.finetune_trainer import FinetuneOptions, Trainer
 from qdq.qat.write import write_back
@@ -126,6 +126,8 @@ def finetune_model(
                 ptq = quantize_model(model_path, start, calibration, config, images, seed, progress)
             ptq_seconds, begin = time.perf_counter() - begin, time.perf_counter()
             quantized = load_model(start)
+            if ptq is None:
+                _check_start(model, quantized, config, start)
             teacher = open_session(model)
             trainer = Trainer(quantized, teacher, samples, config, options, held_out, seed)
             best_step, steps = trainer.train(progress)
@@ -165,6 +167,28 @@ def _held_out_count(count: int, asked: int | None) -> int:
     if asked >= count:
         raise DataError(f"`held_out` {asked} leaves no training samples of {count}")
     return asked
+
+
+def _check_start(
+    model: onnx.ModelProto, quantized: onnx.ModelProto, config: QuantConfig, start: object
+) -> None:
+    """A ModelError unless `quantized` holds every node of `model` as qdq prepares it, with
+    the same inputs and outputs: a start quantized from another model was trained to mimic
+    this one and written as its fine-tuned copy."""
+    prepared = prepare(model, config.per_channel)[0]
+    missing = {n.name for n in prepared.graph.node} - {n.name for n in quantized.graph.node}
+    if missing or _ends(prepared) != _ends(quantized):
+        raise ModelError(
+            f"`start` {start} was not quantized from this model ({len(missing)} of its nodes "
+            "missing, or other inputs or outputs); give the file `qdq quantize` wrote from it"
+        )
+
+
+def _ends(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """The names of a model's inputs (initializers aside) and outputs."""
+    constants = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in constants]
+    return inputs, [o.name for o in model.graph.output]
 
 
 def _output_sqnr(
