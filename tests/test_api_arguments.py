@@ -12,12 +12,16 @@ from torch import nn
 from qdq import QScheme, Range, WeightGrid, choose_qparams, fake_quantize, grid_codes
 from qdq.cli.parser import build_parser
 from qdq.config import QuantConfig
+from qdq.engine import Engine
+from qdq.engine import run as engine_run
+from qdq.engine.diff import diff_model
 from qdq.errors import ArgumentError, DataError, ModelError, QdqError, SchemeError
 from qdq.fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier, requantize
 from qdq.observers import KL, MSE, Histogram, HistogramObserver, Percentile, make_observer
 from qdq.observers.minmax import MovingAverageMinMaxObserver
 from qdq.pipeline import quantize_model
 from qdq.qat import export, prepare
+from qdq.qat.finetune import FinetuneOptions, finetune_model
 from qdq.qparams import QParams
 from qdq.report.compare import compare_models
 from qdq.scheme import PerBlock, PerChannel
@@ -89,6 +93,29 @@ WRONG_TYPES = {
     "compare declared string": (
         lambda: compare_models(CNN, CNN, CALIB, declared="logits:1:0-5"),
         "list of part specs",
+    ),
+    "engine feeds list": (lambda: engine_run(CNN, [ONES]), "feeds must map each input"),
+    "engine accumulator bits": (
+        lambda: Engine(CNN, accumulator_bits=32.0),
+        "accumulator_bits must be an integer",
+    ),
+    "engine threads": (lambda: Engine(CNN, threads="a"), "threads must be an integer"),
+    "engine trace feeds": (lambda: Engine(CNN).trace({"foo": ONES}), "feeds lacks inputs"),
+    "diff inputs_from": (lambda: diff_model(CNN, CALIB, inputs_from="x"), "must be ort, engine"),
+    "diff max_samples": (lambda: diff_model(CNN, CALIB, max_samples=2.5), "must be an integer"),
+    "finetune options dict": (
+        lambda: finetune_model(CNN, "/tmp/never.onnx", CALIB, options={"steps": 2}),
+        "options must be FinetuneOptions",
+    ),
+    "finetune seed": (
+        lambda: finetune_model(CNN, "/tmp/never.onnx", CALIB, seed="a"),
+        "seed must be an integer",
+    ),
+    "finetune steps": (lambda: FinetuneOptions(steps=2.5), "steps` must be an integer"),
+    "finetune threads": (lambda: FinetuneOptions(threads=0), "threads` must be >= 1"),
+    "quantize_model images": (
+        lambda: quantize_model(CNN, "/tmp/never.onnx", CALIB, images="x"),
+        "images must be ImageOptions",
     ),
     "prepare freeze_bn_after": (
         lambda: prepare(nn.Linear(3, 2), torch.randn(1, 3), freeze_bn_after="x"),

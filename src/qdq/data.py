@@ -7,7 +7,7 @@ batch by batch, so a large set never sits in memory at once.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 from qdq.arrayfile import check_regular, load_npy, open_npy, open_npz
-from qdq.errors import DataError, ModelError
+from qdq.errors import ArgumentError, DataError, ModelError
 from qdq.images import IMAGE_SUFFIXES, ImageFolder, ImageOptions
 
 
@@ -74,6 +74,11 @@ def _input_dtype(value: onnx.ValueInfoProto) -> np.dtype:
 def check_feeds(feeds: dict[str, np.ndarray], specs: Sequence[InputSpec], source: str) -> None:
     """Refuse feeds as ONNX Runtime does: every input present, its exact dtype and rank, and
     each fixed dimension as declared."""
+    if not isinstance(feeds, Mapping):
+        raise ArgumentError(
+            f"{source} must map each input's name to an array, got {type(feeds).__name__}; "
+            f"e.g. {{{specs[0].name if specs else 'input'!r}: array}}"
+        )
     missing = [s.name for s in specs if s.name not in feeds]
     if missing:
         raise DataError(

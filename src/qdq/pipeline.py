@@ -97,6 +97,7 @@ def quantize_model(
     expect(calibration, (*path, type(None)), "calibration", "a .npz file or a folder of samples")
     expect(config, (QuantConfig, type(None)), "config", "e.g. qdq.QuantConfig(method='minmax')")
     expect(seed, (numbers.Integral, type(None)), "seed")
+    expect(images, (ImageOptions, type(None)), "images", "e.g. qdq.images.ImageOptions()")
     config = config or QuantConfig()
     output_format = choice(OutputFormat, output_format, "format")
     if calibration is None and not config.data_free:

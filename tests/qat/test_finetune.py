@@ -164,7 +164,7 @@ def test_cli_distils_the_output_parts_it_is_given(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--lr", "0"], "--lr must be a positive"),
+        (["--lr", "0"], "--lr must be in (0, 256]"),
         (["--patience", "0"], "--patience"),
         (["--freeze-oscillations", "1.5"], "--freeze-oscillations must be in (0, 1)"),
         (["--weight-bits", "9"], "--weight-bits 9"),

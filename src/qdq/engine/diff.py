@@ -11,6 +11,7 @@ difference it shows is its own kernel's, not one propagated from upstream.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ import onnxruntime as ort
 from qdq.data import Samples, model_inputs
 from qdq.engine.context import Requant
 from qdq.engine.executor import Engine
-from qdq.errors import ModelError, UsageError, first_line
+from qdq.errors import ModelError, UsageError, expect, first_line
 from qdq.onnx.model import load_model
 from qdq.onnx.sessions import session_with_outputs
 
@@ -133,6 +134,14 @@ def diff_model(
     """Run the engine (`requant`) and `against` on `data`; compare every node's outputs."""
     if against not in ("ort", "engine", "fp32"):
         raise UsageError(f"`against` must be ort, engine or fp32, got {against!r}")
+    if inputs_from not in (None, "ort", "engine"):
+        raise UsageError(f"`inputs_from` must be ort, engine or None, got {inputs_from!r}")
+    expect(model_path, (str, os.PathLike), "model_path")
+    expect(data, (str, os.PathLike), "data", "a .npz file or a folder of samples")
+    expect(max_samples, (numbers.Integral, type(None)), "`max_samples`")
+    expect(batch_size, numbers.Integral, "`batch_size`")
+    if batch_size < 1:
+        raise UsageError(f"`batch_size` must be >= 1, got {batch_size}")
     if inputs_from is not None and against != "ort":
         raise UsageError(
             "`inputs_from` feeds the engine and ONNX Runtime each other's tensors; "

@@ -10,6 +10,7 @@ MaxPool, ...) stays integer; ops on float tensors are the float fallback, listed
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from qdq.engine.context import Context, Kernel, Requant
 from qdq.engine.elementwise import FLOAT_KERNELS
 from qdq.engine.jit import available
 from qdq.engine.kernels import INTEGER_ONLY, KERNELS
-from qdq.errors import ModelError
+from qdq.errors import ModelError, expect
 from qdq.onnx.graph import attributes, subgraph_reads
 from qdq.onnx.model import load_model, ort_rewrite
 from qdq.onnx.sessions import Use, open_session
@@ -85,6 +86,11 @@ class Engine:
             )
         if requant not in ("fixed", "float", "spec"):
             raise ModelError(f"requant must be 'fixed', 'float' or 'spec', got {requant!r}")
+        expect(model, (onnx.ModelProto, str, os.PathLike), "model")
+        expect(accumulator_bits, numbers.Integral, "accumulator_bits")
+        expect(threads, (numbers.Integral, type(None)), "threads")
+        if threads is not None and threads < 1:
+            raise ModelError(f"threads must be >= 1 (or None: every core), got {threads}")
         if accumulator_bits not in (16, 32):
             raise ModelError(f"accumulator_bits must be 16 or 32, got {accumulator_bits}")
         if not isinstance(model, onnx.ModelProto):
@@ -113,7 +119,6 @@ class Engine:
         self.last_context = Context(requant, accumulator_bits)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_feeds(feeds, self._specs, "feeds")
         values = self.trace(feeds, keep=False)
         # copies: the next run writes into the arrays this one used (and the compiled
         # convolutions leave channels-last memory behind their views)
@@ -131,6 +136,7 @@ class Engine:
         `keep=False` (`run`), each tensor is let go after the last node that reads it, only
         the outputs and constants remain, and the compiled kernels write into the arrays they
         wrote in the last such run (an engine runs one feed at a time)."""
+        check_feeds(feeds, self._specs, "feeds")
         values: dict[str, np.ndarray | None] = {**self.constants, **feeds, "": None}
         context = Context(
             self.requant,

@@ -13,6 +13,7 @@ model is written.
 
 from __future__ import annotations
 
+import numbers
 import os
 import tempfile
 import time
@@ -25,7 +26,7 @@ import torch
 
 from qdq.config import QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
-from qdq.errors import DataError, ModelError, SchemeError
+from qdq.errors import DataError, ModelError, SchemeError, expect
 from qdq.onnx.model import float_outputs, load_model, save_model
 from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
@@ -100,6 +101,15 @@ def finetune_model(
     `start`: a QDQ model `quantize_model` already wrote from this model with this `config`,
     fine-tuned instead of quantizing again (PTQ's choice between candidate plans times them,
     so two PTQ runs on a busy machine can pick different plans)."""
+    path = (str, os.PathLike)
+    for what, value in (("model_path", model_path), ("output_path", output_path)):
+        expect(value, path, what)
+    expect(calibration, path, "calibration", "a .npz file or a folder of samples")
+    expect(start, (*path, type(None)), "start")
+    expect(config, (QuantConfig, type(None)), "config", "e.g. qdq.QuantConfig(method='minmax')")
+    expect(options, (FinetuneOptions, type(None)), "options", "e.g. FinetuneOptions(steps=100)")
+    expect(images, (ImageOptions, type(None)), "images", "e.g. qdq.images.ImageOptions()")
+    expect(seed, (numbers.Integral, type(None)), "seed")
     config = config or QuantConfig()  # quantize's plan: a better start than all int8 (docs)
     options = options or FinetuneOptions()
     if config.data_free:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ from tqdm import tqdm
 
 from qdq.config import QuantConfig
 from qdq.data import Samples
-from qdq.errors import DataError, SchemeError
+from qdq.errors import DataError, SchemeError, expect
 from qdq.onnx.sessions import Use, open_session
 from qdq.plan.parts import output_parts
 from qdq.plan.saturation import avoids_saturation
@@ -80,6 +81,15 @@ class FinetuneOptions:
     freeze_oscillations: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "evaluate_every", "patience"):
+            expect(getattr(self, name), numbers.Integral, f"`{name}`")
+        for name in ("held_out", "threads"):
+            expect(getattr(self, name), (numbers.Integral, type(None)), f"`{name}`")
+        expect(self.lr, numbers.Real, "`lr`")
+        expect(self.freeze_oscillations, (numbers.Real, type(None)), "`freeze_oscillations`")
+        expect(self.file_outputs, (bool, np.bool_), "`file_outputs`")
+        if self.threads is not None and self.threads < 1:
+            raise SchemeError(f"`threads` must be >= 1, got {self.threads}")
         for name in ("steps", "batch_size", "evaluate_every", "patience"):
             if getattr(self, name) < 1:
                 raise SchemeError(f"`{name}` must be >= 1, got {getattr(self, name)}")

@@ -226,6 +226,7 @@ def compare_models(
     for what, value in (("float_path", float_path), ("quantized_path", quantized_path)):
         expect(value, (str, os.PathLike), what, "save a ModelProto with onnx.save first")
     expect(data, (str, os.PathLike), "data", "a .npz file or a folder of samples")
+    expect(images, (ImageOptions, type(None)), "images", "e.g. qdq.images.ImageOptions()")
     for what, value, least in (("batch_size", batch_size, 1), ("latency_runs", latency_runs, 0)):
         expect(value, numbers.Integral, f"`{what}`")
         if value < least:
