@@ -147,6 +147,11 @@ class Samples:
         misspelt input name, labels) unless the caller reads them (`read_elsewhere`)."""
         readers = [r for r in self._readers.values() if isinstance(r, ImageFolder)]
         notes = [f"{self.source}: " + readers[0].describe()] if readers else []
+        if not readers and self.images != ImageOptions():
+            notes.append(
+                f"{self.source} holds arrays, not pictures: the image options (size, mean, "
+                "std, scale, layout, channel order) were not applied"
+            )
         unused = [key for key in self._unused if key not in read_elsewhere]
         if unused:
             notes.append(f"{self.source}: arrays {unused} feed no model input; not read")

@@ -577,3 +577,33 @@ def test_finetune_per_tensor_keeps_one_scale_per_weight(ws):
     ]
     assert scales
     assert all(s.ndim == 0 for s in scales)
+
+
+def test_image_options_beside_arrays_are_noted(ws):
+    """--mean/--std/--image-size with an .npz did nothing, silently."""
+    result = run_contract(ws, quantize(ws, None, "--mean", "100"), None, codes=(0,))
+    assert "holds arrays, not pictures" in result.stdout
+
+
+def test_two_specs_for_one_output_are_refused(ws):
+    """The second was dropped without a word."""
+    specs = ["--output-parts", "y:1:0-2,2-5", "y:1:0-1,1-5"]
+    refused(ws, quantize(ws, None, *specs), "give one spec per output")
+
+
+def test_run_names_its_archive_npz(ws, quantized):
+    """`-o out.npy` held an .npz archive under a .npy name."""
+    out = ws.folder / "out.npy"
+    refused(ws, ["run", quantized, "--inputs", ws.calib, "-o", out], "name it .npz", out)
+
+
+def test_export_table_refuses_an_ncnn_param_beside_a_tensorrt_table(ws, quantized):
+    param = write(ws.folder / "m.param", b"7767517\n1 1\nInput input 0 1 input\n")
+    table = ws.folder / "t.cache"
+    args = ["export-table", quantized, "--format", "tensorrt", "-o", table, "--ncnn-param", param]
+    refused(ws, args, "with --format ncnn only", table)
+
+
+def test_diff_of_a_float_model_says_it_may_be_float(ws):
+    args = ["diff", ws.model, "--data", ws.calib, "--against", "fp32"]
+    refused(ws, args, "a float model, or QOperator form", None)

@@ -171,6 +171,8 @@ def _table_flag(args: argparse.Namespace) -> tuple[str, str] | None:
 def export_table(args: argparse.Namespace) -> str:
     from qdq.report.tables import write_table
 
+    if args.ncnn_param is not None and args.format != "ncnn":
+        raise UsageError("--ncnn-param names ncnn's layers: give it with --format ncnn only")
     target = write_table(args.model, args.output, args.format, args.ncnn_param)
     return f"wrote {target}: {args.format} calibration table of {args.model}"
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from qdq.arrayfile import read_arrays
 from qdq.data import InputSpec, check_feeds, model_inputs
 from qdq.engine.executor import Engine
-from qdq.errors import ModelError
+from qdq.errors import ModelError, UsageError
 from qdq.onnx.model import load_model
 from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.outputs import check_output, staged
@@ -27,6 +27,10 @@ def run_command(
     kernels: str = "auto",
 ) -> str:
     target = check_output(output, [model_path, inputs])
+    if target.suffix != ".npz":  # a .npy name held a zip that np.load reads as npz
+        raise UsageError(
+            f"-o {output}: run writes an .npz archive, an array per output; name it .npz"
+        )
     model = load_model(model_path)
     specs = model_inputs(model)
     feeds = _read_feeds(Path(inputs), specs)

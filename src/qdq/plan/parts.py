@@ -282,13 +282,21 @@ def worst_sqnr(stats: Iterable[PartStats]) -> float:
 
 
 def check_declared(declared: Iterable[str], names: Sequence[str]) -> None:
-    """Each declared spec parses and names one of the model's float outputs `names`."""
+    """Each declared spec parses and names one of the model's float outputs `names`, once."""
+    seen: dict[str, str] = {}
     for spec in declared:
-        if parse_parts(spec)[0] not in names:
+        output = parse_parts(spec)[0]
+        if output not in names:
             raise DataError(
                 f"`output_parts` {spec!r} names no float output of the model; its float "
-                f"outputs are {', '.join(names)}"
+                f"outputs are {', '.join(names) or 'none'}"
             )
+        if output in seen:  # only the first was read
+            raise DataError(
+                f"`output_parts` {seen[output]!r} and {spec!r} both split {output!r}; give one "
+                "spec per output, its spans joined by commas"
+            )
+        seen[output] = spec
 
 
 def output_parts(
