@@ -243,8 +243,8 @@ def _right_side(
         if model is engine.model:
             raise UsageError(
                 "`against` fp32 runs the QDQ graph's float ops on dequantized values; this "
-                "model has no QDQ groups (a float model, or QOperator form): give the QDQ model "
-                "qdq quantize wrote"
+                "model has no QDQ groups (a float model, or QOperator form): give the QDQ file "
+                "qdq quantize writes (--format qdq, its default)"
             )
         session = _session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         name = "FP32 ops on dequantized values (ONNX Runtime, QDQ graph unfused)"

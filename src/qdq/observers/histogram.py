@@ -149,7 +149,8 @@ def _bin_rows(rows: np.ndarray, width: np.ndarray, half: int) -> np.ndarray:
     channels = rows.shape[0]
     size = 2 * half
     stride = size + 1  # per row: the bins and the overflow bin
-    per_unit = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
+    with np.errstate(over="ignore"):  # inf where width < 5.6e-309: capped below
+        per_unit = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
     # float32 rows whose bins are narrower than 3e-39 (values of 1e-37 or subnormals) are
     # binned in float64: in float32, 1 / width was inf, and inf * 0 a NaN index that the
     # compiled loop wrote far outside its counts (a heap corruption), and clamping it to
