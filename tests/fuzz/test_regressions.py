@@ -607,3 +607,14 @@ def test_export_table_refuses_an_ncnn_param_beside_a_tensorrt_table(ws, quantize
 def test_diff_of_a_float_model_says_it_may_be_float(ws):
     args = ["diff", ws.model, "--data", ws.calib, "--against", "fp32"]
     refused(ws, args, "a float model, or QOperator form", None)
+
+
+def test_a_forged_weight_grid_record_is_one_line(ws, quantized):
+    """A `qdq.weights` value that is no GRID:BITS ended in an internal error (exit 1)."""
+    model = onnx.load(quantized)
+    for prop in model.metadata_props:
+        if prop.key == "qdq.weights":
+            prop.value = "int4"
+    forged = save(model, ws.folder / "forged.onnx")
+    table = ws.folder / "t.table"
+    refused(ws, ["export-table", forged, "--format", "ncnn", "-o", table], "no GRID:BITS", table)

@@ -389,3 +389,17 @@ def test_a_start_quantized_from_another_model_is_refused(tmp_path: Path) -> None
     with pytest.raises(ModelError, match="was not quantized from this model"):
         finetune_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", CONFIG, start=other)
     assert not out.exists()
+
+
+def test_a_start_of_another_form_or_grid_is_refused(tmp_path: Path) -> None:
+    """A QOperator start was said to come from another model; a 4-bit one was fine-tuned under
+    an 8-bit config."""
+    cnn, calib, out = DIGITS / "cnn.onnx", DIGITS / "calib.npz", tmp_path / "t.onnx"
+    options = FinetuneOptions(steps=2)
+    qoperator, four_bit = tmp_path / "qop.onnx", tmp_path / "four.onnx"
+    quantize_model(cnn, qoperator, calib, CONFIG, output_format="qoperator")
+    with pytest.raises(ModelError, match="is not a QDQ file"):
+        finetune_model(cnn, out, calib, CONFIG, options, start=qoperator)
+    quantize_model(cnn, four_bit, calib, CONFIG)
+    with pytest.raises(ModelError, match="holds uniform:4 weights"):
+        finetune_model(cnn, out, calib, preset_config("default"), options, start=four_bit)

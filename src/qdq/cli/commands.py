@@ -158,11 +158,14 @@ def _table_flag(args: argparse.Namespace) -> tuple[str, str] | None:
         raise UsageError("--table reads the Q/DQ pairs: drop --format qoperator, or --table")
     grid = getattr(args, "weight_grid", None) or "uniform"
     bits = getattr(args, "weight_bits", None) or 8
-    if table_format == "ncnn" and (bits < 8 or grid != "uniform"):
+    low = [f"--weight-bits {bits}"] if bits < 8 else []
+    if grid != "uniform":
+        low.append(f"--weight-grid {grid}")
+    if table_format == "ncnn" and low:
         raise UsageError(
             "--table ncnn: ncnn's int8 layers quantize their float weights to 8-bit uniform "
-            "codes themselves, so no ncnn table carries --weight-bits below 8 or --weight-grid "
-            f"{grid}; drop one of them (a tensorrt table holds activations only)"
+            f"codes themselves, so no ncnn table carries {' and '.join(low)}; drop it, or "
+            "ask for a tensorrt table (activations only)"
         )
     check_output(file, [args.model, args.calib], "--table")
     return table_format, file

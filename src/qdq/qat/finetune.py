@@ -27,7 +27,7 @@ import torch
 from qdq.config import QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, ModelError, SchemeError, expect
-from qdq.onnx.model import float_outputs, load_model, save_model
+from qdq.onnx.model import WEIGHTS_KEY, float_outputs, load_model, save_model
 from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
 from qdq.pipeline import prepare, quantize_model
@@ -184,7 +184,20 @@ def _check_start(
 ) -> None:
     """A ModelError unless `quantized` holds every node of `model` as qdq prepares it, with
     the same inputs and outputs: a start quantized from another model was trained to mimic
-    this one and written as its fine-tuned copy."""
+    this one and written as its fine-tuned copy; and a QDQ file on `config`'s weight grid."""
+    ops = {n.op_type for n in quantized.graph.node}
+    if "QuantizeLinear" not in ops or any(op.startswith("QLinear") for op in ops):
+        raise ModelError(
+            f"`start` {start} is not a QDQ file; give the one `qdq quantize` writes by default "
+            "(--format qdq)"
+        )
+    recorded = {p.key: p.value for p in quantized.metadata_props}.get(WEIGHTS_KEY)
+    wanted = f"{config.weight_grid.value}:{config.weights.bits}"
+    if recorded is not None and recorded != wanted:
+        raise ModelError(
+            f"`start` {start} holds {recorded} weights but the config asks for {wanted}; give "
+            "the config it was quantized with"
+        )
     prepared = prepare(model, config.per_channel)[0]
     missing = {n.name for n in prepared.graph.node} - {n.name for n in quantized.graph.node}
     if missing or _ends(prepared) != _ends(quantized):

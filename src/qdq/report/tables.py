@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import numpy as np
 import onnx
 
 from qdq.errors import DataError, ModelError, choice
+from qdq.lowbit import WeightGrid
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.onnx.model import METADATA_KEY, WEIGHTS_KEY, load_model
 from qdq.outputs import check_output, staged
@@ -120,6 +122,12 @@ def read_ranges(model: onnx.ModelProto) -> Ranges:
         and (dq := _weight_dq(index, node)) is not None
     )
     weights = props.get(WEIGHTS_KEY, UNIFORM_INT8)
+    grids = "|".join(g.value for g in WeightGrid)
+    if not re.fullmatch(f"({grids}):[2-8]", weights):
+        raise ModelError(
+            f"the model's {WEIGHTS_KEY!r} metadata {weights!r:.40} is no GRID:BITS qdq writes "
+            "(e.g. uniform:8); export tables from the file `qdq quantize` wrote"
+        )
     return Ranges({k: float(v) for k, v in activations.items()}, layers, weights)
 
 
