@@ -3,13 +3,15 @@ is a qdq error naming the argument, not an AttributeError or an Inf from deep in
 
 from __future__ import annotations
 
+import json
+
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from qdq import QScheme, Range, WeightGrid, choose_qparams, fake_quantize, grid_codes
+from qdq import QScheme, Range, WeightGrid, choose_qparams, fake_quantize, grid_codes, pipeline
 from qdq.cli.parser import build_parser
 from qdq.config import QuantConfig
 from qdq.engine import Engine
@@ -271,3 +273,29 @@ def test_a_causal_masks_minus_inf_buffer_is_no_broken_weight(tmp_path):
 
     prepared = prepare(Masked(), torch.randn(2, 4))
     assert export(prepared, tmp_path / "q.onnx", torch.randn(1, 4)).exists()
+
+
+def test_compare_json_is_standard_json_even_for_exact_outputs():
+    """A model compared with itself has infinite SQNR, which json wrote as `Infinity`: no
+    parser but Python's reads it."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(constant)
+
+    text = compare_models(CNN, CNN, CALIB, latency_runs=0).to_json()
+    parsed = json.loads(text, parse_constant=refuse)
+    assert parsed["outputs"]["logits"]["sqnr_db"] is None
+
+
+def test_a_failure_measuring_the_report_leaves_no_model(tmp_path, monkeypatch):
+    """The report's numbers were measured after the file was written: a failure there left it
+    behind under 'nothing was written'."""
+
+    def broken(stats: object) -> dict:
+        raise RuntimeError("measuring failed")
+
+    monkeypatch.setattr(pipeline, "task_scores", broken)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(RuntimeError, match="measuring failed"):
+        quantize_model(CNN, out, CALIB, QuantConfig(method="minmax", prefer="int8"))
+    assert not out.exists()

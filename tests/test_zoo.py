@@ -99,7 +99,11 @@ def test_an_output_that_another_entry_reads_or_writes_is_refused_before_any_work
     "text",
     ["model = 5\n", "defaults = 3\n" + _entry("a", "m.onnx", "c.npz", "q.onnx"),
      _entry("a", "m.onnx", "c.npz", "q.onnx") + "options = [1, 2]\n",
-     '[[model]]\nname = "a"\nmodel = 5\ncalib = "c.npz"\noutput = "q.onnx"\n'],
+     '[[model]]\nname = "a"\nmodel = 5\ncalib = "c.npz"\noutput = "q.onnx"\n',
+     # read silently before (sweep 4): a misspelt table or key, a name that is a table
+     "[default]\nmethod = 'kl'\n" + _entry("a", "m.onnx", "c.npz", "q.onnx"),
+     _entry("a", "m.onnx", "c.npz", "q.onnx") + "optons = { seed = 1 }\n",
+     '[[model]]\nname = { a = 1 }\nmodel = "m.onnx"\ncalib = "c.npz"\noutput = "q.onnx"\n'],
 )  # fmt: skip
 def test_a_manifest_with_values_of_the_wrong_type_is_exit_2(tmp_path, capsys, text):
     manifest = tmp_path / "zoo.toml"
@@ -125,3 +129,26 @@ def test_an_output_path_that_does_not_resolve_is_exit_2(tmp_path, capsys):
     manifest.write_text(_entry("a", "cnn.onnx", "calib.npz", "loop1"))
     assert main(["quantize-many", str(manifest)]) == 2
     assert "does not resolve" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ('per_channel = "no"', "`per_channel` must be bool"),  # was read as true
+        ("output_parts = [5]", "must be a tuple of strings"),  # an internal error
+        ("exclude = [[1, 2]]", "must be a tuple of strings"),
+        ('weight_bits = "four"', "`weight_bits` must be an integer"),
+        ('weights = "int8"', "set through per_channel, weight_bits"),
+    ],
+)
+def test_an_option_of_the_wrong_type_fails_its_model_in_one_line(tmp_path, capsys, options, words):
+    shutil.copy(DIGITS / "cnn.onnx", tmp_path / "cnn.onnx")
+    shutil.copy(DIGITS / "calib.npz", tmp_path / "calib.npz")
+    manifest = tmp_path / "zoo.toml"
+    entry = _entry("a", "cnn.onnx", "calib.npz", "out/a.onnx")
+    manifest.write_text(entry + f"options = {{ {options} }}\n")
+    assert main(["quantize-many", str(manifest)]) == 2
+    out, err = capsys.readouterr()
+    assert words in out, out
+    assert "internal error" not in out + err
+    assert not (tmp_path / "out").exists()

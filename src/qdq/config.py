@@ -114,6 +114,10 @@ class QuantConfig:
         _check_weights(self.weights)
         if isinstance(self.exclude, str):  # iterated, "Conv" had excluded "C", "o", "n", "v"
             raise SchemeError(f"`exclude` is a tuple of names: write ({self.exclude!r},)")
+        for name in ("exclude", "output_parts"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple | list) or not all(isinstance(v, str) for v in values):
+                raise SchemeError(f"`{name}` must be a tuple of strings, got {values!r:.80}")
         _check_activations(self.activations)
         if self.batch_size < 1:
             raise SchemeError(f"batch size must be >= 1, got {self.batch_size}")
@@ -207,6 +211,13 @@ def preset_config(
     None leaves the preset's value."""
     if name not in RUN_PRESETS:
         raise SchemeError(f"unknown preset {name!r}; choose one of {', '.join(RUN_PRESETS)}")
+    expect(per_channel, (bool, type(None)), "`per_channel`")
+    expect(weight_bits, (numbers.Integral, type(None)), "`weight_bits`")
+    grids = sorted({"weights", "activations"} & set(overrides))
+    if grids:  # they would replace the grid flags' schemes
+        raise SchemeError(
+            f"{grids} are set through per_channel, weight_bits and activation_dtype here"
+        )
     config = RUN_PRESETS[name]
     weights, activations = config.weights, config.activations
     if per_channel is not None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from qdq.errors import DataError
+
 # Elements per piece when reports sum a large tensor (`ErrorStats.update`'s `block`): three
 # float64 pieces (768 kB) stay in a core's L2 cache.
 REPORT_BLOCK = 1 << 15
@@ -37,6 +39,11 @@ class ErrorStats:
         workers at once); the sums then differ from whole-batch ones in the last bits. None:
         the whole batch at once (what plans are scored with; a batch of at most `block`
         elements gives the same bits either way)."""
+        if reference.shape != approximation.shape:  # would broadcast, or compare a prefix
+            raise DataError(
+                f"an output of shape {list(approximation.shape)} is compared with FP32's of "
+                f"shape {list(reference.shape)}; compare a model with the one it was made from"
+            )
         x, y = reference.ravel(), approximation.ravel()
         size = block or max(x.size, 1)
         buffers = np.empty((3, min(size, x.size)))
@@ -49,7 +56,7 @@ class ErrorStats:
             self.other += sums[3]
             peak = np.maximum(peak, top)  # a NaN error stays NaN, as in one np.max
         self.max_abs = max(self.max_abs, float(peak))
-        if looks_like_scores(reference):
+        if looks_like_scores(reference) and len(reference):  # (0, K): a detector found none
             self.classes = True
             self.rows += len(reference)
             best = reference.argmax(axis=1)
@@ -113,6 +120,12 @@ def sqnr_db(signal: float | np.ndarray, noise: float | np.ndarray) -> float | np
     with np.errstate(divide="ignore", invalid="ignore"):  # inf / inf: undefined, NaN
         ratio = np.maximum(signal, 1e-300) / noise
     return np.where(noise == 0, np.inf, 10 * np.log10(np.where(noise == 0, 1.0, ratio)))
+
+
+def measurable(value: object) -> bool:
+    """Whether a tensor holds numbers (bools included), which ErrorStats measures; strings and
+    sequences have no error to measure."""
+    return isinstance(value, np.ndarray) and value.dtype.kind in "biuf"
 
 
 def looks_like_scores(output: np.ndarray) -> bool:

@@ -154,6 +154,11 @@ def quantize_model(
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     session = _check_loads(quantized)
     checked = [] if config.data_free else _output_check(model, session, samples, config)
+    # everything the report says is measured before the file is written: a failure here
+    # had left the model behind under "nothing was written"
+    output_sqnr = {s.part.label: s.error.sqnr_db for s in checked}
+    output_tasks = {s.part.label: task_scores(s) for s in checked if task_scores(s)}
+    notes += _budget_notes(plan)
     save_model(quantized, target)
     return QuantizeReport(
         decisions=list(plan.decisions.values()),
@@ -161,9 +166,9 @@ def quantize_model(
         calibration_seconds=seconds,
         float_bytes=source.stat().st_size,
         quantized_bytes=target.stat().st_size,
-        notes=notes + _budget_notes(plan),
-        output_sqnr={s.part.label: s.error.sqnr_db for s in checked},
-        output_tasks={s.part.label: task_scores(s) for s in checked if task_scores(s)},
+        notes=notes,
+        output_sqnr=output_sqnr,
+        output_tasks=output_tasks,
         candidates=list(plan.frontier),
         float_ms=plan.float_ms,
     )

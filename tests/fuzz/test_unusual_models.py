@@ -13,6 +13,9 @@ import pytest
 from hostile import Workspace, X, model_with, quantize, refused, run_contract, save
 from onnx import numpy_helper
 
+from qdq.errors import DataError
+from qdq.metrics import ErrorStats
+
 
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
@@ -235,3 +238,68 @@ def test_finetune_learns_from_the_float_output_beside_a_mask(ws):
     args = ["finetune", ws.model, "-o", out, "--calib", ws.calib, "--steps", "2"]
     assert ws.run(*args).code == 0  # (torch leaves its compiler's cache folder in the temp one)
     assert [o.name for o in ort.InferenceSession(out).get_outputs()] == ["y", "h"]
+
+
+def _with_extra_output(node: onnx.NodeProto, output: onnx.ValueInfoProto) -> onnx.ModelProto:
+    """x[N, 4] -> MatMul -> y[N, 4], and `node` reading y into the extra `output`."""
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32) * 2, "w")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])
+    mm = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    return model_with([mm, node], [x], [y, output], [weight])
+
+
+@pytest.mark.parametrize(
+    ("node", "output"),
+    [  # each ended in an internal error of quantize, compare or report (sweep 4)
+        (
+            onnx.helper.make_node("ReduceSum", ["y"], ["s"], keepdims=0, name="sum"),
+            onnx.helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, []),
+        ),
+        (
+            onnx.helper.make_node("Cast", ["y"], ["s"], to=onnx.TensorProto.STRING, name="cast"),
+            onnx.helper.make_tensor_value_info("s", onnx.TensorProto.STRING, ["N", 4]),
+        ),
+    ],
+    ids=["a scalar output", "a string output"],
+)
+def test_quantize_compare_and_report_take_an_odd_second_output(ws, node, output):
+    save(_with_extra_output(node, output), ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(16).standard_normal((32, 4)).astype(np.float32))
+    out, report = ws.folder / "out.onnx", ws.folder / "r.html"
+    run_contract(ws, quantize(ws), out, codes=(0,))
+    run_contract(ws, ["compare", ws.model, out, "--data", ws.calib], None, codes=(0,))
+    run_contract(ws, ["report", ws.model, out, "--data", ws.calib, "-o", report], report, (0,))
+
+
+def test_an_output_empty_on_every_sample_is_no_class_score(ws):
+    """(0, 4) rows (a detector finding nothing) were taken for class scores: 0 / 0 (exit 1)."""
+    starts, ends, axes = (numpy_helper.from_array(np.array([v]), n) for v, n in
+                          ((0, "starts"), (0, "ends"), (0, "axes")))  # fmt: skip
+    node = onnx.helper.make_node("Slice", ["y", "starts", "ends", "axes"], ["e"], name="none")
+    model = _with_extra_output(node, onnx.helper.make_tensor_value_info("e", 1, [0, 4]))
+    model.graph.initializer.extend([starts, ends, axes])
+    save(model, ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(17).standard_normal((32, 4)).astype(np.float32))
+    out = ws.folder / "out.onnx"
+    run_contract(ws, quantize(ws), out, codes=(0,))
+    run_contract(ws, ["compare", ws.model, out, "--data", ws.calib], None, codes=(0,))
+
+
+def test_compare_refuses_outputs_of_another_shape(ws):
+    """A 'quantized' model with the float model's names but a wider output: numpy's broadcast
+    error (exit 1); ErrorStats alone had compared the first elements."""
+
+    def matmul(columns: int) -> onnx.ModelProto:
+        weight = numpy_helper.from_array(np.ones((4, columns), np.float32), "w")
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", columns])
+        return model_with([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], [x], [y], [weight])
+
+    save(matmul(4), ws.model)
+    other = save(matmul(6), ws.folder / "other.onnx")
+    np.savez(ws.calib, x=np.ones((4, 4), np.float32))
+    args = ["compare", ws.model, other, "--data", ws.calib]
+    refused(ws, args, "compared with FP32's of shape [1, 4]")
+    with pytest.raises(DataError, match="compared with FP32's of shape"):
+        ErrorStats().update(np.zeros(4), np.ones(5))

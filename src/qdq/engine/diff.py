@@ -10,7 +10,6 @@ difference it shows is its own kernel's, not one propagated from upstream.
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from qdq.engine.executor import Engine
 from qdq.errors import ModelError, UsageError, expect, first_line
 from qdq.onnx.model import load_model
 from qdq.onnx.sessions import session_with_outputs
+from qdq.report.jsonout import strict_json
 
 Against = Literal["ort", "engine", "fp32"]
 Values = dict[str, np.ndarray]
@@ -85,7 +85,7 @@ class Diff:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2)
+        return strict_json(self.as_dict())
 
     def to_text(self) -> str:
         lines = [

@@ -146,8 +146,9 @@ def find_parts(
             )
         unit = _unit_channels(batches, axis)
         return _typed([Part(name, axis, a, b, _kind(unit[a:b])) for a, b in spans], first.ndim)
-    rows = sum(len(b) for b in batches)
-    if first.dtype.kind != "f" or first.ndim < 2 or first.size == 0 or rows < MIN_ROWS:
+    if first.dtype.kind != "f" or first.ndim < 2 or first.size == 0:
+        return [Part(name)]
+    if sum(len(b) for b in batches) < MIN_ROWS:
         return [Part(name)]
     # quantities lie along the first non-batch axis or the last, never along image rows
     for axis in dict.fromkeys((1, first.ndim - 1)):
@@ -322,7 +323,7 @@ def find_gates(names: Sequence[str], reference: Sequence[Sequence[np.ndarray]]) 
     but for the channel count along axis 1 or the last, whose values all lie in [0, 1] and pass
     CONFIDENCE somewhere in `reference` (per feed, the outputs in `names`' order), on at least
     MIN_ROWS samples."""
-    if not names or sum(len(outputs[0]) for outputs in reference) < MIN_ROWS:
+    if not names or sum(len(np.atleast_1d(outputs[0])) for outputs in reference) < MIN_ROWS:
         return {}
     batches = {name: [np.asarray(o[i]) for o in reference] for i, name in enumerate(names)}
     unit = {

@@ -18,7 +18,7 @@ from qdq.arrayfile import open_npz
 from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, ModelError, expect
 from qdq.images import ImageOptions
-from qdq.metrics import REPORT_BLOCK, ErrorStats
+from qdq.metrics import REPORT_BLOCK, ErrorStats, measurable
 from qdq.onnx.model import METADATA_KEY, load_model
 from qdq.onnx.sessions import (
     fails_on_data,
@@ -29,6 +29,7 @@ from qdq.onnx.sessions import (
 )
 from qdq.plan.calibrate import budgeted
 from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
+from qdq.report.jsonout import strict_json
 from qdq.workers import ONE_PROCESS, Workers
 
 PART_SAMPLES = 16  # leading samples whose FP32 outputs find each output's parts (qdq.plan.parts)
@@ -71,7 +72,7 @@ class Comparison:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2, default=float)
+        return strict_json(self.as_dict())
 
     def to_text(self, top: int = 15) -> str:
         lines = [*self.notes, f"{self.samples} samples"]
@@ -336,12 +337,15 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
     for ref, got in _runs(job, ref_session, q_session, samples, span):
         by_name = dict(zip(outputs, ref, strict=False))  # the paired tensors follow
         for i, name in enumerate(outputs):
+            if not measurable(ref[i]):  # strings, sequences: no error to measure
+                out_stats.pop(name, None)
+                continue
             out_stats[name].update(ref[i], got[i], REPORT_BLOCK)
             if name in parts:
                 update_all(parts[name], ref[i], got[i], by_name)
         for j, name in enumerate(pairs, start=len(outputs)):
             layer_stats[name].update(ref[j], got[j], REPORT_BLOCK)
-        if out_stats[outputs[0]].classes:
+        if outputs[0] in out_stats and out_stats[outputs[0]].classes:
             predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
     return out_stats, layer_stats, predictions, parts
 

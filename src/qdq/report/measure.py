@@ -11,7 +11,7 @@ import onnx
 
 from qdq.data import Samples, model_inputs
 from qdq.images import ImageOptions
-from qdq.metrics import REPORT_BLOCK, ErrorStats
+from qdq.metrics import REPORT_BLOCK, ErrorStats, measurable
 from qdq.observers import Histogram
 from qdq.onnx.model import load_model
 from qdq.onnx.sessions import session_with_outputs
@@ -139,7 +139,10 @@ def _stream(
         want = dict(zip(ref_names, ref_session.run(ref_names, feed), strict=True))
         got = q_session.run(q_names, feed)
         for name, value in zip(compared, got, strict=True):
-            stats[name].update(want[name], value, REPORT_BLOCK)
+            if measurable(want[name]):  # a string or sequence tensor has no error to measure
+                stats[name].update(want[name], value, REPORT_BLOCK)
+            else:
+                stats.pop(name, None)
         for name, hist in histograms.items():
             if want[name].size and np.isfinite(want[name]).all():
                 hist.update(want[name])
