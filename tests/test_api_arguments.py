@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qdq import QScheme, Range, WeightGrid, choose_qparams, fake_quantize, grid_codes, pipeline
+from qdq.arrayfile import open_npz
 from qdq.cli.parser import build_parser
 from qdq.config import QuantConfig
 from qdq.engine import Engine
@@ -19,14 +20,18 @@ from qdq.engine import run as engine_run
 from qdq.engine.diff import diff_model
 from qdq.errors import ArgumentError, DataError, ModelError, QdqError, SchemeError
 from qdq.fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier, requantize
+from qdq.metrics import ErrorStats
 from qdq.observers import KL, MSE, Histogram, HistogramObserver, Percentile, make_observer
 from qdq.observers.minmax import MovingAverageMinMaxObserver
+from qdq.passes.equalize import equalize
 from qdq.pipeline import quantize_model
 from qdq.qat import export, prepare
 from qdq.qat.finetune import FinetuneOptions, finetune_model
 from qdq.qparams import QParams
 from qdq.report.compare import compare_models
 from qdq.scheme import PerBlock, PerChannel
+from qdq.workers import Workers
+from qdq.zoo import quantize_many, read_manifest
 
 from conftest import DIGITS
 
@@ -119,6 +124,13 @@ WRONG_TYPES = {
         lambda: quantize_model(CNN, "/tmp/never.onnx", CALIB, images="x"),
         "images must be ImageOptions",
     ),
+    "read_manifest None": (lambda: read_manifest(None), "manifest's path must be str"),
+    "quantize_many strings": (lambda: quantize_many(["x"]), "entries must be a list of Entry"),
+    "workers count": (lambda: Workers(count="2"), "`workers` must be an integer"),
+    "equalize a path": (lambda: equalize(CNN), "model must be ModelProto"),
+    "merge with None": (lambda: ErrorStats().merged(None), "merge takes another ErrorStats"),
+    "sample -1": (lambda: open_npz(CALIB)["input"].read([-1]), "must lie in 0.."),
+    "sample 0.5": (lambda: open_npz(CALIB)["input"].read([0.5]), "must be integers"),
     "prepare freeze_bn_after": (
         lambda: prepare(nn.Linear(3, 2), torch.randn(1, 3), freeze_bn_after="x"),
         "freeze_bn_after must be an integer",

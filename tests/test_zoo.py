@@ -103,7 +103,9 @@ def test_an_output_that_another_entry_reads_or_writes_is_refused_before_any_work
      # read silently before (sweep 4): a misspelt table or key, a name that is a table
      "[default]\nmethod = 'kl'\n" + _entry("a", "m.onnx", "c.npz", "q.onnx"),
      _entry("a", "m.onnx", "c.npz", "q.onnx") + "optons = { seed = 1 }\n",
-     '[[model]]\nname = { a = 1 }\nmodel = "m.onnx"\ncalib = "c.npz"\noutput = "q.onnx"\n'],
+     '[[model]]\nname = { a = 1 }\nmodel = "m.onnx"\ncalib = "c.npz"\noutput = "q.onnx"\n',
+     '[[model]]\nname = "a\\nqdq: error: forged"\nmodel = "m.onnx"\ncalib = "c.npz"\n'
+     'output = "q.onnx"\n'],
 )  # fmt: skip
 def test_a_manifest_with_values_of_the_wrong_type_is_exit_2(tmp_path, capsys, text):
     manifest = tmp_path / "zoo.toml"

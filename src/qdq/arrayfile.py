@@ -61,6 +61,20 @@ class Member:
             raise DataError(f"{where} is a scalar; stack samples on the leading axis")
         self.where, self.shape, self.dtype, self.count = where, shape, dtype, shape[0]
 
+    def checked(self, picked: object) -> np.ndarray:
+        """`picked` as sample positions: whole numbers in [0, count). A compressed member read
+        its header's bytes as data for -1, and sample 0 for 0.5."""
+        positions = np.asarray(picked)
+        if positions.size and positions.dtype.kind not in "iu":
+            raise DataError(f"{self.where}: sample positions must be integers, got {positions}")
+        positions = positions.astype(np.int64).reshape(-1)
+        if positions.size and (positions.min() < 0 or positions.max() >= self.count):
+            raise DataError(
+                f"{self.where}: sample positions must lie in 0..{self.count - 1}, got "
+                f"{positions.min()}..{positions.max()}"
+            )
+        return positions
+
 
 class Mapped(Member):
     """An array stored uncompressed: memory-mapped, only the picked samples read."""
@@ -70,6 +84,7 @@ class Mapped(Member):
         self.path, self.offset = path, offset
 
     def read(self, picked: np.ndarray) -> np.ndarray:
+        picked = self.checked(picked)
         if math.prod(self.shape) == 0:
             return np.empty((len(picked), *self.shape[1:]), self.dtype)
         array = np.memmap(self.path, self.dtype, "r", offset=self.offset, shape=self.shape)
@@ -87,6 +102,7 @@ class Streamed(Member):
         self.sample_bytes = math.prod(shape[1:]) * dtype.itemsize
 
     def read(self, picked: np.ndarray) -> np.ndarray:
+        picked = self.checked(picked)
         if not len(picked):
             return np.empty((0, *self.shape[1:]), self.dtype)
         samples = []

@@ -39,6 +39,8 @@ class ErrorStats:
         workers at once); the sums then differ from whole-batch ones in the last bits. None:
         the whole batch at once (what plans are scored with; a batch of at most `block`
         elements gives the same bits either way)."""
+        if block is not None and (not isinstance(block, int) or block < 1):
+            raise DataError(f"`block` must be a whole number of elements >= 1, got {block!r}")
         if reference.shape != approximation.shape:  # would broadcast, or compare a prefix
             raise DataError(
                 f"an output of shape {list(approximation.shape)} is compared with FP32's of "
@@ -66,6 +68,8 @@ class ErrorStats:
 
     def merged(self, other: ErrorStats) -> ErrorStats:
         """The sums of two shards of the same tensor together (maxima taken)."""
+        if not isinstance(other, ErrorStats):
+            raise DataError(f"merge takes another ErrorStats, got {type(other).__name__}")
         sums = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
         sums.update(max_abs=max(self.max_abs, other.max_abs), classes=self.classes or other.classes)
         return ErrorStats(**sums)
@@ -77,7 +81,8 @@ class ErrorStats:
     @property
     def cosine(self) -> float:
         denominator = np.sqrt(self.signal * self.other)
-        return float(self.dot / denominator) if denominator else 1.0
+        with np.errstate(invalid="ignore"):  # inf / inf: an output that is Inf somewhere
+            return float(self.dot / denominator) if denominator else 1.0
 
     def as_dict(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {
@@ -85,7 +90,7 @@ class ErrorStats:
             "cosine": self.cosine,
             "max_abs_error": self.max_abs,
         }
-        if self.classes:
+        if self.classes and self.rows:
             out["top1_agreement"] = self.top1 / self.rows
             out["top5_agreement"] = self.top5 / self.rows
         return out
@@ -117,9 +122,21 @@ def sqnr_db(signal: float | np.ndarray, noise: float | np.ndarray) -> float | np
     (20.0, inf)
     """
     signal, noise = np.asarray(signal, np.float64), np.asarray(noise, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):  # inf / inf: undefined, NaN
+    # inf / inf: undefined, NaN; x / inf: 0, -inf dB
+    with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.maximum(signal, 1e-300) / noise
-    return np.where(noise == 0, np.inf, 10 * np.log10(np.where(noise == 0, 1.0, ratio)))
+        return np.where(noise == 0, np.inf, 10 * np.log10(np.where(noise == 0, 1.0, ratio)))
+
+
+def nonfinite_notes(stats: dict[str, ErrorStats]) -> list[str]:
+    """A note per output whose FP32 values are NaN or Inf on the data: its SQNR and cosine
+    are undefined, which 'nan dB' alone does not explain."""
+    return [
+        f"the float model's output {name!r} is NaN or Inf on these samples, so "
+        "its SQNR and cosine are undefined; are the inputs preprocessed as the model expects?"
+        for name, s in stats.items()
+        if not np.isfinite(s.signal)
+    ]
 
 
 def measurable(value: object) -> bool:

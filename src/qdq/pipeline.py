@@ -15,6 +15,7 @@ import onnxruntime as ort
 from qdq.config import OutputFormat, Placement, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, ModelError, UsageError, choice, expect
+from qdq.metrics import nonfinite_notes
 from qdq.onnx.graph import GraphIndex, constants_to_initializers
 from qdq.onnx.model import (
     PER_AXIS_OPSET,
@@ -158,7 +159,7 @@ def quantize_model(
     # had left the model behind under "nothing was written"
     output_sqnr = {s.part.label: s.error.sqnr_db for s in checked}
     output_tasks = {s.part.label: task_scores(s) for s in checked if task_scores(s)}
-    notes += _budget_notes(plan)
+    notes += _budget_notes(plan) + nonfinite_notes({s.part.label: s.error for s in checked})
     save_model(quantized, target)
     return QuantizeReport(
         decisions=list(plan.decisions.values()),

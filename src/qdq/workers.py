@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import numbers
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
-from qdq.errors import QdqError, UsageError, first_line
+from qdq.errors import QdqError, UsageError, expect, first_line
 
 log = logging.getLogger(__name__)
 C, S, T, R = TypeVar("C"), TypeVar("S"), TypeVar("T"), TypeVar("R")
@@ -52,6 +53,9 @@ class Workers:
     retries: int = 3
 
     def __post_init__(self) -> None:
+        expect(self.count, numbers.Integral, "`workers`")
+        expect(self.retries, numbers.Integral, "`retries`")
+        expect(self.ray, (str, type(None)), "`ray`", 'an address such as "auto"')
         if self.count < 1:
             raise UsageError(f"`workers` must be >= 1, got {self.count}")
         if self.retries < 0:

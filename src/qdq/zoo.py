@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 import time
 import tomllib
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qdq.config import preset_config
-from qdq.errors import QdqError, UsageError, first_line
+from qdq.errors import ArgumentError, QdqError, UsageError, expect, first_line
 from qdq.pipeline import quantize_model
 from qdq.workers import ONE_PROCESS, Workers
 
@@ -70,6 +71,7 @@ def read_manifest(path: str | Path) -> list[Entry]:
     required keys present, names unique, and no output that is another entry's output, an
     input of any entry, a report, or the manifest itself (written in turn, it would be read
     or overwritten later)."""
+    expect(path, (str, os.PathLike), "the manifest's path")
     path = Path(path)
     try:
         manifest = tomllib.loads(path.read_text())
@@ -94,8 +96,9 @@ def read_manifest(path: str | Path) -> list[Entry]:
         unknown = sorted(set(model) - {*REQUIRED, "options"})
         if unknown:  # `optons = {...}` was never read
             raise UsageError(f"{where}: unknown keys {unknown}; options go in options = {{...}}")
-        if not isinstance(model["name"], str) or not model["name"]:
-            raise UsageError(f"{where}: name must be a non-empty string, got {model['name']!r}")
+        name = model["name"]  # a newline or an ESC sequence would forge lines of the table
+        if not isinstance(name, str) or not name or not name.isprintable():
+            raise UsageError(f"{where}: name must be a printable string, got {name!r:.60}")
         paths = ("model", "calib", "output")
         wrong = [key for key in paths if not isinstance(model[key], str) or not model[key]]
         if wrong:
@@ -143,6 +146,9 @@ def quantize_many(entries: list[Entry], workers: Workers = ONE_PROCESS) -> list[
     """Each model quantized in turn (its work on `workers`), done ones skipped, failures kept:
     a model's own bad input as its one line, anything else also with the log file holding its
     traceback."""
+    if not isinstance(entries, list | tuple) or not all(isinstance(e, Entry) for e in entries):
+        raise ArgumentError("entries must be a list of Entry, as read_manifest returns them")
+    expect(workers, Workers, "workers", "e.g. qdq.workers.Workers(count=2)")
     outcomes = []
     for entry in entries:
         if entry.report.exists() and entry.output.exists():

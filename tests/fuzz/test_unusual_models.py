@@ -4,6 +4,7 @@ Each is quantized (or run) and checked against FP32, or refused in one line."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -303,3 +304,62 @@ def test_compare_refuses_outputs_of_another_shape(ws):
     refused(ws, args, "compared with FP32's of shape [1, 4]")
     with pytest.raises(DataError, match="compared with FP32's of shape"):
         ErrorStats().update(np.zeros(4), np.ones(5))
+
+
+def _matmul_model(columns: int = 4, name: str = "x", classes: object = None) -> onnx.ModelProto:
+    """`name`[N, 4] -> MatMul -> y[N, `classes` or columns]."""
+    weight = numpy_helper.from_array(np.ones((4, columns), np.float32), "w")
+    x = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", classes or columns])
+    return model_with([onnx.helper.make_node("MatMul", [name, "w"], ["y"])], [x], [y], [weight])
+
+
+def test_labels_beyond_a_symbolic_class_axis_are_refused(ws):
+    """y[N, "K"]: the check read the declared size only, and printed 14% accuracy."""
+    save(_matmul_model(classes="K"), ws.model)
+    np.savez(ws.calib, x=X[:, 0, 0, :4].copy(), label=np.arange(len(X)) % 10)
+    refused(ws, ["compare", ws.model, ws.model, "--data", ws.calib], "has 4 classes", None)
+
+
+def test_an_input_named_label_is_the_models(ws):
+    """compare took the model's own input `label` for labels and refused its data."""
+    save(_matmul_model(name="label"), ws.model)
+    np.savez(ws.calib, label=X[:, 0, 0, :4].copy())
+    run_contract(ws, ["compare", ws.model, ws.model, "--data", ws.calib], None, codes=(0,))
+
+
+def test_an_output_of_minus_inf_is_explained_without_a_warning(ws):
+    """Log of a ReLU's zeros: a raw numpy warning on stderr, and 'nan dB' unexplained."""
+    model = _matmul_model()
+    model.graph.node[0].output[0] = "m"
+    model.graph.node.extend([onnx.helper.make_node("Relu", ["m"], ["r"]),
+                             onnx.helper.make_node("Log", ["r"], ["y"])])  # fmt: skip
+    save(model, ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(18).standard_normal((32, 4)).astype(np.float32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
+    assert "'y' is NaN or Inf" in result.stdout
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_bfloat16_output_is_refused_in_one_line(ws):
+    """ONNX Runtime's Python API returns no bfloat16 array (exit 1 in compare and run)."""
+    model = _matmul_model()
+    model.graph.node.append(onnx.helper.make_node("Cast", ["y"], ["b"], to=16))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("b", 16, ["N", 4]))
+    save(model, ws.model)
+    np.savez(ws.calib, x=np.ones((4, 4), np.float32))
+    refused(ws, ["compare", ws.model, ws.model, "--data", ws.calib], "are bfloat16", None)
+
+
+def test_two_nodes_of_one_name_are_refused_naming_the_users_file(ws):
+    """compare ended in an internal error; quantize named its own temporary copy."""
+    model = _matmul_model()
+    model.graph.node[0].name = "n"
+    model.graph.node.append(onnx.helper.make_node("Relu", ["y"], ["r"], name="n"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("r", 1, ["N", 4]))
+    save(model, ws.model)
+    np.savez(ws.calib, x=np.ones((4, 4), np.float32))
+    refused(ws, ["compare", ws.model, ws.model, "--data", ws.calib], f"{ws.model} names", None)
+    refused(ws, quantize(ws), f"{ws.model} names more than one node ['n']")

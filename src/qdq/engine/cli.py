@@ -12,7 +12,7 @@ from qdq.arrayfile import read_arrays
 from qdq.data import InputSpec, check_feeds, model_inputs
 from qdq.engine.executor import Engine
 from qdq.errors import ModelError, UsageError
-from qdq.onnx.model import load_model
+from qdq.onnx.model import check_outputs_readable, load_model
 from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.outputs import check_output, staged
 
@@ -32,6 +32,7 @@ def run_command(
             f"-o {output}: run writes an .npz archive, an array per output; name it .npz"
         )
     model = load_model(model_path)
+    check_outputs_readable(model, model_path)
     specs = model_inputs(model)
     feeds = _read_feeds(Path(inputs), specs)
     session = _checked_session(model, model_path)

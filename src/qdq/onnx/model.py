@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +47,13 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     names = [n.name for n in graph.node] + [v.name for v in (*graph.input, *graph.output)]
     if any(isinstance(name, bytes) for name in names):  # protobuf's answer to broken UTF-8
         raise ModelError(f"{path} is not a valid ONNX model: it names nodes in broken UTF-8")
+    counts = Counter(n.name for n in graph.node if n.name)
+    twice = sorted(name for name, count in counts.items() if count > 1)
+    if twice:  # ONNX Runtime refuses such a model
+        raise ModelError(
+            f"{path} names more than one node {twice[:3]}; ONNX Runtime refuses such a model: "
+            "give each node its own name (or none)"
+        )
     domains = [o.domain or "ai.onnx" for o in model.opset_import]
     twice = sorted({d for d in domains if domains.count(d) > 1})
     if twice:
@@ -120,6 +128,18 @@ def float_outputs(model: onnx.ModelProto) -> list[str]:
     """The outputs every check compares with FP32's: the float32 ones, in the graph's order."""
     return [o.name for o in model.graph.output
             if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]  # fmt: skip
+
+
+def check_outputs_readable(model: onnx.ModelProto, path: object) -> None:
+    """Refuse a model with a bfloat16 output: ONNX Runtime's Python API cannot return one
+    ("No corresponding Numpy type"), so nothing can run it from Python to compare or save."""
+    bfloat16 = [o.name for o in model.graph.output
+                if o.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16]  # fmt: skip
+    if bfloat16:
+        raise ModelError(
+            f"{path}: outputs {bfloat16} are bfloat16, which ONNX Runtime's Python API cannot "
+            "return; add a Cast to float32 at the end of the model"
+        )
 
 
 def external_data_files(path: Path) -> list[Path]:

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qdq.errors import expect
 from qdq.onnx.graph import GraphIndex, attributes, clip_bounds
 from qdq.passes.datafree import N_SIGMA, Moments
 
@@ -68,6 +69,7 @@ def equalize(
     """`model` with its conv chains equalized, then biases absorbed where exact, in place of its
     weights. `moments` (BatchNorm statistics of conv outputs) bound the scales across ReLU6 and
     size the absorption; without them, ReLU6 pairs and absorption are skipped."""
+    expect(model, onnx.ModelProto, "model", "load one with qdq.onnx.model.load_model")
     moments = dict(moments or {})
     index = GraphIndex(model)
     pairs = [p for p in find_pairs(index) if p.activation != "Clip" or p.first.output[0] in moments]

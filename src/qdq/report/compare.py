@@ -18,8 +18,8 @@ from qdq.arrayfile import open_npz
 from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, ModelError, expect
 from qdq.images import ImageOptions
-from qdq.metrics import REPORT_BLOCK, ErrorStats, measurable
-from qdq.onnx.model import METADATA_KEY, load_model
+from qdq.metrics import REPORT_BLOCK, ErrorStats, measurable, nonfinite_notes
+from qdq.onnx.model import METADATA_KEY, check_outputs_readable, load_model
 from qdq.onnx.sessions import (
     fails_on_data,
     median_latency_ms,
@@ -84,7 +84,7 @@ class Comparison:
         f_size, q_size = self.sizes
         lines.append(
             f"size          FP32 {f_size / 1e3:.1f} kB   INT8 {q_size / 1e3:.1f} kB   "
-            f"({f_size / q_size:.2f}x smaller)"
+            f"({f_size / max(q_size, 1):.2f}x smaller)"
         )
         if self.latency_ms:
             f, q = self.latency_ms
@@ -172,14 +172,23 @@ def _check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) -
         )
 
 
-def _check_classes(truth: np.ndarray | None, reference: onnx.ModelProto, key: str | None) -> None:
-    """Labels must be classes of the first output (its axis 1, where the graph fixes it):
-    labels beyond it had scored 0% accuracy without a word."""
-    tensor = reference.graph.output[0].type.tensor_type
-    dims = tensor.shape.dim
-    classes = dims[1].dim_value if len(dims) == 2 else 0
-    scores = tensor.elem_type == onnx.TensorProto.FLOAT and 2 <= classes <= 100_000
-    if truth is None or not scores or len(truth) == 0:  # accuracy is for class scores only
+def _check_classes(
+    truth: np.ndarray | None, reference: onnx.ModelProto, key: str | None, samples: Samples
+) -> None:
+    """Labels must be classes of the first output (its axis 1; where the graph leaves it
+    symbolic, as FP32 gives it on the first sample): labels beyond it had scored 0% accuracy
+    without a word."""
+    output = reference.graph.output[0]
+    dims = output.type.tensor_type.shape.dim
+    float_rank_2 = output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and len(dims) == 2
+    if truth is None or not float_rank_2 or len(truth) == 0:
+        return
+    classes = dims[1].dim_value
+    if not classes:  # ["N", "K"]: the first sample says
+        with fails_on_data("the float model on the data"):
+            first = run_named(open_session(reference), [output.name], next(samples.batches(1)))
+        classes = first[0].shape[1] if first[0].ndim == 2 else 0
+    if not 2 <= classes <= 100_000:  # accuracy is for class scores only
         return
     low, high = int(truth.min()), int(truth.max())
     if low < 0 or high >= classes:
@@ -192,8 +201,8 @@ def _check_classes(truth: np.ndarray | None, reference: onnx.ModelProto, key: st
 def _labels(data: str | os.PathLike[str], key: str | None, samples: Samples) -> np.ndarray | None:
     """The labels of the picked samples, when `data` is an .npz holding a `key` array of one
     integer class per sample."""
-    if not key or Path(data).suffix != ".npz":
-        return None
+    if not key or Path(data).suffix != ".npz" or key in {s.name for s in samples.inputs}:
+        return None  # an input named `label` is the model's, not labels
     members = open_npz(data)
     if key not in members:
         return None
@@ -235,10 +244,12 @@ def compare_models(
     if isinstance(declared, str):  # iterated, it declared one part per character
         raise DataError(f"`declared` is a list of part specs: write [{declared!r}]")
     reference, quantized = load_model(float_path), load_model(quantized_path)
+    for model, path in ((reference, float_path), (quantized, quantized_path)):
+        check_outputs_readable(model, path)
     _check_same_inputs(reference, quantized)
     samples = Samples(data, model_inputs(reference), max_samples, images)
     truth = _labels(data, labels, samples)
-    _check_classes(truth, reference, labels)
+    _check_classes(truth, reference, labels, samples)
     pairs = quantized_tensor_pairs(quantized, reference)
     job = _Job(
         reference, quantized, pairs, samples, batch_size, _parts(reference, samples, declared)
@@ -252,6 +263,13 @@ def compare_models(
         seen = _merged([_measure(opened, span) for span in spans])
     out_stats, layer_stats, predictions, parts = seen
     accuracy = _accuracy(truth, predictions)
+    notes = samples.read_notes(read_elsewhere=[labels] if truth is not None else [])
+    notes += nonfinite_notes(out_stats)
+    if truth is not None and accuracy is None:  # they had been read, and dropped silently
+        notes.append(
+            f"{data}: the {labels!r} labels were not scored: the first output is no (batch, "
+            "classes) scores"
+        )
     first = next(samples.batches(1))
     return Comparison(
         outputs=out_stats,
@@ -261,22 +279,8 @@ def compare_models(
         latency_ms=latency_ratio(float_path, quantized_path, first, latency_runs),
         accuracy=accuracy,
         parts={s.part.label: s for group in parts.values() for s in group},
-        notes=[
-            *samples.read_notes(read_elsewhere=[labels] if truth is not None else []),
-            *_nonfinite_notes(out_stats),
-        ],
+        notes=notes,
     )
-
-
-def _nonfinite_notes(stats: dict[str, ErrorStats]) -> list[str]:
-    """A note per output whose FP32 values are NaN or Inf on the data: its SQNR and cosine
-    are undefined, which 'nan dB' alone does not explain."""
-    return [
-        f"the float model's output {name!r} is NaN or Inf on these samples, so "
-        "its SQNR and cosine are undefined; are the inputs preprocessed as the model expects?"
-        for name, s in stats.items()
-        if not np.isfinite(s.signal)
-    ]
 
 
 def _parts(
