@@ -154,3 +154,19 @@ def test_an_option_of_the_wrong_type_fails_its_model_in_one_line(tmp_path, capsy
     assert words in out, out
     assert "internal error" not in out + err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_folder_entry_takes_the_image_options(tmp_path, capsys):
+    """They were refused as unknown QuantConfig fields, so pictures were read with mean 0."""
+    from PIL import Image
+
+    shutil.copy(DIGITS / "cnn.onnx", tmp_path / "cnn.onnx")
+    (tmp_path / "pictures").mkdir()
+    for i in range(8):
+        Image.new("L", (8, 8), 30 * i).save(tmp_path / "pictures" / f"{i}.png")
+    manifest = tmp_path / "zoo.toml"
+    entry = _entry("a", "cnn.onnx", "pictures", "out/a.onnx")
+    manifest.write_text(entry + "options = { mean = [0.5], std = [0.25], method = 'minmax' }\n")
+    assert main(["quantize-many", str(manifest)]) == 0
+    report = (tmp_path / "out" / "a.onnx.report.txt").read_text()
+    assert "less mean [0.5], over std [0.25]" in report

@@ -13,6 +13,9 @@ output = "out/cnn_int8.onnx"
 options = { weight_bits = 4 } # this model's own, over the defaults
 ```
 
+A folder of pictures as `calib` takes the image flags as options (`image_size = [224, 224]`,
+`mean`, `std`, `value_scale`, `layout`, `channel_order`), as `qdq quantize` takes them.
+
 Each model gets its output and a report beside it (`OUTPUT.report.txt`, written last); a model
 whose report exists is done and skipped, so an interrupted run resumes where it stopped. One
 model's failure is recorded in the summary and never stops the others; the command then exits
@@ -33,11 +36,21 @@ from pathlib import Path
 
 from qdq.config import preset_config
 from qdq.errors import ArgumentError, QdqError, UsageError, expect, first_line
+from qdq.images import ImageOptions
 from qdq.pipeline import quantize_model
 from qdq.workers import ONE_PROCESS, Workers
 
 log = logging.getLogger(__name__)
 REQUIRED = ("name", "model", "calib", "output")
+# the image flags' option names, and ImageOptions' fields
+IMAGE_OPTIONS = {
+    "image_size": "size",
+    "mean": "mean",
+    "std": "std",
+    "value_scale": "value_scale",
+    "layout": "layout",
+    "channel_order": "channel_order",
+}
 
 
 @dataclass(frozen=True)
@@ -173,15 +186,17 @@ def quantize_many(entries: list[Entry], workers: Workers = ONE_PROCESS) -> list[
 def _quantize(entry: Entry, workers: Workers, start: float) -> Outcome:
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.options.items()}
     preset = str(options.pop("preset", "default"))
+    pictures = {field: options.pop(key) for key, field in IMAGE_OPTIONS.items() if key in options}
     try:
         config = preset_config(preset, workers=workers, **options)
+        images = ImageOptions(**pictures)
     except TypeError as error:  # an unknown option name
         raise UsageError(f"options of {entry.name!r}: {error}") from None
     folder = entry.output.parent
     made = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        report = quantize_model(entry.model, entry.output, entry.calib, config)
+        report = quantize_model(entry.model, entry.output, entry.calib, config, images)
     except BaseException:
         for empty in made:  # a failed model leaves nothing, not even its folders
             with contextlib.suppress(OSError):
