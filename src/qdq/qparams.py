@@ -57,7 +57,7 @@ class QParams:
         expect(self.scheme, QScheme, "scheme", "e.g. qdq.QScheme(bits=8)")
         scale = _real(self.scale, "scale").astype(np.float32)
         zp = _real(self.zero_point, "zero_point")
-        if not np.issubdtype(zp.dtype, np.integer) and not np.array_equal(zp, np.round(zp)):
+        if not np.array_equal(zp, np.round(zp)):
             raise SchemeError(f"zero_point must hold integers, got {zp}")
         if scale.shape != zp.shape:
             raise SchemeError(f"scale shape {scale.shape} != zero_point shape {zp.shape}")
@@ -111,10 +111,14 @@ def choose_qparams(rng: Range, scheme: QScheme) -> QParams:
 def _real(value: object, what: str) -> np.ndarray:
     """`value` as a float64 array (bfloat16, Fraction and the like convert), or an
     ArgumentError naming `what`."""
+    wrong = ArgumentError(f"{what} must hold real numbers, got {value!r:.80}")
     try:
         array = np.asarray(value)
-        if array.dtype.kind == "c":  # the cast would drop the imaginary part with a warning
-            raise TypeError
+    except (TypeError, ValueError):
+        raise wrong from None
+    if array.dtype.kind == "c":  # a cast would drop the imaginary part
+        raise wrong
+    try:
         return array.astype(np.float64)
     except (TypeError, ValueError):
-        raise ArgumentError(f"{what} must hold real numbers, got {value!r:.80}") from None
+        raise wrong from None

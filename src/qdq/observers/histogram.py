@@ -151,16 +151,14 @@ def _bin_rows(rows: np.ndarray, width: np.ndarray, half: int) -> np.ndarray:
     stride = size + 1  # per row: the bins and the overflow bin
     with np.errstate(over="ignore"):  # inf where width < 5.6e-309: capped below
         per_unit = np.divide(1.0, width, out=np.zeros_like(width), where=width > 0)
-    # float32 rows whose bins are narrower than 3e-39 (values of 1e-37 or subnormals) are
-    # binned in float64: in float32, 1 / width was inf, and inf * 0 a NaN index that the
-    # compiled loop wrote far outside its counts (a heap corruption), and clamping it to
-    # float32's largest put 99% of the values in the central bins. Float64 rows keep float64
-    # (in float32, 1 / width of values beyond 1e41 underflowed to 0).
+    # Float32 rows whose 1 / width float32 cannot hold (values of 1e-37 or subnormals) are
+    # binned in float64, and 1 / width is capped at the type's largest (float64 values under
+    # 1e-305), which only moves values toward 0: inf * 0 was a NaN index the compiled loop
+    # wrote outside its counts (heap corruption), and a cap at float32's largest had put 99%
+    # of the values in the central bins. Float64 rows stay float64 (in float32, 1 / width of
+    # values past 1e41 was 0).
     if rows.dtype == np.float32 and per_unit.max() > np.finfo(np.float32).max:
         rows = rows.astype(np.float64)
-    # Capped at the type's largest: widths under 5.6e-309 (float64 values under 1e-305) made it
-    # inf, and 0 * inf a NaN index the compiled loop wrote outside its counts. Only moves values
-    # toward 0, inside the bins.
     per_unit = np.minimum(per_unit, np.finfo(rows.dtype).max).astype(rows.dtype)
     if compiled := _compiled_count():
         counts = np.zeros((channels, stride), dtype=np.int64)
