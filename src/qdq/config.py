@@ -132,6 +132,11 @@ class QuantConfig:
             raise SchemeError(f"max samples must be >= 1, got {self.max_samples}")
 
     @property
+    def weight_record(self) -> str:
+        """The weights' grid and bits as a file records them (`qdq.weights`): "uniform:8"."""
+        return f"{self.weight_grid.value}:{self.weights.bits}"
+
+    @property
     def per_channel(self) -> bool:
         return isinstance(self.weights.granularity, PerChannel)
 

@@ -190,8 +190,8 @@ def build_plan(
     constants, biases, codes = plan_constants(
         index, draft.decisions, chosen, config, per_channel, peaks
     )
-    weights = f"{config.weight_grid.value}:{config.weights.bits}"
     constants = {**draft.constants, **constants}
+    weights = config.weight_record
     return Plan(draft.decisions, chosen, constants, biases, grid_codes=codes, weights=weights)
 
 

@@ -192,11 +192,10 @@ def _check_start(
             "(--format qdq)"
         )
     recorded = {p.key: p.value for p in quantized.metadata_props}.get(WEIGHTS_KEY)
-    wanted = f"{config.weight_grid.value}:{config.weights.bits}"
-    if recorded is not None and recorded != wanted:
+    if recorded is not None and recorded != config.weight_record:
         raise ModelError(
-            f"`start` {start} holds {recorded} weights but the config asks for {wanted}; give "
-            "the config it was quantized with"
+            f"`start` {start} holds {recorded} weights but the config asks for "
+            f"{config.weight_record}; give the config it was quantized with"
         )
     prepared = prepare(model, config.per_channel)[0]
     missing = {n.name for n in prepared.graph.node} - {n.name for n in quantized.graph.node}
