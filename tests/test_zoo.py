@@ -170,3 +170,14 @@ def test_an_image_folder_entry_takes_the_image_options(tmp_path, capsys):
     assert main(["quantize-many", str(manifest)]) == 0
     report = (tmp_path / "out" / "a.onnx.report.txt").read_text()
     assert "less mean [0.5], over std [0.25]" in report
+
+
+def test_image_options_of_the_wrong_shape_fail_their_model_in_one_qdq_line(tmp_path, capsys):
+    """`image_size = 224` (one number) gave Python's TypeError text."""
+    shutil.copy(DIGITS / "cnn.onnx", tmp_path / "cnn.onnx")
+    shutil.copy(DIGITS / "calib.npz", tmp_path / "calib.npz")
+    manifest = tmp_path / "zoo.toml"
+    entry = _entry("a", "cnn.onnx", "calib.npz", "out/a.onnx")
+    manifest.write_text(entry + "options = { image_size = 224 }\n")
+    assert main(["quantize-many", str(manifest)]) == 2
+    assert "`size` must be two sizes >= 1" in capsys.readouterr().out

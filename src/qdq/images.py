@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +42,20 @@ class ImageOptions:
     channel_order: str = "RGB"
 
     def __post_init__(self) -> None:
-        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
-            raise DataError(f"`size` must be two sizes >= 1 (height, width), got {self.size}")
+        size = self.size
+        pair = isinstance(size, tuple | list) and len(size) == 2
+        if size is not None and not (pair and all(_whole(v) and v >= 1 for v in size)):
+            raise DataError(f"`size` must be two sizes >= 1 (height, width), got {size!r:.60}")
         for flag, values in (("`mean`", self.mean), ("`std`", self.std)):
-            if not values or not all(math.isfinite(v) for v in values):
-                raise DataError(f"{flag} must be finite numbers, got {list(values)}")
+            listed = isinstance(values, tuple | list) and len(values) > 0
+            if not listed or not all(_number(v) and math.isfinite(v) for v in values):
+                raise DataError(f"{flag} must be a list of finite numbers, got {values!r:.60}")
         if 0 in self.std:
             raise DataError(f"`std` must be non-zero (it divides), got {list(self.std)}")
-        if not math.isfinite(self.value_scale) or self.value_scale == 0:
+        scale = self.value_scale
+        if not _number(scale) or not math.isfinite(scale) or scale == 0:
             raise DataError(f"`value_scale` must be finite and non-zero, got {self.value_scale}")
-        reach = (255 * abs(self.value_scale) + max(map(abs, self.mean))) / min(map(abs, self.std))
+        reach = (255 * abs(scale) + max(map(abs, self.mean))) / min(map(abs, self.std))
         if reach > float(np.finfo(np.float32).max):
             raise DataError(
                 f"`value_scale`, `mean` and `std` take pixels as far as {reach:.3g}, beyond "
@@ -61,6 +66,14 @@ class ImageOptions:
                 f"layout {self.layout!r} / channel order {self.channel_order!r}: "
                 "choose NCHW or NHWC, and RGB or BGR"
             )
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class ImageFolder:
