@@ -81,9 +81,9 @@ class Outcome:
 
 def read_manifest(path: str | Path) -> list[Entry]:
     """The manifest's models, checked before any work: tables and strings where they belong,
-    no unknown table or key, required keys present, names printable and unique, and no output that is another entry's output, an
-    input of any entry, a report, or the manifest itself (written in turn, it would be read
-    or overwritten later)."""
+    no unknown table or key, required keys present, names printable and unique, and no output
+    that is another entry's output, an input of any entry, a report, or the manifest itself
+    (written in turn, it would be read or overwritten later)."""
     expect(path, (str, os.PathLike), "the manifest's path")
     path = Path(path)
     try:

@@ -363,3 +363,15 @@ def test_two_nodes_of_one_name_are_refused_naming_the_users_file(ws):
     np.savez(ws.calib, x=np.ones((4, 4), np.float32))
     refused(ws, ["compare", ws.model, ws.model, "--data", ws.calib], f"{ws.model} names", None)
     refused(ws, quantize(ws), f"{ws.model} names more than one node ['n']")
+
+
+def test_an_input_with_a_default_that_quantize_freezes_is_said(ws, caplog):
+    """An IR 4+ graph input with an initializer (an overridable default) vanished from the
+    quantized model without a word."""
+    model = _matmul_model()
+    model.graph.input.append(onnx.helper.make_tensor_value_info("w", 1, [4, 4]))
+    save(model, ws.model)
+    np.savez(ws.calib, x=np.ones((8, 4), np.float32))
+    run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
+    assert "1 graph inputs have initializers (w)" in caplog.text
+    assert [i.name for i in ort.InferenceSession(ws.folder / "out.onnx").get_inputs()] == ["x"]

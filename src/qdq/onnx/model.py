@@ -71,7 +71,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             f"{path} uses opset {opset}; qdq supports opsets {MIN_OPSET}..{newest}. "
             "Re-export the model with a supported opset"
         )
-    _drop_constant_inputs(model)
+    _drop_constant_inputs(model, path)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, UnicodeDecodeError) as error:  # names not UTF-8
@@ -97,14 +97,22 @@ def _older_upgraded(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     return upgraded
 
 
-def _drop_constant_inputs(model: onnx.ModelProto) -> None:
+def _drop_constant_inputs(model: onnx.ModelProto, path: Path) -> None:
     """Graph inputs that are also initializers (exporters before IR 4 had to list weights
     as inputs) become plain initializers: qdq quantizes them as the constants they are, and
-    the quantized model keeps no input that its int8 weights replaced."""
+    the quantized model keeps no input that its int8 weights replaced. From IR 4 on such an
+    input is an overridable default, so its dropping is said."""
     initialized = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in initialized]
     if len(inputs) == len(model.graph.input):
         return
+    if model.ir_version >= 4:
+        dropped = [v.name for v in model.graph.input if v.name in initialized]
+        log.warning(
+            "%s: %d graph inputs have initializers (%s): taken as the constants they default "
+            "to, so the quantized model does not take them as inputs",
+            path, len(dropped), ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else ""),
+        )  # fmt: skip
     del model.graph.input[:]
     model.graph.input.extend(inputs)
     model.ir_version = max(model.ir_version, 4)  # IR 3 needs every initializer as an input
