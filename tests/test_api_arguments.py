@@ -8,8 +8,6 @@ import json
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from qdq import QScheme, Range, WeightGrid, choose_qparams, fake_quantize, grid_codes, pipeline
 from qdq.arrayfile import open_npz
@@ -18,15 +16,13 @@ from qdq.config import QuantConfig
 from qdq.engine import Engine
 from qdq.engine import run as engine_run
 from qdq.engine.diff import diff_model
-from qdq.errors import ArgumentError, DataError, ModelError, QdqError, SchemeError
+from qdq.errors import ArgumentError, DataError, QdqError, SchemeError
 from qdq.fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier, requantize
 from qdq.metrics import ErrorStats
 from qdq.observers import KL, MSE, Histogram, HistogramObserver, Percentile, make_observer
 from qdq.observers.minmax import MovingAverageMinMaxObserver
 from qdq.passes.equalize import equalize
 from qdq.pipeline import quantize_model
-from qdq.qat import export, prepare
-from qdq.qat.finetune import FinetuneOptions, finetune_model
 from qdq.qparams import QParams
 from qdq.report.compare import compare_models
 from qdq.scheme import PerBlock, PerChannel
@@ -110,16 +106,6 @@ WRONG_TYPES = {
     "engine trace feeds": (lambda: Engine(CNN).trace({"foo": ONES}), "feeds lacks inputs"),
     "diff inputs_from": (lambda: diff_model(CNN, CALIB, inputs_from="x"), "must be ort, engine"),
     "diff max_samples": (lambda: diff_model(CNN, CALIB, max_samples=2.5), "must be an integer"),
-    "finetune options dict": (
-        lambda: finetune_model(CNN, "/tmp/never.onnx", CALIB, options={"steps": 2}),
-        "options must be FinetuneOptions",
-    ),
-    "finetune seed": (
-        lambda: finetune_model(CNN, "/tmp/never.onnx", CALIB, seed="a"),
-        "seed must be an integer",
-    ),
-    "finetune steps": (lambda: FinetuneOptions(steps=2.5), "steps` must be an integer"),
-    "finetune threads": (lambda: FinetuneOptions(threads=0), "threads` must be >= 1"),
     "quantize_model images": (
         lambda: quantize_model(CNN, "/tmp/never.onnx", CALIB, images="x"),
         "images must be ImageOptions",
@@ -131,10 +117,6 @@ WRONG_TYPES = {
     "merge with None": (lambda: ErrorStats().merged(None), "merge takes another ErrorStats"),
     "sample -1": (lambda: open_npz(CALIB)["input"].read([-1]), "must lie in 0.."),
     "sample 0.5": (lambda: open_npz(CALIB)["input"].read([0.5]), "must be integers"),
-    "prepare freeze_bn_after": (
-        lambda: prepare(nn.Linear(3, 2), torch.randn(1, 3), freeze_bn_after="x"),
-        "freeze_bn_after must be an integer",
-    ),
 }
 
 
@@ -215,35 +197,6 @@ def test_a_negative_number_in_scientific_notation_is_a_value_not_a_flag(text, va
     assert args.input_range == [value, 1.0]
 
 
-def test_prepare_and_export_name_what_the_module_fails_on(tmp_path):
-    layer = nn.Linear(3, 2)
-    with pytest.raises(DataError, match="fails on example_inputs: mat1 and mat2"):
-        prepare(layer, torch.randn(1, 5))
-    with pytest.raises(DataError, match="fails on calibration batch 0"):
-        prepare(layer, torch.randn(1, 3), calibration=[torch.randn(4, 5)])
-    with pytest.raises(DataError, match="float32 tensors"):
-        prepare(layer, torch.randn(1, 3).double())
-    prepared = prepare(layer, torch.randn(1, 3))
-    with pytest.raises(DataError, match="fails on example_inputs"):
-        export(prepared, tmp_path / "q.onnx", torch.randn(1, 7))
-    assert not list(tmp_path.iterdir())
-
-
-def test_nan_weights_are_named_before_and_after_training(tmp_path):
-    broken = nn.Sequential(nn.Linear(3, 2))
-    with torch.no_grad():
-        broken[0].weight[0, 0] = float("nan")
-    with pytest.raises(ModelError, match=r"0\.weight hold NaN"):
-        prepare(broken, torch.randn(1, 3))
-    prepared = prepare(nn.Sequential(nn.Linear(3, 2)), torch.randn(8, 3))
-    with torch.no_grad():
-        for parameter in prepared.parameters():
-            parameter.fill_(float("nan"))
-    with pytest.raises(ModelError, match="training diverged"):
-        export(prepared, tmp_path / "q.onnx", torch.randn(1, 3))
-    assert not list(tmp_path.iterdir())
-
-
 def test_compare_says_why_sqnr_is_nan_when_the_float_model_overflows(tmp_path):
     """Inputs of 1e37 overflow the digits CNN to Inf: 'SQNR nan dB' alone came with a raw
     numpy warning on stderr."""
@@ -271,20 +224,6 @@ def test_real_numbers_of_any_type_make_ranges_and_configs():
     assert float(Range(x.min(), x.max()).hi) == 1.0
     config = QuantConfig(data_free=True, input_range=np.array([-2.0, 2.0]))
     assert list(config.input_range) == [-2.0, 2.0]
-
-
-def test_a_causal_masks_minus_inf_buffer_is_no_broken_weight(tmp_path):
-    class Masked(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(4, 4)
-            self.register_buffer("mask", torch.full((4, 4), float("-inf")).triu(1))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(x) + self.mask.clamp(min=-1e4).sum()
-
-    prepared = prepare(Masked(), torch.randn(2, 4))
-    assert export(prepared, tmp_path / "q.onnx", torch.randn(1, 4)).exists()
 
 
 def test_compare_json_is_standard_json_even_for_exact_outputs():
