@@ -25,7 +25,8 @@ MIN_OPSET = 10  # QuantizeLinear / DequantizeLinear appear in opset 10
 PER_AXIS_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) needs opset 13
 TWO_GB = 2**31 - 1
 METADATA_KEY = "qdq.quantized_tensors"  # {float tensor name: name of its dequantized copy}
-WEIGHTS_KEY = "qdq.weights"  # the weights' grid and bits, "uniform:8" (tables check it)
+WEIGHTS_KEY = "qdq.weights"  # the weights' grid and bits, GRID:BITS (tables check it)
+UNIFORM_INT8 = "uniform:8"  # what WEIGHTS_KEY holds for qdq's default weights (and older files)
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:

@@ -16,6 +16,7 @@ import onnx
 from qdq.affine import quantize
 from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex, attributes
+from qdq.onnx.model import UNIFORM_INT8
 from qdq.plan.constants import TABLE_MIN_SQNR_DB, plan_constants, table_qparams
 from qdq.plan.decisions import FLOAT_OUTPUT, INT8_INPUTS, NOTHING_READS_INT8, Decision
 from qdq.plan.floor import flat_floor
@@ -69,7 +70,7 @@ class Plan:
     frontier: tuple[Candidate, ...] = ()  # the candidate plans this one was chosen from
     float_ms: float | None = None  # the float model, timed on the frontier's feed
     grid_codes: Mapping[Key, np.ndarray] = field(default_factory=dict)  # binary, ternary, 2^k
-    weights: str = "uniform:8"  # the weights' grid and bits, as the file records them
+    weights: str = UNIFORM_INT8  # the weights' grid and bits, as the file records them
 
     def codes(self, key: Key, values: np.ndarray) -> np.ndarray:
         """Integer codes of a constant input: learned ones (AdaRound), a low-bit grid's

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qdq.arrayfile import open_npz
 from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, ModelError, expect
 from qdq.images import ImageOptions
@@ -23,12 +22,17 @@ from qdq.onnx.model import METADATA_KEY, check_outputs_readable, load_model
 from qdq.onnx.sessions import (
     fails_on_data,
     median_latency_ms,
-    open_session,
-    run_named,
     session_with_outputs,
 )
 from qdq.plan.calibrate import budgeted
 from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
+from qdq.report.checks import (
+    LeadingOutputs,
+    check_classes,
+    check_same_inputs,
+    leading_outputs,
+    read_labels,
+)
 from qdq.report.jsonout import strict_json
 from qdq.workers import ONE_PROCESS, Workers
 
@@ -154,68 +158,6 @@ def _metadata_pairs(text: str) -> dict[str, str]:
     return pairs
 
 
-def _check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
-    want = [s.describe() for s in model_inputs(reference)]
-    got = [s.describe() for s in model_inputs(quantized)]
-    if want != got:
-        raise ModelError(
-            f"the models take different inputs (float: {want}; quantized: {got}); compare a "
-            "model with its own quantized version"
-        )
-    missing = sorted(
-        {o.name for o in reference.graph.output} - {o.name for o in quantized.graph.output}
-    )
-    if missing:
-        raise ModelError(
-            f"the quantized model lacks the float model's outputs {missing}; compare a model "
-            "with its own quantized version"
-        )
-
-
-def _check_classes(
-    truth: np.ndarray | None, reference: onnx.ModelProto, key: str | None, samples: Samples
-) -> None:
-    """Labels must be classes of the first output (its axis 1; where the graph leaves it
-    symbolic, as FP32 gives it on the first sample): labels beyond it had scored 0% accuracy
-    without a word."""
-    output = reference.graph.output[0]
-    dims = output.type.tensor_type.shape.dim
-    float_rank_2 = output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and len(dims) == 2
-    if truth is None or not float_rank_2 or len(truth) == 0:
-        return
-    classes = dims[1].dim_value
-    if not classes:  # ["N", "K"]: the first sample says
-        with fails_on_data("the float model on the data"):
-            first = run_named(open_session(reference), [output.name], next(samples.batches(1)))
-        classes = first[0].shape[1] if first[0].ndim == 2 else 0
-    if not 2 <= classes <= 100_000:  # accuracy is for class scores only
-        return
-    low, high = int(truth.min()), int(truth.max())
-    if low < 0 or high >= classes:
-        raise DataError(
-            f"the {key!r} labels run from {low} to {high}, but the first output has {classes} "
-            f"classes (0..{classes - 1}); give labels of its classes, or drop the array"
-        )
-
-
-def _labels(data: str | os.PathLike[str], key: str | None, samples: Samples) -> np.ndarray | None:
-    """The labels of the picked samples, when `data` is an .npz holding a `key` array of one
-    integer class per sample."""
-    if not key or Path(data).suffix != ".npz" or key in {s.name for s in samples.inputs}:
-        return None  # an input named `label` is the model's, not labels
-    members = open_npz(data)
-    if key not in members:
-        return None
-    labels = members[key]
-    counts = {m.count for name, m in members.items() if name != key}
-    if labels.dtype.kind not in "iu" or len(labels.shape) != 1 or counts != {labels.count}:
-        raise DataError(
-            f"{data}: {key!r} holds {labels.dtype}{list(labels.shape)} for "
-            f"{sorted(counts)} samples; give one integer class index per sample"
-        )
-    return labels.read(samples.order)
-
-
 def compare_models(
     float_path: str | os.PathLike[str],
     quantized_path: str | os.PathLike[str],
@@ -246,14 +188,13 @@ def compare_models(
     reference, quantized = load_model(float_path), load_model(quantized_path)
     for model, path in ((reference, float_path), (quantized, quantized_path)):
         check_outputs_readable(model, path)
-    _check_same_inputs(reference, quantized)
+    check_same_inputs(reference, quantized)
     samples = Samples(data, model_inputs(reference), max_samples, images)
-    truth = _labels(data, labels, samples)
-    _check_classes(truth, reference, labels, samples)
+    truth = read_labels(data, labels, samples)
+    leading = leading_outputs(reference, samples, PART_SAMPLES)
+    check_classes(truth, reference, labels, leading)
     pairs = quantized_tensor_pairs(quantized, reference)
-    job = _Job(
-        reference, quantized, pairs, samples, batch_size, _parts(reference, samples, declared)
-    )
+    job = _Job(reference, quantized, pairs, samples, batch_size, _parts(leading, declared))
     step = EVAL_SHARD_BATCHES * batch_size
     spans = [(a, min(a + step, samples.count)) for a in range(0, samples.count, step)]
     if workers.parallel:
@@ -283,22 +224,6 @@ def compare_models(
     )
 
 
-def _parts(
-    reference: onnx.ModelProto, samples: Samples, declared: Sequence[str]
-) -> dict[str, list[Part]]:
-    """The parts of each float output that splits or is gated (`qdq.plan.parts`), from FP32's
-    outputs on the first PART_SAMPLES samples."""
-    session = open_session(reference)
-    names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
-    with fails_on_data("the float model on the data"):
-        outputs = [
-            run_named(session, names, feed)
-            for feed in samples.batches(PART_SAMPLES, last=PART_SAMPLES)
-        ]
-    found = output_parts(names, outputs, declared)
-    return {name: parts for name, parts in found.items() if parts != [Part(name)]}
-
-
 @dataclass(frozen=True)
 class _Job:
     """What every evaluation shard needs: sent once per worker."""
@@ -319,6 +244,13 @@ _Seen = tuple[
     list[tuple[np.ndarray, np.ndarray]],
     dict[str, list[PartStats]],
 ]
+
+
+def _parts(leading: LeadingOutputs, declared: Sequence[str]) -> dict[str, list[Part]]:
+    """The parts of each float output that splits or is gated (`qdq.plan.parts`), from FP32's
+    outputs on the leading samples."""
+    found = output_parts(*leading, declared)
+    return {name: parts for name, parts in found.items() if parts != [Part(name)]}
 
 
 def _open(job: _Job, reopen: bool = True) -> tuple[_Job, Any, Any, Samples]:

@@ -36,7 +36,7 @@ import onnx
 from qdq.errors import DataError, ModelError, choice
 from qdq.lowbit import WeightGrid
 from qdq.onnx.graph import GraphIndex, attributes
-from qdq.onnx.model import METADATA_KEY, WEIGHTS_KEY, load_model
+from qdq.onnx.model import METADATA_KEY, UNIFORM_INT8, WEIGHTS_KEY, load_model
 from qdq.outputs import check_output, staged
 
 TENSORRT_HEADER = "TRT-8601-EntropyCalibration2"  # TensorRT 8.6.1's entropy calibrator v2
@@ -47,7 +47,6 @@ NCNN_LAYERS = {
     "Gemm": ("InnerProduct",),
     "MatMul": ("InnerProduct",),
 }
-UNIFORM_INT8 = "uniform:8"
 WINOGRAD_WEIGHT_LEVELS = 31  # ncnn2table: 3x3 stride-1 convs get 6-bit weights (int8 Winograd)
 
 

@@ -1,0 +1,93 @@
+"""What `qdq compare` checks before it measures: that the two models pair up, which labels the
+data holds and that they are classes of the first output, and FP32's outputs on the leading
+samples (read once, for the class count and the outputs' parts)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qdq.arrayfile import open_npz
+from qdq.data import Samples, model_inputs
+from qdq.errors import DataError, ModelError
+from qdq.onnx.sessions import fails_on_data, open_session, run_named
+
+# The names of the float outputs, and FP32's values of them on each leading feed.
+LeadingOutputs = tuple[list[str], list[list[np.ndarray]]]
+
+
+def check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
+    """The models take the same inputs, and the quantized one has every float output."""
+    want = [s.describe() for s in model_inputs(reference)]
+    got = [s.describe() for s in model_inputs(quantized)]
+    if want != got:
+        raise ModelError(
+            f"the models take different inputs (float: {want}; quantized: {got}); compare a "
+            "model with its own quantized version"
+        )
+    missing = sorted(
+        {o.name for o in reference.graph.output} - {o.name for o in quantized.graph.output}
+    )
+    if missing:
+        raise ModelError(
+            f"the quantized model lacks the float model's outputs {missing}; compare a model "
+            "with its own quantized version"
+        )
+
+
+def leading_outputs(reference: onnx.ModelProto, samples: Samples, count: int) -> LeadingOutputs:
+    """FP32's float outputs on the first `count` samples, feed by feed."""
+    session = open_session(reference)
+    names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
+    with fails_on_data("the float model on the data"):
+        outputs = [run_named(session, names, feed) for feed in samples.batches(count, last=count)]
+    return names, outputs
+
+
+def read_labels(
+    data: str | os.PathLike[str], key: str | None, samples: Samples
+) -> np.ndarray | None:
+    """The labels of the picked samples, when `data` is an .npz holding a `key` array of one
+    integer class per sample."""
+    if not key or Path(data).suffix != ".npz" or key in {s.name for s in samples.inputs}:
+        return None  # an input named `label` is the model's, not labels
+    members = open_npz(data)
+    if key not in members:
+        return None
+    labels = members[key]
+    counts = {m.count for name, m in members.items() if name != key}
+    if labels.dtype.kind not in "iu" or len(labels.shape) != 1 or counts != {labels.count}:
+        raise DataError(
+            f"{data}: {key!r} holds {labels.dtype}{list(labels.shape)} for "
+            f"{sorted(counts)} samples; give one integer class index per sample"
+        )
+    return labels.read(samples.order)
+
+
+def check_classes(
+    truth: np.ndarray | None, reference: onnx.ModelProto, key: str | None, leading: LeadingOutputs
+) -> None:
+    """Labels must be classes of the first output (its axis 1; where the graph leaves it
+    symbolic, as FP32 gives it on the leading samples): labels beyond it had scored 0%
+    accuracy without a word."""
+    output = reference.graph.output[0]
+    dims = output.type.tensor_type.shape.dim
+    float_rank_2 = output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and len(dims) == 2
+    if truth is None or not float_rank_2 or len(truth) == 0:
+        return
+    classes = dims[1].dim_value
+    names, outputs = leading
+    if not classes and outputs:  # ["N", "K"]: FP32's output says
+        first = outputs[0][names.index(output.name)]
+        classes = first.shape[1] if first.ndim == 2 else 0
+    if not 2 <= classes <= 100_000:  # accuracy is for class scores only
+        return
+    low, high = int(truth.min()), int(truth.max())
+    if low < 0 or high >= classes:
+        raise DataError(
+            f"the {key!r} labels run from {low} to {high}, but the first output has {classes} "
+            f"classes (0..{classes - 1}); give labels of its classes, or drop the array"
+        )

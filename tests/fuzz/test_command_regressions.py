@@ -1,0 +1,147 @@
+"""Defects of finetune, run, diff, export-table, the integer engine and the image options that
+the third and fourth hostile sweeps found (2026-12-05), each as a named case that failed on the
+code before its fix; the contract as in test_regressions.py."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hostile import Workspace, X, model_with, quantize, refused, run_contract, save
+from onnx import numpy_helper
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path)
+
+
+@pytest.fixture
+def quantized(ws: Workspace) -> Path:
+    out = ws.folder / "q.onnx"
+    assert ws.run("quantize", ws.model, "-o", out, "--calib", ws.calib).code == 0
+    return out
+
+
+def test_finetune_refuses_a_rate_past_the_whole_grid(ws):
+    """--lr 1e40 overflowed float32 inside torch's Adam (exit 1)."""
+    out = ws.folder / "ft.onnx"
+    args = ["finetune", ws.model, "-o", out, "--calib", ws.calib, "--steps", "2", "--lr", "1e40"]
+    refused(ws, args, "--lr must be in (0, 256]", out)
+
+
+def test_quantize_prints_no_numpy_warning_on_inputs_near_1e30(ws):
+    """GPTQ's H overflowed with raw numpy warnings on stderr; the layer keeps nearest rounding."""
+    np.savez(ws.calib, x=np.sign(X) * np.float32(1e30))
+    with warnings.catch_warnings(record=True) as caught:  # pytest would catch them first
+        warnings.simplefilter("always")
+        run_contract(ws, quantize(ws, None, "--method", "minmax"), None, codes=(0,))
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_the_16_bit_engine_refuses_a_1d_convolution_as_the_32_bit_one_does(ws):
+    w = numpy_helper.from_array(np.random.default_rng(14).random((4, 3, 3), np.float32), "w")
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 16])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 14])
+    save(model_with([node], [x], [y], [w]), ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(15).random((32, 3, 16), np.float32))
+    quantized = ws.folder / "q.onnx"
+    assert ws.run("quantize", ws.model, "-o", quantized, "--calib", ws.calib).code == 0
+    out = ws.folder / "y.npz"
+    args = ["run", quantized, "--inputs", ws.calib, "-o", out, "--accumulator-bits", "16"]
+    refused(ws, args, "convolves 2-D images", out)
+
+
+@pytest.mark.parametrize(
+    ("lines", "words"),
+    [
+        ("Convolution c0 1 1 input a 0=abc\n", "channel count of 'abc'"),
+        ("Convolution\n", "names no layer"),
+    ],
+)
+def test_export_table_names_the_broken_line_of_an_ncnn_param(ws, quantized, lines, words):
+    param = ws.folder / "m.param"
+    param.write_text(f"7767517\n2 2\nInput input 0 1 input\n{lines}")
+    table = ws.folder / "t.table"
+    args = ["export-table", quantized, "--format", "ncnn", "-o", table, "--ncnn-param", param]
+    refused(ws, args, words, table)
+
+
+def test_no_ncnn_table_for_weights_ncnn_cannot_hold(ws):
+    """ncnn quantizes its float weights to 8 bits itself: the table of a binary or 4-bit model
+    gave it 8-bit scales of the wrong range (18x too wide at 4 bits), silently."""
+    table = ws.folder / "t.table"
+    for flags in (["--weight-grid", "binary"], ["--weight-bits", "4"]):
+        refused(ws, quantize(ws, None, *flags, "--table", f"ncnn:{table}"), "no ncnn table")
+    four = ws.folder / "four.onnx"
+    made = ws.run("quantize", ws.model, "-o", four, "--calib", ws.calib, "--weight-bits", "4")
+    assert made.code == 0
+    args = ["export-table", four, "--format", "ncnn", "-o", table]
+    refused(ws, args, "uniform 4-bit", table)
+    tensorrt = ["export-table", four, "--format", "tensorrt", "-o", table]
+    run_contract(ws, tensorrt, table, codes=(0,))
+
+
+def test_finetune_per_tensor_keeps_one_scale_per_weight(ws):
+    """A bias's int32 limit broadcast each per-tensor weight scale to one per channel, which
+    the weight's codes could not divide by (exit 1 on every Conv model)."""
+    out = ws.folder / "ft.onnx"
+    args = ["finetune", ws.model, "-o", out, "--calib", ws.calib, "--steps", "2", "--per-tensor"]
+    assert ws.run(*args).code == 0
+    model = onnx.load(out)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    scales = [
+        constants[node.input[1]]
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear"
+        and constants.get(node.input[0]) is not None
+        and constants[node.input[0]].dtype == np.int8
+    ]
+    assert scales
+    assert all(s.ndim == 0 for s in scales)
+
+
+def test_image_options_beside_arrays_are_noted(ws):
+    """--mean/--std/--image-size with an .npz did nothing, silently."""
+    result = run_contract(ws, quantize(ws, None, "--mean", "100"), None, codes=(0,))
+    assert "holds arrays, not pictures" in result.stdout
+
+
+def test_two_specs_for_one_output_are_refused(ws):
+    """The second was dropped without a word."""
+    specs = ["--output-parts", "y:1:0-2,2-5", "y:1:0-1,1-5"]
+    refused(ws, quantize(ws, None, *specs), "give one spec per output")
+
+
+def test_run_names_its_archive_npz(ws, quantized):
+    """`-o out.npy` held an .npz archive under a .npy name."""
+    out = ws.folder / "out.npy"
+    refused(ws, ["run", quantized, "--inputs", ws.calib, "-o", out], "name it .npz", out)
+
+
+def test_export_table_refuses_an_ncnn_param_beside_a_tensorrt_table(ws, quantized):
+    param = ws.folder / "m.param"
+    param.write_text("7767517\n1 1\nInput input 0 1 input\n")
+    table = ws.folder / "t.cache"
+    args = ["export-table", quantized, "--format", "tensorrt", "-o", table, "--ncnn-param", param]
+    refused(ws, args, "with --format ncnn only", table)
+
+
+def test_diff_of_a_float_model_says_it_may_be_float(ws):
+    args = ["diff", ws.model, "--data", ws.calib, "--against", "fp32"]
+    refused(ws, args, "a float model, or QOperator form", None)
+
+
+def test_a_forged_weight_grid_record_is_one_line(ws, quantized):
+    """A `qdq.weights` value that is no GRID:BITS ended in an internal error (exit 1)."""
+    model = onnx.load(quantized)
+    for prop in model.metadata_props:
+        if prop.key == "qdq.weights":
+            prop.value = "int4"
+    forged = save(model, ws.folder / "forged.onnx")
+    table = ws.folder / "t.table"
+    refused(ws, ["export-table", forged, "--format", "ncnn", "-o", table], "no GRID:BITS", table)
