@@ -15,7 +15,8 @@ def task_metric(
     model: Model, reference: list[np.ndarray], got: list[np.ndarray], samples: int
 ) -> float:
     """top1: FP32's class kept; ctc: decoded text equal to FP32's; firing: IoU with FP32 of the
-    (anchor, class) scores above 0.3, i.e. what a detector's threshold keeps; faces: F1 of the
+    (anchor, class) scores above 0.3, i.e. what a detector's threshold keeps (for a DBNet text
+    map, the pixels its post-processing binarizes at 0.3: the text mask); faces: F1 of the
     faces found against FP32's; vad: 32 ms frames whose speech decision (> 0.5) is FP32's;
     mask: IoU with FP32's nucleus mask; onet: crops where the face decision (score > 0.7) is
     FP32's and, on faces, every landmark within 1 pixel of FP32's."""
@@ -89,6 +90,8 @@ def _scores(output: np.ndarray) -> np.ndarray:
         return output[:, 4:]
     if output.shape[-1] == 6:  # YOLOX: (N, anchors, 4 box + objectness + 1 class)
         return output[..., 4] * output[..., 5]
+    if output.shape[1] == 1:  # DBNet (PP-OCR's detectors): a text probability per pixel
+        return output
     return output if output.shape[-1] == 10 else np.zeros(0)  # PicoDet: scores, then boxes
 
 

