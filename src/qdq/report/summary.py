@@ -66,7 +66,10 @@ class QuantizeReport:
             )
             if self.float_ms is not None:
                 shown += f"; FP32 {self.float_ms:.3f} ms"
-            lines.append(f"candidate plans (worst output part, ms per sample, 1 thread): {shown}")
+            lines.append(
+                "candidate plans (worst output part, lower quartile of the samples; ms per "
+                f"sample, 1 thread): {shown}"
+            )
             fastest = min(c.latency_ms for c in self.candidates)
             if self.float_ms is not None and fastest > self.float_ms + latency_tie(self.float_ms):
                 lines.append(
