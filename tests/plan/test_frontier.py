@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from qdq import ptq
 from qdq.config import Prefer, QuantConfig
 from qdq.onnx import sessions
 from qdq.onnx.graph import GraphIndex
@@ -293,14 +294,27 @@ def test_a_candidates_score_is_its_lower_quartile_not_its_hardest_sample():
     lines = np.array([11.4, 32.5, 33.8, 34.7, 39.2, 41.2, 41.5, 42.6] + [45.0] * 8)
     score = frontier.quartile_score(lambda model: lines)(onnx.ModelProto())
     assert score == 34.7  # a sample's own value: 4 of the 16 score lower or equal
-    # an exact output (inf) is no NaN, and a NaN output counts as the worst
+    # an exact output (inf dB) stays inf; one broken sample (NaN or Inf output) is not outvoted
     assert frontier.quartile_score(lambda m: np.full(4, np.inf))(onnx.ModelProto()) == np.inf
-    nan = np.array([np.nan, 30.0, 30.0, 30.0, 30.0])
-    assert frontier.quartile_score(lambda m: nan)(onnx.ModelProto()) == 30.0
-    assert frontier.quartile_score(lambda m: nan[:3])(onnx.ModelProto()) == -np.inf
+    for broken in (np.nan, -np.inf):
+        values = np.array([broken] + [40.0] * 15)
+        assert frontier.quartile_score(lambda m, v=values: v)(onnx.ModelProto()) == -np.inf
 
 
-def test_the_candidates_are_scored_at_the_quartile_of_their_samples(tmp_path):
+def test_the_candidates_are_scored_at_the_quartile_of_their_samples(tmp_path, monkeypatch):
+    seen: list[np.ndarray] = []
+
+    def recording(reference, declared=()):
+        score = ptq_sample_scores(reference, declared)
+        return lambda model: seen.append(score(model)) or seen[-1]
+
+    ptq_sample_scores = ptq.sample_scores
+    monkeypatch.setattr(ptq, "sample_scores", recording)
     report = quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz")
+    frontier_scores = seen[-len(report.candidates) :]  # the method choice scored first
+    assert len(report.candidates) >= 3
+    for candidate, values in zip(report.candidates, frontier_scores, strict=True):
+        assert len(values) == 16  # the frontier's samples, one score each
+        assert candidate.score == np.quantile(values, 0.25, method="lower")
+        assert candidate.score != pytest.approx(values.min())  # not set by the hardest one
     assert "lower quartile of the samples" in report.summary(tmp_path / "q.onnx")
-    assert all(np.isfinite(c.score) for c in report.candidates)

@@ -44,7 +44,8 @@ class BudgetResult:
 @dataclass(frozen=True)
 class Candidate:
     """One candidate plan of the accuracy-latency frontier (`qdq.plan.frontier`): which ops it
-    keeps float, its score (worst output part in dB, or the user's metric) and its latency."""
+    keeps float, its score (the worst output part's SQNR in dB, at the lower quartile of the
+    samples: `frontier.quartile_score`) and its latency."""
 
     name: str
     score: float
