@@ -302,13 +302,18 @@ def test_a_candidates_score_is_its_lower_quartile_not_its_hardest_sample():
 
 
 def test_the_candidates_are_scored_at_the_quartile_of_their_samples(tmp_path, monkeypatch):
-    seen: list[np.ndarray] = []
+    seen: list[np.ndarray] = []  # every per-sample score array the pipeline asked for
+    sample_scores = ptq.sample_scores
 
     def recording(reference, declared=()):
-        score = ptq_sample_scores(reference, declared)
-        return lambda model: seen.append(score(model)) or seen[-1]
+        score = sample_scores(reference, declared)
 
-    ptq_sample_scores = ptq.sample_scores
+        def record(model: onnx.ModelProto) -> np.ndarray:
+            seen.append(score(model))
+            return seen[-1]
+
+        return record
+
     monkeypatch.setattr(ptq, "sample_scores", recording)
     report = quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz")
     frontier_scores = seen[-len(report.candidates) :]  # the method choice scored first
