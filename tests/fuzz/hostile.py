@@ -179,3 +179,9 @@ def custom_op_model() -> onnx.ModelProto:
 def save(model: onnx.ModelProto, path: Path) -> Path:
     path.write_bytes(model.SerializeToString())
     return path
+
+
+def write(path: Path, data: bytes) -> Path:
+    """`data` as the file `path` (a corrupt or forged input), returned for the command line."""
+    path.write_bytes(data)
+    return path
