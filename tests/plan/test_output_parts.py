@@ -215,13 +215,18 @@ def test_the_default_keeps_the_method_whose_worst_part_is_best_on_held_samples(t
     report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy")
     note = next(n for n in report.notes if n.startswith("range method "))
     chosen = note.split()[2].rstrip(":")
-    scores = dict(re.findall(r"(\w+) (-?[\d.]+|inf)", note.split("(")[1]))
+    shown = note.split("(")[1].split(")")[0]
+    scores = dict(re.findall(r"(\w+) (-?[\d.]+|inf)", re.sub(r"\[.*?\]", "", shown)))
+    above = {m: int(share) for m, share in re.findall(r"(\w+) \S+ \[above on (\d+)%\]", shown)}
     assert "on 16 calibration samples held out of the ranges" in note  # a quarter of 64
     assert set(scores) == {"percentile", "minmax", "mse", "auto"}
+    assert set(above) == {"minmax", "mse", "auto"}
+    assert "only with a median 0.5 dB higher and above it on 67% of the samples" in note
     # A replacement leads percentile's (median) score by the margin, and beats the rest.
     if chosen != "percentile":
         assert float(scores[chosen]) > float(scores["percentile"]) + MARGIN
         assert float(scores[chosen]) == max(float(v) for v in scores.values())
+        assert above[chosen] >= 100 * MAJORITY
 
 
 @pytest.mark.parametrize(
@@ -231,8 +236,9 @@ def test_a_method_replaces_percentile_only_by_more_than_the_margin(minmax, chose
     # percentile 10.0 dB; MARGIN 0.5 dB: minmax must score over 10.5.
     scores = {"percentile": 10.0, "minmax": minmax, "mse": 8.0}
     same = lambda value: value  # noqa: E731 - plans and models are the method names here
-    picked, seen = choose_method({m: m for m in scores}, same, same, scores.__getitem__)
+    picked, seen, above = choose_method({m: m for m in scores}, same, same, scores.__getitem__)
     assert (picked, seen) == (chosen, scores)
+    assert above == {"percentile": 0.0, "minmax": float(minmax > 10.0), "mse": 0.0}
 
 
 def test_the_choice_is_not_carried_by_a_few_samples():
@@ -245,9 +251,12 @@ def test_the_choice_is_not_carried_by_a_few_samples():
     same = lambda value: value  # noqa: E731 - plans and models are the method names here
     for other, chosen in [(outlier, "percentile"), (split, "percentile"), (clear, "mse")]:
         scores = {"percentile": percentile, "mse": other}
-        picked, medians = choose_method({m: m for m in scores}, same, same, scores.__getitem__)
+        picked, medians, above = choose_method(
+            {m: m for m in scores}, same, same, scores.__getitem__
+        )
         assert picked == chosen
         assert medians == {m: float(np.median(v)) for m, v in scores.items()}
+        assert above["mse"] == pytest.approx(float(np.mean(other > percentile)))
 
 
 def test_held_samples_are_scored_one_at_a_time_by_their_worst_part():

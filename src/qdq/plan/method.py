@@ -81,12 +81,12 @@ def choose_method(
     plan_for: Callable[[Fitted], Plan],
     realize: Callable[[Plan], onnx.ModelProto],
     score: Callable[[onnx.ModelProto], float | np.ndarray],
-) -> tuple[str, dict[str, float]]:
+) -> tuple[str, dict[str, float], dict[str, float]]:
     """The candidate whose plan has the highest median score, if that beats the first's median
-    by MARGIN and the first's score on at least MAJORITY of the samples (else the first), and
-    every candidate's median; `plan_for` builds a plan from ranges, `realize` its model, `score`
-    rates the model per held sample (`sample_scores`; one number counts as one sample; higher
-    is better, in dB)."""
+    by MARGIN and the first's score on at least MAJORITY of the samples (else the first), every
+    candidate's median, and the share of the samples on which each scored above the first;
+    `plan_for` builds a plan from ranges, `realize` its model, `score` rates the model per held
+    sample (`sample_scores`; one number counts as one sample; higher is better, in dB)."""
     per_sample = {}
     for method, fitted in candidates.items():
         per_sample[method] = np.atleast_1d(np.asarray(score(realize(plan_for(fitted))), float))
@@ -103,7 +103,7 @@ def choose_method(
         and medians[method] > medians[first] + MARGIN
         and wins[method] >= MAJORITY
     ]
-    return max(contenders, key=medians.__getitem__, default=first), medians
+    return max(contenders, key=medians.__getitem__, default=first), medians, wins
 
 
 def sample_scores(
