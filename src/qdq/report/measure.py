@@ -15,8 +15,9 @@ from qdq.metrics import REPORT_BLOCK, ErrorStats, measurable
 from qdq.observers import Histogram
 from qdq.onnx.model import load_model
 from qdq.onnx.sessions import session_with_outputs
+from qdq.plan.calibrate import budgeted
 from qdq.plan.decisions import Decision
-from qdq.report.compare import Comparison, compare_models
+from qdq.report.compare import EVAL_BUDGET, Comparison, compare_models
 from qdq.report.profile import op_times_ms
 from qdq.report.ranges import (
     ActivationView,
@@ -31,6 +32,7 @@ from qdq.workers import ONE_PROCESS, Workers
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 TOP = 12  # activations and weights drawn unless all are asked for: the worst ones
 PROFILE_RUNS = 20
+STREAM_BATCH = 16  # samples per batch of the per-layer pass, where its tensors fit EVAL_BUDGET
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,9 @@ def _stream(
     q_session = session_with_outputs(quantized, q_names)
     stats = {name: ErrorStats() for name in compared}
     histograms = {name: Histogram() for name in drawn}
-    for feed in samples.batches(16):
+
+    def measure_batch(feed: dict[str, np.ndarray]) -> int:
+        """One batch into the stats and histograms; returns the bytes both models captured."""
         want = dict(zip(ref_names, ref_session.run(ref_names, feed), strict=True))
         got = q_session.run(q_names, feed)
         for name, value in zip(compared, got, strict=True):
@@ -146,6 +150,13 @@ def _stream(
         for name, hist in histograms.items():
             if want[name].size and np.isfinite(want[name]).all():
                 hist.update(want[name])
+        return sum(v.nbytes for v in want.values()) + sum(v.nbytes for v in got)
+
+    # The first sample alone sizes the batches: every tensor of both models, 16 samples at a
+    # time, took PP-OCRv6's detector (320 x 320 pages) to an 11 GB peak.
+    per_sample = measure_batch(next(samples.batches(1)))
+    for feed in samples.batches(budgeted(STREAM_BATCH, per_sample, EVAL_BUDGET), first=1):
+        measure_batch(feed)
     return {k: s.sqnr_db for k, s in stats.items()}, {k: h for k, h in histograms.items() if h.seen}
 
 
