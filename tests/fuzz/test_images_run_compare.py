@@ -106,6 +106,15 @@ def test_compare_refuses_a_bad_metadata_entry(ws, quantized):
     refused(ws, compare(ws, quantized, ws.calib), "is not a JSON object of tensor names")
 
 
+@pytest.mark.parametrize("forged", ["{not json", "[1, 2]", '{"conv1_out": "low"}', '{"a": NaN}'])
+def test_compare_refuses_a_bad_floors_entry(ws, quantized, forged):
+    model = onnx.load(str(quantized))
+    entry = next(p for p in model.metadata_props if p.key == "qdq.floored_tensors")
+    entry.value = forged
+    save(model, quantized)
+    refused(ws, compare(ws, quantized, ws.calib), "is not a JSON object of tensor names and finite")
+
+
 @pytest.mark.parametrize("labels", [np.arange(3), np.array(list("abcdefgh")), np.ones((8, 2))])
 def test_compare_refuses_labels_that_are_short_or_not_class_indices(ws, quantized, labels):
     np.savez(ws.folder / "data.npz", x=X, label=labels)

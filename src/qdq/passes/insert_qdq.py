@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from qdq.errors import ModelError
 from qdq.onnx.graph import GraphIndex, attributes, subgraph_reads, subgraphs
-from qdq.onnx.model import METADATA_KEY, WEIGHTS_KEY
+from qdq.onnx.model import FLOORS_KEY, METADATA_KEY, WEIGHTS_KEY
 from qdq.plan.build import Plan
 from qdq.plan.flow import reads_int8
 from qdq.qparams import QParams
@@ -123,7 +123,13 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     )
     graph.initializer.extend(t for n, t in initializers.items() if n in kept)
     graph.initializer.extend(new_inits)
-    props = {**_props(model), METADATA_KEY: json.dumps(copies), WEIGHTS_KEY: plan.weights}
+    floors = {t: float(f) for t, f in plan.floors.items() if t in copies}
+    props = {
+        **_props(model),
+        METADATA_KEY: json.dumps(copies),
+        FLOORS_KEY: json.dumps(floors),
+        WEIGHTS_KEY: plan.weights,
+    }
     helper.set_model_props(out, props)
     return out
 

@@ -72,6 +72,8 @@ class Plan:
     float_ms: float | None = None  # the float model, timed on the frontier's feed
     grid_codes: Mapping[Key, np.ndarray] = field(default_factory=dict)  # binary, ternary, 2^k
     weights: str = UNIFORM_INT8  # the weights' grid and bits, as the file records them
+    # tensors whose grid starts where their only reader (an activation) is flat, and that floor
+    floors: Mapping[str, float] = field(default_factory=dict)
 
     def codes(self, key: Key, values: np.ndarray) -> np.ndarray:
         """Integer codes of a constant input: learned ones (AdaRound), a low-bit grid's
@@ -124,12 +126,14 @@ def build_plan(
         elif out not in unfit and activation in unfit:
             unfit[out] = unfit[activation]
     steps = config.activations.qmax - config.activations.qmin
+    floors: dict[str, float] = {}
     for out, fitted in list(draft.ranges.items()):  # no codes where the only reader is flat
         if fitted.lo.ndim:  # per-channel activation ranges
             continue
         floor = flat_floor(index, out, float(fitted.lo), float(fitted.hi), steps)
         if floor is not None:
             draft.ranges[out] = Range(floor, fitted.hi)
+            floors[out] = floor
     shared: dict[str, str] = {}
     for node in index.nodes:
         if not draft.decisions[node.name].quantized:
@@ -178,6 +182,7 @@ def build_plan(
                 shared[t] = node.output[0]
     prune_unread(index, draft.decisions, draft.wanted, flow.rules)
     chosen = draft.activations
+    floored = {}  # a floored tensor, and what inherits its grid (a Reshape before the reader)
     for t in draft.wanted:
         source = t
         while source in draft.inherited:
@@ -186,6 +191,8 @@ def build_plan(
             chosen[t] = chosen[source]
         elif source in draft.ranges:
             chosen[t] = choose_qparams(draft.ranges[source], config.activations)
+        if source in floors:
+            floored[t] = floors[source]
     for t, output in shared.items():
         if t not in draft.inherited and output in chosen:
             chosen[t] = chosen[output]
@@ -194,7 +201,15 @@ def build_plan(
     )
     constants = {**draft.constants, **constants}
     weights = config.weight_record
-    return Plan(draft.decisions, chosen, constants, biases, grid_codes=codes, weights=weights)
+    return Plan(
+        draft.decisions,
+        chosen,
+        constants,
+        biases,
+        grid_codes=codes,
+        weights=weights,
+        floors={t: f for t, f in floored.items() if t in chosen},
+    )
 
 
 def _follow(node: onnx.NodeProto, draft: _Draft) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, ModelError, expect
 from qdq.images import ImageOptions
 from qdq.metrics import REPORT_BLOCK, ErrorStats, measurable, nonfinite_notes
-from qdq.onnx.model import METADATA_KEY, check_outputs_readable, load_model
+from qdq.onnx.model import FLOORS_KEY, METADATA_KEY, check_outputs_readable, load_model
 from qdq.onnx.sessions import (
     fails_on_data,
     median_latency_ms,
@@ -142,6 +143,31 @@ def quantized_tensor_pairs(
     return {f: q for f, q in pairs.items() if f in names and q in produced and f not in outputs}
 
 
+def quantized_tensor_floors(
+    quantized: onnx.ModelProto, pairs: Mapping[str, str]
+) -> dict[str, float]:
+    """{paired float tensor: the floor its grid starts at} where qdq floored the grid because
+    the tensor's only reader is flat below it (`qdq.plan.floor`): its values there give that
+    reader's output at the floor, within half a code, so they are measured from the floor."""
+    text = {p.key: p.value for p in quantized.metadata_props}.get(FLOORS_KEY)
+    if text is None:  # another tool's file, or qdq's from before the entry
+        return {}
+    try:
+        floors = json.loads(text)
+    except ValueError:
+        floors = None
+    if not isinstance(floors, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v)
+        for k, v in floors.items()
+    ):
+        raise ModelError(
+            f"the quantized model's metadata entry {FLOORS_KEY!r} is not a JSON object of "
+            "tensor names and finite numbers; remove the entry (the layers are then measured "
+            "below their floors too)"
+        )
+    return {name: float(floor) for name, floor in floors.items() if name in pairs}
+
+
 def _metadata_pairs(text: str) -> dict[str, str]:
     """The metadata entry qdq writes, checked: a JSON object of tensor names."""
     try:
@@ -194,7 +220,9 @@ def compare_models(
     leading = leading_outputs(reference, samples, PART_SAMPLES)
     check_classes(truth, reference, labels, leading)
     pairs = quantized_tensor_pairs(quantized, reference)
-    job = _Job(reference, quantized, pairs, samples, batch_size, _parts(leading, declared))
+    floors = quantized_tensor_floors(quantized, pairs)
+    parts = _parts(leading, declared)
+    job = _Job(reference, quantized, pairs, floors, samples, batch_size, parts)
     step = EVAL_SHARD_BATCHES * batch_size
     spans = [(a, min(a + step, samples.count)) for a in range(0, samples.count, step)]
     if workers.parallel:
@@ -231,6 +259,7 @@ class _Job:
     reference: onnx.ModelProto
     quantized: onnx.ModelProto
     pairs: dict[str, str]
+    floors: dict[str, float]  # paired tensors measured from their grid's floor
     samples: Samples
     batch_size: int
     parts: dict[str, list[Part]]  # of the outputs that split or are gated
@@ -280,7 +309,8 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
             if name in parts:
                 update_all(parts[name], ref[i], got[i], by_name)
         for j, name in enumerate(pairs, start=len(outputs)):
-            layer_stats[name].update(ref[j], got[j], REPORT_BLOCK)
+            want = ref[j] if name not in job.floors else np.maximum(ref[j], job.floors[name])
+            layer_stats[name].update(want, got[j], REPORT_BLOCK)
         if outputs[0] in out_stats and out_stats[outputs[0]].classes:
             predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
     return out_stats, layer_stats, predictions, parts
