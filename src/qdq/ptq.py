@@ -234,8 +234,8 @@ def _best_method(
     notes.append(
         f"range method {method}: median per-sample worst output part in dB on {held} calibration "
         f"samples held out of the ranges, and the share of them on which each scored above "
-        f"{first} ({shown}); another replaces {first} only with a median {MARGIN} dB higher and "
-        f"above it on {MAJORITY:.0%} of the samples"
+        f"{first} ({shown}); another replaces {first} only with a median more than {MARGIN} dB "
+        f"higher and above it on at least {MAJORITY:.0%} of the samples"
     )
     return method
 

@@ -106,7 +106,17 @@ def test_compare_refuses_a_bad_metadata_entry(ws, quantized):
     refused(ws, compare(ws, quantized, ws.calib), "is not a JSON object of tensor names")
 
 
-@pytest.mark.parametrize("forged", ["{not json", "[1, 2]", '{"conv1_out": "low"}', '{"a": NaN}'])
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"c": "low"}',
+        '{"a": NaN}',
+        '{"a": true}',
+        '{"a": 1' + "0" * 400 + "}",
+    ],
+)
 def test_compare_refuses_a_bad_floors_entry(ws, quantized, forged):
     model = onnx.load(str(quantized))
     entry = next(p for p in model.metadata_props if p.key == "qdq.floored_tensors")

@@ -3,7 +3,10 @@ with the same measurements."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import qdq.report.compare as compare_module
 import qdq.report.measure as measure_module
@@ -64,3 +67,20 @@ def test_the_reports_layer_pass_shrinks_its_batches_to_the_memory_budget(tmp_pat
     assert [r.node for r in tight.layers] == [r.node for r in roomy.layers]
     for a, b in zip(tight.layers, roomy.layers, strict=True):
         assert a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-9)
+
+
+def test_the_reports_layer_pass_sizes_its_batches_past_a_sequence_tensor(tmp_path):
+    """A SplitToSequence's output has no bytes to count: the sizing had raised AttributeError."""
+    nodes = [
+        helper.make_node("SplitToSequence", ["x"], ["s"], axis=1, name="split"),
+        helper.make_node("ConcatFromSequence", ["s"], ["c"], axis=1, name="concat"),
+        helper.make_node("Relu", ["c"], ["y"], name="relu"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph(nodes, "sequence", [x], [y])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((5, 4), np.float32))
+    data = measure(path, path, tmp_path / "d.npz")
+    assert {r.node: r.sqnr_db for r in data.layers}["relu"] == np.inf  # the same model twice

@@ -25,7 +25,7 @@ MIN_OPSET = 10  # QuantizeLinear / DequantizeLinear appear in opset 10
 PER_AXIS_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) needs opset 13
 TWO_GB = 2**31 - 1
 METADATA_KEY = "qdq.quantized_tensors"  # {float tensor name: name of its dequantized copy}
-# {float tensor name: the floor its grid starts at, where its only reader is flat below it}
+# {float tensor name: the floor qdq started its grid at, below which its only reader is flat}
 FLOORS_KEY = "qdq.floored_tensors"
 WEIGHTS_KEY = "qdq.weights"  # the weights' grid and bits, GRID:BITS (tables check it)
 UNIFORM_INT8 = "uniform:8"  # what WEIGHTS_KEY holds for qdq's default weights (and older files)

@@ -146,9 +146,10 @@ def quantized_tensor_pairs(
 def quantized_tensor_floors(
     quantized: onnx.ModelProto, pairs: Mapping[str, str]
 ) -> dict[str, float]:
-    """{paired float tensor: the floor its grid starts at} where qdq floored the grid because
-    the tensor's only reader is flat below it (`qdq.plan.floor`): its values there give that
-    reader's output at the floor, within half a code, so they are measured from the floor."""
+    """{paired float tensor: its floor} where qdq started the tensor's grid at the point below
+    which its only reader is flat (`qdq.plan.floor`): there the reader's output stays within
+    half a code of its value at the floor (exactly, for HardSwish), so both models' values are
+    measured from the floor, whatever grid the file now has (fine-tuning moves grids)."""
     text = {p.key: p.value for p in quantized.metadata_props}.get(FLOORS_KEY)
     if text is None:  # another tool's file, or qdq's from before the entry
         return {}
@@ -156,16 +157,24 @@ def quantized_tensor_floors(
         floors = json.loads(text)
     except ValueError:
         floors = None
-    if not isinstance(floors, dict) or not all(
-        isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v)
-        for k, v in floors.items()
-    ):
+    if not isinstance(floors, dict) or not all(map(_finite_floor, floors.items())):
         raise ModelError(
             f"the quantized model's metadata entry {FLOORS_KEY!r} is not a JSON object of "
             "tensor names and finite numbers; remove the entry (the layers are then measured "
             "below their floors too)"
         )
     return {name: float(floor) for name, floor in floors.items() if name in pairs}
+
+
+def _finite_floor(item: tuple[object, object]) -> bool:
+    """A floors entry's (tensor name, number) pair: a finite int or float, not a bool."""
+    name, floor = item
+    if not isinstance(name, str) or isinstance(floor, bool) or not isinstance(floor, int | float):
+        return False
+    try:
+        return math.isfinite(floor)
+    except OverflowError:  # an integer of hundreds of digits
+        return False
 
 
 def _metadata_pairs(text: str) -> dict[str, str]:
@@ -309,8 +318,10 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
             if name in parts:
                 update_all(parts[name], ref[i], got[i], by_name)
         for j, name in enumerate(pairs, start=len(outputs)):
-            want = ref[j] if name not in job.floors else np.maximum(ref[j], job.floors[name])
-            layer_stats[name].update(want, got[j], REPORT_BLOCK)
+            want, have = ref[j], got[j]
+            if name in job.floors:  # what the flat reader makes of both is the same below it
+                want, have = np.maximum(want, job.floors[name]), np.maximum(have, job.floors[name])
+            layer_stats[name].update(want, have, REPORT_BLOCK)
         if outputs[0] in out_stats and out_stats[outputs[0]].classes:
             predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
     return out_stats, layer_stats, predictions, parts
