@@ -123,16 +123,20 @@ def lsb_errors(prepared: fx.GraphModule, x: torch.Tensor, ort_codes: dict) -> di
 
 
 @pytest.mark.parametrize(
-    ("name", "config"),
+    ("name", "config", "steps"),
     [
-        ("cnn", QuantConfig()),
-        ("mobilenet", QuantConfig(weights=INT4_WEIGHTS)),
-        ("cnn", QuantConfig(weight_grid="ternary")),
+        ("cnn", QuantConfig(), 15),
+        ("mobilenet", QuantConfig(weights=INT4_WEIGHTS), 15),
+        # ternary weights start at 30% of the test images and need longer: after 15 steps they
+        # read 80% on one Xeon and over 90% on others (float rounding moves the trajectory)
+        ("cnn", QuantConfig(weight_grid="ternary"), 30),
     ],
 )
-def test_exported_file_matches_the_trained_module_within_one_lsb(fp32, tmp_path, name, config):
+def test_exported_file_matches_the_trained_module_within_one_lsb(
+    fp32, tmp_path, name, config, steps
+):
     prepared = prepare(fp32[name], FIT_X[:1], config, FIT_X[:256].split(128), freeze_bn_after=10)
-    train(prepared, 15, lr=1e-3)  # scales, weights and BatchNorm statistics all move
+    train(prepared, steps, lr=1e-3)  # scales, weights and BatchNorm statistics all move
     path = export(prepared, tmp_path / "qat.onnx", FIT_X[:1])
 
     x = TEST_X[:256]
