@@ -172,7 +172,7 @@ def measure(name: str, folder: Path, draws: int, tools: list[str]) -> list[str]:
 
 
 def _metric_text(model: Model, value: float) -> str:
-    return f"{value:.3f}" if model.metric in ("firing", "faces", "mask") else f"{value:.2%}"
+    return f"{value:.3f}" if model.metric in ("firing", "faces", "mask", "roi") else f"{value:.2%}"
 
 
 def main() -> None:

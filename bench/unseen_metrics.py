@@ -18,8 +18,9 @@ def task_metric(
     (anchor, class) scores above 0.3, i.e. what a detector's threshold keeps (for a DBNet text
     map, the pixels its post-processing binarizes at 0.3: the text mask); faces: F1 of the
     faces found against FP32's; vad: 32 ms frames whose speech decision (> 0.5) is FP32's;
-    mask: IoU with FP32's nucleus mask; onet: crops where the face decision (score > 0.7) is
-    FP32's and, on faces, every landmark within 1 pixel of FP32's."""
+    mask: IoU with FP32's nucleus mask; roi: IoU with FP32's regions of interest (`roi_iou`);
+    onet: crops where the face decision (score > 0.7) is FP32's and, on faces, every landmark
+    within 1 pixel of FP32's."""
     if model.metric == "faces":
         return face_f1(reference, got)
     if model.metric == "onet":  # outputs: box shifts, landmarks (x1-x5, y1-y5), face score
@@ -28,6 +29,8 @@ def task_metric(
         return float(((face == kept) & (~face | (moved < 1))).mean())
     if model.metric == "vad":
         return float(((reference[0] > 0.5) == (got[0] > 0.5)).mean())
+    if model.metric == "roi":  # a saliency map: img_focus's regions of interest
+        return roi_iou(reference[0], got[0])
     if model.metric == "mask":
         want, have = reference[0].argmax(-1) == 1, got[0].argmax(-1) == 1
         return float((want & have).sum() / max((want | have).sum(), 1))
@@ -58,6 +61,24 @@ def faces_found(heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> n
         if all(_iou(box, other) <= 0.3 for other in kept):
             kept.append(box)
     return np.array(kept).reshape(-1, 5)
+
+
+ROI_THRESHOLD = 0.8  # img_focus's default roi_threshold: of each map's min-max range
+
+
+def roi_iou(reference: np.ndarray, got: np.ndarray) -> float:
+    """IoU of the pixels img_focus keeps as regions of interest, over all images: each
+    (N, 1, H, W) saliency map min-max normalized to 0-255 and kept above 0.8 of that (its
+    `find_and_extract_rois`, before contours), FP32's against the quantized model's."""
+
+    def kept(maps: np.ndarray) -> np.ndarray:
+        flat = maps.reshape(len(maps), -1).astype(np.float64)
+        low, high = flat.min(axis=1, keepdims=True), flat.max(axis=1, keepdims=True)
+        scaled = np.round((flat - low) / np.maximum(high - low, 1e-12) * 255)
+        return scaled > int(ROI_THRESHOLD * 255)
+
+    want, have = kept(reference), kept(got)
+    return float((want & have).sum() / max((want | have).sum(), 1))
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

