@@ -131,3 +131,25 @@ def test_parity_with_torch_ao_minmax_qparams(signed, symmetric):
         p = choose_qparams(Range(x.min(), x.max()), QScheme(signed=signed, symmetric=symmetric))
         assert p.scale == pytest.approx(scale.item(), rel=1e-6)
         assert int(p.zero_point) == zero_point.item()
+
+
+class _Channels:
+    """Per-channel values that fail if anything formats them (their repr is what an error
+    message would hold)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    def __repr__(self) -> str:
+        raise AssertionError("formatted though nothing was wrong")
+
+
+def test_valid_values_are_never_formatted_into_an_error_message():
+    # building the message on every call was 4.4 s of MiniLM's 19 s quantize (docs/ptq.md)
+    lo, hi = _Channels(-np.ones(512)), _Channels(np.arange(1.0, 513.0))
+    params = choose_qparams(Range(lo, hi), QScheme(signed=False))
+    assert params.scale.shape == (512,)
+    QParams(_Channels(np.full(512, 0.5)), _Channels(np.zeros(512)), QScheme(signed=False))
