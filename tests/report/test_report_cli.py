@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -107,3 +108,21 @@ def test_a_bad_report_flag_is_refused_before_any_work(tmp_path, capsys, extra, s
     assert says in err
     assert len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz"]  # nothing written
+
+
+def test_quantize_report_shows_how_the_plan_was_chosen(tmp_path, capsys):
+    """The page says what the run's summary says: its notes and the candidate plans, each with
+    its score and time, the chosen one marked."""
+    out, page = tmp_path / "q.onnx", tmp_path / "r.html"
+    args = ["quantize", str(DIGITS / "cnn.onnx"), "-o", str(out), "--calib"]
+    assert main([*args, str(DIGITS / "calib.npz"), "--report", str(page)]) == 0
+    printed = capsys.readouterr().out
+    html = page.read_text()
+    section = html[html.index('<section id="plan">') :].split("</section>")[0]
+    line = next(n for n in printed.splitlines() if n.startswith("candidate plans"))
+    plans = line.split("): ", 1)[1].split("; FP32")[0].split(", ")  # "all int8 42.10 dB 0.021 ms"
+    chosen = next(p for p in plans if p.endswith("(chosen)"))
+    name = re.match(r"(.+?) -?(inf|[\d.]+) dB", chosen)[1]
+    assert f"<tr class=chosen><td>{name}</td>" in section
+    assert section.count("<tr") == len(plans) + 2  # the header, each plan, FP32
+    assert "range method" in section  # the notes

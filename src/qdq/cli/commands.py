@@ -15,6 +15,7 @@ from qdq.workers import Workers
 
 if TYPE_CHECKING:
     from qdq.plan.decisions import Decision
+    from qdq.report.summary import QuantizeReport
 
 
 def _workers(args: argparse.Namespace) -> Workers:
@@ -70,7 +71,7 @@ def quantize(args: argparse.Namespace) -> str:
         summary = report.summary(args.output)
         if html:
             summary += "\n" + _write_html(
-                args, args.model, args.output, args.calib, html, report.decisions
+                args, args.model, args.output, args.calib, html, report.decisions, report
             )
     except BaseException:
         for path in written:
@@ -230,8 +231,12 @@ def _write_html(
     data: str,
     target: Path,
     decisions: list[Decision],
+    run: QuantizeReport | None = None,
 ) -> str:
-    """Measure and write the HTML report; the line the command prints about it."""
+    """Measure and write the HTML report (with how `run`, the quantize run that wrote the INT8
+    model, chose its plan); the line the command prints about it."""
+    from dataclasses import replace
+
     from qdq.report.html import write_report
     from qdq.report.measure import measure
 
@@ -246,7 +251,7 @@ def _write_html(
         workers=_workers(args),
         images=_images(args),
     )
-    size = write_report(measured, target)
+    size = write_report(replace(measured, run=run), target)
     return f"wrote {target}: HTML report, {size / 1e6:.1f} MB, opens offline"
 
 

@@ -32,7 +32,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .split{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:16px;align-items:start}
 .scroll{max-height:60vh;overflow:auto}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(440px,1fr));gap:8px}
-.float td{color:#888} .note{color:#666}
+.float td{color:#888} .note{color:#666} .chosen td{font-weight:600}
 """
 SCRIPT = """
 document.querySelectorAll("table.sortable").forEach(table => {
@@ -86,6 +86,7 @@ def render(data: ReportData) -> str:
 
     sections = [
         _summary(data),
+        _run(data),
         _activations(data, chart),
         _layers(data.layers, chart),
         _weights(data, chart),
@@ -148,6 +149,32 @@ def _summary(data: ReportData) -> str:
         "<table><tr><th>output</th><th>SQNR (dB)</th><th>cosine</th>"
         f"<th>top-1 agreement</th></tr>{''.join(outputs)}</table>{_parts(c)}</section>"
     )
+
+
+def _run(data: ReportData) -> str:
+    """How `qdq quantize` chose the plan, when it wrote this report: its notes (the range
+    method, smoothing, rounding, stages skipped) and the candidate plans `--prefer` took one of,
+    each with its score and its time, so a reader sees what int8 cost and bought."""
+    run = data.run
+    if run is None or not (run.notes or run.candidates):
+        return ""
+    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in run.notes)
+    rows = "".join(
+        f"<tr{' class=chosen' if c.chosen else ''}><td>{html.escape(c.name)}</td>"
+        f"<td class=num>{c.score:.2f}</td><td class=num>{c.latency_ms:.3f}</td>"
+        f"<td class=num>{c.int8_nodes}</td><td>{'chosen' if c.chosen else ''}</td></tr>"
+        for c in run.candidates
+    )
+    if run.candidates and run.float_ms is not None:
+        fp32 = f"<td class=num>{run.float_ms:.3f}</td>"
+        rows += f"<tr><td>FP32</td><td></td>{fp32}<td></td><td></td></tr>"
+    table = (
+        "<table><tr><th>candidate plan</th><th>worst output part (dB, lower quartile)</th>"
+        f"<th>ms per sample (1 thread)</th><th>int8 nodes</th><th></th></tr>{rows}</table>"
+        if rows
+        else ""
+    )
+    return f'<section id="plan"><h2>How qdq quantized it</h2>{notes}{table}</section>'
 
 
 def _parts(c: Comparison) -> str:

@@ -27,6 +27,7 @@ from qdq.report.ranges import (
     weight_views,
 )
 from qdq.report.sensitivity import layer_sensitivity
+from qdq.report.summary import QuantizeReport
 from qdq.workers import ONE_PROCESS, Workers
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -58,6 +59,7 @@ class ReportData:
     weights: list[WeightView]
     op_times: tuple[dict[str, float], dict[str, float]]  # FP32, INT8: ms per run per op type
     hidden: dict[str, int] = field(default_factory=dict)  # charts left out, per section
+    run: QuantizeReport | None = None  # the run that wrote the INT8 model (quantize --report)
 
 
 def measure(
