@@ -110,9 +110,10 @@ def text_pages(count: int, size: int, seed: int) -> np.ndarray:
 
 def table_images(count: int, size: int, seed: int) -> np.ndarray:
     """`count` tables (3, size, size) of 2-8 rows and 2-5 columns of WORDS, ruled (70%) or with
-    only the header and closing rules, scaled (by Pillow) so the longer side is `size`,
-    ImageNet-normalized, then padded with zeros at the bottom right: RapidTable's preprocessing
-    (longest side 488, scaled by OpenCV, then a 488 x 488 pad)."""
+    only the header and closing rules, with scanner noise, scaled (by Pillow) so the longer
+    side is `size`, in BGR order normalized with ImageNet's RGB mean and std, then padded with
+    zeros at the bottom right: RapidTable's preprocessing (it loads pages as BGR, scales the
+    longest side to 488 by OpenCV, normalizes, then pads to 488 x 488)."""
     rng = np.random.default_rng(seed)
     out = np.zeros((count, 3, size, size), np.float32)
     for i in range(count):
@@ -137,11 +138,9 @@ def table_images(count: int, size: int, seed: int) -> np.ndarray:
                 if rng.random() < 0.9:  # a few empty cells
                     words = " ".join(rng.choice(WORDS, int(rng.integers(1, 3))))
                     draw.text((int(left) + 4, 14 + row * height), words, fill=ink, font=font)
-        scale = size / max(image.size)
-        image = image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        )
+        scale = size / max(image.size)  # sizes truncated, as RapidTable's
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
         pixels = np.asarray(image, np.float32) + rng.normal(0, 4, (image.height, image.width, 3))
-        normalized = (pixels.clip(0, 255) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+        normalized = (pixels.clip(0, 255)[..., ::-1] / 255 - IMAGENET_MEAN) / IMAGENET_STD
         out[i, :, : image.height, : image.width] = normalized.transpose(2, 0, 1)
     return out

