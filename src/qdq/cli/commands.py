@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -235,8 +236,6 @@ def _write_html(
 ) -> str:
     """Measure and write the HTML report (with how `run`, the quantize run that wrote the INT8
     model, chose its plan); the line the command prints about it."""
-    from dataclasses import replace
-
     from qdq.report.html import write_report
     from qdq.report.measure import measure
 
