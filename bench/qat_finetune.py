@@ -3,7 +3,7 @@
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
      [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1] [--first-draw 0]
      [--start balanced|speed|int8] [--evaluate-scale 1] [--patience 4]
-     [--freeze-oscillations F] [--keep] [--reuse-ptq DIR]
+     [--freeze-oscillations F] [--margin-weight W] [--keep] [--reuse-ptq DIR]
      [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
@@ -107,6 +107,7 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
         batch_size=args.batch_size,
         patience=args.patience,
         freeze_oscillations=args.freeze_oscillations,
+        margin_weight=args.margin_weight,
         threads=1,
     )
     start = time.perf_counter()
@@ -189,6 +190,12 @@ def main() -> None:
         "--freeze-oscillations",
         type=float,
         help="freeze weights whose code flips back more often than this share of steps",
+    )
+    parser.add_argument(
+        "--margin-weight",
+        type=float,
+        default=FinetuneOptions.margin_weight,
+        help="weight of the top-class margin term beside KL on Softmax outputs",
     )
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--keep", action="store_true", help="keep the data and models in --out")

@@ -21,7 +21,7 @@ from qdq.pipeline import quantize_model
 from qdq.qat import finetune, finetune_trainer
 from qdq.qat.convert import QdqGraph
 from qdq.qat.finetune import FinetuneOptions, finetune_model
-from qdq.qat.finetune_loss import confirmed_axes, distance, softmax_axes
+from qdq.qat.finetune_loss import confirmed_axes, distance, flip_margin, softmax_axes
 from qdq.qat.write import write_back
 
 from conftest import DIGITS, digits_cnn_sqnr
@@ -138,6 +138,19 @@ def test_kl_and_power_normalized_error_are_zero_at_the_teacher() -> None:
     assert float(distance(student, teacher, axis=-1)) == pytest.approx(0.1308 / 2, abs=1e-4)
 
 
+def test_margin_term_acts_only_where_the_student_loses_the_teachers_top_class() -> None:
+    teacher = torch.tensor([[0.6, 0.4, 0.0], [0.9, 0.05, 0.05]])
+    # row 1 ranks as the teacher with more room, row 2 likewise: nothing to add
+    agreeing = torch.tensor([[0.7, 0.3, 0.0], [0.95, 0.03, 0.02]])
+    assert float(flip_margin(agreeing, teacher, axis=-1)) == pytest.approx(0.0, abs=1e-6)
+    # row 1 flipped: the teacher's margin ln(0.6/0.4) = 0.405 asks for 0.203 and the student
+    # has -0.405, 0.608 short; row 2 keeps a margin of ln 3 > the 0.5 cap: zero
+    flipped = torch.tensor([[0.4, 0.6, 0.0], [0.6, 0.2, 0.2]])
+    assert float(flip_margin(flipped, teacher, axis=-1)) == pytest.approx(0.608 / 2, abs=1e-3)
+    # along another axis: the same rows as columns
+    assert float(flip_margin(flipped.T, teacher.T, axis=0)) == pytest.approx(0.608 / 2, abs=1e-3)
+
+
 def test_cli_finetunes_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "tuned.onnx"
     args = ["finetune", str(DIGITS / "cnn.onnx"), "-o", str(out), "--calib"]
@@ -147,6 +160,25 @@ def test_cli_finetunes_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert "fine-tuned 4 steps" in printed
     assert "PTQ -> fine-tuned" in printed
     open_session(out).run(None, {"input": np.load(DIGITS / "test.npz")["input"][:2]})
+
+
+def test_cli_adds_the_margin_term_to_a_softmax_outputs_kl(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    model = onnx.load(DIGITS / "cnn.onnx")
+    logits = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("Softmax", [logits], ["probs"], axis=1))
+    model.graph.output[0].name = "probs"
+    onnx.save(model, tmp_path / "cnn_softmax.onnx")
+    out = tmp_path / "tuned.onnx"
+    args = ["finetune", str(tmp_path / "cnn_softmax.onnx"), "-o", str(out), "--calib"]
+    args += [str(DIGITS / "calib.npz"), "--steps", "2", "--max-samples", "32"]
+    assert main([*args, "--margin-weight", "1"]) == 0
+    assert "'probs' kl + margin" in capsys.readouterr().out
+    assert main([*args, "--margin-weight", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "'probs' kl" in printed
+    assert "kl + margin" not in printed
 
 
 def test_cli_distils_the_output_parts_it_is_given(
@@ -167,6 +199,7 @@ def test_cli_distils_the_output_parts_it_is_given(
         (["--lr", "0"], "--lr must be in (0, 256]"),
         (["--patience", "0"], "--patience"),
         (["--freeze-oscillations", "1.5"], "--freeze-oscillations must be in (0, 1)"),
+        (["--margin-weight", "-1"], "--margin-weight must be >= 0"),
         (["--weight-bits", "9"], "--weight-bits 9"),
         (["--output-parts", "nope:1:0-4"], "nope"),
     ],

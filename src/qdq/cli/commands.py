@@ -106,6 +106,7 @@ def finetune(args: argparse.Namespace) -> str:
         held_out=args.held_out,
         patience=args.patience,
         freeze_oscillations=args.freeze_oscillations,
+        **({} if args.margin_weight is None else {"margin_weight": args.margin_weight}),
     )
     report = finetune_model(
         args.model,

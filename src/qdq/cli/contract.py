@@ -66,6 +66,7 @@ FLAGS = {
     "held_out": "--held-out",
     "patience": "--patience",
     "freeze_oscillations": "--freeze-oscillations",
+    "margin_weight": "--margin-weight",
     "batch_size": "--batch-size",
     "output_parts": "--output-parts",
     "weight_bits": "--weight-bits",

@@ -309,6 +309,13 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         help="hold a weight at its most frequent code once it flips back on more than this "
         "share of steps (e.g. 0.02; Nagel et al. 2022); default: never",
     )
+    f.add_argument(
+        "--margin-weight",
+        type=finite,
+        metavar="W",
+        help="weight, beside KL on each Softmax output, of a term that asks the int8 model to "
+        "rank FP32's top class first with room (0: off; default: the library's)",
+    )
     f.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
     f.add_argument(
         "--weight-grid",

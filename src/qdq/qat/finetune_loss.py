@@ -2,7 +2,9 @@
 against the FP32 teacher's, apart from the loop that minimizes it (qdq.qat.finetune_trainer):
 
 - an output a Softmax makes is a distribution: KL(teacher || student) over the Softmax axis
-  (also behind a reshape that keeps a last Softmax axis last, checked on the teacher's outputs);
+  (also behind a reshape that keeps a last Softmax axis last, checked on the teacher's outputs),
+  and, weighted by `FinetuneOptions.margin_weight`, `flip_margin`: a hinge on the ranking that
+  KL barely sees at a near-tie (docs/finetune.md, stop 51);
 - any other output (logits, regression maps, boxes, embeddings): the squared error over the
   teacher's power, sum (s - t)^2 / sum t^2, which is 10^(-SQNR/10): minimizing it maximizes
   that output's SQNR. MSE on logits distils at least as well as KL on them (Kim et al. 2021).
@@ -22,6 +24,7 @@ import torch
 
 from qdq.plan.parts import Part
 
+MARGIN = 0.5  # nats: the most `flip_margin` asks of the student's margin
 PASS_THROUGH = {"QuantizeLinear", "DequantizeLinear", "Identity"}
 # Ops that regroup the other axes and may keep a Softmax's last axis last (PP-OCRv4's
 # recognizer reshapes its (N * T, classes) Softmax to (N, T, classes)); the teacher's outputs
@@ -37,6 +40,20 @@ def distance(student: torch.Tensor, teacher: torch.Tensor, axis: int | None) -> 
     tiny = 1e-8
     kl = teacher * (torch.log(teacher + tiny) - torch.log(student.clamp_min(0) + tiny))
     return kl.sum(axis).mean()
+
+
+def flip_margin(student: torch.Tensor, teacher: torch.Tensor, axis: int) -> torch.Tensor:
+    """How far the student's log-probability margin for the teacher's top class (over the
+    runner-up) falls short of half the teacher's own margin, capped at MARGIN nats; averaged
+    over the positions. Zero wherever the student ranks as the teacher does with room."""
+    tiny = 1e-8
+    logs = torch.log(student.clamp_min(0) + tiny), torch.log(teacher + tiny)
+    top = logs[1].argmax(axis, keepdim=True)
+    mask = torch.zeros_like(logs[1], dtype=torch.bool).scatter_(axis, top, True)
+    s_margin, t_margin = (
+        x.gather(axis, top) - x.masked_fill(mask, -torch.inf).amax(axis, keepdim=True) for x in logs
+    )
+    return torch.relu((t_margin / 2).clamp(max=MARGIN) - s_margin).mean()
 
 
 def take_part(output: torch.Tensor, part: Part) -> torch.Tensor:

@@ -51,7 +51,14 @@ from qdq.plan.parts import output_parts
 from qdq.plan.saturation import avoids_saturation
 from qdq.qat.convert import QdqGraph
 from qdq.qat.filecodes import FileRun, dequantized, expose_codes
-from qdq.qat.finetune_loss import confirmed_axes, distance, loss_labels, softmax_axes, take_part
+from qdq.qat.finetune_loss import (
+    confirmed_axes,
+    distance,
+    flip_margin,
+    loss_labels,
+    softmax_axes,
+    take_part,
+)
 from qdq.qat.oscillation import OscillationFreezer
 from qdq.qat.write import write_back
 
@@ -79,6 +86,7 @@ class FinetuneOptions:
     # Freeze a weight whose code flips back more often than this share of steps
     # (qdq.qat.oscillation); None: never
     freeze_oscillations: float | None = None
+    margin_weight: float = 0.0  # weight of `flip_margin` beside KL on Softmax outputs
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "evaluate_every", "patience"):
@@ -87,6 +95,7 @@ class FinetuneOptions:
             expect(getattr(self, name), (numbers.Integral, type(None)), f"`{name}`")
         expect(self.lr, numbers.Real, "`lr`")
         expect(self.freeze_oscillations, (numbers.Real, type(None)), "`freeze_oscillations`")
+        expect(self.margin_weight, numbers.Real, "`margin_weight`")
         expect(self.file_outputs, (bool, np.bool_), "`file_outputs`")
         if self.threads is not None and self.threads < 1:
             raise SchemeError(f"`threads` must be >= 1, got {self.threads}")
@@ -104,6 +113,8 @@ class FinetuneOptions:
             )
         if self.held_out is not None and self.held_out < 1:
             raise SchemeError(f"`held_out` must be >= 1, got {self.held_out}")
+        if not (math.isfinite(self.margin_weight) and self.margin_weight >= 0):
+            raise SchemeError(f"`margin_weight` must be >= 0 (0: off), got {self.margin_weight}")
 
 
 class Trainer:
@@ -136,7 +147,9 @@ class Trainer:
         self.axes = confirmed_axes(softmax_axes(quantized, self.names), reference[0])
         self.parts = output_parts(self.names, reference, config.output_parts)
         self.losses = {
-            name: "kl" if axis is not None else "mse" + loss_labels(self.parts[name])
+            name: ("kl + margin" if options.margin_weight else "kl")
+            if axis is not None
+            else "mse" + loss_labels(self.parts[name])
             for name, axis in self.axes.items()
         }
         groups = _param_groups(self.graph, options.lr)
@@ -251,6 +264,9 @@ class Trainer:
             target = torch.from_numpy(np.asarray(teacher_out, np.float32))
             if self.axes[name] is not None:
                 total = total + distance(student, target, self.axes[name])
+                if self.options.margin_weight:
+                    margin = flip_margin(student, target, self.axes[name])
+                    total = total + self.options.margin_weight * margin
                 continue
             for part in self.parts[name]:
                 pair = take_part(student, part), take_part(target, part)
