@@ -149,6 +149,8 @@ def test_margin_term_acts_only_where_the_student_loses_the_teachers_top_class() 
     assert float(flip_margin(flipped, teacher, axis=-1)) == pytest.approx(0.608 / 2, abs=1e-3)
     # along another axis: the same rows as columns
     assert float(flip_margin(flipped.T, teacher.T, axis=0)) == pytest.approx(0.608 / 2, abs=1e-3)
+    # one class ranks nothing
+    assert float(flip_margin(torch.ones(4, 1), torch.ones(4, 1), axis=-1)) == 0.0
 
 
 def test_cli_finetunes_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

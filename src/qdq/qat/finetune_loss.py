@@ -46,6 +46,8 @@ def flip_margin(student: torch.Tensor, teacher: torch.Tensor, axis: int) -> torc
     """How far the student's log-probability margin for the teacher's top class (over the
     runner-up) falls short of half the teacher's own margin, capped at MARGIN nats; averaged
     over the positions. Zero wherever the student ranks as the teacher does with room."""
+    if student.shape[axis] < 2:  # one class: no ranking (and no runner-up to subtract)
+        return student.new_zeros(())
     tiny = 1e-8
     logs = torch.log(student.clamp_min(0) + tiny), torch.log(teacher + tiny)
     top = logs[1].argmax(axis, keepdim=True)
