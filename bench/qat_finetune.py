@@ -3,7 +3,8 @@
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
      [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1] [--first-draw 0]
      [--start balanced|speed|int8] [--evaluate-scale 1] [--patience 4]
-     [--freeze-oscillations F] [--margin-weight W] [--keep] [--reuse-ptq DIR]
+     [--freeze-oscillations F] [--margin-weight W]
+     [--class-logits OUTPUT ...] [--keep] [--reuse-ptq DIR]
      [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
@@ -108,6 +109,7 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
         patience=args.patience,
         freeze_oscillations=args.freeze_oscillations,
         margin_weight=args.margin_weight,
+        class_logits=tuple(args.class_logits),
         threads=1,
     )
     start = time.perf_counter()
@@ -196,6 +198,14 @@ def main() -> None:
         type=float,
         default=FinetuneOptions.margin_weight,
         help="weight of the top-class margin term beside KL on Softmax outputs",
+    )
+    parser.add_argument(
+        "--class-logits",
+        nargs="+",
+        default=(),
+        metavar="OUTPUT",
+        help="outputs holding class logits (EfficientNet-Lite0's `logits`): the margin term "
+        "applies to them too",
     )
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--keep", action="store_true", help="keep the data and models in --out")

@@ -158,6 +158,21 @@ def test_cli_adds_the_margin_term_to_a_softmax_outputs_kl(
     assert "kl + margin" not in printed
 
 
+def test_cli_adds_the_margin_term_to_declared_class_logits(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """No Softmax tells that the digits CNN's `logits` are class scores: the user says so."""
+    out = tmp_path / "tuned.onnx"
+    args = ["finetune", str(DIGITS / "cnn.onnx"), "-o", str(out), "--calib"]
+    args += [str(DIGITS / "calib.npz"), "--steps", "2", "--max-samples", "32"]
+    assert main([*args, "--margin-weight", "1", "--class-logits", "logits"]) == 0
+    assert "'logits' mse + margin" in capsys.readouterr().out
+    assert main([*args, "--margin-weight", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "'logits' mse" in printed
+    assert "mse + margin" not in printed
+
+
 def test_cli_distils_the_output_parts_it_is_given(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -177,6 +192,8 @@ def test_cli_distils_the_output_parts_it_is_given(
         (["--patience", "0"], "--patience"),
         (["--freeze-oscillations", "1.5"], "--freeze-oscillations must be in (0, 1)"),
         (["--margin-weight", "-1"], "--margin-weight must be >= 0"),
+        (["--margin-weight", "1", "--class-logits", "nope"], "not float outputs"),
+        (["--class-logits", "logits"], "give a margin weight too"),
         (["--weight-bits", "9"], "--weight-bits 9"),
         (["--output-parts", "nope:1:0-4"], "nope"),
     ],

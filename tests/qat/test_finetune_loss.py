@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from qdq.onnx.sessions import open_session
-from qdq.qat.finetune_loss import confirmed_axes, distance, flip_margin, softmax_axes
+from qdq.qat.finetune_loss import (
+    confirmed_axes,
+    distance,
+    flip_margin,
+    log_scores,
+    softmax_axes,
+)
 
 
 def test_kl_and_power_normalized_error_are_zero_at_the_teacher() -> None:
@@ -23,18 +29,32 @@ def test_kl_and_power_normalized_error_are_zero_at_the_teacher() -> None:
 
 
 def test_margin_term_acts_only_where_the_student_loses_the_teachers_top_class() -> None:
-    teacher = torch.tensor([[0.6, 0.4, 0.0], [0.9, 0.05, 0.05]])
+    teacher = log_scores(torch.tensor([[0.6, 0.4, 0.0], [0.9, 0.05, 0.05]]))
     # row 1 ranks as the teacher with more room, row 2 likewise: nothing to add
-    agreeing = torch.tensor([[0.7, 0.3, 0.0], [0.95, 0.03, 0.02]])
+    agreeing = log_scores(torch.tensor([[0.7, 0.3, 0.0], [0.95, 0.03, 0.02]]))
     assert float(flip_margin(agreeing, teacher, axis=-1)) == pytest.approx(0.0, abs=1e-6)
     # row 1 flipped: the teacher's margin ln(0.6/0.4) = 0.405 asks for 0.203 and the student
     # has -0.405, 0.608 short; row 2 keeps a margin of ln 3 > the 0.5 cap: zero
-    flipped = torch.tensor([[0.4, 0.6, 0.0], [0.6, 0.2, 0.2]])
+    flipped = log_scores(torch.tensor([[0.4, 0.6, 0.0], [0.6, 0.2, 0.2]]))
     assert float(flip_margin(flipped, teacher, axis=-1)) == pytest.approx(0.608 / 2, abs=1e-3)
     # along another axis: the same rows as columns
     assert float(flip_margin(flipped.T, teacher.T, axis=0)) == pytest.approx(0.608 / 2, abs=1e-3)
     # one class ranks nothing
     assert float(flip_margin(torch.ones(4, 1), torch.ones(4, 1), axis=-1)) == 0.0
+
+
+def test_margin_term_reads_logits_as_their_softmax() -> None:
+    """Class logits (EfficientNet-Lite0's output) give the hinge of their probabilities: a
+    margin of logits is one of log-probabilities, whatever constant shifts a row."""
+    rng = np.random.default_rng(0)
+    teacher, student = (
+        torch.from_numpy(rng.normal(size=(16, 10)).astype(np.float32)) for _ in "ts"
+    )
+    probs = [log_scores(torch.softmax(x, -1)) for x in (student, teacher)]
+    assert float(flip_margin(student, teacher, -1)) > 0
+    assert float(flip_margin(student + 3.0, teacher - 1.0, -1)) == pytest.approx(
+        float(flip_margin(*probs, -1)), rel=1e-4
+    )
 
 
 @pytest.mark.parametrize(("shape", "loss"), [((2, 3, 5), "kl"), ((2, 15), "mse")])

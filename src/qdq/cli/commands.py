@@ -107,6 +107,7 @@ def finetune(args: argparse.Namespace) -> str:
         patience=args.patience,
         freeze_oscillations=args.freeze_oscillations,
         **({} if args.margin_weight is None else {"margin_weight": args.margin_weight}),
+        class_logits=tuple(args.class_logits),
     )
     report = finetune_model(
         args.model,

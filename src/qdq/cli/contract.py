@@ -67,6 +67,7 @@ FLAGS = {
     "patience": "--patience",
     "freeze_oscillations": "--freeze-oscillations",
     "margin_weight": "--margin-weight",
+    "class_logits": "--class-logits",
     "batch_size": "--batch-size",
     "output_parts": "--output-parts",
     "weight_bits": "--weight-bits",

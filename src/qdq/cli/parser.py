@@ -316,6 +316,14 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         help="weight, beside KL on each Softmax output, of a term that asks the int8 model to "
         "rank FP32's top class first with room (0: off; default: the library's)",
     )
+    f.add_argument(
+        "--class-logits",
+        nargs="+",
+        default=(),
+        metavar="OUTPUT",
+        help="outputs that hold class logits along their last axis: the margin term "
+        "(--margin-weight) applies to them too, beside their squared error",
+    )
     f.add_argument("--weight-bits", type=int, help="2..8 (default 8)")
     f.add_argument(
         "--weight-grid",

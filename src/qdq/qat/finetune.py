@@ -123,6 +123,12 @@ def finetune_model(
             f"{model_path} has no float32 output ({kinds}) for fine-tuning to match with "
             "FP32's; quantize it with `qdq quantize` instead"
         )
+    unknown = sorted(set(options.class_logits) - set(float_outputs(model)))
+    if unknown:
+        raise DataError(
+            f"`class_logits` names {unknown}, which are not float outputs of {model_path}; "
+            f"its float outputs: {float_outputs(model)}"
+        )
     samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
     held_out = _held_out_count(samples.count, options.held_out)
     threads = torch.get_num_threads()

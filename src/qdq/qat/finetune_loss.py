@@ -4,7 +4,8 @@ against the FP32 teacher's, apart from the loop that minimizes it (qdq.qat.finet
 - an output a Softmax makes is a distribution: KL(teacher || student) over the Softmax axis
   (also behind a reshape that keeps a last Softmax axis last, checked on the teacher's outputs),
   and, weighted by `FinetuneOptions.margin_weight`, `flip_margin`: a hinge on the ranking that
-  KL barely sees at a near-tie (docs/finetune.md, stop 51);
+  KL barely sees at a near-tie (docs/finetune.md, stop 51); also on the outputs the user
+  declares class logits (`FinetuneOptions.class_logits`), beside their squared error;
 - any other output (logits, regression maps, boxes, embeddings): the squared error over the
   teacher's power, sum (s - t)^2 / sum t^2, which is 10^(-SQNR/10): minimizing it maximizes
   that output's SQNR. MSE on logits distils at least as well as KL on them (Kim et al. 2021).
@@ -42,18 +43,23 @@ def distance(student: torch.Tensor, teacher: torch.Tensor, axis: int | None) -> 
     return kl.sum(axis).mean()
 
 
+def log_scores(probabilities: torch.Tensor) -> torch.Tensor:
+    """A Softmax output's log-probabilities, which rank as its logits and share their margins."""
+    return torch.log(probabilities.clamp_min(0) + 1e-8)
+
+
 def flip_margin(student: torch.Tensor, teacher: torch.Tensor, axis: int) -> torch.Tensor:
-    """How far the student's log-probability margin for the teacher's top class (over the
-    runner-up) falls short of half the teacher's own margin, capped at MARGIN nats; averaged
-    over the positions. Zero wherever the student ranks as the teacher does with room."""
+    """How far the student's margin for the teacher's top class (over the runner-up) falls
+    short of half the teacher's own margin, capped at MARGIN nats; averaged over the positions.
+    Zero wherever the student ranks as the teacher does with room. Both sides are log-scores:
+    logits or log-probabilities (`log_scores`), whose margins are the same."""
     if student.shape[axis] < 2:  # one class: no ranking (and no runner-up to subtract)
         return student.new_zeros(())
-    tiny = 1e-8
-    logs = torch.log(student.clamp_min(0) + tiny), torch.log(teacher + tiny)
-    top = logs[1].argmax(axis, keepdim=True)
-    mask = torch.zeros_like(logs[1], dtype=torch.bool).scatter_(axis, top, True)
+    top = teacher.argmax(axis, keepdim=True)
+    mask = torch.zeros_like(teacher, dtype=torch.bool).scatter_(axis, top, True)
     s_margin, t_margin = (
-        x.gather(axis, top) - x.masked_fill(mask, -torch.inf).amax(axis, keepdim=True) for x in logs
+        x.gather(axis, top) - x.masked_fill(mask, -torch.inf).amax(axis, keepdim=True)
+        for x in (student, teacher)
     )
     return torch.relu((t_margin / 2).clamp(max=MARGIN) - s_margin).mean()
 

@@ -55,6 +55,7 @@ from qdq.qat.finetune_loss import (
     confirmed_axes,
     distance,
     flip_margin,
+    log_scores,
     loss_labels,
     softmax_axes,
     take_part,
@@ -87,6 +88,9 @@ class FinetuneOptions:
     # (qdq.qat.oscillation); None: never
     freeze_oscillations: float | None = None
     margin_weight: float = 0.0  # weight of `flip_margin` beside KL on Softmax outputs
+    # Outputs that hold class logits along their last axis: `flip_margin` (margin_weight)
+    # applies to them too, beside their squared error (no Softmax tells of them in the graph)
+    class_logits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "evaluate_every", "patience"):
@@ -97,6 +101,9 @@ class FinetuneOptions:
         expect(self.freeze_oscillations, (numbers.Real, type(None)), "`freeze_oscillations`")
         expect(self.margin_weight, numbers.Real, "`margin_weight`")
         expect(self.file_outputs, (bool, np.bool_), "`file_outputs`")
+        expect(self.class_logits, tuple, "`class_logits`")
+        for name in self.class_logits:
+            expect(name, str, "each of `class_logits`")
         if self.threads is not None and self.threads < 1:
             raise SchemeError(f"`threads` must be >= 1, got {self.threads}")
         for name in ("steps", "batch_size", "evaluate_every", "patience"):
@@ -115,6 +122,11 @@ class FinetuneOptions:
             raise SchemeError(f"`held_out` must be >= 1, got {self.held_out}")
         if not (math.isfinite(self.margin_weight) and self.margin_weight >= 0):
             raise SchemeError(f"`margin_weight` must be >= 0 (0: off), got {self.margin_weight}")
+        if self.class_logits and not self.margin_weight:
+            raise SchemeError(
+                "`class_logits` names outputs for the margin term, which `margin_weight` 0 "
+                "turns off; give a margin weight too (1 is typical)"
+            )
 
 
 class Trainer:
@@ -146,10 +158,12 @@ class Trainer:
         reference = [teacher.run(self.names, feed) for feed in feeds]
         self.axes = confirmed_axes(softmax_axes(quantized, self.names), reference[0])
         self.parts = output_parts(self.names, reference, config.output_parts)
+        # a Softmax output declared too already has the term, on its log-probabilities
+        self.logits = {n for n in options.class_logits if self.axes.get(n, 0) is None}
+        ranked = {n for n, axis in self.axes.items() if axis is not None} | self.logits
         self.losses = {
-            name: ("kl + margin" if options.margin_weight else "kl")
-            if axis is not None
-            else "mse" + loss_labels(self.parts[name])
+            name: ("kl" if axis is not None else "mse" + loss_labels(self.parts[name]))
+            + (" + margin" if options.margin_weight and name in ranked else "")
             for name, axis in self.axes.items()
         }
         groups = _param_groups(self.graph, options.lr)
@@ -262,11 +276,14 @@ class Trainer:
         by_name = dict(zip(self.names, want, strict=True))
         for name, teacher_out, student in zip(self.names, want, got, strict=True):
             target = torch.from_numpy(np.asarray(teacher_out, np.float32))
+            if self.options.margin_weight and name in self.logits:
+                margin = flip_margin(student, target, -1)
+                total = total + self.options.margin_weight * margin
             if self.axes[name] is not None:
                 total = total + distance(student, target, self.axes[name])
                 if self.options.margin_weight:
-                    margin = flip_margin(student, target, self.axes[name])
-                    total = total + self.options.margin_weight * margin
+                    pair = log_scores(student), log_scores(target)
+                    total = total + self.options.margin_weight * flip_margin(*pair, self.axes[name])
                 continue
             for part in self.parts[name]:
                 pair = take_part(student, part), take_part(target, part)
