@@ -87,7 +87,7 @@ class FinetuneOptions:
     # Freeze a weight whose code flips back more often than this share of steps
     # (qdq.qat.oscillation); None: never
     freeze_oscillations: float | None = None
-    margin_weight: float = 0.0  # weight of `flip_margin` beside KL on Softmax outputs
+    margin_weight: float = 0.0  # weight of `flip_margin` (Softmax outputs, class_logits)
     # Outputs that hold class logits along their last axis: `flip_margin` (margin_weight)
     # applies to them too, beside their squared error (no Softmax tells of them in the graph)
     class_logits: tuple[str, ...] = ()
@@ -125,7 +125,7 @@ class FinetuneOptions:
         if self.class_logits and not self.margin_weight:
             raise SchemeError(
                 "`class_logits` names outputs for the margin term, which `margin_weight` 0 "
-                "turns off; give a margin weight too (1 is typical)"
+                "turns off; give a margin weight too"
             )
 
 
