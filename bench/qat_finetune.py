@@ -197,7 +197,7 @@ def main() -> None:
         "--margin-weight",
         type=float,
         default=FinetuneOptions.margin_weight,
-        help="weight of the top-class margin term beside KL on Softmax outputs",
+        help="weight of the top-class margin term (Softmax outputs and --class-logits)",
     )
     parser.add_argument(
         "--class-logits",
