@@ -4,7 +4,6 @@ raises the 4-bit output SQNR that PTQ leaves, and the file is the one `qdq quant
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from qdq.pipeline import quantize_model
 from qdq.qat import finetune, finetune_trainer
 from qdq.qat.convert import QdqGraph
 from qdq.qat.finetune import FinetuneOptions, finetune_model
-from qdq.qat.finetune_loss import distance, flip_margin
+from qdq.qat.finetune_loss import distance
 from qdq.qat.write import write_back
 
 from conftest import DIGITS, digits_cnn_sqnr
@@ -140,40 +139,6 @@ def test_cli_finetunes_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture)
     open_session(out).run(None, {"input": np.load(DIGITS / "test.npz")["input"][:2]})
 
 
-def test_cli_adds_the_margin_term_to_a_softmax_outputs_kl(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    model = onnx.load(DIGITS / "cnn.onnx")
-    logits = model.graph.output[0].name
-    model.graph.node.append(onnx.helper.make_node("Softmax", [logits], ["probs"], axis=1))
-    model.graph.output[0].name = "probs"
-    onnx.save(model, tmp_path / "cnn_softmax.onnx")
-    out = tmp_path / "tuned.onnx"
-    args = ["finetune", str(tmp_path / "cnn_softmax.onnx"), "-o", str(out), "--calib"]
-    args += [str(DIGITS / "calib.npz"), "--steps", "2", "--max-samples", "32"]
-    assert main([*args, "--margin-weight", "1"]) == 0
-    assert "'probs' kl + margin" in capsys.readouterr().out
-    assert main([*args, "--margin-weight", "0"]) == 0
-    printed = capsys.readouterr().out
-    assert "'probs' kl" in printed
-    assert "kl + margin" not in printed
-
-
-def test_cli_adds_the_margin_term_to_declared_class_logits(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    """No Softmax tells that the digits CNN's `logits` are class scores: the user says so."""
-    out = tmp_path / "tuned.onnx"
-    args = ["finetune", str(DIGITS / "cnn.onnx"), "-o", str(out), "--calib"]
-    args += [str(DIGITS / "calib.npz"), "--steps", "2", "--max-samples", "32"]
-    assert main([*args, "--margin-weight", "1", "--class-logits", "logits"]) == 0
-    assert "'logits' mse + margin" in capsys.readouterr().out
-    assert main([*args, "--margin-weight", "1"]) == 0
-    printed = capsys.readouterr().out
-    assert "'logits' mse" in printed
-    assert "mse + margin" not in printed
-
-
 def test_cli_distils_the_output_parts_it_is_given(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -253,26 +218,6 @@ def test_held_out_loss_is_the_written_files_in_onnx_runtime(pair: tuple[Path, Pa
     want, got = teacher.run(None, feed)[0], open_session(pair[0]).run(None, feed)[0]
     direct = float(distance(torch.from_numpy(got), torch.from_numpy(want), None))
     assert loss == pytest.approx(direct, rel=1e-5)
-
-
-def test_declared_class_logits_add_the_margin_hinge_to_the_loss(tmp_path: Path) -> None:
-    """`class_logits`: the digits CNN's logits take the ranking hinge beside their error, on
-    the file's outputs as ONNX Runtime runs them (2-bit weights flip some ranks: a hinge > 0)."""
-    config = preset_config(
-        "default", weight_bits=2, sequential_bias_correction=False, prefer="speed"
-    )
-    quantize_model(DIGITS / "cnn.onnx", tmp_path / "ptq.onnx", DIGITS / "calib.npz", config)
-    model = onnx.load(DIGITS / "cnn.onnx")
-    samples = Samples(DIGITS / "calib.npz", model_inputs(model))
-    teacher, quantized = open_session(model), onnx.load(tmp_path / "ptq.onnx")
-    options = replace(OPTIONS, batch_size=64, margin_weight=2.0, class_logits=("logits",))
-    trainer = finetune_trainer.Trainer(quantized, teacher, samples, config, options, 64, 0)
-    feed = next(trainer.held.batches(64))
-    want, got = (torch.from_numpy(s.run(None, feed)[0]) for s in (teacher, open_session(quantized)))
-    hinge = float(flip_margin(got, want, -1))
-    assert hinge > 0
-    direct = float(distance(got, want, None)) + 2.0 * hinge
-    assert trainer._held_out_loss() == pytest.approx(direct, rel=1e-5)
 
 
 def test_training_loss_has_the_files_value_and_the_torch_copys_gradient(
