@@ -3,8 +3,8 @@
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
      [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1] [--first-draw 0]
      [--start balanced|speed|int8] [--evaluate-scale 1] [--patience 4]
-     [--freeze-oscillations F] [--margin-weight W]
-     [--class-logits OUTPUT ...] [--keep] [--reuse-ptq DIR]
+     [--held-out N] [--freeze-oscillations F] [--margin-weight W]
+     [--class-logits OUTPUT ...] [--checkpoint-by loss|agreement] [--keep] [--reuse-ptq DIR]
      [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
 --out. No asserts: numbers for docs/finetune.md.
@@ -42,7 +42,7 @@ import numpy as np
 from model_files import efficientnet_lite0, rapidocr_model
 from photos import photo_crops
 from ptq import medians, quality, run_model
-from qdq.config import preset_config
+from qdq.config import CHECKPOINT_BY, preset_config
 from qdq.pipeline import quantize_model
 from qdq.qat.finetune import FinetuneOptions, finetune_model
 from text_images import text_lines, text_pages
@@ -107,9 +107,11 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
         lr=args.lr,
         batch_size=args.batch_size,
         patience=args.patience,
+        held_out=args.held_out,
         freeze_oscillations=args.freeze_oscillations,
         margin_weight=args.margin_weight,
         class_logits=tuple(args.class_logits),
+        checkpoint_by=args.checkpoint_by,
         threads=1,
     )
     start = time.perf_counter()
@@ -122,6 +124,7 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
             f"{report.best_step})",
             "seconds": time.perf_counter() - start,
             "held_out_sqnr": [report.sqnr_before, report.sqnr_after],
+            "held_out_agreement": report.agreement,
             "samples": len(case.calib),
         }
     )
@@ -189,6 +192,9 @@ def main() -> None:
     )
     parser.add_argument("--patience", type=int, default=FinetuneOptions.patience)
     parser.add_argument(
+        "--held-out", type=int, help="samples that pick the checkpoint (default: an eighth, 8-64)"
+    )
+    parser.add_argument(
         "--freeze-oscillations",
         type=float,
         help="freeze weights whose code flips back more often than this share of steps",
@@ -206,6 +212,13 @@ def main() -> None:
         metavar="OUTPUT",
         help="outputs holding class logits (EfficientNet-Lite0's `logits`): the margin term "
         "applies to them too",
+    )
+    parser.add_argument(
+        "--checkpoint-by",
+        choices=CHECKPOINT_BY,
+        default=FinetuneOptions.checkpoint_by,
+        help="what picks the checkpoint: the held-out loss, or the share of held-out samples "
+        "ranked as FP32 at every position of every class output",
     )
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--keep", action="store_true", help="keep the data and models in --out")

@@ -28,6 +28,8 @@ from qdq.scheme import (
 from qdq.workers import ONE_PROCESS, Workers
 
 ACTIVATION_DTYPES = ("uint8", "int8")
+# What can pick `qdq finetune`'s checkpoint on its held-out samples (qdq.qat.finetune_trainer)
+CHECKPOINT_BY = ("loss", "agreement")
 
 
 class OutputFormat(enum.StrEnum):

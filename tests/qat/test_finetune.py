@@ -22,6 +22,7 @@ from qdq.qat import finetune, finetune_trainer
 from qdq.qat.convert import QdqGraph
 from qdq.qat.finetune import FinetuneOptions, finetune_model
 from qdq.qat.finetune_loss import distance
+from qdq.qat.finetune_trainer import HeldOut
 from qdq.qat.write import write_back
 
 from conftest import DIGITS, digits_cnn_sqnr
@@ -124,7 +125,7 @@ def test_patience_counts_only_in_the_second_half_of_the_run(
         onnx.load(pair[0]), open_session(model), samples, CONFIG, options, 16, 0
     )
     monkeypatch.setattr(trainer, "_step", lambda: None)
-    monkeypatch.setattr(trainer, "_held_out_loss", lambda: 1.0)  # never a gain
+    monkeypatch.setattr(trainer, "_held_out", lambda: HeldOut(1.0, None))  # never a gain
     assert trainer.train(progress=False) == (0, 4)  # PTQ kept; stopped at the first chance
 
 
@@ -159,7 +160,7 @@ def test_cli_distils_the_output_parts_it_is_given(
         (["--freeze-oscillations", "1.5"], "--freeze-oscillations must be in (0, 1)"),
         (["--margin-weight", "-1"], "--margin-weight must be >= 0"),
         (["--margin-weight", "1", "--class-logits", "nope"], "not float outputs"),
-        (["--class-logits", "logits"], "give a margin weight too"),
+        (["--class-logits", "logits"], "give either too"),
         (["--weight-bits", "9"], "--weight-bits 9"),
         (["--output-parts", "nope:1:0-4"], "nope"),
     ],
@@ -211,9 +212,9 @@ def test_held_out_loss_is_the_written_files_in_onnx_runtime(pair: tuple[Path, Pa
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
     teacher = open_session(model)
     trainer = finetune_trainer.Trainer(onnx.load(pair[0]), teacher, samples, CONFIG, OPTIONS, 16, 0)
-    loss = trainer._held_out_loss()
+    loss = trainer._held_out().loss
     trainer.graph.forward = lambda feeds, known=None: [torch.zeros(len(feeds["input"]), 10)]
-    assert trainer._held_out_loss() == loss
+    assert trainer._held_out().loss == loss
     feed = next(trainer.held.batches(16))
     want, got = teacher.run(None, feed)[0], open_session(pair[0]).run(None, feed)[0]
     direct = float(distance(torch.from_numpy(got), torch.from_numpy(want), None))

@@ -84,4 +84,4 @@ def test_declared_class_logits_add_the_margin_hinge_to_the_loss(tmp_path: Path) 
     hinge = float(flip_margin(got, want, -1))
     assert hinge > 0
     direct = float(distance(got, want, None)) + 2.0 * hinge
-    assert trainer._held_out_loss() == pytest.approx(direct, rel=1e-5)
+    assert trainer._held_out().loss == pytest.approx(direct, rel=1e-5)

@@ -108,6 +108,7 @@ def finetune(args: argparse.Namespace) -> str:
         freeze_oscillations=args.freeze_oscillations,
         **({} if args.margin_weight is None else {"margin_weight": args.margin_weight}),
         class_logits=tuple(args.class_logits),
+        **({} if args.checkpoint_by is None else {"checkpoint_by": args.checkpoint_by}),
     )
     report = finetune_model(
         args.model,

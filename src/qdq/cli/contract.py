@@ -68,6 +68,7 @@ FLAGS = {
     "freeze_oscillations": "--freeze-oscillations",
     "margin_weight": "--margin-weight",
     "class_logits": "--class-logits",
+    "checkpoint_by": "--checkpoint-by",
     "batch_size": "--batch-size",
     "output_parts": "--output-parts",
     "weight_bits": "--weight-bits",

@@ -28,7 +28,7 @@ from qdq.cli.flag_groups import (
     worker_flags,
 )
 from qdq.cli.flags import at_least, finite
-from qdq.config import ACTIVATION_DTYPES, RUN_PRESETS, Prefer
+from qdq.config import ACTIVATION_DTYPES, CHECKPOINT_BY, RUN_PRESETS, Prefer
 from qdq.lowbit import WeightGrid
 from qdq.observers import METHODS
 
@@ -294,6 +294,13 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         "--held-out",
         type=at_least(1),
         help="samples, drawn at random, that pick the checkpoint instead of training (default 1/8)",
+    )
+    f.add_argument(
+        "--checkpoint-by",
+        choices=CHECKPOINT_BY,
+        help="what picks the checkpoint on the held-out samples: loss (default), or agreement: "
+        "the share ranked as FP32 at every position of every class output (Softmax outputs, "
+        "--class-logits), then the loss",
     )
     f.add_argument(
         "--patience",

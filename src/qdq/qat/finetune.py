@@ -32,6 +32,7 @@ from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
 from qdq.pipeline import prepare, quantize_model
 from qdq.plan.parts import Part, PartStats, update_all
+from qdq.qat.finetune_loss import softmax_axes
 from qdq.qat.finetune_trainer import FinetuneOptions, Trainer
 from qdq.qat.write import write_back
 from qdq.report.summary import QuantizeReport
@@ -39,6 +40,10 @@ from qdq.report.summary import QuantizeReport
 __all__ = ["FinetuneOptions", "FinetuneReport", "finetune_model"]
 
 MIN_HELD_OUT, MAX_HELD_OUT = 8, 64
+CHOSEN = {  # how each `FinetuneOptions.checkpoint_by` picked the checkpoint, for the summary
+    "loss": "the best held-out loss",
+    "agreement": "the most held-out samples ranked as FP32, then the least loss",
+}
 
 
 @dataclass
@@ -57,6 +62,10 @@ class FinetuneReport:
     sqnr_before: dict[str, float] = field(default_factory=dict)
     sqnr_after: dict[str, float] = field(default_factory=dict)
     kept_ptq: bool = False  # ONNX Runtime's held-out SQNR fell: the PTQ model was written
+    checkpoint_by: str = "loss"  # `FinetuneOptions.checkpoint_by`
+    # share of held-out samples ranked as FP32 at every position of every class output,
+    # PTQ and the checkpoint (`HeldOut`); None without a class output
+    agreement: tuple[float, float] | None = None
 
     def summary(self, output: str | os.PathLike[str]) -> str:
         """The PTQ summary, then what fine-tuning changed."""
@@ -70,7 +79,15 @@ class FinetuneReport:
             "wrote the PTQ model: the fine-tuned one scored lower in ONNX Runtime on the "
             "held-out samples"
             if self.kept_ptq
-            else f"kept step {self.best_step} (the best held-out loss)"
+            else f"kept step {self.best_step} (" + CHOSEN[self.checkpoint_by] + ")"
+        )
+        ranked = (
+            []
+            if self.agreement is None
+            else [
+                f"held-out samples ranked as FP32 at every position of every class output, "
+                f"PTQ -> fine-tuned: {self.agreement[0]:.1%} -> {self.agreement[1]:.1%}"
+            ]
         )
         return "\n".join(
             [
@@ -79,6 +96,7 @@ class FinetuneReport:
                 f"{self.seconds:.1f} s (PTQ {self.ptq_seconds:.1f} s); losses: {losses}; {kept}",
                 f"output SQNR against FP32 on {self.held_out_samples} held-out samples, "
                 f"PTQ -> fine-tuned: {change}",
+                *ranked,
             ]
         )
 
@@ -129,6 +147,13 @@ def finetune_model(
             f"`class_logits` names {unknown}, which are not float outputs of {model_path}; "
             f"its float outputs: {float_outputs(model)}"
         )
+    scores = [n for n, a in softmax_axes(model, float_outputs(model)).items() if a is not None]
+    if options.checkpoint_by == "agreement" and not scores + list(options.class_logits):
+        raise DataError(
+            f"`checkpoint_by` 'agreement' counts samples ranked as FP32 on class outputs, and "
+            f"{model_path} has none that a Softmax makes; name its logits in `class_logits` "
+            f"(its float outputs: {float_outputs(model)})"
+        )
     samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
     held_out = _held_out_count(samples.count, options.held_out)
     threads = torch.get_num_threads()
@@ -147,14 +172,17 @@ def finetune_model(
             teacher = open_session(model)
             trainer = Trainer(quantized, teacher, samples, config, options, held_out, seed)
             best_step, steps = trainer.train(progress)
+            first, kept = trainer.scores
             tuned = write_back(quantized, trainer.graph, trainer.pairs)
             session = open_session(tuned, Use.CHECK)
             ptq_session = open_session(quantized, Use.CHECK)
             before = _output_sqnr(teacher, ptq_session, trainer.held, trainer.parts)
             after = _output_sqnr(teacher, session, trainer.held, trainer.parts)
             # the torch copy rounds a few ties unlike ONNX Runtime: its loss can fall while the
-            # file's error rises, and the user should never get a model worse than PTQ's
-            kept_ptq = min(after.values(), default=0.0) < min(before.values(), default=0.0)
+            # file's error rises, and the user should never get a model worse than PTQ's (by
+            # agreement, the checkpoint already ranks at least as PTQ does, in ONNX Runtime)
+            fell = min(after.values(), default=0.0) < min(before.values(), default=0.0)
+            kept_ptq = fell and options.checkpoint_by == "loss"
             save_model(quantized if kept_ptq else tuned, target)
     finally:
         torch.set_num_threads(threads)
@@ -170,6 +198,8 @@ def finetune_model(
         sqnr_before=before,
         sqnr_after=after,
         kept_ptq=kept_ptq,
+        checkpoint_by=options.checkpoint_by,
+        agreement=None if first.agreement is None else (first.agreement, kept.agreement),
     )
 
 

@@ -2,7 +2,8 @@
 optimizer and rates, the streamed batches and the held-out checkpoints; the loss it minimizes
 is qdq.qat.finetune_loss's.
 
-A random eighth of the samples (8 to 64) is held out: the loss on them, measured every
+A random eighth of the samples (8 to 64) is held out: the loss on them (or, with
+`checkpoint_by` "agreement", the share ranked as FP32: `HeldOut`), measured every
 `evaluate_every` steps from step 0 (the PTQ model itself), picks the checkpoint written and
 stops training after `patience` evaluations without a gain in the second half of the run (the
 loss often stalls while the cosine-decayed rate is high, then falls: docs/finetune.md). It is
@@ -43,7 +44,7 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from qdq.config import QuantConfig
+from qdq.config import CHECKPOINT_BY, QuantConfig
 from qdq.data import Samples
 from qdq.errors import DataError, SchemeError, expect
 from qdq.onnx.sessions import Use, open_session
@@ -91,6 +92,8 @@ class FinetuneOptions:
     # Outputs that hold class logits along their last axis: `flip_margin` (margin_weight)
     # applies to them too, beside their squared error (no Softmax tells of them in the graph)
     class_logits: tuple[str, ...] = ()
+    # What picks the checkpoint on the held-out samples: "loss", or "agreement" (`HeldOut`)
+    checkpoint_by: str = "loss"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "evaluate_every", "patience"):
@@ -102,6 +105,7 @@ class FinetuneOptions:
         expect(self.margin_weight, numbers.Real, "`margin_weight`")
         expect(self.file_outputs, (bool, np.bool_), "`file_outputs`")
         expect(self.class_logits, tuple, "`class_logits`")
+        expect(self.checkpoint_by, str, "`checkpoint_by`")
         for name in self.class_logits:
             expect(name, str, "each of `class_logits`")
         if self.threads is not None and self.threads < 1:
@@ -122,11 +126,39 @@ class FinetuneOptions:
             raise SchemeError(f"`held_out` must be >= 1, got {self.held_out}")
         if not (math.isfinite(self.margin_weight) and self.margin_weight >= 0):
             raise SchemeError(f"`margin_weight` must be >= 0 (0: off), got {self.margin_weight}")
-        if self.class_logits and not self.margin_weight:
+        if self.checkpoint_by not in CHECKPOINT_BY:
+            raise SchemeError(
+                f"`checkpoint_by` must be one of {', '.join(CHECKPOINT_BY)}, "
+                f"got {self.checkpoint_by!r}"
+            )
+        if self.class_logits and not self.margin_weight and self.checkpoint_by == "loss":
             raise SchemeError(
                 "`class_logits` names outputs for the margin term, which `margin_weight` 0 "
-                "turns off; give a margin weight too"
+                "turns off, and for `checkpoint_by` 'agreement'; give either too"
             )
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A checkpoint's score on the held-out samples, in ONNX Runtime: the loss, and the share
+    of samples ranked as FP32 ranks them at every position of every class output (Softmax
+    outputs and `class_logits`: top-1 agreement for a classifier, every step's top class for
+    a sequence recognizer); None without a class output."""
+
+    loss: float
+    agreement: float | None
+
+    def beats(self, other: HeldOut, by: str) -> bool:
+        """Whether this checkpoint is better than `other`: by the loss, or by `agreement` (of
+        equal agreement, the lower loss; the loss alone without a class output)."""
+        ranked = by == "agreement" and None not in (self.agreement, other.agreement)
+        if ranked and self.agreement != other.agreement:
+            return self.agreement > other.agreement
+        return self.loss < other.loss
+
+    def __str__(self) -> str:
+        agreement = "" if self.agreement is None else f", ranked as FP32 {self.agreement:.2%}"
+        return f"held-out loss {self.loss:.5g}{agreement}"
 
 
 class Trainer:
@@ -160,10 +192,12 @@ class Trainer:
         self.parts = output_parts(self.names, reference, config.output_parts)
         # a Softmax output declared too already has the term, on its log-probabilities
         self.logits = {n for n in options.class_logits if self.axes.get(n, 0) is None}
-        ranked = {n for n, axis in self.axes.items() if axis is not None} | self.logits
+        # the class axis of each output of class scores: Softmax outputs and declared logits
+        self.classes = {n: -1 if n in self.logits else a for n, a in self.axes.items()}
+        self.classes = {n: a for n, a in self.classes.items() if a is not None}
         self.losses = {
             name: ("kl" if axis is not None else "mse" + loss_labels(self.parts[name]))
-            + (" + margin" if options.margin_weight and name in ranked else "")
+            + (" + margin" if options.margin_weight and name in self.classes else "")
             for name, axis in self.axes.items()
         }
         groups = _param_groups(self.graph, options.lr)
@@ -173,6 +207,7 @@ class Trainer:
                 "fine-tuning has nothing to change, so keep `qdq quantize`'s file"
             )
         self.optimizer = torch.optim.Adam(groups)
+        self.scores = (HeldOut(math.nan, None),) * 2  # `train`'s start and best
         threshold = options.freeze_oscillations
         self.freezer = None if threshold is None else OscillationFreezer(self.graph, threshold)
         # Cosine decay to zero over the run: late steps settle instead of hopping between
@@ -183,10 +218,12 @@ class Trainer:
 
     def train(self, progress: bool) -> tuple[int, int]:
         """Train for up to `steps` steps; the model is left at the best held-out checkpoint.
-        Returns that checkpoint's step and the number of steps run."""
+        Returns that checkpoint's step and the number of steps run; `scores` holds the PTQ
+        start's held-out score and the checkpoint's."""
         options = self.options
-        best_loss, best_step = self._held_out_loss(), 0
-        log.info("finetune step 0 (PTQ): held-out loss %.5g", best_loss)
+        best, best_step = self._held_out(), 0
+        start = best
+        log.info("finetune step 0 (PTQ): %s", best)
         best_state = copy.deepcopy(self.graph.state_dict())
         waited, step = 0, 0
         bar = tqdm(total=options.steps, desc="finetune", disable=not progress, leave=False)
@@ -196,18 +233,19 @@ class Trainer:
                 bar.update()
                 if step % options.evaluate_every and step != options.steps:
                     continue
-                loss = self._held_out_loss()
-                bar.set_postfix(held_out=f"{loss:.4g}", best=f"{min(loss, best_loss):.4g}")
+                score = self._held_out()
                 frozen = "" if self.freezer is None else f", {self.freezer.frozen()} weights frozen"
-                log.info("finetune step %d: held-out loss %.5g%s", step, loss, frozen)
-                if loss < best_loss:
-                    best_loss, best_step, waited = loss, step, 0
+                log.info("finetune step %d: %s%s", step, score, frozen)
+                if score.beats(best, options.checkpoint_by):
+                    best, best_step, waited = score, step, 0
                     best_state = copy.deepcopy(self.graph.state_dict())
                 elif 2 * step >= options.steps:  # patience counts in the decay's second half
                     waited += 1
                     if waited >= options.patience:
                         break
+                bar.set_postfix(held_out=f"{score.loss:.4g}", best=f"{best.loss:.4g}")
         self.graph.load_state_dict(best_state)
+        self.scores = start, best
         return best_step, step
 
     def _step(self) -> None:
@@ -251,6 +289,12 @@ class Trainer:
         """The distillation loss of the torch copy on `feed`, or of `run`'s outputs; with
         `through`, of `run`'s values (outputs and every activation's codes) with the torch
         copy's gradients (a straight-through estimator at each quantized activation)."""
+        return self._distance(*self._outputs(feed, run, through))
+
+    def _outputs(
+        self, feed: dict[str, np.ndarray], run: FileRun | None, through: bool
+    ) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+        """The teacher's outputs on `feed` and the student's, as `_loss` takes them."""
         want = self.teacher.run(self.names, feed)
         if run is not None and not through:
             got = [
@@ -272,6 +316,10 @@ class Trainer:
                     g + (torch.from_numpy(np.asarray(e, np.float32)) - g).detach()
                     for g, e in zip(got, exact, strict=True)
                 ]
+        return want, got
+
+    def _distance(self, want: list[np.ndarray], got: list[torch.Tensor]) -> torch.Tensor:
+        """The distillation loss of the student's outputs `got` against the teacher's."""
         total = torch.zeros(())
         by_name = dict(zip(self.names, want, strict=True))
         for name, teacher_out, student in zip(self.names, want, got, strict=True):
@@ -293,15 +341,38 @@ class Trainer:
                 total = total + distance(*pair, None)
         return total
 
-    def _held_out_loss(self) -> float:
-        """The loss on the held-out samples of the file this checkpoint writes, in ONNX
-        Runtime (see the module doc)."""
+    def _held_out(self) -> HeldOut:
+        """The loss and agreement on the held-out samples of the file this checkpoint
+        writes, in ONNX Runtime (see the module doc)."""
         run = self._file_session()
-        total = 0.0
+        total, agreed = 0.0, 0
         with torch.no_grad():
             for feed, weight in self._feeds(self.held):
-                total += float(self._loss(feed, run)) * weight
-        return total
+                want, got = self._outputs(feed, run, through=False)
+                total += float(self._distance(want, got)) * weight
+                agreed += self._agreeing(want, got, len(next(iter(feed.values()))))
+        return HeldOut(total, agreed / self.held.count if self.classes else None)
+
+    def _agreeing(self, want: list[np.ndarray], got: list[torch.Tensor], count: int) -> int:
+        """How many of a batch's `count` samples the student ranks as the teacher does at
+        every position of every class output."""
+        same = np.ones(count, bool)
+        for name, teacher_out, student in zip(self.names, want, got, strict=True):
+            if name in self.classes:
+                axis = self.classes[name]
+                match = np.argmax(teacher_out, axis) == student.numpy().argmax(axis)
+                same &= _per_sample(match, count)
+        return int(same.sum())
+
+
+def _per_sample(match: np.ndarray, count: int) -> np.ndarray:
+    """Whether each of a batch's `count` samples matches at all its positions: the batch axis
+    is the first of `count` entries (a time-major recognizer's is the second); an output
+    without one (a batch-1 model's) is one sample."""
+    axis = next((i for i, size in enumerate(match.shape) if size == count), None)
+    if axis is None:
+        return np.full(count, bool(match.all()))
+    return np.moveaxis(match, axis, 0).reshape(count, -1).all(1)
 
 
 def _param_groups(graph: QdqGraph, lr: float) -> list[dict]:

@@ -1,0 +1,120 @@
+"""What picks `qdq finetune`'s checkpoint (`--checkpoint-by`): the held-out loss, or the share
+of held-out samples the file ranks as FP32 does on its class outputs (`HeldOut`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qdq.cli import main
+from qdq.config import preset_config
+from qdq.data import Samples, model_inputs
+from qdq.onnx.sessions import open_session
+from qdq.pipeline import quantize_model
+from qdq.qat import finetune_trainer
+from qdq.qat.finetune import FinetuneOptions
+from qdq.qat.finetune_trainer import HeldOut
+
+from conftest import DIGITS
+
+# 2-bit weights: the digits CNN's int8 file ranks some samples otherwise than FP32
+CONFIG = preset_config("default", weight_bits=2, sequential_bias_correction=False, prefer="speed")
+
+
+@pytest.fixture(scope="module")
+def ptq(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("checkpoint") / "ptq.onnx"
+    quantize_model(DIGITS / "cnn.onnx", path, DIGITS / "calib.npz", CONFIG)
+    return path
+
+
+def _trainer(ptq: Path, options: FinetuneOptions) -> finetune_trainer.Trainer:
+    model = onnx.load(DIGITS / "cnn.onnx")
+    samples = Samples(DIGITS / "calib.npz", model_inputs(model))
+    teacher = open_session(model)
+    return finetune_trainer.Trainer(onnx.load(ptq), teacher, samples, CONFIG, options, 64, 0)
+
+
+def test_held_out_agreement_is_the_files_top1_agreement_with_fp32(ptq: Path) -> None:
+    """On a classifier's declared logits, the held-out agreement is the share of held-out
+    samples whose top class in ONNX Runtime's run of the file is FP32's; without a class
+    output there is none."""
+    options = FinetuneOptions(batch_size=16, class_logits=("logits",), checkpoint_by="agreement")
+    trainer = _trainer(ptq, options)
+    feed = next(trainer.held.batches(64))
+    want, got = (s.run(None, feed)[0] for s in (trainer.teacher, open_session(ptq)))
+    direct = float(np.mean(want.argmax(1) == got.argmax(1)))
+    assert 0.5 < direct < 1  # the test's premise: some, not all, samples ranked otherwise
+    assert trainer._held_out().agreement == pytest.approx(direct)
+    assert _trainer(ptq, FinetuneOptions(batch_size=16))._held_out().agreement is None
+
+
+def test_a_sequence_agrees_only_where_every_position_ranks_as_fp32(ptq: Path) -> None:
+    """A recognizer's sample is a sequence of class scores: it counts only where the top
+    class of every position is FP32's (one position off decodes another text)."""
+    trainer = _trainer(ptq, FinetuneOptions(class_logits=("logits",), checkpoint_by="agreement"))
+    want = np.zeros((3, 4, 5), np.float32)  # 3 samples, 4 positions, 5 classes
+    want[:, :, 1] = 1.0
+    got = want.copy()
+    got[1, 2, 3] = 2.0  # sample 1, position 2: another top class
+    got[2, :, 0] = 0.5  # sample 2: lower scores, the same ranking
+    trainer.classes = {"logits": -1}
+    assert trainer._agreeing([want], [torch.from_numpy(got)], 3) == 2
+    # time-major (positions, samples, classes), as some recognizers write it
+    time_major = [np.swapaxes(x, 0, 1) for x in (want, got)]
+    assert trainer._agreeing(time_major[:1], [torch.from_numpy(time_major[1])], 3) == 2
+
+
+@pytest.mark.parametrize(
+    ("by", "kept"),
+    [
+        ("loss", 2),  # the lowest loss, though it ranks fewer samples as FP32
+        ("agreement", 1),  # the most samples ranked as FP32; of equal ones, the lower loss
+    ],
+)
+def test_the_checkpoint_is_the_best_by_the_chosen_score(
+    ptq: Path, monkeypatch: pytest.MonkeyPatch, by: str, kept: int
+) -> None:
+    options = FinetuneOptions(
+        steps=3, evaluate_every=1, batch_size=16, threads=1, class_logits=("logits",),
+        margin_weight=1.0, checkpoint_by=by,
+    )  # fmt: skip
+    trainer = _trainer(ptq, options)
+    scores = iter([HeldOut(0.5, 0.80), HeldOut(0.4, 0.90), HeldOut(0.3, 0.85), HeldOut(0.45, 0.90)])
+    monkeypatch.setattr(trainer, "_step", lambda: None)
+    monkeypatch.setattr(trainer, "_held_out", lambda: next(scores))
+    assert trainer.train(progress=False) == (kept, 3)
+    assert trainer.scores == (
+        HeldOut(0.5, 0.80),
+        [None, HeldOut(0.4, 0.90), HeldOut(0.3, 0.85)][kept],
+    )
+
+
+def test_cli_picks_by_agreement_and_reports_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "tuned.onnx"
+    args = ["finetune", str(DIGITS / "cnn.onnx"), "-o", str(out), "--calib"]
+    args += [str(DIGITS / "calib.npz"), "--steps", "2", "--max-samples", "32"]
+    assert main([*args, "--class-logits", "logits", "--checkpoint-by", "agreement"]) == 0
+    printed = capsys.readouterr().out
+    assert "the most held-out samples ranked as FP32, then the least loss" in printed
+    assert "ranked as FP32 at every position of every class output, PTQ -> fine-tuned" in printed
+
+
+def test_cli_refuses_agreement_without_a_class_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Nothing in the digits CNN marks its logits as class scores: the user must say so,
+    before any work."""
+    out = tmp_path / "tuned.onnx"
+    args = ["finetune", str(DIGITS / "cnn.onnx"), "-o", str(out), "--calib"]
+    assert main([*args, str(DIGITS / "calib.npz"), "--checkpoint-by", "agreement"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "name its logits in --class-logits" in err
+    assert list(tmp_path.iterdir()) == []
