@@ -79,7 +79,7 @@ class FinetuneReport:
             "wrote the PTQ model: the fine-tuned one scored lower in ONNX Runtime on the "
             "held-out samples"
             if self.kept_ptq
-            else f"kept step {self.best_step} (" + CHOSEN[self.checkpoint_by] + ")"
+            else f"kept step {self.best_step} ({CHOSEN[self.checkpoint_by]})"
         )
         ranked = (
             []
@@ -147,8 +147,8 @@ def finetune_model(
             f"`class_logits` names {unknown}, which are not float outputs of {model_path}; "
             f"its float outputs: {float_outputs(model)}"
         )
-    scores = [n for n, a in softmax_axes(model, float_outputs(model)).items() if a is not None]
-    if options.checkpoint_by == "agreement" and not scores + list(options.class_logits):
+    softmaxes = [n for n, a in softmax_axes(model, float_outputs(model)).items() if a is not None]
+    if options.checkpoint_by == "agreement" and not softmaxes + list(options.class_logits):
         raise DataError(
             f"`checkpoint_by` 'agreement' counts samples ranked as FP32 on class outputs, and "
             f"{model_path} has none that a Softmax makes; name its logits in `class_logits` "
@@ -199,7 +199,9 @@ def finetune_model(
         sqnr_after=after,
         kept_ptq=kept_ptq,
         checkpoint_by=options.checkpoint_by,
-        agreement=None if first.agreement is None else (first.agreement, kept.agreement),
+        agreement=None
+        if first.agreement is None
+        else (first.agreement, (first if kept_ptq else kept).agreement),
     )
 
 
