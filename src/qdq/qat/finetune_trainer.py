@@ -193,8 +193,8 @@ class Trainer:
         # a Softmax output declared too already has the term, on its log-probabilities
         self.logits = {n for n in options.class_logits if self.axes.get(n, 0) is None}
         # the class axis of each output of class scores: Softmax outputs and declared logits
-        self.classes = {n: -1 if n in self.logits else a for n, a in self.axes.items()}
-        self.classes = {n: a for n, a in self.classes.items() if a is not None}
+        self.classes = {n: a for n, a in self.axes.items() if a is not None}
+        self.classes |= dict.fromkeys(self.logits, -1)
         self.losses = {
             name: ("kl" if axis is not None else "mse" + loss_labels(self.parts[name]))
             + (" + margin" if options.margin_weight and name in self.classes else "")
