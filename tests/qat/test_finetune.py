@@ -125,7 +125,7 @@ def test_patience_counts_only_in_the_second_half_of_the_run(
         onnx.load(pair[0]), open_session(model), samples, CONFIG, options, 16, 0
     )
     monkeypatch.setattr(trainer, "_step", lambda: None)
-    monkeypatch.setattr(trainer, "_held_out", lambda: HeldOut(1.0, None))  # never a gain
+    monkeypatch.setattr(trainer, "_held_out", lambda: HeldOut(1.0, None, 8))  # never a gain
     assert trainer.train(progress=False) == (0, 4)  # PTQ kept; stopped at the first chance
 
 

@@ -300,7 +300,7 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         choices=CHECKPOINT_BY,
         help="what picks the checkpoint on the held-out samples: loss (default), or agreement: "
         "the share ranked as FP32 at every position of every class output (Softmax outputs, "
-        "--class-logits), then the loss",
+        "--class-logits) where it differs by more than its sampling noise, else the loss",
     )
     f.add_argument(
         "--patience",

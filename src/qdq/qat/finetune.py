@@ -42,7 +42,7 @@ __all__ = ["FinetuneOptions", "FinetuneReport", "finetune_model"]
 MIN_HELD_OUT, MAX_HELD_OUT = 8, 64
 CHOSEN = {  # how each `FinetuneOptions.checkpoint_by` picked the checkpoint, for the summary
     "loss": "the best held-out loss",
-    "agreement": "the most held-out samples ranked as FP32, then the least loss",
+    "agreement": "the most held-out samples ranked as FP32 beyond their noise, else the least loss",
 }
 
 
@@ -180,7 +180,8 @@ def finetune_model(
             after = _output_sqnr(teacher, session, trainer.held, trainer.parts)
             # the torch copy rounds a few ties unlike ONNX Runtime: its loss can fall while the
             # file's error rises, and the user should never get a model worse than PTQ's (by
-            # agreement, the checkpoint already ranks at least as PTQ does, in ONNX Runtime)
+            # agreement, the checkpoint ranks no fewer samples as FP32 than PTQ's file beyond
+            # their noise, in ONNX Runtime)
             fell = min(after.values(), default=0.0) < min(before.values(), default=0.0)
             kept_ptq = fell and options.checkpoint_by == "loss"
             save_model(quantized if kept_ptq else tuned, target)
