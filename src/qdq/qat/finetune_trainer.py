@@ -154,9 +154,9 @@ class HeldOut:
         the two shares differ by more than their sampling noise (of shares within it, the lower
         loss; the loss alone without a class output).
 
-        The band is one standard error of a share of `samples`: EfficientNet-Lite0's share of
-        256 held-out crops moved by up to 5 points between checkpoints 25 steps apart, where
-        the same files moved by up to 1.5 on 1024 other crops, and its highest was step 25's,
+        The band is one standard error of a share of `samples`: on one draw, EfficientNet-Lite0's
+        share of 256 held-out crops moved by up to 5 points between checkpoints 25 steps apart,
+        the same files by up to 1.4 on 1024 other crops, and its highest share was step 25's,
         which agreed on 95.1% of those crops against the loss's pick's 96.6% (docs/finetune.md,
         stop 54)."""
         ranked = by == "agreement" and None not in (self.agreement, other.agreement)
