@@ -16,7 +16,7 @@ from qdq.data import Samples, model_inputs
 from qdq.onnx.sessions import open_session
 from qdq.pipeline import quantize_model
 from qdq.qat import finetune_trainer
-from qdq.qat.finetune import FinetuneOptions
+from qdq.qat.finetune import FinetuneOptions, finetune_model
 from qdq.qat.finetune_trainer import HeldOut
 
 from conftest import DIGITS
@@ -93,6 +93,29 @@ def test_the_checkpoint_is_the_best_by_the_chosen_score(
     monkeypatch.setattr(trainer, "_held_out", iter(scores).__next__)
     assert trainer.train(progress=False) == (kept, 3)
     assert trainer.scores == (scores[0], scores[kept])
+
+
+def test_by_agreement_a_drift_below_ptq_writes_ptqs_file(
+    ptq: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each checkpoint's share is within the noise of the last one's, at a lower loss (kept),
+    but the last ranks 12 points fewer of 16 samples as FP32 than PTQ's file, beyond the
+    noise: the file written is PTQ's, and the summary says so."""
+    shares = iter([0.90, 0.84, 0.78])
+    scores = iter(HeldOut(loss, next(shares), 16) for loss in (0.5, 0.4, 0.3))
+    monkeypatch.setattr(finetune_trainer.Trainer, "_step", lambda self: None)
+    monkeypatch.setattr(finetune_trainer.Trainer, "_held_out", lambda self: next(scores))
+    options = FinetuneOptions(
+        steps=2, evaluate_every=1, batch_size=16, threads=1, class_logits=("logits",),
+        checkpoint_by="agreement", held_out=16,
+    )  # fmt: skip
+    out = tmp_path / "tuned.onnx"
+    report = finetune_model(
+        DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", CONFIG, options, seed=0, start=ptq
+    )
+    assert (report.best_step, report.kept_ptq) == (2, True)
+    assert "wrote the PTQ model" in report.summary(out)
+    assert report.agreement == (0.90, 0.90)
 
 
 def test_cli_picks_by_agreement_and_reports_it(
