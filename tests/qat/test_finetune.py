@@ -22,7 +22,7 @@ from qdq.qat import finetune, finetune_trainer
 from qdq.qat.convert import QdqGraph
 from qdq.qat.finetune import FinetuneOptions, finetune_model
 from qdq.qat.finetune_loss import distance
-from qdq.qat.finetune_trainer import HeldOut
+from qdq.qat.held_out import HeldOut
 from qdq.qat.write import write_back
 
 from conftest import DIGITS, digits_cnn_sqnr

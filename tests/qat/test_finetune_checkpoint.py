@@ -17,7 +17,7 @@ from qdq.onnx.sessions import open_session
 from qdq.pipeline import quantize_model
 from qdq.qat import finetune_trainer
 from qdq.qat.finetune import FinetuneOptions, finetune_model
-from qdq.qat.finetune_trainer import HeldOut
+from qdq.qat.held_out import HeldOut
 
 from conftest import DIGITS
 
@@ -101,8 +101,8 @@ def test_by_agreement_a_drift_below_ptq_writes_ptqs_file(
     """Each checkpoint's share is within the noise of the last one's, at a lower loss (kept),
     but the last ranks 12 points fewer of 16 samples as FP32 than PTQ's file, beyond the
     noise: the file written is PTQ's, and the summary says so."""
-    shares = iter([0.90, 0.84, 0.78])
-    scores = iter(HeldOut(loss, next(shares), 16) for loss in (0.5, 0.4, 0.3))
+    losses, shares = [0.5, 0.4, 0.3], [0.90, 0.84, 0.78]
+    scores = iter([HeldOut(loss, share, 16) for loss, share in zip(losses, shares, strict=True)])
     monkeypatch.setattr(finetune_trainer.Trainer, "_step", lambda self: None)
     monkeypatch.setattr(finetune_trainer.Trainer, "_held_out", lambda self: next(scores))
     options = FinetuneOptions(

@@ -61,6 +61,7 @@ from qdq.qat.finetune_loss import (
     softmax_axes,
     take_part,
 )
+from qdq.qat.held_out import HeldOut
 from qdq.qat.oscillation import OscillationFreezer
 from qdq.qat.write import write_back
 
@@ -136,42 +137,6 @@ class FinetuneOptions:
                 "`class_logits` names outputs for the margin term, which `margin_weight` 0 "
                 "turns off, and for `checkpoint_by` 'agreement'; give either too"
             )
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """A checkpoint's score on the held-out samples, in ONNX Runtime: the loss, and the share
-    of samples ranked as FP32 ranks them at every position of every class output (Softmax
-    outputs and `class_logits`: top-1 agreement for a classifier, every step's top class for
-    a sequence recognizer); None without a class output."""
-
-    loss: float
-    agreement: float | None
-    samples: int  # held out: the share's denominator
-
-    def beats(self, other: HeldOut, by: str) -> bool:
-        """Whether this checkpoint is better than `other`: by the loss, or by `agreement` where
-        the two shares differ by more than their sampling noise (of shares within it, the lower
-        loss; the loss alone without a class output).
-
-        The band is one standard error of a share of `samples`: on one draw, EfficientNet-Lite0's
-        share of 256 held-out crops moved by up to 5 points between checkpoints 25 steps apart,
-        the same files by up to 1.4 on 1024 other crops, and its highest share was step 25's,
-        which agreed on 95.1% of those crops against the loss's pick's 96.6% (docs/finetune.md,
-        stop 54)."""
-        ranked = by == "agreement" and None not in (self.agreement, other.agreement)
-        if ranked and abs(self.agreement - other.agreement) > self._noise(other):
-            return self.agreement > other.agreement
-        return self.loss < other.loss
-
-    def _noise(self, other: HeldOut) -> float:
-        """One standard error of the two shares' mean (at least one sample's worth)."""
-        share = (self.agreement + other.agreement) / 2
-        return math.sqrt(max(share * (1 - share), 1 / self.samples) / self.samples)
-
-    def __str__(self) -> str:
-        agreement = "" if self.agreement is None else f", ranked as FP32 {self.agreement:.2%}"
-        return f"held-out loss {self.loss:.5g}{agreement}"
 
 
 class Trainer:
