@@ -3,6 +3,8 @@ raises the 4-bit output SQNR that PTQ leaves, and the file is the one `qdq quant
 
 from __future__ import annotations
 
+import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -124,9 +126,37 @@ def test_patience_counts_only_in_the_second_half_of_the_run(
     trainer = finetune_trainer.Trainer(
         onnx.load(pair[0]), open_session(model), samples, CONFIG, options, 16, 0
     )
-    monkeypatch.setattr(trainer, "_step", lambda: None)
+    monkeypatch.setattr(trainer, "_step", lambda: 0.0)
     monkeypatch.setattr(trainer, "_held_out", lambda: HeldOut(1.0, None, 8))  # never a gain
     assert trainer.train(progress=False) == (0, 4)  # PTQ kept; stopped at the first chance
+
+
+def test_each_check_logs_the_mean_training_loss_since_the_last(
+    pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Beside each held-out loss the log gives the mean loss of the training batches since the
+    last check (each taken before its step's update): the two side by side tell a user whether
+    more samples (training loss far below) or more steps (the two alike) would help."""
+    model = onnx.load(DIGITS / "cnn.onnx")
+    samples = Samples(DIGITS / "calib.npz", model_inputs(model))
+    options = FinetuneOptions(steps=4, evaluate_every=2, batch_size=16, threads=1)
+    trainer = finetune_trainer.Trainer(
+        onnx.load(pair[0]), open_session(model), samples, CONFIG, options, 16, 0
+    )
+    batches: list[float] = []
+    real = trainer._loss
+
+    def loss(*args, **kwargs) -> torch.Tensor:
+        value = real(*args, **kwargs)
+        batches.append(float(value.detach()))
+        return value
+
+    monkeypatch.setattr(trainer, "_loss", loss)
+    with caplog.at_level(logging.INFO, logger=finetune_trainer.log.name):
+        trainer.train(progress=False)
+    logged = [float(v) for v in re.findall(r"training loss ([-+.\de]+)", caplog.text)]
+    assert len(set(batches)) == len(batches) == 4  # four steps, four different batches
+    assert logged == pytest.approx([np.mean(batches[:2]), np.mean(batches[2:])], rel=1e-4)
 
 
 def test_cli_finetunes_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -89,7 +89,7 @@ def test_the_checkpoint_is_the_best_by_the_chosen_score(
     trainer = _trainer(ptq, options)
     losses, shares = [0.5, 0.4, 0.3, 0.45], [0.80, 0.90, 0.85, 0.92]
     scores = [HeldOut(loss, share, held_out) for loss, share in zip(losses, shares, strict=True)]
-    monkeypatch.setattr(trainer, "_step", lambda: None)
+    monkeypatch.setattr(trainer, "_step", lambda: 0.0)
     monkeypatch.setattr(trainer, "_held_out", iter(scores).__next__)
     assert trainer.train(progress=False) == (kept, 3)
     assert trainer.scores == (scores[0], scores[kept])
@@ -103,7 +103,7 @@ def test_by_agreement_a_drift_below_ptq_writes_ptqs_file(
     noise: the file written is PTQ's, and the summary says so."""
     losses, shares = [0.5, 0.4, 0.3], [0.90, 0.84, 0.78]
     scores = iter([HeldOut(loss, share, 16) for loss, share in zip(losses, shares, strict=True)])
-    monkeypatch.setattr(finetune_trainer.Trainer, "_step", lambda self: None)
+    monkeypatch.setattr(finetune_trainer.Trainer, "_step", lambda self: 0.0)
     monkeypatch.setattr(finetune_trainer.Trainer, "_held_out", lambda self: next(scores))
     options = FinetuneOptions(
         steps=2, evaluate_every=1, batch_size=16, threads=1, class_logits=("logits",),
