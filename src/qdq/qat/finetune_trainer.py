@@ -227,7 +227,9 @@ class Trainer:
                     waited += 1
                     if waited >= options.patience:
                         break
-                bar.set_postfix(held_out=f"{score.loss:.4g}", best=f"{best.loss:.4g}")
+                bar.set_postfix(
+                    held_out=f"{score.loss:.4g}", best=f"{best.loss:.4g}", training=f"{trained:.4g}"
+                )
         self.graph.load_state_dict(best_state)
         self.scores = start, best
         return best_step, step
