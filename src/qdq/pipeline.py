@@ -247,8 +247,8 @@ def _smoothed(
     if smoothed:
         exponents = ", ".join(f"{a:g}" for a in smoothed.values())
         notes.append(
-            f"moved the outlier channels of {len(smoothed)} MatMul inputs into their weights "
-            f"(SmoothQuant, exponent per layer: {exponents})"
+            f"moved the outlier channels of {len(smoothed)} MatMul or Conv inputs into their "
+            f"weights (SmoothQuant, exponent per layer: {exponents})"
         )
     return model, time.perf_counter() - start
 

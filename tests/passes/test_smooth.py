@@ -89,3 +89,71 @@ def test_smoothing_rescues_the_channels_an_outlier_crowds_out(tmp_path):
     fc2 = next(d for d in report.decisions if d.node == "fc2")
     assert fc2.quantized, fc2.reason  # the MatMul after the inserted Mul still runs in int8
     assert sqnr[True] > sqnr[False] + 6
+
+
+def outlier_cnn(group: int = 1) -> onnx.ModelProto:
+    """x[N,4,12,12] -> Conv -> Relu -> a per-channel gain (2 of 16 channels 50x the rest) ->
+    Conv 3x3 (ungrouped, or `group` groups) -> y: the gain is a float Mul (not right after a
+    Conv, so preparation cannot fold it), as a LayerNorm's affine before Magika's Conv is."""
+    rng = np.random.default_rng(0)
+    gain = np.ones((16, 1, 1), np.float32)
+    gain[[3, 12]] = 50.0
+    w2 = rng.standard_normal((8, 16 // group, 3, 3)).astype(np.float32) * 0.1
+    if group == 1:  # large inputs, small weights: every channel matters to y alike
+        w2[:, [3, 12]] /= 50.0
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((16, 4, 3, 3)).astype(np.float32) * 0.3, "w1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(gain, "gain"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Mul", ["r", "gain"], ["a"], name="gain"),
+        helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2", pads=[1] * 4, group=group),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12, 12])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_a_convs_input_channels_are_smoothed_as_a_matmuls(tmp_path, group):
+    """The outlier channels go into the Conv's input-channel weights through a (C, 1, 1) Mul,
+    and the function stays; a grouped Conv is left alone."""
+    model = outlier_cnn(group)
+    x = np.random.default_rng(1).standard_normal((32, 4, 12, 12)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    samples = Samples(tmp_path / "x.npy", model_inputs(model))
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    smoothed, chosen = smooth(copy, samples, QuantConfig())
+    if group > 1:
+        assert chosen == {}
+        return
+    assert list(chosen) == ["a"]
+    divisor = next(t for t in smoothed.graph.initializer if t.name == "a_smoothing")
+    assert list(divisor.dims) == [16, 1, 1]
+    before, after = run(model, x), run(smoothed, x)
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+
+
+def test_smoothing_a_convs_input_rescues_its_crowded_channels(tmp_path):
+    source = tmp_path / "cnn.onnx"
+    onnx.save(outlier_cnn(), str(source))
+    x = np.random.default_rng(2).standard_normal((64, 4, 12, 12)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    sqnr = {}
+    for smoothing in (False, True):
+        out = tmp_path / f"q_{smoothing}.onnx"
+        report = quantize_model(source, out, tmp_path / "x.npy", QuantConfig(smoothing=smoothing))
+        sqnr[smoothing] = sqnr_db(run(str(source), x), run(str(out), x))
+    assert any("MatMul or Conv inputs" in note for note in report.notes)
+    conv2 = next(d for d in report.decisions if d.node == "conv2")
+    assert conv2.quantized, conv2.reason  # the Conv after the inserted Mul still runs in int8
+    assert sqnr[True] > sqnr[False] + 6
