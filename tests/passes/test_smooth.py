@@ -56,6 +56,20 @@ def sqnr_db(want: np.ndarray, got: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((want - got) ** 2)))
 
 
+def quantized_without_and_with(model: onnx.ModelProto, x: np.ndarray, tmp_path):
+    """`model` quantized on `x` without and with smoothing: the output SQNR of each against
+    FP32 (keyed by `smoothing`), and the smoothed run's report."""
+    source = tmp_path / "model.onnx"
+    onnx.save(model, str(source))
+    np.save(tmp_path / "x.npy", x)
+    sqnr = {}
+    for smoothing in (False, True):
+        out = tmp_path / f"q_{smoothing}.onnx"
+        report = quantize_model(source, out, tmp_path / "x.npy", QuantConfig(smoothing=smoothing))
+        sqnr[smoothing] = sqnr_db(run(str(source), x), run(str(out), x))
+    return sqnr, report
+
+
 @pytest.mark.parametrize("producer", ["Mul", "LayerNormalization"])
 def test_smoothing_keeps_the_function_and_divides_where_it_can(tmp_path, producer):
     model = outlier_mlp(producer)
@@ -75,16 +89,8 @@ def test_smoothing_keeps_the_function_and_divides_where_it_can(tmp_path, produce
 
 
 def test_smoothing_rescues_the_channels_an_outlier_crowds_out(tmp_path):
-    model = outlier_mlp("Mul")
-    source = tmp_path / "mlp.onnx"
-    onnx.save(model, str(source))
     x = np.random.default_rng(2).standard_normal((64, 8, 32)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    sqnr = {}
-    for smoothing in (False, True):
-        out = tmp_path / f"q_{smoothing}.onnx"
-        report = quantize_model(source, out, tmp_path / "x.npy", QuantConfig(smoothing=smoothing))
-        sqnr[smoothing] = sqnr_db(run(str(source), x), run(str(out), x))
+    sqnr, report = quantized_without_and_with(outlier_mlp("Mul"), x, tmp_path)
     assert any("SmoothQuant" in note for note in report.notes)
     fc2 = next(d for d in report.decisions if d.node == "fc2")
     assert fc2.quantized, fc2.reason  # the MatMul after the inserted Mul still runs in int8
@@ -144,15 +150,8 @@ def test_a_convs_input_channels_are_smoothed_as_a_matmuls(tmp_path, group):
 
 
 def test_smoothing_a_convs_input_rescues_its_crowded_channels(tmp_path):
-    source = tmp_path / "cnn.onnx"
-    onnx.save(outlier_cnn(), str(source))
     x = np.random.default_rng(2).standard_normal((64, 4, 12, 12)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    sqnr = {}
-    for smoothing in (False, True):
-        out = tmp_path / f"q_{smoothing}.onnx"
-        report = quantize_model(source, out, tmp_path / "x.npy", QuantConfig(smoothing=smoothing))
-        sqnr[smoothing] = sqnr_db(run(str(source), x), run(str(out), x))
+    sqnr, report = quantized_without_and_with(outlier_cnn(), x, tmp_path)
     assert any("MatMul or Conv inputs" in note for note in report.notes)
     conv2 = next(d for d in report.decisions if d.node == "conv2")
     assert conv2.quantized, conv2.reason  # the Conv after the inserted Mul still runs in int8

@@ -95,7 +95,7 @@ class Weight:
         shape[self.axis] = -1
         return self.value * scale.reshape(shape)
 
-    def quantized_rows(self, value: np.ndarray, config: QuantConfig) -> np.ndarray:
+    def quantized_scored(self, value: np.ndarray, config: QuantConfig) -> np.ndarray:
         """`scored` of `value` on the weight grid, one scale per output (as the plan puts it)."""
         return self.scored(fake_quantize(value, weight_qparams(value, 1 - self.axis, config)))
 
@@ -233,7 +233,7 @@ def _error(
     x = fake_quantize(rows, choose_qparams(Range(rows.min(), rows.max()), config.activations))
     total = 0.0
     for weight, value, want in zip(weights, values, exact, strict=True):
-        got = x @ weight.quantized_rows(value, config)
+        got = x @ weight.quantized_scored(value, config)
         total += float(np.sum((got - want) ** 2, dtype=np.float64))
     return total
 
