@@ -35,6 +35,8 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,33 +50,60 @@ from qdq.qat.finetune import FinetuneOptions, finetune_model
 from text_images import text_lines, text_pages
 
 
+@dataclass(frozen=True)
+class Model:
+    """A model of this benchmark: its FP32 file, input name and task metric (bench/ptq.py's),
+    its data (`data(count, seed)`), the seed of calibration draw 0 (draw d adds 100 d), and
+    bench/ptq.py's evaluation set (count, seed)."""
+
+    path: Callable[[], Path]
+    input: str
+    metric: str
+    data: Callable[[int, int], np.ndarray]
+    calib_seed: int
+    evaluate: tuple[int, int]
+
+
+MODELS = {
+    "ppocr_rec": Model(  # draw 0: the calibration set of bench/ptq.py
+        lambda: rapidocr_model("ch_PP-OCRv4_rec_infer.onnx"),
+        "x",
+        "ctc",
+        lambda count, seed: text_lines(count, 320, seed=seed, upright=True)[0],
+        3,
+        (128, 4),
+    ),
+    "ppocr_det": Model(
+        lambda: rapidocr_model("ch_PP-OCRv4_det_infer.onnx"),
+        "x",
+        "iou",
+        lambda count, seed: text_pages(count, 320, seed=seed),
+        8,
+        (32, 9),
+    ),
+    "efficientnet_lite0": Model(
+        efficientnet_lite0,
+        "input",
+        "top1",
+        lambda count, seed: photo_crops(count, 224, seed=seed),
+        5,
+        (256, 6),
+    ),
+}
+
+
 class Case:
-    """A model, its input name, its task metric, and its data (calibration draw `draw`)."""
+    """A model, its input name, its task metric, and its data (calibration draw `draw`; the
+    evaluation set `scale` times bench/ptq.py's)."""
 
     def __init__(self, name: str, samples: int, draw: int, scale: int = 1) -> None:
-        self.name = name
-        if name == "ppocr_rec":  # draw 0: the calibration set of bench/ptq.py
-            self.model, self.input, self.metric = (
-                rapidocr_model("ch_PP-OCRv4_rec_infer.onnx"),
-                "x",
-                "ctc",
-            )
-            self.calib = text_lines(samples, 320, seed=3 + 100 * draw, upright=True)[0]
-            self.evaluate = text_lines(128 * scale, 320, seed=4, upright=True)[0]
-        elif name == "ppocr_det":
-            self.model, self.input, self.metric = (
-                rapidocr_model("ch_PP-OCRv4_det_infer.onnx"),
-                "x",
-                "iou",
-            )
-            self.calib = text_pages(samples, 320, seed=8 + 100 * draw)
-            self.evaluate = text_pages(32 * scale, 320, seed=9)
-        elif name == "efficientnet_lite0":
-            self.model, self.input, self.metric = efficientnet_lite0(), "input", "top1"
-            self.calib = photo_crops(samples, 224, seed=5 + 100 * draw)
-            self.evaluate = photo_crops(256 * scale, 224, seed=6)
-        else:
+        if name not in MODELS:
             raise SystemExit(f"unknown model {name}")
+        spec = MODELS[name]
+        self.name, self.model, self.input, self.metric = name, spec.path(), spec.input, spec.metric
+        self.calib = spec.data(samples, spec.calib_seed + 100 * draw)
+        count, seed = spec.evaluate
+        self.evaluate = spec.data(count * scale, seed)
 
 
 def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> list[dict]:
