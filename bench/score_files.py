@@ -3,8 +3,12 @@
 Run: python bench/score_files.py --model ppocr_rec [--count 2048] [--seed 5] FILE [FILE ...]
 Needs the `bench` extra. Prints one JSON row per file: the task metric against the FP32 model
 (bench/ptq.py's: lines decoded as FP32 decodes them, and `text` with spaces at a line's ends
-aside; text-mask IoU; top-1 agreement), the output SQNR, the set's size and seed. No asserts:
-numbers for docs/finetune.md.
+aside; text-mask IoU; top-1 agreement), the output SQNR, the set's size and seed; for a
+classifier also `shuffled`: the top-1 agreement its logit error would give spread over the
+classes at random (each sample's error permuted across its classes, SHUFFLES times: the same
+error power), and `margin_error`: the error of the difference between FP32's two top logits,
+which decides the class, over what the shuffled error puts there (its standard deviation; 1
+for an error that does not favour the top classes). No asserts: numbers for docs/finetune.md.
 
 Why: a file's share of bench/ptq.py's 128 lines or 256 crops has a standard error of 2-4
 points, more than the recipes differ (docs/finetune.md, stop 54), so kept files and
@@ -19,11 +23,29 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ptq import quality, run_model
 from qat_finetune import MODELS
 
 # Per model: the default size and seed of the evaluation set (see the docstring).
 DEFAULTS = {"ppocr_rec": (2048, 5), "ppocr_det": (128, 9), "efficientnet_lite0": (1024, 6)}
+SHUFFLES = 20
+
+
+def spread(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
+    """`shuffled` and `margin_error` of a classifier's logits (the docstring)."""
+    want = reference.reshape(len(reference), -1).astype(np.float64)
+    error = output.reshape(want.shape) - want
+    rng, rows = np.random.default_rng(0), np.arange(len(want))
+    first, second = np.argsort(want, axis=1)[:, :-3:-1].T
+    agree, margins = [], []
+    for _ in range(SHUFFLES):
+        permuted = rng.permuted(error, axis=1)
+        agree.append(np.mean((want + permuted).argmax(1) == first))
+        margins.append(np.std(permuted[rows, first] - permuted[rows, second]))
+    margin = np.std(error[rows, first] - error[rows, second])
+    return {"shuffled": float(np.mean(agree)), "margin_error": float(margin / np.mean(margins))}
 
 
 def main() -> None:
@@ -40,7 +62,10 @@ def main() -> None:
     reference = run_model(spec.path(), spec.input, data, batch=16)
     task = argparse.Namespace(metric=spec.metric, labels=None)
     for path in args.files:
-        row = quality(task, reference, run_model(path, spec.input, data, batch=16))
+        output = run_model(path, spec.input, data, batch=16)
+        row = quality(task, reference, output)
+        if spec.metric == "top1":
+            row.update(spread(reference, output))
         print(json.dumps({"file": str(path), "count": count, "seed": seed, **row}), flush=True)
 
 
