@@ -1,7 +1,11 @@
-"""Score quantized files of bench/qat_finetune.py's models on an evaluation set of any size.
+"""Score quantized files of the benchmarks' models on an evaluation set of any size.
 
 Run: python bench/score_files.py --model ppocr_rec [--count 2048] [--seed 5] FILE [FILE ...]
-Needs the `bench` extra. Prints one JSON row per file: the task metric against the FP32 model
+Needs the `bench` extra (and `unseen` for bench/unseen.py's models). Models: bench/qat_finetune.py's
+three, and every model of bench/unseen.py, scored by its task metric (unseen_metrics.task_metric:
+CenterFace's faces, a detector's firing scores, ...) on a set 4x the bench's own (seed 12: its
+calibration draws and evaluation set take 1-4; CenterFace, 256 scenes: docs/ptq.md, stop 58).
+Prints one JSON row per file: the task metric against the FP32 model
 (bench/ptq.py's: lines decoded as FP32 decodes them, and `text` with spaces at a line's ends
 aside; text-mask IoU; top-1 agreement), the output SQNR, the set's size and seed; for a
 classifier also `shuffled`: the top-1 agreement its logit error would give spread over the
@@ -25,12 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
+import unseen
 from ptq import quality, run_model
 from qat_finetune import MODELS
+from unseen_metrics import sqnr_db, task_metric
+from unseen_models import MODELS as UNSEEN
+from unseen_models import locate
 
 # Per model: the default size and seed of the evaluation set (see the docstring).
 DEFAULTS = {"ppocr_rec": (2048, 5), "ppocr_det": (128, 9), "efficientnet_lite0": (1024, 6)}
 SHUFFLES = 20
+UNSEEN_SCALE, UNSEEN_SEED = 4, 12  # bench/unseen.py's models: 4x its evaluation set, seed 12
 
 
 def spread(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
@@ -50,11 +59,14 @@ def spread(reference: np.ndarray, output: np.ndarray) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), required=True)
+    parser.add_argument("--model", choices=sorted(MODELS) + sorted(UNSEEN), required=True)
     parser.add_argument("--count", type=int, help="samples in the evaluation set")
     parser.add_argument("--seed", type=int, help="the evaluation set's seed")
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args()
+    if args.model in UNSEEN:
+        score_unseen(args)
+        return
     spec = MODELS[args.model]
     count, seed = DEFAULTS[args.model]
     count, seed = args.count or count, seed if args.seed is None else args.seed
@@ -66,6 +78,21 @@ def main() -> None:
         row = quality(task, reference, output)
         if spec.metric == "top1":
             row.update(spread(reference, output))
+        print(json.dumps({"file": str(path), "count": count, "seed": seed, **row}), flush=True)
+
+
+def score_unseen(args: argparse.Namespace) -> None:
+    """A bench/unseen.py model's files on UNSEEN_SCALE x its evaluation set (or --count)."""
+    model = UNSEEN[args.model]
+    source = locate(model) if model.prepare is None else model.prepare(locate(model))
+    count = args.count or UNSEEN_SCALE * model.evaluate
+    seed = UNSEEN_SEED if args.seed is None else args.seed
+    data, _ = model.data(count, seed)
+    reference = unseen.run(model, source, data)
+    for path in args.files:
+        got = unseen.run(model, path, data)
+        row = {"metric": task_metric(model, reference, got, count)}
+        row["sqnr_db"] = sqnr_db(reference, got)
         print(json.dumps({"file": str(path), "count": count, "seed": seed, **row}), flush=True)
 
 
