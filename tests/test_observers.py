@@ -83,6 +83,18 @@ def test_percentile_golden_on_a_uniform_ramp():
     assert float(sym.compute().hi) == pytest.approx(0.99, abs=2e-3)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_percentile_on_one_side_of_zero_holds_the_percentile(sign):
+    """A ReLU's output: the range holds zero anyway, so the whole 1 % comes off the far tail
+    (cutting half at zero had kept 99.5 %, ranges wider than ONNX Runtime's)."""
+    x = sign * np.arange(0, 10001, dtype=np.float32) / 10000  # evenly over [0, 1] (or [-1, 0])
+    o = HistogramObserver(Percentile(99.0))
+    o.update(x)
+    r = o.compute()
+    far = r.hi if sign > 0 else r.lo
+    assert float(far) == pytest.approx(sign * 0.99, abs=2e-3)
+
+
 def test_non_negative_data_gives_ranges_from_zero():
     x = np.abs(np.random.default_rng(0).standard_normal(10000)).astype(np.float32)
     for method in METHODS:
