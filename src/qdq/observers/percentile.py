@@ -42,24 +42,24 @@ class Percentile:
             t = _quantile(counts, np.zeros_like(width), width, q)
             t = np.minimum(t, np.maximum(-hist.lo, hist.hi))
             return Range(np.where(hist.lo < 0, -t, 0.0), t)
-        cut = (1.0 - q) / 2
-        lo = _quantile(hist.counts, -hist.amax, hist.width, cut)
-        hi = _quantile(hist.counts, -hist.amax, hist.width, 1.0 - cut)
         # data on one side of zero (a ReLU's output): the range holds zero, so a cut at the
         # zero side holds nothing back and the whole share comes off the far tail
-        lo = np.where(hist.hi <= 0, _quantile(hist.counts, -hist.amax, hist.width, 1.0 - q), lo)
-        hi = np.where(hist.lo >= 0, _quantile(hist.counts, -hist.amax, hist.width, q), hi)
+        cut = (1.0 - q) / 2
+        lo = _quantile(hist.counts, -hist.amax, hist.width, np.where(hist.hi <= 0, 1.0 - q, cut))
+        hi = _quantile(hist.counts, -hist.amax, hist.width, np.where(hist.lo >= 0, q, 1.0 - cut))
         return Range(np.clip(lo, hist.lo, hist.hi), np.clip(hi, hist.lo, hist.hi))
 
 
 def _quantile(
-    counts: np.ndarray, first_edge: np.ndarray, width: np.ndarray, q: float
+    counts: np.ndarray, first_edge: np.ndarray, width: np.ndarray, q: float | np.ndarray
 ) -> np.ndarray:
-    """Per row, the value below which a fraction `q` of the mass lies, linear within a bin."""
+    """Per row, the value below which a fraction `q` (one, or one per row) of the mass lies,
+    linear within a bin."""
     out = np.empty(counts.shape[0])
+    share = np.broadcast_to(np.asarray(q, np.float64).reshape(-1), counts.shape[:1])
     for c, row in enumerate(counts):
         cdf = np.cumsum(row)
-        target = q * cdf[-1]
+        target = share[c] * cdf[-1]
         j = min(int(np.searchsorted(cdf, target, side="left")), row.size - 1)
         before = cdf[j - 1] if j else 0.0
         inside = (target - before) / row[j] if row[j] > 0 else 1.0
