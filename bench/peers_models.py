@@ -17,7 +17,7 @@ import unseen
 from datasets import tasks
 from ptq import medians, quality, run_model
 from unseen_metrics import task_metric
-from unseen_models import MODELS, locate
+from unseen_models import MODELS, prepared
 
 SAMPLES = 128  # calibration samples per draw
 PRIORITY = [
@@ -93,7 +93,7 @@ def ptq_tasks(samples: int) -> list:
 def unseen_bench(name: str, folder: Path, draws: int) -> Bench:
     """A bench/unseen.py model, with its own data, runner, timing feed and metric."""
     model = MODELS[name]
-    source = locate(model) if model.prepare is None else model.prepare(locate(model))
+    source = prepared(model)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "eval.npz").exists():
         x, labels = model.data(model.evaluate, 2)

@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from datasets import tasks
 from ptq import quantize_static_qdq, save_samples
-from unseen_models import MODELS, locate
+from unseen_models import MODELS, prepared
 
 TOOLS = ("qdq", "ort")
 Samples = np.ndarray | dict[str, np.ndarray]
@@ -140,7 +140,7 @@ def models(most: int, names: list[str]) -> Iterator[tuple[str, Path, Samples]]:
             yield name, *found.pop(name)
         else:
             model = MODELS[name]
-            source = locate(model) if model.prepare is None else model.prepare(locate(model))
+            source = prepared(model)
             # a huge model's bench count (the nucleus segmenter: 4 tiles of 3.1 GiB activations)
             yield name, source, model.data(min(most, model.calibrate) if model.huge else most, 1)[0]
 

@@ -34,7 +34,7 @@ from ptq import quality, run_model
 from qat_finetune import MODELS
 from unseen_metrics import sqnr_db, task_metric
 from unseen_models import MODELS as UNSEEN
-from unseen_models import locate
+from unseen_models import prepared
 
 # Per model: the default size and seed of the evaluation set (see the docstring).
 DEFAULTS = {"ppocr_rec": (2048, 5), "ppocr_det": (128, 9), "efficientnet_lite0": (1024, 6)}
@@ -84,7 +84,7 @@ def main() -> None:
 def score_unseen(args: argparse.Namespace) -> None:
     """A bench/unseen.py model's files on UNSEEN_SCALE x its evaluation set (or --count)."""
     model = UNSEEN[args.model]
-    source = locate(model) if model.prepare is None else model.prepare(locate(model))
+    source = prepared(model)
     count = args.count or UNSEEN_SCALE * model.evaluate
     seed = UNSEEN_SEED if args.seed is None else args.seed
     data, _ = model.data(count, seed)

@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from ptq import medians, quantize_static_qdq
 from unseen_metrics import ONET_THRESHOLD, sqnr_db, task_metric
-from unseen_models import CPU, MODELS, VAD_FRAMES, Feed, Model, locate
+from unseen_models import CPU, MODELS, VAD_FRAMES, Feed, Model, prepared
 
 
 def feeds(path: Path, x: Feed) -> tuple[list[str], dict[str, np.ndarray], int]:
@@ -131,7 +131,7 @@ def measure(name: str, folder: Path, draws: int, tools: list[str]) -> list[str]:
     """One Markdown row per tool for model `name`: SQNR and metric as the mean (and worst) over
     `draws` calibration sets; latency, time and size from the first."""
     model = MODELS[name]
-    source = locate(model) if model.prepare is None else model.prepare(locate(model))
+    source = prepared(model)
     evaluate, labels = model.data(model.evaluate, 2)
     reference = run(model, source, evaluate)
     rows = []

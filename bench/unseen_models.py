@@ -235,3 +235,8 @@ def locate(model: Model) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"{model.package} is not installed: pip install -e '.[unseen]'")
     return Path(next(iter(spec.submodule_search_locations))) / model.path
+
+
+def prepared(model: Model) -> Path:
+    """The FP32 file the benchmarks quantize: the package's, through `model.prepare` if any."""
+    return locate(model) if model.prepare is None else model.prepare(locate(model))
