@@ -284,3 +284,30 @@ def yolo_head(classes: int = 3) -> onnx.ModelProto:
     ]
     inputs = [_value("x", ["N", 3, 8, 8])]
     return _model(nodes, inputs, [_value("y", ["N", 4 + classes, 64])], inits)
+
+
+def frame_net(mask: bool = False) -> onnx.ModelProto:
+    """frames[steps,60], state[1,16] -> out[steps,4]: frames on a free axis beside one recurrent
+    state fixed at batch 1, as in Silero VAD's sequence model; three linear layers per frame,
+    the state added after the second. With `mask`, also mask[1,steps], which weights the
+    frames (so the model takes no run of frames with one sample's mask)."""
+    rng = _rng()
+    first = "masked" if mask else "frames"
+    nodes = [
+        helper.make_node("MatMul", [first, "w1"], ["h1"], name="fc1"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Add", ["h2", "state"], ["s2"], name="with_state"),
+        helper.make_node("Relu", ["s2"], ["r2"], name="relu2"),
+        helper.make_node("MatMul", ["r2", "w3"], ["out"], name="fc3"),
+    ]
+    inputs = [_value("frames", ["steps", 60]), _value("state", [1, 16])]
+    if mask:
+        nodes.insert(0, helper.make_node("MatMul", ["mask", "frames"], ["masked"], name="weigh"))
+        inputs.append(_value("mask", [1, "steps"]))
+    inits = [
+        _init("w1", rng.standard_normal((60, 32)) * 0.2),
+        _init("w2", rng.standard_normal((32, 16)) * 0.3),
+        _init("w3", rng.standard_normal((16, 4)) * 0.3),
+    ]
+    return _model(nodes, inputs, [_value("out", ["steps", 4])], inits)

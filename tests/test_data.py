@@ -68,6 +68,27 @@ def test_a_leading_axis_fixed_at_1_gets_batches_of_1_and_other_fixed_ones_are_re
         Samples(tmp_path / "b.npz", scalar)
 
 
+def test_a_free_axis_beside_a_batch_fixed_at_1_is_a_sequence_timed_in_one_call(tmp_path):
+    frames = X.reshape(10, 60)
+    state = np.arange(10, dtype=np.float32).reshape(10, 1)
+    np.savez(tmp_path / "a.npz", frames=frames, state=state)
+    spec = [
+        InputSpec("frames", np.dtype(np.float32), (None, 60)),  # Silero VAD's frames
+        InputSpec("state", np.dtype(np.float32), (1, 1)),  # one LSTM state: batch 1
+    ]
+    feed, count = Samples(tmp_path / "a.npz", spec).sequence(4)
+    assert count == 4
+    assert np.array_equal(feed["frames"], frames[:4])
+    assert np.array_equal(feed["state"], state[:1])
+    feed, count = Samples(tmp_path / "a.npz", spec, max_samples=3).sequence(4)
+    assert (count, len(feed["frames"])) == (3, 3)
+    # a batched model's free axis is its batch: timed on one sample, as a user calls it
+    np.save(tmp_path / "b.npy", X)
+    feed, count = Samples(tmp_path / "b.npy", SPEC).sequence(4)
+    assert count == 1
+    assert np.array_equal(feed["x"], X[:1])
+
+
 def test_image_folders_are_resized_scaled_and_normalized(tmp_path):
     pixels = np.zeros((8, 10, 3), np.uint8)
     pixels[..., 0] = 255  # pure red

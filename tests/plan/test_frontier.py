@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+import models
 from models import attention_block
 from qdq import ptq
 from qdq.config import Prefer, QuantConfig
@@ -354,3 +355,43 @@ def test_a_transformer_gets_candidates_with_its_attention_float(tmp_path):
     # without convolutions, "linear layers only" plans the same int8 nodes and is dropped
     assert "attention float" in names
     assert "linear layers only" not in names
+
+
+def _timed_runs(fed: list[dict]) -> Callable:
+    """Times as given, recording the feed: all int8 (the first candidate) 1 ms a run, every
+    other plan 2 ms, FP32 (last) 3 ms."""
+
+    def timed(models: list, feed: dict[str, np.ndarray]) -> list[float]:
+        fed.append({name: value.shape for name, value in feed.items()})
+        return [1.0] + [2.0] * (len(models) - 2) + [3.0]
+
+    return timed
+
+
+def test_a_sequence_model_is_timed_on_a_run_of_its_steps_and_reported_per_step(
+    tmp_path, monkeypatch
+):
+    # Silero VAD's frames, timed one a call, ran all int8 at 0.73x FP32's time and with its
+    # STFT convolution float at 0.85x, so balanced kept it float; 125 frames in one call (a 4 s
+    # clip, as the sequence model is used) ran them at 0.24x and 0.57x.
+    fed: list[dict] = []
+    monkeypatch.setattr(frontier, "latencies_ms", _timed_runs(fed))
+    rng = np.random.default_rng(0)
+    frames = rng.standard_normal((200, 60)).astype(np.float32)
+    state = rng.standard_normal((200, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", frames=frames, state=state)
+    onnx.save(models.frame_net(), tmp_path / "frames.onnx")
+    report = quantize_model(tmp_path / "frames.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz")
+    assert fed == [{"frames": (ptq.TIMING_STEPS, 60), "state": (1, 16)}]
+    times = {c.name: c.latency_ms for c in report.candidates}
+    assert times["all int8"] == pytest.approx(1.0 / ptq.TIMING_STEPS)  # per frame
+    assert report.float_ms == pytest.approx(3.0 / ptq.TIMING_STEPS)
+    # Chosen on whole runs: 1 against 2 ms is past the ties (per frame, 8 against 16 us is not).
+    assert next(c for c in report.candidates if c.chosen).name == "all int8"
+    masked = models.frame_net(mask=True)  # refuses a run of frames with one sample's mask
+    onnx.save(masked, tmp_path / "masked.onnx")
+    mask = np.ones((200, 1), np.float32)
+    np.savez(tmp_path / "masked.npz", frames=frames, state=state, mask=mask)
+    fed.clear()
+    quantize_model(tmp_path / "masked.onnx", tmp_path / "q.onnx", tmp_path / "masked.npz")
+    assert fed == [{"frames": (1, 60), "state": (1, 16), "mask": (1, 1)}]

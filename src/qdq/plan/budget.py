@@ -85,12 +85,14 @@ def meet_target(
     target: float,
     timing_feed: dict[str, np.ndarray],
     workers: Workers = ONE_PROCESS,
+    *,
+    timed_samples: int = 1,
 ) -> Plan:
     """The plan with the fewest layers kept float whose `score` (higher is better) reaches
     `target` (or every candidate float, if even that does not), its `budget` filled in;
     `replan` builds a plan from decisions, `realize` its model. The budget carries the latency
-    cost of the layers kept float. Each layer's sensitivity is measured as a task on
-    `workers`."""
+    cost of the layers kept float, per sample of `timing_feed` (which holds `timed_samples`).
+    Each layer's sensitivity is measured as a task on `workers`."""
 
     def planned(kept: list[str]) -> Plan:
         return replan(kept_float(decisions, kept, "kept float to meet --target-sqnr"))
@@ -116,7 +118,9 @@ def meet_target(
         kept, after = _greedy(order, pool, target, workers) if order else ([], before)
     plan = planned(kept) if kept else full
     models = [realize(p).SerializeToString() for p in (full, plan)]
-    all_int8, budgeted = median_latency_ms(models, timing_feed, runs=20)
+    all_int8, budgeted = (
+        ms / timed_samples for ms in median_latency_ms(models, timing_feed, runs=20)
+    )
     result = BudgetResult(tuple(kept), before, after, target, (all_int8, budgeted))
     return replace(plan, budget=result)
 

@@ -191,13 +191,16 @@ def choose_plan(
     reference: onnx.ModelProto | None = None,
     grouped: frozenset[str] = frozenset(),
     attention: frozenset[str] = frozenset(),
+    *,
+    timed_samples: int = 1,
 ) -> tuple[Plan, dict[str, Decision]]:
     """The candidate plan `prefer` takes, with every candidate in its `frontier`, and the
     decisions it was planned from; `replan` builds a plan, `realize` its model, `score` rates
-    it (higher is better); each candidate is timed on `timing_feed`, and so is the float
-    model `reference`, for the plan's `float_ms` (not a candidate: a quantizer's user wants
-    int8, but should learn when it runs no faster); `grouped` and `attention` as `variants`
-    takes them."""
+    it (higher is better); each candidate is timed on `timing_feed` (which holds
+    `timed_samples` samples: its times are given per sample), and so is the float model
+    `reference`, for the plan's `float_ms` (not a candidate: a quantizer's user wants int8,
+    but should learn when it runs no faster); `grouped` and `attention` as `variants` takes
+    them."""
     plans: dict[str, tuple[Plan, dict[str, Decision]]] = {}
     seen: set[frozenset[str]] = set()
     fallback: tuple[Plan, dict[str, Decision]] | None = None
@@ -225,11 +228,14 @@ def choose_plan(
         Candidate(name, scores[name], ms, _int8_nodes(plans[name][0]))
         for name, ms in zip(models, latencies, strict=True)
     ]
-    taken = pick(candidates, prefer)
+    taken = pick(candidates, prefer)  # on the times of whole runs: LATENCY_TIE's 20 us is a call's
     for c in candidates:
         log.info("candidate %s: %.2f dB, %.3f ms", c.name, c.score, c.latency_ms)
     plan, chosen = plans[taken.name]
-    frontier = tuple(replace(c, chosen=c is taken) for c in candidates)
+    frontier = tuple(
+        replace(c, chosen=c is taken, latency_ms=c.latency_ms / timed_samples) for c in candidates
+    )
+    float_ms = None if float_ms is None else float_ms / timed_samples
     return replace(plan, frontier=frontier, float_ms=float_ms), chosen
 
 
