@@ -76,15 +76,17 @@ def test_a_free_axis_beside_a_batch_fixed_at_1_is_a_sequence_timed_in_one_call(t
         InputSpec("frames", np.dtype(np.float32), (None, 60)),  # Silero VAD's frames
         InputSpec("state", np.dtype(np.float32), (1, 1)),  # one LSTM state: batch 1
     ]
-    feed, count = Samples(tmp_path / "a.npz", spec).sequence(4)
+    feed, count = Samples(tmp_path / "a.npz", spec).sequence(4, 1 << 20)
     assert count == 4
     assert np.array_equal(feed["frames"], frames[:4])
     assert np.array_equal(feed["state"], state[:1])
-    feed, count = Samples(tmp_path / "a.npz", spec, max_samples=3).sequence(4)
+    feed, count = Samples(tmp_path / "a.npz", spec, max_samples=3).sequence(4, 1 << 20)
     assert (count, len(feed["frames"])) == (3, 3)
+    feed, count = Samples(tmp_path / "a.npz", spec).sequence(4, 2 * 60 * 4)  # two frames' bytes
+    assert (count, len(feed["frames"])) == (2, 2)
     # a batched model's free axis is its batch: timed on one sample, as a user calls it
     np.save(tmp_path / "b.npy", X)
-    feed, count = Samples(tmp_path / "b.npy", SPEC).sequence(4)
+    feed, count = Samples(tmp_path / "b.npy", SPEC).sequence(4, 1 << 20)
     assert count == 1
     assert np.array_equal(feed["x"], X[:1])
 

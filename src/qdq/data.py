@@ -187,15 +187,17 @@ class Samples:
                 feed[spec.name] = _checked(feed[spec.name], spec, self.source, start)
             yield feed
 
-    def sequence(self, limit: int) -> tuple[dict[str, np.ndarray], int]:
+    def sequence(self, limit: int, max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
         """The first `limit` samples as one feed, joined on the inputs whose leading axis is
         free, and how many samples it holds, where another input fixes the batch at 1: that
         free axis is then a sequence the model takes whole in one call (Silero VAD's frames,
         beside one LSTM state), not a batch, and its inputs of fixed size take the first
-        sample's. Elsewhere the first sample alone."""
+        sample's. No more samples than fit in `max_bytes` (a run of large samples is more
+        likely a batch, and costs memory); elsewhere the first sample alone."""
         first = next(self.batches(1))
         free = [s.name for s in self.inputs if s.shape[0] is None]
-        if self.largest_batch != 1 or not free or self.count < 2:
+        limit = min(limit, max_bytes // max(1, sum(first[name].nbytes for name in free)))
+        if self.largest_batch != 1 or not free or min(limit, self.count) < 2:
             return first, 1
         steps = list(self.batches(1, last=limit))
         joined = {name: np.concatenate([step[name] for step in steps]) for name in free}

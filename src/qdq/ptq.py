@@ -72,6 +72,7 @@ SEQUENTIAL_SAMPLES = 128  # calibration samples that measure each layer's mean o
 FRONTIER_SAMPLES = 16
 CHOICE_SAMPLES = 64  # calibration samples on which --method best scores each candidate plan
 TIMING_STEPS = 128  # of a sequence the model takes in one call, timed together (`_timing_feed`)
+TIMING_BYTES = 16 << 20  # and no more of its input than this (Silero: 128 frames in 0.3 MB)
 
 
 def plan_model(
@@ -381,7 +382,7 @@ def _timing_feed(model: onnx.ModelProto, samples: Samples) -> tuple[dict[str, np
     int8 at 0.73x FP32's time and its STFT convolution float at 0.85x, so balanced kept that
     convolution float; a 4 s clip (125 frames) runs them at 0.24x and 0.57x. A model that
     refuses the joined feed is timed on the first sample."""
-    feed, count = samples.sequence(TIMING_STEPS)
+    feed, count = samples.sequence(TIMING_STEPS, TIMING_BYTES)
     if count > 1:
         try:
             open_session(model, Use.LATENCY).run(None, feed)
