@@ -46,7 +46,13 @@ from qdq.plan.build import Plan, build_plan
 from qdq.plan.calibrate import fit_ranges, observe_holding
 from qdq.plan.decisions import Decision, kept_float, static_decisions
 from qdq.plan.flow import Int8Flow
-from qdq.plan.frontier import activation_matmuls, choose_plan, grouped_convs, quartile_score
+from qdq.plan.frontier import (
+    ENOUGH_DB,
+    activation_matmuls,
+    choose_plan,
+    grouped_convs,
+    quartile_score,
+)
 from qdq.plan.layout import SLOW_POOL, slow_pools
 from qdq.plan.method import (
     MAJORITY,
@@ -333,7 +339,8 @@ def _frontier(
     output part per sample on the first FRONTIER_SAMPLES calibration samples, at their lower
     quartile, timed on `_timing_feed`."""
     feeds = _leading_batches(samples, config.batch_size, FRONTIER_SAMPLES)
-    score = quartile_score(sample_scores(float_reference(model, feeds), config.output_parts))
+    reference = float_reference(model, feeds)
+    score = quartile_score(sample_scores(reference, config.output_parts, ENOUGH_DB))
     feed, timed = _timing_feed(model, samples)
     return choose_plan(
         *(decisions, replan, realize, score, feed, config.prefer, model),

@@ -316,8 +316,8 @@ def test_the_candidates_are_scored_at_the_quartile_of_their_samples(tmp_path, mo
     seen: list[np.ndarray] = []  # every per-sample score array the pipeline asked for
     sample_scores = ptq.sample_scores
 
-    def recording(reference, declared=()):
-        score = sample_scores(reference, declared)
+    def recording(reference, *args):
+        score = sample_scores(reference, *args)
 
         def record(model: onnx.ModelProto) -> np.ndarray:
             seen.append(score(model))

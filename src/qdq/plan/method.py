@@ -38,6 +38,10 @@ CANDIDATES = ("percentile", "minmax", "mse", "auto")  # the first is the default
 MARGIN = 0.5
 # Share of the held samples on which a candidate must score above the first to replace it.
 MAJORITY = 2 / 3
+# Positions per sample from which an output of class probabilities counts as a sequence of
+# decisions (`decision_outputs`): a text line's CTC steps (PP-OCR's recognizers: 40-80 per line).
+MIN_STEPS = 16
+DISTRIBUTION_ATOL = 1e-3  # a softmax's sums over its classes, in float32
 # Fit ranges and unfit tensors (with the reason), as `calibrate` returns them.
 Fitted = tuple[dict[str, Range], dict[str, str]]
 
@@ -107,25 +111,108 @@ def choose_method(
 
 
 def sample_scores(
-    reference: Reference, declared: Sequence[str] = ()
+    reference: Reference, declared: Sequence[str] = (), decided: float | None = None
 ) -> Callable[[onnx.ModelProto], np.ndarray]:
     """Scores a candidate per sample of `reference`'s feeds: each sample's lowest SQNR in dB of
     any output part (`qdq.plan.parts`) against FP32's outputs there; `declared` are
     `--output-parts` specs. A feed whose outputs do not share a leading (batch) axis counts as
-    one sample."""
+    one sample. With `decided`, an output of decisions (`decision_outputs`: a recognizer's
+    per-step class probabilities) that the candidate reads as FP32 does on every sample scores
+    at least `decided` there: what the user gets is those classes, and PP-OCRv6's recognizer
+    read every line as FP32 does from 13 dB of probability error."""
     feeds, names, outputs = reference.feeds, reference.names, reference.outputs
     parts = [p for group in output_parts(names, outputs, declared).values() for p in group]
     where = {name: i for i, name in enumerate(names)}
+    decisions = decision_outputs(names, outputs) if decided is not None else {}
 
     def score(candidate: onnx.ModelProto) -> np.ndarray:
         session = open_session(candidate)
         got = [session.run(names, feed) for feed in feeds]
+        floors = {
+            name: float(decided)
+            for name, blank in decisions.items()
+            if all(
+                _read_alike(want[where[name]], have[where[name]], blank)
+                for want, have in zip(outputs, got, strict=True)
+            )
+        }
         pairs = zip(outputs, got, strict=True)
         counts = [len(next(iter(feed.values()))) for feed in feeds]
-        worst = [_worst_per_sample(parts, where, *p, n) for p, n in zip(pairs, counts, strict=True)]
+        worst = [
+            _worst_per_sample(parts, where, *p, n, floors)
+            for p, n in zip(pairs, counts, strict=True)
+        ]
         return np.concatenate(worst)
 
     return score
+
+
+def decision_outputs(
+    names: Sequence[str], outputs: Sequence[Sequence[np.ndarray]]
+) -> dict[str, int | None]:
+    """The outputs that hold a sequence of decisions per sample, with their CTC blank class
+    or None: class probabilities (in [0, 1], summing to 1 over the last axis) at MIN_STEPS or
+    more positions per sample in every feed. A classifier's one decision per sample is not
+    among them: 16 agreeing samples say little of a flip rate (Magika kept all 16 and lost
+    1.5% of 2048 files). A sequence (samples, steps, classes) has a CTC blank where FP32's
+    most frequent top class fills half the steps or more and sits between two other classes
+    in most samples (PP-OCR's recognizers: class 0, at 58-71% of the steps of 16 lines); it is
+    then read as CTC reads it (repeats merged, blanks dropped), where a character's step moving
+    by one changes nothing. An attention decoder's padding (SLANet's) only trails its tokens,
+    so its steps are compared one by one, as a segmenter's pixels are."""
+    found: dict[str, int | None] = {}
+    for i, name in enumerate(names):
+        arrays = [np.asarray(feed[i]) for feed in outputs]
+        if all(_steps(a) >= MIN_STEPS and _distribution(a) for a in arrays):
+            found[name] = _ctc_blank(arrays)
+    return found
+
+
+def _ctc_blank(arrays: list[np.ndarray]) -> int | None:
+    """The CTC blank of FP32's class sequences `arrays` (`decision_outputs`), or None."""
+    if any(a.ndim != 3 for a in arrays):
+        return None
+    tops = [row for a in arrays for row in a.argmax(-1)]
+    classes, counts = np.unique(np.concatenate(tops), return_counts=True)
+    if counts.max() * 2 < sum(len(row) for row in tops):
+        return None
+    blank = int(classes[counts.argmax()])
+    between = sum(_inside(row != blank) for row in tops)
+    return blank if between * 2 > len(tops) else None
+
+
+def _inside(read: np.ndarray) -> bool:
+    """Whether a blank (False) lies between two other classes (True) in one sample's steps."""
+    marked = np.flatnonzero(read)
+    return len(marked) >= 2 and not read[marked[0] : marked[-1] + 1].all()
+
+
+def _steps(output: np.ndarray) -> int:
+    """Positions per sample of an output whose last axis holds classes (axis 0: samples)."""
+    return int(np.prod(output.shape[1:-1])) if output.ndim >= 3 and output.shape[-1] > 1 else 0
+
+
+def _distribution(output: np.ndarray) -> bool:
+    values = output.astype(np.float64)
+    in_unit = bool(np.all((values >= 0) & (values <= 1)))
+    return in_unit and bool(np.allclose(values.sum(-1), 1.0, atol=DISTRIBUTION_ATOL))
+
+
+def _read_alike(want: np.ndarray, have: np.ndarray, blank: int | None) -> bool:
+    """Whether every sample's decisions are FP32's: its top classes at every position, or
+    with a CTC `blank`, the sequence CTC reads from them."""
+    if want.shape != have.shape:
+        return False
+    tops = [np.argmax(a, -1).reshape(len(a), -1) for a in (want, have)]
+    if blank is None:
+        return bool(np.array_equal(*tops))
+    return all(_ctc(a, blank) == _ctc(b, blank) for a, b in zip(*tops, strict=True))
+
+
+def _ctc(steps: np.ndarray, blank: int) -> list[int]:
+    """The classes CTC reads from one sample's top class per step."""
+    merged = steps[np.concatenate([[True], steps[1:] != steps[:-1]])]
+    return merged[merged != blank].tolist()
 
 
 def _worst_per_sample(
@@ -134,9 +221,11 @@ def _worst_per_sample(
     want: list[np.ndarray],
     have: list[np.ndarray],
     samples: int,
+    floors: dict[str, float] | None = None,
 ) -> np.ndarray:
     """One feed's per-sample lowest part SQNR: one value per sample where every output leads
-    with the feed's `samples` (its batch axis), else one value for the feed."""
+    with the feed's `samples` (its batch axis), else one value for the feed; a part of an
+    output in `floors` scores at least its floor."""
     batched = all(w.ndim and w.shape[0] == samples for w in want)
     rows = samples if batched else 1
     worst = np.full(rows, np.inf)
@@ -148,7 +237,10 @@ def _worst_per_sample(
         with np.errstate(invalid="ignore"):  # inf - inf: an infinite output kept is exact
             error = np.where(x == y, 0.0, x - y)
         signal, noise = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", error, error)
-        worst = np.minimum(worst, sqnr_db(signal, noise))
+        value = sqnr_db(signal, noise)
+        if floors and part.output in floors:
+            value = np.maximum(value, floors[part.output])
+        worst = np.minimum(worst, value)
     return worst
 
 

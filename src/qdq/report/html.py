@@ -14,6 +14,7 @@ import plotly.io
 import plotly.offline
 
 from qdq.outputs import staged
+from qdq.plan.frontier import ENOUGH_DB
 from qdq.report.compare import Comparison
 from qdq.report.measure import LayerRow, ReportData
 from qdq.report.ranges import ActivationView, WeightView
@@ -169,7 +170,8 @@ def _run(data: ReportData) -> str:
         fp32 = f"<td class=num>{run.float_ms:.3f}</td>"
         rows += f"<tr><td>FP32</td><td></td>{fp32}<td></td><td></td></tr>"
     table = (
-        "<table><tr><th>candidate plan</th><th>worst output part (dB, lower quartile)</th>"
+        "<table><tr><th>candidate plan</th><th>worst output part (dB, lower quartile; at "
+        f"least {ENOUGH_DB:g} where a recognizer reads every sample as FP32 does)</th>"
         f"<th>ms per sample (1 thread)</th><th>int8 nodes</th><th></th></tr>{rows}</table>"
         if rows
         else ""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from qdq.plan.build import Candidate
 from qdq.plan.decisions import Decision
-from qdq.plan.frontier import latency_tie
+from qdq.plan.frontier import ENOUGH_DB, latency_tie
 from qdq.plan.parts import PartStats
 
 CHECK_SAMPLES = 16  # calibration samples on which the report measures the output SQNR
@@ -67,7 +67,8 @@ class QuantizeReport:
             if self.float_ms is not None:
                 shown += f"; FP32 {self.float_ms:.3f} ms"
             lines.append(
-                "candidate plans (worst output part, lower quartile of the samples; ms per "
+                "candidate plans (worst output part, lower quartile of the samples, at least "
+                f"{ENOUGH_DB:g} dB where a recognizer reads every sample as FP32 does; ms per "
                 f"sample, 1 thread): {shown}"
             )
             fastest = min(c.latency_ms for c in self.candidates)

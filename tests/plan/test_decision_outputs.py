@@ -1,0 +1,96 @@
+"""A recognizer's output judged by what it reads: the frontier's score credits a candidate that
+keeps FP32's class decisions at every step of every sample (read as CTC reads them where the
+output has a blank), however far its probabilities moved."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from qdq.plan.budget import float_reference
+from qdq.plan.method import _read_alike, decision_outputs, sample_scores
+
+STEPS, CLASSES = 20, 6
+
+
+def probabilities(tops: np.ndarray) -> np.ndarray:
+    """(samples, steps, CLASSES) softmax outputs whose top class per step is `tops`."""
+    logits = np.eye(CLASSES)[tops] * 6.0
+    e = np.exp(logits)
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def ctc_lines(samples: int = 4) -> np.ndarray:
+    """Top classes per step as a CTC head writes them: blank (0) at most steps, between the
+    characters and around them."""
+    tops = np.zeros((samples, STEPS), np.int64)
+    for s in range(samples):
+        tops[s, 2:12:3] = [1 + (s + k) % (CLASSES - 1) for k in range(4)]  # 4 characters
+    return tops
+
+
+def test_a_ctc_head_is_read_as_ctc_reads_it_and_a_classifier_is_not_a_sequence():
+    tops = ctc_lines()
+    want = probabilities(tops)
+    assert decision_outputs(["probs"], [[want]]) == {"probs": 0}  # class 0 is the blank
+    padded = np.zeros_like(tops)  # a decoder's tokens, then padding that only trails them
+    padded[:, :8] = 1 + np.arange(8) % (CLASSES - 1)
+    assert decision_outputs(["tokens"], [[probabilities(padded)]]) == {"tokens": None}
+    classifier = probabilities(tops[:, :1])[:, 0]  # (samples, classes): one decision each
+    assert decision_outputs(["class"], [[classifier]]) == {}
+    logits = np.log(want)  # not probabilities
+    assert decision_outputs(["logits"], [[logits]]) == {}
+
+
+def _softmax_net(scale: float):
+    """x[N, STEPS, CLASSES] -> Softmax(x * scale) over the classes."""
+    nodes = [
+        helper.make_node("Mul", ["x", "scale"], ["scaled"], name="scale"),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1, name="softmax"),
+    ]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "softmax",
+        [value("x", TensorProto.FLOAT, ["N", STEPS, CLASSES])],
+        [value("probs", TensorProto.FLOAT, ["N", STEPS, CLASSES])],
+        [helper.make_tensor("scale", TensorProto.FLOAT, [], [scale])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_candidate_that_reads_every_step_as_fp32_scores_at_least_the_floor():
+    rng = np.random.default_rng(0)
+    tops = np.concatenate([ctc_lines(), ctc_lines()])
+    x = (np.eye(CLASSES)[tops] * 3.0 + rng.normal(0, 0.3, (*tops.shape, CLASSES))).astype(
+        np.float32
+    )
+    reference = float_reference(_softmax_net(2.0), [{"x": x[:4]}, {"x": x[4:]}])
+    softer = _softmax_net(0.5)  # the same top class everywhere, probabilities far apart
+    plain = sample_scores(reference)(softer)
+    assert plain.max() < 15  # dB: the probabilities' error
+    credited = sample_scores(reference, decided=35.0)(softer)
+    np.testing.assert_allclose(credited, 35.0)
+    flipped = sample_scores(reference, decided=35.0)(_softmax_net(-2.0))  # other classes
+    assert flipped.max() < 0
+    assert np.isinf(sample_scores(reference, decided=35.0)(_softmax_net(2.0))).all()  # FP32
+
+
+@pytest.mark.parametrize(
+    ("moved", "alike"),
+    [
+        ({(0, 2): 0, (0, 3): 1}, True),  # a character one step later: CTC reads the same
+        ({(0, 3): 1}, True),  # a character over two steps: merged
+        ({(0, 2): 2}, False),  # another character
+        ({(0, 8): 0}, False),  # a character dropped
+    ],
+)
+def test_ctc_reading_forgives_steps_but_not_characters(moved, alike):
+    tops = ctc_lines()
+    have = tops.copy()
+    for (sample, step), value in moved.items():
+        have[sample, step] = value
+    want, got = probabilities(tops), probabilities(have)
+    assert _read_alike(want, got, 0) is alike  # 0: the blank
+    assert _read_alike(want, got, None) is False  # step by step, any move counts
