@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from qdq.plan.budget import float_reference
-from qdq.plan.method import _read_alike, decision_outputs, sample_scores
+from qdq.plan.method import sample_scores
+from qdq.plan.readings import decision_outputs, read_alike
 
 STEPS, CLASSES = 20, 6
 
@@ -92,5 +93,5 @@ def test_ctc_reading_forgives_steps_but_not_characters(moved, alike):
     for (sample, step), value in moved.items():
         have[sample, step] = value
     want, got = probabilities(tops), probabilities(have)
-    assert _read_alike(want, got, 0) is alike  # 0: the blank
-    assert _read_alike(want, got, None) is False  # step by step, any move counts
+    assert read_alike(want, got, 0) is alike  # 0: the blank
+    assert read_alike(want, got, None) is False  # step by step, any move counts

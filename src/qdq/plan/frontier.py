@@ -39,7 +39,7 @@ Candidates that plan the same int8 nodes as an earlier one, or no int8 compute l
 dropped; a model with one candidate left is not timed. `score` is the worst output part's SQNR
 in dB on each sample, at the lower quartile of the samples (`quartile_score`), and at least
 ENOUGH_DB on an output of decisions that the candidate reads as FP32 does on every sample (a
-recognizer's text: `qdq.plan.method.decision_outputs`); scores within SCORE_TIE count as
+recognizer's text: `qdq.plan.readings.decision_outputs`); scores within SCORE_TIE count as
 equal, and so do latencies within LATENCY_TIE (timing noise). `prefer` takes:
 
     accuracy  the best score; of equal ones the fastest

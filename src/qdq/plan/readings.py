@@ -1,0 +1,84 @@
+"""What an output decides, read as its user reads it: a recognizer's text from its per-step
+class probabilities. Where the decisions are FP32's on every sample, how far the probabilities
+moved does not matter to that user (PP-OCRv6's recognizer read every line as FP32 does from
+13 dB of probability error), so the frontier credits such a candidate
+(`qdq.plan.method.sample_scores`'s `decided`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# Positions per sample from which an output of class probabilities counts as a sequence of
+# decisions (`decision_outputs`): a text line's CTC steps (PP-OCR's recognizers: 40-80 per line).
+MIN_STEPS = 16
+DISTRIBUTION_ATOL = 1e-3  # a softmax's sums over its classes, in float32
+
+
+def decision_outputs(
+    names: Sequence[str], outputs: Sequence[Sequence[np.ndarray]]
+) -> dict[str, int | None]:
+    """The outputs that hold a sequence of decisions per sample, with their CTC blank class
+    or None: class probabilities (in [0, 1], summing to 1 over the last axis) at MIN_STEPS or
+    more positions per sample in every feed. A classifier's one decision per sample is not
+    among them: 16 agreeing samples say little of a flip rate (Magika kept all 16 and lost
+    1.5% of 2048 files). A sequence (samples, steps, classes) has a CTC blank where FP32's
+    most frequent top class fills half the steps or more and sits between two other classes
+    in most samples (PP-OCR's recognizers: class 0, at 58-71% of the steps of 16 lines); it is
+    then read as CTC reads it (repeats merged, blanks dropped), where a character's step moving
+    by one changes nothing. An attention decoder's padding (SLANet's) only trails its tokens,
+    so its steps are compared one by one, as a segmenter's pixels are."""
+    found: dict[str, int | None] = {}
+    for i, name in enumerate(names):
+        arrays = [np.asarray(feed[i]) for feed in outputs]
+        if all(_steps(a) >= MIN_STEPS and _distribution(a) for a in arrays):
+            found[name] = _ctc_blank(arrays)
+    return found
+
+
+def _ctc_blank(arrays: list[np.ndarray]) -> int | None:
+    """The CTC blank of FP32's class sequences `arrays` (`decision_outputs`), or None."""
+    if any(a.ndim != 3 for a in arrays):
+        return None
+    tops = [row for a in arrays for row in a.argmax(-1)]
+    classes, counts = np.unique(np.concatenate(tops), return_counts=True)
+    if counts.max() * 2 < sum(len(row) for row in tops):
+        return None
+    blank = int(classes[counts.argmax()])
+    between = sum(_inside(row != blank) for row in tops)
+    return blank if between * 2 > len(tops) else None
+
+
+def _inside(read: np.ndarray) -> bool:
+    """Whether a blank (False) lies between two other classes (True) in one sample's steps."""
+    marked = np.flatnonzero(read)
+    return len(marked) >= 2 and not read[marked[0] : marked[-1] + 1].all()
+
+
+def _steps(output: np.ndarray) -> int:
+    """Positions per sample of an output whose last axis holds classes (axis 0: samples)."""
+    return int(np.prod(output.shape[1:-1])) if output.ndim >= 3 and output.shape[-1] > 1 else 0
+
+
+def _distribution(output: np.ndarray) -> bool:
+    values = output.astype(np.float64)
+    in_unit = bool(np.all((values >= 0) & (values <= 1)))
+    return in_unit and bool(np.allclose(values.sum(-1), 1.0, atol=DISTRIBUTION_ATOL))
+
+
+def read_alike(want: np.ndarray, have: np.ndarray, blank: int | None) -> bool:
+    """Whether every sample's decisions are FP32's: its top classes at every position, or
+    with a CTC `blank`, the sequence CTC reads from them."""
+    if want.shape != have.shape:
+        return False
+    tops = [np.argmax(a, -1).reshape(len(a), -1) for a in (want, have)]
+    if blank is None:
+        return bool(np.array_equal(*tops))
+    return all(_ctc(a, blank) == _ctc(b, blank) for a, b in zip(*tops, strict=True))
+
+
+def _ctc(steps: np.ndarray, blank: int) -> list[int]:
+    """The classes CTC reads from one sample's top class per step."""
+    merged = steps[np.concatenate([[True], steps[1:] != steps[:-1]])]
+    return merged[merged != blank].tolist()
