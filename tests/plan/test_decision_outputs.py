@@ -40,7 +40,8 @@ def test_a_ctc_head_is_read_as_ctc_reads_it_and_a_classifier_is_not_a_sequence()
     assert decision_outputs(["tokens"], [[probabilities(padded)]]) == {"tokens": None}
     classifier = probabilities(tops[:, :1])[:, 0]  # (samples, classes): one decision each
     assert decision_outputs(["class"], [[classifier]]) == {}
-    logits = np.log(want)  # not probabilities
+    assert decision_outputs(["log"], [[np.log(want)]]) == {"log": 0}  # a log-softmax
+    logits = np.log(want) + 1.0  # neither probabilities nor their logarithms
     assert decision_outputs(["logits"], [[logits]]) == {}
 
 

@@ -20,7 +20,8 @@ def decision_outputs(
     names: Sequence[str], outputs: Sequence[Sequence[np.ndarray]]
 ) -> dict[str, int | None]:
     """The outputs that hold a sequence of decisions per sample, with their CTC blank class
-    or None: class probabilities (in [0, 1], summing to 1 over the last axis) at MIN_STEPS or
+    or None: class probabilities (in [0, 1], summing to 1 over the last axis; or their
+    logarithms) at MIN_STEPS or
     more positions per sample in every feed. A classifier's one decision per sample is not
     among them: 16 agreeing samples say little of a flip rate (Magika kept all 16 and lost
     1.5% of 2048 files). A sequence (samples, steps, classes) has a CTC blank where FP32's
@@ -62,7 +63,11 @@ def _steps(output: np.ndarray) -> int:
 
 
 def _distribution(output: np.ndarray) -> bool:
+    """Whether `output` holds class probabilities over its last axis, or their logarithms
+    (a CTC speech model's log-softmax)."""
     values = output.astype(np.float64)
+    if np.all(values <= 0) and not np.all(values == 0):
+        values = np.exp(values)
     in_unit = bool(np.all((values >= 0) & (values <= 1)))
     return in_unit and bool(np.allclose(values.sum(-1), 1.0, atol=DISTRIBUTION_ATOL))
 
