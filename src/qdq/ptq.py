@@ -29,7 +29,7 @@ from qdq.lowbit import WeightGrid
 from qdq.observers import Method, Observer, make_observer
 from qdq.onnx.graph import GraphIndex
 from qdq.onnx.model import float_outputs
-from qdq.onnx.sessions import Use, open_session
+from qdq.onnx.sessions import open_session
 from qdq.passes.adaround import learn_rounding
 from qdq.passes.bias_correction import (
     correct_biases,
@@ -46,13 +46,7 @@ from qdq.plan.build import Plan, build_plan
 from qdq.plan.calibrate import fit_ranges, observe_holding
 from qdq.plan.decisions import Decision, kept_float, static_decisions
 from qdq.plan.flow import Int8Flow
-from qdq.plan.frontier import (
-    ENOUGH_DB,
-    activation_matmuls,
-    choose_plan,
-    grouped_convs,
-    quartile_score,
-)
+from qdq.plan.frontier import activation_matmuls, choose_plan, frontier_score, grouped_convs
 from qdq.plan.layout import SLOW_POOL, slow_pools
 from qdq.plan.method import (
     MAJORITY,
@@ -64,6 +58,7 @@ from qdq.plan.method import (
     sample_scores,
 )
 from qdq.plan.saturation import avoids_saturation, summed_inputs
+from qdq.plan.timing import timing_feed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,8 +72,6 @@ SEQUENTIAL_SAMPLES = 128  # calibration samples that measure each layer's mean o
 # whole families of float ops, by dB (docs/ptq.md), more than 16 samples' noise.
 FRONTIER_SAMPLES = 16
 CHOICE_SAMPLES = 64  # calibration samples on which --method best scores each candidate plan
-TIMING_STEPS = 128  # of a sequence the model takes in one call, timed together (`_timing_feed`)
-TIMING_BYTES = 16 << 20  # and no more of its input than this (Silero: 128 frames in 0.3 MB)
 
 
 def plan_model(
@@ -194,7 +187,7 @@ def plan_model(
             if metric is None
             else _session_score(metric)
         )
-        feed, timed = _timing_feed(model, samples)
+        feed, timed = timing_feed(model, samples)
         search = partial(
             meet_target,
             *(decisions, replan, realize, score, config.target_sqnr, feed, config.workers),
@@ -337,11 +330,10 @@ def _frontier(
 ) -> tuple[Plan, dict[str, Decision]]:
     """The candidate plan `config.prefer` takes (`qdq.plan.frontier`): each scored by the worst
     output part per sample on the first FRONTIER_SAMPLES calibration samples, at their lower
-    quartile, timed on `_timing_feed`."""
+    quartile, timed on `timing_feed`."""
     feeds = _leading_batches(samples, config.batch_size, FRONTIER_SAMPLES)
-    reference = float_reference(model, feeds)
-    score = quartile_score(sample_scores(reference, config.output_parts, ENOUGH_DB))
-    feed, timed = _timing_feed(model, samples)
+    score = frontier_score(float_reference(model, feeds), config.output_parts)
+    feed, timed = timing_feed(model, samples)
     return choose_plan(
         *(decisions, replan, realize, score, feed, config.prefer, model),
         grouped_convs(model),
@@ -379,25 +371,6 @@ def _session_score(metric: Metric) -> Callable[[onnx.ModelProto], float]:
         return float(metric(open_session(candidate)))
 
     return score
-
-
-def _timing_feed(model: onnx.ModelProto, samples: Samples) -> tuple[dict[str, np.ndarray], int]:
-    """The feed the frontier's candidates and the budget's price are timed on, and how many
-    samples it holds: the first sample (the budget timed a batch before: a serial tail of
-    seconds on two workers, docs/ptq.md), or the first TIMING_STEPS of a sequence the model
-    takes in one call (`Samples.sequence`). Silero VAD's frames, timed one a call, put all
-    int8 at 0.73x FP32's time and its STFT convolution float at 0.85x, so balanced kept that
-    convolution float; a 4 s clip (125 frames) runs them at 0.24x and 0.57x. A model that
-    refuses the joined feed is timed on the first sample."""
-    feed, count = samples.sequence(TIMING_STEPS, TIMING_BYTES)
-    if count > 1:
-        try:
-            open_session(model, Use.LATENCY).run(None, feed)
-        except Exception as error:  # a shape the joined axis breaks, in ONNX Runtime's types
-            if not type(error).__module__.startswith("onnxruntime"):
-                raise
-            return next(samples.batches(1)), 1
-    return feed, count
 
 
 def _leading_batches(samples: Samples, batch_size: int, count: int) -> list[dict]:

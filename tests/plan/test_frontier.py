@@ -19,7 +19,7 @@ from qdq.config import Prefer, QuantConfig
 from qdq.onnx import sessions
 from qdq.onnx.graph import GraphIndex
 from qdq.pipeline import prepare, quantize_model
-from qdq.plan import frontier
+from qdq.plan import frontier, timing
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, static_decisions
 from qdq.plan.frontier import (
@@ -325,7 +325,8 @@ def test_the_candidates_are_scored_at_the_quartile_of_their_samples(tmp_path, mo
 
         return record
 
-    monkeypatch.setattr(ptq, "sample_scores", recording)
+    monkeypatch.setattr(ptq, "sample_scores", recording)  # the method choice's
+    monkeypatch.setattr(frontier, "sample_scores", recording)  # the candidates'
     report = quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz")
     frontier_scores = seen[-len(report.candidates) :]  # the method choice scored first
     assert len(report.candidates) >= 3
@@ -382,10 +383,10 @@ def test_a_sequence_model_is_timed_on_a_run_of_its_steps_and_reported_per_step(
     np.savez(tmp_path / "calib.npz", frames=frames, state=state)
     onnx.save(models.frame_net(), tmp_path / "frames.onnx")
     report = quantize_model(tmp_path / "frames.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz")
-    assert fed == [{"frames": (ptq.TIMING_STEPS, 60), "state": (1, 16)}]
+    assert fed == [{"frames": (timing.TIMING_STEPS, 60), "state": (1, 16)}]
     times = {c.name: c.latency_ms for c in report.candidates}
-    assert times["all int8"] == pytest.approx(1.0 / ptq.TIMING_STEPS)  # per frame
-    assert report.float_ms == pytest.approx(3.0 / ptq.TIMING_STEPS)
+    assert times["all int8"] == pytest.approx(1.0 / timing.TIMING_STEPS)  # per frame
+    assert report.float_ms == pytest.approx(3.0 / timing.TIMING_STEPS)
     # Chosen on whole runs: 1 against 2 ms is past the ties (per frame, 8 against 16 us is not).
     assert next(c for c in report.candidates if c.chosen).name == "all int8"
     masked = models.frame_net(mask=True)  # refuses a run of frames with one sample's mask

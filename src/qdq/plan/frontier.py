@@ -79,8 +79,10 @@ import onnxruntime as ort
 from qdq.config import Prefer
 from qdq.onnx.graph import GraphIndex, attributes, is_smoothing
 from qdq.onnx.sessions import median_latency_ms
+from qdq.plan.budget import Reference
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, kept_float
+from qdq.plan.method import sample_scores
 from qdq.plan.rules import RULES, Kind
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,15 @@ def quartile_score(
         return float(np.quantile(values, QUANTILE, method="lower"))
 
     return score
+
+
+def frontier_score(
+    reference: Reference, declared: Sequence[str] = ()
+) -> Callable[[onnx.ModelProto], float]:
+    """A candidate's score on `reference`'s samples (`declared`: `--output-parts` specs): the
+    lower quartile of its worst output parts, at least ENOUGH_DB on an output of decisions it
+    reads as FP32 does on every sample (`qdq.plan.readings`)."""
+    return quartile_score(sample_scores(reference, declared, ENOUGH_DB))
 
 
 def variants(

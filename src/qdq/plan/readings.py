@@ -21,15 +21,15 @@ def decision_outputs(
 ) -> dict[str, int | None]:
     """The outputs that hold a sequence of decisions per sample, with their CTC blank class
     or None: class probabilities (in [0, 1], summing to 1 over the last axis; or their
-    logarithms) at MIN_STEPS or
-    more positions per sample in every feed. A classifier's one decision per sample is not
-    among them: 16 agreeing samples say little of a flip rate (Magika kept all 16 and lost
-    1.5% of 2048 files). A sequence (samples, steps, classes) has a CTC blank where FP32's
-    most frequent top class fills half the steps or more and sits between two other classes
-    in most samples (PP-OCR's recognizers: class 0, at 58-71% of the steps of 16 lines); it is
-    then read as CTC reads it (repeats merged, blanks dropped), where a character's step moving
-    by one changes nothing. An attention decoder's padding (SLANet's) only trails its tokens,
-    so its steps are compared one by one, as a segmenter's pixels are."""
+    logarithms) at MIN_STEPS or more positions per sample in every feed. A classifier's one
+    decision per sample is not among them: 16 agreeing samples say little of a flip rate
+    (Magika kept all 16 and lost 1.5% of 2048 files). A sequence (samples, steps, classes)
+    has a CTC blank where FP32's most frequent top class fills half the steps or more and sits
+    between two other classes in most samples (PP-OCR's recognizers: class 0, at 58-71% of the
+    steps of 16 lines); it is then read as CTC reads it (repeats merged, blanks dropped), where
+    a character's step moving by one changes nothing. An attention decoder's padding
+    (SLANet's) only trails its tokens, so its steps are compared one by one, as a segmenter's
+    pixels are."""
     found: dict[str, int | None] = {}
     for i, name in enumerate(names):
         arrays = [np.asarray(feed[i]) for feed in outputs]
