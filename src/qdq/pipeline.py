@@ -37,6 +37,7 @@ from qdq.passes.smooth import smooth
 from qdq.plan.build import Plan
 from qdq.plan.decisions import Decision, static_decisions
 from qdq.plan.parts import PartStats, check_declared, judged, output_parts
+from qdq.plan.readings import Readings, decision_outputs
 from qdq.plan.saturation import avoids_saturation
 from qdq.ptq import BUDGET_SAMPLES, Metric, optional, plan_data_free, plan_model
 from qdq.report.summary import CHECK_SAMPLES, QuantizeReport, task_scores
@@ -154,7 +155,9 @@ def quantize_model(
     if output_format is OutputFormat.QOPERATOR:  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     session = _check_loads(quantized)
-    checked = [] if config.data_free else _output_check(model, session, samples, config)
+    checked, readings = [], {}
+    if not config.data_free:
+        checked, readings = _output_check(model, session, samples, config)
     # everything the report says is measured before the file is written: a failure here
     # had left the model behind under "nothing was written"
     output_sqnr = {s.part.label: s.error.sqnr_db for s in checked}
@@ -172,6 +175,7 @@ def quantize_model(
         output_tasks=output_tasks,
         candidates=list(plan.frontier),
         float_ms=plan.float_ms,
+        readings=readings,
     )
 
 
@@ -190,14 +194,15 @@ def inspect_model(
 
 def _output_check(
     model: onnx.ModelProto, quantized: ort.InferenceSession, samples: Samples, config: QuantConfig
-) -> list[PartStats]:
+) -> tuple[list[PartStats], dict[str, Readings]]:
     """Per part of each float output (`qdq.plan.parts`), the `quantized` session's error against
-    `model` on the first CHECK_SAMPLES calibration samples: what the report says the
-    quantization cost."""
+    `model` on the first CHECK_SAMPLES calibration samples, and of each output of decisions (a
+    recognizer's text, `qdq.plan.readings`) the samples it reads as FP32 does: what the report
+    says the quantization cost."""
     reference = open_session(model, Use.CHECK)
     names = [o.name for o in reference.get_outputs() if o.type == "tensor(float)"]
     if not names:  # nothing to compare (asked for none, ONNX Runtime would return them all)
-        return []
+        return [], {}
     feeds = list(samples.batches(1, last=CHECK_SAMPLES))
     with fails_on_data("the float model on the calibration samples"):
         want = [reference.run(names, feed) for feed in feeds]
@@ -211,7 +216,13 @@ def _output_check(
                 "nothing was written. Please report it with the model, and use --exclude on "
                 "the node it names meanwhile"
             ) from None
-    return judged(output_parts(names, want, config.output_parts), want, got)
+    readings = {}
+    for name, blank in decision_outputs(names, want).items():
+        i = names.index(name)
+        readings[name] = Readings(blank)
+        for ours, theirs in zip(want, got, strict=True):
+            readings[name].update(ours[i], theirs[i])
+    return judged(output_parts(names, want, config.output_parts), want, got), readings
 
 
 def _budget_notes(plan: Plan) -> list[str]:

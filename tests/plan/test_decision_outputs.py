@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from qdq.plan.budget import float_reference
 from qdq.plan.method import sample_scores
-from qdq.plan.readings import decision_outputs, read_alike
+from qdq.plan.readings import Readings, decision_outputs, read_alike
 
 STEPS, CLASSES = 20, 6
 
@@ -96,3 +96,20 @@ def test_ctc_reading_forgives_steps_but_not_characters(moved, alike):
     want, got = probabilities(tops), probabilities(have)
     assert read_alike(want, got, 0) is alike  # 0: the blank
     assert read_alike(want, got, None) is False  # step by step, any move counts
+
+
+def test_readings_count_each_sample_and_merge_shards_in_order():
+    tops = ctc_lines()
+    have = tops.copy()
+    have[1, 2] = 2 if tops[1, 2] != 2 else 3  # the second line reads another character
+    have[3, 2:4] = [0, tops[3, 2]]  # the fourth's first character one step later: the same
+    first, second = Readings(0), Readings(0)
+    first.update(probabilities(tops[:2]), probabilities(have[:2]))
+    second.update(probabilities(tops[2:]), probabilities(have[2:]))
+    both = first.merged(second)
+    assert (both.alike, both.samples, both.share) == (3, 4, 0.75)
+    assert both.as_text() == "CTC reading as FP32's on 3 of 4 samples"
+    steps = Readings(None)  # position by position: the moved character counts too
+    steps.update(probabilities(tops), probabilities(have))
+    assert steps.as_text() == "every position's class as FP32's on 2 of 4 samples"
+    assert Readings(None).share is None

@@ -7,6 +7,7 @@ moved does not matter to that user (PP-OCRv6's recognizer read every line as FP3
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -81,6 +82,36 @@ def read_alike(want: np.ndarray, have: np.ndarray, blank: int | None) -> bool:
     if blank is None:
         return bool(np.array_equal(*tops))
     return all(_ctc(a, blank) == _ctc(b, blank) for a, b in zip(*tops, strict=True))
+
+
+@dataclass
+class Readings:
+    """Of the samples seen so far, how many a decision output reads as FP32 does
+    (`read_alike`, sample by sample): what the report says of a recognizer, beside its SQNR."""
+
+    blank: int | None  # the CTC blank class, or None: compared position by position
+    alike: int = 0
+    samples: int = 0
+
+    def update(self, want: np.ndarray, have: np.ndarray) -> None:
+        """Add a batch of FP32's output and of the approximation's (axis 0: samples)."""
+        for i in range(len(want)):
+            self.alike += read_alike(want[i : i + 1], have[i : i + 1], self.blank)
+        self.samples += len(want)
+
+    def merged(self, other: Readings) -> Readings:
+        """Two shards of the same output's counts together."""
+        return Readings(self.blank, self.alike + other.alike, self.samples + other.samples)
+
+    @property
+    def share(self) -> float | None:
+        """The share of samples read alike, None before any."""
+        return self.alike / self.samples if self.samples else None
+
+    def as_text(self) -> str:
+        """'CTC reading as FP32's on 15 of 16 samples'."""
+        what = "CTC reading" if self.blank is not None else "every position's class"
+        return f"{what} as FP32's on {self.alike} of {self.samples} samples"
 
 
 def _ctc(steps: np.ndarray, blank: int) -> list[int]:

@@ -27,6 +27,7 @@ from qdq.onnx.sessions import (
 )
 from qdq.plan.calibrate import budgeted
 from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
+from qdq.plan.readings import Readings, decision_outputs
 from qdq.report.checks import (
     LeadingOutputs,
     check_classes,
@@ -59,6 +60,7 @@ class Comparison:
     extra: dict[str, object] = field(default_factory=dict)
     parts: dict[str, PartStats] = field(default_factory=dict)  # by label: split, gated outputs
     notes: list[str] = field(default_factory=list)  # how the data was read (Samples.read_notes)
+    readings: dict[str, Readings] = field(default_factory=dict)  # per output of decisions
 
     def as_dict(self) -> dict[str, object]:
         worst = sorted(self.layers.items(), key=lambda kv: kv[1].sqnr_db)
@@ -66,7 +68,7 @@ class Comparison:
             "samples": self.samples,
             "notes": self.notes,
             "size_bytes": {"float": self.sizes[0], "quantized": self.sizes[1]},
-            "outputs": {k: v.as_dict() for k, v in self.outputs.items()},
+            "outputs": {k: {**v.as_dict(), **self._read(k)} for k, v in self.outputs.items()},
             "parts": {k: v.as_dict() for k, v in self.parts.items()},
             "layers": [{"tensor": k, "sqnr_db": v.sqnr_db} for k, v in worst],
         }
@@ -78,6 +80,11 @@ class Comparison:
 
     def to_json(self) -> str:
         return strict_json(self.as_dict())
+
+    def _read(self, output: str) -> dict[str, float | None]:
+        """An output of decisions' share of samples read as FP32 reads them, if it is one."""
+        reading = self.readings.get(output)
+        return {} if reading is None else {"read_alike": reading.share}
 
     def to_text(self, top: int = 15) -> str:
         lines = [*self.notes, f"{self.samples} samples"]
@@ -103,6 +110,8 @@ class Comparison:
             text += f"max abs error {d['max_abs_error']:.4g}"
             if stats.classes:
                 text += f", top-1 {d['top1_agreement']:.2%}, top-5 {d['top5_agreement']:.2%}"
+            if name in self.readings:
+                text += f"; {self.readings[name].as_text()}"
             lines.append(text)
         for label, part in self.parts.items():
             d = part.as_dict()
@@ -231,7 +240,8 @@ def compare_models(
     pairs = quantized_tensor_pairs(quantized, reference)
     floors = quantized_tensor_floors(quantized, pairs)
     parts = _parts(leading, declared)
-    job = _Job(reference, quantized, pairs, floors, samples, batch_size, parts)
+    decided = decision_outputs(*leading)
+    job = _Job(reference, quantized, pairs, floors, samples, batch_size, parts, decided)
     step = EVAL_SHARD_BATCHES * batch_size
     spans = [(a, min(a + step, samples.count)) for a in range(0, samples.count, step)]
     if workers.parallel:
@@ -239,7 +249,7 @@ def compare_models(
     else:  # in this process, with its sessions and data handles
         opened = _open(job, reopen=False)
         seen = _merged([_measure(opened, span) for span in spans])
-    out_stats, layer_stats, predictions, parts = seen
+    out_stats, layer_stats, predictions, parts, readings = seen
     accuracy = _accuracy(truth, predictions)
     notes = samples.read_notes(read_elsewhere=[labels] if truth is not None else [])
     notes += nonfinite_notes(out_stats)
@@ -258,6 +268,7 @@ def compare_models(
         accuracy=accuracy,
         parts={s.part.label: s for group in parts.values() for s in group},
         notes=notes,
+        readings=readings,
     )
 
 
@@ -272,15 +283,17 @@ class _Job:
     samples: Samples
     batch_size: int
     parts: dict[str, list[Part]]  # of the outputs that split or are gated
+    decided: dict[str, int | None]  # outputs of decisions, with their CTC blank (readings.py)
 
 
 # Per output and per paired tensor, the error sums; the top-1 predictions, batch by batch; per
-# split output, its parts' statistics.
+# split output, its parts' statistics; per output of decisions, the samples read alike.
 _Seen = tuple[
     dict[str, ErrorStats],
     dict[str, ErrorStats],
     list[tuple[np.ndarray, np.ndarray]],
     dict[str, list[PartStats]],
+    dict[str, Readings],
 ]
 
 
@@ -308,6 +321,7 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
     layer_stats = {name: ErrorStats() for name in pairs}
     predictions: list[tuple[np.ndarray, np.ndarray]] = []
     parts = {name: part_stats(p) for name, p in job.parts.items()}
+    readings = {name: Readings(blank) for name, blank in job.decided.items()}
     for ref, got in _runs(job, ref_session, q_session, samples, span):
         by_name = dict(zip(outputs, ref, strict=False))  # the paired tensors follow
         for i, name in enumerate(outputs):
@@ -317,6 +331,8 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
             out_stats[name].update(ref[i], got[i], REPORT_BLOCK)
             if name in parts:
                 update_all(parts[name], ref[i], got[i], by_name)
+            if name in readings:
+                readings[name].update(ref[i], got[i])
         for j, name in enumerate(pairs, start=len(outputs)):
             want, have = ref[j], got[j]
             if name in job.floors:  # what the flat reader makes of both is the same below it
@@ -324,7 +340,7 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
             layer_stats[name].update(want, have, REPORT_BLOCK)
         if outputs[0] in out_stats and out_stats[outputs[0]].classes:
             predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
-    return out_stats, layer_stats, predictions, parts
+    return out_stats, layer_stats, predictions, parts, readings
 
 
 def _runs(
@@ -351,15 +367,17 @@ def _runs(
 
 def _merged(shards: list[_Seen]) -> _Seen:
     """The shards' sums added in sample order (maxima taken, predictions concatenated)."""
-    outputs, layers, predictions, parts = shards[0]
-    for shard_outputs, shard_layers, shard_predictions, shard_parts in shards[1:]:
+    outputs, layers, predictions, parts, readings = shards[0]
+    for shard_outputs, shard_layers, shard_predictions, shard_parts, shard_reads in shards[1:]:
         for into, more in ((outputs, shard_outputs), (layers, shard_layers)):
             for name, stats in into.items():
                 into[name] = stats.merged(more[name])
         predictions += shard_predictions
         for name, group in parts.items():
             parts[name] = [a.merged(b) for a, b in zip(group, shard_parts[name], strict=True)]
-    return outputs, layers, predictions, parts
+        for name, reading in readings.items():
+            readings[name] = reading.merged(shard_reads[name])
+    return outputs, layers, predictions, parts, readings
 
 
 def _accuracy(

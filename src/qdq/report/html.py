@@ -148,7 +148,8 @@ def _summary(data: ReportData) -> str:
         + f'<p class="note">{c.samples} samples</p>'
         f"<table><tr><th></th><th>FP32</th><th>INT8</th><th></th></tr>{cells}</table><p></p>"
         "<table><tr><th>output</th><th>SQNR (dB)</th><th>cosine</th>"
-        f"<th>top-1 agreement</th></tr>{''.join(outputs)}</table>{_parts(c)}</section>"
+        f"<th>top-1 agreement</th></tr>{''.join(outputs)}</table>{_readings(c)}{_parts(c)}"
+        "</section>"
     )
 
 
@@ -177,6 +178,14 @@ def _run(data: ReportData) -> str:
         else ""
     )
     return f'<section id="plan"><h2>How qdq quantized it</h2>{notes}{table}</section>'
+
+
+def _readings(c: Comparison) -> str:
+    """What a recognizer's user reads: the samples whose decisions are FP32's."""
+    return "".join(
+        f'<p class="note">output {html.escape(name)} {html.escape(reading.as_text())}</p>'
+        for name, reading in c.readings.items()
+    )
 
 
 def _parts(c: Comparison) -> str:

@@ -10,6 +10,7 @@ from qdq.plan.build import Candidate
 from qdq.plan.decisions import Decision
 from qdq.plan.frontier import ENOUGH_DB, latency_tie
 from qdq.plan.parts import PartStats
+from qdq.plan.readings import Readings
 
 CHECK_SAMPLES = 16  # calibration samples on which the report measures the output SQNR
 LOW_SQNR = 10.0  # dB: below this the report warns (the noise is a third of the signal or more)
@@ -35,6 +36,7 @@ class QuantizeReport:
     output_tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # per part: scores
     candidates: list[Candidate] = field(default_factory=list)  # the plans --prefer chose from
     float_ms: float | None = None  # the float model on the candidates' feed, when they were timed
+    readings: dict[str, Readings] = field(default_factory=dict)  # per output of decisions
 
     @property
     def quantized(self) -> list[Decision]:
@@ -94,5 +96,7 @@ class QuantizeReport:
 
     def _tasks(self, part: str) -> str:
         scores = self.output_tasks.get(part, {})
-        shown = ", ".join(f"{TASK_SCORES[k]} {v:.3f}" for k, v in scores.items())
-        return f" ({shown})" if shown else ""
+        shown = [f"{TASK_SCORES[k]} {v:.3f}" for k, v in scores.items()]
+        if part in self.readings:  # a recognizer's text: what its user reads
+            shown.append(self.readings[part].as_text())
+        return f" ({', '.join(shown)})" if shown else ""
