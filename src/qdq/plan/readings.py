@@ -92,16 +92,27 @@ class Readings:
     blank: int | None  # the CTC blank class, or None: compared position by position
     alike: int = 0
     samples: int = 0
+    same_positions: int = 0  # without a blank: positions whose class is FP32's, of `positions`
+    positions: int = 0
 
     def update(self, want: np.ndarray, have: np.ndarray) -> None:
         """Add a batch of FP32's output and of the approximation's (axis 0: samples)."""
         for i in range(len(want)):
             self.alike += read_alike(want[i : i + 1], have[i : i + 1], self.blank)
         self.samples += len(want)
+        if self.blank is None and want.shape == have.shape:
+            self.same_positions += int((want.argmax(-1) == have.argmax(-1)).sum())
+            self.positions += want[..., 0].size
 
     def merged(self, other: Readings) -> Readings:
         """Two shards of the same output's counts together."""
-        return Readings(self.blank, self.alike + other.alike, self.samples + other.samples)
+        return Readings(
+            self.blank,
+            self.alike + other.alike,
+            self.samples + other.samples,
+            self.same_positions + other.same_positions,
+            self.positions + other.positions,
+        )
 
     @property
     def share(self) -> float | None:
@@ -109,9 +120,14 @@ class Readings:
         return self.alike / self.samples if self.samples else None
 
     def as_text(self) -> str:
-        """'CTC reading as FP32's on 15 of 16 samples'."""
-        what = "CTC reading" if self.blank is not None else "every position's class"
-        return f"{what} as FP32's on {self.alike} of {self.samples} samples"
+        """'CTC reading as FP32's on 15 of 16 samples', or for classes compared position by
+        position (a segmenter's pixels), also the share of positions alike."""
+        if self.blank is not None:
+            return f"CTC reading as FP32's on {self.alike} of {self.samples} samples"
+        text = f"every position's class as FP32's on {self.alike} of {self.samples} samples"
+        return text + (
+            f" ({self.same_positions / self.positions:.2%} of positions)" if self.positions else ""
+        )
 
 
 def _ctc(steps: np.ndarray, blank: int) -> list[int]:
