@@ -162,6 +162,7 @@ def quantize_model(
     # had left the model behind under "nothing was written"
     output_sqnr = {s.part.label: s.error.sqnr_db for s in checked}
     output_tasks = {s.part.label: task_scores(s) for s in checked if task_scores(s)}
+    output_rows = {s.part.label: s.agreement_rows for s in checked if s.agreement_rows}
     notes += _budget_notes(plan) + nonfinite_notes({s.part.label: s.error for s in checked})
     save_model(quantized, target)
     return QuantizeReport(
@@ -173,6 +174,7 @@ def quantize_model(
         notes=notes,
         output_sqnr=output_sqnr,
         output_tasks=output_tasks,
+        output_rows=output_rows,
         candidates=list(plan.frontier),
         float_ms=plan.float_ms,
         readings=readings,

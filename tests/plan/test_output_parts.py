@@ -205,7 +205,13 @@ def test_the_quantize_report_judges_a_detector_head_by_its_parts(tmp_path):
         "top5_agreement",
         "detection_f1",
     }
-    assert "'y[:, 4:10]'" in report.summary(tmp_path / "q.onnx")
+    summary = report.summary(tmp_path / "q.onnx")
+    assert "'y[:, 4:10]'" in summary
+    rows = report.output_rows["y[:, 4:10]"]  # the confident positions of the 16 samples
+    assert 0 < rows <= 16
+    assert re.search(
+        rf"'y\[:, 4:10\]' [\d.]+ dB \(top-1 \d+ of {rows}, top-5 \d+ of {rows}, F1 ", summary
+    )
     assert any(note.startswith("range method ") for note in report.notes)
 
 
@@ -316,6 +322,9 @@ def test_a_classifier_output_stays_one_part_with_its_agreement(tmp_path):
     report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy")
     assert list(report.output_sqnr) == ["y"]
     assert report.output_tasks["y"]["top1_agreement"] > 0.9
+    # counted, so that a reader sees how few samples 1.000 stood for
+    agreed = round(report.output_tasks["y"]["top1_agreement"] * 16)
+    assert f"(top-1 {agreed} of 16, top-5 " in report.summary(tmp_path / "q.onnx")
 
 
 def dense_head(samples: int = 8) -> tuple[np.ndarray, np.ndarray]:

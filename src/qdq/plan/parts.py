@@ -235,6 +235,14 @@ class PartStats:
         if self.detections is not None:
             self.detections.update(reference, approximation)
 
+    @property
+    def agreement_rows(self) -> int:
+        """The rows its top-1 and top-k agreements count: confident positions of a scores part,
+        else the samples of a (batch, classes) output (`ErrorStats`), else 0."""
+        if self.part.kind is Kind.SCORES and self.rows:
+            return self.rows
+        return self.error.rows if self.error.classes else 0
+
     def as_dict(self) -> dict[str, float | None]:
         out = self.error.as_dict()
         if self.part.kind is Kind.SCORES and self.rows:

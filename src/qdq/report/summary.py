@@ -37,6 +37,7 @@ class QuantizeReport:
     candidates: list[Candidate] = field(default_factory=list)  # the plans --prefer chose from
     float_ms: float | None = None  # the float model on the candidates' feed, when they were timed
     readings: dict[str, Readings] = field(default_factory=dict)  # per output of decisions
+    output_rows: dict[str, int] = field(default_factory=dict)  # per part: rows its top-k counts
 
     @property
     def quantized(self) -> list[Decision]:
@@ -95,8 +96,13 @@ class QuantizeReport:
         return "\n".join(lines)
 
     def _tasks(self, part: str) -> str:
-        scores = self.output_tasks.get(part, {})
-        shown = [f"{TASK_SCORES[k]} {v:.3f}" for k, v in scores.items()]
+        scores, rows = self.output_tasks.get(part, {}), self.output_rows.get(part)
+        shown = [
+            f"{TASK_SCORES[k]} {round(v * rows)} of {rows}"  # 16 of 16 says how few were seen
+            if rows and k != "detection_f1"
+            else f"{TASK_SCORES[k]} {v:.3f}"
+            for k, v in scores.items()
+        ]
         if part in self.readings:  # a recognizer's text: what its user reads
             shown.append(self.readings[part].as_text())
         return f" ({', '.join(shown)})" if shown else ""
