@@ -160,7 +160,9 @@ def _run(data: ReportData) -> str:
     run = data.run
     if run is None or not (run.notes or run.candidates):
         return ""
-    notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in run.notes)
+    notes = "".join(
+        f'<p class="note">{html.escape(n)}</p>' for n in [*run.notes, *run.other_picks()]
+    )
     rows = "".join(
         f"<tr{' class=chosen' if c.chosen else ''}><td>{html.escape(c.name)}</td>"
         f"<td class=num>{c.score:.2f}</td><td class=num>{c.latency_ms:.3f}</td>"

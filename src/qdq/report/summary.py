@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from qdq.config import Prefer
 from qdq.plan.build import Candidate
 from qdq.plan.decisions import Decision
-from qdq.plan.frontier import ENOUGH_DB, latency_tie
+from qdq.plan.frontier import ENOUGH_DB, latency_tie, pick
 from qdq.plan.parts import PartStats
 from qdq.plan.readings import Readings
 
@@ -74,6 +75,7 @@ class QuantizeReport:
                 f"{ENOUGH_DB:g} dB where a recognizer reads every sample as FP32 does; ms per "
                 f"sample, 1 thread): {shown}"
             )
+            lines += [f"note: {n}" for n in self.other_picks()]
             fastest = min(c.latency_ms for c in self.candidates)
             if self.float_ms is not None and fastest > self.float_ms + latency_tie(self.float_ms):
                 lines.append(
@@ -94,6 +96,27 @@ class QuantizeReport:
                     "most harmful ones float"
                 )
         return "\n".join(lines)
+
+    def other_picks(self) -> list[str]:
+        """Where `--prefer accuracy` or `speed` would take another candidate: which, and at
+        what score and time against the chosen one (the trade a user may want instead)."""
+        chosen = next((c for c in self.candidates if c.chosen), None)
+        if chosen is None:
+            return []
+        others = []
+        for prefer in (Prefer.ACCURACY, Prefer.SPEED):
+            other = pick(self.candidates, prefer)
+            better = (
+                other.score > chosen.score
+                if prefer is Prefer.ACCURACY
+                else other.latency_ms < chosen.latency_ms  # not a tie won by file size
+            )
+            if other.name != chosen.name and better:
+                others.append(
+                    f"--prefer {prefer.value} takes {other.name!r} ({other.score:.2f} dB, "
+                    f"{other.latency_ms / chosen.latency_ms:.2f}x the chosen plan's time)"
+                )
+        return ["; ".join(others)] if others else []
 
     def _tasks(self, part: str) -> str:
         scores, rows = self.output_tasks.get(part, {}), self.output_rows.get(part)
