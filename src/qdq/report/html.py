@@ -138,18 +138,21 @@ def _summary(data: ReportData) -> str:
     outputs = []
     for name, stats in c.outputs.items():
         agreement = f"{stats.top1 / stats.rows:.2%}" if stats.classes and stats.rows else "—"
+        read = c.readings.get(name)
         outputs.append(
             f"<tr><td>{html.escape(name)}</td><td class=num>{stats.sqnr_db:.2f}</td>"
-            f"<td class=num>{stats.cosine:.6f}</td><td class=num>{agreement}</td></tr>"
+            f"<td class=num>{stats.cosine:.6f}</td><td class=num>{agreement}</td>"
+            + (f"<td>{html.escape(read.as_text()) if read else '—'}</td>" if c.readings else "")
+            + "</tr>"
         )
+    reads = "<th>decisions read as FP32 reads them</th>" if c.readings else ""
     return (
         '<section id="summary"><h2>Summary</h2>'
         + "".join(f'<p class="note">{html.escape(n)}</p>' for n in c.notes)
         + f'<p class="note">{c.samples} samples</p>'
         f"<table><tr><th></th><th>FP32</th><th>INT8</th><th></th></tr>{cells}</table><p></p>"
         "<table><tr><th>output</th><th>SQNR (dB)</th><th>cosine</th>"
-        f"<th>top-1 agreement</th></tr>{''.join(outputs)}</table>{_readings(c)}{_parts(c)}"
-        "</section>"
+        f"<th>top-1 agreement</th>{reads}</tr>{''.join(outputs)}</table>{_parts(c)}</section>"
     )
 
 
@@ -180,14 +183,6 @@ def _run(data: ReportData) -> str:
         else ""
     )
     return f'<section id="plan"><h2>How qdq quantized it</h2>{notes}{table}</section>'
-
-
-def _readings(c: Comparison) -> str:
-    """What a recognizer's user reads: the samples whose decisions are FP32's."""
-    return "".join(
-        f'<p class="note">output {html.escape(name)} {html.escape(reading.as_text())}</p>'
-        for name, reading in c.readings.items()
-    )
 
 
 def _parts(c: Comparison) -> str:
