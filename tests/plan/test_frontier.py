@@ -412,7 +412,8 @@ def test_the_summary_names_the_plans_the_other_preferences_would_take():
     note = next(n for n in report.summary("q.onnx").splitlines() if n.startswith("note: --prefer"))
     assert (
         note
-        == "note: --prefer accuracy takes 'MatMul only' (35.95 dB, 1.79x the chosen plan's time)"
+        == "note: --prefer accuracy takes 'MatMul only' (35.95 dB, 1.79x the chosen plan's time, "
+        "1.02x FP32's)"
     )
     chosen = [replace(c, chosen=c.name == "ends float") for c in FRONTIER]
     both = QuantizeReport([], 128, 1.0, 100, 50, candidates=chosen).summary("q.onnx")

@@ -112,9 +112,10 @@ class QuantizeReport:
                 else other.latency_ms < chosen.latency_ms  # not a tie won by file size
             )
             if other.name != chosen.name and better:
+                fp32 = f", {other.latency_ms / self.float_ms:.2f}x FP32's" if self.float_ms else ""
                 others.append(
                     f"--prefer {prefer.value} takes {other.name!r} ({other.score:.2f} dB, "
-                    f"{other.latency_ms / chosen.latency_ms:.2f}x the chosen plan's time)"
+                    f"{other.latency_ms / chosen.latency_ms:.2f}x the chosen plan's time{fp32})"
                 )
         return ["; ".join(others)] if others else []
 
