@@ -44,6 +44,12 @@ PART_SAMPLES = 16  # leading samples whose FP32 outputs find each output's parts
 EVAL_SHARD_BATCHES = 8
 # The most bytes of tensors (both models' outputs and paired tensors) one evaluation batch holds.
 EVAL_BUDGET = 256 * 2**20
+# Latency at a batch too, where the model takes one: as many samples (up to the evaluation's
+# batch size) as the slower model runs in about BATCH_RUN_MS one by one, and not below
+# LEAST_BATCH (a few samples say little of throughput); the rounds stop after BATCH_BUDGET_S.
+BATCH_RUN_MS = 100.0
+LEAST_BATCH = 4
+BATCH_BUDGET_S = 2.0
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Comparison:
     samples: int
     sizes: tuple[int, int]
     latency_ms: tuple[float, float] | None = None
+    batch_latency_ms: tuple[int, float, float] | None = None  # batch size, ms per batch each
     accuracy: tuple[float, float] | None = None
     extra: dict[str, object] = field(default_factory=dict)
     parts: dict[str, PartStats] = field(default_factory=dict)  # by label: split, gated outputs
@@ -76,6 +83,9 @@ class Comparison:
             out["accuracy"] = {"float": self.accuracy[0], "quantized": self.accuracy[1]}
         if self.latency_ms:
             out["latency_ms"] = {"float": self.latency_ms[0], "quantized": self.latency_ms[1]}
+        if self.batch_latency_ms:
+            batch, f, q = self.batch_latency_ms
+            out["batch_latency_ms"] = {"batch": batch, "float": f, "quantized": q}
         return out
 
     def to_json(self) -> str:
@@ -103,6 +113,12 @@ class Comparison:
             lines.append(
                 f"latency       FP32 {f:.3f} ms   INT8 {q:.3f} ms   ({f / q:.2f}x speed-up, "
                 "1 thread, batch 1, median)"
+            )
+        if self.batch_latency_ms:
+            batch, f, q = self.batch_latency_ms
+            lines.append(
+                f"              FP32 {f:.3f} ms   INT8 {q:.3f} ms   ({f / q:.2f}x speed-up, "
+                f"1 thread, batch {batch}, median)"
             )
         for name, stats in self.outputs.items():
             d = stats.as_dict()
@@ -259,12 +275,16 @@ def compare_models(
             "classes) scores"
         )
     first = next(samples.batches(1))
+    latency = latency_ratio(float_path, quantized_path, first, latency_runs)
     return Comparison(
         outputs=out_stats,
         layers=layer_stats,
         samples=samples.count,
         sizes=(Path(float_path).stat().st_size, Path(quantized_path).stat().st_size),
-        latency_ms=latency_ratio(float_path, quantized_path, first, latency_runs),
+        latency_ms=latency,
+        batch_latency_ms=batch_latency(
+            float_path, quantized_path, samples, batch_size, latency, latency_runs
+        ),
         accuracy=accuracy,
         parts={s.part.label: s for group in parts.values() for s in group},
         notes=notes,
@@ -401,3 +421,34 @@ def latency_ratio(
         return None
     first, second = median_latency_ms([str(float_path), str(quantized_path)], feed, runs)
     return first, second
+
+
+def batch_latency(
+    float_path: str | os.PathLike[str],
+    quantized_path: str | os.PathLike[str],
+    samples: Samples,
+    batch_size: int,
+    one: tuple[float, float] | None,
+    runs: int,
+) -> tuple[int, float, float] | None:
+    """(batch, ms per batch of each model) on a batch of the leading samples, where the model
+    takes one: int8's gain at batch 1 can be a fraction of its gain at a batch (the digits CNN:
+    1.05x FP32's time one by one, 0.7x at 16), and deployments batch. The batch is what the
+    slower model runs in about BATCH_RUN_MS one by one (`one`: the batch-1 latencies), at most
+    `batch_size`; None where that is under LEAST_BATCH, untimed (`runs` 0), or where the
+    samples do not stack into a batch or a model does not run one."""
+    if one is None or runs <= 0:
+        return None
+    size = min(batch_size, samples.count, int(BATCH_RUN_MS / max(*one, 1e-3)))
+    if size < LEAST_BATCH:
+        return None
+    try:  # samples of different shapes, or a model that takes no batch: batch 1 alone
+        feed = next(samples.batches(size))
+        batch = len(next(iter(feed.values())))
+        if batch < LEAST_BATCH:  # the model's batch axis is fixed at 1
+            return None
+        paths = [str(float_path), str(quantized_path)]
+        first, second = median_latency_ms(paths, feed, runs, BATCH_BUDGET_S)
+    except Exception:  # DataError, or ONNX Runtime's own types
+        return None
+    return batch, first, second

@@ -128,6 +128,16 @@ def _summary(data: ReportData) -> str:
                 f"{f / q:.2f}x speed-up",
             )
         )
+    if c.batch_latency_ms:
+        batch, f, q = c.batch_latency_ms
+        rows.append(
+            (
+                f"latency (1 thread, batch {batch}, median)",
+                f"{f:.3f} ms",
+                f"{q:.3f} ms",
+                f"{f / q:.2f}x speed-up",
+            )
+        )
     if c.accuracy:
         f, q = c.accuracy
         rows.append(("accuracy", f"{f:.2%}", f"{q:.2%}", f"{(q - f) * 100:+.2f} points"))
