@@ -118,26 +118,10 @@ def _summary(data: ReportData) -> str:
             f"{f_size / q_size:.2f}x smaller",
         )
     )
-    if c.latency_ms:
-        f, q = c.latency_ms
-        rows.append(
-            (
-                "latency (1 thread, batch 1, median)",
-                f"{f:.3f} ms",
-                f"{q:.3f} ms",
-                f"{f / q:.2f}x speed-up",
-            )
-        )
-    if c.batch_latency_ms:
-        batch, f, q = c.batch_latency_ms
-        rows.append(
-            (
-                f"latency (1 thread, batch {batch}, median)",
-                f"{f:.3f} ms",
-                f"{q:.3f} ms",
-                f"{f / q:.2f}x speed-up",
-            )
-        )
+    timed = [(1, *c.latency_ms)] if c.latency_ms else []
+    for batch, f, q in [*timed, *([c.batch_latency_ms] if c.batch_latency_ms else [])]:
+        label = f"latency (1 thread, batch {batch}, median)"
+        rows.append((label, f"{f:.3f} ms", f"{q:.3f} ms", f"{f / q:.2f}x speed-up"))
     if c.accuracy:
         f, q = c.accuracy
         rows.append(("accuracy", f"{f:.2%}", f"{q:.2%}", f"{(q - f) * 100:+.2f} points"))
