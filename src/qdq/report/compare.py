@@ -28,6 +28,7 @@ from qdq.onnx.sessions import (
 from qdq.plan.calibrate import budgeted
 from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
 from qdq.plan.readings import Readings, decision_outputs
+from qdq.plan.timing import timing_feed
 from qdq.report.checks import (
     LeadingOutputs,
     check_classes,
@@ -63,6 +64,7 @@ class Comparison:
     sizes: tuple[int, int]
     latency_ms: tuple[float, float] | None = None
     batch_latency_ms: tuple[int, float, float] | None = None  # batch size, ms per batch each
+    sequence: bool = False  # that "batch" is a run of steps of one sequence (Samples.sequence)
     accuracy: tuple[float, float] | None = None
     extra: dict[str, object] = field(default_factory=dict)
     parts: dict[str, PartStats] = field(default_factory=dict)  # by label: split, gated outputs
@@ -86,10 +88,16 @@ class Comparison:
         if self.batch_latency_ms:
             batch, f, q = self.batch_latency_ms
             out["batch_latency_ms"] = {"batch": batch, "float": f, "quantized": q}
+            out["batch_latency_ms"]["sequence"] = self.sequence
         return out
 
     def to_json(self) -> str:
         return strict_json(self.as_dict())
+
+    def batch_label(self) -> str:
+        """What `batch_latency_ms` timed: 'batch 32', or '128 steps in one run'."""
+        count = self.batch_latency_ms[0] if self.batch_latency_ms else 0
+        return f"{count} steps in one run" if self.sequence else f"batch {count}"
 
     def _read(self, output: str) -> dict[str, float | None]:
         """An output of decisions' share of samples read as FP32 reads them, if it is one."""
@@ -115,10 +123,10 @@ class Comparison:
                 "1 thread, batch 1, median)"
             )
         if self.batch_latency_ms:
-            batch, f, q = self.batch_latency_ms
+            _, f, q = self.batch_latency_ms
             lines.append(
                 f"              FP32 {f:.3f} ms   INT8 {q:.3f} ms   ({f / q:.2f}x speed-up, "
-                f"1 thread, batch {batch}, median)"
+                f"1 thread, {self.batch_label()}, median)"
             )
         for name, stats in self.outputs.items():
             d = stats.as_dict()
@@ -276,15 +284,17 @@ def compare_models(
         )
     first = next(samples.batches(1))
     latency = latency_ratio(float_path, quantized_path, first, latency_runs)
+    batched = batch_latency(
+        float_path, quantized_path, reference, samples, batch_size, latency, latency_runs
+    )
     return Comparison(
         outputs=out_stats,
         layers=layer_stats,
         samples=samples.count,
         sizes=(Path(float_path).stat().st_size, Path(quantized_path).stat().st_size),
         latency_ms=latency,
-        batch_latency_ms=batch_latency(
-            float_path, quantized_path, samples, batch_size, latency, latency_runs
-        ),
+        batch_latency_ms=batched[:3] if batched else None,
+        sequence=bool(batched and batched[3]),
         accuracy=accuracy,
         parts={s.part.label: s for group in parts.values() for s in group},
         notes=notes,
@@ -426,29 +436,36 @@ def latency_ratio(
 def batch_latency(
     float_path: str | os.PathLike[str],
     quantized_path: str | os.PathLike[str],
+    reference: onnx.ModelProto,
     samples: Samples,
     batch_size: int,
     one: tuple[float, float] | None,
     runs: int,
-) -> tuple[int, float, float] | None:
-    """(batch, ms per batch of each model) on a batch of the leading samples, where the model
-    takes one: int8's gain at batch 1 can be a fraction of its gain at a batch (the digits CNN:
-    1.05x FP32's time one by one, 0.7x at 16), and deployments batch. The batch is what the
-    slower model runs in about BATCH_RUN_MS one by one (`one`: the batch-1 latencies), at most
-    `batch_size`; None where that is under LEAST_BATCH, untimed (`runs` 0), or where the
-    samples do not stack into a batch or a model does not run one."""
+) -> tuple[int, float, float, bool] | None:
+    """(samples, ms per run of each model, whether they were one sequence's steps) on a batch
+    of the leading samples, where the model takes one: int8's gain at batch 1 can be a fraction
+    of its gain at a batch (the digits CNN: 1.05x FP32's time one by one, 0.7x at 16), and
+    deployments batch. The batch is what the slower model runs in about BATCH_RUN_MS one by one
+    (`one`: the batch-1 latencies), at most `batch_size`. A model whose batch axis is fixed at
+    1 beside a free one takes its samples as one sequence (Silero VAD's frames, `timing_feed`,
+    as the frontier times it): timed on that run. None where the batch would be under
+    LEAST_BATCH, untimed (`runs` 0), or where the samples do not stack into a batch or a model
+    does not run one."""
     if one is None or runs <= 0:
         return None
     size = min(batch_size, samples.count, int(BATCH_RUN_MS / max(*one, 1e-3)))
-    if size < LEAST_BATCH:
-        return None
     try:  # samples of different shapes, or a model that takes no batch: batch 1 alone
-        feed = next(samples.batches(size))
-        batch = len(next(iter(feed.values())))
-        if batch < LEAST_BATCH:  # the model's batch axis is fixed at 1
+        feed, count = timing_feed(reference, samples)
+        sequence = count > 1
+        if not sequence:
+            if size < LEAST_BATCH:
+                return None
+            feed = next(samples.batches(size))
+            count = len(next(iter(feed.values())))
+        if count < LEAST_BATCH:  # the model's batch axis is fixed at 1
             return None
         paths = [str(float_path), str(quantized_path)]
         first, second = median_latency_ms(paths, feed, runs, BATCH_BUDGET_S)
     except Exception:  # DataError, or ONNX Runtime's own types
         return None
-    return batch, first, second
+    return count, first, second, sequence

@@ -118,9 +118,11 @@ def _summary(data: ReportData) -> str:
             f"{f_size / q_size:.2f}x smaller",
         )
     )
-    timed = [(1, *c.latency_ms)] if c.latency_ms else []
-    for batch, f, q in [*timed, *([c.batch_latency_ms] if c.batch_latency_ms else [])]:
-        label = f"latency (1 thread, batch {batch}, median)"
+    timed = [("batch 1", *c.latency_ms)] if c.latency_ms else []
+    if c.batch_latency_ms:
+        timed.append((c.batch_label(), *c.batch_latency_ms[1:]))
+    for run, f, q in timed:
+        label = f"latency (1 thread, {run}, median)"
         rows.append((label, f"{f:.3f} ms", f"{q:.3f} ms", f"{f / q:.2f}x speed-up"))
     if c.accuracy:
         f, q = c.accuracy
