@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 import models
 import qdq.report.compare as compare_module
@@ -138,3 +139,28 @@ def test_a_sequence_model_is_timed_on_a_run_of_its_steps(tmp_path):
     assert result.sequence
     assert result.as_dict()["batch_latency_ms"]["sequence"] is True
     assert f"1 thread, {TIMING_STEPS} steps in one run, median)" in result.to_text()
+
+
+def test_a_model_that_runs_no_batch_keeps_its_batch_1_latency(tmp_path, monkeypatch):
+    """ONNX Runtime refusing the batch (a Reshape that bakes in batch 1) leaves the batch row
+    out; an error of qdq's own is not swallowed."""
+    quantized = tmp_path / "q.onnx"
+    quantize_model(DIGITS / "cnn.onnx", quantized, DIGITS / "calib.npz")
+    timed = compare_module.median_latency_ms
+
+    def refusing(error: Exception):
+        def run(models, feed, runs, budget_s=None):
+            if len(next(iter(feed.values()))) > 1:
+                raise error
+            return timed(models, feed, runs, budget_s)
+
+        return run
+
+    monkeypatch.setattr(compare_module, "median_latency_ms", refusing(Fail("batch of 32")))
+    args = (DIGITS / "cnn.onnx", quantized, DIGITS / "test.npz")
+    result = compare_models(*args, latency_runs=3, max_samples=64)
+    assert result.latency_ms is not None
+    assert result.batch_latency_ms is None
+    monkeypatch.setattr(compare_module, "median_latency_ms", refusing(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        compare_models(*args, latency_runs=3, max_samples=64)
