@@ -311,3 +311,15 @@ def frame_net(mask: bool = False) -> onnx.ModelProto:
         _init("w3", rng.standard_normal((16, 4)) * 0.3),
     ]
     return _model(nodes, inputs, [_value("out", ["steps", 4])], inits)
+
+
+def step_softmax(op: str, constant: np.ndarray, steps: int, classes: int) -> onnx.ModelProto:
+    """x[N, steps, classes] -> Softmax(x `op` constant) over the classes: per step, class
+    probabilities, as a CTC recognizer's head writes them (`op` Mul with a scalar: a sharper or
+    softer copy of the same decisions; MatMul with a matrix: a linear head)."""
+    nodes = [
+        helper.make_node(op, ["x", "c"], ["logits"], name="head"),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax"),
+    ]
+    shape = ["N", steps, classes]
+    return _model(nodes, [_value("x", shape)], [_value("probs", shape)], [_init("c", constant)])

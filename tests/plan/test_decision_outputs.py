@@ -5,9 +5,10 @@ output has a blank), however far its probabilities moved."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
-from onnx import TensorProto, helper
 
+from models import step_softmax
 from qdq.plan.budget import float_reference
 from qdq.plan.method import sample_scores
 from qdq.plan.readings import Readings, decision_outputs, read_alike
@@ -45,21 +46,9 @@ def test_a_ctc_head_is_read_as_ctc_reads_it_and_a_classifier_is_not_a_sequence()
     assert decision_outputs(["logits"], [[logits]]) == {}
 
 
-def _softmax_net(scale: float):
+def _softmax_net(scale: float) -> onnx.ModelProto:
     """x[N, STEPS, CLASSES] -> Softmax(x * scale) over the classes."""
-    nodes = [
-        helper.make_node("Mul", ["x", "scale"], ["scaled"], name="scale"),
-        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1, name="softmax"),
-    ]
-    value = helper.make_tensor_value_info
-    graph = helper.make_graph(
-        nodes,
-        "softmax",
-        [value("x", TensorProto.FLOAT, ["N", STEPS, CLASSES])],
-        [value("probs", TensorProto.FLOAT, ["N", STEPS, CLASSES])],
-        [helper.make_tensor("scale", TensorProto.FLOAT, [], [scale])],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return step_softmax("Mul", np.float32(scale), STEPS, CLASSES)
 
 
 def test_a_candidate_that_reads_every_step_as_fp32_scores_at_least_the_floor():

@@ -11,6 +11,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 import models
 import qdq.report.compare as compare_module
+import qdq.report.latency as latency_module
 import qdq.report.measure as measure_module
 from qdq.metrics import ErrorStats
 from qdq.pipeline import quantize_model
@@ -146,7 +147,7 @@ def test_a_model_that_runs_no_batch_keeps_its_batch_1_latency(tmp_path, monkeypa
     out; an error of qdq's own is not swallowed."""
     quantized = tmp_path / "q.onnx"
     quantize_model(DIGITS / "cnn.onnx", quantized, DIGITS / "calib.npz")
-    timed = compare_module.median_latency_ms
+    timed = latency_module.median_latency_ms
 
     def refusing(error: Exception):
         def run(models, feed, runs, budget_s=None):
@@ -156,11 +157,11 @@ def test_a_model_that_runs_no_batch_keeps_its_batch_1_latency(tmp_path, monkeypa
 
         return run
 
-    monkeypatch.setattr(compare_module, "median_latency_ms", refusing(Fail("batch of 32")))
+    monkeypatch.setattr(latency_module, "median_latency_ms", refusing(Fail("batch of 32")))
     args = (DIGITS / "cnn.onnx", quantized, DIGITS / "test.npz")
     result = compare_models(*args, latency_runs=3, max_samples=64)
     assert result.latency_ms is not None
     assert result.batch_latency_ms is None
-    monkeypatch.setattr(compare_module, "median_latency_ms", refusing(TypeError("a bug")))
+    monkeypatch.setattr(latency_module, "median_latency_ms", refusing(TypeError("a bug")))
     with pytest.raises(TypeError, match="a bug"):
         compare_models(*args, latency_runs=3, max_samples=64)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
+from models import step_softmax
 from qdq.cli import main
 from qdq.report.compare import compare_models
 from qdq.report.html import render
@@ -21,19 +21,7 @@ STEPS, CLASSES = 24, 6
 
 def recognizer(weights: np.ndarray) -> onnx.ModelProto:
     """x[N, STEPS, CLASSES] -> Softmax(x @ weights): per step, class probabilities."""
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["logits"], name="head"),
-        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax"),
-    ]
-    value = helper.make_tensor_value_info
-    graph = helper.make_graph(
-        nodes,
-        "recognizer",
-        [value("x", TensorProto.FLOAT, ["N", STEPS, CLASSES])],
-        [value("probs", TensorProto.FLOAT, ["N", STEPS, CLASSES])],
-        [onnx.numpy_helper.from_array(weights.astype(np.float32), "w")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return step_softmax("MatMul", weights, STEPS, CLASSES)
 
 
 def lines(count: int, seed: int) -> np.ndarray:

@@ -20,15 +20,10 @@ from qdq.errors import DataError, ModelError, expect
 from qdq.images import ImageOptions
 from qdq.metrics import REPORT_BLOCK, ErrorStats, measurable, nonfinite_notes
 from qdq.onnx.model import FLOORS_KEY, METADATA_KEY, check_outputs_readable, load_model
-from qdq.onnx.sessions import (
-    fails_on_data,
-    median_latency_ms,
-    session_with_outputs,
-)
+from qdq.onnx.sessions import fails_on_data, session_with_outputs
 from qdq.plan.calibrate import budgeted
 from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
 from qdq.plan.readings import Readings, decision_outputs
-from qdq.plan.timing import timing_feed
 from qdq.report.checks import (
     LeadingOutputs,
     check_classes,
@@ -37,6 +32,7 @@ from qdq.report.checks import (
     read_labels,
 )
 from qdq.report.jsonout import strict_json
+from qdq.report.latency import batch_latency, latency_ratio
 from qdq.workers import ONE_PROCESS, Workers
 
 PART_SAMPLES = 16  # leading samples whose FP32 outputs find each output's parts (qdq.plan.parts)
@@ -45,12 +41,6 @@ PART_SAMPLES = 16  # leading samples whose FP32 outputs find each output's parts
 EVAL_SHARD_BATCHES = 8
 # The most bytes of tensors (both models' outputs and paired tensors) one evaluation batch holds.
 EVAL_BUDGET = 256 * 2**20
-# Latency at a batch too, where the model takes one: as many samples (up to the evaluation's
-# batch size) as the slower model runs in about BATCH_RUN_MS one by one, and not below
-# LEAST_BATCH (a few samples say little of throughput); the rounds stop after BATCH_BUDGET_S.
-BATCH_RUN_MS = 100.0
-LEAST_BATCH = 4
-BATCH_BUDGET_S = 2.0
 
 
 @dataclass
@@ -284,7 +274,7 @@ def compare_models(
         )
     first = next(samples.batches(1))
     latency = latency_ratio(float_path, quantized_path, first, latency_runs)
-    batched = batch_latency(
+    batched, sequence = batch_latency(
         float_path, quantized_path, reference, samples, batch_size, latency, latency_runs
     )
     return Comparison(
@@ -293,8 +283,8 @@ def compare_models(
         samples=samples.count,
         sizes=(Path(float_path).stat().st_size, Path(quantized_path).stat().st_size),
         latency_ms=latency,
-        batch_latency_ms=batched[:3] if batched else None,
-        sequence=bool(batched and batched[3]),
+        batch_latency_ms=batched,
+        sequence=sequence,
         accuracy=accuracy,
         parts={s.part.label: s for group in parts.values() for s in group},
         notes=notes,
@@ -418,58 +408,3 @@ def _accuracy(
     ref = np.concatenate([p[0] for p in predictions])
     got = np.concatenate([p[1] for p in predictions])
     return float((ref == truth).mean()), float((got == truth).mean())
-
-
-def latency_ratio(
-    float_path: str | os.PathLike[str],
-    quantized_path: str | os.PathLike[str],
-    feed: dict[str, np.ndarray],
-    runs: int,
-) -> tuple[float, float] | None:
-    """Median single-threaded latency of each model in ms, runs interleaved."""
-    if runs <= 0:
-        return None
-    first, second = median_latency_ms([str(float_path), str(quantized_path)], feed, runs)
-    return first, second
-
-
-def batch_latency(
-    float_path: str | os.PathLike[str],
-    quantized_path: str | os.PathLike[str],
-    reference: onnx.ModelProto,
-    samples: Samples,
-    batch_size: int,
-    one: tuple[float, float] | None,
-    runs: int,
-) -> tuple[int, float, float, bool] | None:
-    """(samples, ms per run of each model, whether they were one sequence's steps) on a batch
-    of the leading samples, where the model takes one: int8's gain at batch 1 can be a fraction
-    of its gain at a batch (the digits CNN: 1.05x FP32's time one by one, 0.7x at 16), and
-    deployments batch. The batch is what the slower model runs in about BATCH_RUN_MS one by one
-    (`one`: the batch-1 latencies), at most `batch_size`. A model whose batch axis is fixed at
-    1 beside a free one takes its samples as one sequence (Silero VAD's frames, `timing_feed`,
-    as the frontier times it): timed on that run. None where the batch would be under
-    LEAST_BATCH, untimed (`runs` 0), or where the samples do not stack into a batch or a model
-    does not run one."""
-    if one is None or runs <= 0:
-        return None
-    size = min(batch_size, samples.count, int(BATCH_RUN_MS / max(*one, 1e-3)))
-    try:  # where the samples or the model take no batch: batch 1 alone
-        feed, count = timing_feed(reference, samples)
-        sequence = count > 1
-        if not sequence:
-            if size < LEAST_BATCH:
-                return None
-            feed = next(samples.batches(size))
-            count = len(next(iter(feed.values())))
-        if count < LEAST_BATCH:  # the model's batch axis is fixed at 1
-            return None
-        paths = [str(float_path), str(quantized_path)]
-        first, second = median_latency_ms(paths, feed, runs, BATCH_BUDGET_S)
-    except DataError:  # samples that do not stack
-        return None
-    except Exception as error:  # a model that runs no batch, in ONNX Runtime's own types
-        if not type(error).__module__.startswith("onnxruntime"):
-            raise
-        return None
-    return count, first, second, sequence
