@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -31,7 +30,6 @@ from qdq.plan.frontier import (
     pick,
     variants,
 )
-from qdq.report.summary import QuantizeReport
 
 from conftest import DIGITS, digits_cnn_sqnr
 
@@ -398,27 +396,3 @@ def test_a_sequence_model_is_timed_on_a_run_of_its_steps_and_reported_per_step(
     fed.clear()
     quantize_model(tmp_path / "masked.onnx", tmp_path / "q.onnx", tmp_path / "masked.npz")
     assert fed == [{"frames": (1, 60), "state": (1, 16), "mask": (1, 1)}]
-
-
-def test_the_summary_names_the_plans_the_other_preferences_would_take():
-    # Magika's frontier: balanced took "Conv only"; accuracy would keep 10 dB more at 1.8x the
-    # time, and speed's "all int8" is a tie won by file size, not faster: not named.
-    magika = [
-        Candidate("all int8", 24.07, 3.337, 2),
-        Candidate("Conv only", 25.33, 3.184, 1, chosen=True),
-        Candidate("MatMul only", 35.95, 5.704, 1),
-    ]
-    report = QuantizeReport([], 128, 1.0, 100, 50, candidates=magika, float_ms=5.6)
-    note = next(n for n in report.summary("q.onnx").splitlines() if n.startswith("note: --prefer"))
-    assert (
-        note
-        == "note: --prefer accuracy takes 'MatMul only' (35.95 dB, 1.79x the chosen plan's time, "
-        "1.02x FP32's)"
-    )
-    chosen = [replace(c, chosen=c.name == "ends float") for c in FRONTIER]
-    both = QuantizeReport([], 128, 1.0, 100, 50, candidates=chosen).summary("q.onnx")
-    assert "--prefer accuracy takes 'MatMul only' (35.00 dB, 1.88x" in both
-    assert "--prefer speed takes 'all int8' (26.00 dB, 0.94x" in both
-    accurate = [replace(c, chosen=c.name == "MatMul only") for c in FRONTIER]
-    summary = QuantizeReport([], 128, 1.0, 100, 50, candidates=accurate).summary("q.onnx")
-    assert "--prefer accuracy takes" not in summary  # it is the chosen one

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import math
 import numbers
 import os
 import pickle
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,10 +14,10 @@ import numpy as np
 import onnx
 
 from qdq.data import Samples, model_inputs
-from qdq.errors import DataError, ModelError, expect
+from qdq.errors import DataError, expect
 from qdq.images import ImageOptions
 from qdq.metrics import REPORT_BLOCK, ErrorStats, measurable, nonfinite_notes
-from qdq.onnx.model import FLOORS_KEY, METADATA_KEY, check_outputs_readable, load_model
+from qdq.onnx.model import check_outputs_readable, load_model
 from qdq.onnx.sessions import fails_on_data, session_with_outputs
 from qdq.plan.calibrate import budgeted
 from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
@@ -33,6 +31,7 @@ from qdq.report.checks import (
 )
 from qdq.report.jsonout import strict_json
 from qdq.report.latency import batch_latency, latency_ratio
+from qdq.report.pairing import quantized_tensor_floors, quantized_tensor_pairs
 from qdq.workers import ONE_PROCESS, Workers
 
 PART_SAMPLES = 16  # leading samples whose FP32 outputs find each output's parts (qdq.plan.parts)
@@ -142,78 +141,6 @@ class Comparison:
             worst = sorted(self.layers.items(), key=lambda kv: kv[1].sqnr_db)[:top]
             lines.extend(f"  {s.sqnr_db:8.2f} dB  {name}" for name, s in worst)
         return "\n".join(lines)
-
-
-def quantized_tensor_pairs(
-    quantized: onnx.ModelProto, reference: onnx.ModelProto
-) -> dict[str, str]:
-    """{tensor in the float model: its dequantized copy in the quantized model}."""
-    props = {p.key: p.value for p in quantized.metadata_props}
-    if METADATA_KEY in props:
-        pairs = _metadata_pairs(props[METADATA_KEY])
-    else:  # a QDQ model from another tool: DequantizeLinear(QuantizeLinear(x)) copies x
-        by_input = {n.input[0]: n for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
-        pairs = {
-            n.input[0]: by_input[n.output[0]].output[0]
-            for n in quantized.graph.node
-            if n.op_type == "QuantizeLinear" and n.output[0] in by_input
-        }
-    names = {o for n in reference.graph.node for o in n.output} | {
-        i.name for i in reference.graph.input
-    }
-    produced = {o for n in quantized.graph.node for o in n.output}
-    outputs = {o.name for o in reference.graph.output}
-    return {f: q for f, q in pairs.items() if f in names and q in produced and f not in outputs}
-
-
-def quantized_tensor_floors(
-    quantized: onnx.ModelProto, pairs: Mapping[str, str]
-) -> dict[str, float]:
-    """{paired float tensor: its floor} where qdq started the tensor's grid at the point below
-    which its only reader is flat (`qdq.plan.floor`): there the reader's output stays within
-    half a code of its value at the floor (exactly, for HardSwish), so both models' values are
-    measured from the floor, whatever grid the file now has (fine-tuning moves grids)."""
-    text = {p.key: p.value for p in quantized.metadata_props}.get(FLOORS_KEY)
-    if text is None:  # another tool's file, or qdq's from before the entry
-        return {}
-    try:
-        floors = json.loads(text)
-    except ValueError:
-        floors = None
-    if not isinstance(floors, dict) or not all(map(_finite_floor, floors.items())):
-        raise ModelError(
-            f"the quantized model's metadata entry {FLOORS_KEY!r} is not a JSON object of "
-            "tensor names and finite numbers; remove the entry (the layers are then measured "
-            "below their floors too)"
-        )
-    return {name: float(floor) for name, floor in floors.items() if name in pairs}
-
-
-def _finite_floor(item: tuple[object, object]) -> bool:
-    """A floors entry's (tensor name, number) pair: a finite int or float, not a bool."""
-    name, floor = item
-    if not isinstance(name, str) or isinstance(floor, bool) or not isinstance(floor, int | float):
-        return False
-    try:
-        return math.isfinite(floor)
-    except OverflowError:  # an integer of hundreds of digits
-        return False
-
-
-def _metadata_pairs(text: str) -> dict[str, str]:
-    """The metadata entry qdq writes, checked: a JSON object of tensor names."""
-    try:
-        pairs = json.loads(text)
-    except ValueError:
-        pairs = None
-    if not isinstance(pairs, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in pairs.items()
-    ):
-        raise ModelError(
-            f"the quantized model's metadata entry {METADATA_KEY!r} is not a JSON object of "
-            "tensor names; remove the entry (qdq then pairs tensors through Q/DQ nodes)"
-        )
-    return pairs
 
 
 def compare_models(
