@@ -3,7 +3,7 @@
 Run: python bench/qat_finetune.py [--models ppocr_rec efficientnet_lite0 ppocr_det]
      [--samples 256] [--calib-samples N] [--steps 200] [--batch-size 8] [--draws 1] [--first-draw 0]
      [--start balanced|speed|int8] [--evaluate-scale 1] [--patience 4]
-     [--held-out N] [--freeze-oscillations F] [--margin-weight W]
+     [--held-out N] [--freeze-oscillations F] [--margin-weight W] [--feature-weight W]
      [--class-logits OUTPUT ...] [--checkpoint-by loss|agreement] [--keep] [--reuse-ptq DIR]
      [--out bench/out/qat_finetune]
 Needs the `bench` extra. Prints a Markdown table and writes it, with the rows as JSON, under
@@ -139,6 +139,7 @@ def run_case(case: Case, draw: int, args: argparse.Namespace, folder: Path) -> l
         held_out=args.held_out,
         freeze_oscillations=args.freeze_oscillations,
         margin_weight=args.margin_weight,
+        feature_weight=args.feature_weight,
         class_logits=tuple(args.class_logits),
         checkpoint_by=args.checkpoint_by,
         threads=1,
@@ -233,6 +234,12 @@ def main() -> None:
         type=float,
         default=FinetuneOptions.margin_weight,
         help="weight of the top-class margin term (Softmax outputs and --class-logits)",
+    )
+    parser.add_argument(
+        "--feature-weight",
+        type=float,
+        default=FinetuneOptions.feature_weight,
+        help="weight of the inner tensors' error (each quantized activation's float input)",
     )
     parser.add_argument(
         "--class-logits",

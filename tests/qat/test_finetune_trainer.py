@@ -89,7 +89,7 @@ def test_held_out_loss_is_the_written_files_in_onnx_runtime(ptq: Path) -> None:
     trainer = _trainer(ptq)
     teacher = trainer.teacher
     loss = trainer._held_out().loss
-    trainer.graph.forward = lambda feeds, known=None: [torch.zeros(len(feeds["input"]), 10)]
+    trainer.graph.forward = lambda feeds, *_: [torch.zeros(len(feeds["input"]), 10)]
     assert trainer._held_out().loss == loss
     feed = next(trainer.held.batches(16))
     want, got = teacher.run(None, feed)[0], open_session(ptq).run(None, feed)[0]
@@ -109,7 +109,7 @@ def test_training_loss_has_the_files_value_and_the_torch_copys_gradient(
     file = trainer._file_session()
     loss = trainer._loss(feed, file, through=True)
     assert loss.item() == pytest.approx(float(trainer._loss(feed, file)), rel=1e-6)
-    trainer.graph.forward = lambda feeds, known=None: [
+    trainer.graph.forward = lambda feeds, *_: [
         torch.zeros(len(feeds["input"]), 10).requires_grad_()
     ]
     assert trainer._loss(feed, file, through=True).item() == pytest.approx(loss.item(), rel=1e-6)
@@ -182,7 +182,7 @@ def test_a_head_of_boxes_and_scores_is_distilled_per_part(tmp_path: Path) -> Non
     want = teacher.run(None, feed)[0]
     wrong = want.copy()
     wrong[:, 4:] *= 0.9  # scores 10% low, boxes exact: the scores part's error is 0.01
-    trainer.graph.forward = lambda feeds, known=None: [torch.from_numpy(wrong)]
+    trainer.graph.forward = lambda feeds, *_: [torch.from_numpy(wrong)]
     assert float(trainer._loss(feed)) == pytest.approx(0.01, rel=1e-3)
 
 
@@ -213,7 +213,7 @@ def test_a_dense_heads_value_map_is_distilled_where_its_scores_fire(tmp_path: Pa
     at_cell = offsets.copy()
     at_cell[:, :, 1, 2] *= 0.9  # 10% low where it fires: the error is 0.01 of the signal
     for got, loss in ((background, 0.0), (at_cell, 0.01)):
-        trainer.graph.forward = lambda feeds, known=None, got=got: [
+        trainer.graph.forward = lambda feeds, known=None, inner=(), got=got: [
             torch.from_numpy(heat),
             torch.from_numpy(got),
         ]

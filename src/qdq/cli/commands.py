@@ -107,6 +107,7 @@ def finetune(args: argparse.Namespace) -> str:
         patience=args.patience,
         freeze_oscillations=args.freeze_oscillations,
         **({} if args.margin_weight is None else {"margin_weight": args.margin_weight}),
+        **({} if args.feature_weight is None else {"feature_weight": args.feature_weight}),
         class_logits=tuple(args.class_logits),
         **({} if args.checkpoint_by is None else {"checkpoint_by": args.checkpoint_by}),
     )

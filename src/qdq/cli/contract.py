@@ -67,6 +67,7 @@ FLAGS = {
     "patience": "--patience",
     "freeze_oscillations": "--freeze-oscillations",
     "margin_weight": "--margin-weight",
+    "feature_weight": "--feature-weight",
     "class_logits": "--class-logits",
     "checkpoint_by": "--checkpoint-by",
     "batch_size": "--batch-size",

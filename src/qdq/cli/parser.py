@@ -324,6 +324,13 @@ def _finetune_command(commands: argparse._SubParsersAction) -> None:
         "rank FP32's top class first with room (0: off; default: the library's)",
     )
     f.add_argument(
+        "--feature-weight",
+        type=finite,
+        metavar="W",
+        help="weight, beside the outputs' loss, of the error of every quantized activation's "
+        "float input against FP32's same tensor (e.g. 0.1; 0: off, the default)",
+    )
+    f.add_argument(
         "--class-logits",
         nargs="+",
         default=(),

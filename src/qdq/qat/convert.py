@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -271,12 +272,16 @@ class QdqGraph(nn.Module):
             self.lowbit[_key(node.input[0])] = LowBitWeight(self.weight_grid, scheme)
 
     def forward(
-        self, feeds: dict[str, torch.Tensor], known: dict[str, torch.Tensor] | None = None
+        self,
+        feeds: dict[str, torch.Tensor],
+        known: dict[str, torch.Tensor] | None = None,
+        inner: Sequence[str] = (),
     ) -> list[torch.Tensor]:
-        """The graph's outputs on `feeds`. `known` holds values some QuantizeLinear outputs
-        must take (dequantized; ONNX Runtime's own, from `qdq finetune`'s file): the forward
-        pass carries them on, the gradient is the fake-quantized path's. Elsewhere a fused
-        convolution's output takes ONNX Runtime's arithmetic (`qdq.qat.exact`)."""
+        """The graph's outputs on `feeds`, then the values of its `inner` tensors. `known`
+        holds values some QuantizeLinear outputs must take (dequantized; ONNX Runtime's own,
+        from `qdq finetune`'s file): the forward pass carries them on, the gradient is the
+        fake-quantized path's. Elsewhere a fused convolution's output takes ONNX Runtime's
+        arithmetic (`qdq.qat.exact`)."""
         env: dict[str, Value] = {**self.constants, **feeds, "": None}
         known = known or {}
         for step in self.steps:
@@ -294,7 +299,7 @@ class QdqGraph(nn.Module):
                 out = OPS[step.op_type](ins, step.attrs)
             outs = out if isinstance(out, tuple | list) else (out,)
             env.update(zip(step.outputs, outs, strict=False))
-        return [env[name] for name in self.outputs]
+        return [env[name] for name in [*self.outputs, *inner]]
 
     def _fused_conv(self, f: FusedConv, env: dict[str, Value]) -> torch.Tensor:
         """ONNX Runtime's QLinearConv result for one fused group (`qdq.qat.exact`)."""

@@ -28,12 +28,13 @@ from qdq.config import QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, ModelError, SchemeError, expect
 from qdq.onnx.model import WEIGHTS_KEY, float_outputs, load_model, save_model
-from qdq.onnx.sessions import Use, open_session
+from qdq.onnx.sessions import Use, open_session, session_with_outputs
 from qdq.outputs import check_output
 from qdq.pipeline import prepare, quantize_model
 from qdq.plan.parts import Part, PartStats, update_all
-from qdq.qat.finetune_loss import softmax_axes
-from qdq.qat.finetune_trainer import FinetuneOptions, Trainer
+from qdq.qat.finetune_loss import feature_tensors, softmax_axes
+from qdq.qat.finetune_options import FinetuneOptions
+from qdq.qat.finetune_trainer import Trainer
 from qdq.qat.write import write_back
 from qdq.report.summary import QuantizeReport
 
@@ -171,7 +172,8 @@ def finetune_model(
             quantized = load_model(start)
             if ptq is None:
                 _check_start(model, quantized, config, start)
-            teacher = open_session(model)
+            features = feature_tensors(model, quantized) if options.feature_weight else []
+            teacher = session_with_outputs(model, features) if features else open_session(model)
             trainer = Trainer(quantized, teacher, samples, config, options, held_out, seed)
             best_step, steps = trainer.train(progress)
             first, kept = trainer.scores
@@ -264,7 +266,7 @@ def _output_sqnr(
 ) -> dict[str, float]:
     """Per part of each float output, `session`'s SQNR (dB) against the teacher on
     `samples`, by the part's label (the output's name when it is one part)."""
-    names = [o.name for o in teacher.get_outputs() if o.type == "tensor(float)"]
+    names = list(parts)
     stats = {name: [PartStats(part) for part in parts[name]] for name in names}
     for feed in samples.batches(16):
         wanted = teacher.run(names, feed)

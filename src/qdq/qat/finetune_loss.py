@@ -15,6 +15,11 @@ against the FP32 teacher's, apart from the loop that minimizes it (qdq.qat.finet
   error is all the loss sees; issue 15's lesson for PTQ). A dense head's value map (a part
   with a `Gate`: CenterFace's offsets) counts only where the teacher's score map fires: the
   trainer zeroes both sides elsewhere.
+
+With `FinetuneOptions.feature_weight`, a training step adds that weight times the mean squared
+error over the teacher's power of the inner tensors `feature_tensors` names: each quantized
+activation's float input, against FP32's same tensor, so every layer is told where its error
+starts instead of only what reaches the outputs (EfficientNet-Lite0: docs/finetune.md, stop 63).
 """
 
 from __future__ import annotations
@@ -106,3 +111,12 @@ def confirmed_axes(axes: dict[str, int | None], outputs: list[np.ndarray]) -> di
         sums = np.asarray(value, np.float64).sum(axis=axis) if axis is not None else None
         out[name] = axis if sums is not None and np.allclose(sums, 1.0, atol=1e-3) else None
     return out
+
+
+def feature_tensors(model: onnx.ModelProto, quantized: onnx.ModelProto) -> list[str]:
+    """The float tensors each activation QuantizeLinear of `quantized` reads that the FP32
+    `model`'s nodes make too (under the same name), in graph order, without its outputs."""
+    made = {o for node in model.graph.node for o in node.output}
+    made -= {o.name for o in model.graph.output}
+    reads = (n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear")
+    return list(dict.fromkeys(name for name in reads if name in made))

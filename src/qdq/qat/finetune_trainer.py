@@ -1,6 +1,6 @@
-"""The training loop of `qdq finetune` (qdq.qat.finetune): its options, the torch copy's
-optimizer and rates, the streamed batches and the held-out checkpoints; the loss it minimizes
-is qdq.qat.finetune_loss's.
+"""The training loop of `qdq finetune` (qdq.qat.finetune): the torch copy's optimizer and
+rates, the streamed batches and the held-out checkpoints; its options are
+qdq.qat.finetune_options', the loss it minimizes qdq.qat.finetune_loss's.
 
 A random eighth of the samples (8 to 64) is held out: the loss on them (or, with
 `checkpoint_by` "agreement", the share ranked as FP32: `HeldOut`), measured every
@@ -38,9 +38,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -48,9 +46,9 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from qdq.config import CHECKPOINT_BY, QuantConfig
+from qdq.config import QuantConfig
 from qdq.data import Samples
-from qdq.errors import DataError, SchemeError, expect
+from qdq.errors import DataError
 from qdq.onnx.sessions import Use, open_session
 from qdq.plan.parts import output_parts
 from qdq.plan.saturation import avoids_saturation
@@ -65,6 +63,7 @@ from qdq.qat.finetune_loss import (
     softmax_axes,
     take_part,
 )
+from qdq.qat.finetune_options import FinetuneOptions
 from qdq.qat.held_out import HeldOut
 from qdq.qat.oscillation import OscillationFreezer
 from qdq.qat.write import write_back
@@ -72,75 +71,7 @@ from qdq.qat.write import write_back
 # `qdq finetune`'s logger, named after its entry: users and bench/qat_finetune.py enable that name
 log = logging.getLogger("qdq.qat.finetune")
 SCALE_LR_SHARE = 0.1  # scales and biases move at this share of `lr` (see the module doc)
-MAX_LR = 256  # grid steps per step: the whole int8 grid
 PART_SAMPLES = 16  # training samples whose teacher outputs find each output's parts
-
-
-@dataclass(frozen=True)
-class FinetuneOptions:
-    """How long and how fast to train; the defaults fit a few minutes on two CPU cores."""
-
-    steps: int = 300
-    lr: float = 0.002  # Adam step, in units of each tensor's grid step (module doc)
-    batch_size: int = 8
-    held_out: int | None = None  # samples; None: an eighth of them, 8 to 64
-    evaluate_every: int = 25
-    patience: int = 4  # evaluations without a held-out gain, past half the steps, to stop
-    # Train on ONNX Runtime's outputs and activation codes of the file each step would write
-    # (gradients through the torch copy); off: on the torch copy's own values (module doc)
-    file_outputs: bool = True
-    threads: int | None = None  # torch's intra-op threads; None leaves torch's default
-    # Freeze a weight whose code flips back more often than this share of steps
-    # (qdq.qat.oscillation); None: never
-    freeze_oscillations: float | None = None
-    margin_weight: float = 0.0  # weight of `flip_margin` (Softmax outputs, class_logits)
-    # Outputs that hold class logits along their last axis: `flip_margin` (margin_weight)
-    # applies to them too, beside their squared error (no Softmax tells of them in the graph)
-    class_logits: tuple[str, ...] = ()
-    # What picks the checkpoint on the held-out samples: "loss", or "agreement" (`HeldOut`)
-    checkpoint_by: str = "loss"
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "evaluate_every", "patience"):
-            expect(getattr(self, name), numbers.Integral, f"`{name}`")
-        for name in ("held_out", "threads"):
-            expect(getattr(self, name), (numbers.Integral, type(None)), f"`{name}`")
-        expect(self.lr, numbers.Real, "`lr`")
-        expect(self.freeze_oscillations, (numbers.Real, type(None)), "`freeze_oscillations`")
-        expect(self.margin_weight, numbers.Real, "`margin_weight`")
-        expect(self.file_outputs, (bool, np.bool_), "`file_outputs`")
-        expect(self.class_logits, tuple, "`class_logits`")
-        expect(self.checkpoint_by, str, "`checkpoint_by`")
-        for name in self.class_logits:
-            expect(name, str, "each of `class_logits`")
-        if self.threads is not None and self.threads < 1:
-            raise SchemeError(f"`threads` must be >= 1, got {self.threads}")
-        for name in ("steps", "batch_size", "evaluate_every", "patience"):
-            if getattr(self, name) < 1:
-                raise SchemeError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
-            raise SchemeError(
-                f"`lr` must be in (0, {MAX_LR}] grid steps per step (past that every step "
-                f"crosses the whole int8 grid), got {self.lr}; 0.002 is typical"
-            )
-        if self.freeze_oscillations is not None and not 0 < self.freeze_oscillations < 1:
-            raise SchemeError(
-                f"`freeze_oscillations` must be in (0, 1), got {self.freeze_oscillations}"
-            )
-        if self.held_out is not None and self.held_out < 1:
-            raise SchemeError(f"`held_out` must be >= 1, got {self.held_out}")
-        if not (math.isfinite(self.margin_weight) and self.margin_weight >= 0):
-            raise SchemeError(f"`margin_weight` must be >= 0 (0: off), got {self.margin_weight}")
-        if self.checkpoint_by not in CHECKPOINT_BY:
-            raise SchemeError(
-                f"`checkpoint_by` must be one of {', '.join(CHECKPOINT_BY)}, "
-                f"got {self.checkpoint_by!r}"
-            )
-        if self.class_logits and not self.margin_weight and self.checkpoint_by == "loss":
-            raise SchemeError(
-                "`class_logits` names outputs for the margin term, which `margin_weight` 0 "
-                "turns off, and for `checkpoint_by` 'agreement'; give either too"
-            )
 
 
 class Trainer:
@@ -167,7 +98,16 @@ class Trainer:
         self.training = samples.subset(np.sort(shuffled[held_out:]))
         self.queue = np.empty(0, np.int64)  # training positions left in this pass
         # the float outputs: a mask or ids is no distance to learn from
-        self.names = [o.name for o in teacher.get_outputs() if o.type == "tensor(float)"]
+        outputs = {o.name for o in quantized.graph.output}
+        served = teacher.get_outputs()
+        self.names = [o.name for o in served if o.name in outputs and o.type == "tensor(float)"]
+        # inner tensors the teacher serves too (`feature_tensors`), for `feature_weight`
+        self.features = [o.name for o in served if o.name not in outputs]
+        if options.feature_weight and not self.features:
+            raise DataError(
+                "`feature_weight` distils the inner tensors FP32's session serves beside its "
+                "outputs, and it serves none: open it with `feature_tensors`' names"
+            )
         feeds = self.training.span(0, PART_SAMPLES).batches(options.batch_size)
         reference = [teacher.run(self.names, feed) for feed in feeds]
         self.axes = confirmed_axes(softmax_axes(quantized, self.names), reference[0])
@@ -182,6 +122,9 @@ class Trainer:
             + (" + margin" if options.margin_weight and name in self.classes else "")
             for name, axis in self.axes.items()
         }
+        if options.feature_weight:
+            label = f"{len(self.features)} inner tensors"
+            self.losses[label] = f"mse x {options.feature_weight:g} (training steps)"
         groups = _param_groups(self.graph, options.lr)
         if not groups:
             raise DataError(
@@ -278,14 +221,26 @@ class Trainer:
     ) -> torch.Tensor:
         """The distillation loss of the torch copy on `feed`, or of `run`'s outputs; with
         `through`, of `run`'s values (outputs and every activation's codes) with the torch
-        copy's gradients (a straight-through estimator at each quantized activation)."""
-        return self._distance(*self._outputs(feed, run, through))
+        copy's gradients (a straight-through estimator at each quantized activation), plus
+        `feature_weight` times the inner tensors' mean error (a training step's loss)."""
+        inner = self.features if through and self.options.feature_weight else []
+        want, got = self._outputs(feed, run, through, inner)
+        count = len(self.names)
+        loss = self._distance(want[:count], got[:count])
+        if inner:
+            pairs = zip(got[count:], want[count:], strict=True)
+            terms = [
+                distance(s, torch.from_numpy(np.asarray(t, np.float32)), None) for s, t in pairs
+            ]
+            loss = loss + self.options.feature_weight * torch.stack(terms).mean()
+        return loss
 
     def _outputs(
-        self, feed: dict[str, np.ndarray], run: FileRun | None, through: bool
+        self, feed: dict[str, np.ndarray], run: FileRun | None, through: bool, inner: list[str]
     ) -> tuple[list[np.ndarray], list[torch.Tensor]]:
-        """The teacher's outputs on `feed` and the student's, as `_loss` takes them."""
-        want = self.teacher.run(self.names, feed)
+        """The teacher's values of the outputs and then the `inner` tensors on `feed`, and
+        the student's, as `_loss` takes them (`inner` only from the torch copy)."""
+        want = self.teacher.run(self.names + inner, feed)
         if run is not None and not through:
             got = [
                 torch.from_numpy(np.asarray(o, np.float32))
@@ -298,13 +253,14 @@ class Trainer:
                 exact = values[: len(self.names)]
                 codes = zip(run.grids.items(), values[len(self.names) :], strict=True)
                 known = {name: dequantized(value, *grid) for (name, grid), value in codes}
-            outputs = self.graph({k: torch.from_numpy(v) for k, v in feed.items()}, known)
-            by_output = dict(zip(self.graph.outputs, outputs, strict=True))
-            got = [by_output[name] for name in self.names]
+            feeds = {k: torch.from_numpy(v) for k, v in feed.items()}
+            outputs = self.graph(feeds, known, inner)
+            by_output = dict(zip(self.graph.outputs + inner, outputs, strict=True))
+            got = [by_output[name] for name in self.names + inner]
             if exact is not None:
-                got = [
+                got[: len(exact)] = [
                     g + (torch.from_numpy(np.asarray(e, np.float32)) - g).detach()
-                    for g, e in zip(got, exact, strict=True)
+                    for g, e in zip(got[: len(exact)], exact, strict=True)
                 ]
         return want, got
 
@@ -338,7 +294,7 @@ class Trainer:
         total, agreed = 0.0, 0
         with torch.no_grad():
             for feed, weight in self._feeds(self.held):
-                want, got = self._outputs(feed, run, through=False)
+                want, got = self._outputs(feed, run, False, [])
                 total += float(self._distance(want, got)) * weight
                 agreed += self._agreeing(want, got, len(next(iter(feed.values()))))
         return HeldOut(total, agreed / self.held.count if self.classes else None, self.held.count)
