@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from qdq.errors import ObserverStateError
 from qdq.observers import histogram
 
 pytest.importorskip("numba")
@@ -29,3 +30,12 @@ def test_compiled_and_numpy_binning_give_the_same_counts(shape, axis, monkeypatc
     reference = histogram._bin_rows(rows, width, 2048)
     np.testing.assert_array_equal(compiled, reference)
     assert compiled.sum() == rows.size
+
+
+def test_a_range_that_does_not_cover_the_values_is_an_error_not_a_stray_write():
+    # the loops index the counts unchecked: values past the bins must never reach them
+    rows = np.array([[-3.0, 0.5, 1.0]], np.float32)
+    with pytest.raises(ObserverStateError, match="does not cover values from -3"):
+        histogram._bin_rows(rows, np.array([1.0 / 2048]), 2048)
+    counts = histogram._bin_rows(rows, np.array([3.0 / 2048]), 2048)  # covered: counted
+    assert counts.sum() == 3
