@@ -9,6 +9,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -34,6 +35,8 @@ from qdq.passes.equalize import equalize
 from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
 from qdq.passes.insert_qdq import free_reserved_names, insert_qdq
 from qdq.passes.smooth import smooth
+from qdq.passes.unfuse import unfuse
+from qdq.passes.widen import HALF, narrowed, widen
 from qdq.plan.build import Plan
 from qdq.plan.decisions import Decision, static_decisions
 from qdq.plan.parts import PartStats, check_declared, judged, output_parts
@@ -46,10 +49,24 @@ log = logging.getLogger(__name__)
 
 
 def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto, bool, list[str]]:
-    """Opset upgraded where per-channel weights need it, ORT's basic rewrites (BatchNorm
-    folding), Constant nodes as initializers, every node named. Returns whether per-channel
-    weights are possible, and notes for the user."""
+    """A float16 model widened (`qdq.passes.widen`), ONNX Runtime's own fused ops unfused
+    (`qdq.passes.unfuse`), the opset upgraded where per-channel weights need it, ORT's basic
+    rewrites (BatchNorm folding), Constant nodes as initializers, every node named. Returns
+    whether per-channel weights are possible, and notes for the user."""
+    model, widened = widen(model)
+    model, unfused = unfuse(model)
     notes = []
+    if widened:
+        notes.append(
+            f"widened the float16 model to float32 ({widened} constants) to quantize it; its "
+            "inputs and outputs keep their types"
+        )
+    if unfused:
+        kinds = ", ".join(f"{count} {op}" for op, count in unfused.items())
+        notes.append(
+            f"rewrote ONNX Runtime's fused ops ({kinds}) as the ONNX ops they fuse, which "
+            "int8 rules know (ONNX Runtime fuses the quantized graph again)"
+        )
     if per_channel and default_opset(model) < PER_AXIS_OPSET:
         model = upgrade_opset(model)
         if default_opset(model) < PER_AXIS_OPSET:
@@ -140,6 +157,8 @@ def quantize_model(
         plan, seconds = plan_model(prepared, samples, config, per_channel, progress, notes, metric)
         seconds += smoothing_seconds
     quantized, summed = insert_qdq(prepared, plan), 0
+    half = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == HALF]
+    quantized = narrowed(quantized, half)  # a float16 model's outputs, as it wrote them
     if avoids_saturation(config) and any(d.quantized for d in plan.decisions.values()):
         notes.append(
             "weight scales raised where two neighbouring products could overflow the 16-bit sums "
@@ -202,16 +221,17 @@ def _output_check(
     recognizer's text, `qdq.plan.readings`) the samples it reads as FP32 does: what the report
     says the quantization cost."""
     reference = open_session(model, Use.CHECK)
-    names = [o.name for o in reference.get_outputs() if o.type == "tensor(float)"]
+    floats = ("tensor(float)", "tensor(float16)")  # a float16 model's, compared as float32
+    names = [o.name for o in reference.get_outputs() if o.type in floats]
     if not names:  # nothing to compare (asked for none, ONNX Runtime would return them all)
         return [], {}
     feeds = list(samples.batches(1, last=CHECK_SAMPLES))
     with fails_on_data("the float model on the calibration samples"):
-        want = [reference.run(names, feed) for feed in feeds]
+        want = [_wide(reference.run(names, feed)) for feed in feeds]
     got = []
     for feed in feeds:
         try:
-            got.append(quantized.run(names, feed))
+            got.append(_wide(quantized.run(names, feed)))
         except Exception as error:  # ORT raises its own types
             raise RuntimeError(  # not bad input: the CLI exits 1 and logs the traceback
                 f"the quantized model fails on a calibration sample ({error}); "
@@ -225,6 +245,11 @@ def _output_check(
         for ours, theirs in zip(want, got, strict=True):
             readings[name].update(ours[i], theirs[i])
     return judged(output_parts(names, want, config.output_parts), want, got), readings
+
+
+def _wide(values: list[np.ndarray]) -> list[np.ndarray]:
+    """A float16 model's outputs as float32, as its quantized file was planned and checked."""
+    return [v.astype(np.float32) if v.dtype == np.float16 else v for v in values]
 
 
 def _budget_notes(plan: Plan) -> list[str]:

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper, version_converter
 
 from qdq.errors import ModelError, first_line
+from qdq.onnx.repair import in_order, typed
 from qdq.onnx.sessions import Use, open_session
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             "Re-export the model with a supported opset"
         )
     _drop_constant_inputs(model, path)
+    if in_order(model):
+        log.info("%s: nodes sorted into topological order, as ONNX Runtime sorts them", path)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, UnicodeDecodeError) as error:  # names not UTF-8
@@ -275,9 +278,10 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime's basic (ONNX-standard) rewrites: BatchNorm folded into Conv, constants
-    folded, no-ops removed; then shape inference."""
+    folded, no-ops removed; then shape inference, ONNX's and, where it leaves a tensor
+    untyped, ONNX Runtime's (`qdq.onnx.repair.typed`)."""
     optimized = ort_rewrite(model, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-    return onnx.shape_inference.infer_shapes(_own_names(model, optimized))
+    return typed(onnx.shape_inference.infer_shapes(_own_names(model, optimized)))
 
 
 OWN_SUFFIX = "_qdq"

@@ -36,6 +36,7 @@ class Use(enum.Enum):
     ONE_NODE = "one_node"  # a single node run as it is (the engine's float fallback)
     REWRITE = "rewrite"  # optimize and save the graph ONNX Runtime makes (`ort_rewrite`)
     PROFILE = "profile"  # time per node (the HTML report): one thread, ORT's profiler on
+    TYPES = "types"  # the types ONNX Runtime infers for a graph's tensors, none rewritten
 
 
 def open_session(
@@ -91,7 +92,7 @@ def _options(use: Use) -> ort.SessionOptions:
         # reads it from `end_profiling()` and removes it.
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "qdq-profile")
-    elif use is Use.ONE_NODE:
+    elif use in (Use.ONE_NODE, Use.TYPES):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return options
 

@@ -1,0 +1,85 @@
+"""Models that ONNX Runtime runs but ONNX's own tools stop at, made acceptable to them: nodes out
+of topological order (ONNX Runtime sorts them itself; ONNX's checker refuses them), and node
+outputs that ONNX's shape inference cannot type (after a custom-domain op)."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from qdq.onnx.graph import subgraph_reads
+from qdq.onnx.sessions import Use, open_session
+
+
+def in_order(model: onnx.ModelProto) -> bool:
+    """Sort `model`'s nodes in place so that each comes after the nodes it reads, moving only
+    those that must move; whether any did. A graph with a cycle or a read of a name that nothing
+    defines is left as it is (ONNX's checker then says which). ONNX Runtime's own float16
+    converter (`convert_float_to_float16(keep_io_types=True)`) writes the casts of the graph's
+    inputs after their readers: ONNX Runtime runs that file, and qdq had refused it."""
+    graph = model.graph
+    given = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    defined = set(given)
+    for node in graph.node:
+        if not _ready(node, defined):
+            break
+        defined.update(node.output)
+    else:
+        return False
+    defined, placed, pending = set(given), [], list(graph.node)
+    while pending:
+        waiting = []
+        for node in pending:
+            if _ready(node, defined):
+                placed.append(node)
+                defined.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            return False
+        pending = waiting
+    copies = [onnx.NodeProto() for _ in placed]
+    for copy, node in zip(copies, placed, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+    return True
+
+
+def _ready(node: onnx.NodeProto, defined: set[str]) -> bool:
+    return all(name in defined for name in (*node.input, *subgraph_reads(node)))
+
+
+def typed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the type and shape ONNX Runtime infers for each node output that ONNX's
+    shape inference left untyped. ONNX knows no custom-domain op, so the outputs of ONNX
+    Runtime's own fusions (SkipLayerNormalization, BiasGelu: its transformer optimizer, which
+    users run before quantizing) and everything after them had no type, and the rules kept
+    their readers float as "not float32": 33 of an optimized all-MiniLM-L6-v2's 36 linear
+    MatMuls (0.92x FP32's time against 0.48x for the same model unoptimized). Unchanged where
+    ONNX Runtime cannot load the model (the stages that need it then say why)."""
+    graph = model.graph
+    typed = {v.name for v in (*graph.input, *graph.value_info, *graph.output)}
+    typed |= {t.name for t in graph.initializer}
+    missing = [name for node in graph.node for name in node.output if name and name not in typed]
+    if not missing:
+        return model
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing)
+    try:
+        served = {o.name: o for o in open_session(probe, Use.TYPES).get_outputs()}
+    except Exception:  # ORT raises its own types
+        return model
+    for name in missing:
+        kind = served[name].type  # "tensor(float)"; a sequence or map is left untyped
+        elem = (
+            getattr(onnx.TensorProto, kind[7:-1].upper(), None)
+            if kind.startswith("tensor(")
+            else None
+        )
+        if elem is None:
+            continue
+        shape = served[name].shape or None  # [] is ONNX Runtime's unknown rank, not a scalar
+        graph.value_info.append(helper.make_tensor_value_info(name, elem, shape))
+    return model
