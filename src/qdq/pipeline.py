@@ -31,6 +31,7 @@ from qdq.onnx.model import (
 from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.outputs import check_output
 from qdq.passes.datafree import batchnorm_moments
+from qdq.passes.decided import decided_from, exposed, hidden
 from qdq.passes.equalize import equalize
 from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
 from qdq.passes.insert_qdq import free_reserved_names, insert_qdq
@@ -136,6 +137,14 @@ def quantize_model(
     if not config.data_free:
         samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
     prepared, per_channel, notes = prepare(model, config.per_channel)
+    decided = decided_from(prepared)  # judged as outputs where the model has no float one
+    if decided:
+        prepared = exposed(prepared, decided)
+        notes.append(
+            "no float32 output: the float tensors its outputs are decided from ("
+            + ", ".join(map(repr, decided))
+            + ") are judged as its outputs would be; the file has the model's own outputs"
+        )
     known = {name for node in prepared.graph.node for name in (node.name, node.op_type)}
     unknown = [name for name in config.exclude if name not in known]
     if unknown:  # as the CLI's --exclude check, for callers of this function
@@ -173,17 +182,19 @@ def quantize_model(
         )
     if output_format is OutputFormat.QOPERATOR:  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-    session = _check_loads(quantized)
+    written = hidden(quantized, decided)  # the model's own outputs only
+    session = _check_loads(written)
     checked, readings = [], {}
     if not config.data_free:
-        checked, readings = _output_check(model, session, samples, config)
+        judged = open_session(quantized, Use.CHECK) if decided else session
+        checked, readings = _output_check(exposed(model, decided), judged, samples, config)
     # everything the report says is measured before the file is written: a failure here
     # had left the model behind under "nothing was written"
     output_sqnr = {s.part.label: s.error.sqnr_db for s in checked}
     output_tasks = {s.part.label: task_scores(s) for s in checked if task_scores(s)}
     output_rows = {s.part.label: s.agreement_rows for s in checked if s.agreement_rows}
     notes += _budget_notes(plan) + nonfinite_notes({s.part.label: s.error for s in checked})
-    save_model(quantized, target)
+    save_model(written, target)
     return QuantizeReport(
         decisions=list(plan.decisions.values()),
         samples=0 if config.data_free else samples.count,

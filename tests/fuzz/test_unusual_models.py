@@ -36,14 +36,17 @@ def _thresholded_model() -> onnx.ModelProto:
     return model_with(nodes, [x], [y], [weight, half])
 
 
-def test_a_model_with_no_float_output_is_quantized_and_said_so_and_finetune_refuses_it(ws):
+def test_a_model_with_no_float_output_is_judged_where_it_decides_and_finetune_refuses_it(ws):
     """Every check compares float outputs with FP32's; with none, quantize had ended in an
-    internal error (exit 1) and so had finetune."""
+    internal error (exit 1) and so had finetune, then planned blind (qdq.passes.decided): now
+    the values the mask thresholds are judged, and the file outputs the mask alone."""
     save(_thresholded_model(), ws.model)
     np.savez(ws.calib, x=np.random.default_rng(1).standard_normal((32, 4)).astype(np.float32))
     out = ws.folder / "out.onnx"
     result = run_contract(ws, quantize(ws), out, codes=(0,))
-    assert "no float32 output to compare" in result.stdout, result.stdout
+    assert "the float tensors its outputs are decided from ('h')" in result.stdout, result.stdout
+    assert "output SQNR against FP32" in result.stdout
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["y"]
     x = np.random.default_rng(2).standard_normal((16, 4)).astype(np.float32)
     want, got = (ort.InferenceSession(p).run(None, {"x": x})[0] for p in (ws.model, out))
     assert got.dtype == bool

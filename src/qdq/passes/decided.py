@@ -13,6 +13,7 @@ any float output, and the written file has only the model's own outputs again (`
 from __future__ import annotations
 
 import onnx
+from onnx import TensorProto, helper
 
 from qdq.onnx.graph import GraphIndex
 
@@ -35,15 +36,17 @@ def decided_from(model: onnx.ModelProto) -> list[str]:
                 continue
             seen.add(name)
             if index.is_float(name):
-                found.append(name)
+                if name in index.producer:  # an input read as it is: nothing computed to judge
+                    found.append(name)
             else:
                 pending.append(name)
     return found
 
 
 def exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the tensors `names` it computes, with the type and
-    shape its value_info gives them (none known: ONNX Runtime's own inference types them)."""
+    """A copy of `model` that also outputs the tensors `names` it computes, typed as its
+    value_info types them (float32 where it does not). Such an output may have no shape, which
+    ONNX's checker refuses and ONNX Runtime takes: only the file written (`hidden`) is checked."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
@@ -51,13 +54,18 @@ def exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     known = {v.name: v for v in graph.value_info}
     for name in names:
         if name in made:
-            graph.output.append(known.get(name, onnx.ValueInfoProto(name=name)))
+            typed = known.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+            graph.output.append(typed)
     return copy
 
 
 def hidden(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """`model` (in place) without the outputs `names`."""
-    kept = [o for o in model.graph.output if o.name not in names]
-    del model.graph.output[:]
-    model.graph.output.extend(kept)
-    return model
+    """A copy of `model` without the outputs `names` (`model` itself if it has none of them)."""
+    if not any(o.name in names for o in model.graph.output):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [o for o in copy.graph.output if o.name not in names]
+    del copy.graph.output[:]
+    copy.graph.output.extend(kept)
+    return copy
