@@ -28,6 +28,19 @@ def test_batches_accumulate_like_one_pass():
     assert parts.as_dict() == pytest.approx(whole.as_dict())
 
 
+def test_an_integer_output_counts_the_values_equal_to_fp32s():
+    """A label's SQNR weighs a wrong class by the distance between two class numbers."""
+    labels = np.array([3, 7, 7, 1, 0, 9], np.int64)
+    got = np.array([3, 7, 2, 1, 0, 8], np.int64)
+    first, second = ErrorStats(), ErrorStats()
+    first.update(labels[:4], got[:4], block=2)
+    second.update(labels[4:], got[4:])
+    merged = first.merged(second)
+    assert merged.as_dict()["equal_share"] == pytest.approx(4 / 6)
+    assert merged.values == 6
+    assert "equal_share" not in ErrorStats().as_dict()
+
+
 def test_top1_and_top5_agreement_for_class_scores():
     reference = np.eye(6, dtype=np.float32)  # class i wins row i
     approximation = reference.copy()

@@ -18,6 +18,8 @@ class ErrorStats:
     """Sums that give SQNR, cosine similarity and max error over any number of batches.
 
     SQNR = 10 log10(sum x^2 / sum (x - y)^2) dB; cosine = sum xy / sqrt(sum x^2 sum y^2).
+    An output of integers (a label, a class map, a mask) also counts the values equal to FP32's:
+    its SQNR weighs a wrong class by how far apart the two class numbers happen to be.
     """
 
     signal: float = 0.0
@@ -28,7 +30,10 @@ class ErrorStats:
     top1: int = 0
     top5: int = 0
     rows: int = 0
+    equal: int = 0  # an integer output's values equal to FP32's, of `values`
+    values: int = 0
     classes: bool = False
+    integer: bool = False
 
     def update(
         self, reference: np.ndarray, approximation: np.ndarray, block: int | None = None
@@ -58,6 +63,10 @@ class ErrorStats:
             self.other += sums[3]
             peak = np.maximum(peak, top)  # a NaN error stays NaN, as in one np.max
         self.max_abs = max(self.max_abs, float(peak))
+        if reference.dtype.kind in "biu":
+            self.integer = True
+            self.values += x.size
+            self.equal += int(np.count_nonzero(x == y))
         if looks_like_scores(reference) and len(reference):  # (0, K): a detector found none
             self.classes = True
             self.rows += len(reference)
@@ -72,6 +81,7 @@ class ErrorStats:
             raise DataError(f"merge takes another ErrorStats, got {type(other).__name__}")
         sums = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
         sums.update(max_abs=max(self.max_abs, other.max_abs), classes=self.classes or other.classes)
+        sums.update(integer=self.integer or other.integer)
         return ErrorStats(**sums)
 
     @property
@@ -93,6 +103,8 @@ class ErrorStats:
         if self.classes and self.rows:
             out["top1_agreement"] = self.top1 / self.rows
             out["top5_agreement"] = self.top5 / self.rows
+        if self.integer and self.values:
+            out["equal_share"] = self.equal / self.values
         return out
 
 

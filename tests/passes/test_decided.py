@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 
 from qdq.passes.decided import decided_from
 from qdq.pipeline import quantize_model
+from qdq.report.compare import compare_models
 
 from conftest import DIGITS
 
@@ -52,3 +53,7 @@ def test_a_cnn_that_outputs_its_label_is_planned_on_its_logits(tmp_path):
         for p in (source, out)
     ]
     assert (labels[0] == labels[1]).mean() > 0.99
+    compared = compare_models(source, out, DIGITS / "test.npz", latency_runs=1)
+    assert f"output 'index': equal to FP32's at {(labels[0] == labels[1]).mean():.2%}" in (
+        compared.to_text()
+    )
