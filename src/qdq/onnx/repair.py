@@ -59,9 +59,9 @@ def typed(model: onnx.ModelProto) -> onnx.ModelProto:
     MatMuls (0.92x FP32's time against 0.48x for the same model unoptimized). Unchanged where
     ONNX Runtime cannot load the model (the stages that need it then say why)."""
     graph = model.graph
-    typed = {v.name for v in (*graph.input, *graph.value_info, *graph.output)}
-    typed |= {t.name for t in graph.initializer}
-    missing = [name for node in graph.node for name in node.output if name and name not in typed]
+    known = {v.name for v in (*graph.input, *graph.value_info, *graph.output)}
+    known |= {t.name for t in graph.initializer}
+    missing = [name for node in graph.node for name in node.output if name and name not in known]
     if not missing:
         return model
     probe = onnx.ModelProto()

@@ -130,6 +130,8 @@ def _with_activation(
     params: list[float],
     summand: str,
 ) -> list[onnx.NodeProto] | None:
+    """`op` on `inputs`, then `+ summand` and the activation `kind` where there are, writing the
+    fused node's output; None where the activation is not one this pass knows."""
     if len(node.output) != 1:
         return None
     y = node.output[0]

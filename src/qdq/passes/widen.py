@@ -59,7 +59,7 @@ def _wide(tensor: onnx.TensorProto) -> onnx.TensorProto:
 def _kept_half(graph: onnx.GraphProto) -> None:
     """A Cast to float32 after each float16 input, and each float16 output float32."""
     nodes = list(graph.node)
-    taken = {n for node in nodes for n in (*node.input, *node.output)}
+    taken = {n for node in nodes for n in (*node.input, *node.output, node.name)}
     taken |= {v.name for v in (*graph.input, *graph.output)}
     first: list[onnx.NodeProto] = []
     for value in graph.input:
@@ -78,7 +78,7 @@ def _kept_half(graph: onnx.GraphProto) -> None:
 def narrowed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """`model` (in place) with its outputs `names` cast back to float16: the source's own."""
     graph = model.graph
-    taken = {n for node in graph.node for n in (*node.input, *node.output)}
+    taken = {n for node in graph.node for n in (*node.input, *node.output, node.name)}
     for value in graph.output:
         if value.name not in names:
             continue
