@@ -36,7 +36,7 @@ from qdq.passes.equalize import equalize
 from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
 from qdq.passes.insert_qdq import free_reserved_names, insert_qdq
 from qdq.passes.smooth import smooth
-from qdq.passes.unfuse import unfuse
+from qdq.passes.unfuse import unfuse, wanted_opset
 from qdq.passes.widen import HALF, narrowed, widen
 from qdq.plan.build import Plan
 from qdq.plan.decisions import Decision, static_decisions
@@ -55,8 +55,15 @@ def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto,
     rewrites (BatchNorm folding), Constant nodes as initializers, every node named. Returns
     whether per-channel weights are possible, and notes for the user."""
     model, widened = widen(model)
-    model, unfused = unfuse(model)
     notes = []
+    wanted = wanted_opset(model)
+    if wanted and default_opset(upgraded := upgrade_opset(model, wanted)) >= wanted:
+        notes.append(
+            f"upgraded opset {default_opset(model)} to {wanted} to write ONNX Runtime's "
+            "SkipLayerNormalization as the LayerNormalization it fuses"
+        )
+        model = upgraded
+    model, unfused = unfuse(model)
     if widened:
         notes.append(
             f"widened the float16 model to float32 ({widened} constants) to quantize it; its "

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qdq.passes.unfuse import unfuse
-from qdq.pipeline import quantize_model
+from qdq.pipeline import prepare, quantize_model
 from quantize_and_run import sqnr_db
 
 from conftest import DIGITS
@@ -25,9 +25,11 @@ def _constant(name: str, *shape: int) -> onnx.TensorProto:
     return numpy_helper.from_array((RNG.normal(size=shape) * 0.3).astype(np.float32), name)
 
 
-def _model(nodes: list, constants: list, opset: int = 17, x: tuple = X.shape) -> onnx.ModelProto:
+def _model(
+    nodes: list, constants: list, opset: int = 17, x: tuple = X.shape, y: tuple | None = None
+) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x))]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)]
     graph = helper.make_graph(nodes, "g", inputs, outputs, constants)
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets)
@@ -158,6 +160,24 @@ def test_a_skip_layer_norm_without_an_onnx_equivalent_stays_fused(opset, outputs
     """LayerNormalization is opset 17; its mean output has no ONNX op to come from."""
     model = _skip_layer_norm(opset, outputs)
     assert unfuse(model) == (model, Counter())
+
+
+def test_an_older_model_is_upgraded_for_its_skip_layer_norms_to_be_unfused():
+    """At opset 16 a LayerNormalization cannot be written: the model goes to opset 17 first
+    (a ViT-S at opset 14 through the transformer optimizer: 81.6 -> 70.2 ms int8)."""
+    node = helper.make_node(
+        "SkipLayerNormalization", ["h", "x", "gamma", "beta"], ["n"], domain="com.microsoft"
+    )
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), node]
+    nodes.append(helper.make_node("MatMul", ["n", "w2"], ["y"]))
+    constants = [_constant("w1", 8, 8), _constant("gamma", 8), _constant("beta", 8)]
+    model = _model(nodes, [*constants, _constant("w2", 8, 4)], 16, x=(2, 3, 8), y=(2, 3, 4))
+    prepared, _, notes = prepare(model, per_channel=True)
+    assert "upgraded opset 16 to 17" in " ".join(notes)
+    assert "LayerNormalization" in {n.op_type for n in prepared.graph.node}
+    assert not _fused(prepared)
+    x = RNG.normal(size=(2, 3, 8)).astype(np.float32)
+    np.testing.assert_allclose(_outputs(prepared, x)[0], _outputs(model, x)[0], atol=1e-4)
 
 
 def test_a_transposed_activation_stays_fused():

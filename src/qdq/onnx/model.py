@@ -263,15 +263,16 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model at opset >= 13 (per-axis DequantizeLinear), or unchanged if conversion fails."""
-    if default_opset(model) >= PER_AXIS_OPSET:
+def upgrade_opset(model: onnx.ModelProto, opset: int = PER_AXIS_OPSET) -> onnx.ModelProto:
+    """The model at `opset` or newer (13: per-axis DequantizeLinear), or unchanged if
+    conversion fails."""
+    if default_opset(model) >= opset:
         return model
     try:
-        upgraded = version_converter.convert_version(model, PER_AXIS_OPSET)
+        upgraded = version_converter.convert_version(model, opset)
         onnx.checker.check_model(upgraded)
     except Exception as error:  # the converter raises bare RuntimeErrors and others
-        log.warning("could not upgrade opset %d to 13 (%s)", default_opset(model), error)
+        log.warning("could not upgrade opset %d to %d (%s)", default_opset(model), opset, error)
         return model
     return upgraded
 
