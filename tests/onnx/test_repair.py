@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from qdq.errors import ModelError
 from qdq.onnx.model import load_model
+from qdq.onnx.repair import typed
 
 
 def _chain(order: list[int], cycle: bool = False) -> onnx.ModelProto:
@@ -45,3 +46,19 @@ def test_a_cycle_is_refused_in_one_line(tmp_path):
     onnx.save(_chain([0, 1, 2, 3], cycle=True), str(path))
     with pytest.raises(ModelError, match="is not a valid ONNX model"):
         load_model(path)
+
+
+def test_outputs_onnx_runtime_cannot_type_stay_untyped():
+    """A custom op ONNX Runtime does not know: its session fails, and the model is left as it
+    is for the stage that runs it to say why."""
+    node = helper.make_node("Mystery", ["x"], ["m"], domain="example.custom")
+    graph = helper.make_graph(
+        [node, helper.make_node("Relu", ["m"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    assert typed(model) is model
+    assert not model.graph.value_info
