@@ -193,8 +193,8 @@ def quantize_model(
     session = _check_loads(written)
     checked, readings = [], {}
     if not config.data_free:
-        judged = open_session(quantized, Use.CHECK) if decided else session
-        checked, readings = _output_check(exposed(model, decided), judged, samples, config)
+        checking = open_session(quantized, Use.CHECK) if decided else session
+        checked, readings = _output_check(exposed(model, decided), checking, samples, config)
     # everything the report says is measured before the file is written: a failure here
     # had left the model behind under "nothing was written"
     output_sqnr = {s.part.label: s.error.sqnr_db for s in checked}

@@ -46,7 +46,10 @@ def decided_from(model: onnx.ModelProto) -> list[str]:
 def exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of `model` that also outputs the tensors `names` it computes, typed as its
     value_info types them (float32 where it does not). Such an output may have no shape, which
-    ONNX's checker refuses and ONNX Runtime takes: only the file written (`hidden`) is checked."""
+    ONNX's checker refuses and ONNX Runtime takes: only the file written (`hidden`) is checked.
+    `model` itself where there are none."""
+    if not names:
+        return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
