@@ -11,6 +11,8 @@ from onnx import TensorProto, helper
 from qdq.passes.decided import decided_from
 from qdq.pipeline import quantize_model
 from qdq.report.compare import compare_models
+from qdq.report.html import render
+from qdq.report.measure import measure
 
 from conftest import DIGITS
 
@@ -53,7 +55,8 @@ def test_a_cnn_that_outputs_its_label_is_planned_on_its_logits(tmp_path):
         for p in (source, out)
     ]
     assert (labels[0] == labels[1]).mean() > 0.99
+    equal = f"{(labels[0] == labels[1]).mean():.2%}"
     compared = compare_models(source, out, DIGITS / "test.npz", latency_runs=1)
-    assert f"output 'index': equal to FP32's at {(labels[0] == labels[1]).mean():.2%}" in (
-        compared.to_text()
-    )
+    assert f"output 'index': equal to FP32's at {equal}" in compared.to_text()
+    page = render(measure(source, out, DIGITS / "test.npz", report.decisions, max_samples=540))
+    assert f"<td class=num>{equal} equal</td>" in page  # the HTML report's summary
