@@ -31,9 +31,8 @@ class ErrorStats:
     top5: int = 0
     rows: int = 0
     equal: int = 0  # an integer output's values equal to FP32's, of `values`
-    values: int = 0
+    values: int = 0  # an integer output's values seen (0: not one)
     classes: bool = False
-    integer: bool = False
 
     def update(
         self, reference: np.ndarray, approximation: np.ndarray, block: int | None = None
@@ -64,7 +63,6 @@ class ErrorStats:
             peak = np.maximum(peak, top)  # a NaN error stays NaN, as in one np.max
         self.max_abs = max(self.max_abs, float(peak))
         if reference.dtype.kind in "biu":
-            self.integer = True
             self.values += x.size
             self.equal += int(np.count_nonzero(x == y))
         if looks_like_scores(reference) and len(reference):  # (0, K): a detector found none
@@ -81,7 +79,6 @@ class ErrorStats:
             raise DataError(f"merge takes another ErrorStats, got {type(other).__name__}")
         sums = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
         sums.update(max_abs=max(self.max_abs, other.max_abs), classes=self.classes or other.classes)
-        sums.update(integer=self.integer or other.integer)
         return ErrorStats(**sums)
 
     @property
@@ -103,7 +100,7 @@ class ErrorStats:
         if self.classes and self.rows:
             out["top1_agreement"] = self.top1 / self.rows
             out["top5_agreement"] = self.top5 / self.rows
-        if self.integer and self.values:
+        if self.values:
             out["equal_share"] = self.equal / self.values
         return out
 

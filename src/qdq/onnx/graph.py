@@ -78,6 +78,24 @@ def is_smoothing(node: onnx.NodeProto) -> bool:
     return node.op_type == "Mul" and node.name.endswith(SMOOTHING_MUL) and len(node.input) == 2
 
 
+def names_in(graph: onnx.GraphProto) -> set[str]:
+    """Every name `graph` gives a tensor or a node: what a new one must not repeat."""
+    names = {name for node in graph.node for name in (*node.input, *node.output, node.name)}
+    names |= {v.name for v in (*graph.input, *graph.output)}
+    return names | {t.name for t in graph.initializer}
+
+
+def free_name(stem: str, taken: set[str]) -> str:
+    """`stem`, or `stem` with the first counter that makes it a name not in `taken`; added to
+    `taken`."""
+    name, i = stem, 0
+    while name in taken:
+        i += 1
+        name = f"{stem}{i}"
+    taken.add(name)
+    return name
+
+
 def attributes(node: onnx.NodeProto) -> dict[str, object]:
     """A node's attributes as plain Python values, by name."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qdq.onnx.graph import attributes
+from qdq.onnx.graph import attributes, free_name, names_in
+from qdq.onnx.model import default_opset
 
 DOMAIN = "com.microsoft"
 LAYER_NORM_OPSET = 17  # LayerNormalization joins the default domain
@@ -42,20 +43,13 @@ class _Rewrite:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.graph = model.graph
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.opset = default_opset(model)
         self.constants = {t.name: t for t in model.graph.initializer}
-        self.taken = {n for node in model.graph.node for n in (*node.input, *node.output)}
-        self.taken |= {v.name for v in (*model.graph.input, *model.graph.output)}
-        self.taken |= set(self.constants) | {node.name for node in model.graph.node}
+        self.taken = names_in(model.graph)
 
     def name(self, stem: str) -> str:
         """A name no tensor or node of the model has."""
-        name, i = f"{stem}_unfused", 0
-        while name in self.taken:
-            i += 1
-            name = f"{stem}_unfused{i}"
-        self.taken.add(name)
-        return name
+        return free_name(f"{stem}_unfused", self.taken)
 
     def constant(self, stem: str, value: np.ndarray) -> str:
         name = self.name(stem)
@@ -81,7 +75,7 @@ def wanted_opset(model: onnx.ModelProto) -> int | None:
     """The opset `model` needs for every SkipLayerNormalization to be unfused, where it is
     older: upgraded, a ViT-S through the transformer optimizer at opset 14 ran its int8 file
     in 70.2 ms, as its source's (71.4), instead of 81.6 with the fused kernel."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model)
     fused = any(
         n.domain == DOMAIN and n.op_type == "SkipLayerNormalization" for n in model.graph.node
     )

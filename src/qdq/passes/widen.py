@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq.onnx.graph import subgraphs
+from qdq.onnx.graph import free_name, names_in, subgraphs
 
 HALF, FLOAT = TensorProto.FLOAT16, TensorProto.FLOAT
 
@@ -59,12 +59,11 @@ def _wide(tensor: onnx.TensorProto) -> onnx.TensorProto:
 def _kept_half(graph: onnx.GraphProto) -> None:
     """A Cast to float32 after each float16 input, and each float16 output float32."""
     nodes = list(graph.node)
-    taken = {n for node in nodes for n in (*node.input, *node.output, node.name)}
-    taken |= {v.name for v in (*graph.input, *graph.output)}
+    taken = names_in(graph)
     first: list[onnx.NodeProto] = []
     for value in graph.input:
         if value.type.tensor_type.elem_type == HALF:
-            wide = _free(f"{value.name}_float32", taken)
+            wide = free_name(f"{value.name}_float32", taken)
             for node in nodes:
                 node.input[:] = [wide if n == value.name else n for n in node.input]
             first.append(helper.make_node("Cast", [value.name], [wide], to=FLOAT, name=wide))
@@ -77,24 +76,17 @@ def _kept_half(graph: onnx.GraphProto) -> None:
 
 def narrowed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """`model` (in place) with its outputs `names` cast back to float16: the source's own."""
+    if not names:
+        return model
     graph = model.graph
-    taken = {n for node in graph.node for n in (*node.input, *node.output, node.name)}
+    taken = names_in(graph)
     for value in graph.output:
         if value.name not in names:
             continue
-        wide = _free(f"{value.name}_float32", taken)
+        wide = free_name(f"{value.name}_float32", taken)
         for node in graph.node:
             node.output[:] = [wide if n == value.name else n for n in node.output]
             node.input[:] = [wide if n == value.name else n for n in node.input]
         graph.node.append(helper.make_node("Cast", [wide], [value.name], to=HALF, name=wide))
         value.type.tensor_type.elem_type = HALF
     return model
-
-
-def _free(name: str, taken: set[str]) -> str:
-    found, i = name, 0
-    while found in taken:
-        i += 1
-        found = f"{name}{i}"
-    taken.add(found)
-    return found

@@ -119,11 +119,12 @@ class Comparison:
             )
         for name, stats in self.outputs.items():
             d = stats.as_dict()
-            text = f"output {name!r}: SQNR {d['sqnr_db']:.2f} dB, cosine {d['cosine']:.6f}, "
-            text += f"max abs error {d['max_abs_error']:.4g}"
             if "equal_share" in d:  # integers (a label): how often they are FP32's is the news
                 text = f"output {name!r}: equal to FP32's at {d['equal_share']:.2%} of its "
                 text += f"{stats.values} values (integers: SQNR {d['sqnr_db']:.2f} dB)"
+            else:
+                text = f"output {name!r}: SQNR {d['sqnr_db']:.2f} dB, cosine {d['cosine']:.6f}, "
+                text += f"max abs error {d['max_abs_error']:.4g}"
             if stats.classes:
                 text += f", top-1 {d['top1_agreement']:.2%}, top-5 {d['top5_agreement']:.2%}"
             if name in self.readings:

@@ -134,7 +134,7 @@ def _summary(data: ReportData) -> str:
     outputs = []
     for name, stats in c.outputs.items():
         agreement = f"{stats.top1 / stats.rows:.2%}" if stats.classes and stats.rows else "—"
-        if stats.integer and stats.values:  # a label: the share of values equal to FP32's
+        if stats.values:  # a label: the share of its values equal to FP32's
             agreement = f"{stats.equal / stats.values:.2%} equal"
         read = c.readings.get(name)
         outputs.append(
