@@ -18,12 +18,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from qdq.errors import DataError, first_line
+from qdq.onnx.graph import subgraph_reads
 from qdq.workers import session_threads
 
 PROVIDERS = ["CPUExecutionProvider"]
 LEAST_ROUNDS = 5  # interleaved timing rounds a time budget never cuts
+# Initializers larger than this reach ONNX Runtime as in-memory external data rather than inside
+# the serialized graph: a quantize opens ~50 sessions, and ddddocr's 33 MB Gemm weight cost each
+# one 78 ms to serialize and 130 ms to open, against 0.1 ms and 71-81 ms handed over (scratch
+# /work/notes/r66/ext.py). Small ones stay inline: one OrtValue each would cost more.
+HANDED_BYTES = 1 << 16
 
 
 class Use(enum.Enum):
@@ -60,11 +67,62 @@ def open_session(
         options.graph_optimization_level = level
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
-    if isinstance(model, onnx.ModelProto):
+    weights: list[ort.OrtValue] = []
+    if isinstance(model, onnx.ModelProto) and optimized_path is None:
+        model, names, weights = _handed(model)
+        if names:
+            options.add_external_initializers(names, weights)
+    elif isinstance(model, onnx.ModelProto):  # ONNX Runtime writes the graph: every weight in it
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
         model = str(model)
-    return ort.InferenceSession(model, options, providers=PROVIDERS)
+    session = ort.InferenceSession(model, options, providers=PROVIDERS)
+    session.qdq_weights = weights  # ONNX Runtime may read them in place: alive as it is
+    return session
+
+
+def _handed(model: onnx.ModelProto) -> tuple[bytes, list[str], list[ort.OrtValue]]:
+    """`model` serialized with each initializer over HANDED_BYTES as an external-data stub,
+    and those initializers' names and values, for `add_external_initializers`."""
+    light = onnx.ModelProto()
+    _copy_fields(model, light, "graph")
+    _copy_fields(model.graph, light.graph, "initializer")
+    graph = model.graph
+    read = {name for node in graph.node for name in (*node.input, *subgraph_reads(node))}
+    kept = {v.name for v in (*graph.input, *graph.output)}
+    names, values = [], []
+    for tensor in graph.initializer:
+        if tensor.name not in read:  # ONNX Runtime drops it, and then finds none to fill
+            if tensor.name in kept:
+                light.graph.initializer.append(tensor)
+            continue
+        if not tensor.HasField("raw_data") or tensor.ByteSize() <= HANDED_BYTES:
+            light.graph.initializer.append(tensor)
+            continue
+        stub = light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type)
+        stub.dims.extend(tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        stub.external_data.add(key="location", value="qdq-in-memory")
+        names.append(tensor.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(tensor)))
+    return light.SerializeToString(), names, values
+
+
+def _copy_fields(
+    source: onnx.ModelProto | onnx.GraphProto,
+    target: onnx.ModelProto | onnx.GraphProto,
+    skipped: str,
+) -> None:
+    """Each field set in `source` but `skipped` onto the empty `target`."""
+    for field, value in source.ListFields():
+        if field.name == skipped:
+            continue
+        if hasattr(value, "ListFields"):  # a message
+            getattr(target, field.name).CopyFrom(value)
+        elif isinstance(value, str | bytes | int | float):
+            setattr(target, field.name, value)
+        else:  # a repeated field
+            getattr(target, field.name).extend(value)
 
 
 def _options(use: Use) -> ort.SessionOptions:
@@ -151,7 +209,7 @@ def session_with_outputs(
 def median_latency_ms(
     models: list, feed: dict[str, np.ndarray], runs: int, budget_s: float | None = None
 ) -> list[float]:
-    """Median ms per run of each model (a path or serialized bytes), 1 thread, runs
+    """Median ms per run of each model (a proto, a path or serialized bytes), 1 thread, runs
     interleaved so that drift on the machine hits all alike. With `budget_s`, rounds stop once
     they took that long, after at least LEAST_ROUNDS: a model whose one run takes a second
     (the nucleus segmenter's 1024 x 1024 tile) is timed in seconds, not minutes, and runs that

@@ -117,7 +117,7 @@ def meet_target(
         order = sorted(candidates, key=lambda name: -gains[name])
         kept, after = _greedy(order, pool, target, workers) if order else ([], before)
     plan = planned(kept) if kept else full
-    models = [realize(p).SerializeToString() for p in (full, plan)]
+    models = [realize(p) for p in (full, plan)]
     all_int8, budgeted = (
         ms / timed_samples for ms in median_latency_ms(models, timing_feed, runs=20)
     )

@@ -268,8 +268,7 @@ def latencies_ms(models: list[onnx.ModelProto], feed: dict[str, np.ndarray]) -> 
     cached = _read(file) if file else {}
     if len(cached.get(key, ())) == len(models):
         return list(cached[key])
-    serialized = [m.SerializeToString() for m in models]
-    measured = median_latency_ms(serialized, feed, RUNS, TIMING_BUDGET_S)
+    measured = median_latency_ms(models, feed, RUNS, TIMING_BUDGET_S)
     if file:
         latest = _read(file)  # timing takes seconds: others may have written since
         if len(latest.get(key, ())) == len(models):
