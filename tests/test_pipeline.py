@@ -103,6 +103,26 @@ def test_a_model_with_its_batch_axis_fixed_at_1_is_fed_one_sample_at_a_time(tmp_
     assert sqnr_db(want, got) > 35  # as good as with a free batch axis (42 dB)
 
 
+def test_a_model_whose_input_and_output_declare_no_shape_quantizes_as_its_source(tmp_path):
+    """ONNX's checker wants shapes on the graph's inputs and outputs; ONNX Runtime runs a
+    model without them (any rank goes), and qdq had refused it as "not a valid ONNX model".
+    Planned with its samples' rank, it gets the shaped model's plan; the file keeps the
+    interface without shapes."""
+    model = onnx.load(str(DIGITS / "cnn.onnx"))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.ClearField("shape")
+    source, out = save(model, tmp_path), tmp_path / "q.onnx"
+    report = quantize_model(source, out, DIGITS / "calib.npz")
+    shaped = quantize_cnn(tmp_path)[1]
+    assert report.decisions == shaped.decisions
+    assert report.output_sqnr == pytest.approx(shaped.output_sqnr, abs=0.01)
+    written = onnx.load(str(out)).graph
+    assert not any(v.type.tensor_type.HasField("shape") for v in (*written.input, *written.output))
+    with np.load(DIGITS / "test.npz") as test:
+        x = test["input"][:64]
+    assert sqnr_db(run(source, {"input": x})[0], run(out, {"input": x})[0]) > 35
+
+
 def test_the_report_says_what_the_quantization_cost_in_output_sqnr(tmp_path):
     out, report = quantize_cnn(tmp_path)
     with np.load(DIGITS / "calib.npz") as calib:

@@ -195,7 +195,7 @@ class Samples:
         sample's. No more samples than fit in `max_bytes` (a run of large samples is more
         likely a batch, and costs memory); elsewhere the first sample alone."""
         first = next(self.batches(1))
-        free = [s.name for s in self.inputs if s.shape[0] is None]
+        free = [s.name for s in self.inputs if s.shape[:1] == (None,)]  # unranked: not joined
         limit = min(limit, max_bytes // max(1, sum(first[name].nbytes for name in free)))
         if self.largest_batch != 1 or not free or min(limit, self.count) < 2:
             return first, 1
@@ -260,7 +260,7 @@ def _largest_batch(inputs: Sequence[InputSpec]) -> int | None:
     """1 where an input's leading (batch) axis is fixed at 1, as exporters often leave it;
     None where every leading axis is free. Samples are stacked on that axis, so a scalar input
     or one whose leading axis is fixed at more than 1 cannot take them."""
-    for spec in inputs:
+    for spec in (spec for spec in inputs if spec.ranked):
         if not spec.shape:
             raise DataError(
                 f"input {spec.describe()} is a scalar: qdq stacks samples on each input's "
@@ -272,15 +272,16 @@ def _largest_batch(inputs: Sequence[InputSpec]) -> int | None:
                 "stacks samples on each input's leading axis (in place of the batch axis), so "
                 "it must be free or 1; export the model with the batch axis first"
             )
-    return 1 if any(spec.shape[0] == 1 for spec in inputs) else None
+    return 1 if any(spec.shape[:1] == (1,) for spec in inputs) else None
 
 
 def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np.ndarray:
     """`batch` in the input's dtype, after shape, dtype and finiteness checks."""
     want = spec.shape[1:]
     got = batch.shape[1:]
-    if len(got) != len(want) or any(
-        w is not None and w != g for w, g in zip(want, got, strict=True)
+    if spec.ranked and (
+        len(got) != len(want)
+        or any(w is not None and w != g for w, g in zip(want, got, strict=True))
     ):
         raise DataError(
             f"{source}: input {spec.describe()} needs samples of shape "

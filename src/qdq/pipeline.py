@@ -20,12 +20,16 @@ from qdq.metrics import nonfinite_notes
 from qdq.onnx.graph import GraphIndex, constants_to_initializers
 from qdq.onnx.model import (
     PER_AXIS_OPSET,
+    check_model,
     check_quantizable,
+    declare_no_shape,
     default_opset,
     load_model,
     optimize,
     ort_rewrite,
+    ranked,
     save_model,
+    unshaped,
     upgrade_opset,
 )
 from qdq.onnx.sessions import Use, fails_on_data, open_session
@@ -141,8 +145,10 @@ def quantize_model(
             f"{source} has no BatchNormalization layers, whose statistics "
             "`data_free` needs; calibrate with `calibration` instead"
         )
+    interface = unshaped(model)  # kept so in the file
     if not config.data_free:
         samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
+        ranked(model, {name: x.ndim for name, x in next(samples.batches(1)).items()})
     prepared, per_channel, notes = prepare(model, config.per_channel)
     decided = decided_from(prepared)  # judged as outputs where the model has no float one
     if decided:
@@ -175,6 +181,7 @@ def quantize_model(
     quantized, summed = insert_qdq(prepared, plan), 0
     half = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == HALF]
     quantized = narrowed(quantized, half)  # a float16 model's outputs, as it wrote them
+    declare_no_shape(quantized, interface)
     if avoids_saturation(config) and any(d.quantized for d in plan.decisions.values()):
         notes.append(
             "weight scales raised where two neighbouring products could overflow the 16-bit sums "
@@ -312,7 +319,7 @@ def _smoothed(
 def _check_loads(model: onnx.ModelProto) -> ort.InferenceSession:
     """The quantized model's session, once ONNX's checker and ONNX Runtime accept it."""
     try:
-        onnx.checker.check_model(model)
+        check_model(model)
         return open_session(model, Use.CHECK)
     except Exception as error:  # ORT raises its own types
         raise RuntimeError(  # not bad input: the CLI exits 1 and logs the traceback

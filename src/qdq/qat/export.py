@@ -25,7 +25,7 @@ from torch import fx, nn
 from qdq.config import Placement
 from qdq.errors import ModelError, UsageError
 from qdq.onnx.graph import GraphIndex
-from qdq.onnx.model import save_model
+from qdq.onnx.model import check_model, save_model
 from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
 from qdq.passes.fuse import sum_before_layer_norm
@@ -100,7 +100,7 @@ def _quantized(
     quantized = insert_qdq(model, plan)
     if config.placement is Placement.ORT:
         quantized, _ = sum_before_layer_norm(quantized)
-    onnx.checker.check_model(quantized)
+    check_model(quantized)
     open_session(quantized, Use.CHECK)
     return quantized
 
