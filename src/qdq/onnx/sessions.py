@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from qdq.errors import DataError, first_line
 from qdq.onnx.graph import subgraph_reads
@@ -96,7 +96,7 @@ def _handed(model: onnx.ModelProto) -> tuple[bytes, list[str], list[ort.OrtValue
             if tensor.name in kept:
                 light.graph.initializer.append(tensor)
             continue
-        if not tensor.HasField("raw_data") or tensor.ByteSize() <= HANDED_BYTES:
+        if not tensor.HasField("raw_data") or _nbytes(tensor) <= HANDED_BYTES:
             light.graph.initializer.append(tensor)
             continue
         stub = light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type)
@@ -106,6 +106,12 @@ def _handed(model: onnx.ModelProto) -> tuple[bytes, list[str], list[ort.OrtValue
         names.append(tensor.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(tensor)))
     return light.SerializeToString(), names, values
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's size from its type and shape (upb's `ByteSize` took 49 ms on 33 MB)."""
+    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def _copy_fields(
