@@ -41,6 +41,18 @@ def test_npy_folders_tell_a_batch_axis_from_a_channel_axis_of_one(tmp_path):
     assert np.array_equal(collect(Samples(tmp_path, spec)), images)
 
 
+def test_npy_files_of_several_shapes_are_read_one_at_a_time_each_as_it_is(tmp_path):
+    """Clips of several lengths for a model with a free time axis: ONNX Runtime runs each,
+    and qdq had refused the folder ("samples ... have different shapes")."""
+    spec = [InputSpec("x", np.dtype(np.float32), (None, 1, None))]
+    clips = [np.random.default_rng(i).random((1, 1, 50 + 7 * i), np.float32) for i in range(5)]
+    for i, clip in enumerate(clips):  # with a batch axis of 1, or without
+        np.save(tmp_path / f"{i}.npy", clip if i % 2 else clip[0])
+    feeds = [feed["x"] for feed in Samples(tmp_path, spec).batches(4)]
+    assert [f.shape for f in feeds] == [c.shape for c in clips]
+    assert all(np.array_equal(f, c) for f, c in zip(feeds, clips, strict=True))
+
+
 def test_batches_are_bounded_and_max_samples_and_seed_pick_a_subset(tmp_path):
     np.save(tmp_path / "a.npy", X)
     sizes = [len(f["x"]) for f in Samples(tmp_path / "a.npy", SPEC).batches(4)]

@@ -123,6 +123,35 @@ def test_a_model_whose_input_and_output_declare_no_shape_quantizes_as_its_source
     assert sqnr_db(run(source, {"input": x})[0], run(out, {"input": x})[0]) > 35
 
 
+def test_clips_of_several_lengths_calibrate_a_model_with_a_free_time_axis(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(8, 1, 5)), rng.normal(size=(4, 8, 3))]
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w0"], ["a"], pads=[2, 2]),
+        onnx.helper.make_node("Relu", ["a"], ["b"]),
+        onnx.helper.make_node("Conv", ["b", "w1"], ["y"], pads=[1, 1]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "clips",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, "T"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, "T"])],
+        [
+            onnx.numpy_helper.from_array(w.astype(np.float32), f"w{i}")
+            for i, w in enumerate(weights)
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    source = save(model, tmp_path)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(24):
+        np.save(clips / f"{i:02d}.npy", rng.normal(size=(1, 100 + 7 * i)).astype(np.float32))
+    report = quantize_model(source, tmp_path / "q.onnx", clips)
+    assert sum(d.quantized for d in report.decisions if d.op_type == "Conv") == 2
+    assert report.output_sqnr["y"] > 30
+
+
 def test_the_report_says_what_the_quantization_cost_in_output_sqnr(tmp_path):
     out, report = quantize_cnn(tmp_path)
     with np.load(DIGITS / "calib.npz") as calib:

@@ -130,6 +130,11 @@ def load_npy(path: str | os.PathLike[str]) -> np.ndarray:
     return np.memmap(path, dtype, "r", offset=start, shape=shape)
 
 
+def npy_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
+    """An .npy file's shape, from its checked header alone."""
+    return _npy_header(Path(path))[0]
+
+
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     check_regular(path, "an .npy file")
     if _sniff(path).startswith(ZIP_MAGIC):

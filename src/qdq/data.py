@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qdq.arrayfile import check_regular, load_npy, open_npy, open_npz
+from qdq.arrayfile import check_regular, load_npy, npy_shape, open_npy, open_npz
 from qdq.errors import ArgumentError, DataError, ModelError
 from qdq.images import IMAGE_SUFFIXES, ImageFolder, ImageOptions
 
@@ -131,6 +131,7 @@ class Samples:
         self.count = min(total, max_samples) if max_samples else total
         self.order = np.arange(self.count) if order is None else np.sort(order[: self.count])
         self.largest_batch = _largest_batch(self.inputs)
+        self.ragged = any(getattr(reader, "ragged", False) for reader in self._readers.values())
         self._check_first_sample()
 
     def __getstate__(self) -> dict[str, object]:
@@ -174,11 +175,12 @@ class Samples:
     def batches(
         self, batch_size: int, first: int = 0, last: int | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds of up to `batch_size` samples (one where the model's batch axis is fixed at 1)
-        from sample `first` up to `last`, in order, each checked for NaN and Inf."""
+        """Feeds of up to `batch_size` samples (one where the model's batch axis is fixed at 1,
+        or the samples differ in shape) from sample `first` up to `last`, in order, each
+        checked for NaN and Inf."""
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
-        batch_size = min(batch_size, self.largest_batch or batch_size)
+        batch_size = min(batch_size, 1 if self.ragged else self.largest_batch or batch_size)
         end = self.count if last is None else min(last, self.count)
         for start in range(first, end, batch_size):
             picked = self.order[start : min(start + batch_size, end)]
@@ -197,7 +199,7 @@ class Samples:
         first = next(self.batches(1))
         free = [s.name for s in self.inputs if s.shape[:1] == (None,)]  # unranked: not joined
         limit = min(limit, max_bytes // max(1, sum(first[name].nbytes for name in free)))
-        if self.largest_batch != 1 or not free or min(limit, self.count) < 2:
+        if self.ragged or self.largest_batch != 1 or not free or min(limit, self.count) < 2:
             return first, 1
         steps = list(self.batches(1, last=limit))
         joined = {name: np.concatenate([step[name] for step in steps]) for name in free}
@@ -315,17 +317,23 @@ class _Reader(Protocol):
 
 
 class _NpyFolder:
-    """One sample per file, with or without a leading batch axis of 1 (told apart by rank)."""
+    """One sample per file, with or without a leading batch axis of 1 (told apart by rank);
+    `ragged` where the files' samples differ in shape (clips or pictures of several sizes for
+    a model with free axes), which are then read one at a time."""
 
     def __init__(self, files: list[Path], rank: int) -> None:
         self.files, self.count, self.rank = files, len(files), rank
+        shapes = {self._unbatched(npy_shape(path)) for path in files}
+        self.ragged = len(shapes) > 1
+
+    def _unbatched(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape[1:] if len(shape) == self.rank and shape[:1] == (1,) else shape
 
     def read(self, picked: np.ndarray) -> np.ndarray:
         samples = []
         for path in (self.files[i] for i in picked):
             sample = load_npy(path)
-            batched = sample.ndim == self.rank and sample.shape[0] == 1
-            samples.append(sample[0] if batched else sample)
+            samples.append(sample.reshape(self._unbatched(sample.shape)))
         shapes = {s.shape for s in samples}
         if len(shapes) > 1:
             raise DataError(f"samples in {self.files[0].parent} have different shapes {shapes}")

@@ -17,7 +17,7 @@ from qdq.config import OutputFormat, Placement, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, ModelError, UsageError, choice, expect
 from qdq.metrics import nonfinite_notes
-from qdq.onnx.graph import GraphIndex, constants_to_initializers
+from qdq.onnx.graph import GraphIndex, constants_to_initializers, dequantized_constants
 from qdq.onnx.model import (
     PER_AXIS_OPSET,
     check_model,
@@ -88,6 +88,12 @@ def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto,
                 "quantized per tensor (per-axis DequantizeLinear needs opset 13)"
             )
     model = constants_to_initializers(optimize(model))
+    folded = dequantized_constants(model)
+    if folded:
+        notes.append(
+            f"folded {folded} DequantizeLinear nodes of constant weights into the float weights "
+            "they compute, to quantize those layers again on qdq's grids"
+        )
     renamed = free_reserved_names(model)
     if renamed:
         notes.append(f"renamed {renamed} tensors named as the tensors qdq adds (x_scale beside x)")

@@ -148,3 +148,41 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(kept)
     return model
+
+
+def dequantized_constants(model: onnx.ModelProto) -> int:
+    """Each DequantizeLinear of constants (a weight-only quantized model's weights) folded
+    into the float initializer it computes, in place, so that its readers have constant
+    weights to quantize again; how many. ONNX Runtime's constant folding keeps them, and qdq
+    had left every such layer float. Blocked scales (`block_size`) stay as they are, and so
+    does a model with a QuantizeLinear: its activations are quantized already, and new pairs
+    beside theirs would quantize them twice."""
+    graph = model.graph
+    if any(node.op_type == "QuantizeLinear" for node in graph.node):
+        return 0
+    constants = {t.name: t for t in graph.initializer}
+    kept, folded = [], 0
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if (
+            node.op_type != "DequantizeLinear"
+            or node.domain not in ("", "ai.onnx")
+            or not all(name in constants for name in inputs)
+            or attributes(node).get("block_size")
+        ):
+            kept.append(node)
+            continue
+        codes, scale, *zero = (numpy_helper.to_array(constants[name]) for name in inputs)
+        point = zero[0].astype(np.int64) if zero else np.int64(0)
+        if scale.ndim == 1:  # one scale (and zero point) per slice along `axis`
+            axis = attributes(node).get("axis", 1) % codes.ndim
+            shape = [-1 if i == axis else 1 for i in range(codes.ndim)]
+            scale, point = scale.reshape(shape), point.reshape(shape if point.ndim else ())
+        values = (codes.astype(np.int64) - point).astype(scale.dtype) * scale
+        tensor = numpy_helper.from_array(values, node.output[0])
+        graph.initializer.append(tensor)
+        constants[tensor.name] = tensor
+        folded += 1
+    del graph.node[:]
+    graph.node.extend(kept)
+    return folded

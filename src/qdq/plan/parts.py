@@ -150,9 +150,11 @@ def find_parts(
         return [Part(name)]
     if sum(len(b) for b in batches) < MIN_ROWS:
         return [Part(name)]
-    # quantities lie along the first non-batch axis or the last, never along image rows
+    # quantities lie along the first non-batch axis or the last, never along image rows, nor
+    # along an axis whose size varies between samples (a clip's time steps)
     for axis in dict.fromkeys((1, first.ndim - 1)):
-        if 2 <= first.shape[axis] <= MAX_CHANNELS:
+        fixed = all(b.ndim == first.ndim and b.shape[axis] == first.shape[axis] for b in batches)
+        if fixed and 2 <= first.shape[axis] <= MAX_CHANNELS:
             parts = _split(name, batches, axis)
             if parts:
                 return _typed(parts, first.ndim)
