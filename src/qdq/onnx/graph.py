@@ -133,6 +133,33 @@ def clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, 
     return bounds[0], bounds[1]
 
 
+def copied_except(model: onnx.ModelProto, *skipped: str) -> onnx.ModelProto:
+    """A copy of `model` without the graph fields `skipped` ("initializer", "node"): a model
+    rebuilt from its source need not copy weights it drops or replaces (ddddocr's 33 MB Gemm
+    weight, for each of ~50 sessions and each candidate plan)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, {"graph"})
+    _copy_fields(model.graph, out.graph, set(skipped))
+    return out
+
+
+def _copy_fields(
+    source: onnx.ModelProto | onnx.GraphProto,
+    target: onnx.ModelProto | onnx.GraphProto,
+    skipped: set[str],
+) -> None:
+    """Each field set in `source` but those `skipped` onto the empty `target`."""
+    for field, value in source.ListFields():
+        if field.name in skipped:
+            continue
+        if hasattr(value, "ListFields"):  # a message
+            getattr(target, field.name).CopyFrom(value)
+        elif isinstance(value, str | bytes | int | float):
+            setattr(target, field.name, value)
+        else:  # a repeated field
+            getattr(target, field.name).extend(value)
+
+
 def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant nodes become initializers, so that weights are found in one place."""
     graph = model.graph

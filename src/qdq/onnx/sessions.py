@@ -21,7 +21,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from qdq.errors import DataError, first_line
-from qdq.onnx.graph import subgraph_reads
+from qdq.onnx.graph import copied_except, subgraph_reads
 from qdq.workers import session_threads
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -84,9 +84,7 @@ def open_session(
 def _handed(model: onnx.ModelProto) -> tuple[bytes, list[str], list[ort.OrtValue]]:
     """`model` serialized with each initializer over HANDED_BYTES as an external-data stub,
     and those initializers' names and values, for `add_external_initializers`."""
-    light = onnx.ModelProto()
-    _copy_fields(model, light, "graph")
-    _copy_fields(model.graph, light.graph, "initializer")
+    light = copied_except(model, "initializer")
     graph = model.graph
     read = {name for node in graph.node for name in (*node.input, *subgraph_reads(node))}
     kept = {v.name for v in (*graph.input, *graph.output)}
@@ -112,23 +110,6 @@ def _nbytes(tensor: onnx.TensorProto) -> int:
     """A tensor's size from its type and shape (upb's `ByteSize` took 49 ms on 33 MB)."""
     itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-
-
-def _copy_fields(
-    source: onnx.ModelProto | onnx.GraphProto,
-    target: onnx.ModelProto | onnx.GraphProto,
-    skipped: str,
-) -> None:
-    """Each field set in `source` but `skipped` onto the empty `target`."""
-    for field, value in source.ListFields():
-        if field.name == skipped:
-            continue
-        if hasattr(value, "ListFields"):  # a message
-            getattr(target, field.name).CopyFrom(value)
-        elif isinstance(value, str | bytes | int | float):
-            setattr(target, field.name, value)
-        else:  # a repeated field
-            getattr(target, field.name).extend(value)
 
 
 def _options(use: Use) -> ort.SessionOptions:

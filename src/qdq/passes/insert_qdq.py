@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qdq.errors import ModelError
-from qdq.onnx.graph import GraphIndex, attributes, subgraph_reads, subgraphs
+from qdq.onnx.graph import GraphIndex, attributes, copied_except, subgraph_reads, subgraphs
 from qdq.onnx.model import FLOORS_KEY, METADATA_KEY, WEIGHTS_KEY
 from qdq.plan.build import Plan
 from qdq.plan.flow import reads_int8
@@ -39,10 +39,8 @@ WEIGHTS_QUANTIZED_BY_ORT = frozenset({"Conv", "ConvTranspose", "Gemm"})
 def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     """A new model with Q/DQ pairs, integer weights and int32 biases as `plan` says."""
     index = GraphIndex(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied_except(model, "node", "initializer")
     graph = out.graph
-    del graph.node[:]
     initializers = {t.name: t for t in model.graph.initializer}
     used_float: set[str] = set()
     renamed: dict[str, str] = {}  # int8 consumers read this name instead
@@ -116,7 +114,6 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         for name in quantized:
             add_pair(name, plan.activations[name])
     graph.node.extend(new_nodes)
-    del graph.initializer[:]
     # a constant output (folded from constants alone) is kept as the initializer it became
     kept = (
         used_float | index.graph_outputs | {n for node in index.nodes for n in subgraph_reads(node)}
