@@ -20,18 +20,15 @@ from qdq.metrics import nonfinite_notes
 from qdq.onnx.graph import GraphIndex, constants_to_initializers, dequantized_constants
 from qdq.onnx.model import (
     PER_AXIS_OPSET,
-    check_model,
     check_quantizable,
-    declare_no_shape,
     default_opset,
     load_model,
     optimize,
     ort_rewrite,
-    ranked,
     save_model,
-    unshaped,
     upgrade_opset,
 )
+from qdq.onnx.repair import check_model, declare_no_shape, ranked, unshaped
 from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.outputs import check_output
 from qdq.passes.datafree import batchnorm_moments

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper, version_converter
 
 from qdq.errors import ModelError, first_line
-from qdq.onnx.repair import in_order, typed
+from qdq.onnx.repair import check_model, in_order, typed
 from qdq.onnx.sessions import Use, open_session
 
 log = logging.getLogger(__name__)
@@ -84,49 +84,6 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         first = str(error).strip().splitlines()[0]
         raise ModelError(f"{path} is not a valid ONNX model: {first}") from None
     return model
-
-
-def unshaped(model: onnx.ModelProto) -> set[str]:
-    """The graph inputs and outputs that declare no shape (any rank)."""
-    graph = model.graph
-    return {
-        v.name
-        for v in (*graph.input, *graph.output)
-        if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")
-    }
-
-
-def ranked(model: onnx.ModelProto, ranks: dict[str, int]) -> None:
-    """Give each unshaped graph input named in `ranks` that many free axes, in place: the
-    rank its samples have, so that shape inference reaches the layers behind it (with none,
-    GPTQ and the corrections read less of the digits CNN: 42.1 against its 43.4 dB)."""
-    free = unshaped(model)
-    for value in model.graph.input:
-        if value.name in ranks and value.name in free:
-            shape = value.type.tensor_type.shape
-            for axis in range(ranks[value.name]):
-                shape.dim.add().dim_param = f"{value.name}_axis{axis}"
-
-
-def declare_no_shape(model: onnx.ModelProto, names: set[str]) -> None:
-    """Clear the shapes of the graph inputs and outputs `names`, in place: the interface of a
-    source that declared none."""
-    for value in (*model.graph.input, *model.graph.output):
-        if value.name in names:
-            value.type.tensor_type.ClearField("shape")
-
-
-def check_model(model: onnx.ModelProto) -> None:
-    """ONNX's checker, except that a graph input or output may declare no shape (any rank):
-    the checker wants one, ONNX Runtime runs the model without, and so does qdq."""
-    names = unshaped(model)
-    try:
-        for value in (*model.graph.input, *model.graph.output):
-            if value.name in names:  # checked with an empty shape, then left unset again
-                value.type.tensor_type.shape.SetInParent()
-        onnx.checker.check_model(model)
-    finally:
-        declare_no_shape(model, names)
 
 
 def _older_upgraded(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -1,6 +1,7 @@
 """Models that ONNX Runtime runs but ONNX's own tools stop at, made acceptable to them: nodes out
-of topological order (ONNX Runtime sorts them itself; ONNX's checker refuses them), and node
-outputs that ONNX's shape inference cannot type (after a custom-domain op)."""
+of topological order (ONNX Runtime sorts them itself; ONNX's checker refuses them), node
+outputs that ONNX's shape inference cannot type (after a custom-domain op), and graph inputs
+and outputs that declare no shape (the checker wants one)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,46 @@ def typed(model: onnx.ModelProto) -> onnx.ModelProto:
         shape = served[name].shape or None  # [] is ONNX Runtime's unknown rank, not a scalar
         graph.value_info.append(helper.make_tensor_value_info(name, elem, shape))
     return model
+
+
+def unshaped(model: onnx.ModelProto) -> set[str]:
+    """The graph inputs and outputs that declare no shape (any rank)."""
+    graph = model.graph
+    return {
+        v.name
+        for v in (*graph.input, *graph.output)
+        if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")
+    }
+
+
+def ranked(model: onnx.ModelProto, ranks: dict[str, int]) -> None:
+    """Give each unshaped graph input named in `ranks` that many free axes, in place: the
+    rank its samples have, so that shape inference reaches the layers behind it (with none,
+    GPTQ and the corrections read less of the digits CNN: 42.1 against its 43.4 dB)."""
+    free = unshaped(model)
+    for value in model.graph.input:
+        if value.name in ranks and value.name in free:
+            shape = value.type.tensor_type.shape
+            for axis in range(ranks[value.name]):
+                shape.dim.add().dim_param = f"{value.name}_axis{axis}"
+
+
+def declare_no_shape(model: onnx.ModelProto, names: set[str]) -> None:
+    """Clear the shapes of the graph inputs and outputs `names`, in place: the interface of a
+    source that declared none."""
+    for value in (*model.graph.input, *model.graph.output):
+        if value.name in names:
+            value.type.tensor_type.ClearField("shape")
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """ONNX's checker, except that a graph input or output may declare no shape (any rank):
+    the checker wants one, ONNX Runtime runs the model without, and so does qdq."""
+    names = unshaped(model)
+    try:
+        for value in (*model.graph.input, *model.graph.output):
+            if value.name in names:  # checked with an empty shape, then left unset again
+                value.type.tensor_type.shape.SetInParent()
+        onnx.checker.check_model(model)
+    finally:
+        declare_no_shape(model, names)

@@ -25,7 +25,8 @@ from torch import fx, nn
 from qdq.config import Placement
 from qdq.errors import ModelError, UsageError
 from qdq.onnx.graph import GraphIndex
-from qdq.onnx.model import check_model, save_model
+from qdq.onnx.model import save_model
+from qdq.onnx.repair import check_model
 from qdq.onnx.sessions import Use, open_session
 from qdq.outputs import check_output
 from qdq.passes.fuse import sum_before_layer_norm
