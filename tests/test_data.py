@@ -74,10 +74,18 @@ def test_a_leading_axis_fixed_at_1_gets_batches_of_1_and_other_fixed_ones_are_re
     eight = [InputSpec("x", np.dtype(np.float32), (8, 3, 4, 5))]
     with pytest.raises(DataError, match=r"'x' float32\[8, 3, 4, 5\] has its leading axis fixed"):
         Samples(tmp_path / "a.npy", eight)
+
+
+def test_a_scalar_input_takes_one_value_per_sample_fed_one_sample_a_call(tmp_path):
+    """A sample rate or a threshold as a rank-0 input: its .npz array holds a value per
+    sample; qdq had refused the model ("fold its value into the model")."""
     scalar = [*SPEC, InputSpec("rate", np.dtype(np.int64), ())]
-    np.savez(tmp_path / "b.npz", x=X, rate=np.full(10, 16000))
-    with pytest.raises(DataError, match=r"'rate' int64\[\] is a scalar"):
-        Samples(tmp_path / "b.npz", scalar)
+    rates = np.arange(10) * 1000
+    np.savez(tmp_path / "b.npz", x=X, rate=rates)
+    feeds = list(Samples(tmp_path / "b.npz", scalar).batches(4))
+    assert [f["rate"].shape for f in feeds] == [()] * 10
+    assert [int(f["rate"]) for f in feeds] == rates.tolist()
+    assert np.array_equal(np.concatenate([f["x"] for f in feeds]), X)
 
 
 def test_a_free_axis_beside_a_batch_fixed_at_1_is_a_sequence_timed_in_one_call(tmp_path):

@@ -152,6 +152,22 @@ def test_clips_of_several_lengths_calibrate_a_model_with_a_free_time_axis(tmp_pa
     assert report.output_sqnr["y"] > 30
 
 
+def test_a_model_with_a_scalar_input_quantizes_on_a_value_per_sample(tmp_path):
+    model = onnx.load(str(DIGITS / "cnn.onnx"))
+    model.graph.input.append(onnx.helper.make_tensor_value_info("gain", onnx.TensorProto.FLOAT, []))
+    model.graph.node[0].input[0] = "scaled"
+    model.graph.node.insert(0, onnx.helper.make_node("Mul", ["input", "gain"], ["scaled"]))
+    source = save(model, tmp_path)
+    with np.load(DIGITS / "calib.npz") as calib:
+        x = calib["input"][:64]
+    gains = np.random.default_rng(0).uniform(0.8, 1.2, len(x)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", input=x, gain=gains)
+    report = quantize_model(source, tmp_path / "q.onnx", tmp_path / "calib.npz")
+    assert any(d.quantized for d in report.decisions if d.op_type == "Conv")
+    feed = {"input": x[:8], "gain": np.array(1.1, np.float32)}
+    assert sqnr_db(run(source, feed)[0], run(tmp_path / "q.onnx", feed)[0]) > 35
+
+
 def test_the_report_says_what_the_quantization_cost_in_output_sqnr(tmp_path):
     out, report = quantize_cnn(tmp_path)
     with np.load(DIGITS / "calib.npz") as calib:

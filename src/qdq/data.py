@@ -187,6 +187,8 @@ class Samples:
             feed = {name: r.read(picked) for name, r in self._readers.items()}
             for spec in self.inputs:
                 feed[spec.name] = _checked(feed[spec.name], spec, self.source, start)
+                if spec.ranked and not spec.shape:  # a scalar: its sample's value, fed alone
+                    feed[spec.name] = feed[spec.name].reshape(())
             yield feed
 
     def sequence(self, limit: int, max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
@@ -259,22 +261,19 @@ class Samples:
 
 
 def _largest_batch(inputs: Sequence[InputSpec]) -> int | None:
-    """1 where an input's leading (batch) axis is fixed at 1, as exporters often leave it;
-    None where every leading axis is free. Samples are stacked on that axis, so a scalar input
-    or one whose leading axis is fixed at more than 1 cannot take them."""
-    for spec in (spec for spec in inputs if spec.ranked):
-        if not spec.shape:
-            raise DataError(
-                f"input {spec.describe()} is a scalar: qdq stacks samples on each input's "
-                "leading axis, which a scalar has not; fold its value into the model"
-            )
+    """1 where an input's leading (batch) axis is fixed at 1, as exporters often leave it, or
+    an input is a scalar (a sample rate, a threshold: one value per sample, so one sample a
+    call); None where every leading axis is free. Samples are stacked on that axis, so an
+    input whose leading axis is fixed at more than 1 cannot take them."""
+    for spec in (spec for spec in inputs if spec.ranked and spec.shape):
         if spec.shape[0] not in (None, 1):
             raise DataError(
                 f"input {spec.describe()} has its leading axis fixed at {spec.shape[0]}: qdq "
                 "stacks samples on each input's leading axis (in place of the batch axis), so "
                 "it must be free or 1; export the model with the batch axis first"
             )
-    return 1 if any(spec.shape[:1] == (1,) for spec in inputs) else None
+    scalar = any(spec.ranked and not spec.shape for spec in inputs)  # one value per call
+    return 1 if scalar or any(spec.shape[:1] == (1,) for spec in inputs) else None
 
 
 def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np.ndarray:
