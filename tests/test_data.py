@@ -72,8 +72,20 @@ def test_a_leading_axis_fixed_at_1_gets_batches_of_1_and_other_fixed_ones_are_re
     assert [len(f["x"]) for f in batches] == [1, 1, 1]
     assert np.array_equal(np.concatenate([f["x"] for f in batches]), X[2:5])
     eight = [InputSpec("x", np.dtype(np.float32), (8, 3, 4, 5))]
-    with pytest.raises(DataError, match=r"'x' float32\[8, 3, 4, 5\] has its leading axis fixed"):
+    with pytest.raises(DataError, match=r"needs samples of shape \(8, 3, 4, 5\), got \(3, 4, 5\)"):
         Samples(tmp_path / "a.npy", eight)
+
+
+def test_an_input_not_batched_on_its_leading_axis_takes_a_whole_tensor_per_sample(tmp_path):
+    """Silero VAD's state, [2, batch, 128]: each sample holds the whole tensor, and samples go
+    one per call; qdq had refused the model ("has its leading axis fixed at 2")."""
+    spec = [*SPEC, InputSpec("state", np.dtype(np.float32), (2, None, 6))]
+    states = np.random.default_rng(2).random((10, 2, 1, 6), np.float32)
+    np.savez(tmp_path / "s.npz", x=X, state=states)
+    feeds = list(Samples(tmp_path / "s.npz", spec).batches(4))
+    assert [f["state"].shape for f in feeds] == [(2, 1, 6)] * 10
+    assert np.array_equal(np.stack([f["state"] for f in feeds]), states)
+    assert np.array_equal(np.concatenate([f["x"] for f in feeds]), X)
 
 
 def test_a_scalar_input_takes_one_value_per_sample_fed_one_sample_a_call(tmp_path):

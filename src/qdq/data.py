@@ -30,6 +30,13 @@ class InputSpec:
     shape: tuple[int | None, ...]
     ranked: bool = True  # False: the model declares no shape at all, so any rank goes
 
+    @property
+    def batched(self) -> bool:
+        """Whether samples stack on its leading axis; else (a scalar, a leading axis fixed at
+        more than 1: a sample rate, Silero VAD's [2, batch, 128] state) each sample holds the
+        whole tensor, and samples go one per call."""
+        return not self.ranked or self.shape[:1] in ((None,), (1,))
+
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
         return f"{self.name!r} {self.dtype}[{dims if self.ranked else '...'}]"
@@ -187,8 +194,8 @@ class Samples:
             feed = {name: r.read(picked) for name, r in self._readers.items()}
             for spec in self.inputs:
                 feed[spec.name] = _checked(feed[spec.name], spec, self.source, start)
-                if spec.ranked and not spec.shape:  # a scalar: its sample's value, fed alone
-                    feed[spec.name] = feed[spec.name].reshape(())
+                if not spec.batched:  # its one sample's whole tensor (a 0-d array for a scalar)
+                    feed[spec.name] = feed[spec.name].reshape(feed[spec.name].shape[1:])
             yield feed
 
     def sequence(self, limit: int, max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
@@ -201,7 +208,14 @@ class Samples:
         first = next(self.batches(1))
         free = [s.name for s in self.inputs if s.shape[:1] == (None,)]  # unranked: not joined
         limit = min(limit, max_bytes // max(1, sum(first[name].nbytes for name in free)))
-        if self.ragged or self.largest_batch != 1 or not free or min(limit, self.count) < 2:
+        whole = any(not spec.batched for spec in self.inputs)  # their batch axis: elsewhere
+        if (
+            whole
+            or self.ragged
+            or self.largest_batch != 1
+            or not free
+            or min(limit, self.count) < 2
+        ):
             return first, 1
         steps = list(self.batches(1, last=limit))
         joined = {name: np.concatenate([step[name] for step in steps]) for name in free}
@@ -262,23 +276,14 @@ class Samples:
 
 def _largest_batch(inputs: Sequence[InputSpec]) -> int | None:
     """1 where an input's leading (batch) axis is fixed at 1, as exporters often leave it, or
-    an input is a scalar (a sample rate, a threshold: one value per sample, so one sample a
-    call); None where every leading axis is free. Samples are stacked on that axis, so an
-    input whose leading axis is fixed at more than 1 cannot take them."""
-    for spec in (spec for spec in inputs if spec.ranked and spec.shape):
-        if spec.shape[0] not in (None, 1):
-            raise DataError(
-                f"input {spec.describe()} has its leading axis fixed at {spec.shape[0]}: qdq "
-                "stacks samples on each input's leading axis (in place of the batch axis), so "
-                "it must be free or 1; export the model with the batch axis first"
-            )
-    scalar = any(spec.ranked and not spec.shape for spec in inputs)  # one value per call
-    return 1 if scalar or any(spec.shape[:1] == (1,) for spec in inputs) else None
+    an input is not batched on its leading axis (`InputSpec.batched`); None where every
+    leading axis is free."""
+    return 1 if any(not s.batched or s.shape[:1] == (1,) for s in inputs) else None
 
 
 def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np.ndarray:
     """`batch` in the input's dtype, after shape, dtype and finiteness checks."""
-    want = spec.shape[1:]
+    want = spec.shape[1:] if spec.batched else spec.shape  # a batch of 1 whole tensor
     got = batch.shape[1:]
     if spec.ranked and (
         len(got) != len(want)
@@ -286,8 +291,12 @@ def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np
     ):
         raise DataError(
             f"{source}: input {spec.describe()} needs samples of shape "
-            f"({', '.join('?' if d is None else str(d) for d in want)}), got {got} "
-            "(samples are stacked on the leading axis in place of the batch axis)"
+            f"({', '.join('?' if d is None else str(d) for d in want)}), got {got}"
+            + (
+                " (samples are stacked on the leading axis in place of the batch axis)"
+                if spec.batched
+                else " (each sample holds the whole tensor, samples stacked on a new leading axis)"
+            )
         )
     if batch.dtype != spec.dtype:
         same_kind = batch.dtype.kind == spec.dtype.kind or (
