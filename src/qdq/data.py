@@ -183,8 +183,8 @@ class Samples:
         self, batch_size: int, first: int = 0, last: int | None = None
     ) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of up to `batch_size` samples (one where the model's batch axis is fixed at 1,
-        or the samples differ in shape) from sample `first` up to `last`, in order, each
-        checked for NaN and Inf."""
+        an input is not batched on its leading axis, or the samples differ in shape) from
+        sample `first` up to `last`, in order, each checked for NaN and Inf."""
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
         batch_size = min(batch_size, 1 if self.ragged else self.largest_batch or batch_size)
@@ -208,7 +208,7 @@ class Samples:
         first = next(self.batches(1))
         free = [s.name for s in self.inputs if s.shape[:1] == (None,)]  # unranked: not joined
         limit = min(limit, max_bytes // max(1, sum(first[name].nbytes for name in free)))
-        whole = any(not spec.batched for spec in self.inputs)  # their batch axis: elsewhere
+        whole = any(not spec.batched for spec in self.inputs)  # a batch axis inside: not joined
         if (
             whole
             or self.ragged
