@@ -323,3 +323,58 @@ def step_softmax(op: str, constant: np.ndarray, steps: int, classes: int) -> onn
     ]
     shape = ["N", steps, classes]
     return _model(nodes, [_value("x", shape)], [_value("probs", shape)], [_init("c", constant)])
+
+
+def branched(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model`'s network inside an If on a scalar int64 input `mode` >= 1, as Silero VAD puts
+    its 16 kHz network inside an If on its sample rate, and its last node inside a second If
+    (on `mode` == 1) within that branch; each else branch is the same computation with its
+    weights halved (their own names, their own initializers)."""
+    graph = model.graph
+    *body, last = graph.node
+    out = graph.output[0].name
+
+    def halved(node: onnx.NodeProto, suffix: str) -> onnx.NodeProto:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [n if n == "input" else n + suffix for n in node.input]
+        copy.output[:] = [n + suffix for n in node.output]
+        return copy
+
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    last_out = onnx.NodeProto()
+    last_out.CopyFrom(last)
+    last_out.output[:] = ["inner_a"]
+    late = halved(last, "_h")
+    late.input[:] = [*last.input[:1], *(n + "_h" for n in last.input[1:])]
+    typed = [_value(n, None) for n in ("inner_a", "inner_b", "net_a", out + "_e")]
+    late.output[:] = ["inner_b"]
+    inner = helper.make_node(
+        "If",
+        ["exactly_one"],
+        ["net_a"],
+        then_branch=helper.make_graph([last_out], "inner_then", [], [typed[0]]),
+        else_branch=helper.make_graph([late], "inner_else", [], [typed[1]]),
+        name="inner_if",
+    )
+    then_inits = [*graph.initializer, *(_init(n + "_h", weights[n] / 2) for n in last.input[1:])]
+    then_inits.append(numpy_helper.from_array(np.array(1, np.int64), "inner_one"))
+    equal = helper.make_node("Equal", ["mode", "inner_one"], ["exactly_one"], name="equal")
+    then_branch = helper.make_graph([*body, equal, inner], "then", [], [typed[2]], then_inits)
+    other = [halved(node, "_e") for node in graph.node]
+    other_inits = [_init(t.name + "_e", weights[t.name] / 2) for t in graph.initializer]
+    else_branch = helper.make_graph(other, "else", [], [typed[3]], other_inits)
+    one = numpy_helper.from_array(np.array(1, np.int64), "one")
+    nodes = [
+        helper.make_node("GreaterOrEqual", ["mode", "one"], ["at_least_one"], name="at_least"),
+        helper.make_node(
+            "If",
+            ["at_least_one"],
+            [out],
+            then_branch=then_branch,
+            else_branch=else_branch,
+            name="if",
+        ),
+    ]
+    mode = helper.make_tensor_value_info("mode", TensorProto.INT64, [])
+    return _model(nodes, [graph.input[0], mode], [graph.output[0]], [one])

@@ -17,7 +17,12 @@ from qdq.config import OutputFormat, Placement, QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
 from qdq.errors import DataError, ModelError, UsageError, choice, expect
 from qdq.metrics import nonfinite_notes
-from qdq.onnx.graph import GraphIndex, constants_to_initializers, dequantized_constants
+from qdq.onnx.graph import (
+    GraphIndex,
+    constants_to_initializers,
+    dequantized_constants,
+    hoisted_duplicates,
+)
 from qdq.onnx.model import (
     PER_AXIS_OPSET,
     check_quantizable,
@@ -31,6 +36,7 @@ from qdq.onnx.model import (
 from qdq.onnx.repair import check_model, declare_no_shape, ranked, unshaped
 from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.outputs import check_output
+from qdq.passes.branches import Inlined, inline_decided, outputs_kept, rewrapped
 from qdq.passes.datafree import batchnorm_moments
 from qdq.passes.decided import decided_from, exposed, hidden
 from qdq.passes.equalize import equalize
@@ -165,6 +171,18 @@ def quantize_model(
     unknown = [name for name in config.exclude if name not in known]
     if unknown:  # as the CLI's --exclude check, for callers of this function
         raise UsageError(f"`exclude` {unknown} names no node or op type of the model")
+    branches: list[Inlined] = []
+    if not config.data_free and not decided:
+        prepared, branches = inline_decided(prepared, samples, config.batch_size, config.exclude)
+    if branches:  # the branches' nodes, prepared as the rest were
+        own = {o.name for o in prepared.graph.output}
+        added = [name for b in branches for name in b.types if name not in own]
+        prepared, per_channel, _ = prepare(outputs_kept(prepared, branches), per_channel)
+        prepared = hidden(prepared, added)
+        notes.append(
+            f"quantized inside {len(branches)} If nodes whose condition is the same on every "
+            "calibration sample, as the branch it takes; the other branch stays float"
+        )
     if not config.data_free:
         notes[:0] = samples.read_notes()
     if config.equalize or config.data_free:
@@ -192,6 +210,8 @@ def quantize_model(
         )
     if config.placement is Placement.ORT:  # TensorRT fuses the residual Add itself
         quantized, summed = sum_before_layer_norm(quantized)
+    quantized = rewrapped(quantized, branches)
+    hoisted_duplicates(quantized)
     if summed:
         notes.append(
             f"wrote {summed} float Adds before a LayerNorm as Sum, which ONNX Runtime runs "

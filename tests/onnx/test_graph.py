@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq.onnx.graph import dequantized_constants
+from qdq.onnx.graph import dequantized_constants, hoisted_duplicates
 from qdq.pipeline import quantize_model
 
 from conftest import DIGITS
@@ -88,3 +88,46 @@ def test_a_weight_only_quantized_cnn_is_quantized_again_with_int8_activations(tm
     assert sum(d.quantized for d in report.decisions if d.op_type == "Conv") == 3
     assert any("folded 3 DequantizeLinear" in note for note in report.notes)
     assert report.output_sqnr["logits"] > 35
+
+
+def test_a_weight_both_branches_of_an_if_hold_is_stored_once():
+    """ONNX Runtime's constant folding gives each branch its own copy of a weight (Silero VAD's
+    LSTM weights, three times each); the file keeps one, read by both branches."""
+    weight = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
+
+    def branch(name: str, op: str) -> onnx.GraphProto:
+        node = helper.make_node(op, ["x", f"{name}_w"], [f"{name}_y"])
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [16, 32])
+        return helper.make_graph(
+            [node], name, [], [out], [numpy_helper.from_array(weight, f"{name}_w")]
+        )
+
+    model = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node(
+                    "If",
+                    ["c"],
+                    ["y"],
+                    then_branch=branch("a", "Add"),
+                    else_branch=branch("b", "Mul"),
+                )
+            ],
+            "g",
+            [
+                helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 32]),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 32])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    x = np.ones((16, 32), np.float32)
+    before = ort.InferenceSession(model.SerializeToString())
+    assert hoisted_duplicates(model) == 2
+    onnx.checker.check_model(model)
+    assert len(model.graph.initializer) == 1
+    after = ort.InferenceSession(model.SerializeToString())
+    for c in (True, False):
+        feed = {"c": np.array(c), "x": x}
+        np.testing.assert_array_equal(before.run(None, feed)[0], after.run(None, feed)[0])

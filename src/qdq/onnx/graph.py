@@ -85,6 +85,15 @@ def names_in(graph: onnx.GraphProto) -> set[str]:
     return names | {t.name for t in graph.initializer}
 
 
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor and node name in `graph` and the graphs inside its nodes."""
+    names = names_in(graph) | {v.name for v in graph.value_info}
+    for node in graph.node:
+        for inner in subgraphs(node):
+            names |= all_names(inner)
+    return names
+
+
 def free_name(stem: str, taken: set[str]) -> str:
     """`stem`, or `stem` with the first counter that makes it a name not in `taken`; added to
     `taken`."""
@@ -213,3 +222,60 @@ def dequantized_constants(model: onnx.ModelProto) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     return folded
+
+
+def hoisted_duplicates(model: onnx.ModelProto, least_bytes: int = 1024) -> int:
+    """Each initializer of a subgraph (an If's branch, a Loop's body) that holds the same
+    values as another, read from one copy in the main graph instead (subgraphs read outer
+    names); returns how many copies went. ONNX Runtime's constant folding gives each branch
+    its own copy of a weight it reshapes (Silero VAD's LSTM weights: 6 copies of 2 x 256 kB
+    in the file for 2 in the source)."""
+    graph = model.graph
+    main = {_content(t): t.name for t in graph.initializer if len(t.raw_data) >= least_bytes}
+    inner: dict[tuple, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = defaultdict(list)
+    for node in graph.node:
+        for sub in subgraphs(node):
+            for owner, tensor in _initializers_within(sub):
+                if len(tensor.raw_data) >= least_bytes:
+                    inner[_content(tensor)].append((owner, tensor))
+    taken = all_names(graph)
+    moved = 0
+    for content, copies in inner.items():
+        if content not in main and len(copies) < 2:
+            continue
+        if content not in main:
+            shared = onnx.TensorProto()
+            shared.CopyFrom(copies[0][1])
+            shared.name = main[content] = free_name(copies[0][1].name, taken)
+            graph.initializer.append(shared)
+        for owner, tensor in copies:
+            _rename_reads(owner, tensor.name, main[content])
+            owner.initializer.remove(tensor)
+            moved += 1
+    return moved
+
+
+def _content(tensor: onnx.TensorProto) -> tuple:
+    return tensor.data_type, tuple(tensor.dims), tensor.raw_data
+
+
+def _initializers_within(
+    graph: onnx.GraphProto,
+) -> Iterator[tuple[onnx.GraphProto, onnx.TensorProto]]:
+    """(graph, initializer) for `graph` and every graph nested in its nodes."""
+    for tensor in graph.initializer:
+        yield graph, tensor
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from _initializers_within(sub)
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every read of `old` in `graph` and the graphs nested in it, as `new`."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        for sub in subgraphs(node):
+            _rename_reads(sub, old, new)
+    for output in graph.output:
+        if output.name == old:
+            output.name = new

@@ -1,0 +1,115 @@
+"""Networks inside Ifs (Silero VAD's form): quantized where the samples decide the branch, the
+other branch kept as it was."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import models
+from qdq.config import QuantConfig
+from qdq.data import Samples, model_inputs
+from qdq.onnx.model import ort_rewrite
+from qdq.passes.branches import decided_ifs
+from qdq.pipeline import quantize_model
+from quantize_and_run import FUSED, run, save, sqnr_db
+
+from conftest import DIGITS
+
+
+def ops(graph: onnx.GraphProto) -> collections.Counter:
+    """Op types in `graph` and every graph inside its nodes."""
+    counts = collections.Counter(node.op_type for node in graph.node)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                counts += ops(attribute.g)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def branched(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("branched")
+    source = save(models.branched(onnx.load(str(DIGITS / "cnn.onnx"))), folder)
+    with np.load(DIGITS / "calib.npz") as calib:
+        x = calib["input"][:64]
+    return source, x, folder
+
+
+def calibrate(folder, x, modes) -> str:
+    path = folder / f"calib_{len(set(modes))}.npz"
+    np.savez(path, input=x, mode=np.asarray(modes, np.int64))
+    return path
+
+
+def test_a_network_inside_ifs_the_samples_decide_is_quantized_and_written_back_as_ifs(branched):
+    source, x, folder = branched
+    out = folder / "q.onnx"
+    report = quantize_model(source, out, calibrate(folder, x, [1] * len(x)))
+    assert sum(d.quantized for d in report.decisions if d.op_type == "Conv") == 3
+    written = onnx.load(str(out))
+    assert collections.Counter(n.op_type for n in written.graph.node) == {
+        "GreaterOrEqual": 1,
+        "If": 1,
+    }
+    branches = {a.name: a.g for a in written.graph.node[-1].attribute}
+    taken, other = branches["then_branch"], branches["else_branch"]
+    assert ops(taken)["QuantizeLinear"]
+    assert ops(taken)["If"] == 1
+    assert not ops(other)["QuantizeLinear"]
+    assert ops(ort_rewrite(written, FUSED).graph)["QLinearConv"] == 3  # int8 kernels in ORT
+    test = np.load(DIGITS / "test.npz")["input"][:128]
+    for mode, least_db in ((1, 30), (2, 25), (0, 100)):  # 0: the float branch, unchanged
+        feed = {"input": test, "mode": np.array(mode, np.int64)}
+        assert sqnr_db(run(source, feed)[0], run(out, feed)[0]) > least_db, mode
+
+
+def test_an_if_whose_condition_differs_between_samples_stays_float(branched):
+    source, x, folder = branched
+    modes = np.arange(len(x)) % 2
+    report = quantize_model(source, folder / "mixed.onnx", calibrate(folder, x, modes))
+    assert not any(d.quantized for d in report.decisions)
+    assert not any("If nodes" in note for note in report.notes)
+
+
+def test_excluding_if_keeps_the_networks_inside_float(branched):
+    source, x, folder = branched
+    config = QuantConfig(exclude=("If",))
+    report = quantize_model(
+        source, folder / "kept.onnx", calibrate(folder, x, [1] * len(x)), config
+    )
+    assert not any(d.quantized for d in report.decisions)
+
+
+def test_a_condition_on_the_batch_size_is_not_decided_by_single_samples(tmp_path):
+    """TorchScript's `if x.size(0) == 1: squeeze`: one sample takes one branch, a calibration
+    batch the other, so inlining either would calibrate or time the wrong graph."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], start=0, end=1),
+        helper.make_node("Equal", ["shape", "one"], ["single"]),
+        helper.make_node(
+            "If",
+            ["single"],
+            ["y"],
+            then_branch=helper.make_graph(
+                [helper.make_node("Relu", ["x"], ["a"])], "t", [], [models._value("a", ["N", 4])]
+            ),
+            else_branch=helper.make_graph(
+                [helper.make_node("Sigmoid", ["x"], ["b"])], "e", [], [models._value("b", ["N", 4])]
+            ),
+            name="by_batch",
+        ),
+    ]
+    one = onnx.numpy_helper.from_array(np.array([1], np.int64), "one")
+    x, y = models._value("x", ["N", 4]), models._value("y", ["N", 4])
+    model = models._model(nodes, [x], [y], [one])
+    np.savez(tmp_path / "x.npz", x=np.ones((32, 4), np.float32))
+    samples = Samples(tmp_path / "x.npz", model_inputs(model))
+    assert decided_ifs(model, list(model.graph.node[-1:]), samples, 16) == {}
+    np.savez(tmp_path / "one.npz", x=np.ones((1, 4), np.float32))  # one sample: every batch is 1
+    single = Samples(tmp_path / "one.npz", model_inputs(model))
+    assert decided_ifs(model, list(model.graph.node[-1:]), single, 16) == {"by_batch": True}
