@@ -12,7 +12,15 @@ pytest.importorskip("numba")
 
 
 @pytest.mark.parametrize(
-    ("shape", "axis"), [((4, 24, 9, 9), None), ((4, 24, 9, 9), 1), ((3, 5000), 1), ((7,), None)]
+    ("shape", "axis"),
+    [
+        ((4, 24, 9, 9), None),
+        ((4, 24, 9, 9), 1),
+        ((3, 5000), 1),
+        ((7,), None),
+        ((2, 3, 40001), 1),  # long rows: counted in four copies (`LANES`), an odd count left
+        ((16, 32, 80), None),
+    ],
 )
 def test_compiled_and_numpy_binning_give_the_same_counts(shape, axis, monkeypatch):
     rng = np.random.default_rng(0)

@@ -27,6 +27,10 @@ from qdq.qparams import Range
 # faster than 2^22 on a 4.8M-value activation. (Per channel, a chunk holds at least one column
 # per bin, so temporaries scale with the histogram itself.)
 CHUNK = 1 << 18
+# The compiled count's copies of the counts (`_count`), used on rows of at least LANES_FROM
+# values per bin (below that, clearing and summing the copies costs more than they save).
+LANES = 4
+LANES_FROM = 8
 
 
 class Histogram:
@@ -211,12 +215,28 @@ def _count(rows, per_unit, half, counts):
     """`_count_numpy` as one loop: the same float arithmetic, then truncation. Every value is
     above -1 there (`_bin_rows` checks), so the index is unsigned: no check for a negative
     index, a fifth faster (ddddocr's detector's activations: 40 -> 32 ms a sample, the same
-    counts)."""
+    counts). A long row is counted into four copies of the counts in turn, summed at the end:
+    with one, runs of values in one bin (a ReLU's zeros) wait on each other's increments
+    (4.9 -> 0.65 ns a value on ReLU outputs, 7.7 -> 0.7 on normal ones: the same counts)."""
+    stride = counts.shape[1]
+    lanes = np.zeros((LANES, stride), counts.dtype)
     for c in range(rows.shape[0]):
         scale = per_unit[c]
-        row = counts[c]
-        for x in rows[c]:
-            row[np.uint32(x * scale + half)] += 1
+        row = rows[c]
+        n = row.shape[0]
+        start = 0
+        if n >= LANES_FROM * stride:
+            lanes[:] = 0
+            start = n - n % LANES
+            for i in range(0, start, LANES):
+                lanes[0, np.uint32(row[i] * scale + half)] += 1
+                lanes[1, np.uint32(row[i + 1] * scale + half)] += 1
+                lanes[2, np.uint32(row[i + 2] * scale + half)] += 1
+                lanes[3, np.uint32(row[i + 3] * scale + half)] += 1
+            for b in range(stride):
+                counts[c, b] += lanes[0, b] + lanes[1, b] + lanes[2, b] + lanes[3, b]
+        for i in range(start, n):
+            counts[c, np.uint32(row[i] * scale + half)] += 1
 
 
 @cache
