@@ -113,3 +113,31 @@ def test_a_condition_on_the_batch_size_is_not_decided_by_single_samples(tmp_path
     np.savez(tmp_path / "one.npz", x=np.ones((1, 4), np.float32))  # one sample: every batch is 1
     single = Samples(tmp_path / "one.npz", model_inputs(model))
     assert decided_ifs(model, list(model.graph.node[-1:]), single, 16) == {"by_batch": True}
+
+
+def test_an_if_output_that_a_second_if_reads_is_written_back_past_its_q_dq(branched):
+    """The CNN's logits leave the inner If as a graph output that qdq quantizes (renamed to keep
+    the output's name after its Q/DQ), and a second If on the same condition reads them."""
+    source, x, folder = branched
+    model = onnx.load(str(source))
+    value = models._value
+
+    def branch(op: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node(op, ["logits"], [op])], op, [], [value(op, None)]
+        )
+
+    second = helper.make_node(
+        "If", ["at_least_one"], ["z"], then_branch=branch("Relu"), else_branch=branch("Neg")
+    )
+    model.graph.node.append(second)
+    model.graph.output.append(value("z", ["N", 10]))
+    path = save(model, folder, "two_ifs.onnx")
+    out = folder / "two_ifs_q.onnx"
+    report = quantize_model(path, out, calibrate(folder, x, [1] * len(x)))
+    assert sum(d.quantized for d in report.decisions if d.op_type == "Conv") == 3
+    test = np.load(DIGITS / "test.npz")["input"][:128]
+    for mode, least_db in ((1, 30), (2, 25), (0, 100)):
+        feed = {"input": test, "mode": np.array(mode, np.int64)}
+        for want, got in zip(run(path, feed), run(out, feed), strict=True):
+            assert sqnr_db(want, got) > least_db, mode

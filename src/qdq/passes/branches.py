@@ -34,6 +34,7 @@ M = TypeVar("M", onnx.NodeProto, onnx.ValueInfoProto)
 ROUNDS = 8  # Ifs nested deeper than this stay as they are
 BATCHES = (8, 16)  # batch sizes the pipeline's passes feed besides one sample (`decided_ifs`)
 BRANCHES = {True: "then_branch", False: "else_branch"}
+QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 @dataclass(frozen=True)
@@ -242,12 +243,15 @@ def _rewrap(graph: onnx.GraphProto, record: Inlined) -> None:
             joins = users and all(inside[j] for j in users)
             if not inside[i] and joins and not any(out in read_outside for out in made):
                 inside[i] = changed = True
-    made = {out for node, ins in zip(nodes, inside, strict=True) if ins for out in node.output}
-    crossing = {
-        name
-        for name in made
-        if name in read_outside or any(not inside[j] for j in readers.get(name, []))
-    }
+    made, crossing = _crossing(nodes, inside, readers, read_outside)
+    slots = set(record.node.output)
+    while stray := crossing - slots:  # an If output renamed to keep its name past its Q/DQ
+        users = [j for name in stray for j in readers.get(name, []) if not inside[j]]
+        if not users or any(nodes[j].op_type not in QDQ for j in users):
+            break
+        for j in users:
+            inside[j] = True
+        made, crossing = _crossing(nodes, inside, readers, read_outside)
     kept = [name for name in record.node.output if name in made]
     if not crossing <= set(kept):
         raise ModelError(
@@ -292,6 +296,18 @@ def _rewrap(graph: onnx.GraphProto, record: Inlined) -> None:
     outside = [_copy(v) for v in graph.value_info if v.name not in made or v.name in kept]
     graph.ClearField("value_info")
     graph.value_info.extend(outside)
+
+
+def _crossing(
+    nodes: list[onnx.NodeProto],
+    inside: list[bool],
+    readers: dict[str, list[int]],
+    read_outside: set[str],
+) -> tuple[set[str], set[str]]:
+    """The tensors the nodes `inside` make, and those of them read outside."""
+    made = {out for node, ins in zip(nodes, inside, strict=True) if ins for out in node.output}
+    outside = {name for name in made if any(not inside[j] for j in readers.get(name, []))}
+    return made, outside | (made & read_outside)
 
 
 def _computing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
