@@ -13,9 +13,12 @@ from onnx import helper
 import models
 from qdq.config import QuantConfig
 from qdq.data import Samples, model_inputs
+from qdq.engine.diff import diff_model
+from qdq.errors import ModelError
 from qdq.onnx.model import ort_rewrite
 from qdq.passes.branches import decided_ifs
 from qdq.pipeline import quantize_model
+from qdq.report.tables import read_ranges
 from quantize_and_run import FUSED, run, save, sqnr_db
 
 from conftest import DIGITS
@@ -46,10 +49,15 @@ def calibrate(folder, x, modes) -> str:
     return path
 
 
-def test_a_network_inside_ifs_the_samples_decide_is_quantized_and_written_back_as_ifs(branched):
+@pytest.fixture(scope="module")
+def quantized(branched):
     source, x, folder = branched
     out = folder / "q.onnx"
-    report = quantize_model(source, out, calibrate(folder, x, [1] * len(x)))
+    return source, out, quantize_model(source, out, calibrate(folder, x, [1] * len(x)))
+
+
+def test_a_network_inside_ifs_the_samples_decide_is_quantized_and_written_back_as_ifs(quantized):
+    source, out, report = quantized
     assert sum(d.quantized for d in report.decisions if d.op_type == "Conv") == 3
     written = onnx.load(str(out))
     assert collections.Counter(n.op_type for n in written.graph.node) == {
@@ -141,3 +149,18 @@ def test_an_if_output_that_a_second_if_reads_is_written_back_past_its_q_dq(branc
         feed = {"input": test, "mode": np.array(mode, np.int64)}
         for want, got in zip(run(path, feed), run(out, feed), strict=True):
             assert sqnr_db(want, got) > least_db, mode
+
+
+def test_the_engine_and_diff_run_an_if_whose_branches_read_outer_tensors(quantized, branched):
+    """The engine's float fallback runs the If alone in ONNX Runtime: it must be fed the
+    tensors its branches read from outside (the model's input), which its inputs do not list."""
+    _, out, _ = quantized
+    _, x, folder = branched
+    result = diff_model(out, calibrate(folder, x, [1] * len(x)), max_samples=8)
+    assert result.first_departure is None
+    assert {node.op_type for node in result.nodes} >= {"If"}
+
+
+def test_tables_are_refused_with_the_reason_for_layers_inside_ifs(quantized):
+    with pytest.raises(ModelError, match="inside If branches"):
+        read_ranges(onnx.load(str(quantized[1])))

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from qdq.data import Samples, model_inputs
 from qdq.engine.context import Requant
-from qdq.engine.executor import Engine
+from qdq.engine.executor import Engine, reads
 from qdq.errors import ModelError, UsageError, expect, first_line
 from qdq.onnx.model import load_model
 from qdq.onnx.sessions import session_with_outputs
@@ -219,7 +219,7 @@ def _ort_trace(engine: Engine, source: Values) -> Values:
     values = dict(source)
     for position, node in enumerate(engine.model.graph.node):
         if node.op_type != "Constant":
-            inputs = [_read(name, engine.constants, source) for name in node.input]
+            inputs = [_read(name, engine.constants, source) for name in reads(node)]
             outputs = engine.ort_node(position, node, inputs)
             values.update(zip([o for o in node.output if o], outputs, strict=True))
     return values

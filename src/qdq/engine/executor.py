@@ -192,12 +192,12 @@ class Engine:
         ONNX Runtime optimizes it as in a whole-model session and a float Conv runs the same
         kernel (NCHWc, needing constant weights) and gives the same float32 sums; for the
         ops in `SHAPED` the inputs' shapes are declared too (a session per shape)."""
-        # a Loop's or If's body may read outer constants that its inputs do not list
-        fixed = {n for n in (*node.input, *subgraph_reads(node)) if n in self.constants}
+        # a Loop's or If's body may read outer tensors that its inputs do not list (`reads`)
+        fixed = {n for n in reads(node) if n in self.constants}
         # by name: one tensor may feed several inputs (a Slice whose axes and steps are one [1])
         present = {
             name: x
-            for name, x in zip(node.input, inputs, strict=True)
+            for name, x in zip(reads(node), inputs, strict=True)
             if name and name not in fixed
         }
         shapes = tuple(x.shape for x in present.values()) if node.op_type in SHAPED else ()
@@ -238,7 +238,7 @@ def _step(position: int, node: onnx.NodeProto) -> _Step:
         position,
         node,
         attrs,
-        tuple(node.input),
+        reads(node),
         tuple(node.output),
         kernel,
         # one output: MaxPool's indices come from ONNX Runtime
@@ -246,6 +246,13 @@ def _step(position: int, node: onnx.NodeProto) -> _Step:
         FLOAT_KERNELS.get(key),
         f"{node.name} ({node.op_type})",
     )
+
+
+def reads(node: onnx.NodeProto) -> tuple[str, ...]:
+    """The tensors `node` reads: its inputs, then those its subgraphs (an If's branches, a
+    Loop's body) read from outside without listing them, which its float fallback's session
+    must be fed too."""
+    return (*node.input, *sorted(subgraph_reads(node) - set(node.input)))
 
 
 def _spent(plan: list[_Step], kept: set[str]) -> list[tuple[str, ...]]:

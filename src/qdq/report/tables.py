@@ -35,7 +35,7 @@ import onnx
 
 from qdq.errors import DataError, ModelError, choice
 from qdq.lowbit import WeightGrid
-from qdq.onnx.graph import GraphIndex, attributes
+from qdq.onnx.graph import GraphIndex, attributes, subgraphs
 from qdq.onnx.model import METADATA_KEY, UNIFORM_INT8, WEIGHTS_KEY, load_model
 from qdq.outputs import check_output, staged
 
@@ -100,6 +100,12 @@ def read_ranges(model: onnx.ModelProto) -> Ranges:
         copies = json.loads(props[METADATA_KEY])  # float name -> dequantized copy
     except ValueError:
         copies = None
+    if any(n.op_type == "If" and _has_qdq(n) for n in model.graph.node):
+        raise ModelError(
+            "the model's quantized layers sit inside If branches (qdq quantized the branch its "
+            "calibration samples took), which calibration tables have no place for; quantize "
+            "the branch's network as a model of its own to export its tables"
+        )
     index = GraphIndex(model)
     made = {n.output[0] for n in index.nodes if n.op_type == "DequantizeLinear"}
     if not isinstance(copies, dict) or not all(
@@ -128,6 +134,15 @@ def read_ranges(model: onnx.ModelProto) -> Ranges:
             "(e.g. uniform:8); export tables from the file `qdq quantize` wrote"
         )
     return Ranges({k: float(v) for k, v in activations.items()}, layers, weights)
+
+
+def _has_qdq(node: onnx.NodeProto) -> bool:
+    """Whether a DequantizeLinear sits in `node`'s subgraphs, at any depth."""
+    return any(
+        inner.op_type == "DequantizeLinear" or _has_qdq(inner)
+        for graph in subgraphs(node)
+        for inner in graph.node
+    )
 
 
 def _amax(index: GraphIndex, dq: onnx.NodeProto) -> np.ndarray:
