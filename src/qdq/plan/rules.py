@@ -136,6 +136,8 @@ FLOAT_BY_DESIGN = {
     "Softmax": "needs float precision; ONNX Runtime has no CPU QDQ kernel for it",
     "LayerNormalization": "needs float precision; ONNX Runtime has no CPU QDQ kernel for it",
     "HardSwish": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
+    "If": "stays an If; `qdq quantize` quantizes inside the branch where every calibration "
+    "sample takes the same one (`qdq.passes.branches`)",
 }
 
 # Int8 kernels that ONNX Runtime also runs with a float output (MatMulIntegerToFloat, QGemm).
