@@ -36,7 +36,13 @@ from qdq.onnx.model import (
 from qdq.onnx.repair import check_model, declare_no_shape, ranked, unshaped
 from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.outputs import check_output
-from qdq.passes.branches import Inlined, inline_decided, outputs_kept, rewrapped
+from qdq.passes.branches import (
+    Inlined,
+    inline_decided,
+    inlined_names,
+    outputs_kept,
+    rewrapped,
+)
 from qdq.passes.datafree import batchnorm_moments
 from qdq.passes.decided import decided_from, exposed, hidden
 from qdq.passes.equalize import equalize
@@ -168,7 +174,7 @@ def quantize_model(
             + ") are judged as its outputs would be; the file has the model's own outputs"
         )
     known = {name for node in prepared.graph.node for name in (node.name, node.op_type)}
-    unknown = [name for name in config.exclude if name not in known]
+    unknown = [n for n in config.exclude if n not in known | inlined_names(prepared.graph)]
     if unknown:  # as the CLI's --exclude check, for callers of this function
         raise UsageError(f"`exclude` {unknown} names no node or op type of the model")
     branches: list[Inlined] = []

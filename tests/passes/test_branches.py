@@ -164,3 +164,12 @@ def test_the_engine_and_diff_run_an_if_whose_branches_read_outer_tensors(quantiz
 def test_tables_are_refused_with_the_reason_for_layers_inside_ifs(quantized):
     with pytest.raises(ModelError, match="inside If branches"):
         read_ranges(onnx.load(str(quantized[1])))
+
+
+def test_a_node_inside_an_if_is_excluded_by_the_name_reports_give_it(branched):
+    source, x, folder = branched
+    inner = "if//3/Conv"  # the If's name, then the node's in its branch
+    config = QuantConfig(exclude=(inner,))
+    report = quantize_model(source, folder / "ex.onnx", calibrate(folder, x, [1] * len(x)), config)
+    convs = {d.node: d.quantized for d in report.decisions if d.op_type == "Conv"}
+    assert convs == {"if//0/Conv": True, inner: False, "if//7/Conv": True}

@@ -107,7 +107,12 @@ def check_excluded(exclude: Sequence[str], known: set[str]) -> None:
 
 
 def _prepared_names(model_path: str) -> set[str]:
-    """Node names as `qdq inspect` shows them (after preparation names the unnamed nodes)."""
-    from qdq.pipeline import inspect_model
+    """Node names as `qdq inspect` shows them (after preparation names the unnamed nodes), and
+    as reports name the nodes inside Ifs (`qdq.passes.branches.inlined_names`)."""
+    from qdq.onnx.model import load_model
+    from qdq.passes.branches import inlined_names
+    from qdq.pipeline import prepare
 
-    return {n for d in inspect_model(model_path) for n in (d.node, d.op_type)}
+    prepared, _, _ = prepare(load_model(model_path), per_channel=True)
+    names = {n for node in prepared.graph.node for n in (node.name, node.op_type)}
+    return names | inlined_names(prepared.graph)

@@ -74,6 +74,23 @@ def inline_decided(
     return model, records
 
 
+def inlined_names(graph: onnx.GraphProto, prefix: str = "") -> set[str]:
+    """The names `inlined` gives the nodes inside `graph`'s Ifs, of either branch and at any
+    depth (`{if}/{node}`, `{if}/{inner if}/{node}`), which `--exclude` may name as reports
+    show them."""
+    names: set[str] = set()
+    for node in graph.node:
+        if node.op_type != "If":
+            continue
+        for branch in subgraphs(node):
+            names |= {
+                f"{prefix}{node.name}/{inner.name or f'{inner.op_type}_{k}'}"
+                for k, inner in enumerate(branch.node)
+            }
+            names |= inlined_names(branch, f"{prefix}{node.name}/")
+    return names
+
+
 def decided_ifs(
     model: onnx.ModelProto, ifs: list[onnx.NodeProto], samples: Samples, batch_size: int
 ) -> dict[str, bool]:
