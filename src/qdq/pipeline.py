@@ -186,8 +186,8 @@ def quantize_model(
         prepared, per_channel, _ = prepare(outputs_kept(prepared, branches), per_channel)
         prepared = hidden(prepared, added)
         notes.append(
-            f"quantized inside {len(branches)} If nodes whose condition is the same on every "
-            "calibration sample, as the branch it takes; the other branch stays float"
+            f"planned the ops inside {len(branches)} If nodes as the branch each takes on every "
+            "calibration sample (written back as Ifs; their other branches stay float)"
         )
     if not config.data_free:
         notes[:0] = samples.read_notes()

@@ -59,6 +59,7 @@ def quantized(branched):
 def test_a_network_inside_ifs_the_samples_decide_is_quantized_and_written_back_as_ifs(quantized):
     source, out, report = quantized
     assert sum(d.quantized for d in report.decisions if d.op_type == "Conv") == 3
+    assert any("inside 2 If nodes" in note for note in report.notes)
     written = onnx.load(str(out))
     assert collections.Counter(n.op_type for n in written.graph.node) == {
         "GreaterOrEqual": 1,
