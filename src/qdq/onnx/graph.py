@@ -94,6 +94,32 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def in_order(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """`nodes` in an order where each comes after the producers of what it reads (an If after
+    those of the tensors its branches read), otherwise as given."""
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    done: list[bool] = [False] * len(nodes)
+    order: list[onnx.NodeProto] = []
+
+    def visit(i: int) -> None:
+        stack = [(i, iter(sorted({*nodes[i].input, *subgraph_reads(nodes[i])})))]
+        done[i] = True
+        while stack:
+            j, reads = stack[-1]
+            k = next((producer[n] for n in reads if n in producer and not done[producer[n]]), None)
+            if k is None:
+                stack.pop()
+                order.append(nodes[j])
+            else:
+                done[k] = True
+                stack.append((k, iter(sorted({*nodes[k].input, *subgraph_reads(nodes[k])}))))
+
+    for i in range(len(nodes)):
+        if not done[i]:
+            visit(i)
+    return order
+
+
 def free_name(stem: str, taken: set[str]) -> str:
     """`stem`, or `stem` with the first counter that makes it a name not in `taken`; added to
     `taken`."""
