@@ -325,43 +325,46 @@ def step_softmax(op: str, constant: np.ndarray, steps: int, classes: int) -> onn
     return _model(nodes, [_value("x", shape)], [_value("probs", shape)], [_init("c", constant)])
 
 
-def branched(model: onnx.ModelProto) -> onnx.ModelProto:
+def branched(model: onnx.ModelProto, tail: int = 1) -> onnx.ModelProto:
     """`model`'s network inside an If on a scalar int64 input `mode` >= 1, as Silero VAD puts
-    its 16 kHz network inside an If on its sample rate, and its last node inside a second If
-    (on `mode` == 1) within that branch; each else branch is the same computation with its
-    weights halved (their own names, their own initializers)."""
+    its 16 kHz network inside an If on its sample rate, and its last `tail` nodes inside a
+    second If (on `mode` == 1) within that branch; each else branch is the same computation
+    with its weights halved (their own names, their own initializers)."""
     graph = model.graph
-    *body, last = graph.node
+    body, late_nodes = list(graph.node[:-tail]), list(graph.node[-tail:])
     out = graph.output[0].name
+    outer = {"input", *(o for node in body for o in node.output)}
 
-    def halved(node: onnx.NodeProto, suffix: str) -> onnx.NodeProto:
+    def halved(node: onnx.NodeProto, suffix: str, kept: set[str]) -> onnx.NodeProto:
+        """A copy reading and writing its own names (`suffix`) but those `kept`."""
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        copy.input[:] = [n if n == "input" else n + suffix for n in node.input]
+        copy.input[:] = [n if n in kept else n + suffix for n in node.input]
         copy.output[:] = [n + suffix for n in node.output]
         return copy
 
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    last_out = onnx.NodeProto()
-    last_out.CopyFrom(last)
-    last_out.output[:] = ["inner_a"]
-    late = halved(last, "_h")
-    late.input[:] = [*last.input[:1], *(n + "_h" for n in last.input[1:])]
+    taken = [onnx.NodeProto() for _ in late_nodes]
+    for copy, node in zip(taken, late_nodes, strict=True):
+        copy.CopyFrom(node)
+    taken[-1].output[:] = ["inner_a"]
+    late = [halved(node, "_h", outer) for node in late_nodes]
+    late[-1].output[:] = ["inner_b"]
+    read = {n for node in late_nodes for n in node.input if n in weights}
     typed = [_value(n, None) for n in ("inner_a", "inner_b", "net_a", out + "_e")]
-    late.output[:] = ["inner_b"]
     inner = helper.make_node(
         "If",
         ["exactly_one"],
         ["net_a"],
-        then_branch=helper.make_graph([last_out], "inner_then", [], [typed[0]]),
-        else_branch=helper.make_graph([late], "inner_else", [], [typed[1]]),
+        then_branch=helper.make_graph(taken, "inner_then", [], [typed[0]]),
+        else_branch=helper.make_graph(late, "inner_else", [], [typed[1]]),
         name="inner_if",
     )
-    then_inits = [*graph.initializer, *(_init(n + "_h", weights[n] / 2) for n in last.input[1:])]
+    then_inits = [*graph.initializer, *(_init(n + "_h", weights[n] / 2) for n in sorted(read))]
     then_inits.append(numpy_helper.from_array(np.array(1, np.int64), "inner_one"))
     equal = helper.make_node("Equal", ["mode", "inner_one"], ["exactly_one"], name="equal")
     then_branch = helper.make_graph([*body, equal, inner], "then", [], [typed[2]], then_inits)
-    other = [halved(node, "_e") for node in graph.node]
+    other = [halved(node, "_e", {"input"}) for node in graph.node]
     other_inits = [_init(t.name + "_e", weights[t.name] / 2) for t in graph.initializer]
     else_branch = helper.make_graph(other, "else", [], [typed[3]], other_inits)
     one = numpy_helper.from_array(np.array(1, np.int64), "one")

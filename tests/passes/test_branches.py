@@ -174,3 +174,20 @@ def test_a_node_inside_an_if_is_excluded_by_the_name_reports_give_it(branched):
     report = quantize_model(source, folder / "ex.onnx", calibrate(folder, x, [1] * len(x)), config)
     convs = {d.node: d.quantized for d in report.decisions if d.op_type == "Conv"}
     assert convs == {"if//0/Conv": True, inner: False, "if//7/Conv": True}
+
+
+def test_a_convolution_an_inner_if_reads_still_runs_as_an_int8_kernel(branched):
+    """The inner If holds the pooling and the classifier; its other branch reads the last
+    convolution's output. Read as float past its Q there, ONNX Runtime could not fuse that
+    convolution (it stayed float, as Silero VAD's last encoder convolution had)."""
+    _, x, folder = branched
+    source = save(models.branched(onnx.load(str(DIGITS / "cnn.onnx")), tail=3), folder, "tail.onnx")
+    out = folder / "tail_q.onnx"
+    quantize_model(source, out, calibrate(folder, x, [1] * len(x)))
+    fused = ops(ort_rewrite(onnx.load(str(out)), FUSED).graph)
+    assert fused["QLinearConv"] == 3
+    assert fused["QLinearGlobalAveragePool"] == 1
+    test = np.load(DIGITS / "test.npz")["input"][:128]
+    for mode, least_db in ((1, 30), (2, 25), (0, 100)):
+        feed = {"input": test, "mode": np.array(mode, np.int64)}
+        assert sqnr_db(run(source, feed)[0], run(out, feed)[0]) > least_db, mode

@@ -1,9 +1,10 @@
-"""Read-only index of an ONNX graph: producers, consumers, constants, float tensors."""
+"""Read-only index of an ONNX graph (producers, consumers, constants, float tensors), and the
+graph helpers the passes share: names, order, subgraphs, copies."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -118,6 +119,33 @@ def in_order(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         if not done[i]:
             visit(i)
     return order
+
+
+def computing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """`model` cut down to the nodes that compute `names`, which are its outputs."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    kept = ancestors(graph, names)
+    read = {name for node in kept for name in (*node.input, *subgraph_reads(node))}
+    initializers = [t for t in graph.initializer if t.name in read]
+    graph.ClearField("node")
+    graph.node.extend(kept)
+    graph.ClearField("initializer")
+    graph.initializer.extend(initializers)
+    graph.ClearField("output")
+    graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    return probe
+
+
+def ancestors(graph: onnx.GraphProto, names: Iterable[str]) -> list[onnx.NodeProto]:
+    """The nodes of `graph` that `names` are computed from, in the graph's order."""
+    needed, kept = set(names), []
+    for node in reversed(graph.node):
+        if needed & set(node.output):
+            kept.append(node)
+            needed |= {*node.input, *subgraph_reads(node)}
+    return kept[::-1]
 
 
 def free_name(stem: str, taken: set[str]) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from itertools import chain
 from typing import TypeVar
@@ -26,7 +26,15 @@ import onnx
 
 from qdq.data import Samples
 from qdq.errors import ModelError
-from qdq.onnx.graph import all_names, free_name, in_order, subgraph_reads, subgraphs
+from qdq.onnx.graph import (
+    all_names,
+    ancestors,
+    computing,
+    free_name,
+    in_order,
+    subgraph_reads,
+    subgraphs,
+)
 from qdq.onnx.sessions import Use, open_session
 
 log = logging.getLogger(__name__)
@@ -97,7 +105,7 @@ def decided_ifs(
     """The Ifs whose condition has one value on each sample alone and on the first batch of
     each size the pipeline feeds (a condition on the batch size differs there), by name."""
     conditions = [node.input[0] for node in ifs]
-    probe = _computing(model, conditions)
+    probe = computing(model, conditions)
     try:
         session = open_session(probe, Use.CALIBRATION)
         sizes = sorted({batch_size, *BATCHES} - {1})
@@ -212,7 +220,7 @@ def _inline(
         taken=value,
         names=frozenset(names),
         types=dict(zip(node.output, (o.type for o in branch.output), strict=True)),
-        feeders=_ancestors(model.graph, _outer_reads(node, value)),  # `_with_feeders` cuts
+        feeders=ancestors(model.graph, _outer_reads(node, value)),  # `_with_feeders` cuts
         constants=[],
     )
 
@@ -252,7 +260,7 @@ def _rewrap(graph: onnx.GraphProto, record: Inlined) -> None:
     read_outside = {o.name for o in graph.output} | _outer_reads(record.node, record.taken)
     inside = [node.name in record.names for node in nodes]
     changed = True
-    while changed:  # nodes that feed only the branch's (Q/DQ of an outer tensor) join it
+    while changed:  # nodes that feed only the branch's (a weight's DequantizeLinear) join it
         changed = False
         for i in reversed(range(len(nodes))):
             made = [out for out in nodes[i].output if out]
@@ -260,14 +268,14 @@ def _rewrap(graph: onnx.GraphProto, record: Inlined) -> None:
             joins = users and all(inside[j] for j in users)
             if not inside[i] and joins and not any(out in read_outside for out in made):
                 inside[i] = changed = True
-    # A DequantizeLinear stays beside its QuantizeLinear: ONNX Runtime fuses a Q into the op
-    # that writes its tensor only where the Q's DQs share its graph (Silero VAD's last encoder
-    # convolution had stayed float with its DQ inside an inner If: 0.109 against 0.083 ms).
+    # but a Q stays beside the op that writes its tensor: ONNX Runtime fuses the two only
+    # within one graph (Silero VAD's last encoder convolution had stayed float: 0.109
+    # against 0.083 ms a frame)
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
     for i, node in enumerate(nodes):
-        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if inside[i] and q is not None and not inside[q] and node.name not in record.names:
-            inside[i] = False
+        writer = producer.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if inside[i] and writer is not None and not inside[writer]:
+            inside[i] = node.name in record.names
     made, crossing = _crossing(nodes, inside, readers, read_outside)
     slots = set(record.node.output)
     while stray := crossing - slots:  # an If output renamed to keep its name past its Q/DQ
@@ -306,7 +314,8 @@ def _rewrap(graph: onnx.GraphProto, record: Inlined) -> None:
     # The other branch reads a quantized tensor's DQ copy, as the taken one does: a float
     # tensor read past its Q is one ONNX Runtime cannot fuse away (Silero VAD's last encoder
     # convolution had stayed float so: 0.109 against 0.083 ms a frame).
-    copies = _dequantized(nodes, inside, readers)
+    wanted = subgraph_reads(onnx.helper.make_node("If", [], [], g=kept_other))
+    copies, added = _dequantized(nodes, inside, readers, wanted, taken)
     for node in kept_other.node:
         _rename_node(node, copies)
     wrapped = onnx.helper.make_node(
@@ -316,7 +325,7 @@ def _rewrap(graph: onnx.GraphProto, record: Inlined) -> None:
         record.node.name,
         **{BRANCHES[record.taken]: branch, BRANCHES[not record.taken]: kept_other},
     )
-    rest = [node for node, ins in zip(nodes, inside, strict=True) if not ins]
+    rest = [node for node, ins in zip(nodes, inside, strict=True) if not ins] + added
     present = {out for node in rest for out in node.output}
     present |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
     rest += [n for n in record.feeders if not set(n.output) & present]
@@ -330,17 +339,31 @@ def _rewrap(graph: onnx.GraphProto, record: Inlined) -> None:
 
 
 def _dequantized(
-    nodes: list[onnx.NodeProto], inside: list[bool], readers: dict[str, list[int]]
-) -> dict[str, str]:
-    """Each tensor a QuantizeLinear outside the branch reads, and its DequantizeLinear's copy
-    there."""
-    copies = {}
+    nodes: list[onnx.NodeProto],
+    inside: list[bool],
+    readers: dict[str, list[int]],
+    wanted: set[str],
+    taken: set[str],
+) -> tuple[dict[str, str], list[onnx.NodeProto]]:
+    """For each tensor in `wanted` that a QuantizeLinear outside the branch reads, a
+    DequantizeLinear copy outside it: one there, or a new one beside the Q (its DQs all in the
+    branch, where they fuse with what reads them); and the new nodes."""
+    copies: dict[str, str] = {}
+    added = []
     for i, node in enumerate(nodes):
-        if node.op_type == "QuantizeLinear" and not inside[i]:
-            for j in readers.get(node.output[0], []):
-                if nodes[j].op_type == "DequantizeLinear" and not inside[j]:
-                    copies.setdefault(node.input[0], nodes[j].output[0])
-    return copies
+        if node.op_type != "QuantizeLinear" or inside[i] or node.input[0] not in wanted:
+            continue
+        dqs = [j for j in readers.get(node.output[0], []) if nodes[j].op_type == "DequantizeLinear"]
+        out = [j for j in dqs if not inside[j]]
+        if out or dqs:
+            dq = nodes[(out or dqs)[0]]
+            if not out:
+                dq = _copy(dq)
+                dq.name = free_name(f"{dq.name}_other", taken)
+                dq.output[0] = free_name(f"{dq.output[0]}_other", taken)
+                added.append(dq)
+            copies.setdefault(node.input[0], dq.output[0])
+    return copies, added
 
 
 def _crossing(
@@ -353,33 +376,6 @@ def _crossing(
     made = {out for node, ins in zip(nodes, inside, strict=True) if ins for out in node.output}
     outside = {name for name in made if any(not inside[j] for j in readers.get(name, []))}
     return made, outside | (made & read_outside)
-
-
-def _computing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """`model` cut down to the nodes that compute `names`, which are its outputs."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    graph = probe.graph
-    kept = _ancestors(graph, names)
-    read = {name for node in kept for name in (*node.input, *subgraph_reads(node))}
-    initializers = [t for t in graph.initializer if t.name in read]
-    graph.ClearField("node")
-    graph.node.extend(kept)
-    graph.ClearField("initializer")
-    graph.initializer.extend(initializers)
-    graph.ClearField("output")
-    graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    return probe
-
-
-def _ancestors(graph: onnx.GraphProto, names: Iterable[str]) -> list[onnx.NodeProto]:
-    """The nodes of `graph` that `names` are computed from, in the graph's order."""
-    needed, kept = set(names), []
-    for node in reversed(graph.node):
-        if needed & set(node.output):
-            kept.append(node)
-            needed |= {*node.input, *subgraph_reads(node)}
-    return kept[::-1]
 
 
 def _rename_node(node: onnx.NodeProto, renames: dict[str, str]) -> None:
