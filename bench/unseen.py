@@ -32,29 +32,27 @@ from unseen_metrics import ONET_THRESHOLD, sqnr_db, task_metric
 from unseen_models import CPU, MODELS, SR, VAD_FRAMES, Feed, Model, prepared
 
 
-def feeds(path: Path, x: Feed) -> tuple[list[str], dict[str, np.ndarray], int]:
-    """The input names, `x` by input name, and the batch: 16, or 1 where an axis is fixed at 1
-    or an input is not batched (a scalar, a state whose leading axis is fixed above 1)."""
+def feeds(path: Path, x: Feed) -> tuple[int, int, Callable[[int], dict[str, np.ndarray]]]:
+    """The samples in `x`, the batch (16, or 1 where an axis is fixed at 1 or an input is not
+    batched: a scalar, a state whose leading axis is fixed above 1, which each sample holds
+    whole), and start -> the feed of the batch from sample `start`."""
     inputs = ort.InferenceSession(str(path), providers=CPU).get_inputs()
     names = [i.name for i in inputs if isinstance(x, np.ndarray) or i.name in x]
     by_name = {names[0]: x} if isinstance(x, np.ndarray) else x
-    single = any(not i.shape or i.shape[0] == 1 or _whole(i) for i in inputs)
-    return names, by_name, 1 if single else 16
+    whole = {i.name for i in inputs if _whole(i)}
+    step = 1 if whole or any(i.shape[0] == 1 for i in inputs) else 16
+    return (
+        len(by_name[names[0]]),
+        step,
+        lambda i: {
+            n: np.asarray(by_name[n][i]) if n in whole else by_name[n][i : i + step] for n in names
+        },
+    )
 
 
 def _whole(spec: ort.NodeArg) -> bool:
     """Whether each sample holds the input's whole tensor (a scalar, Silero's (2, N, 128))."""
     return not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 1)
-
-
-def sample(path: Path, x: Feed) -> Callable[[int, int], dict[str, np.ndarray]]:
-    """(start, step) -> the feed of samples start .. start + step of `x`."""
-    names, by_name, _ = feeds(path, x)
-    inputs = ort.InferenceSession(str(path), providers=CPU).get_inputs()
-    whole = {i.name for i in inputs if _whole(i)}
-    return lambda i, step: {
-        n: np.asarray(by_name[n][i]) if n in whole else by_name[n][i : i + step] for n in names
-    }
 
 
 def run(model: Model, path: Path, x: Feed) -> list[np.ndarray]:
@@ -74,9 +72,8 @@ def run(model: Model, path: Path, x: Feed) -> list[np.ndarray]:
         zero = np.zeros((1, 1, 128), np.float32)
         probs = [session.run(None, {"input": c, "h": zero, "c": zero})[0] for c in clips]
         return [np.concatenate(probs)]
-    names, by_name, step = feeds(path, x)
-    count, take = len(by_name[names[0]]), sample(path, x)
-    runs = [session.run(None, take(i, step)) for i in range(0, count, step)]
+    count, step, take = feeds(path, x)
+    runs = [session.run(None, take(i)) for i in range(0, count, step)]
     return [np.concatenate(outputs) for outputs in zip(*runs, strict=True)]
 
 
@@ -111,8 +108,7 @@ def interleaved(paths: list[Path], feed: dict[str, np.ndarray], runs: int) -> li
 def quantize_ort(source: Path, out: Path, calib: Feed, per_channel: bool, huge: bool) -> None:
     from onnxruntime.quantization import CalibrationDataReader
 
-    names, by_name, step = feeds(source, calib)
-    count, take = len(by_name[names[0]]), sample(source, calib)
+    count, step, take = feeds(source, calib)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -120,7 +116,7 @@ def quantize_ort(source: Path, out: Path, calib: Feed, per_channel: bool, huge: 
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             i = next(self.starts, None)
-            return None if i is None else take(i, step)
+            return None if i is None else take(i)
 
     if not huge:
         quantize_static_qdq(source, out, Reader(), "MinMax", per_channel)

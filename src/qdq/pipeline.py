@@ -174,7 +174,8 @@ def quantize_model(
             + ") are judged as its outputs would be; the file has the model's own outputs"
         )
     known = {name for node in prepared.graph.node for name in (node.name, node.op_type)}
-    unknown = [n for n in config.exclude if n not in known | inlined_names(prepared.graph)]
+    known |= inlined_names(prepared.graph)
+    unknown = [name for name in config.exclude if name not in known]
     if unknown:  # as the CLI's --exclude check, for callers of this function
         raise UsageError(f"`exclude` {unknown} names no node or op type of the model")
     branches: list[Inlined] = []

@@ -193,12 +193,11 @@ class Engine:
         kernel (NCHWc, needing constant weights) and gives the same float32 sums; for the
         ops in `SHAPED` the inputs' shapes are declared too (a session per shape)."""
         # a Loop's or If's body may read outer tensors that its inputs do not list (`reads`)
-        fixed = {n for n in reads(node) if n in self.constants}
+        names = reads(node)
+        fixed = {n for n in names if n in self.constants}
         # by name: one tensor may feed several inputs (a Slice whose axes and steps are one [1])
         present = {
-            name: x
-            for name, x in zip(reads(node), inputs, strict=True)
-            if name and name not in fixed
+            name: x for name, x in zip(names, inputs, strict=True) if name and name not in fixed
         }
         shapes = tuple(x.shape for x in present.values()) if node.op_type in SHAPED else ()
         session = self._sessions.get((position, shapes))

@@ -175,13 +175,27 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """The names `node`'s subgraphs read from outside themselves: an outer initializer they
     use is an input of the node that ONNX does not list."""
-    reads: set[str] = set()
+    return {name for graph in subgraphs(node) for name in outer_reads(graph)}
+
+
+def outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """The names a subgraph (an If's branch, a Loop's body) reads from outside itself."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined |= {out for inner in graph.node for out in inner.output}
+    reads = {n for inner in graph.node for n in (*inner.input, *subgraph_reads(inner)) if n}
+    return reads - defined
+
+
+def rename(node: onnx.NodeProto, renames: dict[str, str]) -> None:
+    """`node`'s inputs and outputs renamed as `renames` says, and the names its subgraphs
+    read from outside (and return as they are)."""
+    node.input[:] = [renames.get(name, name) for name in node.input]
+    node.output[:] = [renames.get(name, name) for name in node.output]
     for graph in subgraphs(node):
-        defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-        defined |= {out for inner in graph.node for out in inner.output}
         for inner in graph.node:
-            reads |= {n for n in (*inner.input, *subgraph_reads(inner)) if n} - defined
-    return reads
+            rename(inner, renames)
+        for info in graph.output:
+            info.name = renames.get(info.name, info.name)
 
 
 def clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, float | None]:
@@ -303,7 +317,10 @@ def hoisted_duplicates(model: onnx.ModelProto, least_bytes: int = 1024) -> int:
             shared.name = main[content] = free_name(copies[0][1].name, taken)
             graph.initializer.append(shared)
         for owner, tensor in copies:
-            _rename_reads(owner, tensor.name, main[content])
+            for node in owner.node:
+                rename(node, {tensor.name: main[content]})
+            for output in owner.output:  # a branch that returns the weight itself
+                output.name = main[content] if output.name == tensor.name else output.name
             owner.initializer.remove(tensor)
             moved += 1
     return moved
@@ -322,14 +339,3 @@ def _initializers_within(
     for node in graph.node:
         for sub in subgraphs(node):
             yield from _initializers_within(sub)
-
-
-def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Every read of `old` in `graph` and the graphs nested in it, as `new`."""
-    for node in graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
-        for sub in subgraphs(node):
-            _rename_reads(sub, old, new)
-    for output in graph.output:
-        if output.name == old:
-            output.name = new

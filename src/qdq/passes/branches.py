@@ -32,6 +32,8 @@ from qdq.onnx.graph import (
     computing,
     free_name,
     in_order,
+    outer_reads,
+    rename,
     subgraph_reads,
     subgraphs,
 )
@@ -157,7 +159,7 @@ def _outer_reads(node: onnx.NodeProto, taken: bool) -> set[str]:
     """What the If `node` reads from outside besides the branch it takes: its condition and
     what its other branch reads."""
     other = next(a.g for a in node.attribute if a.name == BRANCHES[not taken])
-    return {node.input[0], *subgraph_reads(onnx.helper.make_node("If", [], [], g=other))}
+    return {node.input[0], *outer_reads(other)}
 
 
 def _unread(graph: onnx.GraphProto) -> set[str]:
@@ -204,7 +206,7 @@ def _inline(
     for k, inner in enumerate(branch.node):
         copy = _copy(inner)
         copy.name = free_name(f"{node.name}/{inner.name or f'{inner.op_type}_{k}'}", taken)
-        _rename_node(copy, renames)
+        rename(copy, renames)
         names.add(copy.name)
         nodes.append(copy)
     for tensor in branch.initializer:
@@ -296,7 +298,7 @@ def _rewrap(graph: onnx.GraphProto, record: Inlined) -> None:
     local = {name: free_name(f"{name}_branch", taken) for name in kept}
     branch_nodes = [node for node, ins in zip(nodes, inside, strict=True) if ins]
     for node in branch_nodes:
-        _rename_node(node, local)
+        rename(node, local)
     old = next(a.g for a in record.node.attribute if a.name == BRANCHES[record.taken])
     branch = onnx.helper.make_graph(
         branch_nodes,
@@ -314,10 +316,10 @@ def _rewrap(graph: onnx.GraphProto, record: Inlined) -> None:
     # The other branch reads a quantized tensor's DQ copy, as the taken one does: a float
     # tensor read past its Q is one ONNX Runtime cannot fuse away (Silero VAD's last encoder
     # convolution had stayed float so: 0.109 against 0.083 ms a frame).
-    wanted = subgraph_reads(onnx.helper.make_node("If", [], [], g=kept_other))
+    wanted = outer_reads(kept_other)
     copies, added = _dequantized(nodes, inside, readers, wanted, taken)
     for node in kept_other.node:
-        _rename_node(node, copies)
+        rename(node, copies)
     wrapped = onnx.helper.make_node(
         "If",
         [record.node.input[0]],
@@ -376,17 +378,6 @@ def _crossing(
     made = {out for node, ins in zip(nodes, inside, strict=True) if ins for out in node.output}
     outside = {name for name in made if any(not inside[j] for j in readers.get(name, []))}
     return made, outside | (made & read_outside)
-
-
-def _rename_node(node: onnx.NodeProto, renames: dict[str, str]) -> None:
-    """`node`'s inputs, outputs and the names its subgraphs read from outside, renamed."""
-    node.input[:] = [renames.get(name, name) for name in node.input]
-    node.output[:] = [renames.get(name, name) for name in node.output]
-    for graph in subgraphs(node):
-        for inner in graph.node:
-            _rename_node(inner, renames)
-        for info in graph.output:  # a branch that returns an outer tensor as it is
-            info.name = renames.get(info.name, info.name)
 
 
 def _copy(message: M) -> M:
