@@ -33,8 +33,8 @@ from onnx import helper, numpy_helper
 from qdq.affine import fake_quantize
 from qdq.config import QuantConfig
 from qdq.data import Samples
-from qdq.onnx.graph import SMOOTHING_MUL, GraphIndex, attributes
-from qdq.onnx.sessions import fails_on_data, session_with_outputs
+from qdq.onnx.graph import SMOOTHING_MUL, GraphIndex, attributes, computing
+from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.plan.calibrate import budgeted
 from qdq.plan.constants import weight_qparams
 from qdq.plan.decisions import static_decisions
@@ -170,10 +170,11 @@ def _statistics(
     model: onnx.ModelProto, sites: list[Site], samples: Samples, batch_size: int
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per site: each channel's largest |x| over the leading samples, and up to ROWS rows (copied
-    out, so no batch outlives its turn; batches sized like calibration's)."""
+    out, so no batch outlives its turn; batches sized like calibration's). Only the nodes the
+    sites are computed from run: a site near the input costs a fraction of a forward pass."""
     names = [site.tensor for site in sites]
     axes = {site.tensor: site.axis for site in sites}
-    session = session_with_outputs(model, names)
+    session = open_session(computing(model, names), Use.CALIBRATION)  # the sites' ancestors only
     count = min(samples.count, SAMPLES)
     maxima: dict[str, np.ndarray] = {}
     kept: dict[str, list[np.ndarray]] = {name: [] for name in names}
