@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from ptq import quantize_static_qdq
+from unseen import feeds, unbatched
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -81,8 +82,10 @@ def command(tool: str, config: str, source: Path, out: Path, calib: Path, peers:
 
 
 def ort_fixed_batch(source: Path) -> bool:
+    """Whether samples go one at a time: an axis fixed at 1, or an input not batched (a scalar,
+    Silero's state whose leading axis is 2)."""
     session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-    return any(i.shape[0] == 1 for i in session.get_inputs())
+    return any(unbatched(i) or i.shape[0] == 1 for i in session.get_inputs())
 
 
 def ort_quantize(source: Path, out: Path, calib: Path, config: str) -> None:
@@ -92,10 +95,9 @@ def ort_quantize(source: Path, out: Path, calib: Path, config: str) -> None:
 
     method, _, restricted = config.partition("_")
     only = {"conv_matmul": ["Conv", "MatMul"], "matmul": ["MatMul"], "": None}[restricted]
-    step = 1 if ort_fixed_batch(source) else 16
     with np.load(calib) as saved:
         data = {k: saved[k] for k in saved.files}
-    count = len(next(iter(data.values())))
+    count, step, take = feeds(source, data)  # inputs not batched (Silero's sr, state) whole
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -103,7 +105,7 @@ def ort_quantize(source: Path, out: Path, calib: Path, config: str) -> None:
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             i = next(self.starts, None)
-            return None if i is None else {k: v[i : i + step] for k, v in data.items()}
+            return None if i is None else take(i)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = onnx.load(str(source))

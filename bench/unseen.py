@@ -39,7 +39,7 @@ def feeds(path: Path, x: Feed) -> tuple[int, int, Callable[[int], dict[str, np.n
     inputs = ort.InferenceSession(str(path), providers=CPU).get_inputs()
     names = [i.name for i in inputs if isinstance(x, np.ndarray) or i.name in x]
     by_name = {names[0]: x} if isinstance(x, np.ndarray) else x
-    whole = {i.name for i in inputs if _whole(i)}
+    whole = {i.name for i in inputs if unbatched(i)}
     step = 1 if whole or any(i.shape[0] == 1 for i in inputs) else 16
     return (
         len(by_name[names[0]]),
@@ -50,7 +50,7 @@ def feeds(path: Path, x: Feed) -> tuple[int, int, Callable[[int], dict[str, np.n
     )
 
 
-def _whole(spec: ort.NodeArg) -> bool:
+def unbatched(spec: ort.NodeArg) -> bool:
     """Whether each sample holds the input's whole tensor (a scalar, Silero's (2, N, 128))."""
     return not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 1)
 
