@@ -368,6 +368,29 @@ def test_two_nodes_of_one_name_are_refused_naming_the_users_file(ws):
     refused(ws, quantize(ws), f"{ws.model} names more than one node ['n']")
 
 
+def test_two_constants_of_one_name_are_taken_as_onnx_runtime_takes_them(ws):
+    """silero_vad's OpenVINO export names 15 Constants 'F0::anon': ONNX Runtime runs it (it
+    makes Constants initializers before its check), and qdq refused it as a broken model."""
+    model = _matmul_model()
+    shift = onnx.helper.make_tensor("v", onnx.TensorProto.FLOAT, [4], [0.5] * 4)
+    for name in ("c1", "c2"):
+        model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [name], value=shift))
+        model.graph.node[0].name = "anon"
+    model.graph.node.extend([
+        onnx.helper.make_node("Add", ["y", "c1"], ["s"], name="add1"),
+        onnx.helper.make_node("Add", ["s", "c2"], ["z"], name="add2"),
+    ])  # fmt: skip
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z", 1, ["N", 4]))
+    save(model, ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(3).standard_normal((16, 4)).astype(np.float32))
+    out = ws.folder / "out.onnx"
+    run_contract(ws, quantize(ws), out, codes=(0,))
+    x = np.ones((2, 4), np.float32)
+    want = ort.InferenceSession(ws.model).run(["z"], {"x": x})[0]
+    got = ort.InferenceSession(out).run(["z"], {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+
+
 def test_an_input_with_a_default_that_quantize_freezes_is_said(ws, caplog):
     """An IR 4+ graph input with an initializer (an overridable default) vanished from the
     quantized model without a word."""

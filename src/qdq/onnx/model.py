@@ -51,9 +51,11 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     names = [n.name for n in graph.node] + [v.name for v in (*graph.input, *graph.output)]
     if any(isinstance(name, bytes) for name in names):  # protobuf's answer to broken UTF-8
         raise ModelError(f"{path} is not a valid ONNX model: it names nodes in broken UTF-8")
-    counts = Counter(n.name for n in graph.node if n.name)
+    # ONNX Runtime refuses two nodes of one name, but not two Constants (silero_vad's OpenVINO
+    # export names 15 of them 'F0::anon'): it makes them initializers first, and so does qdq
+    counts = Counter(n.name for n in graph.node if n.name and n.op_type != "Constant")
     twice = sorted(name for name, count in counts.items() if count > 1)
-    if twice:  # ONNX Runtime refuses such a model
+    if twice:
         raise ModelError(
             f"{path} names more than one node {twice[:3]}; ONNX Runtime refuses such a model: "
             "give each node its own name (or none)"
