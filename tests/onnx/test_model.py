@@ -59,3 +59,35 @@ def test_an_opset_9_model_with_its_weights_as_inputs_quantizes_and_runs(tmp_path
     want = ort.InferenceSession(str(model_path)).run(None, {"x": x[:8]})[0]
     got = session.run(None, {"x": x[:8]})[0]
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_an_opset_6_model_whose_conversion_adds_initializers_quantizes(tmp_path):
+    """PyTorch's opset-6 exports are IR 3, where every initializer must be a graph input; the
+    version converter turns Pad's `pads` attribute into an initializer, and its check refused
+    the conversion, so qdq refused a model ONNX Runtime runs."""
+    weight = np.random.default_rng(3).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Pad", ["x"], ["p"], mode="constant", pads=[0, 0, 1, 1, 0, 0, 1, 1]),
+        helper.make_node("Conv", ["p", "w"], ["y"], kernel_shape=[3, 3]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "old",
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, list(weight.shape)),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3)
+    model_path = tmp_path / "old.onnx"
+    model_path.write_bytes(model.SerializeToString())
+    x = np.random.default_rng(4).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "q.onnx"
+    quantize_model(model_path, out, tmp_path / "x.npy")
+    want = ort.InferenceSession(str(model_path)).run(None, {"x": x[:1]})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x[:1]})[0]
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out)).graph.node)

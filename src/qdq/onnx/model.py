@@ -92,6 +92,11 @@ def _older_upgraded(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     """A model older than QuantizeLinear (opset < 10), converted to opset 13 by ONNX's version
     converter, as a user would convert it by hand; refused with the reason where that fails."""
     opset = default_opset(model)
+    _drop_constant_inputs(model, path)  # as the IR it was written in allowed, without a word
+    # the IR version of opset 13: IR 3 (before 4) wants every initializer as an input, and the
+    # converter adds initializers (Pad's `pads` become one: PyTorch's opset-6 Pad exports failed)
+    target = helper.find_min_ir_version_for([helper.make_opsetid("", PER_AXIS_OPSET)])
+    model.ir_version = max(model.ir_version, target)
     try:
         upgraded = version_converter.convert_version(model, PER_AXIS_OPSET)
         onnx.checker.check_model(upgraded)
