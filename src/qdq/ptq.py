@@ -96,7 +96,7 @@ def plan_model(
     paired = summed_inputs(index, quantizable) if pairs else []
     sequential = config.bias_correction and config.sequential_bias_correction
     layers = correctable_outputs(index, quantizable) if sequential else []
-    held = _held(samples, config)
+    held = _held(samples, config) if quantizable else 0  # no int8 op: no choice, no check
     if held and not float_outputs(model):  # a mask or ids: nothing for the checks to compare
         notes.append(
             "no float32 output to compare with FP32's: the range method is percentile and "

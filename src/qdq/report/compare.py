@@ -32,6 +32,7 @@ from qdq.report.checks import (
 from qdq.report.jsonout import strict_json
 from qdq.report.latency import batch_latency, latency_ratio
 from qdq.report.pairing import quantized_tensor_floors, quantized_tensor_pairs
+from qdq.report.summary import size_change
 from qdq.workers import ONE_PROCESS, Workers
 
 PART_SAMPLES = 16  # leading samples whose FP32 outputs find each output's parts (qdq.plan.parts)
@@ -103,7 +104,7 @@ class Comparison:
         f_size, q_size = self.sizes
         lines.append(
             f"size          FP32 {f_size / 1e3:.1f} kB   INT8 {q_size / 1e3:.1f} kB   "
-            f"({f_size / max(q_size, 1):.2f}x smaller)"
+            f"({size_change(f_size, max(q_size, 1))})"
         )
         if self.latency_ms:
             f, q = self.latency_ms

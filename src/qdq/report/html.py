@@ -18,6 +18,7 @@ from qdq.plan.frontier import ENOUGH_DB
 from qdq.report.compare import Comparison
 from qdq.report.measure import LayerRow, ReportData
 from qdq.report.ranges import ActivationView, WeightView
+from qdq.report.summary import size_change
 
 METHOD_COLOURS = {"minmax": "#7f7f7f", "percentile": "#2ca02c", "kl": "#9467bd", "mse": "#ff7f0e"}
 CHOSEN = "#d62728"
@@ -115,7 +116,7 @@ def _summary(data: ReportData) -> str:
             "size",
             f"{f_size / 1e3:.1f} kB",
             f"{q_size / 1e3:.1f} kB",
-            f"{f_size / q_size:.2f}x smaller",
+            size_change(f_size, q_size),
         )
     )
     timed = [("batch 1", *c.latency_ms)] if c.latency_ms else []

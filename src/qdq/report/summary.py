@@ -52,7 +52,7 @@ class QuantizeReport:
         lines = [
             f"wrote {output}: {len(self.quantized)} of {len(self.decisions)} nodes quantized, "
             f"{self.float_bytes / 1e3:.1f} kB -> {self.quantized_bytes / 1e3:.1f} kB "
-            f"({self.float_bytes / self.quantized_bytes:.2f}x smaller); calibrated on "
+            f"({size_change(self.float_bytes, self.quantized_bytes)}); calibrated on "
             f"{self.samples} samples in {self.calibration_seconds:.2f} s"
         ]
         by_op: dict[str, list[Decision]] = {}
@@ -130,3 +130,10 @@ class QuantizeReport:
         if part in self.readings:  # a recognizer's text: what its user reads
             shown.append(self.readings[part].as_text())
         return f" ({', '.join(shown)})" if shown else ""
+
+
+def size_change(before: int, after: int) -> str:
+    """ "4.00x smaller", or "2.60x larger" where the file grew (nothing int8 to shrink it)."""
+    if after > before:
+        return f"{after / before:.2f}x larger"
+    return f"{before / after:.2f}x smaller"
