@@ -86,3 +86,42 @@ def test_ppocr_recognizer_is_bit_exact_with_onnx_runtime(tmp_path):
     got = Engine(tmp_path / "int8.onnx", "float").run(feeds)
     for a, b in zip(got.values(), want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_one_and_three_dimensional_convolutions_run_in_the_engine(tmp_path, rank):
+    """PyTorch's Conv1d (speech, time series) and Conv3d: the engine's convolution kernels
+    took a 2-D geometry from their attributes and `qdq diff` and `qdq run` ended in an
+    internal error. A 1-D convolution runs as the 2-D one of height 1 it is; a 3-D one is
+    left to ONNX Runtime's kernel. Either way every code is ONNX Runtime's."""
+    rng = np.random.default_rng(rank)
+    size = [9] * rank
+    convs = [
+        onnx.helper.make_node(
+            "Conv", ["x", "w1", "b1"], ["h"], pads=[1] * 2 * rank, dilations=[2] * rank
+        ),
+        onnx.helper.make_node("Relu", ["h"], ["r"]),
+        onnx.helper.make_node("Conv", ["r", "w2"], ["y"], strides=[2] * rank),
+    ]
+    weights = [
+        onnx.numpy_helper.from_array(rng.standard_normal((6, 4, *[3] * rank), np.float32), "w1"),
+        onnx.numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b1"),
+        onnx.numpy_helper.from_array(rng.standard_normal((5, 6, *[3] * rank), np.float32), "w2"),
+    ]
+    graph = onnx.helper.make_graph(
+        convs,
+        "convs",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, *size])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        weights,
+    )
+    model = tmp_path / "convs.onnx"
+    onnx.save(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), model
+    )
+    x = rng.standard_normal((24, 4, *size)).astype(np.float32)
+    fed = _exact_with_onnx_runtime(model, x[:16], x[16:], tmp_path)
+    assert [n.op_type for n in fed.nodes].count("QLinearConv") == 2
+    feeds = dict(np.load(tmp_path / "data.npz"))
+    want = ort.InferenceSession(str(tmp_path / "int8.onnx")).run(None, feeds)[0]
+    np.testing.assert_array_equal(Engine(tmp_path / "int8.onnx", "float").run(feeds)["y"], want)

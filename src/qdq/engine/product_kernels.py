@@ -15,8 +15,12 @@ from qdq.errors import ModelError
 from qdq.onnx.conv import ConvGeometry
 
 
-def conv_integer(ctx: Context, inputs: list, attrs: dict) -> list:
+def conv_integer(ctx: Context, inputs: list, attrs: dict) -> list | None:
     x, w, x_zero_point, w_zero_point = padded_inputs(inputs, 4)
+    if x.ndim == 3:
+        return _one_row(conv_integer, ctx, inputs, attrs, 1)
+    if x.ndim != 4:  # a 3-D convolution: ONNX Runtime's kernel (`Executor.trace`)
+        return None
     geometry = ConvGeometry.from_attributes(attrs, x.shape, w.shape)
     acc = ctx.conv(minus(x, x_zero_point), minus(w, w_zero_point, axis=0), geometry, None)
     return [acc.astype(np.int32)]
@@ -41,8 +45,12 @@ def matmul_integer(ctx: Context, inputs: list, attrs: dict) -> list:
     return [_product(ctx, a, a_zero_point, b, b_zero_point).astype(np.int32)]
 
 
-def qlinear_conv(ctx: Context, inputs: list, attrs: dict) -> list:
+def qlinear_conv(ctx: Context, inputs: list, attrs: dict) -> list | None:
     x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias = padded_inputs(inputs, 9)
+    if x.ndim == 3:
+        return _one_row(qlinear_conv, ctx, inputs, attrs, 3)
+    if x.ndim != 4:  # a 3-D convolution: ONNX Runtime's kernel (`Executor.trace`)
+        return None
     geometry = ConvGeometry.from_attributes(attrs, x.shape, w.shape)
     if ctx.compiled and ctx.accumulator_bits == 32 and x.ndim == 4:
         codes = _qlinear_conv_compiled(ctx, inputs, geometry)
@@ -54,6 +62,23 @@ def qlinear_conv(ctx: Context, inputs: list, attrs: dict) -> list:
         multiplier = multiplier.reshape(1, -1, 1, 1)
     dtype = out_dtype(y_zp, x.dtype)
     return [ctx.requantize(acc, multiplier, zp_or_zero(y_zp, dtype), dtype)]
+
+
+def _one_row(kernel, ctx: Context, inputs: list, attrs: dict, weight: int) -> list | None:
+    """A 1-D convolution (N, C, L) run as the 2-D one of height 1 that it is, exactly: the
+    input and the weight (input `weight`) get an axis of 1, the attributes a first entry of
+    1 (kernel, strides, dilations) or 0 (pads); the output loses that axis again."""
+    rows = list(inputs)
+    for i in (0, weight):
+        rows[i] = rows[i][:, :, None]
+    two = dict(attrs)
+    for name in ("kernel_shape", "strides", "dilations"):
+        if name in attrs:
+            two[name] = [1, *attrs[name]]
+    if "pads" in attrs:
+        two["pads"] = [0, attrs["pads"][0], 0, attrs["pads"][1]]
+    outputs = kernel(ctx, rows, two)
+    return None if outputs is None else [outputs[0][:, :, 0]]
 
 
 def _qlinear_conv_compiled(ctx: Context, inputs: list, g: ConvGeometry) -> np.ndarray | None:

@@ -14,7 +14,6 @@ from qdq.engine.integer import exact_pool_sum
 from qdq.engine.mlas import apply_table, lookup_table, requantize_concat
 from qdq.engine.mlas import average_pool as mlas_average_pool
 from qdq.engine.mlas import global_average_pool as mlas_global_average_pool
-from qdq.errors import ModelError
 from qdq.onnx.conv import ConvGeometry
 
 
@@ -52,15 +51,13 @@ def qlinear_global_average_pool(ctx: Context, inputs: list, attrs: dict) -> list
     return [_requantize_real(mean, y_scale, y_zp, x.dtype)]
 
 
-def qlinear_average_pool(ctx: Context, inputs: list, attrs: dict) -> list:
+def qlinear_average_pool(ctx: Context, inputs: list, attrs: dict) -> list | None:
     """com.microsoft QLinearAveragePool (NCHW, 2-D): mean of real values per window, padded
-    positions counted only with count_include_pad, requantized to the output grid."""
+    positions counted only with count_include_pad, requantized to the output grid. Other
+    forms (channels last, ceil mode, 1-D or 3-D) return None: ONNX Runtime runs them."""
     x, x_scale, x_zp, y_scale, y_zp = padded_inputs(inputs, 5)
     if attrs.get("channels_last", 0) or attrs.get("ceil_mode", 0) or x.ndim != 4:
-        raise ModelError(
-            "QLinearAveragePool with channels_last, ceil_mode or a non-2-D input has no "
-            "integer kernel; run the model with --engine ort"
-        )
+        return None
     kh, kw = attrs["kernel_shape"]
     geometry = ConvGeometry.from_attributes(attrs | {"group": 1}, x.shape, (1, 1, kh, kw))
     include_pad = bool(attrs.get("count_include_pad", 0))
