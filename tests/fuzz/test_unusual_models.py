@@ -391,6 +391,28 @@ def test_two_constants_of_one_name_are_taken_as_onnx_runtime_takes_them(ws):
     np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
 
 
+def test_the_engine_refuses_sequences_of_tensors_and_onnx_runtime_runs_them(ws):
+    """A SplitToSequence / ConcatFromSequence pair (ONNX's backend test models): qdq quantizes
+    it, and `qdq diff` and `qdq run` ended in an internal error ('list' has no dtype)."""
+    model = _matmul_model()
+    model.graph.node.extend([
+        onnx.helper.make_node("SplitToSequence", ["y"], ["parts"], axis=1, keepdims=1),
+        onnx.helper.make_node("ConcatFromSequence", ["parts"], ["z"], axis=1),
+    ])  # fmt: skip
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z", 1, ["N", 4]))
+    save(model, ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(6).standard_normal((16, 4)).astype(np.float32))
+    run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
+    np.savez(ws.folder / "one.npz", x=np.ones((2, 4), np.float32))
+    quantized, data = ws.folder / "out.onnx", ws.folder / "one.npz"
+    refused(ws, ["diff", quantized, "--data", data], "(SplitToSequence) makes or reads a sequence")
+    ran = ws.folder / "ran.npz"
+    refused(ws, ["run", quantized, "--inputs", data, "-o", ran], "--engine ort", ran)
+    run_contract(ws, ["run", quantized, "--inputs", data, "-o", ran, "--engine", "ort"], ran)
+    with np.load(ran) as got:
+        assert got["z"].shape == (2, 4)
+
+
 def test_an_input_with_a_default_that_quantize_freezes_is_said(ws, caplog):
     """An IR 4+ graph input with an initializer (an overridable default) vanished from the
     quantized model without a word."""

@@ -39,6 +39,11 @@ Kernels = Literal["auto", "numpy", "compiled"]
 # outputs differ). Declared for GlobalAveragePool, 66% of them would: there the whole graph
 # keeps the plain kernel (docs/engine.md).
 SHAPED = frozenset({"AveragePool", "MaxPool"})
+# Ops whose inputs or outputs are sequences of tensors (ONNX's `seq` type): lists here
+SEQUENCE_OPS = frozenset({
+    "ConcatFromSequence", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase",
+    "SequenceInsert", "SequenceLength", "SequenceMap", "SplitToSequence",
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,13 @@ class Engine:
             raise ModelError(f"accumulator_bits must be 16 or 32, got {accumulator_bits}")
         if not isinstance(model, onnx.ModelProto):
             model = load_model(Path(model))
+        makes = [n for n in model.graph.node if n.op_type in SEQUENCE_OPS]
+        if makes:  # its tensors are lists: no kernel's, no one-node session's declared input
+            raise ModelError(
+                f"node {makes[0].name!r} ({makes[0].op_type}) makes or reads a sequence of "
+                "tensors, which the integer engine does not run: `qdq run --engine ort` runs "
+                "it, and `qdq compare` measures it against the FP32 model"
+            )
         if any(
             n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node
         ) and _has_qdq_groups(model):
