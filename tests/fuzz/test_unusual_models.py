@@ -413,6 +413,27 @@ def test_the_engine_refuses_sequences_of_tensors_and_onnx_runtime_runs_them(ws):
         assert got["z"].shape == (2, 4)
 
 
+def test_diff_says_when_the_data_do_not_suit_the_model(ws):
+    """Token ids past the table: ONNX Runtime's Gather fails on them, in the engine's float
+    fallback first, and `qdq diff` ended in an internal error."""
+    model = _matmul_model()
+    table = numpy_helper.from_array(np.ones((5, 4), np.float32), "table")
+    model.graph.initializer.append(table)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("ids", 7, ["N"]))
+    model.graph.node.extend([
+        onnx.helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+        onnx.helper.make_node("Add", ["y", "rows"], ["z"]),
+    ])  # fmt: skip
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z", 1, ["N", 4]))
+    save(model, ws.model)
+    x = np.random.default_rng(7).standard_normal((16, 4)).astype(np.float32)
+    np.savez(ws.calib, x=x, ids=np.arange(16) % 5)
+    run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
+    np.savez(ws.folder / "bad.npz", x=x[:2], ids=np.array([1, 99]))
+    command = ["diff", ws.folder / "out.onnx", "--data", ws.folder / "bad.npz"]
+    refused(ws, command, "fails in ONNX Runtime (node")
+
+
 def test_an_input_with_a_default_that_quantize_freezes_is_said(ws, caplog):
     """An IR 4+ graph input with an initializer (an overridable default) vanished from the
     quantized model without a word."""

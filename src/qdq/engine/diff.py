@@ -25,7 +25,7 @@ from qdq.engine.context import Requant
 from qdq.engine.executor import Engine, reads
 from qdq.errors import ModelError, UsageError, expect, first_line
 from qdq.onnx.model import load_model
-from qdq.onnx.sessions import session_with_outputs
+from qdq.onnx.sessions import fails_on_data, session_with_outputs
 from qdq.report.jsonout import strict_json
 
 Against = Literal["ort", "engine", "fp32"]
@@ -160,8 +160,9 @@ def diff_model(
         elif inputs_from == "engine":
             mine = engine.trace(feeds)
             theirs = _ort_trace(engine, mine)
-        else:
-            mine, theirs = engine.trace(feeds), right(feeds)
+        else:  # ONNX Runtime first: data the model cannot take is said as such
+            theirs = right(feeds)
+            mine = engine.trace(feeds)
         fallback.update(engine.float_nodes)
         for position, node in enumerate(engine.model.graph.node):
             for name in node.output:
@@ -252,7 +253,12 @@ def _right_side(
         session = _session(engine.model, None)
         name = "ONNX Runtime"
     names = [o.name for o in session.get_outputs()]
-    return (lambda feeds: dict(zip(names, session.run(names, feeds), strict=True))), name
+
+    def run(feeds: Values) -> Values:
+        with fails_on_data("the quantized model on the data"):
+            return dict(zip(names, session.run(names, feeds), strict=True))
+
+    return run, name
 
 
 def _session(
