@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from qdq.engine.compiled import conv_accumulator, dense_weights
-from qdq.engine.context import Context, minus, out_dtype, padded_inputs, zp_or_zero
+from qdq.engine.context import Context, Kernel, minus, out_dtype, padded_inputs, zp_or_zero
 from qdq.engine.integer import EXACT_LIMIT
 from qdq.errors import ModelError
 from qdq.onnx.conv import ConvGeometry
@@ -52,7 +52,7 @@ def qlinear_conv(ctx: Context, inputs: list, attrs: dict) -> list | None:
     if x.ndim != 4:  # a 3-D convolution: ONNX Runtime's kernel (`Executor.trace`)
         return None
     geometry = ConvGeometry.from_attributes(attrs, x.shape, w.shape)
-    if ctx.compiled and ctx.accumulator_bits == 32 and x.ndim == 4:
+    if ctx.compiled and ctx.accumulator_bits == 32:
         codes = _qlinear_conv_compiled(ctx, inputs, geometry)
         if codes is not None:
             return [codes]
@@ -64,7 +64,7 @@ def qlinear_conv(ctx: Context, inputs: list, attrs: dict) -> list | None:
     return [ctx.requantize(acc, multiplier, zp_or_zero(y_zp, dtype), dtype)]
 
 
-def _one_row(kernel, ctx: Context, inputs: list, attrs: dict, weight: int) -> list | None:
+def _one_row(kernel: Kernel, ctx: Context, inputs: list, attrs: dict, weight: int) -> list | None:
     """A 1-D convolution (N, C, L) run as the 2-D one of height 1 that it is, exactly: the
     input and the weight (input `weight`) get an axis of 1, the attributes a first entry of
     1 (kernel, strides, dilations) or 0 (pads); the output loses that axis again."""

@@ -133,7 +133,8 @@ class QuantizeReport:
 
 
 def size_change(before: int, after: int) -> str:
-    """ "4.00x smaller", or "2.60x larger" where the file grew (nothing int8 to shrink it)."""
+    """The file's change in size: "4.00x smaller", or "2.60x larger" where it grew (nothing
+    int8 to shrink it)."""
     if after > before:
         return f"{after / before:.2f}x larger"
     return f"{before / after:.2f}x smaller"
