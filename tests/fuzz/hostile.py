@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models
@@ -153,6 +153,14 @@ def model_with(
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model
+
+
+def matmul_model(columns: int = 4, name: str = "x", classes: object = None) -> onnx.ModelProto:
+    """`name`[N, 4] -> MatMul -> y[N, `classes` or columns]."""
+    weight = numpy_helper.from_array(np.ones((4, columns), np.float32), "w")
+    x = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", classes or columns])
+    return model_with([onnx.helper.make_node("MatMul", [name, "w"], ["y"])], [x], [y], [weight])
 
 
 def no_input_model() -> onnx.ModelProto:

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hostile import Workspace, X, model_with, quantize, refused, run_contract, save
+from hostile import Workspace, X, matmul_model, model_with, quantize, refused, run_contract, save
 from onnx import numpy_helper
 
 
@@ -156,3 +156,46 @@ def test_a_forged_weight_grid_record_is_one_line(ws, quantized):
     forged = save(model, ws.folder / "forged.onnx")
     table = ws.folder / "t.table"
     refused(ws, ["export-table", forged, "--format", "ncnn", "-o", table], "no GRID:BITS", table)
+
+
+def test_the_engine_refuses_sequences_of_tensors_and_onnx_runtime_runs_them(ws):
+    """A SplitToSequence / ConcatFromSequence pair (ONNX's backend test models): qdq quantizes
+    it, and `qdq diff` and `qdq run` ended in an internal error ('list' has no dtype)."""
+    model = matmul_model()
+    model.graph.node.extend([
+        onnx.helper.make_node("SplitToSequence", ["y"], ["parts"], axis=1, keepdims=1),
+        onnx.helper.make_node("ConcatFromSequence", ["parts"], ["z"], axis=1),
+    ])  # fmt: skip
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z", 1, ["N", 4]))
+    save(model, ws.model)
+    np.savez(ws.calib, x=np.random.default_rng(6).standard_normal((16, 4)).astype(np.float32))
+    run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
+    np.savez(ws.folder / "one.npz", x=np.ones((2, 4), np.float32))
+    quantized, data = ws.folder / "out.onnx", ws.folder / "one.npz"
+    refused(ws, ["diff", quantized, "--data", data], "(SplitToSequence) makes or reads a sequence")
+    ran = ws.folder / "ran.npz"
+    refused(ws, ["run", quantized, "--inputs", data, "-o", ran], "--engine ort", ran)
+    run_contract(ws, ["run", quantized, "--inputs", data, "-o", ran, "--engine", "ort"], ran)
+    with np.load(ran) as got:
+        assert got["z"].shape == (2, 4)
+
+
+def test_diff_says_when_the_data_do_not_suit_the_model(ws):
+    """Token ids past the table: ONNX Runtime's Gather fails on them, in the engine's float
+    fallback first, and `qdq diff` ended in an internal error."""
+    model = matmul_model()
+    table = numpy_helper.from_array(np.ones((5, 4), np.float32), "table")
+    model.graph.initializer.append(table)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("ids", 7, ["N"]))
+    model.graph.node.extend([
+        onnx.helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+        onnx.helper.make_node("Add", ["y", "rows"], ["z"]),
+    ])  # fmt: skip
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z", 1, ["N", 4]))
+    save(model, ws.model)
+    x = np.random.default_rng(7).standard_normal((16, 4)).astype(np.float32)
+    np.savez(ws.calib, x=x, ids=np.arange(16) % 5)
+    run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
+    np.savez(ws.folder / "bad.npz", x=x[:2], ids=np.array([1, 99]))
+    command = ["diff", ws.folder / "out.onnx", "--data", ws.folder / "bad.npz"]
+    refused(ws, command, "fails in ONNX Runtime (node")

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hostile import Workspace, X, model_with, quantize, refused, run_contract, save
+from hostile import Workspace, X, matmul_model, model_with, quantize, refused, run_contract, save
 from onnx import numpy_helper
 
 from qdq.errors import DataError
@@ -309,31 +309,23 @@ def test_compare_refuses_outputs_of_another_shape(ws):
         ErrorStats().update(np.zeros(4), np.ones(5))
 
 
-def _matmul_model(columns: int = 4, name: str = "x", classes: object = None) -> onnx.ModelProto:
-    """`name`[N, 4] -> MatMul -> y[N, `classes` or columns]."""
-    weight = numpy_helper.from_array(np.ones((4, columns), np.float32), "w")
-    x = onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 4])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", classes or columns])
-    return model_with([onnx.helper.make_node("MatMul", [name, "w"], ["y"])], [x], [y], [weight])
-
-
 def test_labels_beyond_a_symbolic_class_axis_are_refused(ws):
     """y[N, "K"]: the check read the declared size only, and printed 14% accuracy."""
-    save(_matmul_model(classes="K"), ws.model)
+    save(matmul_model(classes="K"), ws.model)
     np.savez(ws.calib, x=X[:, 0, 0, :4].copy(), label=np.arange(len(X)) % 10)
     refused(ws, ["compare", ws.model, ws.model, "--data", ws.calib], "has 4 classes", None)
 
 
 def test_an_input_named_label_is_the_models(ws):
     """compare took the model's own input `label` for labels and refused its data."""
-    save(_matmul_model(name="label"), ws.model)
+    save(matmul_model(name="label"), ws.model)
     np.savez(ws.calib, label=X[:, 0, 0, :4].copy())
     run_contract(ws, ["compare", ws.model, ws.model, "--data", ws.calib], None, codes=(0,))
 
 
 def test_an_output_of_minus_inf_is_explained_without_a_warning(ws):
     """Log of a ReLU's zeros: a raw numpy warning on stderr, and 'nan dB' unexplained."""
-    model = _matmul_model()
+    model = matmul_model()
     model.graph.node[0].output[0] = "m"
     model.graph.node.extend([onnx.helper.make_node("Relu", ["m"], ["r"]),
                              onnx.helper.make_node("Log", ["r"], ["y"])])  # fmt: skip
@@ -348,7 +340,7 @@ def test_an_output_of_minus_inf_is_explained_without_a_warning(ws):
 
 def test_a_bfloat16_output_is_refused_in_one_line(ws):
     """ONNX Runtime's Python API returns no bfloat16 array (exit 1 in compare and run)."""
-    model = _matmul_model()
+    model = matmul_model()
     model.graph.node.append(onnx.helper.make_node("Cast", ["y"], ["b"], to=16))
     model.graph.output.append(onnx.helper.make_tensor_value_info("b", 16, ["N", 4]))
     save(model, ws.model)
@@ -358,7 +350,7 @@ def test_a_bfloat16_output_is_refused_in_one_line(ws):
 
 def test_two_nodes_of_one_name_are_refused_naming_the_users_file(ws):
     """compare ended in an internal error; quantize named its own temporary copy."""
-    model = _matmul_model()
+    model = matmul_model()
     model.graph.node[0].name = "n"
     model.graph.node.append(onnx.helper.make_node("Relu", ["y"], ["r"], name="n"))
     model.graph.output.append(onnx.helper.make_tensor_value_info("r", 1, ["N", 4]))
@@ -371,7 +363,7 @@ def test_two_nodes_of_one_name_are_refused_naming_the_users_file(ws):
 def test_two_constants_of_one_name_are_taken_as_onnx_runtime_takes_them(ws):
     """silero_vad's OpenVINO export names 15 Constants 'F0::anon': ONNX Runtime runs it (it
     makes Constants initializers before its check), and qdq refused it as a broken model."""
-    model = _matmul_model()
+    model = matmul_model()
     shift = onnx.helper.make_tensor("v", onnx.TensorProto.FLOAT, [4], [0.5] * 4)
     for name in ("c1", "c2"):
         model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [name], value=shift))
@@ -391,53 +383,10 @@ def test_two_constants_of_one_name_are_taken_as_onnx_runtime_takes_them(ws):
     np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
 
 
-def test_the_engine_refuses_sequences_of_tensors_and_onnx_runtime_runs_them(ws):
-    """A SplitToSequence / ConcatFromSequence pair (ONNX's backend test models): qdq quantizes
-    it, and `qdq diff` and `qdq run` ended in an internal error ('list' has no dtype)."""
-    model = _matmul_model()
-    model.graph.node.extend([
-        onnx.helper.make_node("SplitToSequence", ["y"], ["parts"], axis=1, keepdims=1),
-        onnx.helper.make_node("ConcatFromSequence", ["parts"], ["z"], axis=1),
-    ])  # fmt: skip
-    model.graph.output.append(onnx.helper.make_tensor_value_info("z", 1, ["N", 4]))
-    save(model, ws.model)
-    np.savez(ws.calib, x=np.random.default_rng(6).standard_normal((16, 4)).astype(np.float32))
-    run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
-    np.savez(ws.folder / "one.npz", x=np.ones((2, 4), np.float32))
-    quantized, data = ws.folder / "out.onnx", ws.folder / "one.npz"
-    refused(ws, ["diff", quantized, "--data", data], "(SplitToSequence) makes or reads a sequence")
-    ran = ws.folder / "ran.npz"
-    refused(ws, ["run", quantized, "--inputs", data, "-o", ran], "--engine ort", ran)
-    run_contract(ws, ["run", quantized, "--inputs", data, "-o", ran, "--engine", "ort"], ran)
-    with np.load(ran) as got:
-        assert got["z"].shape == (2, 4)
-
-
-def test_diff_says_when_the_data_do_not_suit_the_model(ws):
-    """Token ids past the table: ONNX Runtime's Gather fails on them, in the engine's float
-    fallback first, and `qdq diff` ended in an internal error."""
-    model = _matmul_model()
-    table = numpy_helper.from_array(np.ones((5, 4), np.float32), "table")
-    model.graph.initializer.append(table)
-    model.graph.input.append(onnx.helper.make_tensor_value_info("ids", 7, ["N"]))
-    model.graph.node.extend([
-        onnx.helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
-        onnx.helper.make_node("Add", ["y", "rows"], ["z"]),
-    ])  # fmt: skip
-    model.graph.output.append(onnx.helper.make_tensor_value_info("z", 1, ["N", 4]))
-    save(model, ws.model)
-    x = np.random.default_rng(7).standard_normal((16, 4)).astype(np.float32)
-    np.savez(ws.calib, x=x, ids=np.arange(16) % 5)
-    run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
-    np.savez(ws.folder / "bad.npz", x=x[:2], ids=np.array([1, 99]))
-    command = ["diff", ws.folder / "out.onnx", "--data", ws.folder / "bad.npz"]
-    refused(ws, command, "fails in ONNX Runtime (node")
-
-
 def test_an_input_with_a_default_that_quantize_freezes_is_said(ws, caplog):
     """An IR 4+ graph input with an initializer (an overridable default) vanished from the
     quantized model without a word."""
-    model = _matmul_model()
+    model = matmul_model()
     model.graph.input.append(onnx.helper.make_tensor_value_info("w", 1, [4, 4]))
     save(model, ws.model)
     np.savez(ws.calib, x=np.ones((8, 4), np.float32))
