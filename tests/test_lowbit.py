@@ -29,11 +29,11 @@ from qdq.lowbit import (
     ternary_threshold,
 )
 from qdq.pipeline import quantize_model
+from qdq.qparams import MIN_SCALE
 from qdq.scheme import INT4_WEIGHTS, INT8_WEIGHTS
 
 from conftest import DIGITS
 
-EPS = np.finfo(np.float32).eps  # the smallest scale (eq. 8)
 GRID_CODES = {
     WeightGrid.BINARY: {-1, 1},
     WeightGrid.TERNARY: {-1, 0, 1},
@@ -109,7 +109,7 @@ def test_a_dead_channel_gets_zero_codes_and_the_smallest_scale():
     w[1] = [1.0, -2.0, 4.0]
     codes, scale = grid_codes(w, WeightGrid.POWER_OF_TWO, INT8_WEIGHTS)
     assert codes[0].tolist() == [0, 0, 0]
-    assert scale[0] == EPS
+    assert scale[0] == MIN_SCALE
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,7 @@ def test_binary_reconstruction_is_the_sign_times_the_mean_magnitude(w, pow2):
     codes, scale = binarize(w, pow2)
     assert set(np.unique(codes)) <= {-1, 1}
     assert (codes == np.where(w >= 0, 1, -1)).all()
-    mean = np.maximum(np.abs(w).mean(axis=1), EPS)
+    mean = np.maximum(np.abs(w).mean(axis=1), MIN_SCALE)
     if pow2:  # the power of two nearest the mean: within a factor 4/3 of it (§16)
         assert (np.log2(scale) == np.round(np.log2(scale))).all()
         assert (scale <= mean * 4 / 3 * (1 + 1e-6)).all()
@@ -167,7 +167,7 @@ def test_ternary_codes_are_zero_exactly_at_or_below_the_threshold(w):
     kept = np.abs(w) > delta
     for row, mask, s in zip(w, kept, scale, strict=True):
         if mask.any():
-            assert s == pytest.approx(max(np.abs(row[mask]).mean(), EPS), rel=1e-6)
+            assert s == pytest.approx(max(np.abs(row[mask]).mean(), MIN_SCALE), rel=1e-6)
 
 
 @given(rows, st.booleans(), st.sampled_from([3, 4, 8]))

@@ -9,8 +9,11 @@ import numpy as np
 from qdq.errors import ArgumentError, RangeError, SchemeError, expect
 from qdq.scheme import QScheme
 
-# torch.ao's floor for a degenerate (constant or all-zero) range: a valid grid, never 0 or NaN.
-MIN_SCALE = float(np.finfo(np.float32).eps)
+# The floor for a degenerate (constant or all-zero) range: a valid grid, never 0 or NaN. Not
+# torch.ao's float32 epsilon (1.2e-7), a grid coarser than tensors whose values are that small
+# (PyTorch's MnasNet as initialized: 1e-7 by its last layers, every one of them zeroed); 2^-63 is
+# the smallest whose product with another, an int32 bias's scale, stays a normal float32.
+MIN_SCALE = 2.0**-63
 
 
 @dataclass(frozen=True, eq=False)
