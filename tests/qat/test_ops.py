@@ -63,6 +63,28 @@ OP_CASES = [
         ],
         (5, 2, 4),
     ),
+    *(
+        (
+            "GRU",  # both directions, biases: (sequence, batch, features), PyTorch's form and not
+            {"hidden_size": 3, "direction": "bidirectional", "linear_before_reset": after},
+            [
+                np.random.default_rng(5).normal(size=(2, 9, 4)).astype(np.float32),
+                np.random.default_rng(6).normal(size=(2, 9, 3)).astype(np.float32),
+                np.random.default_rng(7).normal(size=(2, 18)).astype(np.float32),
+            ],
+            (5, 2, 4),
+        )
+        for after in (0, 1)
+    ),
+    (
+        "InstanceNormalization",
+        {"epsilon": 1e-3},
+        [np.array([0.5, 2.0], np.float32), np.array([0.1, -0.2], np.float32)],
+        (2, 2, 3, 4),
+    ),
+    ("Einsum", {"equation": "bij,jk->bik"}, [np.ones((4, 5), np.float32)], (2, 3, 4)),
+    ("Trilu", {"upper": 0}, [np.int64(1)], (2, 4, 5)),
+    ("Trilu", {}, [], (4, 5)),
     ("Split", {"axis": 1, "num_outputs": 2}, [], (2, 6)),
     (
         "AveragePool",
@@ -96,7 +118,7 @@ def test_each_op_runs_as_onnx_runtime_runs_it(
         for i, c in enumerate(constants)
         if c is not None
     ]
-    outputs = [f"y{i}" for i in range({"Split": 2, "LSTM": 3}.get(op, 1))]
+    outputs = [f"y{i}" for i in range({"Split": 2, "LSTM": 3, "GRU": 2}.get(op, 1))]
     node = onnx.helper.make_node(op, names, outputs, **attrs)
     x_info = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)
     ys = [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None) for y in outputs]

@@ -2,13 +2,14 @@
 
 `OPS` maps each op type `QdqGraph` (qdq.qat.convert) can run to a function of the node's
 inputs (torch tensors; integer tensors carry shapes, as ONNX's Shape, Gather and Concat of
-shapes do) and its attributes. The 67 ops cover the QDQ graphs of the PP-OCRv4 models,
-EfficientNet-Lite0, the digits models and the unseen models `qdq finetune` was measured on;
-an op or an attribute combination they do not cover raises `ModelError` naming it.
+shapes do) and its attributes. The 71 ops cover the QDQ graphs of the PP-OCRv4 models,
+EfficientNet-Lite0, the digits models, the unseen models `qdq finetune` was measured on and
+PyTorch's exports of a GRU, an Einsum, GroupNorm and InstanceNorm and a causal attention mask
+(Trilu); an op or an attribute combination they do not cover raises `ModelError` naming it.
 
 This module is the table; the functions live by family: `ops_conv` (convolutions, Gemm,
 pools, Resize), `ops_math` (elementwise, Softmax, reductions, normalizations), `ops_shape`
-(shapes and data movement), `ops_recurrent` (LSTM), over `ops_args`'s shared readers.
+(shapes and data movement), `ops_recurrent` (LSTM, GRU), over `ops_args`'s shared readers.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from qdq.qat.ops_conv import conv, conv_transpose, gemm, pool, resize
 from qdq.qat.ops_math import (
     batch_norm,
     clip,
+    einsum,
     elementwise,
+    instance_norm,
     layer_norm,
     prelu,
     reduce,
     softmax,
+    trilu,
     variadic,
 )
-from qdq.qat.ops_recurrent import lstm
+from qdq.qat.ops_recurrent import gru, lstm
 from qdq.qat.ops_shape import (
     cast,
     constant_of_shape,
@@ -95,6 +99,9 @@ OPS: dict[str, Callable[[Sequence[Value], Attrs], object]] = {
     "DepthToSpace": depth_to_space,
     "SpaceToDepth": space_to_depth,
     "LSTM": lstm,
+    "GRU": gru,
+    "Einsum": einsum,
+    "Trilu": trilu,
     "Flatten": flatten,
     "Transpose": lambda i, a: i[0].permute(a.get("perm", list(reversed(range(i[0].ndim))))),
     "Squeeze": squeeze,
@@ -118,4 +125,5 @@ OPS: dict[str, Callable[[Sequence[Value], Attrs], object]] = {
     "ReduceMax": lambda i, a: reduce(i, a, torch.amax),
     "LayerNormalization": layer_norm,
     "BatchNormalization": batch_norm,
+    "InstanceNormalization": instance_norm,
 }

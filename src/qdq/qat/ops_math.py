@@ -39,6 +39,25 @@ def layer_norm(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     return F.layer_norm(x, shape, scale, bias, attrs.get("epsilon", 1e-5))
 
 
+def instance_norm(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """InstanceNormalization: each sample's channel normalized over its other axes (PyTorch
+    exports GroupNorm and InstanceNorm as it)."""
+    x, scale, bias = inputs[:3]
+    return F.instance_norm(x, weight=scale, bias=bias, eps=attrs.get("epsilon", 1e-5))
+
+
+def einsum(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    return torch.einsum(attrs["equation"].decode(), *inputs)
+
+
+def trilu(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """The upper (or, with `upper` 0, lower) triangle of the last two axes from diagonal `k`
+    on (a causal attention mask)."""
+    k = input_or_none(inputs, 1)
+    k = 0 if k is None else int(k)
+    return torch.triu(inputs[0], k) if attrs.get("upper", 1) else torch.tril(inputs[0], k)
+
+
 def batch_norm(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     x, scale, bias, mean, var = inputs[:5]
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, attrs.get("epsilon", 1e-5))

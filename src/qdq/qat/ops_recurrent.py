@@ -1,5 +1,5 @@
-"""ONNX's recurrent ops as torch functions (LSTM), unrolled step by step over the sequence so
-that autograd sees every gate."""
+"""ONNX's recurrent ops as torch functions (LSTM, GRU), unrolled step by step over the sequence
+so that autograd sees every gate."""
 
 from __future__ import annotations
 
@@ -11,21 +11,31 @@ from qdq.errors import ModelError
 from qdq.qat.ops_args import Attrs, Value, input_or_none
 
 
-def lstm(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
-    """ONNX's LSTM (gates i, o, f, c; sequence first; peepholes optional), one or both
-    directions. Not converted: custom activations, clipping, coupled input-forget gates,
+def _plain(op: str, inputs: Sequence[Value], attrs: Attrs) -> None:
+    """Refuse what the converters leave out: custom activations, clipping, coupled gates,
     batch-first layout, and sequences of different lengths."""
-    x, w, r = inputs[:3]
-    bias, lengths, h0, c0, peep = (input_or_none(inputs, i) for i in range(3, 8))
+    x, lengths = inputs[0], input_or_none(inputs, 4)
     odd = [k for k in ("activations", "clip", "input_forget", "layout") if attrs.get(k)]
     if odd or (lengths is not None and bool((lengths != x.shape[0]).any())):
-        raise ModelError(f"LSTM with {odd or 'sequences of different lengths'} has no converter")
+        raise ModelError(f"{op} with {odd or 'sequences of different lengths'} has no converter")
+
+
+def _reversed(attrs: Attrs, direction: int) -> bool:
+    return attrs.get("direction", b"forward") == b"reverse" or direction == 1
+
+
+def lstm(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
+    """ONNX's LSTM (gates i, o, f, c; sequence first; peepholes optional), one or both
+    directions."""
+    _plain("LSTM", inputs, attrs)
+    x, w, r = inputs[:3]
+    bias, h0, c0, peep = (input_or_none(inputs, i) for i in (3, 5, 6, 7))
     directions, hidden = w.shape[0], w.shape[1] // 4
     zeros = x.new_zeros(directions, x.shape[1], hidden)
     h0, c0 = (zeros if v is None else v for v in (h0, c0))
     ys, hs, cs = [], [], []
     for d in range(directions):
-        reverse = attrs.get("direction", b"forward") == b"reverse" or d == 1
+        reverse = _reversed(attrs, d)
         b = bias[d, : 4 * hidden] + bias[d, 4 * hidden :] if bias is not None else 0
         p = peep[d].split(hidden) if peep is not None else (0, 0, 0)
         h, c, out = h0[d], c0[d], []
@@ -39,3 +49,32 @@ def lstm(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
         hs.append(h)
         cs.append(c)
     return torch.stack(ys, 1), torch.stack(hs), torch.stack(cs)
+
+
+def gru(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
+    """ONNX's GRU (gates z, r, h; sequence first), one or both directions, the reset gate
+    applied before the recurrent product or, with `linear_before_reset` (PyTorch's exports),
+    after it."""
+    _plain("GRU", inputs, attrs)
+    x, w, r = inputs[:3]
+    bias, h0 = input_or_none(inputs, 3), input_or_none(inputs, 5)
+    directions, hidden = w.shape[0], w.shape[1] // 3
+    after = bool(attrs.get("linear_before_reset", 0))
+    h0 = x.new_zeros(directions, x.shape[1], hidden) if h0 is None else h0
+    ys, hs = [], []
+    for d in range(directions):
+        reverse = _reversed(attrs, d)
+        wb, rb = bias[d].split(3 * hidden) if bias is not None else (x.new_zeros(3 * hidden),) * 2
+        rz, rr, rh = r[d].split(hidden)
+        h, out = h0[d], []
+        for t in reversed(range(x.shape[0])) if reverse else range(x.shape[0]):
+            xz, xr, xh = (x[t] @ w[d].T + wb).split(hidden, -1)
+            bz, br, bh = rb.split(hidden)
+            z = torch.sigmoid(xz + h @ rz.T + bz)
+            reset = torch.sigmoid(xr + h @ rr.T + br)
+            kept = reset * (h @ rh.T + bh) if after else (reset * h) @ rh.T + bh
+            h = (1 - z) * torch.tanh(xh + kept) + z * h
+            out.append(h)
+        ys.append(torch.stack(out[::-1] if reverse else out))
+        hs.append(h)
+    return torch.stack(ys, 1), torch.stack(hs)
