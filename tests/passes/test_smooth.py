@@ -186,3 +186,57 @@ def test_smoothing_a_convs_input_rescues_its_crowded_channels(tmp_path):
     conv2 = next(d for d in report.decisions if d.node == "conv2")
     assert conv2.quantized, conv2.reason  # the Conv after the inserted Mul still runs in int8
     assert sqnr[True] > sqnr[False] + 6
+
+
+def batch_norm_cnn() -> onnx.ModelProto:
+    """x[N,16,12,12] -> BatchNormalization (2 of 16 channels 50x the rest) -> Relu -> Conv 3x3:
+    DenseNet's BatchNorm -> ReLU -> Conv after a concatenation, which no Conv can take."""
+    rng = np.random.default_rng(0)
+    gain = np.ones(16, np.float32)
+    gain[[3, 12]] = 50.0
+    w = rng.standard_normal((8, 16, 3, 3)).astype(np.float32) * 0.1
+    w[:, [3, 12]] /= 50.0
+    inits = [
+        numpy_helper.from_array(value.astype(np.float32), name)
+        for name, value in [
+            ("gain", gain),
+            ("shift", rng.standard_normal(16) * 0.1),
+            ("mean", rng.standard_normal(16) * 0.1),
+            ("var", rng.uniform(0.5, 2, 16)),
+            ("w", w),
+        ]
+    ]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "gain", "shift", "mean", "var"], ["b"]),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1] * 4),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bn_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12, 12])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_a_batch_norm_before_a_relu_takes_the_division(tmp_path):
+    """No Mul: BatchNorm's scale and shift are divided by s (ReLU commutes with s > 0), so
+    the smoothed input costs no float pass, and the Conv's crowded channels are rescued."""
+    x = np.random.default_rng(2).standard_normal((64, 16, 12, 12)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    model = batch_norm_cnn()
+    samples = Samples(tmp_path / "x.npy", model_inputs(model))
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    smoothed, chosen = smooth(copy, samples, QuantConfig())
+    assert list(chosen) == ["r"]
+    assert "Mul" not in [n.op_type for n in smoothed.graph.node]
+    before, after = run(model, x), run(smoothed, x)
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+    sqnr, report = quantized_without_and_with(model, x, tmp_path)
+    assert any("MatMul or Conv inputs" in note for note in report.notes)
+    written = onnx.load(str(tmp_path / "q_True.onnx"))
+    assert "Mul" not in [n.op_type for n in written.graph.node]
+    assert sqnr[True] > sqnr[False] + 6

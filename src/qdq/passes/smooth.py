@@ -243,7 +243,8 @@ def _apply(
     model: onnx.ModelProto, index: GraphIndex, site: Site, scale: np.ndarray
 ) -> list[onnx.NodeProto]:
     """Multiply the readers' weights along X's channels by `scale` and divide X by it: in a
-    LayerNorm's own scale and shift, or else by a new Mul, returned for the caller to place."""
+    LayerNorm's or a BatchNorm's own scale and shift, or else by a new Mul, returned for the
+    caller to place."""
     # X / s broadcasts along X's channels: (C, 1, 1) against a Conv's (N, C, H, W)
     spatial = index.constant(site.readers[0].input[1]).ndim - 2 if site.conv else 0
     for reader in site.readers:
@@ -260,6 +261,8 @@ def _apply(
                 value = index.constant(name) / scale
                 producer.input[i] = _new_constant(model, f"{producer.name}_smoothed_{i}", value)
         return []
+    if site.conv and _divided_in_batch_norm(model, index, site, scale):
+        return []
     divisor = (1 / scale).reshape((-1,) + (1,) * spatial)
     inverse = _new_constant(model, f"{site.tensor}_smoothing", divisor)
     mul = helper.make_node(
@@ -275,6 +278,31 @@ def _apply(
         model.graph.value_info.append(typed)
         model.graph.value_info[-1].name = mul.output[0]
     return [mul]
+
+
+def _divided_in_batch_norm(
+    model: onnx.ModelProto, index: GraphIndex, site: Site, scale: np.ndarray
+) -> bool:
+    """Divide X by `scale` in the BatchNormalization that makes it, directly or through a Relu
+    (relu(y) / s = relu(y / s) for s > 0): its scale and shift over s. DenseNet's BatchNorm ->
+    ReLU -> Conv after each concatenation, which no Conv before it can take, had a float Mul
+    before every such Conv (61 of them: 1.13x its int8 time)."""
+    node = site.producer
+    if node.op_type == "Relu":
+        node = index.producer.get(node.input[0])
+        if node is None or index.sole_consumer(node.output[0]) is not site.producer:
+            return False
+    if (
+        node.op_type != "BatchNormalization"
+        or len([o for o in node.output if o]) != 1
+        or not all(index.is_constant(name) for name in node.input[1:3])
+        or not (np.isfinite(scale).all() and (scale > 0).all())
+    ):
+        return False
+    for i in (1, 2):  # y = scale * (x - mean) / sqrt(var + eps) + shift
+        value = index.constant(node.input[i]) / scale
+        node.input[i] = _new_constant(model, f"{node.name}_smoothed_{i}", value)
+    return True
 
 
 def _new_constant(model: onnx.ModelProto, name: str, value: np.ndarray) -> str:
