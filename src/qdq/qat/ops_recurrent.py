@@ -66,10 +66,10 @@ def gru(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
         reverse = _reversed(attrs, d)
         wb, rb = bias[d].split(3 * hidden) if bias is not None else (x.new_zeros(3 * hidden),) * 2
         rz, rr, rh = r[d].split(hidden)
+        bz, br, bh = rb.split(hidden)
         h, out = h0[d], []
         for t in reversed(range(x.shape[0])) if reverse else range(x.shape[0]):
             xz, xr, xh = (x[t] @ w[d].T + wb).split(hidden, -1)
-            bz, br, bh = rb.split(hidden)
             z = torch.sigmoid(xz + h @ rz.T + bz)
             reset = torch.sigmoid(xr + h @ rr.T + br)
             kept = reset * (h @ rh.T + bh) if after else (reset * h) @ rh.T + bh
