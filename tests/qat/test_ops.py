@@ -85,6 +85,9 @@ OP_CASES = [
     ("Einsum", {"equation": "bij,jk->bik"}, [np.ones((4, 5), np.float32)], (2, 3, 4)),
     ("Trilu", {"upper": 0}, [np.int64(1)], (2, 4, 5)),
     ("Trilu", {}, [], (4, 5)),
+    ("Mod", {"fmod": 1}, [np.float32(0.7)], (2, 3)),  # C's fmod: the sign of the dividend
+    ("Gelu", {"approximate": "tanh"}, [], (2, 7)),
+    ("ScatterND", {}, [_i64(0, 1, 1, 0).reshape(2, 2), np.ones((2, 4), np.float32)], (2, 3, 4)),
     ("Split", {"axis": 1, "num_outputs": 2}, [], (2, 6)),
     (
         "AveragePool",
@@ -123,7 +126,8 @@ def test_each_op_runs_as_onnx_runtime_runs_it(
     x_info = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)
     ys = [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None) for y in outputs]
     graph = onnx.helper.make_graph([node], op, [x_info], ys, inits)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    opset = 20 if op == "Gelu" else 18  # Gelu is an op from opset 20
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     want = open_session(model).run(None, {"x": x})
     with torch.no_grad():

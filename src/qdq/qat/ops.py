@@ -2,10 +2,11 @@
 
 `OPS` maps each op type `QdqGraph` (qdq.qat.convert) can run to a function of the node's
 inputs (torch tensors; integer tensors carry shapes, as ONNX's Shape, Gather and Concat of
-shapes do) and its attributes. The 71 ops cover the QDQ graphs of the PP-OCRv4 models,
+shapes do) and its attributes. The 74 ops cover the QDQ graphs of the PP-OCRv4 models,
 EfficientNet-Lite0, the digits models, the unseen models `qdq finetune` was measured on and
-PyTorch's exports of a GRU, an Einsum, GroupNorm and InstanceNorm and a causal attention mask
-(Trilu); an op or an attribute combination they do not cover raises `ModelError` naming it.
+PyTorch's exports of a GRU, an Einsum, GroupNorm and InstanceNorm, a causal attention mask
+(Trilu), Swin's shifted windows (Mod, ScatterND) and opset 20's Gelu; an op or an attribute
+combination they do not cover raises `ModelError` naming it.
 
 This module is the table; the functions live by family: `ops_conv` (convolutions, Gemm,
 pools, Resize), `ops_math` (elementwise, Softmax, reductions, normalizations), `ops_shape`
@@ -46,6 +47,7 @@ from qdq.qat.ops_shape import (
     pad,
     range_,
     reshape,
+    scatter_nd,
     shape,
     slice_,
     space_to_depth,
@@ -64,6 +66,7 @@ OPS: dict[str, Callable[[Sequence[Value], Attrs], object]] = {
     "Mul": elementwise(torch.mul),
     "Div": elementwise(torch.div),
     "Pow": elementwise(torch.pow),
+    "Mod": lambda i, a: (torch.fmod if a.get("fmod", 0) else torch.remainder)(i[0], i[1]),
     "Sqrt": elementwise(torch.sqrt),
     "Erf": elementwise(torch.erf),
     "Exp": elementwise(torch.exp),
@@ -83,6 +86,7 @@ OPS: dict[str, Callable[[Sequence[Value], Attrs], object]] = {
     "Relu": elementwise(torch.relu),
     "Sigmoid": elementwise(torch.sigmoid),
     "HardSwish": elementwise(F.hardswish),
+    "Gelu": lambda i, a: F.gelu(i[0], approximate=a.get("approximate", b"none").decode()),
     "Identity": elementwise(lambda x: x),
     "Equal": elementwise(torch.eq),
     "Where": elementwise(torch.where),
@@ -111,6 +115,7 @@ OPS: dict[str, Callable[[Sequence[Value], Attrs], object]] = {
     "Softmax": softmax,
     "Gather": gather,
     "GatherElements": gather_elements,
+    "ScatterND": scatter_nd,
     "Pad": pad,
     "Shape": shape,
     "Cast": cast,

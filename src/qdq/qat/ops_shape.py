@@ -142,3 +142,14 @@ def space_to_depth(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     n, c, h, w = x.shape
     y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
     return y.reshape(n, c * b * b, h // b, w // b)
+
+
+def scatter_nd(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """ScatterND without a reduction: a copy of the data with the slices `indices` name
+    replaced by `updates` (Swin's shifted-window mask)."""
+    data, indices, updates = inputs[:3]
+    if attrs.get("reduction", b"none") != b"none":
+        raise ModelError(f"ScatterND with reduction {attrs['reduction']!r} has no converter")
+    out = data.clone()
+    out[tuple(indices.long().unbind(-1))] = updates
+    return out
