@@ -15,6 +15,20 @@ from qdq.pipeline import quantize_model
 from qdq.plan import frontier
 
 
+def shaped(nodes: list, inits: list, name: str, x: list, y: list) -> onnx.ModelProto:
+    """The graph of `nodes` from input x to output y (float, of shapes `x`, `y`), opset 17,
+    with every tensor's type inferred (the int8 rules read them)."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
 def outlier_mlp(producer: str) -> onnx.ModelProto:
     """x[N,8,32] -> MatMul -> a float op whose output has 2 channels 50x the rest -> MatMul.
 
@@ -37,15 +51,7 @@ def outlier_mlp(producer: str) -> onnx.ModelProto:
             helper.make_node("LayerNormalization", ["h", "gain", "shift"], ["a"], name="ln")
         )
     nodes.append(helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2"))
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 16])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return onnx.shape_inference.infer_shapes(model)
+    return shaped(nodes, inits, "mlp", ["N", 8, 32], ["N", 8, 16])
 
 
 def run(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
@@ -119,15 +125,7 @@ def outlier_cnn(group: int = 1) -> onnx.ModelProto:
         helper.make_node("Mul", ["r", "gain"], ["a"], name="gain"),
         helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2", pads=[1] * 4, group=group),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 12, 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12, 12])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return onnx.shape_inference.infer_shapes(model)
+    return shaped(nodes, inits, "cnn", ["N", 4, 12, 12], ["N", 8, 12, 12])
 
 
 @pytest.mark.parametrize("group", [1, 2])
@@ -211,15 +209,7 @@ def batch_norm_cnn() -> onnx.ModelProto:
         helper.make_node("Relu", ["b"], ["r"], name="relu"),
         helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1] * 4),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "bn_cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 12, 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12, 12])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return onnx.shape_inference.infer_shapes(model)
+    return shaped(nodes, inits, "bn_cnn", ["N", 16, 12, 12], ["N", 8, 12, 12])
 
 
 def test_a_batch_norm_before_a_relu_takes_the_division(tmp_path):
