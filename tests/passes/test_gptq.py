@@ -12,7 +12,7 @@ import qdq.passes.gptq
 import qdq.ptq
 from qdq.affine import quantize
 from qdq.onnx.graph import GraphIndex
-from qdq.passes.gptq import HessianSums, _layer_codes, _terms, linear_layers
+from qdq.passes.gptq import HessianSums, _inverse_upper_factor, _layer_codes, _terms, linear_layers
 from qdq.plan.saturation import pair_clipped, pair_safe
 from qdq.qparams import QParams
 from qdq.scheme import INT8_WEIGHTS
@@ -234,3 +234,16 @@ def _hessians(index: GraphIndex, layers: list, *batches: np.ndarray) -> dict[str
     for batch in batches:
         sums.update({"x": batch}, len(batch))
     return sums.found()
+
+
+@pytest.mark.parametrize(("groups", "terms"), [(3, 9), (2, 129), (1, 300)])
+def test_the_inverse_factor_is_the_upper_cholesky_factor_of_h_inverse(groups, terms):
+    """GPTQ spreads each rounding error along U with H^-1 = U^T U; found without inverting H
+    (sizes on both sides of the halving's base case)."""
+    x = np.random.default_rng(terms).normal(size=(groups, terms, 3 * terms))
+    x[:, 0] *= 100.0  # one loud term, as activations have
+    h = x @ x.transpose(0, 2, 1)
+    upper = _inverse_upper_factor(h)
+    np.testing.assert_array_equal(np.tril(upper, -1), 0.0)
+    expected = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
+    np.testing.assert_allclose(upper, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())

@@ -25,6 +25,9 @@ OP_CASES = [
     ("Resize", {"mode": "nearest"}, [None, np.array([1, 1, 2, 2], np.float32)], (1, 2, 3, 5)),
     ("Resize", {"mode": "linear"}, [None, np.array([1, 1, 2, 2], np.float32)], (1, 2, 3, 5)),
     ("Slice", {}, [_i64(1, 0), _i64(99, -1), _i64(1, 3)], (2, 3, 4, 5)),
+    # Swin's shifted windows and torch.flip: backwards, to the front and from a middle index
+    ("Slice", {}, [_i64(-1, 3), _i64(-(2**63), 0), _i64(2, 3), _i64(-1, -2)], (2, 3, 4, 5)),
+    ("Slice", {}, [_i64(99, -2), _i64(-99, 0), _i64(-1, 1), _i64(-1, -1)], (2, 3, 4, 5)),
     ("Pad", {"mode": "constant"}, [_i64(0, 0, 1, 2, 0, 0, 2, 1), np.float32(0.5)], (1, 2, 3, 4)),
     ("Pad", {"mode": "edge"}, [_i64(0, 0, 1, 2, 0, 0, 2, 1)], (1, 2, 3, 4)),
     ("Softmax", {"axis": 1}, [], (2, 5, 3)),

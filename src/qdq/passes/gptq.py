@@ -247,7 +247,7 @@ def _gptq(
     h[:, np.arange(terms), np.arange(terms)] += (
         DAMPING * diagonal.mean(axis=1, keepdims=True) + dead
     )
-    upper = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
+    upper = _inverse_upper_factor(h)
     w = w.copy()
     codes = np.empty_like(w)
     for start in range(0, terms, BLOCK):
@@ -265,3 +265,26 @@ def _gptq(
         codes[:, :, start:stop] = got.transpose(0, 2, 1)
         w[:, :, stop:] -= np.matmul(errors.transpose(0, 2, 1), upper[:, start:stop, stop:])
     return codes
+
+
+def _inverse_upper_factor(h: np.ndarray) -> np.ndarray:
+    """The upper Cholesky factor `U` of each `H^-1` (`H^-1 = U^T U`), without forming `H^-1`:
+    with `J` the reversal, `J H J = C C^T` gives `U = J C^-1 J`. One factorization and one
+    triangular inverse instead of an inverse and a factorization: 0.09 -> 0.03 s for a
+    1024-term layer, the same factor to 2e-15 (scratch `/work/notes/r70/triinv.py`)."""
+    lower = np.linalg.cholesky(h[:, ::-1, ::-1])
+    return np.ascontiguousarray(_lower_inverse(lower)[:, ::-1, ::-1])
+
+
+def _lower_inverse(c: np.ndarray) -> np.ndarray:
+    """The inverse of each lower-triangular `c`, by halves: the inverse of `[[A, 0], [B, D]]` is
+    `[[A^-1, 0], [-D^-1 B A^-1, D^-1]]`, so the work is matrix products."""
+    n = c.shape[-1]
+    if n <= 128:
+        return np.tril(np.linalg.inv(c))
+    k = n // 2
+    a, d = _lower_inverse(c[:, :k, :k]), _lower_inverse(c[:, k:, k:])
+    out = np.zeros_like(c)
+    out[:, :k, :k], out[:, k:, k:] = a, d
+    out[:, k:, :k] = -(d @ c[:, k:, :k]) @ a
+    return out

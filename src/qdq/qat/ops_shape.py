@@ -50,10 +50,22 @@ def slice_(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     steps = as_ints(steps) if steps is not None else [1] * len(starts)
     index = [slice(None)] * x.ndim
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
-        if step < 1:
-            raise ModelError("Slice with a negative step has no converter")
-        index[axis] = slice(start, end, step)  # Python clamps as ONNX does
+        if step == 0:
+            raise ModelError("Slice with a step of 0 is not valid ONNX; re-export the model")
+        if step > 0:
+            index[axis] = slice(start, end, step)  # Python clamps as ONNX does
+        else:  # torch slices only forward: pick the indices ONNX's clamping gives
+            picked = _backward_range(start, end, step, x.shape[axis])
+            x = x.index_select(axis, torch.tensor(picked, dtype=torch.long, device=x.device))
     return x[tuple(index)]
+
+
+def _backward_range(start: int, end: int, step: int, size: int) -> list[int]:
+    """Slice's indices for a negative step: start clamps to [0, size-1] and end to [-1, size-1]
+    after negatives count from the back, so a huge negative end (torch's `flip`) reaches index 0."""
+    start = min(max(start + size if start < 0 else start, 0), size - 1)
+    end = min(max(end + size if end < 0 else end, -1), size - 1)
+    return list(range(start, end, step))
 
 
 def split(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
