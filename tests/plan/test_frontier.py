@@ -114,7 +114,7 @@ def test_prefer_accuracy_takes_the_best_scoring_candidate(tmp_path):
 def test_prefer_speed_keeps_a_tiny_model_all_int8(tmp_path, monkeypatch):
     # The digits CNN runs in ~12 us: every candidate is within the 20 us tie, so the one with
     # the most int8 nodes is taken. Timed as equal here: a loaded machine's timing is no test.
-    monkeypatch.setattr(frontier, "latencies_ms", lambda models, _: [0.012] * len(models))
+    monkeypatch.setattr(frontier, "latencies_ms", lambda models, *_: [0.012] * len(models))
     report = quantize_model(
         DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz", QuantConfig(prefer="speed")
     )
@@ -259,7 +259,7 @@ def test_the_report_times_fp32_with_the_candidates_and_warns_when_int8_is_slower
     # as the plans, every plan slower (past the timing tie: a tiny model's microseconds are
     # noise, no warning).
     def timed(fp32: float, plans: float):
-        return lambda models, _: [plans] * (len(models) - 1) + [fp32]
+        return lambda models, *_: [plans] * (len(models) - 1) + [fp32]
 
     monkeypatch.setattr(frontier, "latencies_ms", timed(1.0, 2.0))
     report = quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", DIGITS / "calib.npz")
@@ -362,7 +362,7 @@ def _timed_runs(fed: list[dict]) -> Callable:
     """Times as given, recording the feed: all int8 (the first candidate) 1 ms a run, every
     other plan 2 ms, FP32 (last) 3 ms."""
 
-    def timed(models: list, feed: dict[str, np.ndarray]) -> list[float]:
+    def timed(models: list, feed: dict[str, np.ndarray], *_: object) -> list[float]:
         fed.append({name: value.shape for name, value in feed.items()})
         return [1.0] + [2.0] * (len(models) - 2) + [3.0]
 

@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -194,24 +194,36 @@ def session_with_outputs(
 
 
 def median_latency_ms(
-    models: list, feed: dict[str, np.ndarray], runs: int, budget_s: float | None = None
+    models: list,
+    feed: dict[str, np.ndarray],
+    runs: int,
+    budget_s: float | None = None,
+    still: Callable[[list[list[float]]], set[int]] | None = None,
 ) -> list[float]:
     """Median ms per run of each model (a proto, a path or serialized bytes), 1 thread, runs
     interleaved so that drift on the machine hits all alike. With `budget_s`, rounds stop once
     they took that long, after at least LEAST_ROUNDS: a model whose one run takes a second
     (the nucleus segmenter's 1024 x 1024 tile) is timed in seconds, not minutes, and runs that
-    long vary little."""
+    long vary little. With `still`, from LEAST_ROUNDS on only the models it names (given every
+    model's times so far) run again, and rounds stop when it names none: a frontier's
+    candidate that can no longer be chosen (`qdq.plan.racing`)."""
     sessions = [open_session(m, Use.LATENCY) for m in models]
     times: list[list[float]] = [[] for _ in sessions]
     for session in sessions:  # warm up
         session.run(None, feed)
     began = time.perf_counter()
+    timed = set(range(len(sessions)))
     for round_ in range(runs):
         spent = time.perf_counter() - began
         if budget_s is not None and round_ >= LEAST_ROUNDS and spent > budget_s:
             break
+        if still is not None and round_ >= LEAST_ROUNDS:
+            timed &= still(times)
+            if not timed:
+                break
         for i, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[i].append((time.perf_counter() - start) * 1e3)
+            if i in timed:
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[i].append((time.perf_counter() - start) * 1e3)
     return [float(np.median(t)) for t in times]

@@ -57,7 +57,8 @@ score. For example:
 The candidates and the FP32 model are timed together, interleaved, and cached as one group
 keyed by their graph structures (`cache_file`; names and SmoothQuant's Muls aside), so a model
 gets the same plan on every run and every calibration draw, and FP32's time is always from the
-same runs as the candidates'.
+same runs as the candidates' (their first LEAST_ROUNDS; after those, only the candidates the
+choice could still fall on are timed: `qdq.plan.racing`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ from qdq.plan.budget import Reference
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, kept_float
 from qdq.plan.method import sample_scores
+from qdq.plan.racing import still_open
 from qdq.plan.rules import RULES, Kind
 
 log = logging.getLogger(__name__)
@@ -235,11 +237,12 @@ def choose_plan(
     # when all were measured together (cached apart, the report once compared a quiet FP32 time
     # with candidate times from a loaded hour, and warned that no plan beat FP32: Magika)
     timed = [*models.values(), *([reference] if reference is not None else [])]
-    latencies = latencies_ms(timed, timing_feed)
+    untimed = [Candidate(name, scores[name], 0.0, _int8_nodes(plans[name][0])) for name in models]
+    still = still_open(untimed, lambda trial: pick(trial, prefer))
+    latencies = latencies_ms(timed, timing_feed, still)
     float_ms = latencies.pop() if reference is not None else None
     candidates = [
-        Candidate(name, scores[name], ms, _int8_nodes(plans[name][0]))
-        for name, ms in zip(models, latencies, strict=True)
+        replace(c, latency_ms=ms) for c, ms in zip(untimed, latencies[: len(untimed)], strict=True)
     ]
     taken = pick(candidates, prefer)  # on the times of whole runs: LATENCY_TIE's 20 us is a call's
     for c in candidates:
@@ -252,8 +255,13 @@ def choose_plan(
     return replace(plan, frontier=frontier, float_ms=float_ms), chosen
 
 
-def latencies_ms(models: list[onnx.ModelProto], feed: dict[str, np.ndarray]) -> list[float]:
-    """Median ms per run of each model on `feed`, timed together (interleaved), or from the
+def latencies_ms(
+    models: list[onnx.ModelProto],
+    feed: dict[str, np.ndarray],
+    still: Callable[[list[list[float]]], set[int]] | None = None,
+) -> list[float]:
+    """Median ms per run of each model on `feed`, timed together (interleaved; `still` as
+    `median_latency_ms` takes it), or from the
     cache when these graph structures were timed together before (the same model then gets
     the same plan on every run and every draw of its calibration samples). The cache keeps
     each group's times as one entry: times measured at different moments, under different
@@ -268,7 +276,7 @@ def latencies_ms(models: list[onnx.ModelProto], feed: dict[str, np.ndarray]) -> 
     cached = _read(file) if file else {}
     if len(cached.get(key, ())) == len(models):
         return list(cached[key])
-    measured = median_latency_ms(models, feed, RUNS, TIMING_BUDGET_S)
+    measured = median_latency_ms(models, feed, RUNS, TIMING_BUDGET_S, still)
     if file:
         latest = _read(file)  # timing takes seconds: others may have written since
         if len(latest.get(key, ())) == len(models):
