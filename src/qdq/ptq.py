@@ -227,17 +227,22 @@ def _best_method(
     the winner, and a note."""
     candidates = candidate_ranges(observers, unfit, config.activations)
     score = sample_scores(held_reference(), config.output_parts)
-    method, scores, above = choose_method(candidates, plan_for, partial(insert_qdq, model), score)
+    method, scores, above, scored = choose_method(
+        candidates, plan_for, partial(insert_qdq, model), score
+    )
     first = next(iter(scores))
     shown = ", ".join(
-        f"{m} {v:.2f}" + ("" if m == first else f" [above on {above[m]:.0%}]")
+        f"{m} {v:.2f}"
+        + ("" if m == first else f" [above on {above[m]:.0%}]")
+        + ("" if scored[m] == scored[first] else f" (out after {scored[m]})")
         for m, v in scores.items()
     )
     notes.append(
         f"range method {method}: median per-sample worst output part in dB on {held} calibration "
         f"samples held out of the ranges, and the share of them on which each scored above "
         f"{first} ({shown}); another replaces {first} only with a median more than {MARGIN} dB "
-        f"higher and above it on at least {MAJORITY:.0%} of the samples"
+        f"higher and above it on at least {MAJORITY:.0%} of the samples; one that can no longer "
+        f"reach that share is scored no further ('out after N': its median and share on N)"
     )
     return method
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from qdq.metrics import sqnr_db
 from qdq.observers import MSE, Auto, HistogramObserver, Observer, Percentile, RangeRule
@@ -41,6 +42,9 @@ MARGIN = 0.5
 MAJORITY = 2 / 3
 # Fit ranges and unfit tensors (with the reason), as `calibrate` returns them.
 Fitted = tuple[dict[str, Range], dict[str, str]]
+# Rates a model per held sample; stops early where the callable given says the scores so far
+# are enough (`choose_method`'s hopeless candidate; None: every sample).
+Scorer = Callable[[onnx.ModelProto, Callable[[np.ndarray], bool] | None], float | np.ndarray]
 
 
 def candidate_ranges(
@@ -81,49 +85,70 @@ def choose_method(
     candidates: dict[str, Fitted],
     plan_for: Callable[[Fitted], Plan],
     realize: Callable[[Plan], onnx.ModelProto],
-    score: Callable[[onnx.ModelProto], float | np.ndarray],
-) -> tuple[str, dict[str, float], dict[str, float]]:
+    score: Scorer,
+) -> tuple[str, dict[str, float], dict[str, float], dict[str, int]]:
     """The candidate whose plan has the highest median score, if that beats the first's median
     by MARGIN and the first's score on at least MAJORITY of the samples (else the first), every
-    candidate's median, and the share of the samples on which each scored above the first;
-    `plan_for` builds a plan from ranges, `realize` its model, `score` rates the model per held
-    sample (`sample_scores`; one number counts as one sample; higher is better, in dB)."""
-    per_sample = {}
-    for method, fitted in candidates.items():
-        per_sample[method] = np.atleast_1d(np.asarray(score(realize(plan_for(fitted))), float))
+    candidate's median, the share of the samples on which each scored above the first, and how
+    many samples each was scored on; `plan_for` builds a plan from ranges, `realize` its model,
+    `score` rates the model per held sample (`sample_scores`; one number counts as one sample;
+    higher is better, in dB). A candidate stops being scored once it has lost to the first on
+    more samples than MAJORITY leaves it (it can then never replace the first): the same
+    choice, and on a batch-1 model, whose samples run one at a time, fewer runs."""
+    first = next(iter(candidates))
+    per_sample: dict[str, np.ndarray] = {}
+
+    def hopeless(scores: np.ndarray) -> bool:
+        total = len(per_sample[first])
+        lost = int(np.sum(scores <= per_sample[first][: len(scores)]))
+        return total - lost < MAJORITY * total
+
+    for method, fitted in candidates.items():  # one model at a time
+        until = None if method == first else hopeless
+        per_sample[method] = np.atleast_1d(np.asarray(score(realize(plan_for(fitted)), until)))
+    total = len(per_sample[first])
     medians = {method: float(np.median(s)) for method, s in per_sample.items()}
-    first = next(iter(per_sample))
-    wins = {method: float(np.mean(s > per_sample[first])) for method, s in per_sample.items()}
+    wins = {
+        method: float(np.mean(s > per_sample[first][: len(s)])) for method, s in per_sample.items()
+    }
+    scored = {method: len(s) for method, s in per_sample.items()}
     for method in per_sample:
-        log.info("method %s: median worst output part %.2f dB, above %s on %.0f%% of samples",
-                 method, medians[method], first, 100 * wins[method])  # fmt: skip
+        log.info("method %s: median worst output part %.2f dB, above %s on %.0f%% of %d samples",
+                 method, medians[method], first, 100 * wins[method], scored[method])  # fmt: skip
     contenders = [
         method
         for method in per_sample
         if method != first
+        and scored[method] == total
         and medians[method] > medians[first] + MARGIN
         and wins[method] >= MAJORITY
     ]
-    return max(contenders, key=medians.__getitem__, default=first), medians, wins
+    return max(contenders, key=medians.__getitem__, default=first), medians, wins, scored
 
 
 def sample_scores(
     reference: Reference, declared: Sequence[str] = (), decided: float | None = None
-) -> Callable[[onnx.ModelProto], np.ndarray]:
+) -> Callable[..., np.ndarray]:
     """Scores a candidate per sample of `reference`'s feeds: each sample's lowest SQNR in dB of
     any output part (`qdq.plan.parts`) against FP32's outputs there; `declared` are
     `--output-parts` specs. A feed whose outputs do not share a leading (batch) axis counts as
     one sample. With `decided`, an output of decisions (`decision_outputs`: a recognizer's
     per-step class probabilities) that the candidate reads as FP32 does on every sample scores
     at least `decided` there: what the user gets is those classes, and PP-OCRv6's recognizer
-    read every line as FP32 does from 13 dB of probability error."""
+    read every line as FP32 does from 13 dB of probability error. The scorer takes a candidate
+    and, as `Scorer`, a test of the scores so far after each feed that ends the scoring early
+    (not with `decided`, whose floors need every sample first)."""
     feeds, names, outputs = reference.feeds, reference.names, reference.outputs
     parts = [p for group in output_parts(names, outputs, declared).values() for p in group]
     where = {name: i for i, name in enumerate(names)}
     decisions = decision_outputs(names, outputs) if decided is not None else {}
 
-    def score(candidate: onnx.ModelProto) -> np.ndarray:
+    def score(
+        candidate: onnx.ModelProto, until: Callable[[np.ndarray], bool] | None = None
+    ) -> np.ndarray:
         session = open_session(candidate)
+        if not decisions:
+            return feed_by_feed(session, until)
         got = [session.run(names, feed) for feed in feeds]
         floors = {
             name: float(decided)
@@ -139,6 +164,18 @@ def sample_scores(
             _worst_per_sample(parts, where, *p, n, floors)
             for p, n in zip(pairs, counts, strict=True)
         ]
+        return np.concatenate(worst)
+
+    def feed_by_feed(
+        session: ort.InferenceSession, until: Callable[[np.ndarray], bool] | None
+    ) -> np.ndarray:
+        """The scores feed by feed, until `until` holds for those so far."""
+        worst: list[np.ndarray] = []
+        for want, feed in zip(outputs, feeds, strict=True):
+            got = session.run(names, feed)
+            worst.append(_worst_per_sample(parts, where, want, got, len(next(iter(feed.values())))))
+            if until is not None and until(np.concatenate(worst)):
+                break
         return np.concatenate(worst)
 
     return score
