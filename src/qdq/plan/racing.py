@@ -6,9 +6,9 @@ rounds settle that it cannot be chosen, and its later runs only cost quantize ti
 wav2vec2 export the two candidates with the transformer's MatMuls float ran 56 ms a round each
 and FP32 58 ms, against 20-22 ms for each of the five int8 ones, none of which either could
 beat. So from LEAST_ROUNDS on, a candidate stays timed only while it would be chosen in one of
-three trials: its fastest time so far against every other candidate at their slowest, their
-fastest, or their medians (wide bounds: a round's spike widens them, and then a candidate stays
-in). FP32, only reported, is timed for those first rounds. Candidates the choice still weighs
+three trials: its lower quartile of times so far against every other candidate at their upper
+quartile, their lower quartile, or their medians. FP32, only reported, is timed for those first
+rounds. Candidates the choice still weighs
 against each other (within the timing tie, or a trade of score for time) keep every round.
 """
 
@@ -21,6 +21,10 @@ import numpy as np
 
 from qdq.plan.build import Candidate
 
+# Each candidate's time in a trial: its lower quartile, median or upper quartile so far (not its
+# fastest and slowest: SegFormer's slowest runs, one spike each, left every candidate in).
+QUARTILES = (0.25, 0.5, 0.75)
+
 
 def still_open(
     candidates: Sequence[Candidate], choose: Callable[[list[Candidate]], Candidate]
@@ -32,12 +36,10 @@ def still_open(
 
     def still(times: list[list[float]]) -> set[int]:
         ran = times[: len(candidates)]
-        fastest, slowest = [min(t) for t in ran], [max(t) for t in ran]
-        middle = [float(np.median(t)) for t in ran]
+        fast, middle, slow = ([float(np.quantile(t, q)) for t in ran] for q in QUARTILES)
         for i in set(range(len(candidates))) - out:
             if not any(
-                _chosen(candidates, choose, i, fastest[i], others)
-                for others in (slowest, fastest, middle)
+                _chosen(candidates, choose, i, fast[i], others) for others in (slow, fast, middle)
             ):
                 out.add(i)
         left = set(range(len(candidates))) - out
