@@ -105,7 +105,9 @@ def choose_method(
 
     for method, fitted in candidates.items():  # one model at a time
         until = None if method == first else hopeless
-        per_sample[method] = np.atleast_1d(np.asarray(score(realize(plan_for(fitted)), until)))
+        per_sample[method] = np.atleast_1d(
+            np.asarray(score(realize(plan_for(fitted)), until), float)
+        )
     total = len(per_sample[first])
     medians = {method: float(np.median(s)) for method, s in per_sample.items()}
     wins = {

@@ -8,8 +8,8 @@ and FP32 58 ms, against 20-22 ms for each of the five int8 ones, none of which e
 beat. So from LEAST_ROUNDS on, a candidate stays timed only while it would be chosen in one of
 three trials: its lower quartile of times so far against every other candidate at their upper
 quartile, their lower quartile, or their medians. FP32, only reported, is timed for those first
-rounds. Candidates the choice still weighs
-against each other (within the timing tie, or a trade of score for time) keep every round.
+rounds. Candidates the choice still weighs against each other (within the timing tie, or a
+trade of score for time) keep every round.
 """
 
 from __future__ import annotations
