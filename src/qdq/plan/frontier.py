@@ -241,9 +241,7 @@ def choose_plan(
     still = still_open(untimed, lambda trial: pick(trial, prefer))
     latencies = latencies_ms(timed, timing_feed, still)
     float_ms = latencies.pop() if reference is not None else None
-    candidates = [
-        replace(c, latency_ms=ms) for c, ms in zip(untimed, latencies[: len(untimed)], strict=True)
-    ]
+    candidates = [replace(c, latency_ms=ms) for c, ms in zip(untimed, latencies, strict=True)]
     taken = pick(candidates, prefer)  # on the times of whole runs: LATENCY_TIE's 20 us is a call's
     for c in candidates:
         log.info("candidate %s: %.2f dB, %.3f ms", c.name, c.score, c.latency_ms)
@@ -261,9 +259,9 @@ def latencies_ms(
     still: Callable[[list[list[float]]], set[int]] | None = None,
 ) -> list[float]:
     """Median ms per run of each model on `feed`, timed together (interleaved; `still` as
-    `median_latency_ms` takes it), or from the
-    cache when these graph structures were timed together before (the same model then gets
-    the same plan on every run and every draw of its calibration samples). The cache keeps
+    `median_latency_ms` takes it), or from the cache when these graph structures were timed
+    together before (the same model then gets the same plan on every run and every draw of its
+    calibration samples). The cache keeps
     each group's times as one entry: times measured at different moments, under different
     loads, are never compared. Runs at once (a benchmark's draws, `quantize_many`'s workers)
     share it: the file is read again after timing, so that the first group written for a key

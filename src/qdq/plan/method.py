@@ -95,20 +95,21 @@ def choose_method(
     higher is better, in dB). A candidate stops being scored once it has lost to the first on
     more samples than MAJORITY leaves it (it can then never replace the first): the same
     choice, and on a batch-1 model, whose samples run one at a time, fewer runs."""
-    first = next(iter(candidates))
-    per_sample: dict[str, np.ndarray] = {}
 
-    def hopeless(scores: np.ndarray) -> bool:
-        total = len(per_sample[first])
-        lost = int(np.sum(scores <= per_sample[first][: len(scores)]))
+    def scores(method: str, until: Callable[[np.ndarray], bool] | None) -> np.ndarray:
+        """One candidate's per-sample scores (its model built, scored and dropped)."""
+        model = realize(plan_for(candidates[method]))
+        return np.atleast_1d(np.asarray(score(model, until), float))
+
+    first, *others = candidates
+    per_sample = {first: scores(first, None)}
+    total = len(per_sample[first])
+
+    def hopeless(so_far: np.ndarray) -> bool:
+        lost = int(np.sum(so_far <= per_sample[first][: len(so_far)]))
         return total - lost < MAJORITY * total
 
-    for method, fitted in candidates.items():  # one model at a time
-        until = None if method == first else hopeless
-        per_sample[method] = np.atleast_1d(
-            np.asarray(score(realize(plan_for(fitted)), until), float)
-        )
-    total = len(per_sample[first])
+    per_sample |= {method: scores(method, hopeless) for method in others}
     medians = {method: float(np.median(s)) for method, s in per_sample.items()}
     wins = {
         method: float(np.mean(s > per_sample[first][: len(s)])) for method, s in per_sample.items()
