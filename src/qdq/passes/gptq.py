@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 
 import numpy as np
 import onnx
@@ -96,20 +97,39 @@ class HessianSums:
         later._rng = np.random.default_rng(later.start)
         return later
 
-    def update(self, values: Mapping[str, np.ndarray], samples: int) -> None:
-        """Add a batch of `samples` samples: each layer's input by name in `values`. Of a batch
-        past `limit`, the samples before it where a tensor leads with them, else all of it."""
+    def jobs(self, values: Mapping[str, np.ndarray], samples: int) -> list[Callable[[], None]]:
+        """The work of adding a batch of `samples` samples (each layer's input by name in
+        `values`), one job per layer, which may run at once on calibration's threads: each
+        adds to its own layer's H. What must follow the stream's order happens here: the
+        samples counted and each layer's positions drawn, so H does not depend on the threads
+        (ddddocr's detector's 79 layers took 93 ms a sample on one thread while the other
+        idled). Of a batch past `limit`, the samples before it where a tensor leads with them,
+        else all of it."""
         if self.missing <= 0 or self.error is not None:
-            return
+            return []
         take = min(samples, self.missing)
+        self.missing -= take
         try:
+            pieces = []
             for node in self.layers:
                 value = values[node.input[0]]
                 value = value[:take] if len(value) == samples else value
-                _accumulate(self.sums, node, self.shapes[node.name], value, self._rng)
+                pieces.append((node, _pieces(node, self.shapes[node.name], value, self._rng)))
         except Exception as error:  # found() raises it: the GPTQ stage is skipped, not calibration
             self.error = error
-        self.missing -= take
+            return []
+        return [partial(self._add, node, layer_pieces) for node, layer_pieces in pieces]
+
+    def update(self, values: Mapping[str, np.ndarray], samples: int) -> None:
+        """Add a batch of `samples` samples, one layer after another (`jobs`)."""
+        for job in self.jobs(values, samples):
+            job()
+
+    def _add(self, node: onnx.NodeProto, pieces: list[tuple[np.ndarray, np.ndarray | None]]):
+        try:
+            _accumulate(self.sums, node, self.shapes[node.name], pieces)
+        except Exception as error:  # as in `jobs`: kept for found()
+            self.error = self.error or error
 
     def merge(self, other: HessianSums) -> None:
         """Add a later shard's sums."""
@@ -124,23 +144,54 @@ class HessianSums:
         return self.sums
 
 
+def _pieces(
+    node: onnx.NodeProto, shape: tuple[int, ...], value: np.ndarray, rng: np.random.Generator
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """`node`'s input `value` in the pieces whose products make its H (a few large matrix
+    products, each under CHUNK floats), each with its output positions drawn from `rng` (None:
+    all of them); `shape`: the node's weight's."""
+    x = np.asarray(value, np.float32)
+    if node.op_type == "Conv" and x.ndim != 4:
+        return []
+    size = max(1, x[:1].size * int(np.prod(shape[2:])))
+    step = max(1, CHUNK // size) if node.op_type == "Conv" else len(x)
+    pieces = (x[start : start + step] for start in range(0, len(x), step))
+    return [(piece, _positions(node, piece.shape, shape, rng)) for piece in pieces]
+
+
+def _positions(
+    node: onnx.NodeProto,
+    x_shape: tuple[int, ...],
+    shape: tuple[int, ...],
+    rng: np.random.Generator,
+) -> np.ndarray | None:
+    """`POSITIONS` output positions per sample of a Conv's at random, sorted (H costs its
+    terms times the layer's own work, and a few hundred positions per sample estimate it), as
+    indices into (samples, rows, columns); None where the Conv has no more than that, or for
+    another op."""
+    if node.op_type != "Conv":
+        return None
+    g = ConvGeometry.from_attributes(attributes(node), x_shape, shape)
+    top, left, bottom, right = g.pads
+    (kh, kw), (dh, dw), (sh, sw) = g.kernel, g.dilations, g.strides
+    oh = (x_shape[2] + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    ow = (x_shape[3] + left + right - (kw - 1) * dw - 1) // sw + 1
+    if oh * ow <= POSITIONS:
+        return None
+    n = x_shape[0]
+    return np.sort(rng.choice(n * oh * ow, n * POSITIONS, replace=False))
+
+
 def _accumulate(
     found: dict[str, np.ndarray],
     node: onnx.NodeProto,
     shape: tuple[int, ...],
-    value: np.ndarray,
-    rng: np.random.Generator,
+    pieces: list[tuple[np.ndarray, np.ndarray | None]],
 ) -> None:
-    """Add the outer products of `node`'s terms in its input `value` to its H in `found`;
-    `shape`: the node's weight's."""
-    x = np.asarray(value, np.float32)
-    if node.op_type == "Conv" and x.ndim != 4:
-        return
-    # samples per product: a few large matrix products, each under CHUNK floats
-    size = max(1, x[:1].size * int(np.prod(shape[2:])))
-    step = max(1, CHUNK // size) if node.op_type == "Conv" else len(x)
-    for start in range(0, len(x), step):
-        cols = _terms(node, x[start : start + step], shape, rng)
+    """Add the outer products of `node`'s terms in each of its input's `pieces` (`_pieces`)
+    to its H in `found`; `shape`: the node's weight's."""
+    for piece, picked in pieces:
+        cols = _terms(node, piece, shape, picked)
         # inputs near 1e19 overflow the products: H goes Inf or NaN, and GPTQ keeps nearest
         # rounding for that layer (`_gptq`), with no numpy warning on the user's terminal
         with np.errstate(over="ignore", invalid="ignore"):
@@ -155,13 +206,11 @@ def _terms(
     node: onnx.NodeProto,
     x: np.ndarray,
     shape: tuple[int, ...],
-    rng: np.random.Generator | None = None,
+    picked: np.ndarray | None = None,
 ) -> np.ndarray:
     """The terms `node`'s sums read from input `x` (a 4-D batch for a Conv whose weight has
     `shape`): (groups, terms, positions), terms in the order of the weight's own flattening,
-    positions sample by sample; with `rng`, `POSITIONS` per sample of a Conv's at random (H
-    costs its terms times the layer's own work, and a few hundred positions per sample
-    estimate it)."""
+    positions sample by sample; of a Conv's, only those `picked` (`_positions`), if given."""
     if node.op_type != "Conv":
         return x.reshape(-1, x.shape[-1]).T[None]
     g = ConvGeometry.from_attributes(attributes(node), x.shape, shape)
@@ -172,8 +221,7 @@ def _terms(
         padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3)
     )[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, OH, OW, kh, kw), a view
     n, c, oh, ow = windows.shape[:4]
-    if rng is not None and oh * ow > POSITIONS:
-        picked = np.sort(rng.choice(n * oh * ow, n * POSITIONS, replace=False))
+    if picked is not None:
         sample, row, column = np.unravel_index(picked, (n, oh, ow))
         taken = windows[sample, :, row, column]  # (positions, C, kh, kw)
         cols = taken.reshape(-1, g.group, c // g.group, kh, kw).transpose(1, 2, 3, 4, 0)

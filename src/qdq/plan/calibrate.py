@@ -59,8 +59,9 @@ class Tap(Protocol):
     def after(self, first: int) -> Tap:
         """An empty one for the stream's samples from `first` on (a later shard)."""
 
-    def update(self, values: Mapping[str, np.ndarray], samples: int) -> None:
-        """Take a batch of `samples` samples: `inputs` by name in `values`."""
+    def jobs(self, values: Mapping[str, np.ndarray], samples: int) -> list[Callable[[], None]]:
+        """The work of taking a batch of `samples` samples (`inputs` by name in `values`), as
+        jobs that may run at once, each beside the observers' updates."""
 
     def merge(self, other: Tap) -> None:
         """Add what a later shard took."""
@@ -290,15 +291,15 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
         captured."""
         live = [n for n in values if n not in seen.unfit]
         live = [n for n in live if n in seen.observers or n in seen.channels]  # not the tap's alone
-        tapping = None
+        tapping = []
         if seen.tap is not None and seen.tap.missing > 0:
-            tapping = pool.submit(seen.tap.update, values, count)
+            tapping = [pool.submit(job) for job in seen.tap.jobs(values, count)]
         batches = pool.map(update, live, map(values.get, live), [count] * len(live))
         for name, reason in zip(live, batches, strict=True):
             if reason:
                 seen.unfit[name] = reason
-        if tapping is not None:
-            tapping.result()
+        for job in tapping:
+            job.result()
         if bar is not None:
             bar.update(count)
         return sum(v.nbytes for v in values.values())
