@@ -38,6 +38,7 @@ class Use(enum.Enum):
 
     PLAIN = "plain"  # ONNX Runtime's defaults: scoring candidates, `qdq run --engine ort`
     CALIBRATION = "calibration"  # streaming many batches with extra outputs
+    OBSERVING = "observing"  # CALIBRATION beside threads that take each batch's outputs
     CHECK = "check"  # one sample at a time after calibration (the report's output check)
     LATENCY = "latency"  # timing: one thread
     ONE_NODE = "one_node"  # a single node run as it is (the engine's float fallback)
@@ -118,14 +119,17 @@ def _options(use: Use) -> ort.SessionOptions:
     # (PicoDet's export printed 32 "Removing initializer ... not used" lines per session), and
     # logs each error it then raises, which qdq reports in its own one line.
     options.log_severity_level = 4
-    if use is Use.CALIBRATION:
+    if use in (Use.CALIBRATION, Use.OBSERVING):
         # All optimizations (the NCHWc layout calibrates EfficientNet-Lite0 in 13 s, not 19),
         # but no memory patterns: with them, memory grew over the first few dozen batches
         # (text-direction classifier 218 -> 266 MB from 32 to 512 samples); without, 215 -> 216.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_mem_pattern = False
-        # Its threads wait without spinning: the observers' threads bin the previous batch
-        # meanwhile, on the same cores.
+    if use is Use.OBSERVING:
+        # Its threads wait without spinning: the observers' threads take the previous batch
+        # meanwhile, on the same cores (ddddocr's detector's calibration 9.3-10.3 -> 8.0-8.3 s;
+        # a run between which Python does little, the sequential correction's, was 10% faster
+        # spinning: 3.4 against 3.8 s).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     elif use is Use.CHECK:
         # No arena: the check runs one sample at a time and must not raise the peak that
@@ -183,9 +187,10 @@ def session_with_outputs(
     model: onnx.ModelProto,
     names: Iterable[str],
     level: ort.GraphOptimizationLevel | None = None,
+    use: Use = Use.CALIBRATION,
 ) -> ort.InferenceSession:
-    """A calibration session whose outputs are the model's own followed by `names`; `level`
-    overrides its optimization level (`qdq diff` runs a QDQ graph unfused)."""
+    """A calibration session (or `use`'s) whose outputs are the model's own followed by
+    `names`; `level` overrides its optimization level (`qdq diff` runs a QDQ graph unfused)."""
     extended = onnx.ModelProto()
     extended.CopyFrom(model)
     present = {o.name for o in extended.graph.output}
@@ -193,7 +198,7 @@ def session_with_outputs(
         if name not in present:
             extended.graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
-    return open_session(extended, Use.CALIBRATION, level=level)
+    return open_session(extended, use, level=level)
 
 
 def median_latency_ms(

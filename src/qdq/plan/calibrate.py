@@ -24,7 +24,7 @@ from tqdm import tqdm
 from qdq.data import Samples
 from qdq.errors import DataError
 from qdq.observers import Observer
-from qdq.onnx.sessions import fails_on_data, session_with_outputs
+from qdq.onnx.sessions import Use, fails_on_data, session_with_outputs
 from qdq.plan.sample_stats import ChannelMeans, SampleStats
 from qdq.qparams import Range
 from qdq.workers import ONE_PROCESS, Workers, session_threads
@@ -230,7 +230,7 @@ class _Seen:
 def _open(job: _Job, reopen: bool = True) -> _Opened:
     """A worker's session, and its own handles on the data (a forked file offset is shared)."""
     samples = pickle.loads(pickle.dumps(job.samples)) if reopen else job.samples
-    return job, session_with_outputs(job.model, _fetched(job)), samples
+    return job, session_with_outputs(job.model, _fetched(job), use=Use.OBSERVING), samples
 
 
 def _fetched(job: _Job) -> list[str]:
