@@ -12,7 +12,15 @@ import qdq.passes.gptq
 import qdq.ptq
 from qdq.affine import quantize
 from qdq.onnx.graph import GraphIndex
-from qdq.passes.gptq import HessianSums, _inverse_upper_factor, _layer_codes, _terms, linear_layers
+from qdq.passes.gptq import (
+    POSITIONS,
+    HessianSums,
+    _inverse_upper_factor,
+    _layer_codes,
+    _positions,
+    _terms,
+    linear_layers,
+)
 from qdq.plan.saturation import pair_clipped, pair_safe
 from qdq.qparams import QParams
 from qdq.scheme import INT8_WEIGHTS
@@ -247,3 +255,53 @@ def test_the_inverse_factor_is_the_upper_cholesky_factor_of_h_inverse(groups, te
     np.testing.assert_array_equal(np.tril(upper, -1), 0.0)
     expected = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)
     np.testing.assert_allclose(upper, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"pads": [1, 1, 1, 1]},
+        {"pads": [0, 2, 1, 0], "strides": [2, 1], "dilations": [1, 2]},
+        {"group": 2, "auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    ],
+)
+def test_positions_drawn_ahead_pick_the_same_terms_as_all_of_them(attrs):
+    """A Conv's positions are drawn before its products (in the stream's order, so that the
+    layers' jobs may run on any thread): each picked column is that output position's terms."""
+    rng = np.random.default_rng(6)
+    weight = rng.normal(size=(4, 4 // attrs.get("group", 1), 3, 3)).astype(np.float32)
+    x = rng.normal(size=(2, 4, 40, 36)).astype(np.float32)
+    node = GraphIndex(_conv_model(weight, (None, 4, 40, 36), **attrs)).nodes[0]
+    every = _terms(node, x, weight.shape)
+    picked = _positions(node, x.shape, weight.shape, np.random.default_rng(0))
+    assert picked is not None
+    assert len(picked) == 2 * POSITIONS
+    assert picked.max() < every.shape[2]
+    np.testing.assert_array_equal(_terms(node, x, weight.shape, picked), every[:, :, picked])
+
+
+def test_h_from_jobs_run_in_any_order_is_h_from_one_after_another():
+    """Calibration runs each layer's job on whichever thread is free: H is the same."""
+    rng = np.random.default_rng(7)
+    first, second = (rng.normal(size=(4, 4, 3, 3)).astype(np.float32) for _ in range(2))
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["h", "w2"], ["y"], name="c2", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 24, 24])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(first, "w1"), numpy_helper.from_array(second, "w2")],
+    )  # fmt: skip
+    index = GraphIndex(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    layers = linear_layers(index, ["c1", "c2"])
+    batches = [{"x": rng.normal(size=(1, 4, 24, 24)), "h": rng.normal(size=(1, 4, 24, 24))}
+               for _ in range(3)]  # fmt: skip
+    in_order, reversed_jobs = HessianSums(index, layers, 3), HessianSums(index, layers, 3)
+    for batch in batches:
+        in_order.update(batch, 1)
+        for job in reversed(reversed_jobs.jobs(batch, 1)):
+            job()
+    assert in_order.found().keys() == {"c1", "c2"}
+    for name, h in in_order.found().items():
+        np.testing.assert_array_equal(reversed_jobs.found()[name], h)

@@ -125,7 +125,9 @@ class HessianSums:
         for job in self.jobs(values, samples):
             job()
 
-    def _add(self, node: onnx.NodeProto, pieces: list[tuple[np.ndarray, np.ndarray | None]]):
+    def _add(
+        self, node: onnx.NodeProto, pieces: list[tuple[np.ndarray, np.ndarray | None]]
+    ) -> None:
         try:
             _accumulate(self.sums, node, self.shapes[node.name], pieces)
         except Exception as error:  # as in `jobs`: kept for found()

@@ -281,9 +281,8 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
         only for its means per channel or H, once taken, is not fetched again."""
         run = [n for n in names if fetched(n)]
         with fails_on_data("the float model on the calibration samples"):
-            return dict(zip(run, session.run(run, feed), strict=True)), len(
-                next(iter(feed.values()))
-            )
+            values = session.run(run, feed)
+        return dict(zip(run, values, strict=True)), len(next(iter(feed.values())))
 
     def observe(values: dict[str, np.ndarray], count: int) -> int:
         """Feed one batch's tensors to their observers, in parallel (each observer still sees
