@@ -1,5 +1,6 @@
-"""Calibration runs ONNX Runtime on the next batch while the observers take the current one:
-the same statistics as batch after batch, errors in sample order."""
+"""Calibration runs ONNX Runtime on the next batch while the observers (and GPTQ's H, a job per
+layer) take the current one: the same statistics as batch after batch, errors in sample
+order."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 import qdq.plan.calibrate as calibrate_module
 from qdq.data import Samples, model_inputs
 from qdq.observers import make_observer
+from qdq.onnx.graph import GraphIndex
 from qdq.onnx.model import load_model
+from qdq.passes.gptq import HessianSums, linear_layers
 
 from conftest import DIGITS
 
@@ -22,14 +25,19 @@ def _one_at_a_time(runner, function, items):
 
 
 def _calibrated(batch_size: int) -> tuple:
+    """Calibration's observers, means, channel means and GPTQ's H on the digits CNN."""
     model = load_model(DIGITS / "cnn.onnx")
     samples = Samples(DIGITS / "calib.npz", model_inputs(model))
+    index = GraphIndex(model)
+    layers = linear_layers(index, [n.name for n in model.graph.node])
     convs = [n.output[0] for n in model.graph.node if n.op_type == "Conv"]
     names = [model.graph.output[0].name, *convs]
-    return calibrate_module.observe(
+    sums = HessianSums(index, layers, 24)
+    found = calibrate_module.observe(
         model, samples, lambda _: make_observer("percentile"), names, batch_size, False,
-        convs, channels=convs, limit=40,
+        convs, channels=convs, limit=40, tap=sums,
     )  # fmt: skip
+    return *found, sums.found()
 
 
 @pytest.mark.parametrize("batch_size", [1, 16])
@@ -37,7 +45,14 @@ def test_running_a_batch_ahead_gives_the_statistics_of_one_batch_at_a_time(batch
     ahead = _calibrated(batch_size)
     monkeypatch.setattr(calibrate_module, "_one_ahead", _one_at_a_time)
     alone = _calibrated(batch_size)
-    (observers, unfit, means, channels), (observers_1, unfit_1, means_1, channels_1) = ahead, alone
+    (observers, unfit, means, channels, h), (observers_1, unfit_1, means_1, channels_1, h_1) = (
+        ahead,
+        alone,
+    )
+    assert h.keys() == h_1.keys()
+    assert len(h) >= 2  # the CNN's layers, each its own job on the pool
+    for name in h:
+        np.testing.assert_array_equal(h[name], h_1[name])
     assert unfit == unfit_1
     assert observers.keys() == observers_1.keys()
     for name, observer in observers.items():

@@ -325,7 +325,7 @@ def _one_ahead(
 ) -> Iterator[R]:
     """`function` of each item in order, the next one computed on `runner` while the caller
     uses this one: ONNX Runtime runs a batch while the observers take the one before (ddddocr's
-    detector's calibration 9.2-10.4 -> 8.1-8.9 s at 128 samples; its threads, which no longer
+    detector's calibration 9.3-10.4 -> 8.1-8.9 s at 128 samples; its threads, which no longer
     spin, and the observers' share the cores)."""
     pending = None
     for item in items:
