@@ -201,11 +201,11 @@ def test_h_sums_the_first_samples_of_a_stream_in_any_batches_and_shards():
     layers = linear_layers(index, ["conv"])
     whole = _hessians(index, layers, x[:8])["conv"]
     first = HessianSums(index, layers, limit=8)
-    first.update({"x": x[:1]}, 1)
-    first.update({"x": x[1:5]}, 4)
+    _take(first, {"x": x[:1]}, 1)
+    _take(first, {"x": x[1:5]}, 4)
     later = first.after(5)  # the next shard: samples 5 on
-    later.update({"x": x[5:16]}, 11)
-    later.update({"x": x}, 16)  # past the limit: ignored
+    _take(later, {"x": x[5:16]}, 11)
+    _take(later, {"x": x}, 16)  # past the limit: ignored
     first.merge(later)
     got = first.found()["conv"]
     np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
@@ -231,16 +231,23 @@ def test_a_failure_while_summing_is_raised_by_found_not_update(monkeypatch):
     weight = np.ones((2, 3, 1, 1), np.float32)
     index = GraphIndex(_conv_model(weight, (None, 3, 2, 2)))
     sums = HessianSums(index, linear_layers(index, ["conv"]), limit=4)
-    sums.update({"other": np.zeros((1, 3, 2, 2), np.float32)}, 1)  # no "x": a KeyError
+    _take(sums, {"other": np.zeros((1, 3, 2, 2), np.float32)}, 1)  # no "x": a KeyError
     with pytest.raises(KeyError):
         sums.found()
+
+
+def _take(sums: HessianSums, values: dict[str, np.ndarray], samples: int) -> None:
+    """A batch into `sums`, its layers' jobs one after another (calibration runs them on its
+    threads)."""
+    for job in sums.jobs(values, samples):
+        job()
 
 
 def _hessians(index: GraphIndex, layers: list, *batches: np.ndarray) -> dict[str, np.ndarray]:
     """H of `layers` (whose input is "x") over `batches`, all of them."""
     sums = HessianSums(index, layers, limit=sum(len(b) for b in batches))
     for batch in batches:
-        sums.update({"x": batch}, len(batch))
+        _take(sums, {"x": batch}, len(batch))
     return sums.found()
 
 
@@ -299,7 +306,7 @@ def test_h_from_jobs_run_in_any_order_is_h_from_one_after_another():
                for _ in range(3)]  # fmt: skip
     in_order, reversed_jobs = HessianSums(index, layers, 3), HessianSums(index, layers, 3)
     for batch in batches:
-        in_order.update(batch, 1)
+        _take(in_order, batch, 1)
         for job in reversed(reversed_jobs.jobs(batch, 1)):
             job()
     assert in_order.found().keys() == {"c1", "c2"}

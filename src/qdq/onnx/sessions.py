@@ -125,12 +125,12 @@ def _options(use: Use) -> ort.SessionOptions:
         # (text-direction classifier 218 -> 266 MB from 32 to 512 samples); without, 215 -> 216.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_mem_pattern = False
-    if use is Use.OBSERVING:
-        # Its threads wait without spinning: the observers' threads take the previous batch
-        # meanwhile, on the same cores (ddddocr's detector's calibration 9.3-10.3 -> 8.0-8.3 s;
-        # a run between which Python does little, the sequential correction's, was 10% faster
-        # spinning: 3.4 against 3.8 s).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if use is Use.OBSERVING:
+            # Its threads wait without spinning: the observers' threads take the previous batch
+            # meanwhile, on the same cores (ddddocr's detector's calibration: 9.3-10.3 s
+            # spinning, 8.0-8.3 s not; the sequential correction's runs, with little Python
+            # between them, were 10% faster spinning: 3.4 against 3.8 s).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     elif use is Use.CHECK:
         # No arena: the check runs one sample at a time and must not raise the peak that
         # calibration set.

@@ -120,11 +120,6 @@ class HessianSums:
             return []
         return [partial(self._add, node, layer_pieces) for node, layer_pieces in pieces]
 
-    def update(self, values: Mapping[str, np.ndarray], samples: int) -> None:
-        """Add a batch of `samples` samples, one layer after another (`jobs`)."""
-        for job in self.jobs(values, samples):
-            job()
-
     def _add(
         self, node: onnx.NodeProto, pieces: list[tuple[np.ndarray, np.ndarray | None]]
     ) -> None:
