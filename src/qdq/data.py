@@ -198,6 +198,13 @@ class Samples:
                     feed[spec.name] = feed[spec.name].reshape(feed[spec.name].shape[1:])
             yield feed
 
+    def held_in(self, feed: dict[str, np.ndarray]) -> int:
+        """How many samples a feed of `batches` holds: one where they go one per call, else
+        the leading axis of its inputs (then each input is batched on it)."""
+        if self.ragged or self.largest_batch == 1:
+            return 1
+        return len(feed[self.inputs[0].name])
+
     def sequence(self, limit: int, max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
         """The first `limit` samples as one feed, joined on the inputs whose leading axis is
         free, and how many samples it holds, where another input fixes the batch at 1: that

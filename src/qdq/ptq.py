@@ -41,7 +41,7 @@ from qdq.passes.datafree import Moments, mean_samples, propagate
 from qdq.passes.gptq import SAMPLES as GPTQ_SAMPLES
 from qdq.passes.gptq import HessianSums, linear_layers, rounded_codes
 from qdq.passes.insert_qdq import insert_qdq
-from qdq.plan.budget import Reference, float_reference, meet_target, sqnr_score
+from qdq.plan.budget import meet_target, sqnr_score
 from qdq.plan.build import Plan, build_plan
 from qdq.plan.calibrate import fit_ranges, observe_holding
 from qdq.plan.decisions import Decision, kept_float, static_decisions
@@ -57,6 +57,7 @@ from qdq.plan.method import (
     method_ranges,
     sample_scores,
 )
+from qdq.plan.reference import Reference, TakenOutputs, float_reference
 from qdq.plan.saturation import avoids_saturation, summed_inputs
 from qdq.plan.timing import timing_feed
 
@@ -103,8 +104,11 @@ def plan_model(
             "the rounding and correction checks are not run"
         )
         held = 0
-    # FP32's outputs on the held-out samples, computed once for the method choice and the checks
-    held_reference = cache(partial(_held_reference, model, samples, config, held))
+    # FP32's outputs on the samples candidates are scored on (the frontier's first, the held-out
+    # last: the method choice's and the checks'), kept from calibration's runs
+    last = range(samples.count - held, samples.count)
+    taken = TakenOutputs(float_outputs(model), [*range(FRONTIER_SAMPLES), *last])
+    held_reference = cache(partial(taken.last, model, samples, config.batch_size, held))
     held_score = cache(lambda: _by_content(sqnr_score(held_reference(), config.output_parts)))
     linear = linear_layers(index, quantizable) if config.gptq else []
     sums = HessianSums(index, linear, GPTQ_SAMPLES) if linear else None
@@ -120,7 +124,7 @@ def plan_model(
         config.workers,
         layers,
         SEQUENTIAL_SAMPLES,
-        sums,
+        [tap for tap in (sums, taken) if tap is not None and tap.inputs],
     )
     # a model input's channels (an image's brightness) vary most beyond the samples: any code
     peaks = {n: averages[n].peak for n in paired if n in averages and n not in index.graph_inputs}
@@ -165,7 +169,7 @@ def plan_model(
     uniform = config.weights.bits == 8 and config.weight_grid is WeightGrid.UNIFORM
     timed = uniform and config.prefer is not Prefer.INT8
     if config.target_sqnr is None and config.placement is Placement.ORT and timed:
-        frontier = partial(_frontier, model, samples, config, decisions, replan, realize)
+        frontier = partial(_frontier, model, samples, config, decisions, replan, realize, taken)
         plan, decisions = optional("latency-aware planning", notes, frontier, (plan, decisions))
     if found and held:
         nearest = partial(replan, decisions, rounding=False)
@@ -309,14 +313,6 @@ def _by_content(score: Callable[[onnx.ModelProto], float]) -> Callable[[onnx.Mod
     return scored
 
 
-def _held_reference(
-    model: onnx.ModelProto, samples: Samples, config: QuantConfig, held: int
-) -> Reference:
-    """FP32's outputs on the last `held` calibration samples, which candidates are judged on."""
-    feeds = list(samples.span(samples.count - held, samples.count).batches(config.batch_size))
-    return float_reference(model, feeds)
-
-
 def _held(samples: Samples, config: QuantConfig) -> int:
     """Calibration samples `--method best` holds out to judge the methods: a quarter, at most
     CHOICE_SAMPLES; none (so percentile) under 8 samples or for an explicit method."""
@@ -332,12 +328,13 @@ def _frontier(
     decisions: dict[str, Decision],
     replan: Callable[[dict[str, Decision]], Plan],
     realize: Callable[[Plan], onnx.ModelProto],
+    taken: TakenOutputs,
 ) -> tuple[Plan, dict[str, Decision]]:
     """The candidate plan `config.prefer` takes (`qdq.plan.frontier`): each scored by the worst
-    output part per sample on the first FRONTIER_SAMPLES calibration samples, at their lower
-    quartile, timed on `timing_feed`."""
+    output part per sample on the first FRONTIER_SAMPLES calibration samples (FP32's outputs
+    there as calibration `taken` them), at their lower quartile, timed on `timing_feed`."""
     feeds = _leading_batches(samples, config.batch_size, FRONTIER_SAMPLES)
-    score = frontier_score(float_reference(model, feeds), config.output_parts)
+    score = frontier_score(taken.reference(model, samples, 0, feeds), config.output_parts)
     feed, timed = timing_feed(model, samples)
     return choose_plan(
         *(decisions, replan, realize, score, feed, config.prefer, model),

@@ -35,7 +35,7 @@ def _calibrated(batch_size: int) -> tuple:
     sums = HessianSums(index, layers, 24)
     found = calibrate_module.observe(
         model, samples, lambda _: make_observer("percentile"), names, batch_size, False,
-        convs, channels=convs, limit=40, tap=sums,
+        convs, channels=convs, limit=40, taps=[sums],
     )  # fmt: skip
     return *found, sums.found()
 

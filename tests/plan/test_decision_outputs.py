@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from models import step_softmax
-from qdq.plan.budget import float_reference
 from qdq.plan.method import sample_scores
 from qdq.plan.readings import Readings, decision_outputs, read_alike
+from qdq.plan.reference import float_reference
 
 STEPS, CLASSES = 20, 6
 

@@ -16,7 +16,7 @@ from qdq.data import Samples, model_inputs
 from qdq.errors import DataError
 from qdq.observers import Observer, make_observer
 from qdq.pipeline import quantize_model
-from qdq.plan.budget import float_reference, sqnr_score
+from qdq.plan.budget import sqnr_score
 from qdq.plan.calibrate import observe, observe_holding
 from qdq.plan.detections import detect, match
 from qdq.plan.method import MAJORITY, MARGIN, sample_scores
@@ -33,6 +33,7 @@ from qdq.plan.parts import (
     update_all,
     worst_sqnr,
 )
+from qdq.plan.reference import float_reference
 
 RNG = np.random.default_rng(1)
 

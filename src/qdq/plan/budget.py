@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import onnx
 
-from qdq.onnx.sessions import fails_on_data, median_latency_ms, open_session, run_named
+from qdq.onnx.sessions import median_latency_ms, open_session
 from qdq.plan.build import BudgetResult, Plan
 from qdq.plan.decisions import Decision, kept_float
 from qdq.plan.parts import judged, output_parts, worst_sqnr
+from qdq.plan.reference import Reference
 from qdq.plan.rules import RULES, Kind
 from qdq.plan.suffix import Recorded, record
 from qdq.workers import ONE_PROCESS, Pool, Workers, same
@@ -30,26 +31,6 @@ Realize = Callable[[Plan], onnx.ModelProto]
 # The plan keeping some layers float, and its score.
 Measure = Callable[[list[str]], tuple[Plan, float]]
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Reference:
-    """FP32's float outputs on the feeds candidates are scored on: computed once for every
-    scorer of those feeds (the range method's choice and the checks after it score on the
-    same held-out samples)."""
-
-    feeds: list[dict]
-    names: list[str]
-    outputs: list[list[np.ndarray]]
-
-
-def float_reference(model: onnx.ModelProto, feeds: list[dict]) -> Reference:
-    """`model`'s float outputs on `feeds`."""
-    session = open_session(model)
-    names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
-    with fails_on_data("the float model on the calibration samples"):
-        outputs = [run_named(session, names, feed) for feed in feeds]
-    return Reference(feeds, names, outputs)
 
 
 def sqnr_score(

@@ -11,7 +11,7 @@ import copy
 import logging
 import os
 import pickle
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -50,11 +50,13 @@ WINDOW_SHARDS = 16
 
 
 class Tap(Protocol):
-    """Something else fed from the calibration pass: `inputs` by name, for the stream's first
-    samples (GPTQ's H, `qdq.passes.gptq.HessianSums`), instead of a pass of its own."""
+    """Something else fed from the calibration pass, instead of a pass of its own: `inputs` by
+    name, on the stream's samples until `missing` runs out (GPTQ's H on the first samples,
+    `qdq.passes.gptq.HessianSums`; FP32's outputs on those candidates are scored on,
+    `qdq.plan.reference.TakenOutputs`)."""
 
     inputs: list[str]
-    missing: int  # samples still wanted
+    missing: int  # samples still to come that it may want
 
     def after(self, first: int) -> Tap:
         """An empty one for the stream's samples from `first` on (a later shard)."""
@@ -84,14 +86,14 @@ def observe(
     workers: Workers = ONE_PROCESS,
     channels: Iterable[str] = (),
     limit: int = 0,
-    tap: Tap | None = None,
+    taps: Sequence[Tap] = (),
 ) -> tuple[dict[str, Observer], dict[str, str], dict[str, SampleStats], dict[str, ChannelMeans]]:
     """One pass over the data, before any range is computed: each fit tensor's merged observer
     (whose histogram can give more than one method's range; `fit_ranges` turns them into
     ranges), the tensors found unfit for int8 with the reason, the mean and largest sample of
     each tensor in `means` (for bias correction and pair-safe weights), and the means per
     channel of each tensor in `channels` on the first `limit` samples (for the sequential
-    correction). `tap`, if given, takes its inputs on its first samples (`Tap`).
+    correction). Each of `taps` takes its inputs on its first samples (`Tap`).
 
     Unfit tensors are found without an extra pass over the data: an observer refuses NaN and
     Inf, and a final range beyond SENTINEL marks a mask. Shards of SHARD_SAMPLES samples are
@@ -101,7 +103,7 @@ def observe(
         return {}, {}, {}, {}
     job = _Job(model, samples, {name: make(name) for name in names},
                [m for m in means if m in names], batch_size, list(dict.fromkeys(channels)),
-               limit, tap)  # fmt: skip
+               limit, tuple(taps))  # fmt: skip
     spans = [
         (first, min(first + SHARD_SAMPLES, samples.count))
         for first in range(0, samples.count, SHARD_SAMPLES)
@@ -118,8 +120,8 @@ def observe(
         with tqdm(total=samples.count, desc="calibrating", unit="sample",
                   disable=not progress, leave=False) as bar:  # fmt: skip
             seen = _merged(_observe(opened, span, bar) for span in spans)
-    if tap is not None:
-        tap.merge(seen.tap)
+    for tap, taken in zip(taps, seen.taps, strict=True):
+        tap.merge(taken)
     fit = {n: o for n, o in seen.observers.items() if n not in seen.unfit}
     averages = seen.averages.items()
     found = {n: a for n, a in averages if a.mean is not None and n not in seen.unfit}
@@ -138,7 +140,7 @@ def observe_holding(
     workers: Workers = ONE_PROCESS,
     channels: Iterable[str] = (),
     limit: int = 0,
-    tap: Tap | None = None,
+    taps: Sequence[Tap] = (),
 ) -> tuple[
     dict[str, Observer],
     dict[str, Observer],
@@ -149,28 +151,29 @@ def observe_holding(
     """`observe` on all `samples`, and also the observers of all but the last `held` of them:
     ranges fitted without those samples can be judged on them fairly (ranges scored on the
     samples they were fitted to favour MinMax, docs/ptq.md). Still one pass over the data.
-    Last, each of `channels`' means per channel on the first `limit` samples (and `tap`'s
-    inputs on its first samples)."""
+    Last, each of `channels`' means per channel on the first `limit` samples (and each of
+    `taps`' inputs on its first samples)."""
     channels = list(channels)
     if not held:
         observers, unfit, found, per_channel = observe(
-            model, samples, make, names, batch_size, progress, means, workers, channels, limit, tap,
+            model, samples, make, names, batch_size, progress, means, workers, channels, limit,
+            taps,
         )  # fmt: skip
         return observers, observers, unfit, found, per_channel
     split = samples.count - held
     rest = (batch_size, progress, means, workers, channels)
     fitted, unfit, found, per_channel = observe(
-        model, samples.span(0, split), make, names, *rest, limit, tap
+        model, samples.span(0, split), make, names, *rest, limit, taps
     )
     # The held samples continue each fitted observer's stream (not a merge, which re-bins).
     fit = [name for name in names if name in fitted]
     resume = lambda name: copy.deepcopy(fitted[name])  # noqa: E731
-    later = None if tap is None else tap.after(split)
+    later = [tap.after(split) for tap in taps]
     every, unfit_last, found_last, per_channel_last = observe(
         model, samples.span(split, samples.count), resume, fit, *rest, limit - split, later
     )
-    if tap is not None:
-        tap.merge(later)
+    for tap, taken in zip(taps, later, strict=True):
+        tap.merge(taken)
     for name, later in per_channel_last.items():
         if name in per_channel:
             per_channel[name].merge(later)
@@ -209,7 +212,7 @@ class _Job:
     batch_size: int
     channels: list[str]
     limit: int  # the samples whose means per channel are kept
-    tap: Tap | None  # empty: each shard takes its own from it (`Tap.after`)
+    taps: tuple[Tap, ...]  # empty: each shard takes its own from each (`Tap.after`)
 
 
 _Opened = tuple[_Job, "InferenceSession", Samples]
@@ -217,14 +220,14 @@ _Opened = tuple[_Job, "InferenceSession", Samples]
 
 @dataclass
 class _Seen:
-    """One shard's observers, running means, means per channel, tap and unfit tensors
+    """One shard's observers, running means, means per channel, taps and unfit tensors
     (with the reason)."""
 
     observers: dict[str, Observer]
     averages: dict[str, SampleStats]
     unfit: dict[str, str]
     channels: dict[str, ChannelMeans]
-    tap: Tap | None
+    taps: list[Tap]
 
 
 def _open(job: _Job, reopen: bool = True) -> _Opened:
@@ -235,9 +238,9 @@ def _open(job: _Job, reopen: bool = True) -> _Opened:
 
 def _fetched(job: _Job) -> list[str]:
     """The tensors a shard's session outputs: the observed ones, then the other `channels` and
-    the tap's inputs."""
-    taps = [*job.channels, *(job.tap.inputs if job.tap else ())]
-    return list(dict.fromkeys([*job.observers, *taps]))
+    the taps' inputs."""
+    tapped = [name for tap in job.taps for name in tap.inputs]
+    return list(dict.fromkeys([*job.observers, *job.channels, *tapped]))
 
 
 def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) -> _Seen:
@@ -248,8 +251,7 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
     first, last = span
     seen = _Seen(copy.deepcopy(job.observers), {n: SampleStats() for n in job.means}, {},
                  {n: ChannelMeans(job.limit - first) for n in job.channels},
-                 job.tap.after(first) if job.tap else None)  # fmt: skip
-    tapped = set(seen.tap.inputs) if seen.tap else set()
+                 [tap.after(first) for tap in job.taps])  # fmt: skip
 
     def fetched(name: str) -> bool:
         """Whether a batch still needs `name`: observed, or its means or H not yet taken."""
@@ -257,7 +259,7 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
             return True
         if name in seen.channels and seen.channels[name].missing:
             return True
-        return name in tapped and seen.tap.missing > 0
+        return any(name in tap.inputs and tap.missing > 0 for tap in seen.taps)
 
     def update(name: str, value: np.ndarray, count: int) -> str | None:
         """One tensor's batch of `count` samples into its observer; why the tensor is unfit,
@@ -282,7 +284,7 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
         run = [n for n in names if fetched(n)]
         with fails_on_data("the float model on the calibration samples"):
             values = session.run(run, feed)
-        return dict(zip(run, values, strict=True)), len(next(iter(feed.values())))
+        return dict(zip(run, values, strict=True)), samples.held_in(feed)
 
     def observe(values: dict[str, np.ndarray], count: int) -> int:
         """Feed one batch's tensors to their observers, in parallel (each observer still sees
@@ -290,9 +292,8 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
         captured."""
         live = [n for n in values if n not in seen.unfit]
         live = [n for n in live if n in seen.observers or n in seen.channels]  # not the tap's alone
-        tapping = []
-        if seen.tap is not None and seen.tap.missing > 0:
-            tapping = [pool.submit(job) for job in seen.tap.jobs(values, count)]
+        taking = [tap.jobs(values, count) for tap in seen.taps if tap.missing > 0]
+        tapping = [pool.submit(job) for jobs in taking for job in jobs]
         batches = pool.map(update, live, map(values.get, live), [count] * len(live))
         for name, reason in zip(live, batches, strict=True):
             if reason:
@@ -353,8 +354,8 @@ def _merged(shards: Iterable[_Seen]) -> _Seen:
             average.merge(shard.averages[name])
         for name, means in merged.channels.items():
             means.merge(shard.channels[name])
-        if merged.tap is not None:
-            merged.tap.merge(shard.tap)
+        for tap, taken in zip(merged.taps, shard.taps, strict=True):
+            tap.merge(taken)
     return merged
 
 

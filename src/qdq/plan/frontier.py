@@ -80,11 +80,11 @@ import onnxruntime as ort
 from qdq.config import Prefer
 from qdq.onnx.graph import GraphIndex, attributes, is_smoothing
 from qdq.onnx.sessions import median_latency_ms
-from qdq.plan.budget import Reference
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, kept_float
 from qdq.plan.method import sample_scores
 from qdq.plan.racing import still_open
+from qdq.plan.reference import Reference
 from qdq.plan.rules import RULES, Kind
 
 log = logging.getLogger(__name__)

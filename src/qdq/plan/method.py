@@ -25,11 +25,11 @@ import onnxruntime as ort
 from qdq.metrics import sqnr_db
 from qdq.observers import MSE, Auto, HistogramObserver, Observer, Percentile, RangeRule
 from qdq.onnx.sessions import open_session
-from qdq.plan.budget import Reference
 from qdq.plan.build import Plan
 from qdq.plan.calibrate import fit_ranges
 from qdq.plan.parts import Part, output_parts
 from qdq.plan.readings import decision_outputs, read_alike
+from qdq.plan.reference import Reference
 from qdq.qparams import Range
 from qdq.scheme import QScheme
 

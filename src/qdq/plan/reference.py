@@ -1,0 +1,103 @@
+"""FP32's outputs that candidate plans are scored against: run for the purpose, or kept from
+calibration's runs, whose session runs the model's whole graph anyway (`TakenOutputs`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from qdq.data import Samples
+from qdq.onnx.sessions import fails_on_data, open_session, run_named
+
+
+@dataclass(frozen=True)
+class Reference:
+    """FP32's float outputs on the feeds candidates are scored on: computed once for every
+    scorer of those feeds (the range method's choice and the checks after it score on the
+    same held-out samples)."""
+
+    feeds: list[dict]
+    names: list[str]
+    outputs: list[list[np.ndarray]]
+
+
+def float_reference(model: onnx.ModelProto, feeds: list[dict]) -> Reference:
+    """`model`'s float outputs on `feeds`."""
+    session = open_session(model)
+    names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
+    with fails_on_data("the float model on the calibration samples"):
+        outputs = [run_named(session, names, feed) for feed in feeds]
+    return Reference(feeds, names, outputs)
+
+
+class TakenOutputs:
+    """A calibration `Tap` (`qdq.plan.calibrate`) keeping the model's float outputs on the
+    samples `wanted` (by position in the calibration stream), from which `reference` builds
+    the references of those samples without running the model again: a batch-1 model runs
+    each sample alone, so the held-out reference and the frontier's cost ddddocr's detector
+    48 runs (0.8 s) of their own."""
+
+    def __init__(self, names: list[str], wanted: Iterable[int], start: int = 0) -> None:
+        self.inputs = names  # the model's float outputs (`float_outputs`)
+        self.wanted = sorted(set(wanted))
+        self.start = self.next = start  # the stream's first sample, and the next one to come
+        self.taken: dict[int, list[np.ndarray]] = {}
+        self.whole = True  # False once a batch's outputs did not lead with its samples
+
+    @property
+    def missing(self) -> int:
+        """Samples still to come up to the last wanted one."""
+        return max(0, self.wanted[-1] + 1 - self.next) if self.wanted else 0
+
+    def after(self, first: int) -> TakenOutputs:
+        """An empty one for the stream's samples from `first` on (a later shard)."""
+        return TakenOutputs(self.inputs, self.wanted, self.start + first)
+
+    def jobs(self, values: Mapping[str, np.ndarray], samples: int) -> list[Callable[[], None]]:
+        """Keeps the batch's wanted samples' outputs here (slicing a batch takes no time)."""
+        first, self.next = self.next, self.next + samples
+        wanted = [i for i in self.wanted if first <= i < self.next]
+        outputs = [values[name] for name in self.inputs]
+        if samples == 1:
+            self.taken.update((i, outputs) for i in wanted)
+        elif all(o.ndim and len(o) == samples for o in outputs):
+            for i in wanted:
+                self.taken[i] = [o[i - first : i - first + 1].copy() for o in outputs]
+        elif wanted:
+            self.whole = False
+        return []
+
+    def merge(self, other: TakenOutputs) -> None:
+        """Add what a later shard took."""
+        self.taken.update(other.taken)
+        self.whole = self.whole and other.whole
+
+    def reference(
+        self, model: onnx.ModelProto, samples: Samples, first: int, feeds: list[dict]
+    ) -> Reference:
+        """FP32's outputs on `feeds`, consecutive batches of `samples` from sample `first` on:
+        as taken, or where they were not, from `model` (`float_reference`); a batch's outputs
+        that do not lead with its samples cannot be split, nor joined again."""
+        outputs = []
+        for feed in feeds:
+            count = samples.held_in(feed)
+            rows = [self.taken.get(i) for i in range(first, first + count)]
+            if not self.whole or any(row is None for row in rows):
+                return float_reference(model, feeds)
+            if count > 1 and any(o.ndim == 0 or len(o) != 1 for row in rows for o in row):
+                return float_reference(model, feeds)  # a sample run alone, not led by it
+            joined = zip(*rows, strict=True)
+            outputs.append(rows[0] if count == 1 else [np.concatenate(o) for o in joined])
+            first += count
+        return Reference(feeds, self.inputs, outputs)
+
+    def last(
+        self, model: onnx.ModelProto, samples: Samples, batch_size: int, count: int
+    ) -> Reference:
+        """`reference` on the last `count` of `samples`, in batches of `batch_size`."""
+        first = samples.count - count
+        feeds = list(samples.span(first, samples.count).batches(batch_size))
+        return self.reference(model, samples, first, feeds)
