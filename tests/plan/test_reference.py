@@ -79,6 +79,8 @@ def test_the_references_come_from_calibration_as_the_model_gives_them(
     for got, want in ((got_held, held), (got_leading, leading)):
         assert got.names == want.names == ["logits"]
         _same(got.outputs, want.outputs)
+        # their own memory: an array ONNX Runtime returned holds its session's arena
+        assert all(o.base is None for outputs in got.outputs for o in outputs)
         for ours, theirs in zip(got.feeds, want.feeds, strict=True):
             assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
 

@@ -25,11 +25,13 @@ class Reference:
 
 
 def float_reference(model: onnx.ModelProto, feeds: list[dict]) -> Reference:
-    """`model`'s float outputs on `feeds`."""
+    """`model`'s float outputs on `feeds`, as copies: an array ONNX Runtime returns holds its
+    session's whole memory arena while it lives (PP-OCRv4's detector: a 6 MB output kept 225 MB
+    after the session was gone; scratch `/work/notes/r72/arena.py`)."""
     session = open_session(model)
     names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
     with fails_on_data("the float model on the calibration samples"):
-        outputs = [run_named(session, names, feed) for feed in feeds]
+        outputs = [[o.copy() for o in run_named(session, names, feed)] for feed in feeds]
     return Reference(feeds, names, outputs)
 
 
@@ -61,8 +63,10 @@ class TakenOutputs:
         first, self.next = self.next, self.next + samples
         wanted = [i for i in self.wanted if first <= i < self.next]
         outputs = [values[name] for name in self.inputs]
+        # copies, as `float_reference` keeps (kept as returned, two of them took PP-OCRv4's
+        # detector's peak from 1.7 to 2.9 GB)
         if samples == 1:
-            self.taken.update((i, outputs) for i in wanted)
+            self.taken.update((i, [o.copy() for o in outputs]) for i in wanted)
         elif all(o.ndim and len(o) == samples for o in outputs):
             for i in wanted:
                 self.taken[i] = [o[i - first : i - first + 1].copy() for o in outputs]
