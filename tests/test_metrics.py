@@ -51,3 +51,18 @@ def test_top1_and_top5_agreement_for_class_scores():
     assert stats.as_dict()["top5_agreement"] == 1.0
     assert looks_like_scores(reference)
     assert not looks_like_scores(np.zeros((2, 3, 4), np.float32))
+
+
+def test_an_infinite_value_kept_exactly_adds_no_error():
+    """inf - inf is NaN: where FP32 and the quantized model agree on an infinity (a masked
+    logit kept as -inf), that element is exact, and the rest is measured as without it."""
+    x = np.array([3.0, -np.inf, 4.0, np.inf])
+    y = np.array([3.0, -np.inf, 4.5, np.inf])
+    kept, finite = ErrorStats(), ErrorStats()
+    kept.update(x, y)
+    finite.update(x[[0, 2]], y[[0, 2]])
+    assert kept.noise == finite.noise == pytest.approx(0.25)
+    assert kept.max_abs == pytest.approx(0.5)
+    lost = ErrorStats()
+    lost.update(x, np.array([3.0, 0.0, 4.5, np.inf]))  # an infinity not kept is an error
+    assert lost.noise == np.inf

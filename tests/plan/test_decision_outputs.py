@@ -9,7 +9,8 @@ import onnx
 import pytest
 
 from models import step_softmax
-from qdq.plan.method import sample_scores
+from qdq.plan.method import _worst_per_sample, sample_scores
+from qdq.plan.parts import output_parts
 from qdq.plan.readings import Readings, decision_outputs, read_alike
 from qdq.plan.reference import float_reference
 
@@ -104,3 +105,15 @@ def test_readings_count_each_sample_and_merge_shards_in_order():
         "every position's class as FP32's on 2 of 4 samples (96.25% of positions)"
     )
     assert Readings(None).share is None
+
+
+def test_a_sample_whose_infinities_are_kept_scores_as_exact_there():
+    """inf - inf is NaN: an infinity FP32 and the candidate share (a masked logit) adds no
+    error, and one only the candidate has is an infinite error."""
+    want = [np.array([[3.0, -np.inf, 4.0], [3.0, 1.0, 4.0], [3.0, 1.0, 4.0]], np.float32)]
+    have = [np.array([[3.0, -np.inf, 4.0], [3.0, np.inf, 4.0], [3.0, 1.0, 4.5]], np.float32)]
+    parts = [p for group in output_parts(["y"], want).values() for p in group]
+    worst = _worst_per_sample(parts, {"y": 0}, want, have, 3)
+    assert worst[0] == np.inf  # every value kept, the infinity too
+    assert worst[1] == -np.inf  # an infinity of its own
+    assert worst[2] == pytest.approx(10 * np.log10(26 / 0.25))

@@ -203,9 +203,12 @@ def _worst_per_sample(
         i = where[part.output]
         x, y = part.pair(np.asarray(want[i]), np.asarray(have[i]), by_name)
         x, y = x.astype(np.float64).reshape(rows, -1), y.astype(np.float64).reshape(rows, -1)
-        with np.errstate(invalid="ignore"):  # inf - inf: an infinite output kept is exact
-            error = np.where(x == y, 0.0, x - y)
+        with np.errstate(invalid="ignore"):
+            error = x - y
         signal, noise = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", error, error)
+        if not np.isfinite(noise).all():  # inf - inf: an infinite output kept is exact
+            error = np.where(x == y, 0.0, error)  # only then: 21.6 -> 14.6 ms for 16 lines
+            noise = np.einsum("ij,ij->i", error, error)  # of PP-OCRv6's 40 x 6625 scores
         value = sqnr_db(signal, noise)
         if floors and part.output in floors:
             value = np.maximum(value, floors[part.output])

@@ -94,8 +94,9 @@ def record(model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]]) -> Re
     names = list(dict.fromkeys([o.name for o in model.graph.output] + codes))
     session = session_with_outputs(model, codes)
     values: list[dict[str, np.ndarray]] = []
-    for feed in feeds:
-        values.append({**feed, **dict(zip(names, session.run(names, feed), strict=True))})
+    for feed in feeds:  # copies: an array ONNX Runtime returns holds its session's arena
+        got = [value.copy() for value in session.run(names, feed)]
+        values.append({**feed, **dict(zip(names, got, strict=True))})
         if sum(v.nbytes for v in values[0].values()) * len(feeds) > RECORD_BUDGET:
             return None
     nodes = frozenset(node.SerializeToString() for node in model.graph.node)
