@@ -207,8 +207,8 @@ def _worst_per_sample(
             error = x - y
         signal, noise = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", error, error)
         if not np.isfinite(noise).all():  # inf - inf: an infinite output kept is exact
-            error = np.where(x == y, 0.0, error)  # only then: 21.6 -> 14.6 ms for 16 lines
-            noise = np.einsum("ij,ij->i", error, error)  # of PP-OCRv6's 40 x 6625 scores
+            error = np.where(x == y, 0.0, error)  # only then: 59 -> 36 ms for 16 lines of
+            noise = np.einsum("ij,ij->i", error, error)  # PP-OCRv6's 40 x 18710 scores
         value = sqnr_db(signal, noise)
         if floors and part.output in floors:
             value = np.maximum(value, floors[part.output])
