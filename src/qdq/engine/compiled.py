@@ -131,10 +131,9 @@ def conv_accumulator(
     contiguously, into arrays from `allocate` (`fresh`).
     """
     n, c, height, width = x.shape
-    top, left, bottom, right = g.pads
+    top, left = g.pads[:2]
     (kh, kw), (dh, dw), (sh, sw) = g.kernel, g.dilations, g.strides
-    oh = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
-    ow = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    oh, ow = g.output_size(height, width)
     zp = np.int32(x_zp)
     if weights.ndim == 3:  # depthwise
         taps = (sh, sw, dh, dw, top, left, oh, ow)

@@ -35,6 +35,15 @@ class ConvGeometry:
             int(attrs.get("group", 1)),
         )
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The output's rows and columns for an input of `height` x `width`."""
+        top, left, bottom, right = self.pads
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilations, self.strides
+        return (
+            (height + top + bottom - (kh - 1) * dh - 1) // sh + 1,
+            (width + left + right - (kw - 1) * dw - 1) // sw + 1,
+        )
+
 
 def _same_pads(size, kernel, strides, dilations, upper: bool) -> tuple[int, int, int, int]:
     begins, ends = [], []

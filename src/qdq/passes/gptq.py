@@ -169,10 +169,7 @@ def _positions(
     if node.op_type != "Conv":
         return None
     g = ConvGeometry.from_attributes(attributes(node), x_shape, shape)
-    top, left, bottom, right = g.pads
-    (kh, kw), (dh, dw), (sh, sw) = g.kernel, g.dilations, g.strides
-    oh = (x_shape[2] + top + bottom - (kh - 1) * dh - 1) // sh + 1
-    ow = (x_shape[3] + left + right - (kw - 1) * dw - 1) // sw + 1
+    oh, ow = g.output_size(x_shape[2], x_shape[3])
     if oh * ow <= POSITIONS:
         return None
     n = x_shape[0]

@@ -254,7 +254,8 @@ def _observe(opened: _Opened, span: tuple[int, int], bar: tqdm | None = None) ->
                  [tap.after(first) for tap in job.taps])  # fmt: skip
 
     def fetched(name: str) -> bool:
-        """Whether a batch still needs `name`: observed, or its means or H not yet taken."""
+        """Whether a batch still needs `name`: observed, or its means per channel or a tap's
+        samples not yet taken."""
         if name in seen.observers:
             return True
         if name in seen.channels and seen.channels[name].missing:
