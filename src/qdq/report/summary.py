@@ -62,6 +62,11 @@ class QuantizeReport:
             first = group[0]
             more = f" and {len(group) - 1} more" if len(group) > 1 else ""
             lines.append(f"kept float: {op_type} {first.node}{more}: {first.reason}")
+        if not self.quantized:
+            lines.append(
+                "warning: no node was quantized (each is kept float for the reason above): the "
+                "file computes what the FP32 model computes, in float"
+            )
         lines += [f"note: {n}" for n in self.notes]
         if self.candidates:
             shown = ", ".join(
@@ -78,10 +83,12 @@ class QuantizeReport:
             lines += [f"note: {n}" for n in self.other_picks()]
             fastest = min(c.latency_ms for c in self.candidates)
             if self.float_ms is not None and fastest > self.float_ms + latency_tie(self.float_ms):
+                smaller = self.quantized_bytes < self.float_bytes
                 lines.append(
                     f"warning: no candidate plan runs faster than FP32 here ({fastest:.3f} ms "
                     f"against {self.float_ms:.3f} ms a sample, 1 thread): the int8 file is "
-                    "smaller, not faster, on this machine"
+                    f"{'smaller, not faster' if smaller else 'neither smaller nor faster'}, on "
+                    "this machine"
                 )
         if self.output_sqnr:
             shown = ", ".join(

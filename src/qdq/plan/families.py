@@ -1,0 +1,106 @@
+"""The families of ops the frontier's candidate plans keep float (`qdq.plan.frontier`), and the
+graph facts that name some of them: grouped convolutions, products of two activations, and the
+first layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import onnx
+
+from qdq.onnx.graph import GraphIndex, attributes, subgraph_reads
+from qdq.plan.decisions import Decision
+from qdq.plan.rules import RULES, Kind
+
+CONV = frozenset({"Conv", "ConvTranspose"})
+LINEAR = frozenset({"MatMul", "Gemm"})
+COMPUTE = CONV | LINEAR
+# Ops that only pass int8 between compute layers: the "compute only" candidate keeps them float.
+CHEAP = frozenset(
+    op for op, rule in RULES.items() if rule.kind in (Kind.ELEMENTWISE, Kind.SHARED, Kind.GATE)
+)
+
+
+@dataclass(frozen=True)
+class Families:
+    """Node names of a model that some candidates keep float: `grouped` (`grouped_convs`),
+    `attention` (`activation_matmuls`), `first` (`first_layers`)."""
+
+    grouped: frozenset[str] = frozenset()
+    attention: frozenset[str] = frozenset()
+    first: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> Families:
+        return cls(grouped_convs(model), activation_matmuls(model), first_layers(model))
+
+
+NO_FAMILIES = Families()  # a model's graph unknown: the candidates that need none of them
+
+
+def variants(
+    decisions: Mapping[str, Decision], families: Families = NO_FAMILIES
+) -> dict[str, frozenset[str]]:
+    """Per candidate, the nodes it keeps float beyond `decisions` (graph order). "ends float"
+    keeps every first layer float (`first_layers`) and the last, or, where that would leave no
+    int8 compute layer (openWakeWord's mel front end: two STFT convolutions and a filter bank),
+    the first in graph order and the last."""
+    int8 = {name: d.op_type for name, d in decisions.items() if d.quantized}
+    compute = [name for name, op in int8.items() if op in COMPUTE]
+    kinds = {"compute only": CHEAP, "Conv only": LINEAR, "MatMul only": CONV}
+    out = {"all int8": frozenset()}
+    out |= {k: frozenset(n for n, op in int8.items() if op in ops) for k, ops in kinds.items()}
+    ends = {*compute[:1], *compute[-1:]}
+    first = families.first.intersection(compute) | ends
+    if len(compute) > len(first):  # else the first in graph order, to leave some int8
+        ends = first
+    out["ends float"] = frozenset(ends) if len(compute) > len(ends) else frozenset()
+    depthwise = families.grouped.intersection(int8)
+    if depthwise:
+        out["ends and depthwise float"] = depthwise | out["ends float"]
+    products = families.attention.intersection(int8)
+    if products:
+        out["attention float"] = products
+        out["linear layers only"] = products | out["MatMul only"]
+    return out
+
+
+def first_layers(model: onnx.ModelProto) -> frozenset[str]:
+    """The compute layers of `model` that no other compute layer feeds, directly or through
+    other ops: every layer that reads the model's inputs first. Keeping only one of them float
+    keeps the tensor they share on its int8 grid for the others: DNSMOS's two STFT
+    convolutions (real and imaginary part) read one waveform, and with only the first float the
+    other rounded both the waveform and its spectrum before a Log (17.7 dB of output SQNR
+    against 39.8 with both float, at the same speed; docs/unseen.md)."""
+    after: set[str] = set()  # tensors that a compute layer's output reaches
+    first = []
+    for node in model.graph.node:  # topological order
+        fed = any(name in after for name in [*node.input, *subgraph_reads(node)])
+        if node.op_type in COMPUTE and not fed:
+            first.append(node.name)
+        if fed or node.op_type in COMPUTE:
+            after.update(node.output)
+    return frozenset(first)
+
+
+def grouped_convs(model: onnx.ModelProto) -> frozenset[str]:
+    """The convolutions of `model` whose `group` is above 1 (depthwise ones among them)."""
+    return frozenset(
+        node.name
+        for node in model.graph.node
+        if node.op_type == "Conv" and attributes(node).get("group", 1) > 1
+    )
+
+
+def activation_matmuls(model: onnx.ModelProto) -> frozenset[str]:
+    """The MatMuls of `model` (prepared: constants folded into initializers) with no constant
+    input: products of two activations, as in attention, not a layer's input times its weight.
+    A weight that reaches its MatMul through another op only adds a candidate, measured."""
+    index = GraphIndex(model)
+    return frozenset(
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul" and not any(index.is_constant(i) for i in node.input)
+    )

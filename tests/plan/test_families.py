@@ -1,0 +1,107 @@
+"""The op families the frontier's candidates keep float, and the graph facts that name them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from models import attention_block
+from qdq.config import QuantConfig
+from qdq.onnx.graph import GraphIndex
+from qdq.pipeline import prepare
+from qdq.plan.decisions import static_decisions
+from qdq.plan.families import Families, first_layers, grouped_convs, variants
+
+from conftest import DIGITS
+
+
+def spectrum_model(hidden: bool = True) -> onnx.ModelProto:
+    """A waveform x[1, 1, 256] -> two strided convolutions (a spectrum's real and imaginary
+    parts, as DNSMOS computes its STFT) -> log power -> two convolutions (one without
+    `hidden`): the first two layers both read the input."""
+    rng = np.random.default_rng(0)
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "Wre"], ["re"], strides=[16], name="stft_real"),
+        node("Conv", ["x", "Wim"], ["im"], strides=[16], name="stft_imag"),
+        node("Mul", ["re", "re"], ["re2"], name="square_re"),
+        node("Mul", ["im", "im"], ["im2"], name="square_im"),
+        node("Add", ["re2", "im2"], ["power"], name="power"),
+        node("Add", ["power", "eps"], ["floored"], name="floor"),
+        node("Log", ["floored"], ["log"], name="log"),
+    ]
+    inits = [w("Wre", 8, 1, 32), w("Wim", 8, 1, 32)]
+    inits.append(numpy_helper.from_array(np.array(1e-6, np.float32), "eps"))
+    if hidden:
+        nodes.append(node("Conv", ["log", "W1"], ["h0"], pads=[1, 1], name="conv1"))
+        nodes.append(node("Relu", ["h0"], ["h"], name="relu"))
+        inits.append(w("W1", 4, 8, 3))
+    nodes.append(node("Conv", ["h" if hidden else "log", "W2"], ["y"], name="conv2"))
+    inits.append(w("W2", 2, 4 if hidden else 8, 1))
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "spectrum",
+        [value("x", TensorProto.FLOAT, [1, 1, 256])],
+        [value("y", TensorProto.FLOAT, [1, 2, 15])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_variants_keep_one_family_of_ops_float():
+    prepared, _, _ = prepare(onnx.load(DIGITS / "cnn.onnx"), per_channel=True)
+    decisions = static_decisions(GraphIndex(prepared), QuantConfig())
+    ops = {name: d.op_type for name, d in decisions.items()}
+    found = variants(decisions, Families.of(prepared))
+    assert found["all int8"] == frozenset()
+    assert {ops[n] for n in found["Conv only"]} == {"Gemm"}
+    assert {ops[n] for n in found["MatMul only"]} == {"Conv"}
+    assert {ops[n] for n in found["compute only"]} <= {"Add", "Mul", "GlobalAveragePool"}
+    compute = [n for n, d in decisions.items() if d.quantized and d.op_type in ("Conv", "Gemm")]
+    assert found["ends float"] == {compute[0], compute[-1]}  # one layer reads the input
+    assert "ends and depthwise float" not in found  # no grouped convolution
+
+
+def test_a_model_with_depthwise_convolutions_gets_them_float_with_its_ends():
+    prepared, _, _ = prepare(onnx.load(DIGITS / "mobilenet.onnx"), per_channel=True)
+    decisions = static_decisions(GraphIndex(prepared), QuantConfig())
+    grouped = grouped_convs(prepared)
+    assert len(grouped) == 3  # the digits MobileNet's three depthwise convolutions
+    found = variants(decisions, Families(grouped=grouped))
+    assert found["ends and depthwise float"] == grouped | found["ends float"]
+
+
+def test_ends_float_keeps_every_layer_that_reads_the_input_float():
+    # With only the first in graph order float, the other kept the waveform on an int8 grid
+    # and rounded the spectrum before its Log (DNSMOS: 17.7 against 39.8 dB)
+    prepared, _, _ = prepare(spectrum_model(), per_channel=True)
+    families = Families.of(prepared)
+    assert families.first == {"stft_real", "stft_imag"}
+    decisions = static_decisions(GraphIndex(prepared), QuantConfig())
+    found = variants(decisions, families)
+    assert found["ends float"] == {"stft_real", "stft_imag", "conv2"}  # conv1 stays int8
+
+
+def test_a_transformers_first_layers_are_its_query_key_and_value():
+    prepared, _, _ = prepare(attention_block(), per_channel=True)
+    first = first_layers(prepared)
+    # the three projections of the LayerNorm's output; q k^T and the rest read them
+    assert len(first) == 3
+    assert {n.input[0] for n in prepared.graph.node if n.name in first} == {"ln"}
+
+
+def test_ends_float_leaves_some_layer_int8():
+    # two STFT convolutions and the last layer are the whole model: keeping the first in graph
+    # order float with the last leaves the other STFT convolution int8, as before
+    prepared, _, _ = prepare(spectrum_model(hidden=False), per_channel=True)
+    decisions = static_decisions(GraphIndex(prepared), QuantConfig())
+    found = variants(decisions, Families.of(prepared))
+    assert found["ends float"] == {"stft_real", "conv2"}
