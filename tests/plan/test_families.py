@@ -11,7 +11,7 @@ from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex
 from qdq.pipeline import prepare
 from qdq.plan.decisions import static_decisions
-from qdq.plan.families import Families, first_layers, grouped_convs, variants
+from qdq.plan.families import Families, first_layers, grouped_convs, last_layers, variants
 
 from conftest import DIGITS
 
@@ -105,3 +105,50 @@ def test_ends_float_leaves_some_layer_int8():
     decisions = static_decisions(GraphIndex(prepared), QuantConfig())
     found = variants(decisions, Families.of(prepared))
     assert found["ends float"] == {"stft_real", "conv2"}
+
+
+def two_heads() -> onnx.ModelProto:
+    """x[1, 3, 8, 8] -> two convolutions -> a box head and a score head, each an output, as a
+    detector's heads write them."""
+    rng = np.random.default_rng(0)
+
+    def w(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "W0"], ["a0"], pads=[1, 1, 1, 1], name="body0"),
+        node("Relu", ["a0"], ["a"], name="relu0"),
+        node("Conv", ["a", "W1"], ["b0"], pads=[1, 1, 1, 1], name="body1"),
+        node("Relu", ["b0"], ["b"], name="relu1"),
+        node("Conv", ["b", "Wbox"], ["boxes"], name="box_head"),
+        node("Conv", ["b", "Wcls"], ["c"], name="score_head"),
+        node("Sigmoid", ["c"], ["scores"], name="sigmoid"),
+    ]
+    inits = [w("W0", 4, 3, 3, 3), w("W1", 4, 4, 3, 3), w("Wbox", 4, 4, 1, 1), w("Wcls", 2, 4, 1, 1)]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "heads",
+        [value("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [
+            value("boxes", TensorProto.FLOAT, [1, 4, 8, 8]),
+            value("scores", TensorProto.FLOAT, [1, 2, 8, 8]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_ends_float_keeps_every_head_float():
+    # With only the last in graph order float, the other head wrote its output through int8
+    # (the layout model's four heads: 0.653 -> 0.675 of FP32's firing scores, three draws)
+    prepared, _, _ = prepare(two_heads(), per_channel=True)
+    families = Families.of(prepared)
+    assert last_layers(prepared) == families.last == {"box_head", "score_head"}
+    assert families.first == {"body0"}
+    decisions = static_decisions(GraphIndex(prepared), QuantConfig())
+    found = variants(decisions, families)
+    assert found["ends float"] == {"body0", "box_head", "score_head"}  # body1 stays int8

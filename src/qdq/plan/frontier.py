@@ -11,7 +11,7 @@ plan with everything int8 that the rules allow, each candidate keeps one family 
     Conv only       MatMul and Gemm float
     MatMul only     Conv and ConvTranspose float
     ends float      the first int8 compute layers (all that read the inputs first) and the
-                    last float (often the most sensitive)
+                    last (all that write the outputs) float: often the most sensitive
     ends and depthwise float
                     also the grouped (depthwise) convolutions float
     attention float the MatMuls of two activations float (attention's q k^T and its weighted
