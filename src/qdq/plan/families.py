@@ -5,7 +5,7 @@ first and last layers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import onnx
@@ -78,15 +78,7 @@ def first_layers(model: onnx.ModelProto) -> frozenset[str]:
     other rounded both the waveform and its spectrum before a Log (clips whose scores stay
     within 0.1 of FP32's: 6.8% over three draws, 98.4% with both float, at the same speed;
     docs/unseen.md)."""
-    after: set[str] = set()  # tensors that a compute layer's output reaches
-    first = []
-    for node in model.graph.node:  # topological order
-        fed = any(name in after for name in [*node.input, *subgraph_reads(node)])
-        if node.op_type in COMPUTE and not fed:
-            first.append(node.name)
-        if fed or node.op_type in COMPUTE:
-            after.update(node.output)
-    return frozenset(first)
+    return _unfed(model.graph.node, _reads, lambda node: node.output)  # topological order
 
 
 def last_layers(model: onnx.ModelProto) -> frozenset[str]:
@@ -94,15 +86,31 @@ def last_layers(model: onnx.ModelProto) -> frozenset[str]:
     that writes its outputs through several (PP-PicoDet's layout model, four heads: IoU of
     the scores that fire with FP32's 0.671 on 256 pages over three draws with only the last in
     graph order float, 0.696 with all four; docs/unseen.md)."""
-    before: set[str] = set()  # tensors that reach a compute layer
-    last = []
-    for node in reversed(model.graph.node):
-        fed = any(name in before for name in node.output)
+    return _unfed(reversed(model.graph.node), lambda node: node.output, _reads)
+
+
+def _unfed(
+    nodes: Iterable[onnx.NodeProto],
+    upstream: Callable[[onnx.NodeProto], Iterable[str]],
+    downstream: Callable[[onnx.NodeProto], Iterable[str]],
+) -> frozenset[str]:
+    """The compute layers among `nodes` that no compute layer reaches through their `upstream`
+    tensors: `nodes` in graph order with `upstream` what a node reads (the first layers), or
+    reversed with `upstream` what it writes (the last)."""
+    reached: set[str] = set()  # tensors a compute layer reaches
+    found = []
+    for node in nodes:
+        fed = any(name in reached for name in upstream(node))
         if node.op_type in COMPUTE and not fed:
-            last.append(node.name)
+            found.append(node.name)
         if fed or node.op_type in COMPUTE:
-            before.update([*node.input, *subgraph_reads(node)])
-    return frozenset(last)
+            reached.update(downstream(node))
+    return frozenset(found)
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors `node` reads, those its subgraphs read from outside included."""
+    return [*node.input, *subgraph_reads(node)]
 
 
 def grouped_convs(model: onnx.ModelProto) -> frozenset[str]:

@@ -59,7 +59,8 @@ class TakenOutputs:
         return TakenOutputs(self.inputs, self.wanted, self.start + first)
 
     def jobs(self, values: Mapping[str, np.ndarray], samples: int) -> list[Callable[[], None]]:
-        """Keeps the batch's wanted samples' outputs here (slicing a batch takes no time)."""
+        """Keeps copies of the batch's wanted samples' outputs, here rather than as jobs for
+        the pool (a few samples' outputs, against every observed tensor's)."""
         first, self.next = self.next, self.next + samples
         wanted = [i for i in self.wanted if first <= i < self.next]
         outputs = [values[name] for name in self.inputs]
