@@ -16,7 +16,9 @@ tensor, so a layer qdq keeps float for its accuracy would run in coarse int8 ins
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -58,6 +60,14 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     per_channel: dict[tuple[str, int], str] = {}  # (tensor, axis) -> its per-channel DQ's output
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
+    # a weight that several int8 layers read is stored once where their codes agree
+    reads = Counter(
+        name
+        for node in index.nodes
+        for i, name in enumerate(node.input)
+        if (node.name, i) in plan.constants
+    )
+    stored: dict[tuple, str] = {}
 
     def add_pair(tensor: str, qparams: QParams) -> None:
         # keep an output's name on the dequantized copy; an input that is also an output
@@ -82,7 +92,13 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             if key in plan.constants:
                 codes = plan.codes(key, index.constant(name))
                 node.input[i] = _dequantized_constant(
-                    name, key, plan.constants[key], codes, new_nodes, new_inits
+                    name,
+                    key,
+                    plan.constants[key],
+                    codes,
+                    new_nodes,
+                    new_inits,
+                    stored if reads[name] > 1 else None,
                 )
             elif key in plan.biases:
                 values = plan.bias_values.get(key)
@@ -224,17 +240,20 @@ def _dequantized_constant(
     codes: np.ndarray,
     nodes: list[onnx.NodeProto],
     inits: list[onnx.TensorProto],
+    stored: dict[tuple, str] | None = None,
 ) -> str:
-    """Integer initializer + DequantizeLinear in place of a float constant; returns the new name."""
-    return _behind_dq(
-        f"{name}_{key[0]}_{key[1]}",
-        codes,
-        qparams.scale,
-        qparams.zero_point,
-        _axis(qparams),
-        nodes,
-        inits,
-    )
+    """Integer initializer + DequantizeLinear in place of a float constant; returns the new name.
+    With `stored` (the stems already written, by content), the same codes and qparams of the
+    same constant get a DequantizeLinear of their own that reads the stored initializers."""
+    stem, axis = f"{name}_{key[0]}_{key[1]}", _axis(qparams)
+    if stored is not None:
+        digest = hashlib.sha256(np.ascontiguousarray(codes)).digest()
+        scale, zero_point = qparams.scale.tobytes(), qparams.zero_point.tobytes()
+        content = (name, codes.dtype.str, codes.shape, digest, scale, zero_point, str(axis))
+        first = stored.setdefault(content, stem)
+        if first != stem:
+            return _dq(first, stem, axis, nodes)
+    return _behind_dq(stem, codes, qparams.scale, qparams.zero_point, axis, nodes, inits)
 
 
 def _dequantized_bias(
@@ -266,7 +285,12 @@ def _behind_dq(
     inits.append(numpy_helper.from_array(codes, f"{stem}_quantized"))
     inits.append(numpy_helper.from_array(scale, f"{stem}_scale"))
     inits.append(numpy_helper.from_array(zero_point, f"{stem}_zero_point"))
-    inputs = [f"{stem}_quantized", f"{stem}_scale", f"{stem}_zero_point"]
+    return _dq(stem, stem, axis, nodes)
+
+
+def _dq(source: str, stem: str, axis: dict[str, int], nodes: list[onnx.NodeProto]) -> str:
+    """Append a DequantizeLinear of the initializers `source` stored, named after `stem`."""
+    inputs = [f"{source}_quantized", f"{source}_scale", f"{source}_zero_point"]
     nodes.append(
         helper.make_node("DequantizeLinear", inputs, [f"{stem}_dq"], name=f"{stem}_DQ", **axis)
     )
