@@ -1,6 +1,6 @@
 """The families of ops the frontier's candidate plans keep float (`qdq.plan.frontier`), and the
-graph facts that name some of them: grouped convolutions, products of two activations, and the
-first and last layers.
+graph facts that name some of them: grouped convolutions, products of two activations, the
+first and last layers, and the layers whose outputs a Log compresses.
 """
 
 from __future__ import annotations
@@ -26,17 +26,23 @@ CHEAP = frozenset(
 @dataclass(frozen=True)
 class Families:
     """Node names of a model that some candidates keep float: `grouped` (`grouped_convs`),
-    `attention` (`activation_matmuls`), `first` (`first_layers`), `last` (`last_layers`)."""
+    `attention` (`activation_matmuls`), `first` (`first_layers`), `last` (`last_layers`),
+    `logged` (`before_log`)."""
 
     grouped: frozenset[str] = frozenset()
     attention: frozenset[str] = frozenset()
     first: frozenset[str] = frozenset()
     last: frozenset[str] = frozenset()
+    logged: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> Families:
         return cls(
-            grouped_convs(model), activation_matmuls(model), first_layers(model), last_layers(model)
+            grouped_convs(model),
+            activation_matmuls(model),
+            first_layers(model),
+            last_layers(model),
+            before_log(model),
         )
 
 
@@ -47,16 +53,17 @@ def variants(
     decisions: Mapping[str, Decision], families: Families = NO_FAMILIES
 ) -> dict[str, frozenset[str]]:
     """Per candidate, the nodes it keeps float beyond `decisions` (graph order). "ends float"
-    keeps every first and every last layer float (`first_layers`, `last_layers`), or, where
-    that would leave no int8 compute layer (openWakeWord's mel front end: two STFT
-    convolutions and a filter bank), the first and the last in graph order."""
+    keeps every first and every last layer float (`first_layers`, `last_layers`) and every
+    layer a Log compresses (`before_log`), or, where that would leave no int8 compute layer
+    (openWakeWord's mel front end: two STFT convolutions and a filter bank), the first and the
+    last in graph order."""
     int8 = {name: d.op_type for name, d in decisions.items() if d.quantized}
     compute = [name for name, op in int8.items() if op in COMPUTE]
     kinds = {"compute only": CHEAP, "Conv only": LINEAR, "MatMul only": CONV}
     out = {"all int8": frozenset()}
     out |= {k: frozenset(n for n, op in int8.items() if op in ops) for k, ops in kinds.items()}
     ends = {*compute[:1], *compute[-1:]}
-    every = (families.first | families.last).intersection(compute) | ends
+    every = (families.first | families.last | families.logged).intersection(compute) | ends
     if len(compute) > len(every):  # else the first and last in graph order: some int8 left
         ends = every
     out["ends float"] = frozenset(ends) if len(compute) > len(ends) else frozenset()
@@ -87,6 +94,28 @@ def last_layers(model: onnx.ModelProto) -> frozenset[str]:
     the scores that fire with FP32's 0.671 on 256 pages over three draws with only the last in
     graph order float, 0.696 with all four; docs/unseen.md)."""
     return _unfed(reversed(model.graph.node), lambda node: node.output, _reads)
+
+
+def before_log(model: onnx.ModelProto) -> frozenset[str]:
+    """The compute layers of `model` whose outputs reach a Log through no other compute layer:
+    a spectrum's front end before its log compression, where the Log turns the rounding of
+    quiet bins into errors as large as those of loud ones. basic-pitch's constant-Q transform
+    is 18 convolutions, two of them first layers (synthetic tones, 16 samples: output SQNR
+    6.5-9.7 dB with the other 16 int8, 19.1-26.1 dB with them float; docs/unseen.md)."""
+    producer = {name: node for node in model.graph.node for name in node.output}
+    found: set[str] = set()
+    wanted = [node.input[0] for node in model.graph.node if node.op_type == "Log"]
+    seen: set[str] = set()
+    while wanted:
+        node = producer.get(name := wanted.pop())
+        if node is None or name in seen:
+            continue
+        seen.add(name)
+        if node.op_type in COMPUTE:
+            found.add(node.name)
+        else:
+            wanted.extend(_reads(node))
+    return frozenset(found)
 
 
 def _unfed(

@@ -10,8 +10,9 @@ plan with everything int8 that the rules allow, each candidate keeps one family 
     compute only    elementwise ops, Concat and gates float: int8 only in Conv, Gemm, MatMul
     Conv only       MatMul and Gemm float
     MatMul only     Conv and ConvTranspose float
-    ends float      the first int8 compute layers (all that read the inputs first) and the
-                    last (all that write the outputs) float: often the most sensitive
+    ends float      the first int8 compute layers (all that read the inputs first), the
+                    last (all that write the outputs) and those whose outputs a Log
+                    compresses (a spectrum's front end) float: often the most sensitive
     ends and depthwise float
                     also the grouped (depthwise) convolutions float
     attention float the MatMuls of two activations float (attention's q k^T and its weighted
