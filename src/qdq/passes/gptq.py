@@ -249,8 +249,8 @@ def rounded_codes(
         node = nodes[name]
         weight = node.input[1]
         axis = weight_axis(node, len(index.initializers[weight].dims))
-        tag = (weight, node.op_type, axis, h.shape, qparams.scale.tobytes())
-        shared[(*tag, qparams.zero_point.tobytes())].append(name)
+        group = (weight, node.op_type, axis, h.shape, qparams.scale.tobytes())
+        shared[(*group, qparams.zero_point.tobytes())].append(name)
     for readers in shared.values():
         first = nodes[readers[0]]
         qparams = plan.constants[(readers[0], 1)]
