@@ -46,10 +46,12 @@ def slider_captchas(count: int, seed: int) -> np.ndarray:
         moved = shown[y - h + side : y + side, at : at + w]
         moved[piece] = patch[piece]
         _outline(moved, piece, 0.35)
-        grey = Image.fromarray((shown * 255).astype(np.uint8)).resize(
+        scaled = Image.fromarray((shown * 255).astype(np.uint8)).resize(
             (SIZE, HEIGHT * SIZE // WIDTH)
         )
-        out[i, :, top : top + grey.height] = np.asarray(grey, np.float32).transpose(2, 0, 1) / 255
+        out[i, :, top : top + scaled.height] = (
+            np.asarray(scaled, np.float32).transpose(2, 0, 1) / 255
+        )
     return out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from captchas import SIZE, WIDTH
 from ptq import ctc_strings
 from unseen_models import Model, locate
 
@@ -167,7 +168,7 @@ def slider_shapes(pred: np.ndarray, protos: np.ndarray) -> list[tuple[np.ndarray
             kept.append(i)
     shapes = []
     side = protos.shape[-1]
-    rows, cols = np.mgrid[:side, :side] * (640 / side)
+    rows, cols = np.mgrid[:side, :side] * (SIZE / side)
     for i in kept:
         x1, y1, x2, y2 = boxes[i]
         mask = np.tensordot(pred[5:, order[i]], protos, axes=1) > 0
@@ -180,7 +181,7 @@ def _same_shape(want: tuple[np.ndarray, np.ndarray], have: tuple[np.ndarray, np.
     (box, mask), (other, found) = want, have
     union = (mask | found).sum()
     iou = (mask & found).sum() / union if union else 1.0
-    return abs(box[0] - other[0]) * 320 / 640 <= SLIDER_PIXELS and iou >= 0.9
+    return abs(box[0] - other[0]) * WIDTH / SIZE <= SLIDER_PIXELS and iou >= 0.9
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
