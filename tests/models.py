@@ -381,3 +381,77 @@ def branched(model: onnx.ModelProto, tail: int = 1) -> onnx.ModelProto:
     ]
     mode = helper.make_tensor_value_info("mode", TensorProto.INT64, [])
     return _model(nodes, [graph.input[0], mode], [graph.output[0]], [one])
+
+
+def spectrum_model(hidden: bool = True) -> onnx.ModelProto:
+    """A waveform x[1, 1, 256] -> two strided convolutions (a spectrum's real and imaginary
+    parts, as DNSMOS computes its STFT) -> log power -> two convolutions (one without
+    `hidden`): the first two layers both read the input."""
+    rng = _rng()
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "Wre"], ["re"], strides=[16], name="stft_real"),
+        node("Conv", ["x", "Wim"], ["im"], strides=[16], name="stft_imag"),
+        node("Mul", ["re", "re"], ["re2"], name="square_re"),
+        node("Mul", ["im", "im"], ["im2"], name="square_im"),
+        node("Add", ["re2", "im2"], ["power"], name="power"),
+        node("Add", ["power", "eps"], ["floored"], name="floor"),
+        node("Log", ["floored"], ["log"], name="log"),
+    ]
+    inits = [_init(n, rng.standard_normal((8, 1, 32))) for n in ("Wre", "Wim")]
+    inits.append(_init("eps", np.array(1e-6)))
+    if hidden:
+        nodes.append(node("Conv", ["log", "W1"], ["h0"], pads=[1, 1], name="conv1"))
+        nodes.append(node("Relu", ["h0"], ["h"], name="relu"))
+        inits.append(_init("W1", rng.standard_normal((4, 8, 3))))
+    nodes.append(node("Conv", ["h" if hidden else "log", "W2"], ["y"], name="conv2"))
+    inits.append(_init("W2", rng.standard_normal((2, 4 if hidden else 8, 1))))
+    return _model(nodes, [_value("x", [1, 1, 256])], [_value("y", [1, 2, 15])], inits)
+
+
+def constant_q_model() -> onnx.ModelProto:
+    """A waveform x[1, 1, 256] -> a constant-Q transform of two octaves, as basic-pitch
+    computes one: the high octave's kernel on the waveform, the low octave's behind a strided
+    low-pass convolution -> both octaves' power, concatenated -> Log -> two convolutions."""
+    rng = np.random.default_rng(1)
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "Whigh"], ["high"], strides=[32], name="cqt_high"),
+        node("Conv", ["x", "Wlp"], ["half"], strides=[2], name="lowpass"),
+        node("Conv", ["half", "Wlow"], ["low"], strides=[16], name="cqt_low"),
+        node("Concat", ["high", "low"], ["bins"], axis=1, name="octaves"),
+        node("Mul", ["bins", "bins"], ["power"], name="power"),
+        node("Add", ["power", "eps"], ["floored"], name="floor"),
+        node("Log", ["floored"], ["log"], name="log"),
+        node("Conv", ["log", "W1"], ["h0"], pads=[1, 1], name="conv1"),
+        node("Relu", ["h0"], ["h"], name="relu"),
+        node("Conv", ["h", "W2"], ["y"], name="conv2"),
+    ]
+    shapes = {"Whigh": (4, 1, 32), "Wlp": (1, 1, 2), "Wlow": (4, 1, 16)}
+    inits = [_init(n, rng.standard_normal(shape)) for n, shape in shapes.items()]
+    inits.append(_init("eps", np.array(1e-6)))
+    inits += [
+        _init("W1", rng.standard_normal((4, 8, 3))),
+        _init("W2", rng.standard_normal((2, 4, 1))),
+    ]
+    return _model(nodes, [_value("x", [1, 1, 256])], [_value("y", [1, 2, 8])], inits)
+
+
+def two_heads() -> onnx.ModelProto:
+    """x[1, 3, 8, 8] -> two convolutions -> a box head and a score head, each an output, as a
+    detector's heads write them."""
+    rng = _rng()
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "W0"], ["a0"], pads=[1, 1, 1, 1], name="body0"),
+        node("Relu", ["a0"], ["a"], name="relu0"),
+        node("Conv", ["a", "W1"], ["b0"], pads=[1, 1, 1, 1], name="body1"),
+        node("Relu", ["b0"], ["b"], name="relu1"),
+        node("Conv", ["b", "Wbox"], ["boxes"], name="box_head"),
+        node("Conv", ["b", "Wcls"], ["c"], name="score_head"),
+        node("Sigmoid", ["c"], ["scores"], name="sigmoid"),
+    ]
+    shapes = {"W0": (4, 3, 3, 3), "W1": (4, 4, 3, 3), "Wbox": (4, 4, 1, 1), "Wcls": (2, 4, 1, 1)}
+    inits = [_init(n, rng.standard_normal(shape)) for n, shape in shapes.items()]
+    outputs = [_value("boxes", [1, 4, 8, 8]), _value("scores", [1, 2, 8, 8])]
+    return _model(nodes, [_value("x", [1, 3, 8, 8])], outputs, inits)
