@@ -455,3 +455,44 @@ def two_heads() -> onnx.ModelProto:
     inits = [_init(n, rng.standard_normal(shape)) for n, shape in shapes.items()]
     outputs = [_value("boxes", [1, 4, 8, 8]), _value("scores", [1, 2, 8, 8])]
     return _model(nodes, [_value("x", [1, 3, 8, 8])], outputs, inits)
+
+
+def dfl_head(bins: int = 4, classes: int = 2) -> onnx.ModelProto:
+    """x[N, 3, 8, 8] -> a body convolution -> box logits (4 sides x `bins`) and class logits,
+    joined and split again as YOLOv8's head does, each side decoded as the expected bin of a
+    Softmax (a 1x1 convolution by 0..bins-1) -> y[N, 4 + classes, 64]: the sides in pixels of
+    the grid, then the sigmoid scores."""
+    rng = _rng()
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "Wbody", "bbody"], ["f0"], pads=[1, 1, 1, 1], name="body"),
+        node("Relu", ["f0"], ["f"], name="relu"),
+        node("Conv", ["f", "Wbox", "bbox"], ["box"], name="box_conv"),
+        node("Conv", ["f", "Wcls", "bcls"], ["cls"], name="cls_conv"),
+        node("Concat", ["box", "cls"], ["joined"], axis=1, name="join"),
+        node("Reshape", ["joined", "flat"], ["rows"], name="flatten"),
+        node("Split", ["rows", "sizes"], ["logits", "cls_rows"], axis=1, name="split"),
+        node("Reshape", ["logits", "sides"], ["by_side"], name="to_sides"),
+        node("Transpose", ["by_side"], ["by_bin"], perm=[0, 2, 1, 3], name="bins_first"),
+        node("Softmax", ["by_bin"], ["p"], axis=1, name="softmax"),
+        node("Conv", ["p", "Wdfl"], ["expected"], name="dfl"),
+        node("Reshape", ["expected", "decoded_shape"], ["sides_out"], name="decoded"),
+        node("Sigmoid", ["cls_rows"], ["scores"], name="sigmoid"),
+        node("Concat", ["sides_out", "scores"], ["y"], axis=1, name="head"),
+    ]
+    channels = 4 * bins
+    inits = [
+        _init("Wbody", rng.standard_normal((8, 3, 3, 3)) * 0.5),
+        _init("bbody", rng.standard_normal(8) * 0.1),
+        _init("Wbox", rng.standard_normal((channels, 8, 1, 1))),
+        _init("bbox", rng.standard_normal(channels)),
+        _init("Wcls", rng.standard_normal((classes, 8, 1, 1))),
+        _init("bcls", np.full(classes, -1.0)),
+        _init("Wdfl", np.arange(bins).reshape(1, bins, 1, 1)),
+        numpy_helper.from_array(np.array([0, channels + classes, -1], np.int64), "flat"),
+        numpy_helper.from_array(np.array([channels, classes], np.int64), "sizes"),
+        numpy_helper.from_array(np.array([0, 4, bins, -1], np.int64), "sides"),
+        numpy_helper.from_array(np.array([0, 4, -1], np.int64), "decoded_shape"),
+    ]
+    inputs = [_value("x", ["N", 3, 8, 8])]
+    return _model(nodes, inputs, [_value("y", ["N", 4 + classes, 64])], inits)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
-from models import attention_block, constant_q_model, spectrum_model, two_heads
+from models import attention_block, constant_q_model, dfl_head, spectrum_model, two_heads
 from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex
-from qdq.pipeline import prepare
+from qdq.pipeline import prepare, quantize_model
 from qdq.plan.decisions import static_decisions
 from qdq.plan.families import (
     Families,
+    before_expectation,
     before_log,
     first_layers,
     grouped_convs,
     last_layers,
     variants,
 )
+from qdq.plan.frontier import DECODED
 
 from conftest import DIGITS
 
@@ -96,3 +99,24 @@ def test_ends_float_keeps_every_head_float():
     decisions = static_decisions(GraphIndex(prepared), QuantConfig())
     found = variants(decisions, families)
     assert found["ends float"] == {"body0", "box_head", "score_head"}  # body1 stays int8
+
+
+def test_every_candidate_keeps_the_logits_of_an_expected_box_side_float(tmp_path):
+    # YOLOv8's head decodes each box side as the expectation of a Softmax over 16 bins: with
+    # those logits int8 the slider captchas' piece edge moved by pixels (docs/unseen.md)
+    prepared, _, _ = prepare(dfl_head(), per_channel=True)
+    assert before_expectation(prepared) == Families.of(prepared).decoded
+    # the expectation, and the logits' layers (the class scores' too: joined before the split)
+    assert Families.of(prepared).decoded == {"dfl", "box_conv", "cls_conv"}
+    attention, _, _ = prepare(attention_block(), per_channel=True)
+    assert before_expectation(attention) == set()  # its Softmax weighs the values, no constant
+    source, calibration = tmp_path / "head.onnx", tmp_path / "calib.npy"
+    source.write_bytes(dfl_head().SerializeToString())
+    np.save(calibration, np.random.default_rng(0).standard_normal((64, 3, 8, 8), np.float32))
+    report = quantize_model(source, tmp_path / "q.onnx", calibration)
+    decisions = {d.node: d for d in report.decisions}
+    assert not decisions["box_conv"].quantized
+    assert not decisions["cls_conv"].quantized
+    assert not decisions["dfl"].quantized
+    assert decisions["box_conv"].reason == DECODED
+    assert decisions["body"].quantized

@@ -1,6 +1,7 @@
 """The families of ops the frontier's candidate plans keep float (`qdq.plan.frontier`), and the
 graph facts that name some of them: grouped convolutions, products of two activations, the
-first and last layers, and the layers whose outputs a Log compresses.
+first and last layers, and the layers whose outputs a Log compresses; and the layers every
+candidate keeps float, those whose logits a Softmax turns into an expected value.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from dataclasses import dataclass
 
 import onnx
 
-from qdq.onnx.graph import GraphIndex, attributes, subgraph_reads
+from qdq.onnx.graph import GraphIndex, attributes, is_smoothing, subgraph_reads
 from qdq.plan.decisions import Decision
 from qdq.plan.rules import RULES, Kind
 
 CONV = frozenset({"Conv", "ConvTranspose"})
 LINEAR = frozenset({"MatMul", "Gemm"})
 COMPUTE = CONV | LINEAR
+# Ops that only move values: a Softmax's probabilities reach their expectation through these.
+MOVES = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
 # Ops that only pass int8 between compute layers: the "compute only" candidate keeps them float.
 CHEAP = frozenset(
     op for op, rule in RULES.items() if rule.kind in (Kind.ELEMENTWISE, Kind.SHARED, Kind.GATE)
@@ -27,13 +30,15 @@ CHEAP = frozenset(
 class Families:
     """Node names of a model that some candidates keep float: `grouped` (`grouped_convs`),
     `attention` (`activation_matmuls`), `first` (`first_layers`), `last` (`last_layers`),
-    `logged` (`before_log`)."""
+    `logged` (`before_log`); and `decoded` (`before_expectation`), which every candidate
+    keeps float."""
 
     grouped: frozenset[str] = frozenset()
     attention: frozenset[str] = frozenset()
     first: frozenset[str] = frozenset()
     last: frozenset[str] = frozenset()
     logged: frozenset[str] = frozenset()
+    decoded: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> Families:
@@ -43,6 +48,7 @@ class Families:
             first_layers(model),
             last_layers(model),
             before_log(model),
+            before_expectation(model),
         )
 
 
@@ -102,10 +108,52 @@ def before_log(model: onnx.ModelProto) -> frozenset[str]:
     quiet bins into errors as large as those of loud ones. basic-pitch's constant-Q transform
     is 18 convolutions, two of them first layers (synthetic tones, 16 samples: output SQNR
     6.5-9.7 dB with the other 16 int8, 19.1-26.1 dB with them float; docs/unseen.md)."""
+    return _feeding(model, [node.input[0] for node in model.graph.node if node.op_type == "Log"])
+
+
+def before_expectation(model: onnx.ModelProto) -> frozenset[str]:
+    """The compute layers of `model` that weigh a Softmax's probabilities by a constant
+    (reshaped on the way at most): an expected value over bins, as YOLOv8's head decodes each
+    side of a box from 16 logits (its distribution focal loss); and the compute layers whose
+    outputs reach such a Softmax through no other compute layer. Rounding the logits, the
+    probabilities or the expected bin (0-15, on an 8-bit grid: steps of 1.9 pixels at a stride
+    of 32) to 8 bits moves the decoded side by pixels, where the rest of the network costs a
+    fraction of one (captcha-recognizer's slider segmenter, docs/unseen.md). The walk is by
+    node, so the class-score layers that a head joins to the box logits before splitting them
+    are among them."""
+    index = GraphIndex(model)
+    found: set[str] = set()
+    logits = []
+    for node in model.graph.node:
+        if node.op_type == "Softmax" and (weighing := _weighing(index, node.output[0])):
+            found |= weighing
+            logits.append(node.input[0])
+    return frozenset(found) | _feeding(model, logits)
+
+
+def _weighing(index: GraphIndex, tensor: str) -> set[str]:
+    """The compute layers that multiply `tensor` (through MOVES and SmoothQuant's Muls at most)
+    by a constant."""
+    wanted, seen, found = [tensor], set(), set()
+    while wanted:
+        for reader in index.consumers.get(wanted.pop(), []):
+            if reader.name in seen:
+                continue
+            seen.add(reader.name)
+            if reader.op_type in COMPUTE and len(reader.input) > 1:
+                if index.is_constant(reader.input[1]):
+                    found.add(reader.name)
+            elif reader.op_type in MOVES or is_smoothing(reader):
+                wanted.extend(reader.output)
+    return found
+
+
+def _feeding(model: onnx.ModelProto, tensors: list[str]) -> frozenset[str]:
+    """The compute layers of `model` whose outputs reach one of `tensors` through no other
+    compute layer."""
     producer = {name: node for node in model.graph.node for name in node.output}
     found: set[str] = set()
-    wanted = [node.input[0] for node in model.graph.node if node.op_type == "Log"]
-    seen: set[str] = set()
+    wanted, seen = list(tensors), set()
     while wanted:
         node = producer.get(name := wanted.pop())
         if node is None or name in seen:

@@ -37,6 +37,12 @@ slower (82.3 against 85.9 ms with the convolutions float, one thread), and its w
 went from 25.6 to 37.6 dB (excluded by hand; as the default's choice, 0.960 -> 0.979 of FP32's
 regions of interest over three calibration draws).
 
+Every candidate keeps float the layers whose logits a Softmax turns into an expected value
+(`qdq.plan.families.before_expectation`: a YOLOv8 head's box sides): their error never shows in
+an output's SQNR, which the box's hundreds of pixels set, but a pixel matters to a user of the
+box; the layers are small 1x1 convolutions, so no candidate was faster for them (slider
+captchas, docs/unseen.md). `--prefer int8` times no candidate and keeps them int8.
+
 Candidates that plan the same int8 nodes as an earlier one, or no int8 compute layer, are
 dropped; a model with one candidate left is not timed. `score` is the worst output part's SQNR
 in dB on each sample, at the lower quartile of the samples (`quartile_score`), and at least
@@ -110,6 +116,10 @@ RUNS = 20  # timed runs per candidate, interleaved (their median; 10 flipped cho
 TIMING_BUDGET_S = 10.0
 CACHE_ENV = "QDQ_CACHE_DIR"
 REASON = "int8 does not pay here: --prefer {prefer} chose the candidate plan {name!r}"
+DECODED = (
+    "a Softmax turns its output into an expected value (a box side): 8-bit logits move it by "
+    "pixels, so every candidate plan keeps it float"
+)
 
 
 def quartile_score(
@@ -164,7 +174,9 @@ def choose_plan(
     `timed_samples` samples: its times are given per sample), and so is the float model
     `reference`, for the plan's `float_ms` (not a candidate: a quantizer's user wants int8,
     but should learn when it runs no faster); `families` name the nodes some candidates keep
-    float (`qdq.plan.families.variants`)."""
+    float (`qdq.plan.families.variants`), and those every candidate keeps float (`decoded`)."""
+    decoded = [n for n in families.decoded if n in decisions and decisions[n].quantized]
+    decisions = kept_float(decisions, decoded, DECODED)
     plans: dict[str, tuple[Plan, dict[str, Decision]]] = {}
     seen: set[frozenset[str]] = set()
     fallback: tuple[Plan, dict[str, Decision]] | None = None
