@@ -40,8 +40,9 @@ regions of interest over three calibration draws).
 Every candidate keeps float the layers whose logits a Softmax turns into an expected value
 (`qdq.plan.families.before_expectation`: a YOLOv8 head's box sides): their error never shows in
 an output's SQNR, which the box's hundreds of pixels set, but a pixel matters to a user of the
-box; the layers are small 1x1 convolutions, so no candidate was faster for them (slider
-captchas, docs/unseen.md). `--prefer int8` times no candidate and keeps them int8.
+box; the layers are small 1x1 convolutions (1-5% more latency on the bench's two YOLOv8
+models, for 30-47% less error in the slider captchas' box edges: docs/unseen.md).
+`--prefer int8` times no candidate and keeps them int8.
 
 Candidates that plan the same int8 nodes as an earlier one, or no int8 compute layer, are
 dropped; a model with one candidate left is not timed. `score` is the worst output part's SQNR
