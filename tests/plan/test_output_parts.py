@@ -55,6 +55,23 @@ def test_a_yolo_head_splits_into_boxes_and_scores():
     assert [p.label for p in parts] == ["output0[:, 0:4]", "output0[:, 4:22]"]
 
 
+def test_a_segmenters_head_splits_into_boxes_score_and_mask_coefficients():
+    # YOLOv8-seg: its 32 coefficients reach 4.8-6.7 on the slider captchas' draws, under GAP:
+    # with every value run held to GAP, the head split on one draw of three (docs/unseen.md)
+    coefficients = RNG.uniform(-5, 5, (8, 32, 50)).astype(np.float32)
+    head = np.concatenate([yolo_output(classes=1), coefficients], axis=1)
+    parts = find_parts("output0", [head])
+    assert [(p.start, p.stop, p.kind) for p in parts] == [
+        (0, 4, Kind.BOXES),
+        (4, 5, Kind.SCORES),
+        (5, 37, Kind.VALUES),
+    ]
+    assert is_detection(parts)
+    stats = part_stats(parts)
+    update_all(stats, head, head)
+    assert stats[1].as_dict()["detection_f1"] == 1.0
+
+
 def test_few_samples_or_image_rows_never_split_an_output():
     """One sample of two-class logits looks like [values | scores]; so do a depth map's rows."""
     assert find_parts("y", [np.array([[12.0, 0.5]], np.float32)]) == [Part("y")]

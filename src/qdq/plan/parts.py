@@ -9,12 +9,14 @@ scores), while the scores decide the detections. So every automatic choice score
 The rule that finds parts (`find_parts`), on the FP32 outputs of a few calibration samples:
 along each non-batch axis of 2..MAX_CHANNELS channels, in order, each channel is a score channel
 when all its values lie in [0, 1] and a value channel otherwise; the axis splits when its
-channels form 2..MAX_RUNS contiguous runs and every value run reaches at least GAP in magnitude
-(so 0.4-wide box offsets next to sigmoid scores do not split: nothing is certain there). The
-first axis that splits wins; an output that splits nowhere is one part. Parts may also be
-declared (`parse_parts`, `--output-parts NAME:AXIS:0-4,4-22`): their kinds come from the same
-statistics. A head split into 4 value channels then score channels is a detection head: its
-score part is also judged by detection F1 (`qdq.plan.detections`).
+channels form 2..MAX_RUNS contiguous runs and some value run reaches at least GAP in magnitude
+(so 0.4-wide box offsets next to sigmoid scores do not split: nothing is certain there; pixels
+next to scores are, and then a third run splits too, however small: a YOLOv8-seg head's mask
+coefficients, -7 to 7, beside its boxes and score). The first axis that splits wins; an output
+that splits nowhere is one part. Parts may also be declared (`parse_parts`, `--output-parts
+NAME:AXIS:0-4,4-22`): their kinds come from the same statistics. A head split into 4 value
+channels then score channels (then, in a segmenter's, mask coefficients) is a detection head:
+its score part is also judged by detection F1 (`qdq.plan.detections`).
 
 A dense head (CenterNet, CenterFace, StarDist) writes a score map and, on the same grid, maps
 of values (offsets, sizes, landmarks, distances) that only mean something where the score map
@@ -184,22 +186,22 @@ def _split(name: str, batches: Sequence[np.ndarray], axis: int) -> list[Part]:
     if not 2 <= len(runs) <= MAX_RUNS:
         return []
     values = [(a, b) for a, b in runs if not unit[a]]
-    if not all(_magnitude(batches, axis, a, b) >= GAP for a, b in values):  # NaN: not apart
+    if not any(_magnitude(batches, axis, a, b) >= GAP for a, b in values):  # NaN: not apart
         return []
     return [Part(name, axis, a, b, _kind(unit[a:b])) for a, b in runs]
 
 
 def _typed(parts: list[Part], ndim: int) -> list[Part]:
-    """A detection head ((batch, 4 value channels then scores[, positions])) gets its first part
-    typed as boxes."""
-    head = ndim in (2, 3) and len(parts) == 2 and parts[0].stop - parts[0].start == 4
+    """A detection head ((batch, 4 value channels then scores[ then values][, positions])) gets
+    its first part typed as boxes."""
+    head = ndim in (2, 3) and len(parts) >= 2 and parts[0].stop - parts[0].start == 4
     if head and parts[0].kind is Kind.VALUES and parts[1].kind is Kind.SCORES:
-        return [replace(parts[0], kind=Kind.BOXES), parts[1]]
+        return [replace(parts[0], kind=Kind.BOXES), *parts[1:]]
     return parts
 
 
 def is_detection(parts: Sequence[Part]) -> bool:
-    return len(parts) == 2 and parts[0].kind is Kind.BOXES
+    return len(parts) >= 2 and parts[0].kind is Kind.BOXES
 
 
 @dataclass
@@ -267,7 +269,7 @@ def part_stats(parts: Sequence[Part]) -> list[PartStats]:
     """Fresh statistics for `parts` of one output; a detection head's scores also count F1."""
     stats = [PartStats(p) for p in parts]
     if is_detection(parts):
-        boxes, scores = parts
+        boxes, scores = parts[:2]
         stats[1].detections = Detections(
             boxes.axis, (boxes.start, boxes.stop), (scores.start, scores.stop)
         )
