@@ -136,12 +136,13 @@ def _weighing(index: GraphIndex, tensor: str) -> set[str]:
     by a constant."""
     wanted, seen, found = [tensor], set(), set()
     while wanted:
-        for reader in index.consumers.get(wanted.pop(), []):
+        current = wanted.pop()
+        for reader in index.consumers.get(current, []):
             if reader.name in seen:
                 continue
             seen.add(reader.name)
-            if reader.op_type in COMPUTE and len(reader.input) > 1:
-                if index.is_constant(reader.input[1]):
+            if reader.op_type in COMPUTE:  # the weight on either side of a MatMul
+                if any(index.is_constant(i) for i in reader.input[:2] if i != current):
                     found.add(reader.name)
             elif reader.op_type in MOVES or is_smoothing(reader):
                 wanted.extend(reader.output)

@@ -118,8 +118,8 @@ TIMING_BUDGET_S = 10.0
 CACHE_ENV = "QDQ_CACHE_DIR"
 REASON = "int8 does not pay here: --prefer {prefer} chose the candidate plan {name!r}"
 DECODED = (
-    "a Softmax turns its output into an expected value (a box side): 8-bit logits move it by "
-    "pixels, so every candidate plan keeps it float"
+    "feeds or takes an expected value over a Softmax's bins (a box side), which 8-bit rounding "
+    "moves by pixels: every candidate plan keeps it float"
 )
 
 

@@ -12,11 +12,12 @@ when all its values lie in [0, 1] and a value channel otherwise; the axis splits
 channels form 2..MAX_RUNS contiguous runs and some value run reaches at least GAP in magnitude
 (so 0.4-wide box offsets next to sigmoid scores do not split: nothing is certain there; pixels
 next to scores are, and then a third run splits too, however small: a YOLOv8-seg head's mask
-coefficients, -7 to 7, beside its boxes and score). The first axis that splits wins; an output
-that splits nowhere is one part. Parts may also be declared (`parse_parts`, `--output-parts
-NAME:AXIS:0-4,4-22`): their kinds come from the same statistics. A head split into 4 value
-channels then score channels (then, in a segmenter's, mask coefficients) is a detection head:
-its score part is also judged by detection F1 (`qdq.plan.detections`).
+coefficients, up to 4.8-6.7 in magnitude, beside its boxes and score). The first axis that
+splits wins; an output that splits nowhere is one part. Parts may also be declared
+(`parse_parts`, `--output-parts NAME:AXIS:0-4,4-22`): their kinds come from the same statistics.
+A head split into 4 value channels then score channels (then, in a segmenter's, mask
+coefficients) is a detection head: its score part is also judged by detection F1
+(`qdq.plan.detections`).
 
 A dense head (CenterNet, CenterFace, StarDist) writes a score map and, on the same grid, maps
 of values (offsets, sizes, landmarks, distances) that only mean something where the score map
