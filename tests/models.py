@@ -496,3 +496,22 @@ def dfl_head(bins: int = 4, classes: int = 2) -> onnx.ModelProto:
     ]
     inputs = [_value("x", ["N", 3, 8, 8])]
     return _model(nodes, inputs, [_value("y", ["N", 4 + classes, 64])], inits)
+
+
+def expected_rows() -> onnx.ModelProto:
+    """x[N, 8] -> logits -> per row a Softmax over 4 bins, weighed from the left of a MatMul
+    (bins[1, 4] @ probabilities[N, 4 bins, 4 sides]) -> y[N, 1, 4]: 4 expected values."""
+    node = helper.make_node
+    nodes = [
+        node("MatMul", ["x", "W"], ["logits"], name="logits"),
+        node("Reshape", ["logits", "sides"], ["by_side"], name="to_sides"),
+        node("Softmax", ["by_side"], ["p"], axis=-1, name="softmax"),
+        node("Transpose", ["p"], ["by_bin"], perm=[0, 2, 1], name="bins_first"),
+        node("MatMul", ["bins", "by_bin"], ["y"], name="expect"),
+    ]
+    inits = [
+        _init("W", _rng().standard_normal((8, 16))),
+        numpy_helper.from_array(np.array([0, 4, 4], np.int64), "sides"),
+        _init("bins", np.arange(4).reshape(1, 4)),
+    ]
+    return _model(nodes, [_value("x", ["N", 8])], [_value("y", ["N", 1, 4])], inits)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from models import attention_block, constant_q_model, dfl_head, spectrum_model, two_heads
+from models import (
+    attention_block,
+    constant_q_model,
+    dfl_head,
+    expected_rows,
+    spectrum_model,
+    two_heads,
+)
 from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex
 from qdq.pipeline import prepare, quantize_model
@@ -123,21 +130,4 @@ def test_every_candidate_keeps_the_logits_of_an_expected_box_side_float(tmp_path
 
 
 def test_an_expectation_may_weigh_the_probabilities_from_the_left_of_a_matmul():
-    # an expected value per row: bins (1, 4) @ probabilities (N, 4 bins, 4 sides)
-    node = onnx.helper.make_node
-    nodes = [
-        node("MatMul", ["x", "W"], ["logits"], name="logits"),
-        node("Reshape", ["logits", "sides"], ["by_side"], name="to_sides"),
-        node("Softmax", ["by_side"], ["p"], axis=-1, name="softmax"),
-        node("Transpose", ["p"], ["by_bin"], perm=[0, 2, 1], name="bins_first"),
-        node("MatMul", ["bins", "by_bin"], ["y"], name="expect"),
-    ]
-    inits = [
-        onnx.numpy_helper.from_array(np.ones((8, 16), np.float32), "W"),
-        onnx.numpy_helper.from_array(np.array([0, 4, 4], np.int64), "sides"),
-        onnx.numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(1, 4), "bins"),
-    ]
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1, 4])
-    model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "head", [x], [y], inits))
-    assert before_expectation(model) == {"logits", "expect"}
+    assert before_expectation(expected_rows()) == {"logits", "expect"}
