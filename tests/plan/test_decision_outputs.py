@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from models import step_softmax
+from head_models import step_softmax
 from qdq.plan.method import _worst_per_sample, sample_scores
 from qdq.plan.parts import output_parts
 from qdq.plan.readings import Readings, decision_outputs, read_alike

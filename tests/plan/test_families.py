@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from models import (
-    attention_block,
-    constant_q_model,
-    dfl_head,
-    expected_rows,
-    spectrum_model,
-    two_heads,
-)
+from head_models import dfl_head, expected_rows, two_heads
+from models import attention_block, constant_q_model, spectrum_model
 from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex
 from qdq.pipeline import prepare, quantize_model

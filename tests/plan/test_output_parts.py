@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from models import classifier_head, detector_head, yolo_head
+from head_models import classifier_head, detector_head, yolo_head
 from qdq.data import Samples, model_inputs
 from qdq.errors import DataError
 from qdq.observers import Observer, make_observer

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import yolo_head
+from head_models import yolo_head
 from qdq.cli import main
 from qdq.report.compare import compare_models
 from qdq.report.html import render

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from models import step_softmax
+from head_models import step_softmax
 from qdq.cli import main
 from qdq.report.compare import compare_models
 from qdq.report.html import render
