@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import head_models
 import models
 from qdq.config import QuantConfig, preset_config
 from qdq.onnx.graph import GraphIndex
@@ -69,7 +70,7 @@ def test_logits_stay_float_when_only_a_shape_op_reads_them_on_the_way_to_a_float
     """The Flatten before the Softmax reads nothing in int8 that anything after it needs, so it
     goes float and the Gemm writes float logits: quantized for the Flatten's sake, they were
     rounded to 8 bits."""
-    source = save(models.classifier_head(), tmp_path)
+    source = save(head_models.classifier_head(), tmp_path)
     x = np.random.default_rng(5).standard_normal((64, 16)).astype(np.float32)
     out, report = quantize_on(source, x, tmp_path)
     flatten = next(d for d in report.decisions if d.node == "flatten")
@@ -122,7 +123,7 @@ def test_a_max_pool_between_int8_convolutions_stays_int8(tmp_path):
 
 
 def test_a_concat_of_very_different_ranges_stays_float(tmp_path):
-    source = save(models.detector_head(), tmp_path)
+    source = save(head_models.detector_head(), tmp_path)
     x = np.random.default_rng(2).standard_normal((64, 16)).astype(np.float32)
     out, report = quantize_on(source, x, tmp_path)
     head = next(d for d in report.decisions if d.node == "head")

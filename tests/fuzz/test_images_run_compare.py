@@ -12,6 +12,7 @@ from hostile import Workspace, X, quantize, refused, run_contract, save, write
 from onnx import numpy_helper
 from PIL import Image
 
+import head_models
 import models
 
 
@@ -95,7 +96,7 @@ def compare(ws: Workspace, quantized: Path, data: Path, *flags: object) -> list:
 
 
 def test_compare_refuses_models_with_different_inputs(ws):
-    save(models.classifier_head(), ws.folder / "other.onnx")
+    save(head_models.classifier_head(), ws.folder / "other.onnx")
     refused(ws, compare(ws, ws.folder / "other.onnx", ws.calib), "take different inputs")
 
 
