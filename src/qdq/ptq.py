@@ -58,6 +58,7 @@ from qdq.plan.method import (
     method_ranges,
     sample_scores,
 )
+from qdq.plan.recurrent import runtime_int8_lstms
 from qdq.plan.reference import Reference, TakenOutputs, float_reference
 from qdq.plan.saturation import avoids_saturation, summed_inputs
 from qdq.plan.timing import timing_feed
@@ -341,6 +342,7 @@ def _frontier(
         *(decisions, replan, realize, score, feed, config.prefer, model),
         Families.of(model),
         timed_samples=timed,
+        recurrent=runtime_int8_lstms(GraphIndex(model), config),
     )
 
 

@@ -12,7 +12,7 @@ from qdq.config import QuantConfig
 from qdq.data import Samples, model_inputs
 from qdq.passes.smooth import smooth
 from qdq.pipeline import quantize_model
-from qdq.plan import frontier
+from qdq.plan import latency_cache
 
 
 def shaped(nodes: list, inits: list, name: str, x: list, y: list) -> onnx.ModelProto:
@@ -161,20 +161,20 @@ def test_the_frontier_times_a_model_once_whichever_inputs_were_smoothed(tmp_path
     smoothed, chosen = smooth(copy, samples, QuantConfig())
     assert chosen
     feed = {"x": x[:1]}
-    first = frontier.latencies_ms([model], feed)
+    first = latency_cache.latencies_ms([model], feed)
 
     def timed_again(*_: object) -> list[float]:
         raise AssertionError("timed again")
 
-    monkeypatch.setattr(frontier, "median_latency_ms", timed_again)
-    assert frontier.latencies_ms([smoothed], feed) == first
+    monkeypatch.setattr(latency_cache, "median_latency_ms", timed_again)
+    assert latency_cache.latencies_ms([smoothed], feed) == first
     own = onnx.ModelProto.FromString(model.SerializeToString())
     conv2 = next(n for n in own.graph.node if n.name == "conv2")
     own.graph.initializer.append(numpy_helper.from_array(np.ones((16, 1, 1), np.float32), "k"))
     own.graph.node.insert(3, helper.make_node("Mul", ["a", "k"], ["a2"], name="scale"))
     conv2.input[0] = "a2"
     with pytest.raises(AssertionError, match="timed again"):
-        frontier.latencies_ms([own], feed)
+        latency_cache.latencies_ms([own], feed)
 
 
 def test_smoothing_a_convs_input_rescues_its_crowded_channels(tmp_path):

@@ -19,11 +19,12 @@ from qdq.config import Prefer, QuantConfig
 from qdq.onnx import sessions
 from qdq.onnx.graph import GraphIndex
 from qdq.pipeline import prepare, quantize_model
-from qdq.plan import frontier, timing
+from qdq.plan import frontier, latency_cache, timing
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, static_decisions
 from qdq.plan.families import Families, activation_matmuls, variants
-from qdq.plan.frontier import choose_plan, latencies_ms, pick
+from qdq.plan.frontier import choose_plan, pick
+from qdq.plan.latency_cache import latencies_ms
 
 from conftest import DIGITS, digits_cnn_sqnr
 
@@ -113,7 +114,7 @@ def test_latencies_are_cached_per_group_of_graph_structures(tmp_path, monkeypatc
     def timed_again(*_: object) -> list[float]:
         raise AssertionError("timed again")
 
-    monkeypatch.setattr(frontier, "median_latency_ms", timed_again)
+    monkeypatch.setattr(latency_cache, "median_latency_ms", timed_again)
     model.graph.initializer[0].raw_data = bytes(len(model.graph.initializer[0].raw_data))
     assert latencies_ms([model], feed) == first  # other weights, same graph: same latency
     with pytest.raises(AssertionError, match="timed again"):  # a group's times: one moment's
@@ -146,13 +147,13 @@ def test_runs_at_once_share_the_cache_and_keep_each_others_times(tmp_path, monke
 
         return timed
 
-    monkeypatch.setattr(frontier, "median_latency_ms", meanwhile({"other": [1.0]}))
+    monkeypatch.setattr(latency_cache, "median_latency_ms", meanwhile({"other": [1.0]}))
     assert latencies_ms([model], feed) == [9.0]
     table = json.loads(cache.read_text())
     assert table.pop("other") == [1.0]  # the other run's group is kept
     (key,) = table
     cache.unlink()
-    monkeypatch.setattr(frontier, "median_latency_ms", meanwhile({key: [5.0]}))
+    monkeypatch.setattr(latency_cache, "median_latency_ms", meanwhile({key: [5.0]}))
     assert latencies_ms([model], feed) == [5.0]  # the first written is every run's
     assert json.loads(cache.read_text()) == {key: [5.0]}
 

@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 from qdq.errors import ModelError
 from qdq.onnx.graph import GraphIndex, attributes, copied_except, subgraph_reads, subgraphs
 from qdq.onnx.model import FLOORS_KEY, METADATA_KEY, WEIGHTS_KEY
+from qdq.passes.recurrent import quantize_lstm_weights
 from qdq.plan.build import Plan
 from qdq.plan.flow import reads_int8
 from qdq.qparams import QParams
@@ -144,6 +145,7 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         WEIGHTS_KEY: plan.weights,
     }
     helper.set_model_props(out, props)
+    quantize_lstm_weights(out, [name for name, d in plan.decisions.items() if d.dynamic])
     return out
 
 

@@ -24,15 +24,18 @@ NOTHING_READS_INT8 = "nothing after it reads int8: int8 here would only add a ro
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether one node runs in int8, and why (or why not)."""
+    """Whether one node runs in int8, and why (or why not). `dynamic`: a node with no Q/DQ
+    around it (`quantized` False) whose weights are int8 and whose activations its kernel
+    quantizes as it runs (an LSTM: `qdq.plan.recurrent`)."""
 
     node: str
     op_type: str
     quantized: bool
     reason: str
+    dynamic: bool = False
 
     def to_float(self, reason: str) -> Decision:
-        return replace(self, quantized=False, reason=reason)
+        return replace(self, quantized=False, reason=reason, dynamic=False)
 
 
 def kept_float(

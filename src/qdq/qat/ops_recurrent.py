@@ -78,3 +78,18 @@ def gru(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
         ys.append(torch.stack(out[::-1] if reverse else out))
         hs.append(h)
     return torch.stack(ys, 1), torch.stack(hs)
+
+
+def dynamic_quantize_lstm(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
+    """ONNX Runtime's DynamicQuantizeLSTM (an LSTM of qdq's with int8 weights:
+    `qdq.passes.recurrent`): the weights dequantized and held as they are, the LSTM run in
+    float. The op's rounding of its input and hidden state as it runs is not simulated."""
+    w, r = (_dequantized(inputs[i], *inputs[s : s + 2]) for i, s in ((1, 8), (2, 10)))
+    return lstm([inputs[0], w, r, *inputs[3:8]], attrs)
+
+
+def _dequantized(codes: Value, scale: Value, zero_point: Value) -> torch.Tensor:
+    """(directions, columns, rows) int8 codes as the float (directions, rows, columns) weight
+    ONNX's LSTM takes; one scale and zero point per direction, or per direction and row."""
+    scale, zero_point = (v.reshape(v.shape[0], 1, -1) for v in (scale, zero_point))
+    return ((codes.float() - zero_point.float()) * scale.float()).transpose(1, 2)

@@ -42,11 +42,12 @@ class QuantizeReport:
 
     @property
     def quantized(self) -> list[Decision]:
-        return [d for d in self.decisions if d.quantized]
+        """The nodes with int8 in them: Q/DQ around them, or int8 weights only (`dynamic`)."""
+        return [d for d in self.decisions if d.quantized or d.dynamic]
 
     @property
     def kept_float(self) -> list[Decision]:
-        return [d for d in self.decisions if not d.quantized]
+        return [d for d in self.decisions if not (d.quantized or d.dynamic)]
 
     def summary(self, output: str | os.PathLike[str]) -> str:
         lines = [
@@ -55,13 +56,17 @@ class QuantizeReport:
             f"({size_change(self.float_bytes, self.quantized_bytes)}); calibrated on "
             f"{self.samples} samples in {self.calibration_seconds:.2f} s"
         ]
-        by_op: dict[str, list[Decision]] = {}
-        for d in self.kept_float:
-            by_op.setdefault(d.op_type, []).append(d)
-        for op_type, group in sorted(by_op.items(), key=lambda kv: -len(kv[1])):
-            first = group[0]
-            more = f" and {len(group) - 1} more" if len(group) > 1 else ""
-            lines.append(f"kept float: {op_type} {first.node}{more}: {first.reason}")
+        for what, decisions in (
+            ("kept float", self.kept_float),
+            ("int8 weights only", [d for d in self.decisions if d.dynamic]),
+        ):
+            by_op: dict[str, list[Decision]] = {}
+            for d in decisions:
+                by_op.setdefault(d.op_type, []).append(d)
+            for op_type, group in sorted(by_op.items(), key=lambda kv: -len(kv[1])):
+                first = group[0]
+                more = f" and {len(group) - 1} more" if len(group) > 1 else ""
+                lines.append(f"{what}: {op_type} {first.node}{more}: {first.reason}")
         if not self.quantized:
             lines.append(
                 "warning: no node was quantized (each is kept float for the reason above): the "

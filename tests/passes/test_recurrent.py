@@ -1,0 +1,156 @@
+"""LSTMs with int8 weights (ONNX Runtime's DynamicQuantizeLSTM): what the file holds, how close
+it runs to FP32, when the frontier takes it, and when it may not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.datasets import load_digits
+
+from qdq.config import QuantConfig
+from qdq.onnx.graph import GraphIndex
+from qdq.onnx.sessions import open_session
+from qdq.passes.recurrent import quantize_lstm_weights
+from qdq.pipeline import quantize_model
+from qdq.plan import frontier
+from qdq.plan.recurrent import runtime_int8_lstms
+from qdq.qat.convert import QdqGraph
+from qdq.scheme import INT4_WEIGHTS
+from quantize_and_run import sqnr_db
+
+HIDDEN, CLASSES = 16, 10
+
+
+def crnn() -> onnx.ModelProto:
+    """A CRNN's shape (ddddocr's captcha recognizer, small): a convolution over the columns of
+    an 8 x 8 digit, a bidirectional LSTM over them, a linear layer per step."""
+    rng = np.random.default_rng(0)
+
+    def weight(name: str, *shape: int, gain: float = 1.0) -> onnx.TensorProto:
+        values = rng.normal(0, gain / np.sqrt(shape[-1]), shape).astype(np.float32)
+        return numpy_helper.from_array(values, name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], "conv", pads=[1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], "relu"),
+        helper.make_node("Transpose", ["r"], ["seq"], "to_steps", perm=[2, 0, 1]),
+        helper.make_node(
+            "LSTM",
+            ["seq", "lstm_w", "lstm_r", "lstm_b"],
+            ["y"],
+            "lstm",
+            hidden_size=HIDDEN,
+            direction="bidirectional",
+        ),
+        helper.make_node("Transpose", ["y"], ["yt"], "to_batch", perm=[2, 0, 1, 3]),
+        helper.make_node("Reshape", ["yt", "shape"], ["steps"], "join_directions"),
+        helper.make_node("MatMul", ["steps", "out_w"], ["logits"], "classify"),
+    ]
+    inits = [
+        weight("conv_w", 16, 8, 3),
+        numpy_helper.from_array(np.full(16, 0.1, np.float32), "conv_b"),
+        weight("lstm_w", 2, 4 * HIDDEN, 16, gain=2.0),
+        weight("lstm_r", 2, 4 * HIDDEN, HIDDEN, gain=2.0),
+        numpy_helper.from_array(np.zeros((2, 8 * HIDDEN), np.float32), "lstm_b"),
+        numpy_helper.from_array(np.array([0, 0, 2 * HIDDEN], np.int64), "shape"),
+        weight("out_w", 2 * HIDDEN, CLASSES),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "crnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 8, CLASSES])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def digits(count: int, start: int = 0) -> np.ndarray:
+    """Real 8 x 8 digits scaled to [0, 1]: their columns are the sequence's steps."""
+    images = load_digits().images[start : start + count].astype(np.float32) / 16
+    return np.ascontiguousarray(images)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    source, calib = tmp_path / "crnn.onnx", tmp_path / "calib.npy"
+    onnx.save(crnn(), source)
+    np.save(calib, digits(128))
+    return source, calib
+
+
+def test_an_lstm_with_int8_weights_runs_in_onnx_runtime_close_to_float():
+    model = crnn()
+    quantized = crnn()
+    quantize_lstm_weights(quantized, ["lstm"])
+    (node,) = [n for n in quantized.graph.node if n.name == "lstm"]
+    assert (node.op_type, node.domain) == ("DynamicQuantizeLSTM", "com.microsoft")
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    assert not {"lstm_w", "lstm_r"} & set(inits)  # no float copy left beside the codes
+    assert inits["lstm_W_int8"].dtype == np.int8
+    assert inits["lstm_W_int8"].shape == (2, 16, 4 * HIDDEN)  # transposed, as the op reads it
+    assert inits["lstm_R_scale"].shape == (2, 4 * HIDDEN)  # one scale per gate row
+    assert quantized.ByteSize() < model.ByteSize() * 0.6  # 0.49: the LSTM is most of it
+    x = digits(64, start=1000)
+    want = open_session(model).run(None, {"x": x})[0]
+    got = open_session(quantized).run(None, {"x": x})[0]
+    assert sqnr_db(want, got) > 30  # 40.3 dB here: the op rounds its input and state as it runs
+
+
+def _timed_by_kind(models: list[onnx.ModelProto], *_: object) -> list[float]:
+    """Latencies as given (a loaded machine's timing is no test): an int8-weight LSTM twice as
+    fast as a plan without one, FP32 (no Q/DQ at all) the slowest."""
+
+    def ms(model: onnx.ModelProto) -> float:
+        ops = {n.op_type for n in model.graph.node}
+        return 0.5 if "DynamicQuantizeLSTM" in ops else 1.0 if "QuantizeLinear" in ops else 2.0
+
+    return [ms(m) for m in models]
+
+
+@pytest.mark.parametrize("prefer", ["balanced", "speed"])
+def test_the_frontier_takes_int8_lstm_weights_where_they_pay(files, tmp_path, monkeypatch, prefer):
+    monkeypatch.setattr(frontier, "latencies_ms", _timed_by_kind)
+    source, calib = files
+    out = tmp_path / "q.onnx"
+    config = QuantConfig(prefer=prefer, saturation="ignore")
+    report = quantize_model(source, out, calib, config)
+    (chosen,) = [c for c in report.candidates if c.chosen]
+    assert chosen.name.endswith(", LSTM weights int8")
+    assert chosen.latency_ms < min(c.latency_ms for c in report.candidates if not c.chosen)
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert {"DynamicQuantizeLSTM", "QuantizeLinear"} <= ops
+    assert "LSTM" not in ops
+    assert "int8 weights only: LSTM lstm:" in report.summary(out)
+    assert "lstm" in {d.node for d in report.quantized}
+    x = digits(64, start=1000)
+    want = open_session(source).run(None, {"x": x})[0]
+    assert sqnr_db(want, open_session(out).run(None, {"x": x})[0]) > 25
+
+
+def test_an_lstm_stays_float_where_it_is_excluded_or_its_weights_must_not_saturate():
+    index = GraphIndex(crnn())
+    assert runtime_int8_lstms(index, QuantConfig(saturation="ignore")) == ["lstm"]
+    assert runtime_int8_lstms(index, QuantConfig(saturation="avoid")) == []
+    assert runtime_int8_lstms(index, QuantConfig(saturation="ignore", exclude=("LSTM",))) == []
+    assert runtime_int8_lstms(index, QuantConfig(saturation="ignore", exclude=("lstm",))) == []
+    four_bit = QuantConfig(saturation="ignore", weights=INT4_WEIGHTS)
+    assert runtime_int8_lstms(index, four_bit) == []
+
+
+def test_finetune_reads_an_int8_weight_lstm_as_the_float_lstm_of_its_weights():
+    """`qdq finetune` converts a file with DynamicQuantizeLSTM: its torch copy runs the LSTM on
+    the dequantized weights, which the op's own rounding of input and state leaves close."""
+    quantized = crnn()
+    quantize_lstm_weights(quantized, ["lstm"])
+    x = digits(16, start=1000)
+    want = open_session(quantized).run(None, {"x": x})[0]
+    config = QuantConfig()
+    with torch.no_grad():
+        got = QdqGraph(quantized, config.weights, config.activations)({"x": torch.from_numpy(x)})
+    assert sqnr_db(want, got[0].numpy()) > 30
