@@ -133,6 +133,32 @@ def test_the_frontier_takes_int8_lstm_weights_where_they_pay(files, tmp_path, mo
     assert sqnr_db(want, open_session(out).run(None, {"x": x})[0]) > 25
 
 
+def test_a_model_of_one_lstm_gets_int8_weights_where_they_pay(tmp_path, monkeypatch):
+    """g2p-id's LSTM encoder alone had no node qdq could quantize (docs/unseen.md): no frontier,
+    so the plan and its twin are timed beside FP32 on their own."""
+    model = crnn()
+    keep = {"to_steps", "lstm", "to_batch"}
+    kept = [n for n in model.graph.node if n.name in keep]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    model.graph.node[0].input[0] = "x"
+    del model.graph.input[:], model.graph.output[:]
+    model.graph.input.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16, 8]))
+    model.graph.output.append(helper.make_tensor_value_info("yt", TensorProto.FLOAT, None))
+    source, calib, out = tmp_path / "lstm.onnx", tmp_path / "calib.npy", tmp_path / "q.onnx"
+    onnx.save(model, source)
+    np.save(calib, np.tile(digits(128), (1, 2, 1)))  # 16 features a step, as the LSTM reads
+    monkeypatch.setattr(frontier, "latencies_ms", _timed_by_kind)
+    report = quantize_model(source, out, calib, QuantConfig(saturation="ignore"))
+    assert [(c.name, c.chosen) for c in report.candidates] == [
+        ("all int8", False),
+        ("all int8, LSTM weights int8", True),
+    ]
+    assert report.float_ms == 2.0
+    assert [d.node for d in report.quantized] == ["lstm"]
+    assert "no node was quantized" not in report.summary(out)
+
+
 def test_an_lstm_stays_float_where_it_is_excluded_or_its_weights_must_not_saturate():
     index = GraphIndex(crnn())
     assert runtime_int8_lstms(index, QuantConfig(saturation="ignore")) == ["lstm"]

@@ -2,8 +2,8 @@
 plan marks (`qdq.plan.recurrent`).
 
 On ddddocr's captcha recognizer the bidirectional LSTM is 31% of FP32's time and 16.8 of its
-54 MB; with its weights int8 the chosen plan ran at 0.55x FP32's time instead of 0.77x, at 37.7
-dB of output SQNR instead of 50.8 (1.3 points fewer of 256 captchas read as FP32 reads them:
+54 MB; with its weights int8 the chosen plan ran at 0.54x FP32's time instead of 0.75x, at 38
+dB of output SQNR instead of 51 (1.2 points fewer of 256 captchas read as FP32 reads them:
 docs/ptq.md, stop 76). The weights are symmetric int8 with one scale per gate row; the op
 quantizes its input and hidden state to uint8 on each call's own range.
 """

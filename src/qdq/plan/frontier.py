@@ -224,8 +224,9 @@ def _lstm_weights_int8(
     chosen: dict[str, Decision],
 ) -> tuple[Plan, dict[str, Decision]]:
     """`plan`, or its twin with the LSTMs `recurrent` on int8 weights (`qdq.plan.recurrent`)
-    where `prefer` takes that: the two scored and timed together, the twin added to the
-    frontier (its time scaled to the frontier's own timing of `plan`). A second step, not one
+    where `prefer` takes that: the two scored and raced (`qdq.plan.racing`; FP32 beside them
+    only where no frontier timed it), the twin added to the frontier (its time scaled to the
+    frontier's own timing of `plan`). A second step, not one
     more family of candidates: an LSTM's int8 weights are one more trade on top of whichever
     plan won (ddddocr's, its convolutions float), not a plan of their own."""
     if not recurrent:
@@ -235,24 +236,30 @@ def _lstm_weights_int8(
     models = [realize(plan), realize(twin)]
     own = next((c for c in plan.frontier if c.chosen), None)
     scores = [own.score if own else score(models[0]), score(models[1])]
-    times = latencies_ms([*models, *([reference] if reference is not None else [])], timing_feed)
-    name = own.name if own else "as planned"
-    pair = [
-        Candidate(name, scores[0], times[0], _int8_nodes(plan)),
-        Candidate(f"{name}, LSTM weights int8", scores[1], times[1], _int8_nodes(twin)),
+    name = own.name if own else "all int8"  # the one candidate a frontier of one leaves
+    untimed = [
+        Candidate(name, scores[0], 0.0, _int8_nodes(plan)),
+        Candidate(f"{name}, LSTM weights int8", scores[1], 0.0, _int8_nodes(twin)),
     ]
-    taken = pick(pair, prefer)
+    # FP32 only where the frontier did not time it; the two raced (`qdq.plan.racing`)
+    fp32 = [reference] if reference is not None and own is None else []
+    still = still_open(untimed, lambda trial: pick(trial, prefer))
+    times = latencies_ms([*models, *fp32], timing_feed, still)
+    pair = [replace(c, latency_ms=ms) for c, ms in zip(untimed, times, strict=False)]
+    int8 = pick(pair, prefer) is pair[1]
     log.info("LSTM weights int8: %.2f dB, %.3f ms against %.3f ms", scores[1], *times[1::-1])
     if own is None:
-        per_sample = tuple(replace(c, latency_ms=c.latency_ms / timed_samples) for c in pair)
-        float_ms = times[2] / timed_samples if reference is not None else None
-        frontier = tuple(replace(c, chosen=c is taken) for c in per_sample)
+        frontier = tuple(
+            replace(c, latency_ms=c.latency_ms / timed_samples, chosen=(i == 1) == int8)
+            for i, c in enumerate(pair)
+        )
+        float_ms = times[2] / timed_samples if fp32 else None
     else:
         scaled = own.latency_ms * times[1] / times[0]
-        frontier = tuple(replace(c, chosen=c.chosen and taken is pair[0]) for c in plan.frontier)
-        frontier += (replace(pair[1], latency_ms=scaled, chosen=taken is pair[1]),)
+        frontier = tuple(replace(c, chosen=c.chosen and not int8) for c in plan.frontier)
+        frontier += (replace(pair[1], latency_ms=scaled, chosen=int8),)
         float_ms = plan.float_ms
-    kept = (twin, doubled) if taken is pair[1] else (plan, chosen)
+    kept = (twin, doubled) if int8 else (plan, chosen)
     return replace(kept[0], frontier=frontier, float_ms=float_ms), kept[1]
 
 
