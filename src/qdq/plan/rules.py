@@ -138,6 +138,8 @@ FLOAT_BY_DESIGN = {
     "HardSwish": "a cheap elementwise op: Q/DQ around it would cost more than it saves",
     "If": "stays an If; `qdq quantize` quantizes inside the branch where every calibration "
     "sample takes the same one (`qdq.passes.branches`)",
+    "LSTM": "no Q/DQ form; `qdq quantize` may give it int8 weights, where ONNX Runtime's "
+    "DynamicQuantizeLSTM pays (`qdq.plan.recurrent`)",
 }
 
 # Int8 kernels that ONNX Runtime also runs with a float output (MatMulIntegerToFloat, QGemm).
