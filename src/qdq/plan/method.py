@@ -40,6 +40,7 @@ CANDIDATES = ("percentile", "minmax", "mse", "auto")  # the first is the default
 MARGIN = 0.5
 # Share of the held samples on which a candidate must score above the first to replace it.
 MAJORITY = 2 / 3
+ROW_BLOCK = 1 << 15  # columns of a score's rows summed at a time (`_row_powers`)
 # Fit ranges and unfit tensors (with the reason), as `calibrate` returns them.
 Fitted = tuple[dict[str, Range], dict[str, str]]
 # Rates a model per held sample; stops early where the callable given says the scores so far
@@ -202,18 +203,31 @@ def _worst_per_sample(
     for part in parts:
         i = where[part.output]
         x, y = part.pair(np.asarray(want[i]), np.asarray(have[i]), by_name)
-        x, y = x.astype(np.float64).reshape(rows, -1), y.astype(np.float64).reshape(rows, -1)
-        with np.errstate(invalid="ignore"):
-            error = x - y
-        signal, noise = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", error, error)
-        if not np.isfinite(noise).all():  # inf - inf: an infinite output kept is exact
-            error = np.where(x == y, 0.0, error)  # only then: 59 -> 36 ms for 16 lines of
-            noise = np.einsum("ij,ij->i", error, error)  # PP-OCRv6's 40 x 18710 scores
-        value = sqnr_db(signal, noise)
+        value = sqnr_db(*_row_powers(x.reshape(rows, -1), y.reshape(rows, -1)))
         if floors and part.output in floors:
             value = np.maximum(value, floors[part.output])
         worst = np.minimum(worst, value)
     return worst
+
+
+def _row_powers(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the summed squares of `x` and of `x - y` in float64, a block of columns at a
+    time: 16 lines of PP-OCRv6's 40 x 18710 scores in 19 ms, against 36 ms converting whole
+    rows (their float64 copies are 100 MB). An infinite value kept exactly counts as no error
+    (inf - inf)."""
+    signal, noise = np.zeros(len(x)), np.zeros(len(x))
+    for start in range(0, x.shape[1], ROW_BLOCK):
+        xs = x[:, start : start + ROW_BLOCK].astype(np.float64)
+        ys = y[:, start : start + ROW_BLOCK]
+        with np.errstate(invalid="ignore"):
+            error = xs - ys
+        block = np.einsum("ij,ij->i", error, error)
+        if not np.isfinite(block).all():
+            error = np.where(xs == ys, 0.0, error)
+            block = np.einsum("ij,ij->i", error, error)
+        signal += np.einsum("ij,ij->i", xs, xs)
+        noise += block
+    return signal, noise
 
 
 def _histogram(observer: Observer) -> HistogramObserver:
