@@ -18,8 +18,9 @@ from qdq.onnx.sessions import open_session
 from qdq.passes.recurrent import quantize_lstm_weights
 from qdq.pipeline import quantize_model
 from qdq.plan import frontier
-from qdq.plan.recurrent import runtime_int8_lstms
+from qdq.plan.recurrent import RUNTIME_INT8, runtime_int8_lstms
 from qdq.qat.convert import QdqGraph
+from qdq.report.measure import measure
 from qdq.scheme import INT4_WEIGHTS
 from quantize_and_run import sqnr_db
 
@@ -180,3 +181,19 @@ def test_finetune_reads_an_int8_weight_lstm_as_the_float_lstm_of_its_weights():
     with torch.no_grad():
         got = QdqGraph(quantized, config.weights, config.activations)({"x": torch.from_numpy(x)})
     assert sqnr_db(want, got[0].numpy()) > 30
+
+
+def test_the_report_shows_an_lstm_on_int8_weights_as_such(tmp_path):
+    """`qdq report`'s per-layer table: the DynamicQuantizeLSTM row reads "int8 weights", with
+    the reason, whether or not the run's decisions are at hand."""
+    source, quantized = tmp_path / "crnn.onnx", tmp_path / "q.onnx"
+    onnx.save(crnn(), source)
+    model = crnn()
+    quantize_lstm_weights(model, ["lstm"])
+    onnx.save(model, quantized)
+    data = tmp_path / "held.npy"
+    np.save(data, digits(16, start=1000))
+    rows = {r.node: r for r in measure(source, quantized, data).layers}
+    assert rows["lstm"].weights_only
+    assert rows["lstm"].reason == RUNTIME_INT8
+    assert not rows["conv"].weights_only

@@ -213,14 +213,15 @@ def _layers(layers: list[LayerRow], chart: Chart) -> str:
     head += "<th>sensitivity (dB)</th>" if sensitivity else ""
     body = []
     for r in layers:
+        kind = "int8" if r.quantized or r.weights_only else "float"
+        shown = "int8 weights" if r.weights_only else kind
         cells = [
             f"<td>{html.escape(r.node)}</td><td>{html.escape(r.op_type)}</td>",
-            f"<td>{'int8' if r.quantized else 'float'}: {html.escape(r.reason)}</td>",
+            f"<td>{shown}: {html.escape(r.reason)}</td>",
             _number(r.sqnr_db),
         ]
         if sensitivity:
             cells.append(_number(r.sensitivity_db))
-        kind = "int8" if r.quantized else "float"
         body.append(f'<tr class="{kind}" data-decision="{kind}">{"".join(cells)}</tr>')
     drawn = [
         r for r in layers if r.quantized and r.sqnr_db is not None and math.isfinite(r.sqnr_db)

@@ -17,6 +17,7 @@ from qdq.onnx.model import load_model
 from qdq.onnx.sessions import session_with_outputs
 from qdq.plan.calibrate import budgeted
 from qdq.plan.decisions import Decision
+from qdq.plan.recurrent import RUNTIME_INT8
 from qdq.report.compare import EVAL_BUDGET, Comparison, compare_models
 from qdq.report.profile import op_times_ms
 from qdq.report.ranges import (
@@ -31,6 +32,7 @@ from qdq.report.summary import QuantizeReport
 from qdq.workers import ONE_PROCESS, Workers
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+WEIGHTS_ONLY = ("DynamicQuantizeLSTM",)  # int8 weights, no Q/DQ: `qdq.passes.recurrent`
 TOP = 12  # activations and weights drawn unless all are asked for: the worst ones
 PROFILE_RUNS = 20
 STREAM_BATCH = 16  # samples per batch of the per-layer pass, where its tensors fit EVAL_BUDGET
@@ -46,6 +48,7 @@ class LayerRow:
     reason: str
     sqnr_db: float | None
     sensitivity_db: float | None = None  # output SQNR gain when this layer alone reads float
+    weights_only: bool = False  # int8 weights, activations quantized as it runs (an LSTM's)
 
 
 @dataclass
@@ -182,14 +185,12 @@ def _layers(
         seen = any(i in dequantized for i in node.input) or any(
             o in quantizing for o in node.output
         )
+        weights_only = node.op_type in WEIGHTS_ONLY
+        decision = given.get(node.name)
+        reason = RUNTIME_INT8 if weights_only and decision is None else _reason(decision, seen)
+        output = sqnr.get(_float_name(node.output[0])) if node.output else None
         rows.append(
-            LayerRow(
-                node.name,
-                node.op_type,
-                seen,
-                _reason(given.get(node.name), seen),
-                sqnr.get(_float_name(node.output[0])) if node.output else None,
-            )
+            LayerRow(node.name, node.op_type, seen, reason, output, weights_only=weights_only)
         )
     return rows
 
