@@ -160,7 +160,7 @@ def test_a_model_of_one_lstm_gets_int8_weights_where_they_pay(tmp_path, monkeypa
     assert "no node was quantized" not in report.summary(out)
 
 
-def test_an_lstm_stays_float_where_it_is_excluded_or_its_weights_must_not_saturate():
+def test_an_lstm_stays_float_where_excluded_unfit_or_its_weights_must_not_saturate():
     index = GraphIndex(crnn())
     assert runtime_int8_lstms(index, QuantConfig(saturation="ignore")) == ["lstm"]
     assert runtime_int8_lstms(index, QuantConfig(saturation="avoid")) == []
@@ -168,6 +168,12 @@ def test_an_lstm_stays_float_where_it_is_excluded_or_its_weights_must_not_satura
     assert runtime_int8_lstms(index, QuantConfig(saturation="ignore", exclude=("lstm",))) == []
     four_bit = QuantConfig(saturation="ignore", weights=INT4_WEIGHTS)
     assert runtime_int8_lstms(index, four_bit) == []
+    broken = crnn()
+    w = next(t for t in broken.graph.initializer if t.name == "lstm_w")
+    values = numpy_helper.to_array(w).copy()
+    values[0, 0, 0] = np.nan
+    w.CopyFrom(numpy_helper.from_array(values, "lstm_w"))
+    assert runtime_int8_lstms(GraphIndex(broken), QuantConfig(saturation="ignore")) == []
 
 
 def test_finetune_reads_an_int8_weight_lstm_as_the_float_lstm_of_its_weights():

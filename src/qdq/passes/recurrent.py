@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qdq.onnx.graph import attributes, subgraph_reads
+from qdq.onnx.graph import all_names, attributes, free_name, subgraph_reads
 
 DOMAIN = "com.microsoft"
 _INPUTS = 8  # X, W, R, B, sequence_lens, initial_h, initial_c, P
@@ -31,6 +31,7 @@ def quantize_lstm_weights(model: onnx.ModelProto, names: Iterable[str]) -> None:
         return
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
+    taken = all_names(graph)
     replaced: set[str] = set()  # the float W and R: dropped where nothing else reads them
     for position, node in enumerate(graph.node):
         if node.name not in names:
@@ -39,17 +40,13 @@ def quantize_lstm_weights(model: onnx.ModelProto, names: Iterable[str]) -> None:
         extra: list[str] = []
         for i, role in ((1, "W"), (2, "R")):
             codes, scale = _symmetric_rows(numpy_helper.to_array(initializers[inputs[i]]))
-            stem = f"{node.name}_{role}"
-            graph.initializer.extend(
-                [
-                    numpy_helper.from_array(codes.transpose(0, 2, 1).copy(), f"{stem}_int8"),
-                    numpy_helper.from_array(scale, f"{stem}_scale"),
-                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{stem}_zero_point"),
-                ]
-            )
+            named = [free_name(f"{node.name}_{role}_{k}", taken) for k in ("int8", "scale", "zp")]
+            zero_point = np.zeros(scale.shape, np.int8)
+            arrays = (codes.transpose(0, 2, 1).copy(), scale, zero_point)
+            graph.initializer.extend(map(numpy_helper.from_array, arrays, named))
             replaced.add(inputs[i])
-            inputs[i] = f"{stem}_int8"
-            extra += [f"{stem}_scale", f"{stem}_zero_point"]
+            inputs[i] = named[0]
+            extra += named[1:]
         attrs = {k: v for k, v in attributes(node).items() if k != "layout"}
         graph.node[position].CopyFrom(
             helper.make_node(

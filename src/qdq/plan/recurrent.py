@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from qdq.config import QuantConfig, WeightGrid
 from qdq.onnx.graph import GraphIndex, attributes
+from qdq.plan.calibrate import unfit_reason
 from qdq.plan.decisions import Decision
 from qdq.plan.saturation import avoids_saturation
 
@@ -43,9 +44,10 @@ def runtime_int8_lstms(index: GraphIndex, config: QuantConfig) -> list[str]:
 
 
 def _float_weight(index: GraphIndex, name: str) -> bool:
-    return (
-        index.is_constant(name) and index.is_float(name) and len(index.initializers[name].dims) == 3
-    )
+    """A constant float32 weight of rank 3 with finite values of a usable size."""
+    if not (index.is_constant(name) and index.is_float(name)):
+        return False
+    return len(index.initializers[name].dims) == 3 and not unfit_reason(index.constant(name))
 
 
 def with_runtime_int8(
