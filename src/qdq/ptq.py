@@ -58,7 +58,7 @@ from qdq.plan.method import (
     method_ranges,
     sample_scores,
 )
-from qdq.plan.recurrent import runtime_int8_lstms
+from qdq.plan.recurrent import runtime_int8_lstms, with_runtime_int8
 from qdq.plan.reference import Reference, TakenOutputs, float_reference
 from qdq.plan.saturation import avoids_saturation, summed_inputs
 from qdq.plan.timing import timing_feed
@@ -173,6 +173,9 @@ def plan_model(
     if config.target_sqnr is None and config.placement is Placement.ORT and timed:
         frontier = partial(_frontier, model, samples, config, decisions, replan, realize, taken)
         plan, decisions = optional("latency-aware planning", notes, frontier, (plan, decisions))
+    elif config.target_sqnr is None and config.prefer is Prefer.INT8:  # LSTMs too, untimed
+        decisions = with_runtime_int8(decisions, runtime_int8_lstms(index, config))
+        plan = replan(decisions)
     if found and held:
         nearest = partial(replan, decisions, rounding=False)
         check = partial(_gptq_pays, held_score, held, plan, nearest, realize, notes)
@@ -181,9 +184,8 @@ def plan_model(
             plan = replace(replan(decisions), frontier=plan.frontier, float_ms=plan.float_ms)
     if config.adaround:
         feeds = _leading_batches(samples, config.batch_size, ADAROUND_SAMPLES)
-        learned.update(
-            optional("AdaRound", notes, partial(learn_rounding, model, index, plan, feeds), {})
-        )
+        adaround = partial(learn_rounding, model, index, plan, feeds)
+        learned.update(optional("AdaRound", notes, adaround, {}))
         plan = replace(replan(decisions), frontier=plan.frontier, float_ms=plan.float_ms)
     seconds = time.perf_counter() - start
     if config.target_sqnr is not None:
@@ -210,8 +212,7 @@ def plan_model(
         )
         corrected = optional("sequential bias correction", notes, correct, plan)
         if held and corrected is not plan:
-            check = partial(_correction_pays, held_score, held, realize, notes)
-            check = partial(check, plan, corrected)
+            check = partial(_correction_pays, held_score, held, realize, notes, plan, corrected)
             corrected = optional("the correction check", notes, check, plan)
         plan = corrected
         seconds += time.perf_counter() - start

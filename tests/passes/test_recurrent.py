@@ -134,6 +134,21 @@ def test_the_frontier_takes_int8_lstm_weights_where_they_pay(files, tmp_path, mo
     assert sqnr_db(want, open_session(out).run(None, {"x": x})[0]) > 25
 
 
+def test_prefer_int8_gives_an_lstm_int8_weights_untimed(files, tmp_path, monkeypatch):
+    """`--prefer int8`, every op that can be int8 and nothing timed: the LSTM too."""
+
+    def timed(*_: object) -> list[float]:
+        raise AssertionError("timed")
+
+    monkeypatch.setattr(frontier, "latencies_ms", timed)
+    source, calib = files
+    out = tmp_path / "q.onnx"
+    report = quantize_model(source, out, calib, QuantConfig(prefer="int8", saturation="ignore"))
+    assert report.candidates == []
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(out).graph.node}
+    assert "int8 weights only: LSTM lstm:" in report.summary(out)
+
+
 def test_a_model_of_one_lstm_gets_int8_weights_where_they_pay(tmp_path, monkeypatch):
     """g2p-id's LSTM encoder alone had no node qdq could quantize (docs/unseen.md): no frontier,
     so the plan and its twin are timed beside FP32 on their own."""
@@ -168,6 +183,8 @@ def test_an_lstm_stays_float_where_excluded_unfit_or_its_weights_must_not_satura
     assert runtime_int8_lstms(index, QuantConfig(saturation="ignore", exclude=("lstm",))) == []
     four_bit = QuantConfig(saturation="ignore", weights=INT4_WEIGHTS)
     assert runtime_int8_lstms(index, four_bit) == []
+    tensorrt = QuantConfig(saturation="ignore", placement="tensorrt")
+    assert runtime_int8_lstms(index, tensorrt) == []  # the op is ONNX Runtime's
     broken = crnn()
     w = next(t for t in broken.graph.initializer if t.name == "lstm_w")
     values = numpy_helper.to_array(w).copy()

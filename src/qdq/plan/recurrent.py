@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from qdq.config import QuantConfig, WeightGrid
+from qdq.config import Placement, QuantConfig, WeightGrid
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.plan.calibrate import unfit_reason
 from qdq.plan.decisions import Decision
@@ -27,10 +27,10 @@ def runtime_int8_lstms(index: GraphIndex, config: QuantConfig) -> list[str]:
     """The LSTM nodes DynamicQuantizeLSTM can run, but those `config` excludes by name or op
     type: standard domain, float32 constant W and R of rank 3, sequence-first layout (the
     contrib op has no `layout`). None where `config`'s weights must avoid saturating (the op's
-    u8s8 products pair up as a convolution's do, on inputs whose ranges qdq never sees) or go
-    on a grid other than uniform int8."""
+    u8s8 products pair up as a convolution's do, on inputs whose ranges qdq never sees), go on
+    a grid other than uniform int8, or are placed for TensorRT (the op is ONNX Runtime's)."""
     uniform = config.weights.bits == 8 and config.weight_grid is WeightGrid.UNIFORM
-    if avoids_saturation(config) or not uniform:
+    if avoids_saturation(config) or not uniform or config.placement is not Placement.ORT:
         return []
     return [
         node.name
