@@ -208,7 +208,7 @@ def test_finetune_reads_an_int8_weight_lstm_as_the_float_lstm_of_its_weights():
 
 def test_the_report_shows_an_lstm_on_int8_weights_as_such(tmp_path):
     """`qdq report`'s per-layer table: the DynamicQuantizeLSTM row reads "int8 weights", with
-    the reason, whether or not the run's decisions are at hand."""
+    its reason, even without the run's decisions (`qdq report` on two files)."""
     source, quantized = tmp_path / "crnn.onnx", tmp_path / "q.onnx"
     onnx.save(crnn(), source)
     model = crnn()
