@@ -174,8 +174,8 @@ def plan_model(
         frontier = partial(_frontier, model, samples, config, decisions, replan, realize, taken)
         plan, decisions = optional("latency-aware planning", notes, frontier, (plan, decisions))
     elif config.target_sqnr is None and config.prefer is Prefer.INT8:  # LSTMs too, untimed
-        decisions = with_runtime_int8(decisions, runtime_int8_lstms(index, config))
-        plan = replan(decisions)
+        lstms = runtime_int8_lstms(index, config)  # none: the plan stands as it is
+        plan = replan(decisions := with_runtime_int8(decisions, lstms)) if lstms else plan
     if found and held:
         nearest = partial(replan, decisions, rounding=False)
         check = partial(_gptq_pays, held_score, held, plan, nearest, realize, notes)

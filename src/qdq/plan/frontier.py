@@ -194,12 +194,8 @@ def choose_plan(
     # FP32 timed in the same interleaved runs: its ratio to the candidates means something only
     # when all were measured together (cached apart, the report once compared a quiet FP32 time
     # with candidate times from a loaded hour, and warned that no plan beat FP32: Magika)
-    timed = [*models.values(), *([reference] if reference is not None else [])]
     untimed = [Candidate(name, scores[name], 0.0, _int8_nodes(plans[name][0])) for name in models]
-    still = still_open(untimed, lambda trial: pick(trial, prefer))
-    latencies = latencies_ms(timed, timing_feed, still)
-    float_ms = latencies.pop() if reference is not None else None
-    candidates = [replace(c, latency_ms=ms) for c, ms in zip(untimed, latencies, strict=True)]
+    candidates, float_ms = _raced(untimed, list(models.values()), reference, timing_feed, prefer)
     taken = pick(candidates, prefer)  # on the times of whole runs: LATENCY_TIE's 20 us is a call's
     for c in candidates:
         log.info("candidate %s: %.2f dB, %.3f ms", c.name, c.score, c.latency_ms)
@@ -226,9 +222,9 @@ def _lstm_weights_int8(
     """`plan`, or its twin with the LSTMs `recurrent` on int8 weights (`qdq.plan.recurrent`)
     where `prefer` takes that: the two scored and raced (`qdq.plan.racing`; FP32 beside them
     only where no frontier timed it), the twin added to the frontier (its time scaled to the
-    frontier's own timing of `plan`). A second step, not one
-    more family of candidates: an LSTM's int8 weights are one more trade on top of whichever
-    plan won (ddddocr's, its convolutions float), not a plan of their own."""
+    frontier's own timing of `plan`). A second step, not one more family of candidates: an
+    LSTM's int8 weights are one more trade on top of whichever plan won (ddddocr's, its
+    convolutions float), not a plan of their own."""
     if not recurrent:
         return plan, chosen
     doubled = with_runtime_int8(chosen, recurrent)
@@ -241,19 +237,17 @@ def _lstm_weights_int8(
         Candidate(name, scores[0], 0.0, _int8_nodes(plan)),
         Candidate(f"{name}, LSTM weights int8", scores[1], 0.0, _int8_nodes(twin)),
     ]
-    # FP32 only where the frontier did not time it; the two raced (`qdq.plan.racing`)
-    fp32 = [reference] if reference is not None and own is None else []
-    still = still_open(untimed, lambda trial: pick(trial, prefer))
-    times = latencies_ms([*models, *fp32], timing_feed, still)
-    pair = [replace(c, latency_ms=ms) for c, ms in zip(untimed, times, strict=False)]
+    fp32 = reference if own is None else None  # the frontier timed it beside the plans
+    pair, float_ms = _raced(untimed, models, fp32, timing_feed, prefer)
+    times = [c.latency_ms for c in pair]
     int8 = pick(pair, prefer) is pair[1]
-    log.info("LSTM weights int8: %.2f dB, %.3f ms against %.3f ms", scores[1], *times[1::-1])
+    log.info("LSTM weights int8: %.2f dB, %.3f ms against %.3f ms", scores[1], *times[::-1])
     if own is None:
         frontier = tuple(
             replace(c, latency_ms=c.latency_ms / timed_samples, chosen=(i == 1) == int8)
             for i, c in enumerate(pair)
         )
-        float_ms = times[2] / timed_samples if fp32 else None
+        float_ms = None if float_ms is None else float_ms / timed_samples
     else:
         scaled = own.latency_ms * times[1] / times[0]
         frontier = tuple(replace(c, chosen=c.chosen and not int8) for c in plan.frontier)
@@ -261,6 +255,22 @@ def _lstm_weights_int8(
         float_ms = plan.float_ms
     kept = (twin, doubled) if int8 else (plan, chosen)
     return replace(kept[0], frontier=frontier, float_ms=float_ms), kept[1]
+
+
+def _raced(
+    untimed: list[Candidate],
+    models: list[onnx.ModelProto],
+    fp32: onnx.ModelProto | None,
+    feed: dict[str, np.ndarray],
+    prefer: Prefer,
+) -> tuple[list[Candidate], float | None]:
+    """`untimed` with the latencies of their `models`, timed together with `fp32` where given
+    and each only while `prefer`'s choice could still fall on it (`qdq.plan.racing`); and
+    FP32's time."""
+    still = still_open(untimed, lambda trial: pick(trial, prefer))
+    times = latencies_ms([*models, *([fp32] if fp32 is not None else [])], feed, still)
+    float_ms = times.pop() if fp32 is not None else None
+    return [replace(c, latency_ms=ms) for c, ms in zip(untimed, times, strict=True)], float_ms
 
 
 def pick(candidates: Sequence[Candidate], prefer: Prefer) -> Candidate:
