@@ -20,6 +20,7 @@ from qdq.pipeline import quantize_model
 from qdq.plan import frontier
 from qdq.plan.recurrent import RUNTIME_INT8, runtime_int8_lstms
 from qdq.qat.convert import QdqGraph
+from qdq.report.compare import compare_models
 from qdq.report.measure import measure
 from qdq.scheme import INT4_WEIGHTS
 from quantize_and_run import sqnr_db
@@ -220,3 +221,26 @@ def test_the_report_shows_an_lstm_on_int8_weights_as_such(tmp_path):
     assert rows["lstm"].weights_only
     assert rows["lstm"].reason == RUNTIME_INT8
     assert not rows["conv"].weights_only
+
+
+def test_compare_measures_an_lstm_on_int8_weights_at_its_output(tmp_path):
+    """`qdq compare`'s per-layer table: an LSTM on int8 weights has no Q/DQ pair to measure, so
+    its outputs (an output left out, "", aside) are measured as they are, against the float
+    LSTM's: near the float model with only the weights rounded, and no longer there once the
+    weights are changed."""
+    source, quantized = tmp_path / "crnn.onnx", tmp_path / "q.onnx"
+    model = crnn()
+    next(n for n in model.graph.node if n.name == "lstm").output.extend(["", "cell"])
+    onnx.save(model, source)
+    quantize_lstm_weights(model, ["lstm"])
+    onnx.save(model, quantized)
+    data = tmp_path / "held.npy"
+    np.save(data, digits(16, start=1000))
+    layers = compare_models(source, quantized, data).layers
+    assert set(layers) == {"y", "cell"}
+    assert layers["y"].sqnr_db > 30
+    broken = onnx.load(quantized)
+    codes = next(t for t in broken.graph.initializer if t.name == "lstm_W_int8")
+    codes.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(codes), codes.name))
+    onnx.save(broken, quantized)
+    assert compare_models(source, quantized, data).layers["y"].sqnr_db < 10

@@ -19,6 +19,7 @@ from qdq.plan.calibrate import budgeted
 from qdq.plan.decisions import Decision
 from qdq.plan.recurrent import RUNTIME_INT8
 from qdq.report.compare import EVAL_BUDGET, Comparison, compare_models
+from qdq.report.pairing import WEIGHTS_ONLY
 from qdq.report.profile import op_times_ms
 from qdq.report.ranges import (
     ActivationView,
@@ -32,7 +33,6 @@ from qdq.report.summary import QuantizeReport
 from qdq.workers import ONE_PROCESS, Workers
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-WEIGHTS_ONLY = ("DynamicQuantizeLSTM",)  # int8 weights, no Q/DQ: `qdq.passes.recurrent`
 TOP = 12  # activations and weights drawn unless all are asked for: the worst ones
 PROFILE_RUNS = 20
 STREAM_BATCH = 16  # samples per batch of the per-layer pass, where its tensors fit EVAL_BUDGET

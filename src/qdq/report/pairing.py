@@ -13,11 +13,14 @@ import onnx
 from qdq.errors import ModelError
 from qdq.onnx.model import FLOORS_KEY, METADATA_KEY
 
+WEIGHTS_ONLY = ("DynamicQuantizeLSTM",)  # int8 weights, no Q/DQ: `qdq.passes.recurrent`
+
 
 def quantized_tensor_pairs(
     quantized: onnx.ModelProto, reference: onnx.ModelProto
 ) -> dict[str, str]:
-    """{tensor in the float model: its dequantized copy in the quantized model}."""
+    """{tensor in the float model: its dequantized copy in the quantized model}, and the
+    outputs of the ops that run on int8 weights alone (WEIGHTS_ONLY), each paired with itself."""
     props = {p.key: p.value for p in quantized.metadata_props}
     if METADATA_KEY in props:
         pairs = _metadata_pairs(props[METADATA_KEY])
@@ -28,6 +31,10 @@ def quantized_tensor_pairs(
             for n in quantized.graph.node
             if n.op_type == "QuantizeLinear" and n.output[0] in by_input
         }
+    # an op on int8 weights keeps its outputs' names and has no dequantized copy: its outputs
+    # are measured as they are (an LSTM's, ddddocr's)
+    runtime = (n for n in quantized.graph.node if n.op_type in WEIGHTS_ONLY)
+    pairs |= {o: o for n in runtime for o in n.output if o}  # "": an output left out
     names = {o for n in reference.graph.node for o in n.output} | {
         i.name for i in reference.graph.input
     }
