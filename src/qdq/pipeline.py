@@ -43,7 +43,7 @@ from qdq.passes.branches import (
     outputs_kept,
     rewrapped,
 )
-from qdq.passes.datafree import batchnorm_moments
+from qdq.passes.datafree import batchnorm_moments, plan_data_free
 from qdq.passes.decided import decided_from, exposed, hidden
 from qdq.passes.equalize import equalize
 from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
@@ -56,7 +56,7 @@ from qdq.plan.decisions import Decision, static_decisions
 from qdq.plan.parts import PartStats, check_declared, judged, output_parts
 from qdq.plan.readings import Readings, decision_outputs
 from qdq.plan.saturation import avoids_saturation
-from qdq.ptq import BUDGET_SAMPLES, Metric, optional, plan_data_free, plan_model
+from qdq.ptq import BUDGET_SAMPLES, Metric, optional, plan_model
 from qdq.report.summary import CHECK_SAMPLES, QuantizeReport, task_scores
 
 log = logging.getLogger(__name__)

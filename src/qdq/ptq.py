@@ -5,7 +5,7 @@ range method, GPTQ or nearest rounding, which ops stay float (the frontier of `-
 budget of `--target-sqnr`), AdaRound, and the bias corrections. Each optional stage that fails
 on a model is skipped with a note (`optional`), and each choice that can hurt (the method, the
 rounding, the sequential correction) is judged on calibration samples held out of the ranges,
-by the worst output part. `plan_data_free` is the plan from BatchNorm statistics alone.
+by the worst output part.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from qdq.passes.bias_correction import (
     correctable_outputs,
     correction_inputs,
 )
-from qdq.passes.datafree import Moments, mean_samples, propagate
 from qdq.passes.gptq import SAMPLES as GPTQ_SAMPLES
 from qdq.passes.gptq import HessianSums, linear_layers, rounded_codes
 from qdq.passes.insert_qdq import insert_qdq
@@ -47,7 +46,7 @@ from qdq.plan.calibrate import fit_ranges, observe_holding
 from qdq.plan.decisions import Decision, kept_float, static_decisions
 from qdq.plan.families import Families
 from qdq.plan.flow import Int8Flow
-from qdq.plan.frontier import choose_plan, frontier_score
+from qdq.plan.frontier import choose_plan, frontier_score, lstm_weights_int8
 from qdq.plan.layout import SLOW_POOL, slow_pools
 from qdq.plan.method import (
     MAJORITY,
@@ -172,10 +171,12 @@ def plan_model(
     timed = uniform and config.prefer is not Prefer.INT8
     if config.target_sqnr is None and config.placement is Placement.ORT and timed:
         frontier = partial(_frontier, model, samples, config, decisions, replan, realize, taken)
+        frontier = partial(frontier, notes)
         plan, decisions = optional("latency-aware planning", notes, frontier, (plan, decisions))
     elif config.target_sqnr is None and config.prefer is Prefer.INT8:  # LSTMs too, untimed
-        lstms = runtime_int8_lstms(index, config)  # none: the plan stands as it is
-        plan = replan(decisions := with_runtime_int8(decisions, lstms)) if lstms else plan
+        twin = partial(_untimed_twin, plan, decisions, runtime_int8_lstms(index, config))
+        twin = partial(twin, replan, realize)
+        plan, decisions = optional("int8 LSTM weights", notes, twin, (plan, decisions))
     if found and held:
         nearest = partial(replan, decisions, rounding=False)
         check = partial(_gptq_pays, held_score, held, plan, nearest, realize, notes)
@@ -332,41 +333,39 @@ def _frontier(
     replan: Callable[[dict[str, Decision]], Plan],
     realize: Callable[[Plan], onnx.ModelProto],
     taken: TakenOutputs,
+    notes: list[str],
 ) -> tuple[Plan, dict[str, Decision]]:
     """The candidate plan `config.prefer` takes (`qdq.plan.frontier`): each scored by the worst
     output part per sample on the first FRONTIER_SAMPLES calibration samples (FP32's outputs
-    there as calibration `taken` them), at their lower quartile, timed on `timing_feed`."""
+    there as calibration `taken` them), at their lower quartile, timed on `timing_feed`; then
+    its twin with the LSTMs on int8 weights, a stage of its own that may fail alone."""
     feeds = _leading_batches(samples, config.batch_size, FRONTIER_SAMPLES)
     score = frontier_score(taken.reference(model, samples, 0, feeds), config.output_parts)
     feed, timed = timing_feed(model, samples)
-    return choose_plan(
+    won = choose_plan(
         *(decisions, replan, realize, score, feed, config.prefer, model),
         Families.of(model),
         timed_samples=timed,
-        recurrent=runtime_int8_lstms(GraphIndex(model), config),
     )
+    lstms = runtime_int8_lstms(GraphIndex(model), config)
+    twin = partial(lstm_weights_int8, lstms, replan, realize, score, feed, config.prefer, model)
+    return optional("int8 LSTM weights", notes, partial(twin, timed, *won), won)
 
 
-def plan_data_free(
-    model: onnx.ModelProto, config: QuantConfig, per_channel: bool, moments: dict[str, Moments]
-) -> Plan:
-    """The plan from BatchNorm statistics alone: ranges and expected inputs (for analytical
-    bias correction) propagated through the graph from `config.input_range`."""
-    index = GraphIndex(model)
-    decisions = static_decisions(index, config)
-    everything = propagate(index, moments, config.input_range)
-    ranges, unfit = {}, {}
-    for name in Int8Flow(index, decisions, config).calibration_targets():
-        if name in everything:
-            ranges[name] = everything[name].range()
-        else:
-            unfit[name] = "has no statistics without data (no BatchNorm or input upstream)"
-    plan = build_plan(index, decisions, ranges, unfit, config, per_channel)
-    if config.bias_correction:
-        quantizable = [name for name, d in decisions.items() if d.quantized]
-        expected = mean_samples(index, everything, correction_inputs(index, quantizable))
-        plan = correct_biases(index, plan, expected)
-    return plan
+def _untimed_twin(
+    plan: Plan,
+    decisions: dict[str, Decision],
+    lstms: list[str],
+    replan: Callable[[dict[str, Decision]], Plan],
+    realize: Callable[[Plan], onnx.ModelProto],
+) -> tuple[Plan, dict[str, Decision]]:
+    """`--prefer int8`'s plan with the LSTMs `lstms` on int8 weights, untimed (none: `plan`),
+    written once here, where a failure of the rewrite skips this stage alone."""
+    if not lstms:
+        return plan, decisions
+    twin = replan(doubled := with_runtime_int8(decisions, lstms))
+    realize(twin)
+    return twin, doubled
 
 
 def _session_score(metric: Metric) -> Callable[[onnx.ModelProto], float]:

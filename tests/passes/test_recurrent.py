@@ -15,8 +15,9 @@ from sklearn.datasets import load_digits
 from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex
 from qdq.onnx.sessions import open_session
+from qdq.passes import insert_qdq
 from qdq.passes.recurrent import quantize_lstm_weights
-from qdq.pipeline import quantize_model
+from qdq.pipeline import inspect_model, quantize_model
 from qdq.plan import frontier
 from qdq.plan.recurrent import RUNTIME_INT8, runtime_int8_lstms
 from qdq.qat.convert import QdqGraph
@@ -104,6 +105,22 @@ def test_an_lstm_with_int8_weights_runs_in_onnx_runtime_close_to_float():
     assert sqnr_db(want, got) > 30  # 40.3 dB here: the op rounds its input and state as it runs
 
 
+def test_an_lstm_keeps_its_attributes_as_they_are_even_an_empty_list():
+    """`activation_alpha=[]` is valid ONNX and ONNX Runtime runs it; rebuilt from Python values,
+    the node had no type to give the empty list, and the rewrite failed."""
+    model, quantized = crnn(), crnn()
+    for m in (model, quantized):
+        (node,) = [n for n in m.graph.node if n.name == "lstm"]
+        empty = helper.make_attribute("activation_alpha", [], attr_type=onnx.AttributeProto.FLOATS)
+        node.attribute.append(empty)
+    quantize_lstm_weights(quantized, ["lstm"])
+    (node,) = [n for n in quantized.graph.node if n.name == "lstm"]
+    assert {a.name for a in node.attribute} == {"hidden_size", "direction", "activation_alpha"}
+    x = digits(64, start=1000)
+    want = open_session(model).run(None, {"x": x})[0]
+    assert sqnr_db(want, open_session(quantized).run(None, {"x": x})[0]) > 30
+
+
 def _timed_by_kind(models: list[onnx.ModelProto], *_: object) -> list[float]:
     """Latencies as given (a loaded machine's timing is no test): an int8-weight LSTM twice as
     fast as a plan without one, FP32 (no Q/DQ at all) the slowest."""
@@ -148,6 +165,57 @@ def test_prefer_int8_gives_an_lstm_int8_weights_untimed(files, tmp_path, monkeyp
     assert report.candidates == []
     assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(out).graph.node}
     assert "int8 weights only: LSTM lstm:" in report.summary(out)
+
+
+def test_a_weight_two_lstms_read_is_stored_once():
+    """Two LSTMs over the same weights (one sequence read forwards and backwards): one set of
+    codes and scales in the file, as there was one float copy."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (1, 4 * HIDDEN, 8)).astype(np.float32)
+    r = rng.normal(0, 0.3, (1, 4 * HIDDEN, HIDDEN)).astype(np.float32)
+    lstm = {"hidden_size": HIDDEN}
+    nodes = [
+        helper.make_node("LSTM", ["x", "w", "r"], ["a"], "forwards", **lstm),
+        helper.make_node("LSTM", ["x", "w", "r"], ["b"], "backwards", direction="reverse", **lstm),
+        helper.make_node("Add", ["a", "b"], ["y"], "both"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, 2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(r, "r")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    quantized = onnx.ModelProto()
+    quantized.CopyFrom(model)
+    quantize_lstm_weights(quantized, ["forwards", "backwards"])
+    codes = [t.name for t in quantized.graph.initializer if t.data_type == TensorProto.INT8]
+    assert len(codes) == 4  # W's and R's codes and zero points, once
+    x = rng.normal(size=(12, 2, 8)).astype(np.float32)
+    want = open_session(model).run(None, {"x": x})[0]
+    assert sqnr_db(want, open_session(quantized).run(None, {"x": x})[0]) > 30
+
+
+@pytest.mark.parametrize("prefer", ["balanced", "int8"])
+def test_a_failing_lstm_rewrite_skips_that_stage_alone(files, tmp_path, monkeypatch, prefer):
+    """An LSTM the rewrite cannot take costs its int8 weights only: the frontier's choice stands
+    with every candidate it timed, the note names the stage, and the file is written."""
+    monkeypatch.setattr(frontier, "latencies_ms", _timed_by_kind)
+    source, calib = files
+
+    def failing(model: onnx.ModelProto, names: list[str]) -> None:
+        if names:
+            raise ValueError("no such LSTM")
+
+    monkeypatch.setattr(insert_qdq, "quantize_lstm_weights", failing)
+    out = tmp_path / "q.onnx"
+    report = quantize_model(source, out, calib, QuantConfig(prefer=prefer, saturation="ignore"))
+    assert "skipped int8 LSTM weights: it failed on this model (no such LSTM)" in report.notes
+    assert {"LSTM", "QuantizeLinear"} <= {n.op_type for n in onnx.load(out).graph.node}
+    if prefer == "balanced":
+        assert len(report.candidates) >= 2
+        assert not any(c.name.endswith("LSTM weights int8") for c in report.candidates)
 
 
 def test_a_model_of_one_lstm_gets_int8_weights_where_they_pay(tmp_path, monkeypatch):
@@ -209,7 +277,8 @@ def test_finetune_reads_an_int8_weight_lstm_as_the_float_lstm_of_its_weights():
 
 def test_the_report_shows_an_lstm_on_int8_weights_as_such(tmp_path):
     """`qdq report`'s per-layer table: the DynamicQuantizeLSTM row reads "int8 weights", with
-    its reason, even without the run's decisions (`qdq report` on two files)."""
+    its reason, without the run's decisions or with the float model's (`qdq report` on two
+    files passes `inspect_model`'s, where the LSTM is float)."""
     source, quantized = tmp_path / "crnn.onnx", tmp_path / "q.onnx"
     onnx.save(crnn(), source)
     model = crnn()
@@ -217,10 +286,11 @@ def test_the_report_shows_an_lstm_on_int8_weights_as_such(tmp_path):
     onnx.save(model, quantized)
     data = tmp_path / "held.npy"
     np.save(data, digits(16, start=1000))
-    rows = {r.node: r for r in measure(source, quantized, data).layers}
-    assert rows["lstm"].weights_only
-    assert rows["lstm"].reason == RUNTIME_INT8
-    assert not rows["conv"].weights_only
+    for decisions in (None, inspect_model(source)):  # `qdq report` passes the float model's
+        rows = {r.node: r for r in measure(source, quantized, data, decisions).layers}
+        assert rows["lstm"].weights_only
+        assert rows["lstm"].reason == RUNTIME_INT8
+        assert not rows["conv"].weights_only
 
 
 def test_compare_measures_an_lstm_on_int8_weights_at_its_output(tmp_path):

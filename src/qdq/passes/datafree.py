@@ -7,6 +7,7 @@ moments, Clip(0, c) as ReLU capped at c, layers without BatchNorm by linearity (
 add for independent inputs), pooling and reshapes unchanged. The range of a tensor is the union
 over channels of `mean +- N_SIGMA * std` within its hard bounds; the means give the expected inputs
 that analytical bias correction needs. Tensors the model cannot describe stay float.
+`plan_data_free` turns them into the plan.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qdq.config import QuantConfig
 from qdq.onnx.graph import GraphIndex, attributes, clip_bounds
+from qdq.passes.bias_correction import correct_biases, correction_inputs
+from qdq.plan.build import Plan, build_plan
+from qdq.plan.decisions import static_decisions
+from qdq.plan.flow import Int8Flow
 from qdq.qparams import Range
 
 N_SIGMA = 6.0  # measured on the depthwise digits model: 3 -> 7.6 dB, 4 -> 11.3, 6 -> 22.7
@@ -155,3 +161,25 @@ def mean_samples(index: GraphIndex, moments: dict[str, Moments], names: list[str
         spread = per_channel.reshape((-1,) + (1,) * (len(shape) - 2))
         samples[name] = np.broadcast_to(spread, shape[1:]).astype(np.float64)
     return samples
+
+
+def plan_data_free(
+    model: onnx.ModelProto, config: QuantConfig, per_channel: bool, moments: dict[str, Moments]
+) -> Plan:
+    """The plan from BatchNorm statistics alone: ranges and expected inputs (for analytical
+    bias correction) propagated through the graph from `config.input_range`."""
+    index = GraphIndex(model)
+    decisions = static_decisions(index, config)
+    everything = propagate(index, moments, config.input_range)
+    ranges, unfit = {}, {}
+    for name in Int8Flow(index, decisions, config).calibration_targets():
+        if name in everything:
+            ranges[name] = everything[name].range()
+        else:
+            unfit[name] = "has no statistics without data (no BatchNorm or input upstream)"
+    plan = build_plan(index, decisions, ranges, unfit, config, per_channel)
+    if config.bias_correction:
+        quantizable = [name for name, d in decisions.items() if d.quantized]
+        expected = mean_samples(index, everything, correction_inputs(index, quantizable))
+        plan = correct_biases(index, plan, expected)
+    return plan

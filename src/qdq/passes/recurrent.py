@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qdq.onnx.graph import all_names, attributes, free_name, subgraph_reads
+from qdq.onnx.graph import all_names, free_name, subgraph_reads
 
 DOMAIN = "com.microsoft"
 _INPUTS = 8  # X, W, R, B, sequence_lens, initial_h, initial_c, P
@@ -32,35 +32,35 @@ def quantize_lstm_weights(model: onnx.ModelProto, names: Iterable[str]) -> None:
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     taken = all_names(graph)
-    replaced: set[str] = set()  # the float W and R: dropped where nothing else reads them
+    made: dict[str, list[str]] = {}  # per float W or R: its codes, scales and zero points
     for position, node in enumerate(graph.node):
         if node.name not in names:
             continue
         inputs = [*node.input, *[""] * (_INPUTS - len(node.input))]
         extra: list[str] = []
         for i, role in ((1, "W"), (2, "R")):
-            codes, scale = _symmetric_rows(numpy_helper.to_array(initializers[inputs[i]]))
-            named = [free_name(f"{node.name}_{role}_{k}", taken) for k in ("int8", "scale", "zp")]
-            zero_point = np.zeros(scale.shape, np.int8)
-            arrays = (codes.transpose(0, 2, 1).copy(), scale, zero_point)
-            graph.initializer.extend(map(numpy_helper.from_array, arrays, named))
-            replaced.add(inputs[i])
-            inputs[i] = named[0]
-            extra += named[1:]
-        attrs = {k: v for k, v in attributes(node).items() if k != "layout"}
-        graph.node[position].CopyFrom(
-            helper.make_node(
-                "DynamicQuantizeLSTM",
-                [*inputs[:_INPUTS], *extra],
-                list(node.output),
-                node.name,
-                domain=DOMAIN,
-                **attrs,
-            )
-        )
+            if inputs[i] not in made:  # a weight several LSTMs read: stored once
+                codes, scale = _symmetric_rows(numpy_helper.to_array(initializers[inputs[i]]))
+                named = [
+                    free_name(f"{node.name}_{role}_{k}", taken) for k in ("int8", "scale", "zp")
+                ]
+                zero_point = np.zeros(scale.shape, np.int8)
+                arrays = (codes.transpose(0, 2, 1).copy(), scale, zero_point)
+                graph.initializer.extend(map(numpy_helper.from_array, arrays, named))
+                made[inputs[i]] = named
+            inputs[i], *more = made[inputs[i]]
+            extra += more
+        new = helper.make_node(
+            "DynamicQuantizeLSTM", [*inputs[:_INPUTS], *extra], list(node.output), node.name,
+            domain=DOMAIN,
+        )  # fmt: skip
+        # the attributes as they are: an empty list (`activation_alpha=[]`, valid ONNX) has no
+        # type to infer it from
+        new.attribute.extend(a for a in node.attribute if a.name != "layout")
+        graph.node[position].CopyFrom(new)
     read = {name for node in graph.node for name in (*node.input, *subgraph_reads(node))}
     read |= {v.name for v in (*graph.input, *graph.output)}
-    kept = [t for t in graph.initializer if t.name not in replaced or t.name in read]
+    kept = [t for t in graph.initializer if t.name not in made or t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     if not any(o.domain == DOMAIN for o in model.opset_import):
@@ -70,7 +70,7 @@ def quantize_lstm_weights(model: onnx.ModelProto, names: Iterable[str]) -> None:
 def _symmetric_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A (directions, rows, columns) weight's int8 codes in [-127, 127] and its scales, one per
     (direction, row): the largest magnitude over 127 (1 for a row of zeros)."""
-    top = np.abs(weight).max(axis=2)
-    scale = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
+    scale = (np.abs(weight).max(axis=2) / 127.0).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1))  # zeros, or so small the scale underflows
     codes = np.clip(np.rint(weight / scale[..., None]), -127, 127).astype(np.int8)
     return codes, scale

@@ -80,7 +80,6 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
 
 import numpy as np
 import onnx
@@ -161,7 +160,6 @@ def choose_plan(
     families: Families = NO_FAMILIES,
     *,
     timed_samples: int = 1,
-    recurrent: Sequence[str] = (),
 ) -> tuple[Plan, dict[str, Decision]]:
     """The candidate plan `prefer` takes, with every candidate in its `frontier`, and the
     decisions it was planned from; `replan` builds a plan, `realize` its model, `score` rates
@@ -185,10 +183,8 @@ def choose_plan(
             continue
         seen.add(int8)
         plans[name] = plan, chosen
-    twin = partial(_lstm_weights_int8, recurrent, replan, realize, score, timing_feed, prefer)
-    twin = partial(twin, reference, timed_samples)
     if len(plans) < 2:
-        return twin(*fallback)
+        return fallback
     models = {name: realize(plan) for name, (plan, _) in plans.items()}
     scores = {name: score(model) for name, model in models.items()}
     # FP32 timed in the same interleaved runs: its ratio to the candidates means something only
@@ -204,10 +200,10 @@ def choose_plan(
         replace(c, chosen=c is taken, latency_ms=c.latency_ms / timed_samples) for c in candidates
     )
     float_ms = None if float_ms is None else float_ms / timed_samples
-    return twin(replace(plan, frontier=frontier, float_ms=float_ms), chosen)
+    return replace(plan, frontier=frontier, float_ms=float_ms), chosen
 
 
-def _lstm_weights_int8(
+def lstm_weights_int8(
     recurrent: Sequence[str],
     replan: Callable[[dict[str, Decision]], Plan],
     realize: Callable[[Plan], onnx.ModelProto],

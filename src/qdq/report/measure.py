@@ -187,7 +187,10 @@ def _layers(
         )
         weights_only = node.op_type in WEIGHTS_ONLY
         decision = given.get(node.name)
-        reason = RUNTIME_INT8 if weights_only and decision is None else _reason(decision, seen)
+        if weights_only:  # no Q/DQ around it, so not `seen`; inspect_model's decision is float
+            reason = decision.reason if decision is not None and decision.dynamic else RUNTIME_INT8
+        else:
+            reason = _reason(decision, seen)
         output = sqnr.get(_float_name(node.output[0])) if node.output else None
         rows.append(
             LayerRow(node.name, node.op_type, seen, reason, output, weights_only=weights_only)
