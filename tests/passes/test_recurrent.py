@@ -152,6 +152,22 @@ def test_the_frontier_takes_int8_lstm_weights_where_they_pay(files, tmp_path, mo
     assert sqnr_db(want, open_session(out).run(None, {"x": x})[0]) > 25
 
 
+def test_an_lstm_the_frontier_keeps_float_says_why(files, tmp_path, monkeypatch):
+    """`--prefer accuracy` takes the plan whose LSTM is float (its twin scores lower): the
+    LSTM's reason says the measured trade kept it float, as every other float-kept node's does,
+    not the rule's "may give it int8 weights"."""
+    monkeypatch.setattr(frontier, "latencies_ms", _timed_by_kind)
+    source, calib = files
+    out = tmp_path / "q.onnx"
+    report = quantize_model(source, out, calib, QuantConfig(prefer="accuracy", saturation="ignore"))
+    (chosen,) = [c for c in report.candidates if c.chosen]
+    assert not chosen.name.endswith("LSTM weights int8")
+    (lstm,) = [d for d in report.decisions if d.node == "lstm"]
+    want = frontier.REASON.format(prefer="accuracy", name=chosen.name)
+    assert (lstm.quantized, lstm.dynamic, lstm.reason) == (False, False, want)
+    assert "LSTM" in {n.op_type for n in onnx.load(out).graph.node}
+
+
 def test_prefer_int8_gives_an_lstm_int8_weights_untimed(files, tmp_path, monkeypatch):
     """`--prefer int8`, every op that can be int8 and nothing timed: the LSTM too."""
 

@@ -249,8 +249,13 @@ def lstm_weights_int8(
         frontier = tuple(replace(c, chosen=c.chosen and not int8) for c in plan.frontier)
         frontier += (replace(pair[1], latency_ms=scaled, chosen=int8),)
         float_ms = plan.float_ms
-    kept = (twin, doubled) if int8 else (plan, chosen)
-    return replace(kept[0], frontier=frontier, float_ms=float_ms), kept[1]
+    if int8:
+        return replace(twin, frontier=frontier, float_ms=float_ms), doubled
+    # measured, and float: said so, not that the frontier may yet take the twin (the LSTM rule's)
+    reason = REASON.format(prefer=prefer, name=name)
+    plan = replace(plan, decisions=kept_float(plan.decisions, recurrent, reason))
+    chosen = kept_float(chosen, recurrent, reason)
+    return replace(plan, frontier=frontier, float_ms=float_ms), chosen
 
 
 def _raced(
