@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from head_models import dfl_head, expected_rows, two_heads
 from models import attention_block, constant_q_model, spectrum_model
@@ -125,3 +126,34 @@ def test_every_candidate_keeps_the_logits_of_an_expected_box_side_float(tmp_path
 
 def test_an_expectation_may_weigh_the_probabilities_from_the_left_of_a_matmul():
     assert before_expectation(expected_rows()) == {"logits", "expect"}
+
+
+def test_an_input_or_output_left_out_links_no_layers():
+    """ONNX writes an optional input or output left out as "": a Resize's roi, a Dropout's mask.
+    The walks took it for one tensor, so that a layer reaching a Log through a Resize reached
+    every layer beside a Dropout too, and a Gemm without its C counted as fed."""
+    weights = [
+        numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), name) for name in ("wa", "wb")
+    ]
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    flat = numpy_helper.from_array(np.ones((3, 32), np.float32), "wg")
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], "beside"),
+        helper.make_node("Dropout", ["a"], ["kept", ""], "drop"),
+        helper.make_node("Conv", ["x", "wb"], ["b"], "logged"),
+        helper.make_node("Resize", ["b", "", "scales"], ["up"], "up", mode="nearest"),
+        helper.make_node("Abs", ["up"], ["size"], "abs"),
+        helper.make_node("Log", ["size"], ["y"], "log"),
+        helper.make_node("Flatten", ["x"], ["f"], "flatten"),
+        helper.make_node("Gemm", ["f", "wg", ""], ["g"], "gemm", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "left_out",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("kept", "y", "g")],
+        [*weights, scales, flat],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert before_log(model) == {"logged"}
+    assert first_layers(model) == last_layers(model) == {"beside", "logged", "gemm"}

@@ -72,6 +72,21 @@ def test_a_segmenters_head_splits_into_boxes_score_and_mask_coefficients():
     assert stats[1].as_dict()["detection_f1"] == 1.0
 
 
+def test_box_deltas_beside_landmarks_in_pixels_are_no_detection_head():
+    """A face detector's [4 box deltas | score | 10 landmarks] (RetinaFace, SCRFD): the pixels
+    split it, but its first four values are 0.4-wide deltas, not boxes to match by IoU."""
+    deltas = RNG.uniform(-0.45, 0.45, (8, 4, 50))
+    landmarks = RNG.uniform(0, 320, (8, 10, 50))
+    head = np.concatenate([deltas, yolo_output(classes=1)[:, 4:5], landmarks], axis=1)
+    parts = find_parts("y", [head.astype(np.float32)])
+    assert [(p.start, p.stop, p.kind) for p in parts] == [
+        (0, 4, Kind.VALUES),
+        (4, 5, Kind.SCORES),
+        (5, 15, Kind.VALUES),
+    ]
+    assert not is_detection(parts)
+
+
 def test_few_samples_or_image_rows_never_split_an_output():
     """One sample of two-class logits looks like [values | scores]; so do a depth map's rows."""
     assert find_parts("y", [np.array([[12.0, 0.5]], np.float32)]) == [Part("y")]

@@ -152,7 +152,7 @@ def _weighing(index: GraphIndex, tensor: str) -> set[str]:
 def _feeding(model: onnx.ModelProto, tensors: list[str]) -> frozenset[str]:
     """The compute layers of `model` whose outputs reach one of `tensors` through no other
     compute layer."""
-    producer = {name: node for node in model.graph.node for name in node.output}
+    producer = {name: node for node in model.graph.node for name in node.output if name}
     found: set[str] = set()
     wanted, seen = list(tensors), set()
     while wanted:
@@ -175,20 +175,21 @@ def _unfed(
     """The compute layers among `nodes` that no compute layer reaches through their `upstream`
     tensors: `nodes` in graph order with `upstream` what a node reads (the first layers), or
     reversed with `upstream` what it writes (the last)."""
-    reached: set[str] = set()  # tensors a compute layer reaches
+    reached: set[str] = set()  # tensors a compute layer reaches ("", an input left out: none)
     found = []
     for node in nodes:
-        fed = any(name in reached for name in upstream(node))
+        fed = any(name in reached for name in upstream(node) if name)
         if node.op_type in COMPUTE and not fed:
             found.append(node.name)
         if fed or node.op_type in COMPUTE:
-            reached.update(downstream(node))
+            reached.update(name for name in downstream(node) if name)
     return frozenset(found)
 
 
 def _reads(node: onnx.NodeProto) -> list[str]:
-    """The tensors `node` reads, those its subgraphs read from outside included."""
-    return [*node.input, *subgraph_reads(node)]
+    """The tensors `node` reads, those its subgraphs read from outside included (not "", an
+    optional input left out, which is no tensor: a Resize's roi)."""
+    return [name for name in (*node.input, *subgraph_reads(node)) if name]
 
 
 def grouped_convs(model: onnx.ModelProto) -> frozenset[str]:

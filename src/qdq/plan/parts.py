@@ -15,9 +15,9 @@ next to scores are, and then a third run splits too, however small: a YOLOv8-seg
 coefficients, up to 4.8-6.7 in magnitude, beside its boxes and score). The first axis that
 splits wins; an output that splits nowhere is one part. Parts may also be declared
 (`parse_parts`, `--output-parts NAME:AXIS:0-4,4-22`): their kinds come from the same statistics.
-A head split into 4 value channels then score channels (then, in a segmenter's, mask
-coefficients) is a detection head: its score part is also judged by detection F1
-(`qdq.plan.detections`).
+A head split into 4 value channels that reach GAP (boxes in pixels, not a face detector's box
+deltas beside its landmarks) then score channels (then, in a segmenter's, mask coefficients) is
+a detection head: its score part is also judged by detection F1 (`qdq.plan.detections`).
 
 A dense head (CenterNet, CenterFace, StarDist) writes a score map and, on the same grid, maps
 of values (offsets, sizes, landmarks, distances) that only mean something where the score map
@@ -148,7 +148,7 @@ def find_parts(
                 f"{list(first.shape)}; give an axis and spans inside it"
             )
         unit = _unit_channels(batches, axis)
-        return _typed([Part(name, axis, a, b, _kind(unit[a:b])) for a, b in spans], first.ndim)
+        return _typed([Part(name, axis, a, b, _kind(unit[a:b])) for a, b in spans], batches)
     if first.dtype.kind != "f" or first.ndim < 2 or first.size == 0:
         return [Part(name)]
     if sum(len(b) for b in batches) < MIN_ROWS:
@@ -160,7 +160,7 @@ def find_parts(
         if fixed and 2 <= first.shape[axis] <= MAX_CHANNELS:
             parts = _split(name, batches, axis)
             if parts:
-                return _typed(parts, first.ndim)
+                return _typed(parts, batches)
     return [Part(name)]
 
 
@@ -192,11 +192,14 @@ def _split(name: str, batches: Sequence[np.ndarray], axis: int) -> list[Part]:
     return [Part(name, axis, a, b, _kind(unit[a:b])) for a, b in runs]
 
 
-def _typed(parts: list[Part], ndim: int) -> list[Part]:
-    """A detection head ((batch, 4 value channels then scores[ then values][, positions])) gets
-    its first part typed as boxes."""
-    head = ndim in (2, 3) and len(parts) >= 2 and parts[0].stop - parts[0].start == 4
-    if head and parts[0].kind is Kind.VALUES and parts[1].kind is Kind.SCORES:
+def _typed(parts: list[Part], batches: Sequence[np.ndarray]) -> list[Part]:
+    """A detection head ((batch, 4 value channels then scores[ then values][, positions]), the
+    four reaching GAP: pixels, not a face detector's 0.4-wide box deltas beside its landmarks in
+    pixels) gets its first part typed as boxes."""
+    first = parts[0]
+    head = batches[0].ndim in (2, 3) and len(parts) >= 2 and first.stop - first.start == 4
+    head = head and _magnitude(batches, first.axis, first.start, first.stop) >= GAP
+    if head and first.kind is Kind.VALUES and parts[1].kind is Kind.SCORES:
         return [replace(parts[0], kind=Kind.BOXES), *parts[1:]]
     return parts
 
