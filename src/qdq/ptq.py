@@ -105,10 +105,15 @@ def plan_model(
             "the rounding and correction checks are not run"
         )
         held = 0
+    # A low-bit grid the user asked for goes on every layer the rules allow: keeping layers
+    # float is then --target-sqnr's or --exclude's job, not a latency trade.
+    uniform = config.weights.bits == 8 and config.weight_grid is WeightGrid.UNIFORM
+    timed = uniform and config.prefer is not Prefer.INT8 and config.target_sqnr is None
+    timed = timed and config.placement is Placement.ORT  # the frontier's candidate plans
     # FP32's outputs on the samples candidates are scored on (the frontier's first, the held-out
     # last: the method choice's and the checks'), kept from calibration's runs
     last = range(samples.count - held, samples.count)
-    taken = TakenOutputs(float_outputs(model), [*range(FRONTIER_SAMPLES), *last])
+    taken = TakenOutputs(float_outputs(model), [*range(FRONTIER_SAMPLES * timed), *last])
     held_reference = cache(partial(taken.last, model, samples, config.batch_size, held))
     held_score = cache(lambda: _by_content(sqnr_score(held_reference(), config.output_parts)))
     linear = linear_layers(index, quantizable) if config.gptq else []
@@ -165,11 +170,7 @@ def plan_model(
     if slow:
         decisions = kept_float(decisions, slow, SLOW_POOL)
         plan = replan(decisions)
-    # A low-bit grid the user asked for goes on every layer the rules allow: keeping layers
-    # float is then --target-sqnr's or --exclude's job, not a latency trade.
-    uniform = config.weights.bits == 8 and config.weight_grid is WeightGrid.UNIFORM
-    timed = uniform and config.prefer is not Prefer.INT8
-    if config.target_sqnr is None and config.placement is Placement.ORT and timed:
+    if timed:
         frontier = partial(_frontier, model, samples, config, decisions, replan, realize, taken)
         frontier = partial(frontier, notes)
         plan, decisions = optional("latency-aware planning", notes, frontier, (plan, decisions))

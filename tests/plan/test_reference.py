@@ -1,6 +1,6 @@
 """FP32's outputs that candidates are scored on come from calibration's own runs: the same
 outputs the model gives when run for them, at any batch size, and run again only where a batch's
-outputs cannot be split into its samples."""
+outputs cannot be split into its samples or joined again."""
 
 from __future__ import annotations
 
@@ -112,3 +112,63 @@ def test_a_batch_one_model_is_planned_without_running_fp32_for_its_references(
     assert not [note for note in report.notes if "skipped" in note]
     assert any(note.startswith("range method") for note in report.notes)  # scored on the held
     assert report.candidates  # the frontier's plans, scored on the first samples
+
+
+def _padded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The CNN's logits cut to as many columns as eight times the batch's brightest centre
+    pixel asks (1..9): an output whose shape depends on the whole batch, as detections padded
+    to a batch's most."""
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"]),
+        helper.make_node("Slice", ["flat", "centre", "after", "one"], ["pixel"]),
+        helper.make_node("ReduceMax", ["pixel"], ["top"], keepdims=0),
+        helper.make_node("Mul", ["top", "eight"], ["scaled"]),
+        helper.make_node("Cast", ["scaled"], ["whole"], to=onnx.TensorProto.INT64),
+        helper.make_node("Clip", ["whole", "one_scalar", "nine"], ["clipped"]),
+        helper.make_node("Reshape", ["clipped", "one"], ["width"]),
+        helper.make_node("Slice", ["logits", "zero", "width", "one"], ["padded"]),
+    ]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(
+        onnx.numpy_helper.from_array(np.array(v, np.int64), name)
+        for name, v in (("zero", [0]), ("one", [1]), ("one_scalar", 1), ("nine", 9))
+    )
+    model.graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array([27], np.int64), "centre"),
+        onnx.numpy_helper.from_array(np.array([28], np.int64), "after"),
+        onnx.numpy_helper.from_array(np.array(8, np.float32), "eight"),
+    ])  # fmt: skip
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("padded", 1, None))
+    return model
+
+
+def test_outputs_whose_shape_depends_on_the_batch_are_run_again():
+    """Calibration batches the samples otherwise than the references do ([0], [1..8], ...
+    against [0..7], ...): an output padded to its batch's most cannot be joined, so the model
+    runs for the reference, where the method choice and the rounding check had failed."""
+    model = _padded(_cnn())
+    samples = Samples(DIGITS / "calib.npz", model_inputs(model), max_samples=60)
+    taken = _calibrated(model, samples, 8)
+    feeds = list(samples.batches(8, last=LEADING))
+    got = taken.reference(model, samples, 0, feeds)
+    _same(got.outputs, float_reference(model, feeds).outputs)
+
+
+def test_the_rows_a_reference_takes_are_not_kept_twice():
+    """A reference holds its own copies; the rows it was joined from are dropped."""
+    model = _cnn()
+    samples = Samples(DIGITS / "calib.npz", model_inputs(model), max_samples=60)
+    taken = _calibrated(model, samples, 8)
+    taken.last(model, samples, 8, HELD)
+    taken.reference(model, samples, 0, list(samples.batches(8, last=LEADING)))
+    assert taken.taken == {}
+
+
+def test_no_outputs_are_kept_where_nothing_scores_on_them(tmp_path, monkeypatch):
+    """An explicit method and `--prefer int8`: no method choice, no checks, no frontier, so no
+    FP32 outputs to keep."""
+    kept = []
+    monkeypatch.setattr(TakenOutputs, "jobs", lambda self, *a: kept.append(self.wanted) or [])
+    config = QuantConfig(method="minmax", prefer="int8", max_samples=32)
+    quantize_model(DIGITS / "cnn.onnx", tmp_path / "int8.onnx", DIGITS / "calib.npz", config)
+    assert kept == []

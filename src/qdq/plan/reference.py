@@ -40,11 +40,13 @@ class TakenOutputs:
     samples `wanted` (by position in the calibration stream), from which `reference` builds
     the references of those samples without running the model again: a batch-1 model runs
     each sample alone, so the held-out reference and the frontier's cost ddddocr's detector
-    48 runs (0.8 s) of their own."""
+    48 runs (0.8 s) of their own. A sample's outputs are taken as not depending on the other
+    samples of its batch (calibration batches them otherwise than the references do); where
+    their shapes do (detections padded to the batch's most), the model runs again."""
 
     def __init__(self, names: list[str], wanted: Iterable[int], start: int = 0) -> None:
-        self.inputs = names  # the model's float outputs (`float_outputs`)
         self.wanted = sorted(set(wanted))
+        self.inputs = names if self.wanted else []  # the model's float outputs, if any wanted
         self.start = self.next = start  # the stream's first sample, and the next one to come
         self.taken: dict[int, list[np.ndarray]] = {}
         self.whole = True  # False once a batch's outputs did not lead with its samples
@@ -85,17 +87,25 @@ class TakenOutputs:
     ) -> Reference:
         """FP32's outputs on `feeds`, consecutive batches of `samples` from sample `first` on:
         as taken, or where they were not, from `model` (`float_reference`); a batch's outputs
-        that do not lead with its samples cannot be split, nor joined again."""
+        that do not lead with its samples cannot be split, nor joined again. The rows used are
+        dropped: the references hold their own copies (each sample is in one reference but
+        where the samples are so few that the frontier's and the held-out ones meet; the second
+        then runs the model)."""
         outputs = []
         for feed in feeds:
             count = samples.held_in(feed)
-            rows = [self.taken.get(i) for i in range(first, first + count)]
+            rows = [self.taken.pop(i, None) for i in range(first, first + count)]
             if not self.whole or any(row is None for row in rows):
                 return float_reference(model, feeds)
             if count > 1 and any(o.ndim == 0 or len(o) != 1 for row in rows for o in row):
                 return float_reference(model, feeds)  # a sample run alone, not led by it
-            joined = zip(*rows, strict=True)
-            outputs.append(rows[0] if count == 1 else [np.concatenate(o) for o in joined])
+            if count == 1:
+                outputs.append(rows[0])
+            else:
+                try:
+                    outputs.append([np.concatenate(o) for o in zip(*rows, strict=True)])
+                except ValueError:  # shapes that depend on the batch: not to be joined
+                    return float_reference(model, feeds)
             first += count
         return Reference(feeds, self.inputs, outputs)
 
