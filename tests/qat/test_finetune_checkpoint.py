@@ -13,6 +13,7 @@ import torch
 from qdq.cli import main
 from qdq.config import preset_config
 from qdq.data import Samples, model_inputs
+from qdq.errors import DataError
 from qdq.onnx.sessions import open_session
 from qdq.pipeline import quantize_model
 from qdq.qat import finetune_trainer
@@ -143,3 +144,20 @@ def test_cli_refuses_agreement_without_a_class_output(
     assert err.count("\n") == 1
     assert "name its logits in --class-logits" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_class_logits_without_a_class_axis_are_refused_in_one_line(tmp_path, declared) -> None:
+    """`--class-logits` on an output of no class axis (a mean over the batch): refused, before
+    any work where the file declares its rank, else on the first batch; it had ended in an
+    internal error inside the margin term."""
+    model = onnx.load(DIGITS / "cnn.onnx")
+    model.graph.node.append(onnx.helper.make_node("ReduceMean", ["logits"], ["mean"], keepdims=0))
+    shape = [] if declared else None
+    model.graph.output.append(onnx.helper.make_tensor_value_info("mean", 1, shape))
+    source = tmp_path / "with_mean.onnx"
+    onnx.save(model, source)
+    options = FinetuneOptions(steps=2, margin_weight=1.0, class_logits=("mean",), threads=1)
+    with pytest.raises(DataError, match=r"`class_logits` names \['mean'\]"):
+        finetune_model(source, tmp_path / "out.onnx", DIGITS / "calib.npz", CONFIG, options)
+    assert not (tmp_path / "out.onnx").exists()

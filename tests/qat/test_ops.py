@@ -98,6 +98,20 @@ OP_CASES = [
         [],
         (1, 2, 7, 7),
     ),
+    # uneven pads, not counted (count_include_pad 0): a window's mean over its real cells
+    ("AveragePool", {"kernel_shape": [2, 2], "pads": [1, 1, 0, 0]}, [], (1, 2, 5, 5)),
+    (
+        "AveragePool",
+        {"kernel_shape": [2, 2], "strides": [2, 2], "auto_pad": "SAME_UPPER", "ceil_mode": 0},
+        [],
+        (1, 2, 5, 5),
+    ),
+    (
+        "AveragePool",
+        {"kernel_shape": [2, 2], "pads": [0, 0, 1, 1], "count_include_pad": 1},
+        [],
+        (1, 2, 5, 5),
+    ),
     (
         "MaxPool",
         {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1]},

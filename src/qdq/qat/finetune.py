@@ -150,6 +150,14 @@ def finetune_model(
             f"`class_logits` names {unknown}, which are not float outputs of {model_path}; "
             f"its float outputs: {float_outputs(model)}"
         )
+    ranks = {o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output}
+    known = {o.name for o in model.graph.output if o.type.tensor_type.HasField("shape")}
+    classless = sorted(n for n in options.class_logits if n in known and ranks[n] < 2)
+    if classless:  # before any work; an output of unknown rank is checked on its first batch
+        raise DataError(
+            f"`class_logits` names {classless}, of rank {[ranks[n] for n in classless]}: class "
+            "logits lie along an output's last axis after its batch axis; leave these out"
+        )
     softmaxes = [n for n, a in softmax_axes(model, float_outputs(model)).items() if a is not None]
     if options.checkpoint_by == "agreement" and not softmaxes + list(options.class_logits):
         raise DataError(

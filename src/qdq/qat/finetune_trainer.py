@@ -114,6 +114,14 @@ class Trainer:
         self.parts = output_parts(self.names, reference, config.output_parts)
         # a Softmax output declared too already has the term, on its log-probabilities
         self.logits = {n for n in options.class_logits if self.axes.get(n, 0) is None}
+        shapes = {n: np.shape(o) for n, o in zip(self.names, reference[0], strict=True)}
+        classless = sorted(n for n in self.logits if len(shapes[n]) < 2 or shapes[n][-1] < 2)
+        if classless:
+            seen = [list(shapes[n]) for n in classless]
+            raise DataError(
+                f"`class_logits` names {classless}, of shapes {seen}: class logits lie along an "
+                "output's last axis after its batch axis, at least 2 of them; leave these out"
+            )
         # the class axis of each output of class scores: Softmax outputs and declared logits
         self.classes = {n: a for n, a in self.axes.items() if a is not None}
         self.classes |= dict.fromkeys(self.logits, -1)

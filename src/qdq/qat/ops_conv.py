@@ -83,14 +83,21 @@ def pool(inputs: Sequence[Value], attrs: Attrs, kind: str) -> torch.Tensor:
     x, kernel = inputs[0], list(attrs["kernel_shape"])
     n = len(kernel)
     fill = -math.inf if kind == "max" else 0.0
-    x, pads = _padded(x, _spatial_pads(attrs, x, kernel), fill)
+    spatial = _spatial_pads(attrs, x, kernel)
+    padded, pads = _padded(x, spatial, fill)
     strides = attrs.get("strides", [1] * n)
     ceil = bool(attrs.get("ceil_mode", 0))
     if kind == "max":
         fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
-        return fn(x, kernel, strides, pads, attrs.get("dilations", [1] * n), ceil)
+        return fn(padded, kernel, strides, pads, attrs.get("dilations", [1] * n), ceil)
     fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
-    return fn(x, kernel, strides, pads, ceil, bool(attrs.get("count_include_pad", 0)))
+    include = bool(attrs.get("count_include_pad", 0))
+    if include or padded is x:  # symmetric pads are the op's own, counted as asked
+        return fn(padded, kernel, strides, pads, ceil, include)
+    # uneven pads made explicit are cells to torch: each window's sum over its real cells
+    real, _ = _padded(torch.ones_like(x[:, :1]), spatial)
+    window = (kernel, strides, pads, ceil, True)
+    return fn(padded, *window) / fn(real, *window)
 
 
 def resize(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
