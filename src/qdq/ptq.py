@@ -113,7 +113,7 @@ def plan_model(
     # FP32's outputs on the samples candidates are scored on (the frontier's first, the held-out
     # last: the method choice's and the checks'), kept from calibration's runs
     last = range(samples.count - held, samples.count)
-    taken = TakenOutputs(float_outputs(model), [*range(FRONTIER_SAMPLES * timed), *last])
+    taken = TakenOutputs(float_outputs(model), [*range(FRONTIER_SAMPLES if timed else 0), *last])
     held_reference = cache(partial(taken.last, model, samples, config.batch_size, held))
     held_score = cache(lambda: _by_content(sqnr_score(held_reference(), config.output_parts)))
     linear = linear_layers(index, quantizable) if config.gptq else []
