@@ -15,7 +15,7 @@ from qdq.report.html import render, write_report
 from qdq.report.measure import measure
 from qdq.report.profile import _per_op_type
 from qdq.report.ranges import activation_view, quantized_activations, weight_views
-from qdq.report.sensitivity import bypassed
+from qdq.report.sensitivity import bypassed, layer_sensitivity
 
 from conftest import DIGITS, quantize_cnn
 
@@ -141,3 +141,19 @@ def test_the_page_is_one_file_that_loads_nothing(digits, tmp_path):
     size = write_report(data, tmp_path / "report.html")
     assert size == (tmp_path / "report.html").stat().st_size
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary left
+
+
+def test_sensitivity_pools_the_float_outputs_alone(tmp_path):
+    """A class index beside the logits (ArgMax, int64) is no error in dB: pooled, it had
+    weighed each wrong class by how far apart the two class numbers are."""
+    source, (quantized, _) = DIGITS / "cnn.onnx", quantize_cnn(tmp_path)
+    models = []
+    for path in (source, quantized):
+        model = onnx.load(path)
+        model.graph.node.append(onnx.helper.make_node("ArgMax", ["logits"], ["label"], axis=1))
+        model.graph.output.append(onnx.helper.make_tensor_value_info("label", 7, None))
+        models.append(model)
+    feeds = [{"input": np.load(DIGITS / "calib.npz")["input"][:64]}]
+    nodes = [n.name for n in onnx.load(quantized).graph.node if n.op_type == "Conv"]
+    alone = layer_sensitivity(onnx.load(source), onnx.load(quantized), nodes, feeds)
+    assert layer_sensitivity(*models, nodes, feeds) == alone

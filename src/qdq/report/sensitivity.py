@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx
 
 from qdq.metrics import ErrorStats
+from qdq.onnx.model import float_outputs
 from qdq.onnx.sessions import Use, open_session
 
 
@@ -15,9 +16,11 @@ def layer_sensitivity(
     feeds: list[dict],
 ) -> dict[str, float]:
     """{node: output SQNR (dB) with `node` reading float activations, minus the INT8 model's}
-    on `feeds`, all outputs pooled. The node's weights keep their int8 rounding: the INT8
-    file does not hold the float weights (after folding they differ from the FP32 file's)."""
-    names = [o.name for o in reference.graph.output]
+    on `feeds`, the float outputs pooled (every output where none is float: a class index's
+    error is how far apart two class numbers happen to be). The node's weights keep their int8
+    rounding: the INT8 file does not hold the float weights (after folding they differ from the
+    FP32 file's)."""
+    names = float_outputs(reference) or [o.name for o in reference.graph.output]
     ref_session = open_session(reference, Use.CHECK)
     want = [ref_session.run(names, feed) for feed in feeds]
     base = _sqnr(open_session(quantized, Use.CHECK), names, feeds, want)
