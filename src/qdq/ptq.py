@@ -170,13 +170,13 @@ def plan_model(
     if slow:
         decisions = kept_float(decisions, slow, SLOW_POOL)
         plan = replan(decisions)
+    lstms = runtime_int8_lstms(index, config)  # those that may run on int8 weights
     if timed:
         frontier = partial(_frontier, model, samples, config, decisions, replan, realize, taken)
-        frontier = partial(frontier, notes)
+        frontier = partial(frontier, notes, lstms)
         plan, decisions = optional("latency-aware planning", notes, frontier, (plan, decisions))
     elif config.target_sqnr is None and config.prefer is Prefer.INT8:  # LSTMs too, untimed
-        twin = partial(_untimed_twin, plan, decisions, runtime_int8_lstms(index, config))
-        twin = partial(twin, replan, realize)
+        twin = partial(_untimed_twin, plan, decisions, lstms, replan, realize)
         plan, decisions = optional("int8 LSTM weights", notes, twin, (plan, decisions))
     if found and held:
         nearest = partial(replan, decisions, rounding=False)
@@ -335,11 +335,12 @@ def _frontier(
     realize: Callable[[Plan], onnx.ModelProto],
     taken: TakenOutputs,
     notes: list[str],
+    lstms: list[str],
 ) -> tuple[Plan, dict[str, Decision]]:
     """The candidate plan `config.prefer` takes (`qdq.plan.frontier`): each scored by the worst
     output part per sample on the first FRONTIER_SAMPLES calibration samples (FP32's outputs
     there as calibration `taken` them), at their lower quartile, timed on `timing_feed`; then
-    its twin with the LSTMs on int8 weights, a stage of its own that may fail alone."""
+    its twin with the LSTMs `lstms` on int8 weights, a stage of its own that may fail alone."""
     feeds = _leading_batches(samples, config.batch_size, FRONTIER_SAMPLES)
     score = frontier_score(taken.reference(model, samples, 0, feeds), config.output_parts)
     feed, timed = timing_feed(model, samples)
@@ -348,7 +349,6 @@ def _frontier(
         Families.of(model),
         timed_samples=timed,
     )
-    lstms = runtime_int8_lstms(GraphIndex(model), config)
     twin = partial(lstm_weights_int8, lstms, replan, realize, score, feed, config.prefer, model)
     return optional("int8 LSTM weights", notes, partial(twin, timed, *won), won)
 
