@@ -123,7 +123,12 @@ def test_declared_parts_take_their_kinds_from_the_statistics():
 
 @pytest.mark.parametrize(
     ("spec", "says"),
-    [("y:1:4-2", "START < STOP"), ("y:0:0-4", "axis must be >= 1"), ("y-1-0-4", "NAME:AXIS")],
+    [
+        ("y:1:4-2", "START < STOP"),
+        ("y:0:0-4", "axis must be >= 1"),
+        ("y-1-0-4", "NAME:AXIS"),
+        ("y:1:0-10,4-22", "overlap"),
+    ],
 )
 def test_a_bad_declaration_says_what_is_wrong(spec, says):
     with pytest.raises(DataError, match=says):

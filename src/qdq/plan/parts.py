@@ -129,6 +129,11 @@ def parse_parts(spec: str) -> tuple[str, int, list[tuple[int, int]]]:
             f"`output_parts` {spec!r}: the axis must be >= 1 (0 is the batch) and each span "
             "START-STOP must have START < STOP"
         )
+    ordered = sorted(spans)
+    if any(b > c for (_, b), (c, _) in zip(ordered, ordered[1:])):
+        raise DataError(
+            f"`output_parts` {spec!r}: the spans overlap; each channel belongs to one part"
+        )
     return match["name"], int(match["axis"]), [(a, b) for a, b in spans]
 
 
