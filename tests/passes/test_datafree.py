@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from qdq.config import QuantConfig
 from qdq.errors import DataError, ModelError, SchemeError
-from qdq.passes.datafree import Moments, _relu
+from qdq.onnx.graph import GraphIndex
+from qdq.passes.datafree import Moments, _relu, batchnorm_moments, propagate
 from qdq.pipeline import quantize_model
 
 from conftest import DIGITS
@@ -52,3 +55,50 @@ def test_data_free_refuses_models_without_batchnorm_and_extra_data(tmp_path):
         quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", None, QuantConfig())
     with pytest.raises(SchemeError, match="need calibration data"):
         QuantConfig(data_free=True, adaround=True)
+
+
+def bn_model(layers: list[onnx.NodeProto], inits: dict[str, np.ndarray], x: list, y: list):
+    """x -> Conv `w1` -> BatchNorm (beta 0.5, gamma 1) -> `layers` -> y, opset 17."""
+    bn = helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn"], name="bn")
+    channels = inits["w1"].shape[0]
+    constants = {"g": np.ones(channels), "b": np.full(channels, 0.5), "m": np.zeros(channels),
+                 "v": np.ones(channels), **inits}  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"), bn, *layers],
+        "bn_model",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in constants.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_clip_below_zero_keeps_its_negative_half():
+    """Clip(-1, 1) (a hardtanh) is no capped ReLU: its range is [-1, 1], not [0, 1]."""
+    rng = np.random.default_rng(0)
+    clip = helper.make_node("Clip", ["bn", "low", "high"], ["y"], name="hardtanh")
+    model = bn_model([clip], {"w1": rng.standard_normal((4, 3, 3, 3)), "low": np.array(-1.0),
+                              "high": np.array(1.0)}, [1, 3, 8, 8], [1, 4, 6, 6])  # fmt: skip
+    moments = propagate(GraphIndex(model), batchnorm_moments(model), (0.0, 1.0))
+    assert (moments["y"].range().lo, moments["y"].range().hi) == (-1.0, 1.0)
+
+
+@pytest.mark.parametrize("shape", ["flattened", "1-D"])
+def test_data_free_takes_flattened_and_1d_layers(tmp_path, shape):
+    """A Gemm after Flatten reads C x H x W features of C channels' statistics, and a 1-D
+    convolution's kernels have one spatial axis: both had ended in a traceback."""
+    rng = np.random.default_rng(0)
+    relu = helper.make_node("Relu", ["bn"], ["r"])
+    if shape == "flattened":
+        layers = [relu, helper.make_node("Flatten", ["r"], ["f"]),
+                  helper.make_node("Gemm", ["f", "w2"], ["y"], name="fc", transB=1)]  # fmt: skip
+        weights = {"w1": rng.standard_normal((4, 3, 3, 3)), "w2": rng.standard_normal((10, 144))}
+        model = bn_model(layers, weights, [1, 3, 8, 8], [1, 10])
+    else:
+        layers = [relu, helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+        weights = {"w1": rng.standard_normal((4, 3, 3)), "w2": rng.standard_normal((5, 4, 3))}
+        model = bn_model(layers, weights, [1, 3, 16], [1, 5, 12])
+    onnx.save(model, tmp_path / "m.onnx")
+    config = QuantConfig(data_free=True, input_range=(0.0, 1.0))
+    report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", None, config)
+    assert next(d for d in report.decisions if d.node in ("fc", "conv2")).quantized

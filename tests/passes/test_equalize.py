@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from qdq.config import preset_config
 from qdq.onnx.graph import GraphIndex
-from qdq.passes.datafree import batchnorm_moments
+from qdq.passes.datafree import Moments, batchnorm_moments
 from qdq.passes.equalize import equalize, find_pairs
 from qdq.pipeline import prepare, quantize_model
 
@@ -150,3 +150,78 @@ def test_bias_absorption_shifts_relu_inputs_into_unpadded_convs():
     after = run(absorbing, x)
     error = np.sqrt(np.mean((after - before) ** 2)) / np.sqrt(np.mean(before**2))
     assert error < 1e-2  # exact wherever x >= c: all but the tail beyond 4 std
+
+
+def conv_pair(second_weight: np.ndarray, group: int, extra: list) -> onnx.ModelProto:
+    """x[2,3,8,8] -> Conv 3->4 (bias 3-6: a mean well above 0) -> Relu -> Conv `second_weight`
+    with bias b2, unpadded, and the nodes `extra` (reading b2 or c1 too)."""
+    rng = np.random.default_rng(0)
+    skew = 10 ** rng.uniform(-1.5, 1.5, 4)
+    inits = [
+        numpy_helper.from_array(value.astype(np.float32), name)
+        for name, value in [
+            ("w1", rng.standard_normal((4, 3, 3, 3)) * skew.reshape(-1, 1, 1, 1)),
+            ("b1", rng.uniform(3, 6, 4)),
+            ("w2", second_weight),
+            ("b2", rng.standard_normal(second_weight.shape[0])),
+            ("w3", rng.standard_normal((second_weight.shape[0], 3, 1, 1))),
+        ]
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2", group=group),
+        *extra,
+    ]
+    outputs = ["y"] + [n.output[0] for n in extra if n.name]  # "other", the If
+    graph = helper.make_graph(
+        nodes,
+        "pair",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _branch_reading(tensor: str) -> list[onnx.NodeProto]:
+    """An If on a constant-free condition whose branches return `tensor` of the outer graph."""
+    cond = helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0)
+    positive = helper.make_node("Cast", ["peak"], ["positive"], to=TensorProto.BOOL)
+    branch = {
+        name: helper.make_graph(
+            [helper.make_node("Identity", [tensor], [f"{name}_out"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
+        )
+        for name in ("then", "otherwise")
+    }
+    return [cond, positive, helper.make_node("If", ["positive"], ["z"], name="branch",
+                                             then_branch=branch["then"],
+                                             else_branch=branch["otherwise"])]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "second", "group", "extra"),
+    [
+        ("a channel multiplier", (8, 1, 1, 1), 4, []),
+        ("a bias another conv reads", (5, 4, 1, 1), 1,
+         [helper.make_node("Conv", ["x", "w3", "b2"], ["other"], name="other")]),
+        ("conv1's output read inside an If", (5, 4, 1, 1), 1, _branch_reading("c1")),
+    ],
+)  # fmt: skip
+def test_pairs_that_cannot_move_a_scale_are_left_alone(case, second, group, extra):
+    """A depthwise conv2 with a channel multiplier reads each channel in several outputs (its
+    absorption had crashed), a bias another conv reads would change that conv, and a branch's
+    reader would see the rescaled channels: no pair, the function unchanged."""
+    model = conv_pair(np.random.default_rng(1).standard_normal(second), group, extra)
+    x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString())
+    before = session.run(None, {"x": x})
+    moments = {"c1": Moments(np.full(4, 5.0), np.full(4, 0.5))}
+    equalized, result = equalize(model, moments)
+    assert (result.divided, result.absorbed) == ({}, {}), case
+    after = ort.InferenceSession(equalized.SerializeToString()).run(None, {"x": x})
+    for want, got in zip(before, after, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -70,6 +70,15 @@ def test_written_out_hard_swish_becomes_two_ops_with_the_same_output(order):
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
+def test_six_divided_by_the_product_is_no_hard_swish():
+    """Div(6, x * clip(x + 3, 0, 6)) has the 6 as its dividend: another function."""
+    model = written_out("mul-div")
+    div = next(n for n in model.graph.node if n.op_type == "Div")
+    div.input[:] = ["six", "m"]
+    _, count = fuse_hard_swish(model)
+    assert count == 0
+
+
 def test_a_tensor_used_elsewhere_is_not_fused_away():
     model = written_out("mul-div")
     model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
@@ -190,3 +199,43 @@ def test_a_fused_hard_swish_runs_as_an_int8_mul_once_quantized(tmp_path):
     ops = [n.op_type for n in fused.graph.node]
     assert ops.count("QLinearMul") == 1  # before: a float Mul, "input is not float32"
     assert "Mul" not in ops
+
+
+def test_a_float16_conv_keeps_float16_constants_when_folded():
+    model = conv_affine(np.array([1.38]), np.array([0.59]), True)
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16),
+                                                tensor.name))  # fmt: skip
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    x = np.random.default_rng(3).standard_normal((2, 2, 6, 6)).astype(np.float16)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    folded, count = fold_affine(model)
+    assert count == 2
+    after = ort.InferenceSession(folded.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-2, atol=1e-2)
+
+
+def test_folding_keeps_the_constants_a_branch_reads():
+    """An initializer that only an If's branch reads is no unused initializer."""
+    model = conv_affine(np.array([1.38]), np.array([0.59]), True)
+    model.graph.initializer.append(numpy_helper.from_array(np.float32(2.0), "branch_only"))
+    branches = [
+        helper.make_graph([helper.make_node(op, ["y", "branch_only"], [f"{op}_out"])], op, [],
+                          [helper.make_tensor_value_info(f"{op}_out", TensorProto.FLOAT, None)])
+        for op in ("Add", "Sub")
+    ]  # fmt: skip
+    model.graph.node.extend([
+        helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0),
+        helper.make_node("Cast", ["peak"], ["positive"], to=TensorProto.BOOL),
+        helper.make_node("If", ["positive"], ["z"], then_branch=branches[0],
+                         else_branch=branches[1]),
+    ])  # fmt: skip
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    x = np.random.default_rng(3).standard_normal((2, 2, 6, 6)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    folded, count = fold_affine(model)
+    assert count == 2
+    after = ort.InferenceSession(folded.SerializeToString()).run(None, {"x": x})
+    for want, got in zip(before, after, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

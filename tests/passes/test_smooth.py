@@ -230,3 +230,51 @@ def test_a_batch_norm_before_a_relu_takes_the_division(tmp_path):
     written = onnx.load(str(tmp_path / "q_True.onnx"))
     assert "Mul" not in [n.op_type for n in written.graph.node]
     assert sqnr[True] > sqnr[False] + 6
+
+
+def with_branch_reading(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """`model` plus an If on sum(x) > 0 whose branches read `tensor` and an initializer that
+    only they read, as a second output `z`."""
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.float32(1.0), "branch_only"))
+    graph.initializer.append(numpy_helper.from_array(np.float32(0.0), "zero"))
+    branches = {
+        name: helper.make_graph(
+            [
+                helper.make_node("ReduceMax", [tensor], [f"{name}_m"], keepdims=0),
+                helper.make_node(op, [f"{name}_m", "branch_only"], [f"{name}_z"]),
+            ],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_z", TensorProto.FLOAT, [])],
+        )
+        for name, op in (("then", "Add"), ("otherwise", "Sub"))
+    }
+    graph.node.extend([
+        helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["z"], name="branch", then_branch=branches["then"],
+                         else_branch=branches["otherwise"]),
+    ])  # fmt: skip
+    graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, []))
+    return model
+
+
+@pytest.mark.parametrize(("tensor", "divided"), [("a", []), ("y", ["a"])])
+def test_a_branch_that_reads_the_graph_keeps_its_function(tmp_path, tensor, divided):
+    """An If's branch reading the smoothed tensor itself (a LayerNorm's output, which the
+    division rescales) keeps it unsmoothed; one reading only an initializer of the outer graph
+    keeps that initializer."""
+    model = with_branch_reading(outlier_mlp("LayerNormalization"), tensor)
+    x = np.random.default_rng(1).standard_normal((64, 8, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    samples = Samples(tmp_path / "x.npy", model_inputs(model))
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    smoothed, chosen = smooth(copy, samples, QuantConfig())
+    assert list(chosen) == divided
+    for sign in (1, -1):
+        session = ort.InferenceSession(model.SerializeToString())
+        want = session.run(None, {"x": sign * x[:4]})
+        got = ort.InferenceSession(smoothed.SerializeToString()).run(None, {"x": sign * x[:4]})
+        for w, g in zip(want, got, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max())

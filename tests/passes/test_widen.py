@@ -49,3 +49,19 @@ def test_a_float16_cnn_is_quantized_as_its_float32_source(tmp_path, keep_io_type
 def test_a_float32_model_is_left_as_it_is():
     model = onnx.load(str(DIGITS / "cnn.onnx"))
     assert widen(model) == (model, 0)
+
+
+def test_an_input_returned_as_an_output_stays_float16(tmp_path):
+    """Nothing computes it, so nothing widens it, and nothing narrows it back either (the
+    widened model had declared it float32; the written one had defined it twice)."""
+    model = _half(keep_io_types=False)
+    model.graph.output.append(model.graph.input[0])
+    source, out = tmp_path / "half.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, str(source))
+    quantize_model(source, out, DIGITS / "calib.npz")
+    x = np.load(DIGITS / "test.npz")["input"][:4].astype(np.float16)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits, echoed = session.run(None, {session.get_inputs()[0].name: x})
+    assert echoed.dtype == np.float16
+    assert np.array_equal(echoed, x)
+    assert logits.dtype == np.float16

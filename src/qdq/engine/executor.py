@@ -28,7 +28,7 @@ from qdq.engine.elementwise import FLOAT_KERNELS
 from qdq.engine.jit import available
 from qdq.engine.kernels import INTEGER_ONLY, KERNELS
 from qdq.errors import ModelError, expect
-from qdq.onnx.graph import attributes, subgraph_reads
+from qdq.onnx.graph import attributes, reads
 from qdq.onnx.model import load_model, ort_rewrite
 from qdq.onnx.sessions import Use, open_session
 
@@ -257,13 +257,6 @@ def _step(position: int, node: onnx.NodeProto) -> _Step:
         FLOAT_KERNELS.get(key),
         f"{node.name} ({node.op_type})",
     )
-
-
-def reads(node: onnx.NodeProto) -> tuple[str, ...]:
-    """The tensors `node` reads: its inputs, then those its subgraphs (an If's branches, a
-    Loop's body) read from outside without listing them, which its float fallback's session
-    must be fed too."""
-    return (*node.input, *sorted(subgraph_reads(node) - set(node.input)))
 
 
 def _spent(plan: list[_Step], kept: set[str]) -> list[tuple[str, ...]]:

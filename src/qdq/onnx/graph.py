@@ -30,7 +30,7 @@ class GraphIndex:
             for name in node.output:
                 if name:
                     self.producer[name] = node
-            for name in node.input:
+            for name in reads(node):
                 if name:
                     self.consumers[name].append(node)
         self.initializers = {t.name: t for t in graph.initializer}
@@ -176,6 +176,13 @@ def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """The names `node`'s subgraphs read from outside themselves: an outer initializer they
     use is an input of the node that ONNX does not list."""
     return {name for graph in subgraphs(node) for name in outer_reads(graph)}
+
+
+def reads(node: onnx.NodeProto) -> tuple[str, ...]:
+    """The tensors `node` reads: its inputs, then those its subgraphs (an If's branches, a
+    Loop's body) read from outside without listing them. A pass that rescales a tensor, or
+    drops a constant, must see those readers too."""
+    return (*node.input, *sorted(subgraph_reads(node) - set(node.input)))
 
 
 def outer_reads(graph: onnx.GraphProto) -> set[str]:

@@ -98,9 +98,7 @@ def _derive(node: onnx.NodeProto, index: GraphIndex, x: Moments, moments: dict) 
     if node.op_type == "Relu":
         return _relu(x)
     if node.op_type == "Clip":
-        cap = _clip_max(node, index)
-        relu = _relu(x)
-        return Moments(np.minimum(relu.mean, cap), relu.std, 0.0, cap)
+        return _clip(node, index, x)
     if node.op_type in ("Conv", "Gemm", "MatMul") and index.is_constant(node.input[1]):
         return _linear(node, index, x)
     if node.op_type == "Add" and node.input[1] in moments:
@@ -120,44 +118,68 @@ def _relu(x: Moments) -> Moments:
     return Moments(mean, np.sqrt(np.maximum(second - mean**2, 0.0)), 0.0, x.high)
 
 
-def _clip_max(node: onnx.NodeProto, index: GraphIndex) -> float:
-    high = clip_bounds(node, index)[1]
-    return np.inf if high is None else high
+def _clip(node: onnx.NodeProto, index: GraphIndex, x: Moments) -> Moments | None:
+    """Clip(0, cap) as a ReLU capped at cap; other bounds as hard bounds on X's Gaussian (its
+    mean clipped into them); None where a bound is computed."""
+    low, high = clip_bounds(node, index)
+    if low is None or high is None:
+        return None
+    if low == 0:
+        relu = _relu(x)
+        return Moments(np.minimum(relu.mean, high), relu.std, 0.0, min(relu.high, high))
+    return Moments(np.clip(x.mean, low, high), x.std, max(x.low, low), min(x.high, high))
 
 
 def _linear(node: onnx.NodeProto, index: GraphIndex, x: Moments) -> Moments | None:
-    """Means through the weights; variances through the squared weights (independent inputs)."""
+    """Means through the weights; variances through the squared weights (independent inputs).
+    None where X's channels are not the layer's input channels (a Flatten of H x W > 1
+    positions per channel, which a Gemm reads as C x H x W features, is spread to them)."""
     w = index.constant(node.input[1]).astype(np.float64)
     bias = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
     if node.op_type == "Conv":
-        attrs = attributes(node)
-        group = attrs.get("group", 1)
+        group = attributes(node).get("group", 1)
         m, cg = w.shape[:2]
+        if x.mean.size not in (1, group * cg) or w.ndim < 3:
+            return None
         channels = (np.arange(m) // (m // group))[:, None] * cg + np.arange(cg)[None, :]
         mean_in = np.broadcast_to(x.mean, (group * cg,))[channels]
         var_in = np.broadcast_to(x.std**2, (group * cg,))[channels]
-        mean = (w.sum(axis=(2, 3)) * mean_in).sum(axis=1)
-        var = ((w**2).sum(axis=(2, 3)) * var_in).sum(axis=1)
-    else:
-        attrs = attributes(node)
-        if node.op_type == "Gemm" and attrs.get("transB", 0):
-            w = w.T
-        if w.ndim != 2:
+        window = tuple(range(2, w.ndim))
+        mean = (w.sum(axis=window) * mean_in).sum(axis=1)
+        var = ((w**2).sum(axis=window) * var_in).sum(axis=1)
+        return Moments(mean + bias, np.sqrt(var))
+    if node.op_type == "Gemm" and attributes(node).get("transB", 0):
+        w = w.T
+    if w.ndim != 2:
+        return None
+    rows = w.shape[0]
+    mean, std = (a.reshape(-1) for a in np.broadcast_arrays(x.mean, x.std))
+    if mean.size not in (1, rows):
+        flatten = index.producer.get(node.input[0])
+        spread = flatten is not None and flatten.op_type == "Flatten"
+        if not (spread and attributes(flatten).get("axis", 1) == 1 and rows % mean.size == 0):
             return None
-        mean = np.broadcast_to(x.mean, (w.shape[0],)) @ w
-        var = np.broadcast_to(x.std**2, (w.shape[0],)) @ (w**2)
-    return Moments(mean + bias, np.sqrt(var))
+        mean, std = np.repeat(mean, rows // mean.size), np.repeat(std, rows // mean.size)
+    mean_out = np.broadcast_to(mean, (rows,)) @ w
+    var = np.broadcast_to(std**2, (rows,)) @ (w**2)
+    return Moments(mean_out + bias, np.sqrt(var))
 
 
 def mean_samples(index: GraphIndex, moments: dict[str, Moments], names: list[str]) -> dict:
     """Expected input samples (per-channel means spread over the static spatial shape) for
-    analytical bias correction; tensors without a known shape are left out."""
+    analytical bias correction; tensors without a known shape, or whose channels the moments
+    do not match, are left out."""
     samples = {}
     for name in names:
         shape = index.shape.get(name)
         if name not in moments or not shape or any(d is None for d in shape[1:]):
             continue
-        per_channel = np.broadcast_to(moments[name].mean, (shape[1],))
+        per_channel = moments[name].mean.reshape(-1)
+        if per_channel.size not in (1, shape[1]):  # a flattened C x H x W: C-major features
+            if len(shape) != 2 or shape[1] % per_channel.size:
+                continue
+            per_channel = np.repeat(per_channel, shape[1] // per_channel.size)
+        per_channel = np.broadcast_to(per_channel, (shape[1],))
         spread = per_channel.reshape((-1,) + (1,) * (len(shape) - 2))
         samples[name] = np.broadcast_to(spread, shape[1:]).astype(np.float64)
     return samples

@@ -66,8 +66,8 @@ class Equalized:
 def equalize(
     model: onnx.ModelProto, moments: dict[str, Moments] | None = None
 ) -> tuple[onnx.ModelProto, Equalized]:
-    """`model` with its conv chains equalized, then biases absorbed where exact, in place of its
-    weights. `moments` (BatchNorm statistics of conv outputs) bound the scales across ReLU6 and
+    """`model`, changed in place, with its conv chains equalized, then biases absorbed where
+    exact. `moments` (BatchNorm statistics of conv outputs) bound the scales across ReLU6 and
     size the absorption; without them, ReLU6 pairs and absorption are skipped."""
     expect(model, onnx.ModelProto, "model", "load one with qdq.onnx.model.load_model")
     moments = dict(moments or {})
@@ -98,7 +98,9 @@ def equalize(
 
 def find_pairs(index: GraphIndex) -> list[Pair]:
     """Conv pairs where conv1's output reaches only conv2, through at most one Relu or
-    Clip(0, cap), and no weight is shared with another layer."""
+    Clip(0, cap), conv2 reads each channel apart from the others or all of them together (not
+    a depthwise conv with a channel multiplier), and no weight or bias is shared with another
+    layer (absorption adds to conv2's bias)."""
     pairs = []
     for node in index.nodes:
         if not _is_equalizable_conv(node, index):
@@ -110,7 +112,9 @@ def find_pairs(index: GraphIndex) -> list[Pair]:
             second = index.sole_consumer(out)
         if second is None or not (_is_equalizable_conv(second, index) and second.input[0] == out):
             continue
-        constants = [*node.input[1:3], second.input[1]]
+        if index.constant(second.input[1]).shape[0] != attributes(second).get("group", 1) > 1:
+            continue  # each input channel read by several outputs: no per-channel scale moves
+        constants = [*node.input[1:3], *second.input[1:3]]
         if all(len(index.consumers[name]) == 1 for name in constants if name):
             pairs.append(Pair(node, second, activation, cap))
     return pairs

@@ -21,11 +21,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qdq.onnx.graph import GraphIndex, clip_bounds
+from qdq.onnx.graph import GraphIndex, clip_bounds, reads
 
 
 def fuse_hard_swish(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """`model` with every written-out HardSwish as Mul(x, HardSigmoid(x)); returns the count."""
+    """`model`, changed in place, with every written-out HardSwish as Mul(x, HardSigmoid(x));
+    returns the count."""
     index = GraphIndex(model)
     position = {id(node): i for i, node in enumerate(index.nodes)}
     replaced: dict[int, list[onnx.NodeProto]] = {}  # position of a pattern's Add -> new nodes
@@ -61,8 +62,8 @@ def fuse_hard_swish(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """`model` with constant per-channel Mul/Add after a Conv folded into its weights and bias;
-    returns how many Mul/Add nodes went."""
+    """`model`, changed in place, with constant per-channel Mul/Add after a Conv folded into its
+    weights and bias; returns how many Mul/Add nodes went."""
     index = GraphIndex(model)
     folded: set[int] = set()
     renamed: dict[str, str] = {}  # Conv output -> the last folded node's output, its new name
@@ -86,8 +87,9 @@ def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             out = node.output[0]
         if not steps:
             continue
-        _set(model, conv, 1, w)
-        _set(model, conv, 2, np.broadcast_to(bias, (w.shape[0],)))
+        dtype = index.constant(conv.input[1]).dtype  # a float16 Conv keeps float16 constants
+        _set(model, conv, 1, w.astype(dtype))
+        _set(model, conv, 2, np.broadcast_to(bias, (w.shape[0],)).astype(dtype))
         folded.update(id(n) for n in steps)
         renamed[conv.output[0]] = out
     if not folded:
@@ -98,7 +100,7 @@ def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             node.output[0] = renamed[node.output[0]]
     del model.graph.node[:]
     model.graph.node.extend(kept)
-    used = {name for node in kept for name in node.input}
+    used = {name for node in kept for name in reads(node)}
     unused = [t for t in model.graph.initializer if t.name not in used]
     for tensor in unused:
         model.graph.initializer.remove(tensor)
@@ -106,8 +108,8 @@ def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def sum_before_layer_norm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """`model` with each float Add of two tensors that feeds only LayerNormalizations written as
-    a two-input Sum (the same function); returns the count.
+    """`model`, changed in place, with each float Add of two tensors that feeds only
+    LayerNormalizations written as a two-input Sum (the same function); returns the count.
 
     ONNX Runtime fuses Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel
     (1.32) runs 5-8x slower than the two ops apart (docs/ptq.md). Float residual sums before
@@ -154,7 +156,7 @@ def _channel_constant(
 def _set(model: onnx.ModelProto, conv: onnx.NodeProto, i: int, value: np.ndarray) -> None:
     """Give `conv` input i a new initializer holding `value` (others may share the old one)."""
     name = f"{conv.name or conv.output[0]}_folded_{i}"
-    model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
     while len(conv.input) <= i:
         conv.input.append("")
     conv.input[i] = name
@@ -198,9 +200,8 @@ def _clip_is(node: onnx.NodeProto, index: GraphIndex, low: float, high: float) -
 
 
 def _divides_by_six(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """p / 6 or p * (1/6), never 6 / p."""
+    if node.op_type == "Div":
+        return index.is_constant(node.input[1]) and _is(index, node.input[1], 6.0)
     constant = next((i for i in node.input if index.is_constant(i)), None)
-    if constant is None:
-        return False
-    return (node.op_type == "Div" and _is(index, constant, 6.0)) or (
-        node.op_type == "Mul" and _is(index, constant, 1 / 6)
-    )
+    return node.op_type == "Mul" and constant is not None and _is(index, constant, 1 / 6)

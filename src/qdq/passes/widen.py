@@ -57,7 +57,8 @@ def _wide(tensor: onnx.TensorProto) -> onnx.TensorProto:
 
 
 def _kept_half(graph: onnx.GraphProto) -> None:
-    """A Cast to float32 after each float16 input, and each float16 output float32."""
+    """A Cast to float32 after each float16 input, and each float16 output that a node computes
+    float32 (an input returned as it is stays float16)."""
     nodes = list(graph.node)
     taken = names_in(graph)
     first: list[onnx.NodeProto] = []
@@ -67,21 +68,24 @@ def _kept_half(graph: onnx.GraphProto) -> None:
             for node in nodes:
                 node.input[:] = [wide if n == value.name else n for n in node.input]
             first.append(helper.make_node("Cast", [value.name], [wide], to=FLOAT, name=wide))
+    inputs = {value.name for value in graph.input}
     for value in graph.output:
-        if value.type.tensor_type.elem_type == HALF:
+        if value.type.tensor_type.elem_type == HALF and value.name not in inputs:
             value.type.tensor_type.elem_type = FLOAT
     del graph.node[:]
     graph.node.extend(first + nodes)
 
 
 def narrowed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """`model` (in place) with its outputs `names` cast back to float16: the source's own."""
+    """`model` (in place) with its outputs `names` cast back to float16: the source's own (an
+    input returned as it is was never widened)."""
     if not names:
         return model
     graph = model.graph
     taken = names_in(graph)
+    inputs = {value.name for value in graph.input}
     for value in graph.output:
-        if value.name not in names:
+        if value.name not in names or value.name in inputs:
             continue
         wide = free_name(f"{value.name}_float32", taken)
         for node in graph.node:

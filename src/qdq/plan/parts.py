@@ -130,7 +130,7 @@ def parse_parts(spec: str) -> tuple[str, int, list[tuple[int, int]]]:
             "START-STOP must have START < STOP"
         )
     ordered = sorted(spans)
-    if any(b > c for (_, b), (c, _) in zip(ordered, ordered[1:])):
+    if any(b > c for (_, b), (c, _) in itertools.pairwise(ordered)):
         raise DataError(
             f"`output_parts` {spec!r}: the spans overlap; each channel belongs to one part"
         )

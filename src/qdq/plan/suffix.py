@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qdq.onnx.graph import reads
 from qdq.onnx.sessions import open_session, session_with_outputs
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def _unchanged(graph: onnx.GraphProto, recorded: Recorded) -> list[bool]:
     result = []
     for node in graph.node:
         same = node.SerializeToString() in recorded.nodes
-        for name in node.input:
+        for name in reads(node):
             if not same or not name:
                 continue
             if name in same_output:
@@ -145,7 +146,7 @@ def _partial(
     model inputs they read come in, `outputs` go out."""
     graph = model.graph
     chosen = [graph.node[i] for i in nodes]
-    read = {name for node in chosen for name in node.input}
+    read = {name for node in chosen for name in reads(node)}
     constants = [t for t in graph.initializer if t.name in read]
     declared = {v.name: v for v in graph.input}
     inputs = [
