@@ -37,8 +37,15 @@ from qdq.plan.decisions import static_decisions
 from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.layers import QuantizedLayer
 from qdq.qat.lowbit import LowBitWeight
-from qdq.qat.prepare import QatState, float_copy, layer_of, nodes_by_tensor
-from qdq.qat.trace import as_inputs, check_finite_parameters, check_runs, to_onnx
+from qdq.qat.prepare import QatState, float_copy, layer_of, nodes_by_tensor, onnx_layout
+from qdq.qat.trace import (
+    as_inputs,
+    check_finite_parameters,
+    check_runs,
+    modes,
+    restore_modes,
+    to_onnx,
+)
 from qdq.qparams import MIN_SCALE, QParams, Range
 
 
@@ -56,12 +63,12 @@ def export(
         module, "training diverged: lower the learning rate, or export an earlier checkpoint"
     )
     target = check_output(path, [])
-    was_training = module.training
+    flags = modes(module)
     try:
         check_runs(module.eval(), inputs, "example_inputs")
         model = _quantized(module, state, inputs)
     finally:
-        module.train(was_training)
+        restore_modes(module, flags)
     save_model(model, target)
     return target
 
@@ -131,10 +138,8 @@ def _learned_plan(
     constants, codes, biases = dict(plan.constants), {}, dict(plan.biases)
     for key, planned in plan.constants.items():
         node = next(n for n in index.nodes if n.name == key[0])
-        layer = layer_of(module, node, nodes)
-        values, scale = _weight_codes(layer)
-        target = index.constant(node.input[key[1]]).shape
-        codes[key] = values if values.shape == target else values.T
+        values, scale = _weight_codes(layer_of(module, node, nodes, index))
+        codes[key] = onnx_layout(node, values)
         constants[key] = QParams(scale, np.zeros(scale.shape, np.int64), planned.scheme)
         # its own bias, or the Add after a MatMul that ONNX Runtime fuses into a QGemm
         add = index.sole_consumer(node.output[0])

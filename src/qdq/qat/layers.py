@@ -53,7 +53,8 @@ class QuantizedLayer(nn.Module):
             return w, b
         factor = self._factor()
         bias = b if b is not None else torch.zeros_like(factor)
-        folded_bias = self.batchnorm.bias + (bias - self.batchnorm.running_mean) * factor
+        beta = self.batchnorm.bias if self.batchnorm.affine else torch.zeros_like(factor)
+        folded_bias = beta + (bias - self.batchnorm.running_mean) * factor
         return w * factor.reshape(-1, *[1] * (w.ndim - 1)), folded_bias
 
     def quantized_weight(self) -> torch.Tensor:
@@ -63,14 +64,14 @@ class QuantizedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen or not self.training:
             w, b = self.folded()
-            return self._apply(x, self.weight_quantizer(w), b)
+            return self._compute(x, self.weight_quantizer(w), b)
         self.steps += 1
         factor = self._factor()
         weight = self.layer.weight
         w = self.weight_quantizer(weight * factor.reshape(-1, *[1] * (weight.ndim - 1)))
         # a channel whose gamma is 0 has weight 0 and output beta: divide it by 1, not by 0
         divisor = torch.where(factor == 0, torch.ones_like(factor), factor)
-        y = self._apply(x, w, None) / divisor.reshape(1, -1, *[1] * (x.ndim - 2))
+        y = self._compute(x, w, None) / divisor.reshape(1, -1, *[1] * (x.ndim - 2))
         if self.layer.bias is not None:
             y = y + self.layer.bias.reshape(1, -1, *[1] * (x.ndim - 2))
         return self.batchnorm(y)  # batch statistics, running ones updated
@@ -87,9 +88,12 @@ class QuantizedLayer(nn.Module):
 
     def _factor(self) -> torch.Tensor:
         bn = self.batchnorm
-        return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+        return gamma / torch.sqrt(bn.running_var + bn.eps)
 
-    def _apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """The layer on `x` with weight `w` and bias `b` (not `_apply`: nn.Module's own, which
+        `.to()`, `.cuda()` and `.float()` go through)."""
         if isinstance(self.layer, nn.Linear):
             return nn.functional.linear(x, w, b)
         return self.layer._conv_forward(x, w, b)

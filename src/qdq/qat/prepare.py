@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import numbers
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -31,10 +32,10 @@ import torch
 from torch import fx, nn
 
 from qdq.config import QuantConfig
-from qdq.errors import ModelError, SchemeError, expect
+from qdq.errors import ModelError, SchemeError, UsageError, expect, first_line
 from qdq.lowbit import WeightGrid
 from qdq.observers import make_observer
-from qdq.onnx.graph import GraphIndex
+from qdq.onnx.graph import GraphIndex, attributes
 from qdq.pipeline import prepare as prepare_onnx
 from qdq.plan.build import Plan, build_plan
 from qdq.plan.decisions import Decision, static_decisions
@@ -47,7 +48,9 @@ from qdq.qat.trace import (
     as_inputs,
     check_finite_parameters,
     check_runs,
+    modes,
     module_failures,
+    restore_modes,
     to_onnx,
     trace,
 )
@@ -94,6 +97,8 @@ def prepare(
     """
     if not isinstance(module, nn.Module):
         raise ModelError(f"prepare takes a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(module, fx.GraphModule) and "qdq" in module.meta:
+        raise UsageError("this module was prepared already: train it, or prepare the original")
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise SchemeError(f"config must be a qdq.QuantConfig, got {type(config).__name__}")
@@ -102,6 +107,10 @@ def prepare(
             "prepare trains symmetric signed weight grids (zero point 0), as qdq's weight "
             "presets are; use INT8_WEIGHTS, INT4_WEIGHTS or a symmetric signed QScheme"
         )
+    ignored = [name for name in ("equalize", "adaround", "data_free") if getattr(config, name)]
+    ignored += ["target_sqnr"] if config.target_sqnr is not None else []
+    if ignored:
+        log.warning("qdq.qat.prepare ignores %s: training learns what they would set", ignored)
     expect(freeze_bn_after, numbers.Integral, "freeze_bn_after")
     if freeze_bn_after < 0:
         raise SchemeError(f"freeze_bn_after must be >= 0 steps, got {freeze_bn_after}")
@@ -113,13 +122,29 @@ def prepare(
     batches = [as_inputs(b) for b in calibration] if calibration is not None else [inputs]
     if not batches:
         raise SchemeError("calibration holds no batches; give at least one, or None")
-    was_training = module.training
-    graph_module = trace(copy.deepcopy(module).eval())
+    if torch.is_inference_mode_enabled():
+        raise UsageError("call prepare outside torch.inference_mode: its tensors cannot train")
+    flags = modes(module)
+    try:
+        duplicate = copy.deepcopy(module)
+    except RuntimeError as error:  # an old-style weight_norm's computed weight, and the like
+        raise ModelError(
+            f"prepare copies the module, and torch cannot: {first_line(error)}"
+        ) from None
+    graph_module = trace(duplicate.eval())
     check_runs(graph_module, inputs, "example_inputs")
     _wrap_layers(graph_module, freeze_bn_after)
+    graph_module.eval()  # calibration takes no BatchNorm warm-up step
     model, labels = to_onnx(float_copy(graph_module, {}), inputs)
     model, per_channel, _ = prepare_onnx(model, config.per_channel)
     index = GraphIndex(model)
+    known = {name for node in index.nodes for name in (node.name, node.op_type)}
+    unknown = [name for name in config.exclude if name not in known]
+    if unknown:
+        raise UsageError(
+            f"`exclude` {unknown} names no node or op type of the exported module (its nodes "
+            f"are named as torch.onnx names them, e.g. {index.nodes[0].name!r})"
+        )
     nodes = nodes_by_tensor(graph_module, labels, index)
     targets = Int8Flow(index, static_decisions(index, config), config).calibration_targets()
     observed = {t: nodes[t][-1] for t in targets if t in nodes}
@@ -130,7 +155,7 @@ def prepare(
     observed_ranges = {fx_name: ranges[t] for t, fx_name in observed.items()}
     state = QatState(config, activations, observed_ranges, excluded, plan.decisions)
     graph_module.meta["qdq"] = state
-    return graph_module.train(was_training)
+    return restore_modes(graph_module, flags)
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -162,16 +187,18 @@ def float_copy(graph_module: fx.GraphModule, activations: Mapping[str, str]) -> 
 
 def _wrap_layers(graph_module: fx.GraphModule, freeze_after: int) -> None:
     """Each Conv (with the BatchNorm that alone reads it folded in) and Linear called as a
-    module becomes a `QuantizedLayer`, float until the plan gives it a grid."""
+    module becomes a `QuantizedLayer`, float until the plan gives it a grid. A module called
+    more than once folds no BatchNorm: the one wrapper serves every call."""
     erased: set[fx.Node] = set()
+    calls = Counter(n.target for n in graph_module.graph.nodes if n.op == "call_module")
     for node in list(graph_module.graph.nodes):
         layer = None if node in erased else _called(graph_module, node)
         if not isinstance(layer, QUANTIZABLE):
             continue
         batchnorm, users = None, list(node.users)
-        if isinstance(layer, FOLDABLE) and len(users) == 1:
+        if isinstance(layer, FOLDABLE) and len(users) == 1 and calls[node.target] == 1:
             after = _called(graph_module, users[0])
-            if isinstance(after, BATCHNORMS) and after.track_running_stats and after.affine:
+            if isinstance(after, BATCHNORMS) and after.track_running_stats:
                 batchnorm = after
                 users[0].replace_all_uses_with(node)
                 graph_module.graph.erase_node(users[0])
@@ -274,34 +301,48 @@ def _unmirrored(
             found[producer.name] = f"its output {tensor!r} {NO_TORCH_TWIN}"
     for name, i in plan.constants:
         node = next(n for n in index.nodes if n.name == name)
-        layer = layer_of(graph_module, node, nodes)
+        layer = layer_of(graph_module, node, nodes, index)
         if layer is None:
             found[name] = f"{node.op_type} is not a torch Conv1d/2d/3d or Linear module"
-        elif not _same_weight(index.constant(node.input[i]), layer):
+        elif not _same_weight(index.constant(node.input[i]), layer, node):
             found[name] = "its ONNX weight is not the layer's (the graph was rewritten)"
     return found
 
 
 def layer_of(
-    graph_module: fx.GraphModule, node: onnx.NodeProto, nodes: Mapping[str, list[str]]
+    graph_module: fx.GraphModule,
+    node: onnx.NodeProto,
+    nodes: Mapping[str, list[str]],
+    index: GraphIndex,
 ) -> QuantizedLayer | None:
-    """The QuantizedLayer whose fx node computes `node`'s output, if one does."""
+    """The QuantizedLayer whose fx node computes `node`'s output, if one does: for a MatMul,
+    the output of the bias Add after it (torch writes a Linear on more than two axes so)."""
     fx_nodes = {n.name: n for n in graph_module.graph.nodes}
-    for fx_name in nodes.get(node.output[0], []):
+    out = node.output[0]
+    add = index.sole_consumer(out)
+    if node.op_type == "MatMul" and out not in nodes and add is not None and add.op_type == "Add":
+        out = add.output[0]
+    for fx_name in nodes.get(out, []):
         called = _called(graph_module, fx_nodes[fx_name])
         if isinstance(called, QuantizedLayer):
             return called
     return None
 
 
-def _same_weight(values: np.ndarray, layer: QuantizedLayer) -> bool:
-    """Whether an ONNX weight holds the layer's folded weight (as it is, or transposed for a
-    MatMul), so that codes made in torch are the file's."""
-    w = layer.folded()[0].detach().cpu().numpy()
-    for candidate in (w, w.T if w.ndim == 2 else None):
-        if candidate is not None and candidate.shape == values.shape:
-            return bool(np.allclose(candidate, values, rtol=1e-5, atol=1e-7))
-    return False
+def _same_weight(values: np.ndarray, layer: QuantizedLayer, node: onnx.NodeProto) -> bool:
+    """Whether ONNX node `node`'s weight `values` holds the layer's folded weight, so that
+    codes made in torch are the file's."""
+    w = onnx_layout(node, layer.folded()[0].detach().cpu().numpy())
+    return w.shape == values.shape and bool(np.allclose(w, values, rtol=1e-5, atol=1e-7))
+
+
+def onnx_layout(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
+    """A torch layer's weight (outputs first) as ONNX node `node` holds it: transposed for a
+    MatMul and a Gemm without transB (by the op, not by the shape: a square one is either)."""
+    transposed = node.op_type == "MatMul" or (
+        node.op_type == "Gemm" and not attributes(node).get("transB", 0)
+    )
+    return weight.T if transposed else weight
 
 
 def _install(
@@ -330,7 +371,7 @@ def _install(
             activations[fx_name] = shared[id(qparams)]
     for (name, _), qparams in plan.constants.items():
         node = next(n for n in index.nodes if n.name == name)
-        layer = layer_of(graph_module, node, nodes)
+        layer = layer_of(graph_module, node, nodes, index)
         layer.weight_quantizer = _weight_quantizer(qparams, config, layer.layer)
     graph_module.recompile()
     return activations

@@ -32,7 +32,7 @@ class _Mark(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: object, x: torch.Tensor, label: str) -> torch.Tensor:
-        return x
+        return x.clone()  # not `x`: an in-place op after it (ReLU(inplace=True)) must not edit it
 
     @staticmethod
     def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -61,6 +61,21 @@ def trace(module: nn.Module) -> fx.GraphModule:
             f"torch.fx cannot trace {type(module).__name__} ({str(error).splitlines()[0]}); "
             "keep data-dependent control flow inside a leaf module or make forward traceable"
         ) from None
+
+
+def modes(module: nn.Module) -> dict[str, bool]:
+    """Each submodule's train/eval flag by name: a user may hold a BatchNorm or a Dropout in
+    eval mode inside a model that trains."""
+    return {name: sub.training for name, sub in module.named_modules()}
+
+
+def restore_modes(module: nn.Module, flags: dict[str, bool]) -> nn.Module:
+    """`module` with the flags `modes` read set again, parents first (a module that replaced
+    one, such as a `QuantizedLayer`, takes its flag); returns it."""
+    for name, sub in module.named_modules():
+        if name in flags:
+            sub.train(flags[name])
+    return module
 
 
 def as_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
