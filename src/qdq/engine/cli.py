@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,10 @@ def run_command(
         k: v.astype(str) if isinstance(v, np.ndarray) and v.dtype == object else v
         for k, v in results.items()
     }
-    with staged(target) as temporary, open(temporary, "wb") as stream:
-        np.savez(stream, **results)
+    with staged(target) as temporary, zipfile.ZipFile(temporary, "w") as archive:
+        for name, array in results.items():  # not savez: an output may be named "file"
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     return "\n".join([f"wrote {output}: {', '.join(results)}", *notes])
 
 

@@ -211,7 +211,7 @@ def _fused_pixels(
     total = n * oh * ow
     size = np.dtype(operand_type).itemsize
     width = max(256, TILE * 4 // (length * size + columns * 4)) // vnni.ROWS * vnni.ROWS
-    width = min(width, -(-total // vnni.ROWS) * vnni.ROWS)
+    width = min(width, max(-(-total // vnni.ROWS), 1) * vnni.ROWS)  # a tile, even of nothing
     operand = allocate((width, length), operand_type, "operand")
     operand[:, k:] = 0  # the terms past K that `vnni.padded_terms` adds
     product = allocate((width, columns), np.float32 if codes is None else np.int32, "product")

@@ -40,7 +40,7 @@ class Context:
     multipliers: dict[bytes, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     node: str = ""
     compiled: bool = False  # the Numba kernels (`engine/compiled.py`), else NumPy's
-    weights: dict[str, tuple] = field(default_factory=dict)  # per node: prepared constants
+    weights: dict[int, tuple] = field(default_factory=dict)  # per position: prepared constants
     position: int = -1  # the node's place in the graph
     # per (position, slot): the compiled kernels' result arrays of the last run, reused
     # (`Engine.run`); None: fresh arrays

@@ -26,7 +26,8 @@ CODES = (np.dtype(np.uint8), np.dtype(np.int8))
 
 def _quantize(x, scale, zero_point, low, high, out):
     for i in range(x.size):
-        value = min(max(np.float32(x[i] / scale), low), high)
+        value = np.float32(x[i] / scale)
+        value = min(value, high) if value >= low else low  # NaN to the lowest code, as MLAS
         out[i] = np.int32(np.rint(value)) + zero_point
 
 

@@ -116,9 +116,11 @@ class Engine:
         self.accumulator_bits = accumulator_bits
         # which kernels run: the compiled ones when Numba is installed ("auto"), else NumPy's
         self.kernels = ("compiled" if available() else "numpy") if kernels == "auto" else kernels
-        self._weights: dict[str, tuple] = {}  # the compiled path's prepared weights, per node
+        self._weights: dict[int, tuple] = {}  # the compiled path's prepared weights, per node
         self._buffers: dict[tuple[int, str], np.ndarray] = {}  # `run`'s arrays, reused
-        self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.constants = {
+            t.name: _read_only(numpy_helper.to_array(t)) for t in model.graph.initializer
+        }
         self.opsets = list(model.opset_import)
         self.inputs = [i.name for i in model.graph.input if i.name not in self.constants]
         self.threads = threads
@@ -176,13 +178,16 @@ class Engine:
                 if outputs is None:  # a form the integer kernel leaves to ONNX Runtime
                     outputs = self.ort_node(step.position, step.node, inputs)
             else:
-                if any(x is not None and x.dtype.kind == "f" for x in inputs):
-                    float_nodes.append(step.label)
                 outputs = None
                 if step.fallback is not None and context.compiled:
                     outputs = step.fallback(context, inputs, step.attrs)
                 if outputs is None:
                     outputs = self.ort_node(step.position, step.node, inputs)
+                # float where its data is or it makes floats: a Resize of codes, whose scales
+                # are float, moves integers
+                made = [o for o in outputs if isinstance(o, np.ndarray)]
+                if _is_float(inputs[0] if inputs else None) or any(map(_is_float, made)):
+                    float_nodes.append(step.label)
             values.update(zip(step.outputs, outputs, strict=False))
             if not keep:
                 for name in self._spent[step.position]:
@@ -235,6 +240,17 @@ class Engine:
             session = open_session(one, Use.ONE_NODE, level=level, threads=self.threads)
             self._sessions[position, shapes] = session
         return session.run([o for o in node.output if o], present)
+
+
+def _is_float(value: object) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f"
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """`array`, no longer writeable: a constant of the model, whose prepared form a kernel
+    may keep between runs (`product_kernels`)."""
+    array.flags.writeable = False
+    return array
 
 
 def _step(position: int, node: onnx.NodeProto) -> _Step:

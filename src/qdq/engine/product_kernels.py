@@ -90,7 +90,10 @@ def _qlinear_conv_compiled(ctx: Context, inputs: list, g: ConvGeometry) -> np.nd
     m = w.shape[0]
     depthwise = w.shape[1] == 1 and g.group == m == x.shape[1]
     constants = (w, w_zp, x_scale, w_scale, y_scale, bias)
-    cached = ctx.weights.get(ctx.node)
+    # reused only for the model's constants (read-only): a weight computed at run time comes
+    # in the same reused array each run, with other values
+    kept = not any(a.flags.writeable for a in constants if a is not None)
+    cached = ctx.weights.get(ctx.position) if kept else None
     if cached is None or any(a is not b for a, b in zip(cached[0], constants, strict=True)):
         centred = minus(w, w_zp, axis=0)
         # depthwise weights channels-last (kh, kw, C): the kernel vectorizes across channels
@@ -111,7 +114,8 @@ def _qlinear_conv_compiled(ctx: Context, inputs: list, g: ConvGeometry) -> np.nd
             biases,
             int(np.abs(biases).max(initial=0)),
         )
-        ctx.weights[ctx.node] = cached  # prepared once per set of constant tensors
+        if kept:
+            ctx.weights[ctx.position] = cached  # prepared once per set of constant tensors
     _, weights, by_pixel, w_reach, w_norm, multiplier, bias, bias_reach = cached
     length = w[0].size  # K, the terms of each sum
     info = np.iinfo(x.dtype)
@@ -142,6 +146,8 @@ def _qlinear_conv_compiled(ctx: Context, inputs: list, g: ConvGeometry) -> np.nd
 def qlinear_matmul(ctx: Context, inputs: list, attrs: dict) -> list:
     a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp = inputs[:8]
     acc = _product(ctx, a, a_zp, b, b_zp)
+    if np.size(a_scale) > 1:  # one per row of A (its M), where b's are one per column
+        a_scale = np.reshape(a_scale, (-1, 1))
     multiplier = a_scale * b_scale / y_scale
     dtype = out_dtype(y_zp, a.dtype)
     return [ctx.requantize(acc, multiplier, zp_or_zero(y_zp, dtype), dtype)]
@@ -154,9 +160,10 @@ def matmul_integer_to_float(ctx: Context, inputs: list, attrs: dict) -> list:
     out = _product(ctx, a, a_zp, b, b_zp).astype(np.float64) * (a_scale * b_scale).astype(
         np.float64
     )
-    if bias is not None:
-        out = out + bias
-    return [out.astype(np.float32)]
+    out = out.astype(np.float32)
+    if bias is not None:  # added in float32 to the rounded product, as ONNX Runtime adds it
+        out += bias.astype(np.float32)
+    return [out]
 
 
 def qgemm(ctx: Context, inputs: list, attrs: dict) -> list:

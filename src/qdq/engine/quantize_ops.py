@@ -50,10 +50,12 @@ def quantize_linear(
     zp = 0 if zero_point is None else broadcast_qparam(zero_point, x.shape, axis, block_size)
     if scaled.dtype == np.float32 and dtype.itemsize <= 2:
         # MLAS's order (clamp to [qmin - z, qmax - z], round, add z) in float32: the same codes
-        # as rounding first, since the bounds are integers, in three in-place passes
+        # as rounding first, since the bounds are integers, in in-place passes (fmax: a NaN
+        # takes the lowest code, as MLAS gives it)
         low = np.asarray(info.min - np.asarray(zp, np.int32), np.float32)
         high = np.asarray(info.max - np.asarray(zp, np.int32), np.float32)
-        np.clip(scaled, low, high, out=scaled)
+        np.fmax(scaled, low, out=scaled)
+        np.minimum(scaled, high, out=scaled)
         np.rint(scaled, out=scaled)
         scaled += np.asarray(zp, np.float32)
         return scaled.astype(dtype)
@@ -81,10 +83,11 @@ def dequantize_linear(
 
 
 def dynamic_quantize_linear(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 codes, scale and zero point from the tensor's own range, 0 included (ONNX spec)."""
-    hi = np.float32(max(0.0, float(np.max(x))))
-    lo = np.float32(min(0.0, float(np.min(x))))
-    scale = np.float32(1.0 if hi == lo else hi - lo) / np.float32(255)
+    """uint8 codes, scale and zero point from the tensor's own range, 0 included (ONNX spec);
+    an empty or all-zero tensor gets scale 1, as ONNX Runtime gives it."""
+    hi = np.float32(max(0.0, float(np.max(x, initial=0.0))))
+    lo = np.float32(min(0.0, float(np.min(x, initial=0.0))))
+    scale = np.float32(1.0) if hi == lo else np.float32(hi - lo) / np.float32(255)
     zero_point = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255))
     codes = np.clip(np.rint(x / scale) + zero_point, 0, 255)
     return (
