@@ -19,6 +19,7 @@ from onnx import external_data_helper, helper, version_converter
 from qdq.errors import ModelError, first_line
 from qdq.onnx.repair import check_model, in_order, typed
 from qdq.onnx.sessions import Use, open_session
+from qdq.onnx.sparse import densify
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             "domain once: re-export it, or keep one of its opset_import entries"
         )
     _load_external_data(model, path.resolve().parent, path)
+    densify(model.graph, path, TWO_GB)
     opset = default_opset(model)
     newest = onnx.defs.onnx_opset_version()
     if 0 < opset < MIN_OPSET:
@@ -132,13 +134,18 @@ def _drop_constant_inputs(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in a graph: initializers and node attributes, subgraphs included."""
+    """Every tensor stored in a graph: initializers, sparse ones' values and indices, and node
+    attributes, subgraphs included."""
     yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.HasField("t"):
                 yield attribute.t
             yield from attribute.tensors
+            for sparse in (*attribute.sparse_tensors, attribute.sparse_tensor):
+                yield from (sparse.values, sparse.indices)
             if attribute.HasField("g"):
                 yield from _tensors(attribute.g)
             for subgraph in attribute.graphs:
