@@ -8,6 +8,7 @@ input, a folder, a device or a FIFO, and its folder must be writable), then writ
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -97,6 +98,35 @@ def staged(path: Path) -> Iterator[Path]:
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def replaced_together(paths: list[Path]) -> Iterator[None]:
+    """The files at `paths` back as they were if the block fails, and those it made gone: its
+    outputs (a model, its table, its report) are one result, all or none, and a failure loses
+    no earlier one. The earlier files are kept as hard links (copies where links fail)."""
+    kept: dict[Path, Path] = {}
+    for path in paths:
+        if path.is_file():
+            backup = path.with_name(f".{path.name}.qdq-previous")
+            backup.unlink(missing_ok=True)
+            try:
+                os.link(path, backup)
+            except OSError:
+                shutil.copy2(path, backup)
+            kept[path] = backup
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            if path in kept:
+                os.replace(kept.pop(path), path)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        for backup in kept.values():
+            backup.unlink(missing_ok=True)
 
 
 def _umask() -> int:

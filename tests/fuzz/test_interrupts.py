@@ -104,3 +104,30 @@ def test_sigterm_to_a_real_process_exits_143_and_leaves_nothing(ws):
     # onnxruntime keeps a session id in $TMPDIR/.ses from its import on: not a run's leftover
     assert [p.name for p in ws.temp.iterdir()] in ([], [".ses"])
     assert not (ws.folder / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("fault", ["report", "signal"])
+def test_a_failing_report_keeps_the_earlier_model_and_table(ws, monkeypatch, fault):
+    """The model, its table and its report are one result: when the report fails (a full
+    disk) or a signal lands while it is measured, the files an earlier run wrote are back as
+    they were, and the new ones gone (the model and table had been deleted)."""
+    model, table, report = (ws.folder / name for name in ("out.onnx", "out.cache", "out.html"))
+    model.write_text("earlier model")
+    table.write_text("earlier table")
+
+    def broken(*args, **kwargs):
+        if fault == "signal":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("qdq.report.html.write_report", broken)
+    flags = ("--report", report, "--table", f"tensorrt:{table}", "--prefer", "int8")
+    result = ws.run(*quantize(ws, *flags))
+    assert result.code == (143 if fault == "signal" else 2), result.stderr
+    assert (model.read_text(), table.read_text()) == ("earlier model", "earlier table")
+    assert not report.exists()
+    assert not list(ws.folder.glob(".*qdq-previous"))
+    assert sorted(p.name for p in ws.folder.iterdir() if p.name.startswith("out")) == [
+        "out.cache",
+        "out.onnx",
+    ]

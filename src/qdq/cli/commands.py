@@ -12,6 +12,7 @@ from qdq.cli.flags import check_excluded, check_model_flags, check_quantize_flag
 from qdq.config import preset_config
 from qdq.data import ImageOptions
 from qdq.errors import UsageError
+from qdq.outputs import replaced_together
 from qdq.workers import Workers
 
 if TYPE_CHECKING:
@@ -53,31 +54,27 @@ def quantize(args: argparse.Namespace) -> str:
         max_samples=args.max_samples,
         workers=_workers(args),
     )
-    report = quantize_model(
-        args.model,
-        args.output,
-        args.calib,
-        config,
-        _images(args),
-        args.seed,
-        progress=sys.stderr.isatty(),
-        output_format=args.format,
-    )
-    written = [Path(args.output)]
-    try:  # the model, its table and its report are one result: all of them, or none
+    outputs = [Path(args.output), *([Path(table[1])] if table else []), *([html] if html else [])]
+    with replaced_together(outputs):  # one result: all of them, or none (and the old ones kept)
+        report = quantize_model(
+            args.model,
+            args.output,
+            args.calib,
+            config,
+            _images(args),
+            args.seed,
+            progress=sys.stderr.isatty(),
+            output_format=args.format,
+        )
         if table:
             from qdq.report.tables import write_table
 
-            written.append(write_table(args.output, table[1], table[0], flag="--table"))
+            write_table(args.output, table[1], table[0], flag="--table")
         summary = report.summary(args.output)
         if html:
             summary += "\n" + _write_html(
                 args, args.model, args.output, args.calib, html, report.decisions, report
             )
-    except BaseException:
-        for path in written:
-            Path(path).unlink(missing_ok=True)
-        raise
     return summary
 
 
