@@ -181,3 +181,54 @@ def test_image_options_of_the_wrong_shape_fail_their_model_in_one_qdq_line(tmp_p
     manifest.write_text(entry + "options = { image_size = 224 }\n")
     assert main(["quantize-many", str(manifest)]) == 2
     assert "`size` must be two sizes >= 1" in capsys.readouterr().out
+
+
+def test_a_model_whose_report_cannot_be_written_is_not_done(tmp_path, capsys):
+    """The report marks a model done: where it cannot be written (a folder holds its name),
+    the model fails and leaves no output, so a rerun does not skip it as done."""
+    for name in ("cnn.onnx", "calib.npz"):
+        shutil.copy(DIGITS / name, tmp_path / name)
+    (tmp_path / "out" / "a.onnx.report.txt").mkdir(parents=True)
+    manifest = tmp_path / "zoo.toml"
+    manifest.write_text(_entry("a", "cnn.onnx", "calib.npz", "out/a.onnx"))
+    for _ in range(2):
+        assert main(["quantize-many", str(manifest)]) == 2
+        out = capsys.readouterr().out
+        assert "a's report" in out.splitlines()[1], out
+        assert not (tmp_path / "out" / "a.onnx").exists()
+
+
+def test_a_manifest_sets_the_seed_and_refuses_workers(tmp_path, capsys):
+    for name in ("cnn.onnx", "calib.npz"):
+        shutil.copy(DIGITS / name, tmp_path / name)
+    manifest = tmp_path / "zoo.toml"
+    entry = _entry("a", "cnn.onnx", "calib.npz", "out/a.onnx")
+    manifest.write_text(entry + 'options = { seed = 3, method = "minmax", prefer = "int8" }\n')
+    assert main(["quantize-many", str(manifest)]) == 0
+    manifest.write_text(entry + "options = { workers = 2 }\n")
+    assert main(["quantize-many", str(manifest)]) == 2
+    assert "give --workers" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_says_the_done_models_stay(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import qdq.zoo
+    from qdq.errors import Interrupted
+
+    for name in ("cnn.onnx", "calib.npz"):
+        shutil.copy(DIGITS / name, tmp_path / name)
+    manifest = tmp_path / "zoo.toml"
+    entries = [_entry(n, "cnn.onnx", "calib.npz", f"out/{n}.onnx") for n in ("a", "b")]
+    manifest.write_text("".join(entries) + '[defaults]\nmethod = "minmax"\n')
+    real = qdq.zoo.quantize_model
+
+    def second_interrupted(model, output, *args, **kwargs):
+        if output.name == "b.onnx":
+            raise Interrupted(signal.SIGTERM)
+        return real(model, output, *args, **kwargs)
+
+    monkeypatch.setattr(qdq.zoo, "quantize_model", second_interrupted)
+    assert main(["quantize-many", str(manifest)]) == 128 + signal.SIGTERM
+    assert "the models done before it are kept" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.onnx", "a.onnx.report.txt"]

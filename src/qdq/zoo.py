@@ -34,9 +34,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from qdq.arrayfile import check_regular
 from qdq.config import preset_config
 from qdq.errors import ArgumentError, QdqError, UsageError, expect, first_line
 from qdq.images import ImageOptions
+from qdq.outputs import check_output, replaced_together, staged
 from qdq.pipeline import quantize_model
 from qdq.workers import ONE_PROCESS, Workers
 
@@ -86,6 +88,7 @@ def read_manifest(path: str | Path) -> list[Entry]:
     (written in turn, it would be read or overwritten later)."""
     expect(path, (str, os.PathLike), "the manifest's path")
     path = Path(path)
+    check_regular(path, "a TOML manifest")  # a FIFO would block
     try:
         manifest = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
@@ -118,6 +121,8 @@ def read_manifest(path: str | Path) -> list[Entry]:
             raise UsageError(f"{where}: {wrong} must be non-empty strings (paths)")
         if not isinstance(model.get("options", {}), dict):
             raise UsageError(f"{where}: options must be a table, e.g. options = {{ seed = 1 }}")
+        if "workers" in {**defaults, **model.get("options", {})}:
+            raise UsageError(f"{where}: workers is the command's own: give --workers instead")
         if model["output"].endswith(("/", "\\")):
             raise UsageError(f"{where}: output {model['output']!r} is a folder; give a file name")
         options = {**defaults, **model.get("options", {})}
@@ -186,23 +191,28 @@ def quantize_many(entries: list[Entry], workers: Workers = ONE_PROCESS) -> list[
 def _quantize(entry: Entry, workers: Workers, start: float) -> Outcome:
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.options.items()}
     preset = str(options.pop("preset", "default"))
+    seed = options.pop("seed", None)
     pictures = {field: options.pop(key) for key, field in IMAGE_OPTIONS.items() if key in options}
     try:
         config = preset_config(preset, workers=workers, **options)
         images = ImageOptions(**pictures)
     except TypeError as error:  # an unknown option name
-        raise UsageError(f"options of {entry.name!r}: {error}") from None
+        raise UsageError(f"options of {entry.name!r}: {first_line(error)}") from None
     folder = entry.output.parent
     made = [f for f in (folder, *folder.parents) if not f.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        report = quantize_model(entry.model, entry.output, entry.calib, config, images)
+        for target, what in ((entry.output, "output"), (entry.report, "report")):
+            check_output(target, [entry.model, entry.calib], f"{entry.name}'s {what}")
+        with replaced_together([entry.output, entry.report]):  # the report marks it done
+            report = quantize_model(entry.model, entry.output, entry.calib, config, images, seed)
+            with staged(entry.report) as temporary:
+                temporary.write_text(report.summary(entry.output) + "\n")
     except BaseException:
         for empty in made:  # a failed model leaves nothing, not even its folders
             with contextlib.suppress(OSError):
                 empty.rmdir()
         raise
-    entry.report.write_text(report.summary(entry.output) + "\n")
     worst = min(report.output_sqnr.values(), default=None)
     ratio = report.float_bytes / report.quantized_bytes
     return Outcome(entry.name, "done", time.perf_counter() - start, ratio, worst)

@@ -131,3 +131,20 @@ def test_a_failing_report_keeps_the_earlier_model_and_table(ws, monkeypatch, fau
         "out.cache",
         "out.onnx",
     ]
+
+
+def test_an_error_raised_while_a_signal_unwinds_is_the_signal(ws, monkeypatch):
+    """A signal landing in onnxruntime's import surfaces as ImportError("initialization
+    failed") raised from it: an interrupt, not an internal error to report."""
+    from qdq.errors import Interrupted
+
+    def broken(*args, **kwargs):
+        try:
+            raise Interrupted(signal.SIGINT)
+        except Interrupted as interrupt:
+            raise ImportError("initialization failed") from interrupt
+
+    monkeypatch.setattr("qdq.ptq.observe_holding", broken)
+    result = ws.run(*quantize(ws))
+    assert result.code == 128 + signal.SIGINT
+    assert result.stderr == "qdq: interrupted by SIGINT; nothing was written\n"

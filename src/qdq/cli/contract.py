@@ -20,21 +20,24 @@ from qdq.errors import Interrupted, QdqError
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PACKAGE = Path(__file__).resolve().parents[1]  # src/qdq: where a stage's frame must lie
+NOTHING_KEPT = "nothing was written"  # what an interrupted command leaves, as a rule
 
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the parsed command; its exit code."""
+    kept = getattr(args, "kept", NOTHING_KEPT)
     try:
         result = args.run(args)
     except Interrupted as interrupt:
-        return interrupted(interrupt.signum)
+        return interrupted(interrupt.signum, kept)
     except KeyboardInterrupt:  # where handlers cannot be installed (not the main thread)
-        return interrupted(signal.SIGINT)
+        return interrupted(signal.SIGINT, kept)
     except (QdqError, OSError) as error:
         say(f"error: {as_flags(str(error))}")
         return EXIT_USAGE
     except Exception as error:
-        return _internal(args, error)
+        cause = _interrupt_behind(error)  # onnxruntime's import fails as "initialization failed"
+        return interrupted(cause.signum, kept) if cause else _internal(args, error)
     return _printed(result)
 
 
@@ -99,9 +102,20 @@ def say(message: str) -> None:
     print("qdq: " + " ".join(message.split()), file=sys.stderr)  # always one line
 
 
-def interrupted(signum: int) -> int:
-    say(f"interrupted by {signal.Signals(signum).name}; nothing was written")
+def interrupted(signum: int, kept: str = NOTHING_KEPT) -> int:
+    say(f"interrupted by {signal.Signals(signum).name}; {kept}")
     return 128 + signum
+
+
+def _interrupt_behind(error: BaseException) -> Interrupted | None:
+    """The signal that an exception was raised while handling, if one was."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _internal(args: argparse.Namespace, error: Exception) -> int:

@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = commands.add_parser("quantize-many", help="quantize the models a TOML manifest lists")
     m.add_argument("manifest", help="TOML: [defaults] and [[model]] name, model, calib, output")
     worker_flags(m)
-    m.set_defaults(run=quantize_many)
+    m.set_defaults(run=quantize_many, kept="the models done before it are kept; rerun to resume")
 
     t = commands.add_parser("export-table", help="calibration table of a model qdq quantized")
     t.add_argument("model", help="an INT8 .onnx model written by `qdq quantize`")
