@@ -268,3 +268,29 @@ def test_grayscale_images_feed_a_one_channel_input(tmp_path):
     ]
     np.save(tmp_path / "arrays.npy", np.ones((2, 1, 4, 4), np.float32))
     assert Samples(tmp_path / "arrays.npy", spec).read_notes() == []
+
+
+@pytest.mark.parametrize(
+    ("values", "spec", "words"),
+    [
+        (np.array([[5], [2**33 + 5]], np.int64), ("x", np.int32), "outside its range"),
+        (np.array([[7], [-1], [300]]), ("x", np.uint8), r"sample 1 .*\[0, 255\]"),
+        (np.full((3, 1), 1e300), ("x", np.float32), r"beyond its range \(up to 3.4e\+38\)"),
+    ],
+)
+def test_values_the_input_type_cannot_hold_are_refused(tmp_path, values, spec, words):
+    """int64 2^33 + 5 had been fed to an int32 input as 5, -1 to a uint8 one as 255, and a
+    finite 1e300 was called NaN or Inf."""
+    np.save(tmp_path / "d.npy", values)
+    specs = [InputSpec(spec[0], np.dtype(spec[1]), (None, 1))]
+    with pytest.raises(DataError, match=words):
+        list(Samples(tmp_path / "d.npy", specs).batches(4))
+
+
+def test_a_bad_sample_is_named_by_its_place_in_the_data(tmp_path):
+    x = X.copy()
+    x[7, 0, 1, 1] = np.nan
+    np.save(tmp_path / "d.npy", x)
+    for seed in (None, 3):
+        with pytest.raises(DataError, match=r"sample 7 \(from 0\) holds NaN"):
+            list(Samples(tmp_path / "d.npy", SPEC, seed=seed).batches(4))

@@ -193,7 +193,7 @@ class Samples:
             picked = self.order[start : min(start + batch_size, end)]
             feed = {name: r.read(picked) for name, r in self._readers.items()}
             for spec in self.inputs:
-                feed[spec.name] = _checked(feed[spec.name], spec, self.source, start)
+                feed[spec.name] = _checked(feed[spec.name], spec, self.source, picked)
                 if not spec.batched:  # its one sample's whole tensor (a 0-d array for a scalar)
                     feed[spec.name] = feed[spec.name].reshape(feed[spec.name].shape[1:])
             yield feed
@@ -278,7 +278,7 @@ class Samples:
     def _check_first_sample(self) -> None:
         for spec in self.inputs:
             reader = self._readers[spec.name]
-            _checked(reader.read(self.order[:1]), spec, self.source, 0)
+            _checked(reader.read(self.order[:1]), spec, self.source, self.order[:1])
 
 
 def _largest_batch(inputs: Sequence[InputSpec]) -> int | None:
@@ -288,8 +288,9 @@ def _largest_batch(inputs: Sequence[InputSpec]) -> int | None:
     return 1 if any(not s.batched or s.shape[:1] == (1,) for s in inputs) else None
 
 
-def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np.ndarray:
-    """`batch` in the input's dtype, after shape, dtype and finiteness checks."""
+def _checked(batch: np.ndarray, spec: InputSpec, source: Path, picked: np.ndarray) -> np.ndarray:
+    """`batch` (the samples at positions `picked` of the data) in the input's dtype, after
+    shape, dtype, range and finiteness checks."""
     want = spec.shape[1:] if spec.batched else spec.shape  # a batch of 1 whole tensor
     got = batch.shape[1:]
     if spec.ranked and (
@@ -305,24 +306,46 @@ def _checked(batch: np.ndarray, spec: InputSpec, source: Path, start: int) -> np
                 else " (each sample holds the whole tensor, samples stacked on a new leading axis)"
             )
         )
+    where = f"{source}: input {spec.name!r}"
+    if batch.dtype.kind == "f" and not np.isfinite(batch).all():
+        raise DataError(
+            f"{where}, sample {_first_bad(batch, picked)} (from 0) holds NaN or Inf values; "
+            "fix or drop those samples"
+        )
     if batch.dtype != spec.dtype:
         same_kind = batch.dtype.kind == spec.dtype.kind or (
             batch.dtype.kind in "iu" and spec.dtype.kind in "iu"
         )
         if not same_kind:
             raise DataError(
-                f"{source}: input {spec.describe()} expects {spec.dtype}, got {batch.dtype}; "
+                f"{where} expects {spec.dtype}, got {batch.dtype}; "
                 f"convert the data (e.g. .astype('{spec.dtype}'))"
             )
+        if spec.dtype.kind in "iu" and batch.size:
+            info = np.iinfo(spec.dtype)
+            outside = (batch < info.min) | (batch > info.max)
+            if outside.any():
+                raise DataError(
+                    f"{where} is {spec.dtype}, and sample {_first_bad(~outside, picked)} holds "
+                    f"values outside its range [{info.min}, {info.max}]; fix those samples"
+                )
         with np.errstate(over="ignore", invalid="ignore"):  # what overflows is refused below
             batch = batch.astype(spec.dtype)
-    if batch.dtype.kind == "f" and not np.isfinite(batch).all():
-        bad = int((~np.isfinite(batch)).sum())
-        raise DataError(
-            f"{source}: input {spec.name!r}, batch from sample {start} holds {bad} "
-            "NaN or Inf values; fix or drop those samples"
-        )
+        if batch.dtype.kind == "f" and not np.isfinite(batch).all():
+            raise DataError(
+                f"{where} is {spec.dtype}, and sample {_first_bad(batch, picked)} holds values "
+                f"beyond its range (up to {np.finfo(spec.dtype).max:.3g}); scale the data"
+            )
     return np.ascontiguousarray(batch)
+
+
+def _first_bad(batch: np.ndarray, picked: np.ndarray) -> int:
+    """The data's position of the first sample in `batch` with a non-finite (or False)
+    value: a batch is read in the data's order, or shuffled under a seed."""
+    good = np.isfinite(batch) if batch.dtype.kind == "f" else batch
+    rows = good.reshape(len(batch), -1).all(axis=1) if batch.ndim else np.array([good.all()])
+    row = int(np.argmin(rows))
+    return int(picked[row]) if len(picked) == len(batch) else int(picked[0])
 
 
 class _Reader(Protocol):

@@ -341,6 +341,10 @@ def test_an_already_quantized_model_is_refused_unless_forced(ws, quantized):
     args = ["quantize", quantized, "-o", ws.folder / "again.onnx", "--calib", ws.calib]
     refused(ws, args, "already quantized", ws.folder / "again.onnx")
     assert run_contract(ws, [*args, "--force"], ws.folder / "again.onnx").code == 0
+    tuned = ["finetune", quantized, "-o", ws.folder / "tuned.onnx", "--calib", ws.calib]
+    result = run_contract(ws, tuned, ws.folder / "tuned.onnx", codes=(2,))
+    assert "already quantized" in result.stderr
+    assert "--force" not in result.stderr  # finetune has none to pass
 
 
 def test_a_fifo_given_as_calibration_data_is_refused_not_read(ws):

@@ -81,7 +81,7 @@ def quantize(args: argparse.Namespace) -> str:
 def finetune(args: argparse.Namespace) -> str:
     from qdq.qat.finetune import FinetuneOptions, finetune_model  # UsageError without torch
 
-    check_model_flags(args.model, args.exclude, False)
+    check_model_flags(args.model, args.exclude, None)  # fine-tuning has no --force
     config = preset_config(
         "default",
         method=args.method,

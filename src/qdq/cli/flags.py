@@ -76,9 +76,10 @@ def check_quantize_flags(args: argparse.Namespace) -> None:
         )
 
 
-def check_model_flags(model_path: str, exclude: Sequence[str], force: bool) -> None:
-    """Refuse an already-quantized model (unless `force`) and --exclude names that match no
-    node or op type. A model that does not parse is left for the loader to report."""
+def check_model_flags(model_path: str, exclude: Sequence[str], force: bool | None) -> None:
+    """Refuse an already-quantized model (unless `force`; None: the command has no --force)
+    and --exclude names that match no node or op type. A model that does not parse is left
+    for the loader to report."""
     if not Path(model_path).is_file():  # a FIFO would block here; the loader says what is wrong
         return
     try:
@@ -89,7 +90,8 @@ def check_model_flags(model_path: str, exclude: Sequence[str], force: bool) -> N
     if quantized and not force:
         raise UsageError(
             f"{model_path} is already quantized (it holds {', '.join(quantized)}); quantizing "
-            "it again rounds twice: give the FP32 model, or pass --force"
+            "it again rounds twice: give the FP32 model"
+            + (", or pass --force" if force is not None else "")
         )
     known = {n.name for n in model.graph.node} | {n.op_type for n in model.graph.node}
     unknown = [name for name in exclude if name not in known]
