@@ -294,3 +294,16 @@ def test_a_bad_sample_is_named_by_its_place_in_the_data(tmp_path):
     for seed in (None, 3):
         with pytest.raises(DataError, match=r"sample 7 \(from 0\) holds NaN"):
             list(Samples(tmp_path / "d.npy", SPEC, seed=seed).batches(4))
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_pictures_of_32_bit_or_float_pixels_are_refused(tmp_path, mode):
+    """PIL's conversion clamps them at 255 (a 0..65535 ramp read as two levels, a 0..1 one
+    as two), and no scale is theirs to assume."""
+    ramp = np.linspace(0, 65535 if mode == "I" else 1, 16).reshape(4, 4)
+    Image.fromarray(ramp.astype(np.int32 if mode == "I" else np.float32), mode).save(
+        tmp_path / "ramp.tif"
+    )
+    spec = [InputSpec("x", np.dtype(np.float32), (None, 1, 4, 4))]
+    with pytest.raises(DataError, match="on no scale qdq knows"):
+        collect(Samples(tmp_path, spec))

@@ -176,6 +176,11 @@ def _check_weights(scheme: QScheme) -> None:
 
 
 def _check_grid(grid: WeightGrid, weights: QScheme, adaround: bool) -> None:
+    if grid in (WeightGrid.BINARY, WeightGrid.TERNARY) and weights.bits != 8:
+        raise SchemeError(
+            f"{grid} weights are {{-1, {'' if grid is WeightGrid.BINARY else '0, '}1}} times a "
+            f"scale, whatever the bits: drop `weight_bits` ({weights.bits}) for them"
+        )
     if adaround:
         raise SchemeError(
             f"AdaRound learns up/down rounding on the uniform grid, not the {grid} one; "

@@ -132,6 +132,12 @@ def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
                     raise DataError(f"{path} is {width}x{height} pixels, over {limit}")
                 if image.mode.startswith("I;16"):  # 0..65535: PIL's convert clamps at 255
                     return _sixteen_bit(image, mode, size)
+                if image.mode in ("I", "F"):  # no scale they are on: convert clamps them too
+                    raise DataError(
+                        f"{path} holds {'32-bit integer' if image.mode == 'I' else 'float'} "
+                        "pixels, on no scale qdq knows (it reads 8 and 16 bits); save the "
+                        "samples as .npy arrays, scaled as the model expects"
+                    )
                 image.draft(mode, (size[1], size[0]))
                 picture = image.convert(mode).resize((size[1], size[0]))
     except Image.DecompressionBombError:

@@ -119,10 +119,10 @@ def replaced_together(paths: list[Path]) -> Iterator[None]:
         yield
     except BaseException:
         for path in paths:
-            if path in kept:
-                os.replace(kept.pop(path), path)
-            else:
+            if path not in kept:
                 path.unlink(missing_ok=True)
+            elif not (path.exists() and path.samefile(kept[path])):  # (a rename onto another
+                os.replace(kept.pop(path), path)  # link of the same file does nothing)
         raise
     finally:
         for backup in kept.values():

@@ -4,6 +4,7 @@ code before its fix; the contract as in test_regressions.py."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -80,6 +81,16 @@ def test_export_table_names_the_broken_line_of_an_ncnn_param(ws, quantized, line
     table = ws.folder / "t.table"
     args = ["export-table", quantized, "--format", "ncnn", "-o", table, "--ncnn-param", param]
     refused(ws, args, words, table)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_export_table_refuses_an_ncnn_param_that_is_no_file(ws, quantized, kind):
+    """A FIFO had blocked the command, and a folder failed as a bare "Is a directory"."""
+    param = ws.folder / "m.param"
+    os.mkfifo(param) if kind == "fifo" else param.mkdir()
+    table = ws.folder / "t.table"
+    args = ["export-table", quantized, "--format", "ncnn", "-o", table, "--ncnn-param", param]
+    refused(ws, args, "not a regular file", table)
 
 
 def test_no_ncnn_table_for_weights_ncnn_cannot_hold(ws):

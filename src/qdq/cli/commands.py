@@ -258,16 +258,21 @@ def _write_html(
 def inspect(args: argparse.Namespace) -> str:
     from qdq.config import QuantConfig
     from qdq.pipeline import inspect_model
+    from qdq.plan.decisions import PENDING
 
     decisions = inspect_model(args.model, QuantConfig(exclude=tuple(args.exclude)))
     check_excluded(args.exclude, {n for d in decisions for n in (d.node, d.op_type)})
     width = max(len(d.node) for d in decisions)
     lines = [f"{'node':<{width}}  {'op':<20} decision"]
+    pending = [d for d in decisions if d.quantized and d.reason == PENDING]
     for d in decisions:
-        verdict = ("int8: " if d.quantized else "float: ") + d.reason
+        verdict = d.reason if d in pending else ("int8: " if d.quantized else "float: ") + d.reason
         lines.append(f"{d.node:<{width}}  {d.op_type:<20} {verdict}")
-    quantized = sum(d.quantized for d in decisions)
-    lines.append(f"{quantized} of {len(decisions)} nodes quantizable")
+    quantized = sum(d.quantized for d in decisions) - len(pending)
+    lines.append(
+        f"{quantized} of {len(decisions)} nodes quantizable"
+        + (f", {len(pending)} more where int8 flows into them" if pending else "")
+    )
     return "\n".join(lines)
 
 

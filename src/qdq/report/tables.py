@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from qdq.arrayfile import check_regular
 from qdq.errors import DataError, ModelError, choice
 from qdq.lowbit import WeightGrid
 from qdq.onnx.graph import GraphIndex, attributes, subgraphs
@@ -319,6 +320,8 @@ def write_table(
     """Write the calibration table of the quantized model at `model_path` to `output`
     (atomically, after checking the path); `ncnn_param` names ncnn's layers."""
     target = check_output(output, [model_path, ncnn_param], flag)
+    if ncnn_param is not None:  # a FIFO would block, a folder fail in bare words
+        check_regular(Path(ncnn_param), "the ncnn .param file its converter wrote")
     try:
         param = Path(ncnn_param).read_text() if ncnn_param is not None else None
     except UnicodeDecodeError:
