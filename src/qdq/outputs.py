@@ -104,8 +104,10 @@ def staged(path: Path) -> Iterator[Path]:
 def replaced_together(paths: list[Path]) -> Iterator[None]:
     """The files at `paths` back as they were if the block fails, and those it made gone: its
     outputs (a model, its table, its report) are one result, all or none, and a failure loses
-    no earlier one. The earlier files are kept as hard links (copies where links fail)."""
+    no earlier one. The earlier files are kept as hard links (copies where links fail); what
+    is there and no regular file (a FIFO, a device) is left alone."""
     kept: dict[Path, Path] = {}
+    there = {path for path in paths if path.exists() or path.is_symlink()}  # never removed
     for path in paths:
         if path.is_file():
             backup = path.with_name(f".{path.name}.qdq-previous")
@@ -120,7 +122,8 @@ def replaced_together(paths: list[Path]) -> Iterator[None]:
     except BaseException:
         for path in paths:
             if path not in kept:
-                path.unlink(missing_ok=True)
+                if path not in there:  # (a FIFO or device given as -o was refused, not made)
+                    path.unlink(missing_ok=True)
             elif not (path.exists() and path.samefile(kept[path])):  # (a rename onto another
                 os.replace(kept.pop(path), path)  # link of the same file does nothing)
         raise
