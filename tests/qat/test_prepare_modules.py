@@ -142,3 +142,24 @@ def test_mistakes_are_named():
         prepare(model, x, QuantConfig(exclude=("conv1",)))
     with torch.inference_mode(), pytest.raises(UsageError, match="inference_mode"):
         prepare(model, x)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.boxes, self.scores = (
+            nn.Conv2d(3, 4, 3),
+            nn.Conv2d(4, 2, 1),
+            nn.Conv2d(4, 3, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = torch.relu(self.body(x))
+        return {"boxes": self.boxes(y), "scores": self.scores(y)}
+
+
+def test_a_dict_output_names_the_files_outputs_by_its_keys(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    path = export(prepare(TwoHeads(), x[:1], QuantConfig(), [x]), tmp_path / "heads.onnx", x[:1])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["boxes", "scores"]

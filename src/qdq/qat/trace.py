@@ -132,8 +132,9 @@ def to_onnx(
     inputs = [n.target for n in graph_module.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
         outputs = graph_module(*example_inputs)
-    count = len(outputs) if isinstance(outputs, tuple | list) else 1
-    names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+    names = list(_leaves(outputs, "output" if isinstance(outputs, torch.Tensor) else ""))
+    if len(set(names)) < len(names) or set(names) & set(inputs):  # keys that clash: numbered
+        names = [f"output_{i}" for i in range(len(names))]
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
@@ -151,6 +152,19 @@ def to_onnx(
             ) from None
     model = onnx.load_from_string(buffer.getvalue())
     return model, _unmark(model)
+
+
+def _leaves(value: object, name: str) -> Iterator[str]:
+    """A name per tensor of a module's output, in the order torch.onnx flattens it: a dict's
+    keys, a tuple's or list's places (`output_0`, `output_1_0`, ...)."""
+    if isinstance(value, torch.Tensor):
+        yield name
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, f"{name}_{key}" if name else str(key))
+    elif isinstance(value, tuple | list):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{name or 'output'}_{i}")
 
 
 def _marked(graph_module: fx.GraphModule) -> fx.GraphModule:
