@@ -19,17 +19,39 @@ def _i64(*values: int) -> np.ndarray:
     return np.array(values, np.int64)
 
 
+def _f32(*values: float) -> np.ndarray:
+    return np.array(values, np.float32)
+
+
 # (op, attributes, constant inputs after x (None: absent), input shape): one node each, run in
 # torch by QdqGraph and in ONNX Runtime. Opset 18: axes as inputs, Split's num_outputs.
 OP_CASES = [
     ("Resize", {"mode": "nearest"}, [None, np.array([1, 1, 2, 2], np.float32)], (1, 2, 3, 5)),
     ("Resize", {"mode": "linear"}, [None, np.array([1, 1, 2, 2], np.float32)], (1, 2, 3, 5)),
+    # nearest by ONNX's coordinates and rounding, linear by the given scale (not the sizes')
+    ("Resize", {"mode": "nearest", "nearest_mode": "ceil"}, [None, _f32(1, 1, 2, 2)], (1, 2, 3, 5)),
+    ("Resize", {"mode": "nearest"}, [None, None, _i64(1, 2, 2, 3)], (1, 2, 5, 7)),
+    (
+        "Resize",
+        {
+            "mode": "nearest",
+            "coordinate_transformation_mode": "align_corners",
+            "nearest_mode": "round_prefer_ceil",
+        },
+        [None, _f32(1, 1, 1.5, 1.5)],
+        (1, 2, 4, 6),
+    ),
+    ("Resize", {"mode": "linear"}, [None, _f32(1, 1, 1.5, 0.6)], (1, 2, 4, 6)),
     ("Slice", {}, [_i64(1, 0), _i64(99, -1), _i64(1, 3)], (2, 3, 4, 5)),
     # Swin's shifted windows and torch.flip: backwards, to the front and from a middle index
     ("Slice", {}, [_i64(-1, 3), _i64(-(2**63), 0), _i64(2, 3), _i64(-1, -2)], (2, 3, 4, 5)),
     ("Slice", {}, [_i64(99, -2), _i64(-99, 0), _i64(-1, 1), _i64(-1, -1)], (2, 3, 4, 5)),
     ("Pad", {"mode": "constant"}, [_i64(0, 0, 1, 2, 0, 0, 2, 1), np.float32(0.5)], (1, 2, 3, 4)),
     ("Pad", {"mode": "edge"}, [_i64(0, 0, 1, 2, 0, 0, 2, 1)], (1, 2, 3, 4)),
+    ("Pad", {"mode": "wrap"}, [_i64(0, 0, 1, 2, 0, 0, 2, 1)], (1, 2, 3, 4)),
+    ("Pad", {"mode": "reflect"}, [_i64(0, 0, 0, 2, 0, 0, 0, 1)], (1, 2, 3, 4)),  # the last axis
+    ("ReduceSum", {"noop_with_empty_axes": 1}, [], (2, 3, 4)),
+    ("Clip", {}, [], (2, 3)),
     ("Softmax", {"axis": 1}, [], (2, 5, 3)),
     (
         "LayerNormalization",
@@ -37,6 +59,7 @@ OP_CASES = [
         [np.ones(6, np.float32), np.zeros(6, np.float32)],
         (2, 3, 6),
     ),
+    ("LayerNormalization", {"axis": -1}, [np.ones((1, 6), np.float32)], (2, 3, 6)),
     ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}, [], (2, 7)),
     ("HardSwish", {}, [], (2, 7)),
     ("Transpose", {"perm": [0, 2, 1]}, [], (2, 3, 4)),

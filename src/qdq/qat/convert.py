@@ -117,6 +117,7 @@ class QdqGraph(nn.Module):
         self.bias_of: dict[str, Bias] = {}  # int32 bias initializer -> its scales
         consumers = _consumers(graph)
         producer = {o: n for n in graph.node for o in n.output}
+        self._check_pairs(graph, producer, activations)
         self._tie_scales(graph, producer, consumers)
         self.steps: list[Step] = []
         for node in graph.node:
@@ -126,7 +127,8 @@ class QdqGraph(nn.Module):
                     "keep it out of the model given to finetune, or please report it"
                 )
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            attrs.update(opset=self.opset, outputs=len(node.output))
+            made = sum(bool(name) for name in node.output)  # an optional output left out is ""
+            attrs.update(opset=self.opset, outputs=len(node.output), made=made)
             self.steps.append(Step(node.op_type, tuple(node.input), tuple(node.output), attrs))
             if node.op_type == "QuantizeLinear":
                 self._grid(node.input[1], node.input[2], activations, None, per_sample=True)
@@ -143,6 +145,29 @@ class QdqGraph(nn.Module):
             for q, f in fused_convs(graph, producer, consumers, self.initial, absorbed).items()
             if f.w_init in self.weight_of and _key(f.w_init) not in self.lowbit
         }
+
+    def _check_pairs(self, graph: onnx.GraphProto, producer: dict, activations: QScheme) -> None:
+        """Refuse Q/DQ pairs `qdq quantize` does not write with these settings: each
+        activation QuantizeLinear per tensor with a zero point of the activations' type, and
+        each DequantizeLinear of an activation on its QuantizeLinear's grid (the torch copy
+        keeps the activation dequantized between the two; a QuantizeLinear's output taken as
+        a graph output is that value too)."""
+        for node in graph.node:
+            if node.op_type not in QDQ_OPS:
+                continue
+            name, (data, scale, *zero) = f"node {node.name!r} ({node.op_type})", node.input
+            if not (zero and zero[0] in self.initial and scale in self.initial):
+                raise ModelError(f"{name} has no constant scale and zero point: no file qdq writes")
+            if node.op_type == "QuantizeLinear":
+                dtype, want = self.initial[zero[0]].dtype, activations.storage_dtype
+                if dtype != want or self.initial[scale].size != 1:
+                    raise ModelError(
+                        f"{name} is not the {want} per-tensor pair these settings make"
+                    )
+            elif data not in self.initial:
+                q = producer.get(data)
+                if q is None or q.op_type != "QuantizeLinear" or not self._same_grid(node, q):
+                    raise ModelError(f"{name} dequantizes no QuantizeLinear of its own grid")
 
     def _bound_clipped_scales(self, index: GraphIndex) -> None:
         """Hold each scale that a Clip's QuantizeLinear uses where ONNX Runtime drops that Clip.
@@ -202,10 +227,17 @@ class QdqGraph(nn.Module):
                         parent[find(q.input[1])] = find(dq.input[1])
         for q in (n for n in graph.node if n.op_type == "QuantizeLinear"):
             self.group[q.input[1]] = _key(find(q.input[1]))
+        for dq in (n for n in graph.node if n.op_type == "DequantizeLinear"):
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":  # its scale, maybe repeated
+                self.group[dq.input[1]] = self.group[q.input[1]]  # per channel: written too
 
     def _same_grid(self, a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
+        """The same scale and zero point, one of them maybe repeated per channel (a float
+        Conv's reader, `qdq.passes.insert_qdq._per_channel_reader`)."""
         return all(
-            np.array_equal(self.initial[x], self.initial[y])
+            np.all(self.initial[x] == self.initial[y].reshape(-1)[0])
+            and np.all(self.initial[y] == self.initial[x].reshape(-1)[0])
             for x, y in zip(a.input[1:3], b.input[1:3], strict=False)
         )
 
@@ -260,6 +292,8 @@ class QdqGraph(nn.Module):
             for c in consumers[node.output[0]]
         )
         axis = attrs.get("axis", 1) if scale.ndim else None
+        if slot and zero_point.dtype != weights.storage_dtype:
+            raise ModelError(f"weight {node.input[0]!r} is {zero_point.dtype}, not the settings'")
         lowbit = slot and self.weight_grid is not WeightGrid.UNIFORM
         self.weight_of[node.input[0]] = self._grid(
             *(node.input[1], node.input[2], weights if slot else activations, axis),
@@ -298,7 +332,9 @@ class QdqGraph(nn.Module):
             else:
                 out = OPS[step.op_type](ins, step.attrs)
             outs = out if isinstance(out, tuple | list) else (out,)
-            env.update(zip(step.outputs, outs, strict=False))
+            # an output left out is "", the name every absent optional input reads as None
+            made = zip(step.outputs, outs, strict=False)
+            env.update((name, value) for name, value in made if name)
         return [env[name] for name in [*self.outputs, *inner]]
 
     def _fused_conv(self, f: FusedConv, env: dict[str, Value]) -> torch.Tensor:

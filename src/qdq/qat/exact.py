@@ -99,7 +99,9 @@ def qlinear_conv(
         s_x, s_w, s_y = (g.bounded_scale().detach().clamp_min(MIN_SCALE) for g in grids)
         z_x, z_y = x_grid.zero_point, y_grid.zero_point
         x_codes = x_grid.codes(x).double() - z_x.double()
-        w_codes = w_grid.codes(w).double()
+        z_w = w_grid.zero_point.double()  # one per output channel, or one for all
+        z_w = z_w.reshape(-1, *[1] * (w.ndim - 1)) if z_w.numel() > 1 else z_w
+        w_codes = w_grid.codes(w).double() - z_w
         acc = conv([x_codes, w_codes], attrs)
         channel = (1, -1) + (1,) * (acc.ndim - 2)
         if b is not None:

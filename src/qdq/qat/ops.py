@@ -25,6 +25,7 @@ from qdq.qat.ops_conv import conv, conv_transpose, gemm, pool, resize
 from qdq.qat.ops_math import (
     batch_norm,
     clip,
+    divide,
     einsum,
     elementwise,
     instance_norm,
@@ -64,7 +65,7 @@ OPS: dict[str, Callable[[Sequence[Value], Attrs], object]] = {
     "Add": elementwise(torch.add),
     "Sub": elementwise(torch.sub),
     "Mul": elementwise(torch.mul),
-    "Div": elementwise(torch.div),
+    "Div": divide,
     "Pow": elementwise(torch.pow),
     "Mod": lambda i, a: (torch.fmod if a.get("fmod", 0) else torch.remainder)(i[0], i[1]),
     "Sqrt": elementwise(torch.sqrt),

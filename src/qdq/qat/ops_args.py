@@ -38,6 +38,7 @@ TORCH_DTYPES = {
     np.dtype(np.float64): torch.float32,  # trained in float32 throughout
     np.dtype(np.int64): torch.int64,
     np.dtype(np.int32): torch.int32,
+    np.dtype(np.int16): torch.int16,
     np.dtype(np.bool_): torch.bool,
     np.dtype(np.uint8): torch.uint8,
     np.dtype(np.int8): torch.int8,

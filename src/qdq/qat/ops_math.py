@@ -8,14 +8,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.nn import functional as F  # noqa: N812 (torch's own spelling)
 
+from qdq.errors import ModelError
 from qdq.qat.ops_args import Attrs, Value, axes_of, input_or_none
 
 
 def clip(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """Bounds as the input's type (an integer Clip stays integer); none given: the input."""
+    x = inputs[0]
     low, high = input_or_none(inputs, 1), input_or_none(inputs, 2)
-    low = float(low) if low is not None else attrs.get("min")
-    high = float(high) if high is not None else attrs.get("max")
-    return torch.clamp(inputs[0], low, high)
+    low = low.item() if low is not None else attrs.get("min")
+    high = high.item() if high is not None else attrs.get("max")
+    return x if low is None and high is None else torch.clamp(x, low, high)
 
 
 def softmax(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
@@ -28,15 +31,27 @@ def softmax(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
 
 
 def reduce(inputs: Sequence[Value], attrs: Attrs, fn: Callable) -> torch.Tensor:
+    """Over `axes`; none given: every axis, or none at all with `noop_with_empty_axes`."""
     x, axes = inputs[0], axes_of(inputs, attrs)
+    if not axes and attrs.get("noop_with_empty_axes", 0):
+        return x
+    if fn is torch.mean and not x.is_floating_point():
+        raise ModelError("ReduceMean of integers has no converter")
     axes = axes or list(range(x.ndim))
     return fn(x, dim=axes, keepdim=bool(attrs.get("keepdims", 1)))
 
 
 def layer_norm(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """Over the axes from `axis` on; a scale or bias of another shape broadcasts after."""
+    if attrs["made"] > 1:
+        raise ModelError("LayerNormalization's mean and deviation outputs have no converter")
     x, scale, bias = inputs[0], inputs[1], input_or_none(inputs, 2)
     shape = x.shape[attrs.get("axis", -1) % x.ndim :]
-    return F.layer_norm(x, shape, scale, bias, attrs.get("epsilon", 1e-5))
+    epsilon = attrs.get("epsilon", 1e-5)
+    if scale.shape == shape and (bias is None or bias.shape == shape):
+        return F.layer_norm(x, shape, scale, bias, epsilon)
+    y = F.layer_norm(x, shape, eps=epsilon) * scale
+    return y if bias is None else y + bias
 
 
 def instance_norm(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
@@ -66,6 +81,13 @@ def batch_norm(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
 def prelu(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     x, slope = inputs
     return torch.where(x >= 0, x, x * slope)
+
+
+def divide(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
+    """ONNX's Div: integers truncate toward zero (shape arithmetic), floats divide."""
+    a, b = inputs
+    integer = not (a.is_floating_point() or b.is_floating_point())
+    return torch.div(a, b, rounding_mode="trunc") if integer else torch.div(a, b)
 
 
 def elementwise(fn: Callable) -> Callable[[Sequence[Value], Attrs], torch.Tensor]:

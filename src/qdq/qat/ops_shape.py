@@ -72,9 +72,10 @@ def split(inputs: Sequence[Value], attrs: Attrs) -> tuple[torch.Tensor, ...]:
     """`outputs` (set when the graph is read): how many parts, where no sizes are given."""
     x, axis = inputs[0], attrs.get("axis", 0)
     sizes = attrs.get("split") or as_ints(input_or_none(inputs, 1))
-    if not sizes:
-        sizes = -(-x.shape[axis] // attrs["outputs"])
-    return torch.split(x, sizes, axis)
+    if not sizes:  # equal parts of ceil(n / parts), the last smaller, even empty
+        step = -(-x.shape[axis] // attrs["outputs"])
+        sizes = [max(0, min(step, x.shape[axis] - i * step)) for i in range(attrs["outputs"])]
+    return torch.split(x, list(sizes), axis)
 
 
 def gather(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
@@ -97,11 +98,18 @@ def pad(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
     n = len(axes)
     full = {a % x.ndim: (pads[i], pads[n + i]) for i, a in enumerate(axes)}
     torch_pads = [p for d in reversed(range(x.ndim)) for p in full.get(d, (0, 0))]
-    while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:
-        torch_pads = torch_pads[:-2]
     mode = attrs.get("mode", b"constant")
-    mode = {"edge": "replicate"}.get(mode.decode(), mode.decode())
-    return F.pad(x, torch_pads, mode=mode, value=value if mode == "constant" else None)
+    mode = {"edge": "replicate", "wrap": "circular"}.get(mode.decode(), mode.decode())
+    if mode == "constant":
+        return F.pad(x, torch_pads, value=value)
+    # torch pads the last k <= 3 axes of a tensor of k + 1 or k + 2 axes, as many as given
+    kept = len(torch_pads) // 2
+    while kept > 1 and torch_pads[2 * kept - 2 : 2 * kept] == [0, 0]:
+        kept -= 1
+    kept = max(kept, x.ndim - 2)
+    if x.ndim - kept < 1 or kept > 3:
+        raise ModelError(f"Pad {mode} of these axes of a {x.ndim}-axis tensor has no converter")
+    return F.pad(x, torch_pads[: 2 * kept], mode=mode)
 
 
 def flatten(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
@@ -117,8 +125,13 @@ def shape(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
 
 
 def cast(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:
-    to = helper.tensor_dtype_to_np_dtype(attrs["to"])
-    return inputs[0].to(TORCH_DTYPES.get(np.dtype(to), torch.float32))
+    """To the type's torch twin; float16 as its values rounded (training stays float32)."""
+    to = np.dtype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
+    if to == np.float16:
+        return inputs[0].to(torch.float16).to(torch.float32)
+    if to not in TORCH_DTYPES:
+        raise ModelError(f"Cast to {to} has no converter")
+    return inputs[0].to(TORCH_DTYPES[to])
 
 
 def constant_of_shape(inputs: Sequence[Value], attrs: Attrs) -> torch.Tensor:

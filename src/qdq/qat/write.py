@@ -64,7 +64,9 @@ def write_back(model: onnx.ModelProto, graph: QdqGraph, pairs: bool = False) -> 
     for i, tensor in enumerate(out.graph.initializer):
         if tensor.name in values:
             dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            new = values[tensor.name].astype(dtype).reshape(tuple(tensor.dims))
+            new = values[tensor.name].astype(dtype)  # a scale repeated per channel: repeated
+            new = np.broadcast_to(new, tuple(tensor.dims)) if new.size == 1 else new
+            new = new.reshape(tuple(tensor.dims))
             out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, tensor.name))
     return out
 
