@@ -365,3 +365,32 @@ def test_auto_picks_the_best_estimator_per_tensor():
     for data in (laplace, uniform):
         scores = {m: int8_sqnr(m, data) for m in ("minmax", "percentile", "kl", "mse")}
         assert int8_sqnr("auto", data) >= max(scores.values()) - 0.2
+
+
+def test_per_channel_kl_is_each_channels_own_kl():
+    """Each channel a per-tensor problem on its slice (docs/quantization.md §5): the channels
+    had shared the search's last bin, so a narrower channel was scored on bins past its own
+    values and kept its max |x| (4.36 where its own KL is 4.02)."""
+    rng = np.random.default_rng(5)
+    first = np.stack([rng.standard_normal(20000), rng.standard_normal(20000)])
+    second = np.stack([rng.standard_normal(20000), 1.6 * rng.standard_normal(20000)])
+    both = HistogramObserver(KL(8), axis=0)
+    for batch in (first, second):
+        both.update(batch.astype(np.float32))
+    whole = both.compute()
+    for channel in range(2):
+        alone = HistogramObserver(KL(8))
+        for batch in (first, second):
+            alone.update(batch[channel].astype(np.float32))
+        assert whole.hi[channel] == pytest.approx(float(alone.compute().hi), rel=1e-6)
+
+
+def test_kl_on_a_symmetric_grid_gives_data_above_zero_half_the_levels():
+    """ReLU outputs on TensorRT's symmetric int8 have 128 levels, not uint8's 256."""
+    data = np.abs(np.random.default_rng(1).laplace(0, 1, 50_000)).astype(np.float32)
+    thresholds = {}
+    for name, rule in (("int8", KL(8, symmetric=True)), ("7 bits", KL(7)), ("uint8", KL(8))):
+        observer = HistogramObserver(rule)
+        observer.update(data)
+        thresholds[name] = float(observer.compute().hi)
+    assert thresholds["int8"] == thresholds["7 bits"] < thresholds["uint8"]

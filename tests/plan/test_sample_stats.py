@@ -39,3 +39,12 @@ def test_lone_float16_samples_are_summed_without_overflow():
     for _ in range(PENDING + 4):
         stats.update(np.full((1, 3), 5000, np.float16))
     np.testing.assert_array_equal(stats.mean, [5000.0] * 3)
+
+
+def test_a_float16_batch_is_summed_wide_enough():
+    """32 float16 samples of 5000 summed in float16 overflow to inf (a batch had been summed
+    in its own type; lone samples already were widened)."""
+    x = np.full((32, 3), 5000, np.float16)
+    stats = SampleStats()
+    stats.update(x)
+    np.testing.assert_array_equal(stats.mean, [5000, 5000, 5000])

@@ -37,7 +37,9 @@ METHODS = tuple(m.value for m in Method)
 _FACTORIES: dict[Method, Callable[[QScheme, int | None], Observer]] = {
     Method.MINMAX: lambda grid, axis: MinMaxObserver(axis=axis),
     Method.EMA: lambda grid, axis: MovingAverageMinMaxObserver(axis=axis),
-    Method.KL: lambda grid, axis: HistogramObserver(KL(grid.bits), axis=axis),
+    Method.KL: lambda grid, axis: HistogramObserver(
+        KL(grid.bits, symmetric=grid.symmetric), axis=axis
+    ),
     Method.PERCENTILE: lambda grid, axis: HistogramObserver(Percentile(), axis=axis),
     Method.MSE: lambda grid, axis: HistogramObserver(MSE(grid.bits), axis=axis),
     Method.AUTO: lambda grid, axis: HistogramObserver(Auto(grid.bits, grid.symmetric), axis=axis),

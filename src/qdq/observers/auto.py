@@ -39,7 +39,7 @@ class Auto:
         gives every method's range, so a caller can also try them whole (`--method best`)."""
         candidates = {"minmax": Range(hist.lo, hist.hi), "percentile": Percentile()(hist)}
         if self.kl:
-            candidates["kl"] = KL(min(self.bits, 8), stride=KL_STRIDE)(hist)
+            candidates["kl"] = KL(min(self.bits, 8), KL_STRIDE, self.symmetric)(hist)
         candidates["mse"] = MSE(self.bits)(hist)
         grid = QScheme(self.bits, signed=self.symmetric, symmetric=self.symmetric)
         half = hist.half

@@ -25,10 +25,13 @@ MAX_CANDIDATES = 2048  # past this many end bins, step over them: the search is 
 @dataclass(frozen=True)
 class KL:
     """Threshold minimizing KL(P || Q) between the clipped histogram P and its `levels`-level
-    quantization Q; `levels` is 2^(bits-1) for signed data and 2^bits for data >= 0."""
+    quantization Q; `levels` is 2^(bits-1) for signed data and 2^bits for data >= 0, except
+    on a `symmetric` grid, whose zero point in the middle leaves data >= 0 half the codes (a
+    TensorRT cache's int8: 128 levels)."""
 
     bits: int = 8
     stride: int = 1  # every `stride`-th end bin is a candidate (NVIDIA's reference has it too)
+    symmetric: bool = False  # the grid the range is for
 
     def __post_init__(self) -> None:
         expect(self.bits, numbers.Integral, "KL's bits")
@@ -47,11 +50,9 @@ class KL:
         counts[:, 0] = counts[:, 1]  # eq. 18: damp the spike of exact zeros (ReLU outputs)
         unsigned = hist.lo >= 0
         end_bin = np.empty(counts.shape[0], dtype=np.int64)
-        for flag in (False, True):  # channels of one signedness share the search
-            rows = np.flatnonzero(unsigned == flag)
-            if rows.size:
-                levels = 1 << (self.bits - 1 + int(flag))
-                end_bin[rows] = kl_end_bins(counts[rows], levels, self.stride)
+        for row in range(counts.shape[0]):  # each channel its own search, to its own last bin
+            levels = 1 << (self.bits - 1 + int(unsigned[row] and not self.symmetric))
+            end_bin[row] = kl_end_bins(counts[row : row + 1], levels, self.stride)[0]
         t = np.minimum(end_bin * width, np.maximum(-hist.lo, hist.hi))
         return Range(np.where(unsigned, 0.0, -t), t)
 

@@ -45,8 +45,8 @@ class SampleStats:
             if self.waiting == PENDING:
                 self._settle()
         else:
-            self._settle()
-            self._add(batch.sum(axis=0))
+            self._settle()  # float16 summed as float32, as the lone samples are
+            self._add(batch.sum(axis=0, dtype=np.promote_types(batch.dtype, np.float32)))
         largest = batch[0] if len(batch) == 1 else batch.max(axis=0)
         if self.top is None:
             self.top = largest.copy()
