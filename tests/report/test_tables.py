@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,8 @@ def test_ranges_come_from_the_models_qdq_pairs(cnn_int8):
 
 def test_a_symmetric_int8_scale_passes_to_tensorrt_unchanged(tmp_path):
     out = tmp_path / "trt.onnx"
-    quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", RUN_PRESETS["tensorrt"])
+    config = replace(RUN_PRESETS["tensorrt"], smoothing=False)  # a table's file: unsmoothed
+    quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", config)
     model = onnx.load(str(out))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     scales = parse_tensorrt_cache(tensorrt_cache(read_ranges(model)))
@@ -195,3 +197,22 @@ def test_bad_table_flags_are_refused_before_any_work(tmp_path, monkeypatch, caps
 def test_hex_is_the_big_endian_float32():
     # the cache's digits are the float's bits, most significant first: 0.02 = 0x3ca3d70a
     assert struct.pack(">f", 0.02).hex() == "3ca3d70a"
+
+
+def test_a_smoothed_model_gives_no_table_and_quantize_table_does_not_smooth(tmp_path, capsys):
+    """SmoothQuant divides the digits transformer's MatMul inputs: a table named tensors the
+    float model lacks (`..._smoothed`), with ranges of the divided tensors."""
+    smoothed, plain = tmp_path / "smoothed.onnx", tmp_path / "plain.onnx"
+    args = [str(DIGITS / "transformer.onnx"), "--calib", str(DIGITS / "calib.npz")]
+    assert main(["quantize", args[0], "-o", str(smoothed), *args[1:]]) == 0
+    assert any(n.name.endswith("_smooth") for n in onnx.load(str(smoothed)).graph.node)
+    table = tmp_path / "t.cache"
+    assert main(["export-table", str(smoothed), "--format", "tensorrt", "-o", str(table)]) == 2
+    assert "--no-smoothing" in capsys.readouterr().err
+    assert (
+        main(["quantize", args[0], "-o", str(plain), *args[1:], "--table", f"tensorrt:{table}"])
+        == 0
+    )
+    float_names = {name for n in onnx.load(str(DIGITS / "transformer.onnx")).graph.node
+                   for name in (*n.input, *n.output)}  # fmt: skip
+    assert set(parse_tensorrt_cache(table.read_text())) <= float_names

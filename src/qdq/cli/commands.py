@@ -40,7 +40,7 @@ def quantize(args: argparse.Namespace) -> str:
         activation_dtype=args.activation_dtype,
         exclude=tuple(args.exclude) or None,
         equalize=args.equalize,
-        smoothing=args.smoothing,
+        smoothing=False if table else args.smoothing,  # a table describes the float tensors
         target_sqnr=args.target_sqnr,
         prefer=args.prefer,
         saturation=args.saturation,

@@ -36,7 +36,7 @@ import onnx
 from qdq.arrayfile import check_regular
 from qdq.errors import DataError, ModelError, choice
 from qdq.lowbit import WeightGrid
-from qdq.onnx.graph import GraphIndex, attributes, subgraphs
+from qdq.onnx.graph import GraphIndex, attributes, is_smoothing, subgraphs
 from qdq.onnx.model import METADATA_KEY, UNIFORM_INT8, WEIGHTS_KEY, load_model
 from qdq.outputs import check_output, staged
 
@@ -108,6 +108,12 @@ def read_ranges(model: onnx.ModelProto) -> Ranges:
             "the branch's network as a model of its own to export its tables"
         )
     index = GraphIndex(model)
+    if any(is_smoothing(n) for n in index.nodes):
+        raise ModelError(
+            "the model was smoothed (SmoothQuant divided tensors and moved the factors into "
+            "weights), so its ranges are not the float model's, which a runtime calibrates "
+            "with the table; quantize it again with --no-smoothing (`--table` does so itself)"
+        )
     made = {n.output[0] for n in index.nodes if n.op_type == "DequantizeLinear"}
     if not isinstance(copies, dict) or not all(
         isinstance(name, str) and isinstance(copy, str) and copy in made
