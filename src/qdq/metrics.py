@@ -33,6 +33,7 @@ class ErrorStats:
     equal: int = 0  # an integer output's values equal to FP32's, of `values`
     values: int = 0  # an integer output's values seen (0: not one)
     classes: bool = False
+    unmatched: int = 0  # batches left out: their shapes differ (a size set by the data)
 
     def update(
         self, reference: np.ndarray, approximation: np.ndarray, block: int | None = None
@@ -61,7 +62,7 @@ class ErrorStats:
             self.dot += sums[2]
             self.other += sums[3]
             peak = np.maximum(peak, top)  # a NaN error stays NaN, as in one np.max
-        self.max_abs = max(self.max_abs, float(peak))
+        self.max_abs = float(np.maximum(self.max_abs, peak))  # (max() would drop a NaN)
         if reference.dtype.kind in "biu":
             self.values += x.size
             self.equal += int(np.count_nonzero(x == y))
@@ -78,7 +79,8 @@ class ErrorStats:
         if not isinstance(other, ErrorStats):
             raise DataError(f"merge takes another ErrorStats, got {type(other).__name__}")
         sums = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
-        sums.update(max_abs=max(self.max_abs, other.max_abs), classes=self.classes or other.classes)
+        peak = float(np.maximum(self.max_abs, other.max_abs))
+        sums.update(max_abs=peak, classes=self.classes or other.classes)
         return ErrorStats(**sums)
 
     @property
@@ -87,9 +89,12 @@ class ErrorStats:
 
     @property
     def cosine(self) -> float:
+        """1 where both are all zeros, 0 where one alone is (no direction to share)."""
         denominator = np.sqrt(self.signal * self.other)
+        if not denominator:
+            return 1.0 if self.signal == self.other == 0 else 0.0
         with np.errstate(invalid="ignore"):  # inf / inf: an output that is Inf somewhere
-            return float(self.dot / denominator) if denominator else 1.0
+            return float(self.dot / denominator)
 
     def as_dict(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {
@@ -102,6 +107,8 @@ class ErrorStats:
             out["top5_agreement"] = self.top5 / self.rows
         if self.values:
             out["equal_share"] = self.equal / self.values
+        if self.unmatched:
+            out["batches_of_another_shape"] = self.unmatched
         return out
 
 

@@ -10,8 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
+from qdq.config import preset_config
 from qdq.observers import Histogram
-from qdq.report.html import render, write_report
+from qdq.pipeline import quantize_model
+from qdq.report.html import _number, render, write_report
 from qdq.report.measure import measure
 from qdq.report.profile import _per_op_type
 from qdq.report.ranges import activation_view, quantized_activations, weight_views
@@ -157,3 +159,32 @@ def test_sensitivity_pools_the_float_outputs_alone(tmp_path):
     nodes = [n.name for n in onnx.load(quantized).graph.node if n.op_type == "Conv"]
     alone = layer_sensitivity(onnx.load(source), onnx.load(quantized), nodes, feeds)
     assert layer_sensitivity(*models, nodes, feeds) == alone
+
+
+def test_per_tensor_weights_are_drawn_per_output_channel(tmp_path):
+    """A per-tensor DequantizeLinear's axis attribute (default 1) says nothing: the charts had
+    drawn the Conv's input channels and the Gemm's 64 inputs as its channels."""
+    int8 = tmp_path / "per_tensor.onnx"
+    quantize_model(DIGITS / "cnn.onnx", int8, DIGITS / "calib.npz",
+                   preset_config("default", per_channel=False))  # fmt: skip
+    views = {w.tensor: w for w in weight_views(onnx.load(int8))}
+    channels = {name: len(view.lo) for name, view in views.items()}
+    assert channels == {"/0/Conv weight": 16, "/3/Conv weight": 32, "/7/Conv weight": 64,
+                        "/12/Gemm weight": 10}  # fmt: skip
+
+
+def test_a_qoperator_files_layers_read_int8(tmp_path):
+    """Its QLinearConv and QGemm rows had read "float: kept float after calibration"."""
+    int8 = tmp_path / "qop.onnx"
+    quantize_model(DIGITS / "cnn.onnx", int8, DIGITS / "calib.npz", output_format="qoperator")
+    data = measure(DIGITS / "cnn.onnx", int8, DIGITS / "test.npz", max_samples=16)
+    kernels = [r for r in data.layers if r.op_type.startswith(("QLinear", "QGemm"))]
+    assert kernels
+    assert all(r.quantized and "QOperator" in r.reason for r in kernels)
+    assert any("QOperator file" in note for note in data.comparison.notes)
+
+
+def test_a_nan_layer_reads_nan_and_sorts_last():
+    assert ">NaN<" in _number(float("nan"))
+    assert 'data-value="-1e9"' in _number(float("nan"))
+    assert ">exact<" in _number(float("inf"))

@@ -79,3 +79,12 @@ def test_a_bad_declaration_is_one_line_naming_the_flag(head, tmp_path, capsys, s
     assert says in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_report_takes_declared_parts(head, tmp_path):
+    """`qdq report --output-parts` draws the declared parts (the flag had not reached it)."""
+    source, quantized, data = head
+    page = tmp_path / "r.html"
+    args = ["report", source, quantized, "--data", data, "-o", page]
+    assert main([*map(str, args), "--output-parts", "y:1:0-2,2-4,4-7"]) == 0
+    assert "y[:, 0:2]" in page.read_text()

@@ -250,6 +250,7 @@ def _write_html(
         sensitivity=args.sensitivity,
         workers=_workers(args),
         images=_images(args),
+        declared=args.output_parts,
     )
     size = write_report(replace(measured, run=run), target)
     return f"wrote {target}: HTML report, {size / 1e6:.1f} MB, opens offline"

@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("-o", "--output", required=True, help="the .html file to write")
     report_flags(h)
     image_flags(h)
+    output_parts_flag(h)
     worker_flags(h)
     h.set_defaults(run=report)
 

@@ -254,10 +254,14 @@ class PartStats:
         else the samples of a (batch, classes) output (`ErrorStats`), else 0."""
         if self.part.kind is Kind.SCORES and self.rows:
             return self.rows
-        return self.error.rows if self.error.classes else 0
+        return self.error.rows if self.error.classes and self.part.axis is None else 0
 
     def as_dict(self) -> dict[str, float | None]:
+        """Its error; class agreement for a scores part or a whole (batch, classes) output,
+        never for boxes or values beside other quantities (an argmax over cx, cy, w, h)."""
         out = self.error.as_dict()
+        if self.part.axis is not None:
+            out = {k: v for k, v in out.items() if not k.startswith("top")}
         if self.part.kind is Kind.SCORES and self.rows:
             out["top1_agreement"] = self.top1 / self.rows
             out[f"top{TOP_K}_agreement"] = self.topk / self.rows

@@ -39,11 +39,16 @@ def check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) ->
 
 
 def leading_outputs(reference: onnx.ModelProto, samples: Samples, count: int) -> LeadingOutputs:
-    """FP32's float outputs on the first `count` samples, feed by feed."""
+    """FP32's float outputs on the first `count` samples, feed by feed (float16 and float64
+    ones as float32: their parts and readings are found as `qdq quantize` finds them)."""
     session = open_session(reference)
-    names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
+    floats = ("tensor(float)", "tensor(float16)", "tensor(double)")
+    names = [o.name for o in session.get_outputs() if o.type in floats]
     with fails_on_data("the float model on the data"):
-        outputs = [run_named(session, names, feed) for feed in samples.batches(count, last=count)]
+        outputs = [
+            [o.astype(np.float32, copy=False) for o in run_named(session, names, feed)]
+            for feed in samples.batches(count, last=count)
+        ]
     return names, outputs
 
 

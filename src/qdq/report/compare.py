@@ -67,7 +67,7 @@ class Comparison:
             "samples": self.samples,
             "notes": self.notes,
             "size_bytes": {"float": self.sizes[0], "quantized": self.sizes[1]},
-            "outputs": {k: {**v.as_dict(), **self._read(k)} for k, v in self.outputs.items()},
+            "outputs": {k: {**self.output_stats(k), **self._read(k)} for k in self.outputs},
             "parts": {k: v.as_dict() for k, v in self.parts.items()},
             "layers": [{"tensor": k, "sqnr_db": v.sqnr_db} for k, v in worst],
         }
@@ -88,6 +88,13 @@ class Comparison:
         """What `batch_latency_ms` timed: 'batch 32', or '128 steps in one run'."""
         count = self.batch_latency_ms[0] if self.batch_latency_ms else 0
         return f"{count} steps in one run" if self.sequence else f"batch {count}"
+
+    def output_stats(self, name: str) -> dict[str, float | None]:
+        """An output's error; its class agreement only where it holds one quantity (split, its
+        top-1 would take an argmax across a detector's boxes and scores)."""
+        out = self.outputs[name].as_dict()
+        split = any(p.part.output == name and p.part.axis is not None for p in self.parts.values())
+        return {k: v for k, v in out.items() if not k.startswith("top")} if split else out
 
     def _read(self, output: str) -> dict[str, float | None]:
         """An output of decisions' share of samples read as FP32 reads them, if it is one."""
@@ -119,14 +126,21 @@ class Comparison:
                 f"1 thread, {self.batch_label()}, median)"
             )
         for name, stats in self.outputs.items():
-            d = stats.as_dict()
+            d = self.output_stats(name)
+            if "batches_of_another_shape" in d:
+                lines.append(
+                    f"output {name!r}: of another shape than FP32's on {stats.unmatched} batches "
+                    "(its size is set by the data), left out of its numbers"
+                )
+                if not (stats.signal or stats.noise or stats.values):
+                    continue  # no batch of its own shape: no numbers to give
             if "equal_share" in d:  # integers (a label): how often they are FP32's is the news
                 text = f"output {name!r}: equal to FP32's at {d['equal_share']:.2%} of its "
                 text += f"{stats.values} values (integers: SQNR {d['sqnr_db']:.2f} dB)"
             else:
                 text = f"output {name!r}: SQNR {d['sqnr_db']:.2f} dB, cosine {d['cosine']:.6f}, "
                 text += f"max abs error {d['max_abs_error']:.4g}"
-            if stats.classes:
+            if "top1_agreement" in d:
                 text += f", top-1 {d['top1_agreement']:.2%}, top-5 {d['top5_agreement']:.2%}"
             if name in self.readings:
                 text += f"; {self.readings[name].as_text()}"
@@ -199,6 +213,12 @@ def compare_models(
     accuracy = _accuracy(truth, predictions)
     notes = samples.read_notes(read_elsewhere=[labels] if truth is not None else [])
     notes += nonfinite_notes(out_stats)
+    if not pairs and any(n.op_type.startswith(("QLinear", "QGemm")) for n in quantized.graph.node):
+        notes.append(  # a QOperator file: int8 codes between its ops, no dequantized copies
+            "no per-layer table: the INT8 model is a QOperator file, whose tensors between "
+            "layers are int8 codes with no dequantized copy to pair with FP32's; compare the "
+            "QDQ file `qdq quantize` writes by default for it"
+        )
     if truth is not None and accuracy is None:  # they had been read, and dropped silently
         notes.append(
             f"{data}: the {labels!r} labels were not scored: the first output is no (batch, "
@@ -279,6 +299,9 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
         for i, name in enumerate(outputs):
             if not measurable(ref[i]):  # strings, sequences: no error to measure
                 out_stats.pop(name, None)
+                continue
+            if ref[i].shape != got[i].shape:  # NonZero's, an NMS's: a count set by the data
+                out_stats[name].unmatched += 1
                 continue
             out_stats[name].update(ref[i], got[i], REPORT_BLOCK)
             if name in parts:

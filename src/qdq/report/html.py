@@ -134,7 +134,8 @@ def _summary(data: ReportData) -> str:
     )
     outputs = []
     for name, stats in c.outputs.items():
-        agreement = f"{stats.top1 / stats.rows:.2%}" if stats.classes and stats.rows else "—"
+        top1 = c.output_stats(name).get("top1_agreement")
+        agreement = "—" if top1 is None else f"{top1:.2%}"
         if stats.values:  # a label: the share of its values equal to FP32's
             agreement = f"{stats.equal / stats.values:.2%} equal"
         read = c.readings.get(name)
@@ -255,10 +256,13 @@ def _layers(layers: list[LayerRow], chart: Chart) -> str:
 
 
 def _number(value: float | None) -> str:
-    if value is None:
-        return '<td class=num data-value="-Infinity">—</td>'
-    shown = f"{value:.2f}" if math.isfinite(value) else "exact"
-    return f'<td class=num data-value="{value if math.isfinite(value) else 1e9}">{shown}</td>'
+    """A dB cell: exact (+inf) sorts best; NaN (a NaN tensor) and none sort worst."""
+    if value is None or math.isnan(value):
+        return f'<td class=num data-value="-1e9">{"—" if value is None else "NaN"}</td>'
+    if math.isfinite(value):
+        return f'<td class=num data-value="{value}">{value:.2f}</td>'
+    shown = "exact" if value > 0 else "-inf"
+    return f'<td class=num data-value="{math.copysign(1e9, value)}">{shown}</td>'
 
 
 def _activations(data: ReportData, chart: Chart) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def measure(
     sensitivity: bool = False,
     workers: Workers = ONE_PROCESS,
     images: ImageOptions | None = None,
+    declared: Sequence[str] = (),
 ) -> ReportData:
     """Compare the models as `qdq compare` does, then measure per layer: output SQNR, the
     histogram of each quantized activation (FP32 values), weight ranges and time per op type.
@@ -82,11 +84,12 @@ def measure(
     `decisions` (from the quantization run) give each node's reason; without them a node is
     int8 when Q/DQ surround it in the INT8 model. Unless `everything`, only the TOP worst
     activations (lowest SQNR) and weights (widest channel spread) are kept. The comparison
-    runs on `workers`.
+    runs on `workers`; `declared` are `--output-parts` specs, as `qdq compare` takes them.
     """
     comparison = compare_models(
-        float_path, quantized_path, data, max_samples=max_samples, workers=workers, images=images
-    )
+        float_path, quantized_path, data, max_samples=max_samples, workers=workers,
+        images=images, declared=declared,
+    )  # fmt: skip
     reference, quantized = load_model(float_path), load_model(quantized_path)
     samples = Samples(data, model_inputs(reference), max_samples, images)
     sqnr, histograms = _stream(reference, quantized, samples)
@@ -185,9 +188,13 @@ def _layers(
         seen = any(i in dequantized for i in node.input) or any(
             o in quantizing for o in node.output
         )
+        kernel = node.op_type.startswith(("QLinear", "QGemm"))  # a QOperator file's int8 op
+        seen = seen or kernel
         weights_only = node.op_type in WEIGHTS_ONLY
         decision = given.get(node.name)
-        if weights_only:  # no Q/DQ around it, so not `seen`; inspect_model's decision is float
+        if kernel:
+            reason = "an int8 kernel in the INT8 model (a QOperator file)"
+        elif weights_only:  # no Q/DQ around it, so not `seen`; inspect_model's decision is float
             reason = decision.reason if decision is not None and decision.dynamic else RUNTIME_INT8
         else:
             reason = _reason(decision, seen)

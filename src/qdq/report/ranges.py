@@ -98,7 +98,7 @@ def quantized_activations(model: onnx.ModelProto) -> dict[str, tuple[float, floa
 def weight_views(model: onnx.ModelProto) -> list[WeightView]:
     """Per-channel ranges of every weight the model dequantizes per axis (rank >= 2)."""
     constants = {t.name: t for t in model.graph.initializer}
-    readers = {name: n.name for n in model.graph.node for name in n.input}
+    readers = {name: n for n in model.graph.node for name in n.input}
     views = []
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in constants:
@@ -108,12 +108,24 @@ def weight_views(model: onnx.ModelProto) -> list[WeightView]:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float64)
+        reader = readers.get(node.output[0])
+        if scale.size == 1 and reader is not None:  # per tensor: the reader's output channels
+            axis = _output_axis(reader, codes.ndim, axis)
         zero = numpy_helper.to_array(constants[node.input[2]]) if len(node.input) > 2 else 0
         shape = [1] * codes.ndim
         shape[axis] = -1
         per_axis = shape if scale.size > 1 else [1]
         values = (codes.astype(np.float64) - np.reshape(zero, per_axis)) * scale.reshape(per_axis)
         rows = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
-        label = f"{readers.get(node.output[0], '?')} weight"
+        label = f"{reader.name if reader is not None else '?'} weight"
         views.append(WeightView(label, rows.min(axis=1), rows.max(axis=1)))
     return views
+
+
+def _output_axis(node: onnx.NodeProto, rank: int, given: int) -> int:
+    """The weight axis of `node`'s output channels: 0 for a Conv or a transB Gemm, 1 for a
+    ConvTranspose, the last for a MatMul or a plain Gemm; else `given`."""
+    if node.op_type == "Gemm":
+        transposed = any(a.name == "transB" and a.i for a in node.attribute)
+        return 0 if transposed else rank - 1
+    return {"Conv": 0, "ConvTranspose": 1, "MatMul": rank - 1}.get(node.op_type, given)
