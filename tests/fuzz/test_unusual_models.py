@@ -291,8 +291,9 @@ def test_an_output_empty_on_every_sample_is_no_class_score(ws):
 
 
 def test_compare_refuses_outputs_of_another_shape(ws):
-    """A 'quantized' model with the float model's names but a wider output: numpy's broadcast
-    error (exit 1); ErrorStats alone had compared the first elements."""
+    """A 'quantized' model with the float model's names but a wider output declared: numpy's
+    broadcast error (exit 1); ErrorStats alone had compared the first elements. (An output
+    whose size the data sets may differ batch by batch: tests/report/test_compare_edges.py.)"""
 
     def matmul(columns: int) -> onnx.ModelProto:
         weight = numpy_helper.from_array(np.ones((4, columns), np.float32), "w")
@@ -304,7 +305,7 @@ def test_compare_refuses_outputs_of_another_shape(ws):
     other = save(matmul(6), ws.folder / "other.onnx")
     np.savez(ws.calib, x=np.ones((4, 4), np.float32))
     args = ["compare", ws.model, other, "--data", ws.calib]
-    refused(ws, args, "compared with FP32's of shape [1, 4]")
+    refused(ws, args, "is [None, 4] in the float model and [None, 6] in the other")
     with pytest.raises(DataError, match="compared with FP32's of shape"):
         ErrorStats().update(np.zeros(4), np.ones(5))
 

@@ -36,6 +36,21 @@ def check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) ->
             f"the quantized model lacks the float model's outputs {missing}; compare a model "
             "with its own quantized version"
         )
+    declared = {o.name: _dims(o) for o in quantized.graph.output}
+    for output in reference.graph.output:  # fixed sizes that differ: another model's output
+        want, got = _dims(output), declared[output.name]
+        if len(want) == len(got) and any(a != b for a, b in zip(want, got, strict=True) if a and b):
+            raise ModelError(
+                f"output {output.name!r} is {want} in the float model and {got} in the other; "
+                "compare a model with its own quantized version"
+            )
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
+    """The declared sizes of an output (None: free or named), or [] when it has no shape."""
+    if not value.type.tensor_type.HasField("shape"):
+        return []
+    return [d.dim_value or None for d in value.type.tensor_type.shape.dim]
 
 
 def leading_outputs(reference: onnx.ModelProto, samples: Samples, count: int) -> LeadingOutputs:
