@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qdq.engine import Engine
 from qdq.engine.cli import run_command
+from qdq.errors import ModelError
 
 U8, I8, F = TensorProto.UINT8, TensorProto.INT8, TensorProto.FLOAT
 KERNELS = ["numpy", "compiled"]
@@ -160,3 +161,27 @@ def test_run_writes_outputs_named_as_savez_arguments(tmp_path):
                     engine, "fixed", 32)  # fmt: skip
         with np.load(tmp_path / "y.npz") as written:
             assert sorted(written.files) == ["allow_pickle", "file"]
+
+
+def test_an_op_onnx_runtime_cannot_run_is_named():
+    """A custom op the engine hands to ONNX Runtime alone: its raw Fail had come through."""
+    node = helper.make_node("Foo", ["x"], ["y"], domain="my.domain")
+    model = make([node], {"x": (F, [2])}, ["y"], {})
+    model.opset_import.append(helper.make_opsetid("my.domain", 1))
+    with pytest.raises(ModelError, match=r"node '' \(Foo\): ONNX Runtime cannot run it"):
+        Engine(model).run({"x": np.zeros(2, np.float32)})
+
+
+def test_unnamed_nodes_keep_their_own_accumulator_counts():
+    w = np.full((4, 4), 127, np.int8)
+    q = {"s": np.float32(1.0), "z": np.uint8(0), "w": w, "ws": np.float32(1.0),
+         "wz": np.int8(0), "ys": np.float32(1.0), "yz": np.uint8(0)}  # fmt: skip
+    reads = ["s", "z", "w", "ws", "wz", "ys", "yz"]
+    nodes = [helper.make_node("QLinearMatMul", [x, *reads[:2], *reads[2:]], [y])
+             for x, y in (("a", "y1"), ("b", "y2"))]  # fmt: skip
+    model = make(nodes, {"a": (U8, [2, 4]), "b": (U8, [2, 4])}, ["y1", "y2"], q)
+    engine = Engine(model, accumulator_bits=16)
+    engine.run({"a": np.full((2, 4), 255, np.uint8), "b": np.zeros((2, 4), np.uint8)})
+    counts = {o.node: o.overflows for o in engine.overflows()}
+    assert len(counts) == 2
+    assert sorted(counts.values()) == [0, 8]

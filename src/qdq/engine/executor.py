@@ -27,7 +27,7 @@ from qdq.engine.context import Context, Kernel, Requant
 from qdq.engine.elementwise import FLOAT_KERNELS
 from qdq.engine.jit import available
 from qdq.engine.kernels import INTEGER_ONLY, KERNELS
-from qdq.errors import ModelError, expect
+from qdq.errors import ModelError, expect, first_line
 from qdq.onnx.graph import attributes, reads
 from qdq.onnx.model import load_model, ort_rewrite
 from qdq.onnx.sessions import Use, open_session
@@ -166,7 +166,9 @@ class Engine:
                 inputs = [values[n] for n in step.inputs]
             else:
                 inputs = [source[n] if n in source else values[n] for n in step.inputs]
-            context.node, context.position = step.node.name, step.position
+            # an unnamed node by its op and place: its accumulators are its own
+            context.node = step.node.name or f"{step.node.op_type} #{step.position}"
+            context.position = step.position
             integer = step.integer is not None and inputs[0].dtype.kind in "iu"
             if kernel := step.kernel or (step.integer if integer else None):
                 try:
@@ -237,7 +239,13 @@ class Engine:
                 graph, opset_imports=self.opsets, ir_version=self.model.ir_version
             )
             level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = open_session(one, Use.ONE_NODE, level=level, threads=self.threads)
+            try:
+                session = open_session(one, Use.ONE_NODE, level=level, threads=self.threads)
+            except Exception as error:  # onnxruntime raises its own types (a custom op's Fail)
+                raise ModelError(
+                    f"node {node.name!r} ({node.op_type}): ONNX Runtime cannot run it "
+                    f"({first_line(error)})"
+                ) from None
             self._sessions[position, shapes] = session
         return session.run([o for o in node.output if o], present)
 
