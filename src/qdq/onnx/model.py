@@ -61,6 +61,12 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             f"{path} names more than one node {twice[:3]}; ONNX Runtime refuses such a model: "
             "give each node its own name (or none)"
         )
+    outputs = Counter(v.name for v in graph.output)
+    if twice := sorted(name for name, count in outputs.items() if count > 1):
+        raise ModelError(
+            f"{path} lists the outputs {twice[:3]} more than once; list each output once (a "
+            "caller that wants it twice can copy it)"
+        )
     domains = [o.domain or "ai.onnx" for o in model.opset_import]
     twice = sorted({d for d in domains if domains.count(d) > 1})
     if twice:

@@ -86,12 +86,14 @@ def typed(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def unshaped(model: onnx.ModelProto) -> set[str]:
-    """The graph inputs and outputs that declare no shape (any rank)."""
+def unshaped(model: onnx.ModelProto) -> set[tuple[str, str]]:
+    """The graph inputs and outputs that declare no shape (any rank), as ("input", name) and
+    ("output", name): one tensor may be both, shaped as one and not as the other."""
     graph = model.graph
     return {
-        v.name
-        for v in (*graph.input, *graph.output)
+        (kind, v.name)
+        for kind, values in (("input", graph.input), ("output", graph.output))
+        for v in values
         if v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape")
     }
 
@@ -102,18 +104,20 @@ def ranked(model: onnx.ModelProto, ranks: dict[str, int]) -> None:
     GPTQ and the corrections read less of the digits CNN: 42.1 against its 43.4 dB)."""
     free = unshaped(model)
     for value in model.graph.input:
-        if value.name in ranks and value.name in free:
+        if value.name in ranks and ("input", value.name) in free:
             shape = value.type.tensor_type.shape
             for axis in range(ranks[value.name]):
                 shape.dim.add().dim_param = f"{value.name}_axis{axis}"
 
 
-def declare_no_shape(model: onnx.ModelProto, names: set[str]) -> None:
-    """Clear the shapes of the graph inputs and outputs `names`, in place: the interface of a
-    source that declared none."""
-    for value in (*model.graph.input, *model.graph.output):
-        if value.name in names:
-            value.type.tensor_type.ClearField("shape")
+def declare_no_shape(model: onnx.ModelProto, names: set[tuple[str, str]]) -> None:
+    """Clear the shapes of the graph inputs and outputs `names` (as `unshaped` gives them), in
+    place: the interface of a source that declared none."""
+    graph = model.graph
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for value in values:
+            if (kind, value.name) in names:
+                value.type.tensor_type.ClearField("shape")
 
 
 def check_model(model: onnx.ModelProto) -> None:
@@ -121,9 +125,10 @@ def check_model(model: onnx.ModelProto) -> None:
     the checker wants one, ONNX Runtime runs the model without, and so does qdq."""
     names = unshaped(model)
     try:
-        for value in (*model.graph.input, *model.graph.output):
-            if value.name in names:  # checked with an empty shape, then left unset again
-                value.type.tensor_type.shape.SetInParent()
+        for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+            for value in values:  # checked with an empty shape, then left unset again
+                if (kind, value.name) in names:
+                    value.type.tensor_type.shape.SetInParent()
         onnx.checker.check_model(model)
     finally:
         declare_no_shape(model, names)

@@ -25,7 +25,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qdq.errors import ModelError
-from qdq.onnx.graph import GraphIndex, attributes, copied_except, subgraph_reads, subgraphs
+from qdq.onnx.graph import (
+    GraphIndex,
+    all_names,
+    attributes,
+    copied_except,
+    rename,
+    subgraph_reads,
+    subgraphs,
+)
 from qdq.onnx.model import FLOORS_KEY, METADATA_KEY, WEIGHTS_KEY
 from qdq.passes.recurrent import quantize_lstm_weights
 from qdq.plan.build import Plan
@@ -69,6 +77,8 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         if (node.name, i) in plan.constants
     )
     stored: dict[tuple, str] = {}
+    # the model's names and each activation's own stem (its suffixed names are its pair's)
+    taken = all_names(model.graph)
 
     def add_pair(tensor: str, qparams: QParams) -> None:
         # keep an output's name on the dequantized copy; an input that is also an output
@@ -93,8 +103,8 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             if key in plan.constants:
                 codes = plan.codes(key, index.constant(name))
                 node.input[i] = _dequantized_constant(
+                    _stem(f"{name}_{key[0]}_{key[1]}", taken),
                     name,
-                    key,
                     plan.constants[key],
                     codes,
                     new_nodes,
@@ -105,8 +115,10 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
                 values = plan.bias_values.get(key)
                 if values is None:
                     values = index.constant(name)
+                values = np.reshape(values, -1)  # a Gemm's (1, N) row: QGemm's int32 bias is 1-D
+                stem = _stem(f"{name}_{key[0]}_{key[1]}", taken)
                 node.input[i] = _dequantized_bias(
-                    name, key, values, plan.biases[key], new_nodes, new_inits
+                    stem, values, plan.biases[key], new_nodes, new_inits
                 )
             elif name in made_float and not reads_int8(
                 node, name, plan.decisions, plan.activations
@@ -115,14 +127,25 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             elif i == 0 and name in renamed and _weights_exposed(node, plan):
                 node.input[i] = (
                     _per_channel_reader(
-                        node, index, name, plan.activations[name], per_channel, new_nodes, new_inits
+                        node, index, name, plan.activations[name], per_channel, new_nodes,
+                        new_inits, taken,
                     )
                     or renamed[name]
-                )
+                )  # fmt: skip
             else:
                 node.input[i] = renamed.get(name, name)
                 if name in initializers:
                     used_float.add(name)
+        # an If's or Loop's branch reads as a float op: a kernel's output through its
+        # DequantizeLinear (so the kernel fuses with its QuantizeLinear), a float op's as is
+        outer = {
+            name: prequant.get(name, name) if name in made_float else renamed.get(name, name)
+            for name in subgraph_reads(node)
+            if name in renamed or name in prequant
+        }
+        for body in subgraphs(node) if outer else ():
+            for inner in body.node:
+                rename(inner, outer)
         quantized = [name for name in node.output if name in plan.activations]
         for i, name in enumerate(node.output):
             if name in quantized and name in index.graph_outputs:
@@ -162,6 +185,7 @@ def _per_channel_reader(
     made: dict[tuple[str, int], str],
     nodes: list[onnx.NodeProto],
     inits: list[onnx.TensorProto],
+    taken: set[str],
 ) -> str | None:
     """The name a float `node` reads quantized `tensor` by: a DequantizeLinear of the same
     codes with the scale and zero point repeated along the channel axis, which ONNX Runtime
@@ -171,7 +195,7 @@ def _per_channel_reader(
     if channels < 2:
         return None
     if (tensor, axis) not in made:
-        stem = f"{tensor}_per_channel_{axis}"
+        stem = _stem(f"{tensor}_per_channel_{axis}", taken)
         scale = np.full(channels, qparams.scale, qparams.scale.dtype)
         zero_point = np.full(channels, qparams.zero_point, qparams.zero_point.dtype)
         inputs = [f"{tensor}_quantized", f"{stem}_scale", f"{stem}_zero_point"]
@@ -235,9 +259,21 @@ def _pair(
     return q, dq
 
 
+def _stem(candidate: str, taken: set[str]) -> str:
+    """`candidate`, or it with the first counter, such that neither it nor any of its suffixed
+    names is taken; all of them taken from now on. A weight's stem, `{weight}_{node}_{input}`,
+    repeats another's or an activation's (weight `A` of node `x_n`, weight `A_x` of `n`)."""
+    stem, k = candidate, 0
+    while stem in taken or any(stem + suffix in taken for suffix in SUFFIXES):
+        k += 1
+        stem = f"{candidate}_{k}"
+    taken.update([stem, *(stem + suffix for suffix in SUFFIXES)])
+    return stem
+
+
 def _dequantized_constant(
+    stem: str,
     name: str,
-    key: tuple[str, int],
     qparams: QParams,
     codes: np.ndarray,
     nodes: list[onnx.NodeProto],
@@ -247,7 +283,7 @@ def _dequantized_constant(
     """Integer initializer + DequantizeLinear in place of a float constant; returns the new name.
     With `stored` (the stems already written, by content), the same codes and qparams of the
     same constant get a DequantizeLinear of their own that reads the stored initializers."""
-    stem, axis = f"{name}_{key[0]}_{key[1]}", _axis(qparams)
+    axis = _axis(qparams)
     if stored is not None:
         digest = hashlib.sha256(np.ascontiguousarray(codes)).digest()
         scale, zero_point = qparams.scale.tobytes(), qparams.zero_point.tobytes()
@@ -259,8 +295,7 @@ def _dequantized_constant(
 
 
 def _dequantized_bias(
-    name: str,
-    key: tuple[str, int],
+    stem: str,
     values: np.ndarray,
     scale: np.ndarray,
     nodes: list[onnx.NodeProto],
@@ -271,7 +306,7 @@ def _dequantized_bias(
     codes = np.clip(np.rint(bias / scale), INT32.min, INT32.max).astype(np.int32)
     axis = {"axis": 0} if scale.ndim else {}
     zero_point = np.zeros(scale.shape, np.int32)
-    return _behind_dq(f"{name}_{key[0]}_{key[1]}", codes, scale, zero_point, axis, nodes, inits)
+    return _behind_dq(stem, codes, scale, zero_point, axis, nodes, inits)
 
 
 def _behind_dq(

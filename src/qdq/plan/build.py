@@ -193,9 +193,17 @@ def build_plan(
             chosen[t] = choose_qparams(draft.ranges[source], config.activations)
         if source in floors:
             floored[t] = floors[source]
+    # a Concat's inputs take its grid, except a Relu's or Clip's output absorbed into its
+    # producer where that grid does not start at 0: ONNX Runtime would keep the activation,
+    # and the producer would run float (QLinearConcat requantizes an input of its own grid)
+    absorbed = set(flow.absorbed.values())
+    lowest = config.activations.qmin
     for t, output in shared.items():
-        if t not in draft.inherited and output in chosen:
-            chosen[t] = chosen[output]
+        if t in draft.inherited or output not in chosen:
+            continue
+        if t in absorbed and not np.all(chosen[output].zero_point == lowest):
+            continue
+        chosen[t] = chosen[output]
     constants, biases, codes = plan_constants(
         index, draft.decisions, chosen, config, per_channel, peaks
     )

@@ -83,9 +83,10 @@ def plan_constants(
                 constants[node.name, i] = choose_qparams(rng, config.activations)
         if weight is not None and rule.bias is not None and len(node.input) > rule.bias:
             bias = node.input[rule.bias]
-            if bias and index.is_constant(bias) and index.constant(bias).ndim == 1:
+            row = index.constant(bias).reshape(-1) if bias and index.is_constant(bias) else None
+            if row is not None and index.constant(bias).shape in ((row.size,), (1, row.size)):
                 x_scale = activations[node.input[0]].scale.astype(np.float64)
-                fitted = _fit_bias(index.constant(bias), x_scale, constants[node.name, weight])
+                fitted = _fit_bias(row, x_scale, constants[node.name, weight])
                 constants[node.name, weight] = fitted
                 biases[node.name, rule.bias] = (x_scale * fitted.scale).astype(np.float32)
         # MatMul + Add becomes a Gemm in ONNX Runtime only for a MatMul (a Gemm has its bias)

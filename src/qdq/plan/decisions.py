@@ -83,6 +83,9 @@ def _static(
             or attrs.get("beta", 1.0) != 1.0
         ):
             return floating("Gemm with transA, alpha or beta has no int8 kernel")
+        bias = node.input[2] if len(node.input) > 2 else ""
+        if bias and (not index.is_constant(bias) or not _row(index.constant(bias).shape)):
+            return floating(f"bias {bias!r} is no constant row, which QGemm's int32 bias needs")
     if rule.kind in (Kind.ELEMENTWISE, Kind.SHARED, Kind.RESIDUAL):
         constant = next(
             (node.input[i] for i in rule_inputs(node, rule) if index.is_constant(node.input[i])),
@@ -98,3 +101,8 @@ def _static(
     if rule.kind in INPUTS_ONLY:
         return Decision(node.name, node.op_type, True, INT8_INPUTS)
     return Decision(node.name, node.op_type, True, PENDING)
+
+
+def _row(shape: tuple[int, ...]) -> bool:
+    """A bias QGemm takes: one value per output column, (N,) or (1, N)."""
+    return len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)

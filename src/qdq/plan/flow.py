@@ -169,9 +169,13 @@ def absorbs(
 
 
 def _clamps_at_zero(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    """A Relu, or a Clip from 0 whose upper bound is constant or absent: ONNX Runtime drops a
+    Clip into its QuantizeLinear only with constant bounds (a computed max kept the Clip, and
+    its Conv ran float)."""
     if node.op_type == "Relu":
         return True
-    return clip_bounds(node, index)[0] == 0.0
+    low, high = clip_bounds(node, index)
+    return low == 0.0 and high is not None
 
 
 def reads_int8(
