@@ -230,15 +230,18 @@ def attention_block(tokens: int = 8, width: int = 16) -> onnx.ModelProto:
 def frame_net(mask: bool = False) -> onnx.ModelProto:
     """frames[steps,60], state[1,16] -> out[steps,4]: frames on a free axis beside one recurrent
     state fixed at batch 1, as in Silero VAD's sequence model; three linear layers per frame,
-    the state added after the second. With `mask`, also mask[1,steps], which weights the
-    frames (so the model takes no run of frames with one sample's mask)."""
+    the state added after the second's ReLU (added to a MatMul's output, ONNX Runtime fuses
+    the two into a Gemm whose bias is no constant, which runs float). With `mask`, also
+    mask[1,steps], which weights the frames (so the model takes no run of frames with one
+    sample's mask)."""
     rng = _rng()
     first = "masked" if mask else "frames"
     nodes = [
         helper.make_node("MatMul", [first, "w1"], ["h1"], name="fc1"),
         helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
         helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
-        helper.make_node("Add", ["h2", "state"], ["s2"], name="with_state"),
+        helper.make_node("Relu", ["h2"], ["g2"], name="relu_fc2"),
+        helper.make_node("Add", ["g2", "state"], ["s2"], name="with_state"),
         helper.make_node("Relu", ["s2"], ["r2"], name="relu2"),
         helper.make_node("MatMul", ["r2", "w3"], ["out"], name="fc3"),
     ]
