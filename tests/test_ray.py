@@ -3,13 +3,15 @@ process."""
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 
 import qdq.plan.calibrate as calibrate_module
 from qdq.config import preset_config
 from qdq.pipeline import quantize_model
 from qdq.report.compare import compare_models
-from qdq.workers import Workers
+from qdq.workers import Workers, same
 
 from conftest import DIGITS
 
@@ -62,3 +64,9 @@ def test_evaluation_on_ray_equals_one_process(cluster, tmp_path):
         for w in (Workers(ray=cluster), Workers(1))
     ]
     assert results[0] == results[1]
+
+
+def test_a_tasks_own_error_comes_back_as_itself(cluster):
+    """Not as Ray's wrapper, whose text is the remote traceback in colour."""
+    with pytest.raises(ZeroDivisionError, match=r"^division by zero$"):
+        Workers(ray=cluster).map(same, operator.truediv, 1, [0, 2])

@@ -232,3 +232,53 @@ def test_a_ray_address_ray_cannot_parse_is_one_line(tmp_path, capsys, address):
     assert main([*args, str(DIGITS / "calib.npz"), "--ray", address]) == 2
     assert "give a running cluster's HOST:PORT" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_window_holds_two_shards_per_worker(tmp_path, monkeypatch, small_shards):
+    """The driver holds a window's shard states until it merges them: two per worker at most
+    (16 had held 140 MB more than one worker on a small conv net)."""
+    import qdq.workers
+
+    sizes: list[int] = []
+    real = qdq.workers.Pool.map
+
+    def recorded(pool, items):
+        sizes.append(len(items))
+        return real(pool, items)
+
+    monkeypatch.setattr(qdq.workers.Pool, "map", recorded)
+    _quantized(tmp_path, Workers(2), "windowed", method="minmax")
+    assert max(sizes) <= 4
+
+
+def test_workers_end_with_their_killed_parent(tmp_path):
+    """A driver killed outright (SIGKILL, the out-of-memory killer) had left its workers waiting
+    on their queue for ever, holding their memory."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, sys, time\n"
+        "from qdq.workers import Workers, same\n"
+        "def nap(context, item):\n"
+        "    print(os.getpid(), flush=True)\n"
+        "    time.sleep(60)\n"
+        "Workers(2).map(same, nap, None, [0, 1])\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(driver.stdout.readline()) for _ in range(2)]
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -14,6 +14,8 @@ machine's cores, for the ONNX Runtime sessions it opens.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import multiprocessing
 import numbers
@@ -36,6 +38,7 @@ C, S, T, R = TypeVar("C"), TypeVar("S"), TypeVar("T"), TypeVar("R")
 _INSTALLED: dict[str, tuple[Callable[[Any, Any], Any], Any]] = {}
 # In a worker process: the intra-op threads of each session it opens; None in the driver.
 _THREADS: int | None = None
+PR_SET_PDEATHSIG = 1  # prctl's option: the signal a process gets when its parent ends
 
 
 class WorkerError(QdqError, RuntimeError):
@@ -105,12 +108,18 @@ class Pool:
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        self.close(stop=kind is not None)
 
-    def close(self) -> None:
+    def close(self, stop: bool = False) -> None:
+        """Let the workers go; `stop` (an interrupt, a failure): at once, ending the tasks they
+        run and hold queued (a shutdown alone waits for those: up to three shards after a
+        Ctrl-C, seconds to minutes each)."""
         if self._executor is not None:
-            self._executor.shutdown(cancel_futures=True)
+            if stop:
+                for process in list(getattr(self._executor, "_processes", {}).values()):
+                    process.terminate()
+            self._executor.shutdown(wait=not stop, cancel_futures=True)
             self._executor = None
 
     def map(self, items: Sequence) -> list:
@@ -153,19 +162,20 @@ class Pool:
                 elif isinstance(error, BrokenProcessPool):
                     lost = True
                 else:
-                    self.close()
+                    self.close(stop=True)
                     raise error
             if not lost:
                 for future in futures:  # FIRST_EXCEPTION returned with all of them done
                     results[futures[future]] = future.result()
                 return [results[i] for i in range(len(items))]
             self.close()
-            log.warning(
-                "a worker died (attempt %d of %d); running its %d unfinished tasks again",
-                attempt + 1,
-                retries + 1,
-                len(items) - len(results),
-            )
+            if attempt < retries:
+                log.warning(
+                    "a worker died (attempt %d of %d); running its %d unfinished tasks again",
+                    attempt + 1,
+                    retries + 1,
+                    len(items) - len(results),
+                )
         raise WorkerError(
             f"workers kept dying ({retries + 1} attempts); check memory (each worker holds a "
             "session of the model), or run with fewer workers"
@@ -186,7 +196,15 @@ class Pool:
             runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}},
         )
         # The reference inside a list is not resolved for every task: a worker fetches it once.
-        return ray.get([remote.remote(self.token, [self._shared], item) for item in items])
+        tasks = [remote.remote(self.token, [self._shared], item) for item in items]
+        try:
+            return ray.get(tasks)
+        except ray.exceptions.RayTaskError as error:  # str(): the remote traceback, coloured
+            for task in tasks:  # the others' failures would be printed as unhandled
+                with contextlib.suppress(Exception):
+                    ray.cancel(task)
+            cause = getattr(error, "cause", None)
+            raise (cause if isinstance(cause, Exception) else error) from None
 
 
 ONE_PROCESS = Workers()
@@ -211,9 +229,24 @@ def _install(token: str, threads: int, setup: Callable, task: Callable, context:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
+    _end_with_parent()
     _THREADS = threads
     _INSTALLED.clear()
     _INSTALLED[token] = (task, setup(context))
+
+
+def _end_with_parent() -> None:
+    """A forked worker ends when its parent does (Linux's PR_SET_PDEATHSIG): one whose parent
+    was killed (SIGKILL, the out-of-memory killer) had waited on its queue forever, holding
+    its memory."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the pool's own checks remain
+        return
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
 
 
 def _call(token: str, item: object) -> object:
@@ -231,6 +264,11 @@ def _connected(address: str) -> ModuleType:
         _check_reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError:  # "auto" with no cluster here
+            raise UsageError(
+                f"--ray {address}: no Ray cluster runs here; start one (`ray start --head`) or "
+                "give its address"
+            ) from None
         except ValueError as error:  # an address Ray cannot parse ("", "host:abc")
             raise UsageError(
                 f"--ray {address!r}: {first_line(error)}; give a running cluster's HOST:PORT, "

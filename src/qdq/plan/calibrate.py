@@ -44,9 +44,12 @@ CAPTURE_BUDGET = 256 * 2**20
 # depend on the data alone, whether one process observes them or many workers. Large enough
 # that a shard's merge costs little next to its batches.
 SHARD_SAMPLES = 256
-# Shards handed to the workers at once: their observer states wait there to be merged in order,
-# so this bounds them (the merged result is the same whatever the window).
+# Shards handed to the workers at once, at most, and per worker: their states (observers, and
+# a sample's sums for each tensor bias correction reads) wait in the driver to be merged in
+# order, so this bounds its memory: 16 shards at once had held 10 MB each on a small conv net
+# with two workers, 140 MB more than one (the merged result is the same whatever the window).
 WINDOW_SHARDS = 16
+WINDOW_PER_WORKER = 2
 
 
 class Tap(Protocol):
@@ -109,11 +112,12 @@ def observe(
         for first in range(0, samples.count, SHARD_SAMPLES)
     ]
     if workers.parallel:  # a window of shards at a time: memory stays flat in the samples
+        window = min(WINDOW_SHARDS, WINDOW_PER_WORKER * workers.width)
         with workers.pool(_open, _observe, job) as pool:  # the same workers for every window
             seen = _merged(
                 shard
-                for start in range(0, len(spans), WINDOW_SHARDS)
-                for shard in pool.map(spans[start : start + WINDOW_SHARDS])
+                for start in range(0, len(spans), window)
+                for shard in pool.map(spans[start : start + window])
             )
     else:  # in this process, with its session and data handles
         opened = _open(job, reopen=False)
