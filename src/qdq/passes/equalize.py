@@ -112,8 +112,9 @@ def find_pairs(index: GraphIndex) -> list[Pair]:
             second = index.sole_consumer(out)
         if second is None or not (_is_equalizable_conv(second, index) and second.input[0] == out):
             continue
-        if index.constant(second.input[1]).shape[0] != attributes(second).get("group", 1) > 1:
-            continue  # each input channel read by several outputs: no per-channel scale moves
+        group = attributes(second).get("group", 1)
+        if group > 1 and index.constant(second.input[1]).shape[0] != group:
+            continue  # a channel multiplier: each input read by several outputs
         constants = [*node.input[1:3], *second.input[1:3]]
         if all(len(index.consumers[name]) == 1 for name in constants if name):
             pairs.append(Pair(node, second, activation, cap))

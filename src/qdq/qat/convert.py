@@ -236,8 +236,8 @@ class QdqGraph(nn.Module):
         """The same scale and zero point, one of them maybe repeated per channel (a float
         Conv's reader, `qdq.passes.insert_qdq._per_channel_reader`)."""
         return all(
-            np.all(self.initial[x] == self.initial[y].reshape(-1)[0])
-            and np.all(self.initial[y] == self.initial[x].reshape(-1)[0])
+            np.array_equal(self.initial[x], self.initial[y])
+            or _one_value(self.initial[x], self.initial[y])
             for x, y in zip(a.input[1:3], b.input[1:3], strict=False)
         )
 
@@ -368,6 +368,12 @@ class QdqGraph(nn.Module):
         """The low-bit grid a weight initializer is seen through, if it has one."""
         name = _key(initializer)
         return self.lowbit[name] if name in self.lowbit else None  # noqa: SIM401 (no .get)
+
+
+def _one_value(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether `a` and `b` hold one value between them, however often repeated."""
+    first = a.reshape(-1)[0]
+    return bool(np.all(a == first) and np.all(b == first))
 
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
