@@ -77,7 +77,7 @@ def insert_qdq(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         if (node.name, i) in plan.constants
     )
     stored: dict[tuple, str] = {}
-    # the model's names and each activation's own stem (its suffixed names are its pair's)
+    # every name the model has, and each new stem with its suffixed names as it is made
     taken = all_names(model.graph)
 
     def add_pair(tensor: str, qparams: QParams) -> None:
