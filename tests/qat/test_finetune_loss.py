@@ -57,14 +57,17 @@ def test_margin_term_reads_logits_as_their_softmax() -> None:
     )
 
 
-@pytest.mark.parametrize(("shape", "loss"), [((2, 3, 5), "kl"), ((2, 15), "mse")])
+@pytest.mark.parametrize(
+    ("shape", "loss", "axis"), [((2, 3, 5), "kl", -1), ((2, 15), "mse", -1), ((2, 3, 5), "kl", 1)]
+)
 def test_a_reshaped_softmax_output_is_distilled_with_kl_where_it_stays_a_distribution(
-    shape: tuple[int, ...], loss: str
+    shape: tuple[int, ...], loss: str, axis: int
 ) -> None:
     """PP-OCRv4's recognizer reshapes its (N * T, classes) Softmax to (N, T, classes): KL per
-    step; a reshape that merges the class axis with others leaves no distribution: MSE."""
+    step; a reshape that merges the class axis with others leaves no distribution: MSE. The
+    last axis named by its positive index (1 of 2) is the last axis too (it had given MSE)."""
     nodes = [
-        onnx.helper.make_node("Softmax", ["x"], ["p"], axis=-1),
+        onnx.helper.make_node("Softmax", ["x"], ["p"], axis=axis),
         onnx.helper.make_node("Reshape", ["p", "shape"], ["y"]),
     ]
     graph = onnx.helper.make_graph(

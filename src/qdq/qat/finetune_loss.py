@@ -88,6 +88,12 @@ def softmax_axes(model: onnx.ModelProto, names: list[str]) -> dict[str, int | No
     """Per output, the axis of the Softmax that makes it (through Q/DQ pairs), or None."""
     producer = {o: n for n in model.graph.node for o in n.output}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    graph = model.graph
+    ranks = {  # a positive axis is the last one where the Softmax's input rank says so
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in (*graph.input, *graph.value_info, *graph.output)
+        if v.type.tensor_type.HasField("shape")
+    }
     axes: dict[str, int | None] = {}
     for name in names:
         node, reshaped = producer.get(name), False
@@ -98,6 +104,7 @@ def softmax_axes(model: onnx.ModelProto, names: list[str]) -> dict[str, int | No
         if node is not None and node.op_type == "Softmax":
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             axis = attrs.get("axis", -1 if opset >= 13 else 1)
+            axis = -1 if axis >= 0 and axis == ranks.get(node.input[0], 0) - 1 else axis
             # after a reshape, only a last axis is known to stay last (then confirmed on data)
             axes[name] = -1 if reshaped and axis == -1 else None if reshaped else axis
     return axes
