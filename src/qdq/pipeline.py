@@ -226,6 +226,7 @@ def quantize_model(
         )
     if output_format is OutputFormat.QOPERATOR:  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        declare_no_shape(quantized, interface)  # the rewrite infers the shapes again
     written = hidden(quantized, decided)  # the model's own outputs only
     session = _check_loads(written)
     checked, readings = [], {}

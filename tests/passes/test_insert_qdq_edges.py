@@ -152,3 +152,24 @@ def test_an_output_listed_twice_is_refused_in_one_line(tmp_path):
     nodes = [conv("conv1", "x", "y", "w1")]
     with pytest.raises(ModelError, match="more than once"):
         quantized(tmp_path, nodes, [image("x")], [image("y"), image("y")], weights("w1"))
+
+
+def test_a_qoperator_file_keeps_an_unshaped_output_unshaped(tmp_path):
+    """ONNX Runtime's rewrite into QOperator ops infers shapes again: the output declared
+    without one had come out as [N, 4, 8, 8]."""
+    model = helper.make_model(
+        helper.make_graph([conv("conv1", "x", "y", "w1")], "qop", [image("x")],
+                          [onnx.ValueInfoProto(name="y")], weights("w1")),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )  # fmt: skip
+    model.graph.output[0].type.tensor_type.elem_type = F
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(
+        tmp_path / "x.npy",
+        np.random.default_rng(1).standard_normal((24, 4, 8, 8)).astype(np.float32),
+    )
+    quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy", INT8,
+                   output_format="qoperator")  # fmt: skip
+    written = onnx.load(tmp_path / "q.onnx")
+    assert not written.graph.output[0].type.tensor_type.HasField("shape")
+    assert any(n.op_type == "QLinearConv" for n in written.graph.node)
