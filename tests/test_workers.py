@@ -262,7 +262,7 @@ def test_workers_end_with_their_killed_parent(tmp_path):
         "import os, sys, time\n"
         "from qdq.workers import Workers, same\n"
         "def nap(context, item):\n"
-        "    print(os.getpid(), flush=True)\n"
+        "    os.write(1, f'{os.getpid()}\\n'.encode())  # one write: the two do not interleave\n"
         "    time.sleep(60)\n"
         "Workers(2).map(same, nap, None, [0, 1])\n"
     )
