@@ -132,6 +132,18 @@ def test_constant_mul_and_add_after_a_conv_fold_into_it(scale, shift, bias):
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
+def test_a_folded_models_constant_output_stays():
+    """A constant the graph returns (a detector's anchors) is read by no node, and kept."""
+    model = conv_affine(np.array([1.38]), np.array([0.59]), True)
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(3, dtype=np.float32), "k"))
+    model.graph.output.append(helper.make_tensor_value_info("k", TensorProto.FLOAT, [3]))
+    folded, count = fold_affine(model)
+    assert count == 2
+    x = np.zeros((1, 2, 6, 6), np.float32)
+    anchors = ort.InferenceSession(folded.SerializeToString()).run(["k"], {"x": x})[0]
+    np.testing.assert_array_equal(anchors, [0, 1, 2])
+
+
 def test_a_spatially_varying_constant_is_not_folded():
     model = conv_affine(np.ones((1, 4, 6, 6)), np.zeros(1), True)
     folded, count = fold_affine(model)

@@ -95,6 +95,22 @@ def test_smoothing_keeps_the_function_and_divides_where_it_can(tmp_path, produce
     )
 
 
+def test_a_smoothed_models_constant_output_stays(tmp_path):
+    """A constant the graph returns (a detector's anchors) is read by no node: smoothing's
+    sweep of unread constants had dropped it, and the quantize ended in an internal error."""
+    model = outlier_mlp("Mul")
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(3, dtype=np.float32), "k"))
+    model.graph.output.append(helper.make_tensor_value_info("k", TensorProto.FLOAT, [3]))
+    x = np.random.default_rng(1).standard_normal((64, 8, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    samples = Samples(tmp_path / "x.npy", model_inputs(model))
+    smoothed, chosen = smooth(onnx.ModelProto.FromString(model.SerializeToString()), samples,
+                              QuantConfig())  # fmt: skip
+    assert list(chosen) == ["a"]
+    session = ort.InferenceSession(smoothed.SerializeToString())
+    np.testing.assert_array_equal(session.run(["k"], {"x": x[:1]})[0], [0, 1, 2])
+
+
 def test_smoothing_rescues_the_channels_an_outlier_crowds_out(tmp_path):
     x = np.random.default_rng(2).standard_normal((64, 8, 32)).astype(np.float32)
     sqnr, report = quantized_without_and_with(outlier_mlp("Mul"), x, tmp_path)

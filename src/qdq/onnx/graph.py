@@ -193,6 +193,15 @@ def outer_reads(graph: onnx.GraphProto) -> set[str]:
     return reads - defined
 
 
+def drop_unread_initializers(model: onnx.ModelProto) -> None:
+    """Removes the initializers no node reads and the graph does not return: a constant
+    that is also a model output (a detector's anchors) stays."""
+    kept = {name for node in model.graph.node for name in reads(node)}
+    kept |= {value.name for value in model.graph.output}
+    for tensor in [t for t in model.graph.initializer if t.name not in kept]:
+        model.graph.initializer.remove(tensor)
+
+
 def rename(node: onnx.NodeProto, renames: dict[str, str]) -> None:
     """`node`'s inputs and outputs renamed as `renames` says, and the names its subgraphs
     read from outside (and return as they are)."""

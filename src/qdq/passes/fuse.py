@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qdq.onnx.graph import GraphIndex, clip_bounds, reads
+from qdq.onnx.graph import GraphIndex, clip_bounds, drop_unread_initializers
 
 
 def fuse_hard_swish(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -100,10 +100,7 @@ def fold_affine(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             node.output[0] = renamed[node.output[0]]
     del model.graph.node[:]
     model.graph.node.extend(kept)
-    used = {name for node in kept for name in reads(node)}
-    unused = [t for t in model.graph.initializer if t.name not in used]
-    for tensor in unused:
-        model.graph.initializer.remove(tensor)
+    drop_unread_initializers(model)
     return model, len(folded)
 
 

@@ -33,7 +33,13 @@ from onnx import helper, numpy_helper
 from qdq.affine import fake_quantize
 from qdq.config import QuantConfig
 from qdq.data import Samples
-from qdq.onnx.graph import SMOOTHING_MUL, GraphIndex, attributes, computing, reads
+from qdq.onnx.graph import (
+    SMOOTHING_MUL,
+    GraphIndex,
+    attributes,
+    computing,
+    drop_unread_initializers,
+)
 from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.plan.calibrate import budgeted
 from qdq.plan.constants import weight_qparams
@@ -160,9 +166,7 @@ def smooth(
             nodes.insert(next(i for i, n in enumerate(nodes) if mul.output[0] in n.input), mul)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-    used = {name for node in model.graph.node for name in reads(node)}
-    for tensor in [t for t in model.graph.initializer if t.name not in used]:
-        model.graph.initializer.remove(tensor)
+    drop_unread_initializers(model)
     return model, chosen
 
 
