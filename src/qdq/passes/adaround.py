@@ -81,14 +81,16 @@ def _learn_layer(torch, node, index: GraphIndex, plan: Plan, x: np.ndarray, iter
     qparams = plan.constants[node.name, 1]
     weight = index.constant(node.input[1])
     scale = qparams.scale.astype(np.float32)
+    zero_point = np.asarray(qparams.zero_point, np.float32)
     granularity = qparams.scheme.granularity
     if isinstance(granularity, PerChannel):
         view = [1] * weight.ndim
         view[granularity.axis] = -1
-        scale = scale.reshape(view)
+        scale, zero_point = scale.reshape(view), zero_point.reshape(view)
     qmin, qmax = qparams.scheme.qmin, qparams.scheme.qmax
     w = torch.from_numpy(weight.astype(np.float32))
     s = torch.from_numpy(np.asarray(scale, np.float32))
+    zp = torch.from_numpy(zero_point)  # codes are stored with it: w = s * (code - zp)
     floor = torch.floor(w / s)
     rest = (w / s - floor).clamp(1e-4, 1 - 1e-4)
     v = torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
@@ -105,7 +107,7 @@ def _learn_layer(torch, node, index: GraphIndex, plan: Plan, x: np.ndarray, iter
     warm = int(WARMUP * iterations)
     for step in range(iterations):
         pick = torch.randint(0, len(x_float), (min(8, len(x_float)),))
-        w_soft = s * (floor + soft(v)).clamp(qmin, qmax)
+        w_soft = s * ((floor + zp + soft(v)).clamp(qmin, qmax) - zp)
         loss = ((layer(x_quant[pick], w_soft) - target[pick]) ** 2).mean()
         if step >= warm:
             progress = (step - warm) / max(1, iterations - warm)
@@ -116,7 +118,7 @@ def _learn_layer(torch, node, index: GraphIndex, plan: Plan, x: np.ndarray, iter
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        hard = (floor + (soft(v) >= 0.5).float()).clamp(qmin, qmax)
+        hard = (floor + zp + (soft(v) >= 0.5).float()).clamp(qmin, qmax)
     return hard.numpy().astype(qparams.scheme.storage_dtype)
 
 
