@@ -102,3 +102,21 @@ def test_data_free_takes_flattened_and_1d_layers(tmp_path, shape):
     config = QuantConfig(data_free=True, input_range=(0.0, 1.0))
     report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", None, config)
     assert next(d for d in report.decisions if d.node in ("fc", "conv2")).quantized
+
+
+def test_a_gemms_alpha_and_beta_scale_its_moments():
+    """Gemm(alpha=30, beta=3) computes what alpha 1 does with 30 W and 3 C: the same moments
+    (alpha and beta had been left out, and the output range missed the data: 0.3 dB)."""
+    rng = np.random.default_rng(0)
+    w2, c = rng.standard_normal((6, 144)), rng.standard_normal(6)
+    moments = []
+    for alpha, beta in ((30.0, 3.0), (1.0, 1.0)):
+        gemm = helper.make_node("Gemm", ["f", "w2", "c"], ["y"], transB=1, alpha=alpha, beta=beta)
+        flatten = helper.make_node("Flatten", ["r"], ["f"])
+        layers = [helper.make_node("Relu", ["bn"], ["r"]), flatten, gemm]
+        scale = 31.0 - alpha  # the alpha-1 model carries the factors in its constants
+        inits = {"w1": np.ones((4, 3, 3, 3)), "w2": w2 * scale, "c": c * (4.0 - beta)}
+        model = bn_model(layers, inits, [1, 3, 8, 8], [1, 6])
+        moments.append(propagate(GraphIndex(model), batchnorm_moments(model), (0.0, 1.0))["y"])
+    np.testing.assert_allclose(moments[0].mean, moments[1].mean, rtol=1e-6)
+    np.testing.assert_allclose(moments[0].std, moments[1].std, rtol=1e-6)

@@ -148,8 +148,13 @@ def _linear(node: onnx.NodeProto, index: GraphIndex, x: Moments) -> Moments | No
         mean = (w.sum(axis=window) * mean_in).sum(axis=1)
         var = ((w**2).sum(axis=window) * var_in).sum(axis=1)
         return Moments(mean + bias, np.sqrt(var))
-    if node.op_type == "Gemm" and attributes(node).get("transB", 0):
-        w = w.T
+    if node.op_type == "Gemm":
+        attrs = attributes(node)
+        if attrs.get("transA", 0) or (np.ndim(bias) > 1 and np.shape(bias)[0] != 1):
+            return None  # X's rows are not its features, or C varies along the batch
+        w = w.T if attrs.get("transB", 0) else w
+        w = w * attrs.get("alpha", 1.0)  # y = alpha * X W + beta * C
+        bias = np.reshape(bias, -1) * attrs.get("beta", 1.0)
     if w.ndim != 2:
         return None
     rows = w.shape[0]
