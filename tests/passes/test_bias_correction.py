@@ -211,3 +211,32 @@ def test_a_sequential_correction_that_harms_the_held_out_samples_is_dropped(tmp_
     monkeypatch.setattr(qdq.ptq, "correct_sequentially", correct)
     _, report = quantize_cnn(tmp_path, prefer="speed")
     assert any(n.startswith("sequential bias correction kept") for n in report.notes)
+
+
+def test_a_gemm_with_a_row_bias_is_corrected(tmp_path):
+    """A Gemm's C of shape (1, N) takes its correction per channel (the running correction had
+    kept C's shape, which the correcting graph refused: the stage was always skipped)."""
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w1", rng.standard_normal((6, 8))), ("c1", rng.standard_normal((1, 6))),
+        ("w2", rng.standard_normal((6, 5))), ("c2", rng.standard_normal((1, 5))))]  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Gemm", ["r", "w1", "c1"], ["g"], name="fc1", transB=1),
+            helper.make_node("Relu", ["g"], ["h"]),
+            helper.make_node("Gemm", ["h", "w2", "c2"], ["y"], name="fc2"),
+        ],
+        "row_bias",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        init,
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx"
+    )
+    np.save(tmp_path / "x.npy", rng.standard_normal((32, 8)).astype(np.float32))
+    report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy",
+                            preset_config("default", prefer="speed"))  # fmt: skip
+    assert not any("skipped" in n for n in report.notes), report.notes
+    assert any(n.startswith("sequential bias correction") for n in report.notes)

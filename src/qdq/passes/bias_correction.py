@@ -168,8 +168,8 @@ def correct_sequentially(
         averaging = _averaging(model, outputs, ranks)
         batches = _float_means(samples, averaging, outputs, means, batch_size, count)
 
-    corrections = [
-        np.zeros(index.constant(node.input[k[1]]).shape, np.float32) for node, k in layers
+    corrections = [  # one per channel: a Gemm's (1, N) bias takes its (N,) correction
+        np.zeros(index.constant(node.input[k[1]]).size, np.float32) for node, k in layers
     ]
     seen = 0
     with tqdm(total=min(count, samples.count), desc="correcting biases", unit="sample",
