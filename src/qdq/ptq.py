@@ -193,7 +193,11 @@ def plan_model(
     if config.target_sqnr is not None:
         feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)
         score = (
-            sqnr_score(float_reference(model, feeds), config.output_parts, reuse=True)
+            sqnr_score(
+                float_reference(model, feeds, [samples.held_in(f) for f in feeds]),
+                config.output_parts,
+                reuse=True,
+            )
             if metric is None
             else _session_score(metric)
         )

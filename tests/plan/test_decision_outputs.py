@@ -58,7 +58,7 @@ def test_a_candidate_that_reads_every_step_as_fp32_scores_at_least_the_floor():
     x = (np.eye(CLASSES)[tops] * 3.0 + rng.normal(0, 0.3, (*tops.shape, CLASSES))).astype(
         np.float32
     )
-    reference = float_reference(_softmax_net(2.0), [{"x": x[:4]}, {"x": x[4:]}])
+    reference = float_reference(_softmax_net(2.0), [{"x": x[:4]}, {"x": x[4:]}], [4, len(x) - 4])
     softer = _softmax_net(0.5)  # the same top class everywhere, probabilities far apart
     plain = sample_scores(reference)(softer)
     assert plain.max() < 15  # dB: the probabilities' error

@@ -229,7 +229,9 @@ def test_the_budget_scores_the_worst_part(tmp_path):
     got = ort.InferenceSession(noisy.SerializeToString()).run(None, feeds[0])[0]
     expected = worst_sqnr(judged(output_parts(["y"], [[want]]), [[want]], [[got]]))
     pooled = 10 * np.log10(np.sum(want.astype(np.float64) ** 2) / np.sum((want - got) ** 2))
-    assert sqnr_score(float_reference(model, feeds))(noisy) == pytest.approx(expected)
+    assert sqnr_score(float_reference(model, feeds, [len(f["x"]) for f in feeds]))(
+        noisy
+    ) == pytest.approx(expected)
     assert expected < pooled - 20  # the pooled tensor hid the scores' error
 
 
@@ -288,7 +290,7 @@ def test_held_samples_are_scored_one_at_a_time_by_their_worst_part():
     expected = [
         worst_sqnr(judged(parts, [[want[i : i + 1]]], [[got[i : i + 1]]])) for i in range(6)
     ]
-    score = sample_scores(float_reference(model, feeds))
+    score = sample_scores(float_reference(model, feeds, [4, 2]))
     assert score(noisy) == pytest.approx(expected)
     assert np.isinf(score(model)).all()  # FP32 itself: no error
     asked: list[int] = []
@@ -397,7 +399,8 @@ def test_held_samples_without_a_detection_are_judged_by_the_other_parts():
 
     shift = shifted(np.zeros((1, 2, 6, 6), np.float32))
     feeds = [{"h": heat, "v": offsets}]
-    scores = sample_scores(float_reference(model(np.zeros_like(shift)), feeds))(model(shift))
+    reference = float_reference(model(np.zeros_like(shift)), feeds, [len(heat)])
+    scores = sample_scores(reference)(model(shift))
     faces = offsets[:, :, 2, 3].astype(np.float64)
     expected = 10 * np.log10(np.sum(faces**2, axis=1) / (2 * 0.1**2))
     assert np.isinf(scores[5])  # nothing gated, and the heatmap exact

@@ -68,7 +68,10 @@ def test_the_references_come_from_calibration_as_the_model_gives_them(
     first = samples.count - HELD
     held_feeds = list(samples.span(first, samples.count).batches(batch_size))
     leading_feeds = list(samples.batches(batch_size, last=LEADING))
-    held, leading = float_reference(model, held_feeds), float_reference(model, leading_feeds)
+    held, leading = (
+        float_reference(model, held_feeds, [samples.held_in(f) for f in held_feeds]),
+        float_reference(model, leading_feeds, [samples.held_in(f) for f in leading_feeds]),
+    )
 
     def not_run(*_: object) -> None:
         raise AssertionError("the model ran again for outputs calibration had")
@@ -92,7 +95,7 @@ def test_outputs_that_do_not_lead_with_the_batch_are_run_again():
     assert not taken.whole  # a batch of 8 gave one sum: it cannot be split
     feeds = list(samples.span(samples.count - HELD, samples.count).batches(8))
     got = taken.last(model, samples, 8, HELD)
-    _same(got.outputs, float_reference(model, feeds).outputs)
+    _same(got.outputs, float_reference(model, feeds, [samples.held_in(f) for f in feeds]).outputs)
     assert [o[0].shape for o in got.outputs] == [(), ()]  # a sum over 8 samples, then 2
 
 
@@ -151,7 +154,7 @@ def test_outputs_whose_shape_depends_on_the_batch_are_run_again():
     taken = _calibrated(model, samples, 8)
     feeds = list(samples.batches(8, last=LEADING))
     got = taken.reference(model, samples, 0, feeds)
-    _same(got.outputs, float_reference(model, feeds).outputs)
+    _same(got.outputs, float_reference(model, feeds, [samples.held_in(f) for f in feeds]).outputs)
 
 
 def test_the_rows_a_reference_takes_are_not_kept_twice():

@@ -175,7 +175,7 @@ def correct_sequentially(
     with tqdm(total=min(count, samples.count), desc="correcting biases", unit="sample",
               disable=not progress, leave=False) as bar:  # fmt: skip
         for feed, layer_means in batches:
-            batch = len(next(iter(feed.values())))
+            batch = samples.held_in(feed)
             seen += batch
             inputs = dict(feed, **{_WEIGHT: np.array(batch / seen, np.float32)})
             inputs.update(zip(means, layer_means, strict=True))
@@ -197,7 +197,7 @@ def _taken_means(
     shape. One sample first, as `_float_means` batches them."""
     start = 0
     for feed in chain(samples.batches(1, last=1), samples.batches(size, first=1, last=count)):
-        end = start + len(next(iter(feed.values())))
+        end = start + samples.held_in(feed)
         yield feed, [r[start:end].mean(axis=0).astype(np.float32) for r in rows]
         start = end
 

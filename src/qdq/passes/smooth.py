@@ -185,7 +185,7 @@ def _statistics(
 
     def take(feed: dict[str, np.ndarray]) -> int:
         """Fold one batch in; returns the bytes it captured."""
-        batch = len(next(iter(feed.values())))
+        batch = samples.held_in(feed)
         with fails_on_data("the float model on the calibration samples"):
             values = session.run(names, feed)
         for name, value in zip(names, values, strict=True):

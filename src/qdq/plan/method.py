@@ -163,10 +163,9 @@ def sample_scores(
             )
         }
         pairs = zip(outputs, got, strict=True)
-        counts = [len(next(iter(feed.values()))) for feed in feeds]
         worst = [
             _worst_per_sample(parts, where, *p, n, floors)
-            for p, n in zip(pairs, counts, strict=True)
+            for p, n in zip(pairs, reference.counts, strict=True)
         ]
         return np.concatenate(worst)
 
@@ -175,9 +174,9 @@ def sample_scores(
     ) -> np.ndarray:
         """The scores feed by feed, until `until` holds for those so far."""
         worst: list[np.ndarray] = []
-        for want, feed in zip(outputs, feeds, strict=True):
+        for want, feed, count in zip(outputs, feeds, reference.counts, strict=True):
             got = session.run(names, feed)
-            worst.append(_worst_per_sample(parts, where, want, got, len(next(iter(feed.values())))))
+            worst.append(_worst_per_sample(parts, where, want, got, count))
             if until is not None and until(np.concatenate(worst)):
                 break
         return np.concatenate(worst)

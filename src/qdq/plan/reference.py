@@ -17,14 +17,16 @@ from qdq.onnx.sessions import fails_on_data, open_session, run_named
 class Reference:
     """FP32's float outputs on the feeds candidates are scored on: computed once for every
     scorer of those feeds (the range method's choice and the checks after it score on the
-    same held-out samples)."""
+    same held-out samples). `counts`: the samples each feed holds (`Samples.held_in`: one
+    where an input's leading axis is not a batch)."""
 
     feeds: list[dict]
     names: list[str]
     outputs: list[list[np.ndarray]]
+    counts: list[int]
 
 
-def float_reference(model: onnx.ModelProto, feeds: list[dict]) -> Reference:
+def float_reference(model: onnx.ModelProto, feeds: list[dict], counts: list[int]) -> Reference:
     """`model`'s float outputs on `feeds`, as copies: an array ONNX Runtime returns holds its
     session's whole memory arena while it lives (PP-OCRv4's detector: a 6 MB output kept 225 MB
     after the session was gone; scratch `/work/notes/r72/arena.py`)."""
@@ -32,7 +34,7 @@ def float_reference(model: onnx.ModelProto, feeds: list[dict]) -> Reference:
     names = [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
     with fails_on_data("the float model on the calibration samples"):
         outputs = [[o.copy() for o in run_named(session, names, feed)] for feed in feeds]
-    return Reference(feeds, names, outputs)
+    return Reference(feeds, names, outputs, counts)
 
 
 class TakenOutputs:
@@ -91,23 +93,22 @@ class TakenOutputs:
         dropped: the references hold their own copies (each sample is in one reference but
         where the samples are so few that the frontier's and the held-out ones meet; the second
         then runs the model)."""
-        outputs = []
-        for feed in feeds:
-            count = samples.held_in(feed)
+        outputs, counts = [], [samples.held_in(feed) for feed in feeds]
+        for count in counts:
             rows = [self.taken.pop(i, None) for i in range(first, first + count)]
             if not self.whole or any(row is None for row in rows):
-                return float_reference(model, feeds)
+                return float_reference(model, feeds, counts)
             if count > 1 and any(o.ndim == 0 or len(o) != 1 for row in rows for o in row):
-                return float_reference(model, feeds)  # a sample run alone, not led by it
+                return float_reference(model, feeds, counts)  # a sample run alone, not led by it
             if count == 1:
                 outputs.append(rows[0])
             else:
                 try:
                     outputs.append([np.concatenate(o) for o in zip(*rows, strict=True)])
                 except ValueError:  # shapes that depend on the batch: not to be joined
-                    return float_reference(model, feeds)
+                    return float_reference(model, feeds, counts)
             first += count
-        return Reference(feeds, self.inputs, outputs)
+        return Reference(feeds, self.inputs, outputs, counts)
 
     def last(
         self, model: onnx.ModelProto, samples: Samples, batch_size: int, count: int

@@ -212,7 +212,7 @@ class Trainer:
 
     def _feeds(self, part: Samples) -> Iterator[tuple[dict[str, np.ndarray], float]]:
         for feed in part.batches(self.options.batch_size):
-            yield feed, len(next(iter(feed.values()))) / part.count
+            yield feed, part.held_in(feed) / part.count
 
     def _file_session(self) -> FileRun:
         """ONNX Runtime's session of the file the current values would write, which also
@@ -304,7 +304,7 @@ class Trainer:
             for feed, weight in self._feeds(self.held):
                 want, got = self._outputs(feed, run, False, [])
                 total += float(self._distance(want, got)) * weight
-                agreed += self._agreeing(want, got, len(next(iter(feed.values()))))
+                agreed += self._agreeing(want, got, self.held.held_in(feed))
         return HeldOut(total, agreed / self.held.count if self.classes else None, self.held.count)
 
     def _agreeing(self, want: list[np.ndarray], got: list[torch.Tensor], count: int) -> int:

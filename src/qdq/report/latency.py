@@ -62,7 +62,7 @@ def batch_latency(
             if size < LEAST_BATCH:
                 return None, False
             feed = next(samples.batches(size))
-            count = len(next(iter(feed.values())))
+            count = samples.held_in(feed)
         if count < LEAST_BATCH:  # the model's batch axis is fixed at 1
             return None, False
         paths = [str(float_path), str(quantized_path)]
