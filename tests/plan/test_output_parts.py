@@ -405,3 +405,14 @@ def test_held_samples_without_a_detection_are_judged_by_the_other_parts():
     expected = 10 * np.log10(np.sum(faces**2, axis=1) / (2 * 0.1**2))
     assert np.isinf(scores[5])  # nothing gated, and the heatmap exact
     assert scores[[0, 1, 2, 3, 4, 6, 7]] == pytest.approx(expected[[0, 1, 2, 3, 4, 6, 7]], abs=1e-3)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_a_nan_output_is_the_worst_part_in_any_order(order):
+    """An int8 output of NaN (0 / 0 where FP32 divides by a small value) is what a choice must
+    avoid, wherever the model lists it."""
+    a = RNG.standard_normal((4, 8)).astype(np.float32)
+    want, got = [a, a + 1], [a + 0.01, np.full_like(a, np.nan)]
+    names = [["a", "b"][i] for i in order]
+    want, got = [want[i] for i in order], [got[i] for i in order]
+    assert worst_sqnr(judged(output_parts(names, [want]), [want], [got])) == -np.inf

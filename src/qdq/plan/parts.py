@@ -303,8 +303,10 @@ def update_all(
 
 def worst_sqnr(stats: Iterable[PartStats]) -> float:
     """What automatic choices maximise: the lowest SQNR of any part of any output (inf for a
-    model with no float output: nothing to lose)."""
-    return min((s.error.sqnr_db for s in stats), default=math.inf)
+    model with no float output: nothing to lose); a NaN one is the lowest of all (min() had
+    passed it over unless it came first)."""
+    scores = (s.error.sqnr_db for s in stats)
+    return min((-math.inf if math.isnan(v) else v for v in scores), default=math.inf)
 
 
 def check_declared(declared: Iterable[str], names: Sequence[str]) -> None:
