@@ -84,3 +84,14 @@ def test_per_sample_powers_are_summed_over_every_block_of_a_row():
     np.testing.assert_allclose(noise[1], ((x[1] - y[1])[kept] ** 2).sum(), rtol=1e-12)
     assert signal[1] == np.inf
     assert noise[2] == np.inf
+
+
+def test_a_nan_sample_counts_as_the_worst_score():
+    """Percentile's plan gives NaN on one held sample: that sample is its worst, and a method
+    ahead on every sample replaces it (a NaN median had kept it against any other)."""
+    scores = {"percentile": np.array([np.nan] + [20.0] * 8), "minmax": np.full(9, 40.0)}
+    same = lambda value: value  # noqa: E731 - plans and models are the method names here
+    picked, medians, _, _ = choose_method(
+        {m: m for m in scores}, same, same, lambda m, _, s=scores: s[m]
+    )
+    assert (picked, medians["percentile"]) == ("minmax", 20.0)

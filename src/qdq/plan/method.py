@@ -98,9 +98,11 @@ def choose_method(
     choice, and on a batch-1 model, whose samples run one at a time, fewer runs."""
 
     def scores(method: str, until: Callable[[np.ndarray], bool] | None) -> np.ndarray:
-        """One candidate's per-sample scores (its model built, scored and dropped)."""
+        """One candidate's per-sample scores (its model built, scored and dropped); a NaN
+        sample (an output of NaN) is the worst score, not one that voids the median."""
         model = realize(plan_for(candidates[method]))
-        return np.atleast_1d(np.asarray(score(model, until), float))
+        values = np.atleast_1d(np.asarray(score(model, until), float))
+        return np.where(np.isnan(values), -np.inf, values)
 
     first, *others = candidates
     per_sample = {first: scores(first, None)}
