@@ -18,7 +18,7 @@ from qdq.observers import Observer, make_observer
 from qdq.pipeline import quantize_model
 from qdq.plan.budget import sqnr_score
 from qdq.plan.calibrate import observe, observe_holding
-from qdq.plan.detections import detect, match
+from qdq.plan.detections import Detections, detect, match
 from qdq.plan.method import MAJORITY, MARGIN, sample_scores
 from qdq.plan.parts import (
     Gate,
@@ -416,3 +416,12 @@ def test_a_nan_output_is_the_worst_part_in_any_order(order):
     names = [["a", "b"][i] for i in order]
     want, got = [want[i] for i in order], [got[i] for i in order]
     assert worst_sqnr(judged(output_parts(names, [want]), [want], [got])) == -np.inf
+
+
+def test_a_detection_with_negative_sides_matches_itself():
+    """A head's box of width and height -10 (no area) is judged alike in both models: F1 1
+    (its corners had crossed, so its area was positive and its IoU with itself 0)."""
+    head = np.array([[[50], [50], [-10], [-10], [0.9], [0.1]]], np.float32)  # (1, 6, 1)
+    detections = Detections(1, (0, 4), (4, 6))
+    detections.update(head, head)
+    assert detections.f1 == 1.0

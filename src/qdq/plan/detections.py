@@ -68,6 +68,7 @@ def detect(boxes: np.ndarray, scores: np.ndarray) -> Found:
     keep = np.flatnonzero(confidence > CONFIDENCE)
     keep = keep[np.argsort(-confidence[keep], kind="stable")]
     cx, cy, w, h = boxes[keep].astype(np.float64).T
+    w, h = np.maximum(w, 0), np.maximum(h, 0)  # a negative side is an empty box, not an area
     corners = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
     chosen: list[int] = []
     for i in range(len(keep)):
