@@ -17,7 +17,9 @@ import pytest
 from onnx import numpy_helper
 
 import models
+from qdq.cli.flags import check_quantize_flags
 from qdq.cli.parser import build_parser
+from qdq.errors import UsageError
 
 from conftest import DIGITS, digits_cnn_sqnr
 
@@ -367,3 +369,22 @@ def test_a_reader_that_closed_its_pipe_gets_a_quiet_exit_0():
     process.stdout.close()
     error = process.stderr.read()
     assert (process.wait(), error) == (0, b"")
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--prefer", "speed"], "--prefer does nothing"),
+        (["--output-parts", "y:1:0-2,2-4"], "--output-parts does nothing"),
+        (["--nearest-rounding", "--no-smoothing"], "--nearest-rounding, --no-smoothing do"),
+        (["--no-sequential-bias-correction"], "--no-sequential-bias-correction does"),
+    ],
+)
+def test_data_free_refuses_the_flags_it_would_not_read(flags, named):
+    """Data-free planning has no candidate plans, checks or calibration steps: a flag that
+    steers them had been accepted and left the file as it was."""
+    args = build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx", "--data-free", *flags])
+    with pytest.raises(UsageError, match=named):
+        check_quantize_flags(args)
+    args = build_parser().parse_args(["quantize", "m.onnx", "-o", "q.onnx", "--data-free"])
+    check_quantize_flags(args)

@@ -123,9 +123,9 @@ class QuantConfig:
         _check_activations(self.activations)
         if self.batch_size < 1:
             raise SchemeError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.data_free and (self.adaround or self.target_sqnr is not None):
+        if self.data_free and (self.adaround or self.target_sqnr is not None or self.output_parts):
             raise SchemeError(
-                "`adaround` and `target_sqnr` need calibration data, "
+                "`adaround`, `target_sqnr` and `output_parts` need calibration data, "
                 "so they do not combine with `data_free`"
             )
         if self.weight_grid is not WeightGrid.UNIFORM:

@@ -55,6 +55,8 @@ def test_data_free_refuses_models_without_batchnorm_and_extra_data(tmp_path):
         quantize_model(DIGITS / "cnn.onnx", tmp_path / "q.onnx", None, QuantConfig())
     with pytest.raises(SchemeError, match="need calibration data"):
         QuantConfig(data_free=True, adaround=True)
+    with pytest.raises(SchemeError, match="need calibration data"):
+        QuantConfig(data_free=True, output_parts=("y:1:0-4,4-8",))
 
 
 def bn_model(layers: list[onnx.NodeProto], inits: dict[str, np.ndarray], x: list, y: list):

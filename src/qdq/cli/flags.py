@@ -59,6 +59,25 @@ def check_quantize_flags(args: argparse.Namespace) -> None:
         low, high = args.input_range
         if low >= high:
             raise UsageError(f"--input-range LO HI needs LO < HI, got {low:g} {high:g}")
+    if args.data_free:
+        unread = [
+            flag
+            for flag, given in (
+                ("--prefer", args.prefer not in (None, "int8")),
+                ("--output-parts", bool(args.output_parts)),
+                ("--nearest-rounding", args.gptq is False),
+                ("--no-smoothing", args.smoothing is False),
+                ("--no-sequential-bias-correction", args.sequential_bias_correction is False),
+            )
+            if given
+        ]
+        if unread:
+            one = len(unread) == 1
+            raise UsageError(
+                f"{', '.join(unread)} {'does' if one else 'do'} nothing with --data-free (it "
+                "plans every layer from BatchNorm statistics: no candidate plans, checks or "
+                f"calibration steps); drop {'it' if one else 'them'} or --data-free"
+            )
     low_bit = (args.weight_bits or 8) < 8 or args.weight_grid not in (None, "uniform")
     if args.prefer not in (None, "int8") and (
         args.target_sqnr is not None or args.preset == "tensorrt" or low_bit
