@@ -51,7 +51,7 @@ from qdq.passes.insert_qdq import free_reserved_names, insert_qdq
 from qdq.passes.smooth import smooth
 from qdq.passes.unfuse import unfuse, wanted_opset
 from qdq.passes.widen import HALF, narrowed, widen
-from qdq.plan.build import Plan
+from qdq.plan.build import BudgetResult
 from qdq.plan.decisions import Decision, static_decisions
 from qdq.plan.parts import PartStats, check_declared, judged, output_parts
 from qdq.plan.readings import Readings, decision_outputs
@@ -238,7 +238,9 @@ def quantize_model(
     output_sqnr = {s.part.label: s.error.sqnr_db for s in checked}
     output_tasks = {s.part.label: task_scores(s) for s in checked if task_scores(s)}
     output_rows = {s.part.label: s.agreement_rows for s in checked if s.agreement_rows}
-    notes += _budget_notes(plan) + nonfinite_notes({s.part.label: s.error for s in checked})
+    if plan.budget is not None:  # with calibration data
+        notes += _budget_notes(plan.budget, samples.count)
+    notes += nonfinite_notes({s.part.label: s.error for s in checked})
     save_model(written, target)
     return QuantizeReport(
         decisions=list(plan.decisions.values()),
@@ -308,16 +310,13 @@ def _wide(values: list[np.ndarray]) -> list[np.ndarray]:
     return [v.astype(np.float32) if v.dtype == np.float16 else v for v in values]
 
 
-def _budget_notes(plan: Plan) -> list[str]:
-    budget = plan.budget
-    if budget is None:
-        return []
+def _budget_notes(budget: BudgetResult, samples: int) -> list[str]:
     met = "met" if budget.sqnr_after >= budget.target else "NOT met (every candidate is float)"
     kept = ", ".join(budget.kept_float) or "none"
     notes = [
         f"target {budget.target:g} {met}: score {budget.sqnr_before:.2f} -> "
         f"{budget.sqnr_after:.2f} (output SQNR in dB unless a metric was given) on the first "
-        f"{BUDGET_SAMPLES} calibration samples; kept float: {kept}"
+        f"{min(BUDGET_SAMPLES, samples)} calibration samples; kept float: {kept}"
     ]
     if budget.latency_ms:
         int8, budgeted = budget.latency_ms

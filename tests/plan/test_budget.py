@@ -28,10 +28,11 @@ def test_a_met_budget_changes_nothing(tmp_path):
         DIGITS / "cnn.onnx",
         tmp_path / "q.onnx",
         DIGITS / "calib.npz",
-        QuantConfig(target_sqnr=20.0),
+        QuantConfig(target_sqnr=20.0, max_samples=40),
     )
     assert not report.kept_float
     assert "kept float: none" in report.notes[-1]
+    assert "on the first 40 calibration samples" in report.notes[-1]  # not BUDGET_SAMPLES
 
 
 @pytest.mark.slow
