@@ -241,6 +241,12 @@ def quantize_model(
     if plan.budget is not None:  # with calibration data
         notes += _budget_notes(plan.budget, samples.count)
     notes += nonfinite_notes({s.part.label: s.error for s in checked})
+    resized = {s.part.output: s.error.unmatched for s in checked if s.error.unmatched}
+    notes += [
+        f"output {name!r}: of another size than FP32's on {count} of the check's batches (its "
+        "size is set by the data, as an NMS's), left out of its SQNR"
+        for name, count in resized.items()
+    ]
     save_model(written, target)
     return QuantizeReport(
         decisions=list(plan.decisions.values()),

@@ -19,7 +19,7 @@ from qdq.pipeline import quantize_model
 from qdq.plan.budget import sqnr_score
 from qdq.plan.calibrate import observe, observe_holding
 from qdq.plan.detections import Detections, detect, match
-from qdq.plan.method import MAJORITY, MARGIN, sample_scores
+from qdq.plan.method import MAJORITY, MARGIN, _worst_per_sample, sample_scores
 from qdq.plan.parts import (
     Gate,
     Kind,
@@ -425,3 +425,31 @@ def test_a_detection_with_negative_sides_matches_itself():
     detections = Detections(1, (0, 4), (4, 6))
     detections.update(head, head)
     assert detections.f1 == 1.0
+
+
+def test_parts_pass_over_batches_without_values():
+    """A detector's NMS rows, (1, 0, 6) on a sample where it found none: the parts are found
+    on the others (a zero-size batch had ended the quantize in an internal error), and a
+    declared axis whose size changes between samples is refused."""
+    found = [np.concatenate([RNG.uniform(0, 640, (1, n, 4)), RNG.uniform(0, 1, (1, n, 2))], 2)
+             for n in (5, 7, 0, 3) * 4]  # fmt: skip
+    assert [p.kind for p in find_parts("y", found)] == [Kind.BOXES, Kind.SCORES]
+    assert [p.kind for p in find_parts("y", found, ["y:2:4-6,0-4"])] == [Kind.BOXES, Kind.SCORES]
+    with pytest.raises(DataError, match="changes size from sample to sample"):
+        find_parts("y", found, ["y:1:0-2,2-5"])
+
+
+def test_an_output_of_another_size_is_the_worst_score_and_left_out_of_sqnr():
+    """The int8 NMS kept 4 boxes where FP32's kept 5: no SQNR between them, and the choices
+    score that the worst (the comparison had ended the quantize, blaming the user's model)."""
+    five = np.concatenate([RNG.uniform(0, 640, (1, 5, 4)), RNG.uniform(0, 1, (1, 5, 2))], 2)
+    parts = output_parts(["y"], [[five]])
+    stats = judged(parts, [[five], [five]], [[five[:, :4]], [five + 0.01]])
+    assert [s.error.unmatched for s in stats] == [1] * len(stats)
+    assert all(np.isfinite(s.error.sqnr_db) for s in stats)  # the batch of one shape
+    assert worst_sqnr(stats) == -np.inf
+    where = {"y": 0}
+    scored = _worst_per_sample(
+        [p for g in parts.values() for p in g], where, [five], [five[:, :4]], 1
+    )
+    assert scored.tolist() == [-np.inf]

@@ -11,7 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qdq.cli import main
+from qdq.config import QuantConfig
 from qdq.metrics import ErrorStats
+from qdq.pipeline import quantize_model
 from qdq.report.compare import compare_models
 
 
@@ -117,3 +119,36 @@ def test_a_float16_output_is_judged_by_its_parts(tmp_path, dtype):
     result = compare_models(*_quantized(tmp_path, _saved(tmp_path, nodes, inits, [out], "half")),
                             latency_runs=0, declared=["probs:1:0-3,3-6"])  # fmt: skip
     assert list(result.parts) == ["probs[:, 0:3]", "probs[:, 3:6]"]
+
+
+def test_a_model_whose_output_rows_the_data_sets_quantizes(tmp_path):
+    """Boxes kept by their score (an NMS's Compress), a sample at a time: a sample with none
+    gives (0, 6), and every stage runs. Its Slice bounds are Constant nodes of `value_ints`
+    (data-free's BatchNorm scan had read every Constant's first attribute as a tensor: an
+    internal error on any such model)."""
+    rng = np.random.default_rng(0)
+    inits = {"W1": rng.normal(size=(8, 16)) * 0.5, "b1": rng.normal(size=16), "t": [0.5],
+             "W2": rng.normal(size=(16, 6)) * 0.5, "s": [40, 40, 10, 10, 1, 1]}  # fmt: skip
+    bounds = [helper.make_node("Constant", [], [n], value_ints=[v]) for n, v in
+              (("four", 4), ("five", 5), ("one", 1))]  # fmt: skip
+    nodes = [
+        *bounds,
+        helper.make_node("MatMul", ["x", "W1"], ["a0"]),
+        helper.make_node("Add", ["a0", "b1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("MatMul", ["r", "W2"], ["m"]),
+        helper.make_node("Sigmoid", ["m"], ["p"]),
+        helper.make_node("Mul", ["p", "s"], ["rows"]),
+        helper.make_node("Slice", ["p", "four", "five", "one"], ["score"]),
+        helper.make_node("Flatten", ["score"], ["flat"], axis=0),
+        helper.make_node("Squeeze", ["flat"], ["sv"]),
+        helper.make_node("Greater", ["sv", "t"], ["keep"]),
+        helper.make_node("Compress", ["rows", "keep"], ["det"], axis=0),
+    ]
+    det = helper.make_tensor_value_info("det", TensorProto.FLOAT, ["K", 6])
+    model = _saved(tmp_path, nodes, inits, [det], "nms")
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(64, 8)).astype(np.float32))
+    report = quantize_model(model, tmp_path / "q.onnx", tmp_path / "calib.npz",
+                            QuantConfig(batch_size=1))  # fmt: skip
+    assert not [n for n in report.notes if n.startswith("skipped")], report.notes
+    assert report.output_sqnr["det"] > 30

@@ -60,7 +60,7 @@ def batchnorm_moments(model: onnx.ModelProto) -> dict[str, Moments]:
     """N(beta, gamma^2) per channel for every BatchNormalization output of the original model."""
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     found = {}
     for node in model.graph.node:

@@ -203,6 +203,9 @@ def _worst_per_sample(
     by_name = {name: np.asarray(want[i]) for name, i in where.items()}
     for part in parts:
         i = where[part.output]
+        if np.shape(want[i]) != np.shape(have[i]):  # an NMS's rows: another count of boxes
+            worst[:] = -np.inf  # the feed's samples cannot be told apart: all of them
+            continue
         x, y = part.pair(np.asarray(want[i]), np.asarray(have[i]), by_name)
         value = sqnr_db(*_row_powers(x.reshape(rows, -1), y.reshape(rows, -1)))
         if floors and part.output in floors:

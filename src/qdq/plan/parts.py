@@ -141,7 +141,8 @@ def find_parts(
     name: str, batches: Sequence[np.ndarray], declared: Iterable[str] = ()
 ) -> list[Part]:
     """The parts of output `name` from its FP32 values in `batches` (the module's rule), or
-    from a declared spec naming it."""
+    from a declared spec naming it. Batches without a value (a detector's (1, 0, 6) where it
+    found nothing) tell nothing of the parts and are passed over."""
     first = batches[0]
     for spec in declared:
         output, axis, spans = parse_parts(spec)
@@ -152,9 +153,22 @@ def find_parts(
                 f"`output_parts` {spec!r} does not fit output {name!r} of shape "
                 f"{list(first.shape)}; give an axis and spans inside it"
             )
-        unit = _unit_channels(batches, axis)
-        return _typed([Part(name, axis, a, b, _kind(unit[a:b])) for a, b in spans], batches)
-    if first.dtype.kind != "f" or first.ndim < 2 or first.size == 0:
+        if any(b.ndim != first.ndim or b.shape[axis] != first.shape[axis] for b in batches):
+            raise DataError(
+                f"`output_parts` {spec!r}: axis {axis} of output {name!r} changes size from "
+                f"sample to sample ({first.shape[axis]}, then others); name an axis of fixed size"
+            )
+        valued = [b for b in batches if b.size]
+        if not valued:  # nothing seen: values, untyped
+            return [Part(name, axis, a, b, Kind.VALUES) for a, b in sorted(spans)]
+        unit = _unit_channels(valued, axis)
+        parts = [Part(name, axis, a, b, _kind(unit[a:b])) for a, b in sorted(spans)]
+        return _typed(parts, valued)
+    batches = [b for b in batches if b.size]
+    if not batches:
+        return [Part(name)]
+    first = batches[0]
+    if first.dtype.kind != "f" or first.ndim < 2:
         return [Part(name)]
     if sum(len(b) for b in batches) < MIN_ROWS:
         return [Part(name)]
@@ -234,6 +248,9 @@ class PartStats:
         of the batch by name, are needed where the part has a gate."""
         if self.part.gate is not None and outputs is None:
             raise ValueError(f"part {self.part.label} needs FP32's outputs by name")
+        if reference.shape != approximation.shape:  # an NMS's rows: a count set by the data
+            self.error.unmatched += 1
+            return
         want, got = self.part.pair(reference, approximation, outputs or {})
         self.error.update(want, got)
         classes = self.part.axis is None or self.part.stop - self.part.start > 1
@@ -304,8 +321,9 @@ def update_all(
 def worst_sqnr(stats: Iterable[PartStats]) -> float:
     """What automatic choices maximise: the lowest SQNR of any part of any output (inf for a
     model with no float output: nothing to lose); a NaN one is the lowest of all (min() had
-    passed it over unless it came first)."""
-    scores = (s.error.sqnr_db for s in stats)
+    passed it over unless it came first), and so is one whose size differed from FP32's on a
+    sample (an NMS that kept another number of boxes)."""
+    scores = (-math.inf if s.error.unmatched else s.error.sqnr_db for s in stats)
     return min((-math.inf if math.isnan(v) else v for v in scores), default=math.inf)
 
 
