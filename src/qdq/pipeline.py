@@ -23,16 +23,8 @@ from qdq.onnx.graph import (
     dequantized_constants,
     hoisted_duplicates,
 )
-from qdq.onnx.model import (
-    PER_AXIS_OPSET,
-    check_quantizable,
-    default_opset,
-    load_model,
-    optimize,
-    ort_rewrite,
-    save_model,
-    upgrade_opset,
-)
+from qdq.onnx.model import check_quantizable, load_model, optimize, ort_rewrite, save_model
+from qdq.onnx.opset import PER_AXIS_OPSET, default_opset, upgrade_opset
 from qdq.onnx.repair import check_model, declare_no_shape, ranked, unshaped
 from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.outputs import check_output

@@ -10,7 +10,8 @@ import onnxruntime as ort
 from onnx import helper
 
 import models
-from qdq.onnx.model import OWN_SUFFIX, default_opset, optimize
+from qdq.onnx.model import OWN_SUFFIX, optimize
+from qdq.onnx.opset import default_opset
 from qdq.pipeline import quantize_model
 
 

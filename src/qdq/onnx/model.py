@@ -14,9 +14,10 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, helper, version_converter
+from onnx import external_data_helper, helper
 
 from qdq.errors import ModelError, first_line
+from qdq.onnx.opset import PER_AXIS_OPSET, converted, default_opset
 from qdq.onnx.repair import check_model, in_order, typed
 from qdq.onnx.sessions import Use, open_session
 from qdq.onnx.sparse import densify
@@ -24,7 +25,6 @@ from qdq.onnx.sparse import densify
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 10  # QuantizeLinear / DequantizeLinear appear in opset 10
-PER_AXIS_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) needs opset 13
 TWO_GB = 2**31 - 1
 METADATA_KEY = "qdq.quantized_tensors"  # {float tensor name: name of its dequantized copy}
 # {float tensor name: the floor qdq started its grid at, below which its only reader is flat}
@@ -106,8 +106,7 @@ def _older_upgraded(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     target = helper.find_min_ir_version_for([helper.make_opsetid("", PER_AXIS_OPSET)])
     model.ir_version = max(model.ir_version, target)
     try:
-        upgraded = version_converter.convert_version(model, PER_AXIS_OPSET)
-        onnx.checker.check_model(upgraded)
+        upgraded = converted(model, PER_AXIS_OPSET)
     except Exception as error:  # the converter raises bare RuntimeErrors and others
         raise ModelError(
             f"{path} uses opset {opset}, older than QuantizeLinear (opset {MIN_OPSET}), and ONNX's "
@@ -277,24 +276,6 @@ def _ort_quantizes_at(opset: int) -> bool:
     except Exception:  # ONNX Runtime raises its own exception types
         return False
     return True
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def upgrade_opset(model: onnx.ModelProto, opset: int = PER_AXIS_OPSET) -> onnx.ModelProto:
-    """The model at `opset` or newer (13: per-axis DequantizeLinear), or unchanged if
-    conversion fails."""
-    if default_opset(model) >= opset:
-        return model
-    try:
-        upgraded = version_converter.convert_version(model, opset)
-        onnx.checker.check_model(upgraded)
-    except Exception as error:  # the converter raises bare RuntimeErrors and others
-        log.warning("could not upgrade opset %d to %d (%s)", default_opset(model), opset, error)
-        return model
-    return upgraded
 
 
 def optimize(model: onnx.ModelProto) -> onnx.ModelProto:

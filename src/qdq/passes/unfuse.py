@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qdq.onnx.graph import attributes, free_name, names_in
-from qdq.onnx.model import default_opset
+from qdq.onnx.opset import default_opset
 
 DOMAIN = "com.microsoft"
 LAYER_NORM_OPSET = 17  # LayerNormalization joins the default domain
