@@ -396,3 +396,41 @@ def test_inspect_refuses_a_node_name_in_broken_utf8(ws):
     data[data.index(b"conv1") + 1] = 0xFF
     write(ws.model, bytes(data))
     refused(ws, ["inspect", ws.model], "broken UTF-8", None)
+
+
+@pytest.mark.parametrize("field", [b"doc string", b"meta value"])
+def test_broken_utf8_anywhere_in_the_model_is_refused(ws, field):
+    """Names of nodes and values had been checked, not the model's other strings: a doc
+    string, a metadata value or an initializer's name in broken UTF-8 ended inside a pass."""
+    model = onnx.load(str(ws.model))
+    if field == b"doc string":
+        model.doc_string = "doc string"
+    else:
+        model.metadata_props.add(key="k", value="meta value")
+    data = bytearray(model.SerializeToString())
+    data[data.index(field) + 1] = 0xFF
+    write(ws.model, bytes(data))
+    refused(ws, quantize(ws), "broken UTF-8")
+
+
+def test_a_tensor_of_an_undefined_type_is_refused(ws):
+    model = onnx.load(str(ws.model))
+    model.graph.initializer[0].data_type = 999  # ONNX's checker lets it through
+    save(model, ws.model)
+    refused(ws, quantize(ws), "data type 999")
+
+
+def test_external_data_naming_its_file_twice_is_refused(ws):
+    """ONNX reads the last `location` given, qdq had checked the first."""
+    model = models.conv_net()
+    weight = next(t for t in model.graph.initializer if t.name == "w2")
+    array = numpy_helper.to_array(weight)
+    (ws.folder / "w2.bin").write_bytes(array.tobytes())
+    (ws.folder / "short.bin").write_bytes(b"\0" * 8)
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "w2.bin"), ("length", str(array.nbytes)),
+                       ("location", "short.bin")):  # fmt: skip
+        weight.external_data.add(key=key, value=value)
+    save(model, ws.model)
+    refused(ws, quantize(ws), "a key given twice")

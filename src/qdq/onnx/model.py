@@ -21,6 +21,7 @@ from qdq.onnx.opset import PER_AXIS_OPSET, converted, default_opset
 from qdq.onnx.repair import check_model, in_order, typed
 from qdq.onnx.sessions import Use, open_session
 from qdq.onnx.sparse import densify
+from qdq.onnx.untrusted import check_fields
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not model.graph.node:
         raise ModelError(f"{path} is an ONNX model without nodes: it computes nothing to quantize")
     graph = model.graph
-    names = [n.name for n in graph.node] + [v.name for v in (*graph.input, *graph.output)]
-    if any(isinstance(name, bytes) for name in names):  # protobuf's answer to broken UTF-8
-        raise ModelError(f"{path} is not a valid ONNX model: it names nodes in broken UTF-8")
+    check_fields(model, _tensors(graph), path)
     # ONNX Runtime refuses two nodes of one name, but not two Constants (silero_vad's OpenVINO
     # export names 15 of them 'F0::anon'): it makes them initializers first, and so does qdq
     counts = Counter(n.name for n in graph.node if n.name and n.op_type != "Constant")
@@ -201,7 +200,14 @@ def _load_external_data(model: onnx.ModelProto, folder: Path, path: Path) -> Non
             continue
         item = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         size += item * math.prod(tensor.dims)
+        keys = [e.key for e in tensor.external_data]
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if len(set(keys)) < len(keys) or "\0" in location:
+            raise ModelError(
+                f"{path}: tensor {tensor.name!r} has external data entries {keys} with a key "
+                "given twice, or a location holding a NUL byte; the model is corrupt, export it "
+                "again"
+            )
         target = (folder / location).resolve()
         if os.path.isabs(location) or not target.is_relative_to(folder):
             raise ModelError(
