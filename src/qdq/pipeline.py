@@ -23,7 +23,14 @@ from qdq.onnx.graph import (
     dequantized_constants,
     hoisted_duplicates,
 )
-from qdq.onnx.model import check_quantizable, load_model, optimize, ort_rewrite, save_model
+from qdq.onnx.model import (
+    check_quantizable,
+    load_model,
+    model_bytes,
+    optimize,
+    ort_rewrite,
+    save_model,
+)
 from qdq.onnx.opset import PER_AXIS_OPSET, default_opset, upgrade_opset
 from qdq.onnx.repair import check_model, declare_no_shape, ranked, unshaped
 from qdq.onnx.sessions import Use, fails_on_data, open_session
@@ -244,7 +251,7 @@ def quantize_model(
         decisions=list(plan.decisions.values()),
         samples=0 if config.data_free else samples.count,
         calibration_seconds=seconds,
-        float_bytes=source.stat().st_size,
+        float_bytes=model_bytes(source),
         quantized_bytes=target.stat().st_size,
         notes=notes,
         output_sqnr=output_sqnr,

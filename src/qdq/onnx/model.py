@@ -174,6 +174,14 @@ def check_outputs_readable(model: onnx.ModelProto, path: object) -> None:
         )
 
 
+def model_bytes(path: str | os.PathLike[str]) -> int:
+    """What the model at `path` takes on disk: its file and the files of its external weights
+    (its .onnx file alone can be a few hundred bytes of graph)."""
+    path = Path(path)
+    extra = (f.stat().st_size for f in external_data_files(path) if f.is_file())
+    return path.stat().st_size + sum(extra)
+
+
 def external_data_files(path: Path) -> list[Path]:
     """The files beside the model at `path` that hold its external weights (none if it holds
     its weights itself or cannot be read: reading it reports that)."""

@@ -7,7 +7,6 @@ import os
 import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, expect
 from qdq.images import ImageOptions
 from qdq.metrics import REPORT_BLOCK, ErrorStats, measurable, nonfinite_notes
-from qdq.onnx.model import check_outputs_readable, load_model
+from qdq.onnx.model import check_outputs_readable, load_model, model_bytes
 from qdq.onnx.sessions import fails_on_data, session_with_outputs
 from qdq.plan.calibrate import budgeted
 from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
@@ -233,7 +232,7 @@ def compare_models(
         outputs=out_stats,
         layers=layer_stats,
         samples=samples.count,
-        sizes=(Path(float_path).stat().st_size, Path(quantized_path).stat().st_size),
+        sizes=(model_bytes(float_path), model_bytes(quantized_path)),
         latency_ms=latency,
         batch_latency_ms=batched,
         sequence=sequence,
