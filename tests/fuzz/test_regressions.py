@@ -434,3 +434,16 @@ def test_external_data_naming_its_file_twice_is_refused(ws):
         weight.external_data.add(key=key, value=value)
     save(model, ws.model)
     refused(ws, quantize(ws), "a key given twice")
+
+
+def test_a_model_whose_file_name_is_not_utf8_is_compared_and_reported(ws):
+    """ONNX Runtime's binding takes UTF-8 paths only; Python names other bytes with
+    surrogates: compare's timings and the HTML report's title had been internal errors."""
+    model = ws.folder / os.fsdecode(b"m\xff.onnx")
+    shutil.copy(ws.model, model)
+    out, report = ws.folder / "q.onnx", ws.folder / "r.html"
+    result = run_contract(
+        ws, ["quantize", model, "-o", out, "--calib", ws.calib, "--report", report], out
+    )
+    assert result.code == 0, result.stderr
+    assert run_contract(ws, ["compare", model, out, "--data", ws.calib], None).code == 0

@@ -69,6 +69,8 @@ def open_session(
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     weights: list[ort.OrtValue] = []
+    if isinstance(model, str | os.PathLike) and not _utf8(str(model)):
+        model = onnx.load(str(model))  # ONNX Runtime takes UTF-8 paths only (a checked model)
     if isinstance(model, onnx.ModelProto) and optimized_path is None:
         model, names, weights = _handed(model)
         if names:
@@ -80,6 +82,16 @@ def open_session(
     session = ort.InferenceSession(model, options, providers=PROVIDERS)
     session.qdq_weights = weights  # ONNX Runtime may read them in place: alive as it is
     return session
+
+
+def _utf8(path: str) -> bool:
+    """Whether `path` is UTF-8 text: a file name of other bytes comes from Python with
+    surrogates in it, which ONNX Runtime's binding refuses."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _handed(model: onnx.ModelProto) -> tuple[bytes, list[str], list[ort.OrtValue]]:

@@ -69,11 +69,11 @@ window.qdqDrawAll = () => Promise.all(charts.map(draw)).then(() => performance.n
 
 def write_report(data: ReportData, path: str | Path) -> int:
     """Write the report to `path` atomically; returns its size in bytes."""
-    text = render(data)
-    target = Path(path)
-    with staged(target) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-    return len(text.encode())
+    # a file name of bytes that are not UTF-8 reaches the page with surrogates: shown as "?"
+    page = render(data).encode("utf-8", errors="replace")
+    with staged(Path(path)) as temporary:
+        temporary.write_bytes(page)
+    return len(page)
 
 
 def render(data: ReportData) -> str:
