@@ -186,6 +186,18 @@ def test_npz_arrays_no_input_takes_are_named_not_read(tmp_path):
     assert Samples(tmp_path / "d.npz", specs).read_notes() == []
 
 
+def test_hidden_files_of_a_folder_are_not_samples(tmp_path):
+    """A stale `.x.npy`, or macOS's `._0.png` beside the pictures it describes: not read, and
+    said (the first had been a sample, the second had failed the whole folder)."""
+    for i, sample in enumerate(X[:3]):
+        np.save(tmp_path / f"{i:03d}.npy", sample)
+    np.save(tmp_path / ".stale.npy", np.full_like(X[0], 1000.0))
+    (tmp_path / "._000.npy").write_bytes(b"AppleDouble")
+    samples = Samples(tmp_path, SPEC)
+    assert samples.count == 3
+    assert samples.read_notes() == [f"{tmp_path}: 2 hidden files (names starting '.'); not read"]
+
+
 def test_pictures_beside_a_folders_npy_samples_are_named_not_read(tmp_path):
     """The .npy files are the samples; pictures among them had been dropped without a word."""
     for i, sample in enumerate(X[:3]):

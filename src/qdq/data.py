@@ -126,7 +126,7 @@ class Samples:
         if seed is not None and seed < 0:
             raise DataError(f"`seed` must be >= 0, got {seed}")
         self._unused: list[str] = []  # an .npz's arrays that no input takes
-        self._skipped = ""  # a folder's files that are not its samples
+        self._skipped: list[str] = []  # a folder's files that are not its samples
         self._readers = self._open()
         counts = {name: reader.count for name, reader in self._readers.items()}
         if len(set(counts.values())) > 1:
@@ -163,8 +163,7 @@ class Samples:
         unused = [key for key in self._unused if key not in read_elsewhere]
         if unused:
             notes.append(f"{self.source}: arrays {unused} feed no model input; not read")
-        if self._skipped:
-            notes.append(f"{self.source}: {self._skipped}")
+        notes += [f"{self.source}: {skipped}" for skipped in self._skipped]
         return notes
 
     def span(self, first: int, last: int) -> Samples:
@@ -232,13 +231,19 @@ class Samples:
         if not self.source.exists():
             raise DataError(f"{self.source} does not exist; give an .npz, .npy or a folder")
         if self.source.is_dir():
-            files = sorted(p for p in self.source.iterdir() if p.is_file())
+            every = sorted(p for p in self.source.iterdir() if p.is_file())
+            files = [p for p in every if not p.name.startswith(".")]  # macOS's ._x.png, stale
+            if len(files) < len(every):
+                hidden = len(every) - len(files)
+                self._skipped.append(f"{hidden} hidden files (names starting '.'); not read")
             arrays = [p for p in files if p.suffix == ".npy"]
             pictures = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
             if arrays:
                 spec = self._only_input()
                 if pictures:  # the arrays are the samples; said, as an .npz's unused arrays are
-                    self._skipped = f"{len(pictures)} pictures beside its .npy files; not read"
+                    self._skipped.append(
+                        f"{len(pictures)} pictures beside its .npy files; not read"
+                    )
                 return {spec.name: _NpyFolder(arrays, len(spec.shape))}
             if pictures:
                 spec = self._only_input()
