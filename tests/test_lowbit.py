@@ -278,3 +278,24 @@ def test_a_grid_named_by_a_string_is_that_grid_and_an_unknown_name_is_refused():
 def test_exclude_given_as_one_string_is_refused():
     with pytest.raises(SchemeError, match="a tuple of names"):
         QuantConfig(exclude="Conv")
+
+
+def test_a_matmul_whose_constant_comes_first_stays_float_under_low_bit_weights(tmp_path):
+    """MatMul(W, x): the rules quantize its A as an activation, on 8 bits, while the file
+    recorded the binary grid asked for; it stays float, saying why."""
+    rng = np.random.default_rng(0)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["w", "x"], ["y"], name="mm")],
+        "a_first",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [8, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [6, 4])],
+        [numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "w")],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")  # fmt: skip
+    np.save(tmp_path / "x.npy", rng.standard_normal((16, 8, 4)).astype(np.float32))
+    config = QuantConfig(weight_grid=WeightGrid.BINARY)
+    report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy", config)
+    [decision] = report.decisions
+    assert not decision.quantized
+    assert "second operand" in decision.reason

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import onnx
 
-from qdq.config import QuantConfig
+from qdq.config import QuantConfig, WeightGrid
 from qdq.onnx.graph import GraphIndex, attributes
 from qdq.plan.calibrate import unfit_reason
 from qdq.plan.rules import FLOAT_BY_DESIGN, INPUTS_ONLY, Kind, OpRule, rule_inputs, rules_for
@@ -51,17 +51,30 @@ def kept_float(
 def static_decisions(index: GraphIndex, config: QuantConfig) -> dict[str, Decision]:
     """Per node: quantizable as far as the graph alone can tell, or why not."""
     excluded, rules = set(config.exclude), rules_for(config)
-    return {node.name: _static(node, index, excluded, rules) for node in index.nodes}
+    low_bit = config.weights.bits < 8 or config.weight_grid is not WeightGrid.UNIFORM
+    return {node.name: _static(node, index, excluded, rules, low_bit) for node in index.nodes}
 
 
 def _static(
-    node: onnx.NodeProto, index: GraphIndex, excluded: set[str], rules: Mapping[str, OpRule]
+    node: onnx.NodeProto,
+    index: GraphIndex,
+    excluded: set[str],
+    rules: Mapping[str, OpRule],
+    low_bit: bool,
 ) -> Decision:
     def floating(reason: str) -> Decision:
         return Decision(node.name, node.op_type, False, reason)
 
     if node.name in excluded or node.op_type in excluded:
         return floating("excluded by --exclude")
+    constant_a = (
+        node.op_type == "MatMul" and len(node.input) == 2 and index.is_constant(node.input[0])
+    )
+    if low_bit and constant_a and not index.is_constant(node.input[1]):
+        return floating(  # its A would be an activation on 8 bits: the file would not say
+            "constant first operand: low-bit weights (--weight-bits under 8, --weight-grid) are "
+            "a MatMul's second operand"
+        )
     if node.domain not in ("", "ai.onnx"):
         return floating(f"custom-domain op {node.domain}.{node.op_type} has no int8 rule")
     rule = rules.get(node.op_type)
