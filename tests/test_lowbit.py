@@ -299,3 +299,24 @@ def test_a_matmul_whose_constant_comes_first_stays_float_under_low_bit_weights(t
     [decision] = report.decisions
     assert not decision.quantized
     assert "second operand" in decision.reason
+
+
+@pytest.mark.parametrize("grid", [WeightGrid.UNIFORM, WeightGrid.TERNARY])
+def test_a_layer_whose_weight_holds_nan_stays_float(tmp_path, grid):
+    """Its output is NaN in FP32 too: the layer is kept float, saying why (the uniform grid had
+    ended the quantize blaming the calibration data, the low-bit ones the model)."""
+    weight = np.array([[1, np.nan, 0, 1], [1, 2, 3, 4]], np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)],
+        "nan_weight",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 2])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")  # fmt: skip
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
+    config = QuantConfig(weight_grid=grid)
+    report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy", config)
+    [decision] = report.decisions
+    assert (decision.quantized, decision.reason) == (False, "weight 'w' holds NaN or Inf")

@@ -88,6 +88,10 @@ def _static(
             return floating(f"constant input {name!r} {reason}")
     if rule.weight is not None and not index.is_constant(node.input[rule.weight]):
         return floating(f"weight {node.input[rule.weight]!r} is not a constant")
+    if rule.weight is not None and (
+        reason := unfit_reason(index.constant(node.input[rule.weight]))
+    ):
+        return floating(f"weight {node.input[rule.weight]!r} {reason.removesuffix(' (a mask?)')}")
     if node.op_type == "Gemm":
         attrs = attributes(node)
         if (
