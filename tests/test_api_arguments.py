@@ -250,3 +250,15 @@ def test_a_failure_measuring_the_report_leaves_no_model(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="measuring failed"):
         quantize_model(CNN, out, CALIB, QuantConfig(method="minmax", prefer="int8"))
     assert not out.exists()
+
+
+def test_activations_round_half_to_even_as_quantize_linear_does():
+    """qdq's simulations (the auto observer, smoothing, AdaRound) round as the scheme says, the
+    file's QuantizeLinear half to even: another rounding would make them disagree on ties."""
+    from dataclasses import replace
+
+    from qdq.scheme import UINT8_ACTIVATIONS, Rounding
+
+    with pytest.raises(SchemeError, match="round half to even"):
+        QuantConfig(activations=replace(UINT8_ACTIVATIONS, rounding=Rounding.HALF_AWAY))
+    QuantConfig(weights=replace(QuantConfig().weights, rounding=Rounding.HALF_AWAY))

@@ -24,6 +24,7 @@ from qdq.scheme import (
     PerChannel,
     PerTensor,
     QScheme,
+    Rounding,
 )
 from qdq.workers import ONE_PROCESS, Workers
 
@@ -198,6 +199,11 @@ def _check_activations(scheme: QScheme) -> None:
         raise SchemeError(
             f"activations must be 8-bit per tensor (uint8 or int8), got {scheme.bits}-bit "
             f"{scheme.granularity}"
+        )
+    if scheme.rounding is not Rounding.HALF_EVEN:  # what qdq simulates must be what runs
+        raise SchemeError(
+            f"activations round half to even, as ONNX's QuantizeLinear does; got "
+            f"{scheme.rounding.value} (weights may take another rounding)"
         )
 
 
