@@ -148,3 +148,39 @@ def test_an_error_raised_while_a_signal_unwinds_is_the_signal(ws, monkeypatch):
     result = ws.run(*quantize(ws))
     assert result.code == 128 + signal.SIGINT
     assert result.stderr == "qdq: interrupted by SIGINT; nothing was written\n"
+
+
+# A signal at a set point of the console command's life, raised by the process itself.
+_STARTING = """
+import builtins, os, signal, sys
+real = builtins.__import__
+def importing(name, *args, **kwargs):
+    if name == "qdq.cli":  # while numpy, onnx and ONNX Runtime load
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(name, *args, **kwargs)
+builtins.__import__ = importing
+import qdq_entry
+sys.argv = ["qdq", "--help"]
+sys.exit(qdq_entry.main())
+"""
+_ENDED = """
+import os, signal, sys
+import qdq_entry
+sys.argv = ["qdq", "inspect", sys.argv[1]]
+code = qdq_entry.main()
+os.kill(os.getpid(), signal.SIGINT)  # while Python tears down, the command's work done
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(("script", "code"), [(_STARTING, 130), (_ENDED, 0)])
+def test_the_command_owns_signals_from_its_start_to_its_exit(ws, script, code):
+    """Before qdq's imports had finished a Ctrl-C gave Python's traceback; after the command
+    returned, one during teardown turned a written result into 'interrupted'."""
+    done = subprocess.run([sys.executable, "-c", script, str(ws.model)], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == code, done.stderr
+    if code:
+        assert done.stderr == "qdq: interrupted by SIGINT; nothing was written\n"
+    else:
+        assert "Traceback" not in done.stderr
