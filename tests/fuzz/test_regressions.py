@@ -447,3 +447,11 @@ def test_a_model_whose_file_name_is_not_utf8_is_compared_and_reported(ws):
     )
     assert result.code == 0, result.stderr
     assert run_contract(ws, ["compare", model, out, "--data", ws.calib], None).code == 0
+
+
+@pytest.mark.parametrize("command", ["compare", "report"])
+def test_models_given_the_wrong_way_round_are_refused(ws, quantized, command):
+    """The INT8 file as the FP32 reference: compare had measured it without a word."""
+    args = [command, quantized, ws.model, "--data", ws.calib]
+    args += ["-o", ws.folder / "r.html"] if command == "report" else []
+    refused(ws, args, "give the FP32 model first")

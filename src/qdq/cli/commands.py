@@ -8,7 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qdq.cli.flags import check_excluded, check_model_flags, check_quantize_flags
+from qdq.cli.flags import (
+    check_excluded,
+    check_in_order,
+    check_model_flags,
+    check_quantize_flags,
+)
 from qdq.config import preset_config
 from qdq.data import ImageOptions
 from qdq.errors import UsageError
@@ -186,6 +191,7 @@ def export_table(args: argparse.Namespace) -> str:
 def compare(args: argparse.Namespace) -> str:
     from qdq.report.compare import compare_models
 
+    check_in_order(args.float_model, args.quantized_model)
     result = compare_models(
         args.float_model,
         args.quantized_model,
@@ -221,6 +227,7 @@ def report(args: argparse.Namespace) -> str:
     from qdq.outputs import check_output
     from qdq.pipeline import inspect_model
 
+    check_in_order(args.float_model, args.quantized_model)
     target = check_output(args.output, [args.float_model, args.quantized_model, args.data])
     decisions = inspect_model(args.float_model)  # the reasons; the INT8 model says which held
     return _write_html(args, args.float_model, args.quantized_model, args.data, target, decisions)

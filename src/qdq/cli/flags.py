@@ -99,11 +99,8 @@ def check_model_flags(model_path: str, exclude: Sequence[str], force: bool | Non
     """Refuse an already-quantized model (unless `force`; None: the command has no --force)
     and --exclude names that match no node or op type. A model that does not parse is left
     for the loader to report."""
-    if not Path(model_path).is_file():  # a FIFO would block here; the loader says what is wrong
-        return
-    try:
-        model = onnx.load(model_path, load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, OSError):
+    model = _graph(model_path)
+    if model is None:
         return
     quantized = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
     if quantized and not force:
@@ -116,6 +113,31 @@ def check_model_flags(model_path: str, exclude: Sequence[str], force: bool | Non
     unknown = [name for name in exclude if name not in known]
     if unknown:
         check_excluded(unknown, _prepared_names(model_path) | known)
+
+
+def check_in_order(float_model: str, quantized_model: str) -> None:
+    """Refuse a comparison whose FP32 model holds quantized ops where the INT8 one holds none:
+    the two were given the wrong way round (compare had measured an int8 reference)."""
+    first, second = _graph(float_model), _graph(quantized_model)
+    if first is None or second is None:
+        return
+    ops = [{n.op_type for n in m.graph.node} & QUANTIZED_OPS for m in (first, second)]
+    if ops[0] and not ops[1]:
+        raise UsageError(
+            f"{float_model} holds quantized ops ({', '.join(sorted(ops[0]))}) and "
+            f"{quantized_model} none: give the FP32 model first, then the INT8 one"
+        )
+
+
+def _graph(path: str) -> onnx.ModelProto | None:
+    """The model at `path` without its external weights, or None where it is no readable
+    file (the loader then says what is wrong; a FIFO would block here)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return onnx.load(path, load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError):
+        return None
 
 
 def check_excluded(exclude: Sequence[str], known: set[str]) -> None:
