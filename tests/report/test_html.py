@@ -3,6 +3,7 @@ needs nothing from the network."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -188,3 +189,18 @@ def test_a_nan_layer_reads_nan_and_sorts_last():
     assert ">NaN<" in _number(float("nan"))
     assert 'data-value="-1e9"' in _number(float("nan"))
     assert ">exact<" in _number(float("inf"))
+
+
+def test_chart_labels_show_a_models_names_as_written(digits):
+    """Plotly reads <br>, <b> and &entities; in titles and labels: a node named `a<br>b` had
+    been drawn on two lines. Its charts get the name escaped, as the tables do."""
+    from dataclasses import replace
+
+    _, data = digits
+    layers = [replace(data.layers[0], node="a<br>b&c"), *data.layers[1:]]
+    figures = [json.loads(f) for f in re.findall(
+        r'<script type="application/json" id="fig-\d+">(.*?)</script>',
+        render(replace(data, layers=layers)))]  # fmt: skip
+    labels = [y for f in figures for trace in f["data"] for y in trace.get("y") or []]
+    assert "a&lt;br&gt;b&amp;c" in labels
+    assert "a<br>b&c" not in labels

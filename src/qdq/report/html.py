@@ -229,7 +229,7 @@ def _layers(layers: list[LayerRow], chart: Chart) -> str:
     ]
     figure = go.Figure(
         go.Bar(
-            y=[r.node for r in drawn],
+            y=[_plain(r.node) for r in drawn],
             x=[r.sqnr_db for r in drawn],
             orientation="h",
             name="SQNR (dB)",
@@ -237,7 +237,7 @@ def _layers(layers: list[LayerRow], chart: Chart) -> str:
     )
     if sensitivity:
         figure.add_bar(
-            y=[r.node for r in drawn],
+            y=[_plain(r.node) for r in drawn],
             x=[r.sensitivity_db for r in drawn],
             orientation="h",
             name="sensitivity (dB)",
@@ -253,6 +253,12 @@ def _layers(layers: list[LayerRow], chart: Chart) -> str:
         f'<table id="layer-table" class="sortable"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></div>{chart(figure)}</div></section>"
     )
+
+
+def _plain(name: str) -> str:
+    """A model's name as a chart shows it: plotly reads <b>, <br>, <a> and &entities; in its
+    titles and labels, so a tensor named `x<br>y` had been drawn on two lines."""
+    return html.escape(name, quote=False)
 
 
 def _number(value: float | None) -> str:
@@ -295,7 +301,7 @@ def _histogram(view: ActivationView) -> go.Figure:
     _range_lines(figure, view.chosen, f"chosen (~{view.closest})", {"color": CHOSEN, "width": 3})
     sqnr = f", SQNR {view.sqnr_db:.1f} dB" if view.sqnr_db is not None else ""
     figure.update_layout(
-        title={"text": f"{view.tensor}{sqnr}", "font": {"size": 12}},
+        title={"text": f"{_plain(view.tensor)}{sqnr}", "font": {"size": 12}},
         height=280,
         bargap=0,
         margin={"l": 40, "r": 8, "t": 30, "b": 30},
@@ -344,7 +350,7 @@ def _weight_ranges(view: WeightView) -> go.Figure:
     for value in (float(view.lo.min()), float(view.hi.max())):
         figure.add_hline(y=value, line={"color": CHOSEN, "dash": "dash", "width": 1})
     figure.update_layout(
-        title={"text": f"{view.tensor} (spread {view.spread:.1f}x)", "font": {"size": 12}},
+        title={"text": f"{_plain(view.tensor)} (spread {view.spread:.1f}x)", "font": {"size": 12}},
         height=260,
         margin={"l": 40, "r": 8, "t": 30, "b": 30},
         showlegend=False,
@@ -357,7 +363,7 @@ def _profile(times: tuple[dict[str, float], dict[str, float]], chart: Chart) -> 
     figure = go.Figure()
     for label, per_op in zip(("FP32", "INT8"), times, strict=True):
         figure.add_bar(
-            y=list(per_op),
+            y=[_plain(op) for op in per_op],
             x=list(per_op.values()),
             orientation="h",
             name=f"{label} ({sum(per_op.values()):.3f} ms)",
