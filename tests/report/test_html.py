@@ -204,3 +204,16 @@ def test_chart_labels_show_a_models_names_as_written(digits):
     labels = [y for f in figures for trace in f["data"] for y in trace.get("y") or []]
     assert "a&lt;br&gt;b&amp;c" in labels
     assert "a<br>b&c" not in labels
+
+
+def test_smoothed_activations_without_a_histogram_are_counted(tmp_path):
+    """SmoothQuant's divided inputs are quantized tensors the FP32 model lacks: no histogram
+    can be drawn, and the page says how many (they had gone unmentioned)."""
+    out = tmp_path / "q.onnx"
+    run = quantize_model(DIGITS / "transformer.onnx", out, DIGITS / "calib.npz")
+    assert any(n.startswith("moved the outlier channels") for n in run.notes)
+    data = measure(DIGITS / "transformer.onnx", out, DIGITS / "test.npz", run.decisions,
+                   max_samples=32)  # fmt: skip
+    smoothed = [t for t in quantized_activations(onnx.load(out)) if t.endswith("_smoothed")]
+    assert data.undrawn == len(smoothed) > 0
+    assert f"{len(smoothed)} quantized activations the FP32 model does not compute" in render(data)

@@ -272,11 +272,17 @@ def _number(value: float | None) -> str:
 
 
 def _activations(data: ReportData, chart: Chart) -> str:
+    undrawn = (
+        f" {data.undrawn} quantized activations the FP32 model does not compute (SmoothQuant's "
+        "inputs divided per channel) have none."
+        if data.undrawn
+        else ""
+    )
     return _charts(
         "activations",
         "Activation histograms",
         "FP32 values of each quantized activation, worst SQNR first{more}. Dashed: each "
-        "calibration method's range; solid red: the range in the INT8 model.",
+        "calibration method's range; solid red: the range in the INT8 model." + undrawn,
         [chart(_histogram(v)) for v in data.activations],
         data,
     )

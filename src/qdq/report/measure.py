@@ -63,6 +63,8 @@ class ReportData:
     weights: list[WeightView]
     op_times: tuple[dict[str, float], dict[str, float]]  # FP32, INT8: ms per run per op type
     hidden: dict[str, int] = field(default_factory=dict)  # charts left out, per section
+    # quantized activations the FP32 model does not compute (SmoothQuant's X / s): no histogram
+    undrawn: int = 0
     run: QuantizeReport | None = None  # the run that wrote the INT8 model (quantize --report)
 
 
@@ -125,6 +127,7 @@ def measure(
             "activations": len(tensors) - len(views),
             "weights": 0 if everything else max(0, len(weights) - TOP),
         },
+        undrawn=len([t for t in chosen if t not in histograms and t not in _computed(reference)]),
     )
 
 
@@ -133,9 +136,7 @@ def _stream(
 ) -> tuple[dict[str, float], dict[str, Histogram]]:
     """Per float tensor of the INT8 model that the FP32 model also computes: its SQNR (INT8
     against FP32), and the FP32 histogram of each tensor a QuantizeLinear reads."""
-    names = {o for n in reference.graph.node for o in n.output} | {
-        i.name for i in reference.graph.input
-    }
+    names = _computed(reference)
     computed = [o for n in quantized.graph.node if n.op_type not in QDQ_OPS for o in n.output[:1]]
     compared = [_float_name(o) for o in computed if _float_name(o) in names]
     drawn = [t for t in quantized_activations(quantized) if t in names]
@@ -165,6 +166,11 @@ def _stream(
             if want[name].size and np.isfinite(want[name]).all():
                 hist.update(want[name])
     return {k: s.sqnr_db for k, s in stats.items()}, {k: h for k, h in histograms.items() if h.seen}
+
+
+def _computed(model: onnx.ModelProto) -> set[str]:
+    """The tensors `model` computes or takes."""
+    return {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
 
 
 def _float_name(tensor: str) -> str:
