@@ -79,6 +79,15 @@ def test_six_divided_by_the_product_is_no_hard_swish():
     assert count == 0
 
 
+def test_a_constant_of_more_axes_than_x_is_no_hard_swish():
+    """A 3 of shape (1, 1, 1, 1, 1) broadcasts the 4-D x to 5-D: HardSwish would not."""
+    model = onnx.shape_inference.infer_shapes(written_out("mul-div"))
+    three = next(t for t in model.graph.initializer if t.name == "three")
+    three.CopyFrom(numpy_helper.from_array(np.full((1,) * 5, 3.0, np.float32), "three"))
+    _, count = fuse_hard_swish(model)
+    assert count == 0
+
+
 def test_a_tensor_used_elsewhere_is_not_fused_away():
     model = written_out("mul-div")
     model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))

@@ -181,9 +181,18 @@ def _match(add: onnx.NodeProto, index: GraphIndex) -> tuple[str, list[onnx.NodeP
             and x in times.input
             and _divides_by_six(scale, index)
             and (clip.output[0] in times.input) == (times is first)
+            and _keeps_rank(index, x, [three, *scale.input])
         ):
             return x, [add, clip, first, second], second.output[0]
     return None
+
+
+def _keeps_rank(index: GraphIndex, x: str, names: list[str]) -> bool:
+    """Whether none of the constants among `names` has more axes than `x` (of rank 1 where
+    unknown): one of shape (1, 1, 1) broadcasts a (2, 5) x to (1, 2, 5), which HardSwish would
+    not."""
+    rank = len(index.shape.get(x, (None,)))
+    return all(len(index.initializers[n].dims) <= rank for n in names if index.is_constant(n))
 
 
 def _is(index: GraphIndex, name: str, value: float) -> bool:
