@@ -394,3 +394,35 @@ def test_an_input_with_a_default_that_quantize_freezes_is_said(ws, caplog):
     run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
     assert "1 graph inputs have initializers (w)" in caplog.text
     assert [i.name for i in ort.InferenceSession(ws.folder / "out.onnx").get_inputs()] == ["x"]
+
+
+@pytest.mark.parametrize("pool", ["GlobalAveragePool", "AveragePool"])
+def test_a_pool_whose_mean_is_near_zero_on_every_sample_runs_in_int8(ws, pool):
+    """A stride-2 2x2 ConvTranspose of normalised channels averages to 0: the pool's output
+    range was so narrow that ONNX Runtime's int8 pool refused its scales ("parameter out of
+    computation range"), an internal error; its grid now spans what the kernel takes."""
+    rng = np.random.default_rng(0)
+    attrs = {"kernel_shape": [16, 16]} if pool == "AveragePool" else {}
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("InstanceNormalization", ["c1", "g", "b"], ["n"]),
+        onnx.helper.make_node("ConvTranspose", ["n", "wt"], ["ct"], strides=[2, 2]),
+        onnx.helper.make_node(pool, ["ct"], ["p"], **attrs),
+        onnx.helper.make_node("Flatten", ["p"], ["f"]),
+        onnx.helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], transB=1),
+    ]
+    weights = {"w1": rng.standard_normal((4, 3, 3, 3)) * 0.3, "g": np.ones(4), "b": np.zeros(4),
+               "wt": rng.standard_normal((4, 6, 2, 2)) * 0.5, "w2": rng.standard_normal((5, 6)),
+               "b2": rng.standard_normal(5)}  # fmt: skip
+    graph = onnx.helper.make_graph(
+        nodes,
+        "pooled",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
+    )
+    save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), ws.model)
+    np.savez(ws.calib, x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    out = ws.folder / "out.onnx"
+    assert run_contract(ws, quantize(ws), out).code == 0
+    assert ort.InferenceSession(str(out)).run(None, {"x": X[:2]})[0].shape == (2, 5)

@@ -27,6 +27,8 @@ from qdq.qparams import QParams, Range, choose_qparams
 # A shared Concat scale must leave every input at least this share of the codes (32 of 256).
 CONCAT_MIN_SHARE = 1 / 8
 GATE_RANGE = Range(0.0, 1.0)  # Sigmoid's and HardSigmoid's outputs, whatever their input
+POOLS = ("AveragePool", "GlobalAveragePool")
+POOL_RATIO = 128  # s_x / (s_y * window) stays under this: ONNX Runtime's pools take under 256
 Key = tuple[str, int]  # (node name, input index)
 
 
@@ -181,6 +183,9 @@ def build_plan(
             for t in activations:
                 shared[t] = node.output[0]
     prune_unread(index, draft.decisions, draft.wanted, flow.rules)
+    for node in index.nodes:
+        if node.op_type in POOLS and draft.decisions[node.name].quantized:
+            _pool_reach(node, draft)
     chosen = draft.activations
     floored = {}  # a floored tensor, and what inherits its grid (a Reshape before the reader)
     for t in draft.wanted:
@@ -218,6 +223,27 @@ def build_plan(
         weights=weights,
         floors={t: f for t, f in floored.items() if t in chosen},
     )
+
+
+def _pool_reach(node: onnx.NodeProto, draft: _Draft) -> None:
+    """An averaging pool's output range wide enough for ONNX Runtime's int8 kernel, which
+    takes s_x / (s_y * window) under 256 only (a mean near 0 on every sample: "parameter out
+    of computation range"); a window of unknown size counts as 1, which asks more."""
+    x, y = node.input[0], node.output[0]
+    if x not in draft.ranges or y not in draft.ranges or y not in draft.wanted:
+        return
+    if node.op_type == "AveragePool":
+        window = int(np.prod(attributes(node).get("kernel_shape", [1])))
+    else:
+        shape = draft.index.shape.get(x, ())[2:]
+        window = int(np.prod(shape)) if shape and None not in shape else 1
+    x_scale = choose_qparams(draft.ranges[x], draft.config.activations).scale
+    steps = draft.config.activations.qmax - draft.config.activations.qmin
+    least = float(np.max(x_scale)) / (POOL_RATIO * window) * steps  # the output's least span
+    lo, hi = float(np.min(draft.ranges[y].lo)), float(np.max(draft.ranges[y].hi))
+    if hi - lo < least:
+        middle = (lo + hi) / 2
+        draft.ranges[y] = Range(middle - least / 2, middle + least / 2)
 
 
 def _follow(node: onnx.NodeProto, draft: _Draft) -> None:
