@@ -65,3 +65,24 @@ def test_an_input_returned_as_an_output_stays_float16(tmp_path):
     assert echoed.dtype == np.float16
     assert np.array_equal(echoed, x)
     assert logits.dtype == np.float16
+
+
+def test_a_float16_constant_returned_as_an_output_stays_float16(tmp_path):
+    """No node makes it: its Cast back to float16 had read a tensor nothing produced."""
+    rng = np.random.default_rng(0)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "half_constant_output",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, ["N", 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, ["N", 4]),
+         onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT16, [3])],
+        [onnx.numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float16), "w"),
+         onnx.numpy_helper.from_array(np.array([1, 2, 3], np.float16), "c")],
+    )  # fmt: skip
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]),
+              tmp_path / "m.onnx")  # fmt: skip
+    x = rng.standard_normal((16, 8)).astype(np.float16)
+    np.save(tmp_path / "x.npy", x)
+    quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy")
+    _, c = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": x})
+    assert c.dtype == np.float16 and c.tolist() == [1, 2, 3]

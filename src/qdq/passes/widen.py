@@ -91,6 +91,9 @@ def narrowed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         for node in graph.node:
             node.output[:] = [wide if n == value.name else n for n in node.output]
             node.input[:] = [wide if n == value.name else n for n in node.input]
+        for tensor in graph.initializer:  # a constant returned as it is: no node makes it
+            if tensor.name == value.name:
+                tensor.name = wide
         graph.node.append(helper.make_node("Cast", [wide], [value.name], to=HALF, name=wide))
         value.type.tensor_type.elem_type = HALF
     return model
