@@ -85,4 +85,5 @@ def test_a_float16_constant_returned_as_an_output_stays_float16(tmp_path):
     np.save(tmp_path / "x.npy", x)
     quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy")
     _, c = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": x})
-    assert c.dtype == np.float16 and c.tolist() == [1, 2, 3]
+    assert c.dtype == np.float16
+    assert c.tolist() == [1, 2, 3]
