@@ -264,8 +264,12 @@ def _with_extra_output(node: onnx.NodeProto, output: onnx.ValueInfoProto) -> onn
             onnx.helper.make_node("Cast", ["y"], ["s"], to=onnx.TensorProto.STRING, name="cast"),
             onnx.helper.make_tensor_value_info("s", onnx.TensorProto.STRING, ["N", 4]),
         ),
+        (
+            onnx.helper.make_node("SequenceConstruct", ["y", "y"], ["s"], name="seq"),
+            onnx.helper.make_tensor_sequence_value_info("s", onnx.TensorProto.FLOAT, ["N", 4]),
+        ),
     ],
-    ids=["a scalar output", "a string output"],
+    ids=["a scalar output", "a string output", "a sequence output"],
 )
 def test_quantize_compare_and_report_take_an_odd_second_output(ws, node, output):
     save(_with_extra_output(node, output), ws.model)

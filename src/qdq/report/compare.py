@@ -335,7 +335,9 @@ def _runs(
             got = q_session.run([*outputs, *job.pairs.values()], feed)
             yield ref, got
         if first == span[0]:  # sized by the first sample's tensors
-            size = budgeted(job.batch_size, sum(v.nbytes for v in (*ref, *got)), EVAL_BUDGET)
+            size = budgeted(
+                job.batch_size, sum(getattr(v, "nbytes", 0) for v in (*ref, *got)), EVAL_BUDGET
+            )
         first = last
 
 
