@@ -46,6 +46,20 @@ def test_a_sparse_initializer_is_made_dense_and_the_model_quantizes(tmp_path):
     assert Engine(onnx.load(tmp_path / "q.onnx")).run({"x": x[:2]})["y"].shape == (2, 4)
 
 
+def test_a_constant_of_a_sparse_value_is_made_dense_and_the_model_quantizes(tmp_path):
+    """ONNX Runtime's rewrite had turned it into a sparse initializer of int8 indices, which
+    it then refused to load: an internal error."""
+    model = with_sparse_bias(numpy_helper.from_array(np.array([1.0], np.float32), "S"),
+                             np.array([0], np.int64))  # fmt: skip
+    sparse = model.graph.sparse_initializer.pop()
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["S"], sparse_value=sparse))
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((32, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    report = quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "x.npy")
+    assert report.output_sqnr["y"] > 30
+
+
 def test_sparse_values_outside_the_models_folder_are_refused(tmp_path, monkeypatch):
     """The values name data.bin, which lies in the folder qdq runs in, not the model's."""
     (tmp_path / "model").mkdir()
