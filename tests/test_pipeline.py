@@ -123,6 +123,23 @@ def test_a_model_whose_input_and_output_declare_no_shape_quantizes_as_its_source
     assert sqnr_db(run(source, {"input": x})[0], run(out, {"input": x})[0]) > 35
 
 
+@pytest.mark.parametrize("output_format", ["qdq", "qoperator"])
+def test_the_file_declares_its_interface_as_the_source_does(tmp_path, output_format):
+    """Axes the source leaves free stay free: shape inference and ONNX Runtime's rewrite had
+    declared its (?, ?) output (N, 10), and its (?, 1, 8, 8) input ('unk__0', 1, 8, 8)."""
+    model = onnx.load(str(DIGITS / "cnn.onnx"))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].ClearField("dim_param")
+        value.type.tensor_type.shape.dim[0].ClearField("dim_value")
+    model.graph.output[0].type.tensor_type.shape.dim[1].ClearField("dim_value")
+    source, out = save(model, tmp_path), tmp_path / "q.onnx"
+    quantize_model(source, out, DIGITS / "calib.npz", QuantConfig(), output_format=output_format)
+    declared = onnx.load(str(out)).graph
+    for want, got in zip((*model.graph.input, *model.graph.output), (*declared.input,
+                         *declared.output), strict=True):  # fmt: skip
+        assert got.type.tensor_type.shape == want.type.tensor_type.shape
+
+
 def test_clips_of_several_lengths_calibrate_a_model_with_a_free_time_axis(tmp_path):
     rng = np.random.default_rng(0)
     weights = [rng.normal(size=(8, 1, 5)), rng.normal(size=(4, 8, 3))]

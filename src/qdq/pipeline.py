@@ -32,7 +32,7 @@ from qdq.onnx.model import (
     save_model,
 )
 from qdq.onnx.opset import PER_AXIS_OPSET, default_opset, upgrade_opset
-from qdq.onnx.repair import check_model, declare_no_shape, ranked, unshaped
+from qdq.onnx.repair import check_model, declare_shapes, declared_shapes, ranked
 from qdq.onnx.sessions import Use, fails_on_data, open_session
 from qdq.outputs import check_output
 from qdq.passes.branches import (
@@ -159,7 +159,7 @@ def quantize_model(
             f"{source} has no BatchNormalization layers, whose statistics "
             "`data_free` needs; calibrate with `calibration` instead"
         )
-    interface = unshaped(model)  # kept so in the file
+    interface = declared_shapes(model)  # kept so in the file
     if not config.data_free:
         samples = Samples(calibration, model_inputs(model), config.max_samples, images, seed)
         ranked(model, {name: x.ndim for name, x in next(samples.batches(1)).items()})
@@ -208,7 +208,7 @@ def quantize_model(
     quantized, summed = insert_qdq(prepared, plan), 0
     half = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == HALF]
     quantized = narrowed(quantized, half)  # a float16 model's outputs, as it wrote them
-    declare_no_shape(quantized, interface)
+    declare_shapes(quantized, interface)
     if avoids_saturation(config) and any(d.quantized for d in plan.decisions.values()):
         notes.append(
             "weight scales raised where two neighbouring products could overflow the 16-bit sums "
@@ -225,7 +225,7 @@ def quantize_model(
         )
     if output_format is OutputFormat.QOPERATOR:  # ONNX Runtime's own fusion of our QDQ groups
         quantized = ort_rewrite(quantized, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-        declare_no_shape(quantized, interface)  # the rewrite infers the shapes again
+        declare_shapes(quantized, interface)  # the rewrite infers the shapes again
     written = hidden(quantized, decided)  # the model's own outputs only
     session = _check_loads(written)
     checked, readings = [], {}

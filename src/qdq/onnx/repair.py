@@ -110,6 +110,44 @@ def ranked(model: onnx.ModelProto, ranks: dict[str, int]) -> None:
                 shape.dim.add().dim_param = f"{value.name}_axis{axis}"
 
 
+def declared_shapes(model: onnx.ModelProto) -> dict[tuple[str, str], onnx.TensorShapeProto | None]:
+    """The shape each graph input and output declares, by ("input", name) and ("output",
+    name): None where it declares none (any rank)."""
+    graph = model.graph
+    return {
+        (kind, v.name): _copy(v.type.tensor_type.shape)
+        if v.type.tensor_type.HasField("shape")
+        else None
+        for kind, values in (("input", graph.input), ("output", graph.output))
+        for v in values
+        if v.type.HasField("tensor_type")
+    }
+
+
+def declare_shapes(
+    model: onnx.ModelProto, shapes: dict[tuple[str, str], onnx.TensorShapeProto | None]
+) -> None:
+    """The graph inputs and outputs of `model` declared as `shapes` says (`declared_shapes` of
+    the source), in place: shape inference and ONNX Runtime's rewrites had filled in what the
+    source left free ('N' for '?', and names of their own such as 'unk__0')."""
+    graph = model.graph
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for value in values:
+            if (kind, value.name) not in shapes or not value.type.HasField("tensor_type"):
+                continue
+            shape = shapes[kind, value.name]
+            if shape is None:
+                value.type.tensor_type.ClearField("shape")
+            else:
+                value.type.tensor_type.shape.CopyFrom(shape)
+
+
+def _copy(shape: onnx.TensorShapeProto) -> onnx.TensorShapeProto:
+    copied = onnx.TensorShapeProto()
+    copied.CopyFrom(shape)
+    return copied
+
+
 def declare_no_shape(model: onnx.ModelProto, names: set[tuple[str, str]]) -> None:
     """Clear the shapes of the graph inputs and outputs `names` (as `unshaped` gives them), in
     place: the interface of a source that declared none."""
