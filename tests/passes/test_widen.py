@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from qdq.errors import ModelError
 from qdq.passes.widen import widen
 from qdq.pipeline import quantize_model
 
@@ -87,3 +88,25 @@ def test_a_float16_constant_returned_as_an_output_stays_float16(tmp_path):
     _, c = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": x})
     assert c.dtype == np.float16
     assert c.tolist() == [1, 2, 3]
+
+
+def test_a_float16_model_with_an_if_is_refused_in_one_line(tmp_path):
+    """Its branches would stay float16 beside a widened rest: refused with a fix that works
+    (it had advised --exclude If, which then ended in an internal error)."""
+    half = onnx.TensorProto.FLOAT16
+    branch = lambda name: onnx.helper.make_graph(  # noqa: E731 - one line per branch
+        [onnx.helper.make_node("Relu", ["x"], [name])], name, [],
+        [onnx.helper.make_tensor_value_info(name, half, None)])  # fmt: skip
+    branches = {"then_branch": branch("t"), "else_branch": branch("e")}
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["c"], ["y"], **branches)],
+        "half_if",
+        [onnx.helper.make_tensor_value_info("x", half, ["N", 4]),
+         onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+        [onnx.helper.make_tensor_value_info("y", half, ["N", 4])],
+    )  # fmt: skip
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]),
+              tmp_path / "m.onnx")  # fmt: skip
+    np.savez(tmp_path / "d.npz", x=np.ones((4, 4), np.float16), c=np.ones(4, bool))
+    with pytest.raises(ModelError, match="export the model in float32"):
+        quantize_model(tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "d.npz")

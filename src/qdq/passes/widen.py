@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qdq.errors import ModelError
 from qdq.onnx.graph import free_name, names_in, subgraphs
 
 HALF, FLOAT = TensorProto.FLOAT16, TensorProto.FLOAT
@@ -22,14 +23,20 @@ HALF, FLOAT = TensorProto.FLOAT16, TensorProto.FLOAT
 
 def widen(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of `model` whose float16 constants, casts and tensors are float32, and how many
-    constants were widened; `model` itself if it has none, or has subgraphs (a Loop's or If's
-    float16 insides stay as they are, and so does the rest)."""
+    constants were widened; `model` itself if it has none. One with subgraphs (an If's or a
+    Loop's) is refused: their float16 insides would stay, and ONNX Runtime's rewrite of the
+    rest then wrote a model it could not load again."""
     graph = model.graph
     values = (*graph.input, *graph.output, *graph.value_info)
     half = any(t.data_type == HALF for t in graph.initializer)
     half = half or any(v.type.tensor_type.elem_type == HALF for v in values)
-    if not half or any(next(subgraphs(node), None) for node in graph.node):
+    if not half:
         return model, 0
+    if any(next(subgraphs(node), None) for node in graph.node):
+        raise ModelError(
+            "a float16 model with If, Loop or Scan subgraphs: qdq quantizes float16 models "
+            "widened to float32 and does not widen subgraphs; export the model in float32"
+        )
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     graph = copy.graph
