@@ -55,3 +55,13 @@ def test_an_old_hardmax_is_not_upgraded():
     converter's axis 1 had meant another axis: a 1 where FP32 has 0)."""
     model = _model(helper.make_node("Hardmax", ["x"], ["y"], axis=1), 12, [], [2, 3, 4])
     assert default_opset(upgrade_opset(model)) == 12
+
+
+def test_an_old_model_whose_input_declares_no_shape_is_upgraded():
+    """ONNX Runtime runs it; the converter, as ONNX's checker, wants a shape: it is given an
+    empty one for the conversion, and none again after (it had been refused)."""
+    model = _model(helper.make_node("Relu", ["x"], ["y"]), 9, [], [2, 3])
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    upgraded = upgrade_opset(model)
+    assert default_opset(upgraded) == 13
+    assert not upgraded.graph.input[0].type.tensor_type.HasField("shape")

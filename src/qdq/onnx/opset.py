@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
+from qdq.onnx.repair import check_model, declare_no_shape, empty_shapes
+
 log = logging.getLogger(__name__)
 
 PER_AXIS_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights) needs opset 13
@@ -45,14 +47,16 @@ def converted(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
             "converter keeps the axis, which then means another one"
         )
     rounding = _old_resizes(model) if source < 11 <= opset else {}
-    upgraded = version_converter.convert_version(model, opset)
+    with empty_shapes(model) as unshaped:  # the converter, as ONNX's checker, wants shapes
+        upgraded = version_converter.convert_version(model, opset)
+    declare_no_shape(upgraded, unshaped)
     for node in upgraded.graph.node:
         if node.op_type == "Resize" and node.output[0] in rounding:
             node.attribute.extend([
                 helper.make_attribute("coordinate_transformation_mode", "asymmetric"),
                 helper.make_attribute("nearest_mode", rounding[node.output[0]]),
             ])  # fmt: skip
-    onnx.checker.check_model(upgraded)
+    check_model(upgraded)
     return upgraded
 
 

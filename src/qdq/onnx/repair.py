@@ -5,6 +5,9 @@ and outputs that declare no shape (the checker wants one)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import onnx
 from onnx import helper
 
@@ -161,12 +164,20 @@ def declare_no_shape(model: onnx.ModelProto, names: set[tuple[str, str]]) -> Non
 def check_model(model: onnx.ModelProto) -> None:
     """ONNX's checker, except that a graph input or output may declare no shape (any rank):
     the checker wants one, ONNX Runtime runs the model without, and so does qdq."""
+    with empty_shapes(model):
+        onnx.checker.check_model(model)
+
+
+@contextlib.contextmanager
+def empty_shapes(model: onnx.ModelProto) -> Iterator[set[tuple[str, str]]]:
+    """The graph inputs and outputs that declare no shape given an empty one while inside (what
+    ONNX's checker and version converter want), then none again; yields them (`unshaped`)."""
     names = unshaped(model)
     try:
         for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
-            for value in values:  # checked with an empty shape, then left unset again
+            for value in values:
                 if (kind, value.name) in names:
                     value.type.tensor_type.shape.SetInParent()
-        onnx.checker.check_model(model)
+        yield names
     finally:
         declare_no_shape(model, names)
