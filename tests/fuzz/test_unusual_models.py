@@ -229,7 +229,7 @@ def test_a_convolution_with_no_output_channels_is_kept_float(ws):
     save(model_with([node], [x], [y], [w]), ws.model)
     np.savez(ws.calib, x=np.random.default_rng(12).random((32, 3, 8, 8), np.float32))
     result = run_contract(ws, quantize(ws), ws.folder / "out.onnx", codes=(0,))
-    assert "tensor 'y' is empty" in result.stdout
+    assert "weight 'w' is empty" in result.stdout
 
 
 def test_finetune_learns_from_the_float_output_beside_a_mask(ws):
