@@ -312,20 +312,3 @@ def test_h_from_jobs_run_in_any_order_is_h_from_one_after_another():
     assert in_order.found().keys() == {"c1", "c2"}
     for name, h in in_order.found().items():
         np.testing.assert_array_equal(reversed_jobs.found()[name], h)
-
-
-@pytest.mark.parametrize(("samples", "kept"), [(16, False), (48, True)])
-def test_a_layer_with_fewer_rows_than_terms_keeps_nearest_rounding(samples, kept):
-    """A Gemm reads one row of 32 terms a sample: on 16 samples its H is singular and GPTQ
-    would fit their noise (held out, 1 dB under nearest rounding), so it gets no H."""
-    weight = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(weight, "w")],
-    )
-    index = GraphIndex(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    x = np.random.default_rng(1).normal(size=(samples, 32)).astype(np.float32)
-    assert ("fc" in _hessians(index, linear_layers(index, ["fc"]), x[:1], x[1:])) == kept

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 
@@ -86,7 +86,6 @@ class HessianSums:
         self.inputs = list(dict.fromkeys(node.input[0] for node in layers))
         self.limit = self.missing = max(limit, 0)
         self.sums: dict[str, np.ndarray] = {}
-        self.rows: Counter[str] = Counter()  # terms' rows summed into each H
         self.error: Exception | None = None
         self.start = 0  # the stream's sample this one's first sample is
         self._rng = np.random.default_rng(self.start)  # a shard's positions: its own draws
@@ -95,8 +94,7 @@ class HessianSums:
         """An empty accumulator for the stream's samples from `first` on (a later shard)."""
         later = copy.copy(self)
         later.limit = later.missing = max(self.limit - first, 0)
-        later.sums, later.rows, later.error = {}, Counter(), None
-        later.start = self.start + first
+        later.sums, later.error, later.start = {}, None, self.start + first
         later._rng = np.random.default_rng(later.start)
         return later
 
@@ -127,28 +125,21 @@ class HessianSums:
         self, node: onnx.NodeProto, pieces: list[tuple[np.ndarray, np.ndarray | None]]
     ) -> None:
         try:
-            self.rows[node.name] += _accumulate(self.sums, node, self.shapes[node.name], pieces)
+            _accumulate(self.sums, node, self.shapes[node.name], pieces)
         except Exception as error:  # as in `jobs`: kept for found()
             self.error = self.error or error
 
     def merge(self, other: HessianSums) -> None:
         """Add a later shard's sums."""
         self.error = self.error or other.error
-        self.rows.update(other.rows)
         for name, h in other.sums.items():
             self.sums[name] = self.sums[name] + h if name in self.sums else h
 
     def found(self) -> dict[str, np.ndarray]:
-        """H per layer that had at least as many rows of terms as terms (with fewer, H is
-        singular and GPTQ fits the calibration rows' noise: a Gemm of 256 terms on 32 samples
-        lost 1 dB on held-out ones); raises what failed while summing, if anything did."""
+        """H per layer that had inputs; raises what failed while summing, if anything did."""
         if self.error is not None:
             raise self.error
-        for name, h in self.sums.items():
-            if self.rows[name] < h.shape[1]:
-                log.info("GPTQ: %s keeps nearest rounding (%d rows of its %d terms)",
-                         name, self.rows[name], h.shape[1])  # fmt: skip
-        return {name: h for name, h in self.sums.items() if self.rows[name] >= h.shape[1]}
+        return self.sums
 
 
 def _pieces(
@@ -191,10 +182,9 @@ def _accumulate(
     node: onnx.NodeProto,
     shape: tuple[int, ...],
     pieces: list[tuple[np.ndarray, np.ndarray | None]],
-) -> int:
+) -> None:
     """Add the outer products of `node`'s terms in each of its input's `pieces` (`_pieces`)
-    to its H in `found`; `shape`: the node's weight's. Returns the rows of terms added."""
-    rows = 0
+    to its H in `found`; `shape`: the node's weight's."""
     for piece, picked in pieces:
         cols = _terms(node, piece, shape, picked)
         # inputs near 1e19 overflow the products: H goes Inf or NaN, and GPTQ keeps nearest
@@ -205,8 +195,6 @@ def _accumulate(
                 np.add(found[node.name], h, out=found[node.name])
             else:
                 found[node.name] = h.astype(np.float64)
-        rows += cols.shape[2]
-    return rows
 
 
 def _terms(
