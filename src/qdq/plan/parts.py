@@ -365,9 +365,9 @@ def output_parts(
 def find_gates(names: Sequence[str], reference: Sequence[Sequence[np.ndarray]]) -> dict[str, Gate]:
     """The value maps of a dense head and the score map gating each: an output of at least 3
     dimensions with some value outside [0, 1] is gated by the first other output of its shape
-    but for the channel count along axis 1 or the last, whose values all lie in [0, 1] and pass
-    CONFIDENCE somewhere in `reference` (per feed, the outputs in `names`' order), on at least
-    MIN_ROWS samples."""
+    but for another channel count along axis 1 or the last (an equal count tells no axis), whose
+    values all lie in [0, 1] and pass CONFIDENCE somewhere in `reference` (per feed, the
+    outputs in `names`' order), on at least MIN_ROWS samples."""
     if not names or sum(len(np.atleast_1d(outputs[0])) for outputs in reference) < MIN_ROWS:
         return {}
     batches = {name: [np.asarray(o[i]) for o in reference] for i, name in enumerate(names)}
