@@ -430,3 +430,41 @@ def test_a_pool_whose_mean_is_near_zero_on_every_sample_runs_in_int8(ws, pool):
     out = ws.folder / "out.onnx"
     assert run_contract(ws, quantize(ws), out).code == 0
     assert ort.InferenceSession(str(out)).run(None, {"x": X[:2]})[0].shape == (2, 5)
+
+
+def test_a_float16_vit_that_crashes_onnx_runtime_is_quantized_and_compared(tmp_path):
+    """ONNX Runtime 1.32 ends in a segmentation fault building a session of this float16 ViT
+    export (its MatMul-Transpose fusion); qdq ran the user's file in its output check, compare
+    and report: exit -11, nothing said. Those sessions leave that fusion out."""
+    torch = pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+
+    class ViT(torch.nn.Module):
+        def __init__(self, dim: int = 32) -> None:
+            super().__init__()
+            self.patches = torch.nn.Conv2d(3, dim, 4, 4)
+            self.cls = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+            self.pos = torch.nn.Parameter(torch.randn(1, 65, dim) * 0.02)
+            layer = torch.nn.TransformerEncoderLayer(dim, 4, dim * 2, dropout=0.0,
+                activation="gelu", batch_first=True, norm_first=True)  # fmt: skip
+            self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(dim, 10)
+
+        def forward(self, x):
+            x = self.patches(x).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+            return self.head(self.encoder(x)[:, 0])
+
+    model, x = ViT().eval().half(), torch.randn(16, 3, 32, 32).half()
+    source, out, calib = tmp_path / "vit.onnx", tmp_path / "q.onnx", tmp_path / "calib.npz"
+    torch.onnx.export(model, (x[:2],), source, input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False, dynamic_axes={"x": {0: "N"}})  # fmt: skip
+    np.savez(calib, x=x.numpy())
+    for args in (["quantize", source, "-o", out, "--calib", calib], ["compare", source, out,
+                 "--data", calib, "--latency-runs", "0"]):  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "qdq.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr

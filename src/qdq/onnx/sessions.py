@@ -71,6 +71,10 @@ def open_session(
     weights: list[ort.OrtValue] = []
     if isinstance(model, str | os.PathLike) and not _utf8(str(model)):
         model = onnx.load(str(model))  # ONNX Runtime takes UTF-8 paths only (a checked model)
+    # ONNX Runtime 1.32 ends in a segmentation fault building a session of some float16 models
+    # (a ViT exported .half(): its MatMul-Transpose fusion beside the NCHWc transformer); qdq
+    # runs its own float32 copy, but the check, compare and report run the user's file
+    disabled = ["MatmulTransposeFusion"] if _half(model) else []
     if isinstance(model, onnx.ModelProto) and optimized_path is None:
         model, names, weights = _handed(model)
         if names:
@@ -79,9 +83,23 @@ def open_session(
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
         model = str(model)
-    session = ort.InferenceSession(model, options, providers=PROVIDERS)
+    session = ort.InferenceSession(
+        model, options, providers=PROVIDERS, disabled_optimizers=disabled
+    )
     session.qdq_weights = weights  # ONNX Runtime may read them in place: alive as it is
     return session
+
+
+def _half(model: onnx.ModelProto | bytes | str | os.PathLike[str]) -> bool:
+    """Whether `model` holds float16 weights or inputs (its graph read without its weights'
+    files where given as a path or bytes)."""
+    if isinstance(model, bytes):
+        model = onnx.ModelProto.FromString(model)
+    elif not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    half = onnx.TensorProto.FLOAT16
+    inputs = (v.type.tensor_type.elem_type for v in model.graph.input)
+    return any(t.data_type == half for t in model.graph.initializer) or half in inputs
 
 
 def _utf8(path: str) -> bool:
