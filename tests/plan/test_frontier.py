@@ -4,6 +4,7 @@ where it pays."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import sys
 from collections.abc import Callable
@@ -368,3 +369,69 @@ def test_a_sequence_model_is_timed_on_a_run_of_its_steps_and_reported_per_step(
     fed.clear()
     quantize_model(tmp_path / "masked.onnx", tmp_path / "q.onnx", tmp_path / "masked.npz")
     assert fed == [{"frames": (1, 60), "state": (1, 16), "mask": (1, 1)}]
+
+
+def _resized(scale: float) -> onnx.ModelProto:
+    """x[1, 2, 8, 8] -> Resize by `scale` -> GlobalAveragePool: the output shape is one."""
+    scales = onnx.numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "s")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Resize", ["x", "", "s"], ["r"], mode="linear"),
+         onnx.helper.make_node("GlobalAveragePool", ["r"], ["y"])],
+        "resized",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 1, 1])],
+        [scales],
+    )  # fmt: skip
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_the_cache_keys_the_constants_that_size_the_work(tmp_path, monkeypatch):
+    """A x4 Resize does 16x the work of a x1 one in the same graph: it had taken the first
+    model's times from the cache (12x off)."""
+    monkeypatch.setenv("QDQ_CACHE_DIR", str(tmp_path))
+    times = iter([[1.0], [16.0]])
+    monkeypatch.setattr(latency_cache, "median_latency_ms", lambda *_: next(times))
+    feed = {"x": np.zeros((1, 2, 8, 8), np.float32)}
+    assert latencies_ms([_resized(1.0)], feed) == [1.0]
+    assert latencies_ms([_resized(4.0)], feed) == [16.0]
+    assert len(json.loads((tmp_path / "latency.json").read_text())) == 2
+
+
+def test_cached_times_that_are_no_times_are_timed_again(tmp_path, monkeypatch):
+    """Zero, NaN or negative (no run of qdq writes them) had turned the planning off for the
+    model; a file nested too deep for JSON, for every model."""
+    monkeypatch.setenv("QDQ_CACHE_DIR", str(tmp_path))
+    feed = {"x": np.zeros((1, 2, 8, 8), np.float32)}
+    monkeypatch.setattr(latency_cache, "median_latency_ms", lambda *_: [2.0])
+    latencies_ms([_resized(1.0)], feed)
+    cache = tmp_path / "latency.json"
+    (key,) = json.loads(cache.read_text())
+    for bad in ("[0.0]", "[NaN]", "[-1.0]"):
+        cache.write_text(f'{{"{key}": {bad}}}')
+        assert latencies_ms([_resized(1.0)], feed) == [2.0]
+    cache.write_text("[" * 100_000)
+    assert latencies_ms([_resized(1.0)], feed) == [2.0]
+
+
+def _writes(first: int) -> None:
+    """Ten groups timed and written, as one run of many at once does."""
+    feed = {"x": np.zeros((1, 2, 8, 8), np.float32)}
+    for scale in range(first, first + 10):
+        latencies_ms([_resized(float(scale))], feed)
+
+
+def test_runs_writing_at_once_keep_every_group_and_the_newest_only(tmp_path, monkeypatch):
+    """Each run replaced the file with what it had read before the others wrote (116 of 240
+    groups kept); and the file is bounded, the oldest groups dropped first."""
+    monkeypatch.setenv("QDQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(latency_cache, "median_latency_ms", lambda *_: [1.0])
+    context = multiprocessing.get_context("fork")  # the children inherit both
+    runs = [context.Process(target=_writes, args=(10 * i,)) for i in range(1, 5)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(json.loads((tmp_path / "latency.json").read_text())) == 40
+    monkeypatch.setattr(latency_cache, "MAX_ENTRIES", 3)
+    _writes(100)
+    assert len(json.loads((tmp_path / "latency.json").read_text())) == 3

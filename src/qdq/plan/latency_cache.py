@@ -7,14 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from qdq.onnx.graph import is_smoothing
 from qdq.onnx.sessions import median_latency_ms
@@ -27,6 +30,7 @@ RUNS = 20  # timed runs per candidate, interleaved (their median; 10 flipped cho
 # tiles; one whose graphs take under half a second a round is timed as before.
 TIMING_BUDGET_S = 10.0
 CACHE_ENV = "QDQ_CACHE_DIR"
+MAX_ENTRIES = 2000  # groups kept, the newest (about 150 bytes each)
 
 
 def latencies_ms(
@@ -52,11 +56,33 @@ def latencies_ms(
         return list(cached[key])
     measured = median_latency_ms(models, feed, RUNS, TIMING_BUDGET_S, still)
     if file:
-        latest = _read(file)  # timing takes seconds: others may have written since
-        if len(latest.get(key, ())) == len(models):
-            return list(latest[key])
-        _write(file, latest | {key: measured})
+        with _locked(file):  # re-read, merge and replace, one run at a time
+            latest = _read(file)  # timing takes seconds: others may have written since
+            if len(latest.get(key, ())) == len(models):
+                return list(latest[key])
+            latest.pop(key, None)
+            kept = list((latest | {key: measured}).items())[-MAX_ENTRIES:]  # the newest
+            _write(file, dict(kept))
     return measured
+
+
+@contextmanager
+def _locked(file: Path) -> Iterator[None]:
+    """An exclusive lock beside `file` while inside (runs writing at once had each replaced
+    the file with what it read before the other's write: 116 of 240 entries kept); none where
+    the folder cannot hold one, or the system has no fcntl."""
+    try:
+        import fcntl
+
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(file.with_suffix(".lock"), "a")  # noqa: SIM115 - held across the yield
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        with suppress(OSError):  # a file system without locks: as before, unlocked
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def cache_file() -> Path | None:
@@ -86,6 +112,8 @@ def _structure(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> str:
         digest.update(value.SerializeToString())
     ids = {value.name: f"input {value.name}" for value in model.graph.input}
     ids |= {t.name: f"weight {list(t.dims)} {t.data_type}" for t in model.graph.initializer}
+    for name, values in _sizing(model).items():  # their values set how much work runs
+        ids[name] += " " + hashlib.sha256(values).hexdigest()
     ids[""] = "none"
     smoothed = {n.output[0]: n.input[0] for n in model.graph.node if is_smoothing(n)}
     kept = (node for node in model.graph.node if not is_smoothing(node))
@@ -100,19 +128,34 @@ def _structure(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _sizing(model: onnx.ModelProto) -> dict[str, bytes]:
+    """The values of the constants that set a tensor's size, by name: every int64 one (shapes,
+    pads, slice bounds, repeats, sizes) and a Resize's or Upsample's scales. Two models that
+    differ in a Resize's x1 or x4 had shared one key, and the second took the first's times
+    (12x off). Weights are left out: each calibration draw rounds them anew."""
+    scales = {n.input[2] for n in model.graph.node if n.op_type == "Resize" and len(n.input) > 2}
+    scales |= {n.input[1] for n in model.graph.node if n.op_type == "Upsample" and len(n.input) > 1}
+    return {
+        t.name: numpy_helper.to_array(t).tobytes()
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT64 or t.name in scales
+    }
+
+
 def _read(file: Path) -> dict[str, list[float]]:
     """Each group's times; entries of any other form (older caches: one time per graph) are
     left out, so those groups are timed again."""
     try:
         table = json.loads(file.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: measure again
+    except (OSError, ValueError, RecursionError):  # none yet, unreadable, or nested too deep
         return {}
     if not isinstance(table, dict):
         return {}
-    return {
+    return {  # a time of 0, NaN or below had turned the planning off for every model
         k: v
         for k, v in table.items()
-        if isinstance(v, list) and all(isinstance(ms, float) for ms in v)
+        if isinstance(v, list)
+        and all(isinstance(ms, float) and ms > 0 and math.isfinite(ms) for ms in v)
     }
 
 
