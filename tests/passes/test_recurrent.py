@@ -236,7 +236,8 @@ def test_a_failing_lstm_rewrite_skips_that_stage_alone(files, tmp_path, monkeypa
 
 def test_a_model_of_one_lstm_gets_int8_weights_where_they_pay(tmp_path, monkeypatch):
     """g2p-id's LSTM encoder alone had no node qdq could quantize (docs/unseen.md): no frontier,
-    so the plan and its twin are timed beside FP32 on their own."""
+    so the plan and its twin are timed beside FP32 on their own; the plan without int8 is named
+    so (it had been called "all int8")."""
     model = crnn()
     keep = {"to_steps", "lstm", "to_batch"}
     kept = [n for n in model.graph.node if n.name in keep]
@@ -252,8 +253,8 @@ def test_a_model_of_one_lstm_gets_int8_weights_where_they_pay(tmp_path, monkeypa
     monkeypatch.setattr(frontier, "latencies_ms", _timed_by_kind)
     report = quantize_model(source, out, calib, QuantConfig(saturation="ignore"))
     assert [(c.name, c.chosen) for c in report.candidates] == [
-        ("all int8", False),
-        ("all int8, LSTM weights int8", True),
+        ("no int8 layers", False),
+        ("no int8 layers, LSTM weights int8", True),
     ]
     assert report.float_ms == 2.0
     assert [d.node for d in report.quantized] == ["lstm"]

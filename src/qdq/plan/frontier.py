@@ -228,7 +228,8 @@ def lstm_weights_int8(
     models = [realize(plan), realize(twin)]
     own = next((c for c in plan.frontier if c.chosen), None)
     scores = [own.score if own else score(models[0]), score(models[1])]
-    name = own.name if own else "all int8"  # the one candidate a frontier of one leaves
+    # the one candidate a frontier of one leaves; a model of LSTMs alone has no int8 in it
+    name = own.name if own else "all int8" if _int8_nodes(plan) else "no int8 layers"
     untimed = [
         Candidate(name, scores[0], 0.0, _int8_nodes(plan)),
         Candidate(f"{name}, LSTM weights int8", scores[1], 0.0, _int8_nodes(twin)),
