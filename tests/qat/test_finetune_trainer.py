@@ -218,3 +218,40 @@ def test_a_dense_heads_value_map_is_distilled_where_its_scores_fire(tmp_path: Pa
             torch.from_numpy(got),
         ]
         assert float(trainer._loss(feed)) == pytest.approx(loss, rel=1e-3, abs=1e-9)
+
+
+def test_a_time_major_output_is_judged_per_sample_whatever_its_length(tmp_path: Path) -> None:
+    """(T, N, C) scores with T = 8 steps and held-out batches of 8: the time axis had been
+    taken for the batch, and the agreement counted steps on which every sample agreed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qdq.qat.finetune import finetune_model
+
+    rng = np.random.default_rng(0)
+    weights = {"w": (32, 8), "b": (32,), "w2": (48, 32), "b2": (48,)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
+             for n, s in weights.items()]  # fmt: skip
+    inits.append(numpy_helper.from_array(np.array([-1, 8, 6], np.int64), "shape"))
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1),
+        helper.make_node("Relu", ["g"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["g2"], transB=1),
+        helper.make_node("Reshape", ["g2", "shape"], ["s"]),
+        helper.make_node("Transpose", ["s"], ["st"], perm=[1, 0, 2]),
+        helper.make_node("Softmax", ["st"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes, "time_major", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, "N", 6])], inits)  # fmt: skip
+    source, ptq, calib = tmp_path / "m.onnx", tmp_path / "ptq.onnx", tmp_path / "c.npz"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    x = rng.standard_normal((128, 8)).astype(np.float32)
+    np.savez(calib, x=x)
+    config = preset_config("default", weight_bits=3)
+    quantize_model(source, ptq, calib, config, seed=1)
+    options = FinetuneOptions(steps=4, threads=1, batch_size=8, held_out=32)
+    report = finetune_model(source, tmp_path / "o.onnx", calib, config, options, seed=1, start=ptq)
+    held = np.sort(np.random.default_rng(1).permutation(len(x))[:32])
+    want, got = (ort.InferenceSession(str(p)).run(None, {"x": x[held]})[0] for p in (source, ptq))
+    same = (want.argmax(-1) == got.argmax(-1)).all(axis=0)  # every step of each sample
+    assert report.agreement[0] == pytest.approx(same.mean())

@@ -36,6 +36,7 @@ lowered it (docs/finetune.md).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from collections.abc import Iterator
@@ -315,15 +316,34 @@ class Trainer:
             if name in self.classes:
                 axis = self.classes[name]
                 match = np.argmax(teacher_out, axis) == student.numpy().argmax(axis)
-                same &= _per_sample(match, count)
+                same &= _per_sample(match, count, self._batch_axes.get(name))
         return int(same.sum())
 
+    @functools.cached_property
+    def _batch_axes(self) -> dict[str, int | None]:
+        """Each output's batch axis: the one whose size follows the samples, the teacher run
+        on one held-out sample and on two (a time-major recognizer's of as many steps as a
+        batch has samples had been taken for its time axis); none where the samples do not
+        batch."""
+        one, two = (next(self.held.batches(n), None) for n in (1, 2))
+        if one is None or two is None or self.held.held_in(two) != 2:
+            return {}
+        shapes = zip(
+            self.teacher.run(self.names, one), self.teacher.run(self.names, two), strict=True
+        )
+        axes = {}
+        for name, (a, b) in zip(self.names, shapes, strict=True):
+            moved = [i for i, (m, n) in enumerate(zip(a.shape, b.shape, strict=False)) if m != n]
+            axes[name] = moved[0] if len(moved) == 1 and a.ndim == b.ndim else None
+        return axes
 
-def _per_sample(match: np.ndarray, count: int) -> np.ndarray:
-    """Whether each of a batch's `count` samples matches at all its positions: the batch axis
-    is the first of `count` entries (a time-major recognizer's is the second); an output
-    without one (a batch-1 model's) is one sample."""
-    axis = next((i for i, size in enumerate(match.shape) if size == count), None)
+
+def _per_sample(match: np.ndarray, count: int, axis: int | None = None) -> np.ndarray:
+    """Whether each of a batch's `count` samples matches at all its positions, the batch
+    along `axis` (the output's `_batch_axes`; without it, the first of `count` entries, which a
+    time-major recognizer's is not); an output without one (a batch-1 model's) is one sample."""
+    if axis is None or match.shape[axis] != count:
+        axis = next((i for i, size in enumerate(match.shape) if size == count), None)
     if axis is None:
         return np.full(count, bool(match.all()))
     return np.moveaxis(match, axis, 0).reshape(count, -1).all(1)
