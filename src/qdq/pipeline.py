@@ -140,7 +140,9 @@ def quantize_model(
     expect(model_path, path, "model_path", "save a ModelProto with onnx.save first")
     expect(output_path, path, "output_path")
     expect(calibration, (*path, type(None)), "calibration", "a .npz file or a folder of samples")
-    expect(config, (QuantConfig, type(None)), "config", "e.g. qdq.QuantConfig(method='minmax')")
+    expect(
+        config, (QuantConfig, type(None)), "config", "e.g. qdq.config.QuantConfig(method='minmax')"
+    )
     expect(seed, (numbers.Integral, type(None)), "seed")
     expect(images, (ImageOptions, type(None)), "images", "e.g. qdq.images.ImageOptions()")
     config = config or QuantConfig()

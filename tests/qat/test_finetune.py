@@ -208,3 +208,28 @@ def test_a_start_of_another_form_or_grid_is_refused(tmp_path: Path) -> None:
     quantize_model(cnn, four_bit, calib, CONFIG)
     with pytest.raises(ModelError, match="holds uniform:4 weights"):
         finetune_model(cnn, out, calib, preset_config("default"), options, start=four_bit)
+
+
+def test_an_fp32_output_of_nan_is_refused_before_training(tmp_path):
+    """The square root of a negative sum: FP32 gives NaN, and training on it had made NaN
+    weights and let numpy's cast warning out before writing PTQ's file."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qdq.errors import DataError
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["g"], transB=1),
+             helper.make_node("Sqrt", ["g"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "nan_output", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "w")])  # fmt: skip
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx"
+    )
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((64, 8)).astype(np.float32))
+    with pytest.raises(DataError, match="holds NaN or Inf on the training samples"):
+        finetune_model(tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "c.npz",
+                       options=FinetuneOptions(steps=2, threads=1))  # fmt: skip
+    assert not (tmp_path / "o.onnx").exists()

@@ -127,7 +127,9 @@ def finetune_model(
         expect(value, path, what)
     expect(calibration, path, "calibration", "a .npz file or a folder of samples")
     expect(start, (*path, type(None)), "start")
-    expect(config, (QuantConfig, type(None)), "config", "e.g. qdq.QuantConfig(method='minmax')")
+    expect(
+        config, (QuantConfig, type(None)), "config", "e.g. qdq.config.QuantConfig(method='minmax')"
+    )
     expect(options, (FinetuneOptions, type(None)), "options", "e.g. FinetuneOptions(steps=100)")
     expect(images, (ImageOptions, type(None)), "images", "e.g. qdq.images.ImageOptions()")
     expect(seed, (numbers.Integral, type(None)), "seed")

@@ -111,6 +111,13 @@ class Trainer:
             )
         feeds = self.training.span(0, PART_SAMPLES).batches(options.batch_size)
         reference = [teacher.run(self.names, feed) for feed in feeds]
+        broken = next((n for batch in reference for n, o in zip(self.names, batch, strict=True)
+                       if not np.isfinite(o).all()), None)  # fmt: skip
+        if broken is not None:
+            raise DataError(
+                f"FP32's output {broken!r} holds NaN or Inf on the training samples: there is "
+                "nothing to distil it toward; fix the model or its samples, or quantize it alone"
+            )
         self.axes = confirmed_axes(softmax_axes(quantized, self.names), reference[0])
         self.parts = output_parts(self.names, reference, config.output_parts)
         # a Softmax output declared too already has the term, on its log-probabilities
