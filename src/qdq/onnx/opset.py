@@ -76,10 +76,8 @@ def _old_resizes(model: onnx.ModelProto) -> dict[str, str]:
             scales = np.asarray(attrs["scales"])
         elif len(node.input) > 1 and node.input[1] in constants:
             scales = numpy_helper.to_array(constants[node.input[1]])
-        else:
-            raise ValueError(
-                f"{node.op_type} {node.name!r}: nearest, of scales computed in the graph"
-            )
+        else:  # computed in the graph: an Upsample grows (its scales are at least 1)
+            scales = np.ones(1)
         resized = scales[scales != 1]
         if (resized < 1).any() and (resized > 1).any():
             raise ValueError(
