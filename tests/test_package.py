@@ -18,3 +18,13 @@ def test_import_does_not_pull_in_torch():
 def test_public_names_resolve():
     for name in qdq.__all__:
         assert getattr(qdq, name) is not None, name
+
+
+def test_the_qdq_command_enters_through_the_signal_owning_module():
+    """The console script runs `qdq_entry.main`, which handles signals before qdq's imports
+    load (tests/fuzz/test_interrupts.py): an install that pointed at qdq.cli would lose that."""
+    from importlib.metadata import entry_points
+
+    (command,) = entry_points(group="console_scripts", name="qdq")
+    assert command.value == "qdq_entry:main"
+    assert callable(command.load())
