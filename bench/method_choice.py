@@ -26,7 +26,8 @@ import unseen_models
 from datasets import tasks
 from qdq.config import QuantConfig
 from qdq.pipeline import quantize_model
-from qdq.plan.parts import judged, output_parts
+from qdq.plan.part_stats import judged
+from qdq.plan.parts import output_parts
 
 DRAWS = (1, 3, 4)  # bench/unseen.py's calibration seeds (2 is the evaluation set)
 

@@ -52,7 +52,8 @@ from qdq.passes.unfuse import unfuse, wanted_opset
 from qdq.passes.widen import HALF, narrowed, widen
 from qdq.plan.build import BudgetResult
 from qdq.plan.decisions import Decision, static_decisions
-from qdq.plan.parts import PartStats, check_declared, judged, output_parts
+from qdq.plan.part_stats import PartStats, judged
+from qdq.plan.parts import check_declared, output_parts
 from qdq.plan.readings import Readings, decision_outputs
 from qdq.plan.saturation import avoids_saturation
 from qdq.ptq import BUDGET_SAMPLES, Metric, optional, plan_model

@@ -192,15 +192,11 @@ def plan_model(
     seconds = time.perf_counter() - start
     if config.target_sqnr is not None:
         feeds = _leading_batches(samples, config.batch_size, BUDGET_SAMPLES)
-        score = (
-            sqnr_score(
-                float_reference(model, feeds, [samples.held_in(f) for f in feeds]),
-                config.output_parts,
-                reuse=True,
-            )
-            if metric is None
-            else _session_score(metric)
-        )
+        if metric is None:
+            reference = float_reference(model, feeds, [samples.held_in(f) for f in feeds])
+            score = sqnr_score(reference, config.output_parts, reuse=True)
+        else:
+            score = _session_score(metric)
         feed, timed = timing_feed(model, samples)
         search = partial(
             meet_target,

@@ -253,12 +253,24 @@ def _copy_fields(
             getattr(target, field.name).extend(value)
 
 
+def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The graph's constants by name: its initializers and its Constant nodes of a tensor
+    `value` (not of `value_ints`, `value_float`, ...)."""
+    found = {t.name: t for t in graph.initializer}
+    found |= {n.output[0]: n.attribute[0].t for n in graph.node if _tensor_constant(n)}
+    return found
+
+
+def _tensor_constant(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]
+
+
 def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant nodes become initializers, so that weights are found in one place."""
     graph = model.graph
     kept = []
     for node in graph.node:
-        if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
+        if _tensor_constant(node):
             tensor = onnx.TensorProto()
             tensor.CopyFrom(node.attribute[0].t)
             tensor.name = node.output[0]

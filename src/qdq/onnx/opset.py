@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
 
+from qdq.onnx.graph import constant_tensors
 from qdq.onnx.repair import check_model, declare_no_shape, empty_shapes
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,7 @@ def converted(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 def _old_resizes(model: onnx.ModelProto) -> dict[str, str]:
     """Each Upsample's and opset-10 Resize's output, and how its nearest pixels round."""
-    constants = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
-            constants[node.output[0]] = node.attribute[0].t
+    constants = constant_tensors(model.graph)
     rounding = {}
     for node in (n for n in model.graph.node if n.op_type in ("Upsample", "Resize")):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

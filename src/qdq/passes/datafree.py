@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from qdq.config import QuantConfig
-from qdq.onnx.graph import GraphIndex, attributes, clip_bounds
+from qdq.onnx.graph import GraphIndex, attributes, clip_bounds, constant_tensors
 from qdq.passes.bias_correction import correct_biases, correction_inputs
 from qdq.plan.build import Plan, build_plan
 from qdq.plan.decisions import static_decisions
@@ -58,17 +58,14 @@ class Moments:
 
 def batchnorm_moments(model: onnx.ModelProto) -> dict[str, Moments]:
     """N(beta, gamma^2) per channel for every BatchNormalization output of the original model."""
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    constants = constant_tensors(model.graph)
     found = {}
     for node in model.graph.node:
         if node.op_type == "BatchNormalization" and {node.input[1], node.input[2]} <= set(
             constants
         ):
-            gamma = constants[node.input[1]].astype(np.float64)
-            beta = constants[node.input[2]].astype(np.float64)
+            gamma = numpy_helper.to_array(constants[node.input[1]]).astype(np.float64)
+            beta = numpy_helper.to_array(constants[node.input[2]]).astype(np.float64)
             found[node.output[0]] = Moments(beta, np.abs(gamma))
     return found
 

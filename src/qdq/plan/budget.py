@@ -19,7 +19,8 @@ import onnx
 from qdq.onnx.sessions import median_latency_ms, open_session
 from qdq.plan.build import BudgetResult, Plan
 from qdq.plan.decisions import Decision, kept_float
-from qdq.plan.parts import judged, output_parts, worst_sqnr
+from qdq.plan.part_stats import judged, worst_sqnr
+from qdq.plan.parts import output_parts
 from qdq.plan.reference import Reference
 from qdq.plan.rules import RULES, Kind
 from qdq.plan.suffix import Recorded, record

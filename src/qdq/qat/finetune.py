@@ -31,7 +31,8 @@ from qdq.onnx.model import WEIGHTS_KEY, float_outputs, load_model, save_model
 from qdq.onnx.sessions import Use, open_session, session_with_outputs
 from qdq.outputs import check_output
 from qdq.pipeline import prepare, quantize_model
-from qdq.plan.parts import Part, PartStats, update_all
+from qdq.plan.part_stats import PartStats, update_all
+from qdq.plan.parts import Part
 from qdq.qat.finetune_loss import feature_tensors, softmax_axes
 from qdq.qat.finetune_options import FinetuneOptions
 from qdq.qat.finetune_trainer import Trainer

@@ -19,7 +19,8 @@ from qdq.metrics import REPORT_BLOCK, ErrorStats, measurable, nonfinite_notes
 from qdq.onnx.model import check_outputs_readable, load_model, model_bytes
 from qdq.onnx.sessions import fails_on_data, session_with_outputs
 from qdq.plan.calibrate import budgeted
-from qdq.plan.parts import Part, PartStats, output_parts, part_stats, update_all
+from qdq.plan.part_stats import PartStats, part_stats, update_all
+from qdq.plan.parts import Part, output_parts
 from qdq.plan.readings import Readings, decision_outputs
 from qdq.report.checks import (
     LeadingOutputs,

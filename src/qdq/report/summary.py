@@ -10,7 +10,7 @@ from qdq.config import Prefer
 from qdq.plan.build import Candidate
 from qdq.plan.decisions import Decision
 from qdq.plan.frontier import ENOUGH_DB, latency_tie, pick
-from qdq.plan.parts import PartStats
+from qdq.plan.part_stats import PartStats
 from qdq.plan.readings import Readings
 
 CHECK_SAMPLES = 16  # calibration samples on which the report measures the output SQNR
