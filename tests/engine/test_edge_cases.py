@@ -100,13 +100,18 @@ def test_nan_and_empty_inputs_quantize_as_onnx_runtime_does(kernels):
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_an_empty_batch_runs_through_a_dense_convolution(kernels):
-    w = np.random.default_rng(1).integers(-100, 100, (4, 3, 3, 3)).astype(np.int8)
+@pytest.mark.parametrize(("group", "channels"), [(1, 3), (2, 4), (2, 2)])
+def test_an_empty_batch_runs_through_a_convolution(kernels, group, channels):
+    """Dense, grouped and depthwise with a multiplier (the compiled grouped kernel had tiled
+    nothing by zero: a ValueError)."""
+    shape = (4, channels // group, 3, 3)
+    w = np.random.default_rng(1).integers(-100, 100, shape).astype(np.int8)
     q = {"xs": np.float32(0.02), "xz": np.uint8(7), "ws": np.float32(0.01), "wz": np.int8(0),
          "ys": np.float32(0.05), "yz": np.uint8(100), "w": w}  # fmt: skip
-    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"])
-    model = make([node], {"x": (U8, ["N", 3, 7, 7])}, ["y"], q)
-    feeds = {"x": np.zeros((0, 3, 7, 7), np.uint8)}
+    reads = ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"]
+    node = helper.make_node("QLinearConv", reads, ["y"], group=group)
+    model = make([node], {"x": (U8, ["N", channels, 7, 7])}, ["y"], q)
+    feeds = {"x": np.zeros((0, channels, 7, 7), np.uint8)}
     assert_same(model, feeds, Engine(model, requant="float", kernels=kernels))
 
 
@@ -128,15 +133,34 @@ def test_a_per_row_a_scale_scales_rows():
         assert np.abs(got.astype(np.int64) - want).max() <= 1, requant
 
 
-def test_a_bias_after_the_integer_product_adds_in_float32():
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("terms", [5, 2048])
+def test_a_bias_after_the_integer_product_adds_in_float32(kernels, terms):
+    """The product is scaled as float32(sum) * scale, as ONNX Runtime does: past 2^24 (2048
+    terms of large codes) float64 arithmetic had rounded 7 of 32 values the other way."""
     rng = np.random.default_rng(4)
-    constants = {"b": rng.integers(-128, 128, (5, 6)).astype(np.int8),
+    constants = {"b": rng.integers(100, 128, (terms, 6)).astype(np.int8),
                  "as": np.float32(0.0173), "bs": np.float32(0.0291), "az": np.uint8(3),
                  "bias": rng.standard_normal(6).astype(np.float32) * 10}  # fmt: skip
     node = helper.make_node("MatMulIntegerToFloat", ["a", "b", "as", "bs", "az", "", "bias"],
                             ["y"], domain="com.microsoft")  # fmt: skip
-    model = make([node], {"a": (U8, [10, 5])}, ["y"], constants)
-    assert_same(model, {"a": rng.integers(0, 256, (10, 5)).astype(np.uint8)})
+    model = make([node], {"a": (U8, [10, terms])}, ["y"], constants)
+    a = rng.integers(200, 256, (10, terms)).astype(np.uint8)
+    assert_same(model, {"a": a}, Engine(model, requant="float", kernels=kernels))
+
+
+@pytest.mark.parametrize("requant", ["float", "spec"])
+@pytest.mark.parametrize("shape", [(1, 9, 3), (2, 5, 3, 4), (2, 2, 3, 4, 5)])
+def test_a_channels_last_global_pool_averages_the_spatial_axes(requant, shape):
+    """Of any rank: the axes between batch and channels (a 3-D input had averaged its channels
+    too, a 5-D one had kept an axis)."""
+    constants = {"s": np.float32(0.02), "z": np.uint8(100), "ys": np.float32(0.01),
+                 "yz": np.uint8(3)}  # fmt: skip
+    node = helper.make_node("QLinearGlobalAveragePool", ["x", "s", "z", "ys", "yz"], ["y"],
+                            channels_last=1, domain="com.microsoft")  # fmt: skip
+    model = make([node], {"x": (U8, list(shape))}, ["y"], constants)
+    x = np.random.default_rng(5).integers(0, 256, shape).astype(np.uint8)
+    assert_same(model, {"x": x}, Engine(model, requant=requant))
 
 
 def test_a_resize_of_codes_is_no_float_node():

@@ -252,7 +252,7 @@ def _fused_conv(
     m, kg = weights.shape
     k, mg = kg * group, m // group
     total = n * oh * ow
-    width = min(total, max(256, TILE // (k + m)))
+    width = max(1, min(total, max(256, TILE // (k + m))))  # 1 for an empty batch: no tiles
     operand = np.empty(k * width, np.float32)
     result = np.empty(m * width, np.float32)
     out = np.empty((n, m, oh * ow), dtype)

@@ -157,10 +157,11 @@ def matmul_integer_to_float(ctx: Context, inputs: list, attrs: dict) -> list:
     """com.microsoft MatMulIntegerToFloat: the int32 product of the codes, scaled to float (a
     MatMul whose output nothing reads as int8), plus an optional float bias."""
     a, b, a_scale, b_scale, a_zp, b_zp, bias = padded_inputs(inputs, 7)
-    out = _product(ctx, a, a_zp, b, b_zp).astype(np.float64) * (a_scale * b_scale).astype(
-        np.float64
-    )
-    out = out.astype(np.float32)
+    acc, scale = _product(ctx, a, a_zp, b, b_zp), a_scale * b_scale
+    if ctx.requant == "spec":
+        out = (acc.astype(np.float64) * scale.astype(np.float64)).astype(np.float32)
+    else:  # MLAS: float32(acc) * float32(scale), which rounds the sum first past 2^24
+        out = acc.astype(np.float32) * scale.astype(np.float32)
     if bias is not None:  # added in float32 to the rounded product, as ONNX Runtime adds it
         out += bias.astype(np.float32)
     return [out]

@@ -44,7 +44,9 @@ def _requantize_real(real: np.ndarray, scale: np.ndarray, zp: np.ndarray | None,
 
 def qlinear_global_average_pool(ctx: Context, inputs: list, attrs: dict) -> list:
     x, x_scale, x_zp, y_scale, y_zp = inputs[:5]
-    axes = (1, 2) if attrs.get("channels_last", 0) else tuple(range(2, x.ndim))
+    # the spatial axes: between batch and channels when channels are last, after them otherwise
+    last = bool(attrs.get("channels_last", 0))
+    axes = tuple(range(1, x.ndim - 1)) if last else tuple(range(2, x.ndim))
     if ctx.requant != "spec":
         return [mlas_global_average_pool(x, x_scale, x_zp, y_scale, y_zp, axes)]
     mean = minus(x, x_zp).mean(axis=axes, keepdims=True) * x_scale.astype(np.float64)
