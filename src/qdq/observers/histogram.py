@@ -67,6 +67,15 @@ class Histogram:
         """Per channel, the magnitude the bins reach."""
         return self.width * self.half
 
+    @property
+    def one_sided(self) -> np.ndarray:
+        """Per channel, whether every value seen lies on one side of zero (>= 0 or <= 0)."""
+        return (self.lo >= 0) | (self.hi <= 0)
+
+    def sides(self, t: np.ndarray) -> Range:
+        """`[-t, t]` less the side of zero no value reached (a LogSoftmax's: `[-t, 0]`)."""
+        return Range(np.where(self.lo >= 0, 0.0, -t), np.where(self.hi <= 0, 0.0, t))
+
     def update(self, batch: np.ndarray) -> None:
         channels = None if self.counts is None else self.counts.shape[0]
         rows = _as_rows(checked_batch(batch, self.axis, channels), self.axis)
@@ -117,17 +126,24 @@ class Histogram:
 
     def _cover(self, absmax: np.ndarray) -> None:
         """Extend (same width) or coarsen (exact merges) so every channel reaches `absmax`."""
-        self.width = np.where(self.width == 0, absmax / self.bins, self.width)  # zeros stay central
-        needed = np.ceil(absmax / np.where(self.width > 0, self.width, 1.0))
-        if needed.max() <= self.half:
+        with np.errstate(over="ignore"):
+            needed = np.ceil(absmax / np.where(self.width > 0, self.width, absmax / self.bins))
+        # Zeros stay central; so do values whose bins are too fine to count how many more the
+        # new ones need (float64 subnormal widths: `needed` overflows), at the new scale zeros.
+        central = (self.width == 0) | ~np.isfinite(needed)
+        self.width = np.where(central, absmax / self.bins, self.width)
+        needed = np.where(central, self.bins, needed)
+        if needed.max() <= self.half and not central.any():
             return
         grown = int(min(max(needed.max(), 2 * self.half), self.max_bins))
-        if grown > self.half:
+        if needed.max() > self.half and grown > self.half:
             pad = grown - self.half
             self.counts = np.pad(self.counts, ((0, 0), (pad, pad)))
         factor = _coarsening(needed, self.half)
         for c in np.flatnonzero(factor > 1):
             self.counts[c] = _fold(self.counts[c], int(factor[c]))
+        for c in np.flatnonzero(central & (self.counts.sum(axis=1) > 0)):
+            self.counts[c] = _fold(self.counts[c], self.half)
         self.width = self.width * factor
 
 

@@ -25,9 +25,9 @@ MAX_CANDIDATES = 2048  # past this many end bins, step over them: the search is 
 @dataclass(frozen=True)
 class KL:
     """Threshold minimizing KL(P || Q) between the clipped histogram P and its `levels`-level
-    quantization Q; `levels` is 2^(bits-1) for signed data and 2^bits for data >= 0, except
-    on a `symmetric` grid, whose zero point in the middle leaves data >= 0 half the codes (a
-    TensorRT cache's int8: 128 levels)."""
+    quantization Q; `levels` is 2^(bits-1) for data of both signs and 2^bits for data on one
+    side of zero (>= 0, or <= 0 as a LogSoftmax's), except on a `symmetric` grid, whose zero
+    point in the middle leaves such data half the codes (a TensorRT cache's int8: 128 levels)."""
 
     bits: int = 8
     stride: int = 1  # every `stride`-th end bin is a candidate (NVIDIA's reference has it too)
@@ -48,13 +48,12 @@ class KL:
         counts, width = hist.magnitude()
         counts = counts.copy()
         counts[:, 0] = counts[:, 1]  # eq. 18: damp the spike of exact zeros (ReLU outputs)
-        unsigned = hist.lo >= 0
+        one_sided = hist.one_sided
         end_bin = np.empty(counts.shape[0], dtype=np.int64)
         for row in range(counts.shape[0]):  # each channel its own search, to its own last bin
-            levels = 1 << (self.bits - 1 + int(unsigned[row] and not self.symmetric))
+            levels = 1 << (self.bits - 1 + int(one_sided[row] and not self.symmetric))
             end_bin[row] = kl_end_bins(counts[row : row + 1], levels, self.stride)[0]
-        t = np.minimum(end_bin * width, np.maximum(-hist.lo, hist.hi))
-        return Range(np.where(unsigned, 0.0, -t), t)
+        return hist.sides(np.minimum(end_bin * width, np.maximum(-hist.lo, hist.hi)))
 
 
 def kl_end_bins(counts: np.ndarray, levels: int, stride: int = 1) -> np.ndarray:

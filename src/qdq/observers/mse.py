@@ -16,11 +16,16 @@ from qdq.qparams import Range
 class MSE:
     """Threshold `t` minimizing rounding noise plus clipping error on the |x| histogram (eq. 21).
 
-    For a candidate `t` with step `s = t / qmax`: noise `N_in * s^2 / 12` for the values inside and
-    `sum n_j (c_j - t)^2` for the bin centres beyond. Every bin edge is a candidate.
+    For a candidate `t` with step `s`: noise `N_in * s^2 / 12` for the values inside and
+    `sum n_j (c_j - t)^2` for the bin centres beyond. Every bin edge is a candidate. `s` is `t`
+    over the grid's `qmax - qmin` steps for data on one side of zero (>= 0, or <= 0), over half
+    of them for data of both signs (the range `[-t, t]` spans `2t`). On a symmetric grid data on
+    one side has only half the steps, but the whole count offsets the zeros this noise model
+    counts (docs/quantization.md, §11), so it stays.
     """
 
     bits: int = 8
+    narrow_range: bool = False  # the grid drops its lowest code (int8 [-127, 127])
 
     def __post_init__(self) -> None:
         expect(self.bits, numbers.Integral, "MSE's bits")
@@ -29,17 +34,16 @@ class MSE:
 
     def __call__(self, hist: Histogram) -> Range:
         counts, width = hist.magnitude()
-        unsigned = hist.lo >= 0
-        qmax = np.where(unsigned, 2.0**self.bits - 1, 2.0 ** (self.bits - 1) - 1)[:, None]
+        span = 2.0**self.bits - 1 - int(self.narrow_range)  # the grid's steps, qmax - qmin
+        steps = np.where(hist.one_sided, span, span / 2)[:, None]  # t / s
         centres = (np.arange(counts.shape[1]) + 0.5) * width[:, None]
         t = np.arange(counts.shape[1] + 1) * width[:, None]  # candidate thresholds: bin edges
         beyond = [_suffix_sums(counts * centres**k) for k in (0, 1, 2)]
         clipping = beyond[2] - 2 * t * beyond[1] + t**2 * beyond[0]
-        rounding = (counts.sum(axis=1, keepdims=True) - beyond[0]) * (t / qmax) ** 2 / 12
+        rounding = (counts.sum(axis=1, keepdims=True) - beyond[0]) * (t / steps) ** 2 / 12
         error = np.where(t > 0, clipping + rounding, np.inf)
         best = np.take_along_axis(t, np.argmin(error, axis=1)[:, None], axis=1)[:, 0]
-        best = np.minimum(best, np.maximum(-hist.lo, hist.hi))
-        return Range(np.where(unsigned, 0.0, -best), best)
+        return hist.sides(np.minimum(best, np.maximum(-hist.lo, hist.hi)))
 
 
 def _suffix_sums(values: np.ndarray) -> np.ndarray:

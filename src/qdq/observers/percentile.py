@@ -45,22 +45,36 @@ class Percentile:
         # data on one side of zero (a ReLU's output): the range holds zero, so a cut at the
         # zero side holds nothing back and the whole share comes off the far tail
         cut = (1.0 - q) / 2
-        lo = _quantile(hist.counts, -hist.amax, hist.width, np.where(hist.hi <= 0, 1.0 - q, cut))
-        hi = _quantile(hist.counts, -hist.amax, hist.width, np.where(hist.lo >= 0, q, 1.0 - cut))
+        low_share, high_share = (
+            np.where(hist.hi <= 0, 1.0 - q, cut),
+            np.where(hist.lo >= 0, q, 1.0 - cut),
+        )
+        lo = _quantile(hist.counts, -hist.amax, hist.width, low_share, upper=False)
+        hi = _quantile(hist.counts, -hist.amax, hist.width, high_share)
         return Range(np.clip(lo, hist.lo, hist.hi), np.clip(hi, hist.lo, hist.hi))
 
 
 def _quantile(
-    counts: np.ndarray, first_edge: np.ndarray, width: np.ndarray, q: float | np.ndarray
+    counts: np.ndarray,
+    first_edge: np.ndarray,
+    width: np.ndarray,
+    q: float | np.ndarray,
+    upper: bool = True,
 ) -> np.ndarray:
     """Per row, the value below which a fraction `q` (one, or one per row) of the mass lies,
-    linear within a bin."""
+    linear within a bin. Where `q` of the mass is a whole number of values, the range's end
+    hugs the values it keeps: an upper end at the top of the last kept value's bin, a lower
+    (`upper=False`) at the bottom of the first kept value's, whatever float rounding did to
+    `q * N` (99.9% of 1000 values is 999.0000000000001: the cut outlier's bin had been taken)."""
     out = np.empty(counts.shape[0])
     share = np.broadcast_to(np.asarray(q, np.float64).reshape(-1), counts.shape[:1])
     for c, row in enumerate(counts):
         cdf = np.cumsum(row)
         target = share[c] * cdf[-1]
-        j = min(int(np.searchsorted(cdf, target, side="left")), row.size - 1)
+        if abs(target - np.rint(target)) <= 1e-9 * cdf[-1]:
+            target = np.rint(target)
+        side = "left" if upper else "right"
+        j = min(int(np.searchsorted(cdf, target, side=side)), row.size - 1)
         before = cdf[j - 1] if j else 0.0
         inside = (target - before) / row[j] if row[j] > 0 else 1.0
         out[c] = first_edge[c] + (j + inside) * width[c]

@@ -74,7 +74,7 @@ def method_ranges(
     rules: dict[str, RangeRule] = {
         "minmax": lambda hist: Range(hist.lo, hist.hi),
         "percentile": Percentile(),
-        "mse": MSE(grid.bits),
+        "mse": MSE(grid.bits, grid.narrow_range),
         "auto": Auto(grid.bits, grid.symmetric, kl=False),
     }
     rule = rules[method]
