@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from qdq.config import preset_config
 from qdq.observers import Histogram
@@ -122,6 +124,32 @@ def test_a_bypassed_layer_reads_float_and_its_consumer_reads_its_float_output(di
     assert nodes["/6/MaxPool"].input[0] == "/5/Relu_output_0_dq"  # Relu's output stays int8
     relu = bypassed(onnx.load(int8), "/5/Relu")
     assert {n.name: n for n in relu.graph.node}["/6/MaxPool"].input[0] == "/5/Relu_output_0"
+
+
+def test_a_bypassed_layer_whose_output_the_graph_returns_gives_it_float(tmp_path):
+    """A quantized graph output's DequantizeLinear is named as the output: the bypass had
+    kept it, and its readers on the copy (0.00 dB for the last layer of such a model)."""
+    x = np.random.default_rng(3).standard_normal((24, 4)).astype(np.float32)
+    w = numpy_helper.from_array(np.random.default_rng(4).standard_normal((4, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Relu", ["m"], ["mid"], name="relu1"),
+             helper.make_node("MatMul", ["mid", "w"], ["out"], name="mm2")]  # fmt: skip
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [value("x", TensorProto.FLOAT, ["N", 4])],
+                              [value("mid", TensorProto.FLOAT, None),
+                               value("out", TensorProto.FLOAT, None)], [w])  # fmt: skip
+    float_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    config = preset_config("default", prefer="int8")
+    onnx.save(float_model, tmp_path / "f.onnx")
+    np.savez(tmp_path / "x.npz", x=x)
+    quantize_model(tmp_path / "f.onnx", tmp_path / "q.onnx", tmp_path / "x.npz", config)
+    model = bypassed(onnx.load(tmp_path / "q.onnx"), "relu1")
+    nodes = {n.name: n for n in model.graph.node}
+    made = {o: n for n in model.graph.node for o in n.output}
+    assert made["mid"].op_type == "Identity"  # the graph output: the float value
+    assert made["mid"].input[0] == nodes["relu1"].output[0] == nodes["mm2"].input[0]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(["mid"], {"x": x})[0].shape == (24, 4)
 
 
 def test_one_row_per_node_with_sqnr_and_sensitivity(digits):

@@ -37,8 +37,6 @@ def bypassed(model: onnx.ModelProto, node_name: str) -> onnx.ModelProto:
     out.CopyFrom(model)
     nodes = out.graph.node
     producer = {o: n for n in nodes for o in n.output}
-    quantizer = {n.input[0]: n for n in nodes if n.op_type == "QuantizeLinear"}
-    dequantizer = {n.input[0]: n for n in nodes if n.op_type == "DequantizeLinear"}
     target = next(n for n in nodes if n.name == node_name)
     for i, name in enumerate(target.input):
         dq = producer.get(name)
@@ -49,16 +47,20 @@ def bypassed(model: onnx.ModelProto, node_name: str) -> onnx.ModelProto:
         )
         if q is not None and q.op_type == "QuantizeLinear":
             target.input[i] = q.input[0]
+    copies = {
+        n.output[0] for n in nodes if n.op_type == "QuantizeLinear" and n.input[0] in target.output
+    }
     graph_outputs = {o.name for o in out.graph.output}
-    for name in target.output:
-        q = quantizer.get(name)
-        dq = dequantizer.get(q.output[0]) if q is not None else None
-        if dq is None or dq.output[0] in graph_outputs:
-            continue
+    for dq in [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in copies]:
+        float_tensor = producer[dq.input[0]].input[0]
         for consumer in nodes:
             for i, read in enumerate(consumer.input):
                 if read == dq.output[0]:
-                    consumer.input[i] = name
+                    consumer.input[i] = float_tensor
+        if dq.output[0] in graph_outputs:  # a quantized output's copy, named as the output:
+            dq.op_type, dq.domain = "Identity", ""  # it gives the float value instead
+            del dq.input[:], dq.attribute[:]
+            dq.input.append(float_tensor)
     return out
 
 
