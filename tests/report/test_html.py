@@ -245,3 +245,38 @@ def test_smoothed_activations_without_a_histogram_are_counted(tmp_path):
     smoothed = [t for t in quantized_activations(onnx.load(out)) if t.endswith("_smoothed")]
     assert data.undrawn == len(smoothed) > 0
     assert f"{len(smoothed)} quantized activations the FP32 model does not compute" in render(data)
+
+
+def test_the_layer_table_follows_the_run_where_the_model_shows_one_side():
+    """Q/DQ on one side of a node the run kept float (a MaxPool reading a DequantizeLinear,
+    a Relu feeding a QuantizeLinear) had read "int8: Q/DQ around it"; a QOperator file's
+    MatMulIntegerToFloat and a Reshape of its codes had read float."""
+    from qdq.plan.decisions import Decision
+    from qdq.report.measure import _layers
+
+    q = {"s": np.float32(0.1), "z": np.uint8(0), "w": np.ones((4, 4), np.int8)}
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("MaxPool", ["xd"], ["p"], name="pool", kernel_shape=[1]),
+        helper.make_node("Relu", ["p"], ["r"], name="relu"),
+        helper.make_node("QuantizeLinear", ["r", "s", "z"], ["rq"]),
+        helper.make_node("Reshape", ["rq", "shape"], ["codes"], name="flat"),
+        helper.make_node("MatMulIntegerToFloat", ["codes", "w", "s", "s"], ["y"], name="mm",
+                         domain="com.microsoft"),
+    ]  # fmt: skip
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in q.items()]
+    inits.append(numpy_helper.from_array(np.array([-1, 4]), "shape"))
+    graph = helper.make_graph(nodes, "g", [], [], inits)
+    model = helper.make_model(graph)
+    decisions = [Decision("pool", "MaxPool", False, "slow in int8"),
+                 Decision("relu", "Relu", False, "no int8 rule")]  # fmt: skip
+    rows = {r.node: r for r in _layers(model, decisions, {})}
+    assert (rows["pool"].quantized, rows["pool"].reason) == (False, "slow in int8")
+    assert (rows["relu"].quantized, rows["relu"].reason) == (False, "no int8 rule")
+    assert rows["flat"].quantized
+    assert rows["mm"].quantized
+    assert "QOperator" in rows["mm"].reason
+    undecided = {r.node: r for r in _layers(model, None, {})}
+    assert undecided["pool"].quantized
+    assert "reads int8" in undecided["pool"].reason

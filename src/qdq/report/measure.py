@@ -34,6 +34,9 @@ from qdq.report.summary import QuantizeReport
 from qdq.workers import ONE_PROCESS, Workers
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# a QOperator file's integer kernels: by prefix, and by name
+INTEGER_KERNELS = ("QLinear", "QGemm")
+INTEGER_OPS = ("MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
 TOP = 12  # activations and weights drawn unless all are asked for: the worst ones
 PROFILE_RUNS = 20
 STREAM_BATCH = 16  # samples per batch of the per-layer pass, where its tensors fit EVAL_BUDGET
@@ -182,28 +185,38 @@ def _float_name(tensor: str) -> str:
 def _layers(
     quantized: onnx.ModelProto, decisions: list[Decision] | None, sqnr: dict[str, float]
 ) -> list[LayerRow]:
-    """One row per computing node of the INT8 model, in graph order: int8 when it reads a
-    DequantizeLinear or feeds a QuantizeLinear."""
+    """One row per computing node of the INT8 model, in graph order: int8 when it has Q/DQ on
+    both sides, or on one where the run decided int8 (or no decision is known); when it is an
+    integer kernel of a QOperator file; or when all it reads are such a kernel's codes."""
     given = {d.node: d for d in decisions or []}
     dequantized = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
     quantizing = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
+    constants = {i.name for i in quantized.graph.initializer}
+    codes: set[str] = set()  # integer tensors between a QOperator file's kernels
     rows = []
     for node in quantized.graph.node:
         if node.op_type in QDQ_OPS:
+            codes.update(node.output if node.op_type == "QuantizeLinear" else ())
             continue
-        seen = any(i in dequantized for i in node.input) or any(
-            o in quantizing for o in node.output
-        )
-        kernel = node.op_type.startswith(("QLinear", "QGemm"))  # a QOperator file's int8 op
-        seen = seen or kernel
-        weights_only = node.op_type in WEIGHTS_ONLY
         decision = given.get(node.name)
+        reads = any(i in dequantized for i in node.input)
+        feeds = any(o in quantizing for o in node.output)
+        read = [i for i in node.input if i and i not in constants]
+        kernel = node.op_type.startswith(INTEGER_KERNELS) or node.op_type in INTEGER_OPS
+        on_codes = not kernel and bool(read) and all(i in codes for i in read)
+        if (kernel and not node.op_type.endswith("ToFloat")) or on_codes:
+            codes.update(node.output)
+        one_side_counts = decision is None or decision.quantized
+        seen = kernel or on_codes or (reads and feeds) or ((reads or feeds) and one_side_counts)
+        weights_only = node.op_type in WEIGHTS_ONLY
         if kernel:
             reason = "an int8 kernel in the INT8 model (a QOperator file)"
+        elif on_codes:
+            reason = "int8 codes flow through it (a QOperator file)"
         elif weights_only:  # no Q/DQ around it, so not `seen`; inspect_model's decision is float
             reason = decision.reason if decision is not None and decision.dynamic else RUNTIME_INT8
         else:
-            reason = _reason(decision, seen)
+            reason = _reason(decision, seen, reads, feeds)
         output = sqnr.get(_float_name(node.output[0])) if node.output else None
         rows.append(
             LayerRow(node.name, node.op_type, seen, reason, output, weights_only=weights_only)
@@ -211,10 +224,18 @@ def _layers(
     return rows
 
 
-def _reason(decision: Decision | None, seen: bool) -> str:
+def _reason(decision: Decision | None, seen: bool, reads: bool, feeds: bool) -> str:
     """The decision's reason where the INT8 model bears it out; else what the model shows."""
     if decision is not None and decision.quantized == seen:
         return "int8 flows into it" if decision.reason.startswith("pending") else decision.reason
     if decision is not None and decision.quantized:
         return "kept float after calibration (a range unfit for int8, or the accuracy budget)"
-    return "Q/DQ around it in the INT8 model" if seen else "no Q/DQ around it in the INT8 model"
+    if not seen:
+        return "no Q/DQ around it in the INT8 model"
+    if reads and feeds:
+        return "Q/DQ around it in the INT8 model"
+    return (
+        "reads int8 (a DequantizeLinear) in the INT8 model"
+        if reads
+        else ("feeds a QuantizeLinear in the INT8 model")
+    )
