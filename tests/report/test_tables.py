@@ -92,6 +92,7 @@ def test_ncnn_winograd_convolutions_get_6_bit_weight_scales():
         (0.02, 128, np.uint8, 2.56),  # uint8 [-2.56, 2.54]: the wider side
         (0.5, 0, np.int8, 63.5),  # symmetric int8: amax / 127 gives the scale back
         (0.02, -128, np.int8, 5.1),  # int8 asymmetric over [0, 5.1]
+        (0.1, 20, np.int8, 14.8),  # int8 asymmetric over [-14.8, 10.7]: its code -128 too
     ],
 )
 def test_symmetric_amax_is_the_wider_side_of_the_grid(scale, zero_point, dtype, amax):

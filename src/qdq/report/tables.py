@@ -5,7 +5,8 @@ amax = max(|lo|, |hi|) of the real interval its grid spans (docs/tables.md):
 
     lo = (qmin - zero_point) * scale,  hi = (qmax - zero_point) * scale
 
-with int8 [qmin, qmax] = [-127, 127] (the grid TensorRT and ncnn quantize to) and uint8
+with int8 [qmin, qmax] = [-127, 127] (the grid TensorRT and ncnn quantize to) where the zero
+point is 0, [-128, 127] where it is not (an asymmetric grid uses its lowest code), and uint8
 [0, 255]. A symmetric int8 scale thus passes unchanged: amax / 127 = scale. uint8 over [0, 5.1]
 (scale 0.02, zero point 0) gives amax 5.1: TensorRT's scale 5.1 / 127 = 0.040157, ncnn's
 127 / 5.1 = 24.902.
@@ -86,6 +87,8 @@ def symmetric_amax(scale: np.ndarray, zero_point: np.ndarray, dtype: np.dtype) -
     qmin, qmax = GRIDS[np.dtype(dtype)]
     scale = np.asarray(scale, np.float64)
     zero_point = np.asarray(zero_point, np.float64)
+    if np.dtype(dtype) == np.int8:  # an asymmetric int8 grid uses its lowest code too
+        qmin = np.where(zero_point != 0, qmin - 1, qmin)
     return np.maximum(np.abs(qmin - zero_point), np.abs(qmax - zero_point)) * scale
 
 
