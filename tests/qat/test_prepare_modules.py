@@ -163,3 +163,54 @@ def test_a_dict_output_names_the_files_outputs_by_its_keys(tmp_path):
     path = export(prepare(TwoHeads(), x[:1], QuantConfig(), [x]), tmp_path / "heads.onnx", x[:1])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["boxes", "scores"]
+
+
+class Aliased(nn.Module):
+    """One tensor read directly and through an Identity (a ResNet block's shortcut)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shortcut, self.a = nn.Identity(), nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.shortcut(x)) + self.a(x)
+
+
+def test_a_tensor_read_beside_an_identity_trains_on_the_files_grid(tmp_path):
+    """Fake quantization had gone after the Identity only: readers of the tensor itself
+    trained on float, 5-12 steps from the file."""
+    x = torch.randn(8, 3, 8, 8)
+    prepared = prepare(Aliased().eval(), x[:1], QuantConfig(), [x])
+    reads = {n.target: n.args[0] for n in prepared.graph.nodes if n.target in ("a", "b")}
+    assert all(str(arg.target).startswith("activation_quantizer") for arg in reads.values())
+    assert file_agrees(prepared, x, tmp_path / "aliased.onnx") <= 1
+
+
+@pytest.mark.parametrize("after", [nn.Dropout(0.2), nn.Identity()], ids=["dropout", "identity"])
+def test_a_layer_before_a_dropout_or_identity_is_quantized(after):
+    """It had been kept float as "not a torch Conv1d/2d/3d or Linear module"."""
+    model = nn.Sequential(nn.Linear(6, 8), after, nn.ReLU(), nn.Linear(8, 3))
+    prepared = prepare(model.eval(), torch.randn(4, 6))
+    assert len(quantized_layers(prepared)) == 2
+
+
+class SharedNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.a(x)) + self.bn(self.b(x))
+
+
+def test_batchnorms_keep_their_mode_and_a_shared_one_is_not_folded():
+    """A folded BatchNorm held in eval mode came back training (its statistics moved); one
+    BatchNorm after two Convs had ended prepare in an AttributeError."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model.train()
+    model[1].eval()
+    prepared = prepare(model, torch.randn(4, 3, 8, 8))
+    assert not prepared.get_submodule("0.batchnorm").training
+    shared = prepare(SharedNorm().eval(), torch.randn(2, 3, 4, 4))
+    assert isinstance(shared.get_submodule("bn"), nn.BatchNorm2d)

@@ -37,7 +37,8 @@ from qdq.plan.decisions import static_decisions
 from qdq.qat.fakequant import FakeQuantize
 from qdq.qat.layers import QuantizedLayer
 from qdq.qat.lowbit import LowBitWeight
-from qdq.qat.prepare import QatState, float_copy, layer_of, nodes_by_tensor, onnx_layout
+from qdq.qat.mirror import layer_of, nodes_by_tensor, onnx_layout
+from qdq.qat.prepare import QatState, float_copy
 from qdq.qat.trace import (
     as_inputs,
     check_finite_parameters,

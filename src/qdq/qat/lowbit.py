@@ -97,7 +97,7 @@ class LowBitWeight(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         codes, scale = self.codes_and_scale(w)
-        exact = codes.to(w.dtype) * self._along(scale, w.ndim)
+        exact = codes.to(w.dtype) * self._along(scale.to(w.dtype), w.ndim)
         return exact + (w - w.detach())  # the value of `exact`, the gradient of `w`
 
     def codes_and_scale(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnx
 import torch
 from torch import fx, nn
 
@@ -35,7 +34,7 @@ from qdq.config import QuantConfig
 from qdq.errors import ModelError, SchemeError, UsageError, expect, first_line
 from qdq.lowbit import WeightGrid
 from qdq.observers import make_observer
-from qdq.onnx.graph import GraphIndex, attributes
+from qdq.onnx.graph import GraphIndex
 from qdq.pipeline import prepare as prepare_onnx
 from qdq.plan.build import Plan, build_plan
 from qdq.plan.decisions import Decision, static_decisions
@@ -44,6 +43,7 @@ from qdq.plan.saturation import avoids_saturation, conv_rows
 from qdq.qat.fakequant import FakeQuantize, learn_log_scale
 from qdq.qat.layers import BATCHNORMS, FOLDABLE, QUANTIZABLE, QuantizedLayer
 from qdq.qat.lowbit import LowBitWeight
+from qdq.qat.mirror import called_module, layer_of, nodes_by_tensor, same_weight
 from qdq.qat.trace import (
     as_inputs,
     check_finite_parameters,
@@ -133,7 +133,8 @@ def prepare(
         ) from None
     graph_module = trace(duplicate.eval())
     check_runs(graph_module, inputs, "example_inputs")
-    _wrap_layers(graph_module, freeze_bn_after)
+    for folded, batchnorm in _wrap_layers(graph_module, freeze_bn_after).items():
+        flags[folded] = flags[batchnorm]  # a BatchNorm held in eval mode stays so, folded
     graph_module.eval()  # calibration takes no BatchNorm warm-up step
     model, labels = to_onnx(float_copy(graph_module, {}), inputs)
     model, per_channel, _ = prepare_onnx(model, config.per_channel)
@@ -185,21 +186,25 @@ def float_copy(graph_module: fx.GraphModule, activations: Mapping[str, str]) -> 
     return result.eval()
 
 
-def _wrap_layers(graph_module: fx.GraphModule, freeze_after: int) -> None:
+def _wrap_layers(graph_module: fx.GraphModule, freeze_after: int) -> dict[str, str]:
     """Each Conv (with the BatchNorm that alone reads it folded in) and Linear called as a
     module becomes a `QuantizedLayer`, float until the plan gives it a grid. A module called
-    more than once folds no BatchNorm: the one wrapper serves every call."""
+    more than once folds no BatchNorm, nor is a BatchNorm called more than once folded: the
+    one wrapper serves every call. Returns each folded BatchNorm's new name -> its old one."""
     erased: set[fx.Node] = set()
+    moved: dict[str, str] = {}
     calls = Counter(n.target for n in graph_module.graph.nodes if n.op == "call_module")
     for node in list(graph_module.graph.nodes):
-        layer = None if node in erased else _called(graph_module, node)
+        layer = None if node in erased else called_module(graph_module, node)
         if not isinstance(layer, QUANTIZABLE):
             continue
         batchnorm, users = None, list(node.users)
         if isinstance(layer, FOLDABLE) and len(users) == 1 and calls[node.target] == 1:
-            after = _called(graph_module, users[0])
-            if isinstance(after, BATCHNORMS) and after.track_running_stats:
+            after = called_module(graph_module, users[0])
+            once = after is not None and calls[users[0].target] == 1
+            if isinstance(after, BATCHNORMS) and after.track_running_stats and once:
                 batchnorm = after
+                moved[f"{node.target}.batchnorm"] = users[0].target
                 users[0].replace_all_uses_with(node)
                 graph_module.graph.erase_node(users[0])
                 erased.add(users[0])
@@ -207,28 +212,7 @@ def _wrap_layers(graph_module: fx.GraphModule, freeze_after: int) -> None:
         wrapped = QuantizedLayer(layer, batchnorm, freeze_after if batchnorm else 0)
         graph_module.set_submodule(node.target, wrapped)
     graph_module.recompile()
-
-
-def _called(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return graph_module.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def nodes_by_tensor(
-    graph_module: fx.GraphModule, labels: Mapping[str, str], index: GraphIndex
-) -> dict[str, list[str]]:
-    """Per tensor of the planned graph, the fx nodes that compute it, last one last; a node
-    followed by one computing the same tensor (a Dropout, an Identity) is left out, so fake
-    quantization goes once, after the last."""
-    present = index.producer.keys() | index.graph_inputs
-    by_tensor: dict[str, list[str]] = {}
-    for node in graph_module.graph.nodes:
-        tensor = labels.get(node.name)
-        if tensor not in present:
-            continue
-        if any(labels.get(user.name) == tensor for user in node.users):
-            continue
-        by_tensor.setdefault(tensor, []).append(node.name)
-    return by_tensor
+    return moved
 
 
 class _Capture(fx.Interpreter):
@@ -274,17 +258,22 @@ def _mirrored_plan(
     per_channel: bool,
 ) -> tuple[Plan, tuple[str, ...]]:
     """qdq's plan, with the nodes torch cannot mirror excluded (and a warning naming them)."""
-    excluded: list[str] = []
+    excluded: dict[str, str] = {}
     while True:
         chosen = replace(config, exclude=(*config.exclude, *excluded))
         decisions = static_decisions(index, chosen)
         plan = build_plan(index, decisions, ranges, unfit, chosen, per_channel)
         unmirrored = _unmirrored(graph_module, plan, index, nodes)
         if not unmirrored:
-            return plan, tuple(excluded)
+            # the decisions give torch's reason, not "excluded by --exclude"
+            decisions = {
+                n: d.to_float(f"qdq.qat keeps it float: {excluded[n]}") if n in excluded else d
+                for n, d in plan.decisions.items()
+            }
+            return replace(plan, decisions=decisions), tuple(excluded)
         for name, why in unmirrored.items():
             log.warning("qdq.qat keeps %s float: %s", name, why)
-        excluded.extend(unmirrored)
+        excluded.update(unmirrored)
 
 
 def _unmirrored(
@@ -303,46 +292,14 @@ def _unmirrored(
         node = next(n for n in index.nodes if n.name == name)
         layer = layer_of(graph_module, node, nodes, index)
         if layer is None:
-            found[name] = f"{node.op_type} is not a torch Conv1d/2d/3d or Linear module"
-        elif not _same_weight(index.constant(node.input[i]), layer, node):
+            found[name] = (
+                "no torch Conv1d/2d/3d or Linear module computes its output alone (a "
+                "functional call, or a BatchNorm called more than once, which the export "
+                "folds in and qdq cannot)"
+            )
+        elif not same_weight(index.constant(node.input[i]), layer, node):
             found[name] = "its ONNX weight is not the layer's (the graph was rewritten)"
     return found
-
-
-def layer_of(
-    graph_module: fx.GraphModule,
-    node: onnx.NodeProto,
-    nodes: Mapping[str, list[str]],
-    index: GraphIndex,
-) -> QuantizedLayer | None:
-    """The QuantizedLayer whose fx node computes `node`'s output, if one does: for a MatMul,
-    the output of the bias Add after it (torch writes a Linear on more than two axes so)."""
-    fx_nodes = {n.name: n for n in graph_module.graph.nodes}
-    out = node.output[0]
-    add = index.sole_consumer(out)
-    if node.op_type == "MatMul" and out not in nodes and add is not None and add.op_type == "Add":
-        out = add.output[0]
-    for fx_name in nodes.get(out, []):
-        called = _called(graph_module, fx_nodes[fx_name])
-        if isinstance(called, QuantizedLayer):
-            return called
-    return None
-
-
-def _same_weight(values: np.ndarray, layer: QuantizedLayer, node: onnx.NodeProto) -> bool:
-    """Whether ONNX node `node`'s weight `values` holds the layer's folded weight, so that
-    codes made in torch are the file's."""
-    w = onnx_layout(node, layer.folded()[0].detach().cpu().numpy())
-    return w.shape == values.shape and bool(np.allclose(w, values, rtol=1e-5, atol=1e-7))
-
-
-def onnx_layout(node: onnx.NodeProto, weight: np.ndarray) -> np.ndarray:
-    """A torch layer's weight (outputs first) as ONNX node `node` holds it: transposed for a
-    MatMul and a Gemm without transB (by the op, not by the shape: a square one is either)."""
-    transposed = node.op_type == "MatMul" or (
-        node.op_type == "Gemm" and not attributes(node).get("transB", 0)
-    )
-    return weight.T if transposed else weight
 
 
 def _install(
