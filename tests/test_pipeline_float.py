@@ -237,3 +237,57 @@ def test_a_network_of_tiny_activations_keeps_them(tmp_path):
     want, got = run(source, {"x": x})[0], run(out, {"x": x})[0]
     assert np.abs(want).max() < 1e-6
     assert sqnr_db(want, got) > 30
+
+
+def mlp(tmp_path, bias: bool, shape: list) -> tuple:
+    """x -> MatMul mm1 [-> Add bias1 of a constant] -> Relu -> MatMul mm2 [+ x, residual]:
+    ONNX Runtime's MatMulAddFusion makes a 2-D MatMul and the Add after it one Gemm."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm1")]
+    if bias:
+        nodes.append(helper.make_node("Add", ["m", "b"], ["a"], name="bias1"))
+    nodes += [helper.make_node("Relu", [nodes[-1].output[0]], ["r"], name="relu"),
+              helper.make_node("MatMul", ["r", "v"], ["y"], name="mm2")]  # fmt: skip
+    if not bias:
+        nodes[-1].output[0] = "h"
+        nodes.append(helper.make_node("Add", ["h", "x"], ["y"], name="residual"))
+    weights = {"w": (16, 16), "v": (16, 16), "b": (16,)}
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), k)
+         for k, s in weights.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((20, *[d if isinstance(d, int) else 5 for d in shape[1:]]))
+    return save(model, tmp_path), x.astype(np.float32)
+
+
+def test_a_matmul_before_a_residual_sum_runs_int8(tmp_path):
+    """The fusion made `r @ v + x` one Gemm, whose bias QGemm wants constant: it had stayed
+    float in 2-D (and in 3-D, unfused, not); it is written back as the MatMul and the Add."""
+    source, x = mlp(tmp_path, bias=False, shape=["N", 16])
+    out, report = quantize_on(source, x, tmp_path, preset_config("default", prefer="int8"))
+    decided = {d.node: d for d in report.decisions}
+    assert decided["mm2"].quantized
+    assert op_counts(onnx.load(out))["MatMul"] == 2
+
+
+def test_exclude_takes_the_names_of_nodes_preparation_fused_or_folded(tmp_path):
+    """`mm1` (fused with its bias Add into `mm1/MatMulAddFusion`), the Add's own name and a
+    BatchNormalization (folded into its Conv) had each been refused as naming no node."""
+    from qdq.cli import main
+
+    source, x = mlp(tmp_path, bias=True, shape=["N", 16])
+    for exclude in ("mm1", "Add"):
+        _, report = quantize_on(source, x, tmp_path, QuantConfig(exclude=(exclude,)))
+        assert "mm1/MatMulAddFusion" in {d.node for d in report.kept_float}, exclude
+    _, report = quantize_on(source, x, tmp_path, QuantConfig(exclude=("bias1",)))
+    assert any("--exclude 'bias1'" in note for note in report.notes)
+    assert main(["inspect", str(source), "--exclude", "mm1"]) == 0
+    out = tmp_path / "bn.onnx"
+    config = QuantConfig(exclude=("BatchNormalization",))
+    report = quantize_model(DIGITS / "mobilenet_bn.onnx", out, DIGITS / "calib.npz", config)
+    assert any("folded it into another node" in note for note in report.notes)

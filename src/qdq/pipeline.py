@@ -48,10 +48,10 @@ from qdq.passes.equalize import equalize
 from qdq.passes.fuse import fold_affine, fuse_hard_swish, sum_before_layer_norm
 from qdq.passes.insert_qdq import free_reserved_names, insert_qdq
 from qdq.passes.smooth import smooth
-from qdq.passes.unfuse import unfuse, wanted_opset
+from qdq.passes.unfuse import split_summed_gemms, unfuse, wanted_opset
 from qdq.passes.widen import HALF, narrowed, widen
 from qdq.plan.build import BudgetResult
-from qdq.plan.decisions import Decision, static_decisions
+from qdq.plan.decisions import Decision, folded_exclusions, static_decisions
 from qdq.plan.part_stats import PartStats, judged
 from qdq.plan.parts import check_declared, output_parts
 from qdq.plan.readings import Readings, decision_outputs
@@ -97,6 +97,7 @@ def prepare(model: onnx.ModelProto, per_channel: bool) -> tuple[onnx.ModelProto,
                 "quantized per tensor (per-axis DequantizeLinear needs opset 13)"
             )
     model = constants_to_initializers(optimize(model))
+    split_summed_gemms(model)  # a residual sum fused into a Gemm keeps it float
     folded = dequantized_constants(model)
     if folded:
         notes.append(
@@ -177,9 +178,11 @@ def quantize_model(
         )
     known = {name for node in prepared.graph.node for name in (node.name, node.op_type)}
     known |= inlined_names(prepared.graph)
-    unknown = [name for name in config.exclude if name not in known]
+    named = {name for node in model.graph.node for name in (node.name, node.op_type)}
+    unknown = [name for name in config.exclude if name not in known | named]
     if unknown:  # as the CLI's --exclude check, for callers of this function
         raise UsageError(f"`exclude` {unknown} names no node or op type of the model")
+    notes += folded_exclusions(prepared, config.exclude, known)
     branches: list[Inlined] = []
     if not config.data_free and not decided:
         prepared, branches = inline_decided(prepared, samples, config.batch_size, config.exclude)

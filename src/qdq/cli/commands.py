@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qdq.cli.flags import (
-    check_excluded,
     check_in_order,
     check_model_flags,
     check_quantize_flags,
@@ -268,9 +267,9 @@ def inspect(args: argparse.Namespace) -> str:
     from qdq.pipeline import inspect_model
     from qdq.plan.decisions import PENDING
 
+    check_model_flags(args.model, args.exclude, True)  # the names quantize takes
     decisions = inspect_model(args.model, QuantConfig(exclude=tuple(args.exclude)))
-    check_excluded(args.exclude, {n for d in decisions for n in (d.node, d.op_type)})
-    width = max(len(d.node) for d in decisions)
+    width = max((len(d.node) for d in decisions), default=4)
     lines = [f"{'node':<{width}}  {'op':<20} decision"]
     pending = [d for d in decisions if d.quantized and d.reason == PENDING]
     for d in decisions:

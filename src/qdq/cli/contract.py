@@ -59,6 +59,7 @@ def _printed(result: str) -> int:
 # The library's messages name parameters as `name`; the command line names its flags.
 FLAGS = {
     "calibration": "--calib",
+    "exclude": "--exclude",
     "data_free": "--data-free",
     "adaround": "--adaround",
     "target_sqnr": "--target-sqnr",

@@ -216,3 +216,43 @@ REWRITES: dict[str, Callable[[_Rewrite, onnx.NodeProto], list[onnx.NodeProto] | 
     "FusedMatMul": _fused_matmul,
     "SkipLayerNormalization": _skip_layer_norm,
 }
+
+
+def split_summed_gemms(model: onnx.ModelProto) -> int:
+    """In place: each Gemm ONNX Runtime's MatMulAddFusion made of a MatMul and an Add of a
+    computed tensor (a residual sum, `x @ W + x`) written back as the two, and how many were.
+    QGemm's bias must be a constant, so such a Gemm stayed float where the MatMul alone runs
+    int8 (a 2-D residual MLP kept its second layer float; the 3-D one, unfused, did not)."""
+    constants = {t.name for t in model.graph.initializer}
+    typed = {v.name: v for v in (*model.graph.value_info, *model.graph.output)}
+    taken = names_in(model.graph)
+    nodes, split = [], 0
+    for node in model.graph.node:
+        first, _, rewrite = node.name.rpartition("/")
+        attrs = attributes(node)
+        plain = all(attrs.get(k, 1.0) == 1.0 for k in ("alpha", "beta")) and not (
+            attrs.get("transA", 0) or attrs.get("transB", 0)
+        )
+        summand = node.input[2] if len(node.input) > 2 else ""
+        if node.op_type != "Gemm" or rewrite != "MatMulAddFusion" or not summand:
+            nodes.append(node)
+            continue
+        if summand in constants or not plain:
+            nodes.append(node)
+            continue
+        product = free_name(f"{node.output[0]}_product", taken)
+        if node.output[0] in typed:  # the product has the sum's type and shape: (M, N)
+            info = model.graph.value_info.add()
+            info.CopyFrom(typed[node.output[0]])
+            info.name = product
+        nodes += [
+            helper.make_node("MatMul", node.input[:2], [product], name=free_name(first, taken)),
+            helper.make_node(
+                "Add", [product, summand], [node.output[0]], name=free_name(f"{first}/Add", taken)
+            ),
+        ]
+        split += 1
+    if split:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return split

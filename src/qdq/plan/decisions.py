@@ -6,7 +6,7 @@ Which ops have an int8 rule, which are excluded, which have weights we can quant
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import onnx
@@ -48,6 +48,40 @@ def kept_float(
     return copy
 
 
+# ONNX Runtime's rewrites that name the node they make `<first node>/<rewrite>`, and the op
+# types they fuse: `--exclude mm1` or `--exclude Add` reaches `mm1/MatMulAddFusion` (a MatMul
+# and its bias Add), which the user's model does not name.
+FUSED_FROM = {"MatMulAddFusion": ("MatMul", "Add")}
+
+
+def is_excluded(node: onnx.NodeProto, excluded: Collection[str]) -> bool:
+    """Whether --exclude names `node`, its op type, or a node or op type it was fused from."""
+    if node.name in excluded or node.op_type in excluded:
+        return True
+    first, _, rewrite = node.name.rpartition("/")
+    fused = FUSED_FROM.get(rewrite, ())
+    return bool(fused) and (first in excluded or any(op in excluded for op in fused))
+
+
+def folded_exclusions(
+    prepared: onnx.ModelProto, exclude: Iterable[str], known: Collection[str]
+) -> list[str]:
+    """Notes on --exclude names of the user's model that no node of the prepared one answers
+    to: ONNX Runtime's rewrites folded them into another node (a BatchNormalization into its
+    Conv), which keeps its own decision."""
+    gone = [
+        name
+        for name in exclude
+        if name not in known and not any(is_excluded(node, (name,)) for node in prepared.graph.node)
+    ]
+    return [
+        f"--exclude {name!r}: ONNX Runtime's rewrites folded it into another node before "
+        "quantization (a BatchNormalization into its Conv), so it has no decision of its own; "
+        "exclude the node it went into (`qdq inspect` lists them)"
+        for name in gone
+    ]
+
+
 def static_decisions(index: GraphIndex, config: QuantConfig) -> dict[str, Decision]:
     """Per node: quantizable as far as the graph alone can tell, or why not."""
     excluded, rules = set(config.exclude), rules_for(config)
@@ -65,7 +99,7 @@ def _static(
     def floating(reason: str) -> Decision:
         return Decision(node.name, node.op_type, False, reason)
 
-    if node.name in excluded or node.op_type in excluded:
+    if is_excluded(node, excluded):
         return floating("excluded by --exclude")
     constant_a = (
         node.op_type == "MatMul" and len(node.input) == 2 and index.is_constant(node.input[0])
