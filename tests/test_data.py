@@ -319,3 +319,17 @@ def test_pictures_of_32_bit_or_float_pixels_are_refused(tmp_path, mode):
     spec = [InputSpec("x", np.dtype(np.float32), (None, 1, 4, 4))]
     with pytest.raises(DataError, match="on no scale qdq knows"):
         collect(Samples(tmp_path, spec))
+
+
+def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path, monkeypatch):
+    """`--calib "$CALIB"` with CALIB unset had calibrated on whatever .npy files the working
+    folder held (Path("") is "."); an empty model path had been named "." in its error."""
+    from qdq.errors import ModelError
+    from qdq.onnx.model import load_model
+
+    np.save(tmp_path / "stray.npy", np.zeros((1, 4), np.float32))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="data path is empty"):
+        Samples("", [InputSpec("x", np.dtype(np.float32), (None, 4))])
+    with pytest.raises(ModelError, match="model path is empty"):
+        load_model("")

@@ -116,6 +116,8 @@ class Samples:
         images: ImageOptions | None = None,
         seed: int | None = None,
     ) -> None:
+        if not str(source):  # Path("") is the working folder: an unset $CALIB had read it
+            raise DataError("the data path is empty; give an .npz, an .npy or a folder of them")
         self.source = Path(source)
         self.inputs = list(inputs)
         self.images = images or ImageOptions()

@@ -195,6 +195,16 @@ def test_bad_table_flags_are_refused_before_any_work(tmp_path, monkeypatch, caps
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.parametrize("flag", [["--activation-dtype", "uint8"], ["--format", "qoperator"]])
+def test_the_tensorrt_preset_refuses_flags_that_undo_its_format(tmp_path, capsys, flag):
+    """uint8 activations (zero point 128) and QLinear ops are no file TensorRT parses."""
+    args = ["quantize", str(DIGITS / "cnn.onnx"), "-o", str(tmp_path / "q.onnx")]
+    args += ["--calib", str(DIGITS / "calib.npz"), "--preset", "tensorrt", *flag]
+    assert main(args) == 2
+    assert f"drop {' '.join(flag)} or the preset" in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_hex_is_the_big_endian_float32():
     # the cache's digits are the float's bits, most significant first: 0.02 = 0x3ca3d70a
     assert struct.pack(">f", 0.02).hex() == "3ca3d70a"

@@ -78,6 +78,19 @@ def check_quantize_flags(args: argparse.Namespace) -> None:
                 "plans every layer from BatchNorm statistics: no candidate plans, checks or "
                 f"calibration steps); drop {'it' if one else 'them'} or --data-free"
             )
+    if args.preset == "tensorrt":
+        clash = (
+            "--activation-dtype uint8"
+            if args.activation_dtype == "uint8"
+            else "--format qoperator"
+            if getattr(args, "format", "qdq") == "qoperator"
+            else None
+        )
+        if clash:
+            raise UsageError(
+                f"--preset tensorrt writes Q/DQ pairs of symmetric int8 (zero point 0), which "
+                f"TensorRT parses, and {clash} writes neither; drop {clash} or the preset"
+            )
     low_bit = (args.weight_bits or 8) < 8 or args.weight_grid not in (None, "uniform")
     if args.prefer not in (None, "int8") and (
         args.target_sqnr is not None or args.preset == "tensorrt" or low_bit

@@ -36,6 +36,8 @@ UNIFORM_INT8 = "uniform:8"  # what WEIGHTS_KEY holds for qdq's default weights (
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Parse an ONNX file, refusing anything unreadable, empty or reaching outside its folder."""
+    if not str(path):  # Path("") is the working folder, which it would name
+        raise ModelError("the model path is empty; give the path of an .onnx model")
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path} does not exist; give the path of an .onnx model")
