@@ -141,6 +141,20 @@ def test_image_folders_are_resized_scaled_and_normalized(tmp_path):
     )  # fmt: skip
 
 
+def test_pictures_feed_a_uint8_input_as_whole_pixels(tmp_path):
+    """A detector taking uint8 NHWC pixels: each picture's pixels as they are (the folder
+    had been refused as float32 whatever the options); scaled ones are refused."""
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 5, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "p.png")
+    spec = [InputSpec("x", np.dtype(np.uint8), (None, 4, 5, 3))]
+    options = ImageOptions(value_scale=1.0, layout="NHWC")
+    x = collect(Samples(tmp_path, spec, images=options))
+    assert x.dtype == np.uint8
+    np.testing.assert_array_equal(x[0], pixels)
+    with pytest.raises(DataError, match="give `value_scale` 1"):
+        collect(Samples(tmp_path, spec, images=ImageOptions(layout="NHWC")))
+
+
 def test_inputs_without_a_fixed_image_size_ask_for_one(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     spec = [InputSpec("x", np.dtype(np.float32), (None, 3, None, None))]

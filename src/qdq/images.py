@@ -20,6 +20,7 @@ class ImageInput(Protocol):
     """What a picture folder reads of a model input (`qdq.data.InputSpec`)."""
 
     shape: tuple[int | None, ...]
+    dtype: np.dtype
 
     def describe(self) -> str: ...
 
@@ -81,6 +82,7 @@ class ImageFolder:
 
     def __init__(self, files: list[Path], spec: ImageInput, options: ImageOptions) -> None:
         self.files, self.count, self.options = files, len(files), options
+        self.spec = spec
         self.channels = _image_channels(spec, options)
         fixed = _fixed_size(spec, options.layout)
         if options.size is None and fixed is None:
@@ -95,7 +97,18 @@ class ImageFolder:
         self.size = options.size or fixed
 
     def read(self, picked: np.ndarray) -> np.ndarray:
-        return np.stack([self._load(self.files[i]) for i in picked])
+        batch = np.stack([self._load(self.files[i]) for i in picked])
+        if np.dtype(self.spec.dtype).kind not in "iu":
+            return batch
+        # an integer input (uint8 pixels, as many detectors take): whole values, as integers
+        whole = np.rint(batch)
+        if np.abs(batch - whole).max(initial=0.0) > 1e-3:
+            raise DataError(
+                f"input {self.spec.describe()} takes whole pixel values, and the pictures "
+                "scaled and normalized are not whole; give `value_scale` 1 "
+                "and no `mean` or `std` to feed the pixels as they are"
+            )
+        return whole.astype(np.int64)
 
     def describe(self) -> str:
         """What the pictures were made into: a wrong folder or option shows in the report."""
