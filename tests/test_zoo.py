@@ -232,3 +232,17 @@ def test_an_interrupted_run_says_the_done_models_stay(tmp_path, capsys, monkeypa
     assert main(["quantize-many", str(manifest)]) == 128 + signal.SIGTERM
     assert "the models done before it are kept" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.onnx", "a.onnx.report.txt"]
+
+
+def test_a_data_free_entry_needs_no_calib_and_a_misspelt_option_is_named(tmp_path, capsys):
+    """A data-free model had no way in (`calib` required, then refused by data_free); an
+    unknown option had failed its model in Python's words, and only when its turn came."""
+    shutil.copy(DIGITS / "mobilenet_bn.onnx", tmp_path / "bn.onnx")
+    manifest = tmp_path / "zoo.toml"
+    entry = '[[model]]\nname = "a"\nmodel = "bn.onnx"\noutput = "out/a.onnx"\n'
+    manifest.write_text(entry + "options = { data_free = true }\n")
+    assert main(["quantize-many", str(manifest)]) == 0, capsys.readouterr()
+    assert (tmp_path / "out" / "a.onnx").exists()
+    manifest.write_text(entry + 'options = { data_free = true, methd = "kl" }\n')
+    assert main(["quantize-many", str(manifest)]) == 2
+    assert "unknown option 'methd'; did you mean method?" in capsys.readouterr().err

@@ -14,7 +14,9 @@ options = { weight_bits = 4 } # this model's own, over the defaults
 ```
 
 A folder of pictures as `calib` takes the image flags as options (`image_size = [224, 224]`,
-`mean`, `std`, `value_scale`, `layout`, `channel_order`), as `qdq quantize` takes them.
+`mean`, `std`, `value_scale`, `layout`, `channel_order`), as `qdq quantize` takes them; a
+data-free model (`options = { data_free = true }`) takes no `calib`. An option `qdq quantize`
+does not have is refused, with the nearest name, before any model is quantized.
 
 Each model gets its output and a report beside it (`OUTPUT.report.txt`, written last); a model
 whose report exists is done and skipped, so an interrupted run resumes where it stopped. One
@@ -25,17 +27,18 @@ model's failure is recorded in the summary and never stops the others; the comma
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import tempfile
 import time
 import tomllib
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from qdq.arrayfile import check_regular
-from qdq.config import preset_config
+from qdq.config import QuantConfig, preset_config
 from qdq.errors import ArgumentError, QdqError, UsageError, expect, first_line
 from qdq.images import ImageOptions
 from qdq.outputs import check_output, replaced_together, staged
@@ -43,8 +46,10 @@ from qdq.pipeline import quantize_model
 from qdq.workers import ONE_PROCESS, Workers
 
 log = logging.getLogger(__name__)
-REQUIRED = ("name", "model", "calib", "output")
+REQUIRED = ("name", "model", "calib", "output")  # `calib` unless the options say data_free
 # the image flags' option names, and ImageOptions' fields
+# preset_config's own options beside QuantConfig's fields, and the manifest's
+GRID_OPTIONS = ("preset", "seed", "per_channel", "weight_bits", "activation_dtype")
 IMAGE_OPTIONS = {
     "image_size": "size",
     "mean": "mean",
@@ -61,7 +66,7 @@ class Entry:
 
     name: str
     model: Path
-    calib: Path
+    calib: Path | None  # None: data-free
     output: Path
     options: dict[str, object]
 
@@ -106,16 +111,19 @@ def read_manifest(path: str | Path) -> list[Entry]:
     entries = []
     for i, model in enumerate(models):
         where = f"{path}: [[model]] number {i + 1}"
-        missing = [key for key in REQUIRED if key not in model]
+        options = {**defaults, **(o if isinstance(o := model.get("options", {}), dict) else {})}
+        data_free = bool(options.get("data_free"))
+        required = tuple(k for k in REQUIRED if k != "calib" or not data_free)
+        missing = [key for key in required if key not in model]
         if missing:
-            raise UsageError(f"{where} lacks {missing}; give {REQUIRED}")
+            raise UsageError(f"{where} lacks {missing}; give {required}")
         unknown = sorted(set(model) - {*REQUIRED, "options"})
         if unknown:  # `optons = {...}` was never read
             raise UsageError(f"{where}: unknown keys {unknown}; options go in options = {{...}}")
         name = model["name"]  # a newline or an ESC sequence would forge lines of the table
         if not isinstance(name, str) or not name or not name.isprintable():
             raise UsageError(f"{where}: name must be a printable string, got {name!r:.60}")
-        paths = ("model", "calib", "output")
+        paths = ("model", "calib", "output") if "calib" in model else ("model", "output")
         wrong = [key for key in paths if not isinstance(model[key], str) or not model[key]]
         if wrong:
             raise UsageError(f"{where}: {wrong} must be non-empty strings (paths)")
@@ -125,9 +133,9 @@ def read_manifest(path: str | Path) -> list[Entry]:
             raise UsageError(f"{where}: workers is the command's own: give --workers instead")
         if model["output"].endswith(("/", "\\")):
             raise UsageError(f"{where}: output {model['output']!r} is a folder; give a file name")
-        options = {**defaults, **model.get("options", {})}
+        _check_options(where, options)
         files = {key: path.parent / model[key] for key in paths}
-        entries.append(Entry(model["name"], options=options, **files))
+        entries.append(Entry(model["name"], options=options, **{"calib": None, **files}))
     names = [e.name for e in entries]
     if not entries or len(set(names)) != len(names):
         raise UsageError(f"{path}: give one or more [[model]] tables with distinct names")
@@ -138,12 +146,25 @@ def read_manifest(path: str | Path) -> list[Entry]:
     return entries
 
 
+def _check_options(where: str, options: dict[str, object]) -> None:
+    """Every option names a setting `qdq quantize` has (a misspelt one had ended in Python's
+    "unexpected keyword argument" when its model's turn came)."""
+    known = {f.name for f in fields(QuantConfig)} | set(IMAGE_OPTIONS) | set(GRID_OPTIONS)
+    for name in options:
+        if name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}?" if near else f"the options are {sorted(known)}"
+            raise UsageError(f"{where}: unknown option {name!r}; {hint}")
+
+
 def _check_outputs(manifest: Path, entries: list[Entry]) -> None:
     """Refuse an output that another entry writes too, or that is read: any entry's model or
     calibration data (or lies in its folder of samples), a report, or the manifest."""
     read = {manifest.resolve(): "the manifest"}
     for e in entries:
-        read |= {e.model.resolve(): f"{e.name}'s model", e.calib.resolve(): f"{e.name}'s calib"}
+        read[e.model.resolve()] = f"{e.name}'s model"
+        if e.calib is not None:
+            read[e.calib.resolve()] = f"{e.name}'s calib"
     # a folder read is looked up among each target's parents: scanning every source for each
     # target (a stat each) took 45 s for 2000 entries
     folders = {source: why for source, why in read.items() if source.is_dir()}
@@ -203,7 +224,8 @@ def _quantize(entry: Entry, workers: Workers, start: float) -> Outcome:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         for target, what in ((entry.output, "output"), (entry.report, "report")):
-            check_output(target, [entry.model, entry.calib], f"{entry.name}'s {what}")
+            inputs = [entry.model] + ([entry.calib] if entry.calib is not None else [])
+            check_output(target, inputs, f"{entry.name}'s {what}")
         with replaced_together([entry.output, entry.report]):  # the report marks it done
             report = quantize_model(entry.model, entry.output, entry.calib, config, images, seed)
             with staged(entry.report) as temporary:
