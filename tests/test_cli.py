@@ -92,6 +92,7 @@ def test_inspect_lists_every_node():
     assert done.returncode == 0, done.stderr
     # the Relus, Clips and pools are int8 only where int8 reaches them, as quantize decides
     assert "8 of 17 nodes quantizable, 9 more where int8 flows into them" in done.stdout
+    assert qdq("inspect", DIGITS / "cnn.onnx", "-v").returncode == 0  # -v after the command too
 
 
 def test_inspect_of_a_model_whose_nodes_preparation_folds_away(tmp_path):

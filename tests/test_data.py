@@ -347,3 +347,20 @@ def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path, monke
         Samples("", [InputSpec("x", np.dtype(np.float32), (None, 4))])
     with pytest.raises(ModelError, match="model path is empty"):
         load_model("")
+
+
+def test_upper_case_suffixes_are_read_and_a_folder_of_folders_is_named(tmp_path):
+    """X.NPY and a folder of S0.NPY had been refused (pictures' suffixes were not); a folder of
+    class subfolders said only that it held no files."""
+    spec = [InputSpec("x", np.dtype(np.float32), (None, 4))]
+    np.save(tmp_path / "A.npy", np.ones((3, 4), np.float32))
+    (tmp_path / "A.npy").rename(tmp_path / "A.NPY")
+    assert collect(Samples(tmp_path / "A.NPY", spec)).shape == (3, 4)
+    folder = tmp_path / "upper"
+    folder.mkdir()
+    np.save(folder / "s0.npy", np.ones(4, np.float32))
+    (folder / "s0.npy").rename(folder / "S0.NPY")
+    assert collect(Samples(folder, spec)).shape == (1, 4)
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="its subfolders are not read"):
+        Samples(tmp_path / "classes", spec)

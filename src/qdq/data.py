@@ -238,7 +238,7 @@ class Samples:
             if len(files) < len(every):
                 hidden = len(every) - len(files)
                 self._skipped.append(f"{hidden} hidden files (names starting '.'); not read")
-            arrays = [p for p in files if p.suffix == ".npy"]
+            arrays = [p for p in files if p.suffix.lower() == ".npy"]
             pictures = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
             if arrays:
                 spec = self._only_input()
@@ -250,11 +250,20 @@ class Samples:
             if pictures:
                 spec = self._only_input()
                 return {spec.name: ImageFolder(pictures, spec, self.images)}
-            raise DataError(f"{self.source} holds no .npy or image files")
-        if self.source.suffix not in (".npz", ".npy"):
+            folders = any(p.is_dir() for p in self.source.iterdir())
+            raise DataError(
+                f"{self.source} holds no .npy or image files"
+                + (
+                    "; its subfolders are not read: give one of them, or move the files up"
+                    if folders
+                    else ""
+                )
+            )
+        suffix = self.source.suffix.lower()  # X.NPZ as x.npz, as pictures' suffixes are
+        if suffix not in (".npz", ".npy"):
             raise DataError(f"{self.source}: expected an .npz, .npy or a folder of .npy or images")
         check_regular(self.source, "an .npz, .npy or a folder")
-        if self.source.suffix == ".npy":
+        if suffix == ".npy":
             return {self._only_input().name: open_npy(self.source)}
         return self._open_npz()
 

@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ncnn-param", help="ncnn .param of the float model: its layer names")
     t.set_defaults(run=export_table)
     _finetune_command(commands)
+    for command in commands.choices.values():  # -v after the command too (qdq inspect m -v)
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as qdq -v"
+        )
     return parser
 
 
