@@ -97,10 +97,12 @@ class ErrorStats:
             return float(self.dot / denominator)
 
     def as_dict(self) -> dict[str, float | None]:
+        # every batch of another shape: nothing measured, and nothing claimed (not cosine 1)
+        blank = bool(self.unmatched) and not (self.signal or self.noise or self.other)
         out: dict[str, float | None] = {
-            "sqnr_db": self.sqnr_db,
-            "cosine": self.cosine,
-            "max_abs_error": self.max_abs,
+            "sqnr_db": None if blank else self.sqnr_db,
+            "cosine": None if blank else self.cosine,
+            "max_abs_error": None if blank else self.max_abs,
         }
         if self.classes and self.rows:
             out["top1_agreement"] = self.top1 / self.rows

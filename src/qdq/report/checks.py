@@ -37,13 +37,37 @@ def check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) ->
             "with its own quantized version"
         )
     declared = {o.name: _dims(o) for o in quantized.graph.output}
+    kinds = {o.name: _kind(o) for o in quantized.graph.output}
     for output in reference.graph.output:  # fixed sizes that differ: another model's output
+        if {_kind(output), kinds[output.name]} == {"f", "i"}:  # codes against values
+            raise ModelError(
+                f"output {output.name!r} is {_kind_name(output)} in the float model and "
+                f"{_kind_name(quantized_output(quantized, output.name))} in the other; compare "
+                "a model with its own quantized version, whose outputs keep their types"
+            )
         want, got = _dims(output), declared[output.name]
         if len(want) == len(got) and any(a != b for a, b in zip(want, got, strict=True) if a and b):
             raise ModelError(
                 f"output {output.name!r} is {want} in the float model and {got} in the other; "
                 "compare a model with its own quantized version"
             )
+
+
+def _kind(value: onnx.ValueInfoProto) -> str:
+    """'f' for a float tensor (of any width), 'i' for an integer one, '' for anything else."""
+    elem = value.type.tensor_type.elem_type
+    if not elem:
+        return ""
+    kind = onnx.helper.tensor_dtype_to_np_dtype(elem).kind
+    return "f" if kind == "f" else "i" if kind in "iu" else ""
+
+
+def _kind_name(value: onnx.ValueInfoProto) -> str:
+    return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+
+
+def quantized_output(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
+    return next(o for o in model.graph.output if o.name == name)
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
@@ -94,15 +118,13 @@ def check_classes(
     symbolic, as FP32 gives it on the leading samples): labels beyond it had scored 0%
     accuracy without a word."""
     output = reference.graph.output[0]
-    dims = output.type.tensor_type.shape.dim
-    float_rank_2 = output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and len(dims) == 2
-    if truth is None or not float_rank_2 or len(truth) == 0:
-        return
-    classes = dims[1].dim_value
     names, outputs = leading
-    if not classes and outputs:  # ["N", "K"]: FP32's output says
-        first = outputs[0][names.index(output.name)]
-        classes = first.shape[1] if first.ndim == 2 else 0
+    if truth is None or len(truth) == 0 or output.name not in names or not outputs:
+        return
+    # FP32's own first output (float16, float64 and undeclared shapes alike), as compare
+    # scores it: the declared float32 rank-2 shape alone had let other labels score 0%
+    first = outputs[0][names.index(output.name)]
+    classes = first.shape[1] if first.ndim == 2 else 0
     if not 2 <= classes <= 100_000:  # accuracy is for class scores only
         return
     low, high = int(truth.min()), int(truth.max())

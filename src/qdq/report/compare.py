@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import pickle
@@ -62,7 +63,7 @@ class Comparison:
     readings: dict[str, Readings] = field(default_factory=dict)  # per output of decisions
 
     def as_dict(self) -> dict[str, object]:
-        worst = sorted(self.layers.items(), key=lambda kv: kv[1].sqnr_db)
+        worst = sorted(self.layers.items(), key=_worst_first)
         out: dict[str, object] = {
             "samples": self.samples,
             "notes": self.notes,
@@ -147,7 +148,11 @@ class Comparison:
             lines.append(text)
         for label, part in self.parts.items():
             d = part.as_dict()
+            if d["sqnr_db"] is None:  # every batch of another shape: its output's line says so
+                continue
             text = f"  part {label!r} ({part.part.kind}): SQNR {d['sqnr_db']:.2f} dB"
+            if "batches_of_another_shape" in d:
+                text += f" ({d['batches_of_another_shape']} batches of another shape left out)"
             if "top1_agreement" in d:
                 text += f", top-1 {d['top1_agreement']:.2%} of confident positions"
             if "detection_f1" in d:
@@ -157,7 +162,7 @@ class Comparison:
             lines.append(
                 f"per-layer SQNR, worst first ({min(top, len(self.layers))} of {len(self.layers)}):"
             )
-            worst = sorted(self.layers.items(), key=lambda kv: kv[1].sqnr_db)[:top]
+            worst = sorted(self.layers.items(), key=_worst_first)[:top]
             lines.extend(f"  {s.sqnr_db:8.2f} dB  {name}" for name, s in worst)
         return "\n".join(lines)
 
@@ -222,7 +227,7 @@ def compare_models(
     if truth is not None and accuracy is None:  # they had been read, and dropped silently
         notes.append(
             f"{data}: the {labels!r} labels were not scored: the first output is no (batch, "
-            "classes) scores"
+            "classes) scores with a row per sample"
         )
     first = next(samples.batches(1))
     latency = latency_ratio(float_path, quantized_path, first, latency_runs)
@@ -302,6 +307,8 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
                 continue
             if ref[i].shape != got[i].shape:  # NonZero's, an NMS's: a count set by the data
                 out_stats[name].unmatched += 1
+                for part in parts.get(name, ()):  # its parts say so too
+                    part.error.unmatched += 1
                 continue
             out_stats[name].update(ref[i], got[i], REPORT_BLOCK)
             if name in parts:
@@ -313,7 +320,8 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
             if name in job.floors:  # what the flat reader makes of both is the same below it
                 want, have = np.maximum(want, job.floors[name]), np.maximum(have, job.floors[name])
             layer_stats[name].update(want, have, REPORT_BLOCK)
-        if outputs[0] in out_stats and out_stats[outputs[0]].classes:
+        scored = outputs[0] in out_stats and out_stats[outputs[0]].classes
+        if scored and ref[0].shape == got[0].shape:  # rows an NMS sets: `_accuracy` checks
             predictions.append((ref[0].argmax(axis=1), got[0].argmax(axis=1)))
     return out_stats, layer_stats, predictions, parts, readings
 
@@ -357,6 +365,12 @@ def _merged(shards: list[_Seen]) -> _Seen:
     return outputs, layers, predictions, parts, readings
 
 
+def _worst_first(item: tuple[str, ErrorStats]) -> tuple[bool, float]:
+    """Layers by SQNR, lowest first and NaN last (a NaN key had left the order undefined)."""
+    sqnr = item[1].sqnr_db
+    return math.isnan(sqnr), sqnr
+
+
 def _accuracy(
     truth: np.ndarray | None, predictions: list[tuple[np.ndarray, np.ndarray]]
 ) -> tuple[float, float] | None:
@@ -364,4 +378,6 @@ def _accuracy(
         return None
     ref = np.concatenate([p[0] for p in predictions])
     got = np.concatenate([p[1] for p in predictions])
+    if len(ref) != len(truth):  # its rows are not the samples (detections an NMS kept)
+        return None
     return float((ref == truth).mean()), float((got == truth).mean())
