@@ -106,25 +106,49 @@ def _derive(node: onnx.NodeProto, index: GraphIndex, x: Moments, moments: dict) 
 
 def _relu(x: Moments) -> Moments:
     """Moments of max(0, X) for X ~ N(mean, std^2): the clipped normal."""
-    std = np.maximum(x.std, 1e-12)
-    a = x.mean / std
-    pdf = np.exp(-0.5 * a**2) / sqrt(2 * np.pi)
-    cdf = 0.5 * (1 + np.vectorize(erf)(a / sqrt(2)))
-    mean = x.mean * cdf + std * pdf
-    second = (x.mean**2 + std**2) * cdf + x.mean * std * pdf
-    return Moments(mean, np.sqrt(np.maximum(second - mean**2, 0.0)), 0.0, x.high)
+    return _clipped(x, 0.0, np.inf)
 
 
 def _clip(node: onnx.NodeProto, index: GraphIndex, x: Moments) -> Moments | None:
-    """Clip(0, cap) as a ReLU capped at cap; other bounds as hard bounds on X's Gaussian (its
-    mean clipped into them); None where a bound is computed."""
+    """Clip(low, high) of X's Gaussian: the clipped normal between both bounds (a ReLU6's
+    cap had only capped the mean: N(8, 3^2) got 6.0 +- 2.99 for 5.55 +- 1.06, and the bias
+    correction these moments feed cost a model 3 dB); None where a bound is computed."""
     low, high = clip_bounds(node, index)
     if low is None or high is None:
         return None
-    if low == 0:
-        relu = _relu(x)
-        return Moments(np.minimum(relu.mean, high), relu.std, 0.0, min(relu.high, high))
-    return Moments(np.clip(x.mean, low, high), x.std, max(x.low, low), min(x.high, high))
+    return _clipped(x, low, high)
+
+
+def _clipped(x: Moments, low: float, high: float) -> Moments:
+    """Moments of clip(X, low, high) for X ~ N(mean, std^2), either bound possibly infinite:
+    with a, b the standardized bounds, E = mean (Phi(b) - Phi(a)) + std (phi(a) - phi(b)) +
+    low Phi(a) + high (1 - Phi(b)), and E[X^2] likewise (Johnson et al.'s truncated normal
+    plus the mass at each bound)."""
+    std = np.maximum(x.std, 1e-12)
+    mean = x.mean
+
+    def at(bound: float, beyond: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Phi, phi and a * phi at a bound (of an infinite one: its limit, `beyond`)."""
+        if not np.isfinite(bound):
+            zeros = np.zeros_like(mean)
+            return zeros + beyond, zeros, zeros
+        a = (bound - mean) / std
+        pdf = np.exp(-0.5 * a**2) / sqrt(2 * np.pi)
+        return 0.5 * (1 + np.vectorize(erf)(a / sqrt(2))), pdf, a * pdf
+
+    (cdf_a, pdf_a, apdf_a), (cdf_b, pdf_b, apdf_b) = at(low, 0.0), at(high, 1.0)
+    inside = cdf_b - cdf_a
+    lo, hi = (v if np.isfinite(v) else 0.0 for v in (low, high))  # times a mass of 0
+    first = mean * inside + std * (pdf_a - pdf_b) + lo * cdf_a + hi * (1 - cdf_b)
+    second = (
+        (mean**2 + std**2) * inside
+        + 2 * mean * std * (pdf_a - pdf_b)
+        + std**2 * (apdf_a - apdf_b)
+        + lo**2 * cdf_a
+        + hi**2 * (1 - cdf_b)
+    )
+    std_out = np.sqrt(np.maximum(second - first**2, 0.0))
+    return Moments(first, std_out, max(x.low, low), min(x.high, high))
 
 
 def _linear(node: onnx.NodeProto, index: GraphIndex, x: Moments) -> Moments | None:
