@@ -246,3 +246,25 @@ def test_a_data_free_entry_needs_no_calib_and_a_misspelt_option_is_named(tmp_pat
     manifest.write_text(entry + 'options = { data_free = true, methd = "kl" }\n')
     assert main(["quantize-many", str(manifest)]) == 2
     assert "unknown option 'methd'; did you mean method?" in capsys.readouterr().err
+
+
+def test_an_output_onto_another_models_weights_and_a_repeated_name_are_refused(tmp_path, capsys):
+    """Entry a's output was entry b's external weights file: written, then b quantized from
+    it "done"; two entries named alike had been refused without the name."""
+    import onnx
+
+    model = onnx.load(str(DIGITS / "cnn.onnx"))
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.weights",
+              size_threshold=0)  # fmt: skip
+    shutil.copy(DIGITS / "calib.npz", tmp_path / "calib.npz")
+    manifest = tmp_path / "zoo.toml"
+    manifest.write_text(_entry("a", "ext.onnx", "calib.npz", "ext.weights")
+                        + _entry("b", "ext.onnx", "calib.npz", "b.onnx"))  # fmt: skip
+    before = (tmp_path / "ext.weights").read_bytes()
+    assert main(["quantize-many", str(manifest)]) == 2
+    assert "a's output" in capsys.readouterr().err
+    assert (tmp_path / "ext.weights").read_bytes() == before
+    manifest.write_text(_entry("a", "ext.onnx", "calib.npz", "a.onnx")
+                        + _entry("a", "ext.onnx", "calib.npz", "a2.onnx"))  # fmt: skip
+    assert main(["quantize-many", str(manifest)]) == 2
+    assert "number 2: name 'a' is also number 1's" in capsys.readouterr().err

@@ -41,6 +41,7 @@ from qdq.arrayfile import check_regular
 from qdq.config import QuantConfig, preset_config
 from qdq.errors import ArgumentError, QdqError, UsageError, expect, first_line
 from qdq.images import ImageOptions
+from qdq.onnx.model import external_data_files
 from qdq.outputs import check_output, replaced_together, staged
 from qdq.pipeline import quantize_model
 from qdq.workers import ONE_PROCESS, Workers
@@ -136,9 +137,16 @@ def read_manifest(path: str | Path) -> list[Entry]:
         _check_options(where, options)
         files = {key: path.parent / model[key] for key in paths}
         entries.append(Entry(model["name"], options=options, **{"calib": None, **files}))
-    names = [e.name for e in entries]
-    if not entries or len(set(names)) != len(names):
-        raise UsageError(f"{path}: give one or more [[model]] tables with distinct names")
+    if not entries:
+        raise UsageError(f"{path}: give one or more [[model]] tables")
+    first: dict[str, int] = {}
+    for i, entry in enumerate(entries, start=1):
+        if entry.name in first:
+            raise UsageError(
+                f"{path}: [[model]] number {i}: name {entry.name!r} is also number "
+                f"{first[entry.name]}'s; give each model a name of its own"
+            )
+        first[entry.name] = i
     try:
         _check_outputs(path, entries)
     except (OSError, RuntimeError) as error:  # a path that cannot resolve (a symlink loop)
@@ -168,6 +176,18 @@ def _check_outputs(manifest: Path, entries: list[Entry]) -> None:
     # a folder read is looked up among each target's parents: scanning every source for each
     # target (a stat each) took 45 s for 2000 entries
     folders = {source: why for source, why in read.items() if source.is_dir()}
+    # a model's external weights, looked up where a target lies beside the model (reading
+    # every model of a large zoo would cost more than it protects)
+    beside: dict[Path, list[Entry]] = {}
+    for e in entries:
+        beside.setdefault(e.model.resolve().parent, []).append(e)
+    weights: dict[Path, str] = {}
+    for e in entries:
+        for target in (e.output.resolve(), e.report.resolve()):
+            for other in beside.pop(target.parent, []):
+                files = external_data_files(other.model)
+                weights |= {f.resolve(): f"{other.name}'s model's weights" for f in files}
+    read |= weights
     written: dict[Path, str] = {}
     for e in entries:
         for target, what in ((e.output.resolve(), "output"), (e.report.resolve(), "report")):
