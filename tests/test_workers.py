@@ -61,6 +61,18 @@ def test_a_pool_keeps_its_workers_from_round_to_round():
     assert os.getpid() not in pids
 
 
+def _unopenable(context: object) -> object:
+    raise ValueError(f"cannot open {context}")
+
+
+def test_a_failing_setup_is_its_own_error_not_a_dead_worker(caplog):
+    """A setup error (a session ONNX Runtime cannot open) had broken the pool, been retried
+    as a dead worker 3 times and ended in "workers kept dying", its cause left out."""
+    with pytest.raises(ValueError, match=r"cannot open model\.onnx"):
+        Workers(2).map(_unopenable, _square_plus, "model.onnx", list(range(4)))
+    assert "a worker died" not in caplog.text
+
+
 def test_a_single_task_runs_in_this_process():
     assert Workers(2).map(same, _square_plus, 7, [3]) == [(16, os.getpid())]
 

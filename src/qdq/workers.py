@@ -232,7 +232,17 @@ def _install(token: str, threads: int, setup: Callable, task: Callable, context:
     _end_with_parent()
     _THREADS = threads
     _INSTALLED.clear()
-    _INSTALLED[token] = (task, setup(context))
+    try:
+        _INSTALLED[token] = (task, setup(context))
+    except Exception as error:  # raised as each task's own error: no dead pool, no retries
+        _INSTALLED[token] = (_failed_setup, error)
+
+
+def _failed_setup(error: Exception, item: object) -> object:
+    """The task of a worker whose setup failed (a session ONNX Runtime cannot open): its
+    error, which one process would have raised (a failed initializer had broken the pool,
+    been retried as a dead worker and ended in "workers kept dying")."""
+    raise error
 
 
 def _end_with_parent() -> None:
