@@ -340,6 +340,7 @@ def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path, monke
     folder held (Path("") is "."); an empty model path had been named "." in its error."""
     from qdq.errors import ModelError
     from qdq.onnx.model import load_model
+    from qdq.outputs import check_output
 
     np.save(tmp_path / "stray.npy", np.zeros((1, 4), np.float32))
     monkeypatch.chdir(tmp_path)
@@ -347,6 +348,7 @@ def test_an_empty_path_is_refused_not_read_as_the_working_folder(tmp_path, monke
         Samples("", [InputSpec("x", np.dtype(np.float32), (None, 4))])
     with pytest.raises(ModelError, match="model path is empty"):
         load_model("")
+    check_output(tmp_path / "q.onnx", ["", None])  # its readers say it is empty, not -o
 
 
 def test_upper_case_suffixes_are_read_and_a_folder_of_folders_is_named(tmp_path):

@@ -38,8 +38,8 @@ def check_output(output: PathLike, inputs: list[PathLike | None], flag: str = "-
             f"{flag} {path} is not a regular file (a device, FIFO or socket), which qdq "
             "would replace; give the path of a regular file"
         )
-    for source in inputs:
-        if source is not None:
+    for source in inputs:  # an empty path (the working folder to Path) is refused by its reader
+        if source is not None and os.fspath(source):
             _check_not_input(path, Path(source), flag)
     _check_folder(path.parent, flag)
     return path

@@ -4,6 +4,8 @@ a tensor whose first batch is float64 subnormals."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,9 @@ def test_float64_subnormals_then_normal_values_give_a_range():
     """The first batch's bins of width 5e-324 could not count how many the next one needed
     (an OverflowError); the subnormals are zeros at the new scale."""
     for rule in (Percentile(), KL(), MSE()):
+        with warnings.catch_warnings():  # nor a numpy warning for all-zero batches first
+            warnings.simplefilter("error")
+            observed(rule, np.zeros(4), np.zeros(4), np.array([1.0, -1.0]))
         rng = observed(rule, np.array([1e-320, -1e-320]), np.array([1.0, -1.0, 0.5]))
         assert 0.5 <= float(rng.hi) <= 1.0
         assert -1.0 <= float(rng.lo) < 0

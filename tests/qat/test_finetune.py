@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from qdq.cli import main
 from qdq.config import preset_config
@@ -192,6 +193,15 @@ def test_a_start_quantized_from_another_model_is_refused(tmp_path: Path) -> None
     quantize_model(DIGITS / "mobilenet.onnx", other, DIGITS / "calib.npz", CONFIG)
     out = tmp_path / "tuned.onnx"
     with pytest.raises(ModelError, match="was not quantized from this model"):
+        finetune_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", CONFIG, start=other)
+    assert not out.exists()
+    # the same graph with other weights (another checkpoint): its names all match
+    model = onnx.load(str(DIGITS / "cnn.onnx"))
+    for weight in model.graph.initializer:
+        weight.CopyFrom(numpy_helper.from_array(-1.7 * numpy_helper.to_array(weight), weight.name))
+    onnx.save(model, tmp_path / "v2.onnx")
+    quantize_model(tmp_path / "v2.onnx", other, DIGITS / "calib.npz", CONFIG)
+    with pytest.raises(ModelError, match="not quantized from this model's weights"):
         finetune_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz", CONFIG, start=other)
     assert not out.exists()
 

@@ -126,14 +126,15 @@ class Histogram:
 
     def _cover(self, absmax: np.ndarray) -> None:
         """Extend (same width) or coarsen (exact merges) so every channel reaches `absmax`."""
+        self.width = np.where(self.width == 0, absmax / self.bins, self.width)  # zeros stay central
         with np.errstate(over="ignore"):
-            needed = np.ceil(absmax / np.where(self.width > 0, self.width, absmax / self.bins))
-        # Zeros stay central; so do values whose bins are too fine to count how many more the
-        # new ones need (float64 subnormal widths: `needed` overflows), at the new scale zeros.
-        central = (self.width == 0) | ~np.isfinite(needed)
-        self.width = np.where(central, absmax / self.bins, self.width)
-        needed = np.where(central, self.bins, needed)
-        if needed.max() <= self.half and not central.any():
+            needed = np.ceil(absmax / np.where(self.width > 0, self.width, 1.0))
+        # bins too fine to count how many more the new values need (float64 subnormal widths:
+        # `needed` overflows): their values are zeros at the new scale, and stay central
+        tiny = ~np.isfinite(needed)
+        self.width = np.where(tiny, absmax / self.bins, self.width)
+        needed = np.where(tiny, self.bins, needed)
+        if needed.max() <= self.half and not tiny.any():
             return
         grown = int(min(max(needed.max(), 2 * self.half), self.max_bins))
         if needed.max() > self.half and grown > self.half:
@@ -142,7 +143,7 @@ class Histogram:
         factor = _coarsening(needed, self.half)
         for c in np.flatnonzero(factor > 1):
             self.counts[c] = _fold(self.counts[c], int(factor[c]))
-        for c in np.flatnonzero(central & (self.counts.sum(axis=1) > 0)):
+        for c in np.flatnonzero(tiny):
             self.counts[c] = _fold(self.counts[c], self.half)
         self.width = self.width * factor
 

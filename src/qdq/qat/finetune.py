@@ -20,9 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 
 from qdq.config import QuantConfig
 from qdq.data import ImageOptions, Samples, model_inputs
@@ -42,6 +44,9 @@ from qdq.report.summary import QuantizeReport
 __all__ = ["FinetuneOptions", "FinetuneReport", "finetune_model"]
 
 MIN_HELD_OUT, MAX_HELD_OUT = 8, 64
+# A start whose weight codes' signs are this model's weights' signs less often is another
+# model's (its own: 99-100%, GPTQ flipping a few near zero).
+START_SIGNS = 0.8
 CHOSEN = {  # how each `FinetuneOptions.checkpoint_by` picked the checkpoint, for the summary
     "loss": "the best held-out loss",
     "agreement": "the most held-out samples ranked as FP32 beyond their noise, else the least loss",
@@ -260,6 +265,41 @@ def _check_start(
             f"`start` {start} was not quantized from this model ({len(missing)} of its nodes "
             "missing, or other inputs or outputs); give the file `qdq quantize` wrote from it"
         )
+    agree = _signs_agree(prepared, quantized)
+    if agree < START_SIGNS:
+        raise ModelError(
+            f"`start` {start} was not quantized from this model's weights (the signs of "
+            f"{1 - agree:.0%} of its weight codes are not this model's: another checkpoint of "
+            "the same network?); give the file `qdq quantize` wrote from it"
+        )
+
+
+def _signs_agree(prepared: onnx.ModelProto, quantized: onnx.ModelProto) -> float:
+    """The share of `quantized`'s nonzero weight codes whose sign is `prepared`'s float
+    weight's, over the layers both hold (1 with none). Positive per-channel rescaling
+    (smoothing, equalization) keeps a sign; GPTQ flips only some near zero; a start from
+    other weights of the same graph had been trained as this model's (-30.9 dB)."""
+    floats = {t.name: t for t in prepared.graph.initializer}
+    codes = {t.name: t for t in quantized.graph.initializer}
+    made = {o: n for n in quantized.graph.node for o in n.output}
+    by_name = {n.name: n for n in quantized.graph.node}
+    agree = total = 0
+    for node in prepared.graph.node:
+        other = by_name.get(node.name)
+        if len(node.input) < 2 or node.input[1] not in floats or other is None:
+            continue
+        dq = made.get(other.input[1]) if len(other.input) > 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in codes:
+            continue
+        q = numpy_helper.to_array(codes[dq.input[0]]).astype(np.int64)
+        w = numpy_helper.to_array(floats[node.input[1]])
+        zero = len(dq.input) > 2 and dq.input[2] in codes
+        if q.shape != w.shape or (zero and numpy_helper.to_array(codes[dq.input[2]]).any()):
+            continue
+        nonzero = q != 0
+        agree += int(np.count_nonzero(np.sign(q[nonzero]) == np.sign(w[nonzero])))
+        total += int(np.count_nonzero(nonzero))
+    return agree / total if total else 1.0
 
 
 def _ends(model: onnx.ModelProto) -> tuple[list[str], list[str]]:

@@ -106,8 +106,9 @@ class Trainer:
         self.features = [o.name for o in served if o.name not in outputs]
         if options.feature_weight and not self.features:
             raise DataError(
-                "`feature_weight` distils the inner tensors FP32's session serves beside its "
-                "outputs, and it serves none: open it with `feature_tensors`' names"
+                "`feature_weight` distils the inner tensors the plan quantizes, and this model "
+                "has none (only its inputs and outputs are quantized), or FP32's session serves "
+                "none of them (`feature_tensors` names them); drop `feature_weight`"
             )
         feeds = self.training.span(0, PART_SAMPLES).batches(options.batch_size)
         reference = [teacher.run(self.names, feed) for feed in feeds]
