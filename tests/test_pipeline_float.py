@@ -281,11 +281,13 @@ def test_exclude_takes_the_names_of_nodes_preparation_fused_or_folded(tmp_path):
     from qdq.cli import main
 
     source, x = mlp(tmp_path, bias=True, shape=["N", 16])
-    for exclude in ("mm1", "Add"):
+    for exclude in ("mm1", "MatMul"):
         _, report = quantize_on(source, x, tmp_path, QuantConfig(exclude=(exclude,)))
         assert "mm1/MatMulAddFusion" in {d.node for d in report.kept_float}, exclude
-    _, report = quantize_on(source, x, tmp_path, QuantConfig(exclude=("bias1",)))
-    assert any("--exclude 'bias1'" in note for note in report.notes)
+    for exclude in ("bias1", "Add"):  # a bias is no residual sum: the layer stays int8
+        _, report = quantize_on(source, x, tmp_path, QuantConfig(exclude=(exclude,)))
+        assert any(f"--exclude {exclude!r}" in note for note in report.notes)
+        assert "mm1/MatMulAddFusion" not in {d.node for d in report.kept_float}
     assert main(["inspect", str(source), "--exclude", "mm1"]) == 0
     out = tmp_path / "bn.onnx"
     config = QuantConfig(exclude=("BatchNormalization",))

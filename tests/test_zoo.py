@@ -246,6 +246,9 @@ def test_a_data_free_entry_needs_no_calib_and_a_misspelt_option_is_named(tmp_pat
     manifest.write_text(entry + 'options = { data_free = true, methd = "kl" }\n')
     assert main(["quantize-many", str(manifest)]) == 2
     assert "unknown option 'methd'; did you mean method?" in capsys.readouterr().err
+    manifest.write_text(entry + 'calib = "c.npz"\noptions = { data_free = true }\n')
+    assert main(["quantize-many", str(manifest)]) == 2
+    assert "data_free uses no calibration data; drop calib" in capsys.readouterr().err
 
 
 def test_an_output_onto_another_models_weights_and_a_repeated_name_are_refused(tmp_path, capsys):

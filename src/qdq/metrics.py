@@ -96,9 +96,15 @@ class ErrorStats:
         with np.errstate(invalid="ignore"):  # inf / inf: an output that is Inf somewhere
             return float(self.dot / denominator)
 
+    @property
+    def blank(self) -> bool:
+        """Every batch was of another shape than FP32's: nothing measured, nothing to claim
+        (its cosine had read 1.0, a perfect match of nothing)."""
+        measured = self.signal or self.noise or self.other or self.values
+        return bool(self.unmatched) and not measured
+
     def as_dict(self) -> dict[str, float | None]:
-        # every batch of another shape: nothing measured, and nothing claimed (not cosine 1)
-        blank = bool(self.unmatched) and not (self.signal or self.noise or self.other)
+        blank = self.blank
         out: dict[str, float | None] = {
             "sqnr_db": None if blank else self.sqnr_db,
             "cosine": None if blank else self.cosine,

@@ -114,6 +114,8 @@ def read_manifest(path: str | Path) -> list[Entry]:
         where = f"{path}: [[model]] number {i + 1}"
         options = {**defaults, **(o if isinstance(o := model.get("options", {}), dict) else {})}
         data_free = bool(options.get("data_free"))
+        if data_free and "calib" in model:
+            raise UsageError(f"{where}: data_free uses no calibration data; drop calib")
         required = tuple(k for k in REQUIRED if k != "calib" or not data_free)
         missing = [key for key in required if key not in model]
         if missing:

@@ -94,3 +94,35 @@ def test_an_integer_output_against_a_float_one_is_refused():
     with pytest.raises(ModelError, match="float32 in the float model and uint8 in the other"):
         check_same_inputs(model(TensorProto.FLOAT), model(TensorProto.UINT8))
     check_same_inputs(model(TensorProto.FLOAT), model(TensorProto.FLOAT16))  # widths may differ
+
+
+def test_outputs_and_parts_never_measured_print_as_dashes_in_text_and_page():
+    """An NMS's part whose every batch had another shape, and an integer output measured on
+    some batches: the page had crashed formatting None, the text on the integer output."""
+    from qdq.plan.part_stats import PartStats
+    from qdq.plan.parts import Kind, Part
+    from qdq.report.compare import Comparison
+    from qdq.report.html import _parts
+
+    part = PartStats(Part("dets", 1, 0, 3, Kind.VALUES))
+    part.update(np.zeros((3, 6), np.float32), np.zeros((2, 6), np.float32))
+    labels = ErrorStats(unmatched=1)
+    labels.update(np.zeros((2, 3), np.int64), np.zeros((2, 3), np.int64))
+    assert not labels.blank  # measured on the batch of FP32's shape
+    outputs = {"dets": ErrorStats(unmatched=1), "labels": labels}
+    c = Comparison(outputs=outputs, layers={}, samples=3, sizes=(1, 1),
+                   parts={part.part.label: part})  # fmt: skip
+    assert "equal to FP32's at 100.00%" in c.to_text()
+    assert "<td class=num>—</td>" in _parts(c)
+
+
+def test_labels_beside_an_integer_first_output_are_not_checked_as_classes():
+    """A TopK's (N, 5) indices are no class scores (compare never scores them), yet labels
+    past 4 had been refused as beyond 5 classes."""
+    from qdq.report.checks import check_classes
+
+    out = helper.make_tensor_value_info("top5", TensorProto.INT64, ["N", 5])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])
+    model = helper.make_model(helper.make_graph([], "g", [x], [out]))
+    leading = (["top5"], [[np.tile(np.arange(5), (4, 1))]])
+    check_classes(np.array([3, 7, 9, 1]), model, "labels", leading)  # no error

@@ -250,7 +250,8 @@ def test_smoothed_activations_without_a_histogram_are_counted(tmp_path):
 def test_the_layer_table_follows_the_run_where_the_model_shows_one_side():
     """Q/DQ on one side of a node the run kept float (a MaxPool reading a DequantizeLinear,
     a Relu feeding a QuantizeLinear) had read "int8: Q/DQ around it"; a QOperator file's
-    MatMulIntegerToFloat and a Reshape of its codes had read float."""
+    MatMulIntegerToFloat and a Reshape of its codes had read float. A QGemm without an output
+    scale outputs float: what reads it is float."""
     from qdq.plan.decisions import Decision
     from qdq.report.measure import _layers
 
@@ -264,6 +265,9 @@ def test_the_layer_table_follows_the_run_where_the_model_shows_one_side():
         helper.make_node("Reshape", ["rq", "shape"], ["codes"], name="flat"),
         helper.make_node("MatMulIntegerToFloat", ["codes", "w", "s", "s"], ["y"], name="mm",
                          domain="com.microsoft"),
+        helper.make_node("QGemm", ["codes", "s", "z", "w", "s", "z"], ["g"], name="qgemm",
+                         domain="com.microsoft"),  # no output scale: float out
+        helper.make_node("Softmax", ["g"], ["p"], name="soft"),
     ]  # fmt: skip
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in q.items()]
     inits.append(numpy_helper.from_array(np.array([-1, 4]), "shape"))
@@ -277,6 +281,7 @@ def test_the_layer_table_follows_the_run_where_the_model_shows_one_side():
     assert rows["flat"].quantized
     assert rows["mm"].quantized
     assert "QOperator" in rows["mm"].reason
+    assert not rows["soft"].quantized  # a float-output kernel's reader reads no codes
     undecided = {r.node: r for r in _layers(model, None, {})}
     assert undecided["pool"].quantized
     assert "reads int8" in undecided["pool"].reason

@@ -42,7 +42,9 @@ _FACTORIES: dict[Method, Callable[[QScheme, int | None], Observer]] = {
     ),
     Method.PERCENTILE: lambda grid, axis: HistogramObserver(Percentile(), axis=axis),
     Method.MSE: lambda grid, axis: HistogramObserver(MSE(grid.bits, grid.narrow_range), axis=axis),
-    Method.AUTO: lambda grid, axis: HistogramObserver(Auto(grid.bits, grid.symmetric), axis=axis),
+    Method.AUTO: lambda grid, axis: HistogramObserver(
+        Auto(grid.bits, grid.symmetric, grid.narrow_range), axis=axis
+    ),
     # The histogram gives every candidate's range; percentile's if the choice is skipped.
     Method.BEST: lambda grid, axis: HistogramObserver(Percentile(), axis=axis),
 }

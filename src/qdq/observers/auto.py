@@ -29,6 +29,7 @@ class Auto:
 
     bits: int = 8
     symmetric: bool = False  # the grid the range will be used on: score candidates on that one
+    narrow_range: bool = False  # ... and whether it drops its lowest code
     kl: bool = True  # KL's search is most of the cost (YOLOv8n: 25 of 30 s); `best` skips it
 
     def __call__(self, hist: Histogram) -> Range:
@@ -40,8 +41,11 @@ class Auto:
         candidates = {"minmax": Range(hist.lo, hist.hi), "percentile": Percentile()(hist)}
         if self.kl:
             candidates["kl"] = KL(min(self.bits, 8), KL_STRIDE, self.symmetric)(hist)
-        candidates["mse"] = MSE(self.bits)(hist)
-        grid = QScheme(self.bits, signed=self.symmetric, symmetric=self.symmetric)
+        candidates["mse"] = MSE(self.bits, self.narrow_range)(hist)
+        narrow = self.narrow_range and self.symmetric  # a narrow grid is a signed one
+        grid = QScheme(
+            self.bits, signed=self.symmetric, symmetric=self.symmetric, narrow_range=narrow
+        )
         half = hist.half
         centres = (np.arange(2 * half) - half + 0.5) * hist.width[:, None]
         best_lo, best_hi = np.array(hist.lo), np.array(hist.hi)

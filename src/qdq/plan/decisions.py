@@ -49,9 +49,10 @@ def kept_float(
 
 
 # ONNX Runtime's rewrites that name the node they make `<first node>/<rewrite>`, and the op
-# types they fuse: `--exclude mm1` or `--exclude Add` reaches `mm1/MatMulAddFusion` (a MatMul
-# and its bias Add), which the user's model does not name.
-FUSED_FROM = {"MatMulAddFusion": ("MatMul", "Add")}
+# of that first node: `--exclude mm1` or `--exclude MatMul` reaches `mm1/MatMulAddFusion` (a
+# MatMul and its bias), which the user's model does not name. Not `--exclude Add`: every
+# linear layer's bias would go float with the residual sums it was meant for.
+FUSED_FROM = {"MatMulAddFusion": ("MatMul",)}
 
 
 def is_excluded(node: onnx.NodeProto, excluded: Collection[str]) -> bool:

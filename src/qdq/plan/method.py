@@ -53,7 +53,7 @@ def candidate_ranges(
 ) -> dict[str, Fitted]:
     """Per candidate method, the per-tensor ranges its rule picks on each histogram of a tensor
     not `unfit` (a tensor whose range under any of them reaches a sentinel is unfit under all)."""
-    rule = Auto(grid.bits, grid.symmetric, kl=False)
+    rule = Auto(grid.bits, grid.symmetric, grid.narrow_range, kl=False)
     fit = {name: o for name, o in observers.items() if name not in unfit}
     table = {name: rule.candidates(_histogram(o).histogram) for name, o in fit.items()}
     fitted = {
@@ -75,7 +75,7 @@ def method_ranges(
         "minmax": lambda hist: Range(hist.lo, hist.hi),
         "percentile": Percentile(),
         "mse": MSE(grid.bits, grid.narrow_range),
-        "auto": Auto(grid.bits, grid.symmetric, kl=False),
+        "auto": Auto(grid.bits, grid.symmetric, grid.narrow_range, kl=False),
     }
     rule = rules[method]
     fit = {name: o for name, o in observers.items() if name not in unfit}

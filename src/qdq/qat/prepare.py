@@ -37,7 +37,7 @@ from qdq.observers import make_observer
 from qdq.onnx.graph import GraphIndex
 from qdq.pipeline import prepare as prepare_onnx
 from qdq.plan.build import Plan, build_plan
-from qdq.plan.decisions import Decision, static_decisions
+from qdq.plan.decisions import Decision, is_excluded, static_decisions
 from qdq.plan.flow import Int8Flow
 from qdq.plan.saturation import avoids_saturation, conv_rows
 from qdq.qat.fakequant import FakeQuantize, learn_log_scale
@@ -140,7 +140,11 @@ def prepare(
     model, per_channel, _ = prepare_onnx(model, config.per_channel)
     index = GraphIndex(model)
     known = {name for node in index.nodes for name in (node.name, node.op_type)}
-    unknown = [name for name in config.exclude if name not in known]
+    unknown = [
+        name
+        for name in config.exclude
+        if name not in known and not any(is_excluded(n, (name,)) for n in index.nodes)
+    ]
     if unknown:
         raise UsageError(
             f"`exclude` {unknown} names no node or op type of the exported module (its nodes "

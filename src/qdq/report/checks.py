@@ -13,6 +13,7 @@ import onnx
 from qdq.arrayfile import open_npz
 from qdq.data import Samples, model_inputs
 from qdq.errors import DataError, ModelError
+from qdq.metrics import looks_like_scores
 from qdq.onnx.sessions import fails_on_data, open_session, run_named
 
 # The names of the float outputs, and FP32's values of them on each leading feed.
@@ -42,7 +43,7 @@ def check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) ->
         if {_kind(output), kinds[output.name]} == {"f", "i"}:  # codes against values
             raise ModelError(
                 f"output {output.name!r} is {_kind_name(output)} in the float model and "
-                f"{_kind_name(quantized_output(quantized, output.name))} in the other; compare "
+                f"{_kind_name(_output(quantized, output.name))} in the other; compare "
                 "a model with its own quantized version, whose outputs keep their types"
             )
         want, got = _dims(output), declared[output.name]
@@ -66,7 +67,8 @@ def _kind_name(value: onnx.ValueInfoProto) -> str:
     return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
 
 
-def quantized_output(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
+def _output(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
+    """`model`'s graph output named `name`."""
     return next(o for o in model.graph.output if o.name == name)
 
 
@@ -124,7 +126,7 @@ def check_classes(
     # FP32's own first output (float16, float64 and undeclared shapes alike), as compare
     # scores it: the declared float32 rank-2 shape alone had let other labels score 0%
     first = outputs[0][names.index(output.name)]
-    classes = first.shape[1] if first.ndim == 2 else 0
+    classes = first.shape[1] if looks_like_scores(first) else 0  # not a TopK's int64 indices
     if not 2 <= classes <= 100_000:  # accuracy is for class scores only
         return
     low, high = int(truth.min()), int(truth.max())

@@ -133,7 +133,7 @@ class Comparison:
                     f"output {name!r}: of another shape than FP32's on {stats.unmatched} batches "
                     "(its size is set by the data), left out of its numbers"
                 )
-                if not (stats.signal or stats.noise or stats.values):
+                if stats.blank:
                     continue  # no batch of its own shape: no numbers to give
             if "equal_share" in d:  # integers (a label): how often they are FP32's is the news
                 text = f"output {name!r}: equal to FP32's at {d['equal_share']:.2%} of its "
@@ -307,8 +307,7 @@ def _measure(opened: tuple[_Job, Any, Any, Samples], span: tuple[int, int]) -> _
                 continue
             if ref[i].shape != got[i].shape:  # NonZero's, an NMS's: a count set by the data
                 out_stats[name].unmatched += 1
-                for part in parts.get(name, ()):  # its parts say so too
-                    part.error.unmatched += 1
+                update_all(parts.get(name, ()), ref[i], got[i], by_name)  # they count it too
                 continue
             out_stats[name].update(ref[i], got[i], REPORT_BLOCK)
             if name in parts:

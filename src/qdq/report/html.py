@@ -139,9 +139,10 @@ def _summary(data: ReportData) -> str:
         if stats.values:  # a label: the share of its values equal to FP32's
             agreement = f"{stats.equal / stats.values:.2%} equal"
         read = c.readings.get(name)
+        measured = c.output_stats(name)  # None where no batch was of FP32's shape
         outputs.append(
-            f"<tr><td>{html.escape(name)}</td><td class=num>{stats.sqnr_db:.2f}</td>"
-            f"<td class=num>{stats.cosine:.6f}</td><td class=num>{agreement}</td>"
+            f"<tr><td>{html.escape(name)}</td><td class=num>{_fixed(measured['sqnr_db'], 2)}</td>"
+            f"<td class=num>{_fixed(measured['cosine'], 6)}</td><td class=num>{agreement}</td>"
             + (f"<td>{html.escape(read.as_text()) if read else '—'}</td>" if c.readings else "")
             + "</tr>"
         )
@@ -185,6 +186,11 @@ def _run(data: ReportData) -> str:
     return f'<section id="plan"><h2>How qdq quantized it</h2>{notes}{table}</section>'
 
 
+def _fixed(value: float | None, digits: int) -> str:
+    """`value` to `digits` decimals; a dash where nothing was measured."""
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
 def _parts(c: Comparison) -> str:
     """Each part of an output that joins quantities (a detector's boxes and scores), judged as
     its task: SQNR, top-1 agreement of confident positions, F1 of FP32's detections."""
@@ -196,7 +202,7 @@ def _parts(c: Comparison) -> str:
         top1, f1 = d.get("top1_agreement"), d.get("detection_f1")
         rows.append(
             f"<tr><td>{html.escape(label)}</td><td>{stats.part.kind}</td>"
-            f"<td class=num>{d['sqnr_db']:.2f}</td>"
+            f"<td class=num>{_fixed(d['sqnr_db'], 2)}</td>"
             f"<td class=num>{'—' if top1 is None else f'{top1:.2%}'}</td>"
             f"<td class=num>{'—' if f1 is None else f'{f1:.3f}'}</td></tr>"
         )

@@ -204,7 +204,7 @@ def _layers(
         read = [i for i in node.input if i and i not in constants]
         kernel = node.op_type.startswith(INTEGER_KERNELS) or node.op_type in INTEGER_OPS
         on_codes = not kernel and bool(read) and all(i in codes for i in read)
-        if (kernel and not node.op_type.endswith("ToFloat")) or on_codes:
+        if _writes_codes(node) or on_codes:
             codes.update(node.output)
         one_side_counts = decision is None or decision.quantized
         seen = kernel or on_codes or (reads and feeds) or ((reads or feeds) and one_side_counts)
@@ -222,6 +222,15 @@ def _layers(
             LayerRow(node.name, node.op_type, seen, reason, output, weights_only=weights_only)
         )
     return rows
+
+
+def _writes_codes(node: onnx.NodeProto) -> bool:
+    """Whether a QOperator file's `node` outputs 8-bit codes: a QLinear op, or a QGemm given
+    an output scale (without one it outputs float, as MatMulIntegerToFloat and
+    DynamicQuantizeMatMul do; MatMulInteger's and ConvInteger's are int32 sums)."""
+    if node.op_type == "QGemm":
+        return len(node.input) > 7 and bool(node.input[7])
+    return node.op_type.startswith("QLinear")
 
 
 def _reason(decision: Decision | None, seen: bool, reads: bool, feeds: bool) -> str:
