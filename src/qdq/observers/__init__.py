@@ -41,7 +41,7 @@ _FACTORIES: dict[Method, Callable[[QScheme, int | None], Observer]] = {
         KL(grid.bits, symmetric=grid.symmetric), axis=axis
     ),
     Method.PERCENTILE: lambda grid, axis: HistogramObserver(Percentile(), axis=axis),
-    Method.MSE: lambda grid, axis: HistogramObserver(MSE(grid.bits, grid.narrow_range), axis=axis),
+    Method.MSE: lambda grid, axis: HistogramObserver(MSE(grid.bits), axis=axis),
     Method.AUTO: lambda grid, axis: HistogramObserver(
         Auto(grid.bits, grid.symmetric, grid.narrow_range), axis=axis
     ),

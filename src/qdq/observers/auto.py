@@ -41,7 +41,7 @@ class Auto:
         candidates = {"minmax": Range(hist.lo, hist.hi), "percentile": Percentile()(hist)}
         if self.kl:
             candidates["kl"] = KL(min(self.bits, 8), KL_STRIDE, self.symmetric)(hist)
-        candidates["mse"] = MSE(self.bits, self.narrow_range)(hist)
+        candidates["mse"] = MSE(self.bits)(hist)
         narrow = self.narrow_range and self.symmetric  # a narrow grid is a signed one
         grid = QScheme(
             self.bits, signed=self.symmetric, symmetric=self.symmetric, narrow_range=narrow

@@ -74,7 +74,7 @@ def method_ranges(
     rules: dict[str, RangeRule] = {
         "minmax": lambda hist: Range(hist.lo, hist.hi),
         "percentile": Percentile(),
-        "mse": MSE(grid.bits, grid.narrow_range),
+        "mse": MSE(grid.bits),
         "auto": Auto(grid.bits, grid.symmetric, grid.narrow_range, kl=False),
     }
     rule = rules[method]
