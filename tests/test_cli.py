@@ -95,19 +95,6 @@ def test_inspect_lists_every_node():
     assert qdq("inspect", DIGITS / "cnn.onnx", "-v").returncode == 0  # -v after the command too
 
 
-def test_inspect_of_a_model_whose_nodes_preparation_folds_away(tmp_path):
-    """Its output a Constant's: no node is left to list (an internal error before)."""
-    value = numpy_helper.from_array(np.ones((2, 4), np.float32))
-    node = onnx.helper.make_node("Constant", [], ["y"], name="k", value=value)
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
-    graph = onnx.helper.make_graph([node], "constant", [x], [y])
-    onnx.save(onnx.helper.make_model(graph), tmp_path / "k.onnx")
-    done = qdq("inspect", tmp_path / "k.onnx")
-    assert done.returncode == 0, done.stderr
-    assert "0 of 0 nodes quantizable" in done.stdout
-
-
 def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
     np.savez(path, **arrays)
     return path

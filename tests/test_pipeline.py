@@ -218,6 +218,21 @@ def test_inspect_says_why_each_float_node_stays_float(tmp_path):
     assert "Tanh" in decisions["middle"].reason
 
 
+def test_inspect_of_a_model_whose_nodes_preparation_folds_away(tmp_path, capsys):
+    """Its output a Constant's: no node is left to list (an internal error before)."""
+    from onnx import helper, numpy_helper
+
+    from qdq.cli import main
+
+    value = numpy_helper.from_array(np.ones((2, 4), np.float32))
+    node = helper.make_node("Constant", [], ["y"], name="k", value=value)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    source = save(helper.make_model(helper.make_graph([node], "constant", [x], [y])), tmp_path)
+    assert main(["inspect", str(source)]) == 0
+    assert "0 of 0 nodes quantizable" in capsys.readouterr().out
+
+
 def test_metadata_maps_float_tensors_to_their_quantized_copies(tmp_path):
     out = tmp_path / "q.onnx"
     quantize_model(DIGITS / "cnn.onnx", out, DIGITS / "calib.npz")
