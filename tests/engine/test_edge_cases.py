@@ -209,3 +209,16 @@ def test_unnamed_nodes_keep_their_own_accumulator_counts():
     counts = {o.node: o.overflows for o in engine.overflows()}
     assert len(counts) == 2
     assert sorted(counts.values()) == [0, 8]
+
+
+def test_run_names_arrays_no_input_takes_and_unnamed_float_nodes(tmp_path):
+    """`qdq run` had dropped a misspelt array without a word (the other commands name it),
+    and listed an unnamed float node as " (Tanh)"."""
+    model = make([helper.make_node("Tanh", ["x"], ["y"])], {"x": (F, [2, 3])}, [], {})
+    model.graph.output.append(helper.make_tensor_value_info("y", F, [2, 3]))
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 3), np.float32), lables=np.zeros(2))
+    said = run_command(str(tmp_path / "m.onnx"), str(tmp_path / "x.npz"),
+                       str(tmp_path / "y.npz"), "integer", "fixed", 32)  # fmt: skip
+    assert "arrays ['lables'] feed no model input" in said
+    assert "node #0 (Tanh)" in said

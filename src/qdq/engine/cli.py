@@ -35,7 +35,7 @@ def run_command(
     model = load_model(model_path)
     check_outputs_readable(model, model_path)
     specs = model_inputs(model)
-    feeds = _read_feeds(Path(inputs), specs)
+    feeds, unused = _read_feeds(Path(inputs), specs)
     session = _checked_session(model, model_path)
     if engine == "ort":
         names = [o.name for o in session.get_outputs()]
@@ -75,17 +75,21 @@ def run_command(
         for name, array in results.items():  # not savez: an output may be named "file"
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    if unused:
+        notes.append(f"{inputs}: arrays {unused} feed no model input; not read")
     return "\n".join([f"wrote {output}: {', '.join(results)}", *notes])
 
 
-def _read_feeds(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+def _read_feeds(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], list[str]]:
     """One array per input from an .npz (or an .npy for a single-input model), checked
-    against the model's declared dtypes and shapes."""
+    against the model's declared dtypes and shapes; and the arrays no input takes (named in a
+    note, as the other commands name them: a misspelt input had gone unsaid)."""
     arrays = read_arrays(path)
     if len(specs) == 1 and len(arrays) == 1:
         arrays = {specs[0].name: next(iter(arrays.values()))}
     check_feeds(arrays, specs, str(path))
-    return {s.name: arrays[s.name] for s in specs}
+    wanted = {s.name for s in specs}
+    return {s.name: arrays[s.name] for s in specs}, [k for k in arrays if k not in wanted]
 
 
 def _checked_session(model: onnx.ModelProto, path: str) -> ort.InferenceSession:

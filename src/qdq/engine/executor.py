@@ -279,7 +279,7 @@ def _step(position: int, node: onnx.NodeProto) -> _Step:
         # one output: MaxPool's indices come from ONNX Runtime
         INTEGER_ONLY.get(key) if len([o for o in node.output if o]) == 1 else None,
         FLOAT_KERNELS.get(key),
-        f"{node.name} ({node.op_type})",
+        f"{node.name or f'node #{position}'} ({node.op_type})",  # an unnamed one by its place
     )
 
 
