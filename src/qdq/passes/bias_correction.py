@@ -25,7 +25,7 @@ from qdq.affine import dequantize
 from qdq.data import Samples
 from qdq.onnx.graph import GraphIndex
 from qdq.onnx.sessions import Use, open_session
-from qdq.passes.insert_qdq import INT32, insert_qdq
+from qdq.passes.insert_qdq import insert_qdq
 from qdq.plan.build import Plan
 from qdq.plan.calibrate import budgeted
 from qdq.plan.rules import RULES
@@ -184,12 +184,8 @@ def correct_sequentially(
             bar.update(batch)
     corrected = dict(plan.bias_values)
     for (node, key), correction in zip(layers, corrections, strict=True):
-        base = np.asarray(corrected.get(key, index.constant(node.input[key[1]])), np.float64)
-        # the bias the measured graph ran: its int32 codes' value (the unrounded one had left
-        # that rounding in the correction, up to a whole bias step off)
-        step = plan.biases[key].astype(np.float64)
-        ran = np.clip(np.rint(base.reshape(-1) / step), INT32.min, INT32.max) * step
-        corrected[key] = ran.reshape(base.shape) - correction.astype(np.float64)
+        base = corrected.get(key, index.constant(node.input[key[1]]))
+        corrected[key] = base - correction.astype(np.float64)
     return replace(plan, bias_values=corrected)
 
 
