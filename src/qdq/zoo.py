@@ -48,9 +48,9 @@ from qdq.workers import ONE_PROCESS, Workers
 
 log = logging.getLogger(__name__)
 REQUIRED = ("name", "model", "calib", "output")  # `calib` unless the options say data_free
-# the image flags' option names, and ImageOptions' fields
 # preset_config's own options beside QuantConfig's fields, and the manifest's
 GRID_OPTIONS = ("preset", "seed", "per_channel", "weight_bits", "activation_dtype")
+# the image flags' option names, and ImageOptions' fields
 IMAGE_OPTIONS = {
     "image_size": "size",
     "mean": "mean",
@@ -112,7 +112,8 @@ def read_manifest(path: str | Path) -> list[Entry]:
     entries = []
     for i, model in enumerate(models):
         where = f"{path}: [[model]] number {i + 1}"
-        options = {**defaults, **(o if isinstance(o := model.get("options", {}), dict) else {})}
+        own = model.get("options", {})  # not a table: refused below
+        options = {**defaults, **(own if isinstance(own, dict) else {})}
         data_free = bool(options.get("data_free"))
         if data_free and "calib" in model:
             raise UsageError(f"{where}: data_free uses no calibration data; drop calib")

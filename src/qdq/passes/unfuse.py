@@ -234,10 +234,8 @@ def split_summed_gemms(model: onnx.ModelProto) -> int:
             attrs.get("transA", 0) or attrs.get("transB", 0)
         )
         summand = node.input[2] if len(node.input) > 2 else ""
-        if node.op_type != "Gemm" or rewrite != "MatMulAddFusion" or not summand:
-            nodes.append(node)
-            continue
-        if summand in constants or not plain:
+        fused = node.op_type == "Gemm" and rewrite == "MatMulAddFusion" and plain
+        if not fused or not summand or summand in constants:  # QGemm takes a constant bias
             nodes.append(node)
             continue
         product = free_name(f"{node.output[0]}_product", taken)

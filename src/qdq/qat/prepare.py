@@ -134,7 +134,8 @@ def prepare(
     graph_module = trace(duplicate.eval())
     check_runs(graph_module, inputs, "example_inputs")
     for folded, batchnorm in _wrap_layers(graph_module, freeze_bn_after).items():
-        flags[folded] = flags[batchnorm]  # a BatchNorm held in eval mode stays so, folded
+        if batchnorm in flags:  # a BatchNorm held in eval mode stays so, folded
+            flags[folded] = flags[batchnorm]
     graph_module.eval()  # calibration takes no BatchNorm warm-up step
     model, labels = to_onnx(float_copy(graph_module, {}), inputs)
     model, per_channel, _ = prepare_onnx(model, config.per_channel)

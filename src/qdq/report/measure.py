@@ -243,8 +243,6 @@ def _reason(decision: Decision | None, seen: bool, reads: bool, feeds: bool) -> 
         return "no Q/DQ around it in the INT8 model"
     if reads and feeds:
         return "Q/DQ around it in the INT8 model"
-    return (
-        "reads int8 (a DequantizeLinear) in the INT8 model"
-        if reads
-        else ("feeds a QuantizeLinear in the INT8 model")
-    )
+    if reads:
+        return "reads int8 (a DequantizeLinear) in the INT8 model"
+    return "feeds a QuantizeLinear in the INT8 model"
