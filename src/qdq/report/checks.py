@@ -29,24 +29,22 @@ def check_same_inputs(reference: onnx.ModelProto, quantized: onnx.ModelProto) ->
             f"the models take different inputs (float: {want}; quantized: {got}); compare a "
             "model with its own quantized version"
         )
-    missing = sorted(
-        {o.name for o in reference.graph.output} - {o.name for o in quantized.graph.output}
-    )
+    theirs = {o.name: o for o in quantized.graph.output}
+    missing = sorted({o.name for o in reference.graph.output} - theirs.keys())
     if missing:
         raise ModelError(
             f"the quantized model lacks the float model's outputs {missing}; compare a model "
             "with its own quantized version"
         )
-    declared = {o.name: _dims(o) for o in quantized.graph.output}
-    kinds = {o.name: _kind(o) for o in quantized.graph.output}
     for output in reference.graph.output:  # fixed sizes that differ: another model's output
-        if {_kind(output), kinds[output.name]} == {"f", "i"}:  # codes against values
+        other = theirs[output.name]
+        if {_kind(output), _kind(other)} == {"f", "i"}:  # codes against values
             raise ModelError(
                 f"output {output.name!r} is {_kind_name(output)} in the float model and "
-                f"{_kind_name(_output(quantized, output.name))} in the other; compare "
-                "a model with its own quantized version, whose outputs keep their types"
+                f"{_kind_name(other)} in the other; compare a model with its own quantized "
+                "version, whose outputs keep their types"
             )
-        want, got = _dims(output), declared[output.name]
+        want, got = _dims(output), _dims(other)
         if len(want) == len(got) and any(a != b for a, b in zip(want, got, strict=True) if a and b):
             raise ModelError(
                 f"output {output.name!r} is {want} in the float model and {got} in the other; "
@@ -65,11 +63,6 @@ def _kind(value: onnx.ValueInfoProto) -> str:
 
 def _kind_name(value: onnx.ValueInfoProto) -> str:
     return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
-
-
-def _output(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
-    """`model`'s graph output named `name`."""
-    return next(o for o in model.graph.output if o.name == name)
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
